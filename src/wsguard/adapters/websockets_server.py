@@ -1,0 +1,200 @@
+"""Engine adapter: the standalone server on the ``websockets`` asyncio implementation.
+
+Thin by design: it turns a websockets request into a
+:class:`~wsguard.core.request.HandshakeRequest`, asks the Guard, and turns the
+decision back into an HTTP response or an open connection. Connection slots
+are released in ``connection_lost``, the one callback every connection reaches
+however it ends (clean close, error, timeout, refused or failed handshake).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Request, Response
+from websockets.protocol import State
+
+from wsguard.core.decisions import Admit, Reject
+from wsguard.core.headers import Headers
+from wsguard.core.messages import MessagePolicy
+from wsguard.core.request import HandshakeRequest
+
+if TYPE_CHECKING:
+    from wsguard.server.app import App
+    from wsguard.server.connection import Connection
+
+logger = logging.getLogger("wsguard.server")
+
+_pending_releases: set[asyncio.Task[None]] = set()
+
+
+class GuardedServerConnection(ServerConnection):
+    """A websockets connection that carries its admission and counts control frames."""
+
+    admission: Admit | None = None
+    guarded: Connection | None = None
+    policy: MessagePolicy | None = None
+
+    def process_event(self, event: Any) -> None:
+        guarded, policy = self.guarded, self.policy
+        if (
+            guarded is not None
+            and policy is not None
+            and isinstance(event, Frame)
+            and event.opcode is Opcode.PING
+        ):
+            close = policy.control_frame(guarded.state, time.monotonic(), len(event.data))
+            if close is not None:
+                guarded.close_soon(close.code, close.reason, cause=close.cause)
+        super().process_event(event)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        release_admission(self)
+
+
+def release_admission(connection: GuardedServerConnection) -> None:
+    admission, connection.admission = connection.admission, None
+    if admission is not None:
+        task = asyncio.get_running_loop().create_task(admission.release())
+        _pending_releases.add(task)
+        task.add_done_callback(_pending_releases.discard)
+
+
+def _peer(connection: ServerConnection) -> str:
+    address = connection.remote_address
+    if isinstance(address, tuple) and address:
+        return str(address[0])
+    return "unknown"
+
+
+def to_request(connection: ServerConnection, request: Request) -> HandshakeRequest:
+    return HandshakeRequest(
+        peer=_peer(connection),
+        target=request.path,
+        headers=Headers(request.headers.raw_items()),
+        tls=connection.transport.get_extra_info("sslcontext") is not None,
+    )
+
+
+def reject_response(connection: ServerConnection, decision: Reject) -> Response:
+    response = connection.respond(decision.status, decision.message + "\n")
+    for name, value in decision.headers:
+        response.headers[name] = value
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+async def start_server(app: App) -> Server:
+    """Start the websockets server for *app* and return it (already serving)."""
+    guard = app.guard
+    config = guard.config
+
+    async def process_request(connection: ServerConnection, request: Request) -> Response | None:
+        assert isinstance(connection, GuardedServerConnection)
+        decision = await guard.admit(to_request(connection, request))
+        if isinstance(decision, Reject):
+            return reject_response(connection, decision)
+        connection.admission = decision
+        connection.policy = guard.messages
+        if connection.connection_lost_waiter.done():
+            release_admission(connection)  # the client left while we were deciding
+        return None
+
+    def select_subprotocol(connection: ServerConnection, offered: Any) -> Any:
+        admission = getattr(connection, "admission", None)
+        return admission.subprotocol if admission is not None else None
+
+    async def handler(ws: ServerConnection) -> None:
+        assert isinstance(ws, GuardedServerConnection)
+        admission = ws.admission
+        if admission is None:  # pragma: no cover - process_request always sets it
+            await ws.close(1011, "internal error")
+            return
+        await run_guarded(app, ws, admission)
+
+    server = await serve(
+        handler,
+        config.host,
+        config.port,
+        process_request=process_request,
+        select_subprotocol=select_subprotocol,
+        compression="deflate" if config.compression else None,
+        server_header=None,
+        open_timeout=config.limits.handshake_timeout_seconds,
+        ping_interval=config.liveness.ping_interval_seconds,
+        ping_timeout=config.liveness.ping_timeout_seconds,
+        close_timeout=5,
+        max_size=config.limits.max_message_bytes,
+        max_queue=16,
+        create_connection=GuardedServerConnection,
+        logger=logging.getLogger("wsguard.engine"),
+    )
+    return server
+
+
+async def run_guarded(app: App, ws: GuardedServerConnection, admission: Admit) -> None:
+    """Own one admitted connection from welcome to the audit record of its close."""
+    from wsguard.server.connection import Connection
+
+    guard = app.guard
+    started = time.monotonic()
+    state = guard.messages.open(admission.identity, started)
+    conn = Connection(
+        ws,
+        connection_id=app.new_connection_id(),
+        identity=admission.identity,
+        client=admission.client,
+        origin=admission.origin,
+        subprotocol=admission.subprotocol,
+        state=state,
+        queue_limit=guard.config.limits.outbound_queue,
+        on_slow=app._slow_consumer,
+    )
+    ws.guarded = conn
+    app.connections[conn.id] = conn
+    guard.audit.emit(
+        "connection_admitted",
+        connection_id=conn.id,
+        client=conn.client,
+        subject=conn.subject,
+        token_id=conn.identity.token_id,
+        origin=conn.origin,
+        subprotocol=conn.subprotocol,
+    )
+    try:
+        await app._run_connection(conn, ws)
+    except ConnectionClosed:
+        pass
+    finally:
+        conn.cancel_timers()
+        app.connections.pop(conn.id, None)
+        guard.messages.closed(state)
+        ws.guarded = None
+        for hook in app._on_disconnect:
+            try:
+                await hook(conn)
+            except Exception:
+                logger.exception("on_disconnect hook failed")
+        if ws.state is not State.CLOSED:
+            try:
+                await asyncio.wait_for(ws.wait_closed(), 5)
+            except TimeoutError:
+                ws.transport.abort()
+        guard.audit.emit(
+            "connection_closed",
+            connection_id=conn.id,
+            client=conn.client,
+            subject=conn.subject,
+            code=ws.close_code if ws.close_code is not None else 1006,
+            cause=conn.close_cause,
+            duration_s=round(time.monotonic() - started, 3),
+            messages_in=state.received,
+            messages_out=conn.sent,
+        )

@@ -1,0 +1,168 @@
+"""The ``wsguard`` command: a thin layer over the same API Python users call."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import wsguard
+from wsguard.config.loader import load_config
+from wsguard.config.model import Config
+from wsguard.errors import ConfigError, WsguardError
+
+EXIT_CONFIG = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="wsguard", description="A security layer for WebSocket services."
+    )
+    parser.add_argument("--version", action="version", version=f"wsguard {wsguard.__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the standalone server (demo protocol)")
+    _common(serve)
+    serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to bind (default 8765; 0 = any free port)")
+    serve.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        help="diagnostic log level (default info)",
+    )
+    serve.add_argument("--store", help="state store URI (default memory://)")
+
+    token = sub.add_parser("token", help="print a token the configured server accepts")
+    _common(token)
+    token.add_argument("--sub", required=True, help="subject (user id)")
+    token.add_argument(
+        "--scope",
+        action="append",
+        default=[],
+        help="scope or role; repeat or space-separate for several",
+    )
+    token.add_argument("--ttl", default="1h", help="lifetime, e.g. 90s, 15m, 1h, 2d (default 1h)")
+    token.add_argument(
+        "--private-key", type=Path, help="PEM private key, for RS*/PS*/ES*/EdDSA configurations"
+    )
+    token.add_argument("--kid", help="key id to put in the token header")
+
+    check = sub.add_parser("check-config", help="validate a configuration and exit")
+    _common(check)
+    return parser
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        "-c",
+        type=Path,
+        default=_default_config_path(),
+        help="TOML configuration file (or WSGUARD_CONFIG)",
+    )
+
+
+def _default_config_path() -> Path | None:
+    value = os.environ.get("WSGUARD_CONFIG")
+    return Path(value) if value else None
+
+
+def _load(args: argparse.Namespace, **overrides: Any) -> Config:
+    return load_config(args.config, overrides=overrides)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        if args.command == "token":
+            return _token(args)
+        if args.command == "check-config":
+            _load(args)
+            print("configuration is valid")
+            return 0
+    except ConfigError as exc:
+        print(f"wsguard: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except WsguardError as exc:
+        print(f"wsguard: {exc}", file=sys.stderr)
+        return 1
+    return 1  # pragma: no cover
+
+
+def _serve(args: argparse.Namespace) -> int:
+    config = _load(args, host=args.host, port=args.port, log_level=args.log_level, store=args.store)
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if config.log_level != "debug":
+        logging.getLogger("wsguard.engine").setLevel(logging.WARNING)
+    from wsguard.server.demo import demo_app
+
+    app = demo_app(config)
+
+    async def run() -> None:
+        await app.start()
+        assert app.port is not None
+        _announce(app.guard, config, app.port, args)
+        await app.serve()
+
+    try:
+        asyncio.run(run())
+    except OSError as exc:
+        print(
+            f"wsguard: cannot listen on {config.host}:{config.port}: {exc.strerror}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def _announce(guard: Any, config: Config, port: int, args: argparse.Namespace) -> None:
+    host = config.host if ":" not in config.host else f"[{config.host}]"
+    print(f"wsguard: listening on ws://{host}:{port}/", file=sys.stderr, flush=True)
+    if guard.key_info.dev_key:
+        cfg = f" --config {args.config}" if args.config else ""
+        print(
+            f"wsguard: no JWT key configured; using the development key in "
+            f"{guard.key_info.dev_key_path} (mode 0600, loopback only).\n"
+            f"wsguard: mint a token:  wsguard token{cfg} --sub alice --scope chat --ttl 1h\n"
+            f"wsguard: then connect:  python -m websockets ws://{host}:{port}/ "
+            f"(with 'Authorization: Bearer <token>', see README)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def _token(args: argparse.Namespace) -> int:
+    from wsguard.tokens import mint_token, parse_duration
+
+    config = _load(args)
+    try:
+        ttl = parse_duration(args.ttl)
+    except ValueError as exc:
+        raise ConfigError("--ttl", str(exc)) from None
+    if ttl <= 0:
+        raise ConfigError("--ttl", "must be positive")
+    token = mint_token(
+        config,
+        subject=args.sub,
+        scopes=args.scope,
+        ttl=ttl,
+        private_key_file=args.private_key,
+        kid=args.kid,
+    )
+    print(token)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

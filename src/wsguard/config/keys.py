@@ -1,0 +1,125 @@
+"""Load verification and signing keys named by the configuration.
+
+The development key: when no key is configured, ``wsguard serve`` on a
+loopback address creates a random HS256 secret on first use in
+``auth.dev_key_file`` with mode 0600 (owner read/write only) and reuses it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import stat
+from pathlib import Path
+from typing import Any
+
+import jwt
+from cryptography.hazmat.primitives import serialization
+
+from wsguard.config.model import AuthConfig
+from wsguard.core.auth import KeyMaterial
+from wsguard.errors import KeyLoadError
+
+
+def has_configured_key(config: AuthConfig) -> bool:
+    return bool(config.secret or config.secret_file or config.public_key_file or config.jwks_file)
+
+
+def dev_key_path(config: AuthConfig) -> Path:
+    return config.dev_key_file.expanduser()
+
+
+def load_or_create_dev_key(config: AuthConfig) -> tuple[bytes, bool]:
+    """Return (secret, created). The file is created with mode 0600."""
+    path = dev_key_path(config)
+    try:
+        return _read_private_file(path, "auth.dev_key_file"), False
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    secret = secrets.token_urlsafe(48).encode()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # created concurrently
+        return _read_private_file(path, "auth.dev_key_file"), False
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(secret + b"\n")
+    return secret, True
+
+
+def _read_private_file(path: Path, key: str) -> bytes:
+    info = path.stat()
+    if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise KeyLoadError(key, f"{path} must be readable by its owner only (chmod 600)")
+    data = path.read_bytes().strip()
+    if len(data) < 32:
+        raise KeyLoadError(key, f"{path} holds fewer than 32 bytes")
+    return data
+
+
+def load_keys(config: AuthConfig, *, allow_dev_key: bool = True) -> KeyMaterial:
+    """Load the configured verification keys (or the dev key when allowed)."""
+    if config.secret:
+        return KeyMaterial(secret=config.secret.encode())
+    if config.secret_file:
+        try:
+            return KeyMaterial(
+                secret=_read_private_file(config.secret_file.expanduser(), "auth.secret_file")
+            )
+        except OSError as exc:
+            raise KeyLoadError("auth.secret_file", f"cannot read: {exc.strerror}") from None
+    if config.public_key_file:
+        return KeyMaterial(public_key=_load_public_key(config.public_key_file.expanduser()))
+    if config.jwks_file:
+        return KeyMaterial(jwks=_load_jwks(config.jwks_file.expanduser(), config))
+    if not allow_dev_key:
+        raise KeyLoadError(
+            "auth.secret",
+            "no JWT key configured (set WSGUARD_JWT_SECRET, auth.secret_file, "
+            "auth.public_key_file or auth.jwks_file)",
+        )
+    secret, _ = load_or_create_dev_key(config)
+    return KeyMaterial(secret=secret)
+
+
+def _load_public_key(path: Path) -> Any:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise KeyLoadError("auth.public_key_file", f"cannot read {path}: {exc.strerror}") from None
+    try:
+        return serialization.load_pem_public_key(data)
+    except ValueError:
+        raise KeyLoadError("auth.public_key_file", f"{path} is not a PEM public key") from None
+
+
+def _load_jwks(path: Path, config: AuthConfig) -> dict[str, tuple[Any, str | None]]:
+    try:
+        document = json.loads(path.read_text())
+    except OSError as exc:
+        raise KeyLoadError("auth.jwks_file", f"cannot read {path}: {exc.strerror}") from None
+    except ValueError:
+        raise KeyLoadError("auth.jwks_file", f"{path} is not JSON") from None
+    keys = document.get("keys") if isinstance(document, dict) else None
+    if not isinstance(keys, list) or not keys:
+        raise KeyLoadError("auth.jwks_file", f"{path} has no 'keys' array")
+    out: dict[str, tuple[Any, str | None]] = {}
+    for entry in keys:
+        if not isinstance(entry, dict) or not isinstance(entry.get("kid"), str):
+            raise KeyLoadError("auth.jwks_file", "every key needs a string 'kid'")
+        if entry.get("kty") == "oct" or "d" in entry:
+            raise KeyLoadError("auth.jwks_file", f"key {entry['kid']!r}: only public keys allowed")
+        if entry.get("use") not in (None, "sig"):
+            continue
+        declared = entry.get("alg")
+        if declared is not None and declared not in config.algorithms:
+            continue
+        try:
+            jwk = jwt.PyJWK(entry, algorithm=declared or config.algorithms[0])
+        except jwt.PyJWTError as exc:
+            raise KeyLoadError("auth.jwks_file", f"key {entry['kid']!r}: {exc}") from None
+        out[entry["kid"]] = (jwk.key, declared)
+    if not out:
+        raise KeyLoadError("auth.jwks_file", "no usable signing key for the configured algorithms")
+    return out

@@ -1,0 +1,267 @@
+"""The typed configuration of wsguard.
+
+One model serves every deployment mode (standalone server, ASGI middleware,
+gateway). Every field has a secure default; ``examples/wsguard.toml`` lists
+them all and the README's configuration table mirrors this file.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from wsguard.config.demo_types import DEMO_MESSAGE_TYPES
+
+HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
+ASYMMETRIC_ALGORITHMS = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
+)
+SUPPORTED_ALGORITHMS = HMAC_ALGORITHMS | ASYMMETRIC_ALGORITHMS
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class AuthConfig(_Section):
+    """How connections authenticate at the handshake (JWT)."""
+
+    algorithms: tuple[str, ...] = ("HS256",)
+    secret: str = Field(default="", repr=False)
+    secret_file: Path | None = None
+    public_key_file: Path | None = None
+    jwks_file: Path | None = None
+    dev_key_file: Path = Path("~/.local/share/wsguard/dev-jwt.key")
+    audience: tuple[str, ...] = ()
+    issuer: str = ""
+    require_exp: bool = True
+    leeway_seconds: float = Field(default=0.0, ge=0, le=300)
+    subject_claim: str = Field(default="sub", min_length=1)
+    scope_claims: tuple[str, ...] = ("scope", "scp", "roles")
+    max_token_bytes: int = Field(default=8192, ge=256, le=65536)
+    header: bool = True
+    subprotocol: bool = True
+    subprotocol_prefix: str = Field(default="token.", min_length=1)
+    cookie: bool = False
+    cookie_name: str = Field(default="wsguard_token", min_length=1)
+    query: bool = False
+    query_param: str = Field(default="token", min_length=1)
+
+    @field_validator("algorithms")
+    @classmethod
+    def _known_algorithms(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("at least one algorithm is required")
+        for alg in value:
+            if alg not in SUPPORTED_ALGORITHMS:
+                allowed = ", ".join(sorted(SUPPORTED_ALGORITHMS))
+                raise ValueError(f"unsupported algorithm {alg!r}; allowed: {allowed}")
+        return value
+
+    @model_validator(mode="after")
+    def _keys_match_algorithms(self) -> AuthConfig:
+        hmac = [a for a in self.algorithms if a in HMAC_ALGORITHMS]
+        asym = [a for a in self.algorithms if a in ASYMMETRIC_ALGORITHMS]
+        if hmac and asym:
+            raise ValueError(
+                "algorithms: HMAC (HS*) and public-key algorithms cannot be mixed; "
+                "an HMAC token must never be verified with a public key"
+            )
+        if hmac and (self.public_key_file or self.jwks_file):
+            raise ValueError(
+                "algorithms: HS* algorithms take a secret, not public_key_file/jwks_file"
+            )
+        if asym and (self.secret or self.secret_file):
+            raise ValueError("algorithms: public-key algorithms take public_key_file or jwks_file")
+        if asym and not (self.public_key_file or self.jwks_file):
+            raise ValueError("public_key_file or jwks_file is required for " + ", ".join(asym))
+        if self.public_key_file and self.jwks_file:
+            raise ValueError("public_key_file: set either public_key_file or jwks_file, not both")
+        if self.secret and self.secret_file:
+            raise ValueError("secret: set either secret or secret_file, not both")
+        if self.secret and len(self.secret.encode()) < 32:
+            raise ValueError("secret: an HMAC secret must be at least 32 bytes")
+        if not (self.header or self.subprotocol or self.cookie or self.query):
+            raise ValueError("header: at least one token transport must be enabled")
+        return self
+
+    @property
+    def uses_hmac(self) -> bool:
+        return self.algorithms[0] in HMAC_ALGORITHMS
+
+
+class OriginConfig(_Section):
+    """Cross-site WebSocket hijacking defence."""
+
+    allowed: tuple[str, ...] = ()
+    allow_missing: bool = True
+
+    @field_validator("allowed")
+    @classmethod
+    def _parseable(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        from wsguard.core.origin import parse_allowed_origin
+
+        for entry in value:
+            if entry != "null":
+                parse_allowed_origin(entry)  # raises ValueError with a clear message
+        return value
+
+
+class ProxyConfig(_Section):
+    """Which peers may tell us the real client address."""
+
+    trusted: tuple[str, ...] = ()
+    header: Literal["x-forwarded-for", "forwarded"] = "x-forwarded-for"
+
+    @field_validator("trusted")
+    @classmethod
+    def _networks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(f"{entry!r} is not an IP network (e.g. 10.0.0.0/8)") from None
+        return value
+
+
+class LimitsConfig(_Section):
+    """Connection, handshake and message limits. Zero never means unlimited."""
+
+    max_connections: int = Field(default=10_000, ge=1)
+    connections_per_address: int = Field(default=5, ge=1)
+    connections_per_subject: int = Field(default=10, ge=1)
+    handshakes_per_minute: int = Field(default=60, ge=1)
+    auth_failures_before_ban: int = Field(default=5, ge=1)
+    auth_failure_window_seconds: float = Field(default=60.0, gt=0)
+    ban_seconds: float = Field(default=60.0, gt=0)
+    ban_max_seconds: float = Field(default=3600.0, gt=0)
+    handshake_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
+    max_message_bytes: int = Field(default=8192, ge=64, le=64 * 1024 * 1024)
+    messages_per_minute: int = Field(default=100, ge=1)
+    message_burst: int = Field(default=20, ge=1)
+    bytes_per_minute: int = Field(default=256 * 1024, ge=64)
+    subject_messages_per_minute: int = Field(default=300, ge=1)
+    subject_bytes_per_minute: int = Field(default=1024 * 1024, ge=64)
+    violation_budget: int = Field(default=10, ge=1)
+    violation_decay_seconds: float = Field(default=10.0, gt=0)
+    outbound_queue: int = Field(default=64, ge=1, le=100_000)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> LimitsConfig:
+        if self.ban_max_seconds < self.ban_seconds:
+            raise ValueError("ban_max_seconds: must be at least ban_seconds")
+        if self.bytes_per_minute < self.max_message_bytes:
+            raise ValueError("bytes_per_minute: must be at least max_message_bytes")
+        return self
+
+
+class MessageTypeConfig(_Section):
+    """Policy of one message type."""
+
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    schema_file: Path | None = None
+    scopes: tuple[str, ...] = ()
+    binary: bool = False
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class MessagesConfig(_Section):
+    """What clients may say once connected."""
+
+    max_depth: int = Field(default=16, ge=1, le=256)
+    max_string_length: int = Field(default=4096, ge=1)
+    max_keys: int = Field(default=256, ge=1)
+    binary: bool = False
+    types: dict[str, MessageTypeConfig] = Field(
+        default_factory=lambda: {
+            name: MessageTypeConfig.model_validate(spec)
+            for name, spec in DEMO_MESSAGE_TYPES.items()
+        }
+    )
+
+    @field_validator("types")
+    @classmethod
+    def _names(cls, value: dict[str, MessageTypeConfig]) -> dict[str, MessageTypeConfig]:
+        for name in value:
+            if not name or len(name) > 64 or not name.isprintable():
+                raise ValueError(f"invalid message type name {name!r}")
+        return value
+
+
+class LivenessConfig(_Section):
+    """Heartbeats, idle and lifetime limits, shutdown."""
+
+    ping_interval_seconds: float = Field(default=20.0, gt=0)
+    ping_timeout_seconds: float = Field(default=20.0, gt=0)
+    idle_timeout_seconds: float = Field(default=0.0, ge=0)
+    max_lifetime_seconds: float = Field(default=0.0, ge=0)
+    drain_seconds: float = Field(default=10.0, ge=0)
+
+
+class AuditConfig(_Section):
+    """The structured security audit log."""
+
+    enabled: bool = True
+    file: str = "-"
+
+
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+
+class Config(_Section):
+    """The whole wsguard configuration."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8765, ge=0, le=65535)
+    log_level: LogLevel = "info"
+    store: str = "memory://"
+    subprotocols: tuple[str, ...] = ("wsguard.v1",)
+    compression: bool = False
+    auth: AuthConfig = AuthConfig()
+    origin: OriginConfig = OriginConfig()
+    proxy: ProxyConfig = ProxyConfig()
+    limits: LimitsConfig = LimitsConfig()
+    messages: MessagesConfig = MessagesConfig()
+    liveness: LivenessConfig = LivenessConfig()
+    audit: AuditConfig = AuditConfig()
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_level(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("store")
+    @classmethod
+    def _store_uri(cls, value: str) -> str:
+        if not value.startswith("memory://"):
+            raise ValueError("only memory:// is supported by this version")
+        return value
+
+    @field_validator("subprotocols")
+    @classmethod
+    def _subprotocol_tokens(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        from wsguard.core.headers import is_token
+
+        for name in value:
+            if not is_token(name):
+                raise ValueError(f"{name!r} is not a valid subprotocol token")
+        return value
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Config:
+        if self.auth.cookie and not self.origin.allowed:
+            raise ValueError(
+                "auth.cookie: cookie authentication requires origin.allowed "
+                "(cross-site WebSocket hijacking)"
+            )
+        for prefix_sub in self.subprotocols:
+            if prefix_sub.startswith(self.auth.subprotocol_prefix):
+                raise ValueError(
+                    f"subprotocols: {prefix_sub!r} starts with the token prefix "
+                    f"{self.auth.subprotocol_prefix!r}"
+                )
+        return self

@@ -1,0 +1,216 @@
+"""Handshake authentication: find the token, verify it with PyJWT, build an Identity.
+
+Algorithms are pinned by configuration. The token's header may only *select*
+among them; it can never introduce one (``none`` in any spelling, an HMAC
+algorithm when the configured key is public) nor bring its own key (``jwk``,
+``jku``, ``x5u``, ``x5c`` are refused; JWKS keys are chosen by ``kid`` from the
+configured set only).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from http.cookies import CookieError, SimpleCookie
+from typing import Any
+
+import jwt
+import orjson
+
+from wsguard.config.model import HMAC_ALGORITHMS, AuthConfig
+from wsguard.core.headers import split_list
+from wsguard.core.identity import Identity
+from wsguard.core.request import HandshakeRequest
+
+_EMBEDDED_KEY_HEADERS = frozenset({"jwk", "jku", "x5u", "x5c", "x5t", "x5t#S256"})
+
+
+@dataclass(frozen=True, slots=True)
+class KeyMaterial:
+    """Verification keys, loaded once at start-up (see ``wsguard.config.keys``)."""
+
+    secret: bytes | None = None
+    public_key: Any = None
+    jwks: Mapping[str, tuple[Any, str | None]] = field(default_factory=dict)
+    """kid -> (key object, the JWK's declared ``alg`` or None)."""
+
+
+class AuthFailure(Exception):
+    """Internal: why a credential was refused. Converted into a Reject."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    token: str
+    transport: str  # header | subprotocol | cookie | query
+
+
+def extract_credentials(request: HandshakeRequest, config: AuthConfig) -> Credentials | None:
+    """Find the bearer token in the enabled transports, in a fixed order.
+
+    Raises AuthFailure("malformed_credentials") for ambiguous input such as
+    two Authorization headers or two tokens in the subprotocol list.
+    """
+    headers = request.headers
+    if config.header and "authorization" in headers:
+        values = headers.get_all("authorization")
+        if len(values) != 1:
+            raise AuthFailure("malformed_credentials", "several Authorization headers")
+        scheme, _, token = values[0].strip().partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return Credentials(token.strip(), "header")
+        raise AuthFailure("malformed_credentials", "Authorization is not a Bearer token")
+    if config.subprotocol:
+        prefix = config.subprotocol_prefix
+        tokens = [
+            p[len(prefix) :]
+            for p in split_list(headers.get_all("sec-websocket-protocol"))
+            if p.startswith(prefix)
+        ]
+        if len(tokens) > 1:
+            raise AuthFailure("malformed_credentials", "several tokens in Sec-WebSocket-Protocol")
+        if tokens:
+            return Credentials(tokens[0], "subprotocol")
+    if config.cookie:
+        for raw in headers.get_all("cookie"):
+            jar: SimpleCookie = SimpleCookie()
+            try:
+                jar.load(raw)
+            except CookieError:
+                continue
+            morsel = jar.get(config.cookie_name)
+            if morsel is not None and morsel.value:
+                return Credentials(morsel.value, "cookie")
+    if config.query:
+        values = request.query_values(config.query_param)
+        if len(values) > 1:
+            raise AuthFailure("malformed_credentials", "several token query parameters")
+        if values and values[0]:
+            return Credentials(values[0], "query")
+    return None
+
+
+def _unverified_header(token: str) -> dict[str, Any]:
+    head = token.split(".", 1)[0]
+    try:
+        raw = base64.urlsafe_b64decode(head + "=" * (-len(head) % 4))
+        header = orjson.loads(raw)
+    except (binascii.Error, ValueError, orjson.JSONDecodeError):
+        raise AuthFailure("malformed_token", "header is not base64url JSON") from None
+    if not isinstance(header, dict):
+        raise AuthFailure("malformed_token", "header is not an object")
+    return header
+
+
+def _scopes(claims: Mapping[str, Any], names: tuple[str, ...]) -> frozenset[str]:
+    found: set[str] = set()
+    for name in names:
+        value = claims.get(name)
+        if isinstance(value, str):
+            found.update(value.split())
+        elif isinstance(value, list):
+            found.update(v for v in value if isinstance(v, str) and v)
+    return frozenset(found)
+
+
+class TokenVerifier:
+    """Verifies JWTs against the pinned algorithms and the configured keys."""
+
+    __slots__ = ("_config", "_keys", "_options", "_required")
+
+    def __init__(self, config: AuthConfig, keys: KeyMaterial) -> None:
+        self._config = config
+        self._keys = keys
+        self._required = ["exp"] if config.require_exp else []
+        self._options: dict[str, Any] = {
+            "require": self._required,
+            "verify_aud": bool(config.audience),
+            "verify_iss": bool(config.issuer),
+        }
+
+    def _key_for(self, header: Mapping[str, Any], alg: str) -> Any:
+        if alg in HMAC_ALGORITHMS:
+            if self._keys.secret is None:
+                raise AuthFailure("invalid_token", "no HMAC secret configured")
+            return self._keys.secret
+        if self._keys.jwks:
+            kid = header.get("kid")
+            if not isinstance(kid, str) or kid not in self._keys.jwks:
+                raise AuthFailure("invalid_token", "unknown kid")
+            key, declared_alg = self._keys.jwks[kid]
+            if declared_alg is not None and declared_alg != alg:
+                raise AuthFailure("algorithm_not_allowed", "alg does not match the JWK")
+            return key
+        if self._keys.public_key is None:
+            raise AuthFailure("invalid_token", "no public key configured")
+        return self._keys.public_key
+
+    def verify(self, token: str) -> Identity:
+        """Verify *token*; raises AuthFailure with a stable reason."""
+        config = self._config
+        if len(token) > config.max_token_bytes:
+            raise AuthFailure("malformed_token", "token too long")
+        if token.count(".") != 2:
+            raise AuthFailure("malformed_token", "not a compact JWS")
+        header = _unverified_header(token)
+        alg = header.get("alg")
+        if not isinstance(alg, str) or alg not in config.algorithms:
+            raise AuthFailure("algorithm_not_allowed", "alg is not in the configured list")
+        if _EMBEDDED_KEY_HEADERS & header.keys():
+            raise AuthFailure("invalid_token", "token carries its own key")
+        if "crit" in header:
+            raise AuthFailure("invalid_token", "unsupported critical header")
+        key = self._key_for(header, alg)
+        try:
+            claims: dict[str, Any] = jwt.decode(
+                token,
+                key=key,
+                algorithms=[alg],
+                audience=list(config.audience) or None,
+                issuer=config.issuer or None,
+                leeway=config.leeway_seconds,
+                options=self._options,  # type: ignore[arg-type]
+            )
+        except jwt.ExpiredSignatureError:
+            raise AuthFailure("token_expired", "exp is in the past") from None
+        except jwt.ImmatureSignatureError:
+            raise AuthFailure("token_not_yet_valid", "nbf/iat in the future") from None
+        except jwt.InvalidAudienceError:
+            raise AuthFailure("invalid_audience", "aud does not match") from None
+        except jwt.InvalidIssuerError:
+            raise AuthFailure("invalid_issuer", "iss does not match") from None
+        except jwt.MissingRequiredClaimError as exc:
+            raise AuthFailure("missing_claim", f"claim {exc.claim} is required") from None
+        except jwt.InvalidSignatureError:
+            raise AuthFailure("bad_signature", "signature does not verify") from None
+        except jwt.InvalidAlgorithmError:
+            raise AuthFailure("algorithm_not_allowed", "algorithm refused by PyJWT") from None
+        except jwt.InvalidKeyError:
+            raise AuthFailure("invalid_token", "key does not fit the algorithm") from None
+        except jwt.PyJWTError as exc:
+            raise AuthFailure("invalid_token", type(exc).__name__) from None
+        return self._identity(claims)
+
+    def _identity(self, claims: Mapping[str, Any]) -> Identity:
+        subject = claims.get(self._config.subject_claim)
+        if not isinstance(subject, str) or not subject or len(subject) > 256:
+            raise AuthFailure("missing_claim", f"claim {self._config.subject_claim} is required")
+        if not subject.isprintable():
+            raise AuthFailure("invalid_token", "subject has control characters")
+        exp = claims.get("exp")
+        jti = claims.get("jti")
+        return Identity(
+            subject=subject,
+            scopes=_scopes(claims, self._config.scope_claims),
+            token_id=jti if isinstance(jti, str) else None,
+            expires_at=float(exp) if isinstance(exp, (int, float)) else None,
+            method="jwt",
+            claims=dict(claims),
+        )

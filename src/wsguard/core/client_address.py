@@ -1,0 +1,81 @@
+"""The client's address: the socket peer, unless a trusted proxy says otherwise.
+
+``X-Forwarded-For`` / ``Forwarded`` are read only when the peer is inside a
+configured trusted network. The chain is walked from the right (nearest hop
+first), skipping trusted proxies; the first untrusted hop is the client. A
+malformed hop stops the walk at the last trustworthy address.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+
+from wsguard.core.headers import Headers, split_list
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_ip(text: str) -> IPAddress | None:
+    """Parse an address as found in proxy headers (brackets and ports allowed)."""
+    text = text.strip().strip('"')
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            return None
+        text = text[1:end]
+    elif text.count(":") == 1:
+        text = text.split(":", 1)[0]
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def _forwarded_for(values: Iterable[str]) -> list[str]:
+    hops: list[str] = []
+    for element in split_list(values):
+        for pair in element.split(";"):
+            name, _, value = pair.strip().partition("=")
+            if name.lower() == "for":
+                hops.append(value)
+    return hops
+
+
+class ClientAddressResolver:
+    """Resolve the client address of a handshake from peer and trusted headers."""
+
+    __slots__ = ("_header", "_networks")
+
+    def __init__(self, trusted: Iterable[str], *, header: str = "x-forwarded-for") -> None:
+        self._networks: tuple[IPNetwork, ...] = tuple(
+            ipaddress.ip_network(n, strict=False) for n in trusted
+        )
+        self._header = header
+
+    def is_trusted(self, address: IPAddress) -> bool:
+        return any(address in network for network in self._networks)
+
+    def resolve(self, peer: str, headers: Headers) -> str:
+        peer_ip = parse_ip(peer)
+        if peer_ip is None:
+            return peer
+        if not self._networks or not self.is_trusted(peer_ip):
+            return str(peer_ip)
+        if self._header == "forwarded":
+            hops = _forwarded_for(headers.get_all("forwarded"))
+        else:
+            hops = list(split_list(headers.get_all("x-forwarded-for")))
+        client = peer_ip
+        for hop in reversed(hops):
+            address = parse_ip(hop)
+            if address is None:
+                break
+            client = address
+            if not self.is_trusted(address):
+                break
+        return str(client)

@@ -1,0 +1,235 @@
+"""The handshake policy: an upgrade request in, Admit or Reject out.
+
+Order of checks (cheapest and most abusive first):
+
+1. the request is a well-formed WebSocket upgrade (400 / 426);
+2. the client address (trusted proxies only) is not banned (429);
+3. the address is within its handshake rate (429);
+4. the node is not draining (503);
+5. the Origin is allowed (403; always refused with cookie credentials when absent);
+6. credentials are present and verify (401, counted toward an address ban);
+7. global, per-address and per-subject connection slots are free (503 / 429).
+
+Slots taken in step 7 are released by :meth:`Admit.release`, which adapters call
+from the one place every connection ends (transport closed).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+
+from wsguard.config.model import Config
+from wsguard.core.auth import AuthFailure, TokenVerifier, extract_credentials
+from wsguard.core.client_address import ClientAddressResolver
+from wsguard.core.decisions import Admit, HandshakeDecision, Reject
+from wsguard.core.headers import split_list
+from wsguard.core.origin import OriginPolicy
+from wsguard.core.request import HandshakeRequest
+from wsguard.stores.base import BanPolicy, Store
+
+_MAX_TARGET = 4096
+_CONCURRENCY_RETRY_AFTER = 5
+_BEARER = 'Bearer realm="wsguard"'
+
+
+def _retry_after(seconds: float) -> tuple[tuple[str, str], ...]:
+    return (("Retry-After", str(max(1, math.ceil(seconds)))),)
+
+
+def check_upgrade(request: HandshakeRequest) -> Reject | None:
+    """Structural checks of the upgrade request (no policy, no state)."""
+    headers = request.headers
+    host = headers.get_all("host")
+    if len(host) != 1 or not host[0].strip():
+        return Reject(400, "bad_request", "Missing or invalid Host header.", detail="host")
+    target = request.target
+    if (
+        not target.startswith("/")
+        or target.startswith("//")
+        or len(target) > _MAX_TARGET
+        or not target.isascii()
+        or any(ch <= " " or ch == "\x7f" for ch in target)
+    ):
+        return Reject(400, "bad_request", "Invalid request target.", detail="target")
+    upgrade = [v.lower() for v in split_list(headers.get_all("upgrade"))]
+    connection = [v.lower() for v in split_list(headers.get_all("connection"))]
+    if "websocket" not in upgrade or "upgrade" not in connection:
+        return Reject(
+            426,
+            "not_websocket",
+            "This endpoint only accepts WebSocket upgrades.",
+            headers=(("Upgrade", "websocket"), ("Connection", "Upgrade")),
+            detail="missing upgrade headers",
+        )
+    if headers.get_all("sec-websocket-version") != ["13"]:
+        return Reject(
+            426,
+            "unsupported_version",
+            "Unsupported WebSocket version.",
+            headers=(("Sec-WebSocket-Version", "13"),),
+            detail="version",
+        )
+    if headers.count("sec-websocket-key") != 1:
+        return Reject(400, "bad_request", "Invalid Sec-WebSocket-Key.", detail="key")
+    return None
+
+
+class HandshakePolicy:
+    """Evaluates handshake requests. One instance per node, shared by all adapters.
+
+    Holds no per-connection state: everything a connection owns lives in the
+    :class:`Admit` it receives and in the store.
+    """
+
+    def __init__(self, config: Config, store: Store, verifier: TokenVerifier) -> None:
+        self.config = config
+        self.store = store
+        self.verifier = verifier
+        self.resolver = ClientAddressResolver(config.proxy.trusted, header=config.proxy.header)
+        self.origins = OriginPolicy(
+            config.origin.allowed, allow_missing=config.origin.allow_missing
+        )
+        limits = config.limits
+        self.ban_policy = BanPolicy(
+            threshold=limits.auth_failures_before_ban,
+            window=limits.auth_failure_window_seconds,
+            base_seconds=limits.ban_seconds,
+            max_seconds=limits.ban_max_seconds,
+        )
+        self.draining = False
+        self._holder_ids = itertools.count(1)
+        self._node = os.urandom(4).hex()
+
+    def select_subprotocol(self, offered: list[str]) -> str | None:
+        """The first configured application subprotocol the client offered.
+
+        Never the token entry: the token is a credential, not a protocol.
+        """
+        prefix = self.config.auth.subprotocol_prefix
+        names = [p for p in offered if not p.startswith(prefix)]
+        for supported in self.config.subprotocols:
+            if supported in names:
+                return supported
+        return None
+
+    async def evaluate(self, request: HandshakeRequest) -> HandshakeDecision:
+        bad = check_upgrade(request)
+        client = self.resolver.resolve(request.peer, request.headers)
+        if bad is not None:
+            return _with_client(bad, client)
+        store, limits = self.store, self.config.limits
+
+        banned = await store.ban_remaining("addr:" + client)
+        if banned > 0:
+            return Reject(
+                429, "banned", "Too many failed attempts.", _retry_after(banned), client=client
+            )
+        wait = await store.hit("hs:" + client, limits.handshakes_per_minute, 60.0)
+        if wait > 0:
+            return Reject(
+                429,
+                "handshake_rate",
+                "Too many connection attempts.",
+                _retry_after(wait),
+                client=client,
+            )
+        if self.draining:
+            return Reject(503, "draining", "Server is shutting down.", client=client)
+
+        try:
+            credentials = extract_credentials(request, self.config.auth)
+        except AuthFailure as failure:
+            return await self._auth_failed(client, failure)
+        cookie_auth = credentials is not None and credentials.transport == "cookie"
+        origin = request.headers.get("origin")
+        if request.headers.count("origin") > 1 or not self.origins.check(
+            origin, cookie_auth=cookie_auth or self.config.auth.cookie
+        ):
+            return Reject(403, "origin_forbidden", "Origin not allowed.", client=client)
+        if credentials is None:
+            return await self._auth_failed(client, AuthFailure("missing_credentials"))
+        try:
+            identity = self.verifier.verify(credentials.token)
+        except AuthFailure as failure:
+            return await self._auth_failed(client, failure)
+
+        subject = identity.subject
+        holder = f"{self._node}:{next(self._holder_ids)}"
+        keys: list[str] = []
+
+        async def release() -> None:
+            for key in keys:
+                await store.release(key, holder)
+
+        for key, limit, status, reason, text in (
+            ("conn:all", limits.max_connections, 503, "server_full", "Server is full."),
+            (
+                "conn:addr:" + client,
+                limits.connections_per_address,
+                429,
+                "too_many_connections",
+                "Too many connections from this address.",
+            ),
+            (
+                "conn:sub:" + subject,
+                limits.connections_per_subject,
+                429,
+                "too_many_connections",
+                "Too many connections for this user.",
+            ),
+        ):
+            if not await store.acquire(key, limit, holder):
+                await release()
+                headers = _retry_after(_CONCURRENCY_RETRY_AFTER)
+                return Reject(
+                    status,
+                    reason,
+                    text,
+                    headers,
+                    detail=key.split(":")[1],
+                    client=client,
+                    subject=subject,
+                )
+            keys.append(key)
+
+        offered = list(split_list(request.headers.get_all("sec-websocket-protocol")))
+        return Admit(
+            identity=identity,
+            client=client,
+            origin=origin,
+            subprotocol=self.select_subprotocol(offered),
+            _release=release,
+        )
+
+    async def _auth_failed(self, client: str, failure: AuthFailure) -> Reject:
+        ban = await self.store.record_failure("addr:" + client, self.ban_policy)
+        error = "" if failure.reason == "missing_credentials" else ', error="invalid_token"'
+        message = (
+            "Missing credentials."
+            if failure.reason == "missing_credentials"
+            else "Invalid or expired token."
+        )
+        return Reject(
+            401,
+            failure.reason,
+            message,
+            (("WWW-Authenticate", _BEARER + error),),
+            detail=failure.detail,
+            client=client,
+            ban_started=ban,
+        )
+
+
+def _with_client(reject: Reject, client: str) -> Reject:
+    return Reject(
+        reject.status,
+        reject.reason,
+        reject.message,
+        reject.headers,
+        reject.detail,
+        client,
+        reject.subject,
+        reject.ban_started,
+    )

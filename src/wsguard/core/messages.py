@@ -1,0 +1,308 @@
+"""The message policy: every frame in, one decision out, never an exception.
+
+Per message, in order: rate limits (every frame counts, refused or not),
+frame kind (binary refused unless allowed), JSON parsing with a compiled parser,
+structural bounds (depth, string length, keys, number size), the type
+allowlist, authorization (scopes per type), the type's JSON Schema, and the
+in-band ``auth`` refresh. Violations (rate, invalid, forbidden) spend a budget
+that decays over time; a client past it is closed with 1008.
+
+State is per connection (:class:`ConnectionState`) or per subject on this node
+(:class:`SubjectLimits`); nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import jsonschema_rs
+import orjson
+
+from wsguard.config.model import Config, MessageTypeConfig
+from wsguard.core.auth import AuthFailure, TokenVerifier
+from wsguard.core.decisions import (
+    CLOSE_POLICY_VIOLATION,
+    CLOSE_UNSUPPORTED_DATA,
+    Close,
+    Deliver,
+    MessageDecision,
+    Reauthenticate,
+    Refuse,
+)
+from wsguard.core.identity import Identity
+from wsguard.core.ratelimit import Gcra
+
+_LONG_NUMBER = re.compile(rb"[0-9]{19,}")
+_MAX_SAFE_INT = 2**63
+
+
+@dataclass(slots=True)
+class SubjectLimits:
+    """Message and byte buckets shared by one subject's connections on this node."""
+
+    messages: Gcra
+    bytes: Gcra
+    connections: int = 0
+
+
+@dataclass(slots=True)
+class ConnectionState:
+    """Everything the message policy remembers about one connection."""
+
+    identity: Identity
+    messages: Gcra
+    bytes: Gcra
+    subject: SubjectLimits
+    violations: float = 0.0
+    violations_at: float = 0.0
+    received: int = 0
+    last_data_at: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class _TypePolicy:
+    scopes: frozenset[str]
+    binary: bool
+    validator: Any  # jsonschema_rs validator or None
+
+
+def _compile_schema(name: str, spec: MessageTypeConfig) -> Any:
+    schema = spec.schema_
+    if spec.schema_file is not None:
+        from wsguard.errors import ConfigError
+
+        try:
+            schema = orjson.loads(spec.schema_file.expanduser().read_bytes())
+        except (OSError, orjson.JSONDecodeError) as exc:
+            raise ConfigError(f"messages.types.{name}.schema_file", str(exc)) from None
+    if schema is None:
+        return None
+    try:
+        return jsonschema_rs.Draft202012Validator(schema, validate_formats=True)
+    except (ValueError, jsonschema_rs.ValidationError) as exc:
+        from wsguard.errors import ConfigError
+
+        raise ConfigError(f"messages.types.{name}.schema", f"invalid JSON Schema: {exc}") from None
+
+
+def _pointer(path: Iterable[str | int]) -> str:
+    return "".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in path)
+
+
+class MessagePolicy:
+    """Evaluates incoming frames for connections on this node."""
+
+    def __init__(self, config: Config, verifier: TokenVerifier) -> None:
+        self.config = config
+        self.verifier = verifier
+        messages, limits = config.messages, config.limits
+        self._types = {
+            name: _TypePolicy(frozenset(spec.scopes), spec.binary, _compile_schema(name, spec))
+            for name, spec in messages.types.items()
+        }
+        self._binary_allowed = messages.binary or any(t.binary for t in self._types.values())
+        self._max_depth = messages.max_depth
+        self._max_string = messages.max_string_length
+        self._max_keys = messages.max_keys
+        self._msg_rate = limits.messages_per_minute / 60.0
+        self._msg_burst = float(limits.message_burst)
+        self._byte_rate = limits.bytes_per_minute / 60.0
+        self._byte_burst = float(
+            max(
+                limits.max_message_bytes,
+                min(limits.bytes_per_minute, limits.max_message_bytes * limits.message_burst),
+            )
+        )
+        self._subject_msg_rate = limits.subject_messages_per_minute / 60.0
+        self._subject_byte_rate = limits.subject_bytes_per_minute / 60.0
+        self._budget = float(limits.violation_budget)
+        self._decay = limits.violation_decay_seconds
+        self._subjects: dict[str, SubjectLimits] = {}
+
+    # -- connection lifecycle -------------------------------------------------
+
+    def open(self, identity: Identity, now: float) -> ConnectionState:
+        """Create the state of a newly admitted connection."""
+        subject = self._subjects.get(identity.subject)
+        if subject is None:
+            burst = self._msg_burst * 2
+            subject = SubjectLimits(
+                Gcra(self._subject_msg_rate, burst),
+                Gcra(self._subject_byte_rate, self._byte_burst * 2),
+            )
+            self._subjects[identity.subject] = subject
+        subject.connections += 1
+        return ConnectionState(
+            identity=identity,
+            messages=Gcra(self._msg_rate, self._msg_burst),
+            bytes=Gcra(self._byte_rate, self._byte_burst),
+            subject=subject,
+            violations_at=now,
+            last_data_at=now,
+        )
+
+    def closed(self, state: ConnectionState) -> None:
+        """Forget a connection; drops the subject's buckets with its last connection."""
+        subject = state.subject
+        subject.connections -= 1
+        if subject.connections <= 0:
+            current = self._subjects.get(state.identity.subject)
+            if current is subject:
+                del self._subjects[state.identity.subject]
+
+    def type_names(self) -> list[str]:
+        return sorted(self._types)
+
+    # -- violations -----------------------------------------------------------
+
+    def violation(self, state: ConnectionState, now: float, weight: float = 1.0) -> bool:
+        """Spend the violation budget; True when the connection must be closed."""
+        elapsed = now - state.violations_at
+        state.violations = max(0.0, state.violations - elapsed / self._decay) + weight
+        state.violations_at = now
+        return state.violations > self._budget
+
+    def _refuse(self, state: ConnectionState, now: float, refusal: Refuse) -> MessageDecision:
+        if self.violation(state, now):
+            return Close(CLOSE_POLICY_VIOLATION, "policy violation", cause=refusal.code)
+        return refusal
+
+    # -- frames -----------------------------------------------------------------
+
+    def control_frame(self, state: ConnectionState, now: float, size: int) -> Close | None:
+        """Count a ping/pong from the client; a ping flood is a flood."""
+        wait = state.messages.take(now) or state.bytes.take(now, max(size, 1))
+        if wait > 0 and self.violation(state, now):
+            return Close(CLOSE_POLICY_VIOLATION, "policy violation", cause="rate_limited")
+        return None
+
+    def evaluate(self, state: ConnectionState, data: str | bytes, now: float) -> MessageDecision:
+        """Decide about one complete data message. Never raises for any input."""
+        try:
+            return self._evaluate(state, data, now)
+        except Exception:  # pragma: no cover - a bug; fail closed, never crash the server
+            return Close(1011, "internal error", cause="policy_error")
+
+    def _evaluate(self, state: ConnectionState, data: str | bytes, now: float) -> MessageDecision:
+        raw = data.encode() if isinstance(data, str) else data
+        size = len(raw)
+        state.received += 1
+        state.last_data_at = now
+        wait = (
+            state.messages.take(now)
+            or state.bytes.take(now, size)
+            or state.subject.messages.take(now)
+            or state.subject.bytes.take(now, size)
+        )
+        if wait > 0:
+            return self._refuse(
+                state, now, Refuse("rate_limited", "Too many messages.", retry_after=wait)
+            )
+        if not isinstance(data, str) and not self._binary_allowed:
+            return Close(CLOSE_UNSUPPORTED_DATA, "binary frames not accepted", cause="binary")
+        try:
+            message = orjson.loads(raw)
+        except (orjson.JSONDecodeError, ValueError):
+            return self._refuse(state, now, Refuse("invalid_json", "Message is not valid JSON."))
+        if not isinstance(message, dict):
+            return self._refuse(
+                state, now, Refuse("invalid_message", "Message must be a JSON object.")
+            )
+        ref = message.get("id")
+        if not (isinstance(ref, str) and len(ref) <= 64) and not (
+            isinstance(ref, int) and not isinstance(ref, bool) and 0 <= ref < 2**53
+        ):
+            ref = None
+        problem = self._bounds(raw, message)
+        if problem is not None:
+            return self._refuse(state, now, Refuse("invalid_message", problem, ref=ref))
+        kind = message.get("type")
+        if not isinstance(kind, str):
+            return self._refuse(
+                state,
+                now,
+                Refuse(
+                    "invalid_message", "Field 'type' must be a string.", ref=ref, pointer="/type"
+                ),
+            )
+        policy = self._types.get(kind)
+        if policy is None:
+            return self._refuse(
+                state, now, Refuse("unknown_type", "Unknown message type.", ref=ref)
+            )
+        if not isinstance(data, str) and not (policy.binary or self.config.messages.binary):
+            return Close(CLOSE_UNSUPPORTED_DATA, "binary frames not accepted", cause="binary")
+        if policy.scopes and not policy.scopes <= state.identity.scopes:
+            return self._refuse(
+                state, now, Refuse("forbidden", "Not allowed to send this message type.", ref=ref)
+            )
+        if policy.validator is not None:
+            error = next(iter(policy.validator.iter_errors(message)), None)
+            if error is not None:
+                pointer = _pointer(error.instance_path)
+                keyword = type(error.kind).__name__
+                return self._refuse(
+                    state,
+                    now,
+                    Refuse(
+                        "invalid_message", f"Invalid message ({keyword}).", ref=ref, pointer=pointer
+                    ),
+                )
+        if kind == "auth":
+            return self._reauthenticate(state, now, message, ref)
+        return Deliver(kind, message, size)
+
+    def _bounds(self, raw: bytes, message: dict[str, Any]) -> str | None:
+        """Structural limits; skips the walk when the raw bytes prove them."""
+        if (
+            raw.count(b"{") + raw.count(b"[") <= self._max_depth
+            and len(raw) <= self._max_string
+            and raw.count(b":") <= self._max_keys
+            and _LONG_NUMBER.search(raw) is None
+        ):
+            return None
+        stack: list[tuple[Any, int]] = [(message, 1)]
+        while stack:
+            node, depth = stack.pop()
+            if depth > self._max_depth:
+                return "Message is nested too deeply."
+            if isinstance(node, dict):
+                if len(node) > self._max_keys:
+                    return "Message has too many keys."
+                for key, value in node.items():
+                    if len(key) > self._max_string:
+                        return "Message has a string that is too long."
+                    stack.append((value, depth + 1))
+            elif isinstance(node, list):
+                if len(node) > self._max_keys:
+                    return "Message has too many items."
+                stack.extend((item, depth + 1) for item in node)
+            elif isinstance(node, str):
+                if len(node) > self._max_string:
+                    return "Message has a string that is too long."
+            elif (
+                isinstance(node, int)
+                and not isinstance(node, bool)
+                and not -_MAX_SAFE_INT <= node < _MAX_SAFE_INT
+            ):
+                return "Message has a number that is too large."
+        return None
+
+    def _reauthenticate(
+        self, state: ConnectionState, now: float, message: dict[str, Any], ref: str | int | None
+    ) -> MessageDecision:
+        token = message.get("token")
+        assert isinstance(token, str)
+        try:
+            identity = self.verifier.verify(token)
+        except AuthFailure:
+            return self._refuse(
+                state, now, Refuse("invalid_token", "Token refresh refused.", ref=ref)
+            )
+        if identity.subject != state.identity.subject:
+            return Close(CLOSE_POLICY_VIOLATION, "subject mismatch", cause="auth_subject_mismatch")
+        return Reauthenticate(identity, ref)

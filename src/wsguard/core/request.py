@@ -1,0 +1,37 @@
+"""The handshake request as the policy core sees it: no sockets, just values."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import parse_qsl, unquote_plus, urlsplit
+
+from wsguard.core.headers import Headers
+
+
+@dataclass(frozen=True, slots=True)
+class HandshakeRequest:
+    """An HTTP upgrade request: peer address, request target, headers, TLS facts."""
+
+    peer: str
+    target: str
+    headers: Headers
+    tls: bool = False
+
+    @property
+    def path(self) -> str:
+        return urlsplit(self.target).path
+
+    def query_values(self, name: str) -> list[str]:
+        query = urlsplit(self.target).query
+        return [v for k, v in parse_qsl(query, keep_blank_values=True) if k == name]
+
+    def redacted_target(self, secret_params: frozenset[str]) -> str:
+        """The target with the values of *secret_params* replaced, for logs."""
+        parts = urlsplit(self.target)
+        if not parts.query or not secret_params:
+            return self.target
+        pairs = []
+        for chunk in parts.query.split("&"):
+            name = unquote_plus(chunk.split("=", 1)[0])
+            pairs.append(f"{name}=REDACTED" if name in secret_params else chunk)
+        return parts.path + "?" + "&".join(pairs)

@@ -1,0 +1,114 @@
+"""The Guard: one node's policy core, store and audit log, wired from a Config.
+
+Every adapter (standalone server, and later ASGI middleware and gateway) is
+given a Guard and asks it for decisions; no adapter re-implements a check.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from wsguard.config.keys import has_configured_key, load_keys
+from wsguard.config.model import Config
+from wsguard.core.auth import KeyMaterial, TokenVerifier
+from wsguard.core.decisions import Admit, Reject
+from wsguard.core.handshake import HandshakePolicy
+from wsguard.core.messages import MessagePolicy
+from wsguard.core.request import HandshakeRequest
+from wsguard.errors import KeyLoadError
+from wsguard.observability.audit import AuditLog
+from wsguard.stores import Store, open_store
+
+
+def is_loopback_host(host: str) -> bool:
+    if host in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True, slots=True)
+class KeyInfo:
+    """How the verification key was obtained, for start-up messages."""
+
+    dev_key: bool
+    dev_key_path: str | None
+
+
+class Guard:
+    """Policy core + store + audit log for one node."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        store: Store | None = None,
+        audit: AuditLog | None = None,
+        keys: KeyMaterial | None = None,
+    ) -> None:
+        self.config = config
+        dev = not has_configured_key(config.auth) and keys is None
+        if dev and not is_loopback_host(config.host):
+            raise KeyLoadError(
+                "auth.secret",
+                "no JWT key configured and the server is not bound to loopback; the "
+                "development key is only used on 127.0.0.1/::1 (set WSGUARD_JWT_SECRET, "
+                "auth.secret_file, auth.public_key_file or auth.jwks_file)",
+            )
+        self.key_info = KeyInfo(dev, str(config.auth.dev_key_file.expanduser()) if dev else None)
+        self.keys = keys if keys is not None else load_keys(config.auth)
+        self.verifier = TokenVerifier(config.auth, self.keys)
+        self.store = store if store is not None else open_store(config.store)
+        self.audit = (
+            audit
+            if audit is not None
+            else AuditLog.open(config.audit.file, enabled=config.audit.enabled)
+        )
+        self.handshakes = HandshakePolicy(config, self.store, self.verifier)
+        self.messages = MessagePolicy(config, self.verifier)
+
+    async def admit(self, request: HandshakeRequest) -> Admit | Reject:
+        """Evaluate a handshake and write the audit record of a refusal."""
+        decision = await self.handshakes.evaluate(request)
+        if isinstance(decision, Reject):
+            self.record_refusal(decision, request)
+        return decision
+
+    def record_refusal(self, decision: Reject, request: HandshakeRequest) -> None:
+        secret = frozenset({self.config.auth.query_param})
+        fields: dict[str, Any] = {
+            "status": decision.status,
+            "reason": decision.reason,
+            "client": decision.client or request.peer,
+            "subject": decision.subject,
+            "origin": request.headers.get("origin"),
+            "path": request.redacted_target(secret),
+            "detail": decision.detail or None,
+        }
+        self.audit.emit("handshake_refused", **fields)
+        if decision.ban_started is not None:
+            self.audit.emit(
+                "ban_started",
+                client=decision.client,
+                seconds=round(decision.ban_started, 3),
+                reason="auth_failures",
+            )
+
+    def deadline(self, expires_at: float | None) -> float | None:
+        """Wall-clock time at which a token's connection must close (exp + leeway)."""
+        if expires_at is None:
+            return None
+        return expires_at + self.config.auth.leeway_seconds
+
+    @staticmethod
+    def now() -> float:
+        return time.monotonic()
+
+    async def close(self) -> None:
+        await self.store.close()
+        self.audit.close()

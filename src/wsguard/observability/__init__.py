@@ -1,0 +1,1 @@
+"""Observability fed by decisions: the audit log (metrics and alerts come later)."""

@@ -1,0 +1,263 @@
+"""The standalone server's application object: handlers per message type.
+
+Usage::
+
+    from wsguard import App, load_config
+
+    app = App(load_config("wsguard.toml"))
+
+    @app.on("chat")
+    async def chat(conn, message):
+        app.broadcast({"type": "broadcast", "from": conn.subject, "message": message},
+                      exclude=conn)
+
+    app.run()
+
+Handlers receive only messages that passed the whole message policy
+(size, JSON, bounds, type allowlist, scopes, schema, rate limits).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+
+from wsguard.config.model import Config
+from wsguard.core.decisions import (
+    CLOSE_CREDENTIALS_EXPIRED,
+    CLOSE_GOING_AWAY,
+    Close,
+    Deliver,
+    Reauthenticate,
+    Refuse,
+)
+from wsguard.errors import ConfigError
+from wsguard.guard import Guard
+from wsguard.server.connection import Connection
+
+Handler = Callable[[Connection, dict[str, Any]], Awaitable[None]]
+Hook = Callable[[Connection], Awaitable[None]]
+
+logger = logging.getLogger("wsguard.server")
+
+
+class App:
+    """Hosts message handlers behind the wsguard policy."""
+
+    def __init__(self, config: Config | None = None, *, guard: Guard | None = None) -> None:
+        if guard is None:
+            guard = Guard(config if config is not None else Config())
+        self.guard = guard
+        self.config = guard.config
+        self.connections: dict[str, Connection] = {}
+        self._handlers: dict[str, Handler] = {}
+        self._on_connect: list[Hook] = []
+        self._on_disconnect: list[Hook] = []
+        self._server: Any = None
+        self._stopping: asyncio.Event | None = None
+        self.port: int | None = None
+
+    # -- registration -----------------------------------------------------------
+
+    def on(self, message_type: str) -> Callable[[Handler], Handler]:
+        """Register the handler of *message_type* (it must be in the allowlist)."""
+        if message_type not in self.config.messages.types:
+            raise ConfigError(
+                f"messages.types.{message_type}",
+                "a handler is registered for a type that is not in the allowlist",
+            )
+        if message_type == "auth":
+            raise ConfigError("messages.types.auth", "'auth' is handled by wsguard itself")
+
+        def register(handler: Handler) -> Handler:
+            self._handlers[message_type] = handler
+            return handler
+
+        return register
+
+    def on_connect(self, hook: Hook) -> Hook:
+        self._on_connect.append(hook)
+        return hook
+
+    def on_disconnect(self, hook: Hook) -> Hook:
+        self._on_disconnect.append(hook)
+        return hook
+
+    # -- messaging -------------------------------------------------------------
+
+    def broadcast(self, message: dict[str, Any], *, exclude: Connection | None = None) -> int:
+        """Send *message* to every connection but *exclude*; never waits on a client."""
+        text = orjson.dumps(message).decode()
+        delivered = 0
+        for conn in list(self.connections.values()):
+            if conn is not exclude and conn.send_text(text):
+                delivered += 1
+        return delivered
+
+    def welcome(self, conn: Connection) -> dict[str, Any]:
+        limits = self.config.limits
+        return {
+            "type": "welcome",
+            "connection_id": conn.id,
+            "subject": conn.subject,
+            "scopes": sorted(conn.identity.scopes),
+            "expires_at": conn.identity.expires_at,
+            "limits": {
+                "max_message_bytes": limits.max_message_bytes,
+                "messages_per_minute": limits.messages_per_minute,
+                "message_burst": limits.message_burst,
+                "bytes_per_minute": limits.bytes_per_minute,
+            },
+            "types": self.guard.messages.type_names(),
+        }
+
+    # -- connection lifecycle (called by the engine adapter) -------------------
+
+    def _slow_consumer(self, conn: Connection) -> None:
+        self.guard.audit.emit(
+            "slow_consumer", connection_id=conn.id, client=conn.client, subject=conn.subject
+        )
+
+    def _schedule_expiry(self, conn: Connection, expires_at: float | None) -> None:
+        deadline = self.guard.deadline(expires_at)
+        if deadline is None:
+            return
+        conn.set_timer(
+            "expiry",
+            deadline - time.time(),
+            lambda: conn.close_soon(
+                CLOSE_CREDENTIALS_EXPIRED, "credentials expired", cause="token_expired"
+            ),
+        )
+
+    def _schedule_idle(self, conn: Connection) -> None:
+        idle = self.config.liveness.idle_timeout_seconds
+        if not idle:
+            return
+
+        def check() -> None:
+            quiet = self.guard.now() - conn.state.last_data_at
+            if quiet >= idle:
+                conn.close_soon(CLOSE_GOING_AWAY, "idle timeout", cause="idle_timeout")
+            else:
+                conn.set_timer("idle", idle - quiet, check)
+
+        conn.set_timer("idle", idle, check)
+
+    async def _run_connection(self, conn: Connection, messages: Any) -> None:
+        """Drive one connection: welcome, then every frame through the policy."""
+        guard = self.guard
+        policy = guard.messages
+        self._schedule_expiry(conn, conn.identity.expires_at)
+        self._schedule_idle(conn)
+        lifetime = self.config.liveness.max_lifetime_seconds
+        if lifetime:
+            conn.set_timer(
+                "lifetime",
+                lifetime,
+                lambda: conn.close_soon(CLOSE_GOING_AWAY, "max lifetime", cause="max_lifetime"),
+            )
+        conn.send(self.welcome(conn))
+        for hook in self._on_connect:
+            await hook(conn)
+        async for data in messages:
+            if conn.closing:
+                break
+            decision = policy.evaluate(conn.state, data, guard.now())
+            if isinstance(decision, Deliver):
+                handler = self._handlers.get(decision.type)
+                if handler is None:
+                    continue
+                try:
+                    await handler(conn, decision.message)
+                except Exception:
+                    logger.exception("handler for %r failed", decision.type)
+                    conn.send(
+                        _error("internal_error", "The handler failed.", decision.message.get("id"))
+                    )
+            elif isinstance(decision, Refuse):
+                conn.send(decision.frame())
+            elif isinstance(decision, Reauthenticate):
+                conn.identity = decision.identity
+                conn.state.identity = decision.identity
+                self._schedule_expiry(conn, decision.identity.expires_at)
+                reply: dict[str, Any] = {
+                    "type": "auth_ok",
+                    "expires_at": decision.identity.expires_at,
+                }
+                if decision.ref is not None:
+                    reply["ref"] = decision.ref
+                conn.send(reply)
+            elif isinstance(decision, Close):
+                conn.close_cause = decision.cause
+                await conn.close(decision.code, decision.reason)
+                break
+
+    def new_connection_id(self) -> str:
+        return secrets.token_hex(8)
+
+    # -- running -----------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Bind and start accepting connections; sets :attr:`port`."""
+        from wsguard.adapters.websockets_server import start_server
+
+        if self._server is not None:
+            raise RuntimeError("already started")
+        self._stopping = asyncio.Event()
+        self._server = await start_server(self)
+        sockets = list(self._server.sockets)
+        self.port = sockets[0].getsockname()[1] if sockets else None
+
+    async def stop(self) -> None:
+        """Graceful shutdown: refuse new handshakes (503), close all with 1001, drain."""
+        if self._server is None:
+            return
+        self.guard.handshakes.draining = True
+        server, self._server = self._server, None
+        server.close(close_connections=True, code=CLOSE_GOING_AWAY, reason="server shutdown")
+        try:
+            await asyncio.wait_for(server.wait_closed(), self.config.liveness.drain_seconds or None)
+        except TimeoutError:
+            for conn in list(self.connections.values()):
+                conn._ws.transport.abort()
+        if self._stopping is not None:
+            self._stopping.set()
+
+    async def serve(self) -> None:
+        """Start, then run until :meth:`stop` (or SIGTERM/SIGINT when in the main thread)."""
+        if self._server is None:
+            await self.start()
+        assert self._stopping is not None
+        loop = asyncio.get_running_loop()
+        installed: list[signal.Signals] = []
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(sig, lambda: loop.create_task(self.stop()))
+                installed.append(sig)
+            except (RuntimeError, ValueError, NotImplementedError):
+                pass  # not the main thread: the caller stops us
+        try:
+            await self._stopping.wait()
+        finally:
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+            await self.guard.close()
+
+    def run(self) -> None:
+        """Blocking entry point: serve until SIGTERM/SIGINT, then exit cleanly."""
+        asyncio.run(self.serve())
+
+
+def _error(code: str, message: str, ref: Any = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"type": "error", "code": code, "message": message}
+    if isinstance(ref, (str, int)) and not isinstance(ref, bool):
+        out["ref"] = ref
+    return out

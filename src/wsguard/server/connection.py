@@ -1,0 +1,157 @@
+"""One admitted connection, as handlers see it.
+
+Outbound messages go through a bounded queue drained by a writer task that
+exists only while there is something to send, so an idle connection costs no
+task. A client whose queue is full is a slow consumer: it is closed with 1008
+and never allowed to stall a broadcast.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from websockets.exceptions import ConnectionClosed
+
+from wsguard.core.decisions import CLOSE_POLICY_VIOLATION
+from wsguard.core.identity import Identity
+from wsguard.core.messages import ConnectionState
+
+if TYPE_CHECKING:
+    from websockets.asyncio.server import ServerConnection
+
+_SLOW_CONSUMER_ABORT_SECONDS = 1.0
+
+
+class Connection:
+    """An authenticated WebSocket connection hosted by :class:`wsguard.App`."""
+
+    __slots__ = (
+        "_closing",
+        "_on_slow",
+        "_queue",
+        "_queue_limit",
+        "_tasks",
+        "_timers",
+        "_writer",
+        "_ws",
+        "client",
+        "close_cause",
+        "id",
+        "identity",
+        "opened_at",
+        "origin",
+        "sent",
+        "state",
+        "subprotocol",
+    )
+
+    def __init__(
+        self,
+        ws: ServerConnection,
+        *,
+        connection_id: str,
+        identity: Identity,
+        client: str,
+        origin: str | None,
+        subprotocol: str | None,
+        state: ConnectionState,
+        queue_limit: int,
+        on_slow: Callable[[Connection], None],
+    ) -> None:
+        self._ws = ws
+        self.id = connection_id
+        self.identity = identity
+        self.client = client
+        self.origin = origin
+        self.subprotocol = subprotocol
+        self.state = state
+        self.opened_at = time.monotonic()
+        self.sent = 0
+        self.close_cause: str | None = None
+        self._queue: collections.deque[str | bytes] = collections.deque()
+        self._queue_limit = queue_limit
+        self._writer: asyncio.Task[None] | None = None
+        self._closing = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._on_slow = on_slow
+
+    @property
+    def subject(self) -> str:
+        return self.identity.subject
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    def send(self, message: dict[str, Any]) -> bool:
+        """Queue a JSON message; False if the connection is closing or was dropped."""
+        return self.send_text(orjson.dumps(message).decode())
+
+    def send_text(self, text: str | bytes) -> bool:
+        """Queue an already serialized frame (shared by broadcast)."""
+        if self._closing:
+            return False
+        if len(self._queue) >= self._queue_limit:
+            self._on_slow(self)
+            self.close_soon(CLOSE_POLICY_VIOLATION, "slow consumer", cause="slow_consumer")
+            self._queue.clear()
+            transport = self._ws.transport
+            asyncio.get_running_loop().call_later(_SLOW_CONSUMER_ABORT_SECONDS, transport.abort)
+            return False
+        self._queue.append(text)
+        if self._writer is None:
+            self._writer = asyncio.get_running_loop().create_task(self._drain())
+        return True
+
+    async def _drain(self) -> None:
+        try:
+            while self._queue:
+                data = self._queue.popleft()
+                await self._ws.send(data)
+                self.sent += 1
+        except ConnectionClosed:
+            self._queue.clear()
+        finally:
+            self._writer = None
+
+    def close_soon(self, code: int, reason: str, *, cause: str | None = None) -> None:
+        """Start closing with *code*; returns at once (safe from any callback)."""
+        if self._closing:
+            return
+        self._closing = True
+        self.close_cause = cause or reason
+        task = asyncio.get_running_loop().create_task(self._close(code, reason))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        """Close with *code* and wait for the closing handshake."""
+        self._closing = True
+        await self._close(code, reason)
+
+    async def _close(self, code: int, reason: str) -> None:
+        with contextlib.suppress(Exception):  # the transport is gone: nothing left to do
+            await self._ws.close(code, reason)
+
+    def set_timer(self, name: str, delay: float, callback: Callable[[], None]) -> None:
+        """(Re)arm a named timer; replaces the previous one of that name."""
+        old = self._timers.pop(name, None)
+        if old is not None:
+            old.cancel()
+        self._timers[name] = asyncio.get_running_loop().call_later(max(0.0, delay), callback)
+
+    def cancel_timers(self) -> None:
+        for handle in self._timers.values():
+            handle.cancel()
+        self._timers.clear()
+
+    @property
+    def close_code(self) -> int | None:
+        return self._ws.close_code
