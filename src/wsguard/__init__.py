@@ -2,16 +2,41 @@
 
 One policy (authentication, origin, client address, limits, message
 validation) enforced the same way by every adapter.
+
+Top-level names are imported lazily so that ``import wsguard.core`` stays free
+of event loops, servers and network libraries.
 """
 
 from __future__ import annotations
 
-from wsguard.config import Config, load_config
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from wsguard.errors import ConfigError, KeyLoadError, StoreError, WsguardError
-from wsguard.guard import Guard
-from wsguard.server import App, Connection, demo_app
+
+if TYPE_CHECKING:
+    from wsguard.config import Config, load_config
+    from wsguard.guard import Guard
+    from wsguard.server import App, Connection, demo_app
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "App": "wsguard.server",
+    "Connection": "wsguard.server",
+    "demo_app": "wsguard.server",
+    "Config": "wsguard.config",
+    "load_config": "wsguard.config",
+    "Guard": "wsguard.guard",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'wsguard' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
 
 __all__ = [
     "App",

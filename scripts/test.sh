@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Install everything the tests need and run the whole suite: lint, types, tests.
+# This is exactly what CI runs (.ci/run). Extra arguments go to pytest.
+source "$(dirname "$0")/_env.sh"
+ensure_venv
+.venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+command -v redis-server >/dev/null 2>&1 || apt_install redis-server
+.venv/bin/ruff check src tests benchmarks
+.venv/bin/ruff format --check src
+.venv/bin/mypy
+.venv/bin/pytest -q -p no:cacheprovider "$@"
