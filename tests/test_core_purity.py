@@ -40,7 +40,8 @@ def test_core_modules_import_no_io_library() -> None:
 
 
 def test_core_imports_only_core_config_errors_and_store_interface() -> None:
-    allowed_internal = ("wsguard.core", "wsguard.config.model", "wsguard.errors",
+    allowed_internal = ("wsguard.core", "wsguard.config.model", "wsguard.config.demo_types",
+                        "wsguard.errors",
                         "wsguard.stores.base")
     for path in CORE.glob("*.py"):
         for module in _imports(path):

@@ -163,6 +163,28 @@ class HandshakePolicy:
             for key in keys:
                 await store.release(key, holder)
 
+        try:
+            refused = await self._acquire_slots(keys, holder, client, subject)
+        except BaseException:  # cancelled mid-way (handshake timeout): give slots back
+            await release()
+            raise
+        if refused is not None:
+            await release()
+            return refused
+
+        offered = list(split_list(request.headers.get_all("sec-websocket-protocol")))
+        return Admit(
+            identity=identity,
+            client=client,
+            origin=origin,
+            subprotocol=self.select_subprotocol(offered),
+            _release=release,
+        )
+
+    async def _acquire_slots(
+        self, keys: list[str], holder: str, client: str, subject: str
+    ) -> Reject | None:
+        store, limits = self.store, self.config.limits
         for key, limit, status, reason, text in (
             ("conn:all", limits.max_connections, 503, "server_full", "Server is full."),
             (
@@ -181,7 +203,6 @@ class HandshakePolicy:
             ),
         ):
             if not await store.acquire(key, limit, holder):
-                await release()
                 headers = _retry_after(_CONCURRENCY_RETRY_AFTER)
                 return Reject(
                     status,
@@ -193,15 +214,7 @@ class HandshakePolicy:
                     subject=subject,
                 )
             keys.append(key)
-
-        offered = list(split_list(request.headers.get_all("sec-websocket-protocol")))
-        return Admit(
-            identity=identity,
-            client=client,
-            origin=origin,
-            subprotocol=self.select_subprotocol(offered),
-            _release=release,
-        )
+        return None
 
     async def _auth_failed(self, client: str, failure: AuthFailure) -> Reject:
         ban = await self.store.record_failure("addr:" + client, self.ban_policy)

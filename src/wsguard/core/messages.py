@@ -21,6 +21,7 @@ from typing import Any
 import jsonschema_rs
 import orjson
 
+from wsguard.config.demo_types import DEMO_MESSAGE_TYPES
 from wsguard.config.model import Config, MessageTypeConfig
 from wsguard.core.auth import AuthFailure, TokenVerifier
 from wsguard.core.decisions import (
@@ -100,9 +101,12 @@ class MessagePolicy:
         self.config = config
         self.verifier = verifier
         messages, limits = config.messages, config.limits
+        types = dict(messages.types)
+        if "auth" not in types:  # token refresh is always understood
+            types["auth"] = MessageTypeConfig.model_validate(DEMO_MESSAGE_TYPES["auth"])
         self._types = {
             name: _TypePolicy(frozenset(spec.scopes), spec.binary, _compile_schema(name, spec))
-            for name, spec in messages.types.items()
+            for name, spec in types.items()
         }
         self._binary_allowed = messages.binary or any(t.binary for t in self._types.values())
         self._max_depth = messages.max_depth

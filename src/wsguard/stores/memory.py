@@ -16,6 +16,8 @@ from limits.aio.strategies import MovingWindowRateLimiter
 
 from wsguard.stores.base import BanPolicy, Store
 
+_PRUNE_AT = 10_000
+
 
 class MemoryStore(Store):
     """Process-local state for one node."""
@@ -73,11 +75,16 @@ class MemoryStore(Store):
         return left
 
     async def record_failure(self, key: str, policy: BanPolicy) -> float | None:
-        if await self.hit("fail:" + key, policy.threshold, policy.window) == 0.0:
-            return None
+        item = self._item(policy.threshold, policy.window)
+        counted = await self._limiter.hit(item, "fail:" + key)
+        if counted:
+            stats = await self._limiter.get_window_stats(item, "fail:" + key)
+            if stats.remaining > 0:
+                return None  # still below the threshold
         now = time.monotonic()
         if self._bans.get(key, 0.0) > now:
             return None  # already banned: one ban, logged once
+        self._prune(now, policy)
         level, last = self._ban_levels.get(key, (0, 0.0))
         if now - last > policy.max_seconds * 2:
             level = 0  # good behaviour for long enough forgets past bans
@@ -86,6 +93,18 @@ class MemoryStore(Store):
         self._bans[key] = now + duration
         await self._limiter.clear(self._item(policy.threshold, policy.window), "fail:" + key)
         return float(duration)
+
+    def _prune(self, now: float, policy: BanPolicy) -> None:
+        """Forget expired bans and old ban levels so memory stays bounded."""
+        if len(self._ban_levels) < _PRUNE_AT and len(self._bans) < _PRUNE_AT:
+            return
+        self._bans = {k: until for k, until in self._bans.items() if until > now}
+        horizon = policy.max_seconds * 2
+        self._ban_levels = {
+            k: (level, last)
+            for k, (level, last) in self._ban_levels.items()
+            if now - last <= horizon
+        }
 
     async def unban(self, key: str) -> bool:
         return self._bans.pop(key, None) is not None
