@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("wsguard.server")
 
 _pending_releases: set[asyncio.Task[None]] = set()
+_CONTROL_COUNTED = (Opcode.PING, Opcode.PONG)
 
 
 class GuardedServerConnection(ServerConnection):
@@ -47,7 +48,7 @@ class GuardedServerConnection(ServerConnection):
             guarded is not None
             and policy is not None
             and isinstance(event, Frame)
-            and event.opcode is Opcode.PING
+            and event.opcode in _CONTROL_COUNTED
         ):
             close = policy.control_frame(guarded.state, time.monotonic(), len(event.data))
             if close is not None:

@@ -1,0 +1,421 @@
+"""Configuration: the example file, defaults, precedence, validation errors, keys."""
+
+from __future__ import annotations
+
+import io
+import os
+import stat
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+
+from wsguard.config.keys import load_or_create_dev_key
+from wsguard.config.loader import load_config, validate_config
+from wsguard.config.model import AuthConfig, Config
+from wsguard.errors import ConfigError, KeyLoadError
+from wsguard.guard import Guard
+from wsguard.observability.audit import AuditLog
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "examples" / "wsguard.toml"
+
+# Keys of the model deliberately shown only as comments in the example file.
+COMMENTED_KEYS = frozenset(
+    {"auth.secret_file", "auth.public_key_file", "auth.jwks_file", "messages.types"}
+)
+
+LONG_SECRET = "a-config-test-secret-long-enough-for-hs256-000000"
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def model_keys(model: type[BaseModel], prefix: str = "") -> Iterator[str]:
+    """Every dotted leaf key of *model*, recursing into section models."""
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{field.alias or name}"
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            yield from model_keys(annotation, f"{key}.")
+        else:
+            yield key
+
+
+def toml_keys(data: dict[str, Any], prefix: str = "") -> set[str]:
+    out: set[str] = set()
+    for name, value in data.items():
+        if isinstance(value, dict):
+            out |= toml_keys(value, f"{prefix}{name}.")
+        else:
+            out.add(f"{prefix}{name}")
+    return out
+
+
+def config_error(
+    tmp_path: Path, toml: str = "", env: dict[str, str] | None = None
+) -> ConfigError:
+    path = write(tmp_path / "bad.toml", toml)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env=env or {})
+    return info.value
+
+
+def quiet_guard(config: Config) -> Guard:
+    return Guard(config, audit=AuditLog(io.StringIO()))
+
+
+# -- the example file ---------------------------------------------------------------
+
+
+def test_example_file_loads_to_exactly_the_defaults() -> None:
+    config = load_config(EXAMPLE, env={})
+    assert config == Config()
+    assert config.model_dump() == Config().model_dump()
+
+
+def test_example_file_lists_every_model_key() -> None:
+    with EXAMPLE.open("rb") as fh:
+        data = tomllib.load(fh)
+    present = toml_keys(data)
+    expected = set(model_keys(Config)) - COMMENTED_KEYS
+    missing = expected - present
+    assert not missing, f"keys missing from examples/wsguard.toml: {sorted(missing)}"
+    # messages.types is a dict field: it must not be descended into, but it is a model key
+    assert "messages.types" in set(model_keys(Config))
+    # and nothing in the example is unknown to the model
+    assert present <= set(model_keys(Config)), sorted(present - set(model_keys(Config)))
+
+
+def test_example_file_shows_optional_keys_as_comments() -> None:
+    text = EXAMPLE.read_text()
+    for key in ("secret_file", "public_key_file", "jwks_file"):
+        assert f"# {key} = " in text, key
+    assert "# [messages.types.chat]" in text
+
+
+def test_every_example_line_explains_its_key() -> None:
+    for line in EXAMPLE.read_text().splitlines():
+        stripped = line.strip()
+        if stripped and not stripped.startswith(("#", "[")):
+            assert "#" in stripped, f"no explanation: {line!r}"
+
+
+# -- defaults ------------------------------------------------------------------------
+
+
+def test_secure_defaults_required_by_the_issue() -> None:
+    config = load_config(None, env={})
+    assert config.limits.max_message_bytes == 8192
+    assert config.limits.connections_per_address == 5
+    assert config.limits.messages_per_minute == 100
+    assert config.limits.handshake_timeout_seconds == 10.0
+    assert config.compression is False
+    assert config.host == "127.0.0.1"
+    assert config.port == 8765
+    assert config.store == "memory://"
+    assert config.auth.cookie is False
+    assert config.auth.query is False
+    assert config.auth.header is True
+    assert config.auth.subprotocol is True
+    assert config.auth.require_exp is True
+    assert config.auth.algorithms == ("HS256",)
+    assert config.origin.allowed == ()
+    assert config.proxy.trusted == ()
+    assert config.audit.enabled is True
+
+
+def test_secret_is_not_in_the_config_repr() -> None:
+    config = load_config(None, env={"WSGUARD_JWT_SECRET": LONG_SECRET})
+    assert config.auth.secret == LONG_SECRET
+    assert LONG_SECRET not in repr(config)
+    assert LONG_SECRET not in str(config)
+
+
+# -- precedence ------------------------------------------------------------------------
+
+
+def test_precedence_toml_then_env_then_overrides(tmp_path: Path) -> None:
+    path = write(
+        tmp_path / "c.toml",
+        'port = 1111\nlog_level = "warning"\n[limits]\n'
+        "max_message_bytes = 10000\nconnections_per_address = 7\n",
+    )
+    assert load_config(path, env={}).port == 1111
+    env = {"WSGUARD_PORT": "2222", "WSGUARD_LIMITS__MAX_MESSAGE_BYTES": "16384"}
+    from_env = load_config(path, env=env)
+    assert from_env.port == 2222
+    assert from_env.log_level == "warning"  # untouched TOML key survives
+    assert from_env.limits.max_message_bytes == 16384
+    assert from_env.limits.connections_per_address == 7  # same section, merged not replaced
+    flagged = load_config(path, env=env, overrides={"port": 3333, "log_level": "debug"})
+    assert flagged.port == 3333
+    assert flagged.log_level == "debug"
+    assert flagged.limits.max_message_bytes == 16384
+    # an absent flag (None) does not hide the lower layers
+    assert load_config(path, env=env, overrides={"port": None}).port == 2222
+
+
+def test_dotted_override_reaches_a_section(tmp_path: Path) -> None:
+    path = write(tmp_path / "c.toml", "[limits]\nmessages_per_minute = 50\n")
+    config = load_config(
+        path,
+        env={"WSGUARD_LIMITS__MESSAGES_PER_MINUTE": "60"},
+        overrides={"limits.messages_per_minute": 70},
+    )
+    assert config.limits.messages_per_minute == 70
+
+
+def test_explicit_env_mapping_ignores_the_process_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("WSGUARD_PORT", "4444")
+    assert load_config(None, env={}).port == 8765
+    assert load_config(None).port == 4444
+
+
+def test_jwt_secret_env_sets_auth_secret() -> None:
+    config = load_config(None, env={"WSGUARD_JWT_SECRET": LONG_SECRET})
+    assert config.auth.secret == LONG_SECRET
+
+
+def test_nested_env_key_with_double_underscore() -> None:
+    config = load_config(None, env={"WSGUARD_LIMITS__MAX_MESSAGE_BYTES": "16384"})
+    assert config.limits.max_message_bytes == 16384
+    assert load_config(None, env={"WSGUARD_COMPRESSION": "true"}).compression is True
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        '["https://app.example.com", "https://*.example.org"]',
+        "https://app.example.com, https://*.example.org",
+        "https://app.example.com,https://*.example.org,",
+    ],
+    ids=["json", "comma-space", "comma-trailing"],
+)
+def test_list_env_as_json_or_comma_separated(raw: str) -> None:
+    config = load_config(None, env={"WSGUARD_ORIGIN__ALLOWED": raw})
+    assert config.origin.allowed == ("https://app.example.com", "https://*.example.org")
+
+
+def test_list_env_with_invalid_json_names_the_key() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, env={"WSGUARD_ORIGIN__ALLOWED": '["https://a.example.com"'})
+    assert info.value.key == "origin.allowed"
+    assert "JSON" in info.value.message
+
+
+# -- validation errors -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("toml", "key", "allowed"),
+    [
+        ("port = -1", "port", "greater than or equal to 0"),
+        ("port = 70000", "port", "less than or equal to 65535"),
+        ('port = "notaport"', "port", "valid integer"),
+        ('log_level = "loud"', "log_level", "'debug', 'info', 'warning' or 'error'"),
+        ("[limits]\nmax_mesage_bytes = 100", "limits.max_mesage_bytes", "unknown key"),
+        ("bogus_top_level = 1", "bogus_top_level", "unknown key"),
+        ("[limits]\nmax_message_bytes = -1", "limits.max_message_bytes", "greater than"),
+        ('[auth]\nalgorithms = ["none"]', "auth.algorithms", "allowed: "),
+        ('[auth]\nalgorithms = ["HS256", "RS256"]', "auth.algorithms", "cannot be mixed"),
+        ("[auth]\ncookie = true", "auth.cookie", "origin.allowed"),
+        ('[proxy]\ntrusted = ["10.0.0.0/33"]', "proxy.trusted", "not an IP network"),
+        ('[proxy]\ntrusted = ["not-a-network"]', "proxy.trusted", "not an IP network"),
+        ('store = "redis://x"', "store", "only memory://"),
+        ('[origin]\nallowed = ["https://*evil.com"]', "origin.allowed", ""),
+    ],
+)
+def test_bad_value_names_key_and_what_is_allowed(
+    tmp_path: Path, toml: str, key: str, allowed: str
+) -> None:
+    error = config_error(tmp_path, toml + "\n")
+    assert error.key == key
+    assert allowed in error.message
+    assert str(error).startswith(f"{key}: ")
+
+
+def test_algorithm_none_in_any_spelling_is_refused(tmp_path: Path) -> None:
+    for spelling in ("none", "None", "NONE", "nOnE"):
+        error = config_error(tmp_path, f'[auth]\nalgorithms = ["{spelling}"]\n')
+        assert error.key == "auth.algorithms"
+        assert "HS256" in error.message  # says what is allowed
+
+
+def test_bad_env_value_names_the_key() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, env={"WSGUARD_PORT": "notaport"})
+    assert info.value.key == "port"
+    with pytest.raises(ConfigError) as info:
+        load_config(None, env={"WSGUARD_LIMITS__MAX_MESSAGE_BYTES": "-5"})
+    assert info.value.key == "limits.max_message_bytes"
+
+
+def test_cookie_with_origin_allowlist_is_accepted() -> None:
+    config = validate_config(
+        {"auth": {"cookie": True}, "origin": {"allowed": ["https://app.example.com"]}}
+    )
+    assert config.auth.cookie is True
+
+
+SHORT_SECRET = "short-Secret-Value-7x"  # 21 bytes: refused
+
+
+@pytest.mark.parametrize(
+    ("toml", "env", "key", "allowed"),
+    [
+        (f'[auth]\nsecret = "{SHORT_SECRET}"', {}, "auth.secret", "at least 32 bytes"),
+        ("", {"WSGUARD_JWT_SECRET": SHORT_SECRET}, "auth.secret", "at least 32 bytes"),
+        (
+            f'[auth]\nsecret = "{LONG_SECRET}"\nsecret_file = "/nonexistent"',
+            {},
+            "auth.secret",
+            "either",
+        ),
+        (
+            f'[auth]\nsecret = "{LONG_SECRET}"\nalgorithms = ["RS256"]\n'
+            'public_key_file = "/nonexistent.pem"',
+            {},
+            "auth.algorithms",
+            "public_key_file",
+        ),
+        ("[auth]\ncookie = true", {"WSGUARD_JWT_SECRET": LONG_SECRET}, "auth.cookie", "origin"),
+        ("port = 99999", {"WSGUARD_JWT_SECRET": LONG_SECRET}, "port", "65535"),
+    ],
+    ids=["short-toml", "short-env", "secret-and-file", "secret-with-rs256", "cookie", "port"],
+)
+def test_secret_value_never_appears_in_errors(
+    tmp_path: Path, toml: str, env: dict[str, str], key: str, allowed: str
+) -> None:
+    error = config_error(tmp_path, toml + "\n", env)
+    assert error.key == key
+    assert allowed in error.message
+    for secret in (SHORT_SECRET, LONG_SECRET):
+        assert secret not in str(error)
+        assert secret not in repr(error)
+        assert secret not in error.message
+        assert all(secret not in str(arg) for arg in error.args)
+
+
+def test_invalid_toml_file(tmp_path: Path) -> None:
+    error = config_error(tmp_path, "port = \n[limits\n")
+    assert error.key == "config"
+    assert "not valid TOML" in error.message
+    assert "bad.toml" in error.message
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "nope.toml", env={})
+    assert info.value.key == "config"
+    assert "not found" in info.value.message
+    assert "nope.toml" in info.value.message
+
+
+def test_public_key_file_not_pem_refused_by_guard(tmp_path: Path) -> None:
+    not_pem = write(tmp_path / "key.pem", "this is not a PEM public key\n")
+    config = validate_config(
+        {"port": 0, "auth": {"algorithms": ["RS256"], "public_key_file": str(not_pem)}}
+    )
+    with pytest.raises(KeyLoadError) as info:
+        quiet_guard(config)
+    assert info.value.key == "auth.public_key_file"
+    assert "PEM" in info.value.message
+    assert isinstance(info.value, ConfigError)
+
+
+def test_public_key_file_missing_refused_by_guard(tmp_path: Path) -> None:
+    config = validate_config(
+        {"auth": {"algorithms": ["ES256"], "public_key_file": str(tmp_path / "absent.pem")}}
+    )
+    with pytest.raises(KeyLoadError) as info:
+        quiet_guard(config)
+    assert info.value.key == "auth.public_key_file"
+
+
+# -- the development key ------------------------------------------------------------------
+
+
+def dev_auth(path: Path) -> AuthConfig:
+    return AuthConfig(dev_key_file=path)
+
+
+def test_dev_key_created_0600_and_reused(tmp_path: Path) -> None:
+    path = tmp_path / "fresh" / "dir" / "dev-jwt.key"
+    secret, created = load_or_create_dev_key(dev_auth(path))
+    assert created is True
+    assert path.is_file()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert len(secret) >= 32
+    assert path.read_bytes().strip() == secret
+    again, created_again = load_or_create_dev_key(dev_auth(path))
+    assert created_again is False
+    assert again == secret
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_dev_keys_are_random_per_file(tmp_path: Path) -> None:
+    first, _ = load_or_create_dev_key(dev_auth(tmp_path / "a.key"))
+    second, _ = load_or_create_dev_key(dev_auth(tmp_path / "b.key"))
+    assert first != second
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o604, 0o660, 0o644])
+def test_dev_key_readable_by_others_is_refused(tmp_path: Path, mode: int) -> None:
+    path = tmp_path / "dev.key"
+    load_or_create_dev_key(dev_auth(path))
+    os.chmod(path, mode)
+    with pytest.raises(KeyLoadError) as info:
+        load_or_create_dev_key(dev_auth(path))
+    assert info.value.key == "auth.dev_key_file"
+    assert "600" in info.value.message
+
+
+def test_dev_key_file_too_short_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "dev.key"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    os.write(fd, b"short\n")
+    os.close(fd)
+    with pytest.raises(KeyLoadError) as info:
+        load_or_create_dev_key(dev_auth(path))
+    assert info.value.key == "auth.dev_key_file"
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.0.2.10", "example.com"])
+def test_guard_without_key_on_public_host_is_refused(tmp_path: Path, host: str) -> None:
+    path = tmp_path / "dev.key"
+    config = validate_config({"host": host, "auth": {"dev_key_file": str(path)}})
+    with pytest.raises(KeyLoadError) as info:
+        quiet_guard(config)
+    assert info.value.key == "auth.secret"
+    assert "WSGUARD_JWT_SECRET" in info.value.message
+    assert not path.exists()  # no development key is created for a public listener
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1", "localhost"])
+def test_guard_without_key_on_loopback_uses_dev_key(tmp_path: Path, host: str) -> None:
+    path = tmp_path / "dev.key"
+    config = validate_config({"host": host, "auth": {"dev_key_file": str(path)}})
+    guard = quiet_guard(config)
+    assert guard.key_info.dev_key is True
+    assert guard.key_info.dev_key_path == str(path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert guard.keys.secret == path.read_bytes().strip()
+
+
+def test_guard_with_secret_on_public_host_is_accepted(tmp_path: Path) -> None:
+    path = tmp_path / "dev.key"
+    config = validate_config(
+        {"host": "0.0.0.0", "auth": {"secret": LONG_SECRET, "dev_key_file": str(path)}}
+    )
+    guard = quiet_guard(config)
+    assert guard.key_info.dev_key is False
+    assert guard.keys.secret == LONG_SECRET.encode()
+    assert not path.exists()

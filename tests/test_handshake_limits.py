@@ -1,0 +1,888 @@
+"""Non-auth handshake defences of the standalone server (issue 2).
+
+Origin allowlist, client address behind trusted proxies, concurrency limits,
+slot release on every way a connection ends, handshake rate, auth-failure
+bans, handshake timeout, malformed upgrades and their audit records. Every
+test runs a real server on an ephemeral loopback port and drives it with real
+WebSocket clients or raw sockets.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from typing import Any
+
+import pytest
+from conftest import (
+    RunningServer,
+    ServerFactory,
+    make_config,
+    make_token,
+    raw_http,
+    status_of,
+    upgrade_request,
+)
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import ClientConnection
+
+from wsguard.errors import ConfigError
+
+BAD_TOKEN = make_token("mallory", secret="not-the-server-secret-but-long-enough-0123456789")
+ADDR_KEY = "conn:addr:127.0.0.1"
+POLL_INTERVAL = 0.02  # pause between two checks of a bounded poll, never a timing assumption
+TRUSTED_LOCAL = {"proxy": {"trusted": ["127.0.0.0/8"]}}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def poll_until(predicate: Callable[[], bool], *, timeout: float = 5.0, what: str = "") -> None:
+    """Re-check *predicate* until it holds; fail after *timeout* seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what or predicate}")
+        time.sleep(POLL_INTERVAL)
+
+
+def refused(server: RunningServer, token: str | None = None, **kwargs: Any) -> InvalidStatus:
+    """Attempt a connection that must be refused before 101; return the refusal."""
+    with pytest.raises(InvalidStatus) as info:
+        ws = server.connect(token, **kwargs)
+        ws.close()
+    return info.value
+
+
+def status(exc: InvalidStatus) -> int:
+    return exc.response.status_code
+
+
+def retry_after(exc: InvalidStatus) -> int:
+    value = exc.response.headers.get("Retry-After")
+    assert value is not None, f"no Retry-After on {status(exc)}"
+    assert value.isdigit(), f"Retry-After is not a number of seconds: {value!r}"
+    return int(value)
+
+
+def admitted(server: RunningServer, **kwargs: Any) -> bool:
+    """True if the handshake gets 101 and the welcome frame; False on 403."""
+    try:
+        ws = server.connect_welcomed(**kwargs)
+    except InvalidStatus as exc:
+        assert status(exc) == 403, f"expected 101 or 403, got {status(exc)}"
+        return False
+    ws.close()
+    return True
+
+
+def recv_json(ws: ClientConnection) -> dict[str, Any]:
+    data = json.loads(ws.recv(timeout=5))
+    assert isinstance(data, dict)
+    return data
+
+
+def last_event(server: RunningServer, name: str) -> dict[str, Any]:
+    events = server.audit.events(name)
+    assert events, f"no {name} event in the audit log"
+    return events[-1]
+
+
+def xff(value: str) -> dict[str, str]:
+    return {"X-Forwarded-For": value}
+
+
+def admitted_client(server: RunningServer, headers: dict[str, str]) -> str:
+    """Connect with *headers*, return the client address the audit log recorded."""
+    with server.connect_welcomed(make_token(), headers=headers) as ws:
+        welcome_id = ws.id  # keep the connection open while reading the log
+        assert welcome_id is not None
+        client = last_event(server, "connection_admitted")["client"]
+    assert isinstance(client, str)
+    return client
+
+
+def raw_request(*lines: str | bytes) -> bytes:
+    """An HTTP request from raw lines (bytes kept as they are), ended by an empty line."""
+    out = b"".join((ln if isinstance(ln, bytes) else ln.encode()) + b"\r\n" for ln in lines)
+    return out + b"\r\n"
+
+
+WS_HEADERS = (
+    "Upgrade: websocket",
+    "Connection: Upgrade",
+    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+    "Sec-WebSocket-Version: 13",
+)
+
+
+def read_head(sock: socket.socket) -> bytes:
+    """Read an HTTP response head (up to the blank line)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+@contextmanager
+def raw_upgraded(server: RunningServer, token: str | None = None) -> Iterator[socket.socket]:
+    """A raw socket that completed the handshake (101); closed by the caller or on exit."""
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    try:
+        sock.sendall(upgrade_request(token=token or make_token()))
+        head = read_head(sock)
+        assert status_of(head) == 101, head[:200]
+        yield sock
+    finally:
+        sock.close()
+
+
+def reset_close(sock: socket.socket) -> None:
+    """Close with a TCP RST (no FIN, no close frame): the client vanished."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def closed_by_server(sock: socket.socket) -> bytes:
+    """Block (socket timeout applies) until the server closes; return what it sent."""
+    data = b""
+    while True:
+        try:
+            chunk = sock.recv(4096)
+        except ConnectionResetError:
+            return data
+        if not chunk:
+            return data
+        data += chunk
+
+
+# --------------------------------------------------------------------------- origin
+
+
+def test_default_config_refuses_any_browser_origin_and_admits_absent_origin(
+    server: RunningServer,
+) -> None:
+    for origin in ("https://app.example.com", "http://127.0.0.1", "null"):
+        exc = refused(server, origin=origin)
+        assert status(exc) == 403, origin
+    with server.connect_welcomed() as ws:
+        ws.send(json.dumps({"type": "ping", "id": 1}))
+        assert recv_json(ws)["type"] == "pong"
+
+
+def test_absent_origin_refused_when_allow_missing_is_false(server_factory: ServerFactory) -> None:
+    server = server_factory({"origin": {"allowed": ["https://app.example.com"],
+                                        "allow_missing": False}})
+    assert status(refused(server)) == 403
+    assert last_event(server, "handshake_refused")["reason"] == "origin_forbidden"
+    assert admitted(server, origin="https://app.example.com")
+
+
+def test_exact_origin_allowlist_with_default_port_equivalence(
+    server_factory: ServerFactory,
+) -> None:
+    server = server_factory({"origin": {"allowed": ["https://app.example.com",
+                                                    "http://localhost:8080"]}})
+    cases = {
+        "https://app.example.com": True,
+        "https://app.example.com:443": True,
+        "https://APP.example.com": True,
+        "http://localhost:8080": True,
+        "http://app.example.com": False,
+        "https://app.example.com:8443": False,
+        "wss://app.example.com": False,
+        "http://localhost": False,
+        "http://localhost:8081": False,
+        "https://app.example.com.evil.com": False,
+        "https://evil.com/https://app.example.com": False,
+        "https://app.example.com@evil.com": False,
+    }
+    assert {o: admitted(server, origin=o) for o in cases} == cases
+
+
+def test_allowlist_entry_with_explicit_default_port(server_factory: ServerFactory) -> None:
+    server = server_factory({"origin": {"allowed": ["https://app.example.com:443"]}})
+    cases = {
+        "https://app.example.com": True,
+        "https://app.example.com:443": True,
+        "http://app.example.com:443": False,
+        "https://app.example.com:444": False,
+    }
+    assert {o: admitted(server, origin=o) for o in cases} == cases
+
+
+def test_wildcard_origin_matches_subdomains_by_parsing(server_factory: ServerFactory) -> None:
+    server = server_factory({"origin": {"allowed": ["https://*.example.com"]}})
+    cases = {
+        "https://a.example.com": True,
+        "https://x.y.example.com": True,
+        "https://a.example.com:443": True,
+        "https://example.com": False,
+        "https://evilexample.com": False,
+        "https://a.evilexample.com": False,
+        "https://example.com.evil.com": False,
+        "https://a.example.com.evil.com": False,
+        "http://a.example.com": False,
+        "https://a.example.com:8443": False,
+        "https://.example.com": False,
+    }
+    assert {o: admitted(server, origin=o) for o in cases} == cases
+
+
+def test_null_origin_refused_unless_listed(server_factory: ServerFactory) -> None:
+    strict = server_factory({"origin": {"allowed": ["https://app.example.com"]}})
+    assert status(refused(strict, origin="null")) == 403
+    lenient = server_factory({"origin": {"allowed": ["null"]}})
+    assert admitted(lenient, origin="null")
+    assert not admitted(lenient, origin="https://app.example.com")
+
+
+def test_two_origin_headers_are_refused(server_factory: ServerFactory) -> None:
+    server = server_factory({"origin": {"allowed": ["https://app.example.com"]}})
+    request = raw_request(
+        "GET / HTTP/1.1",
+        "Host: 127.0.0.1",
+        *WS_HEADERS,
+        f"Authorization: Bearer {make_token()}",
+        "Origin: https://app.example.com",
+        "Origin: https://evil.example.net",
+    )
+    assert status_of(raw_http(server.port, request)) == 403
+    # the same request with one allowed Origin is admitted
+    single = raw_request(
+        "GET / HTTP/1.1",
+        "Host: 127.0.0.1",
+        *WS_HEADERS,
+        f"Authorization: Bearer {make_token()}",
+        "Origin: https://app.example.com",
+    )
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(single)
+        assert status_of(read_head(sock)) == 101
+
+
+@pytest.mark.parametrize(
+    "allowed",
+    [["https://*"], ["https://a.com/path"], ["https://a.*.com"], ["app.example.com"]],
+)
+def test_config_rejects_invalid_origin_entries(allowed: list[str]) -> None:
+    with pytest.raises(ConfigError) as info:
+        make_config({"origin": {"allowed": allowed}})
+    assert info.value.key == "origin.allowed"
+    assert "origin.allowed" in str(info.value)
+
+
+# --------------------------------------------------------------------------- client address
+
+
+def test_forwarded_for_from_untrusted_peer_is_ignored(server_factory: ServerFactory) -> None:
+    server = server_factory({"limits": {"connections_per_address": 1}})
+    with server.connect_welcomed(headers=xff("1.2.3.4")):
+        admitted_event = last_event(server, "connection_admitted")
+        assert admitted_event["client"] == "127.0.0.1"
+        assert server.slots(ADDR_KEY) == 1
+        assert server.slots("conn:addr:1.2.3.4") == 0
+        # a different spoofed address does not buy a fresh quota
+        exc = refused(server, headers=xff("5.6.7.8"))
+        assert status(exc) == 429
+        retry_after(exc)
+        refusal = last_event(server, "handshake_refused")
+        assert refusal["client"] == "127.0.0.1"
+        assert "1.2.3.4" not in server.audit.getvalue()
+        assert "5.6.7.8" not in server.audit.getvalue()
+
+
+def test_forwarded_header_from_untrusted_peer_is_ignored(server_factory: ServerFactory) -> None:
+    server = server_factory({"proxy": {"header": "forwarded"}})
+    assert admitted_client(server, {"Forwarded": "for=5.6.7.8"}) == "127.0.0.1"
+
+
+def test_trusted_proxy_right_most_untrusted_hop_is_the_client(
+    server_factory: ServerFactory,
+) -> None:
+    server = server_factory(TRUSTED_LOCAL)
+    assert admitted_client(server, xff("9.9.9.9, 5.6.7.8")) == "5.6.7.8"
+    assert admitted_client(server, xff("1.2.3.4")) == "1.2.3.4"
+    # several header lines form one list; the right-most line is the nearest hop
+    assert admitted_client(server, {"X-Forwarded-For": "9.9.9.9, 5.6.7.8, 127.0.0.2"}) == (
+        "5.6.7.8"
+    )
+    # no header from the trusted proxy: the proxy itself is the client
+    assert admitted_client(server, {}) == "127.0.0.1"
+
+
+def test_trusted_networks_are_skipped_from_the_right(server_factory: ServerFactory) -> None:
+    server = server_factory({"proxy": {"trusted": ["127.0.0.0/8", "5.6.7.0/24"]}})
+    assert admitted_client(server, xff("9.9.9.9, 5.6.7.8")) == "9.9.9.9"
+    assert admitted_client(server, xff("8.8.8.8, 9.9.9.9, 5.6.7.8")) == "9.9.9.9"
+
+
+def test_forwarded_header_when_configured(server_factory: ServerFactory) -> None:
+    server = server_factory({"proxy": {"trusted": ["127.0.0.0/8"], "header": "forwarded"}})
+    assert admitted_client(server, {"Forwarded": "for=5.6.7.8"}) == "5.6.7.8"
+    assert admitted_client(server, {"Forwarded": 'for=9.9.9.9, for="5.6.7.8:4711";proto=https'}) == (
+        "5.6.7.8"
+    )
+    assert admitted_client(server, {"Forwarded": 'for="[2001:db8::1]:4711"'}) == "2001:db8::1"
+    # with proxy.header="forwarded", X-Forwarded-For is not read at all
+    assert admitted_client(server, xff("1.2.3.4")) == "127.0.0.1"
+
+
+def test_per_address_limit_applies_to_forwarded_address(server_factory: ServerFactory) -> None:
+    server = server_factory({**TRUSTED_LOCAL, "limits": {"connections_per_address": 1}})
+    with server.connect_welcomed(headers=xff("5.6.7.8")):
+        assert server.slots("conn:addr:5.6.7.8") == 1
+        assert server.slots(ADDR_KEY) == 0
+        exc = refused(server, headers=xff("5.6.7.8"))
+        assert status(exc) == 429
+        retry_after(exc)
+        assert last_event(server, "handshake_refused")["client"] == "5.6.7.8"
+        with server.connect_welcomed(headers=xff("5.6.7.9")):
+            assert server.slots("conn:addr:5.6.7.9") == 1
+    poll_until(lambda: server.slots("conn:all") == 0, what="all slots released")
+
+
+# --------------------------------------------------------------------------- concurrency
+
+
+def test_per_address_concurrency_limit(server_factory: ServerFactory) -> None:
+    server = server_factory({"limits": {"connections_per_address": 2}})
+    first = server.connect_welcomed(make_token("alice"))
+    with server.connect_welcomed(make_token("bob")):
+        exc = refused(server, make_token("carol"))
+        assert status(exc) == 429
+        assert retry_after(exc) >= 1
+        refusal = last_event(server, "handshake_refused")
+        assert refusal["reason"] == "too_many_connections"
+        assert refusal["status"] == 429
+        first.close()
+        poll_until(lambda: server.slots(ADDR_KEY) == 1, what="slot of the closed connection")
+        with server.connect_welcomed(make_token("carol")) as third:
+            third.send(json.dumps({"type": "ping", "id": "x"}))
+            assert recv_json(third)["id"] == "x"
+
+
+def test_per_subject_concurrency_limit_across_addresses(server_factory: ServerFactory) -> None:
+    server = server_factory({**TRUSTED_LOCAL, "limits": {"connections_per_subject": 2}})
+    with server.connect_welcomed(make_token("alice"), headers=xff("5.6.7.1")), \
+            server.connect_welcomed(make_token("alice"), headers=xff("5.6.7.2")):
+        exc = refused(server, make_token("alice"), headers=xff("5.6.7.3"))
+        assert status(exc) == 429
+        retry_after(exc)
+        refusal = last_event(server, "handshake_refused")
+        assert refusal["reason"] == "too_many_connections"
+        assert refusal["subject"] == "alice"
+        assert refusal["client"] == "5.6.7.3"
+        # the refused attempt holds no slot of any kind
+        assert server.slots("conn:addr:5.6.7.3") == 0
+        assert server.slots("conn:sub:alice") == 2
+        assert server.slots("conn:all") == 2
+        # another subject from the same address is admitted
+        with server.connect_welcomed(make_token("bob"), headers=xff("5.6.7.3")):
+            pass
+
+
+def test_global_connection_cap_answers_503(server_factory: ServerFactory) -> None:
+    server = server_factory({**TRUSTED_LOCAL, "limits": {"max_connections": 2}})
+    with server.connect_welcomed(make_token("a"), headers=xff("10.0.0.1")), \
+            server.connect_welcomed(make_token("b"), headers=xff("10.0.0.2")):
+        exc = refused(server, make_token("c"), headers=xff("10.0.0.3"))
+        assert status(exc) == 503
+        refusal = last_event(server, "handshake_refused")
+        assert (refusal["status"], refusal["reason"]) == (503, "server_full")
+        assert server.slots("conn:addr:10.0.0.3") == 0
+        assert server.slots("conn:sub:c") == 0
+    poll_until(lambda: server.slots("conn:all") == 0, what="global slots released")
+    with server.connect_welcomed(make_token("c"), headers=xff("10.0.0.3")):
+        pass
+
+
+# --------------------------------------------------------------------------- slot release
+
+RELEASE_CONFIG: dict[str, Any] = {
+    "limits": {
+        "connections_per_address": 2,
+        "handshakes_per_minute": 10_000,
+        "auth_failures_before_ban": 10_000,
+    }
+}
+
+
+def assert_slots_released(server: RunningServer) -> None:
+    poll_until(lambda: server.slots(ADDR_KEY) == 0, what=f"{ADDR_KEY} back to 0")
+    assert server.slots("conn:all") == 0
+    poll_until(lambda: server.connection_count() == 0, what="no live connection")
+
+
+def test_clean_close_releases_slots(server_factory: ServerFactory) -> None:
+    server = server_factory(RELEASE_CONFIG)
+    for _ in range(30):
+        with server.connect_welcomed():
+            pass
+    assert_slots_released(server)
+    assert server.slots("conn:sub:alice") == 0
+    with server.connect_welcomed():
+        pass
+    assert len(server.audit.events("connection_closed")) == 31
+
+
+def test_abrupt_tcp_close_releases_slots(server_factory: ServerFactory) -> None:
+    server = server_factory(RELEASE_CONFIG)
+    for i in range(30):
+        with raw_upgraded(server) as sock:
+            if i % 2:
+                reset_close(sock)  # RST
+            # else: plain close() on exit: FIN without a close frame
+        poll_until(lambda: server.slots(ADDR_KEY) == 0, what=f"slot released after abort {i}")
+    assert_slots_released(server)
+    with server.connect_welcomed():
+        pass
+
+
+def test_client_library_socket_close_releases_slots(server_factory: ServerFactory) -> None:
+    server = server_factory(RELEASE_CONFIG)
+    for i in range(10):
+        ws = server.connect_welcomed()
+        ws.socket.shutdown(socket.SHUT_RDWR)
+        ws.socket.close()
+        ws.close_socket()
+        poll_until(lambda: server.slots(ADDR_KEY) == 0, what=f"slot released after close {i}")
+    assert_slots_released(server)
+    with server.connect_welcomed():
+        pass
+
+
+def test_refused_handshakes_in_between_release_slots(server_factory: ServerFactory) -> None:
+    server = server_factory(RELEASE_CONFIG)
+    for _ in range(15):
+        with server.connect_welcomed():
+            assert status(refused(server, BAD_TOKEN)) == 401
+            assert status(refused(server, origin="https://evil.example")) == 403
+            assert raw_http(server.port, upgrade_request(host=None)).startswith(
+                b"HTTP/1.1 400"
+            )
+            assert server.slots(ADDR_KEY) == 1
+        with raw_upgraded(server) as sock:
+            reset_close(sock)
+    assert_slots_released(server)
+    with server.connect_welcomed():
+        pass
+
+
+def test_client_that_vanishes_after_handshake_releases_slots(
+    server_factory: ServerFactory,
+) -> None:
+    """A peer that completes the handshake then goes silent (never answers pings)."""
+    server = server_factory(
+        {
+            **RELEASE_CONFIG,
+            "liveness": {"ping_interval_seconds": 0.2, "ping_timeout_seconds": 0.3},
+        }
+    )
+    with ExitStack() as stack:
+        silent = [stack.enter_context(raw_upgraded(server)) for _ in range(2)]
+        assert server.slots(ADDR_KEY) == 2
+        assert status(refused(server)) == 429
+        # the server gives up on both silent peers and frees their slots while
+        # their sockets are still open on our side
+        poll_until(lambda: server.slots(ADDR_KEY) == 0, timeout=10, what="silent peers dropped")
+        for sock in silent:
+            sock.settimeout(5)
+            closed_by_server(sock)
+    closed = server.audit.events("connection_closed")
+    assert len(closed) == 2
+    assert all(e["code"] != 1000 for e in closed)
+    assert_slots_released(server)
+    with server.connect_welcomed():
+        pass
+
+
+# --------------------------------------------------------------------------- handshake rate
+
+
+def test_handshake_rate_limit_applies_even_with_valid_tokens(
+    server_factory: ServerFactory,
+) -> None:
+    server = server_factory({"limits": {"handshakes_per_minute": 3}})
+    for _ in range(3):
+        with server.connect_welcomed():
+            pass
+    exc = refused(server, make_token())
+    assert status(exc) == 429
+    assert 1 <= retry_after(exc) <= 60
+    refusal = last_event(server, "handshake_refused")
+    assert (refusal["status"], refusal["reason"], refusal["client"]) == (
+        429,
+        "handshake_rate",
+        "127.0.0.1",
+    )
+    assert len(server.audit.events("connection_admitted")) == 3
+
+
+# --------------------------------------------------------------------------- bans
+
+BAN_CONFIG: dict[str, Any] = {
+    "limits": {
+        "auth_failures_before_ban": 3,
+        "ban_seconds": 2,
+        "handshakes_per_minute": 10_000,
+    }
+}
+
+
+def fail_auth_until_banned(server: RunningServer, threshold: int) -> None:
+    """Fail authentication *threshold* times (each 401); then the address is banned."""
+    for i in range(threshold):
+        exc = refused(server, BAD_TOKEN)
+        assert status(exc) == 401, f"failure {i + 1} got {status(exc)}"
+        assert exc.response.headers["WWW-Authenticate"].startswith("Bearer")
+
+
+def wait_until_admitted(server: RunningServer, timeout: float) -> float:
+    """Bounded poll of real connection attempts until one is admitted; returns when."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            ws = server.connect_welcomed(make_token())
+        except InvalidStatus as exc:
+            assert status(exc) == 429, status(exc)
+            assert last_event(server, "handshake_refused")["reason"] == "banned"
+            if time.monotonic() > deadline:
+                pytest.fail(f"still banned after {timeout}s")
+            time.sleep(POLL_INTERVAL * 5)
+            continue
+        ws.close()
+        return time.monotonic()
+
+
+def test_auth_failure_ban_refuses_valid_tokens_and_is_logged_once(
+    server_factory: ServerFactory,
+) -> None:
+    server = server_factory(BAN_CONFIG)
+    fail_auth_until_banned(server, 3)
+    exc = refused(server, make_token())
+    assert status(exc) == 429
+    assert 1 <= retry_after(exc) <= 2
+    assert last_event(server, "handshake_refused")["reason"] == "banned"
+    for token in (make_token(), BAD_TOKEN, make_token("bob"), BAD_TOKEN):
+        assert status(refused(server, token)) == 429
+    bans = server.audit.events("ban_started")
+    assert len(bans) == 1, bans
+    assert bans[0]["client"] == "127.0.0.1"
+    assert bans[0]["seconds"] == 2
+    assert server.audit.events("connection_admitted") == []
+
+
+def test_ban_expires_and_grows(server_factory: ServerFactory) -> None:
+    server = server_factory(BAN_CONFIG)
+    fail_auth_until_banned(server, 3)
+    banned_at = time.monotonic()
+    assert status(refused(server, make_token())) == 429
+    lifted_at = wait_until_admitted(server, timeout=6)
+    assert lifted_at - banned_at >= 1.0  # the ban really held for about ban_seconds
+    assert len(server.audit.events("ban_started")) == 1
+    # a second round of failures: a longer ban
+    fail_auth_until_banned(server, 3)
+    exc = refused(server, make_token())
+    assert status(exc) == 429
+    assert retry_after(exc) > 2
+    bans = server.audit.events("ban_started")
+    assert len(bans) == 2, bans
+    assert bans[1]["seconds"] > bans[0]["seconds"]
+
+
+def test_first_failures_before_threshold_do_not_ban(server_factory: ServerFactory) -> None:
+    server = server_factory(BAN_CONFIG)
+    fail_auth_until_banned(server, 2)
+    with server.connect_welcomed():
+        pass
+    assert server.audit.events("ban_started") == []
+
+
+# --------------------------------------------------------------------------- handshake timeout
+
+
+@pytest.fixture
+def quick_timeout_server(server_factory: ServerFactory) -> RunningServer:
+    return server_factory({"limits": {"handshake_timeout_seconds": 1}})
+
+
+@pytest.mark.parametrize(
+    "partial",
+    [b"", b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n", b"GET / HT"],
+    ids=["nothing", "half-headers", "half-request-line"],
+)
+def test_handshake_timeout_disconnects_idle_client(
+    quick_timeout_server: RunningServer, partial: bytes
+) -> None:
+    server = quick_timeout_server
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        if partial:
+            sock.sendall(partial)
+        started = time.monotonic()
+        try:
+            closed_by_server(sock)
+        except TimeoutError:
+            pytest.fail("server kept a silent client past its handshake timeout")
+        elapsed = time.monotonic() - started
+    assert 0.5 <= elapsed < 4, elapsed
+    with server.connect_welcomed() as ws:
+        ws.send(json.dumps({"type": "ping", "id": 1}))
+        assert recv_json(ws)["type"] == "pong"
+
+
+def test_handshake_timeout_disconnects_slow_drip_client(
+    quick_timeout_server: RunningServer,
+) -> None:
+    """Slowloris: one header line at a time, each well within any per-read timeout."""
+    server = quick_timeout_server
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        started = time.monotonic()
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        sock.settimeout(0.2)  # the pace of the drip: wait for the server to close
+        closed = False
+        for i in range(50):
+            try:
+                if sock.recv(4096) == b"":
+                    closed = True
+                    break
+            except TimeoutError:
+                try:
+                    sock.sendall(f"X-Drip-{i}: a\r\n".encode())
+                except (BrokenPipeError, ConnectionResetError):
+                    closed = True
+                    break
+            except ConnectionResetError:
+                closed = True
+                break
+        elapsed = time.monotonic() - started
+    assert closed, "server kept a slow-drip client open"
+    assert elapsed < 4, elapsed
+    with server.connect_welcomed():
+        pass
+
+
+# --------------------------------------------------------------------------- malformed upgrades
+
+MALFORMED: list[tuple[str, bytes, set[int]]] = [
+    ("missing Host", upgrade_request(host=None), {400}),
+    ("empty Host", upgrade_request(host=""), {400}),
+    ("blank Host", upgrade_request(host="   "), {400}),
+    (
+        "two Host headers",
+        raw_request("GET / HTTP/1.1", "Host: 127.0.0.1", "Host: evil.example", *WS_HEADERS),
+        {400},
+    ),
+    ("target *", upgrade_request("*"), {400}),
+    ("absolute-form target", upgrade_request("http://x/"), {400}),
+    ("scheme-relative target", upgrade_request("//evil.example/"), {400}),
+    ("control char in target", upgrade_request("/a\x01b"), {400}),
+    ("DEL in target", upgrade_request("/a\x7fb"), {400}),
+    ("plain GET", raw_request("GET / HTTP/1.1", "Host: 127.0.0.1"), {426}),
+    (
+        "Upgrade without Connection",
+        raw_request(
+            "GET / HTTP/1.1",
+            "Host: 127.0.0.1",
+            "Upgrade: websocket",
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+            "Sec-WebSocket-Version: 13",
+        ),
+        {426},
+    ),
+    (
+        "missing Sec-WebSocket-Key",
+        raw_request(
+            "GET / HTTP/1.1",
+            "Host: 127.0.0.1",
+            "Upgrade: websocket",
+            "Connection: Upgrade",
+            "Sec-WebSocket-Version: 13",
+        ),
+        {400},
+    ),
+    ("20 KB header line", upgrade_request(headers={"X-Big": "a" * 20_000}), {400, 431}),
+    ("20 KB request target", upgrade_request("/" + "a" * 20_000), {400, 414, 431}),
+    (
+        "200 headers",
+        upgrade_request(headers={f"X-H{i}": "v" for i in range(200)}),
+        {400, 431},
+    ),
+]
+
+
+def test_malformed_upgrades_get_4xx(server: RunningServer) -> None:
+    got = {name: status_of(raw_http(server.port, request)) for name, request, _ in MALFORMED}
+    expected = {name: statuses for name, _, statuses in MALFORMED}
+    wrong = {name: got[name] for name in got if got[name] not in expected[name]}
+    assert wrong == {}, f"unexpected statuses (expected {expected})"
+    with server.connect_welcomed() as ws:
+        ws.send(json.dumps({"type": "ping", "id": 1}))
+        assert recv_json(ws)["type"] == "pong"
+
+
+def test_wrong_websocket_version_gets_426_with_supported_version(server: RunningServer) -> None:
+    response = raw_http(
+        server.port,
+        upgrade_request(headers={"Sec-WebSocket-Version": "8"}, token=make_token()),
+    )
+    assert status_of(response) == 426
+    head = response.split(b"\r\n\r\n", 1)[0].lower()
+    assert b"\r\nsec-websocket-version: 13" in head
+    refusal = last_event(server, "handshake_refused")
+    assert (refusal["status"], refusal["reason"]) == (426, "unsupported_version")
+
+
+def test_plain_get_gets_426_with_upgrade_header(server: RunningServer) -> None:
+    response = raw_http(server.port, raw_request("GET / HTTP/1.1", "Host: 127.0.0.1"))
+    assert status_of(response) == 426
+    head = response.split(b"\r\n\r\n", 1)[0].lower()
+    assert b"\r\nupgrade: websocket" in head
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [b"\x00\xff\r\n\r\n", b"\r\n\r\n", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 64,
+     b"GET\r\n\r\n", b"GET / HTTP/9.9\r\nHost: x\r\n\r\n"],
+    ids=["nul-ff", "empty-lines", "tls-client-hello", "short-line", "bad-version"],
+)
+def test_garbage_bytes_are_refused_and_server_survives(
+    server: RunningServer, garbage: bytes
+) -> None:
+    response = raw_http(server.port, garbage)
+    assert response == b"" or 400 <= status_of(response) < 500, response[:200]
+    assert server.connection_count() == 0
+    with server.connect_welcomed():
+        pass
+
+
+def test_non_get_method_is_refused_without_taking_a_slot(server: RunningServer) -> None:
+    for method in ("POST", "PUT", "CONNECT"):
+        request = upgrade_request(token=make_token()).replace(b"GET ", method.encode() + b" ", 1)
+        response = raw_http(server.port, request)
+        assert 400 <= status_of(response) < 500, (method, response[:200])
+    assert server.audit.events("connection_admitted") == []
+    poll_until(lambda: server.slots(ADDR_KEY) == 0, what="no slot kept by non-GET requests")
+    assert server.slots("conn:all") == 0
+    with server.connect_welcomed():
+        pass
+
+
+def test_many_malformed_upgrades_do_not_stall_the_server(server: RunningServer) -> None:
+    """Open many half-sent requests at once; a normal client is still served promptly."""
+    with ExitStack() as stack:
+        for _ in range(20):
+            sock = stack.enter_context(
+                socket.create_connection(("127.0.0.1", server.port), timeout=5)
+            )
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        started = time.monotonic()
+        with server.connect_welcomed() as ws:
+            ws.send(json.dumps({"type": "ping", "id": 2}))
+            assert recv_json(ws)["id"] == 2
+        assert time.monotonic() - started < 2
+
+
+# --------------------------------------------------------------------------- audit of refusals
+
+
+def test_every_refused_handshake_is_audited(server_factory: ServerFactory) -> None:
+    server = server_factory(
+        {
+            **TRUSTED_LOCAL,
+            "origin": {"allowed": ["https://app.example.com"]},
+            "limits": {"connections_per_address": 1, "max_connections": 2},
+        }
+    )
+    expected: list[tuple[int, str, str]] = []
+
+    def check(got_status: int, want_status: int, reason: str, client: str) -> None:
+        assert got_status == want_status, reason
+        expected.append((want_status, reason, client))
+        event = last_event(server, "handshake_refused")
+        assert (event["status"], event["reason"], event["client"]) == (
+            want_status,
+            reason,
+            client,
+        )
+
+    port = server.port
+    check(status_of(raw_http(port, upgrade_request(host=None))), 400, "bad_request", "127.0.0.1")
+    check(status_of(raw_http(port, upgrade_request("*"))), 400, "bad_request", "127.0.0.1")
+    check(
+        status_of(raw_http(port, raw_request("GET / HTTP/1.1", "Host: a"))),
+        426,
+        "not_websocket",
+        "127.0.0.1",
+    )
+    check(
+        status_of(raw_http(port, upgrade_request(headers={"Sec-WebSocket-Version": "8"}))),
+        426,
+        "unsupported_version",
+        "127.0.0.1",
+    )
+    check(status_of(raw_http(port, upgrade_request())), 401, "missing_credentials", "127.0.0.1")
+    bad = refused(server, BAD_TOKEN, headers=xff("7.7.7.7"))
+    assert bad.response.headers["WWW-Authenticate"].startswith("Bearer")
+    event = last_event(server, "handshake_refused")
+    check(status(bad), 401, str(event["reason"]), "7.7.7.7")
+    check(
+        status(refused(server, origin="https://evil.example")),
+        403,
+        "origin_forbidden",
+        "127.0.0.1",
+    )
+    with server.connect_welcomed(make_token("a"), headers=xff("10.0.0.1")):
+        check(
+            status(refused(server, make_token("b"), headers=xff("10.0.0.1"))),
+            429,
+            "too_many_connections",
+            "10.0.0.1",
+        )
+        with server.connect_welcomed(make_token("c"), headers=xff("10.0.0.2")):
+            check(
+                status(refused(server, make_token("d"), headers=xff("10.0.0.3"))),
+                503,
+                "server_full",
+                "10.0.0.3",
+            )
+    events = server.audit.events("handshake_refused")
+    assert [(e["status"], e["reason"], e["client"]) for e in events] == expected
+    raw_log = server.audit.getvalue()
+    assert BAD_TOKEN not in raw_log
+    for e in events:
+        assert isinstance(e["time"], str) and e["time"]
+
+
+@pytest.mark.parametrize(
+    ("name", "request_bytes"),
+    [
+        ("header too large", upgrade_request(headers={"X-Big": "a" * 20_000})),
+        ("too many headers", upgrade_request(headers={f"X-H{i}": "v" for i in range(200)})),
+        (
+            "non-GET method",
+            upgrade_request(token=make_token()).replace(b"GET ", b"POST ", 1),
+        ),
+    ],
+)
+def test_engine_level_refusals_are_audited(
+    server: RunningServer, name: str, request_bytes: bytes
+) -> None:
+    response = raw_http(server.port, request_bytes)
+    code = status_of(response)
+    assert 400 <= code < 500, name
+    poll_until(
+        lambda: any(e["status"] == code for e in server.audit.events("handshake_refused")),
+        timeout=2,
+        what=f"a handshake_refused event for {name} ({code})",
+    )
+    event = last_event(server, "handshake_refused")
+    assert event["client"] == "127.0.0.1"
+    assert event["reason"]
