@@ -4,7 +4,10 @@
 source "$(dirname "$0")/_env.sh"
 ensure_venv
 .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
-command -v redis-server >/dev/null 2>&1 || apt_install redis-server
+missing=()
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+[ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
 .venv/bin/ruff check src tests benchmarks
 .venv/bin/ruff format --check src
 .venv/bin/mypy

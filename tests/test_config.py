@@ -230,7 +230,8 @@ def test_list_env_with_invalid_json_names_the_key() -> None:
         ('[proxy]\ntrusted = ["10.0.0.0/33"]', "proxy.trusted", "not an IP network"),
         ('[proxy]\ntrusted = ["not-a-network"]', "proxy.trusted", "not an IP network"),
         ('store = "redis://x"', "store", "only memory://"),
-        ('[origin]\nallowed = ["https://*evil.com"]', "origin.allowed", ""),
+        ('[origin]\nallowed = ["https://*evil.com"]', "origin.allowed", "first label"),
+        ('[origin]\nallowed = ["https://a.example.com/path"]', "origin.allowed", "no path"),
     ],
 )
 def test_bad_value_names_key_and_what_is_allowed(

@@ -1,0 +1,420 @@
+"""The ``wsguard`` command, run as a real subprocess: serve, token, check-config."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import socket
+import stat
+import subprocess
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+import jwt
+import pytest
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import ClientConnection, connect
+
+REPO = Path(__file__).resolve().parents[1]
+WSGUARD = str(REPO / ".venv" / "bin" / "wsguard")
+EXAMPLE = REPO / "examples" / "wsguard.toml"
+SECRET = "cli-test-secret-that-is-long-enough-for-hs256-42"
+LISTENING = re.compile(r"listening on ws://(\[[^\]]+\]|[^:/]+):(\d+)/")
+DEV_KEY = Path(".local") / "share" / "wsguard" / "dev-jwt.key"
+QUICK = 20.0  # upper bound for a command that should exit at once
+
+
+def cli_env(home: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WSGUARD_")}
+    env["HOME"] = str(home)
+    env.update(extra)
+    return env
+
+
+def run_cli(args: Sequence[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [WSGUARD, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=QUICK,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+
+
+def mint(home: Path, *args: str, **extra_env: str) -> str:
+    done = run_cli(["token", *args], cli_env(home, **extra_env))
+    assert done.returncode == 0, done.stderr
+    token = done.stdout.strip()
+    assert token.count(".") == 2, done.stdout
+    return token
+
+
+class Served:
+    """A running ``wsguard serve`` subprocess; stdout (the audit log) goes to a file."""
+
+    def __init__(self, args: Sequence[str], env: dict[str, str], audit_path: Path) -> None:
+        self.audit_path = audit_path
+        self._audit_fh = audit_path.open("w")
+        self.proc = subprocess.Popen(
+            [WSGUARD, "serve", *args],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=self._audit_fh,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.stderr_lines: list[str] = []
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, args=(self.proc.stderr,), daemon=True)
+        self._reader.start()
+        self.host = ""
+        self.port = 0
+
+    def _read(self, stream: IO[str] | None) -> None:
+        assert stream is not None
+        for line in stream:
+            self.stderr_lines.append(line)
+            self._lines.put(line)
+        self._lines.put(None)
+
+    @property
+    def stderr(self) -> str:
+        return "".join(self.stderr_lines)
+
+    def wait_for(self, needle: str | re.Pattern[str], timeout: float = 15.0) -> re.Match[str]:
+        """Block until a stderr line matches; fail with what was seen otherwise."""
+        pattern = needle if isinstance(needle, re.Pattern) else re.compile(re.escape(needle))
+        for line in self.stderr_lines:
+            match = pattern.search(line)
+            if match:
+                return match
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                pytest.fail(f"no {pattern.pattern!r} on stderr within {timeout}s:\n{self.stderr}")
+            try:
+                line = self._lines.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            if line is None:
+                pytest.fail(f"server exited ({self.proc.poll()}) before {pattern.pattern!r}:"
+                            f"\n{self.stderr}")
+            match = pattern.search(line)
+            if match:
+                return match
+
+    def wait_listening(self) -> int:
+        match = self.wait_for(LISTENING)
+        self.host = match.group(1).strip("[]")
+        self.port = int(match.group(2))
+        return self.port
+
+    def connect(self, token: str, **kwargs: Any) -> ClientConnection:
+        return connect(
+            f"ws://{self.host}:{self.port}/",
+            additional_headers={"Authorization": f"Bearer {token}"},
+            open_timeout=10,
+            close_timeout=5,
+            **kwargs,
+        )
+
+    def audit_events(self) -> list[dict[str, Any]]:
+        lines = self.audit_path.read_text().split("\n")
+        return [json.loads(line) for line in lines if line]
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        try:
+            code = self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait(timeout=10)
+        self._reader.join(timeout=5)
+        self._audit_fh.close()
+        return code
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
+        self._audit_fh.close()
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Any]:
+    """Start ``wsguard serve`` subprocesses; every one is killed after the test."""
+    started: list[Served] = []
+
+    def start(args: Sequence[str], env: dict[str, str]) -> Served:
+        served = Served(args, env, tmp_path / f"audit-{len(started)}.jsonl")
+        started.append(served)
+        return served
+
+    yield start
+    for served in started:
+        served.kill()
+
+
+def welcome_of(served: Served, token: str) -> dict[str, Any]:
+    with served.connect(token) as ws:
+        welcome: dict[str, Any] = json.loads(ws.recv(timeout=5))
+    assert welcome["type"] == "welcome"
+    return welcome
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+# -- configuration errors stop the server at once -------------------------------------
+
+
+def test_serve_bad_config_file_exits_2_naming_the_key(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[limits]\nmax_message_bytes = -1\n")
+    started = time.monotonic()
+    done = run_cli(["serve", "--config", str(bad)], cli_env(tmp_path))
+    assert done.returncode == 2
+    assert time.monotonic() - started < 10
+    assert "limits.max_message_bytes" in done.stderr
+    assert "greater than or equal to" in done.stderr
+    assert "listening" not in done.stderr
+
+
+def test_serve_bad_env_port_exits_2_naming_port(tmp_path: Path) -> None:
+    done = run_cli(["serve"], cli_env(tmp_path, WSGUARD_PORT="notaport"))
+    assert done.returncode == 2
+    assert re.search(r"\bport: ", done.stderr), done.stderr
+    assert "listening" not in done.stderr
+
+
+def test_serve_missing_config_file_exits_2(tmp_path: Path) -> None:
+    done = run_cli(["serve", "--config", str(tmp_path / "absent.toml")], cli_env(tmp_path))
+    assert done.returncode == 2
+    assert "config: file not found" in done.stderr
+
+
+def test_serve_without_key_on_public_host_exits_nonzero(tmp_path: Path) -> None:
+    done = run_cli(["serve", "--host", "0.0.0.0", "--port", "0"], cli_env(tmp_path))
+    assert done.returncode != 0
+    assert "auth.secret" in done.stderr
+    assert "listening" not in done.stderr
+    assert not (tmp_path / DEV_KEY).exists()
+
+
+def test_serve_unknown_log_level_flag_exits_2(tmp_path: Path) -> None:
+    done = run_cli(["serve", "--log-level", "loud"], cli_env(tmp_path))
+    assert done.returncode == 2
+    assert "--log-level" in done.stderr
+
+
+# -- embedded defaults, dev key, token round trip ----------------------------------------
+
+
+def test_serve_on_defaults_creates_dev_key_and_accepts_minted_token(
+    tmp_path: Path, serve: Any
+) -> None:
+    served: Served = serve(["--port", "0"], cli_env(tmp_path))
+    port = served.wait_listening()
+    assert served.host == "127.0.0.1"
+    assert port > 0
+    served.wait_for("wsguard token")
+    assert "--sub alice" in served.stderr
+
+    key_file = tmp_path / DEV_KEY
+    assert key_file.is_file()
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    dev_secret = key_file.read_bytes().strip()
+    assert len(dev_secret) >= 32
+    assert dev_secret.decode() not in served.stderr  # the key is named, never printed
+
+    token = mint(tmp_path, "--sub", "alice", "--scope", "chat", "--ttl", "1h")
+    claims = jwt.decode(token, dev_secret, algorithms=["HS256"])
+    assert claims["sub"] == "alice"
+    assert claims["exp"] - claims["iat"] == 3600
+    welcome = welcome_of(served, token)
+    assert welcome["subject"] == "alice"
+    assert welcome["scopes"] == ["chat"]
+    assert welcome["limits"]["max_message_bytes"] == 8192
+
+    # a token from another machine's dev key is refused before the upgrade
+    other_home = tmp_path / "other"
+    other_home.mkdir()
+    foreign = mint(other_home, "--sub", "mallory", "--scope", "chat")
+    with pytest.raises(InvalidStatus) as info:
+        served.connect(foreign)
+    assert info.value.response.status_code == 401
+
+    assert served.stop() == 0  # SIGTERM is a clean shutdown
+    events = served.audit_events()
+    admitted = [e for e in events if e["event"] == "connection_admitted"]
+    assert [e["subject"] for e in admitted] == ["alice"]
+    refused = [e for e in events if e["event"] == "handshake_refused"]
+    assert [e["status"] for e in refused] == [401]
+    audit_text = served.audit_path.read_text()
+    assert token not in audit_text and foreign not in audit_text
+
+
+@pytest.mark.parametrize("ttl", ["bogus", "0", "1w", "0s"])
+def test_token_bad_ttl_exits_2(tmp_path: Path, ttl: str) -> None:
+    done = run_cli(["token", "--sub", "alice", "--ttl", ttl], cli_env(tmp_path))
+    assert done.returncode == 2
+    assert "--ttl" in done.stderr
+    assert done.stdout == ""
+
+
+def test_token_requires_sub(tmp_path: Path) -> None:
+    done = run_cli(["token", "--scope", "chat"], cli_env(tmp_path))
+    assert done.returncode == 2
+    assert "--sub" in done.stderr
+    assert done.stdout == ""
+
+
+# -- precedence: flags over env over file ------------------------------------------------
+
+
+def test_port_flag_over_env_over_file(tmp_path: Path, serve: Any) -> None:
+    # X and Y are held by us: if the server tried to bind either, it would fail.
+    with socket.socket() as hold_x, socket.socket() as hold_y:
+        hold_x.bind(("127.0.0.1", 0))
+        hold_x.listen()
+        hold_y.bind(("127.0.0.1", 0))
+        hold_y.listen()
+        port_x, port_y = hold_x.getsockname()[1], hold_y.getsockname()[1]
+        config = tmp_path / "c.toml"
+        config.write_text(f"port = {port_x}\n")
+        env = cli_env(tmp_path, WSGUARD_PORT=str(port_y), WSGUARD_JWT_SECRET=SECRET)
+        served: Served = serve(["--config", str(config), "--port", "0"], env)
+        port = served.wait_listening()
+        assert port not in (port_x, port_y)
+        assert port > 0
+
+    # env over file: the file's port is held, the env one is free
+    with socket.socket() as hold_x:
+        hold_x.bind(("127.0.0.1", 0))
+        hold_x.listen()
+        config.write_text(f"port = {hold_x.getsockname()[1]}\n")
+        port_z = free_port()
+        env = cli_env(tmp_path, WSGUARD_PORT=str(port_z), WSGUARD_JWT_SECRET=SECRET)
+        served = serve(["--config", str(config)], env)
+        assert served.wait_listening() == port_z
+
+    # file over defaults
+    port_w = free_port()
+    config.write_text(f'port = {port_w}\nlog_level = "warning"\n')
+    served = serve(["--config", str(config)], cli_env(tmp_path, WSGUARD_JWT_SECRET=SECRET))
+    assert served.wait_listening() == port_w
+
+
+def test_log_level_flag_over_invalid_env_is_accepted(tmp_path: Path, serve: Any) -> None:
+    env = cli_env(tmp_path, WSGUARD_LOG_LEVEL="loud", WSGUARD_JWT_SECRET=SECRET)
+    served: Served = serve(["--port", "0", "--log-level", "debug"], env)
+    served.wait_listening()
+    token = jwt.encode(
+        {"sub": "dbg", "iat": int(time.time()), "exp": int(time.time()) + 60}, SECRET, "HS256"
+    )
+    assert welcome_of(served, token)["subject"] == "dbg"
+    # without the flag the invalid env value is refused, naming the key
+    done = run_cli(["serve", "--port", "0"], env)
+    assert done.returncode == 2
+    assert "log_level" in done.stderr
+
+
+def test_host_flag_binds_another_loopback_address(tmp_path: Path, serve: Any) -> None:
+    try:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.2", 0))
+    except OSError:
+        pytest.skip("127.0.0.2 is not bindable here")
+    served: Served = serve(["--host", "127.0.0.2", "--port", "0"], cli_env(tmp_path))
+    served.wait_listening()
+    assert served.host == "127.0.0.2"
+    token = mint(tmp_path, "--sub", "bob", "--scope", "chat")
+    assert welcome_of(served, token)["subject"] == "bob"
+    with pytest.raises(OSError), socket.create_connection(("127.0.0.1", served.port), 2):
+        pass
+
+
+# -- token tool follows the configuration -------------------------------------------------
+
+
+def test_token_carries_configured_audience_issuer_and_is_accepted(
+    tmp_path: Path, serve: Any
+) -> None:
+    config = tmp_path / "aud.toml"
+    config.write_text('[auth]\naudience = ["api"]\nissuer = "https://issuer"\n')
+    env = cli_env(tmp_path, WSGUARD_JWT_SECRET=SECRET)
+    done = run_cli(
+        ["token", "--config", str(config), "--sub", "alice", "--scope", "chat",
+         "--scope", "read", "--ttl", "1h"],
+        env,
+    )
+    assert done.returncode == 0, done.stderr
+    token = done.stdout.strip()
+    claims = jwt.decode(
+        token, SECRET, algorithms=["HS256"], audience="api", issuer="https://issuer"
+    )
+    assert claims["sub"] == "alice"
+    assert claims["aud"] == "api"
+    assert claims["iss"] == "https://issuer"
+    assert claims["scope"] == "chat read"
+    assert claims["exp"] - claims["iat"] == 3600
+    assert abs(claims["iat"] - time.time()) < 60
+    assert jwt.get_unverified_header(token)["alg"] == "HS256"
+    assert not (tmp_path / DEV_KEY).exists()  # a configured secret needs no dev key
+
+    served: Served = serve(["--config", str(config), "--port", "0"], env)
+    served.wait_listening()
+    assert "development key" not in served.stderr
+    welcome = welcome_of(served, token)
+    assert welcome["subject"] == "alice"
+    assert welcome["scopes"] == ["chat", "read"]
+
+    # the same secret without the configured audience is refused: the server checks aud
+    now = int(time.time())
+    no_aud = jwt.encode(
+        {"sub": "alice", "iss": "https://issuer", "iat": now, "exp": now + 60}, SECRET, "HS256"
+    )
+    with pytest.raises(InvalidStatus) as info:
+        served.connect(no_aud)
+    assert info.value.response.status_code == 401
+
+
+# -- check-config -------------------------------------------------------------------------
+
+
+def test_check_config_on_example_exits_0(tmp_path: Path) -> None:
+    done = run_cli(["check-config", "--config", str(EXAMPLE)], cli_env(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert "valid" in done.stdout
+
+
+def test_check_config_reads_wsguard_config_env(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('log_level = "loud"\n')
+    done = run_cli(["check-config"], cli_env(tmp_path, WSGUARD_CONFIG=str(bad)))
+    assert done.returncode == 2
+    assert "log_level" in done.stderr
+    assert "debug" in done.stderr  # says what is allowed
+
+
+def test_check_config_bad_secret_not_echoed(tmp_path: Path) -> None:
+    short = "tiny-secret-Zq9"
+    done = run_cli(["check-config"], cli_env(tmp_path, WSGUARD_JWT_SECRET=short))
+    assert done.returncode == 2
+    assert "auth.secret" in done.stderr
+    assert short not in done.stderr and short not in done.stdout
