@@ -35,13 +35,13 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed
 
 def _snippet() -> str:
     blocks = re.findall(r"```js\n(.*?)```", README.read_text(), re.DOTALL)
-    return next(b for b in blocks if "new WebSocket" in b)
+    return str(next(b for b in blocks if "new WebSocket" in b))
 
 
 class _Page(http.server.BaseHTTPRequestHandler):
     body = b""
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server API
+    def do_GET(self) -> None:
         self.send_response(200)
         self.send_header("Content-Type", "text/html; charset=utf-8")
         self.send_header("Content-Length", str(len(self.body)))
