@@ -210,7 +210,7 @@ def test_serve_missing_config_file_exits_2(tmp_path: Path) -> None:
 
 def test_serve_without_key_on_public_host_exits_nonzero(tmp_path: Path) -> None:
     done = run_cli(["serve", "--host", "0.0.0.0", "--port", "0"], cli_env(tmp_path))
-    assert done.returncode != 0
+    assert done.returncode == 2
     assert "auth.secret" in done.stderr
     assert "listening" not in done.stderr
     assert not (tmp_path / DEV_KEY).exists()

@@ -271,37 +271,36 @@ def test_refresh_for_another_subject_closes_with_1008(server_factory: ServerFact
     assert event["subject"] == "alice"
 
 
-@pytest.mark.parametrize(
-    "bad_token",
-    [
-        pytest.param(
-            make_token("alice", secret="another-secret-that-is-long-enough-0123456789"),
-            id="bad-signature",
-        ),
-        pytest.param(make_token("alice", ttl=-120), id="expired"),
-        pytest.param("not.a.jwt", id="garbage"),
-    ],
-)
+BAD_REFRESH_TOKENS = {
+    "bad-signature": make_token("alice", secret="another-secret-that-is-long-enough-0123456789"),
+    "expired": make_token("alice", ttl=-120),
+    "garbage": "not.a.jwt",
+}
+
+
 def test_invalid_refresh_is_refused_and_original_expiry_still_applies(
-    server_factory: ServerFactory, bad_token: str
+    server_factory: ServerFactory,
 ) -> None:
     server = server_factory()
     exp = exp_in(2)
     with server.connect(make_token("alice", exp=exp)) as ws:
         welcome = welcomed(ws)
-        ws.send(json.dumps({"type": "auth", "token": bad_token, "id": "bad"}))
-        error = recv_json(ws)
-        assert error["type"] == "error"
-        assert error["code"] == "invalid_token"
-        assert error["ref"] == "bad"
-        assert bad_token not in json.dumps(error)
-        ping_pong(ws, "still-alive")
+        for name, bad_token in BAD_REFRESH_TOKENS.items():
+            ws.send(json.dumps({"type": "auth", "token": bad_token, "id": name}))
+            error = recv_json(ws)
+            assert error["type"] == "error", name
+            assert error["code"] == "invalid_token", name
+            assert error["ref"] == name
+            assert bad_token not in json.dumps(error)
+            ping_pong(ws, f"alive-after-{name}")
         code, closed_at, frames = wait_close(ws, timeout=6)
     assert code == 4001
     assert frames == []
-    assert closed_at >= exp - EARLY_MARGIN
+    assert closed_at >= exp - EARLY_MARGIN, f"closed {exp - closed_at:.3f} s before exp"
     assert closed_at <= exp + 1.5
-    assert closed_event(server, welcome["connection_id"])["cause"] == "token_expired"
+    event = closed_event(server, welcome["connection_id"])
+    assert event["code"] == 4001
+    assert event["cause"] == "token_expired"
 
 
 # -- lifetime, idle, heartbeat ------------------------------------------------------------------
@@ -352,12 +351,35 @@ def test_idle_timeout_closes_silent_connection_but_not_active_one(
     assert busy_event["messages_in"] == count + 1
 
 
+HEARTBEAT = {"liveness": {"ping_interval_seconds": 0.5, "ping_timeout_seconds": 0.5}}
+
+
+def read_until_eof(client: RawClient, timeout: float) -> tuple[list[int], int | None, str | None]:
+    """Read frames (never answering pings) until EOF, then close like a real client would.
+
+    Returns the opcodes seen, the close code of the close frame, the connection id of
+    the welcome frame.
+    """
+    deadline = time.monotonic() + timeout
+    opcodes: list[int] = []
+    close_code: int | None = None
+    connection_id: str | None = None
+    while (frame := client.read_frame(deadline)) is not None:
+        opcode, payload = frame
+        opcodes.append(opcode)
+        if opcode == 0x1 and connection_id is None:
+            connection_id = json.loads(payload)["connection_id"]
+        elif opcode == 0x8:
+            assert len(payload) >= 2, payload
+            (close_code,) = struct.unpack("!H", payload[:2])
+    client.close()
+    return opcodes, close_code, connection_id
+
+
 def test_heartbeat_closes_client_that_never_answers_pings(
     server_factory: ServerFactory, raw_clients: list[RawClient]
 ) -> None:
-    server = server_factory(
-        {"liveness": {"ping_interval_seconds": 0.5, "ping_timeout_seconds": 0.5}}
-    )
+    server = server_factory(HEARTBEAT)
     with server.connect(make_token("healthy")) as healthy:
         opened = time.time()
         healthy_id = welcomed(healthy)["connection_id"]
@@ -365,32 +387,40 @@ def test_heartbeat_closes_client_that_never_answers_pings(
         deaf = RawClient(server.port, make_token("deaf"))
         raw_clients.append(deaf)
         assert deaf.status == 101
-        deadline = time.monotonic() + 5
-        opcodes: list[int] = []
-        close_payload: bytes | None = None
-        deaf_id: str | None = None
-        while True:
-            frame = deaf.read_frame(deadline)
-            if frame is None:
-                break
-            opcode, payload = frame
-            opcodes.append(opcode)
-            if opcode == 0x1 and deaf_id is None:
-                deaf_id = json.loads(payload)["connection_id"]
-            if opcode == 0x8:
-                close_payload = payload
+        started = time.monotonic()
+        opcodes, close_code, deaf_id = read_until_eof(deaf, timeout=5)
         assert 0x9 in opcodes, f"the server never pinged: {opcodes}"
-        assert close_payload is not None, f"EOF without a close frame: {opcodes}"
-        (close_code,) = struct.unpack("!H", close_payload[:2])
+        assert 0x8 in opcodes, f"EOF without a close frame: {opcodes}"
         assert close_code == 1011
-        assert time.monotonic() < deadline
+        # one interval plus one timeout, with slack for the event loop
+        assert time.monotonic() - started < 3
 
         # a client that answers pings (websockets does it automatically) stays open
         assert_stays_open(healthy, until=opened + 2.2)
         ping_pong(healthy, "alive")
     assert deaf_id is not None
-    closed_event(server, deaf_id)
+    deaf_event = closed_event(server, deaf_id)
+    assert deaf_event["messages_in"] == 0
+    assert deaf_event["duration_s"] < 3, deaf_event
+    wait_until(lambda: server.connection_count() == 0, 5, "both connections to be released")
     assert closed_event(server, healthy_id)["code"] == 1000
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: connection_closed audits the code *received* (1006) after a keepalive "
+    "timeout, not the 1011 the server closed with",
+)
+def test_heartbeat_close_is_audited_with_1011(
+    server_factory: ServerFactory, raw_clients: list[RawClient]
+) -> None:
+    server = server_factory(HEARTBEAT)
+    deaf = RawClient(server.port, make_token("deaf"))
+    raw_clients.append(deaf)
+    _, close_code, deaf_id = read_until_eof(deaf, timeout=5)
+    assert close_code == 1011
+    assert deaf_id is not None
+    assert closed_event(server, deaf_id)["code"] == 1011
 
 
 # -- back-pressure -------------------------------------------------------------------------------

@@ -135,8 +135,9 @@ def _announce(guard: Any, config: Config, port: int, args: argparse.Namespace) -
             f"wsguard: no JWT key configured; using the development key in "
             f"{guard.key_info.dev_key_path} (mode 0600, loopback only).\n"
             f"wsguard: mint a token:  wsguard token{cfg} --sub alice --scope chat --ttl 1h\n"
-            f"wsguard: then connect:  python -m websockets ws://{host}:{port}/ "
-            f"(with 'Authorization: Bearer <token>', see README)",
+            f"wsguard: then connect to ws://{host}:{port}/ with the header "
+            f"'Authorization: Bearer <token>' or the subprotocols "
+            f"['wsguard.v1', 'token.<token>'] (README: Connect)",
             file=sys.stderr,
             flush=True,
         )
