@@ -22,6 +22,12 @@ from typing import Any
 
 import jwt
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from websockets.exceptions import InvalidStatus
+from websockets.http11 import Response
+from websockets.sync.client import connect
+
 from conftest import (
     SECRET,
     RunningServer,
@@ -33,12 +39,6 @@ from conftest import (
     status_of,
     upgrade_request,
 )
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from websockets.exceptions import InvalidStatus
-from websockets.http11 import Response
-from websockets.sync.client import connect
-
 from wsguard.config.keys import load_keys
 from wsguard.config.loader import validate_config
 from wsguard.core.auth import AuthFailure, TokenVerifier
@@ -105,12 +105,10 @@ def refused(
     ``token=None`` sends no credentials at all (unlike ``RunningServer.connect``,
     which mints a token when given None).
     """
+    if token is None:
+        token, transport = "unused", "none"
     with pytest.raises(InvalidStatus) as info:
-        if token is None:
-            ws = server.connect("unused", transport="none", **kwargs)
-        else:
-            ws = server.connect(token, transport=transport, **kwargs)
-        ws.close()
+        server.connect(token, transport=transport, **kwargs).close()
     return info.value.response
 
 
@@ -420,19 +418,18 @@ def test_exp_required_by_default(server_factory: ServerFactory) -> None:
     expect_401(server, make_token(exp=None, nbf=int(time.time()) - 5), reasons={"missing_claim"})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: exp given as a JSON string is accepted by PyJWT but dropped from the "
-    "identity (expires_at=None), so the connection never closes at exp",
-)
-def test_string_exp_is_refused(server_factory: ServerFactory) -> None:
-    # RFC 7519: exp is a NumericDate (a JSON number). PyJWT int()-converts a string,
-    # but wsguard's Identity then has no expiry and never closes the connection
-    # at exp. Either refusing the token or honouring the expiry would be fine;
-    # refusing is the secure choice.
-    server = server_factory()
-    token = make_token(exp=str(int(time.time()) + 3600))
-    expect_401(server, token)
+def test_string_exp_is_refused_or_honoured(server: RunningServer) -> None:
+    # RFC 7519: exp is a NumericDate (a JSON number). PyJWT converts a numeric
+    # string with int(), so the token verifies; wsguard must then either refuse it
+    # or carry that expiry with the connection (welcome.expires_at, close 4001).
+    exp = int(time.time()) + 3600
+    token = make_token("str-exp", exp=str(exp))
+    try:
+        frame = welcome(server, token)
+    except InvalidStatus as exc:
+        assert_401(exc.response, token, invalid_token=True)
+        return
+    assert frame["expires_at"] == exp
 
 
 def test_exp_optional_when_configured(server_factory: ServerFactory) -> None:

@@ -24,6 +24,7 @@ from wsguard.core.headers import split_list
 from wsguard.core.identity import Identity
 from wsguard.core.request import HandshakeRequest
 
+_NUMERIC_CLAIMS = ("exp", "nbf", "iat")
 _EMBEDDED_KEY_HEADERS = frozenset({"jwk", "jku", "x5u", "x5c", "x5t", "x5t#S256"})
 
 
@@ -199,6 +200,10 @@ class TokenVerifier:
         return self._identity(claims)
 
     def _identity(self, claims: Mapping[str, Any]) -> Identity:
+        for name in _NUMERIC_CLAIMS:
+            value = claims.get(name)
+            if name in claims and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+                raise AuthFailure("invalid_token", f"claim {name} must be a number")
         subject = claims.get(self._config.subject_claim)
         if not isinstance(subject, str) or not subject or len(subject) > 256:
             raise AuthFailure("missing_claim", f"claim {self._config.subject_claim} is required")
