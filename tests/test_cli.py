@@ -11,7 +11,7 @@ import stat
 import subprocess
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -91,10 +91,10 @@ class Served:
     def wait_for(self, needle: str | re.Pattern[str], timeout: float = 15.0) -> re.Match[str]:
         """Block until a stderr line matches; fail with what was seen otherwise."""
         pattern = needle if isinstance(needle, re.Pattern) else re.compile(re.escape(needle))
-        for line in self.stderr_lines:
-            match = pattern.search(line)
-            if match:
-                return match
+        for seen in self.stderr_lines:
+            found = pattern.search(seen)
+            if found:
+                return found
         deadline = time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()
@@ -117,13 +117,12 @@ class Served:
         self.port = int(match.group(2))
         return self.port
 
-    def connect(self, token: str, **kwargs: Any) -> ClientConnection:
+    def connect(self, token: str) -> ClientConnection:
         return connect(
             f"ws://{self.host}:{self.port}/",
             additional_headers={"Authorization": f"Bearer {token}"},
             open_timeout=10,
             close_timeout=5,
-            **kwargs,
         )
 
     def audit_events(self) -> list[dict[str, Any]]:
@@ -146,13 +145,17 @@ class Served:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=10)
+        self._reader.join(timeout=5)
         if self.proc.stderr is not None:
             self.proc.stderr.close()
         self._audit_fh.close()
 
 
+ServeFactory = Callable[[Sequence[str], dict[str, str]], "Served"]
+
+
 @pytest.fixture
-def serve(tmp_path: Path) -> Iterator[Any]:
+def serve(tmp_path: Path) -> Iterator[ServeFactory]:
     """Start ``wsguard serve`` subprocesses; every one is killed after the test."""
     started: list[Served] = []
 
@@ -226,9 +229,9 @@ def test_serve_unknown_log_level_flag_exits_2(tmp_path: Path) -> None:
 
 
 def test_serve_on_defaults_creates_dev_key_and_accepts_minted_token(
-    tmp_path: Path, serve: Any
+    tmp_path: Path, serve: ServeFactory
 ) -> None:
-    served: Served = serve(["--port", "0"], cli_env(tmp_path))
+    served = serve(["--port", "0"], cli_env(tmp_path))
     port = served.wait_listening()
     assert served.host == "127.0.0.1"
     assert port > 0
@@ -287,7 +290,7 @@ def test_token_requires_sub(tmp_path: Path) -> None:
 # -- precedence: flags over env over file ------------------------------------------------
 
 
-def test_port_flag_over_env_over_file(tmp_path: Path, serve: Any) -> None:
+def test_port_flag_over_env_over_file(tmp_path: Path, serve: ServeFactory) -> None:
     # X and Y are held by us: if the server tried to bind either, it would fail.
     with socket.socket() as hold_x, socket.socket() as hold_y:
         hold_x.bind(("127.0.0.1", 0))
@@ -298,7 +301,7 @@ def test_port_flag_over_env_over_file(tmp_path: Path, serve: Any) -> None:
         config = tmp_path / "c.toml"
         config.write_text(f"port = {port_x}\n")
         env = cli_env(tmp_path, WSGUARD_PORT=str(port_y), WSGUARD_JWT_SECRET=SECRET)
-        served: Served = serve(["--config", str(config), "--port", "0"], env)
+        served = serve(["--config", str(config), "--port", "0"], env)
         port = served.wait_listening()
         assert port not in (port_x, port_y)
         assert port > 0
@@ -320,9 +323,9 @@ def test_port_flag_over_env_over_file(tmp_path: Path, serve: Any) -> None:
     assert served.wait_listening() == port_w
 
 
-def test_log_level_flag_over_invalid_env_is_accepted(tmp_path: Path, serve: Any) -> None:
+def test_log_level_flag_over_invalid_env_is_accepted(tmp_path: Path, serve: ServeFactory) -> None:
     env = cli_env(tmp_path, WSGUARD_LOG_LEVEL="loud", WSGUARD_JWT_SECRET=SECRET)
-    served: Served = serve(["--port", "0", "--log-level", "debug"], env)
+    served = serve(["--port", "0", "--log-level", "debug"], env)
     served.wait_listening()
     token = jwt.encode(
         {"sub": "dbg", "iat": int(time.time()), "exp": int(time.time()) + 60}, SECRET, "HS256"
@@ -334,13 +337,13 @@ def test_log_level_flag_over_invalid_env_is_accepted(tmp_path: Path, serve: Any)
     assert "log_level" in done.stderr
 
 
-def test_host_flag_binds_another_loopback_address(tmp_path: Path, serve: Any) -> None:
+def test_host_flag_binds_another_loopback_address(tmp_path: Path, serve: ServeFactory) -> None:
     try:
         with socket.socket() as probe:
             probe.bind(("127.0.0.2", 0))
     except OSError:
         pytest.skip("127.0.0.2 is not bindable here")
-    served: Served = serve(["--host", "127.0.0.2", "--port", "0"], cli_env(tmp_path))
+    served = serve(["--host", "127.0.0.2", "--port", "0"], cli_env(tmp_path))
     served.wait_listening()
     assert served.host == "127.0.0.2"
     token = mint(tmp_path, "--sub", "bob", "--scope", "chat")
@@ -353,7 +356,7 @@ def test_host_flag_binds_another_loopback_address(tmp_path: Path, serve: Any) ->
 
 
 def test_token_carries_configured_audience_issuer_and_is_accepted(
-    tmp_path: Path, serve: Any
+    tmp_path: Path, serve: ServeFactory
 ) -> None:
     config = tmp_path / "aud.toml"
     config.write_text('[auth]\naudience = ["api"]\nissuer = "https://issuer"\n')
@@ -377,7 +380,7 @@ def test_token_carries_configured_audience_issuer_and_is_accepted(
     assert jwt.get_unverified_header(token)["alg"] == "HS256"
     assert not (tmp_path / DEV_KEY).exists()  # a configured secret needs no dev key
 
-    served: Served = serve(["--config", str(config), "--port", "0"], env)
+    served = serve(["--config", str(config), "--port", "0"], env)
     served.wait_listening()
     assert "development key" not in served.stderr
     welcome = welcome_of(served, token)

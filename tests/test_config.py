@@ -420,3 +420,9 @@ def test_guard_with_secret_on_public_host_is_accepted(tmp_path: Path) -> None:
     assert guard.key_info.dev_key is False
     assert guard.keys.secret == LONG_SECRET.encode()
     assert not path.exists()
+
+
+def test_unknown_env_variable_is_reported_by_name(capsys: pytest.CaptureFixture[str]) -> None:
+    config = load_config(None, env={"WSGUARD_LIMITS__MAX_MESAGE_BYTES": "1"})
+    assert config.limits.max_message_bytes == 8192  # the secure default stays
+    assert "WSGUARD_LIMITS__MAX_MESAGE_BYTES" in capsys.readouterr().err

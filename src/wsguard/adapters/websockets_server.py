@@ -140,6 +140,17 @@ async def start_server(app: App) -> Server:
     return server
 
 
+def _close_fields(ws: ServerConnection) -> dict[str, Any]:
+    """The close code as the audit log reports it: the one sent by whoever closed first."""
+    protocol = ws.protocol
+    sent, rcvd = protocol.close_sent, protocol.close_rcvd
+    if sent is not None and (rcvd is None or not protocol.close_rcvd_then_sent):
+        return {"code": int(sent.code), "closed_by": "server"}
+    if rcvd is not None:
+        return {"code": int(rcvd.code), "closed_by": "client"}
+    return {"code": 1006, "closed_by": "network"}
+
+
 async def run_guarded(app: App, ws: GuardedServerConnection, admission: Admit) -> None:
     """Own one admitted connection from welcome to the audit record of its close."""
     from wsguard.server.connection import Connection
@@ -193,7 +204,7 @@ async def run_guarded(app: App, ws: GuardedServerConnection, admission: Admit) -
             connection_id=conn.id,
             client=conn.client,
             subject=conn.subject,
-            code=ws.close_code if ws.close_code is not None else 1006,
+            **_close_fields(ws),
             cause=conn.close_cause,
             duration_s=round(time.monotonic() - started, 3),
             messages_in=state.received,

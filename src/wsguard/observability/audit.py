@@ -8,6 +8,7 @@ are never passed to this module.
 
 from __future__ import annotations
 
+import re
 import sys
 import threading
 from collections.abc import MutableMapping
@@ -18,6 +19,7 @@ import orjson
 import structlog
 
 _MAX_FIELD = 256
+_UNSAFE = re.compile("[\x7f-\x9f\u2028\u2029]")
 
 
 def _clip(value: Any) -> Any:
@@ -30,7 +32,15 @@ def _render(_: Any, __: str, event: MutableMapping[str, Any]) -> str:
     now = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
     clean: dict[str, Any] = {"time": now, "event": event.pop("event")}
     clean.update((k, _clip(v)) for k, v in event.items() if v is not None)
-    return orjson.dumps(clean).decode()
+    line = orjson.dumps(clean).decode()
+    # orjson escapes U+0000-U+001F; also escape DEL, C1 controls and the Unicode line
+    # separators, which some log tools treat as line breaks. They only occur inside
+    # JSON strings, where \uXXXX is an exact equivalent.
+    return _UNSAFE.sub(_escape, line)
+
+
+def _escape(match: re.Match[str]) -> str:
+    return f"\\u{ord(match.group()):04x}"
 
 
 class AuditLog:

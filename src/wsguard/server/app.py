@@ -128,6 +128,7 @@ class App:
     def _schedule_expiry(self, conn: Connection, expires_at: float | None) -> None:
         deadline = self.guard.deadline(expires_at)
         if deadline is None:
+            conn.cancel_timer("expiry")  # a refresh without exp lifts the old deadline
             return
         conn.set_timer(
             "expiry",

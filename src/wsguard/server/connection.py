@@ -147,6 +147,11 @@ class Connection:
             old.cancel()
         self._timers[name] = asyncio.get_running_loop().call_later(max(0.0, delay), callback)
 
+    def cancel_timer(self, name: str) -> None:
+        handle = self._timers.pop(name, None)
+        if handle is not None:
+            handle.cancel()
+
     def cancel_timers(self) -> None:
         for handle in self._timers.values():
             handle.cancel()
