@@ -94,6 +94,24 @@ def _compile_schema(name: str, spec: MessageTypeConfig) -> Any:
         raise ConfigError(f"messages.types.{name}.schema", f"invalid JSON Schema: {exc}") from None
 
 
+def _valid_ref(value: Any) -> str | int | None:
+    """The client's ``id`` if it is a short string or a safe non-negative integer."""
+    if isinstance(value, str) and len(value) <= 64:
+        return value
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**53:
+        return value
+    return None
+
+
+def _ref_of(raw: bytes) -> str | int | None:
+    """Best-effort ``id`` of a message that is refused before full processing."""
+    try:
+        message = _decode(raw)
+    except (msgspec.DecodeError, ValueError, RecursionError):
+        return None
+    return _valid_ref(message.get("id")) if isinstance(message, dict) else None
+
+
 def _pointer(path: Iterable[str | int]) -> str:
     return "".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in path)
 
@@ -207,9 +225,10 @@ class MessagePolicy:
             or state.subject.bytes.take(now, size)
         )
         if wait > 0:
-            return self._refuse(
-                state, now, Refuse("rate_limited", "Too many messages.", retry_after=wait)
+            refusal = Refuse(
+                "rate_limited", "Too many messages.", ref=_ref_of(raw), retry_after=wait
             )
+            return self._refuse(state, now, refusal)
         if not isinstance(data, str) and not self._binary_allowed:
             return Close(CLOSE_UNSUPPORTED_DATA, "binary frames not accepted", cause="binary")
         try:
@@ -220,11 +239,7 @@ class MessagePolicy:
             return self._refuse(
                 state, now, Refuse("invalid_message", "Message must be a JSON object.")
             )
-        ref = message.get("id")
-        if not (isinstance(ref, str) and len(ref) <= 64) and not (
-            isinstance(ref, int) and not isinstance(ref, bool) and 0 <= ref < 2**53
-        ):
-            ref = None
+        ref = _valid_ref(message.get("id"))
         problem = self._bounds(raw, message)
         if problem is not None:
             return self._refuse(state, now, Refuse("invalid_message", problem, ref=ref))
@@ -265,20 +280,24 @@ class MessagePolicy:
         return Deliver(kind, message, size)
 
     def _bounds(self, raw: bytes, message: dict[str, Any]) -> str | None:
-        """Structural limits; skips the walk when the raw bytes prove them."""
+        """Structural limits; skips the walk when the raw bytes already prove them.
+
+        Depth counts nested containers (objects and arrays); ``max_keys`` bounds
+        both the keys of an object and the items of an array.
+        """
         if (
             raw.count(b"{") + raw.count(b"[") <= self._max_depth
             and len(raw) <= self._max_string
-            and raw.count(b":") <= self._max_keys
+            and raw.count(b",") < self._max_keys
             and _LONG_NUMBER.search(raw) is None
         ):
             return None
         stack: list[tuple[Any, int]] = [(message, 1)]
         while stack:
             node, depth = stack.pop()
-            if depth > self._max_depth:
-                return "Message is nested too deeply."
             if isinstance(node, dict):
+                if depth > self._max_depth:
+                    return "Message is nested too deeply."
                 if len(node) > self._max_keys:
                     return "Message has too many keys."
                 for key, value in node.items():
@@ -286,6 +305,8 @@ class MessagePolicy:
                         return "Message has a string that is too long."
                     stack.append((value, depth + 1))
             elif isinstance(node, list):
+                if depth > self._max_depth:
+                    return "Message is nested too deeply."
                 if len(node) > self._max_keys:
                     return "Message has too many items."
                 stack.extend((item, depth + 1) for item in node)

@@ -121,6 +121,13 @@ class Connection:
         finally:
             self._writer = None
 
+    async def flush(self, grace: float = 1.0) -> None:
+        """Wait (bounded) until frames already queued have been handed to the socket."""
+        writer = self._writer
+        if writer is not None:
+            with contextlib.suppress(TimeoutError, ConnectionClosed):
+                await asyncio.wait_for(asyncio.shield(writer), grace)
+
     def close_soon(self, code: int, reason: str, *, cause: str | None = None) -> None:
         """Start closing with *code*; returns at once (safe from any callback)."""
         if self._closing:
@@ -137,6 +144,8 @@ class Connection:
         await self._close(code, reason)
 
     async def _close(self, code: int, reason: str) -> None:
+        if self.close_cause != "slow_consumer":
+            await self.flush()  # replies already queued go out before the close frame
         with contextlib.suppress(Exception):  # the transport is gone: nothing left to do
             await self._ws.close(code, reason)
 
