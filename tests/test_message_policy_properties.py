@@ -14,7 +14,6 @@ from contextlib import contextmanager
 from typing import Any
 
 import jsonschema_rs
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
