@@ -10,12 +10,18 @@ however it ends (clean close, error, timeout, refused or failed handshake).
 from __future__ import annotations
 
 import asyncio
+import http
 import logging
 import time
 from typing import TYPE_CHECKING, Any
 
 from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import (
+    ConnectionClosed,
+    HeaderLineTooLong,
+    RequestLineTooLong,
+    TooManyHeaders,
+)
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import State
@@ -26,6 +32,7 @@ from wsguard.core.messages import MessagePolicy
 from wsguard.core.request import HandshakeRequest
 
 if TYPE_CHECKING:
+    from wsguard.guard import Guard
     from wsguard.server.app import App
     from wsguard.server.connection import Connection
 
@@ -33,14 +40,68 @@ logger = logging.getLogger("wsguard.server")
 
 _pending_releases: set[asyncio.Task[None]] = set()
 _CONTROL_COUNTED = (Opcode.PING, Opcode.PONG)
+_MAX_REQUEST_LINE = 16384
 
 
 class GuardedServerConnection(ServerConnection):
     """A websockets connection that carries its admission and counts control frames."""
 
+    guard: Guard  # set on the per-server subclass made by start_server()
     admission: Admit | None = None
     guarded: Connection | None = None
     policy: MessagePolicy | None = None
+    decided = False  # the policy answered this handshake (and audited a refusal)
+    _head = b""
+    _screened = False
+    _opened_at = 0.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._opened_at = time.monotonic()
+        super().connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if not self._screened:
+            refusal = self._screen(data)
+            if refusal is not None:
+                self._refuse_raw(*refusal)
+                return
+        super().data_received(data)
+
+    def _screen(self, data: bytes) -> tuple[int, str, str] | None:
+        """Check the request line before the engine parses it.
+
+        The engine closes silently on a request line it cannot parse; a client
+        deserves a 4xx, and the audit log a record.
+        """
+        head = self._head + data
+        end = head.find(b"\n")
+        if end < 0:
+            self._head = head[:_MAX_REQUEST_LINE]
+            return None  # the engine enforces the line length limit (414)
+        self._screened, self._head = True, b""
+        line = head[:end].rstrip(b"\r")
+        parts = line.split(b" ")
+        if len(parts) != 3 or not line.isascii() or not parts[0].isalpha():
+            return 400, "bad_request", "Malformed HTTP request line."
+        if parts[2] != b"HTTP/1.1":
+            return 400, "bad_http_version", "HTTP/1.1 required."
+        if parts[0] != b"GET":
+            return 405, "bad_method", "Only GET upgrades are accepted."
+        return None
+
+    def _refuse_raw(self, status: int, reason: str, message: str) -> None:
+        self.decided = True
+        body = (message + "\n").encode()
+        phrase = http.HTTPStatus(status).phrase
+        extra = "Allow: GET\r\n" if status == 405 else ""
+        self.transport.write(
+            f"HTTP/1.1 {status} {phrase}\r\nConnection: close\r\n{extra}"
+            f"Content-Type: text/plain; charset=utf-8\r\nContent-Length: {len(body)}\r\n"
+            f"Cache-Control: no-store\r\n\r\n".encode()
+            + body
+        )
+        self.transport.close()
+        self.guard.audit.emit("handshake_refused", status=status, reason=reason, client=_peer(self))
 
     def process_event(self, event: Any) -> None:
         guarded, policy = self.guarded, self.policy
@@ -58,6 +119,26 @@ class GuardedServerConnection(ServerConnection):
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
         release_admission(self)
+        if not self.decided:
+            self._audit_engine_refusal()
+
+    def _audit_engine_refusal(self) -> None:
+        """Audit handshakes that ended before the policy saw them (engine limits, timeouts)."""
+        failure = self.protocol.handshake_exc
+        status: int | None = None
+        if isinstance(failure, RequestLineTooLong):
+            status, reason = 414, "request_line_too_long"
+        elif isinstance(failure, (HeaderLineTooLong, TooManyHeaders)):
+            status, reason = 431, "headers_too_large"
+        elif failure is not None:
+            status, reason = 400, "bad_request"
+        elif self.request is None and (
+            time.monotonic() - self._opened_at >= self.guard.config.limits.handshake_timeout_seconds
+        ):
+            reason = "handshake_timeout"
+        else:
+            return  # the client went away before sending a request: not a refusal
+        self.guard.audit.emit("handshake_refused", status=status, reason=reason, client=_peer(self))
 
 
 def release_admission(connection: GuardedServerConnection) -> None:
@@ -81,6 +162,7 @@ def to_request(connection: ServerConnection, request: Request) -> HandshakeReque
         target=request.path,
         headers=Headers(request.headers.raw_items()),
         tls=connection.transport.get_extra_info("sslcontext") is not None,
+        method=request.method,
     )
 
 
@@ -99,6 +181,7 @@ async def start_server(app: App) -> Server:
 
     async def process_request(connection: ServerConnection, request: Request) -> Response | None:
         assert isinstance(connection, GuardedServerConnection)
+        connection.decided = True
         decision = await guard.admit(to_request(connection, request))
         if isinstance(decision, Reject):
             return reject_response(connection, decision)
@@ -134,7 +217,9 @@ async def start_server(app: App) -> Server:
         close_timeout=5,
         max_size=config.limits.max_message_bytes,
         max_queue=16,
-        create_connection=GuardedServerConnection,
+        create_connection=type(
+            "ServerGuardedConnection", (GuardedServerConnection,), {"guard": guard}
+        ),
         logger=logging.getLogger("wsguard.engine"),
     )
     return server

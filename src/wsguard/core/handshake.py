@@ -41,6 +41,14 @@ def _retry_after(seconds: float) -> tuple[tuple[str, str], ...]:
 def check_upgrade(request: HandshakeRequest) -> Reject | None:
     """Structural checks of the upgrade request (no policy, no state)."""
     headers = request.headers
+    if request.method != "GET":
+        return Reject(
+            405,
+            "bad_method",
+            "Only GET upgrades are accepted.",
+            (("Allow", "GET"),),
+            detail="method",
+        )
     host = headers.get_all("host")
     if len(host) != 1 or not host[0].strip():
         return Reject(400, "bad_request", "Missing or invalid Host header.", detail="host")

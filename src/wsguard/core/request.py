@@ -16,6 +16,7 @@ class HandshakeRequest:
     target: str
     headers: Headers
     tls: bool = False
+    method: str = "GET"
 
     @property
     def path(self) -> str:
