@@ -11,11 +11,12 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from wsguard.config.keys import has_configured_key, load_keys
+from wsguard.config.keys import has_configured_key, load_keys, load_signing_keys
 from wsguard.config.model import Config
 from wsguard.core.auth import KeyMaterial, TokenVerifier
 from wsguard.core.decisions import Admit, Reject
 from wsguard.core.handshake import HandshakePolicy
+from wsguard.core.integrity import SignatureVerifier
 from wsguard.core.messages import MessagePolicy
 from wsguard.core.request import HandshakeRequest
 from wsguard.errors import KeyLoadError
@@ -70,7 +71,13 @@ class Guard:
             else AuditLog.open(config.audit.file, enabled=config.audit.enabled)
         )
         self.handshakes = HandshakePolicy(config, self.store, self.verifier)
-        self.messages = MessagePolicy(config, self.verifier)
+        signatures = SignatureVerifier(
+            load_signing_keys(config.signing.keys_file),
+            window=config.signing.window_seconds,
+            max_nonce=config.signing.max_nonce_bytes,
+            clock=time.time,
+        )
+        self.messages = MessagePolicy(config, self.verifier, signatures)
 
     async def admit(self, request: HandshakeRequest) -> Admit | Reject:
         """Evaluate a handshake and write the audit record of a refusal."""

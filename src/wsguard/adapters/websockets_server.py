@@ -26,6 +26,7 @@ from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
+from wsguard.adapters.tls import certificate_identity, server_context
 from wsguard.core.decisions import Admit, Reject
 from wsguard.core.headers import Headers
 from wsguard.core.messages import MessagePolicy
@@ -157,7 +158,15 @@ def _peer(connection: ServerConnection) -> str:
 
 
 def to_request(connection: ServerConnection, request: Request) -> HandshakeRequest:
+    guard: Guard = connection.guard  # type: ignore[attr-defined]
+    transport = connection.transport
+    cert_identity = None
+    if transport.get_extra_info("sslcontext") is not None:
+        cert_identity = certificate_identity(
+            transport.get_extra_info("peercert"), guard.config.tls.identity_from
+        )
     return HandshakeRequest(
+        client_cert=cert_identity,
         peer=_peer(connection),
         target=request.path,
         headers=Headers(request.headers.raw_items()),
@@ -203,10 +212,13 @@ async def start_server(app: App) -> Server:
             return
         await run_guarded(app, ws, admission)
 
+    if config.tls.enabled:
+        app.ssl_context = server_context(config.tls)
     server = await serve(
         handler,
         config.host,
         config.port,
+        ssl=app.ssl_context,
         process_request=process_request,
         select_subprotocol=select_subprotocol,
         compression="deflate" if config.compression else None,

@@ -36,6 +36,11 @@ def _parser() -> argparse.ArgumentParser:
         help="diagnostic log level (default info)",
     )
     serve.add_argument("--store", help="state store URI (default memory://)")
+    serve.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve wss://")
+    serve.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    serve.add_argument(
+        "--tls-client-ca", type=Path, help="CA bundle for client certificates (mTLS)"
+    )
 
     token = sub.add_parser("token", help="print a token the configured server accepts")
     _common(token)
@@ -97,7 +102,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    config = _load(args, host=args.host, port=args.port, log_level=args.log_level, store=args.store)
+    config = _load(
+        args,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        store=args.store,
+        **{
+            "tls.cert_file": args.tls_cert,
+            "tls.key_file": args.tls_key,
+            "tls.client_ca_file": args.tls_client_ca,
+        },
+    )
     logging.basicConfig(
         level=config.log_level.upper(),
         stream=sys.stderr,
@@ -128,7 +144,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _announce(guard: Any, config: Config, port: int, args: argparse.Namespace) -> None:
     host = config.host if ":" not in config.host else f"[{config.host}]"
-    print(f"wsguard: listening on ws://{host}:{port}/", file=sys.stderr, flush=True)
+    scheme = "wss" if config.tls.enabled else "ws"
+    print(f"wsguard: listening on {scheme}://{host}:{port}/", file=sys.stderr, flush=True)
     if guard.key_info.dev_key:
         cfg = f" --config {args.config}" if args.config else ""
         print(

@@ -7,6 +7,8 @@ loopback address creates a random HS256 secret on first use in
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import os
 import secrets
@@ -19,6 +21,7 @@ from cryptography.hazmat.primitives import serialization
 
 from wsguard.config.model import AuthConfig
 from wsguard.core.auth import KeyMaterial
+from wsguard.core.integrity import SESSION_KID, SigningKey
 from wsguard.errors import KeyLoadError
 
 
@@ -81,6 +84,49 @@ def load_keys(config: AuthConfig, *, allow_dev_key: bool = True) -> KeyMaterial:
         )
     secret, _ = load_or_create_dev_key(config)
     return KeyMaterial(secret=secret)
+
+
+def load_signing_keys(path: Path | None) -> dict[str, SigningKey]:
+    """Per-client message signing keys: ``{"keys": [{"kid", "subject", "secret"}]}``.
+
+    ``secret`` is base64url (at least 32 bytes once decoded). A subject may have
+    several keys at once, which is how keys are rotated.
+    """
+    if path is None:
+        return {}
+    key = "signing.keys_file"
+    try:
+        data = path.expanduser().read_bytes()
+        info = path.expanduser().stat()
+    except OSError as exc:
+        raise KeyLoadError(key, f"cannot read {path}: {exc.strerror}") from None
+    if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise KeyLoadError(key, f"{path} must be readable by its owner only (chmod 600)")
+    try:
+        document = json.loads(data)
+    except ValueError:
+        raise KeyLoadError(key, f"{path} is not JSON") from None
+    entries = document.get("keys") if isinstance(document, dict) else None
+    if not isinstance(entries, list):
+        raise KeyLoadError(key, f"{path} has no 'keys' array")
+    keys: dict[str, SigningKey] = {}
+    for entry in entries:
+        if not isinstance(entry, dict):
+            raise KeyLoadError(key, "every entry must be an object")
+        kid, subject, secret = entry.get("kid"), entry.get("subject"), entry.get("secret")
+        if not all(isinstance(v, str) and v for v in (kid, subject, secret)):
+            raise KeyLoadError(key, "every key needs string 'kid', 'subject' and 'secret'")
+        assert isinstance(kid, str) and isinstance(subject, str) and isinstance(secret, str)
+        if kid == SESSION_KID or kid in keys:
+            raise KeyLoadError(key, f"kid {kid!r} is reserved or duplicated")
+        try:
+            raw = base64.urlsafe_b64decode(secret + "=" * (-len(secret) % 4))
+        except (binascii.Error, ValueError):
+            raise KeyLoadError(key, f"key {kid!r}: secret is not base64url") from None
+        if len(raw) < 32:
+            raise KeyLoadError(key, f"key {kid!r}: secret must be at least 32 bytes")
+        keys[kid] = SigningKey(kid, subject, raw)
+    return keys
 
 
 def _load_public_key(path: Path) -> Any:

@@ -165,6 +165,7 @@ class MessageTypeConfig(_Section):
     schema_file: Path | None = None
     scopes: tuple[str, ...] = ()
     binary: bool = False
+    signed: bool = False
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -202,6 +203,40 @@ class LivenessConfig(_Section):
     drain_seconds: float = Field(default=10.0, ge=0)
 
 
+class TlsConfig(_Section):
+    """TLS termination and client certificates (mTLS) for ``wsguard serve``."""
+
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    client_ca_file: Path | None = None
+    client_cert: Literal["required", "optional"] = "required"
+    identity_from: Literal["cn", "san_dns", "san_email", "san_uri"] = "cn"
+    cert_scopes: dict[str, tuple[str, ...]] = Field(default_factory=dict)
+    min_version: Literal["1.2", "1.3"] = "1.2"
+    behind_proxy: bool = False
+
+    @model_validator(mode="after")
+    def _pairs(self) -> TlsConfig:
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ValueError("cert_file: cert_file and key_file must be set together")
+        if self.client_ca_file and not self.cert_file:
+            raise ValueError("client_ca_file: mTLS needs cert_file and key_file")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None
+
+
+class SigningConfig(_Section):
+    """Signed messages: HMAC envelope with nonce and timestamp (replay protection)."""
+
+    keys_file: Path | None = None
+    session_keys: bool = False
+    window_seconds: float = Field(default=30.0, gt=0, le=3600)
+    max_nonce_bytes: int = Field(default=64, ge=16, le=256)
+
+
 class AuditConfig(_Section):
     """The structured security audit log."""
 
@@ -227,6 +262,8 @@ class Config(_Section):
     limits: LimitsConfig = LimitsConfig()
     messages: MessagesConfig = MessagesConfig()
     liveness: LivenessConfig = LivenessConfig()
+    tls: TlsConfig = TlsConfig()
+    signing: SigningConfig = SigningConfig()
     audit: AuditConfig = AuditConfig()
 
     @field_validator("log_level", mode="before")
@@ -253,6 +290,16 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
+        if self.tls.behind_proxy and not self.proxy.trusted:
+            raise ValueError(
+                "tls.behind_proxy: a TLS-terminating proxy must be listed in proxy.trusted"
+            )
+        signed = [n for n, t in self.messages.types.items() if t.signed]
+        if signed and not (self.signing.keys_file or self.signing.session_keys):
+            raise ValueError(
+                f"signing.keys_file: signed types ({', '.join(signed)}) need "
+                "signing.keys_file or signing.session_keys = true"
+            )
         if self.auth.cookie and not self.origin.allowed:
             raise ValueError(
                 "auth.cookie: cookie authentication requires origin.allowed "

@@ -76,6 +76,7 @@ class Deliver:
     type: str
     message: dict[str, Any]
     size: int
+    nonce: Any = None  # integrity.Verified for signed types: the nonce still to be recorded
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,12 +19,14 @@ from __future__ import annotations
 import itertools
 import math
 import os
+from dataclasses import replace
 
 from wsguard.config.model import Config
-from wsguard.core.auth import AuthFailure, TokenVerifier, extract_credentials
+from wsguard.core.auth import AuthFailure, Credentials, TokenVerifier, extract_credentials
 from wsguard.core.client_address import ClientAddressResolver
 from wsguard.core.decisions import Admit, HandshakeDecision, Reject
 from wsguard.core.headers import split_list
+from wsguard.core.identity import Identity
 from wsguard.core.origin import OriginPolicy
 from wsguard.core.request import HandshakeRequest
 from wsguard.stores.base import BanPolicy, Store
@@ -156,10 +158,8 @@ class HandshakePolicy:
             origin, cookie_auth=cookie_auth or self.config.auth.cookie
         ):
             return Reject(403, "origin_forbidden", "Origin not allowed.", client=client)
-        if credentials is None:
-            return await self._auth_failed(client, AuthFailure("missing_credentials"))
         try:
-            identity = self.verifier.verify(credentials.token)
+            identity = self._authenticate(credentials, request.client_cert)
         except AuthFailure as failure:
             return await self._auth_failed(client, failure)
 
@@ -188,6 +188,32 @@ class HandshakePolicy:
             subprotocol=self.select_subprotocol(offered),
             _release=release,
         )
+
+    def _authenticate(self, credentials: Credentials | None, cert: str | None) -> Identity:
+        """Token and/or client certificate -> identity; raises AuthFailure.
+
+        With mTLS ``client_cert = "required"`` the certificate alone authenticates;
+        a token sent as well must name the same subject. With ``"optional"`` a
+        token is always required and a certificate, when present, must match it.
+        """
+        tls = self.config.tls
+        mtls = tls.client_ca_file is not None and cert is not None
+        if credentials is None:
+            if mtls and tls.client_cert == "required":
+                assert cert is not None
+                return Identity(
+                    subject=cert,
+                    scopes=frozenset(tls.cert_scopes.get(cert, ())),
+                    method="mtls",
+                )
+            raise AuthFailure("missing_credentials")
+        identity = self.verifier.verify(credentials.token)
+        if mtls:
+            if cert != identity.subject:
+                raise AuthFailure("certificate_mismatch", "certificate and token disagree")
+            extra = frozenset(tls.cert_scopes.get(cert, ()))
+            identity = replace(identity, scopes=identity.scopes | extra, method="jwt+mtls")
+        return identity
 
     async def _acquire_slots(
         self, keys: list[str], holder: str, client: str, subject: str

@@ -14,6 +14,7 @@ State is per connection (:class:`ConnectionState`) or per subject on this node
 from __future__ import annotations
 
 import re
+import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +36,7 @@ from wsguard.core.decisions import (
     Refuse,
 )
 from wsguard.core.identity import Identity
+from wsguard.core.integrity import ENVELOPE_FIELDS, SignatureVerifier, Verified
 from wsguard.core.ratelimit import Gcra
 
 _LONG_NUMBER = re.compile(rb"[0-9]{19,}")
@@ -49,7 +51,7 @@ class SubjectLimits:
     """Message and byte buckets shared by one subject's connections on this node."""
 
     messages: Gcra
-    bytes: Gcra
+    volume: Gcra
     connections: int = 0
 
 
@@ -59,12 +61,13 @@ class ConnectionState:
 
     identity: Identity
     messages: Gcra
-    bytes: Gcra
+    volume: Gcra
     subject: SubjectLimits
     violations: float = 0.0
     violations_at: float = 0.0
     received: int = 0
     last_data_at: float = 0.0
+    session_key: bytes | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -73,6 +76,7 @@ class _TypePolicy:
     scopes: frozenset[str]
     binary: bool
     validator: Any  # jsonschema_rs validator or None
+    signed: bool = False
 
 
 def _compile_schema(name: str, spec: MessageTypeConfig) -> Any:
@@ -119,15 +123,23 @@ def _pointer(path: Iterable[str | int]) -> str:
 class MessagePolicy:
     """Evaluates incoming frames for connections on this node."""
 
-    def __init__(self, config: Config, verifier: TokenVerifier) -> None:
+    def __init__(
+        self,
+        config: Config,
+        verifier: TokenVerifier,
+        signatures: SignatureVerifier | None = None,
+    ) -> None:
         self.config = config
         self.verifier = verifier
+        self.signatures = signatures
         messages, limits = config.messages, config.limits
         types = dict(messages.types)
         if "auth" not in types:  # token refresh is always understood
             types["auth"] = MessageTypeConfig.model_validate(DEMO_MESSAGE_TYPES["auth"])
         self._types = {
-            name: _TypePolicy(frozenset(spec.scopes), spec.binary, _compile_schema(name, spec))
+            name: _TypePolicy(
+                frozenset(spec.scopes), spec.binary, _compile_schema(name, spec), spec.signed
+            )
             for name, spec in types.items()
         }
         self._binary_allowed = messages.binary or any(t.binary for t in self._types.values())
@@ -162,10 +174,12 @@ class MessagePolicy:
             )
             self._subjects[identity.subject] = subject
         subject.connections += 1
+        session_key = secrets.token_bytes(32) if self.config.signing.session_keys else None
         return ConnectionState(
+            session_key=session_key,
             identity=identity,
             messages=Gcra(self._msg_rate, self._msg_burst),
-            bytes=Gcra(self._byte_rate, self._byte_burst),
+            volume=Gcra(self._byte_rate, self._byte_burst),
             subject=subject,
             violations_at=now,
             last_data_at=now,
@@ -201,7 +215,7 @@ class MessagePolicy:
 
     def control_frame(self, state: ConnectionState, now: float, size: int) -> Close | None:
         """Count a ping/pong from the client; a ping flood is a flood."""
-        wait = state.messages.take(now) or state.bytes.take(now, max(size, 1))
+        wait = state.messages.take(now) or state.volume.take(now, max(size, 1))
         if wait > 0 and self.violation(state, now):
             return Close(CLOSE_POLICY_VIOLATION, "policy violation", cause="rate_limited")
         return None
@@ -220,9 +234,9 @@ class MessagePolicy:
         state.last_data_at = now
         wait = (
             state.messages.take(now)
-            or state.bytes.take(now, size)
+            or state.volume.take(now, size)
             or state.subject.messages.take(now)
-            or state.subject.bytes.take(now, size)
+            or state.subject.volume.take(now, size)
         )
         if wait > 0:
             refusal = Refuse(
@@ -263,6 +277,18 @@ class MessagePolicy:
             return self._refuse(
                 state, now, Refuse("forbidden", "Not allowed to send this message type.", ref=ref)
             )
+        verified: Verified | None = None
+        if policy.signed:
+            outcome = self._verify_signature(state, message)
+            if isinstance(outcome, str):
+                text = (
+                    "Message signature is too old."
+                    if outcome == "stale"
+                    else ("Missing or invalid message signature.")
+                )
+                return self._refuse(state, now, Refuse(outcome, text, ref=ref))
+            verified = outcome
+            message = {k: v for k, v in message.items() if k not in ENVELOPE_FIELDS}
         if policy.validator is not None:
             error = next(iter(policy.validator.iter_errors(message)), None)
             if error is not None:
@@ -277,7 +303,17 @@ class MessagePolicy:
                 )
         if kind == "auth":
             return self._reauthenticate(state, now, message, ref)
-        return Deliver(kind, message, size)
+        return Deliver(kind, message, size, verified)
+
+    def _verify_signature(self, state: ConnectionState, message: dict[str, Any]) -> Verified | str:
+        if self.signatures is None:
+            return "bad_signature"
+        return self.signatures.check(message, state.identity.subject, state.session_key)
+
+    def replayed(self, state: ConnectionState, now: float, ref: Any) -> MessageDecision:
+        """The nonce of a verified message was seen before within the window."""
+        refusal = Refuse("replayed", "Message was already received.", ref=_valid_ref(ref))
+        return self._refuse(state, now, refusal)
 
     def _bounds(self, raw: bytes, message: dict[str, Any]) -> str | None:
         """Structural limits; skips the walk when the raw bytes already prove them.

@@ -17,6 +17,8 @@ class HandshakeRequest:
     headers: Headers
     tls: bool = False
     method: str = "GET"
+    client_cert: str | None = None
+    """Identity named by a verified TLS client certificate (mTLS), if any."""
 
     @property
     def path(self) -> str:

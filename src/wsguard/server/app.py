@@ -20,9 +20,11 @@ Handlers receive only messages that passed the whole message policy
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import secrets
 import signal
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -35,9 +37,11 @@ from wsguard.core.decisions import (
     CLOSE_GOING_AWAY,
     Close,
     Deliver,
+    MessageDecision,
     Reauthenticate,
     Refuse,
 )
+from wsguard.core.integrity import SESSION_KID
 from wsguard.errors import ConfigError
 from wsguard.guard import Guard
 from wsguard.server.connection import Connection
@@ -63,6 +67,7 @@ class App:
         self._server: Any = None
         self._stopping: asyncio.Event | None = None
         self.port: int | None = None
+        self.ssl_context: ssl.SSLContext | None = None
 
     # -- registration -----------------------------------------------------------
 
@@ -103,7 +108,7 @@ class App:
 
     def welcome(self, conn: Connection) -> dict[str, Any]:
         limits = self.config.limits
-        return {
+        welcome: dict[str, Any] = {
             "type": "welcome",
             "connection_id": conn.id,
             "subject": conn.subject,
@@ -117,6 +122,14 @@ class App:
             },
             "types": self.guard.messages.type_names(),
         }
+        session_key = conn.state.session_key
+        if session_key is not None:
+            welcome["signing"] = {
+                "kid": SESSION_KID,
+                "key": base64.urlsafe_b64encode(session_key).rstrip(b"=").decode(),
+                "window_seconds": self.config.signing.window_seconds,
+            }
+        return welcome
 
     # -- connection lifecycle (called by the engine adapter) -------------------
 
@@ -172,6 +185,8 @@ class App:
             if conn.closing:
                 break
             decision = policy.evaluate(conn.state, data, guard.now())
+            if isinstance(decision, Deliver) and decision.nonce is not None:
+                decision = await self._check_nonce(conn, decision)
             if isinstance(decision, Deliver):
                 handler = self._handlers.get(decision.type)
                 if handler is None:
@@ -201,6 +216,15 @@ class App:
                 await conn.close(decision.code, decision.reason)
                 break
 
+    async def _check_nonce(self, conn: Connection, decision: Deliver) -> MessageDecision:
+        """Record a signed message's nonce; a nonce seen before is a replay."""
+        verified = decision.nonce
+        if await self.guard.store.add_nonce(verified.nonce_key, verified.ttl):
+            return decision
+        return self.guard.messages.replayed(
+            conn.state, self.guard.now(), decision.message.get("id")
+        )
+
     def new_connection_id(self) -> str:
         return secrets.token_hex(8)
 
@@ -208,10 +232,12 @@ class App:
 
     async def start(self) -> None:
         """Bind and start accepting connections; sets :attr:`port`."""
+        from wsguard.adapters.tls import check_listener
         from wsguard.adapters.websockets_server import start_server
 
         if self._server is not None:
             raise RuntimeError("already started")
+        check_listener(self.config)
         self._stopping = asyncio.Event()
         self._server = await start_server(self)
         sockets = list(self._server.sockets)
@@ -239,9 +265,14 @@ class App:
         assert self._stopping is not None
         loop = asyncio.get_running_loop()
         installed: list[signal.Signals] = []
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        handlers: dict[signal.Signals, Callable[[], object]] = {
+            signal.SIGTERM: lambda: loop.create_task(self.stop()),
+            signal.SIGINT: lambda: loop.create_task(self.stop()),
+            signal.SIGHUP: self.reload_tls,
+        }
+        for sig, callback in handlers.items():
             try:
-                loop.add_signal_handler(sig, lambda: loop.create_task(self.stop()))
+                loop.add_signal_handler(sig, callback)
                 installed.append(sig)
             except (RuntimeError, ValueError, NotImplementedError):
                 pass  # not the main thread: the caller stops us
@@ -251,6 +282,14 @@ class App:
             for sig in installed:
                 loop.remove_signal_handler(sig)
             await self.guard.close()
+
+    def reload_tls(self) -> bool:
+        """Reload the TLS certificate and key (SIGHUP); open connections are kept."""
+        if self.ssl_context is None:
+            return False
+        from wsguard.adapters.tls import reload_certificate
+
+        return reload_certificate(self.ssl_context, self.config.tls)
 
     def run(self) -> None:
         """Blocking entry point: serve until SIGTERM/SIGINT, then exit cleanly."""

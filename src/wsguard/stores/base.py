@@ -58,5 +58,9 @@ class Store(ABC):
     async def unban(self, key: str) -> bool:
         """Lift a ban; True if there was one."""
 
+    @abstractmethod
+    async def add_nonce(self, key: str, ttl: float) -> bool:
+        """Record *key* for *ttl* seconds; False if it was already recorded (a replay)."""
+
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources held by the store."""

@@ -8,6 +8,7 @@ event loop.
 
 from __future__ import annotations
 
+import collections
 import time
 
 from limits import RateLimitItemPerSecond
@@ -28,6 +29,8 @@ class MemoryStore(Store):
         self._limiter = MovingWindowRateLimiter(LimitsMemoryStorage())
         self._items: dict[tuple[int, float], RateLimitItemPerSecond] = {}
         self._bans: dict[str, float] = {}
+        self._nonces: dict[str, float] = {}
+        self._nonce_order: collections.deque[tuple[float, str]] = collections.deque()
         self._ban_levels: dict[str, tuple[int, float]] = {}
 
     async def acquire(self, key: str, limit: int, holder: str) -> bool:
@@ -105,6 +108,20 @@ class MemoryStore(Store):
             for k, (level, last) in self._ban_levels.items()
             if now - last <= horizon
         }
+
+    async def add_nonce(self, key: str, ttl: float) -> bool:
+        now = time.monotonic()
+        order, nonces = self._nonce_order, self._nonces
+        while order and order[0][0] <= now:  # entries expire with the window
+            _, old = order.popleft()
+            if nonces.get(old, now + 1) <= now:
+                del nonces[old]
+        if key in nonces:
+            return False
+        expires = now + ttl
+        nonces[key] = expires
+        order.append((expires, key))
+        return True
 
     async def unban(self, key: str) -> bool:
         return self._bans.pop(key, None) is not None

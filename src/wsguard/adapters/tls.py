@@ -1,0 +1,88 @@
+"""TLS for the standalone server: context, reload on SIGHUP, client certificate identity."""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from typing import Any
+
+from wsguard.config.model import Config, TlsConfig
+from wsguard.errors import ConfigError, KeyLoadError
+
+logger = logging.getLogger("wsguard.tls")
+
+# TLS 1.2 suites: forward secrecy and AEAD only. TLS 1.3 suites are OpenSSL's defaults.
+_TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+
+
+def server_context(tls: TlsConfig) -> ssl.SSLContext:
+    """A server SSLContext: TLS 1.2+ (or 1.3), modern ciphers, optional client certs."""
+    assert tls.cert_file is not None and tls.key_file is not None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = (
+        ssl.TLSVersion.TLSv1_3 if tls.min_version == "1.3" else ssl.TLSVersion.TLSv1_2
+    )
+    context.set_ciphers(_TLS12_CIPHERS)
+    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    context.options |= getattr(ssl, "OP_NO_RENEGOTIATION", 0)
+    load_certificate(context, tls)
+    if tls.client_ca_file is not None:
+        try:
+            context.load_verify_locations(cafile=str(tls.client_ca_file.expanduser()))
+        except (OSError, ssl.SSLError) as exc:
+            raise KeyLoadError("tls.client_ca_file", f"cannot load: {exc}") from None
+        context.verify_mode = (
+            ssl.CERT_REQUIRED if tls.client_cert == "required" else ssl.CERT_OPTIONAL
+        )
+    return context
+
+
+def load_certificate(context: ssl.SSLContext, tls: TlsConfig) -> None:
+    assert tls.cert_file is not None and tls.key_file is not None
+    try:
+        context.load_cert_chain(str(tls.cert_file.expanduser()), str(tls.key_file.expanduser()))
+    except (OSError, ssl.SSLError) as exc:
+        raise KeyLoadError("tls.cert_file", f"cannot load certificate and key: {exc}") from None
+
+
+def reload_certificate(context: ssl.SSLContext, tls: TlsConfig) -> bool:
+    """Load the certificate and key again (SIGHUP). New handshakes use them; open
+    connections are untouched. On error the previous certificate stays in use."""
+    try:
+        load_certificate(context, tls)
+    except KeyLoadError as exc:
+        logger.error("certificate reload failed, keeping the previous one: %s", exc)
+        return False
+    logger.info("certificate reloaded from %s", tls.cert_file)
+    return True
+
+
+def certificate_identity(peer_cert: dict[str, Any] | None, source: str) -> str | None:
+    """The identity named by a verified client certificate (CN or a SAN, by config)."""
+    if not peer_cert:
+        return None
+    if source == "cn":
+        for rdn in peer_cert.get("subject", ()):
+            for name, value in rdn:
+                if name == "commonName":
+                    return str(value)
+        return None
+    kind = {"san_dns": "DNS", "san_email": "email", "san_uri": "URI"}[source]
+    for name, value in peer_cert.get("subjectAltName", ()):
+        if name == kind:
+            return str(value)
+    return None
+
+
+def check_listener(config: Config) -> None:
+    """Refuse configurations that would serve plaintext beyond loopback."""
+    from wsguard.guard import is_loopback_host
+
+    if config.tls.enabled or is_loopback_host(config.host) or config.tls.behind_proxy:
+        return
+    raise ConfigError(
+        "tls.cert_file",
+        f"refusing plaintext ws:// on non-loopback address {config.host!r}: set "
+        "tls.cert_file and tls.key_file (--tls-cert/--tls-key), or tls.behind_proxy = true "
+        "with proxy.trusted when a TLS-terminating proxy is in front",
+    )

@@ -1,0 +1,155 @@
+"""Signed messages: an HMAC-SHA256 envelope with nonce and timestamp.
+
+A signed message carries, next to its own fields:
+
+* ``kid``   the signing key's id (``"session"`` for the per-connection key);
+* ``nonce`` random, 16 to ``max_nonce_bytes`` characters of base64url (>= 96 bits);
+* ``ts``    Unix time in seconds (integer);
+* ``sig``   base64url (no padding) of HMAC-SHA256(key, canonical(message without sig)).
+
+The canonical form is the JSON Canonicalization Scheme (RFC 8785) restricted to
+what every language serializes identically: objects with keys sorted by their
+UTF-16 code units, no insignificant whitespace, strings escaped as JSON.stringify
+does (``\\b \\t \\n \\f \\r \\" \\\\``, other controls as lower-case ``\\u00xx``, everything
+else as UTF-8), integers in [-(2**53-1), 2**53-1], true, false, null. Floats are
+not allowed in signed messages (their text form differs between languages).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+SESSION_KID = "session"
+ENVELOPE_FIELDS = ("kid", "nonce", "ts", "sig")
+_MAX_SAFE = 2**53 - 1
+_NONCE_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+_MIN_NONCE = 16  # 16 base64url characters = 96 bits
+
+
+class CanonicalError(ValueError):
+    """The message holds a value that has no canonical form (e.g. a float)."""
+
+
+def _write(value: Any, out: list[bytes]) -> None:
+    if isinstance(value, str):
+        out.append(orjson.dumps(value))
+    elif value is None or isinstance(value, bool):
+        out.append(b"null" if value is None else (b"true" if value else b"false"))
+    elif isinstance(value, int):
+        if not -_MAX_SAFE <= value <= _MAX_SAFE:
+            raise CanonicalError("integer out of the interoperable range")
+        out.append(str(value).encode())
+    elif isinstance(value, dict):
+        out.append(b"{")
+        for i, key in enumerate(sorted(value, key=lambda k: k.encode("utf-16-be"))):
+            if not isinstance(key, str):
+                raise CanonicalError("object keys must be strings")
+            if i:
+                out.append(b",")
+            out.append(orjson.dumps(key))
+            out.append(b":")
+            _write(value[key], out)
+        out.append(b"}")
+    elif isinstance(value, list):
+        out.append(b"[")
+        for i, item in enumerate(value):
+            if i:
+                out.append(b",")
+            _write(item, out)
+        out.append(b"]")
+    else:
+        raise CanonicalError(f"{type(value).__name__} values cannot be signed")
+
+
+def canonical(message: Mapping[str, Any]) -> bytes:
+    """The bytes that are signed: *message* without ``sig``, canonicalized."""
+    out: list[bytes] = []
+    _write({k: v for k, v in message.items() if k != "sig"}, out)
+    return b"".join(out)
+
+
+def signature(secret: bytes, message: Mapping[str, Any]) -> str:
+    digest = hmac.new(secret, canonical(message), hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
+def sign(
+    message: Mapping[str, Any], *, kid: str, secret: bytes, nonce: str, ts: int
+) -> dict[str, Any]:
+    """A copy of *message* with the envelope fields added and signed."""
+    signed = {**message, "kid": kid, "nonce": nonce, "ts": ts}
+    signed["sig"] = signature(secret, signed)
+    return signed
+
+
+@dataclass(frozen=True, slots=True)
+class SigningKey:
+    kid: str
+    subject: str
+    secret: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class Verified:
+    """The signature and timestamp hold; the nonce must still be unseen."""
+
+    nonce_key: str
+    ttl: float
+
+
+class SignatureVerifier:
+    """Checks envelopes against configured per-client keys or the connection's session key."""
+
+    __slots__ = ("_clock", "_keys", "_max_nonce", "_window")
+
+    def __init__(
+        self,
+        keys: Mapping[str, SigningKey],
+        *,
+        window: float,
+        max_nonce: int,
+        clock: Callable[[], float],
+    ) -> None:
+        self._keys = dict(keys)
+        self._window = window
+        self._max_nonce = max_nonce
+        self._clock = clock
+
+    def check(
+        self, message: Mapping[str, Any], subject: str, session_key: bytes | None
+    ) -> Verified | str:
+        """Verified, or the stable error code (``bad_signature`` / ``stale``)."""
+        kid, nonce, ts, sig = (message.get(f) for f in ENVELOPE_FIELDS)
+        if not isinstance(kid, str) or not isinstance(sig, str) or len(sig) > 128:
+            return "bad_signature"
+        if (
+            not isinstance(nonce, str)
+            or not _MIN_NONCE <= len(nonce) <= self._max_nonce
+            or not set(nonce) <= _NONCE_CHARS
+            or not isinstance(ts, int)
+            or isinstance(ts, bool)
+        ):
+            return "bad_signature"
+        if kid == SESSION_KID:
+            secret = session_key
+        else:
+            key = self._keys.get(kid)
+            secret = key.secret if key is not None and key.subject == subject else None
+        if secret is None:
+            return "bad_signature"
+        try:
+            expected = signature(secret, message)
+        except CanonicalError:
+            return "bad_signature"
+        if not hmac.compare_digest(expected.encode(), sig.encode()):
+            return "bad_signature"
+        if abs(self._clock() - ts) > self._window:
+            return "stale"
+        return Verified(nonce_key=f"nonce:{subject}:{kid}:{nonce}", ttl=2 * self._window)
