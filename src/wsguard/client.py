@@ -1,0 +1,239 @@
+"""``wsguard.client``: a small asyncio client for wsguard servers, built on ``websockets``.
+
+It connects with a token (``Authorization`` header or subprotocol entry) and an
+optional client certificate, signs the message types you name, refreshes its
+token in-band before it expires, and reconnects with jittered exponential
+back-off when the connection drops::
+
+    from wsguard.client import WsguardClient
+
+    async with WsguardClient("wss://chat.example.com/", token_provider=get_token,
+                             signed_types={"transfer"}) as client:
+        await client.send({"type": "transfer", "amount": 10})
+        reply = await client.recv()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import inspect
+import logging
+import random
+import secrets
+import ssl
+import time
+from collections.abc import Awaitable, Callable, Collection
+from typing import Any, Literal
+
+import orjson
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.typing import Subprotocol
+
+from wsguard.core.integrity import SESSION_KID, sign
+
+logger = logging.getLogger("wsguard.client")
+
+TokenProvider = Callable[[], str | Awaitable[str]]
+
+# Close codes after which reconnecting cannot help (the client must change something).
+FINAL_CLOSE_CODES = frozenset({1002, 1003, 1007, 1008, 1009, 1010, 4003})
+
+
+class ClientError(Exception):
+    """The server refused us in a way reconnecting will not fix."""
+
+
+class WsguardClient:
+    """One logical connection to a wsguard server, re-established when it drops."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        token: str | None = None,
+        token_provider: TokenProvider | None = None,
+        transport: Literal["header", "subprotocol"] = "header",
+        subprotocol: str = "wsguard.v1",
+        ssl_context: ssl.SSLContext | None = None,
+        signing_key: tuple[str, bytes] | None = None,
+        signed_types: Collection[str] = (),
+        refresh_margin: float = 30.0,
+        reconnect: bool = True,
+        backoff_initial: float = 0.5,
+        backoff_max: float = 30.0,
+        max_attempts: int = 10,
+        origin: str | None = None,
+        open_timeout: float = 10.0,
+    ) -> None:
+        if token is None and token_provider is None:
+            raise ValueError("token or token_provider is required")
+        self.url = url
+        self._token = token
+        self._provider = token_provider
+        self._transport = transport
+        self._subprotocol = subprotocol
+        self._ssl = ssl_context
+        self._signing_key = signing_key
+        self._signed = frozenset(signed_types)
+        self._margin = refresh_margin
+        self._reconnect = reconnect
+        self._backoff = (backoff_initial, backoff_max)
+        self._max_attempts = max_attempts
+        self._origin = origin
+        self._open_timeout = open_timeout
+        self._ws: ClientConnection | None = None
+        self._session_key: bytes | None = None
+        self._refresher: asyncio.Task[None] | None = None
+        self._closed = False
+        self.welcome: dict[str, Any] = {}
+        self.expires_at: float | None = None
+        self.reconnects = 0
+
+    # -- connection ----------------------------------------------------------------
+
+    async def _token_now(self, *, fresh: bool = False) -> str:
+        if self._provider is not None and (fresh or self._token is None):
+            value = self._provider()
+            self._token = await value if inspect.isawaitable(value) else value
+        assert self._token is not None
+        return self._token
+
+    async def _open(self, *, fresh_token: bool = False) -> None:
+        token = await self._token_now(fresh=fresh_token)
+        headers: dict[str, str] = {}
+        protocols = [Subprotocol(self._subprotocol)]
+        if self._transport == "header":
+            headers["Authorization"] = f"Bearer {token}"
+        else:
+            protocols.append(Subprotocol(f"token.{token}"))
+        self._ws = await connect(
+            self.url,
+            additional_headers=headers,
+            subprotocols=protocols,
+            ssl=self._ssl,
+            origin=self._origin,  # type: ignore[arg-type]
+            open_timeout=self._open_timeout,
+        )
+        self.welcome = orjson.loads(await self._ws.recv())
+        signing = self.welcome.get("signing")
+        if isinstance(signing, dict) and isinstance(signing.get("key"), str):
+            key = signing["key"]
+            self._session_key = base64.urlsafe_b64decode(key + "=" * (-len(key) % 4))
+        exp = self.welcome.get("expires_at")
+        self.expires_at = float(exp) if isinstance(exp, (int, float)) else None
+        self._schedule_refresh()
+
+    async def connect(self) -> dict[str, Any]:
+        """Connect (retrying with back-off when allowed); returns the welcome frame."""
+        attempt = 0
+        while True:
+            try:
+                await self._open(fresh_token=attempt > 0)
+                return self.welcome
+            except InvalidStatus as exc:
+                status = exc.response.status_code
+                if status in (400, 403, 405, 426) or not self._reconnect:
+                    raise ClientError(f"handshake refused with HTTP {status}") from exc
+                retry_after = exc.response.headers.get("Retry-After")
+                delay = float(retry_after) if retry_after and retry_after.isdigit() else None
+            except (OSError, TimeoutError) as exc:
+                if not self._reconnect:
+                    raise ClientError(f"cannot connect: {exc}") from exc
+                delay = None
+            attempt += 1
+            if attempt >= self._max_attempts:
+                raise ClientError(f"gave up after {attempt} attempts")
+            await asyncio.sleep(delay if delay is not None else self._jitter(attempt))
+
+    def _jitter(self, attempt: int) -> float:
+        """Full-jitter exponential back-off."""
+        initial, maximum = self._backoff
+        return random.uniform(0, min(maximum, initial * 2**attempt))  # noqa: S311
+
+    # -- token refresh ---------------------------------------------------------------
+
+    def _schedule_refresh(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+            self._refresher = None
+        if self.expires_at is None or self._provider is None:
+            return
+        delay = max(0.0, self.expires_at - self._margin - time.time())
+        self._refresher = asyncio.get_running_loop().create_task(self._refresh_after(delay))
+
+    async def _refresh_after(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        token = await self._token_now(fresh=True)
+        ws = self._ws
+        if ws is not None:
+            with contextlib.suppress(ConnectionClosed):
+                await ws.send(orjson.dumps({"type": "auth", "token": token}).decode())
+
+    # -- messages ------------------------------------------------------------------------
+
+    def sign(self, message: dict[str, Any]) -> dict[str, Any]:
+        """Add the envelope (kid, nonce, ts, sig) with the configured or session key."""
+        if self._signing_key is not None:
+            kid, secret = self._signing_key
+        elif self._session_key is not None:
+            kid, secret = SESSION_KID, self._session_key
+        else:
+            raise ClientError("no signing key: pass signing_key or enable session keys")
+        nonce = secrets.token_urlsafe(16)  # 128 bits
+        return sign(message, kid=kid, secret=secret, nonce=nonce, ts=int(time.time()))
+
+    async def send(self, message: dict[str, Any]) -> None:
+        """Send a JSON message, signed when its type is in ``signed_types``."""
+        if message.get("type") in self._signed:
+            message = self.sign(message)
+        ws = await self._connection()
+        await ws.send(orjson.dumps(message).decode())
+
+    async def recv(self) -> dict[str, Any]:
+        """The next message from the server; reconnects transparently when allowed.
+
+        ``auth_ok`` replies to background token refreshes are consumed here.
+        """
+        while True:
+            ws = await self._connection()
+            try:
+                message: dict[str, Any] = orjson.loads(await ws.recv())
+            except ConnectionClosed as exc:
+                code = exc.rcvd.code if exc.rcvd is not None else 1006
+                if self._closed or not self._reconnect or code in FINAL_CLOSE_CODES:
+                    raise
+                logger.info("connection closed (%s); reconnecting", code)
+                self._ws = None
+                self.reconnects += 1
+                await asyncio.sleep(self._jitter(1))
+                await self.connect()
+                continue
+            if message.get("type") == "auth_ok":
+                exp = message.get("expires_at")
+                self.expires_at = float(exp) if isinstance(exp, (int, float)) else None
+                self._schedule_refresh()
+                continue
+            return message
+
+    async def _connection(self) -> ClientConnection:
+        if self._ws is None:
+            await self.connect()
+        assert self._ws is not None
+        return self._ws
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._refresher is not None:
+            self._refresher.cancel()
+        if self._ws is not None:
+            await self._ws.close()
+
+    async def __aenter__(self) -> WsguardClient:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
