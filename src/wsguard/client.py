@@ -207,6 +207,8 @@ class WsguardClient:
                     raise
                 logger.info("connection closed (%s); reconnecting", code)
                 self._ws = None
+                if self._provider is not None:
+                    self._token = None  # never retry with a token that may have expired
                 self.reconnects += 1
                 await asyncio.sleep(self._jitter(1))
                 await self.connect()

@@ -49,6 +49,7 @@ def reload_certificate(context: ssl.SSLContext, tls: TlsConfig) -> bool:
     """Load the certificate and key again (SIGHUP). New handshakes use them; open
     connections are untouched. On error the previous certificate stays in use."""
     try:
+        load_certificate(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), tls)  # validate first
         load_certificate(context, tls)
     except KeyLoadError as exc:
         logger.error("certificate reload failed, keeping the previous one: %s", exc)

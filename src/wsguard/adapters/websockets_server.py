@@ -55,10 +55,12 @@ class GuardedServerConnection(ServerConnection):
     _head = b""
     _screened = False
     _opened_at = 0.0
+    _peer_address = "unknown"
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._opened_at = time.monotonic()
         super().connection_made(transport)
+        self._peer_address = _peer(self)  # kept: the TLS transport forgets it when torn down
 
     def data_received(self, data: bytes) -> None:
         if not self._screened:
@@ -102,7 +104,9 @@ class GuardedServerConnection(ServerConnection):
             + body
         )
         self.transport.close()
-        self.guard.audit.emit("handshake_refused", status=status, reason=reason, client=_peer(self))
+        self.guard.audit.emit(
+            "handshake_refused", status=status, reason=reason, client=self._peer_address
+        )
 
     def process_event(self, event: Any) -> None:
         guarded, policy = self.guarded, self.policy
@@ -126,20 +130,25 @@ class GuardedServerConnection(ServerConnection):
     def _audit_engine_refusal(self) -> None:
         """Audit handshakes that ended before the policy saw them (engine limits, timeouts)."""
         failure = self.protocol.handshake_exc
+        if failure is not None and isinstance(failure.__cause__ or failure, EOFError):
+            failure = None  # the stream ended before a complete request: not malformed
         status: int | None = None
-        if isinstance(failure, RequestLineTooLong):
+        timed_out = time.monotonic() - self._opened_at >= (
+            self.guard.config.limits.handshake_timeout_seconds
+        )
+        if self.request is None and timed_out and failure is None:
+            reason = "handshake_timeout"
+        elif isinstance(failure, RequestLineTooLong):
             status, reason = 414, "request_line_too_long"
         elif isinstance(failure, (HeaderLineTooLong, TooManyHeaders)):
             status, reason = 431, "headers_too_large"
         elif failure is not None:
             status, reason = 400, "bad_request"
-        elif self.request is None and (
-            time.monotonic() - self._opened_at >= self.guard.config.limits.handshake_timeout_seconds
-        ):
-            reason = "handshake_timeout"
         else:
             return  # the client went away before sending a request: not a refusal
-        self.guard.audit.emit("handshake_refused", status=status, reason=reason, client=_peer(self))
+        self.guard.audit.emit(
+            "handshake_refused", status=status, reason=reason, client=self._peer_address
+        )
 
 
 def release_admission(connection: GuardedServerConnection) -> None:

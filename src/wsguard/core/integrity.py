@@ -37,9 +37,23 @@ class CanonicalError(ValueError):
     """The message holds a value that has no canonical form (e.g. a float)."""
 
 
+def _string(text: str) -> bytes:
+    try:
+        return orjson.dumps(text)
+    except orjson.JSONEncodeError:  # lone surrogates have no UTF-8 form
+        raise CanonicalError("strings must be valid Unicode") from None
+
+
+def _utf16(key: str) -> bytes:
+    try:
+        return key.encode("utf-16-be")
+    except UnicodeEncodeError:
+        raise CanonicalError("strings must be valid Unicode") from None
+
+
 def _write(value: Any, out: list[bytes]) -> None:
     if isinstance(value, str):
-        out.append(orjson.dumps(value))
+        out.append(_string(value))
     elif value is None or isinstance(value, bool):
         out.append(b"null" if value is None else (b"true" if value else b"false"))
     elif isinstance(value, int):
@@ -47,13 +61,18 @@ def _write(value: Any, out: list[bytes]) -> None:
             raise CanonicalError("integer out of the interoperable range")
         out.append(str(value).encode())
     elif isinstance(value, dict):
+        if not all(isinstance(key, str) for key in value):
+            raise CanonicalError("object keys must be strings")
         out.append(b"{")
-        for i, key in enumerate(sorted(value, key=lambda k: k.encode("utf-16-be"))):
-            if not isinstance(key, str):
-                raise CanonicalError("object keys must be strings")
+        keys = list(value)
+        if all(key.isascii() for key in keys):
+            keys.sort()  # code point order equals UTF-16 order for ASCII
+        else:
+            keys.sort(key=_utf16)
+        for i, key in enumerate(keys):
             if i:
                 out.append(b",")
-            out.append(orjson.dumps(key))
+            out.append(_string(key))
             out.append(b":")
             _write(value[key], out)
         out.append(b"}")

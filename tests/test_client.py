@@ -1,0 +1,525 @@
+"""``wsguard.client.WsguardClient`` against a real wsguard server.
+
+The client is asyncio; every test is a sync function running an inner coroutine
+with ``asyncio.run`` while the server runs on its own loop in a background thread.
+Covered: both token transports, sync and async token providers, automatic
+signing (session keys and per-client keys), in-band token refresh before ``exp``,
+client certificates (mTLS), transparent reconnect with back-off, no reconnect
+after final close codes or handshake refusals, and the back-off jitter bounds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import secrets
+import ssl
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+from websockets.asyncio.client import ClientConnection as AsyncClientConnection
+from websockets.asyncio.client import connect as async_connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from conftest import RunningServer, ServerFactory, make_token
+from wsguard.client import ClientError, WsguardClient
+from wsguard.config.demo_types import DEMO_MESSAGE_TYPES
+from wsguard.core.integrity import SESSION_KID
+from wsguard.server.app import App
+from wsguard.server.connection import Connection
+
+WRONG_SECRET = "not-the-server-secret-but-long-enough-for-hs256-0123"
+
+
+def signed_chat_config(**signing: Any) -> dict[str, Any]:
+    """Overrides making ``chat`` a signed type (the other demo types unchanged)."""
+    types = {**DEMO_MESSAGE_TYPES, "chat": {**DEMO_MESSAGE_TYPES["chat"], "signed": True}}
+    return {"signing": signing, "messages": {"types": types}}
+
+
+def write_keys_file(path: Path, keys: list[dict[str, str]]) -> Path:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump({"keys": keys}, fh)
+    return path
+
+
+def b64url(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+class Counter:
+    """A token provider (sync or async) that counts its calls."""
+
+    def __init__(self, tokens: Callable[[int], str]) -> None:
+        self.calls = 0
+        self._tokens = tokens
+
+    def sync(self) -> str:
+        self.calls += 1
+        return self._tokens(self.calls)
+
+    async def async_(self) -> str:
+        await asyncio.sleep(0)  # a real coroutine that yields to the loop
+        self.calls += 1
+        return self._tokens(self.calls)
+
+
+def wait_events(
+    server: RunningServer, name: str, *, subject: str, timeout: float = 5
+) -> list[dict[str, Any]]:
+    """Audit events of *subject*, polled (bounded) since the server writes them async."""
+    deadline = time.monotonic() + timeout
+    while True:
+        events = [e for e in server.audit.events(name) if e.get("subject") == subject]
+        if events or time.monotonic() > deadline:
+            return events
+        time.sleep(0.02)  # polling the audit log, bounded by the deadline
+
+
+async def recv(client: WsguardClient) -> dict[str, Any]:
+    return await asyncio.wait_for(client.recv(), 5)
+
+
+async def closed_by_server(ws: AsyncClientConnection) -> ConnectionClosed:
+    """Read (welcome and anything else) until the server closes; return the close."""
+    try:
+        while True:
+            await ws.recv()
+    except ConnectionClosed as exc:
+        return exc
+
+
+# -- connecting ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("transport", "auth"),
+    [("header", {"subprotocol": False}), ("subprotocol", {"header": False})],
+)
+def test_connects_with_each_token_transport_and_gets_pong(
+    server_factory: ServerFactory, transport: str, auth: dict[str, bool]
+) -> None:
+    # the server accepts only the transport under test, so the token must travel there
+    server = server_factory({"auth": auth})
+
+    async def main() -> tuple[dict[str, Any], dict[str, Any]]:
+        async with WsguardClient(
+            server.url,
+            token=make_token("alice"),
+            transport=transport,  # type: ignore[arg-type]
+            max_attempts=1,  # a refusal fails the test at once
+        ) as client:
+            await client.send({"type": "ping", "id": "p1"})
+            return client.welcome, await recv(client)
+
+    welcome, pong = asyncio.run(main())
+    assert welcome["type"] == "welcome"
+    assert welcome["subject"] == "alice"
+    assert pong["type"] == "pong"
+    assert pong["id"] == "p1"
+    admitted = server.audit.events("connection_admitted")
+    assert len(admitted) == 1
+    assert admitted[0]["subject"] == "alice"
+    assert admitted[0]["subprotocol"] == "wsguard.v1"
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_token_provider_sync_or_async_supplies_the_token(
+    server: RunningServer, kind: str
+) -> None:
+    counter = Counter(lambda n: make_token("dave"))
+    provider = counter.sync if kind == "sync" else counter.async_
+
+    async def main() -> tuple[dict[str, Any], dict[str, Any]]:
+        async with WsguardClient(server.url, token_provider=provider, max_attempts=1) as client:
+            await client.send({"type": "ping", "id": 3})
+            return client.welcome, await recv(client)
+
+    welcome, pong = asyncio.run(main())
+    assert welcome["subject"] == "dave"
+    assert pong["type"] == "pong" and pong["id"] == 3
+    assert counter.calls == 1
+
+
+def test_client_requires_a_token_or_provider() -> None:
+    with pytest.raises(ValueError, match="token or token_provider"):
+        WsguardClient("ws://127.0.0.1:1/")
+
+
+# -- signing -----------------------------------------------------------------------------
+
+
+def test_session_key_signed_chat_is_broadcast(server_factory: ServerFactory) -> None:
+    server = server_factory(signed_chat_config(session_keys=True))
+
+    async def main() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        async with WsguardClient(
+            server.url, token=make_token("alice"), signed_types={"chat"}
+        ) as alice, WsguardClient(server.url, token=make_token("bob")) as bob:
+            await alice.send({"type": "chat", "text": "signed hello"})
+            got = await recv(bob)
+            # no error frame for alice: her next frame is the pong
+            await alice.send({"type": "ping", "id": "after"})
+            return alice.welcome, got, await recv(alice)
+
+    welcome, got, pong = asyncio.run(main())
+    assert welcome["signing"]["kid"] == SESSION_KID
+    assert got == {
+        "type": "broadcast",
+        "from": "alice",
+        "message": {"type": "chat", "text": "signed hello"},  # envelope stripped
+    }
+    assert pong["type"] == "pong" and pong["id"] == "after"
+
+
+def test_per_client_key_signed_chat_is_broadcast(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    secret = secrets.token_bytes(32)
+    keys = write_keys_file(
+        tmp_path / "keys.json", [{"kid": "k1", "subject": "alice", "secret": b64url(secret)}]
+    )
+    server = server_factory(signed_chat_config(keys_file=str(keys)))
+
+    async def main() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        async with WsguardClient(
+            server.url,
+            token=make_token("alice"),
+            signing_key=("k1", secret),
+            signed_types={"chat"},
+        ) as alice, WsguardClient(server.url, token=make_token("bob")) as bob:
+            await alice.send({"type": "chat", "text": "with k1", "room": "r"})
+            got = await recv(bob)
+            await alice.send({"type": "ping", "id": 2})
+            return alice.welcome, got, await recv(alice)
+
+    welcome, got, pong = asyncio.run(main())
+    assert "signing" not in welcome  # no session keys configured
+    assert got == {
+        "type": "broadcast",
+        "from": "alice",
+        "message": {"type": "chat", "text": "with k1", "room": "r"},
+    }
+    assert pong["type"] == "pong" and pong["id"] == 2
+
+
+def test_client_signing_with_the_wrong_secret_is_refused(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    keys = write_keys_file(
+        tmp_path / "keys.json",
+        [{"kid": "k1", "subject": "alice", "secret": b64url(secrets.token_bytes(32))}],
+    )
+    server = server_factory(signed_chat_config(keys_file=str(keys)))
+
+    async def main() -> dict[str, Any]:
+        async with WsguardClient(
+            server.url,
+            token=make_token("alice"),
+            signing_key=("k1", secrets.token_bytes(32)),
+            signed_types={"chat"},
+        ) as alice:
+            await alice.send({"type": "chat", "text": "forged", "id": "f1"})
+            return await recv(alice)
+
+    error = asyncio.run(main())
+    assert error["type"] == "error"
+    assert error["code"] == "bad_signature"
+    assert error["ref"] == "f1"
+
+
+def test_sign_without_any_key_raises_client_error(server: RunningServer) -> None:
+    async def main() -> None:
+        async with WsguardClient(
+            server.url, token=make_token("alice"), signed_types={"chat"}
+        ) as client:
+            assert "signing" not in client.welcome
+            with pytest.raises(ClientError, match="no signing key"):
+                await client.send({"type": "chat", "text": "x"})
+
+    asyncio.run(main())
+
+
+def test_unsigned_signed_type_from_raw_client_gets_bad_signature(
+    server_factory: ServerFactory,
+) -> None:
+    server = server_factory(signed_chat_config(session_keys=True))
+    with server.connect_welcomed(make_token("mallory")) as ws:
+        ws.send(json.dumps({"type": "chat", "text": "unsigned", "id": "u1"}))
+        error = json.loads(ws.recv(timeout=5))
+        ws.send(json.dumps({"type": "ping", "id": "u2"}))
+        pong = json.loads(ws.recv(timeout=5))
+    assert error["type"] == "error"
+    assert error["code"] == "bad_signature"
+    assert error["ref"] == "u1"
+    assert pong["type"] == "pong" and pong["id"] == "u2"  # refused, not closed
+
+
+# -- token refresh ---------------------------------------------------------------------
+
+
+def test_refresh_keeps_the_connection_past_the_first_tokens_exp(
+    server: RunningServer,
+) -> None:
+    first_exp = int(time.time()) + 3
+    counter = Counter(
+        lambda n: make_token("alice", exp=first_exp) if n == 1 else make_token("alice", ttl=3600)
+    )
+    # a witness whose token ends one second after alice's first one, never refreshed:
+    # its 4001 close marks the moment exp + 1 s has passed on the server
+    witness_token = make_token("witness", exp=first_exp + 1)
+
+    async def main() -> tuple[WsguardClient, int, dict[str, Any]]:
+        async with WsguardClient(
+            server.url,
+            token_provider=counter.sync,
+            refresh_margin=2,
+            backoff_initial=0.01,
+        ) as client:
+            assert client.expires_at == first_exp
+            async with async_connect(
+                server.url,
+                additional_headers={"Authorization": f"Bearer {witness_token}"},
+                open_timeout=5,
+            ) as witness:
+                closed = await asyncio.wait_for(closed_by_server(witness), 10)
+            assert closed.rcvd is not None
+            assert time.time() >= first_exp + 1 - 0.05
+            await client.send({"type": "ping", "id": "late"})
+            pong = await recv(client)
+            # still the first connection: the server never closed alice (no 4001)
+            alice_closed = [
+                e for e in server.audit.events("connection_closed") if e["subject"] == "alice"
+            ]
+            assert alice_closed == []
+            return client, closed.rcvd.code, pong
+
+    client, witness_code, pong = asyncio.run(main())
+    assert witness_code == 4001
+    assert pong["type"] == "pong" and pong["id"] == "late"  # auth_ok was consumed
+    assert counter.calls == 2  # connect + one refresh, no reconnect
+    assert client.reconnects == 0
+    assert client.expires_at is not None and client.expires_at > first_exp + 3000
+    witness_closed = wait_events(server, "connection_closed", subject="witness")
+    assert [(e["code"], e["cause"]) for e in witness_closed] == [(4001, "token_expired")]
+    assert len([e for e in server.audit.events("connection_admitted")
+                if e["subject"] == "alice"]) == 1
+
+
+# -- client certificate ------------------------------------------------------------------
+
+
+def test_client_certificate_and_token_over_wss(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    ca = trustme.CA()
+    server_cert = ca.issue_cert("localhost", "127.0.0.1")
+    cert_file = tmp_path / "server.pem"
+    cert_file.write_bytes(b"".join(blob.bytes() for blob in server_cert.cert_chain_pems))
+    key_file = tmp_path / "server.key"
+    server_cert.private_key_pem.write_to_path(str(key_file))
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    server = server_factory(
+        {
+            "tls": {
+                "cert_file": str(cert_file),
+                "key_file": str(key_file),
+                "client_ca_file": str(ca_file),
+                "client_cert": "optional",
+                "cert_scopes": {"alice": ["admin"]},
+            }
+        }
+    )
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    ca.configure_trust(context)
+    ca.issue_cert("alice.example", common_name="alice").configure_cert(context)
+
+    async def main() -> tuple[dict[str, Any], dict[str, Any]]:
+        async with WsguardClient(
+            f"wss://localhost:{server.port}/",
+            token=make_token("alice", scopes="chat"),
+            ssl_context=context,
+        ) as client:
+            await client.send({"type": "ping", "id": "tls"})
+            return client.welcome, await recv(client)
+
+    welcome, pong = asyncio.run(main())
+    assert welcome["type"] == "welcome"
+    assert welcome["subject"] == "alice"
+    # the admin scope comes only from the certificate mapping: the certificate was used
+    assert welcome["scopes"] == ["admin", "chat"]
+    assert pong["type"] == "pong" and pong["id"] == "tls"
+
+
+# -- reconnect ---------------------------------------------------------------------------
+
+
+def _greeting(app: App) -> None:
+    @app.on_connect
+    async def hello(conn: Connection) -> None:
+        conn.send({"type": "hello", "server": "second"})
+
+
+def _restart_on(factory: ServerFactory, port: int) -> RunningServer:
+    """A new server on *port*, retrying (bounded) while the port is not yet free."""
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            return factory({"port": port}, setup=_greeting)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)  # polling for the port to be free, bounded by the deadline
+
+
+def test_recv_reconnects_transparently_after_server_restart(
+    server_factory: ServerFactory,
+) -> None:
+    first = server_factory()
+    port = first.port
+
+    async def main() -> tuple[
+        WsguardClient, str, dict[str, Any], dict[str, Any], RunningServer
+    ]:
+        async with WsguardClient(
+            first.url,
+            token=make_token("alice"),
+            backoff_initial=0.02,
+            backoff_max=0.1,
+            max_attempts=200,
+        ) as client:
+            old_id = client.welcome["connection_id"]
+            # the client's loop keeps running, so it answers the server's close at once
+            await asyncio.to_thread(first.stop)
+            pending = asyncio.get_running_loop().create_task(client.recv())
+            second = await asyncio.to_thread(_restart_on, server_factory, port)
+            message = await asyncio.wait_for(pending, 15)
+            await client.send({"type": "ping", "id": "again"})
+            return client, old_id, message, await recv(client), second
+
+    client, old_id, message, pong, second = asyncio.run(main())
+    assert second.port == port
+    assert client.reconnects == 1
+    assert message == {"type": "hello", "server": "second"}  # the welcome is not returned
+    assert client.welcome["connection_id"] != old_id
+    assert pong["type"] == "pong" and pong["id"] == "again"
+    assert [e["subject"] for e in second.audit.events("connection_admitted")] == ["alice"]
+
+
+def test_reconnect_after_expiry_close_asks_the_provider_for_a_fresh_token(
+    server_factory: ServerFactory,
+) -> None:
+    server = server_factory(setup=_greeting)
+    first_exp = int(time.time()) + 2
+    counter = Counter(
+        lambda n: make_token("alice", exp=first_exp) if n == 1 else make_token("alice", ttl=3600)
+    )
+
+    async def main() -> tuple[WsguardClient, dict[str, Any], dict[str, Any]]:
+        async with WsguardClient(
+            server.url,
+            token_provider=counter.sync,
+            refresh_margin=-60,  # no in-band refresh in time: the server closes with 4001
+            backoff_initial=0.01,
+        ) as client:
+            first = await recv(client)  # the hello of the first connection
+            second = await asyncio.wait_for(client.recv(), 10)  # after 4001 and a reconnect
+            return client, first, second
+
+    client, first, second = asyncio.run(main())
+    assert first["type"] == second["type"] == "hello"
+    assert first["server"] == second["server"] == "second"
+    assert client.reconnects == 1
+    closes = wait_events(server, "connection_closed", subject="alice")
+    assert (closes[0]["code"], closes[0]["cause"]) == (4001, "token_expired")
+    assert counter.calls == 2
+    # the client knew its token had expired: it must not present it again
+    assert server.audit.events("handshake_refused") == []
+    assert [e["subject"] for e in server.audit.events("connection_admitted")] == ["alice"] * 2
+
+
+def test_policy_close_1008_is_final(server_factory: ServerFactory) -> None:
+    server = server_factory({"limits": {"violation_budget": 1}})
+
+    async def main() -> tuple[WsguardClient, dict[str, Any], int | None]:
+        async with WsguardClient(
+            server.url, token=make_token("alice"), backoff_initial=0.01
+        ) as client:
+            await client.send({"type": "nope", "id": 1})
+            await client.send({"type": "nope", "id": 2})
+            error = await recv(client)
+            with pytest.raises(ConnectionClosed) as closed:
+                await recv(client)
+            rcvd = closed.value.rcvd
+            return client, error, rcvd.code if rcvd is not None else None
+
+    client, error, code = asyncio.run(main())
+    assert error["type"] == "error" and error["code"] == "unknown_type" and error["ref"] == 1
+    assert code == 1008
+    assert client.reconnects == 0
+    assert len(server.audit.events("connection_admitted")) == 1
+
+
+def test_handshake_refused_with_403_is_not_retried(server_factory: ServerFactory) -> None:
+    server = server_factory({"origin": {"allowed": ["https://app.example.com"]}})
+    counter = Counter(lambda n: make_token("alice"))
+
+    async def main() -> None:
+        client = WsguardClient(
+            server.url,
+            token_provider=counter.sync,
+            origin="https://evil.example.com",
+            backoff_initial=0.01,
+            max_attempts=5,
+        )
+        await client.connect()
+
+    with pytest.raises(ClientError, match="HTTP 403") as raised:
+        asyncio.run(main())
+    cause = raised.value.__cause__
+    assert isinstance(cause, InvalidStatus) and cause.response.status_code == 403
+    assert counter.calls == 1
+    refused = server.audit.events("handshake_refused")
+    assert [(e["status"], e["reason"]) for e in refused] == [(403, "origin_forbidden")]
+
+
+def test_handshake_refused_with_401_gives_up_after_max_attempts(
+    server_factory: ServerFactory,
+) -> None:
+    server = server_factory()
+    counter = Counter(lambda n: make_token("alice", secret=WRONG_SECRET))
+
+    async def main() -> None:
+        client = WsguardClient(
+            server.url, token_provider=counter.sync, backoff_initial=0.01, max_attempts=2
+        )
+        await client.connect()
+
+    with pytest.raises(ClientError, match="gave up after 2 attempts"):
+        asyncio.run(main())
+    assert counter.calls == 2  # a fresh token for the second attempt
+    statuses = [e["status"] for e in server.audit.events("handshake_refused")]
+    assert statuses == [401, 401]
+    assert server.audit.events("connection_admitted") == []
+
+
+# -- back-off ------------------------------------------------------------------------------
+
+
+def test_jitter_stays_within_full_jitter_bounds() -> None:
+    client = WsguardClient("ws://127.0.0.1:1/", token="t", backoff_initial=0.1, backoff_max=1.0)
+    for attempt in range(12):
+        bound = min(1.0, 0.1 * 2**attempt)
+        samples = [client._jitter(attempt) for _ in range(300)]
+        assert all(0 <= s <= bound for s in samples), (attempt, max(samples), bound)
+        assert max(samples) > bound / 2  # spread over the range, not a constant
+        assert min(samples) < bound / 2
+
