@@ -820,8 +820,9 @@ def test_non_get_method_is_refused_without_taking_a_slot(server: RunningServer) 
         pass
 
 
-def test_many_malformed_upgrades_do_not_stall_the_server(server: RunningServer) -> None:
+def test_many_malformed_upgrades_do_not_stall_the_server(server_factory: ServerFactory) -> None:
     """Open many half-sent requests at once; a normal client is still served promptly."""
+    server = server_factory({"limits": {"pending_handshakes_per_address": 50}})
     with ExitStack() as stack:
         for _ in range(20):
             sock = stack.enter_context(
@@ -833,6 +834,52 @@ def test_many_malformed_upgrades_do_not_stall_the_server(server: RunningServer) 
             ws.send(json.dumps({"type": "ping", "id": 2}))
             assert recv_json(ws)["id"] == 2
         assert time.monotonic() - started < 2
+
+
+def test_pending_handshakes_per_address_are_capped(server_factory: ServerFactory) -> None:
+    """Slowloris: connections still sending their request are limited per peer."""
+    server = server_factory({"limits": {"pending_handshakes_per_address": 3}})
+    with ExitStack() as stack:
+        for _ in range(3):
+            sock = stack.enter_context(
+                socket.create_connection(("127.0.0.1", server.port), timeout=5)
+            )
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        response = raw_http(server.port, upgrade_request(token=make_token()))
+        assert status_of(response) == 429
+        assert b"\r\nRetry-After: 1\r\n" in response
+    # once those are gone, the address is served again
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        if status_of(raw_http(server.port, upgrade_request(token=make_token()))) == 101:
+            break
+        time.sleep(0.02)  # bounded poll until the server has seen the sockets close
+    else:
+        pytest.fail("address still refused after its pending handshakes closed")
+    reasons = [e["reason"] for e in server.audit.events("handshake_refused")]
+    assert "too_many_pending" in reasons
+
+
+def test_request_head_size_is_capped(server_factory: ServerFactory) -> None:
+    server = server_factory({"limits": {"max_header_bytes": 2048}})
+    many = {f"X-H{i}": "v" * 40 for i in range(60)}  # ~3 KB in lines well under 8 KiB each
+    response = raw_http(server.port, upgrade_request(headers=many, token=make_token()))
+    assert status_of(response) == 431
+    with server.connect_welcomed() as ws:
+        ws.send(json.dumps({"type": "ping", "id": 3}))
+        assert recv_json(ws)["id"] == 3
+
+
+@pytest.mark.parametrize(
+    "line",
+    [b"X-No-Colon", b"Bad Name: v", b"X-Ctl: a\x01b", b" folded", b"X-\x80: v"],
+    ids=["no-colon", "space-in-name", "control-in-value", "obs-fold", "non-ascii-name"],
+)
+def test_malformed_header_lines_get_400(server: RunningServer, line: bytes) -> None:
+    request = upgrade_request(token=make_token()).replace(
+        b"\r\n\r\n", b"\r\n" + line + b"\r\n\r\n", 1
+    )
+    assert status_of(raw_http(server.port, request)) == 400
 
 
 # --------------------------------------------------------------------------- audit of refusals

@@ -26,7 +26,9 @@ from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
+from wsguard.adapters.http_screen import screen_head, screen_request_line
 from wsguard.adapters.tls import certificate_identity, server_context
+from wsguard.core.client_address import parse_ip
 from wsguard.core.decisions import Admit, Reject
 from wsguard.core.headers import Headers
 from wsguard.core.messages import MessagePolicy
@@ -41,7 +43,43 @@ logger = logging.getLogger("wsguard.server")
 
 _pending_releases: set[asyncio.Task[None]] = set()
 _CONTROL_COUNTED = (Opcode.PING, Opcode.PONG)
-_MAX_REQUEST_LINE = 16384
+
+
+class PendingHandshakes:
+    """Connections whose request head has not arrived yet, per peer and in total.
+
+    Every limit of the policy applies once a request is parsed; this bounds what
+    a client can hold open before that (slowloris). Trusted proxies are exempt
+    from the per-address cap: their peers are many clients.
+    """
+
+    def __init__(self, guard: Guard) -> None:
+        limits = guard.config.limits
+        self.per_address = limits.pending_handshakes_per_address
+        self.total_limit = limits.max_pending_handshakes
+        self.resolver = guard.handshakes.resolver
+        self.by_peer: dict[str, int] = {}
+        self.total = 0
+
+    def enter(self, peer: str) -> tuple[int, str, str] | None:
+        if self.total >= self.total_limit:
+            return 503, "server_full", "Too many pending handshakes."
+        count = self.by_peer.get(peer, 0)
+        address = parse_ip(peer)
+        trusted = address is not None and self.resolver.is_trusted(address)
+        if count >= self.per_address and not trusted:
+            return 429, "too_many_pending", "Too many pending handshakes from this address."
+        self.by_peer[peer] = count + 1
+        self.total += 1
+        return None
+
+    def leave(self, peer: str) -> None:
+        self.total -= 1
+        count = self.by_peer.get(peer, 1) - 1
+        if count <= 0:
+            self.by_peer.pop(peer, None)
+        else:
+            self.by_peer[peer] = count
 
 
 class GuardedServerConnection(ServerConnection):
@@ -57,46 +95,67 @@ class GuardedServerConnection(ServerConnection):
     _opened_at = 0.0
     _peer_address = "unknown"
 
+    pending: PendingHandshakes  # shared by the connections of one server
+    _pending = False
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._opened_at = time.monotonic()
         super().connection_made(transport)
         self._peer_address = _peer(self)  # kept: the TLS transport forgets it when torn down
+        refusal = self.pending.enter(self._peer_address)
+        if refusal is not None:
+            self._refuse_raw(*refusal)
+            return
+        self._pending = True
+
+    def _end_pending(self) -> None:
+        if self._pending:
+            self._pending = False
+            self.pending.leave(self._peer_address)
 
     def data_received(self, data: bytes) -> None:
-        if not self._screened:
-            refusal = self._screen(data)
-            if refusal is not None:
-                self._refuse_raw(*refusal)
-                return
-        super().data_received(data)
-
-    def _screen(self, data: bytes) -> tuple[int, str, str] | None:
-        """Check the request line before the engine parses it.
-
-        The engine closes silently on a request line it cannot parse; a client
-        deserves a 4xx, and the audit log a record.
-        """
+        if self._screened:
+            super().data_received(data)
+            return
         head = self._head + data
-        end = head.find(b"\n")
+        end = head.find(b"\r\n\r\n")
+        limit = self.guard.config.limits.max_header_bytes
         if end < 0:
-            self._head = head[:_MAX_REQUEST_LINE]
-            return None  # the engine enforces the line length limit (414)
+            if len(head) > limit:
+                line_done = b"\n" in head
+                self._refuse_raw(
+                    431 if line_done else 414,
+                    "headers_too_large" if line_done else "request_line_too_long",
+                    "Request header too large." if line_done else "Request line too long.",
+                )
+                return
+            first = head.find(b"\n")
+            if first >= 0:  # answer a bad request line without waiting for the rest
+                refusal = screen_request_line(head[:first].rstrip(b"\r"))
+                if refusal is not None:
+                    self._refuse_raw(*refusal)
+                    return
+            self._head = head
+            return
         self._screened, self._head = True, b""
-        line = head[:end].rstrip(b"\r")
-        parts = line.split(b" ")
-        if len(parts) != 3 or not line.isascii() or not parts[0].isalpha():
-            return 400, "bad_request", "Malformed HTTP request line."
-        if parts[2] != b"HTTP/1.1":
-            return 400, "bad_http_version", "HTTP/1.1 required."
-        if parts[0] != b"GET":
-            return 405, "bad_method", "Only GET upgrades are accepted."
-        return None
+        self._end_pending()
+        refusal = (
+            screen_head(head[:end])
+            if end <= limit
+            else (431, "headers_too_large", "Request header too large.")
+        )
+        if refusal is not None:
+            self._refuse_raw(*refusal)
+            return
+        super().data_received(head)
 
     def _refuse_raw(self, status: int, reason: str, message: str) -> None:
         self.decided = True
         body = (message + "\n").encode()
         phrase = http.HTTPStatus(status).phrase
         extra = "Allow: GET\r\n" if status == 405 else ""
+        if status in (429, 503):
+            extra += "Retry-After: 1\r\n"
         self.transport.write(
             f"HTTP/1.1 {status} {phrase}\r\nConnection: close\r\n{extra}"
             f"Content-Type: text/plain; charset=utf-8\r\nContent-Length: {len(body)}\r\n"
@@ -122,6 +181,7 @@ class GuardedServerConnection(ServerConnection):
         super().process_event(event)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._end_pending()
         super().connection_lost(exc)
         release_admission(self)
         if not self.decided:
@@ -239,7 +299,9 @@ async def start_server(app: App) -> Server:
         max_size=config.limits.max_message_bytes,
         max_queue=16,
         create_connection=type(
-            "ServerGuardedConnection", (GuardedServerConnection,), {"guard": guard}
+            "ServerGuardedConnection",
+            (GuardedServerConnection,),
+            {"guard": guard, "pending": PendingHandshakes(guard)},
         ),
         logger=logging.getLogger("wsguard.engine"),
     )
@@ -293,7 +355,7 @@ async def run_guarded(app: App, ws: GuardedServerConnection, admission: Admit) -
     finally:
         conn.cancel_timers()
         app.connections.pop(conn.id, None)
-        guard.messages.closed(state)
+        guard.messages.closed(state, time.monotonic())
         ws.guarded = None
         for hook in app._on_disconnect:
             try:

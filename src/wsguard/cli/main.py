@@ -119,8 +119,9 @@ def _serve(args: argparse.Namespace) -> int:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    if config.log_level != "debug":
-        logging.getLogger("wsguard.engine").setLevel(logging.WARNING)
+    # The engine's debug records carry raw headers (tokens, cookies) and frames: never
+    # let them through, whatever the log level.
+    logging.getLogger("wsguard.engine").setLevel(logging.WARNING)
     from wsguard.server.demo import demo_app
 
     app = demo_app(config)

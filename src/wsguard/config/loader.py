@@ -107,24 +107,32 @@ def _known_key(keys: tuple[str, ...]) -> bool:
 
 def _parse_env_value(keys: tuple[str, ...], raw: str) -> Any:
     stripped = raw.strip()
+    kind = _container_kind(keys)
+    if kind is None:
+        return raw  # scalars (secrets included) are taken verbatim
     if stripped[:1] in ("[", "{"):
         try:
             return json.loads(stripped)
         except json.JSONDecodeError:
             raise ConfigError(".".join(keys), "invalid JSON in environment variable") from None
-    if _is_list_key(keys):
+    if kind == "list":
         return [item.strip() for item in stripped.split(",") if item.strip()]
     return raw
 
 
-def _is_list_key(keys: tuple[str, ...]) -> bool:
+def _container_kind(keys: tuple[str, ...]) -> str | None:
+    """ "list" or "table" for keys whose value is a list or a table, else None."""
     model: type[BaseModel] = Config
     for key in keys[:-1]:
         annotation = model.model_fields[key].annotation
         assert isinstance(annotation, type)
         model = annotation
-    annotation = model.model_fields[keys[-1]].annotation
-    return str(annotation).startswith("tuple[")
+    text = str(model.model_fields[keys[-1]].annotation)
+    if text.startswith("tuple["):
+        return "list"
+    if text.startswith("dict["):
+        return "table"
+    return None
 
 
 def _set(data: dict[str, Any], keys: tuple[str, ...], value: Any) -> None:

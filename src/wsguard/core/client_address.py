@@ -79,3 +79,12 @@ class ClientAddressResolver:
             if not self.is_trusted(address):
                 break
         return str(client)
+
+
+def limit_key(address: str, ipv6_prefix: int) -> str:
+    """The key that limits and bans count under: the address itself for IPv4, its
+    /``ipv6_prefix`` network for IPv6 (one host usually controls a whole /64)."""
+    ip = parse_ip(address)
+    if isinstance(ip, ipaddress.IPv6Address) and ipv6_prefix < 128:
+        return str(ipaddress.IPv6Network((ip, ipv6_prefix), strict=False))
+    return address

@@ -2,11 +2,12 @@
 
 Order of checks (cheapest and most abusive first):
 
-1. the request is a well-formed WebSocket upgrade (400 / 426);
-2. the client address (trusted proxies only) is not banned (429);
-3. the address is within its handshake rate (429);
-4. the node is not draining (503);
-5. the Origin is allowed (403; always refused with cookie credentials when absent);
+1. the request is a well-formed WebSocket upgrade (400 / 405 / 426);
+2. the Origin is allowed (403; absent Origin refused when cookie auth is on) -- checked
+   before any counter so that a cross-site page cannot spend its visitors' quota;
+3. the client address (trusted proxies only) is not banned (429);
+4. the address is within its handshake rate (429);
+5. the node is not draining (503);
 6. credentials are present and verify (401, counted toward an address ban);
 7. global, per-address and per-subject connection slots are free (503 / 429).
 
@@ -23,7 +24,7 @@ from dataclasses import replace
 
 from wsguard.config.model import Config
 from wsguard.core.auth import AuthFailure, Credentials, TokenVerifier, extract_credentials
-from wsguard.core.client_address import ClientAddressResolver
+from wsguard.core.client_address import ClientAddressResolver, limit_key
 from wsguard.core.decisions import Admit, HandshakeDecision, Reject
 from wsguard.core.headers import split_list
 from wsguard.core.identity import Identity
@@ -131,12 +132,20 @@ class HandshakePolicy:
             return _with_client(bad, client)
         store, limits = self.store, self.config.limits
 
-        banned = await store.ban_remaining("addr:" + client)
+        # A foreign Origin is refused before anything is counted: otherwise any web
+        # page a user visits could spend that user's handshake quota or get them banned.
+        origin = request.headers.get("origin")
+        if request.headers.count("origin") > 1 or not self.origins.check(
+            origin, cookie_auth=self.config.auth.cookie
+        ):
+            return Reject(403, "origin_forbidden", "Origin not allowed.", client=client)
+        key = limit_key(client, limits.ipv6_prefix_length)
+        banned = await store.ban_remaining("addr:" + key)
         if banned > 0:
             return Reject(
                 429, "banned", "Too many failed attempts.", _retry_after(banned), client=client
             )
-        wait = await store.hit("hs:" + client, limits.handshakes_per_minute, 60.0)
+        wait = await store.hit("hs:" + key, limits.handshakes_per_minute, 60.0)
         if wait > 0:
             return Reject(
                 429,
@@ -151,17 +160,11 @@ class HandshakePolicy:
         try:
             credentials = extract_credentials(request, self.config.auth)
         except AuthFailure as failure:
-            return await self._auth_failed(client, failure)
-        cookie_auth = credentials is not None and credentials.transport == "cookie"
-        origin = request.headers.get("origin")
-        if request.headers.count("origin") > 1 or not self.origins.check(
-            origin, cookie_auth=cookie_auth or self.config.auth.cookie
-        ):
-            return Reject(403, "origin_forbidden", "Origin not allowed.", client=client)
+            return await self._auth_failed(client, key, failure)
         try:
             identity = self._authenticate(credentials, request.client_cert)
         except AuthFailure as failure:
-            return await self._auth_failed(client, failure)
+            return await self._auth_failed(client, key, failure)
 
         subject = identity.subject
         holder = f"{self._node}:{next(self._holder_ids)}"
@@ -172,7 +175,7 @@ class HandshakePolicy:
                 await store.release(key, holder)
 
         try:
-            refused = await self._acquire_slots(keys, holder, client, subject)
+            refused = await self._acquire_slots(keys, holder, client, key, subject)
         except BaseException:  # cancelled mid-way (handshake timeout): give slots back
             await release()
             raise
@@ -216,13 +219,13 @@ class HandshakePolicy:
         return identity
 
     async def _acquire_slots(
-        self, keys: list[str], holder: str, client: str, subject: str
+        self, keys: list[str], holder: str, client: str, address_key: str, subject: str
     ) -> Reject | None:
         store, limits = self.store, self.config.limits
         for key, limit, status, reason, text in (
             ("conn:all", limits.max_connections, 503, "server_full", "Server is full."),
             (
-                "conn:addr:" + client,
+                "conn:addr:" + address_key,
                 limits.connections_per_address,
                 429,
                 "too_many_connections",
@@ -250,8 +253,8 @@ class HandshakePolicy:
             keys.append(key)
         return None
 
-    async def _auth_failed(self, client: str, failure: AuthFailure) -> Reject:
-        ban = await self.store.record_failure("addr:" + client, self.ban_policy)
+    async def _auth_failed(self, client: str, key: str, failure: AuthFailure) -> Reject:
+        ban = await self.store.record_failure("addr:" + key, self.ban_policy)
         error = "" if failure.reason == "missing_credentials" else ', error="invalid_token"'
         message = (
             "Missing credentials."

@@ -53,6 +53,8 @@ class SubjectLimits:
     messages: Gcra
     volume: Gcra
     connections: int = 0
+    violations: float = 0.0
+    violations_at: float = 0.0
 
 
 @dataclass(slots=True)
@@ -160,6 +162,7 @@ class MessagePolicy:
         self._budget = float(limits.violation_budget)
         self._decay = limits.violation_decay_seconds
         self._subjects: dict[str, SubjectLimits] = {}
+        self._next_prune = 1024
 
     # -- connection lifecycle -------------------------------------------------
 
@@ -174,25 +177,46 @@ class MessagePolicy:
             )
             self._subjects[identity.subject] = subject
         subject.connections += 1
+        self._prune_subjects(now)
         session_key = secrets.token_bytes(32) if self.config.signing.session_keys else None
+        # A reconnect inherits the subject's decayed violation score: closing and
+        # reopening must not reset the budget (nor the subject's buckets).
         return ConnectionState(
             session_key=session_key,
             identity=identity,
             messages=Gcra(self._msg_rate, self._msg_burst),
             volume=Gcra(self._byte_rate, self._byte_burst),
             subject=subject,
+            violations=self._decayed(subject.violations, subject.violations_at, now),
             violations_at=now,
             last_data_at=now,
         )
 
-    def closed(self, state: ConnectionState) -> None:
-        """Forget a connection; drops the subject's buckets with its last connection."""
+    def _decayed(self, score: float, since: float, now: float) -> float:
+        return max(0.0, score - (now - since) / self._decay)
+
+    def closed(self, state: ConnectionState, now: float | None = None) -> None:
+        """Forget a connection. The subject's buckets and violation score outlive it
+        until they have recovered, so reconnecting does not reset any limit."""
         subject = state.subject
         subject.connections -= 1
-        if subject.connections <= 0:
-            current = self._subjects.get(state.identity.subject)
-            if current is subject:
-                del self._subjects[state.identity.subject]
+        at = state.violations_at if now is None else now
+        score = self._decayed(state.violations, state.violations_at, at)
+        if score >= self._decayed(subject.violations, subject.violations_at, at):
+            subject.violations, subject.violations_at = score, at
+
+    def _prune_subjects(self, now: float) -> None:
+        """Drop subjects with no connection whose limits have fully recovered."""
+        if len(self._subjects) < self._next_prune:
+            return
+        self._subjects = {
+            name: s
+            for name, s in self._subjects.items()
+            if s.connections > 0
+            or not (s.messages.idle(now) and s.volume.idle(now))
+            or self._decayed(s.violations, s.violations_at, now) > 0
+        }
+        self._next_prune = max(1024, 2 * len(self._subjects))
 
     def type_names(self) -> list[str]:
         return sorted(self._types)
@@ -215,7 +239,13 @@ class MessagePolicy:
 
     def control_frame(self, state: ConnectionState, now: float, size: int) -> Close | None:
         """Count a ping/pong from the client; a ping flood is a flood."""
-        wait = state.messages.take(now) or state.volume.take(now, max(size, 1))
+        cost = max(size, 1)
+        wait = (
+            state.messages.take(now)
+            or state.volume.take(now, cost)
+            or state.subject.messages.take(now)
+            or state.subject.volume.take(now, cost)
+        )
         if wait > 0 and self.violation(state, now):
             return Close(CLOSE_POLICY_VIOLATION, "policy violation", cause="rate_limited")
         return None

@@ -24,6 +24,10 @@ class Gcra:
         self._tolerance = burst * self._interval
         self._tat = 0.0
 
+    def idle(self, now: float) -> bool:
+        """True when the bucket is full again (nothing to remember)."""
+        return self._tat <= now
+
     def take(self, now: float, cost: float = 1.0) -> float:
         """Take *cost* units at time *now*; 0.0 if allowed, else seconds to wait."""
         tat = self._tat if self._tat > now else now

@@ -251,7 +251,7 @@ class App:
         server, self._server = self._server, None
         server.close(close_connections=True, code=CLOSE_GOING_AWAY, reason="server shutdown")
         try:
-            await asyncio.wait_for(server.wait_closed(), self.config.liveness.drain_seconds or None)
+            await asyncio.wait_for(server.wait_closed(), self.config.liveness.drain_seconds)
         except TimeoutError:
             for conn in list(self.connections.values()):
                 conn._ws.transport.abort()

@@ -26,6 +26,9 @@ if TYPE_CHECKING:
     from websockets.asyncio.server import ServerConnection
 
 _SLOW_CONSUMER_ABORT_SECONDS = 1.0
+_SENDABLE_CODES = frozenset(
+    {1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014}
+)
 
 
 class Connection:
@@ -139,15 +142,25 @@ class Connection:
         task.add_done_callback(self._tasks.discard)
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
-        """Close with *code* and wait for the closing handshake."""
+        """Close with *code* and wait for the closing handshake.
+
+        *code* must be 1000-1003, 1007-1014 or 3000-4999 and *reason* at most 123
+        bytes of UTF-8 (RFC 6455); anything else raises ValueError.
+        """
+        if not (code in _SENDABLE_CODES or 3000 <= code <= 4999):
+            raise ValueError(f"close code {code} cannot be sent")
+        if len(reason.encode()) > 123:
+            raise ValueError("close reason longer than 123 bytes")
         self._closing = True
         await self._close(code, reason)
 
     async def _close(self, code: int, reason: str) -> None:
         if self.close_cause != "slow_consumer":
             await self.flush()  # replies already queued go out before the close frame
-        with contextlib.suppress(Exception):  # the transport is gone: nothing left to do
+        try:
             await self._ws.close(code, reason)
+        except Exception:  # the transport is broken: make sure the socket goes away
+            self._ws.transport.abort()
 
     def set_timer(self, name: str, delay: float, callback: Callable[[], None]) -> None:
         """(Re)arm a named timer; replaces the previous one of that name."""

@@ -1,23 +1,41 @@
 """``memory://``: the embedded single-node store (the default).
 
-Rate counting uses the ``limits`` library's moving window over its async
-in-memory storage; slots and bans are plain dictionaries. Every method runs
-without awaiting between its read and its write, so each is atomic on the
-event loop.
+Everything is plain dictionaries updated without an ``await`` between read and
+write, so each method is atomic on the event loop. Rate counting uses a sliding
+window counter (the previous fixed window weighted by its overlap plus the
+current one): O(1) memory per key and no double burst at window boundaries.
+Stale entries are pruned in amortized O(1) as the tables grow, so memory stays
+bounded by the number of active keys, whatever an attacker rotates through.
+
+(The ``limits`` library's in-memory storage was measured unsuitable here: its
+expiry pass does one thread hop per key, 1.6 s of CPU per pass at 20k keys.)
 """
 
 from __future__ import annotations
 
 import collections
 import time
-
-from limits import RateLimitItemPerSecond
-from limits.aio.storage import MemoryStorage as LimitsMemoryStorage
-from limits.aio.strategies import MovingWindowRateLimiter
+from collections.abc import Callable
 
 from wsguard.stores.base import BanPolicy, Store
 
-_PRUNE_AT = 10_000
+_PRUNE_FLOOR = 1024
+
+
+class _Table:
+    """A dict that drops stale entries once it has doubled since the last prune."""
+
+    __slots__ = ("data", "next_prune")
+
+    def __init__(self) -> None:
+        self.data: dict[str, tuple[float, float, float]] = {}
+        self.next_prune = _PRUNE_FLOOR
+
+    def maybe_prune(self, is_stale: Callable[[tuple[float, float, float]], bool]) -> None:
+        if len(self.data) < self.next_prune:
+            return
+        self.data = {k: v for k, v in self.data.items() if not is_stale(v)}
+        self.next_prune = max(_PRUNE_FLOOR, 2 * len(self.data))
 
 
 class MemoryStore(Store):
@@ -26,12 +44,12 @@ class MemoryStore(Store):
     def __init__(self, uri: str = "memory://") -> None:
         self.uri = uri
         self._slots: dict[str, set[str]] = {}
-        self._limiter = MovingWindowRateLimiter(LimitsMemoryStorage())
-        self._items: dict[tuple[int, float], RateLimitItemPerSecond] = {}
-        self._bans: dict[str, float] = {}
+        self._windows = _Table()  # key -> (window start, previous count, current count)
+        self._bans = _Table()  # key -> (banned until, level, last ban time)
         self._nonces: dict[str, float] = {}
         self._nonce_order: collections.deque[tuple[float, str]] = collections.deque()
-        self._ban_levels: dict[str, tuple[int, float]] = {}
+
+    # -- slots -------------------------------------------------------------------------
 
     async def acquire(self, key: str, limit: int, holder: str) -> bool:
         holders = self._slots.setdefault(key, set())
@@ -53,61 +71,74 @@ class MemoryStore(Store):
     async def count(self, key: str) -> int:
         return len(self._slots.get(key, ()))
 
-    def _item(self, limit: int, window: float) -> RateLimitItemPerSecond:
-        item = self._items.get((limit, window))
-        if item is None:
-            item = RateLimitItemPerSecond(limit, max(1, round(window)))
-            self._items[(limit, window)] = item
-        return item
+    # -- rates -------------------------------------------------------------------------
+
+    def _estimate(self, key: str, window: float, now: float) -> tuple[float, float, float, float]:
+        """(window start, previous, current, sliding estimate) for *key* at *now*."""
+        start = now - (now % window)
+        entry = self._windows.data.get(key)
+        if entry is None or entry[0] < start - window:
+            previous, current = 0.0, 0.0
+        elif entry[0] < start:
+            previous, current = entry[2], 0.0
+        else:
+            previous, current = entry[1], entry[2]
+        weight = 1.0 - (now - start) / window
+        return start, previous, current, previous * weight + current
+
+    def _record(
+        self, key: str, start: float, previous: float, current: float, window: float, now: float
+    ) -> None:
+        self._windows.data[key] = (start, previous, current)
+        self._windows.maybe_prune(lambda v: v[0] < now - 2 * window)
 
     async def hit(self, key: str, limit: int, window: float) -> float:
-        item = self._item(limit, window)
-        if await self._limiter.hit(item, key):
-            return 0.0
-        stats = await self._limiter.get_window_stats(item, key)
-        return max(0.001, stats.reset_time - time.time())
+        now = time.monotonic()
+        start, previous, current, estimate = self._estimate(key, window, now)
+        if estimate + 1 > limit:
+            if current + 1 > limit or previous <= 0:
+                return max(0.001, start + window - now)
+            # the previous window's weight must fall until the estimate leaves room
+            ready = start + window * (1.0 - (limit - current - 1) / previous)
+            return max(0.001, ready - now)
+        self._record(key, start, previous, current + 1, window, now)
+        return 0.0
+
+    # -- failures and bans ---------------------------------------------------------------
 
     async def ban_remaining(self, key: str) -> float:
-        until = self._bans.get(key)
-        if until is None:
+        entry = self._bans.data.get(key)
+        if entry is None:
             return 0.0
-        left = until - time.monotonic()
-        if left <= 0:
-            del self._bans[key]
-            return 0.0
-        return left
+        return max(0.0, entry[0] - time.monotonic())
 
     async def record_failure(self, key: str, policy: BanPolicy) -> float | None:
-        item = self._item(policy.threshold, policy.window)
-        counted = await self._limiter.hit(item, "fail:" + key)
-        if counted:
-            stats = await self._limiter.get_window_stats(item, "fail:" + key)
-            if stats.remaining > 0:
-                return None  # still below the threshold
         now = time.monotonic()
-        if self._bans.get(key, 0.0) > now:
+        fail_key = "fail:" + key
+        start, previous, current, estimate = self._estimate(fail_key, policy.window, now)
+        self._record(fail_key, start, previous, current + 1, policy.window, now)
+        if estimate + 1 < policy.threshold:
+            return None
+        entry = self._bans.data.get(key)
+        if entry is not None and entry[0] > now:
             return None  # already banned: one ban, logged once
-        self._prune(now, policy)
-        level, last = self._ban_levels.get(key, (0, 0.0))
+        level, last = (entry[1], entry[2]) if entry is not None else (0.0, 0.0)
         if now - last > policy.max_seconds * 2:
-            level = 0  # good behaviour for long enough forgets past bans
+            level = 0.0  # good behaviour for long enough forgets past bans
         duration = min(policy.base_seconds * (2**level), policy.max_seconds)
-        self._ban_levels[key] = (level + 1, now)
-        self._bans[key] = now + duration
-        await self._limiter.clear(self._item(policy.threshold, policy.window), "fail:" + key)
+        self._bans.data[key] = (now + duration, level + 1, now)
+        self._bans.maybe_prune(lambda v: v[0] < now and now - v[2] > policy.max_seconds * 2)
+        self._windows.data.pop(fail_key, None)
         return float(duration)
 
-    def _prune(self, now: float, policy: BanPolicy) -> None:
-        """Forget expired bans and old ban levels so memory stays bounded."""
-        if len(self._ban_levels) < _PRUNE_AT and len(self._bans) < _PRUNE_AT:
-            return
-        self._bans = {k: until for k, until in self._bans.items() if until > now}
-        horizon = policy.max_seconds * 2
-        self._ban_levels = {
-            k: (level, last)
-            for k, (level, last) in self._ban_levels.items()
-            if now - last <= horizon
-        }
+    async def unban(self, key: str) -> bool:
+        entry = self._bans.data.get(key)
+        if entry is None or entry[0] <= time.monotonic():
+            return False
+        self._bans.data[key] = (0.0, entry[1], entry[2])
+        return True
+
+    # -- nonces ----------------------------------------------------------------------------
 
     async def add_nonce(self, key: str, ttl: float) -> bool:
         now = time.monotonic()
@@ -122,6 +153,3 @@ class MemoryStore(Store):
         nonces[key] = expires
         order.append((expires, key))
         return True
-
-    async def unban(self, key: str) -> bool:
-        return self._bans.pop(key, None) is not None
