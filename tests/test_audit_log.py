@@ -356,3 +356,35 @@ def test_audit_enabled_false_writes_nothing(
     assert not path.exists() or path.read_text() == ""
     out = capsys.readouterr()
     assert '"event"' not in out.out and '"event"' not in out.err
+
+
+def test_background_audit_never_blocks_on_a_stuck_pipe() -> None:
+    """A pipe nobody reads must not stall the server: lines are dropped and counted."""
+    import os
+    import threading
+
+    read_fd, write_fd = os.pipe()
+    stream = os.fdopen(write_fd, "w", encoding="utf-8")
+    log = AuditLog(stream, background=True, queue_size=100)
+    done = threading.Event()
+
+    def flood() -> None:
+        for i in range(20_000):
+            log.emit("handshake_refused", status=400, reason="bad_request", n=i)
+        done.set()
+
+    threading.Thread(target=flood, daemon=True).start()
+    assert done.wait(timeout=10), "emit blocked on a full pipe"
+    assert log.dropped > 0
+    os.close(read_fd)
+    log.close()  # bounded: returns even though the pipe was never drained
+
+
+def test_emit_never_raises_on_a_closed_stream() -> None:
+    import io
+
+    stream = io.StringIO()
+    log = AuditLog(stream)
+    stream.close()
+    log.emit("connection_admitted", client="127.0.0.1")
+    assert log.write_errors == 1

@@ -87,6 +87,8 @@ class Guard:
         return decision
 
     def record_refusal(self, decision: Reject, request: HandshakeRequest) -> None:
+        if decision.reason == "banned":
+            return  # a ban is logged once (ban_started), not once per attempt
         secret = frozenset({self.config.auth.query_param})
         fields: dict[str, Any] = {
             "status": decision.status,

@@ -339,7 +339,7 @@ async def run_guarded(app: App, ws: GuardedServerConnection, admission: Admit) -
     )
     ws.guarded = conn
     app.connections[conn.id] = conn
-    guard.audit.emit(
+    guard.audit.emit(  # never raises: AuditLog.emit swallows write errors
         "connection_admitted",
         connection_id=conn.id,
         client=conn.client,

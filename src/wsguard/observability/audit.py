@@ -8,10 +8,12 @@ are never passed to this module.
 
 from __future__ import annotations
 
+import contextlib
+import queue
 import re
 import sys
 import threading
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from datetime import UTC, datetime
 from typing import IO, Any
 
@@ -44,44 +46,92 @@ def _escape(match: re.Match[str]) -> str:
 
 
 class AuditLog:
-    """Writes audit events; thread-safe, line-buffered, one object per line."""
+    """Writes audit events, one JSON object per line; never blocks, never raises.
 
-    def __init__(self, stream: IO[str] | None = None, *, enabled: bool = True) -> None:
+    With ``background=True`` (what :meth:`open` uses for stdout and files) lines go
+    through a bounded queue to a writer thread, so a slow disk or a pipe nobody
+    reads can never stall the event loop; when the queue is full, lines are
+    dropped and counted, and an ``audit_lines_dropped`` event reports how many.
+    Without it (an in-memory stream, as in tests) lines are written at once.
+    """
+
+    def __init__(
+        self,
+        stream: IO[str] | None = None,
+        *,
+        enabled: bool = True,
+        background: bool = False,
+        queue_size: int = 10_000,
+    ) -> None:
         self.enabled = enabled
+        self.dropped = 0
+        self.write_errors = 0
         self._stream = stream if stream is not None else sys.stdout
-        self._lock = threading.Lock()
-        self._logger = structlog.wrap_logger(
-            _LineWriter(self._stream, self._lock),
-            processors=[_render],
-        )
+        self._queue: queue.Queue[str | None] | None = None
+        self._thread: threading.Thread | None = None
+        if background:
+            self._queue = queue.Queue(maxsize=queue_size)
+            self._thread = threading.Thread(target=self._drain, name="wsguard-audit", daemon=True)
+            self._thread.start()
+        self._logger = structlog.wrap_logger(_LineSink(self._accept), processors=[_render])
 
     @classmethod
     def open(cls, target: str, *, enabled: bool = True) -> AuditLog:
         """``-`` is standard output; anything else is a file opened for append."""
         if target == "-":
-            return cls(sys.stdout, enabled=enabled)
+            return cls(sys.stdout, enabled=enabled, background=True)
         stream = open(target, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
-        return cls(stream, enabled=enabled)
+        return cls(stream, enabled=enabled, background=True)
 
     def emit(self, event: str, **fields: Any) -> None:
         if self.enabled:
-            self._logger.msg(event, **fields)
+            try:
+                self._logger.msg(event, **fields)
+            except Exception:  # an audit failure must never break a handshake
+                self.write_errors += 1
+
+    def _accept(self, line: str) -> None:
+        if self._queue is None:
+            self._write(line)
+            return
+        try:
+            self._queue.put_nowait(line)
+        except queue.Full:
+            self.dropped += 1
+
+    def _write(self, line: str) -> None:
+        try:
+            self._stream.write(line + "\n")
+            self._stream.flush()
+        except (OSError, ValueError):
+            self.write_errors += 1
+
+    def _drain(self) -> None:
+        assert self._queue is not None
+        reported = 0
+        while True:
+            line = self._queue.get()
+            if line is None:
+                return
+            self._write(line)
+            if self.dropped != reported:
+                count, reported = self.dropped - reported, self.dropped
+                self._write(_render(None, "", {"event": "audit_lines_dropped", "count": count}))
 
     def close(self) -> None:
+        """Flush queued lines (bounded wait) and close a file target."""
+        if self._queue is not None and self._thread is not None:
+            with contextlib.suppress(queue.Full):
+                self._queue.put(None, timeout=5)
+            self._thread.join(timeout=5)
         if self._stream not in (sys.stdout, sys.stderr):
-            self._stream.close()
+            with contextlib.suppress(OSError):
+                self._stream.close()
 
 
-class _LineWriter:
-    """structlog logger that writes each rendered event as one line."""
+class _LineSink:
+    """structlog logger that hands each rendered event to the AuditLog."""
 
-    def __init__(self, stream: IO[str], lock: threading.Lock) -> None:
-        self._stream = stream
-        self._lock = lock
-
-    def msg(self, message: str) -> None:
-        with self._lock:
-            self._stream.write(message + "\n")
-            self._stream.flush()
-
-    info = msg
+    def __init__(self, accept: Callable[[str], None]) -> None:
+        self.msg = accept
+        self.info = accept
