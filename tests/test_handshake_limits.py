@@ -982,3 +982,31 @@ def test_engine_level_refusals_are_audited(
     assert [e["status"] for e in events] == [code], f"{name}: {events}"
     assert events[0]["client"] == "127.0.0.1"
     assert events[0]["reason"]
+
+
+@pytest.mark.parametrize(
+    "key", ["<script>alert(1)</script>", "dGhlIHNhbXBsZQ==", "", "!!!!!!!!!!!!!!!!!!!!!!=="],
+    ids=["markup", "short", "empty", "not-base64"],
+)
+def test_invalid_websocket_key_is_refused_by_the_policy(server: RunningServer, key: str) -> None:
+    request = upgrade_request(token=make_token(), headers={"Sec-WebSocket-Key": key})
+    response = raw_http(server.port, request)
+    assert status_of(response) == 400
+    assert b"script" not in response
+    assert server.audit.events("connection_admitted") == []
+    refused = server.audit.events("handshake_refused")
+    assert refused[-1]["reason"] == "bad_request"
+
+
+def test_engine_refusal_after_admission_has_fixed_text_and_is_audited(
+    server: RunningServer,
+) -> None:
+    # a subprotocol list the engine cannot parse, sent with a valid header token
+    bad_protocols = {"Sec-WebSocket-Protocol": "wsguard.v1, <script>x"}
+    response = raw_http(server.port, upgrade_request(token=make_token(), headers=bad_protocols))
+    assert status_of(response) == 400
+    assert b"<script>" not in response
+    deadline = time.monotonic() + 5
+    while not server.audit.events("handshake_refused") and time.monotonic() < deadline:
+        time.sleep(0.01)  # bounded poll of a condition
+    assert server.audit.events("handshake_refused")[-1]["reason"] == "bad_handshake"

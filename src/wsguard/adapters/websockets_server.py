@@ -269,6 +269,25 @@ async def start_server(app: App) -> Server:
             release_admission(connection)  # the client left while we were deciding
         return None
 
+    def process_response(
+        connection: ServerConnection, request: Request, response: Response
+    ) -> Response | None:
+        """The engine refused a request the policy admitted: answer with fixed text
+        (its own bodies echo client input) and audit it."""
+        if response.status_code == 101 or not getattr(connection, "admission", None):
+            return None
+        guard.audit.emit(
+            "handshake_refused",
+            status=response.status_code,
+            reason="bad_handshake",
+            client=connection.admission.client,  # type: ignore[attr-defined]
+        )
+        fixed = connection.respond(response.status_code, "Invalid WebSocket handshake.\n")
+        for name in ("Allow", "Upgrade", "Sec-WebSocket-Version"):
+            if name in response.headers:
+                fixed.headers[name] = response.headers[name]
+        return fixed
+
     def select_subprotocol(connection: ServerConnection, offered: Any) -> Any:
         admission = getattr(connection, "admission", None)
         return admission.subprotocol if admission is not None else None
@@ -289,6 +308,7 @@ async def start_server(app: App) -> Server:
         config.port,
         ssl=app.ssl_context,
         process_request=process_request,
+        process_response=process_response,
         select_subprotocol=select_subprotocol,
         compression="deflate" if config.compression else None,
         server_header=None,

@@ -17,6 +17,8 @@ from the one place every connection ends (transport closed).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import itertools
 import math
 import os
@@ -39,6 +41,17 @@ _BEARER = 'Bearer realm="wsguard"'
 
 def _retry_after(seconds: float) -> tuple[tuple[str, str], ...]:
     return (("Retry-After", str(max(1, math.ceil(seconds)))),)
+
+
+def _valid_key(value: str) -> bool:
+    """RFC 6455: the key is the base64 encoding of 16 bytes."""
+    value = value.strip()
+    if len(value) != 24 or not value.isascii():
+        return False
+    try:
+        return len(base64.b64decode(value, validate=True)) == 16
+    except (binascii.Error, ValueError):
+        return False
 
 
 def check_upgrade(request: HandshakeRequest) -> Reject | None:
@@ -82,7 +95,8 @@ def check_upgrade(request: HandshakeRequest) -> Reject | None:
             headers=(("Sec-WebSocket-Version", "13"),),
             detail="version",
         )
-    if headers.count("sec-websocket-key") != 1:
+    keys = headers.get_all("sec-websocket-key")
+    if len(keys) != 1 or not _valid_key(keys[0]):
         return Reject(400, "bad_request", "Invalid Sec-WebSocket-Key.", detail="key")
     return None
 
