@@ -203,7 +203,9 @@ def main() -> None:
     print()
     for name, _, ns in rows[1:3]:
         delta = ns - unsigned_ns
-        print(f"delta {name[len('evaluate chat, ') :]:<34}{delta:>+17.0f} ns  ({ns / unsigned_ns:.2f}x)")
+        print(
+            f"delta {name[len('evaluate chat, ') :]:<34}{delta:>+17.0f} ns  ({ns / unsigned_ns:.2f}x)"
+        )
     with_nonce = rows[1][2] + rows[6][2] - unsigned_ns
     print(f"{'delta signed + nonce record':<40}{with_nonce:>+17.0f} ns")
 

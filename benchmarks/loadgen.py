@@ -100,8 +100,13 @@ def ping_payload(ident: str, msg_bytes: int) -> bytes:
 
 
 def ident_factory(prefix: str) -> Callable[[int], str]:
+    """64-character ids ``<prefix>xxx...<hex counter>``, never 19 digits in a row.
+
+    (wsguard's structural-bounds fast path treats a run of 19+ digits as a possible huge
+    number and walks the whole message; realistic ids do not look like that.)
+    """
     width = ID_LENGTH - len(prefix)
-    return lambda seq: f"{prefix}{seq:0{width}d}"
+    return lambda seq: f"{prefix}{seq:x>{width}x}"
 
 
 # -- raw RFC 6455 client ---------------------------------------------------------------------

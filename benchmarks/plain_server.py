@@ -2,7 +2,8 @@
 
 It answers the demo protocol minimally: a welcome frame on connect, then
 ``{"type": "ping", "id": ...}`` -> ``{"type": "pong", "id": ..., "ts": ...}``
-(parsed and serialized with the standard ``json`` module). Everything else is ignored.
+(parsed and serialized with the standard ``json`` module, or ``orjson`` with
+``--json orjson``). Everything else is ignored.
 Settings are the websockets defaults except compression (off, as in wsguard; the load
 generator does not offer it anyway).
 
@@ -19,23 +20,32 @@ import secrets
 import signal
 import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
+import orjson
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
 
+def _orjson_dumps(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+loads: Callable[[str | bytes], Any] = json.loads
+dumps: Callable[[Any], str] = json.dumps
+
+
 async def handler(ws: ServerConnection) -> None:
-    await ws.send(json.dumps({"type": "welcome", "connection_id": secrets.token_hex(8)}))
+    await ws.send(dumps({"type": "welcome", "connection_id": secrets.token_hex(8)}))
     try:
         async for data in ws:
             try:
-                message = json.loads(data)
+                message = loads(data)
             except ValueError:
                 continue
             if isinstance(message, dict) and message.get("type") == "ping":
-                await ws.send(
-                    json.dumps({"type": "pong", "id": message.get("id"), "ts": time.time()})
-                )
+                await ws.send(dumps({"type": "pong", "id": message.get("id"), "ts": time.time()}))
     except ConnectionClosed:
         pass
 
@@ -58,7 +68,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument(
+        "--json", choices=["json", "orjson"], default="json", help="JSON library (json)"
+    )
     args = parser.parse_args()
+    if args.json == "orjson":
+        global loads, dumps
+        loads, dumps = orjson.loads, _orjson_dumps
     asyncio.run(run(args.host, args.port))
 
 
