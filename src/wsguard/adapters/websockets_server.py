@@ -10,6 +10,7 @@ however it ends (clean close, error, timeout, refused or failed handshake).
 from __future__ import annotations
 
 import asyncio
+import functools
 import http
 import logging
 import time
@@ -33,11 +34,11 @@ from wsguard.core.decisions import Admit, Reject
 from wsguard.core.headers import Headers
 from wsguard.core.messages import MessagePolicy
 from wsguard.core.request import HandshakeRequest
+from wsguard.server.connection import Connection
 
 if TYPE_CHECKING:
     from wsguard.guard import Guard
     from wsguard.server.app import App
-    from wsguard.server.connection import Connection
 
 logger = logging.getLogger("wsguard.server")
 
@@ -85,18 +86,34 @@ class PendingHandshakes:
 class GuardedServerConnection(ServerConnection):
     """A websockets connection that carries its admission and counts control frames."""
 
+    # Slots keep wsguard's per-connection attributes out of the instance dict: past
+    # ~30 keys CPython switches the dict to a larger, unshared layout (about 1.6 KB).
+    __slots__ = (
+        "_head",
+        "_opened_at",
+        "_peer_address",
+        "_pending",
+        "_screened",
+        "admission",
+        "decided",
+        "guarded",
+        "policy",
+    )
     guard: Guard  # set on the per-server subclass made by start_server()
-    admission: Admit | None = None
-    guarded: Connection | None = None
-    policy: MessagePolicy | None = None
-    decided = False  # the policy answered this handshake (and audited a refusal)
-    _head = b""
-    _screened = False
-    _opened_at = 0.0
-    _peer_address = "unknown"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.admission: Admit | None = None
+        self.guarded: Connection | None = None
+        self.policy: MessagePolicy | None = None
+        self.decided = False  # the policy answered this handshake (and audited a refusal)
+        self._head = b""
+        self._screened = False
+        self._opened_at = 0.0
+        self._peer_address = "unknown"
+        self._pending = False
 
     pending: PendingHandshakes  # shared by the connections of one server
-    _pending = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._opened_at = time.monotonic()
@@ -292,13 +309,7 @@ async def start_server(app: App) -> Server:
         admission = getattr(connection, "admission", None)
         return admission.subprotocol if admission is not None else None
 
-    async def handler(ws: ServerConnection) -> None:
-        assert isinstance(ws, GuardedServerConnection)
-        admission = ws.admission
-        if admission is None:  # pragma: no cover - process_request always sets it
-            await ws.close(1011, "internal error")
-            return
-        await run_guarded(app, ws, admission)
+    handler = functools.partial(run_guarded, app)  # one coroutine frame per connection
 
     if config.tls.enabled:
         app.ssl_context = server_context(config.tls)
@@ -339,10 +350,13 @@ def _close_fields(ws: ServerConnection) -> dict[str, Any]:
     return {"code": 1006, "closed_by": "network"}
 
 
-async def run_guarded(app: App, ws: GuardedServerConnection, admission: Admit) -> None:
+async def run_guarded(app: App, ws: ServerConnection) -> None:
     """Own one admitted connection from welcome to the audit record of its close."""
-    from wsguard.server.connection import Connection
-
+    assert isinstance(ws, GuardedServerConnection)
+    admission = ws.admission
+    if admission is None:  # pragma: no cover - process_request always sets it
+        await ws.close(1011, "internal error")
+        return
     guard = app.guard
     started = time.monotonic()
     state = guard.messages.open(admission.identity, started)

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from http.cookies import CookieError, SimpleCookie
 from typing import Any
@@ -25,6 +26,8 @@ from wsguard.core.identity import Identity
 from wsguard.core.request import HandshakeRequest
 
 _NUMERIC_CLAIMS = ("exp", "nbf", "iat")
+_CACHE_ENTRIES = 4096
+_CACHEABLE_TOKEN = 2048
 _EMBEDDED_KEY_HEADERS = frozenset({"jwk", "jku", "x5u", "x5c", "x5t", "x5t#S256"})
 
 
@@ -124,11 +127,18 @@ def _scopes(claims: Mapping[str, Any], names: tuple[str, ...]) -> frozenset[str]
 class TokenVerifier:
     """Verifies JWTs against the pinned algorithms and the configured keys."""
 
-    __slots__ = ("_config", "_keys", "_options", "_required")
+    __slots__ = ("_cache", "_clock", "_config", "_keys", "_options", "_required")
 
-    def __init__(self, config: AuthConfig, keys: KeyMaterial) -> None:
+    def __init__(
+        self, config: AuthConfig, keys: KeyMaterial, *, clock: Callable[[], float] = time.time
+    ) -> None:
         self._config = config
         self._keys = keys
+        self._clock = clock
+        # token -> (identity, not-before): a verified token is deterministic for a
+        # fixed key set, so reconnecting clients skip the signature check; exp and
+        # nbf are still checked against the clock on every hit.
+        self._cache: dict[str, tuple[Identity, float | None]] = {}
         self._required = ["exp"] if config.require_exp else []
         self._options: dict[str, Any] = {
             "require": self._required,
@@ -155,6 +165,25 @@ class TokenVerifier:
 
     def verify(self, token: str) -> Identity:
         """Verify *token*; raises AuthFailure with a stable reason."""
+        cached = self._cache.get(token)
+        if cached is not None:
+            identity, not_before = cached
+            now = self._clock()
+            leeway = self._config.leeway_seconds
+            if identity.expires_at is not None and now >= identity.expires_at + leeway:
+                del self._cache[token]
+                raise AuthFailure("token_expired", "exp is in the past")
+            if not_before is not None and now < not_before - leeway:
+                raise AuthFailure("token_not_yet_valid", "nbf in the future")
+            return identity
+        identity, not_before = self._verify(token)
+        if len(token) <= _CACHEABLE_TOKEN:
+            if len(self._cache) >= _CACHE_ENTRIES:
+                del self._cache[next(iter(self._cache))]  # oldest first
+            self._cache[token] = (identity, not_before)
+        return identity
+
+    def _verify(self, token: str) -> tuple[Identity, float | None]:
         config = self._config
         if len(token) > config.max_token_bytes:
             raise AuthFailure("malformed_token", "token too long")
@@ -197,7 +226,8 @@ class TokenVerifier:
             raise AuthFailure("invalid_token", "key does not fit the algorithm") from None
         except jwt.PyJWTError as exc:
             raise AuthFailure("invalid_token", type(exc).__name__) from None
-        return self._identity(claims)
+        nbf = claims.get("nbf")
+        return self._identity(claims), float(nbf) if isinstance(nbf, (int, float)) else None
 
     def _identity(self, claims: Mapping[str, Any]) -> Identity:
         for name in _NUMERIC_CLAIMS:
@@ -217,5 +247,5 @@ class TokenVerifier:
             token_id=jti if isinstance(jti, str) else None,
             expires_at=float(exp) if isinstance(exp, (int, float)) else None,
             method="jwt",
-            claims=dict(claims),
+            claims=claims,
         )

@@ -13,6 +13,7 @@ import queue
 import re
 import sys
 import threading
+import time
 from collections.abc import Callable, MutableMapping
 from datetime import UTC, datetime
 from typing import IO, Any
@@ -30,11 +31,26 @@ def _clip(value: Any) -> Any:
     return value
 
 
+_second: list[Any] = [0, ""]  # cache of the formatted current second
+
+
+def _now() -> str:
+    now = time.time()
+    second = int(now)
+    if second != _second[0]:
+        stamp = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        _second[0], _second[1] = second, stamp
+    return f"{_second[1]}.{int((now - second) * 1000):03d}Z"
+
+
 def _render(_: Any, __: str, event: MutableMapping[str, Any]) -> str:
-    now = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    clean: dict[str, Any] = {"time": now, "event": event.pop("event")}
-    clean.update((k, _clip(v)) for k, v in event.items() if v is not None)
+    clean: dict[str, Any] = {"time": _now(), "event": event.pop("event")}
+    for key, value in event.items():
+        if value is not None:
+            clean[key] = _clip(value)
     line = orjson.dumps(clean).decode()
+    if line.isascii() and "\x7f" not in line:
+        return line
     # orjson escapes U+0000-U+001F; also escape DEL, C1 controls and the Unicode line
     # separators, which some log tools treat as line breaks. They only occur inside
     # JSON strings, where \uXXXX is an exact equivalent.
@@ -73,7 +89,8 @@ class AuditLog:
             self._queue = queue.Queue(maxsize=queue_size)
             self._thread = threading.Thread(target=self._drain, name="wsguard-audit", daemon=True)
             self._thread.start()
-        self._logger = structlog.wrap_logger(_LineSink(self._accept), processors=[_render])
+        # bind() once: the lazy proxy wrap_logger returns would rebuild the logger per call
+        self._logger = structlog.wrap_logger(_LineSink(self._accept), processors=[_render]).bind()
 
     @classmethod
     def open(cls, target: str, *, enabled: bool = True) -> AuditLog:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
 
 from wsguard.core.decisions import CLOSE_POLICY_VIOLATION
 from wsguard.core.identity import Identity
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     from websockets.asyncio.server import ServerConnection
 
 _SLOW_CONSUMER_ABORT_SECONDS = 1.0
+_DIRECT_WRITE_LIMIT = 64 * 1024  # bytes already buffered in the kernel-side transport
 _SENDABLE_CODES = frozenset(
     {1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014}
 )
@@ -77,12 +79,12 @@ class Connection:
         self.opened_at = time.monotonic()
         self.sent = 0
         self.close_cause: str | None = None
-        self._queue: collections.deque[str | bytes] = collections.deque()
+        self._queue: collections.deque[str | bytes] | None = None  # created when needed
         self._queue_limit = queue_limit
         self._writer: asyncio.Task[None] | None = None
         self._closing = False
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._tasks: set[asyncio.Task[None]] | None = None
+        self._timers: dict[str, asyncio.TimerHandle] | None = None
         self._on_slow = on_slow
 
     @property
@@ -98,29 +100,60 @@ class Connection:
         return self.send_text(orjson.dumps(message).decode())
 
     def send_text(self, text: str | bytes) -> bool:
-        """Queue an already serialized frame (shared by broadcast)."""
+        """Send an already serialized frame (shared by broadcast); never waits.
+
+        When nothing is queued and the socket's buffer has room, the frame is
+        written at once; otherwise it joins the bounded queue drained by a writer
+        task. A full queue marks a slow consumer, which is dropped.
+        """
         if self._closing:
             return False
-        if len(self._queue) >= self._queue_limit:
+        queue = self._queue
+        if self._writer is None and not queue and self._write_now(text):
+            return True
+        if queue is None:
+            queue = self._queue = collections.deque()
+        if len(queue) >= self._queue_limit:
             self._on_slow(self)
             self.close_soon(CLOSE_POLICY_VIOLATION, "slow consumer", cause="slow_consumer")
-            self._queue.clear()
+            queue.clear()
             transport = self._ws.transport
             asyncio.get_running_loop().call_later(_SLOW_CONSUMER_ABORT_SECONDS, transport.abort)
             return False
-        self._queue.append(text)
+        queue.append(text)
         if self._writer is None:
             self._writer = asyncio.get_running_loop().create_task(self._drain())
         return True
 
-    async def _drain(self) -> None:
+    def _write_now(self, text: str | bytes) -> bool:
+        """Write through the engine's sans-I/O protocol without a task, if possible."""
+        ws = self._ws
+        if ws.protocol.state is not State.OPEN:
+            return False
+        if ws.transport.get_write_buffer_size() > _DIRECT_WRITE_LIMIT:
+            return False  # the client is not keeping up: queue (and detect a slow consumer)
+        if isinstance(text, str):
+            ws.protocol.send_text(text.encode())
+        else:
+            ws.protocol.send_binary(text)
         try:
-            while self._queue:
-                data = self._queue.popleft()
+            ws.send_data()
+        except Exception as exc:  # the engine's own send path handles it the same way
+            ws.set_connection_exc(exc)
+            ws.transport.abort()
+        self.sent += 1
+        return True
+
+    async def _drain(self) -> None:
+        queue = self._queue
+        assert queue is not None
+        try:
+            while queue:
+                data = queue.popleft()
                 await self._ws.send(data)
                 self.sent += 1
         except ConnectionClosed:
-            self._queue.clear()
+            queue.clear()
         finally:
             self._writer = None
 
@@ -138,6 +171,8 @@ class Connection:
         self._closing = True
         self.close_cause = cause or reason
         task = asyncio.get_running_loop().create_task(self._close(code, reason))
+        if self._tasks is None:
+            self._tasks = set()
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -164,20 +199,23 @@ class Connection:
 
     def set_timer(self, name: str, delay: float, callback: Callable[[], None]) -> None:
         """(Re)arm a named timer; replaces the previous one of that name."""
+        if self._timers is None:
+            self._timers = {}
         old = self._timers.pop(name, None)
         if old is not None:
             old.cancel()
         self._timers[name] = asyncio.get_running_loop().call_later(max(0.0, delay), callback)
 
     def cancel_timer(self, name: str) -> None:
-        handle = self._timers.pop(name, None)
+        handle = self._timers.pop(name, None) if self._timers else None
         if handle is not None:
             handle.cancel()
 
     def cancel_timers(self) -> None:
-        for handle in self._timers.values():
-            handle.cancel()
-        self._timers.clear()
+        if self._timers:
+            for handle in self._timers.values():
+                handle.cancel()
+            self._timers = None
 
     @property
     def close_code(self) -> int | None:
