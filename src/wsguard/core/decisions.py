@@ -69,7 +69,7 @@ class Admit:
 HandshakeDecision = Admit | Reject
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built for every message, and frozen __init__ is slower
 class Deliver:
     """The message passed every check: hand it to the application."""
 
