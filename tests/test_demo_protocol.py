@@ -89,3 +89,27 @@ def test_user_handlers_via_app_on(server_factory: object) -> None:
     with running.connect_welcomed() as ws:
         ws.send(json.dumps({"type": "chat", "text": "hi"}))
         assert recv_json(ws) == {"type": "shout", "text": "HI"}
+
+
+def _claims_echo(app: object) -> None:
+    from wsguard.server.app import App
+    from wsguard.server.connection import Connection
+
+    assert isinstance(app, App)
+
+    @app.on_connect
+    async def echo(conn: Connection) -> None:
+        conn.send({"type": "claims", "claims": dict(conn.identity.claims)})
+
+
+def test_token_claims_are_kept_only_when_configured(server_factory: object) -> None:
+    token = make_token("alice", tenant="acme")
+    plain = server_factory(setup=_claims_echo)  # type: ignore[operator]
+    with plain.connect_welcomed(token) as ws:
+        assert recv_json(ws) == {"type": "claims", "claims": {}}
+    keeping = server_factory({"auth": {"keep_claims": True}}, setup=_claims_echo)  # type: ignore[operator]
+    with keeping.connect_welcomed(token) as ws:
+        claims = recv_json(ws)["claims"]
+    assert isinstance(claims, dict)
+    assert claims["tenant"] == "acme"
+    assert claims["sub"] == "alice"

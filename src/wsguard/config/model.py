@@ -42,6 +42,7 @@ class AuthConfig(_Section):
     subject_claim: str = Field(default="sub", min_length=1)
     scope_claims: tuple[str, ...] = ("scope", "scp", "roles")
     max_token_bytes: int = Field(default=8192, ge=256, le=65536)
+    keep_claims: bool = False
     header: bool = True
     subprotocol: bool = True
     subprotocol_prefix: str = Field(default="token.", min_length=1)

@@ -22,7 +22,7 @@ import orjson
 
 from wsguard.config.model import HMAC_ALGORITHMS, AuthConfig
 from wsguard.core.headers import split_list
-from wsguard.core.identity import Identity
+from wsguard.core.identity import NO_CLAIMS, Identity
 from wsguard.core.request import HandshakeRequest
 
 _NUMERIC_CLAIMS = ("exp", "nbf", "iat")
@@ -127,7 +127,7 @@ def _scopes(claims: Mapping[str, Any], names: tuple[str, ...]) -> frozenset[str]
 class TokenVerifier:
     """Verifies JWTs against the pinned algorithms and the configured keys."""
 
-    __slots__ = ("_cache", "_clock", "_config", "_keys", "_options", "_required")
+    __slots__ = ("_cache", "_clock", "_config", "_keys", "_options", "_required", "_scope_sets")
 
     def __init__(
         self, config: AuthConfig, keys: KeyMaterial, *, clock: Callable[[], float] = time.time
@@ -139,6 +139,8 @@ class TokenVerifier:
         # fixed key set, so reconnecting clients skip the signature check; exp and
         # nbf are still checked against the clock on every hit.
         self._cache: dict[str, tuple[Identity, float | None]] = {}
+        # equal scope sets are shared between connections (a few distinct sets is typical)
+        self._scope_sets: dict[frozenset[str], frozenset[str]] = {}
         self._required = ["exp"] if config.require_exp else []
         self._options: dict[str, Any] = {
             "require": self._required,
@@ -241,11 +243,15 @@ class TokenVerifier:
             raise AuthFailure("invalid_token", "subject has control characters")
         exp = claims.get("exp")
         jti = claims.get("jti")
+        scopes = _scopes(claims, self._config.scope_claims)
+        scopes = (
+            self._scope_sets.setdefault(scopes, scopes) if len(self._scope_sets) < 4096 else scopes
+        )
         return Identity(
             subject=subject,
-            scopes=_scopes(claims, self._config.scope_claims),
+            scopes=scopes,
             token_id=jti if isinstance(jti, str) else None,
             expires_at=float(exp) if isinstance(exp, (int, float)) else None,
             method="jwt",
-            claims=claims,
+            claims=claims if self._config.keep_claims else NO_CLAIMS,
         )

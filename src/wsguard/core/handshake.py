@@ -101,6 +101,22 @@ def check_upgrade(request: HandshakeRequest) -> Reject | None:
     return None
 
 
+class Lease:
+    """The connection slots one admitted connection holds (released once, at its end)."""
+
+    __slots__ = ("holder", "keys", "store")
+
+    def __init__(self, store: Store, holder: str) -> None:
+        self.store = store
+        self.holder = holder
+        self.keys: tuple[str, ...] = ()
+
+    async def release(self) -> None:
+        keys, self.keys = self.keys, ()
+        for key in keys:
+            await self.store.release(key, self.holder)
+
+
 class HandshakePolicy:
     """Evaluates handshake requests. One instance per node, shared by all adapters.
 
@@ -181,20 +197,14 @@ class HandshakePolicy:
             return await self._auth_failed(client, key, failure)
 
         subject = identity.subject
-        holder = f"{self._node}:{next(self._holder_ids)}"
-        keys: list[str] = []
-
-        async def release() -> None:
-            for key in keys:
-                await store.release(key, holder)
-
+        lease = Lease(store, f"{self._node}:{next(self._holder_ids)}")
         try:
-            refused = await self._acquire_slots(keys, holder, client, key, subject)
+            refused = await self._acquire_slots(lease, client, key, subject)
         except BaseException:  # cancelled mid-way (handshake timeout): give slots back
-            await release()
+            await lease.release()
             raise
         if refused is not None:
-            await release()
+            await lease.release()
             return refused
 
         offered = list(split_list(request.headers.get_all("sec-websocket-protocol")))
@@ -203,7 +213,7 @@ class HandshakePolicy:
             client=client,
             origin=origin,
             subprotocol=self.select_subprotocol(offered),
-            _release=release,
+            _release=lease.release,
         )
 
     def _authenticate(self, credentials: Credentials | None, cert: str | None) -> Identity:
@@ -233,7 +243,7 @@ class HandshakePolicy:
         return identity
 
     async def _acquire_slots(
-        self, keys: list[str], holder: str, client: str, address_key: str, subject: str
+        self, lease: Lease, client: str, address_key: str, subject: str
     ) -> Reject | None:
         store, limits = self.store, self.config.limits
         for key, limit, status, reason, text in (
@@ -253,7 +263,7 @@ class HandshakePolicy:
                 "Too many connections for this user.",
             ),
         ):
-            if not await store.acquire(key, limit, holder):
+            if not await store.acquire(key, limit, lease.holder):
                 headers = _retry_after(_CONCURRENCY_RETRY_AFTER)
                 return Reject(
                     status,
@@ -264,7 +274,7 @@ class HandshakePolicy:
                     client=client,
                     subject=subject,
                 )
-            keys.append(key)
+            lease.keys += (key,)
         return None
 
     async def _auth_failed(self, client: str, key: str, failure: AuthFailure) -> Reject:

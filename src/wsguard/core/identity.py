@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
+
+NO_CLAIMS: Mapping[str, Any] = MappingProxyType({})
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,7 +23,7 @@ class Identity:
     token_id: str | None = None
     expires_at: float | None = None
     method: str = "jwt"
-    claims: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    claims: Mapping[str, Any] = field(default_factory=lambda: NO_CLAIMS, repr=False, compare=False)
 
     def has_scopes(self, required: frozenset[str]) -> bool:
         return required <= self.scopes

@@ -83,10 +83,11 @@ class AuditLog:
         self.dropped = 0
         self.write_errors = 0
         self._stream = stream if stream is not None else sys.stdout
-        self._queue: queue.Queue[str | None] | None = None
+        self._queue: queue.SimpleQueue[str | None] | None = None
+        self._queue_size = queue_size
         self._thread: threading.Thread | None = None
         if background:
-            self._queue = queue.Queue(maxsize=queue_size)
+            self._queue = queue.SimpleQueue()  # C put(); the bound is checked in _accept
             self._thread = threading.Thread(target=self._drain, name="wsguard-audit", daemon=True)
             self._thread.start()
         # bind() once: the lazy proxy wrap_logger returns would rebuild the logger per call
@@ -111,10 +112,10 @@ class AuditLog:
         if self._queue is None:
             self._write(line)
             return
-        try:
-            self._queue.put_nowait(line)
-        except queue.Full:
+        if self._queue.qsize() >= self._queue_size:
             self.dropped += 1
+        else:
+            self._queue.put(line)
 
     def _write(self, line: str) -> None:
         try:
@@ -138,8 +139,7 @@ class AuditLog:
     def close(self) -> None:
         """Flush queued lines (bounded wait) and close a file target."""
         if self._queue is not None and self._thread is not None:
-            with contextlib.suppress(queue.Full):
-                self._queue.put(None, timeout=5)
+            self._queue.put(None)
             self._thread.join(timeout=5)
         if self._stream not in (sys.stdout, sys.stderr):
             with contextlib.suppress(OSError):
