@@ -8,6 +8,7 @@ malformed hop stops the walk at the last trustworthy address.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable
 
@@ -17,6 +18,7 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
+@functools.lru_cache(maxsize=8192)
 def parse_ip(text: str) -> IPAddress | None:
     """Parse an address as found in proxy headers (brackets and ports allowed)."""
     text = text.strip().strip('"')
@@ -81,6 +83,7 @@ class ClientAddressResolver:
         return str(client)
 
 
+@functools.lru_cache(maxsize=8192)
 def limit_key(address: str, ipv6_prefix: int) -> str:
     """The key that limits and bans count under: the address itself for IPv4, its
     /``ipv6_prefix`` network for IPv6 (one host usually controls a whole /64)."""

@@ -8,6 +8,7 @@ sides are parsed; nothing is matched by substring or prefix.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 _DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
@@ -29,6 +30,7 @@ class OriginSpec:
         return self.host == other.host
 
 
+@functools.lru_cache(maxsize=1024)
 def parse_origin(value: str) -> OriginSpec | None:
     """Parse a serialized origin (``scheme://host[:port]``); None if malformed."""
     if not value or len(value) > 2048 or not value.isascii():
