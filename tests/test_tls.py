@@ -10,7 +10,6 @@ import asyncio
 import datetime
 import json
 import os
-import queue
 import re
 import signal
 import socket
@@ -22,7 +21,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import pytest
 import trustme
@@ -34,6 +33,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from websockets.sync.client import ClientConnection, connect
 
 from conftest import SECRET, RunningServer, ServerFactory, make_config, make_token, upgrade_request
+from serve_process import Served
 from wsguard.adapters.tls import check_listener
 from wsguard.errors import ConfigError
 from wsguard.server.app import App
@@ -823,78 +823,18 @@ def test_reload_tls_without_tls_is_a_no_op(server: RunningServer) -> None:
         assert_ping(ws, "plain")
 
 
-class ServeProcess:
-    """``wsguard serve`` as a subprocess; stderr lines are collected by a thread."""
-
-    def __init__(self, args: list[str], env: dict[str, str], audit: Path) -> None:
-        self._audit = audit.open("w")
-        self.proc = subprocess.Popen(
-            [WSGUARD, "serve", *args],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=self._audit,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.lines: list[str] = []
-        self._queue: queue.Queue[str | None] = queue.Queue()
-        self._reader = threading.Thread(target=self._read, args=(self.proc.stderr,), daemon=True)
-        self._reader.start()
-
-    def _read(self, stream: IO[str] | None) -> None:
-        assert stream is not None
-        for line in stream:
-            self.lines.append(line)
-            self._queue.put(line)
-        self._queue.put(None)
-
-    def wait_for(self, pattern: re.Pattern[str], timeout: float = 15.0) -> re.Match[str]:
-        deadline = time.monotonic() + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                pytest.fail(f"no {pattern.pattern!r} on stderr:\n{''.join(self.lines)}")
-            try:
-                line = self._queue.get(timeout=remaining)
-            except queue.Empty:
-                continue
-            if line is None:
-                pytest.fail(f"server exited ({self.proc.poll()}):\n{''.join(self.lines)}")
-            found = pattern.search(line)
-            if found:
-                return found
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            code = self.proc.wait(timeout=15)
-        finally:
-            self.kill()
-        return code
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-        self._reader.join(timeout=5)
-        if self.proc.stderr is not None:
-            self.proc.stderr.close()
-        self._audit.close()
-
-
 @pytest.fixture
-def serve_process() -> Iterator[list[ServeProcess]]:
-    started: list[ServeProcess] = []
+def serve_process() -> Iterator[list[Served]]:
+    started: list[Served] = []
     yield started
     for proc in started:
         proc.kill()
 
 
 def test_cli_serves_wss_and_reloads_certificate_on_sighup(
-    tmp_path: Path, pki: ServerPki, serve_process: list[ServeProcess]
+    tmp_path: Path, pki: ServerPki, serve_process: list[Served]
 ) -> None:
-    proc = ServeProcess(
+    proc = Served(
         ["--port", "0", "--tls-cert", str(pki.cert_file), "--tls-key", str(pki.key_file)],
         cli_env(tmp_path),
         tmp_path / "audit.jsonl",
@@ -926,11 +866,11 @@ def test_cli_serves_wss_and_reloads_certificate_on_sighup(
 
 
 def test_cli_mtls_flag_requires_client_certificate(
-    tmp_path: Path, pki: ServerPki, client_ca: trustme.CA, serve_process: list[ServeProcess]
+    tmp_path: Path, pki: ServerPki, client_ca: trustme.CA, serve_process: list[Served]
 ) -> None:
     ca_file = tmp_path / "client-ca.pem"
     client_ca.cert_pem.write_to_path(str(ca_file))
-    proc = ServeProcess(
+    proc = Served(
         [
             "--port", "0",
             "--tls-cert", str(pki.cert_file),
