@@ -1010,3 +1010,23 @@ def test_engine_refusal_after_admission_has_fixed_text_and_is_audited(
     while not server.audit.events("handshake_refused") and time.monotonic() < deadline:
         time.sleep(0.01)  # bounded poll of a condition
     assert server.audit.events("handshake_refused")[-1]["reason"] == "bad_handshake"
+
+
+@pytest.mark.parametrize("entry", ["https://*.co.uk", "https://*.github.io", "https://*.com"])
+def test_wildcard_over_a_public_suffix_is_refused(entry: str) -> None:
+    from wsguard.config.loader import validate_config
+    from wsguard.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        validate_config({"origin": {"allowed": [entry]}})
+    assert info.value.key == "origin.allowed"
+    assert "public suffix" in info.value.message or "registrable" in info.value.message
+
+
+def test_wildcard_under_a_multi_label_suffix_is_accepted() -> None:
+    from wsguard.core.origin import OriginPolicy
+
+    policy = OriginPolicy(("https://*.example.co.uk",), allow_missing=True)
+    assert policy.check("https://app.example.co.uk")
+    assert not policy.check("https://example.co.uk")
+    assert not policy.check("https://evil.co.uk")

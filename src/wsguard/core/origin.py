@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Any
 
 _DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 _HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-.[]:")
@@ -83,9 +84,23 @@ def parse_allowed_origin(entry: str) -> OriginSpec:
     spec = parse_origin(text)
     if spec is None:
         raise ValueError(f"{entry!r} is not an origin (scheme://host[:port], no path)")
-    if wildcard and spec.host.count(".") < 1:
-        raise ValueError(f"{entry!r}: a wildcard needs a registrable domain (*.example.com)")
+    if wildcard and (spec.host.count(".") < 1 or _is_public_suffix(spec.host)):
+        raise ValueError(
+            f"{entry!r}: a wildcard needs a registrable domain (*.example.com), "
+            "not a public suffix such as *.co.uk or *.github.io"
+        )
     return OriginSpec(spec.scheme, spec.host, spec.port, wildcard)
+
+
+@functools.lru_cache(maxsize=1)
+def _public_suffixes() -> Any:
+    from publicsuffixlist import PublicSuffixList  # bundled Public Suffix List, no network
+
+    return PublicSuffixList()
+
+
+def _is_public_suffix(host: str) -> bool:
+    return bool(_public_suffixes().is_public(host))
 
 
 class OriginPolicy:
