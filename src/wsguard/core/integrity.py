@@ -87,10 +87,34 @@ def _write(value: Any, out: list[bytes]) -> None:
         raise CanonicalError(f"{type(value).__name__} values cannot be signed")
 
 
+def _plain(value: Any) -> bool:
+    """True when orjson's sorted output is already the canonical form: only
+    interoperable values, and no key character at or above U+E000 (below it,
+    code point order and UTF-16 order agree)."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str) or (not key.isascii() and max(key) >= "\ue000"):
+                return False
+            if not _plain(item):
+                return False
+        return True
+    if isinstance(value, list):
+        return all(_plain(item) for item in value)
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return True
+    return isinstance(value, int) and -_MAX_SAFE <= value <= _MAX_SAFE
+
+
 def canonical(message: Mapping[str, Any]) -> bytes:
     """The bytes that are signed: *message* without ``sig``, canonicalized."""
+    body = {k: v for k, v in message.items() if k != "sig"}
+    if _plain(body):
+        try:
+            return orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
+        except orjson.JSONEncodeError:
+            pass  # e.g. a lone surrogate: the general path raises CanonicalError
     out: list[bytes] = []
-    _write({k: v for k, v in message.items() if k != "sig"}, out)
+    _write(body, out)
     return b"".join(out)
 
 
