@@ -25,7 +25,6 @@ from websockets.exceptions import (
 )
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
-from websockets.protocol import State
 
 from wsguard.adapters.http_screen import screen_head, screen_request_line
 from wsguard.adapters.tls import certificate_identity, server_context
@@ -396,9 +395,12 @@ async def run_guarded(app: App, ws: ServerConnection) -> None:
                 await hook(conn)
             except Exception:
                 logger.exception("on_disconnect hook failed")
-        if ws.state is not State.CLOSED:
+        protocol = ws.protocol
+        if protocol.close_sent is None or protocol.close_rcvd is None:
+            # our close is still in flight: wait (bounded) for the code the audit reports
             try:
-                await asyncio.wait_for(ws.wait_closed(), 5)
+                async with asyncio.timeout(5):
+                    await ws.wait_closed()
             except TimeoutError:
                 ws.transport.abort()
         guard.audit.emit(

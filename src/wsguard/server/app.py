@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
 import logging
 import secrets
 import signal
@@ -67,6 +68,9 @@ class App:
         self._server: Any = None
         self._stopping: asyncio.Event | None = None
         self.port: int | None = None
+        self._id_prefix = secrets.token_hex(4)
+        self._id_counter = itertools.count(1)
+        self._type_names = self.guard.messages.type_names()
         self.ssl_context: ssl.SSLContext | None = None
 
     # -- registration -----------------------------------------------------------
@@ -120,7 +124,7 @@ class App:
                 "message_burst": limits.message_burst,
                 "bytes_per_minute": limits.bytes_per_minute,
             },
-            "types": self.guard.messages.type_names(),
+            "types": self._type_names,
         }
         session_key = conn.state.session_key
         if session_key is not None:
@@ -226,7 +230,8 @@ class App:
         )
 
     def new_connection_id(self) -> str:
-        return secrets.token_hex(8)
+        """Unique per node and process: a random prefix and a counter (no syscall)."""
+        return f"{self._id_prefix}{next(self._id_counter):08x}"
 
     # -- running -----------------------------------------------------------------
 
