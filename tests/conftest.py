@@ -15,12 +15,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from pathlib import Path
 from typing import Any
 
 import jwt
 import pytest
 from websockets.sync.client import ClientConnection, connect
 
+from redis_process import RedisProcess
 from wsguard.config.loader import validate_config
 from wsguard.config.model import Config
 from wsguard.observability.audit import AuditLog
@@ -132,7 +134,8 @@ class RunningServer:
         return int(self.call(lambda: len(self.app.connections)))
 
     def slots(self, key: str) -> int:
-        return int(self.run_coro(self.app.guard.store.count(key)))
+        store = self.app.guard.store
+        return int(self.run_coro((store.local if key == "conn:all" else store).count(key)))
 
     def stop(self) -> None:
         if self._thread.is_alive():
@@ -265,3 +268,30 @@ def status_of(response: bytes) -> int:
     parts = line.split()
     assert len(parts) >= 2 and parts[0].startswith(b"HTTP/1."), response[:200]
     return int(parts[1])
+
+
+# -- a real redis-server ------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def redis_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
+    process = RedisProcess(tmp_path_factory.mktemp("redis")).start()
+    yield process
+    process.kill()
+
+
+@pytest.fixture
+def redis_uri(redis_session: RedisProcess) -> str:
+    """A shared redis-server, emptied for each test."""
+    if redis_session.proc is None or redis_session.proc.poll() is not None:
+        redis_session.start()
+    redis_session.flush()
+    return redis_session.uri
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisProcess]:
+    """A redis-server of this test's own, which the test may kill and restart."""
+    process = RedisProcess(tmp_path / "redis").start()
+    yield process
+    process.kill()

@@ -26,7 +26,8 @@ EXAMPLE = REPO / "examples" / "wsguard.toml"
 # Keys of the model deliberately shown only as comments in the example file.
 COMMENTED_KEYS = frozenset(
     {"auth.secret_file", "auth.public_key_file", "auth.jwks_file", "messages.types",
-     "tls.cert_file", "tls.key_file", "tls.client_ca_file", "signing.keys_file"}
+     "tls.cert_file", "tls.key_file", "tls.client_ca_file", "signing.keys_file",
+     "cluster.tls_ca_file"}
 )
 
 LONG_SECRET = "a-config-test-secret-long-enough-for-hs256-000000"
@@ -231,7 +232,12 @@ def test_list_env_with_invalid_json_names_the_key() -> None:
         ("[auth]\ncookie = true", "auth.cookie", "origin.allowed"),
         ('[proxy]\ntrusted = ["10.0.0.0/33"]', "proxy.trusted", "not an IP network"),
         ('[proxy]\ntrusted = ["not-a-network"]', "proxy.trusted", "not an IP network"),
-        ('store = "redis://x"', "store", "only memory://"),
+        ('store = "postgres://x"', "store", "expected memory://, redis://"),
+        ('store = "redis://"', "store", "needs a host"),
+        ('store = "redis://127.0.0.1:6379/abc"', "store", "must be a number"),
+        ('store = "redis://127.0.0.1:99999/0"', "store", "invalid store URI"),
+        ('[cluster.on_store_error]\nbans = "maybe"', "cluster.on_store_error.bans", "open"),
+        ('[cluster]\nlease_ttl_seconds = 0', "cluster.lease_ttl_seconds", "greater than"),
         ('[origin]\nallowed = ["https://*evil.com"]', "origin.allowed", "first label"),
         ('[origin]\nallowed = ["https://a.example.com/path"]', "origin.allowed", "no path"),
     ],

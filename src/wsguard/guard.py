@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from wsguard.cluster.quota import SubjectQuota
 from wsguard.config.keys import has_configured_key, load_keys, load_signing_keys
 from wsguard.config.model import Config
 from wsguard.core.auth import KeyMaterial, TokenVerifier
@@ -22,6 +23,7 @@ from wsguard.core.request import HandshakeRequest
 from wsguard.errors import KeyLoadError
 from wsguard.observability.audit import AuditLog
 from wsguard.stores import Store, open_store
+from wsguard.stores.uri import redacted
 
 
 def is_loopback_host(host: str) -> bool:
@@ -64,7 +66,7 @@ class Guard:
         self.key_info = KeyInfo(dev, str(config.auth.dev_key_file.expanduser()) if dev else None)
         self.keys = keys if keys is not None else load_keys(config.auth)
         self.verifier = TokenVerifier(config.auth, self.keys)
-        self.store = store if store is not None else open_store(config.store)
+        self.store = store if store is not None else open_store(config.store, config.cluster)
         self.audit = (
             audit
             if audit is not None
@@ -78,6 +80,29 @@ class Guard:
             clock=time.time,
         )
         self.messages = MessagePolicy(config, self.verifier, signatures)
+        self.node_id = self.handshakes.node_id
+        self.quota: SubjectQuota | None = None
+        if self.store.shared:
+            self.quota = SubjectQuota(
+                self.store,
+                config.limits.subject_messages_per_minute,
+                60.0,
+                config.cluster.subject_quota_batch,
+            )
+        on_health = getattr(self.store, "on_health", None)
+        if on_health is not None:
+            on_health(self._store_health)
+
+    def _store_health(self, event: str, detail: str) -> None:
+        """Write a store outage (once) and its recovery to the audit log."""
+        if event == "outage":
+            self.audit.emit("store_outage", store=redacted(self.store.uri), detail=detail)
+        else:
+            self.audit.emit("store_recovered", store=redacted(self.store.uri))
+
+    async def start(self) -> None:
+        """Start the store's background work (lease renewal, cluster events)."""
+        await self.store.start()
 
     async def admit(self, request: HandshakeRequest) -> Admit | Reject:
         """Evaluate a handshake and write the audit record of a refusal."""

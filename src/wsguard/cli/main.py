@@ -59,6 +59,21 @@ def _parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check-config", help="validate a configuration and exit")
     _common(check)
+
+    revoke = sub.add_parser(
+        "revoke",
+        help="revoke a token id or a subject on every node of a cluster (redis:// store)",
+    )
+    _common(revoke)
+    what = revoke.add_mutually_exclusive_group(required=True)
+    what.add_argument("--jti", help="token id (the token's jti claim) to revoke")
+    what.add_argument("--subject", "--sub", dest="subject", help="subject to log out everywhere")
+    revoke.add_argument(
+        "--ttl",
+        help="how long the revocation lasts, e.g. 15m, 1h, 2d "
+        "(default cluster.revocation_ttl_seconds, 24h)",
+    )
+    revoke.add_argument("--store", help="state store URI (default: the config's store)")
     return parser
 
 
@@ -88,6 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(args)
         if args.command == "token":
             return _token(args)
+        if args.command == "revoke":
+            return _revoke(args)
         if args.command == "check-config":
             _load(args)
             print("configuration is valid")
@@ -180,6 +197,55 @@ def _token(args: argparse.Namespace) -> int:
         kid=args.kid,
     )
     print(token)
+    return 0
+
+
+def _revoke(args: argparse.Namespace) -> int:
+    from wsguard.stores import StoreUnavailable, open_store
+    from wsguard.stores.uri import redacted
+    from wsguard.tokens import parse_duration
+
+    config = _load(args, store=args.store)
+    if not config.store.startswith(("redis://", "rediss://")):
+        raise ConfigError(
+            "store",
+            "revocation needs the cluster store (redis://...): with memory:// the "
+            "state lives inside the running server; pass --store or set store",
+        )
+    ttl = config.cluster.revocation_ttl_seconds
+    if args.ttl is not None:
+        try:
+            ttl = parse_duration(args.ttl)
+        except ValueError as exc:
+            raise ConfigError("--ttl", str(exc)) from None
+        if ttl <= 0:
+            raise ConfigError("--ttl", "must be positive")
+    kind, value = ("jti", args.jti) if args.jti is not None else ("sub", args.subject)
+    if not value or len(value) > 1024:
+        raise ConfigError("--" + ("jti" if kind == "jti" else "subject"), "1-1024 characters")
+    # a revocation must never be silently dropped: fail closed whatever the config says
+    cluster = config.cluster.model_copy(
+        update={
+            "on_store_error": config.cluster.on_store_error.model_copy(
+                update={"revocations": "closed"}
+            )
+        }
+    )
+    store = open_store(config.store, cluster)
+
+    async def run() -> None:
+        try:
+            await store.revoke(kind, value, ttl)  # type: ignore[arg-type]
+        finally:
+            await store.close()
+
+    try:
+        asyncio.run(run())
+    except StoreUnavailable:
+        print(f"wsguard: cannot reach {redacted(config.store)}; nothing revoked", file=sys.stderr)
+        return 1
+    label = "token id" if kind == "jti" else "subject"
+    print(f"revoked {label} {value!r} for {ttl:g}s on {redacted(config.store)}")
     return 0
 
 

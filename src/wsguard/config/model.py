@@ -249,6 +249,36 @@ class AuditConfig(_Section):
     file: str = "-"
 
 
+FailureMode = Literal["open", "closed"]
+
+
+class StoreFailureConfig(_Section):
+    """Per check, what a node does while the shared store is unreachable.
+
+    ``closed`` refuses (handshakes get 503, signed messages an ``unavailable``
+    error); ``open`` falls back to this node's local state and limits.
+    """
+
+    bans: FailureMode = "closed"
+    revocations: FailureMode = "closed"
+    nonces: FailureMode = "closed"
+    rate_limits: FailureMode = "open"
+    connections: FailureMode = "open"
+
+
+class ClusterConfig(_Section):
+    """Cluster mode (``store = "redis://..."``): leases, timeouts, quotas, failures."""
+
+    key_prefix: str = Field(default="wsguard:", pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
+    lease_ttl_seconds: float = Field(default=15.0, ge=1, le=600)
+    timeout_seconds: float = Field(default=0.5, gt=0, le=30)
+    retry_seconds: float = Field(default=1.0, gt=0, le=60)
+    revocation_ttl_seconds: float = Field(default=86400.0, gt=0, le=30 * 86400)
+    subject_quota_batch: int = Field(default=0, ge=0, le=10_000)
+    tls_ca_file: Path | None = None
+    on_store_error: StoreFailureConfig = StoreFailureConfig()
+
+
 LogLevel = Literal["debug", "info", "warning", "error"]
 
 
@@ -270,6 +300,7 @@ class Config(_Section):
     tls: TlsConfig = TlsConfig()
     signing: SigningConfig = SigningConfig()
     audit: AuditConfig = AuditConfig()
+    cluster: ClusterConfig = ClusterConfig()
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -279,9 +310,9 @@ class Config(_Section):
     @field_validator("store")
     @classmethod
     def _store_uri(cls, value: str) -> str:
-        if not value.startswith("memory://"):
-            raise ValueError("only memory:// is supported by this version")
-        return value
+        from wsguard.stores.uri import check_store_uri
+
+        return check_store_uri(value)
 
     @field_validator("subprotocols")
     @classmethod

@@ -32,10 +32,11 @@ from wsguard.core.headers import split_list
 from wsguard.core.identity import Identity
 from wsguard.core.origin import OriginPolicy
 from wsguard.core.request import HandshakeRequest
-from wsguard.stores.base import BanPolicy, Store
+from wsguard.stores.base import BanPolicy, Store, StoreUnavailable
 
 _MAX_TARGET = 4096
 _CONCURRENCY_RETRY_AFTER = 5
+_STORE_RETRY_AFTER = 5
 _BEARER = 'Bearer realm="wsguard"'
 
 
@@ -113,8 +114,9 @@ class Lease:
 
     async def release(self) -> None:
         keys, self.keys = self.keys, ()
+        store = self.store
         for key in keys:
-            await self.store.release(key, self.holder)
+            await (store.local if key == "conn:all" else store).release(key, self.holder)
 
 
 class HandshakePolicy:
@@ -141,7 +143,7 @@ class HandshakePolicy:
         )
         self.draining = False
         self._holder_ids = itertools.count(1)
-        self._node = os.urandom(4).hex()
+        self.node_id = os.urandom(4).hex()
 
     def select_subprotocol(self, offered: list[str]) -> str | None:
         """The first configured application subprotocol the client offered.
@@ -160,7 +162,6 @@ class HandshakePolicy:
         client = self.resolver.resolve(request.peer, request.headers)
         if bad is not None:
             return _with_client(bad, client)
-        store, limits = self.store, self.config.limits
 
         # A foreign Origin is refused before anything is counted: otherwise any web
         # page a user visits could spend that user's handshake quota or get them banned.
@@ -169,6 +170,22 @@ class HandshakePolicy:
             origin, cookie_auth=self.config.auth.cookie
         ):
             return Reject(403, "origin_forbidden", "Origin not allowed.", client=client)
+        try:
+            return await self._evaluate(request, client, origin)
+        except StoreUnavailable as exc:  # a check configured to fail closed
+            return Reject(
+                503,
+                "store_unavailable",
+                "Service temporarily unavailable.",
+                _retry_after(_STORE_RETRY_AFTER),
+                detail=exc.check,
+                client=client,
+            )
+
+    async def _evaluate(
+        self, request: HandshakeRequest, client: str, origin: str | None
+    ) -> HandshakeDecision:
+        store, limits = self.store, self.config.limits
         key = limit_key(client, limits.ipv6_prefix_length)
         banned = await store.ban_remaining("addr:" + key)
         if banned > 0:
@@ -197,7 +214,16 @@ class HandshakePolicy:
             return await self._auth_failed(client, key, failure)
 
         subject = identity.subject
-        lease = Lease(store, f"{self._node}:{next(self._holder_ids)}")
+        if await store.is_revoked(subject, identity.token_id):
+            return Reject(
+                401,
+                "revoked",
+                "Invalid or expired token.",
+                (("WWW-Authenticate", _BEARER + ', error="invalid_token"'),),
+                client=client,
+                subject=subject,
+            )
+        lease = Lease(store, f"{self.node_id}:{next(self._holder_ids)}")
         try:
             refused = await self._acquire_slots(lease, client, key, subject)
         except BaseException:  # cancelled mid-way (handshake timeout): give slots back
@@ -263,7 +289,9 @@ class HandshakePolicy:
                 "Too many connections for this user.",
             ),
         ):
-            if not await store.acquire(key, limit, lease.holder):
+            # the node's own capacity is local; per-address and per-subject are shared
+            slots = store.local if key == "conn:all" else store
+            if not await slots.acquire(key, limit, lease.holder):
                 headers = _retry_after(_CONCURRENCY_RETRY_AFTER)
                 return Reject(
                     status,

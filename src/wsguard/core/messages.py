@@ -345,6 +345,20 @@ class MessagePolicy:
         refusal = Refuse("replayed", "Message was already received.", ref=_valid_ref(ref))
         return self._refuse(state, now, refusal)
 
+    def unavailable(self, state: ConnectionState, now: float, ref: Any) -> MessageDecision:
+        """A check this message needs (a shared nonce store) cannot answer now."""
+        refusal = Refuse("unavailable", "Try again shortly.", ref=_valid_ref(ref), retry_after=1.0)
+        return refusal
+
+    def rate_limited(
+        self, state: ConnectionState, now: float, ref: Any, retry_after: float
+    ) -> MessageDecision:
+        """The subject's cluster-wide message budget is spent."""
+        refusal = Refuse(
+            "rate_limited", "Too many messages.", ref=_valid_ref(ref), retry_after=retry_after
+        )
+        return self._refuse(state, now, refusal)
+
     def _bounds(self, raw: bytes, message: dict[str, Any]) -> str | None:
         """Structural limits; skips the walk when the raw bytes already prove them.
 

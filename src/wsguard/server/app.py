@@ -23,7 +23,6 @@ import asyncio
 import base64
 import itertools
 import logging
-import secrets
 import signal
 import ssl
 import time
@@ -32,10 +31,12 @@ from typing import Any
 
 import orjson
 
+from wsguard.cluster.events import ClusterEvents
 from wsguard.config.model import Config
 from wsguard.core.decisions import (
     CLOSE_CREDENTIALS_EXPIRED,
     CLOSE_GOING_AWAY,
+    CLOSE_REVOKED,
     Close,
     Deliver,
     MessageDecision,
@@ -46,6 +47,7 @@ from wsguard.core.integrity import SESSION_KID
 from wsguard.errors import ConfigError
 from wsguard.guard import Guard
 from wsguard.server.connection import Connection
+from wsguard.stores.base import StoreUnavailable
 
 Handler = Callable[[Connection, dict[str, Any]], Awaitable[None]]
 Hook = Callable[[Connection], Awaitable[None]]
@@ -68,7 +70,8 @@ class App:
         self._server: Any = None
         self._stopping: asyncio.Event | None = None
         self.port: int | None = None
-        self._id_prefix = secrets.token_hex(4)
+        self._id_prefix = guard.node_id
+        self.events: ClusterEvents | None = None
         self._id_counter = itertools.count(1)
         self._type_names = self.guard.messages.type_names()
         self.ssl_context: ssl.SSLContext | None = None
@@ -102,13 +105,45 @@ class App:
     # -- messaging -------------------------------------------------------------
 
     def broadcast(self, message: dict[str, Any], *, exclude: Connection | None = None) -> int:
-        """Send *message* to every connection but *exclude*; never waits on a client."""
-        text = orjson.dumps(message).decode()
+        """Send *message* to every connection but *exclude*; never waits on a client.
+
+        In cluster mode the message also goes to every other node's clients.
+        Returns how many of this node's connections it was handed to.
+        """
+        raw = orjson.dumps(message)
+        delivered = self._deliver_local(raw.decode(), exclude)
+        if self.events is not None:
+            self.events.publish_broadcast(raw)
+        return delivered
+
+    def _deliver_local(self, text: str, exclude: Connection | None = None) -> int:
         delivered = 0
         for conn in list(self.connections.values()):
             if conn is not exclude and conn.send_text(text):
                 delivered += 1
         return delivered
+
+    def _deliver_remote(self, raw: bytes) -> None:
+        self._deliver_local(raw.decode("utf-8", "replace"))
+
+    def _revoked(self, conn: Connection, kind: str) -> None:
+        if conn.closing:
+            return
+        self.guard.audit.emit(
+            "connection_revoked",
+            connection_id=conn.id,
+            client=conn.client,
+            subject=conn.subject,
+            by=kind,
+        )
+        conn.close_soon(CLOSE_REVOKED, "revoked", cause="revoked")
+
+    async def revoke(self, kind: str, value: str, ttl: float | None = None) -> None:
+        """Revoke a token id (``jti``) or subject (``sub``) on every node."""
+        if kind not in ("jti", "sub"):
+            raise ValueError("kind must be 'jti' or 'sub'")
+        seconds = ttl if ttl is not None else self.config.cluster.revocation_ttl_seconds
+        await self.guard.store.revoke(kind, value, seconds)  # type: ignore[arg-type]
 
     def welcome(self, conn: Connection) -> dict[str, Any]:
         limits = self.config.limits
@@ -173,6 +208,7 @@ class App:
         """Drive one connection: welcome, then every frame through the policy."""
         guard = self.guard
         policy = guard.messages
+        quota = guard.quota
         self._schedule_expiry(conn, conn.identity.expires_at)
         self._schedule_idle(conn)
         lifetime = self.config.liveness.max_lifetime_seconds
@@ -189,8 +225,11 @@ class App:
             if conn.closing:
                 break
             decision = policy.evaluate(conn.state, data, guard.now())
-            if isinstance(decision, Deliver) and decision.nonce is not None:
-                decision = await self._check_nonce(conn, decision)
+            if isinstance(decision, Deliver):
+                if quota is not None and not quota.take_local(conn.subject, guard.now()):
+                    decision = await self._check_quota(conn, decision)
+                if isinstance(decision, Deliver) and decision.nonce is not None:
+                    decision = await self._check_nonce(conn, decision)
             if isinstance(decision, Deliver):
                 handler = self._handlers.get(decision.type)
                 if handler is None:
@@ -223,10 +262,31 @@ class App:
     async def _check_nonce(self, conn: Connection, decision: Deliver) -> MessageDecision:
         """Record a signed message's nonce; a nonce seen before is a replay."""
         verified = decision.nonce
-        if await self.guard.store.add_nonce(verified.nonce_key, verified.ttl):
+        try:
+            fresh = await self.guard.store.add_nonce(verified.nonce_key, verified.ttl)
+        except StoreUnavailable:
+            return self.guard.messages.unavailable(
+                conn.state, self.guard.now(), decision.message.get("id")
+            )
+        if fresh:
             return decision
         return self.guard.messages.replayed(
             conn.state, self.guard.now(), decision.message.get("id")
+        )
+
+    async def _check_quota(self, conn: Connection, decision: Deliver) -> MessageDecision:
+        """Spend one message of the subject's cluster-wide budget (batched)."""
+        quota = self.guard.quota
+        assert quota is not None
+        now = self.guard.now()
+        try:
+            wait = await quota.refill(conn.subject, now)
+        except StoreUnavailable:  # rate limits configured to fail closed
+            return self.guard.messages.unavailable(conn.state, now, decision.message.get("id"))
+        if wait <= 0:
+            return decision
+        return self.guard.messages.rate_limited(
+            conn.state, self.guard.now(), decision.message.get("id"), wait
         )
 
     def new_connection_id(self) -> str:
@@ -244,6 +304,15 @@ class App:
             raise RuntimeError("already started")
         check_listener(self.config)
         self._stopping = asyncio.Event()
+        await self.guard.start()
+        if self.events is None:
+            self.events = ClusterEvents(
+                self.guard.store,
+                self.guard.node_id,
+                lambda: self.connections.values(),
+                self._deliver_remote,
+                self._revoked,
+            )
         self._server = await start_server(self)
         sockets = list(self._server.sockets)
         self.port = sockets[0].getsockname()[1] if sockets else None
@@ -286,6 +355,8 @@ class App:
         finally:
             for sig in installed:
                 loop.remove_signal_handler(sig)
+            if self.events is not None:
+                await self.events.close()
             await self.guard.close()
 
     def reload_tls(self) -> bool:

@@ -8,7 +8,26 @@ ever does read-modify-write across two calls.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
+
+#: What kind of thing a revocation names: a token id (``jti``) or a whole subject.
+RevocationKind = Literal["jti", "sub"]
+
+#: Event channels shared by every node of a cluster.
+CHANNEL_REVOKE = "revoke"
+CHANNEL_BROADCAST = "broadcast"
+
+EventHandler = Callable[[str, bytes], None]
+
+
+class StoreUnavailable(Exception):
+    """The shared store cannot answer and *check* is configured to fail closed."""
+
+    def __init__(self, check: str) -> None:
+        super().__init__(f"store unavailable ({check})")
+        self.check = check
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,9 +41,20 @@ class BanPolicy:
 
 
 class Store(ABC):
-    """Shared security state: slots, rate counters, failures and bans."""
+    """Shared security state: slots, rate counters, failures, bans, nonces, revocations.
+
+    ``shared`` is True when other nodes see the same state (cluster mode). Any
+    method of a shared store may raise :class:`StoreUnavailable` when the backing
+    store is unreachable and that check is configured to fail closed.
+    """
 
     uri: str = ""
+    shared: bool = False
+
+    @property
+    def local(self) -> Store:
+        """A store for state that is always per node (e.g. this node's capacity)."""
+        return self
 
     @abstractmethod
     async def acquire(self, key: str, limit: int, holder: str) -> bool:
@@ -61,6 +91,46 @@ class Store(ABC):
     @abstractmethod
     async def add_nonce(self, key: str, ttl: float) -> bool:
         """Record *key* for *ttl* seconds; False if it was already recorded (a replay)."""
+
+    @abstractmethod
+    async def take(self, key: str, want: int, limit: int, window: float) -> tuple[int, float]:
+        """Take up to *want* events from *key*'s sliding window of *limit* per *window*.
+
+        Returns (granted, retry_after): ``granted`` is between 0 and *want*;
+        when it is 0, ``retry_after`` is the seconds until there is room.
+        """
+
+    @abstractmethod
+    async def revoke(self, kind: RevocationKind, value: str, ttl: float) -> None:
+        """Revoke a token id or a subject for *ttl* seconds and tell every node."""
+
+    @abstractmethod
+    async def is_revoked(self, subject: str, token_id: str | None) -> bool:
+        """Whether the subject, or the token id when given, is revoked."""
+
+    async def revoked_among(self, pairs: list[tuple[str, str | None]]) -> list[bool]:
+        """For each (subject, token id), whether it is revoked (never raises)."""
+        out = []
+        for subject, token_id in pairs:
+            try:
+                out.append(await self.is_revoked(subject, token_id))
+            except StoreUnavailable:
+                out.append(False)
+        return out
+
+    @abstractmethod
+    async def publish(self, channel: str, payload: bytes) -> None:
+        """Send *payload* to every node's event handlers (this node's included)."""
+
+    @abstractmethod
+    def subscribe(self, handler: EventHandler) -> None:
+        """Call *handler(channel, payload)* for every event published on any node."""
+
+    def on_resync(self, callback: Callable[[], None]) -> None:  # noqa: B027 - optional hook
+        """Call *callback* whenever events may have been missed (after an outage)."""
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Start background work (lease renewal, event subscription)."""
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources held by the store."""

@@ -17,7 +17,13 @@ import collections
 import time
 from collections.abc import Callable
 
-from wsguard.stores.base import BanPolicy, Store
+from wsguard.stores.base import (
+    CHANNEL_REVOKE,
+    BanPolicy,
+    EventHandler,
+    RevocationKind,
+    Store,
+)
 
 _PRUNE_FLOOR = 1024
 
@@ -48,6 +54,9 @@ class MemoryStore(Store):
         self._bans = _Table()  # key -> (banned until, level, last ban time)
         self._nonces: dict[str, float] = {}
         self._nonce_order: collections.deque[tuple[float, str]] = collections.deque()
+        self._revoked: dict[str, float] = {}
+        self._next_revoked_prune = _PRUNE_FLOOR
+        self._handlers: list[EventHandler] = []
 
     # -- slots -------------------------------------------------------------------------
 
@@ -104,6 +113,18 @@ class MemoryStore(Store):
         self._record(key, start, previous, current + 1, window, now)
         return 0.0
 
+    async def take(self, key: str, want: int, limit: int, window: float) -> tuple[int, float]:
+        now = time.monotonic()
+        start, previous, current, estimate = self._estimate(key, window, now)
+        granted = min(want, int(limit - estimate))
+        if granted <= 0:
+            if current + 1 > limit or previous <= 0:
+                return 0, max(0.001, start + window - now)
+            ready = start + window * (1.0 - (limit - current - 1) / previous)
+            return 0, max(0.001, ready - now)
+        self._record(key, start, previous, current + granted, window, now)
+        return granted, 0.0
+
     # -- failures and bans ---------------------------------------------------------------
 
     async def ban_remaining(self, key: str) -> float:
@@ -153,3 +174,28 @@ class MemoryStore(Store):
         nonces[key] = expires
         order.append((expires, key))
         return True
+
+    # -- revocations and events ---------------------------------------------------------
+
+    async def revoke(self, kind: RevocationKind, value: str, ttl: float) -> None:
+        now = time.monotonic()
+        self._revoked[f"{kind}:{value}"] = now + ttl
+        if len(self._revoked) >= self._next_revoked_prune:
+            self._revoked = {k: v for k, v in self._revoked.items() if v > now}
+            self._next_revoked_prune = max(_PRUNE_FLOOR, 2 * len(self._revoked))
+        await self.publish(CHANNEL_REVOKE, f"{kind}:{value}".encode())
+
+    async def is_revoked(self, subject: str, token_id: str | None) -> bool:
+        if not self._revoked:
+            return False
+        now = time.monotonic()
+        if self._revoked.get("sub:" + subject, 0.0) > now:
+            return True
+        return token_id is not None and self._revoked.get("jti:" + token_id, 0.0) > now
+
+    async def publish(self, channel: str, payload: bytes) -> None:
+        for handler in self._handlers:
+            handler(channel, payload)
+
+    def subscribe(self, handler: EventHandler) -> None:
+        self._handlers.append(handler)

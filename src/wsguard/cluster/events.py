@@ -1,0 +1,127 @@
+"""What a node does with cluster events: revocations and broadcasts.
+
+Revocations close the live connections they name with ``4003`` on every node
+(the store publishes them; each node, the revoking one included, reacts).
+Events can be lost while a node is cut off from the store, so after every
+reconnection the node checks all its live connections against the stored
+revocations (one pipelined round trip).
+
+Broadcasts are published with the sending node's id; that node has already
+delivered to its own clients, so it skips its own copy (no double delivery).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Coroutine, Iterable
+from typing import TYPE_CHECKING, Any
+
+from wsguard.stores.base import CHANNEL_BROADCAST, CHANNEL_REVOKE, Store, StoreUnavailable
+
+if TYPE_CHECKING:
+    from wsguard.server.connection import Connection
+
+logger = logging.getLogger("wsguard.cluster")
+
+OUTBOX_LIMIT = 10_000
+
+
+class ClusterEvents:
+    """Connects one node's live connections to the store's event channels."""
+
+    def __init__(
+        self,
+        store: Store,
+        node_id: str,
+        connections: Callable[[], Iterable[Connection]],
+        deliver: Callable[[bytes], None],
+        on_revoked: Callable[[Connection, str], None],
+    ) -> None:
+        self.store = store
+        self.node_id = node_id.encode()
+        self._connections = connections
+        self._deliver = deliver
+        self._on_revoked = on_revoked
+        self._outbox: asyncio.Queue[bytes] | None = None
+        self._tasks: set[asyncio.Task[object]] = set()
+        self.dropped = 0
+        store.subscribe(self.handle)
+        store.on_resync(self.resync)
+
+    # -- incoming -------------------------------------------------------------------
+
+    def handle(self, channel: str, payload: bytes) -> None:
+        if channel == CHANNEL_BROADCAST:
+            node, _, text = payload.partition(b"\n")
+            if node != self.node_id:
+                self._deliver(text)
+        elif channel == CHANNEL_REVOKE:
+            kind, _, value = payload.decode("utf-8", "replace").partition(":")
+            self.close_revoked(kind, value)
+
+    def close_revoked(self, kind: str, value: str) -> int:
+        closed = 0
+        for conn in list(self._connections()):
+            identity = conn.identity
+            if (kind == "sub" and identity.subject == value) or (
+                kind == "jti" and identity.token_id == value
+            ):
+                self._on_revoked(conn, kind)
+                closed += 1
+        return closed
+
+    def resync(self) -> None:
+        self._spawn(self.sweep())
+
+    async def sweep(self) -> int:
+        """Close every live connection whose subject or token is revoked now."""
+        conns = [c for c in self._connections() if not c.closing]
+        if not conns:
+            return 0
+        flags = await self.store.revoked_among([(c.subject, c.identity.token_id) for c in conns])
+        closed = 0
+        for conn, revoked in zip(conns, flags, strict=True):
+            if revoked:
+                self._on_revoked(conn, "sweep")
+                closed += 1
+        return closed
+
+    # -- outgoing --------------------------------------------------------------------
+
+    def publish_broadcast(self, text: bytes) -> bool:
+        """Queue a broadcast for the other nodes; never waits (drops when backed up)."""
+        if self._outbox is None:
+            self._outbox = asyncio.Queue(OUTBOX_LIMIT)
+            self._spawn(self._publisher(self._outbox))
+        try:
+            self._outbox.put_nowait(self.node_id + b"\n" + text)
+        except asyncio.QueueFull:
+            self.dropped += 1
+            if self.dropped == 1 or self.dropped % 1000 == 0:
+                logger.warning("cluster broadcast backlog full: %d dropped", self.dropped)
+            return False
+        return True
+
+    async def _publisher(self, outbox: asyncio.Queue[bytes]) -> None:
+        while True:
+            payload = await outbox.get()
+            try:
+                await self.store.publish(CHANNEL_BROADCAST, payload)
+            except StoreUnavailable:
+                self.dropped += 1
+
+    def _spawn(self, coro: Coroutine[Any, Any, object]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        tasks, self._tasks = list(self._tasks), set()
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._outbox = None

@@ -1,0 +1,416 @@
+"""``redis://`` and ``rediss://``: cluster-wide state in Redis (or Valkey).
+
+Every operation is one command or one Lua script (:mod:`redis_scripts`), so no
+two nodes ever race on a read-modify-write. Connection slots are *leases*: each
+holder's entry carries an expiry that this node renews every third of
+``cluster.lease_ttl_seconds``; a node that dies stops renewing and its slots
+free themselves within the TTL.
+
+When Redis cannot answer, each check follows ``cluster.on_store_error``:
+``closed`` raises :class:`StoreUnavailable` (the caller refuses), ``open``
+uses this node's :class:`MemoryStore` (local limits). The outage is reported
+once; after ``cluster.retry_seconds`` the next operation probes Redis again,
+and the lease renewal loop keeps probing while the node is idle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from wsguard.config.model import ClusterConfig
+from wsguard.stores import redis_scripts
+from wsguard.stores.base import (
+    CHANNEL_REVOKE,
+    BanPolicy,
+    EventHandler,
+    RevocationKind,
+    Store,
+    StoreUnavailable,
+)
+from wsguard.stores.memory import MemoryStore
+from wsguard.stores.uri import redacted
+
+logger = logging.getLogger("wsguard.store")
+
+T = TypeVar("T")
+
+#: Called with ("outage" | "recovered", detail) when the store's health changes.
+HealthListener = Callable[[str, str], None]
+
+_FAILURES = (RedisError, OSError, asyncio.TimeoutError)
+
+
+class RedisStore(Store):
+    """Shared state for every node that names the same Redis and key prefix."""
+
+    shared = True
+
+    def __init__(self, uri: str, config: ClusterConfig | None = None) -> None:
+        self.uri = uri
+        self.config = config = config if config is not None else ClusterConfig()
+        self._prefix = config.key_prefix
+        self._ttl_ms = int(config.lease_ttl_seconds * 1000)
+        self._modes = config.on_store_error
+        options: dict[str, Any] = {
+            "socket_timeout": config.timeout_seconds,
+            "socket_connect_timeout": config.timeout_seconds,
+            "retry": Retry(NoBackoff(), 0),
+        }
+        if uri.startswith("rediss://") and config.tls_ca_file is not None:
+            options["ssl_ca_certs"] = str(config.tls_ca_file)
+        self.client: aioredis.Redis = aioredis.Redis.from_url(uri, **options)
+        # the subscriber blocks on reads: no socket timeout, its own connection
+        sub_options = dict(options, socket_timeout=None)
+        self._sub_client: aioredis.Redis = aioredis.Redis.from_url(uri, **sub_options)
+        self._fallback = MemoryStore("memory://")
+        self._acquire = self.client.register_script(redis_scripts.ACQUIRE)
+        self._renew = self.client.register_script(redis_scripts.RENEW)
+        self._count = self.client.register_script(redis_scripts.COUNT)
+        self._take = self.client.register_script(redis_scripts.TAKE)
+        self._record_failure = self.client.register_script(redis_scripts.RECORD_FAILURE)
+        self._held: dict[str, set[str]] = {}  # leases granted by Redis, renewed by us
+        self._local_held: set[tuple[str, str]] = set()  # leases granted in fail-open mode
+        self._handlers: list[EventHandler] = []
+        self._resync: list[Callable[[], None]] = []
+        self._health: list[HealthListener] = []
+        self._down_until = 0.0
+        self._down = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self.operations = 0  # round trips attempted, for benchmarks and tests
+
+    # -- plumbing ----------------------------------------------------------------------
+
+    @property
+    def local(self) -> Store:
+        return self._fallback
+
+    @property
+    def available(self) -> bool:
+        return not self._down
+
+    def on_health(self, listener: HealthListener) -> None:
+        self._health.append(listener)
+
+    def on_resync(self, callback: Callable[[], None]) -> None:
+        self._resync.append(callback)
+
+    def _key(self, key: str, suffix: str = "") -> str:
+        # the key in braces is the Redis Cluster hash tag: a key's parts share a slot
+        return f"{self._prefix}{{{key}}}{suffix}"
+
+    def _mark_down(self, exc: BaseException) -> None:
+        self._down_until = time.monotonic() + self.config.retry_seconds
+        if not self._down:
+            self._down = True
+            detail = f"{type(exc).__name__}: {exc}"[:200]
+            logger.warning("store %s unavailable: %s", redacted(self.uri), detail)
+            for listener in self._health:
+                listener("outage", detail)
+
+    def _mark_up(self) -> None:
+        if self._down:
+            self._down = False
+            logger.warning("store %s available again", redacted(self.uri))
+            for listener in self._health:
+                listener("recovered", "")
+            for callback in self._resync:
+                callback()
+
+    async def _run(
+        self,
+        check: str,
+        operation: Callable[[], Awaitable[T]],
+        fallback: Callable[[], Awaitable[T]],
+    ) -> T:
+        """Run *operation* on Redis, or follow the check's failure mode."""
+        if not self._down or time.monotonic() >= self._down_until:
+            self.operations += 1
+            try:
+                result = await operation()
+            except _FAILURES as exc:
+                self._mark_down(exc)
+            else:
+                self._mark_up()
+                return result
+        if getattr(self._modes, check) == "closed":
+            raise StoreUnavailable(check)
+        return await fallback()
+
+    # -- slots (leases) ----------------------------------------------------------------
+
+    async def acquire(self, key: str, limit: int, holder: str) -> bool:
+        async def remote() -> bool:
+            granted = await self._acquire(keys=[self._key(key)], args=[limit, holder, self._ttl_ms])
+            if granted:
+                self._held.setdefault(key, set()).add(holder)
+            return bool(granted)
+
+        async def local() -> bool:
+            granted = await self._fallback.acquire(key, limit, holder)
+            if granted:
+                self._local_held.add((key, holder))
+            return granted
+
+        return await self._run("connections", remote, local)
+
+    async def release(self, key: str, holder: str) -> None:
+        if (key, holder) in self._local_held:
+            self._local_held.discard((key, holder))
+            await self._fallback.release(key, holder)
+            return
+        holders = self._held.get(key)
+        if holders is None or holder not in holders:
+            return
+        holders.discard(holder)
+        if not holders:
+            del self._held[key]
+
+        async def remote() -> None:
+            await self.client.zrem(self._key(key), holder)
+
+        async def expire() -> None:
+            return None  # not renewed any more: the lease lapses within the TTL
+
+        with contextlib.suppress(StoreUnavailable):
+            await self._run("connections", remote, expire)
+
+    async def count(self, key: str) -> int:
+        async def remote() -> int:
+            return int(await self._count(keys=[self._key(key)]))
+
+        return await self._run("connections", remote, lambda: self._fallback.count(key))
+
+    async def renew_leases(self) -> None:
+        """Extend every lease this node holds (re-creating any Redis lost)."""
+        if not self._held:
+            return
+        items = [(key, sorted(holders)) for key, holders in self._held.items()]
+
+        async def remote() -> None:
+            for start in range(0, len(items), 500):
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for key, holders in items[start : start + 500]:
+                        await self._renew(
+                            keys=[self._key(key)], args=[self._ttl_ms, *holders], client=pipe
+                        )
+                    await pipe.execute()
+
+        async def nothing() -> None:
+            return None
+
+        with contextlib.suppress(StoreUnavailable):
+            await self._run("connections", remote, nothing)
+
+    async def _renewal_loop(self) -> None:
+        interval = self.config.lease_ttl_seconds / 3
+        while True:
+            await asyncio.sleep(interval)
+            if self._held:
+                await self.renew_leases()
+            elif self._down:
+                await self.ping()
+
+    async def ping(self) -> bool:
+        async def remote() -> bool:
+            return bool(await self.client.ping())
+
+        async def down() -> bool:
+            return False
+
+        try:
+            return await self._run("rate_limits", remote, down)
+        except StoreUnavailable:
+            return False
+
+    # -- rates -------------------------------------------------------------------------
+
+    async def take(self, key: str, want: int, limit: int, window: float) -> tuple[int, float]:
+        async def remote() -> tuple[int, float]:
+            granted, wait_ms = await self._take(
+                keys=[self._key(key, ":w")], args=[limit, int(window * 1000), want]
+            )
+            return int(granted), int(wait_ms) / 1000
+
+        async def local() -> tuple[int, float]:
+            return await self._fallback.take(key, want, limit, window)
+
+        return await self._run("rate_limits", remote, local)
+
+    async def hit(self, key: str, limit: int, window: float) -> float:
+        granted, wait = await self.take(key, 1, limit, window)
+        return 0.0 if granted else wait
+
+    # -- failures and bans -------------------------------------------------------------
+
+    async def ban_remaining(self, key: str) -> float:
+        async def remote() -> float:
+            ttl = int(await self.client.pttl(self._key(key, ":ban")))
+            return ttl / 1000 if ttl > 0 else 0.0
+
+        return await self._run("bans", remote, lambda: self._fallback.ban_remaining(key))
+
+    async def record_failure(self, key: str, policy: BanPolicy) -> float | None:
+        async def remote() -> float | None:
+            duration = int(
+                await self._record_failure(
+                    keys=[self._key(key, ":fail"), self._key(key, ":ban"), self._key(key, ":lvl")],
+                    args=[
+                        policy.threshold,
+                        int(policy.window * 1000),
+                        int(policy.base_seconds * 1000),
+                        int(policy.max_seconds * 1000),
+                    ],
+                )
+            )
+            return duration / 1000 if duration >= 0 else None
+
+        return await self._run("bans", remote, lambda: self._fallback.record_failure(key, policy))
+
+    async def unban(self, key: str) -> bool:
+        async def remote() -> bool:
+            return bool(await self.client.delete(self._key(key, ":ban")))
+
+        local = await self._fallback.unban(key)
+        return await self._run("bans", remote, _constant(False)) or local
+
+    # -- nonces ------------------------------------------------------------------------
+
+    async def add_nonce(self, key: str, ttl: float) -> bool:
+        async def remote() -> bool:
+            fresh = await self.client.set(
+                self._key("nonce:" + key), b"1", nx=True, px=max(1, int(ttl * 1000))
+            )
+            return bool(fresh)
+
+        return await self._run("nonces", remote, lambda: self._fallback.add_nonce(key, ttl))
+
+    # -- revocations and events --------------------------------------------------------
+
+    def _revocation_key(self, kind: str, value: str) -> str:
+        return self._key(f"rev:{kind}:{value}")
+
+    async def revoke(self, kind: RevocationKind, value: str, ttl: float) -> None:
+        async def remote() -> None:
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.set(self._revocation_key(kind, value), b"1", px=max(1, int(ttl * 1000)))
+                pipe.publish(self._prefix + CHANNEL_REVOKE, f"{kind}:{value}".encode())
+                await pipe.execute()
+
+        async def local() -> None:
+            await self._fallback.revoke(kind, value, ttl)
+
+        await self._run("revocations", remote, local)
+
+    async def is_revoked(self, subject: str, token_id: str | None) -> bool:
+        keys = [self._revocation_key("sub", subject)]
+        if token_id is not None:
+            keys.append(self._revocation_key("jti", token_id))
+
+        async def remote() -> bool:
+            return bool(await self.client.exists(*keys))
+
+        return await self._run(
+            "revocations", remote, lambda: self._fallback.is_revoked(subject, token_id)
+        )
+
+    async def revoked_among(self, pairs: list[tuple[str, str | None]]) -> list[bool]:
+        """For each (subject, token id), whether it is revoked: one round trip."""
+
+        async def remote() -> list[bool]:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for subject, token_id in pairs:
+                    keys = [self._revocation_key("sub", subject)]
+                    if token_id is not None:
+                        keys.append(self._revocation_key("jti", token_id))
+                    pipe.exists(*keys)
+                return [bool(n) for n in await pipe.execute()]
+
+        async def none() -> list[bool]:
+            return [False] * len(pairs)
+
+        try:
+            return await self._run("revocations", remote, none)
+        except StoreUnavailable:
+            return [False] * len(pairs)
+
+    async def publish(self, channel: str, payload: bytes) -> None:
+        async def remote() -> None:
+            await self.client.publish(self._prefix + channel, payload)
+
+        async def local_only() -> None:
+            for handler in self._handlers:
+                handler(channel, payload)
+
+        await self._run("rate_limits", remote, local_only)
+
+    def subscribe(self, handler: EventHandler) -> None:
+        self._handlers.append(handler)
+
+    async def _subscriber_loop(self) -> None:
+        prefix = self._prefix
+        channels = [prefix + CHANNEL_REVOKE, prefix + "broadcast"]
+        first = True
+        while True:
+            try:
+                async with self._sub_client.pubsub(ignore_subscribe_messages=True) as pubsub:
+                    await pubsub.subscribe(*channels)
+                    if not first:
+                        for callback in self._resync:
+                            callback()  # events published while we were away are lost
+                    first = False
+                    async for message in pubsub.listen():
+                        channel = message["channel"].decode()[len(prefix) :]
+                        for handler in self._handlers:
+                            try:
+                                handler(channel, message["data"])
+                            except Exception:
+                                logger.exception("event handler failed")
+            except _FAILURES as exc:
+                self._mark_down(exc)
+                first = False
+                await asyncio.sleep(self.config.retry_seconds)
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._tasks:
+            return
+        await self.ping()  # an outage at start is reported, not fatal
+        self._tasks = [
+            asyncio.create_task(self._renewal_loop(), name="wsguard-lease-renewal"),
+            asyncio.create_task(self._subscriber_loop(), name="wsguard-events"),
+        ]
+
+    async def close(self) -> None:
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        held, self._held = self._held, {}
+        if held and not self._down:
+            with contextlib.suppress(*_FAILURES):
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for key, holders in held.items():
+                        pipe.zrem(self._key(key), *holders)
+                    await pipe.execute()
+        await self.client.aclose()
+        await self._sub_client.aclose()
+
+
+def _constant(value: T) -> Callable[[], Awaitable[T]]:
+    async def constant() -> T:
+        return value
+
+    return constant
