@@ -8,6 +8,7 @@ an exception escaping the policy core: see :mod:`wsguard.core.decisions`.
     ├── ConfigError        invalid configuration (names the key)
     ├── KeyLoadError       a signing or verification key cannot be loaded
     └── StoreError         the state store failed or is unreachable
+        └── StoreUnavailable   (wsguard.stores) a check configured to fail closed cannot be made
 """
 
 from __future__ import annotations

@@ -333,9 +333,18 @@ async def start_server(app: App) -> Server:
             (GuardedServerConnection,),
             {"guard": guard, "pending": PendingHandshakes(guard)},
         ),
-        logger=logging.getLogger("wsguard.engine"),
+        logger=_engine_logger(),
     )
     return server
+
+
+def _engine_logger() -> logging.Logger:
+    """The engine's logger, never below WARNING: its debug records carry raw
+    request headers (tokens, cookies) and frames, whatever the app's log level."""
+    engine = logging.getLogger("wsguard.engine")
+    if engine.getEffectiveLevel() < logging.WARNING:
+        engine.setLevel(logging.WARNING)
+    return engine
 
 
 def _close_fields(ws: ServerConnection) -> dict[str, Any]:

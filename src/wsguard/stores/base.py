@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
+from wsguard.errors import StoreError
+
 #: What kind of thing a revocation names: a token id (``jti``) or a whole subject.
 RevocationKind = Literal["jti", "sub"]
 
@@ -22,7 +24,7 @@ CHANNEL_BROADCAST = "broadcast"
 EventHandler = Callable[[str, bytes], None]
 
 
-class StoreUnavailable(Exception):
+class StoreUnavailable(StoreError):
     """The shared store cannot answer and *check* is configured to fail closed."""
 
     def __init__(self, check: str) -> None:

@@ -80,6 +80,8 @@ class RedisStore(Store):
         self._record_failure = self.client.register_script(redis_scripts.RECORD_FAILURE)
         self._held: dict[str, set[str]] = {}  # leases granted by Redis, renewed by us
         self._local_held: set[tuple[str, str]] = set()  # leases granted in fail-open mode
+        self._renewing = False
+        self._late_releases: list[tuple[str, str]] = []
         self._handlers: list[EventHandler] = []
         self._resync: list[Callable[[], None]] = []
         self._health: list[HealthListener] = []
@@ -174,6 +176,8 @@ class RedisStore(Store):
         holders.discard(holder)
         if not holders:
             del self._held[key]
+        if self._renewing:  # a renewal in flight may re-add it after our ZREM
+            self._late_releases.append((key, holder))
 
         async def remote() -> None:
             await self.client.zrem(self._key(key), holder)
@@ -208,8 +212,19 @@ class RedisStore(Store):
         async def nothing() -> None:
             return None
 
-        with contextlib.suppress(StoreUnavailable):
-            await self._run("connections", remote, nothing)
+        self._renewing = True
+        try:
+            with contextlib.suppress(StoreUnavailable):
+                await self._run("connections", remote, nothing)
+        finally:
+            self._renewing = False
+            late, self._late_releases = self._late_releases, []
+        if late:
+            with contextlib.suppress(*_FAILURES):
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for key, holder in late:
+                        pipe.zrem(self._key(key), holder)
+                    await pipe.execute()
 
     async def _renewal_loop(self) -> None:
         interval = self.config.lease_ttl_seconds / 3
@@ -377,6 +392,10 @@ class RedisStore(Store):
                                 logger.exception("event handler failed")
             except _FAILURES as exc:
                 self._mark_down(exc)
+                first = False
+                await asyncio.sleep(self.config.retry_seconds)
+            except Exception:  # never let the event subscription die
+                logger.exception("cluster event subscription failed; resubscribing")
                 first = False
                 await asyncio.sleep(self.config.retry_seconds)
 
