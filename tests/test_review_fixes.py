@@ -664,3 +664,28 @@ def test_drain_zero_closes_promptly_with_1001_and_refuses_handshakes_with_503(
         silent.close()
         if polite is not None:
             polite.close()
+
+
+def test_embedded_app_with_debug_logging_never_logs_tokens(
+    server_factory: ServerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An App embedded in a program that logs everything at DEBUG: the engine's debug
+    records (raw request headers) stay suppressed, so no token reaches any handler."""
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    running = server_factory()
+    token = make_token("alice", scopes=["chat"])
+    with running.connect(token) as ws:
+        ws.recv(timeout=5)
+        ws.send(json.dumps({"type": "ping", "id": "p1"}))
+        ws.recv(timeout=5)
+    with pytest.raises(InvalidStatus):
+        running.connect(token + "x")
+    # the test's own client logs its headers too: only the server side is checked
+    server_records = [r for r in caplog.records if not r.name.startswith("websockets.client")]
+    assert server_records, "debug logging was not captured at all"
+    text = "\n".join(record.getMessage() for record in server_records)
+    signature = token.rsplit(".", 1)[1]
+    assert signature not in text
+    assert token.split(".")[1] not in text
