@@ -227,6 +227,13 @@ class GuardedServerConnection(ServerConnection):
         )
 
 
+async def wait_for_releases(grace: float) -> None:
+    """Wait (bounded) until slots given back by closed connections reach the store."""
+    pending = [task for task in _pending_releases if not task.done()]
+    if pending:
+        await asyncio.wait(pending, timeout=grace)
+
+
 def release_admission(connection: GuardedServerConnection) -> None:
     admission, connection.admission = connection.admission, None
     if admission is not None:

@@ -357,6 +357,9 @@ class App:
                 loop.remove_signal_handler(sig)
             if self.events is not None:
                 await self.events.close()
+            from wsguard.adapters.websockets_server import wait_for_releases
+
+            await wait_for_releases(self.config.cluster.timeout_seconds * 4)
             await self.guard.close()
 
     def reload_tls(self) -> bool:

@@ -88,6 +88,7 @@ class RedisStore(Store):
         self._down_until = 0.0
         self._down = False
         self._tasks: list[asyncio.Task[None]] = []
+        self._closed = False
         self.operations = 0  # round trips attempted, for benchmarks and tests
 
     # -- plumbing ----------------------------------------------------------------------
@@ -111,6 +112,8 @@ class RedisStore(Store):
         return f"{self._prefix}{{{key}}}{suffix}"
 
     def _mark_down(self, exc: BaseException) -> None:
+        if self._closed:
+            return  # errors of operations cut short by close() are not an outage
         self._down_until = time.monotonic() + self.config.retry_seconds
         if not self._down:
             self._down = True
@@ -411,6 +414,7 @@ class RedisStore(Store):
         ]
 
     async def close(self) -> None:
+        self._closed = True
         tasks, self._tasks = self._tasks, []
         for task in tasks:
             task.cancel()
