@@ -675,7 +675,7 @@ def test_embedded_app_with_debug_logging_never_logs_tokens(
 
     caplog.set_level(logging.DEBUG)
     running = server_factory()
-    token = make_token("alice", scopes=["chat"])
+    token = make_token("alice", scopes="chat")
     with running.connect(token) as ws:
         ws.recv(timeout=5)
         ws.send(json.dumps({"type": "ping", "id": "p1"}))

@@ -229,7 +229,8 @@ class GuardedServerConnection(ServerConnection):
 
 async def wait_for_releases(grace: float) -> None:
     """Wait (bounded) until slots given back by closed connections reach the store."""
-    pending = [task for task in _pending_releases if not task.done()]
+    loop = asyncio.get_running_loop()  # other Apps in this process run other loops
+    pending = [t for t in _pending_releases if not t.done() and t.get_loop() is loop]
     if pending:
         await asyncio.wait(pending, timeout=grace)
 

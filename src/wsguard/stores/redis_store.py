@@ -30,6 +30,7 @@ from redis.exceptions import RedisError
 from wsguard.config.model import ClusterConfig
 from wsguard.stores import redis_scripts
 from wsguard.stores.base import (
+    CHANNEL_BROADCAST,
     CHANNEL_REVOKE,
     BanPolicy,
     EventHandler,
@@ -89,6 +90,8 @@ class RedisStore(Store):
         self._down = False
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
+        self._subscribed = asyncio.Event()
+        self._background: set[asyncio.Task[None]] = set()
         self.operations = 0  # round trips attempted, for benchmarks and tests
 
     # -- plumbing ----------------------------------------------------------------------
@@ -130,6 +133,10 @@ class RedisStore(Store):
                 listener("recovered", "")
             for callback in self._resync:
                 callback()
+            if self._held and not self._renewing:  # Redis may have lost them: re-create now
+                task = asyncio.get_running_loop().create_task(self.renew_leases())
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
 
     async def _run(
         self,
@@ -305,9 +312,7 @@ class RedisStore(Store):
 
     async def add_nonce(self, key: str, ttl: float) -> bool:
         async def remote() -> bool:
-            fresh = await self.client.set(
-                self._key("nonce:" + key), b"1", nx=True, px=max(1, int(ttl * 1000))
-            )
+            fresh = await self.client.set(self._key(key), b"1", nx=True, px=max(1, int(ttl * 1000)))
             return bool(fresh)
 
         return await self._run("nonces", remote, lambda: self._fallback.add_nonce(key, ttl))
@@ -376,12 +381,14 @@ class RedisStore(Store):
 
     async def _subscriber_loop(self) -> None:
         prefix = self._prefix
-        channels = [prefix + CHANNEL_REVOKE, prefix + "broadcast"]
+        channels = [prefix + CHANNEL_REVOKE, prefix + CHANNEL_BROADCAST]
+        subscribed = self._subscribed
         first = True
         while True:
             try:
                 async with self._sub_client.pubsub(ignore_subscribe_messages=True) as pubsub:
                     await pubsub.subscribe(*channels)
+                    subscribed.set()
                     if not first:
                         for callback in self._resync:
                             callback()  # events published while we were away are lost
@@ -393,9 +400,12 @@ class RedisStore(Store):
                                 handler(channel, message["data"])
                             except Exception:
                                 logger.exception("event handler failed")
-            except _FAILURES as exc:
-                self._mark_down(exc)
+            except _FAILURES:
+                # Redis drops pub/sub clients on its own (output buffer limits, proxy
+                # idle timeouts): only an outage if commands fail too.
                 first = False
+                subscribed.clear()
+                await self.ping()
                 await asyncio.sleep(self.config.retry_seconds)
             except Exception:  # never let the event subscription die
                 logger.exception("cluster event subscription failed; resubscribing")
@@ -412,6 +422,10 @@ class RedisStore(Store):
             asyncio.create_task(self._renewal_loop(), name="wsguard-lease-renewal"),
             asyncio.create_task(self._subscriber_loop(), name="wsguard-events"),
         ]
+        # listen for revocations before the node admits anyone (bounded: Redis may be down)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.config.timeout_seconds * 4):
+                await self._subscribed.wait()
 
     async def close(self) -> None:
         self._closed = True
