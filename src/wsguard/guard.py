@@ -144,5 +144,7 @@ class Guard:
         return time.monotonic()
 
     async def close(self) -> None:
+        if self.quota is not None:
+            await self.quota.close()
         await self.store.close()
         self.audit.close()

@@ -5,13 +5,25 @@ node takes a *batch* of the subject's budget at once (one atomic ``take``) and
 spends it locally; tokens not spent within ``hold`` seconds are dropped, so a
 node can never sit on budget the subject's other nodes need for long. Unused
 tokens count as spent: the error is on the strict side.
+
+The next batch is asked for in the background when half of the current one is
+spent, so a busy connection does not stop reading while its node waits for the
+store: only a subject whose cluster budget is really exhausted (or a first
+message) waits for a round trip.
 """
 
 from __future__ import annotations
 
-from wsguard.stores.base import Store
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from wsguard.stores.base import Store, StoreUnavailable
 
 _PRUNE_FLOOR = 1024
+
+logger = logging.getLogger("wsguard.cluster")
 
 
 def auto_batch(limit: int) -> int:
@@ -22,15 +34,38 @@ def auto_batch(limit: int) -> int:
 class SubjectQuota:
     """Hands out one message at a time from batches of a subject's cluster budget."""
 
-    __slots__ = ("_balance", "_next_prune", "batch", "hold", "limit", "store", "window")
+    __slots__ = (
+        "_balance",
+        "_inflight",
+        "_next_prune",
+        "batch",
+        "clock",
+        "hold",
+        "limit",
+        "low_water",
+        "store",
+        "window",
+    )
 
-    def __init__(self, store: Store, limit: int, window: float, batch: int = 0) -> None:
+    def __init__(
+        self,
+        store: Store,
+        limit: int,
+        window: float,
+        batch: int = 0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.store = store
         self.limit = limit
         self.window = window
         self.batch = batch or auto_batch(limit)
         self.hold = window / 10
+        self.clock = clock
+        # prefetch when this many tokens are left (never with batches of one: every
+        # message would then cost a background round trip for nothing)
+        self.low_water = self.batch // 2 if self.batch > 1 else -1
         self._balance: dict[str, tuple[int, float]] = {}  # subject -> (tokens, good until)
+        self._inflight: dict[str, asyncio.Task[None]] = {}  # background takes by subject
         self._next_prune = _PRUNE_FLOOR
 
     def take_local(self, subject: str, now: float) -> bool:
@@ -38,20 +73,57 @@ class SubjectQuota:
         entry = self._balance.get(subject)
         if entry is None or entry[0] <= 0 or entry[1] <= now:
             return False
-        self._balance[subject] = (entry[0] - 1, entry[1])
+        left = entry[0] - 1
+        self._balance[subject] = (left, entry[1])
+        if left == self.low_water and subject not in self._inflight:
+            self._inflight[subject] = asyncio.get_running_loop().create_task(
+                self._prefetch(subject)
+            )
         return True
 
     async def refill(self, subject: str, now: float) -> float:
         """Take a batch from the store and spend one: 0.0, or seconds to wait."""
+        pending = self._inflight.get(subject)
+        if pending is not None:  # a batch is on its way: wait for it, not for another
+            await asyncio.shield(pending)
+            now = self.clock()
+            if self.take_local(subject, now):
+                return 0.0
         granted, wait = await self.store.take(
             "msg:sub:" + subject, self.batch, self.limit, self.window
         )
         if granted <= 0:
             return max(wait, 0.001)
+        self._credit(subject, granted - 1, now)
+        return 0.0
+
+    async def _prefetch(self, subject: str) -> None:
+        try:
+            granted, _ = await self.store.take(
+                "msg:sub:" + subject, self.batch, self.limit, self.window
+            )
+        except StoreUnavailable:
+            return  # the next refill asks again and answers the client
+        except Exception:  # never let a background take die unseen
+            logger.exception("prefetching the message budget failed")
+            return
+        finally:
+            self._inflight.pop(subject, None)
+        if granted > 0:
+            self._credit(subject, granted, self.clock())
+
+    def _credit(self, subject: str, tokens: int, now: float) -> None:
         entry = self._balance.get(subject)
         held = entry[0] if entry is not None and entry[1] > now else 0
-        self._balance[subject] = (held + granted - 1, now + self.hold)
+        self._balance[subject] = (held + tokens, now + self.hold)
         if len(self._balance) >= self._next_prune:
             self._balance = {k: v for k, v in self._balance.items() if v[1] > now}
             self._next_prune = max(_PRUNE_FLOOR, 2 * len(self._balance))
-        return 0.0
+
+    async def close(self) -> None:
+        """Cancel background takes (at shutdown, before the store closes)."""
+        tasks = list(self._inflight.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._inflight.clear()

@@ -1,0 +1,465 @@
+"""Cluster mode on Redis against the embedded memory store, same load, same run (issue 5).
+
+Run from the repository root:
+
+    .venv/bin/python benchmarks/bench_cluster.py            # 3 interleaved rounds
+    .venv/bin/python benchmarks/bench_cluster.py --quick    # 1 short round
+
+Every round runs these set-ups, each started fresh, all with ``benchmarks/bench.toml`` (the
+full default policy, limits raised above the load) and only ``store`` changed:
+
+* ``memory x1``: one node with ``store = "memory://"`` on CPU 0 (the issue 3 baseline);
+* ``redis x1``: one node with ``store = "redis://..."`` on CPU 0;
+* ``redis x2, 1 CPU``: two nodes sharing CPU 0, the load split evenly between them: the same
+  CPU budget as one node, so it shows what running a cluster costs;
+* ``redis x2, 2 CPUs``: node A on CPU 0 and node B on CPU 1, which the load generator and
+  Redis also use. This machine has two CPUs, so this is the closest it gets to "two machines";
+  the per-CPU-second figures are the ones that carry over.
+
+A ``redis-server`` of the benchmark's own (no persistence, loopback, free port) runs on
+``--redis-cpu`` (1, beside the load generator). Load: the ``benchmarks/loadgen.py`` phases of
+bench.py (ping/pong with ~100-byte JSON pings several in flight, handshakes with HS256 tokens
+and an Origin), one load generator process per node sharing one measurement window.
+
+Redis cost is read from Redis itself (``INFO commandstats`` at both ends of the window): the
+commands wsguard sent, each Lua script counted once (``EVALSHA``) and the commands scripts
+run inside excluded, divided by the messages or handshakes completed in the window. A
+handshake's figure includes the release of its leases when it closes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import resource
+import secrets
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import redis.asyncio as aioredis
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from benchmarks import bench  # noqa: E402 - the helpers of benchmarks/bench.py
+
+# Commands that only Lua scripts of wsguard.stores.redis_scripts run (never sent directly).
+SCRIPT_ONLY = {"time", "hmget", "hset", "pexpire", "zremrangebyscore", "zscore", "zcard", "zadd"}
+# Commands of this benchmark's own monitoring connection.
+MONITORING = {"info", "hello", "client", "select", "ping", "config"}
+
+
+@dataclass(frozen=True)
+class Setup:
+    name: str
+    store: str  # "memory" or "redis"
+    cpus: tuple[int, ...]  # one per node
+
+
+SETUPS = (
+    Setup("memory x1", "memory", (0,)),
+    Setup("redis x1", "redis", (0,)),
+    Setup("redis x2, 1 CPU", "redis", (0, 0)),
+    Setup("redis x2, 2 CPUs", "redis", (0, 1)),
+)
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+class RedisServer:
+    def __init__(self, tmp: Path, cpu: int) -> None:
+        self.tmp = tmp
+        self.cpu = cpu
+        self.port = 0
+        self.proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    async def start(self) -> None:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            raise SystemExit("redis-server is not installed (scripts/test.sh installs it)")
+        with contextlib.closing(__import__("socket").socket()) as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = int(sock.getsockname()[1])
+        cmd, pin = bench.pinned(
+            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.tmp)],
+            self.cpu,
+        )  # fmt: skip
+        self.proc = await asyncio.create_subprocess_exec(
+            *cmd,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+            preexec_fn=pin,
+        )
+        bench.CHILDREN[self.proc.pid] = "redis-server"
+        client = self.client()
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                await client.ping()
+                break
+            except (aioredis.ConnectionError, OSError):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("redis-server did not start") from None
+                await asyncio.sleep(0.05)
+        await client.aclose()
+
+    def client(self) -> aioredis.Redis:
+        return aioredis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
+
+    async def reset(self) -> None:
+        client = self.client()
+        await client.flushall()
+        await client.config_resetstat()
+        await client.aclose()
+
+    async def commands(self) -> int:
+        """Commands wsguard sent so far: scripts once, monitoring excluded."""
+        client = self.client()
+        stats = await client.info("commandstats")
+        await client.aclose()
+        total = 0
+        for key, value in stats.items():
+            name = key.removeprefix("cmdstat_").split("|", 1)[0]
+            if name in SCRIPT_ONLY or name in MONITORING:
+                continue
+            total += int(value["calls"])
+        return total
+
+    async def stop(self) -> None:
+        if self.proc is not None:
+            await bench.stop_process(self.proc, grace=5)
+
+
+async def start_node(
+    args: argparse.Namespace, store: str, cpu: int, tmp: Path, secret: str, n: int
+) -> bench.Server:
+    stderr = tmp / f"node-{n}.stderr"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WSGUARD_")}
+    env["WSGUARD_JWT_SECRET"] = secret
+    env["WSGUARD_AUDIT__FILE"] = str(tmp / f"audit-{n}.jsonl")
+    cmd = [*args.wsguard_command, "serve", "--config", str(bench.CONFIG), "--port", "0"]
+    cmd += ["--store", store]
+    cmd, pin = bench.pinned(cmd, cpu)
+    with stderr.open("wb") as err:
+        proc = await asyncio.create_subprocess_exec(
+            *cmd,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=err,
+            env=env,
+            cwd=bench.ROOT,
+            preexec_fn=pin,
+        )
+    bench.CHILDREN[proc.pid] = f"node {n}"
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        match = bench.LISTENING.search(stderr.read_text(errors="replace"))
+        if match:
+            return bench.Server(f"node {n}", proc, int(match.group(1)), stderr)
+        if proc.returncode is not None:
+            break
+        await asyncio.sleep(0.05)
+    await bench.stop_process(proc)
+    raise RuntimeError(f"node {n} did not start:\n{stderr.read_text(errors='replace')}")
+
+
+async def run_phase(
+    args: argparse.Namespace,
+    nodes: list[bench.Server],
+    redis_server: RedisServer | None,
+    phase: str,
+    conns: int,
+    tokens: list[str],
+    depth: int,
+) -> dict[str, Any]:
+    """One timed phase over every node at once (one load generator per node)."""
+    procs: list[asyncio.subprocess.Process] = []
+    result = bench.PhaseResult()
+    setup_timeout = 60 + conns / 50
+    out: dict[str, Any] = {}
+    try:
+        for i, node in enumerate(nodes):
+            cmd, pin = bench.pinned([sys.executable, str(bench.LOADGEN)], args.client_cpu)
+            proc = await asyncio.create_subprocess_exec(
+                *cmd,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.DEVNULL,
+                limit=1 << 24,
+                preexec_fn=pin,
+            )
+            bench.CHILDREN[proc.pid] = f"load generator {i}"
+            procs.append(proc)
+            share = conns // len(nodes) + (1 if i < conns % len(nodes) else 0)
+            bench._send(
+                proc,
+                {
+                    "phase": phase,
+                    "client": "raw",
+                    "host": bench.HOST,
+                    "port": node.port,
+                    "origin": bench.ORIGIN,
+                    "tokens": tokens[i :: len(nodes)],
+                    "conns": share,
+                    "msg_bytes": args.msg_bytes,
+                    "depth": depth,
+                    "timeout": args.timeout,
+                    "index": i,
+                    "max_seconds": setup_timeout + args.duration + args.warmup + 120,
+                },
+            )
+        for proc in procs:
+            result.ready.append(await bench._readline(proc, setup_timeout))
+        if phase == "idle":
+            for proc in procs:
+                bench._send(proc, {"cmd": "close"})
+        else:
+            t0 = time.monotonic() + args.warmup
+            t1 = t0 + args.duration
+            for proc in procs:
+                bench._send(proc, {"cmd": "go", "t0": t0, "t1": t1})
+            pids = [node.pid for node in nodes]
+            if redis_server is not None and redis_server.proc is not None:
+                pids.append(redis_server.proc.pid)
+            await asyncio.sleep(max(0.0, t0 - time.monotonic()))
+            cpu0 = [bench.cpu_seconds_of(pid) for pid in pids]
+            cmds0 = await redis_server.commands() if redis_server is not None else 0
+            await asyncio.sleep(max(0.0, t1 - time.monotonic()))
+            cpu1 = [bench.cpu_seconds_of(pid) for pid in pids]
+            cmds1 = await redis_server.commands() if redis_server is not None else 0
+            used = [b - a for a, b in zip(cpu0, cpu1, strict=True)]
+            out["node_cpu_s"] = used[: len(nodes)]
+            out["redis_cpu_s"] = used[len(nodes)] if redis_server is not None else 0.0
+            out["redis_commands"] = cmds1 - cmds0
+        for proc in procs:
+            res = await bench._readline(proc, 3 * args.timeout + 30)
+            result.count += res["count"]
+            result.loadgen_cpu_s += res["cpu_s"]
+            result.wall_s = max(result.wall_s, res["wall_s"])
+            for us, k in res["hist"].items():
+                result.hist[int(us)] = result.hist.get(int(us), 0) + k
+            for kind, k in res["errors"].items():
+                result.errors[kind] = result.errors.get(kind, 0) + k
+    finally:
+        for proc in procs:
+            if proc.stdin is not None:
+                proc.stdin.close()
+            await bench.stop_process(proc, grace=args.timeout + 5)
+    if phase == "idle":
+        return {}
+    wall = result.wall_s or args.duration
+    node_cpu = sum(out["node_cpu_s"])
+    out.update(
+        rate=result.rate(),
+        p50_ms=result.percentile_ms(0.50),
+        p99_ms=result.percentile_ms(0.99),
+        loadgen_cpu_pct=100 * result.loadgen_cpu_s / wall,
+        node_cpu_pct=100 * node_cpu / wall,
+        redis_cpu_pct=100 * out["redis_cpu_s"] / wall,
+        per_node_cpu_s=result.count / node_cpu if node_cpu > 0 else float("nan"),
+        redis_per_event=out["redis_commands"] / result.count if result.count else float("nan"),
+        errors=result.errors,
+    )
+    return out
+
+
+async def bench_setup(
+    setup: Setup,
+    args: argparse.Namespace,
+    tmp: Path,
+    secret: str,
+    tokens: list[str],
+    redis_server: RedisServer,
+    counter: list[int],
+) -> dict[str, Any]:
+    store = "memory://"
+    if setup.store == "redis":
+        await redis_server.reset()
+        store = redis_server.uri
+    nodes: list[bench.Server] = []
+    out: dict[str, Any] = {"setup": setup.name}
+    try:
+        for cpu in setup.cpus:
+            counter[0] += 1
+            nodes.append(await start_node(args, store, cpu, tmp, secret, counter[0]))
+        on_redis = redis_server if setup.store == "redis" else None
+        await run_phase(args, nodes, on_redis, "idle", 20 * len(nodes), tokens, 1)  # warm-up
+        out["pingpong"] = await run_phase(
+            args, nodes, on_redis, "pingpong", args.conns, tokens, args.depth
+        )
+        out["handshake"] = await run_phase(
+            args, nodes, on_redis, "handshake", args.hs_workers, tokens, 1
+        )
+    finally:
+        for node in nodes:
+            await bench.stop_process(node.proc)
+    pp, hs = out["pingpong"], out["handshake"]
+    log(
+        f"bench_cluster: {setup.name:>17}: {pp['rate']:,.0f} msg/s "
+        f"({pp['redis_per_event']:.4f} Redis cmds/msg, nodes CPU {pp['node_cpu_pct']:.0f}%, "
+        f"Redis CPU {pp['redis_cpu_pct']:.0f}%, loadgen {pp['loadgen_cpu_pct']:.0f}%) | "
+        f"{hs['rate']:,.0f} handshakes/s ({hs['redis_per_event']:.2f} Redis cmds each, "
+        f"nodes CPU {hs['node_cpu_pct']:.0f}%, Redis CPU {hs['redis_cpu_pct']:.0f}%, "
+        f"loadgen {hs['loadgen_cpu_pct']:.0f}%)"
+    )
+    return out
+
+
+ROWS = (
+    ("pingpong", "rate", "ping/pong messages/s", "{:,.0f}"),
+    ("pingpong", "per_node_cpu_s", "messages per node CPU-second", "{:,.0f}"),
+    ("pingpong", "p99_ms", "ping/pong p99 RTT (ms)", "{:.2f}"),
+    ("pingpong", "redis_per_event", "Redis commands per message", "{:.4f}"),
+    ("pingpong", "redis_cpu_pct", "Redis CPU, ping/pong (%)", "{:.1f}"),
+    ("pingpong", "loadgen_cpu_pct", "loadgen CPU, ping/pong (%)", "{:.0f}"),
+    ("handshake", "rate", "handshakes/s", "{:,.0f}"),
+    ("handshake", "per_node_cpu_s", "handshakes per node CPU-second", "{:,.0f}"),
+    ("handshake", "redis_per_event", "Redis commands per handshake", "{:.2f}"),
+    ("handshake", "redis_cpu_pct", "Redis CPU, handshakes (%)", "{:.1f}"),
+    ("handshake", "loadgen_cpu_pct", "loadgen CPU, handshakes (%)", "{:.0f}"),
+)
+
+
+def print_table(setups: list[Setup], results: list[dict[str, Any]]) -> None:
+    header = ["metric", *(s.name for s in setups)]
+    rows = [header]
+    for phase, key, label, fmt in ROWS:
+        row = [label]
+        for setup in setups:
+            values = [r[phase][key] for r in results if r["setup"] == setup.name]
+            values = [v for v in values if v == v]
+            if not values:
+                row.append("-")
+                continue
+            med = statistics.median(values)
+            row.append(f"{fmt.format(med)} [{fmt.format(min(values))}-{fmt.format(max(values))}]")
+        rows.append(row)
+    base = [r["pingpong"]["rate"] for r in results if r["setup"] == SETUPS[0].name]
+    hs_base = [r["handshake"]["rate"] for r in results if r["setup"] == SETUPS[0].name]
+    for label, phase, ref in (("messages/s vs memory x1", "pingpong", base),
+                              ("handshakes/s vs memory x1", "handshake", hs_base)):  # fmt: skip
+        if not ref:
+            continue
+        row = [label]
+        for setup in setups:
+            values = [r[phase]["rate"] for r in results if r["setup"] == setup.name]
+            row.append(f"{statistics.median(values) / statistics.median(ref):.2f}")
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    for i, r in enumerate(rows):
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Benchmark wsguard cluster mode on Redis.")
+    parser.add_argument("--quick", action="store_true", help="1 round, 2 s phases")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds (default 3; quick 1)")
+    parser.add_argument("--duration", type=float, help="seconds per measured phase (default 5)")
+    parser.add_argument("--warmup", type=float, help="unmeasured seconds before each (default 1)")
+    parser.add_argument("--conns", type=int, default=50, help="ping/pong connections (50)")
+    parser.add_argument("--hs-workers", type=int, default=32, help="handshake workers (32)")
+    parser.add_argument("--msg-bytes", type=int, default=100, help="ping payload bytes (100)")
+    parser.add_argument("--depth", type=int, default=8, help="pings in flight per connection")
+    parser.add_argument("--timeout", type=float, default=10.0, help="per-operation timeout")
+    parser.add_argument("--client-cpu", type=int, default=1)
+    parser.add_argument("--redis-cpu", type=int, default=1)
+    parser.add_argument(
+        "--setups",
+        type=lambda text: [int(n) for n in text.split(",")],
+        default=list(range(1, len(SETUPS) + 1)),
+        help="comma-separated numbers of the set-ups to run (default 1,2,3,4)",
+    )
+    parser.add_argument("--json", type=Path, help="write the raw results here")
+    args = parser.parse_args(argv)
+    if not args.setups or not set(args.setups) <= set(range(1, len(SETUPS) + 1)):
+        parser.error(f"--setups: numbers from 1 to {len(SETUPS)}")
+    args.setups = [SETUPS[n - 1] for n in args.setups]
+    args.rounds = args.rounds or (1 if args.quick else 3)
+    args.duration = args.duration or (2.0 if args.quick else 5.0)
+    args.warmup = args.warmup if args.warmup is not None else (0.5 if args.quick else 1.0)
+    exe = shutil.which("wsguard", path=str(Path(sys.executable).parent)) or shutil.which("wsguard")
+    if exe is None:
+        parser.error("cannot find the wsguard command")
+    args.wsguard_command = [exe]
+    if not {0, 1} <= os.sched_getaffinity(0):
+        parser.error("needs CPUs 0 and 1")
+    return args
+
+
+async def amain(args: argparse.Namespace) -> list[dict[str, Any]]:
+    secret = secrets.token_urlsafe(48)
+    tokens = bench.mint_tokens(secret, max(args.conns, args.hs_workers, 64))
+    results: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="wsguard-bench-cluster-") as tmpdir:
+        tmp = Path(tmpdir)
+        redis_server = RedisServer(tmp, args.redis_cpu)
+        await redis_server.start()
+        counter = [0]
+        try:
+            for round_no in range(1, args.rounds + 1):
+                for setup in args.setups:
+                    out = await bench_setup(setup, args, tmp, secret, tokens, redis_server, counter)
+                    out["round"] = round_no
+                    results.append(out)
+        finally:
+            await redis_server.stop()
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 8192)), hard))
+    os.sched_setaffinity(0, {args.client_cpu})
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    log(
+        f"bench_cluster: {args.rounds} round(s), {args.duration:g} s phases, {args.conns} "
+        f"ping/pong connections ({args.depth} in flight), {args.hs_workers} handshake workers; "
+        f"load generator on CPU {args.client_cpu}, redis-server on CPU {args.redis_cpu}"
+    )
+    try:
+        results = asyncio.run(amain(args))
+    finally:
+        bench.kill_children()
+    print()
+    print(
+        f"wsguard cluster mode: {args.rounds} round(s), {args.duration:g} s per phase, "
+        f"{args.conns} ping/pong conns ({args.msg_bytes} B, {args.depth} in flight), "
+        f"{args.hs_workers} handshake workers; median [min-max]"
+    )
+    print_table(args.setups, results)
+    errors = {
+        f"{r['setup']} round {r['round']} {phase}": r[phase]["errors"]
+        for r in results
+        for phase in ("pingpong", "handshake")
+        if r[phase]["errors"]
+    }
+    if errors:
+        print(f"errors: {errors}")
+    if args.json is not None:
+        args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
+        print(f"raw results: {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
