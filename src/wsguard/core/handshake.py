@@ -102,6 +102,10 @@ def check_upgrade(request: HandshakeRequest) -> Reject | None:
     return None
 
 
+#: This node's own capacity (``limits.max_connections``): always counted locally.
+_NODE_SLOTS = "conn:all"
+
+
 class Lease:
     """The connection slots one admitted connection holds (released once, at its end)."""
 
@@ -115,8 +119,11 @@ class Lease:
     async def release(self) -> None:
         keys, self.keys = self.keys, ()
         store = self.store
-        for key in keys:
-            await (store.local if key == "conn:all" else store).release(key, self.holder)
+        shared = [key for key in keys if key != _NODE_SLOTS]
+        if len(shared) < len(keys):
+            await store.local.release(_NODE_SLOTS, self.holder)
+        if shared:
+            await store.release_all(shared, self.holder)
 
 
 class HandshakePolicy:
@@ -187,12 +194,11 @@ class HandshakePolicy:
     ) -> HandshakeDecision:
         store, limits = self.store, self.config.limits
         key = limit_key(client, limits.ipv6_prefix_length)
-        banned = await store.ban_remaining("addr:" + key)
+        banned, wait = await store.screen_address(key, limits.handshakes_per_minute, 60.0)
         if banned > 0:
             return Reject(
                 429, "banned", "Too many failed attempts.", _retry_after(banned), client=client
             )
-        wait = await store.hit("hs:" + key, limits.handshakes_per_minute, 60.0)
         if wait > 0:
             return Reject(
                 429,
@@ -213,19 +219,9 @@ class HandshakePolicy:
         except AuthFailure as failure:
             return await self._auth_failed(client, key, failure)
 
-        subject = identity.subject
-        if await store.is_revoked(subject, identity.token_id):
-            return Reject(
-                401,
-                "revoked",
-                "Invalid or expired token.",
-                (("WWW-Authenticate", _BEARER + ', error="invalid_token"'),),
-                client=client,
-                subject=subject,
-            )
         lease = Lease(store, f"{self.node_id}:{next(self._holder_ids)}")
         try:
-            refused = await self._acquire_slots(lease, client, key, subject)
+            refused = await self._acquire_slots(lease, client, key, identity)
         except BaseException:  # cancelled mid-way (handshake timeout): give slots back
             await lease.release()
             raise
@@ -269,41 +265,56 @@ class HandshakePolicy:
         return identity
 
     async def _acquire_slots(
-        self, lease: Lease, client: str, address_key: str, subject: str
+        self, lease: Lease, client: str, address_key: str, identity: Identity
     ) -> Reject | None:
+        """This node's capacity (local), then revocation and the shared slots (one step)."""
         store, limits = self.store, self.config.limits
-        for key, limit, status, reason, text in (
-            ("conn:all", limits.max_connections, 503, "server_full", "Server is full."),
+        subject = identity.subject
+        if not await store.local.acquire(_NODE_SLOTS, limits.max_connections, lease.holder):
+            return Reject(
+                503,
+                "server_full",
+                "Server is full.",
+                _retry_after(_CONCURRENCY_RETRY_AFTER),
+                detail="all",
+                client=client,
+                subject=subject,
+            )
+        lease.keys = (_NODE_SLOTS,)
+        address_slots = "conn:addr:" + address_key
+        admission = await store.admit(
+            subject,
+            identity.token_id,
             (
-                "conn:addr:" + address_key,
-                limits.connections_per_address,
-                429,
-                "too_many_connections",
-                "Too many connections from this address.",
+                (address_slots, limits.connections_per_address),
+                ("conn:sub:" + subject, limits.connections_per_subject),
             ),
-            (
-                "conn:sub:" + subject,
-                limits.connections_per_subject,
-                429,
-                "too_many_connections",
-                "Too many connections for this user.",
-            ),
-        ):
-            # the node's own capacity is local; per-address and per-subject are shared
-            slots = store.local if key == "conn:all" else store
-            if not await slots.acquire(key, limit, lease.holder):
-                headers = _retry_after(_CONCURRENCY_RETRY_AFTER)
-                return Reject(
-                    status,
-                    reason,
-                    text,
-                    headers,
-                    detail=key.split(":")[1],
-                    client=client,
-                    subject=subject,
-                )
-            lease.keys += (key,)
-        return None
+            lease.holder,
+        )
+        lease.keys += admission.taken
+        if admission.revoked:
+            return Reject(
+                401,
+                "revoked",
+                "Invalid or expired token.",
+                (("WWW-Authenticate", _BEARER + ', error="invalid_token"'),),
+                client=client,
+                subject=subject,
+            )
+        if admission.full is None:
+            return None
+        per_address = admission.full == address_slots
+        return Reject(
+            429,
+            "too_many_connections",
+            "Too many connections from this address."
+            if per_address
+            else "Too many connections for this user.",
+            _retry_after(_CONCURRENCY_RETRY_AFTER),
+            detail="addr" if per_address else "sub",
+            client=client,
+            subject=subject,
+        )
 
     async def _auth_failed(self, client: str, key: str, failure: AuthFailure) -> Reject:
         ban = await self.store.record_failure("addr:" + key, self.ban_policy)

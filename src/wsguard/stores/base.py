@@ -8,7 +8,7 @@ ever does read-modify-write across two calls.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -40,6 +40,15 @@ class BanPolicy:
     window: float
     base_seconds: float
     max_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """What :meth:`Store.admit` found: revoked, or the slots taken and the full key."""
+
+    revoked: bool = False
+    taken: tuple[str, ...] = ()
+    full: str | None = None
 
 
 class Store(ABC):
@@ -119,6 +128,50 @@ class Store(ABC):
             except StoreUnavailable:
                 out.append(False)
         return out
+
+    # -- combined steps of a handshake: one round trip each on a remote store ---------
+
+    async def screen_address(self, key: str, limit: int, window: float) -> tuple[float, float]:
+        """A handshake's first look at a client address: (ban seconds left, rate wait).
+
+        The ban is the one :meth:`record_failure` starts under ``"addr:" + key``; the
+        handshake rate counts one event in ``"hs:" + key``'s window of *limit* per
+        *window* seconds. A banned address is answered without being counted.
+        """
+        banned = await self.ban_remaining("addr:" + key)
+        if banned > 0:
+            return banned, 0.0
+        return 0.0, await self.hit("hs:" + key, limit, window)
+
+    async def admit(
+        self,
+        subject: str,
+        token_id: str | None,
+        slots: Sequence[tuple[str, int]],
+        holder: str,
+    ) -> Admission:
+        """After authentication: revocation check, then one slot under each key in order.
+
+        Stops at the first full key; the slots taken before it stay held (the caller
+        releases them). Nothing is taken for a revoked subject or token.
+        """
+        if await self.is_revoked(subject, token_id):
+            return Admission(revoked=True)
+        taken: list[str] = []
+        try:
+            for key, limit in slots:
+                if not await self.acquire(key, limit, holder):
+                    return Admission(taken=tuple(taken), full=key)
+                taken.append(key)
+        except BaseException:  # cancelled (handshake timeout) or failed: give back
+            await self.release_all(taken, holder)
+            raise
+        return Admission(taken=tuple(taken))
+
+    async def release_all(self, keys: Sequence[str], holder: str) -> None:
+        """Give back *holder*'s slots under every key (one round trip on a remote store)."""
+        for key in keys:
+            await self.release(key, holder)
 
     @abstractmethod
     async def publish(self, channel: str, payload: bytes) -> None:

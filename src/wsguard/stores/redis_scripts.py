@@ -84,6 +84,23 @@ return {grant, 0}
 """
 )
 
+#: KEYS ban key, handshake window hash (one hash tag); ARGV limit, window_ms
+#: -> {ban_ms, wait_ms}: a banned address is answered without being counted.
+SCREEN = (
+    _NOW
+    + _WINDOW
+    + """
+local ban = redis.call('PTTL', KEYS[1])
+if ban > 0 then return {ban, 0} end
+local limit, window = tonumber(ARGV[1]), tonumber(ARGV[2])
+local start, p, c, est = window_state(KEYS[2], window, now)
+if math.floor(limit - est) < 1 then return {0, window_wait(start, p, c, limit, window, now)} end
+redis.call('HSET', KEYS[2], 's', start, 'p', p, 'c', c + 1)
+redis.call('PEXPIRE', KEYS[2], window * 2)
+return {0, 0}
+"""
+)
+
 #: KEYS fail window hash, ban key, level key (one hash tag);
 #: ARGV threshold, window_ms, base_ms, max_ms -> ban length in ms, or -1.
 RECORD_FAILURE = (

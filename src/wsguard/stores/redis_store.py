@@ -19,19 +19,21 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from wsguard.config.model import ClusterConfig
 from wsguard.stores import redis_scripts
 from wsguard.stores.base import (
     CHANNEL_BROADCAST,
     CHANNEL_REVOKE,
+    Admission,
     BanPolicy,
     EventHandler,
     RevocationKind,
@@ -79,6 +81,7 @@ class RedisStore(Store):
         self._count = self.client.register_script(redis_scripts.COUNT)
         self._take = self.client.register_script(redis_scripts.TAKE)
         self._record_failure = self.client.register_script(redis_scripts.RECORD_FAILURE)
+        self._screen = self.client.register_script(redis_scripts.SCREEN)
         self._held: dict[str, set[str]] = {}  # leases granted by Redis, renewed by us
         self._local_held: set[tuple[str, str]] = set()  # leases granted in fail-open mode
         self._renewing = False
@@ -176,27 +179,55 @@ class RedisStore(Store):
         return await self._run("connections", remote, local)
 
     async def release(self, key: str, holder: str) -> None:
-        if (key, holder) in self._local_held:
-            self._local_held.discard((key, holder))
-            await self._fallback.release(key, holder)
+        await self.release_all((key,), holder)
+
+    async def release_all(self, keys: Sequence[str], holder: str) -> None:
+        remote_keys = []
+        for key in keys:
+            if (key, holder) in self._local_held:
+                self._local_held.discard((key, holder))
+                await self._fallback.release(key, holder)
+                continue
+            holders = self._held.get(key)
+            if holders is None or holder not in holders:
+                continue
+            holders.discard(holder)
+            if not holders:
+                del self._held[key]
+            if self._renewing:  # a renewal in flight may re-add it after our ZREM
+                self._late_releases.append((key, holder))
+            remote_keys.append(key)
+        if not remote_keys:
             return
-        holders = self._held.get(key)
-        if holders is None or holder not in holders:
-            return
-        holders.discard(holder)
-        if not holders:
-            del self._held[key]
-        if self._renewing:  # a renewal in flight may re-add it after our ZREM
-            self._late_releases.append((key, holder))
 
         async def remote() -> None:
-            await self.client.zrem(self._key(key), holder)
+            if len(remote_keys) == 1:
+                await self.client.zrem(self._key(remote_keys[0]), holder)
+                return
+            async with self.client.pipeline(transaction=False) as pipe:
+                for key in remote_keys:
+                    pipe.zrem(self._key(key), holder)
+                await pipe.execute()
 
         async def expire() -> None:
             return None  # not renewed any more: the lease lapses within the TTL
 
         with contextlib.suppress(StoreUnavailable):
             await self._run("connections", remote, expire)
+
+    async def _pipelined(self, build: Callable[[Pipeline], None]) -> list[Any]:
+        """One round trip of several commands; scripts by SHA, loaded again if Redis lost them."""
+        for attempt in range(2):
+            try:
+                async with self.client.pipeline(transaction=False) as pipe:
+                    build(pipe)
+                    return list(await pipe.execute())
+            except NoScriptError:
+                if attempt:
+                    raise
+                for script in (self._acquire, self._screen):
+                    await self.client.script_load(script.script)
+        raise AssertionError("unreachable")
 
     async def count(self, key: str) -> int:
         async def remote() -> int:
@@ -274,6 +305,71 @@ class RedisStore(Store):
     async def hit(self, key: str, limit: int, window: float) -> float:
         granted, wait = await self.take(key, 1, limit, window)
         return 0.0 if granted else wait
+
+    # -- the combined steps of a handshake ---------------------------------------------
+
+    async def screen_address(self, key: str, limit: int, window: float) -> tuple[float, float]:
+        async def remote() -> tuple[float, float]:
+            ban_ms, wait_ms = await self._screen(
+                keys=[self._key("addr:" + key, ":ban"), self._key("addr:" + key, ":hs")],
+                args=[limit, int(window * 1000)],
+            )
+            return (int(ban_ms) / 1000 if int(ban_ms) > 0 else 0.0), int(wait_ms) / 1000
+
+        async def fallback() -> tuple[float, float]:  # bans configured to fail open
+            banned = await self._fallback.ban_remaining("addr:" + key)
+            if banned > 0:
+                return banned, 0.0
+            if self._modes.rate_limits == "closed":
+                raise StoreUnavailable("rate_limits")
+            return 0.0, await self._fallback.hit("hs:" + key, limit, window)
+
+        return await self._run("bans", remote, fallback)
+
+    async def admit(
+        self,
+        subject: str,
+        token_id: str | None,
+        slots: Sequence[tuple[str, int]],
+        holder: str,
+    ) -> Admission:
+        """Revocation check and every slot in one round trip; refusals give back the extra."""
+        revocations = [self._revocation_key("sub", subject)]
+        if token_id is not None:
+            revocations.append(self._revocation_key("jti", token_id))
+
+        def build(pipe: Pipeline) -> None:
+            pipe.exists(*revocations)
+            for key, limit in slots:
+                pipe.evalsha(self._acquire.sha, 1, self._key(key), limit, holder, self._ttl_ms)
+
+        async def remote() -> Admission:
+            revoked, *granted = await self._pipelined(build)
+            taken: list[str] = []
+            full: str | None = None
+            extra: list[str] = []
+            for (key, _), ok in zip(slots, granted, strict=True):
+                if ok and not revoked and full is None:
+                    taken.append(key)
+                    self._held.setdefault(key, set()).add(holder)
+                elif ok:
+                    extra.append(key)  # granted but not needed: give it back
+                elif full is None:
+                    full = key
+            if extra:
+                with contextlib.suppress(*_FAILURES):
+                    async with self.client.pipeline(transaction=False) as pipe:
+                        for key in extra:
+                            pipe.zrem(self._key(key), holder)
+                        await pipe.execute()
+            if revoked:
+                return Admission(revoked=True)
+            return Admission(taken=tuple(taken), full=full)
+
+        async def fallback() -> Admission:  # revocations configured to fail open
+            return await Store.admit(self, subject, token_id, slots, holder)
+
+        return await self._run("revocations", remote, fallback)
 
     # -- failures and bans -------------------------------------------------------------
 
