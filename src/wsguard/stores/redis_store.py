@@ -269,7 +269,7 @@ class RedisStore(Store):
 
     async def _renewal_loop(self) -> None:
         interval = self.config.lease_ttl_seconds / 3
-        while True:
+        while not self._closed:  # (a cancellation can get lost in redis-py on 3.11)
             await asyncio.sleep(interval)
             if self._held:
                 await self.renew_leases()
@@ -480,7 +480,7 @@ class RedisStore(Store):
         channels = [prefix + CHANNEL_REVOKE, prefix + CHANNEL_BROADCAST]
         subscribed = self._subscribed
         first = True
-        while True:
+        while not self._closed:
             try:
                 async with self._sub_client.pubsub(ignore_subscribe_messages=True) as pubsub:
                     await pubsub.subscribe(*channels)
@@ -526,11 +526,14 @@ class RedisStore(Store):
     async def close(self) -> None:
         self._closed = True
         tasks, self._tasks = self._tasks, []
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        # Cancel until they are done: on Python 3.11 asyncio.wait_for (used by redis-py
+        # for socket timeouts) drops a cancellation that lands as its operation
+        # completes (bpo-42130), which would leave close() waiting forever.
+        pending = set(tasks)
+        while pending:
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=0.1)
         held, self._held = self._held, {}
         if held and not self._down:
             with contextlib.suppress(*_FAILURES):
