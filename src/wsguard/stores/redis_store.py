@@ -408,7 +408,9 @@ class RedisStore(Store):
 
     async def add_nonce(self, key: str, ttl: float) -> bool:
         async def remote() -> bool:
-            fresh = await self.client.set(self._key(key), b"1", nx=True, px=max(1, int(ttl * 1000)))
+            fresh = await self.client.set(
+                self._key(key, ":nonce"), b"1", nx=True, px=max(1, int(ttl * 1000))
+            )
             return bool(fresh)
 
         return await self._run("nonces", remote, lambda: self._fallback.add_nonce(key, ttl))
