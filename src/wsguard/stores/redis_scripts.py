@@ -91,7 +91,7 @@ SCREEN = (
     + _WINDOW
     + """
 local ban = redis.call('PTTL', KEYS[1])
-if ban > 0 then return {ban, 0} end
+if ban >= 0 then return {math.max(ban, 1), 0} end
 local limit, window = tonumber(ARGV[1]), tonumber(ARGV[2])
 local start, p, c, est = window_state(KEYS[2], window, now)
 if math.floor(limit - est) < 1 then return {0, window_wait(start, p, c, limit, window, now)} end

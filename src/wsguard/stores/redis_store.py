@@ -376,7 +376,8 @@ class RedisStore(Store):
     async def ban_remaining(self, key: str) -> float:
         async def remote() -> float:
             ttl = int(await self.client.pttl(self._key(key, ":ban")))
-            return ttl / 1000 if ttl > 0 else 0.0
+            # 0 ms left is still a ban: Redis keeps the key until its time has passed
+            return max(ttl, 1) / 1000 if ttl >= 0 else 0.0
 
         return await self._run("bans", remote, lambda: self._fallback.ban_remaining(key))
 
