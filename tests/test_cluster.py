@@ -231,6 +231,25 @@ def served_events(served: Served, name: str, **match: Any) -> list[dict[str, Any
     ]
 
 
+def served_events_eventually(
+    nodes: tuple[Served, ...], name: str, count: int, timeout: float = 5.0
+) -> list[dict[str, Any]]:
+    """The *name* events of all *nodes* once there are at least *count* of them.
+
+    A served node writes its audit log from a background thread: a line can land
+    a few milliseconds after the client saw the response it records.
+    """
+    found: list[dict[str, Any]] = []
+
+    def enough() -> bool:
+        nonlocal found
+        found = [e for node in nodes for e in served_events(node, name)]
+        return len(found) >= count
+
+    wait_until(enough, timeout, f"{count} {name} audit events")
+    return found
+
+
 def cli_env(home: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("WSGUARD_")}
     env["HOME"] = str(home)
@@ -832,8 +851,7 @@ def test_killed_node_leases_expire_and_free_the_slots(
     second = welcomed(b, make_token("dave"))  # both slots are free
     assert refusal(b, make_token("erin"))[0] == 429  # and the limit still holds
     assert b.proc.poll() is None
-    refused = served_events(b, "handshake_refused")
-    assert refused
+    refused = served_events_eventually((b,), "handshake_refused", 2)
     assert {(e["status"], e["reason"], e["detail"]) for e in refused} == {
         (429, "too_many_connections", "addr")
     }
