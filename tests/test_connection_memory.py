@@ -1,0 +1,56 @@
+"""What an admitted connection keeps in memory (issue 3: memory per idle connection).
+
+Two properties of the engine connection object, checked on a live server:
+
+* websockets' own attributes live in slots, so no instance carries a dict: CPython 3.11
+  can switch a class's instances to unshared 1.6 KB dicts for good when many are created
+  at once, which made the idle-memory figure swing by 1.3 KB between identical runs;
+* the upgrade request (its headers, the bearer token among them) is dropped once the
+  connection is admitted: it is neither needed nor worth keeping for hours.
+"""
+
+from __future__ import annotations
+
+import json
+
+from conftest import RunningServer, make_token
+from wsguard.adapters.websockets_server import GuardedServerConnection
+
+
+def engine_connections(server: RunningServer) -> list[GuardedServerConnection]:
+    def collect() -> list[GuardedServerConnection]:
+        found = []
+        for conn in server.app.connections.values():
+            assert isinstance(conn._ws, GuardedServerConnection)
+            found.append(conn._ws)
+        return found
+
+    return list(server.call(collect))
+
+
+def test_engine_connections_carry_no_instance_dict(server: RunningServer) -> None:
+    clients = [server.connect(make_token(f"user-{n}")) for n in range(3)]
+    for ws in clients:
+        assert json.loads(ws.recv(timeout=5))["type"] == "welcome"
+    connections = engine_connections(server)
+    assert len(connections) == 3
+    for engine in connections:
+        leftover = getattr(engine, "__dict__", {})
+        assert leftover == {}, f"attributes outside the slots: {sorted(leftover)}"
+    for ws in clients:
+        ws.close()
+
+
+def test_the_upgrade_request_is_not_kept_after_admission(server: RunningServer) -> None:
+    token = make_token("alice")
+    client = server.connect(token)
+    assert json.loads(client.recv(timeout=5))["type"] == "welcome"
+    (ws,) = engine_connections(server)
+    assert ws.response is None
+    assert ws.request is not None  # websockets checks there is one
+    assert "authorization" not in ws.request.headers
+    assert token not in str(ws.request.headers)
+    # the connection still works normally afterwards
+    client.send(json.dumps({"type": "ping", "id": "p1"}))
+    assert json.loads(client.recv(timeout=5))["type"] == "pong"
+    client.close()
