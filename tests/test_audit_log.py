@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from pathlib import Path
@@ -400,3 +401,25 @@ def test_background_writer_keeps_every_line_whole_and_in_order(tmp_path: Path) -
     records = [json.loads(line) for line in path.read_text().splitlines()]
     assert [r["n"] for r in records] == list(range(5000))
     assert log.dropped == 0
+
+
+def test_one_unwritable_line_does_not_lose_its_batch() -> None:
+    """A line the stream refuses (say, unencodable) costs that line only."""
+
+    class Picky(io.StringIO):
+        def write(self, text: str) -> int:
+            if "poison" in text:
+                raise UnicodeEncodeError("ascii", text, 0, 1, "not ascii")
+            return super().write(text)
+
+        def close(self) -> None:  # keep the text readable after AuditLog.close()
+            pass
+
+    stream = Picky()
+    log = AuditLog(stream, background=True)
+    for n in range(300):
+        log.emit("probe", n=n, origin="poison" if n == 150 else "https://ok.example")
+    log.close()
+    written = [json.loads(line)["n"] for line in stream.getvalue().splitlines()]
+    assert written == [n for n in range(300) if n != 150]
+    assert log.write_errors == 1

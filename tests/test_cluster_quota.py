@@ -21,11 +21,14 @@ class CountingStore(MemoryStore):
     def __init__(self) -> None:
         super().__init__("memory://")
         self.takes = 0
+        self.granted = 0
 
     async def take(self, key: str, want: int, limit: int, window: float) -> tuple[int, float]:
         self.takes += 1
         await asyncio.sleep(0)  # a round trip: other work runs meanwhile
-        return await super().take(key, want, limit, window)
+        granted, wait = await super().take(key, want, limit, window)
+        self.granted += granted
+        return granted, wait
 
 
 async def spend(quota: SubjectQuota, subject: str, messages: int) -> tuple[int, int, int]:
@@ -50,7 +53,9 @@ def test_batches_are_fetched_before_the_balance_runs_out() -> None:
         quota = SubjectQuota(store, limit=10_000, window=60.0, batch=10)
         delivered, refused, waited = await spend(quota, "alice", 200)
         assert (delivered, refused) == (200, 0)
-        assert waited == 1  # only the very first message waited for the store
+        # the first message, and the end of the first batch (the subject proves busy);
+        # from then on the next batch is always there in time
+        assert waited == 2
         assert store.takes <= 200 // 10 + 2  # still one take per batch
         await quota.close()
 
@@ -98,3 +103,22 @@ def test_auto_batch_is_a_twentieth_of_the_budget_within_bounds() -> None:
     assert auto_batch(6000) == 50
     assert auto_batch(400) == 20
     assert auto_batch(10) == 1
+
+
+def test_a_bursty_subject_is_not_charged_for_batches_it_never_uses() -> None:
+    """Bursts of 16 messages 6.1 s apart (longer than the 6 s hold): nothing prefetched."""
+
+    async def scenario() -> None:
+        store = CountingStore()
+        now = [1000.0]
+        quota = SubjectQuota(store, limit=600, window=60.0, clock=lambda: now[0])
+        assert (quota.batch, quota.hold) == (30, 6.0)
+        for _ in range(10):
+            delivered, refused, _ = await spend(quota, "erin", 16)
+            assert (delivered, refused) == (16, 0)
+            await asyncio.sleep(0)  # a prefetch, had one started, completes here
+            now[0] += 6.1
+        assert store.granted == 10 * 30  # one batch per burst, none fetched ahead
+        await quota.close()
+
+    asyncio.run(scenario())

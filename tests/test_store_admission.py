@@ -155,3 +155,29 @@ def test_admit_recovers_when_redis_lost_its_scripts(redis_uri: str) -> None:
             await store.close()
 
     asyncio.run(main())
+
+
+def test_a_revoked_token_never_touches_the_slots(redis_uri: str) -> None:
+    """Not even for a round trip: a flood of revoked tokens must not hold the user's slots."""
+
+    def acquires(admin: redis.Redis) -> int:
+        stats = admin.info("commandstats")
+        return int(stats.get("cmdstat_evalsha", {}).get("calls", 0)) + int(
+            stats.get("cmdstat_eval", {}).get("calls", 0)
+        )
+
+    async def main() -> None:
+        store = open_store(redis_uri, CLUSTER)
+        await store.start()
+        try:
+            await store.revoke("jti", "stolen", 60.0)
+            with redis.Redis.from_url(redis_uri) as admin:
+                before = acquires(admin)
+                for n in range(20):
+                    admission = await store.admit("alice", "stolen", SLOTS, f"h{n}")
+                    assert admission == Admission(revoked=True)
+                assert acquires(admin) == before  # no acquire script ever ran
+        finally:
+            await store.close()
+
+    asyncio.run(main())

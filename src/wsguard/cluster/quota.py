@@ -8,8 +8,11 @@ tokens count as spent: the error is on the strict side.
 
 The next batch is asked for in the background when half of the current one is
 spent, so a busy connection does not stop reading while its node waits for the
-store: only a subject whose cluster budget is really exhausted (or a first
-message) waits for a round trip.
+store; but only for a subject that ran through its previous batch before that
+batch's hold ended. A subject that spends slowly or in bursts is not prefetched
+for (unused tokens count as spent, and would rate-limit it below its budget): it
+waits for a round trip when its batch runs out. A busy subject that stops wastes
+at most the one batch fetched ahead.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ class SubjectQuota:
 
     __slots__ = (
         "_balance",
+        "_closed",
         "_inflight",
         "_next_prune",
         "batch",
@@ -64,9 +68,11 @@ class SubjectQuota:
         # prefetch when this many tokens are left (never with batches of one: every
         # message would then cost a background round trip for nothing)
         self.low_water = self.batch // 2 if self.batch > 1 else -1
-        self._balance: dict[str, tuple[int, float]] = {}  # subject -> (tokens, good until)
+        # subject -> (tokens, good until, busy: ran through its last batch in time)
+        self._balance: dict[str, tuple[int, float, bool]] = {}
         self._inflight: dict[str, asyncio.Task[None]] = {}  # background takes by subject
         self._next_prune = _PRUNE_FLOOR
+        self._closed = False
 
     def take_local(self, subject: str, now: float) -> bool:
         """Spend one token already held for *subject*; False when a refill is needed."""
@@ -74,8 +80,13 @@ class SubjectQuota:
         if entry is None or entry[0] <= 0 or entry[1] <= now:
             return False
         left = entry[0] - 1
-        self._balance[subject] = (left, entry[1])
-        if left == self.low_water and subject not in self._inflight:
+        self._balance[subject] = (left, entry[1], entry[2])
+        if (
+            left == self.low_water
+            and entry[2]  # busy: it will use the next batch before the hold ends
+            and subject not in self._inflight
+            and not self._closed
+        ):
             self._inflight[subject] = asyncio.get_running_loop().create_task(
                 self._prefetch(subject)
             )
@@ -85,16 +96,23 @@ class SubjectQuota:
         """Take a batch from the store and spend one: 0.0, or seconds to wait."""
         pending = self._inflight.get(subject)
         if pending is not None:  # a batch is on its way: wait for it, not for another
-            await asyncio.shield(pending)
+            try:
+                await asyncio.shield(pending)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # we were cancelled, not just the prefetch (at close)
             now = self.clock()
             if self.take_local(subject, now):
                 return 0.0
+        entry = self._balance.get(subject)
+        busy = entry is not None and entry[1] > now  # the last batch ran out within its hold
         granted, wait = await self.store.take(
             "msg:sub:" + subject, self.batch, self.limit, self.window
         )
         if granted <= 0:
             return max(wait, 0.001)
-        self._credit(subject, granted - 1, now)
+        self._credit(subject, granted - 1, now, busy)
         return 0.0
 
     async def _prefetch(self, subject: str) -> None:
@@ -110,18 +128,19 @@ class SubjectQuota:
         finally:
             self._inflight.pop(subject, None)
         if granted > 0:
-            self._credit(subject, granted, self.clock())
+            self._credit(subject, granted, self.clock(), True)
 
-    def _credit(self, subject: str, tokens: int, now: float) -> None:
+    def _credit(self, subject: str, tokens: int, now: float, busy: bool) -> None:
         entry = self._balance.get(subject)
         held = entry[0] if entry is not None and entry[1] > now else 0
-        self._balance[subject] = (held + tokens, now + self.hold)
+        self._balance[subject] = (held + tokens, now + self.hold, busy)
         if len(self._balance) >= self._next_prune:
             self._balance = {k: v for k, v in self._balance.items() if v[1] > now}
             self._next_prune = max(_PRUNE_FLOOR, 2 * len(self._balance))
 
     async def close(self) -> None:
         """Cancel background takes (at shutdown, before the store closes)."""
+        self._closed = True
         tasks = list(self._inflight.values())
         for task in tasks:
             task.cancel()

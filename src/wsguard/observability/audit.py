@@ -118,12 +118,14 @@ class AuditLog:
         else:
             self._queue.put(line)
 
-    def _write(self, line: str) -> None:
+    def _write(self, line: str) -> bool:
         try:
             self._stream.write(line + "\n")
             self._stream.flush()
         except (OSError, ValueError):
             self.write_errors += 1
+            return False
+        return True
 
     def _drain(self) -> None:
         """Write what is queued, many lines per write.
@@ -150,11 +152,18 @@ class AuditLog:
                 pass
             stop = None in batch
             lines = [line for line in batch if line is not None]
-            if self.dropped != reported:
-                count, reported = self.dropped - reported, self.dropped
+            dropped = self.dropped
+            if dropped != reported:
+                count = dropped - reported
                 lines.append(_render(None, "", {"event": "audit_lines_dropped", "count": count}))
-            if lines:
-                self._write("\n".join(lines))
+            if lines and not self._write("\n".join(lines)) and len(lines) > 1:
+                # the batch failed (disk full, an unencodable character...): save what
+                # can be saved, one line at a time, each failure counted
+                self.write_errors -= 1
+                ok = [self._write(line) for line in lines]
+                if dropped != reported and not ok[-1]:
+                    dropped = reported  # the drop report did not make it: report it later
+            reported = dropped
             if stop:
                 return
 

@@ -333,27 +333,32 @@ class RedisStore(Store):
         slots: Sequence[tuple[str, int]],
         holder: str,
     ) -> Admission:
-        """Revocation check and every slot in one round trip; refusals give back the extra."""
+        """Revocation check, then every slot in one pipelined round trip.
+
+        The check comes first, on its own: a flood of handshakes with a revoked token
+        must never hold the subject's slots, not even for a round trip.
+        """
         revocations = [self._revocation_key("sub", subject)]
         if token_id is not None:
             revocations.append(self._revocation_key("jti", token_id))
 
         def build(pipe: Pipeline) -> None:
-            pipe.exists(*revocations)
             for key, limit in slots:
                 pipe.evalsha(self._acquire.sha, 1, self._key(key), limit, holder, self._ttl_ms)
 
         async def remote() -> Admission:
-            revoked, *granted = await self._pipelined(build)
+            if await self.client.exists(*revocations):
+                return Admission(revoked=True)
+            self.operations += 1  # the second round trip
+            granted = await self._pipelined(build)
             taken: list[str] = []
             full: str | None = None
             extra: list[str] = []
             for (key, _), ok in zip(slots, granted, strict=True):
-                if ok and not revoked and full is None:
+                if ok and full is None:
                     taken.append(key)
-                    self._held.setdefault(key, set()).add(holder)
                 elif ok:
-                    extra.append(key)  # granted but not needed: give it back
+                    extra.append(key)  # granted after a full key: give it back
                 elif full is None:
                     full = key
             if extra:
@@ -362,8 +367,8 @@ class RedisStore(Store):
                         for key in extra:
                             pipe.zrem(self._key(key), holder)
                         await pipe.execute()
-            if revoked:
-                return Admission(revoked=True)
+            for key in taken:  # renewed from now on (if cancelled before: they lapse)
+                self._held.setdefault(key, set()).add(holder)
             return Admission(taken=tuple(taken), full=full)
 
         async def fallback() -> Admission:  # revocations configured to fail open
