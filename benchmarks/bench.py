@@ -131,17 +131,25 @@ def cpu_seconds_of(pid: int) -> float:
 
 
 async def start_server(
-    name: str, args: argparse.Namespace, tmp: Path, secret: str, n: int
+    name: str,
+    args: argparse.Namespace,
+    tmp: Path,
+    secret: str,
+    n: int,
+    *,
+    cpu: int | None = None,
+    extra: tuple[str, ...] = (),
 ) -> Server:
+    """Start the plain server or ``wsguard serve`` (with *extra* arguments) on *cpu*."""
     stderr = tmp / f"{name}-{n}.stderr"
     env = {k: v for k, v in os.environ.items() if not k.startswith("WSGUARD_")}
     if name == "plain":
         cmd = [sys.executable, str(PLAIN), "--host", HOST, "--port", "0", "--json", args.plain_json]
     else:
-        cmd = [*args.wsguard_command, "serve", "--config", str(CONFIG), "--port", "0"]
+        cmd = [*args.wsguard_command, "serve", "--config", str(CONFIG), "--port", "0", *extra]
         env["WSGUARD_JWT_SECRET"] = secret
         env["WSGUARD_AUDIT__FILE"] = str(tmp / f"audit-{n}.jsonl")
-    cmd, pin = pinned(cmd, args.server_cpu)
+    cmd, pin = pinned(cmd, args.server_cpu if cpu is None else cpu)
     with stderr.open("wb") as err:
         proc = await asyncio.create_subprocess_exec(
             *cmd,
@@ -244,23 +252,18 @@ def _send(proc: asyncio.subprocess.Process, message: dict[str, Any]) -> None:
     proc.stdin.write((json.dumps(message) + "\n").encode())
 
 
-async def run_loadgen(
+async def open_loadgens(
     args: argparse.Namespace,
-    server: Server,
     tmp: Path,
     phase: str,
-    conns: int,
-    tokens: list[str],
-    on_ready: Callable[[], Awaitable[None]] | None = None,
+    targets: list[tuple[int, list[str], int]],
     depth: int = 1,
-) -> PhaseResult:
-    """Run one phase with ``args.loadgen_procs`` processes sharing one window."""
-    nprocs = max(1, min(args.loadgen_procs, conns))
+) -> list[asyncio.subprocess.Process]:
+    """One configured load generator per (port, tokens, connections) target, ready."""
     procs: list[asyncio.subprocess.Process] = []
-    result = PhaseResult()
-    setup_timeout = 60 + conns / 50
+    setup_timeout = 60 + sum(conns for _, _, conns in targets) / 50
     try:
-        for p in range(nprocs):
+        for p, (port, tokens, conns) in enumerate(targets):
             err = (tmp / f"loadgen-{phase}-{p}.stderr").open("ab")
             cmd, pin = pinned([sys.executable, str(LOADGEN)], args.client_cpu)
             proc = await asyncio.create_subprocess_exec(
@@ -274,17 +277,16 @@ async def run_loadgen(
             err.close()
             CHILDREN[proc.pid] = f"load generator {p}"
             procs.append(proc)
-            share = conns // nprocs + (1 if p < conns % nprocs else 0)
             _send(
                 proc,
                 {
                     "phase": phase,
                     "client": args.client,
                     "host": HOST,
-                    "port": server.port,
+                    "port": port,
                     "origin": ORIGIN,
-                    "tokens": tokens[p::nprocs],
-                    "conns": share,
+                    "tokens": tokens,
+                    "conns": conns,
                     "msg_bytes": args.msg_bytes,
                     "depth": depth,
                     "timeout": args.timeout,
@@ -292,8 +294,55 @@ async def run_loadgen(
                     "max_seconds": setup_timeout + args.duration + args.warmup + 120,
                 },
             )
+    except BaseException:
+        await close_loadgens(args, procs)
+        raise
+    return procs
+
+
+async def collect_loadgens(
+    args: argparse.Namespace, procs: list[asyncio.subprocess.Process], result: PhaseResult
+) -> None:
+    """Add every load generator's final report to *result*."""
+    for proc in procs:
+        out = await _readline(proc, 3 * args.timeout + 30)
+        result.count += out["count"]
+        result.loadgen_cpu_s += out["cpu_s"]
+        result.wall_s = max(result.wall_s, out["wall_s"])
+        for us, n in out["hist"].items():
+            result.hist[int(us)] = result.hist.get(int(us), 0) + n
+        for kind, n in out["errors"].items():
+            result.errors[kind] = result.errors.get(kind, 0) + n
+
+
+async def close_loadgens(args: argparse.Namespace, procs: list[asyncio.subprocess.Process]) -> None:
+    for proc in procs:
+        if proc.stdin is not None:
+            proc.stdin.close()
+        await stop_process(proc, grace=args.timeout + 5)
+
+
+async def run_loadgen(
+    args: argparse.Namespace,
+    server: Server,
+    tmp: Path,
+    phase: str,
+    conns: int,
+    tokens: list[str],
+    on_ready: Callable[[], Awaitable[None]] | None = None,
+    depth: int = 1,
+) -> PhaseResult:
+    """Run one phase with ``args.loadgen_procs`` processes sharing one window."""
+    nprocs = max(1, min(args.loadgen_procs, conns))
+    targets = [
+        (server.port, tokens[p::nprocs], conns // nprocs + (1 if p < conns % nprocs else 0))
+        for p in range(nprocs)
+    ]
+    result = PhaseResult()
+    procs = await open_loadgens(args, tmp, phase, targets, depth)
+    try:
         for proc in procs:
-            result.ready.append(await _readline(proc, setup_timeout))
+            result.ready.append(await _readline(proc, 60 + conns / 50))
         if phase == "idle":
             if on_ready is not None:
                 await on_ready()
@@ -310,20 +359,9 @@ async def run_loadgen(
             await asyncio.sleep(max(0.0, t1 - time.monotonic()))
             result.server_cpu_s = cpu_seconds_of(server.pid) - cpu0
             result.busy_s = busy_seconds(cpus) - busy0
-        for proc in procs:
-            out = await _readline(proc, 3 * args.timeout + 30)
-            result.count += out["count"]
-            result.loadgen_cpu_s += out["cpu_s"]
-            result.wall_s = max(result.wall_s, out["wall_s"])
-            for us, n in out["hist"].items():
-                result.hist[int(us)] = result.hist.get(int(us), 0) + n
-            for kind, n in out["errors"].items():
-                result.errors[kind] = result.errors.get(kind, 0) + n
+        await collect_loadgens(args, procs, result)
     finally:
-        for proc in procs:
-            if proc.stdin is not None:
-                proc.stdin.close()
-            await stop_process(proc, grace=args.timeout + 5)
+        await close_loadgens(args, procs)
     if result.errors:
         log(f"bench:   {server.name} {phase}: errors {result.errors}")
     return result

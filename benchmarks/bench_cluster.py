@@ -150,41 +150,9 @@ class RedisServer:
             await bench.stop_process(self.proc, grace=5)
 
 
-async def start_node(
-    args: argparse.Namespace, store: str, cpu: int, tmp: Path, secret: str, n: int
-) -> bench.Server:
-    stderr = tmp / f"node-{n}.stderr"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WSGUARD_")}
-    env["WSGUARD_JWT_SECRET"] = secret
-    env["WSGUARD_AUDIT__FILE"] = str(tmp / f"audit-{n}.jsonl")
-    cmd = [*args.wsguard_command, "serve", "--config", str(bench.CONFIG), "--port", "0"]
-    cmd += ["--store", store]
-    cmd, pin = bench.pinned(cmd, cpu)
-    with stderr.open("wb") as err:
-        proc = await asyncio.create_subprocess_exec(
-            *cmd,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=err,
-            env=env,
-            cwd=bench.ROOT,
-            preexec_fn=pin,
-        )
-    bench.CHILDREN[proc.pid] = f"node {n}"
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        match = bench.LISTENING.search(stderr.read_text(errors="replace"))
-        if match:
-            return bench.Server(f"node {n}", proc, int(match.group(1)), stderr)
-        if proc.returncode is not None:
-            break
-        await asyncio.sleep(0.05)
-    await bench.stop_process(proc)
-    raise RuntimeError(f"node {n} did not start:\n{stderr.read_text(errors='replace')}")
-
-
 async def run_phase(
     args: argparse.Namespace,
+    tmp: Path,
     nodes: list[bench.Server],
     redis_server: RedisServer | None,
     phase: str,
@@ -193,43 +161,16 @@ async def run_phase(
     depth: int,
 ) -> dict[str, Any]:
     """One timed phase over every node at once (one load generator per node)."""
-    procs: list[asyncio.subprocess.Process] = []
     result = bench.PhaseResult()
-    setup_timeout = 60 + conns / 50
     out: dict[str, Any] = {}
+    targets = [
+        (node.port, tokens[i :: len(nodes)], conns // len(nodes) + int(i < conns % len(nodes)))
+        for i, node in enumerate(nodes)
+    ]
+    procs = await bench.open_loadgens(args, tmp, phase, targets, depth)
     try:
-        for i, node in enumerate(nodes):
-            cmd, pin = bench.pinned([sys.executable, str(bench.LOADGEN)], args.client_cpu)
-            proc = await asyncio.create_subprocess_exec(
-                *cmd,
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.DEVNULL,
-                limit=1 << 24,
-                preexec_fn=pin,
-            )
-            bench.CHILDREN[proc.pid] = f"load generator {i}"
-            procs.append(proc)
-            share = conns // len(nodes) + (1 if i < conns % len(nodes) else 0)
-            bench._send(
-                proc,
-                {
-                    "phase": phase,
-                    "client": "raw",
-                    "host": bench.HOST,
-                    "port": node.port,
-                    "origin": bench.ORIGIN,
-                    "tokens": tokens[i :: len(nodes)],
-                    "conns": share,
-                    "msg_bytes": args.msg_bytes,
-                    "depth": depth,
-                    "timeout": args.timeout,
-                    "index": i,
-                    "max_seconds": setup_timeout + args.duration + args.warmup + 120,
-                },
-            )
         for proc in procs:
-            result.ready.append(await bench._readline(proc, setup_timeout))
+            result.ready.append(await bench._readline(proc, 60 + conns / 50))
         if phase == "idle":
             for proc in procs:
                 bench._send(proc, {"cmd": "close"})
@@ -254,20 +195,9 @@ async def run_phase(
             out["node_cpu_s"] = used[: len(nodes)]
             out["redis_cpu_s"] = used[len(nodes)] if redis_server is not None else 0.0
             out["redis_commands"] = cmds1 - cmds0
-        for proc in procs:
-            res = await bench._readline(proc, 3 * args.timeout + 30)
-            result.count += res["count"]
-            result.loadgen_cpu_s += res["cpu_s"]
-            result.wall_s = max(result.wall_s, res["wall_s"])
-            for us, k in res["hist"].items():
-                result.hist[int(us)] = result.hist.get(int(us), 0) + k
-            for kind, k in res["errors"].items():
-                result.errors[kind] = result.errors.get(kind, 0) + k
+        await bench.collect_loadgens(args, procs, result)
     finally:
-        for proc in procs:
-            if proc.stdin is not None:
-                proc.stdin.close()
-            await bench.stop_process(proc, grace=args.timeout + 5)
+        await bench.close_loadgens(args, procs)
     if phase == "idle":
         return {}
     wall = result.wall_s or args.duration
@@ -306,15 +236,21 @@ async def bench_setup(
     try:
         for cpu in setup.cpus:
             counter[0] += 1
-            nodes.append(await start_node(args, store, cpu, tmp, secret, counter[0]))
+            nodes.append(
+                await bench.start_server(
+                    "wsguard", args, tmp, secret, counter[0], cpu=cpu, extra=("--store", store)
+                )
+            )
         on_redis = redis_server if setup.store == "redis" else None
-        await run_phase(args, nodes, on_redis, "idle", 20 * len(nodes), tokens, 1)  # warm-up
+        await run_phase(args, tmp, nodes, on_redis, "idle", 20 * len(nodes), tokens, 1)  # warm-up
         for phase, conns, depth in (
             ("pingpong", args.conns, args.depth),
             ("handshake", args.hs_workers, 1),
         ):
             for attempt in range(args.retries + 1):
-                out[phase] = await run_phase(args, nodes, on_redis, phase, conns, tokens, depth)
+                out[phase] = await run_phase(
+                    args, tmp, nodes, on_redis, phase, conns, tokens, depth
+                )
                 other = out[phase]["foreign_cpu_pct"]
                 if other <= args.max_other:
                     break
@@ -426,6 +362,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if exe is None:
         parser.error("cannot find the wsguard command")
     args.wsguard_command = [exe]
+    args.client = "raw"  # the load generator's client (bench.py's --client)
     if not {0, 1} <= os.sched_getaffinity(0):
         parser.error("needs CPUs 0 and 1")
     return args

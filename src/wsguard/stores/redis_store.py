@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
@@ -201,19 +201,24 @@ class RedisStore(Store):
             return
 
         async def remote() -> None:
-            if len(remote_keys) == 1:
-                await self.client.zrem(self._key(remote_keys[0]), holder)
-                return
-            async with self.client.pipeline(transaction=False) as pipe:
-                for key in remote_keys:
-                    pipe.zrem(self._key(key), holder)
-                await pipe.execute()
+            await self._remove_leases([(key, (holder,)) for key in remote_keys])
 
         async def expire() -> None:
             return None  # not renewed any more: the lease lapses within the TTL
 
         with contextlib.suppress(StoreUnavailable):
             await self._run("connections", remote, expire)
+
+    async def _remove_leases(self, leases: Sequence[tuple[str, Iterable[str]]]) -> None:
+        """ZREM each (key, holders) in one round trip (one command when there is one)."""
+        if len(leases) == 1:
+            key, holders = leases[0]
+            await self.client.zrem(self._key(key), *holders)
+            return
+        async with self.client.pipeline(transaction=False) as pipe:
+            for key, holders in leases:
+                pipe.zrem(self._key(key), *holders)
+            await pipe.execute()
 
     async def _pipelined(self, build: Callable[[Pipeline], None]) -> list[Any]:
         """One round trip of several commands; scripts by SHA, loaded again if Redis lost them."""
@@ -225,8 +230,7 @@ class RedisStore(Store):
             except NoScriptError:
                 if attempt:
                     raise
-                for script in (self._acquire, self._screen):
-                    await self.client.script_load(script.script)
+                await self.client.script_load(self._acquire.script)  # the one pipelined
         raise AssertionError("unreachable")
 
     async def count(self, key: str) -> int:
@@ -262,10 +266,7 @@ class RedisStore(Store):
             late, self._late_releases = self._late_releases, []
         if late:
             with contextlib.suppress(*_FAILURES):
-                async with self.client.pipeline(transaction=False) as pipe:
-                    for key, holder in late:
-                        pipe.zrem(self._key(key), holder)
-                    await pipe.execute()
+                await self._remove_leases([(key, (holder,)) for key, holder in late])
 
     async def _renewal_loop(self) -> None:
         interval = self.config.lease_ttl_seconds / 3
@@ -363,10 +364,7 @@ class RedisStore(Store):
                     full = key
             if extra:
                 with contextlib.suppress(*_FAILURES):
-                    async with self.client.pipeline(transaction=False) as pipe:
-                        for key in extra:
-                            pipe.zrem(self._key(key), holder)
-                        await pipe.execute()
+                    await self._remove_leases([(key, (holder,)) for key in extra])
             for key in taken:  # renewed from now on (if cancelled before: they lapse)
                 self._held.setdefault(key, set()).add(holder)
             return Admission(taken=tuple(taken), full=full)
@@ -545,10 +543,7 @@ class RedisStore(Store):
         held, self._held = self._held, {}
         if held and not self._down:
             with contextlib.suppress(*_FAILURES):
-                async with self.client.pipeline(transaction=False) as pipe:
-                    for key, holders in held.items():
-                        pipe.zrem(self._key(key), *holders)
-                    await pipe.execute()
+                await self._remove_leases(list(held.items()))
         await self.client.aclose()
         await self._sub_client.aclose()
 
