@@ -27,7 +27,8 @@ EXAMPLE = REPO / "examples" / "wsguard.toml"
 COMMENTED_KEYS = frozenset(
     {"auth.secret_file", "auth.public_key_file", "auth.jwks_file", "messages.types",
      "tls.cert_file", "tls.key_file", "tls.client_ca_file", "signing.keys_file",
-     "cluster.tls_ca_file"}
+     "cluster.tls_ca_file", "admin.port", "admin.token", "admin.token_file",
+     "admin.tls.cert_file", "admin.tls.key_file", "admin.tls.client_ca_file"}
 )
 
 LONG_SECRET = "a-config-test-secret-long-enough-for-hs256-000000"
@@ -49,10 +50,15 @@ def model_keys(model: type[BaseModel], prefix: str = "") -> Iterator[str]:
             yield key
 
 
+DICT_KEYS = frozenset({"alerts.rules"})  # model keys whose value is a table of entries
+
+
 def toml_keys(data: dict[str, Any], prefix: str = "") -> set[str]:
     out: set[str] = set()
     for name, value in data.items():
-        if isinstance(value, dict) and value:  # an empty inline table is a leaf value
+        if f"{prefix}{name}" in DICT_KEYS:
+            out.add(f"{prefix}{name}")
+        elif isinstance(value, dict) and value:  # an empty inline table is a leaf value
             out |= toml_keys(value, f"{prefix}{name}.")
         else:
             out.add(f"{prefix}{name}")

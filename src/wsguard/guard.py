@@ -6,6 +6,7 @@ given a Guard and asks it for decisions; no adapter re-implements a check.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import time
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from wsguard.cluster.quota import SubjectQuota
 from wsguard.config.keys import has_configured_key, load_keys, load_signing_keys
 from wsguard.config.model import Config
 from wsguard.core.auth import KeyMaterial, TokenVerifier
+from wsguard.core.client_address import limit_key, parse_ip
 from wsguard.core.decisions import Admit, Reject
 from wsguard.core.handshake import HandshakePolicy
 from wsguard.core.integrity import SignatureVerifier
@@ -22,7 +24,9 @@ from wsguard.core.messages import MessagePolicy
 from wsguard.core.request import HandshakeRequest
 from wsguard.errors import KeyLoadError
 from wsguard.observability.audit import AuditLog
+from wsguard.observability.monitor import Monitor
 from wsguard.stores import Store, open_store
+from wsguard.stores.base import CHANNEL_DISCONNECT, StoreUnavailable
 from wsguard.stores.uri import redacted
 
 
@@ -81,6 +85,14 @@ class Guard:
         )
         self.messages = MessagePolicy(config, self.verifier, signatures)
         self.node_id = self.handshakes.node_id
+        self.monitor = Monitor(config, self.audit, self.messages.type_names())
+        self.monitor.ban_action = self.ban_address
+        metrics = self.monitor.metrics
+        metrics.store_errors = self.store.error_counts
+        metrics.store_up = lambda: bool(getattr(self.store, "available", True))
+        ban_count = getattr(self.store, "ban_count", None)
+        if ban_count is not None:
+            metrics.active_bans = ban_count
         self.quota: SubjectQuota | None = None
         if self.store.shared:
             self.quota = SubjectQuota(
@@ -97,8 +109,21 @@ class Guard:
         """Write a store outage (once) and its recovery to the audit log."""
         if event == "outage":
             self.audit.emit("store_outage", store=redacted(self.store.uri), detail=detail)
+            self.monitor.store_outage(detail)
         else:
             self.audit.emit("store_recovered", store=redacted(self.store.uri))
+            self.monitor.store_recovered()
+
+    @property
+    def ready(self) -> tuple[bool, str | None]:
+        """Whether this node should get traffic: (ready, reason when not)."""
+        if self.handshakes.draining:
+            return False, "draining"
+        if not getattr(self.store, "available", True):
+            modes = self.config.cluster.on_store_error
+            if "closed" in (modes.bans, modes.revocations, modes.connections, modes.rate_limits):
+                return False, "store_unavailable"
+        return True, None
 
     async def start(self) -> None:
         """Start the store's background work (lease renewal, cluster events)."""
@@ -109,9 +134,19 @@ class Guard:
         decision = await self.handshakes.evaluate(request)
         if isinstance(decision, Reject):
             self.record_refusal(decision, request)
+        else:
+            self.monitor.handshake_admitted(decision.client)
         return decision
 
+    def record_raw_refusal(self, status: int | None, reason: str, client: str) -> None:
+        """A handshake the adapter refused before the policy saw it (malformed, timeout)."""
+        self.audit.emit("handshake_refused", status=status, reason=reason, client=client)
+        self.monitor.handshake_refused(reason, client, status)
+
     def record_refusal(self, decision: Reject, request: HandshakeRequest) -> None:
+        self.monitor.handshake_refused(
+            decision.reason, decision.client or request.peer, decision.status
+        )
         if decision.reason == "banned":
             return  # a ban is logged once (ban_started), not once per attempt
         secret = frozenset({self.config.auth.query_param})
@@ -132,6 +167,44 @@ class Guard:
                 seconds=round(decision.ban_started, 3),
                 reason="auth_failures",
             )
+            self.monitor.ban_started(
+                decision.client, decision.ban_started, "auth_failures", "auth_failures"
+            )
+
+    # -- operator actions (admin API, alert rules) --------------------------------------
+
+    def address_key(self, address: str) -> str:
+        """The key an address is limited and banned under; ValueError if not an IP."""
+        ip = parse_ip(address.strip())
+        if ip is None:
+            raise ValueError("not an IP address")
+        return limit_key(str(ip), self.config.limits.ipv6_prefix_length)
+
+    async def ban_address(self, address: str, seconds: float, reason: str = "admin") -> str:
+        """Ban *address* (its /64 for IPv6) on every node and close its live connections.
+
+        *reason* is ``admin`` or ``alert:<rule>``. Returns the banned key.
+        """
+        key = self.address_key(address)
+        await self.store.ban("addr:" + key, seconds)
+        source = "alert" if reason.startswith("alert:") else "admin"
+        self.audit.emit("ban_started", client=key, seconds=round(seconds, 3), reason=reason)
+        self.monitor.ban_started(key, seconds, source, reason)
+        with contextlib.suppress(StoreUnavailable):  # the ban holds all the same
+            await self.disconnect("addr", key, "banned")
+        return key
+
+    async def unban_address(self, address: str) -> bool:
+        key = self.address_key(address)
+        lifted = await self.store.unban("addr:" + key)
+        if lifted:
+            self.audit.emit("ban_lifted", client=key, reason="admin")
+            self.monitor.ban_lifted(key)
+        return lifted
+
+    async def disconnect(self, kind: str, value: str, why: str = "admin") -> None:
+        """Ask every node to close the connections of a subject, address key or id."""
+        await self.store.publish(CHANNEL_DISCONNECT, f"{why}|{kind}:{value}".encode())
 
     def deadline(self, expires_at: float | None) -> float | None:
         """Wall-clock time at which a token's connection must close (exp + leeway)."""
@@ -144,6 +217,7 @@ class Guard:
         return time.monotonic()
 
     async def close(self) -> None:
+        await self.monitor.close()
         if self.quota is not None:
             await self.quota.close()
         await self.store.close()

@@ -30,10 +30,11 @@ from websockets.http11 import Request, Response
 from wsguard.adapters.http_screen import screen_head, screen_request_line
 from wsguard.adapters.tls import certificate_identity, server_context
 from wsguard.core.client_address import parse_ip
-from wsguard.core.decisions import Admit, Reject
+from wsguard.core.decisions import CLOSE_TOO_BIG, Admit, Reject
 from wsguard.core.headers import Headers
 from wsguard.core.messages import MessagePolicy
 from wsguard.core.request import HandshakeRequest
+from wsguard.observability.metrics import Metrics
 from wsguard.server.connection import Connection
 
 if TYPE_CHECKING:
@@ -137,6 +138,12 @@ class GuardedServerConnection(ServerConnection):
         self._pending = False
 
     pending: PendingHandshakes  # shared by the connections of one server
+    metrics: Metrics  # the node's counters (bytes in and out)
+
+    def send_data(self) -> None:
+        for data in self.protocol.writes:  # what super().send_data() is about to write
+            self.metrics.bytes_out += len(data)
+        super().send_data()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._opened_at = time.monotonic()
@@ -154,6 +161,7 @@ class GuardedServerConnection(ServerConnection):
             self.pending.leave(self._peer_address)
 
     def data_received(self, data: bytes) -> None:
+        self.metrics.bytes_in += len(data)
         if self._screened:
             super().data_received(data)
             return
@@ -203,9 +211,7 @@ class GuardedServerConnection(ServerConnection):
             + body
         )
         self.transport.close()
-        self.guard.audit.emit(
-            "handshake_refused", status=status, reason=reason, client=self._peer_address
-        )
+        self.guard.record_raw_refusal(status, reason, self._peer_address)
 
     def process_event(self, event: Any) -> None:
         guarded, policy = self.guarded, self.policy
@@ -246,9 +252,7 @@ class GuardedServerConnection(ServerConnection):
             status, reason = 400, "bad_request"
         else:
             return  # the client went away before sending a request: not a refusal
-        self.guard.audit.emit(
-            "handshake_refused", status=status, reason=reason, client=self._peer_address
-        )
+        self.guard.record_raw_refusal(status, reason, self._peer_address)
 
 
 async def wait_for_releases(grace: float) -> None:
@@ -324,11 +328,10 @@ async def start_server(app: App) -> Server:
         (its own bodies echo client input) and audit it."""
         if response.status_code == 101 or not getattr(connection, "admission", None):
             return None
-        guard.audit.emit(
-            "handshake_refused",
-            status=response.status_code,
-            reason="bad_handshake",
-            client=connection.admission.client,  # type: ignore[attr-defined]
+        guard.record_raw_refusal(
+            response.status_code,
+            "bad_handshake",
+            connection.admission.client,  # type: ignore[attr-defined]
         )
         fixed = connection.respond(response.status_code, "Invalid WebSocket handshake.\n")
         for name in ("Allow", "Upgrade", "Sec-WebSocket-Version"):
@@ -363,7 +366,11 @@ async def start_server(app: App) -> Server:
         create_connection=type(
             "ServerGuardedConnection",
             (GuardedServerConnection,),
-            {"guard": guard, "pending": PendingHandshakes(guard)},
+            {
+                "guard": guard,
+                "pending": PendingHandshakes(guard),
+                "metrics": guard.monitor.metrics,
+            },
         ),
         logger=_engine_logger(),
     )
@@ -445,12 +452,17 @@ async def run_guarded(app: App, ws: ServerConnection) -> None:
                     await ws.wait_closed()
             except TimeoutError:
                 ws.transport.abort()
+        closing = _close_fields(ws)
+        guard.monitor.connection_closed(closing["code"], closing["closed_by"])
+        if closing["code"] == CLOSE_TOO_BIG and closing["closed_by"] == "server":
+            guard.monitor.connection_refused("size", "too_big", conn.client)
+            conn.close_cause = conn.close_cause or "too_big"
         guard.audit.emit(
             "connection_closed",
             connection_id=conn.id,
             client=conn.client,
             subject=conn.subject,
-            **_close_fields(ws),
+            **closing,
             cause=conn.close_cause,
             duration_s=round(time.monotonic() - started, 3),
             messages_in=state.received,

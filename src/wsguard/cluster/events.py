@@ -18,7 +18,13 @@ import logging
 from collections.abc import Callable, Coroutine, Iterable
 from typing import TYPE_CHECKING, Any
 
-from wsguard.stores.base import CHANNEL_BROADCAST, CHANNEL_REVOKE, Store, StoreUnavailable
+from wsguard.stores.base import (
+    CHANNEL_BROADCAST,
+    CHANNEL_DISCONNECT,
+    CHANNEL_REVOKE,
+    Store,
+    StoreUnavailable,
+)
 
 if TYPE_CHECKING:
     from wsguard.server.connection import Connection
@@ -38,12 +44,17 @@ class ClusterEvents:
         connections: Callable[[], Iterable[Connection]],
         deliver: Callable[[bytes], None],
         on_revoked: Callable[[Connection, str], None],
+        *,
+        on_disconnect: Callable[[Connection, str], None] | None = None,
+        address_key: Callable[[str], str] | None = None,
     ) -> None:
         self.store = store
         self.node_id = node_id.encode()
         self._connections = connections
         self._deliver = deliver
         self._on_revoked = on_revoked
+        self._on_disconnect = on_disconnect
+        self._address_key = address_key
         self._outbox: asyncio.Queue[bytes] | None = None
         self._tasks: set[asyncio.Task[object]] = set()
         self.dropped = 0
@@ -60,6 +71,30 @@ class ClusterEvents:
         elif channel == CHANNEL_REVOKE:
             kind, _, value = payload.decode("utf-8", "replace").partition(":")
             self.close_revoked(kind, value)
+        elif channel == CHANNEL_DISCONNECT:
+            why, _, target = payload.decode("utf-8", "replace").partition("|")
+            kind, _, value = target.partition(":")
+            self.disconnect(kind, value, why)
+
+    def disconnect(self, kind: str, value: str, why: str) -> int:
+        """Close this node's connections of a subject (``sub``), address key (``addr``)
+        or connection id (``id``), as an operator or a ban asked."""
+        if self._on_disconnect is None:
+            return 0
+        closed = 0
+        for conn in list(self._connections()):
+            if kind == "sub":
+                match = conn.subject == value
+            elif kind == "id":
+                match = conn.id == value
+            elif kind == "addr" and self._address_key is not None:
+                match = self._address_key(conn.client) == value
+            else:
+                match = False
+            if match and not conn.closing:
+                self._on_disconnect(conn, why)
+                closed += 1
+        return closed
 
     def close_revoked(self, kind: str, value: str) -> int:
         closed = 0

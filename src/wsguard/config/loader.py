@@ -5,7 +5,8 @@ variables, explicit overrides (CLI flags). Every error is a
 :class:`~wsguard.errors.ConfigError` naming the dotted key.
 
 Environment variables: ``WSGUARD_HOST``, ``WSGUARD_PORT``, ``WSGUARD_LOG_LEVEL``,
-``WSGUARD_STORE``, ``WSGUARD_JWT_SECRET`` (= ``auth.secret``), and for any key
+``WSGUARD_STORE``, ``WSGUARD_JWT_SECRET`` (= ``auth.secret``),
+``WSGUARD_ADMIN_TOKEN`` (= ``admin.token``), and for any key
 ``WSGUARD_<SECTION>__<KEY>`` (double underscore), e.g.
 ``WSGUARD_LIMITS__MAX_MESSAGE_BYTES=16384``. Lists take JSON (``["a","b"]``) or
 comma-separated values.
@@ -30,9 +31,10 @@ from wsguard.errors import ConfigError
 ENV_PREFIX = "WSGUARD_"
 _ENV_ALIASES: dict[str, tuple[str, ...]] = {
     "WSGUARD_JWT_SECRET": ("auth", "secret"),
+    "WSGUARD_ADMIN_TOKEN": ("admin", "token"),
 }
 # Variables read elsewhere (the CLI, later modules); not configuration keys.
-_ENV_NOT_KEYS = frozenset({"WSGUARD_CONFIG", "WSGUARD_ADMIN_TOKEN"})
+_ENV_NOT_KEYS = frozenset({"WSGUARD_CONFIG"})
 _KEY_IN_MESSAGE = re.compile(r"^([a-z_][a-z0-9_.]*): (.*)$", re.DOTALL)
 
 

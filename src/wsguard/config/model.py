@@ -279,6 +279,168 @@ class ClusterConfig(_Section):
     on_store_error: StoreFailureConfig = StoreFailureConfig()
 
 
+#: What an alert rule counts. Refusal categories are the ``reason`` label values of
+#: ``wsguard_refusals_total``; ``connection`` is an admitted connection and
+#: ``store_outage`` a node losing its shared store.
+ALERT_EVENTS = (
+    "auth", "origin", "ban", "rate", "capacity", "protocol", "timeout", "revoked",
+    "draining", "store", "size", "invalid_json", "schema", "unknown_type", "binary",
+    "forbidden", "replay", "signature", "slow_consumer", "policy", "other",
+    "connection", "store_outage",
+)  # fmt: skip
+
+
+class AlertRuleConfig(_Section):
+    """One alert rule: more than ``threshold`` matching events within ``window_seconds``."""
+
+    events: tuple[str, ...]
+    enabled: bool = True
+    per: Literal["address", "total"] = "total"
+    threshold: int = Field(default=10, ge=0)
+    window_seconds: float = Field(default=60.0, gt=0, le=86400)
+    cooldown_seconds: float = Field(default=300.0, gt=0, le=86400)
+    ban_seconds: float = Field(default=0.0, ge=0, le=30 * 86400)
+    webhook: bool = True
+
+    @field_validator("events")
+    @classmethod
+    def _known_events(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("at least one event is required")
+        for event in value:
+            if event not in ALERT_EVENTS:
+                raise ValueError(f"unknown event {event!r}; allowed: {', '.join(ALERT_EVENTS)}")
+        return value
+
+    @model_validator(mode="after")
+    def _ban_needs_address(self) -> AlertRuleConfig:
+        if self.ban_seconds and self.per != "address":
+            raise ValueError('ban_seconds: automatic bans need per = "address"')
+        return self
+
+
+DEFAULT_ALERT_RULES: dict[str, dict[str, Any]] = {
+    "auth_failures_per_address": {
+        "events": ["auth"], "per": "address", "threshold": 20, "window_seconds": 60,
+        "cooldown_seconds": 300, "ban_seconds": 900,
+    },
+    "auth_failures_total": {
+        "events": ["auth"], "per": "total", "threshold": 200, "window_seconds": 60,
+        "cooldown_seconds": 300,
+    },
+    "invalid_messages": {
+        "events": ["size", "invalid_json", "schema", "unknown_type", "binary"],
+        "per": "total", "threshold": 100, "window_seconds": 60, "cooldown_seconds": 300,
+    },
+    "connection_spike": {
+        "events": ["connection"], "per": "total", "threshold": 3000, "window_seconds": 60,
+        "cooldown_seconds": 300,
+    },
+    "store_outage": {
+        "events": ["store_outage"], "per": "total", "threshold": 0, "window_seconds": 60,
+        "cooldown_seconds": 300,
+    },
+}  # fmt: skip
+
+
+class AlertsConfig(_Section):
+    """Alert rules over sliding windows, their webhook and automatic bans."""
+
+    enabled: bool = True
+    webhook_url: str = Field(default="", repr=False)
+    webhook_timeout_seconds: float = Field(default=5.0, gt=0, le=60)
+    webhook_retries: int = Field(default=3, ge=0, le=10)
+    max_addresses: int = Field(default=10_000, ge=1, le=1_000_000)
+    rules: dict[str, AlertRuleConfig] = Field(
+        default_factory=lambda: {
+            name: AlertRuleConfig.model_validate(spec) for name, spec in DEFAULT_ALERT_RULES.items()
+        }
+    )
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+    @field_validator("rules", mode="before")
+    @classmethod
+    def _over_defaults(cls, value: object) -> object:
+        """A rule named like a default changes only the fields it sets."""
+        if not isinstance(value, dict):
+            return value
+        merged: dict[str, Any] = dict(DEFAULT_ALERT_RULES)
+        for name, spec in value.items():
+            base = DEFAULT_ALERT_RULES.get(name)
+            merged[name] = {**base, **spec} if base and isinstance(spec, dict) else spec
+        return merged
+
+    @field_validator("rules")
+    @classmethod
+    def _names(cls, value: dict[str, AlertRuleConfig]) -> dict[str, AlertRuleConfig]:
+        for name in value:
+            if not name or len(name) > 64 or not name.replace("_", "").replace("-", "").isalnum():
+                raise ValueError(f"invalid rule name {name!r} (letters, digits, _ and -)")
+        return value
+
+
+class AdminTlsConfig(_Section):
+    """TLS for the admin listener; ``client_ca_file`` turns on mTLS as its credential."""
+
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    client_ca_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _pairs(self) -> AdminTlsConfig:
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ValueError("cert_file: cert_file and key_file must be set together")
+        if self.client_ca_file and not self.cert_file:
+            raise ValueError("client_ca_file: mTLS needs cert_file and key_file")
+        return self
+
+
+class AdminConfig(_Section):
+    """The admin listener: metrics, health, admin API and the live dashboard."""
+
+    host: str = "127.0.0.1"
+    port: int | None = Field(default=None, ge=0, le=65535)
+    token: str = Field(default="", repr=False)
+    token_file: Path | None = None
+    public_metrics: bool = True
+    session_seconds: float = Field(default=8 * 3600.0, gt=0, le=7 * 86400)
+    origins: tuple[str, ...] = ()
+    max_dashboards: int = Field(default=16, ge=1, le=1000)
+    tls: AdminTlsConfig = AdminTlsConfig()
+
+    @field_validator("token")
+    @classmethod
+    def _strong(cls, value: str) -> str:
+        if value and len(value) < 24:
+            raise ValueError("must be at least 24 characters (e.g. openssl rand -hex 32)")
+        return value
+
+    @field_validator("origins")
+    @classmethod
+    def _parseable(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        from wsguard.core.origin import parse_allowed_origin
+
+        for entry in value:
+            parse_allowed_origin(entry)
+        return value
+
+    @model_validator(mode="after")
+    def _one_token_source(self) -> AdminConfig:
+        if self.token and self.token_file:
+            raise ValueError("token: set either token (WSGUARD_ADMIN_TOKEN) or token_file")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.port is not None
+
+
 LogLevel = Literal["debug", "info", "warning", "error"]
 
 
@@ -301,6 +463,8 @@ class Config(_Section):
     signing: SigningConfig = SigningConfig()
     audit: AuditConfig = AuditConfig()
     cluster: ClusterConfig = ClusterConfig()
+    admin: AdminConfig = AdminConfig()
+    alerts: AlertsConfig = AlertsConfig()
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -340,6 +504,13 @@ class Config(_Section):
             raise ValueError(
                 "auth.cookie: cookie authentication requires origin.allowed "
                 "(cross-site WebSocket hijacking)"
+            )
+        if self.admin.enabled and self.admin.port == self.port and self.port != 0:
+            raise ValueError("admin.port: the admin listener needs its own port")
+        ca = self.admin.tls.client_ca_file
+        if ca is not None and ca == self.tls.client_ca_file:
+            raise ValueError(
+                "admin.tls.client_ca_file: must not be the users' CA (tls.client_ca_file)"
             )
         for prefix_sub in self.subprotocols:
             if prefix_sub.startswith(self.auth.subprotocol_prefix):

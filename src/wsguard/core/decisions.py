@@ -88,6 +88,7 @@ class Refuse:
     ref: str | int | None = None
     pointer: str | None = None
     retry_after: float | None = None
+    type: str | None = None  # the message's type when known (allowlisted): for metrics
 
     def frame(self) -> dict[str, Any]:
         out: dict[str, Any] = {"type": "error", "code": self.code, "message": self.message}

@@ -305,7 +305,9 @@ class MessagePolicy:
             return Close(CLOSE_UNSUPPORTED_DATA, "binary frames not accepted", cause="binary")
         if policy.scopes and not policy.scopes <= state.identity.scopes:
             return self._refuse(
-                state, now, Refuse("forbidden", "Not allowed to send this message type.", ref=ref)
+                state,
+                now,
+                Refuse("forbidden", "Not allowed to send this message type.", ref=ref, type=kind),
             )
         verified: Verified | None = None
         if policy.signed:
@@ -316,7 +318,7 @@ class MessagePolicy:
                     if outcome == "stale"
                     else ("Missing or invalid message signature.")
                 )
-                return self._refuse(state, now, Refuse(outcome, text, ref=ref))
+                return self._refuse(state, now, Refuse(outcome, text, ref=ref, type=kind))
             verified = outcome
             message = {k: v for k, v in message.items() if k not in ENVELOPE_FIELDS}
         if policy.validator is not None and not policy.validator.is_valid(message):
@@ -328,7 +330,11 @@ class MessagePolicy:
                     state,
                     now,
                     Refuse(
-                        "invalid_message", f"Invalid message ({keyword}).", ref=ref, pointer=pointer
+                        "invalid_message",
+                        f"Invalid message ({keyword}).",
+                        ref=ref,
+                        pointer=pointer,
+                        type=kind,
                     ),
                 )
         if kind == "auth":

@@ -36,6 +36,7 @@ from wsguard.config.model import Config
 from wsguard.core.decisions import (
     CLOSE_CREDENTIALS_EXPIRED,
     CLOSE_GOING_AWAY,
+    CLOSE_POLICY_VIOLATION,
     CLOSE_REVOKED,
     Close,
     Deliver,
@@ -75,6 +76,12 @@ class App:
         self._id_counter = itertools.count(1)
         self._type_names = self.guard.messages.type_names()
         self.ssl_context: ssl.SSLContext | None = None
+        self.admin: Any = None  # the AdminServer when admin.port is set
+
+    @property
+    def admin_port(self) -> int | None:
+        """The admin listener's port (after :meth:`start`), None when it is off."""
+        return self.admin.port if self.admin is not None else None
 
     # -- registration -----------------------------------------------------------
 
@@ -176,6 +183,21 @@ class App:
         self.guard.audit.emit(
             "slow_consumer", connection_id=conn.id, client=conn.client, subject=conn.subject
         )
+        self.guard.monitor.connection_refused("slow_consumer", "slow_consumer", conn.client)
+
+    def _disconnected(self, conn: Connection, why: str) -> None:
+        """An operator (admin API) or a ban closes this connection."""
+        self.guard.audit.emit(
+            "connection_disconnected",
+            connection_id=conn.id,
+            client=conn.client,
+            subject=conn.subject,
+            by="ban" if why == "banned" else "admin",
+        )
+        if why == "banned":
+            conn.close_soon(CLOSE_POLICY_VIOLATION, "banned", cause="banned")
+        else:
+            conn.close_soon(CLOSE_POLICY_VIOLATION, "disconnected by operator", cause="admin")
 
     def _schedule_expiry(self, conn: Connection, expires_at: float | None) -> None:
         deadline = self.guard.deadline(expires_at)
@@ -221,9 +243,13 @@ class App:
         conn.send(self.welcome(conn))
         for hook in self._on_connect:
             await hook(conn)
+        monitor = guard.monitor
+        metrics = monitor.metrics
+        clock = time.perf_counter
         async for data in messages:
             if conn.closing:
                 break
+            started = clock()
             decision = policy.evaluate(conn.state, data, guard.now())
             if isinstance(decision, Deliver):
                 if quota is not None and not quota.take_local(conn.subject, guard.now()):
@@ -231,19 +257,23 @@ class App:
                 if isinstance(decision, Deliver) and decision.nonce is not None:
                     decision = await self._check_nonce(conn, decision)
             if isinstance(decision, Deliver):
+                metrics.message_delivered(decision.type)
                 handler = self._handlers.get(decision.type)
-                if handler is None:
-                    continue
-                try:
-                    await handler(conn, decision.message)
-                except Exception:
-                    logger.exception("handler for %r failed", decision.type)
-                    conn.send(
-                        _error("internal_error", "The handler failed.", decision.message.get("id"))
-                    )
+                if handler is not None:
+                    try:
+                        await handler(conn, decision.message)
+                    except Exception:
+                        logger.exception("handler for %r failed", decision.type)
+                        conn.send(
+                            _error(
+                                "internal_error", "The handler failed.", decision.message.get("id")
+                            )
+                        )
             elif isinstance(decision, Refuse):
+                monitor.message_refused(decision.code, decision.type, conn.client, closed=False)
                 conn.send(decision.frame())
             elif isinstance(decision, Reauthenticate):
+                metrics.message_delivered("auth")
                 conn.identity = decision.identity
                 conn.state.identity = decision.identity
                 self._schedule_expiry(conn, decision.identity.expires_at)
@@ -255,9 +285,11 @@ class App:
                     reply["ref"] = decision.ref
                 conn.send(reply)
             elif isinstance(decision, Close):
+                monitor.message_refused(decision.cause, None, conn.client, closed=True)
                 conn.close_cause = decision.cause
                 await conn.close(decision.code, decision.reason)
                 break
+            metrics.latency(clock() - started)
 
     async def _check_nonce(self, conn: Connection, decision: Deliver) -> MessageDecision:
         """Record a signed message's nonce; a nonce seen before is a replay."""
@@ -312,7 +344,14 @@ class App:
                 lambda: self.connections.values(),
                 self._deliver_remote,
                 self._revoked,
+                on_disconnect=self._disconnected,
+                address_key=self.guard.address_key,
             )
+        if self.config.admin.enabled and self.admin is None:
+            from wsguard.admin.server import AdminServer
+
+            self.admin = AdminServer(self)
+            await self.admin.start()
         self._server = await start_server(self)
         sockets = list(self._server.sockets)
         self.port = sockets[0].getsockname()[1] if sockets else None
@@ -360,6 +399,8 @@ class App:
             from wsguard.adapters.websockets_server import wait_for_releases
 
             await wait_for_releases(self.config.cluster.timeout_seconds * 4)
+            if self.admin is not None:
+                await self.admin.stop()
             await self.guard.close()
 
     def reload_tls(self) -> bool:

@@ -20,6 +20,7 @@ RevocationKind = Literal["jti", "sub"]
 #: Event channels shared by every node of a cluster.
 CHANNEL_REVOKE = "revoke"
 CHANNEL_BROADCAST = "broadcast"
+CHANNEL_DISCONNECT = "disconnect"
 
 EventHandler = Callable[[str, bytes], None]
 
@@ -98,6 +99,18 @@ class Store(ABC):
     @abstractmethod
     async def unban(self, key: str) -> bool:
         """Lift a ban; True if there was one."""
+
+    @abstractmethod
+    async def ban(self, key: str, seconds: float) -> None:
+        """Ban *key* for *seconds* (an operator's or an alert's ban), replacing a shorter one."""
+
+    @abstractmethod
+    async def bans(self, limit: int = 1000) -> list[tuple[str, float]]:
+        """Current bans as (key, seconds left), longest first, at most *limit*."""
+
+    def error_counts(self) -> dict[str, int]:
+        """Failed operations on the backing store so far, per check (none for memory)."""
+        return {}
 
     @abstractmethod
     async def add_nonce(self, key: str, ttl: float) -> bool:

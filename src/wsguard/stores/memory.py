@@ -159,6 +159,24 @@ class MemoryStore(Store):
         self._bans.data[key] = (0.0, entry[1], entry[2])
         return True
 
+    async def ban(self, key: str, seconds: float) -> None:
+        now = time.monotonic()
+        entry = self._bans.data.get(key)
+        level, last = (entry[1], entry[2]) if entry is not None else (0.0, now)
+        until = max(now + seconds, entry[0] if entry is not None else 0.0)
+        self._bans.data[key] = (until, level, last)
+
+    async def bans(self, limit: int = 1000) -> list[tuple[str, float]]:
+        now = time.monotonic()
+        active = [(key, entry[0] - now) for key, entry in self._bans.data.items() if entry[0] > now]
+        active.sort(key=lambda item: -item[1])
+        return active[:limit]
+
+    def ban_count(self) -> int:
+        """Bans in force now (synchronous: read by the metrics collector)."""
+        now = time.monotonic()
+        return sum(1 for entry in self._bans.data.values() if entry[0] > now)
+
     # -- nonces ----------------------------------------------------------------------------
 
     async def add_nonce(self, key: str, ttl: float) -> bool:

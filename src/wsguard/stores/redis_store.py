@@ -32,6 +32,7 @@ from wsguard.config.model import ClusterConfig
 from wsguard.stores import redis_scripts
 from wsguard.stores.base import (
     CHANNEL_BROADCAST,
+    CHANNEL_DISCONNECT,
     CHANNEL_REVOKE,
     Admission,
     BanPolicy,
@@ -96,6 +97,7 @@ class RedisStore(Store):
         self._subscribed = asyncio.Event()
         self._background: set[asyncio.Task[None]] = set()
         self.operations = 0  # round trips attempted, for benchmarks and tests
+        self.errors: dict[str, int] = {}  # failed operations per check (metrics)
 
     # -- plumbing ----------------------------------------------------------------------
 
@@ -153,6 +155,7 @@ class RedisStore(Store):
             try:
                 result = await operation()
             except _FAILURES as exc:
+                self.errors[check] = self.errors.get(check, 0) + 1
                 self._mark_down(exc)
             else:
                 self._mark_up()
@@ -397,13 +400,70 @@ class RedisStore(Store):
                     ],
                 )
             )
-            return duration / 1000 if duration >= 0 else None
+            if duration < 0:
+                return None
+            await self._index_ban(key, duration)
+            return duration / 1000
 
         return await self._run("bans", remote, lambda: self._fallback.record_failure(key, policy))
 
+    async def _index_ban(self, key: str, duration_ms: int) -> None:
+        """Note a ban in the listing index (a sorted set scored by expiry, epoch ms).
+
+        The index only serves :meth:`bans`; the ban itself is the key's TTL, which
+        :meth:`bans` reads back, so an index entry that outlives its ban is harmless.
+        """
+        until = int(time.time() * 1000) + duration_ms
+        await self.client.zadd(self._key("bans"), {key: until}, gt=True)
+
+    async def ban(self, key: str, seconds: float) -> None:
+        milliseconds = max(1, int(seconds * 1000))
+
+        async def remote() -> None:
+            ban_key = self._key(key, ":ban")
+            current = int(await self.client.pttl(ban_key))
+            if current < milliseconds:
+                await self.client.set(ban_key, b"1", px=milliseconds)
+            await self._index_ban(key, max(current, milliseconds))
+
+        await self._fallback.ban(key, seconds)  # this node refuses at once, even if Redis is down
+        await self._run("bans", remote, _constant(None))
+
+    async def bans(self, limit: int = 1000) -> list[tuple[str, float]]:
+        async def remote() -> list[tuple[str, float]]:
+            index = self._key("bans")
+            await self.client.zremrangebyscore(index, "-inf", int(time.time() * 1000))
+            names = [
+                n.decode() if isinstance(n, bytes) else str(n)
+                for n in await self.client.zrevrange(index, 0, max(0, limit - 1))
+            ]
+            if not names:
+                return []
+
+            def build(pipe: Pipeline) -> None:
+                for name in names:
+                    pipe.pttl(self._key(name, ":ban"))
+
+            ttls = await self._pipelined(build)
+            gone = [name for name, ttl in zip(names, ttls, strict=True) if int(ttl) < 0]
+            if gone:
+                await self.client.zrem(index, *gone)
+            return [
+                (name, max(int(ttl), 1) / 1000)
+                for name, ttl in zip(names, ttls, strict=True)
+                if int(ttl) >= 0
+            ]
+
+        return await self._run("bans", remote, lambda: self._fallback.bans(limit))
+
+    def error_counts(self) -> dict[str, int]:
+        return dict(self.errors)
+
     async def unban(self, key: str) -> bool:
         async def remote() -> bool:
-            return bool(await self.client.delete(self._key(key, ":ban")))
+            removed = bool(await self.client.delete(self._key(key, ":ban")))
+            await self.client.zrem(self._key("bans"), key)
+            return removed
 
         local = await self._fallback.unban(key)
         return await self._run("bans", remote, _constant(False)) or local
@@ -483,7 +543,11 @@ class RedisStore(Store):
 
     async def _subscriber_loop(self) -> None:
         prefix = self._prefix
-        channels = [prefix + CHANNEL_REVOKE, prefix + CHANNEL_BROADCAST]
+        channels = [
+            prefix + CHANNEL_REVOKE,
+            prefix + CHANNEL_BROADCAST,
+            prefix + CHANNEL_DISCONNECT,
+        ]
         subscribed = self._subscribed
         first = True
         while not self._closed:

@@ -1,0 +1,504 @@
+"""The admin API: JSON over HTTP on the admin listener (a Starlette application).
+
+Public: ``GET /healthz``, ``GET /readyz`` and, unless ``admin.public_metrics``
+is false, ``GET /metrics``. Everything else needs the admin credential: the
+admin token as ``Authorization: Bearer`` (or an admin client certificate when
+``admin.tls.client_ca_file`` is set). The dashboard's session cookie opens the
+dashboard page and its WebSocket only. Errors are ``{"error": code, "message"}``
+with a stable code.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Awaitable
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+from starlette.routing import Route, WebSocketRoute
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from wsguard.admin.credentials import SESSION_COOKIE, AdminCredentials
+from wsguard.observability.metrics import CONTENT_TYPE
+from wsguard.stores.base import StoreUnavailable
+
+if TYPE_CHECKING:
+    from wsguard.admin.live import LiveFeed
+    from wsguard.server.app import App
+
+MAX_BODY = 16 * 1024
+MAX_PAGE = 1000
+_ID_CHARS = frozenset("0123456789abcdef")
+_STATIC = {
+    "dashboard.js": "text/javascript; charset=utf-8",
+    "dashboard.css": "text/css; charset=utf-8",
+    "login.js": "text/javascript; charset=utf-8",
+}
+SECURITY_HEADERS = [
+    (b"cache-control", b"no-store"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+    (
+        b"content-security-policy",
+        b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        b"connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
+    ),
+]
+
+
+class ApiError(Exception):
+    def __init__(
+        self, status: int, code: str, message: str, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers or {}
+
+
+def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(
+        orjson.dumps(data), status_code=status, media_type="application/json", headers=headers
+    )
+
+
+def _error(exc: ApiError) -> Response:
+    return json_response({"error": exc.code, "message": exc.message}, exc.status, exc.headers)
+
+
+class SecurityHeaders:
+    """Adds the security headers to every HTTP response of the admin listener."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                names = {name for name, _ in message.get("headers", [])}
+                message["headers"] = list(message.get("headers", [])) + [
+                    header for header in SECURITY_HEADERS if header[0] not in names
+                ]
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+class AdminApi:
+    """Builds the admin Starlette application for one App."""
+
+    def __init__(self, app: App, credentials: AdminCredentials, live: LiveFeed) -> None:
+        self.app = app
+        self.guard = app.guard
+        self.credentials = credentials
+        self.live = live
+        self.config = app.config.admin
+
+    def asgi(self) -> ASGIApp:
+        routes = [
+            Route("/healthz", self.healthz),
+            Route("/readyz", self.readyz),
+            Route("/metrics", self.metrics),
+            Route("/connections", self.connections),
+            Route("/connections/{connection_id}", self.connection),
+            Route("/disconnect", self.disconnect, methods=["POST"]),
+            Route("/revoke", self.revoke, methods=["POST"]),
+            Route("/bans", self.bans, methods=["GET", "POST"]),
+            Route("/bans/{address:path}", self.unban, methods=["DELETE"]),
+            Route("/alerts", self.alerts),
+            Route("/events", self.events),
+            Route("/", self.root),
+            Route("/login", self.login, methods=["GET", "POST"]),
+            Route("/logout", self.logout, methods=["POST"]),
+            Route("/dashboard", self.dashboard),
+            Route("/static/{name}", self.static),
+            WebSocketRoute("/dashboard/live", self.live.endpoint),
+        ]
+        wrapped = [self._wrap(r) if isinstance(r, Route) else r for r in routes]
+        starlette = Starlette(
+            routes=wrapped,
+            exception_handlers={HTTPException: self._http_error},  # type: ignore[dict-item]
+        )
+        return SecurityHeaders(starlette)
+
+    @staticmethod
+    def _wrap(route: Route) -> Route:
+        endpoint = route.endpoint
+
+        async def guarded(request: Request) -> Response:
+            try:
+                return await endpoint(request)  # type: ignore[no-any-return]
+            except ApiError as exc:
+                return _error(exc)
+
+        return Route(route.path, guarded, methods=sorted(route.methods or ()), name=route.name)
+
+    async def _http_error(self, request: Request, exc: HTTPException) -> Response:
+        codes = {404: "not_found", 405: "method_not_allowed"}
+        return json_response(
+            {"error": codes.get(exc.status_code, "bad_request"), "message": str(exc.detail)},
+            exc.status_code,
+            dict(exc.headers or {}),
+        )
+
+    # -- credentials ----------------------------------------------------------------------
+
+    def _address(self, request: Request) -> str:
+        return request.client.host if request.client else "unknown"
+
+    def _authorize(self, request: Request) -> None:
+        """Admit the admin credential; 401 (or 429 after repeated failures) otherwise."""
+        if self.credentials.mtls:
+            return  # the TLS layer required an admin client certificate
+        address = self._address(request)
+        wait = self.credentials.blocked_for(address)
+        if wait > 0:
+            raise ApiError(
+                429,
+                "too_many_failures",
+                "Too many failed admin credentials.",
+                {"Retry-After": str(math.ceil(wait))},
+            )
+        authorization = request.headers.get("authorization")
+        if self.credentials.bearer_ok(authorization):
+            return
+        self.credentials.failed(address)
+        self.guard.monitor.metrics.admin_auth_failures += 1
+        self.guard.audit.emit(
+            "admin_auth_failed",
+            client=address,
+            path=request.scope.get("route_path") or _route_of(request),
+            credential="bad" if authorization else "missing",
+        )
+        raise ApiError(
+            401,
+            "unauthorized",
+            "The admin credential is missing or wrong.",
+            {"WWW-Authenticate": 'Bearer realm="wsguard-admin"'},
+        )
+
+    def session_ok(self, request: Request | Any) -> bool:
+        return self.credentials.mtls or self.credentials.session_ok(
+            request.cookies.get(SESSION_COOKIE)
+        )
+
+    async def _body(self, request: Request) -> dict[str, Any]:
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type != "application/json":
+            raise ApiError(415, "unsupported_media_type", "Send application/json.")
+        declared = request.headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY):
+            raise ApiError(413, "too_large", f"The body is limited to {MAX_BODY} bytes.")
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_BODY:
+                raise ApiError(413, "too_large", f"The body is limited to {MAX_BODY} bytes.")
+            chunks.append(chunk)
+        try:
+            body = orjson.loads(b"".join(chunks))
+        except orjson.JSONDecodeError:
+            raise ApiError(400, "invalid_json", "The body is not valid JSON.") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "invalid_request", "The body must be a JSON object.")
+        return body
+
+    # -- health ---------------------------------------------------------------------------
+
+    async def healthz(self, request: Request) -> Response:
+        return json_response({"status": "ok", "node": self.guard.node_id})
+
+    async def readyz(self, request: Request) -> Response:
+        ready, reason = self.guard.ready
+        if ready:
+            return json_response({"ready": True})
+        return json_response({"ready": False, "reason": reason}, 503)
+
+    async def metrics(self, request: Request) -> Response:
+        if not self.config.public_metrics:
+            self._authorize(request)
+        return Response(self.guard.monitor.metrics.render(), media_type=CONTENT_TYPE)
+
+    # -- connections ----------------------------------------------------------------------
+
+    async def connections(self, request: Request) -> Response:
+        self._authorize(request)
+        query = request.query_params
+        limit = _int_param(query.get("limit"), "limit", default=100, low=1, high=MAX_PAGE)
+        after = query.get("after") or ""
+        subject = query.get("subject")
+        address = query.get("address")
+        address_key: str | None = None
+        if address is not None:
+            try:
+                address_key = self.guard.address_key(address)
+            except ValueError:
+                raise ApiError(400, "invalid_address", "address is not an IP address.") from None
+        matching = []
+        for conn in self.app.connections.values():
+            if subject is not None and conn.subject != subject:
+                continue
+            if address_key is not None and (
+                conn.client != address and self.guard.address_key(conn.client) != address_key
+            ):
+                continue
+            matching.append(conn)
+        matching.sort(key=lambda c: c.id)
+        page = [c for c in matching if c.id > after][:limit]
+        more = len(page) == limit and page and page[-1].id != matching[-1].id
+        return json_response(
+            {
+                "connections": [self._describe(c) for c in page],
+                "total": len(matching),
+                "next": page[-1].id if more else None,
+            }
+        )
+
+    async def connection(self, request: Request) -> Response:
+        self._authorize(request)
+        conn = self.app.connections.get(request.path_params["connection_id"])
+        if conn is None:
+            raise ApiError(404, "not_found", "No such connection on this node.")
+        return json_response(self._describe(conn))
+
+    def _describe(self, conn: Any) -> dict[str, Any]:
+        identity = conn.identity
+        return {
+            "id": conn.id,
+            "subject": conn.subject,
+            "client": conn.client,
+            "origin": conn.origin,
+            "subprotocol": conn.subprotocol,
+            "scopes": sorted(identity.scopes),
+            "token_id": identity.token_id,
+            "auth": identity.method,
+            "expires_at": identity.expires_at,
+            "connected_seconds": round(time.monotonic() - conn.opened_at, 3),
+            "messages_in": conn.state.received,
+            "messages_out": conn.sent,
+        }
+
+    async def disconnect(self, request: Request) -> Response:
+        self._authorize(request)
+        body = await self._body(request)
+        targets = [k for k in ("connection_id", "subject") if k in body]
+        if len(targets) != 1:
+            raise ApiError(400, "invalid_request", "Give exactly one of connection_id, subject.")
+        field = targets[0]
+        value = body[field]
+        if not isinstance(value, str) or not 0 < len(value) <= 1024:
+            raise ApiError(400, "invalid_request", f"{field} must be a string (1-1024).")
+        if field == "connection_id" and not set(value) <= _ID_CHARS:
+            raise ApiError(404, "not_found", "No such connection.")
+        kind = "id" if field == "connection_id" else "sub"
+        local = sum(
+            1
+            for c in self.app.connections.values()
+            if (c.id if kind == "id" else c.subject) == value and not c.closing
+        )
+        await self._cluster(self.guard.disconnect(kind, value, "admin"))
+        self.guard.audit.emit(
+            "admin_action", action="disconnect", target=kind, client=self._address(request)
+        )
+        return json_response({"disconnected": {field: value}, "local_connections": local})
+
+    async def revoke(self, request: Request) -> Response:
+        self._authorize(request)
+        body = await self._body(request)
+        targets = [k for k in ("jti", "subject") if k in body]
+        if len(targets) != 1:
+            raise ApiError(400, "invalid_request", "Give exactly one of jti, subject.")
+        field = targets[0]
+        value = body[field]
+        if not isinstance(value, str) or not 0 < len(value) <= 1024:
+            raise ApiError(400, "invalid_request", f"{field} must be a string (1-1024).")
+        ttl = body.get("ttl_seconds", self.app.config.cluster.revocation_ttl_seconds)
+        if not isinstance(ttl, (int, float)) or isinstance(ttl, bool) or not 0 < ttl <= 2592000:
+            raise ApiError(400, "invalid_request", "ttl_seconds must be in (0, 2592000].")
+        await self._cluster(self.app.revoke("jti" if field == "jti" else "sub", value, float(ttl)))
+        self.guard.audit.emit(
+            "admin_action", action="revoke", target=field, client=self._address(request)
+        )
+        return json_response({"revoked": {field: value}, "ttl_seconds": ttl})
+
+    # -- bans -----------------------------------------------------------------------------
+
+    async def bans(self, request: Request) -> Response:
+        self._authorize(request)
+        if request.method == "GET":
+            limit = _int_param(
+                request.query_params.get("limit"), "limit", default=100, low=1, high=MAX_PAGE
+            )
+            found = await self._cluster(self.guard.store.bans(limit))
+            return json_response(
+                {
+                    "bans": [
+                        {"address": key.removeprefix("addr:"), "remaining_seconds": round(s, 3)}
+                        for key, s in found
+                        if key.startswith("addr:")
+                    ]
+                }
+            )
+        body = await self._body(request)
+        address = body.get("address")
+        seconds = body.get("seconds", self.app.config.limits.ban_seconds)
+        if not isinstance(address, str):
+            raise ApiError(400, "invalid_address", "address must be an IP address.")
+        if (
+            not isinstance(seconds, (int, float))
+            or isinstance(seconds, bool)
+            or not 0 < seconds <= 30 * 86400
+        ):
+            raise ApiError(400, "invalid_request", "seconds must be in (0, 2592000].")
+        try:
+            key = await self._cluster(self.guard.ban_address(address, float(seconds)))
+        except ValueError:
+            raise ApiError(400, "invalid_address", "address must be an IP address.") from None
+        return json_response({"banned": key, "seconds": seconds}, 201)
+
+    async def unban(self, request: Request) -> Response:
+        self._authorize(request)
+        try:
+            lifted = await self._cluster(self.guard.unban_address(request.path_params["address"]))
+        except ValueError:
+            raise ApiError(400, "invalid_address", "address must be an IP address.") from None
+        if not lifted:
+            raise ApiError(404, "not_banned", "That address is not banned.")
+        return json_response({"unbanned": self.guard.address_key(request.path_params["address"])})
+
+    # -- alerts and events ----------------------------------------------------------------
+
+    async def alerts(self, request: Request) -> Response:
+        self._authorize(request)
+        rules = self.app.config.alerts.rules if self.app.config.alerts.enabled else {}
+        return json_response(
+            {
+                "alerts": list(reversed(self.guard.monitor.alerts)),
+                "rules": {name: rule.model_dump(mode="json") for name, rule in rules.items()},
+            }
+        )
+
+    async def events(self, request: Request) -> Response:
+        self._authorize(request)
+        limit = _int_param(
+            request.query_params.get("limit"), "limit", default=100, low=1, high=MAX_PAGE
+        )
+        events = list(self.guard.monitor.events)[-limit:]
+        return json_response({"events": list(reversed(events))})
+
+    # -- dashboard ------------------------------------------------------------------------
+
+    async def root(self, request: Request) -> Response:
+        return RedirectResponse("/dashboard", 303)
+
+    async def dashboard(self, request: Request) -> Response:
+        if not self.session_ok(request):
+            return RedirectResponse("/login", 303)
+        return _page("dashboard.html")
+
+    async def login(self, request: Request) -> Response:
+        if request.method == "GET":
+            return _page("login.html")
+        if not self.live.origin_ok(request):
+            raise ApiError(403, "origin_forbidden", "Log in from the dashboard's own page.")
+        body = await self._body(request)
+        address = self._address(request)
+        wait = self.credentials.blocked_for(address)
+        if wait > 0:
+            raise ApiError(
+                429,
+                "too_many_failures",
+                "Too many failed admin credentials.",
+                {"Retry-After": str(math.ceil(wait))},
+            )
+        token = body.get("token")
+        if not isinstance(token, str) or not self.credentials.token_ok(token):
+            self.credentials.failed(address)
+            self.guard.monitor.metrics.admin_auth_failures += 1
+            self.guard.audit.emit(
+                "admin_auth_failed", client=address, path="/login", credential="bad"
+            )
+            raise ApiError(401, "unauthorized", "Wrong admin token.")
+        session = self.credentials.new_session()
+        self.guard.audit.emit("admin_login", client=address)
+        response = json_response({"ok": True})
+        response.set_cookie(
+            SESSION_COOKIE,
+            session,
+            max_age=int(self.credentials.session_seconds),
+            path="/",
+            httponly=True,
+            samesite="strict",
+            secure=request.url.scheme == "https",
+        )
+        return response
+
+    async def logout(self, request: Request) -> Response:
+        if not self.live.origin_ok(request):
+            raise ApiError(403, "origin_forbidden", "Log out from the dashboard's own page.")
+        self.credentials.end_session(request.cookies.get(SESSION_COOKIE))
+        response = json_response({"ok": True})
+        response.delete_cookie(SESSION_COOKIE, path="/")
+        return response
+
+    async def static(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        media = _STATIC.get(name)
+        if media is None:
+            raise ApiError(404, "not_found", "No such file.")
+        return Response(_asset(name), media_type=media)
+
+    # -- helpers --------------------------------------------------------------------------
+
+    @staticmethod
+    async def _cluster(awaitable: Awaitable[Any]) -> Any:
+        try:
+            return await awaitable
+        except StoreUnavailable:
+            raise ApiError(
+                503,
+                "store_unavailable",
+                "The shared store cannot be reached.",
+                {"Retry-After": "1"},
+            ) from None
+
+
+def _route_of(request: Request) -> str:
+    route = request.scope.get("route")
+    return str(getattr(route, "path", "")) or "unknown"
+
+
+def _int_param(raw: str | None, name: str, *, default: int, low: int, high: int) -> int:
+    if raw is None:
+        return default
+    if not raw.isdigit() or not low <= int(raw) <= high:
+        raise ApiError(400, "invalid_request", f"{name} must be an integer in [{low}, {high}].")
+    return int(raw)
+
+
+_ASSETS: dict[str, bytes] = {}
+
+
+def _asset(name: str) -> bytes:
+    data = _ASSETS.get(name)
+    if data is None:
+        data = resources.files("wsguard.admin").joinpath("static", name).read_bytes()
+        _ASSETS[name] = data
+    return data
+
+
+def _page(name: str) -> Response:
+    return Response(_asset(name), media_type="text/html; charset=utf-8")

@@ -1,0 +1,202 @@
+"""The live dashboard's WebSocket: one snapshot a second, read-only, and guarded.
+
+The socket is held to the same rules as the users' ones, with the admin
+credential: refused before the upgrade (a real HTTP status) without the
+dashboard session cookie, the admin token or an admin client certificate
+(401), from a foreign ``Origin`` (403; an allowlist of the listener's own
+origin plus ``admin.origins``, and a missing Origin is refused because the
+cookie is a credential), or beyond ``admin.max_dashboards`` (503). Frames from
+the client are not expected: any data frame closes with 1008, anything above
+4 KiB with 1009. A session that ends (logout, expiry) closes the socket with 4001.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from starlette.requests import HTTPConnection
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from wsguard.admin.credentials import SESSION_COOKIE, AdminCredentials
+from wsguard.core.decisions import CLOSE_CREDENTIALS_EXPIRED, CLOSE_POLICY_VIOLATION
+from wsguard.core.origin import OriginPolicy
+from wsguard.observability.metrics import REFUSAL_CATEGORIES
+from wsguard.stores.base import StoreUnavailable
+
+if TYPE_CHECKING:
+    from wsguard.server.app import App
+
+INTERVAL = 1.0
+SEND_TIMEOUT = 5.0
+BANS_EVERY = 5.0
+MAX_FRAME = 4096
+
+
+class LiveFeed:
+    """Builds the dashboard's snapshots and serves its WebSocket."""
+
+    def __init__(self, app: App, credentials: AdminCredentials) -> None:
+        self.app = app
+        self.guard = app.guard
+        self.monitor = app.guard.monitor
+        self.credentials = credentials
+        self.origins = app.config.admin.origins
+        self.limit = app.config.admin.max_dashboards
+        self.open = 0
+        self._previous: tuple[float, dict[str, Any]] | None = None
+        self._cached: tuple[float, str] | None = None
+        self._bans: list[dict[str, Any]] = []
+        self._bans_at = -BANS_EVERY
+        self._lock = asyncio.Lock()
+        self.monitor.metrics.dashboards = lambda: self.open
+
+    # -- who may connect ------------------------------------------------------------------
+
+    def origin_ok(self, conn: HTTPConnection) -> bool:
+        """The request's Origin is this listener's own origin or in ``admin.origins``."""
+        host = conn.headers.get("host", "")
+        secure = conn.url.scheme in ("https", "wss")
+        own = f"{'https' if secure else 'http'}://{host}"
+        try:
+            policy = OriginPolicy((own, *self.origins), allow_missing=False)
+        except ValueError:
+            policy = OriginPolicy(self.origins, allow_missing=False)
+        return policy.check(conn.headers.get("origin"), cookie_auth=True)
+
+    def _credential_ok(self, ws: WebSocket) -> bool:
+        if self.credentials.mtls:
+            return True
+        if self.credentials.session_ok(ws.cookies.get(SESSION_COOKIE)):
+            return True
+        return self.credentials.bearer_ok(ws.headers.get("authorization"))
+
+    async def endpoint(self, ws: WebSocket) -> None:
+        address = ws.client.host if ws.client else "unknown"
+        refusal = self._refusal(ws, address)
+        if refusal is not None:
+            status, code, message = refusal
+            self.guard.audit.emit(
+                "admin_auth_failed" if status == 401 else "dashboard_refused",
+                client=address,
+                path="/dashboard/live",
+                reason=code,
+            )
+            from wsguard.admin.api import json_response
+
+            await ws.send_denial_response(
+                json_response({"error": code, "message": message}, status)
+            )
+            return
+        await ws.accept()
+        self.open += 1
+        session = ws.cookies.get(SESSION_COOKIE)
+        reader = asyncio.get_running_loop().create_task(self._read(ws))
+        try:
+            while not reader.done():
+                if session and not self._still_allowed(ws, session):
+                    await ws.close(CLOSE_CREDENTIALS_EXPIRED, "session ended")
+                    break
+                try:
+                    await asyncio.wait_for(ws.send_text(await self.snapshot()), SEND_TIMEOUT)
+                except (TimeoutError, WebSocketDisconnect, RuntimeError, OSError):
+                    break
+                await asyncio.wait({reader}, timeout=INTERVAL)
+        finally:
+            self.open -= 1
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
+
+    def _still_allowed(self, ws: WebSocket, session: str) -> bool:
+        return (
+            self.credentials.mtls
+            or self.credentials.session_ok(session)
+            or self.credentials.bearer_ok(ws.headers.get("authorization"))
+        )
+
+    def _refusal(self, ws: WebSocket, address: str) -> tuple[int, str, str] | None:
+        if not self.origin_ok(ws):
+            return 403, "origin_forbidden", "Origin not allowed."
+        if not self.credentials.mtls:
+            if self.credentials.blocked_for(address) > 0:
+                return 429, "too_many_failures", "Too many failed admin credentials."
+            if not self._credential_ok(ws):
+                self.credentials.failed(address)
+                self.monitor.metrics.admin_auth_failures += 1
+                return 401, "unauthorized", "Log in first."
+        if self.open >= self.limit:
+            return 503, "too_many_dashboards", "Too many open dashboards."
+        return None
+
+    async def _read(self, ws: WebSocket) -> None:
+        """The dashboard only listens: any data frame from the client closes it."""
+        message = await ws.receive()
+        if message["type"] == "websocket.receive":
+            with contextlib.suppress(Exception):
+                await ws.close(CLOSE_POLICY_VIOLATION, "read-only")
+
+    # -- snapshots ------------------------------------------------------------------------
+
+    async def snapshot(self) -> str:
+        """The current snapshot (built at most once per interval for all dashboards)."""
+        async with self._lock:
+            now = time.monotonic()
+            if self._cached is not None and now - self._cached[0] < INTERVAL * 0.9:
+                return self._cached[1]
+            data = orjson.dumps(await self.build(now)).decode()
+            self._cached = (now, data)
+            return data
+
+    async def build(self, now: float) -> dict[str, Any]:
+        metrics = self.monitor.metrics
+        totals: dict[str, Any] = {
+            "handshakes": sum(v for (o, _), v in metrics.handshakes.items() if o == "admitted"),
+            "messages": sum(v for (_, o), v in metrics.messages.items() if o == "delivered"),
+            "refusals": dict.fromkeys(REFUSAL_CATEGORIES, 0),
+        }
+        for (_, category), value in metrics.refusals.items():
+            totals["refusals"][category] += value
+        rates: dict[str, Any] = {"handshakes": 0.0, "messages": 0.0, "refusals": {}}
+        if self._previous is not None:
+            then, before = self._previous
+            elapsed = max(now - then, 1e-3)
+            rates["handshakes"] = round((totals["handshakes"] - before["handshakes"]) / elapsed, 2)
+            rates["messages"] = round((totals["messages"] - before["messages"]) / elapsed, 2)
+            rates["refusals"] = {
+                category: round((value - before["refusals"][category]) / elapsed, 2)
+                for category, value in totals["refusals"].items()
+            }
+        else:
+            rates["refusals"] = dict.fromkeys(REFUSAL_CATEGORIES, 0.0)
+        self._previous = (now, totals)
+        if now - self._bans_at >= BANS_EVERY:
+            self._bans_at = now
+            with contextlib.suppress(StoreUnavailable):
+                self._bans = [
+                    {"address": key.removeprefix("addr:"), "remaining_seconds": round(left, 1)}
+                    for key, left in await self.guard.store.bans(50)
+                ]
+        ready, reason = self.guard.ready
+        return {
+            "type": "snapshot",
+            "time": time.time(),
+            "node": self.guard.node_id,
+            "connections": len(self.app.connections),
+            "dashboards": self.open,
+            "ready": ready,
+            "not_ready_reason": reason,
+            "store_up": metrics.store_up(),
+            "totals": totals,
+            "rates": rates,
+            "events": list(reversed(list(self.monitor.events)[-50:])),
+            "alerts": list(reversed(list(self.monitor.alerts)[-20:])),
+            "offenders": [
+                {"address": address, "refusals": count}
+                for address, count in self.monitor.offenders.top(10)
+            ],
+            "bans": self._bans,
+        }
