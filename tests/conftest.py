@@ -66,6 +66,19 @@ def make_token(
     return jwt.encode(payload, secret, algorithm=alg, headers=headers)
 
 
+#: The admin credential of test servers started with ``admin_overrides()``.
+ADMIN_TOKEN = "test-admin-token-0123456789abcdef"
+
+
+def admin_overrides(**admin: Any) -> dict[str, Any]:
+    """Config overrides that turn on the admin listener on a free loopback port."""
+    return {"admin": {"port": 0, "token": ADMIN_TOKEN, **admin}}
+
+
+def admin_headers() -> dict[str, str]:
+    return {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
 class AuditCapture(io.StringIO):
     """An audit stream whose lines tests can read as JSON."""
 
@@ -113,6 +126,12 @@ class RunningServer:
     @property
     def url(self) -> str:
         return f"ws://127.0.0.1:{self.port}/"
+
+    @property
+    def admin_url(self) -> str:
+        """http://127.0.0.1:<admin port> (the server must be started with admin.port)."""
+        assert self.app.admin_port is not None, "start the server with admin.port = 0"
+        return f"http://127.0.0.1:{self.app.admin_port}"
 
     def call(self, fn: Callable[[], Any]) -> Any:
         """Run *fn* on the server's loop and return its result."""

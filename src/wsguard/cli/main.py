@@ -41,6 +41,13 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--tls-client-ca", type=Path, help="CA bundle for client certificates (mTLS)"
     )
+    serve.add_argument(
+        "--admin-port",
+        type=int,
+        help="serve metrics, health, the admin API and the dashboard on this port "
+        "(admin.port; default off; 0 = any free port)",
+    )
+    serve.add_argument("--admin-host", help="address of the admin listener (default 127.0.0.1)")
 
     token = sub.add_parser("token", help="print a token the configured server accepts")
     _common(token)
@@ -74,7 +81,49 @@ def _parser() -> argparse.ArgumentParser:
         "(default cluster.revocation_ttl_seconds, 24h)",
     )
     revoke.add_argument("--store", help="state store URI (default: the config's store)")
+    _admin_commands(sub)
     return parser
+
+
+def _admin_commands(sub: Any) -> None:
+    from wsguard.cli import admin_client
+
+    admin = sub.add_parser(
+        "admin", help="talk to a running server's admin API (needs its admin listener)"
+    )
+    commands = admin.add_subparsers(dest="admin_command", required=True)
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = commands.add_parser(name, help=help_text)
+        _common(parser)
+        admin_client.add_connection_options(parser)
+        return parser
+
+    command("health", "health and readiness of the node")
+    listing = command("connections", "list connections (paged; --all follows every page)")
+    listing.add_argument("--subject", help="only this subject's connections")
+    listing.add_argument("--address", help="only connections from this address (or its /64)")
+    listing.add_argument("--limit", type=int, default=100, help="per page, 1-1000 (default 100)")
+    listing.add_argument("--after", help="continue after this connection id")
+    listing.add_argument("--all", action="store_true", help="follow every page")
+    disconnect = command("disconnect", "close a connection or every connection of a subject")
+    target = disconnect.add_mutually_exclusive_group(required=True)
+    target.add_argument("--id", dest="connection_id", help="connection id")
+    target.add_argument("--subject", "--sub", dest="subject", help="subject")
+    revoke = command("revoke", "revoke a token id or a subject and close its connections")
+    what = revoke.add_mutually_exclusive_group(required=True)
+    what.add_argument("--jti", help="token id (the token's jti claim)")
+    what.add_argument("--subject", "--sub", dest="subject", help="subject")
+    revoke.add_argument("--ttl", help="how long the revocation lasts, e.g. 15m, 1h, 2d")
+    ban = command("ban", "ban an address (its /64 for IPv6) and close its connections")
+    ban.add_argument("address", help="IP address")
+    ban.add_argument("--duration", default="1h", help="e.g. 90s, 15m, 1h, 2d (default 1h)")
+    unban = command("unban", "lift an address's ban")
+    unban.add_argument("address", help="IP address")
+    command("bans", "list current bans")
+    command("alerts", "list recent alerts and the alert rules")
+    events = command("events", "list the latest security events")
+    events.add_argument("--limit", type=int, default=50, help="how many, 1-1000 (default 50)")
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -105,6 +154,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _token(args)
         if args.command == "revoke":
             return _revoke(args)
+        if args.command == "admin":
+            from wsguard.cli.admin_client import run_admin
+
+            return run_admin(args, _load(args))
         if args.command == "check-config":
             _load(args)
             print("configuration is valid")
@@ -129,6 +182,8 @@ def _serve(args: argparse.Namespace) -> int:
             "tls.cert_file": args.tls_cert,
             "tls.key_file": args.tls_key,
             "tls.client_ca_file": args.tls_client_ca,
+            "admin.port": args.admin_port,
+            "admin.host": args.admin_host,
         },
     )
     logging.basicConfig(
@@ -146,7 +201,7 @@ def _serve(args: argparse.Namespace) -> int:
     async def run() -> None:
         await app.start()
         assert app.port is not None
-        _announce(app.guard, config, app.port, args)
+        _announce(app, config, app.port, args)
         await app.serve()
 
     try:
@@ -160,10 +215,28 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _announce(guard: Any, config: Config, port: int, args: argparse.Namespace) -> None:
+def _announce(app: Any, config: Config, port: int, args: argparse.Namespace) -> None:
+    guard = app.guard
     host = config.host if ":" not in config.host else f"[{config.host}]"
     scheme = "wss" if config.tls.enabled else "ws"
     print(f"wsguard: listening on {scheme}://{host}:{port}/", file=sys.stderr, flush=True)
+    if app.admin is not None:
+        admin = app.admin
+        admin_host = config.admin.host if ":" not in config.admin.host else f"[{config.admin.host}]"
+        base = f"{admin.scheme}://{admin_host}:{admin.port}"
+        print(
+            f"wsguard: admin listener on {base}/ (dashboard {base}/dashboard, metrics "
+            f"{base}/metrics)",
+            file=sys.stderr,
+            flush=True,
+        )
+        if admin.generated_token_file is not None:
+            print(
+                f"wsguard: admin token in {admin.generated_token_file} (mode 0600; set "
+                f"WSGUARD_ADMIN_TOKEN to choose your own)",
+                file=sys.stderr,
+                flush=True,
+            )
     if guard.key_info.dev_key:
         cfg = f" --config {args.config}" if args.config else ""
         print(
