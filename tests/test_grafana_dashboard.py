@@ -1,10 +1,11 @@
 """examples/grafana-dashboard.json only queries metrics and labels a live server exposes.
 
-A real server with the admin listener is scraped on GET /metrics; every
-``wsguard_*`` name in the dashboard's queries must be a family or sample name
-of that scrape, every label in a ``by (...)`` clause or a ``{label="value"}``
-matcher must be a label of that metric, and an exact matcher's value must be
-one the server reports.
+A real server with the admin listener is scraped on GET /metrics. Every
+``wsguard_*`` name in the dashboard's queries must be a sample name of that
+scrape (what Prometheus stores: counters with ``_total``, the histogram as
+``_bucket``/``_sum``/``_count``; a bare counter family name is not a series).
+Every label in a ``by (...)`` clause or a ``{label="value"}`` matcher must be
+a label of that metric, and an exact matcher's value one the server reports.
 """
 
 from __future__ import annotations
@@ -35,11 +36,12 @@ class Scrape:
     """Names and labels of one /metrics exposition."""
 
     def __init__(self, text: str) -> None:
+        self.families: set[str] = set()
         self.names: set[str] = set()
         self.labels: dict[str, set[str]] = {}
         self.values: dict[tuple[str, str], set[str]] = {}
         for family in text_string_to_metric_families(text):
-            self.names.add(family.name)
+            self.families.add(family.name)
             for sample in family.samples:
                 self.names.add(sample.name)
                 self.labels.setdefault(sample.name, set()).update(sample.labels)
@@ -176,7 +178,10 @@ def test_dashboard_queries_only_metrics_and_labels_the_server_exposes(
     referenced = {name for expr in exprs for name in METRIC.findall(expr)}
     assert len(referenced) >= 15
     missing = sorted(referenced - scrape.names)
-    assert not missing, f"the dashboard queries metrics /metrics does not expose: {missing}"
+    assert not missing, (
+        f"the dashboard queries series /metrics does not expose: {missing} "
+        f"(families exposed: {sorted(scrape.families)})"
+    )
 
     for expr in exprs:
         for labels, inner in grouping_clauses(expr):

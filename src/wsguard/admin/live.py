@@ -48,7 +48,7 @@ class LiveFeed:
         self.limit = app.config.admin.max_dashboards
         self.open = 0
         self._previous: tuple[float, dict[str, Any]] | None = None
-        self._cached: tuple[float, str] | None = None
+        self._cached: tuple[float, str, int] | None = None  # (built at, JSON, dashboards)
         self._bans: list[dict[str, Any]] = []
         self._bans_at = -BANS_EVERY
         self._lock = asyncio.Lock()
@@ -91,11 +91,12 @@ class LiveFeed:
                 json_response({"error": code, "message": message}, status)
             )
             return
-        await ws.accept()
-        self.open += 1
-        session = ws.cookies.get(SESSION_COOKIE)
-        reader = asyncio.get_running_loop().create_task(self._read(ws))
+        self.open += 1  # the slot is taken before the first await: the cap holds
+        reader: asyncio.Task[None] | None = None
         try:
+            await ws.accept()
+            session = ws.cookies.get(SESSION_COOKIE)
+            reader = asyncio.get_running_loop().create_task(self._read(ws))
             while not reader.done():
                 if session and not self._still_allowed(ws, session):
                     await ws.close(CLOSE_CREDENTIALS_EXPIRED, "session ended")
@@ -107,9 +108,10 @@ class LiveFeed:
                 await asyncio.wait({reader}, timeout=INTERVAL)
         finally:
             self.open -= 1
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await reader
+            if reader is not None:
+                reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await reader
 
     def _still_allowed(self, ws: WebSocket, session: str) -> bool:
         return (
@@ -145,10 +147,11 @@ class LiveFeed:
         """The current snapshot (built at most once per interval for all dashboards)."""
         async with self._lock:
             now = time.monotonic()
-            if self._cached is not None and now - self._cached[0] < INTERVAL * 0.9:
-                return self._cached[1]
+            cached = self._cached
+            if cached is not None and now - cached[0] < INTERVAL * 0.9 and cached[2] == self.open:
+                return cached[1]
             data = orjson.dumps(await self.build(now)).decode()
-            self._cached = (now, data)
+            self._cached = (now, data, self.open)
             return data
 
     async def build(self, now: float) -> dict[str, Any]:

@@ -35,6 +35,9 @@ _ENV_ALIASES: dict[str, tuple[str, ...]] = {
 }
 # Variables read elsewhere (the CLI, later modules); not configuration keys.
 _ENV_NOT_KEYS = frozenset({"WSGUARD_CONFIG"})
+# Keys whose values may hold credentials: never echoed in an error message.
+_NO_ECHO_WORDS = ("secret", "token", "password")
+_NO_ECHO_KEYS = frozenset({"store", "alerts.webhook_url"})
 _KEY_IN_MESSAGE = re.compile(r"^([a-z_][a-z0-9_.]*): (.*)$", re.DOTALL)
 
 
@@ -160,7 +163,7 @@ def _config_error(exc: ValidationError) -> ConfigError:
     elif first["type"] in ("literal_error", "enum"):
         message = f"{message} (got {first.get('input')!r})"
     key = ".".join(loc) or "config"
-    if "secret" not in key:
+    if key not in _NO_ECHO_KEYS and not any(word in key for word in _NO_ECHO_WORDS):
         given = first.get("input")
         scalar = isinstance(given, (int, float, str, bool))
         if scalar and first["type"] != "extra_forbidden" and "(got" not in message:

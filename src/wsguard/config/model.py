@@ -8,6 +8,7 @@ them all and the README's configuration table mirrors this file.
 from __future__ import annotations
 
 import ipaddress
+import urllib.parse
 from pathlib import Path
 from typing import Any, Literal
 
@@ -360,8 +361,16 @@ class AlertsConfig(_Section):
     @field_validator("webhook_url")
     @classmethod
     def _http_url(cls, value: str) -> str:
-        if value and not value.startswith(("http://", "https://")):
-            raise ValueError("must be an http:// or https:// URL")
+        if not value:
+            return value
+        problem = "must be an http:// or https:// URL with a host"
+        try:
+            parts = urllib.parse.urlsplit(value)
+            parts.port  # noqa: B018 - raises ValueError for a bad port
+        except ValueError:
+            raise ValueError(problem) from None
+        if parts.scheme not in ("http", "https") or not parts.hostname or " " in value:
+            raise ValueError(problem)
         return value
 
     @field_validator("rules", mode="before")

@@ -93,12 +93,20 @@ class AlertEngine:
 
     def _new_track(self, rule: _Rule, now: float) -> _Track:
         tracks = rule.addresses
-        if len(tracks) >= self._max_addresses:
+        cap = self._max_addresses
+        if len(tracks) >= cap:
             window = rule.config.window_seconds
             for key in [k for k, t in tracks.items() if _idle(t, now, window)]:
                 del tracks[key]
-            while len(tracks) >= self._max_addresses:
-                del tracks[next(iter(tracks))]  # the oldest tracked address
+            # keep a tenth free, so the scans stay amortized O(1) per new address;
+            # if that takes more, drop the oldest, those in a cool-down last (forgetting
+            # one would let it fire, and be banned, again before its time)
+            target = cap - cap // 10
+            if len(tracks) >= target:
+                cooling = [k for k, t in tracks.items() if now < t.quiet_until]
+                others = [k for k, t in tracks.items() if now >= t.quiet_until]
+                for key in (others + cooling)[: len(tracks) - target + 1]:
+                    del tracks[key]
         return _Track(collections.deque(maxlen=rule.config.threshold + 1))
 
     def _count(self, rule: _Rule, track: _Track, now: float, address: str | None) -> None:

@@ -232,11 +232,15 @@ class _Collector(Collector):
             closes.add_metric([code, by], value)
         yield closes
         received = CounterMetricFamily(
-            "wsguard_received_bytes", "Bytes received on admitted connections (wire bytes)."
+            "wsguard_received_bytes",
+            "Wire bytes received by the WebSocket listener (handshakes and frames).",
         )
         received.add_metric([], m.bytes_in)
         yield received
-        sent = CounterMetricFamily("wsguard_sent_bytes", "Message payload bytes sent to clients.")
+        sent = CounterMetricFamily(
+            "wsguard_sent_bytes",
+            "Wire bytes sent by the WebSocket listener (handshakes and frames).",
+        )
         sent.add_metric([], m.bytes_out)
         yield sent
         buckets: list[tuple[str, float]] = []

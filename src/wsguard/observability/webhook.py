@@ -12,9 +12,10 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
+if TYPE_CHECKING:
+    import httpx
 
 logger = logging.getLogger("wsguard.alerts")
 
@@ -71,27 +72,37 @@ class Webhook:
         return True
 
     async def _worker(self, queue: asyncio.Queue[dict[str, Any]]) -> None:
+        import httpx  # only nodes with a webhook pay for importing it
+
         async with httpx.AsyncClient(timeout=self._timeout, follow_redirects=False) as client:
             while True:
                 document = await queue.get()
                 try:
                     ok = await self._post(client, document)
+                except Exception:  # a bug must not stop every later alert
+                    logger.exception("alert webhook post failed")
+                    ok = False
                 finally:
                     queue.task_done()
                 self._on_result("ok" if ok else "failed")
 
     async def _post(self, client: httpx.AsyncClient, document: dict[str, Any]) -> bool:
+        import httpx
+
         delay = self._backoff
         for attempt in range(self._retries + 1):
             try:
-                response = await client.post(self.url, json=document)
+                async with asyncio.timeout(self._timeout):  # the whole attempt, not each read
+                    response = await client.post(self.url, json=document)
                 if response.status_code < 300:
                     return True
                 if 400 <= response.status_code < 500 and response.status_code not in (408, 429):
                     logger.warning("alert webhook refused the post: HTTP %d", response.status_code)
                     return False  # retrying will not change the answer
                 problem = f"HTTP {response.status_code}"
-            except httpx.HTTPError as exc:
+            except TimeoutError:
+                problem = "timeout"
+            except (httpx.HTTPError, httpx.InvalidURL) as exc:
                 problem = type(exc).__name__
             if attempt < self._retries:
                 await asyncio.sleep(delay)
@@ -108,5 +119,5 @@ class Webhook:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(queue.join(), grace)
         task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
+        with contextlib.suppress(asyncio.CancelledError, Exception):
             await task

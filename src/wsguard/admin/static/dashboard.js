@@ -126,7 +126,14 @@
   }
 
   $("logout").addEventListener("click", async () => {
-    await fetch("/logout", { method: "POST", credentials: "same-origin" });
+    const response = await fetch("/logout", { method: "POST", credentials: "same-origin" })
+      .catch(() => null);
+    if (!response || !response.ok) {
+      $("status").className = "status bad";
+      $("status").textContent =
+        `log out failed (${response ? "HTTP " + response.status : "unreachable"})`;
+      return;
+    }
     window.location.assign("/login");
   });
 
