@@ -69,8 +69,9 @@ class Served:
             except queue.Empty:
                 continue
             if line is None:
-                pytest.fail(f"server exited ({self.proc.poll()}) before {pattern.pattern!r}:"
-                            f"\n{self.stderr}")
+                pytest.fail(
+                    f"server exited ({self.proc.poll()}) before {pattern.pattern!r}:\n{self.stderr}"
+                )
             match = pattern.search(line)
             if match:
                 return match

@@ -408,11 +408,6 @@ def test_admin_token_from_the_environment() -> None:
     assert "24 characters" in str(info.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src bug: wsguard.config.loader._config_error echoes a rejected admin.token "
-    "(only keys containing 'secret' are redacted)",
-)
 def test_a_rejected_admin_token_is_not_echoed_in_the_error() -> None:
     presented = "short-admin-tok"
     with pytest.raises(ConfigError) as info:

@@ -72,7 +72,9 @@ def test_every_line_is_one_json_object_with_time_and_event(server: RunningServer
     parsed = records(text)
     assert len(parsed) == len(lines) - 1 == 3
     assert [r["event"] for r in parsed] == [
-        "handshake_refused", "connection_admitted", "connection_closed",
+        "handshake_refused",
+        "connection_admitted",
+        "connection_closed",
     ]
     for record in parsed:
         assert isinstance(record["time"], str)
@@ -169,7 +171,7 @@ def test_client_strings_cannot_forge_lines(server: RunningServer) -> None:
         upgrade_request('/%0d%0a{"event":"forged"}'),
         upgrade_request('/%0A{"time":"x","event":"forged"}%0A'),
         upgrade_request("/", headers={"Origin": tricky_origin}),
-        upgrade_request("/", headers={"Origin": "https://a.example\t{\"event\":\"forged\"}"}),
+        upgrade_request("/", headers={"Origin": 'https://a.example\t{"event":"forged"}'}),
     ]
     for request in requests:
         status = status_of(raw_http(server.port, request))
@@ -190,9 +192,10 @@ def test_long_values_are_truncated(server: RunningServer) -> None:
     long_path = "/" + "p" * 6000
     long_origin = "https://" + "o" * 5000 + ".example"
     assert 400 <= status_of(raw_http(server.port, upgrade_request(long_path))) < 500
-    assert status_of(
-        raw_http(server.port, upgrade_request("/", headers={"Origin": long_origin}))
-    ) == 403
+    assert (
+        status_of(raw_http(server.port, upgrade_request("/", headers={"Origin": long_origin})))
+        == 403
+    )
     huge = raw_http(server.port, upgrade_request("/" + "q" * 10_240))
     assert 400 <= status_of(huge) < 500
     found = wait_for(server, "handshake_refused", 2)
@@ -265,16 +268,25 @@ def test_tokens_cookies_and_bodies_never_logged(server_factory: ServerFactory) -
     }
     # cookie auth is on, so every handshake needs an allowed Origin to reach the token check
     assert refuse(server, token=refused["expired-header"], origin=APP_ORIGIN) == 401
-    assert refuse(
-        server, token=refused["badsig-subprotocol"], transport="subprotocol", origin=APP_ORIGIN
-    ) == 401
-    assert refuse(
-        server, token=refused["badsig-query"], transport="query", origin=APP_ORIGIN
-    ) == 401
-    assert refuse(
-        server, token=refused["badsig-cookie"], transport="cookie", origin=APP_ORIGIN,
-        headers={"Cookie": f"session={cookie_marker}"},
-    ) == 401
+    assert (
+        refuse(
+            server, token=refused["badsig-subprotocol"], transport="subprotocol", origin=APP_ORIGIN
+        )
+        == 401
+    )
+    assert (
+        refuse(server, token=refused["badsig-query"], transport="query", origin=APP_ORIGIN) == 401
+    )
+    assert (
+        refuse(
+            server,
+            token=refused["badsig-cookie"],
+            transport="cookie",
+            origin=APP_ORIGIN,
+            headers={"Cookie": f"session={cookie_marker}"},
+        )
+        == 401
+    )
 
     closed = wait_for(server, "connection_closed", 4)
     assert len(closed) == 4

@@ -62,10 +62,7 @@ def _page_server(body: bytes) -> http.server.ThreadingHTTPServer:
 def _page_html(server: RunningServer, token: str) -> bytes:
     js = _snippet().replace("<output of wsguard token>", token)
     js = js.replace("127.0.0.1:8765", f"127.0.0.1:{server.port}")
-    capture = (
-        "window.logs = [];"
-        "console.log = (...args) => window.logs.push(JSON.stringify(args));"
-    )
+    capture = "window.logs = [];console.log = (...args) => window.logs.push(JSON.stringify(args));"
     return f"<!doctype html><html><body><script>{capture}\n{js}</script></body></html>".encode()
 
 
@@ -76,11 +73,23 @@ class Browser:
         assert CHROMIUM is not None
         self.profile = profile
         self.proc = subprocess.Popen(
-            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-             "--no-first-run", "--disable-background-networking", "--disable-component-update",
-             "--disable-sync", "--disable-dev-shm-usage", f"--user-data-dir={profile}",
-             "--remote-debugging-port=0", "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                CHROMIUM,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--disable-dev-shm-usage",
+                f"--user-data-dir={profile}",
+                "--remote-debugging-port=0",
+                "about:blank",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         port_file = profile / "DevToolsActivePort"
         deadline = time.monotonic() + 30
@@ -111,8 +120,12 @@ class Browser:
         return str(self.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"])
 
     def logs(self, session: str) -> list[Any]:
-        result = self.call("Runtime.evaluate", session, expression="JSON.stringify(window.logs)",
-                           returnByValue=True)
+        result = self.call(
+            "Runtime.evaluate",
+            session,
+            expression="JSON.stringify(window.logs)",
+            returnByValue=True,
+        )
         value = result["result"].get("value")
         return [json.loads(entry) for entry in json.loads(value)] if value else []
 

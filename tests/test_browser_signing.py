@@ -42,7 +42,7 @@ def _page_html(port: int, token: str) -> bytes:
     # a second listener records every frame the page receives
     tail = '\nws.addEventListener("message", (event) => window.logs.push(event.data));\n'
     return (
-        "<!doctype html><html><head><meta charset=\"utf-8\"></head><body><script>"
+        '<!doctype html><html><head><meta charset="utf-8"></head><body><script>'
         f"{prelude}{js}{tail}</script></body></html>"
     ).encode()
 
@@ -57,9 +57,7 @@ def _signed_chat_config(origin: str) -> dict[str, Any]:
 
 
 def _evaluate(browser: Browser, session: str, expression: str) -> Any:
-    result = browser.call(
-        "Runtime.evaluate", session, expression=expression, returnByValue=True
-    )
+    result = browser.call("Runtime.evaluate", session, expression=expression, returnByValue=True)
     assert "exceptionDetails" not in result, result["exceptionDetails"]
     return result["result"].get("value")
 
@@ -86,7 +84,7 @@ TRICKY_VALUES: list[dict[str, Any]] = [
     },
     {"nested": {"y": [{"b": None, "a": True}, [], {}], "x": {"d": False, "c": ""}}},
     {"controls": "\x00\x01\x07\x08\t\n\x0b\x0c\r\x0e\x1b\x1f\x7f end"},
-    {"quotes": 'say "hi" \\ back\\slash / slash \'single\''},
+    {"quotes": "say \"hi\" \\ back\\slash / slash 'single'"},
     {"unicode": "naïve café — 中文 😀 \u2028 \u2029 \u00a0 \ufeff \ufffd"},
     {"numbers": [0, -1, 1, 2**53 - 1, -(2**53 - 1), 1700000000]},
     {"type": "chat", "text": "hi", "kid": "k1", "nonce": "A" * 22, "ts": 1700000000},

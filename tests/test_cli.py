@@ -266,8 +266,19 @@ def test_token_carries_configured_audience_issuer_and_is_accepted(
     config.write_text('[auth]\naudience = ["api"]\nissuer = "https://issuer"\n')
     env = cli_env(tmp_path, WSGUARD_JWT_SECRET=SECRET)
     done = run_cli(
-        ["token", "--config", str(config), "--sub", "alice", "--scope", "chat",
-         "--scope", "read", "--ttl", "1h"],
+        [
+            "token",
+            "--config",
+            str(config),
+            "--sub",
+            "alice",
+            "--scope",
+            "chat",
+            "--scope",
+            "read",
+            "--ttl",
+            "1h",
+        ],
         env,
     )
     assert done.returncode == 0, done.stderr

@@ -131,9 +131,7 @@ def test_connects_with_each_token_transport_and_gets_pong(
 
 
 @pytest.mark.parametrize("kind", ["sync", "async"])
-def test_token_provider_sync_or_async_supplies_the_token(
-    server: RunningServer, kind: str
-) -> None:
+def test_token_provider_sync_or_async_supplies_the_token(server: RunningServer, kind: str) -> None:
     counter = Counter(lambda n: make_token("dave"))
     provider = counter.sync if kind == "sync" else counter.async_
 
@@ -160,9 +158,10 @@ def test_session_key_signed_chat_is_broadcast(server_factory: ServerFactory) -> 
     server = server_factory(signed_chat_config(session_keys=True))
 
     async def main() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-        async with WsguardClient(
-            server.url, token=make_token("alice"), signed_types={"chat"}
-        ) as alice, WsguardClient(server.url, token=make_token("bob")) as bob:
+        async with (
+            WsguardClient(server.url, token=make_token("alice"), signed_types={"chat"}) as alice,
+            WsguardClient(server.url, token=make_token("bob")) as bob,
+        ):
             await alice.send({"type": "chat", "text": "signed hello"})
             got = await recv(bob)
             # no error frame for alice: her next frame is the pong
@@ -189,12 +188,15 @@ def test_per_client_key_signed_chat_is_broadcast(
     server = server_factory(signed_chat_config(keys_file=str(keys)))
 
     async def main() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-        async with WsguardClient(
-            server.url,
-            token=make_token("alice"),
-            signing_key=("k1", secret),
-            signed_types={"chat"},
-        ) as alice, WsguardClient(server.url, token=make_token("bob")) as bob:
+        async with (
+            WsguardClient(
+                server.url,
+                token=make_token("alice"),
+                signing_key=("k1", secret),
+                signed_types={"chat"},
+            ) as alice,
+            WsguardClient(server.url, token=make_token("bob")) as bob,
+        ):
             await alice.send({"type": "chat", "text": "with k1", "room": "r"})
             got = await recv(bob)
             await alice.send({"type": "ping", "id": 2})
@@ -309,8 +311,9 @@ def test_refresh_keeps_the_connection_past_the_first_tokens_exp(
     assert client.expires_at is not None and client.expires_at > first_exp + 3000
     witness_closed = wait_events(server, "connection_closed", subject="witness")
     assert [(e["code"], e["cause"]) for e in witness_closed] == [(4001, "token_expired")]
-    assert len([e for e in server.audit.events("connection_admitted")
-                if e["subject"] == "alice"]) == 1
+    assert (
+        len([e for e in server.audit.events("connection_admitted") if e["subject"] == "alice"]) == 1
+    )
 
 
 # -- client certificate ------------------------------------------------------------------
@@ -386,9 +389,7 @@ def test_recv_reconnects_transparently_after_server_restart(
     first = server_factory()
     port = first.port
 
-    async def main() -> tuple[
-        WsguardClient, str, dict[str, Any], dict[str, Any], RunningServer
-    ]:
+    async def main() -> tuple[WsguardClient, str, dict[str, Any], dict[str, Any], RunningServer]:
         async with WsguardClient(
             first.url,
             token=make_token("alice"),
@@ -522,4 +523,3 @@ def test_jitter_stays_within_full_jitter_bounds() -> None:
         assert all(0 <= s <= bound for s in samples), (attempt, max(samples), bound)
         assert max(samples) > bound / 2  # spread over the range, not a constant
         assert min(samples) < bound / 2
-

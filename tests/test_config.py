@@ -25,10 +25,23 @@ EXAMPLE = REPO / "examples" / "wsguard.toml"
 
 # Keys of the model deliberately shown only as comments in the example file.
 COMMENTED_KEYS = frozenset(
-    {"auth.secret_file", "auth.public_key_file", "auth.jwks_file", "messages.types",
-     "tls.cert_file", "tls.key_file", "tls.client_ca_file", "signing.keys_file",
-     "cluster.tls_ca_file", "admin.port", "admin.token", "admin.token_file",
-     "admin.tls.cert_file", "admin.tls.key_file", "admin.tls.client_ca_file"}
+    {
+        "auth.secret_file",
+        "auth.public_key_file",
+        "auth.jwks_file",
+        "messages.types",
+        "tls.cert_file",
+        "tls.key_file",
+        "tls.client_ca_file",
+        "signing.keys_file",
+        "cluster.tls_ca_file",
+        "admin.port",
+        "admin.token",
+        "admin.token_file",
+        "admin.tls.cert_file",
+        "admin.tls.key_file",
+        "admin.tls.client_ca_file",
+    }
 )
 
 LONG_SECRET = "a-config-test-secret-long-enough-for-hs256-000000"
@@ -65,9 +78,7 @@ def toml_keys(data: dict[str, Any], prefix: str = "") -> set[str]:
     return out
 
 
-def config_error(
-    tmp_path: Path, toml: str = "", env: dict[str, str] | None = None
-) -> ConfigError:
+def config_error(tmp_path: Path, toml: str = "", env: dict[str, str] | None = None) -> ConfigError:
     path = write(tmp_path / "bad.toml", toml)
     with pytest.raises(ConfigError) as info:
         load_config(path, env=env or {})
@@ -102,8 +113,15 @@ def test_example_file_lists_every_model_key() -> None:
 
 def test_example_file_shows_optional_keys_as_comments() -> None:
     text = EXAMPLE.read_text()
-    for key in ("secret_file", "public_key_file", "jwks_file", "cert_file", "key_file",
-                "client_ca_file", "keys_file"):
+    for key in (
+        "secret_file",
+        "public_key_file",
+        "jwks_file",
+        "cert_file",
+        "key_file",
+        "client_ca_file",
+        "keys_file",
+    ):
         assert f"# {key} = " in text, key
     assert "# [messages.types.chat]" in text
 
@@ -243,7 +261,7 @@ def test_list_env_with_invalid_json_names_the_key() -> None:
         ('store = "redis://127.0.0.1:6379/abc"', "store", "must be a number"),
         ('store = "redis://127.0.0.1:99999/0"', "store", "invalid store URI"),
         ('[cluster.on_store_error]\nbans = "maybe"', "cluster.on_store_error.bans", "open"),
-        ('[cluster]\nlease_ttl_seconds = 0', "cluster.lease_ttl_seconds", "greater than"),
+        ("[cluster]\nlease_ttl_seconds = 0", "cluster.lease_ttl_seconds", "greater than"),
         ('[origin]\nallowed = ["https://*evil.com"]', "origin.allowed", "first label"),
         ('[origin]\nallowed = ["https://a.example.com/path"]', "origin.allowed", "no path"),
     ],

@@ -444,9 +444,10 @@ def test_slow_consumer_is_dropped_without_stalling_others(
     server_factory: ServerFactory, raw_clients: list[RawClient]
 ) -> None:
     server = server_factory({"limits": {"outbound_queue": 8, **HIGH_RATE_LIMITS}})
-    with server.connect(make_token("alice")) as sender, server.connect(
-        make_token("carol")
-    ) as reader:
+    with (
+        server.connect(make_token("alice")) as sender,
+        server.connect(make_token("carol")) as reader,
+    ):
         welcomed(sender)
         welcomed(reader)
         slow = RawClient(server.port, make_token("bob"), rcvbuf=4096)  # never reads again
@@ -454,7 +455,8 @@ def test_slow_consumer_is_dropped_without_stalling_others(
         assert slow.status == 101
         wait_until(lambda: server.connection_count() == 3, 5, "three connections")
         slow_id = next(
-            c.id for c in server.call(lambda: list(server.app.connections.values()))
+            c.id
+            for c in server.call(lambda: list(server.app.connections.values()))
             if c.subject == "bob"
         )
 

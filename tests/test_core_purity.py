@@ -11,8 +11,21 @@ import wsguard.core
 
 CORE = Path(wsguard.core.__file__).parent
 FORBIDDEN = (
-    "asyncio", "socket", "ssl", "selectors", "select", "http.client", "urllib.request",
-    "websockets", "redis", "limits", "uvloop", "picows", "uvicorn", "threading", "subprocess",
+    "asyncio",
+    "socket",
+    "ssl",
+    "selectors",
+    "select",
+    "http.client",
+    "urllib.request",
+    "websockets",
+    "redis",
+    "limits",
+    "uvloop",
+    "picows",
+    "uvicorn",
+    "threading",
+    "subprocess",
 )
 
 
@@ -40,9 +53,13 @@ def test_core_modules_import_no_io_library() -> None:
 
 
 def test_core_imports_only_core_config_errors_and_store_interface() -> None:
-    allowed_internal = ("wsguard.core", "wsguard.config.model", "wsguard.config.demo_types",
-                        "wsguard.errors",
-                        "wsguard.stores.base")
+    allowed_internal = (
+        "wsguard.core",
+        "wsguard.config.model",
+        "wsguard.config.demo_types",
+        "wsguard.errors",
+        "wsguard.stores.base",
+    )
     for path in CORE.glob("*.py"):
         for module in _imports(path):
             if module.startswith("wsguard"):
@@ -56,8 +73,9 @@ def test_importing_the_core_loads_no_event_loop_server_or_redis() -> None:
         "bad = ('asyncio', 'websockets', 'redis', 'limits', 'uvloop', 'picows', 'uvicorn')\n"
         "print(sorted({m.split('.')[0] for m in sys.modules if m.split('.')[0] in bad}))\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            check=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
     assert result.stdout.strip() == "[]"
 
 

@@ -33,21 +33,27 @@ def test_ping_gets_pong_with_same_id(server: RunningServer) -> None:
 
 
 def test_chat_is_broadcast_to_others_reserialized(server: RunningServer) -> None:
-    with server.connect_welcomed(make_token("alice")) as a, server.connect_welcomed(
-        make_token("bob")
-    ) as b:
+    with (
+        server.connect_welcomed(make_token("alice")) as a,
+        server.connect_welcomed(make_token("bob")) as b,
+    ):
         a.send('{"type":"chat",   "text":"hello"}')
         got = recv_json(b)
-        assert got == {"type": "broadcast", "from": "alice",
-                       "message": {"type": "chat", "text": "hello"}}
+        assert got == {
+            "type": "broadcast",
+            "from": "alice",
+            "message": {"type": "chat", "text": "hello"},
+        }
         # the sender does not get its own message back: its next frame is the pong
         a.send(json.dumps({"type": "ping", "id": 1}))
         assert recv_json(a)["type"] == "pong"
 
 
 def test_data_and_admin_command_are_broadcast(server: RunningServer) -> None:
-    with server.connect_welcomed(make_token("root", scopes="admin")) as admin, \
-            server.connect_welcomed(make_token("bob")) as b:
+    with (
+        server.connect_welcomed(make_token("root", scopes="admin")) as admin,
+        server.connect_welcomed(make_token("bob")) as b,
+    ):
         admin.send(json.dumps({"type": "data", "channel": "c1", "payload": {"x": 1}}))
         assert recv_json(b)["message"] == {"type": "data", "channel": "c1", "payload": {"x": 1}}
         admin.send(json.dumps({"type": "command", "name": "reload", "args": ["a"]}))
@@ -62,8 +68,12 @@ def test_errors_have_stable_codes_and_connection_survives(server: RunningServer)
         assert recv_json(ws)["code"] == "invalid_json"
         ws.send(json.dumps({"type": "nope", "id": 5}))
         err = recv_json(ws)
-        assert err == {"type": "error", "code": "unknown_type",
-                       "message": "Unknown message type.", "ref": 5}
+        assert err == {
+            "type": "error",
+            "code": "unknown_type",
+            "message": "Unknown message type.",
+            "ref": 5,
+        }
         ws.send(json.dumps({"type": "chat", "text": 42, "id": "m1"}))
         err = recv_json(ws)
         assert err["code"] == "invalid_message"

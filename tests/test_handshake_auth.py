@@ -51,11 +51,34 @@ RELAXED: dict[str, Any] = {
 }
 ALLOWED_ORIGIN = "https://app.example.com"
 # Words a refusal body must never contain: it may say "invalid token", not why.
-INTERNAL_WORDS = frozenset({
-    "signature", "kid", "alg", "algorithm", "claim", "key", "aud", "audience", "iss",
-    "issuer", "nbf", "exp", "pyjwt", "jwt", "jwk", "jwks", "traceback", "error",
-    "exception", "hs256", "rs256", "secret", "decode", "none",
-})
+INTERNAL_WORDS = frozenset(
+    {
+        "signature",
+        "kid",
+        "alg",
+        "algorithm",
+        "claim",
+        "key",
+        "aud",
+        "audience",
+        "iss",
+        "issuer",
+        "nbf",
+        "exp",
+        "pyjwt",
+        "jwt",
+        "jwk",
+        "jwks",
+        "traceback",
+        "error",
+        "exception",
+        "hs256",
+        "rs256",
+        "secret",
+        "decode",
+        "none",
+    }
+)
 
 
 # -- helpers -----------------------------------------------------------------
@@ -288,8 +311,9 @@ def test_valid_header_token_gets_welcome_with_subject_and_scopes(server: Running
 def test_non_bearer_authorization_scheme_is_401(server_factory: ServerFactory) -> None:
     server = relaxed(server_factory)
     token = make_token()
-    expect_401(server, None, headers={"Authorization": f"Basic {token}"},
-               reasons={"malformed_credentials"})
+    expect_401(
+        server, None, headers={"Authorization": f"Basic {token}"}, reasons={"malformed_credentials"}
+    )
     expect_401(server, None, headers={"Authorization": "Bearer"})
     # the failed attempts did not disturb a correct one
     assert welcome(server, token)["subject"] == "alice"
@@ -309,9 +333,7 @@ def test_other_hmac_algorithm_is_refused(server: RunningServer, alg: str, digest
 
 def test_additionally_pinned_hmac_algorithm_is_admitted(server_factory: ServerFactory) -> None:
     secret = "s" * 64  # long enough for HS512
-    server = relaxed(
-        server_factory, {"auth": {"algorithms": ["HS256", "HS512"], "secret": secret}}
-    )
+    server = relaxed(server_factory, {"auth": {"algorithms": ["HS256", "HS512"], "secret": secret}})
     assert welcome(server, make_token("hs512", alg="HS512", secret=secret))["subject"] == "hs512"
     assert welcome(server, make_token("hs256", secret=secret))["subject"] == "hs256"
     expect_401(server, make_token(alg="HS384", secret=secret), reasons={"algorithm_not_allowed"})
@@ -354,8 +376,9 @@ def test_rs256_hmac_confusion_with_public_pem_is_refused(
 ) -> None:
     server = relaxed(server_factory, public_key_config(rsa_pair, "RS256"))
     for secret in (rsa_pair.public_pem, rsa_pair.public_pem.strip()):
-        token = craft({"alg": alg, "typ": "JWT"}, claims("root", scope="admin"),
-                      hmac_signer(secret, digest))
+        token = craft(
+            {"alg": alg, "typ": "JWT"}, claims("root", scope="admin"), hmac_signer(secret, digest)
+        )
         expect_401(server, token, reasons={"algorithm_not_allowed"})
     assert not server.audit.events("connection_admitted")
 
@@ -386,8 +409,9 @@ def test_es256_genuine_admitted_and_confusion_refused(
     assert frame["subject"] == "ec-user"
     assert frame["scopes"] == ["data"]
 
-    confused = craft({"alg": "HS256", "typ": "JWT"}, claims("root"),
-                     hmac_signer(ec_pair.public_pem))
+    confused = craft(
+        {"alg": "HS256", "typ": "JWT"}, claims("root"), hmac_signer(ec_pair.public_pem)
+    )
     expect_401(server, confused, reasons={"algorithm_not_allowed"})
     rsa_token = jwt.encode(claims(), rsa_pair.private, algorithm="RS256")
     expect_401(server, rsa_token, reasons={"algorithm_not_allowed"})
@@ -470,8 +494,9 @@ AUD_ISS: dict[str, Any] = {
     "extra",
     [
         pytest.param({"aud": "wsguard-api", "iss": "https://issuer.example"}, id="both-right"),
-        pytest.param({"aud": ["other", "wsguard-api"], "iss": "https://issuer.example"},
-                     id="aud-list"),
+        pytest.param(
+            {"aud": ["other", "wsguard-api"], "iss": "https://issuer.example"}, id="aud-list"
+        ),
     ],
 )
 def test_right_audience_and_issuer_admitted(
@@ -484,16 +509,27 @@ def test_right_audience_and_issuer_admitted(
 @pytest.mark.parametrize(
     ("extra", "reasons"),
     [
-        pytest.param({"aud": "other-api", "iss": "https://issuer.example"},
-                     {"invalid_audience"}, id="wrong-aud"),
-        pytest.param({"iss": "https://issuer.example"},
-                     {"missing_claim", "invalid_audience"}, id="missing-aud"),
-        pytest.param({"aud": "wsguard-api", "iss": "https://evil.example"},
-                     {"invalid_issuer"}, id="wrong-iss"),
-        pytest.param({"aud": "wsguard-api"}, {"missing_claim", "invalid_issuer"},
-                     id="missing-iss"),
-        pytest.param({"aud": "wsguard-api-x", "iss": "https://issuer.example.evil"},
-                     {"invalid_audience", "invalid_issuer"}, id="prefix-lookalikes"),
+        pytest.param(
+            {"aud": "other-api", "iss": "https://issuer.example"},
+            {"invalid_audience"},
+            id="wrong-aud",
+        ),
+        pytest.param(
+            {"iss": "https://issuer.example"},
+            {"missing_claim", "invalid_audience"},
+            id="missing-aud",
+        ),
+        pytest.param(
+            {"aud": "wsguard-api", "iss": "https://evil.example"},
+            {"invalid_issuer"},
+            id="wrong-iss",
+        ),
+        pytest.param({"aud": "wsguard-api"}, {"missing_claim", "invalid_issuer"}, id="missing-iss"),
+        pytest.param(
+            {"aud": "wsguard-api-x", "iss": "https://issuer.example.evil"},
+            {"invalid_audience", "invalid_issuer"},
+            id="prefix-lookalikes",
+        ),
     ],
 )
 def test_wrong_or_missing_audience_or_issuer_refused(
@@ -542,8 +578,9 @@ def test_jwks_token_bringing_its_own_jwk_refused(
     headers: dict[str, Any] = {"jwk": public_jwk(jwks.attacker, kid)}
     if kid is not None:
         headers["kid"] = kid
-    token = jwt.encode(claims("root", scope="admin"), jwks.attacker, algorithm="RS256",
-                       headers=headers)
+    token = jwt.encode(
+        claims("root", scope="admin"), jwks.attacker, algorithm="RS256", headers=headers
+    )
     expect_401(server, token)
     assert not server.audit.events("connection_admitted")
 
@@ -554,8 +591,12 @@ def test_jwks_token_with_key_url_header_refused(
 ) -> None:
     server = server_factory(jwks_config(jwks))
     # even correctly signed by a configured key: a key URL is never honoured
-    token = jwt.encode(claims(), jwks.k1, algorithm="RS256",
-                       headers={"kid": "k1", name: "https://evil.example/jwks.json"})
+    token = jwt.encode(
+        claims(),
+        jwks.k1,
+        algorithm="RS256",
+        headers={"kid": "k1", name: "https://evil.example/jwks.json"},
+    )
     expect_401(server, token, reasons={"invalid_token"})
 
 
@@ -610,8 +651,13 @@ def test_token_longer_than_max_token_bytes_refused_even_if_valid(
     long_token = make_token("big", padding="p" * 1500)
     assert len(long_token) > 1500
     expect_401(server, long_token, reasons={"malformed_token"})
-    expect_401(server, long_token, transport="subprotocol", subprotocols=["wsguard.v1"],
-               reasons={"malformed_token"})
+    expect_401(
+        server,
+        long_token,
+        transport="subprotocol",
+        subprotocols=["wsguard.v1"],
+        reasons={"malformed_token"},
+    )
     assert welcome(server, make_token("small"))["subject"] == "small"
 
 
@@ -681,8 +727,9 @@ def test_unknown_app_subprotocol_is_not_selected(server: RunningServer) -> None:
 def test_bad_subprotocol_token_refused(server_factory: ServerFactory) -> None:
     server = relaxed(server_factory)
     bad = make_token(secret="wrong-secret-wrong-secret-wrong-secret-0123")
-    expect_401(server, bad, transport="subprotocol", subprotocols=["wsguard.v1"],
-               reasons={"bad_signature"})
+    expect_401(
+        server, bad, transport="subprotocol", subprotocols=["wsguard.v1"], reasons={"bad_signature"}
+    )
     two = [f"token.{make_token('a')}", f"token.{make_token('b')}", "wsguard.v1"]
     expect_401(server, None, subprotocols=two, reasons={"malformed_credentials"})
 
@@ -698,8 +745,13 @@ def test_header_transport_can_be_disabled(server_factory: ServerFactory) -> None
 def test_subprotocol_transport_can_be_disabled(server_factory: ServerFactory) -> None:
     server = server_factory({"auth": {"subprotocol": False}})
     token = make_token("s")
-    expect_401(server, token, transport="subprotocol", subprotocols=["wsguard.v1"],
-               reasons={"missing_credentials"})
+    expect_401(
+        server,
+        token,
+        transport="subprotocol",
+        subprotocols=["wsguard.v1"],
+        reasons={"missing_credentials"},
+    )
     assert welcome(server, token)["subject"] == "s"
 
 
@@ -707,8 +759,9 @@ def test_custom_subprotocol_prefix(server_factory: ServerFactory) -> None:
     server = relaxed(server_factory, {"auth": {"subprotocol_prefix": "bearer."}})
     token = make_token("px")
     expect_401(server, token, transport="subprotocol", subprotocols=["wsguard.v1"])
-    with server.connect("unused", transport="none",
-                        subprotocols=["wsguard.v1", f"bearer.{token}"]) as ws:
+    with server.connect(
+        "unused", transport="none", subprotocols=["wsguard.v1", f"bearer.{token}"]
+    ) as ws:
         assert ws.subprotocol == "wsguard.v1"
         assert json.loads(ws.recv(timeout=5))["subject"] == "px"
 
@@ -737,8 +790,9 @@ COOKIE_ON: dict[str, Any] = {"auth": {"cookie": True}, "origin": {"allowed": [AL
 
 def test_cookie_with_allowed_origin_admitted(server_factory: ServerFactory) -> None:
     server = server_factory(COOKIE_ON)
-    frame = welcome(server, make_token("cookie-user", scopes="chat"), transport="cookie",
-                    origin=ALLOWED_ORIGIN)
+    frame = welcome(
+        server, make_token("cookie-user", scopes="chat"), transport="cookie", origin=ALLOWED_ORIGIN
+    )
     assert frame["subject"] == "cookie-user"
     assert frame["scopes"] == ["chat"]
 
@@ -770,11 +824,20 @@ def test_cookie_without_allowed_origin_is_403(
 def test_cookie_name_is_exact(server_factory: ServerFactory) -> None:
     server = relaxed(server_factory, COOKIE_ON)
     token = make_token()
-    expect_401(server, None, origin=ALLOWED_ORIGIN,
-               headers={"Cookie": f"other=1; xwsguard_token={token}"},
-               reasons={"missing_credentials"})
-    frame = welcome(server, "unused", transport="none", origin=ALLOWED_ORIGIN,
-                    headers={"Cookie": f"theme=dark; wsguard_token={make_token('c2')}"})
+    expect_401(
+        server,
+        None,
+        origin=ALLOWED_ORIGIN,
+        headers={"Cookie": f"other=1; xwsguard_token={token}"},
+        reasons={"missing_credentials"},
+    )
+    frame = welcome(
+        server,
+        "unused",
+        transport="none",
+        origin=ALLOWED_ORIGIN,
+        headers={"Cookie": f"theme=dark; wsguard_token={make_token('c2')}"},
+    )
     assert frame["subject"] == "c2"
 
 
@@ -829,13 +892,19 @@ def test_tokens_and_cookies_never_in_audit_log(server_factory: ServerFactory) ->
     bad_tokens = {name: make_token("x", secret=wrong) for name in tokens}
     session_cookie = "session=SESSIONSECRET0123456789"
     for transport, token in tokens.items():
-        frame = welcome(server, token, transport=transport, origin=ALLOWED_ORIGIN,
-                        subprotocols=["wsguard.v1"], headers={"Cookie": session_cookie}
-                        if transport != "cookie" else None)
+        frame = welcome(
+            server,
+            token,
+            transport=transport,
+            origin=ALLOWED_ORIGIN,
+            subprotocols=["wsguard.v1"],
+            headers={"Cookie": session_cookie} if transport != "cookie" else None,
+        )
         assert frame["type"] == "welcome"
     for transport, token in bad_tokens.items():
-        expect_401(server, token, transport=transport, origin=ALLOWED_ORIGIN,
-                   subprotocols=["wsguard.v1"])
+        expect_401(
+            server, token, transport=transport, origin=ALLOWED_ORIGIN, subprotocols=["wsguard.v1"]
+        )
     # a refusal for another reason (foreign origin) with a cookie
     with pytest.raises(InvalidStatus) as info:
         server.connect(tokens["cookie"], transport="cookie", origin="https://evil.example")
@@ -861,8 +930,7 @@ def test_tokens_and_cookies_never_in_audit_log(server_factory: ServerFactory) ->
 
 
 def test_scopes_merged_from_scope_scp_and_roles(server: RunningServer) -> None:
-    token = make_token("merged", scopes="chat read", scp=["write", "chat"],
-                       roles=["admin", "ops"])
+    token = make_token("merged", scopes="chat read", scp=["write", "chat"], roles=["admin", "ops"])
     frame = welcome(server, token)
     assert frame["subject"] == "merged"
     assert frame["scopes"] == ["admin", "chat", "ops", "read", "write"]
@@ -874,11 +942,10 @@ def test_scp_as_string_and_non_strings_ignored(server: RunningServer) -> None:
 
 
 def test_configured_scope_and_subject_claims(server_factory: ServerFactory) -> None:
-    server = server_factory(
-        {"auth": {"scope_claims": ["permissions"], "subject_claim": "email"}}
+    server = server_factory({"auth": {"scope_claims": ["permissions"], "subject_claim": "email"}})
+    token = make_token(
+        "ignored-sub", scopes="chat", email="eve@example.com", permissions=["read", "write"]
     )
-    token = make_token("ignored-sub", scopes="chat", email="eve@example.com",
-                       permissions=["read", "write"])
     frame = welcome(server, token)
     assert frame["subject"] == "eve@example.com"
     assert frame["scopes"] == ["read", "write"]
@@ -904,12 +971,25 @@ def test_verifier_returns_identity(verifier: TokenVerifier) -> None:
 @pytest.mark.parametrize(
     ("token_factory", "reason"),
     [
-        pytest.param(lambda: craft({"alg": "none"}, claims()), "algorithm_not_allowed",
-                     id="alg-none"),
-        pytest.param(lambda: craft({"alg": "HS256", "crit": ["exp"]}, claims(),
-                                   hmac_signer(SECRET.encode())), "invalid_token", id="crit"),
-        pytest.param(lambda: craft({"alg": "HS256", "jku": "https://x.example/"}, claims(),
-                                   hmac_signer(SECRET.encode())), "invalid_token", id="jku"),
+        pytest.param(
+            lambda: craft({"alg": "none"}, claims()), "algorithm_not_allowed", id="alg-none"
+        ),
+        pytest.param(
+            lambda: craft(
+                {"alg": "HS256", "crit": ["exp"]}, claims(), hmac_signer(SECRET.encode())
+            ),
+            "invalid_token",
+            id="crit",
+        ),
+        pytest.param(
+            lambda: craft(
+                {"alg": "HS256", "jku": "https://x.example/"},
+                claims(),
+                hmac_signer(SECRET.encode()),
+            ),
+            "invalid_token",
+            id="jku",
+        ),
         pytest.param(lambda: make_token(ttl=-1), "token_expired", id="expired"),
         pytest.param(lambda: make_token(exp=None), "missing_claim", id="no-exp"),
         pytest.param(lambda: "abc", "malformed_token", id="abc"),

@@ -181,8 +181,9 @@ def test_default_config_refuses_any_browser_origin_and_admits_absent_origin(
 
 
 def test_absent_origin_refused_when_allow_missing_is_false(server_factory: ServerFactory) -> None:
-    server = server_factory({"origin": {"allowed": ["https://app.example.com"],
-                                        "allow_missing": False}})
+    server = server_factory(
+        {"origin": {"allowed": ["https://app.example.com"], "allow_missing": False}}
+    )
     assert status(refused(server)) == 403
     assert last_event(server, "handshake_refused")["reason"] == "origin_forbidden"
     assert admitted(server, origin="https://app.example.com")
@@ -191,8 +192,9 @@ def test_absent_origin_refused_when_allow_missing_is_false(server_factory: Serve
 def test_exact_origin_allowlist_with_default_port_equivalence(
     server_factory: ServerFactory,
 ) -> None:
-    server = server_factory({"origin": {"allowed": ["https://app.example.com",
-                                                    "http://localhost:8080"]}})
+    server = server_factory(
+        {"origin": {"allowed": ["https://app.example.com", "http://localhost:8080"]}}
+    )
     cases = {
         "https://app.example.com": True,
         "https://app.example.com:443": True,
@@ -391,8 +393,10 @@ def test_per_address_concurrency_limit(server_factory: ServerFactory) -> None:
 
 def test_per_subject_concurrency_limit_across_addresses(server_factory: ServerFactory) -> None:
     server = server_factory({**TRUSTED_LOCAL, "limits": {"connections_per_subject": 2}})
-    with server.connect_welcomed(make_token("alice"), headers=xff("5.6.7.1")), \
-            server.connect_welcomed(make_token("alice"), headers=xff("5.6.7.2")):
+    with (
+        server.connect_welcomed(make_token("alice"), headers=xff("5.6.7.1")),
+        server.connect_welcomed(make_token("alice"), headers=xff("5.6.7.2")),
+    ):
         exc = refused(server, make_token("alice"), headers=xff("5.6.7.3"))
         assert status(exc) == 429
         retry_after(exc)
@@ -411,8 +415,10 @@ def test_per_subject_concurrency_limit_across_addresses(server_factory: ServerFa
 
 def test_global_connection_cap_answers_503(server_factory: ServerFactory) -> None:
     server = server_factory({**TRUSTED_LOCAL, "limits": {"max_connections": 2}})
-    with server.connect_welcomed(make_token("a"), headers=xff("10.0.0.1")), \
-            server.connect_welcomed(make_token("b"), headers=xff("10.0.0.2")):
+    with (
+        server.connect_welcomed(make_token("a"), headers=xff("10.0.0.1")),
+        server.connect_welcomed(make_token("b"), headers=xff("10.0.0.2")),
+    ):
         exc = refused(server, make_token("c"), headers=xff("10.0.0.3"))
         assert status(exc) == 503
         refusal = last_event(server, "handshake_refused")
@@ -488,9 +494,7 @@ def test_refused_handshakes_in_between_release_slots(server_factory: ServerFacto
         with server.connect_welcomed():
             assert status(refused(server, BAD_TOKEN)) == 401
             assert status(refused(server, origin="https://evil.example")) == 403
-            assert raw_http(server.port, upgrade_request(host=None)).startswith(
-                b"HTTP/1.1 400"
-            )
+            assert raw_http(server.port, upgrade_request(host=None)).startswith(b"HTTP/1.1 400")
             assert server.slots(ADDR_KEY) == 1
         with raw_upgraded(server) as sock:
             reset_close(sock)
@@ -985,7 +989,8 @@ def test_engine_level_refusals_are_audited(
 
 
 @pytest.mark.parametrize(
-    "key", ["<script>alert(1)</script>", "dGhlIHNhbXBsZQ==", "", "!!!!!!!!!!!!!!!!!!!!!!=="],
+    "key",
+    ["<script>alert(1)</script>", "dGhlIHNhbXBsZQ==", "", "!!!!!!!!!!!!!!!!!!!!!!=="],
     ids=["markup", "short", "empty", "not-base64"],
 )
 def test_invalid_websocket_key_is_refused_by_the_policy(server: RunningServer, key: str) -> None:

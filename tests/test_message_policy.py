@@ -186,14 +186,20 @@ def test_fragmented_message_over_the_limit_closes_1009(server: RunningServer) ->
     with raw_welcomed(server) as client:
         # a fragmented message under the limit is reassembled and delivered
         body = b'{"type":"ping","id":"frag"}'
-        client.send(frame(OP_TEXT, body[:5], fin=False) + frame(OP_CONT, body[5:12], fin=False)
-                    + frame(OP_CONT, body[12:]))
+        client.send(
+            frame(OP_TEXT, body[:5], fin=False)
+            + frame(OP_CONT, body[5:12], fin=False)
+            + frame(OP_CONT, body[12:])
+        )
         pong = client.recv_json()
         assert (pong["type"], pong["id"]) == ("pong", "frag")
         # three fragments of 4000 bytes: each under 8192, together over it
         chunk = b" " * 4000
-        client.send(frame(OP_TEXT, b"{" + chunk[1:], fin=False)
-                    + frame(OP_CONT, chunk, fin=False) + frame(OP_CONT, chunk, fin=False))
+        client.send(
+            frame(OP_TEXT, b"{" + chunk[1:], fin=False)
+            + frame(OP_CONT, chunk, fin=False)
+            + frame(OP_CONT, chunk, fin=False)
+        )
         assert client.read_close() == 1009
 
 
@@ -345,8 +351,13 @@ def test_non_object_json_is_invalid_message(server: RunningServer, raw: str) -> 
 
 @pytest.mark.parametrize(
     "message",
-    [{"id": "t"}, {"type": 5, "id": "t"}, {"type": None, "id": "t"},
-     {"type": ["ping"], "id": "t"}, {"type": {"x": "ping"}, "id": "t"}],
+    [
+        {"id": "t"},
+        {"type": 5, "id": "t"},
+        {"type": None, "id": "t"},
+        {"type": ["ping"], "id": "t"},
+        {"type": {"x": "ping"}, "id": "t"},
+    ],
     ids=["missing", "number", "null", "list", "object"],
 )
 def test_missing_or_non_string_type_is_invalid_message(
@@ -380,13 +391,17 @@ def test_binary_allowed_for_one_type_only(server_factory: ServerFactory) -> None
 
 def test_binary_allowed_globally(server_factory: ServerFactory) -> None:
     running = server_factory({"messages": {"binary": True}})
-    with running.connect_welcomed(make_token("alice")) as a, running.connect_welcomed(
-        make_token("bob")
-    ) as b:
+    with (
+        running.connect_welcomed(make_token("alice")) as a,
+        running.connect_welcomed(make_token("bob")) as b,
+    ):
         a.send(b'{"type":"chat","text":"bin"}')
         got = recv_json(b)
-        assert got == {"type": "broadcast", "from": "alice",
-                       "message": {"type": "chat", "text": "bin"}}
+        assert got == {
+            "type": "broadcast",
+            "from": "alice",
+            "message": {"type": "chat", "text": "bin"},
+        }
         a.send(b"\xff\xfe not json")
         assert recv_json(a)["code"] == "invalid_json"
         assert_alive(a)
@@ -398,8 +413,12 @@ def test_binary_allowed_globally(server_factory: ServerFactory) -> None:
 def test_unknown_type_is_refused_with_ref(server: RunningServer) -> None:
     with server.connect_welcomed() as ws:
         send_json(ws, {"type": "admin_shell", "id": 77})
-        assert recv_json(ws) == {"type": "error", "code": "unknown_type",
-                                 "message": "Unknown message type.", "ref": 77}
+        assert recv_json(ws) == {
+            "type": "error",
+            "code": "unknown_type",
+            "message": "Unknown message type.",
+            "ref": 77,
+        }
         send_json(ws, {"type": "Ping"})  # the allowlist is exact
         err = recv_json(ws)
         assert err["code"] == "unknown_type"
@@ -434,8 +453,17 @@ def test_schema_failure_names_the_pointer_never_the_value(server: RunningServer)
 
 @pytest.mark.parametrize(
     ("ident", "expected"),
-    [("abc", "abc"), (0, 0), (2**53 - 1, 2**53 - 1), (None, None), ({"x": 1}, None),
-     ("x" * 65, None), (-1, None), (True, None), (1.5, None)],
+    [
+        ("abc", "abc"),
+        (0, 0),
+        (2**53 - 1, 2**53 - 1),
+        (None, None),
+        ({"x": 1}, None),
+        ("x" * 65, None),
+        (-1, None),
+        (True, None),
+        (1.5, None),
+    ],
 )
 def test_ref_echoes_only_a_valid_client_id(
     server: RunningServer, ident: Any, expected: Any
@@ -456,8 +484,11 @@ def test_ref_echoes_only_a_valid_client_id(
 def test_custom_schema_from_config_is_enforced(server_factory: ServerFactory) -> None:
     schema = {
         "type": "object",
-        "properties": {"type": {"const": "note"}, "id": {"type": "string"},
-                       "n": {"type": "integer", "minimum": 0, "maximum": 10}},
+        "properties": {
+            "type": {"const": "note"},
+            "id": {"type": "string"},
+            "n": {"type": "integer", "minimum": 0, "maximum": 10},
+        },
         "required": ["type", "n"],
         "additionalProperties": False,
     }
@@ -497,8 +528,10 @@ def test_invalid_schema_in_config_is_a_config_error(
 
 
 def test_command_without_admin_is_forbidden_and_not_delivered(server: RunningServer) -> None:
-    with server.connect_welcomed(make_token("mallory", scopes="chat")) as m, \
-            server.connect_welcomed(make_token("bob")) as b:
+    with (
+        server.connect_welcomed(make_token("mallory", scopes="chat")) as m,
+        server.connect_welcomed(make_token("bob")) as b,
+    ):
         send_json(m, {"type": "command", "name": "reload", "id": "c1"})
         err = recv_json(m)
         assert (err["code"], err["ref"]) == ("forbidden", "c1")
@@ -509,12 +542,17 @@ def test_command_without_admin_is_forbidden_and_not_delivered(server: RunningSer
 
 
 def test_command_with_admin_is_broadcast(server: RunningServer) -> None:
-    with server.connect_welcomed(make_token("root", scopes="chat admin")) as admin, \
-            server.connect_welcomed(make_token("bob")) as b:
+    with (
+        server.connect_welcomed(make_token("root", scopes="chat admin")) as admin,
+        server.connect_welcomed(make_token("bob")) as b,
+    ):
         send_json(admin, {"type": "command", "name": "reload", "args": ["x"]})
         got = recv_json(b)
-        assert got == {"type": "broadcast", "from": "root",
-                       "message": {"type": "command", "name": "reload", "args": ["x"]}}
+        assert got == {
+            "type": "broadcast",
+            "from": "root",
+            "message": {"type": "command", "name": "reload", "args": ["x"]},
+        }
 
 
 def test_forbidden_spends_the_violation_budget(server_factory: ServerFactory) -> None:
@@ -553,9 +591,10 @@ def test_message_burst_then_rate_limited_with_retry_hint(server_factory: ServerF
 def test_bytes_per_minute_limit(server_factory: ServerFactory) -> None:
     running = server_factory({"limits": {"max_message_bytes": 1024, "bytes_per_minute": 1024}})
     text = "t" * 400  # ~430 bytes per message: two fit in the 1024-byte bucket
-    with running.connect_welcomed(make_token("alice")) as a, running.connect_welcomed(
-        make_token("bob")
-    ) as b:
+    with (
+        running.connect_welcomed(make_token("alice")) as a,
+        running.connect_welcomed(make_token("bob")) as b,
+    ):
         for i in range(3):
             send_json(a, {"type": "chat", "text": text, "id": f"c{i}"})
         err = recv_json(a)  # c0 and c1 pass silently (broadcast), c2 is refused
@@ -567,14 +606,22 @@ def test_bytes_per_minute_limit(server_factory: ServerFactory) -> None:
 
 
 def test_subject_limit_spans_that_subjects_connections(server_factory: ServerFactory) -> None:
-    running = server_factory({"limits": {
-        "messages_per_minute": 600, "message_burst": 5, "subject_messages_per_minute": 60,
-    }})
+    running = server_factory(
+        {
+            "limits": {
+                "messages_per_minute": 600,
+                "message_burst": 5,
+                "subject_messages_per_minute": 60,
+            }
+        }
+    )
     # the subject bucket holds 2 x message_burst = 10 messages
-    with running.connect_welcomed(make_token("alice")) as a1, \
-            running.connect_welcomed(make_token("alice")) as a2, \
-            running.connect_welcomed(make_token("alice")) as a3, \
-            running.connect_welcomed(make_token("bob")) as b:
+    with (
+        running.connect_welcomed(make_token("alice")) as a1,
+        running.connect_welcomed(make_token("alice")) as a2,
+        running.connect_welcomed(make_token("alice")) as a3,
+        running.connect_welcomed(make_token("bob")) as b,
+    ):
         for ws, tag in ((a1, "a1"), (a2, "a2")):
             for i in range(5):  # each within its own connection burst
                 send_json(ws, {"type": "ping", "id": f"{tag}-{i}"})
@@ -588,9 +635,15 @@ def test_subject_limit_spans_that_subjects_connections(server_factory: ServerFac
 
 
 def test_invalid_messages_count_toward_the_rate(server_factory: ServerFactory) -> None:
-    running = server_factory({"limits": {
-        "messages_per_minute": 60, "message_burst": 5, "violation_budget": 100,
-    }})
+    running = server_factory(
+        {
+            "limits": {
+                "messages_per_minute": 60,
+                "message_burst": 5,
+                "violation_budget": 100,
+            }
+        }
+    )
     with running.connect_welcomed() as ws:
         for _ in range(10):
             ws.send("{not json")
@@ -608,9 +661,15 @@ def test_control_frames_count_toward_the_rate(server_factory: ServerFactory) -> 
 
 
 def test_ping_flood_closes_1008(server_factory: ServerFactory) -> None:
-    running = server_factory({"limits": {
-        "messages_per_minute": 60, "message_burst": 5, "violation_budget": 3,
-    }})
+    running = server_factory(
+        {
+            "limits": {
+                "messages_per_minute": 60,
+                "message_burst": 5,
+                "violation_budget": 3,
+            }
+        }
+    )
     with running.connect_welcomed() as ws:
         with contextlib.suppress(ConnectionClosed):  # the close may overtake our pings
             for _ in range(200):
@@ -644,10 +703,12 @@ def test_honest_client_with_spaced_violations_is_never_closed(
     server_factory: ServerFactory,
 ) -> None:
     # the server's own heartbeat paces the client: two pings >= 0.15 s >= the decay time
-    running = server_factory({
-        "limits": {"violation_budget": 3, "violation_decay_seconds": 0.1},
-        "liveness": {"ping_interval_seconds": 0.15, "ping_timeout_seconds": 5},
-    })
+    running = server_factory(
+        {
+            "limits": {"violation_budget": 3, "violation_decay_seconds": 0.1},
+            "liveness": {"ping_interval_seconds": 0.15, "ping_timeout_seconds": 5},
+        }
+    )
     with raw_welcomed(running) as client:
         for i in range(6):  # twice the budget
             client.send(frame(OP_TEXT, b'{"id":' + str(i).encode()))

@@ -41,9 +41,7 @@ UNLIMITED: dict[str, Any] = {
     }
 }
 
-PROPERTY = settings(
-    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow]
-)
+PROPERTY = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def _policy(overrides: dict[str, Any] | None = None) -> MessagePolicy:
@@ -96,8 +94,9 @@ scalars = (
 )
 json_values = st.recursive(
     scalars,
-    lambda children: st.lists(children, max_size=6)
-    | st.dictionaries(st.text(max_size=12), children, max_size=6),
+    lambda children: (
+        st.lists(children, max_size=6) | st.dictionaries(st.text(max_size=12), children, max_size=6)
+    ),
     max_leaves=40,
 )
 FIELDS = ["id", "text", "room", "channel", "payload", "name", "args", "token", "extra"]
@@ -131,8 +130,11 @@ valid_messages = st.one_of(
         short_text,
         st.dictionaries(
             st.text(max_size=16),
-            st.none() | st.booleans() | st.integers(-(2**53), 2**53)
-            | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=256),
+            st.none()
+            | st.booleans()
+            | st.integers(-(2**53), 2**53)
+            | st.floats(allow_nan=False, allow_infinity=False)
+            | st.text(max_size=256),
             max_size=32,
         ),
         ids,

@@ -117,7 +117,16 @@ ALLOWED_LABELS: dict[str, dict[str, frozenset[str]]] = {
     CLOSED: {"code": CLOSE_CODES, "closed_by": frozenset({"server", "client", "network"})},
     STORE_ERRORS: {
         "check": frozenset(
-            {"bans", "connections", "rate_limits", "revocations", "nonces", "events", "other"}
+            {
+                "bans",
+                "connections",
+                "rate_limits",
+                "revocations",
+                "nonces",
+                "events",
+                "health",
+                "other",
+            }
         )
     },
     BANS: {"source": frozenset({"auth_failures", "alert", "admin"})},

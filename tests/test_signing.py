@@ -150,9 +150,10 @@ def keyed(server_factory: ServerFactory, keys_file: Path) -> RunningServer:
 
 
 def test_signed_chat_is_delivered_without_envelope(keyed: RunningServer) -> None:
-    with keyed.connect(make_token("alice")) as alice, keyed.connect_welcomed(
-        make_token("bob")
-    ) as bob:
+    with (
+        keyed.connect(make_token("alice")) as alice,
+        keyed.connect_welcomed(make_token("bob")) as bob,
+    ):
         welcome = recv_json(alice)
         assert welcome["type"] == "welcome"
         assert "signing" not in welcome  # no session keys configured
@@ -191,9 +192,10 @@ def test_tampered_message_is_refused_and_not_delivered(
     running = server_factory(
         {"messages": {"types": SIGNED_CHAT}, "signing": {"keys_file": str(keys)}}
     )
-    with running.connect_welcomed(make_token("alice")) as alice, running.connect_welcomed(
-        make_token("bob")
-    ) as bob:
+    with (
+        running.connect_welcomed(make_token("alice")) as alice,
+        running.connect_welcomed(make_token("bob")) as bob,
+    ):
         message = signed_chat("hello", kid="alice-1", secret=ALICE_SECRET, msg_id="t1")
         TAMPERS[tamper](message)
         alice.send(json.dumps(message))
@@ -240,9 +242,10 @@ BROKEN_ENVELOPES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
 
 @pytest.mark.parametrize("broken", sorted(BROKEN_ENVELOPES))
 def test_broken_envelope_is_bad_signature(keyed: RunningServer, broken: str) -> None:
-    with keyed.connect_welcomed(make_token("alice")) as alice, keyed.connect_welcomed(
-        make_token("bob")
-    ) as bob:
+    with (
+        keyed.connect_welcomed(make_token("alice")) as alice,
+        keyed.connect_welcomed(make_token("bob")) as bob,
+    ):
         message = BROKEN_ENVELOPES[broken](
             signed_chat("hello", kid="alice-1", secret=ALICE_SECRET, msg_id=f"b-{broken}")
         )
@@ -252,9 +255,10 @@ def test_broken_envelope_is_bad_signature(keyed: RunningServer, broken: str) -> 
 
 
 def test_replay_is_refused_and_delivered_once(keyed: RunningServer) -> None:
-    with keyed.connect_welcomed(make_token("alice")) as alice, keyed.connect_welcomed(
-        make_token("bob")
-    ) as bob:
+    with (
+        keyed.connect_welcomed(make_token("alice")) as alice,
+        keyed.connect_welcomed(make_token("bob")) as bob,
+    ):
         message = signed_chat("pay 10", kid="alice-1", secret=ALICE_SECRET, msg_id=7)
         raw = json.dumps(message)
         alice.send(raw)
@@ -271,9 +275,10 @@ def test_replay_is_refused_and_delivered_once(keyed: RunningServer) -> None:
 def test_replay_on_another_connection_of_the_same_subject_is_refused(
     keyed: RunningServer,
 ) -> None:
-    with keyed.connect_welcomed(make_token("alice")) as first, keyed.connect_welcomed(
-        make_token("bob")
-    ) as bob:
+    with (
+        keyed.connect_welcomed(make_token("alice")) as first,
+        keyed.connect_welcomed(make_token("bob")) as bob,
+    ):
         message = signed_chat("once", kid="alice-1", secret=ALICE_SECRET, msg_id="r1")
         first.send(json.dumps(message))
         assert recv_json(bob) == broadcast_of(message)
@@ -286,9 +291,10 @@ def test_replay_on_another_connection_of_the_same_subject_is_refused(
 def test_captured_message_replayed_by_another_subject_is_bad_signature(
     keyed: RunningServer,
 ) -> None:
-    with keyed.connect_welcomed(make_token("alice")) as alice, keyed.connect_welcomed(
-        make_token("bob")
-    ) as bob:
+    with (
+        keyed.connect_welcomed(make_token("alice")) as alice,
+        keyed.connect_welcomed(make_token("bob")) as bob,
+    ):
         message = signed_chat("mine", kid="alice-1", secret=ALICE_SECRET, msg_id="c1")
         bob.send(json.dumps(message))  # alice's key only verifies alice's connections
         expect_error(bob, "bad_signature", "c1")
@@ -298,9 +304,10 @@ def test_captured_message_replayed_by_another_subject_is_bad_signature(
 
 @pytest.mark.parametrize(("offset", "code"), [(-(WINDOW + 60), "stale"), (WINDOW + 60, "stale")])
 def test_timestamp_outside_window_is_stale(keyed: RunningServer, offset: int, code: str) -> None:
-    with keyed.connect_welcomed(make_token("alice")) as alice, keyed.connect_welcomed(
-        make_token("bob")
-    ) as bob:
+    with (
+        keyed.connect_welcomed(make_token("alice")) as alice,
+        keyed.connect_welcomed(make_token("bob")) as bob,
+    ):
         message = signed_chat(
             "late", kid="alice-1", secret=ALICE_SECRET, msg_id="s1", ts=int(time.time()) + offset
         )
@@ -312,9 +319,10 @@ def test_timestamp_outside_window_is_stale(keyed: RunningServer, offset: int, co
 
 @pytest.mark.parametrize("offset", [-(WINDOW - 10), WINDOW - 10])
 def test_timestamp_inside_window_is_accepted(keyed: RunningServer, offset: int) -> None:
-    with keyed.connect_welcomed(make_token("alice")) as alice, keyed.connect_welcomed(
-        make_token("bob")
-    ) as bob:
+    with (
+        keyed.connect_welcomed(make_token("alice")) as alice,
+        keyed.connect_welcomed(make_token("bob")) as bob,
+    ):
         message = signed_chat(
             "ok", kid="alice-1", secret=ALICE_SECRET, msg_id="w1", ts=int(time.time()) + offset
         )
@@ -323,9 +331,10 @@ def test_timestamp_inside_window_is_accepted(keyed: RunningServer, offset: int) 
 
 
 def test_key_of_another_subject_is_bad_signature(keyed: RunningServer) -> None:
-    with keyed.connect_welcomed(make_token("alice")) as alice, keyed.connect_welcomed(
-        make_token("bob")
-    ) as bob:
+    with (
+        keyed.connect_welcomed(make_token("alice")) as alice,
+        keyed.connect_welcomed(make_token("bob")) as bob,
+    ):
         # a perfect signature with bob's key, but the connection is alice's
         message = signed_chat("as bob", kid="bob-1", secret=BOB_SECRET, msg_id="k1")
         alice.send(json.dumps(message))
@@ -338,9 +347,10 @@ def test_key_of_another_subject_is_bad_signature(keyed: RunningServer) -> None:
 
 @pytest.mark.parametrize("kid", ["alice-9", "", SESSION_KID, "ALICE-1"])
 def test_unknown_kid_is_bad_signature(keyed: RunningServer, kid: str) -> None:
-    with keyed.connect_welcomed(make_token("alice")) as alice, keyed.connect_welcomed(
-        make_token("bob")
-    ) as bob:
+    with (
+        keyed.connect_welcomed(make_token("alice")) as alice,
+        keyed.connect_welcomed(make_token("bob")) as bob,
+    ):
         message = signed_chat("who", kid=kid, secret=ALICE_SECRET, msg_id="u1")
         alice.send(json.dumps(message))
         expect_error(alice, "bad_signature", "u1")
@@ -357,13 +367,19 @@ def test_scopes_are_checked_before_signature_and_schema_after(
     with running.connect_welcomed(make_token("alice", scopes="chat")) as alice:
         command = sign(
             {"type": "command", "name": "reload", "id": "o1"},
-            kid="alice-1", secret=ALICE_SECRET, nonce=fresh_nonce(), ts=int(time.time()),
+            kid="alice-1",
+            secret=ALICE_SECRET,
+            nonce=fresh_nonce(),
+            ts=int(time.time()),
         )
         alice.send(json.dumps({**command, "sig": "x"}))
         expect_error(alice, "forbidden", "o1")  # not bad_signature: no scope, no verification
         wrong_type = sign(
             {"type": "chat", "text": 42, "id": "o2"},
-            kid="alice-1", secret=ALICE_SECRET, nonce=fresh_nonce(), ts=int(time.time()),
+            kid="alice-1",
+            secret=ALICE_SECRET,
+            nonce=fresh_nonce(),
+            ts=int(time.time()),
         )
         alice.send(json.dumps(wrong_type))
         frame = expect_error(alice, "invalid_message", "o2")
@@ -382,9 +398,10 @@ def test_key_rotation_old_and_new_key_then_old_removed(
     )
     overrides = {"messages": {"types": SIGNED_CHAT}, "signing": {"keys_file": str(keys)}}
     during = server_factory(overrides)
-    with during.connect_welcomed(make_token("alice")) as alice, during.connect_welcomed(
-        make_token("bob")
-    ) as bob:
+    with (
+        during.connect_welcomed(make_token("alice")) as alice,
+        during.connect_welcomed(make_token("bob")) as bob,
+    ):
         for kid, secret in (("alice-old", ALICE_SECRET), ("alice-new", ALICE_NEW_SECRET)):
             message = signed_chat(f"via {kid}", kid=kid, secret=secret, msg_id=kid)
             alice.send(json.dumps(message))
@@ -393,9 +410,10 @@ def test_key_rotation_old_and_new_key_then_old_removed(
 
     write_keys(keys, [("alice-new", "alice", ALICE_NEW_SECRET)])
     after = server_factory(overrides)
-    with after.connect_welcomed(make_token("alice")) as alice, after.connect_welcomed(
-        make_token("bob")
-    ) as bob:
+    with (
+        after.connect_welcomed(make_token("alice")) as alice,
+        after.connect_welcomed(make_token("bob")) as bob,
+    ):
         old = signed_chat("old key", kid="alice-old", secret=ALICE_SECRET, msg_id="old")
         alice.send(json.dumps(old))
         expect_error(alice, "bad_signature", "old")
@@ -430,9 +448,10 @@ def _session_key(welcome: dict[str, Any]) -> bytes:
 
 def test_session_key_in_welcome_signs_messages(server_factory: ServerFactory) -> None:
     running = _session_server(server_factory)
-    with running.connect(make_token("alice")) as alice, running.connect_welcomed(
-        make_token("bob")
-    ) as bob:
+    with (
+        running.connect(make_token("alice")) as alice,
+        running.connect_welcomed(make_token("bob")) as bob,
+    ):
         key = _session_key(recv_json(alice))
         message = signed_chat("session", kid=SESSION_KID, secret=key, msg_id="s1")
         alice.send(json.dumps(message))
@@ -445,9 +464,11 @@ def test_session_keys_differ_per_connection_and_do_not_cross(
     server_factory: ServerFactory,
 ) -> None:
     running = _session_server(server_factory)
-    with running.connect(make_token("alice")) as first, running.connect(
-        make_token("alice")
-    ) as second, running.connect_welcomed(make_token("bob")) as bob:
+    with (
+        running.connect(make_token("alice")) as first,
+        running.connect(make_token("alice")) as second,
+        running.connect_welcomed(make_token("bob")) as bob,
+    ):
         key_first = _session_key(recv_json(first))
         key_second = _session_key(recv_json(second))
         assert key_first != key_second
@@ -512,9 +533,10 @@ def test_unsigned_types_are_unaffected(keyed: RunningServer, server: RunningServ
         alice.send(json.dumps({"type": "chat", "text": "plain", "id": "p2"}))
         expect_error(alice, "bad_signature", "p2")  # chat is signed on this server
     # where chat is not signed, plain chat passes and envelope fields are not stripped
-    with server.connect_welcomed(make_token("alice")) as alice, server.connect_welcomed(
-        make_token("bob")
-    ) as bob:
+    with (
+        server.connect_welcomed(make_token("alice")) as alice,
+        server.connect_welcomed(make_token("bob")) as bob,
+    ):
         plain = {"type": "chat", "text": "plain", "id": "p3"}
         alice.send(json.dumps(plain))
         assert recv_json(bob) == {"type": "broadcast", "from": "alice", "message": plain}
@@ -567,8 +589,13 @@ def test_short_signing_secret_is_refused(tmp_path: Path, size: int) -> None:
 CANONICAL_VECTORS: list[tuple[dict[str, Any], bytes]] = [
     # README example: keys sorted, no whitespace
     (
-        {"type": "chat", "text": "hi", "kid": "k1", "nonce": "AAAAAAAAAAAAAAAAAAAAAA",
-         "ts": 1700000000},
+        {
+            "type": "chat",
+            "text": "hi",
+            "kid": "k1",
+            "nonce": "AAAAAAAAAAAAAAAAAAAAAA",
+            "ts": 1700000000,
+        },
         b'{"kid":"k1","nonce":"AAAAAAAAAAAAAAAAAAAAAA","text":"hi","ts":1700000000,"type":"chat"}',
     ),
     # UTF-16 code unit order: U+1F600 (D83D DE00) sorts before U+FFFD, unlike code points;
@@ -584,7 +611,7 @@ CANONICAL_VECTORS: list[tuple[dict[str, Any], bytes]] = [
     # string escaping as JSON.stringify: short escapes, other controls as lower-case \u00xx,
     # DEL, "/" and non-ASCII (incl. U+2028) as themselves in UTF-8
     (
-        {"s": "\b\t\n\f\r\"\\"},
+        {"s": '\b\t\n\f\r"\\'},
         b'{"s":"\\b\\t\\n\\f\\r\\"\\\\"}',
     ),
     (
@@ -639,7 +666,9 @@ def test_canonical_rejects_values_without_interoperable_form(message: dict[str, 
 def test_values_without_canonical_form_are_canonical_errors(extra: dict[Any, Any]) -> None:
     verifier = SignatureVerifier(
         {"k1": SigningKey("k1", "alice", ALICE_SECRET)},
-        window=WINDOW, max_nonce=64, clock=time.time,
+        window=WINDOW,
+        max_nonce=64,
+        clock=time.time,
     )
     message = {"kid": "k1", "nonce": "N" * 16, "ts": int(time.time()), "sig": "A" * 43, **extra}
     try:
@@ -653,8 +682,13 @@ def test_values_without_canonical_form_are_canonical_errors(extra: dict[Any, Any
 
 def test_hmac_vector_matches_an_independent_computation() -> None:
     secret = b"k" * 32
-    message = {"type": "chat", "text": "hi", "kid": "k1", "nonce": "AAAAAAAAAAAAAAAAAAAAAA",
-               "ts": 1700000000}
+    message = {
+        "type": "chat",
+        "text": "hi",
+        "kid": "k1",
+        "nonce": "AAAAAAAAAAAAAAAAAAAAAA",
+        "ts": 1700000000,
+    }
     signed_bytes = (
         b'{"kid":"k1","nonce":"AAAAAAAAAAAAAAAAAAAAAA","text":"hi","ts":1700000000,"type":"chat"}'
     )
@@ -663,8 +697,13 @@ def test_hmac_vector_matches_an_independent_computation() -> None:
     assert len(expected) == 43
     assert signature(secret, message) == expected
     assert signature(secret, {**message, "sig": "ignored"}) == expected
-    signed = sign({"type": "chat", "text": "hi"}, kid="k1", secret=secret,
-                  nonce="AAAAAAAAAAAAAAAAAAAAAA", ts=1700000000)
+    signed = sign(
+        {"type": "chat", "text": "hi"},
+        kid="k1",
+        secret=secret,
+        nonce="AAAAAAAAAAAAAAAAAAAAAA",
+        ts=1700000000,
+    )
     assert signed == {**message, "sig": expected}
 
 
@@ -672,7 +711,9 @@ def test_verifier_outcomes_with_a_fixed_clock() -> None:
     now = 1_700_000_000
     verifier = SignatureVerifier(
         {"k1": SigningKey("k1", "alice", ALICE_SECRET)},
-        window=WINDOW, max_nonce=64, clock=lambda: float(now),
+        window=WINDOW,
+        max_nonce=64,
+        clock=lambda: float(now),
     )
     nonce = "N" * 16
     ok = sign({"type": "chat"}, kid="k1", secret=ALICE_SECRET, nonce=nonce, ts=now + WINDOW)

@@ -58,9 +58,7 @@ VALUES = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(TEXT, inner, max_size=4),
     max_leaves=12,
 )
-MESSAGES = st.dictionaries(
-    TEXT.filter(lambda k: k not in ENVELOPE_FIELDS), VALUES, max_size=6
-)
+MESSAGES = st.dictionaries(TEXT.filter(lambda k: k not in ENVELOPE_FIELDS), VALUES, max_size=6)
 NONCES = st.text(st.sampled_from(B64URL), min_size=16, max_size=64)
 TIMESTAMPS = st.integers(NOW - WINDOW, NOW + WINDOW)
 KIDS = st.sampled_from(sorted(SECRETS))

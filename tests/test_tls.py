@@ -176,9 +176,10 @@ def raw_tls_upgrade(port: int, ctx: ssl.SSLContext, token: str | None) -> bytes:
     TLS errors (in the handshake or, with TLS 1.3 client certificates, on the first
     read) propagate as ``ssl.SSLError`` / ``OSError``.
     """
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, ctx.wrap_socket(
-        raw, server_hostname="localhost"
-    ) as tls:
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+        ctx.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
         tls.sendall(upgrade_request(host="localhost", token=token))
         chunks: list[bytes] = []
         while True:
@@ -300,9 +301,10 @@ def legacy_client_can_offer(ca: trustme.CA, version: str) -> bool:
         thread = threading.Thread(target=accept, daemon=True)
         thread.start()
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, legacy_client(
-                ca, version
-            ).wrap_socket(raw, server_hostname="localhost") as tls:
+            with (
+                socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+                legacy_client(ca, version).wrap_socket(raw, server_hostname="localhost") as tls,
+            ):
                 negotiated = tls.version()
         except (ssl.SSLError, OSError):
             negotiated = None
@@ -872,10 +874,14 @@ def test_cli_mtls_flag_requires_client_certificate(
     client_ca.cert_pem.write_to_path(str(ca_file))
     proc = Served(
         [
-            "--port", "0",
-            "--tls-cert", str(pki.cert_file),
-            "--tls-key", str(pki.key_file),
-            "--tls-client-ca", str(ca_file),
+            "--port",
+            "0",
+            "--tls-cert",
+            str(pki.cert_file),
+            "--tls-key",
+            str(pki.key_file),
+            "--tls-client-ca",
+            str(ca_file),
         ],
         cli_env(tmp_path),
         tmp_path / "audit.jsonl",
@@ -924,9 +930,10 @@ def test_handshake_timeout_closes_tcp_client_that_never_starts_tls(
 
 def silent_tls_client(server: RunningServer, ctx: ssl.SSLContext) -> tuple[bytes, float]:
     """Complete the TLS handshake, send no HTTP request; return (answer, seconds to close)."""
-    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw, ctx.wrap_socket(
-        raw, server_hostname="localhost"
-    ) as tls:
+    with (
+        socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw,
+        ctx.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
         started = time.monotonic()
         tls.settimeout(5)
         try:

@@ -346,22 +346,43 @@ class MessagePolicy:
             return "bad_signature"
         return self.signatures.check(message, state.identity.subject, state.session_key)
 
-    def replayed(self, state: ConnectionState, now: float, ref: Any) -> MessageDecision:
+    def replayed(
+        self, state: ConnectionState, now: float, ref: Any, message_type: str | None = None
+    ) -> MessageDecision:
         """The nonce of a verified message was seen before within the window."""
-        refusal = Refuse("replayed", "Message was already received.", ref=_valid_ref(ref))
+        refusal = Refuse(
+            "replayed", "Message was already received.", ref=_valid_ref(ref), type=message_type
+        )
         return self._refuse(state, now, refusal)
 
-    def unavailable(self, state: ConnectionState, now: float, ref: Any) -> MessageDecision:
+    def unavailable(
+        self, state: ConnectionState, now: float, ref: Any, message_type: str | None = None
+    ) -> MessageDecision:
         """A check this message needs (a shared nonce store) cannot answer now."""
-        refusal = Refuse("unavailable", "Try again shortly.", ref=_valid_ref(ref), retry_after=1.0)
+        refusal = Refuse(
+            "unavailable",
+            "Try again shortly.",
+            ref=_valid_ref(ref),
+            retry_after=1.0,
+            type=message_type,
+        )
         return refusal
 
     def rate_limited(
-        self, state: ConnectionState, now: float, ref: Any, retry_after: float
+        self,
+        state: ConnectionState,
+        now: float,
+        ref: Any,
+        retry_after: float,
+        message_type: str | None = None,
     ) -> MessageDecision:
         """The subject's cluster-wide message budget is spent."""
         refusal = Refuse(
-            "rate_limited", "Too many messages.", ref=_valid_ref(ref), retry_after=retry_after
+            "rate_limited",
+            "Too many messages.",
+            ref=_valid_ref(ref),
+            retry_after=retry_after,
+            type=message_type,
         )
         return self._refuse(state, now, refusal)
 

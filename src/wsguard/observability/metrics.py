@@ -88,7 +88,9 @@ CLOSE_CODES = frozenset(
     {1000, 1001, 1002, 1003, 1005, 1006, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014,
      1015, 4001, 4003}
 )  # fmt: skip
-_STORE_CHECKS = ("bans", "connections", "rate_limits", "revocations", "nonces", "events")
+_STORE_CHECKS = (
+    "bans", "connections", "rate_limits", "revocations", "nonces", "events", "health",
+)  # fmt: skip
 _MESSAGE_OUTCOMES = ("delivered", "refused", "closed")
 
 #: Upper bounds (seconds) of the message handling latency histogram.

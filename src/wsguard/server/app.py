@@ -65,6 +65,7 @@ class App:
         self.guard = guard
         self.config = guard.config
         self.connections: dict[str, Connection] = {}
+        guard.monitor.metrics.active_connections = lambda: len(self.connections)
         self._handlers: dict[str, Handler] = {}
         self._on_connect: list[Hook] = []
         self._on_disconnect: list[Hook] = []
@@ -286,6 +287,7 @@ class App:
                 conn.send(reply)
             elif isinstance(decision, Close):
                 monitor.message_refused(decision.cause, None, conn.client, closed=True)
+                metrics.latency(clock() - started)
                 conn.close_cause = decision.cause
                 await conn.close(decision.code, decision.reason)
                 break
@@ -298,12 +300,12 @@ class App:
             fresh = await self.guard.store.add_nonce(verified.nonce_key, verified.ttl)
         except StoreUnavailable:
             return self.guard.messages.unavailable(
-                conn.state, self.guard.now(), decision.message.get("id")
+                conn.state, self.guard.now(), decision.message.get("id"), decision.type
             )
         if fresh:
             return decision
         return self.guard.messages.replayed(
-            conn.state, self.guard.now(), decision.message.get("id")
+            conn.state, self.guard.now(), decision.message.get("id"), decision.type
         )
 
     async def _check_quota(self, conn: Connection, decision: Deliver) -> MessageDecision:
@@ -314,11 +316,13 @@ class App:
         try:
             wait = await quota.refill(conn.subject, now)
         except StoreUnavailable:  # rate limits configured to fail closed
-            return self.guard.messages.unavailable(conn.state, now, decision.message.get("id"))
+            return self.guard.messages.unavailable(
+                conn.state, now, decision.message.get("id"), decision.type
+            )
         if wait <= 0:
             return decision
         return self.guard.messages.rate_limited(
-            conn.state, self.guard.now(), decision.message.get("id"), wait
+            conn.state, self.guard.now(), decision.message.get("id"), wait, decision.type
         )
 
     def new_connection_id(self) -> str:

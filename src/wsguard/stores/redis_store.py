@@ -160,7 +160,7 @@ class RedisStore(Store):
             else:
                 self._mark_up()
                 return result
-        if getattr(self._modes, check) == "closed":
+        if getattr(self._modes, check, "open") == "closed":  # "health": a ping
             raise StoreUnavailable(check)
         return await fallback()
 
@@ -288,7 +288,7 @@ class RedisStore(Store):
             return False
 
         try:
-            return await self._run("rate_limits", remote, down)
+            return await self._run("health", remote, down)
         except StoreUnavailable:
             return False
 
