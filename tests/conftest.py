@@ -314,3 +314,19 @@ def own_redis(tmp_path: Path) -> Iterator[RedisProcess]:
     process = RedisProcess(tmp_path / "redis").start()
     yield process
     process.kill()
+
+
+def close_of(ws: ClientConnection, timeout: float = 5.0) -> tuple[int, str]:
+    """The close code and reason the server sends within *timeout* (frames before skipped)."""
+    from websockets.exceptions import ConnectionClosed
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            ws.recv(timeout=max(0.001, deadline - time.monotonic()))
+        except ConnectionClosed as exc:
+            if exc.rcvd is None:
+                pytest.fail(f"closed without a close frame: {exc}")
+            return exc.rcvd.code, exc.rcvd.reason
+        except TimeoutError:
+            pytest.fail(f"the server did not close the connection within {timeout}s")

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import httpx
 import pytest
 import trustme
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import InvalidStatus
 from websockets.sync.client import ClientConnection
 
 from conftest import (
@@ -30,6 +30,7 @@ from conftest import (
     ServerFactory,
     admin_headers,
     admin_overrides,
+    close_of,
     make_config,
     make_token,
 )
@@ -143,20 +144,6 @@ def assert_pong(ws: ClientConnection, ident: str) -> None:
     pong = recv_json(ws)
     assert pong["type"] == "pong", pong
     assert pong["id"] == ident
-
-
-def close_of(ws: ClientConnection, timeout: float = 5.0) -> tuple[int, str]:
-    """The close code and reason the server sends within *timeout* (frames before skipped)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            ws.recv(timeout=max(0.001, deadline - time.monotonic()))
-        except ConnectionClosed as exc:
-            if exc.rcvd is None:
-                pytest.fail(f"closed without a close frame: {exc}")
-            return exc.rcvd.code, exc.rcvd.reason
-        except TimeoutError:
-            pytest.fail(f"the server did not close the connection within {timeout}s")
 
 
 def refused_handshake(server: RunningServer, token: str) -> tuple[int, dict[str, str]]:

@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import InvalidStatus
 from websockets.sync.client import ClientConnection
 
 from conftest import (
@@ -31,6 +31,7 @@ from conftest import (
     ServerFactory,
     admin_headers,
     admin_overrides,
+    close_of,
     make_token,
 )
 from redis_process import RedisProcess
@@ -223,20 +224,6 @@ def fail_auth(server: RunningServer, times: int, source: str | None = None) -> N
     kwargs: dict[str, Any] = {} if source is None else {"source_address": (source, 0)}
     for _ in range(times):
         assert refused_status(server, make_token(secret=WRONG_SECRET), **kwargs) == 401
-
-
-def close_of(ws: ClientConnection, timeout: float = 5.0) -> tuple[int, str]:
-    """The close code and reason the server sends (frames before it are skipped)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            ws.recv(timeout=max(0.001, deadline - time.monotonic()))
-        except ConnectionClosed as exc:
-            if exc.rcvd is None:
-                pytest.fail(f"closed without a close frame: {exc}")
-            return exc.rcvd.code, exc.rcvd.reason
-        except TimeoutError:
-            pytest.fail(f"the server did not close the connection within {timeout}s")
 
 
 def assert_pong(ws: ClientConnection, msg_id: int) -> None:

@@ -10,7 +10,7 @@ import json
 import re
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,22 +20,11 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection
 
 from serve_process import Served
-from test_cli import QUICK, SECRET, WSGUARD, cli_env, free_port, mint
+from test_cli import SECRET, cli_env, free_port, mint
+from test_cli import run_cli as run
 
 ADMIN = "cli-admin-token-0123456789abcdefgh"
 ADMIN_LINE = re.compile(r"admin listener on (http://127\.0\.0\.1:(\d+))/")
-
-
-def run(args: Sequence[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [WSGUARD, *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=QUICK,
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
 
 
 class Node:

@@ -294,13 +294,7 @@ class AdminApi:
     async def disconnect(self, request: Request) -> Response:
         self._authorize(request)
         body = await self._body(request)
-        targets = [k for k in ("connection_id", "subject") if k in body]
-        if len(targets) != 1:
-            raise ApiError(400, "invalid_request", "Give exactly one of connection_id, subject.")
-        field = targets[0]
-        value = body[field]
-        if not isinstance(value, str) or not 0 < len(value) <= 1024:
-            raise ApiError(400, "invalid_request", f"{field} must be a string (1-1024).")
+        field, value = _one_of(body, ("connection_id", "subject"))
         if field == "connection_id" and not set(value) <= _ID_CHARS:
             raise ApiError(404, "not_found", "No such connection.")
         kind = "id" if field == "connection_id" else "sub"
@@ -318,17 +312,9 @@ class AdminApi:
     async def revoke(self, request: Request) -> Response:
         self._authorize(request)
         body = await self._body(request)
-        targets = [k for k in ("jti", "subject") if k in body]
-        if len(targets) != 1:
-            raise ApiError(400, "invalid_request", "Give exactly one of jti, subject.")
-        field = targets[0]
-        value = body[field]
-        if not isinstance(value, str) or not 0 < len(value) <= 1024:
-            raise ApiError(400, "invalid_request", f"{field} must be a string (1-1024).")
-        ttl = body.get("ttl_seconds", self.app.config.cluster.revocation_ttl_seconds)
-        if not isinstance(ttl, (int, float)) or isinstance(ttl, bool) or not 0 < ttl <= 2592000:
-            raise ApiError(400, "invalid_request", "ttl_seconds must be in (0, 2592000].")
-        await self._cluster(self.app.revoke("jti" if field == "jti" else "sub", value, float(ttl)))
+        field, value = _one_of(body, ("jti", "subject"))
+        ttl = _seconds(body, "ttl_seconds", self.app.config.cluster.revocation_ttl_seconds)
+        await self._cluster(self.app.revoke("jti" if field == "jti" else "sub", value, ttl))
         self.guard.audit.emit(
             "admin_action", action="revoke", target=field, client=self._address(request)
         )
@@ -354,17 +340,11 @@ class AdminApi:
             )
         body = await self._body(request)
         address = body.get("address")
-        seconds = body.get("seconds", self.app.config.limits.ban_seconds)
         if not isinstance(address, str):
             raise ApiError(400, "invalid_address", "address must be an IP address.")
-        if (
-            not isinstance(seconds, (int, float))
-            or isinstance(seconds, bool)
-            or not 0 < seconds <= 30 * 86400
-        ):
-            raise ApiError(400, "invalid_request", "seconds must be in (0, 2592000].")
+        seconds = _seconds(body, "seconds", self.app.config.limits.ban_seconds)
         try:
-            key = await self._cluster(self.guard.ban_address(address, float(seconds)))
+            key = await self._cluster(self.guard.ban_address(address, seconds))
         except ValueError:
             raise ApiError(400, "invalid_address", "address must be an IP address.") from None
         return json_response({"banned": key, "seconds": seconds}, 201)
@@ -474,6 +454,30 @@ class AdminApi:
                 "The shared store cannot be reached.",
                 {"Retry-After": "1"},
             ) from None
+
+
+MAX_SECONDS = 30 * 86400
+
+
+def _one_of(body: dict[str, Any], fields: tuple[str, ...]) -> tuple[str, str]:
+    """The one field of *fields* the body names, with its value (a short string)."""
+    present = [name for name in fields if name in body]
+    if len(present) != 1:
+        raise ApiError(400, "invalid_request", f"Give exactly one of {', '.join(fields)}.")
+    field = present[0]
+    value = body[field]
+    if not isinstance(value, str) or not 0 < len(value) <= 1024:
+        raise ApiError(400, "invalid_request", f"{field} must be a string (1-1024).")
+    return field, value
+
+
+def _seconds(body: dict[str, Any], name: str, default: float) -> float:
+    value = body.get(name, default)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ApiError(400, "invalid_request", f"{name} must be a number.")
+    if not 0 < value <= MAX_SECONDS:
+        raise ApiError(400, "invalid_request", f"{name} must be in (0, {MAX_SECONDS}].")
+    return float(value)
 
 
 def _route_of(request: Request) -> str:
