@@ -805,7 +805,7 @@ def test_default_rules_and_settings() -> None:
         "store_outage",
     }
     per_address = rules["auth_failures_per_address"]
-    assert per_address.events == ("auth",)
+    assert per_address.events == ("auth", "ban")  # keeps counting while the address is banned
     assert per_address.per == "address"
     assert (per_address.threshold, per_address.window_seconds) == (20, 60)
     assert (per_address.cooldown_seconds, per_address.ban_seconds) == (300, 900)
@@ -845,7 +845,7 @@ def test_overriding_a_default_rule_keeps_its_other_fields_and_new_rules_add() ->
     ).alerts.rules
     changed = rules["auth_failures_per_address"]
     assert changed.threshold == 3
-    assert changed.events == ("auth",)
+    assert changed.events == ("auth", "ban")
     assert changed.per == "address"
     assert (changed.window_seconds, changed.cooldown_seconds, changed.ban_seconds) == (
         60,

@@ -174,11 +174,24 @@ class Guard:
     # -- operator actions (admin API, alert rules) --------------------------------------
 
     def address_key(self, address: str) -> str:
-        """The key an address is limited and banned under; ValueError if not an IP."""
-        ip = parse_ip(address.strip())
+        """The key an address is limited and banned under; ValueError if not an IP.
+
+        The key itself is accepted too: an IPv6 network of ``limits.ipv6_prefix_length``
+        bits (``2001:db8::/64``, as ``GET /bans`` lists it) or an IPv4 ``/32``.
+        """
+        text = address.strip()
+        prefix = self.config.limits.ipv6_prefix_length
+        if "/" in text:
+            network = ipaddress.ip_network(text, strict=False)  # ValueError if malformed
+            if network.version == 6 and network.prefixlen == prefix:
+                return str(network)
+            if network.version == 4 and network.prefixlen == 32:
+                return str(network.network_address)
+            raise ValueError("not an address or a ban key")
+        ip = parse_ip(text)
         if ip is None:
             raise ValueError("not an IP address")
-        return limit_key(str(ip), self.config.limits.ipv6_prefix_length)
+        return limit_key(str(ip), prefix)
 
     async def ban_address(self, address: str, seconds: float, reason: str = "admin") -> str:
         """Ban *address* (its /64 for IPv6) on every node and close its live connections.

@@ -96,6 +96,63 @@ class SecurityHeaders:
         await self.app(scope, receive, send_with_headers)
 
 
+class HostCheck:
+    """Refuses requests whose ``Host`` is not a name of this listener (DNS rebinding).
+
+    On a loopback listener the accepted names are the loopback ones; elsewhere the
+    bind address and ``admin.hosts``. With a wildcard bind and no ``admin.hosts``
+    every name is accepted. Hosts of ``admin.origins`` are always accepted.
+    """
+
+    def __init__(self, app: ASGIApp, allowed: frozenset[str] | None) -> None:
+        self.app = app
+        self.allowed = allowed
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.allowed is None or scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        host = ""
+        for name, value in scope.get("headers", []):
+            if name == b"host":
+                host = value.decode("latin-1")
+                break
+        if host_name(host) in self.allowed:
+            await self.app(scope, receive, send)
+            return
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        response = json_response(
+            {"error": "bad_host", "message": "Unknown Host for this listener."}, 421
+        )
+        await response(scope, receive, send)
+
+
+def host_name(host: str) -> str:
+    """The host part of a ``Host`` header, lower case, without port or IPv6 brackets."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1 : host.find("]")] if "]" in host else ""
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def allowed_hosts(
+    bind: str, hosts: tuple[str, ...], origins: tuple[str, ...]
+) -> frozenset[str] | None:
+    """The ``Host`` names an admin listener bound to *bind* answers (None: any)."""
+    from wsguard.core.origin import parse_allowed_origin
+    from wsguard.guard import is_loopback_host
+
+    names = {host_name(h) for h in hosts}
+    names |= {parse_allowed_origin(o).host for o in origins}
+    if is_loopback_host(bind):
+        return frozenset(names | {"127.0.0.1", "localhost", "::1", host_name(bind)})
+    if bind in ("0.0.0.0", "::", "") and not hosts:
+        return None
+    return frozenset(names | {host_name(bind), "127.0.0.1", "localhost", "::1"})
+
+
 class AdminApi:
     """Builds the admin Starlette application for one App."""
 
@@ -131,7 +188,9 @@ class AdminApi:
             routes=wrapped,
             exception_handlers={HTTPException: self._http_error},  # type: ignore[dict-item]
         )
-        return SecurityHeaders(starlette)
+        config = self.config
+        hosts = allowed_hosts(config.host, config.hosts, config.origins)
+        return SecurityHeaders(HostCheck(starlette, hosts))
 
     @staticmethod
     def _wrap(route: Route) -> Route:
@@ -174,7 +233,8 @@ class AdminApi:
         authorization = request.headers.get("authorization")
         if self.credentials.bearer_ok(authorization):
             return
-        self.credentials.failed(address)
+        if authorization:  # only a presented credential counts towards the lock-out: any
+            self.credentials.failed(address)  # local process or web page can send none
         self.guard.monitor.metrics.admin_auth_failures += 1
         self.guard.audit.emit(
             "admin_auth_failed",
@@ -222,7 +282,7 @@ class AdminApi:
         return json_response({"status": "ok", "node": self.guard.node_id})
 
     async def readyz(self, request: Request) -> Response:
-        ready, reason = self.guard.ready
+        ready, reason = self.app.ready
         if ready:
             return json_response({"ready": True})
         return json_response({"ready": False, "reason": reason}, 503)
@@ -376,8 +436,7 @@ class AdminApi:
         limit = _int_param(
             request.query_params.get("limit"), "limit", default=100, low=1, high=MAX_PAGE
         )
-        events = list(self.guard.monitor.events)[-limit:]
-        return json_response({"events": list(reversed(events))})
+        return json_response({"events": self.guard.monitor.latest_events(limit)})
 
     # -- dashboard ------------------------------------------------------------------------
 

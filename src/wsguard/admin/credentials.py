@@ -21,6 +21,7 @@ import os
 import secrets
 import stat
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from wsguard.config.model import AdminConfig
@@ -88,8 +89,16 @@ def load_admin_token(config: AdminConfig, *, loopback: bool) -> tuple[str | None
 class AdminCredentials:
     """Checks the admin token and the dashboard's sessions."""
 
-    def __init__(self, token: str | None, *, mtls: bool, session_seconds: float) -> None:
+    def __init__(
+        self,
+        token: str | None,
+        *,
+        mtls: bool,
+        session_seconds: float,
+        address_key: Callable[[str], str] = str,
+    ) -> None:
         self._token = _digest(token) if token else None
+        self._address_key = address_key
         self.mtls = mtls
         self._session_seconds = session_seconds
         self._sessions: dict[bytes, float] = {}  # digest of the cookie -> expiry (monotonic)
@@ -97,24 +106,31 @@ class AdminCredentials:
 
     # -- guessing -------------------------------------------------------------------------
 
+    def _key(self, address: str) -> str:
+        try:
+            return self._address_key(address)  # an IPv6 client counts per /64
+        except ValueError:
+            return address
+
     def blocked_for(self, address: str) -> float:
         """Seconds until *address* may try a credential again (0 when it may now)."""
-        times = self._failures.get(address)
+        times = self._failures.get(self._key(address))
         if times is None or len(times) < FAILURES_ALLOWED:
             return 0.0
         return max(0.0, times[0] + FAILURE_WINDOW - time.monotonic())
 
     def failed(self, address: str) -> None:
-        times = self._failures.get(address)
+        """Count a wrong credential presented from *address*."""
+        key = self._key(address)
+        times = self._failures.get(key)
         if times is None:
             if len(self._failures) >= _MAX_TRACKED:
                 now = time.monotonic()
-                self._failures = {
-                    a: t for a, t in self._failures.items() if t[-1] > now - FAILURE_WINDOW
-                }
-                while len(self._failures) >= _MAX_TRACKED:
-                    del self._failures[next(iter(self._failures))]
-            times = self._failures[address] = collections.deque(maxlen=FAILURES_ALLOWED)
+                recent = {a: t for a, t in self._failures.items() if t[-1] > now - FAILURE_WINDOW}
+                # keep a tenth free, so the scan above is amortized O(1) per new address
+                keep = _MAX_TRACKED - _MAX_TRACKED // 10
+                self._failures = dict(list(recent.items())[-keep:])
+            times = self._failures[key] = collections.deque(maxlen=FAILURES_ALLOWED)
         times.append(time.monotonic())
 
     def token_ok(self, presented: str | None) -> bool:

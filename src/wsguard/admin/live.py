@@ -23,7 +23,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from wsguard.admin.credentials import SESSION_COOKIE, AdminCredentials
 from wsguard.core.decisions import CLOSE_CREDENTIALS_EXPIRED, CLOSE_POLICY_VIOLATION
-from wsguard.core.origin import OriginPolicy
+from wsguard.core.origin import OriginPolicy, parse_origin
 from wsguard.observability.metrics import REFUSAL_CATEGORIES
 from wsguard.stores.base import StoreUnavailable
 
@@ -44,7 +44,7 @@ class LiveFeed:
         self.guard = app.guard
         self.monitor = app.guard.monitor
         self.credentials = credentials
-        self.origins = app.config.admin.origins
+        self._configured = OriginPolicy(app.config.admin.origins, allow_missing=False)
         self.limit = app.config.admin.max_dashboards
         self.open = 0
         self._previous: tuple[float, dict[str, Any]] | None = None
@@ -58,14 +58,16 @@ class LiveFeed:
 
     def origin_ok(self, conn: HTTPConnection) -> bool:
         """The request's Origin is this listener's own origin or in ``admin.origins``."""
-        host = conn.headers.get("host", "")
+        origin = conn.headers.get("origin")
+        if origin is None:
+            return False  # the cookie is a credential: a missing Origin is refused
         secure = conn.url.scheme in ("https", "wss")
-        own = f"{'https' if secure else 'http'}://{host}"
-        try:
-            policy = OriginPolicy((own, *self.origins), allow_missing=False)
-        except ValueError:
-            policy = OriginPolicy(self.origins, allow_missing=False)
-        return policy.check(conn.headers.get("origin"), cookie_auth=True)
+        # the Host was checked against this listener's names (HostCheck) before this
+        own = parse_origin(f"{'https' if secure else 'http'}://{conn.headers.get('host', '')}")
+        spec = parse_origin(origin)
+        if own is not None and spec is not None and own.matches(spec):
+            return True
+        return self._configured.check(origin, cookie_auth=True)
 
     def _credential_ok(self, ws: WebSocket) -> bool:
         if self.credentials.mtls:
@@ -127,7 +129,8 @@ class LiveFeed:
             if self.credentials.blocked_for(address) > 0:
                 return 429, "too_many_failures", "Too many failed admin credentials."
             if not self._credential_ok(ws):
-                self.credentials.failed(address)
+                if ws.cookies.get(SESSION_COOKIE) or ws.headers.get("authorization"):
+                    self.credentials.failed(address)  # only presented credentials count
                 self.monitor.metrics.admin_auth_failures += 1
                 return 401, "unauthorized", "Log in first."
         if self.open >= self.limit:
@@ -183,7 +186,7 @@ class LiveFeed:
                     {"address": key.removeprefix("addr:"), "remaining_seconds": round(left, 1)}
                     for key, left in await self.guard.store.bans(50)
                 ]
-        ready, reason = self.guard.ready
+        ready, reason = self.app.ready
         return {
             "type": "snapshot",
             "time": time.time(),
@@ -195,7 +198,7 @@ class LiveFeed:
             "store_up": metrics.store_up(),
             "totals": totals,
             "rates": rates,
-            "events": list(reversed(list(self.monitor.events)[-50:])),
+            "events": self.monitor.latest_events(50),
             "alerts": list(reversed(list(self.monitor.alerts)[-20:])),
             "offenders": [
                 {"address": address, "refusals": count}

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from wsguard.admin.api import AdminApi
 from wsguard.admin.credentials import AdminCredentials, load_admin_token
@@ -30,6 +31,51 @@ if TYPE_CHECKING:
 logger = logging.getLogger("wsguard.admin")
 
 BAN_GAUGE_EVERY = 10.0
+REQUEST_DEADLINE = 10.0  # seconds a connection has to complete each request
+MAX_OPEN = 256  # connections at once; more are closed at once
+
+
+class _AdminH11(H11Protocol):
+    """uvicorn's h11 protocol with the limits the admin listener needs against slowloris.
+
+    uvicorn times out only idle keep-alive connections, not a request that never
+    completes, and its concurrency limit answers 503 but keeps every socket: 256
+    half-sent requests would make every probe fail. Here each request must be
+    complete within ``REQUEST_DEADLINE`` and at most ``MAX_OPEN`` connections are
+    kept. (A connection upgraded to the dashboard WebSocket leaves this protocol.)
+    """
+
+    _deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if len(self.connections) > MAX_OPEN:
+            transport.abort()
+            return
+        self._deadline = self.loop.call_later(REQUEST_DEADLINE, self._expire)
+
+    def _expire(self) -> None:
+        transport = self.transport
+        if transport.is_closing() or transport.get_protocol() is not self:
+            return  # closed, or now the dashboard's WebSocket
+        cycle = self.cycle
+        if cycle is not None and not cycle.more_body and not cycle.response_complete:
+            # the whole request arrived; the application is answering it
+            self._deadline = self.loop.call_later(REQUEST_DEADLINE, self._expire)
+            return
+        transport.close()  # a request head or body still incomplete, or nothing sent
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._deadline is not None:
+            self._deadline.cancel()
+        if not self.transport.is_closing():
+            self._deadline = self.loop.call_later(REQUEST_DEADLINE, self._expire)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        super().connection_lost(exc)
 
 
 class _DenialIsNotAnError(logging.Filter):
@@ -66,6 +112,7 @@ class AdminServer:
             token,
             mtls=config.tls.client_ca_file is not None,
             session_seconds=config.session_seconds,
+            address_key=app.guard.address_key,
         )
         self.live = LiveFeed(app, self.credentials)
         self.api = AdminApi(app, self.credentials, self.live)
@@ -102,6 +149,7 @@ class AdminServer:
             log_config=None,
             access_log=False,
             lifespan="off",
+            http=_AdminH11,
             ws="websockets-sansio",
             ws_max_size=4096,
             ws_ping_interval=20.0,
@@ -150,16 +198,20 @@ class AdminServer:
 
     async def _count_bans(self) -> None:
         store = self.app.guard.store
+        count = getattr(store, "active_ban_count", None)
         while True:
             with contextlib.suppress(StoreUnavailable):
-                self._ban_count = len(await store.bans(100_000))
+                self._ban_count = (
+                    await count() if count is not None else len(await store.bans(100_000))
+                )
             await asyncio.sleep(BAN_GAUGE_EVERY)
 
     async def stop(self) -> None:
         if self._gauge_task is not None:
             self._gauge_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._gauge_task
+            self._gauge_task = None
         server, task = self._server, self._task
         if server is None or task is None:
             return

@@ -23,6 +23,7 @@ import httpx
 from wsguard.admin.credentials import DEFAULT_TOKEN_FILE
 from wsguard.config.model import Config
 from wsguard.errors import ConfigError
+from wsguard.guard import is_loopback_host
 
 
 def add_connection_options(parser: argparse.ArgumentParser) -> None:
@@ -83,8 +84,18 @@ def _client(args: argparse.Namespace, config: Config) -> httpx.Client:
         if args.cert:
             context.load_cert_chain(str(args.cert), str(args.key) if args.key else None)
         verify = context
+    base = _base_url(args, config)
+    host = httpx.URL(base).host
+    loopback = is_loopback_host(host)
+    if token and base.startswith("http://") and not loopback:
+        print(
+            f"wsguard: warning: sending the admin token in clear text to {host}",
+            file=sys.stderr,
+        )
+    # never through a proxy from the environment to a loopback listener (HTTP_PROXY would
+    # otherwise receive the admin token)
     return httpx.Client(
-        base_url=_base_url(args, config), headers=headers, verify=verify, timeout=10.0
+        base_url=base, headers=headers, verify=verify, timeout=10.0, trust_env=not loopback
     )
 
 

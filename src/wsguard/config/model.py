@@ -322,7 +322,7 @@ class AlertRuleConfig(_Section):
 
 DEFAULT_ALERT_RULES: dict[str, dict[str, Any]] = {
     "auth_failures_per_address": {
-        "events": ["auth"], "per": "address", "threshold": 20, "window_seconds": 60,
+        "events": ["auth", "ban"], "per": "address", "threshold": 20, "window_seconds": 60,
         "cooldown_seconds": 300, "ban_seconds": 900,
     },
     "auth_failures_total": {
@@ -420,6 +420,7 @@ class AdminConfig(_Section):
     public_metrics: bool = True
     session_seconds: float = Field(default=8 * 3600.0, gt=0, le=7 * 86400)
     origins: tuple[str, ...] = ()
+    hosts: tuple[str, ...] = ()
     max_dashboards: int = Field(default=16, ge=1, le=1000)
     tls: AdminTlsConfig = AdminTlsConfig()
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import heapq
+import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -29,6 +31,10 @@ BanAction = Callable[[str, float, str], Awaitable[object]]
 
 EVENTS_KEPT = 200
 ALERTS_KEPT = 100
+
+
+def _newest_first(event: dict[str, Any]) -> float:
+    return -float(event["time"])
 
 
 class Offenders:
@@ -72,7 +78,10 @@ class Monitor:
         self.audit = audit
         alerts = config.alerts
         self.metrics = Metrics(message_types, alerts.rules if alerts.enabled else ())
-        self.events: collections.deque[dict[str, Any]] = collections.deque(maxlen=EVENTS_KEPT)
+        # refusals and the rarer events (bans, alerts, outages) are kept apart, so a flood
+        # of cheap refusals cannot push a ban or an alert out of view
+        self.refusals: collections.deque[dict[str, Any]] = collections.deque(maxlen=EVENTS_KEPT)
+        self.notable: collections.deque[dict[str, Any]] = collections.deque(maxlen=EVENTS_KEPT)
         self.alerts: collections.deque[dict[str, Any]] = collections.deque(maxlen=ALERTS_KEPT)
         self.offenders = Offenders()
         self.engine = AlertEngine(alerts, self._fired, clock=time.monotonic, wall_clock=time.time)
@@ -185,13 +194,14 @@ class Monitor:
         return limit_key(client, self._prefix)
 
     def _event(self, kind: str, **fields: Any) -> None:
-        self.events.append(
-            {
-                "time": time.time(),
-                "kind": kind,
-                **{k: v for k, v in fields.items() if v is not None},
-            }
-        )
+        event = {"time": time.time(), "kind": kind}
+        event.update((k, v) for k, v in fields.items() if v is not None)
+        (self.refusals if kind == "refusal" else self.notable).append(event)
+
+    def latest_events(self, limit: int) -> list[dict[str, Any]]:
+        """The latest security events, newest first (refusals and the rest merged)."""
+        merged = heapq.merge(reversed(self.refusals), reversed(self.notable), key=_newest_first)
+        return list(itertools.islice(merged, limit))
 
     def _spawn(self, coro: Coroutine[Any, Any, object] | Awaitable[object]) -> None:
         async def run() -> None:
@@ -205,7 +215,12 @@ class Monitor:
         task.add_done_callback(self._tasks.discard)
 
     async def close(self) -> None:
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=2)
+        """Let alert actions finish (bounded), then stop; the store closes after this."""
+        tasks = list(self._tasks)
+        if tasks:
+            await asyncio.wait(tasks, timeout=2)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
         if self.webhook is not None:
             await self.webhook.close()

@@ -72,19 +72,28 @@ class Webhook:
         return True
 
     async def _worker(self, queue: asyncio.Queue[dict[str, Any]]) -> None:
-        import httpx  # only nodes with a webhook pay for importing it
+        try:
+            import httpx  # only nodes with a webhook pay for importing it
 
-        async with httpx.AsyncClient(timeout=self._timeout, follow_redirects=False) as client:
-            while True:
-                document = await queue.get()
-                try:
-                    ok = await self._post(client, document)
-                except Exception:  # a bug must not stop every later alert
-                    logger.exception("alert webhook post failed")
-                    ok = False
-                finally:
-                    queue.task_done()
-                self._on_result("ok" if ok else "failed")
+            async with httpx.AsyncClient(timeout=self._timeout, follow_redirects=False) as client:
+                while True:
+                    document = await queue.get()
+                    try:
+                        ok = await self._post(client, document)
+                    except Exception:  # a bug must not stop every later alert
+                        logger.exception("alert webhook post failed")
+                        ok = False
+                    finally:
+                        queue.task_done()
+                    self._on_result("ok" if ok else "failed")
+        except Exception:  # the client itself failed (e.g. a proxy setting): start over
+            logger.exception("alert webhook sender stopped")
+            while not queue.empty():
+                queue.get_nowait()
+                queue.task_done()
+                self._on_result("failed")
+            if self._queue is queue:
+                self._queue, self._task = None, None  # the next alert starts a new sender
 
     async def _post(self, client: httpx.AsyncClient, document: dict[str, Any]) -> bool:
         import httpx

@@ -80,6 +80,14 @@ class App:
         self.admin: Any = None  # the AdminServer when admin.port is set
 
     @property
+    def ready(self) -> tuple[bool, str | None]:
+        """Whether this node should get traffic: (ready, reason when not)."""
+        ready, reason = self.guard.ready  # draining, or the store down and fail-closed
+        if ready and self._server is None:
+            return False, "starting"
+        return ready, reason
+
+    @property
     def admin_port(self) -> int | None:
         """The admin listener's port (after :meth:`start`), None when it is off."""
         return self.admin.port if self.admin is not None else None
@@ -356,7 +364,13 @@ class App:
 
             self.admin = AdminServer(self)
             await self.admin.start()
-        self._server = await start_server(self)
+        try:
+            self._server = await start_server(self)
+        except BaseException:
+            if self.admin is not None:  # never leave a listener saying "ready" behind
+                await self.admin.stop()
+                self.admin = None
+            raise
         sockets = list(self._server.sockets)
         self.port = sockets[0].getsockname()[1] if sockets else None
 

@@ -122,3 +122,15 @@ redis.call('DEL', KEYS[1])
 return duration
 """
 )
+
+#: KEYS ban key; ARGV ms -> the ban's ms left afterwards. Sets a ban of ms unless a
+#: longer one is already in force (an operator's ban never shortens an escalated one).
+EXTEND_BAN = """
+local left = redis.call('PTTL', KEYS[1])
+local want = tonumber(ARGV[1])
+if left < want then
+  redis.call('SET', KEYS[1], '1', 'PX', want)
+  return want
+end
+return left
+"""

@@ -83,6 +83,7 @@ class RedisStore(Store):
         self._take = self.client.register_script(redis_scripts.TAKE)
         self._record_failure = self.client.register_script(redis_scripts.RECORD_FAILURE)
         self._screen = self.client.register_script(redis_scripts.SCREEN)
+        self._extend_ban = self.client.register_script(redis_scripts.EXTEND_BAN)
         self._held: dict[str, set[str]] = {}  # leases granted by Redis, renewed by us
         self._local_held: set[tuple[str, str]] = set()  # leases granted in fail-open mode
         self._renewing = False
@@ -410,24 +411,36 @@ class RedisStore(Store):
     async def _index_ban(self, key: str, duration_ms: int) -> None:
         """Note a ban in the listing index (a sorted set scored by expiry, epoch ms).
 
-        The index only serves :meth:`bans`; the ban itself is the key's TTL, which
-        :meth:`bans` reads back, so an index entry that outlives its ban is harmless.
+        The index only serves :meth:`bans` and :meth:`active_ban_count`; the ban itself
+        is the key's TTL. Expired entries are trimmed on every write, so the index
+        stays as large as the bans in force.
         """
-        until = int(time.time() * 1000) + duration_ms
-        await self.client.zadd(self._key("bans"), {key: until}, gt=True)
+        now = int(time.time() * 1000)
+        index = self._key("bans")
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.zremrangebyscore(index, "-inf", now)
+            pipe.zadd(index, {key: now + duration_ms}, gt=True)
+            await pipe.execute()
 
     async def ban(self, key: str, seconds: float) -> None:
         milliseconds = max(1, int(seconds * 1000))
 
         async def remote() -> None:
-            ban_key = self._key(key, ":ban")
-            current = int(await self.client.pttl(ban_key))
-            if current < milliseconds:
-                await self.client.set(ban_key, b"1", px=milliseconds)
-            await self._index_ban(key, max(current, milliseconds))
+            # one script: a longer ban already in force (an escalated one) is kept
+            left = int(await self._extend_ban(keys=[self._key(key, ":ban")], args=[milliseconds]))
+            await self._index_ban(key, left)
 
         await self._fallback.ban(key, seconds)  # this node refuses at once, even if Redis is down
         await self._run("bans", remote, _constant(None))
+
+    async def active_ban_count(self) -> int:
+        """Bans in force (from the index: one O(log n) command)."""
+
+        async def remote() -> int:
+            now = int(time.time() * 1000)
+            return int(await self.client.zcount(self._key("bans"), now, "+inf"))
+
+        return await self._run("bans", remote, _constant(0))
 
     async def bans(self, limit: int = 1000) -> list[tuple[str, float]]:
         async def remote() -> list[tuple[str, float]]:
@@ -445,9 +458,6 @@ class RedisStore(Store):
                     pipe.pttl(self._key(name, ":ban"))
 
             ttls = await self._pipelined(build)
-            gone = [name for name, ttl in zip(names, ttls, strict=True) if int(ttl) < 0]
-            if gone:
-                await self.client.zrem(index, *gone)
             return [
                 (name, max(int(ttl), 1) / 1000)
                 for name, ttl in zip(names, ttls, strict=True)
