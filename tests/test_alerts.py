@@ -808,7 +808,7 @@ def test_default_rules_and_settings() -> None:
     assert per_address.events == ("auth", "ban")  # keeps counting while the address is banned
     assert per_address.per == "address"
     assert (per_address.threshold, per_address.window_seconds) == (20, 60)
-    assert (per_address.cooldown_seconds, per_address.ban_seconds) == (300, 900)
+    assert (per_address.cooldown_seconds, per_address.ban_seconds) == (300, 0)  # alert only
     total = rules["auth_failures_total"]
     assert (total.events, total.per, total.threshold, total.window_seconds) == (
         ("auth",),
@@ -847,11 +847,7 @@ def test_overriding_a_default_rule_keeps_its_other_fields_and_new_rules_add() ->
     assert changed.threshold == 3
     assert changed.events == ("auth", "ban")
     assert changed.per == "address"
-    assert (changed.window_seconds, changed.cooldown_seconds, changed.ban_seconds) == (
-        60,
-        300,
-        900,
-    )
+    assert (changed.window_seconds, changed.cooldown_seconds, changed.ban_seconds) == (60, 300, 0)
     assert rules["auth_failures_total"].threshold == 200  # the other defaults stay
     assert rules["store_outage"].enabled
     mine = rules["mine"]

@@ -323,7 +323,7 @@ class AlertRuleConfig(_Section):
 DEFAULT_ALERT_RULES: dict[str, dict[str, Any]] = {
     "auth_failures_per_address": {
         "events": ["auth", "ban"], "per": "address", "threshold": 20, "window_seconds": 60,
-        "cooldown_seconds": 300, "ban_seconds": 900,
+        "cooldown_seconds": 300,
     },
     "auth_failures_total": {
         "events": ["auth"], "per": "total", "threshold": 200, "window_seconds": 60,
