@@ -531,6 +531,22 @@ def test_disconnect_a_connection_then_a_subject(
     assert_pong(y, "untouched")
 
 
+def test_delete_on_a_connection_disconnects_it(
+    server_factory: ServerFactory, clients: list[ClientConnection]
+) -> None:
+    server = admin_server(server_factory)
+    (x, x_id), (y, _) = [open_client(server, clients, make_token(sub)) for sub in ("x", "y")]
+    response = call(server, "DELETE", f"/connections/{x_id}")
+    assert response.status_code == 200, response.text
+    assert response.json() == {"disconnected": {"connection_id": x_id}, "local_connections": 1}
+    assert close_of(x) == (1008, "disconnected by operator")
+    assert_pong(y, "still")
+    assert call(server, "DELETE", "/connections/" + "f" * 65).status_code == 404
+    assert call(server, "DELETE", "/connections/not-an-id").status_code == 404
+    unauthenticated = httpx.delete(f"{server.admin_url}/connections/{x_id}", timeout=5)
+    assert unauthenticated.status_code == 401
+
+
 def test_revoke_a_token_id_then_a_subject(
     server_factory: ServerFactory, clients: list[ClientConnection]
 ) -> None:

@@ -169,7 +169,7 @@ class AdminApi:
             Route("/readyz", self.readyz),
             Route("/metrics", self.metrics),
             Route("/connections", self.connections),
-            Route("/connections/{connection_id}", self.connection),
+            Route("/connections/{connection_id}", self.connection, methods=["GET", "DELETE"]),
             Route("/disconnect", self.disconnect, methods=["POST"]),
             Route("/revoke", self.revoke, methods=["POST"]),
             Route("/bans", self.bans, methods=["GET", "POST"]),
@@ -328,8 +328,12 @@ class AdminApi:
         )
 
     async def connection(self, request: Request) -> Response:
+        """``GET``: one connection of this node; ``DELETE``: disconnect it (any node)."""
         self._authorize(request)
-        conn = self.app.connections.get(request.path_params["connection_id"])
+        connection_id = request.path_params["connection_id"]
+        if request.method == "DELETE":
+            return await self._disconnect(request, "connection_id", connection_id)
+        conn = self.app.connections.get(connection_id)
         if conn is None:
             raise ApiError(404, "not_found", "No such connection on this node.")
         return json_response(self._describe(conn))
@@ -355,7 +359,10 @@ class AdminApi:
         self._authorize(request)
         body = await self._body(request)
         field, value = _one_of(body, ("connection_id", "subject"))
-        if field == "connection_id" and not set(value) <= _ID_CHARS:
+        return await self._disconnect(request, field, value)
+
+    async def _disconnect(self, request: Request, field: str, value: str) -> Response:
+        if field == "connection_id" and (len(value) > 64 or not set(value) <= _ID_CHARS):
             raise ApiError(404, "not_found", "No such connection.")
         kind = "id" if field == "connection_id" else "sub"
         local = sum(

@@ -6,7 +6,8 @@ variables, explicit overrides (CLI flags). Every error is a
 
 Environment variables: ``WSGUARD_HOST``, ``WSGUARD_PORT``, ``WSGUARD_LOG_LEVEL``,
 ``WSGUARD_STORE``, ``WSGUARD_JWT_SECRET`` (= ``auth.secret``),
-``WSGUARD_ADMIN_TOKEN`` (= ``admin.token``), and for any key
+``WSGUARD_ADMIN_TOKEN`` (= ``admin.token``), ``WSGUARD_ADMIN_PORT``,
+``WSGUARD_ADMIN_HOST``, and for any key
 ``WSGUARD_<SECTION>__<KEY>`` (double underscore), e.g.
 ``WSGUARD_LIMITS__MAX_MESSAGE_BYTES=16384``. Lists take JSON (``["a","b"]``) or
 comma-separated values.
@@ -32,6 +33,8 @@ ENV_PREFIX = "WSGUARD_"
 _ENV_ALIASES: dict[str, tuple[str, ...]] = {
     "WSGUARD_JWT_SECRET": ("auth", "secret"),
     "WSGUARD_ADMIN_TOKEN": ("admin", "token"),
+    "WSGUARD_ADMIN_PORT": ("admin", "port"),
+    "WSGUARD_ADMIN_HOST": ("admin", "host"),
 }
 # Variables read elsewhere (the CLI, later modules); not configuration keys.
 _ENV_NOT_KEYS = frozenset({"WSGUARD_CONFIG"})
