@@ -458,3 +458,19 @@ def test_unknown_env_variable_is_reported_by_name(capsys: pytest.CaptureFixture[
     config = load_config(None, env={"WSGUARD_LIMITS__MAX_MESAGE_BYTES": "1"})
     assert config.limits.max_message_bytes == 8192  # the secure default stays
     assert "WSGUARD_LIMITS__MAX_MESAGE_BYTES" in capsys.readouterr().err
+
+
+def test_admin_environment_variables_set_the_admin_listener() -> None:
+    config = load_config(
+        env={
+            "WSGUARD_ADMIN_PORT": "9091",
+            "WSGUARD_ADMIN_HOST": "::1",
+            "WSGUARD_ADMIN_TOKEN": "an-admin-token-long-enough-0123",
+        }
+    )
+    assert (config.admin.port, config.admin.host) == (9091, "::1")
+    assert config.admin.token == "an-admin-token-long-enough-0123"
+    assert "an-admin-token" not in repr(config)
+    with pytest.raises(ConfigError) as bad:
+        load_config(env={"WSGUARD_ADMIN_PORT": "99999"})
+    assert bad.value.key == "admin.port"
