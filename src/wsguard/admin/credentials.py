@@ -127,9 +127,13 @@ class AdminCredentials:
             if len(self._failures) >= _MAX_TRACKED:
                 now = time.monotonic()
                 recent = {a: t for a, t in self._failures.items() if t[-1] > now - FAILURE_WINDOW}
-                # keep a tenth free, so the scan above is amortized O(1) per new address
+                # keep a tenth free, so the scan above is amortized O(1) per new address;
+                # addresses locked out now are kept first (forgetting one would unlock it)
                 keep = _MAX_TRACKED - _MAX_TRACKED // 10
-                self._failures = dict(list(recent.items())[-keep:])
+                locked = [a for a, t in recent.items() if len(t) >= FAILURES_ALLOWED]
+                others = [a for a, t in recent.items() if len(t) < FAILURES_ALLOWED]
+                kept = others[-max(0, keep - len(locked)) :] if keep > len(locked) else []
+                self._failures = {a: recent[a] for a in [*locked[-keep:], *kept]}
             times = self._failures[key] = collections.deque(maxlen=FAILURES_ALLOWED)
         times.append(time.monotonic())
 
