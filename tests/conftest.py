@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import jwt
 import pytest
@@ -330,3 +330,18 @@ def close_of(ws: ClientConnection, timeout: float = 5.0) -> tuple[int, str]:
             return exc.rcvd.code, exc.rcvd.reason
         except TimeoutError:
             pytest.fail(f"the server did not close the connection within {timeout}s")
+
+
+T = TypeVar("T")
+
+
+def eventually(check: Callable[[], T | None], timeout: float = 5.0, what: str = "condition") -> T:
+    """Poll *check* until it returns something truthy; fail naming *what* after *timeout*."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not within {timeout}s (last: {result!r})")
+        time.sleep(0.02)  # polling a condition, bounded by the deadline

@@ -13,10 +13,9 @@ import json
 import socket
 import ssl
 import stat
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import pytest
@@ -31,6 +30,7 @@ from conftest import (
     admin_headers,
     admin_overrides,
     close_of,
+    eventually,
     make_config,
     make_token,
 )
@@ -39,8 +39,6 @@ from wsguard.admin.server import AdminServer
 from wsguard.config.loader import load_config
 from wsguard.errors import ConfigError, KeyLoadError
 from wsguard.server.app import App
-
-T = TypeVar("T")
 
 #: Limits roomy enough that the tests' own handshakes never trip them.
 ROOMY: dict[str, Any] = {
@@ -77,18 +75,6 @@ WWW_AUTHENTICATE = 'Bearer realm="wsguard-admin"'
 
 
 # -- helpers ----------------------------------------------------------------------------
-
-
-def eventually(check: Callable[[], T | None], timeout: float = 5.0, what: str = "condition") -> T:
-    """Poll *check* until it returns something truthy; fail naming *what* after *timeout*."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what}: not within {timeout}s (last: {result!r})")
-        time.sleep(0.02)
 
 
 def admin_server(server_factory: ServerFactory, **overrides: Any) -> RunningServer:

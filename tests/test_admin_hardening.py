@@ -26,9 +26,9 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import pytest
@@ -44,6 +44,7 @@ from conftest import (
     ServerFactory,
     admin_headers,
     admin_overrides,
+    eventually,
     make_config,
     make_token,
     raw_http,
@@ -76,22 +77,8 @@ ROOMY: dict[str, Any] = {
     }
 }
 
-T = TypeVar("T")
-
 
 # -- helpers ----------------------------------------------------------------------------
-
-
-def eventually(check: Callable[[], T | None], timeout: float = 5.0, what: str = "condition") -> T:
-    """Poll *check* until it returns something truthy; fail naming *what* after *timeout*."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what}: not within {timeout}s (last: {result!r})")
-        time.sleep(0.02)
 
 
 def error_of(response: httpx.Response) -> str:

@@ -217,11 +217,7 @@ class AdminApi:
     def _address(self, request: Request) -> str:
         return request.client.host if request.client else "unknown"
 
-    def _authorize(self, request: Request) -> None:
-        """Admit the admin credential; 401 (or 429 after repeated failures) otherwise."""
-        if self.credentials.mtls:
-            return  # the TLS layer required an admin client certificate
-        address = self._address(request)
+    def _not_locked_out(self, address: str) -> None:
         wait = self.credentials.blocked_for(address)
         if wait > 0:
             raise ApiError(
@@ -230,6 +226,13 @@ class AdminApi:
                 "Too many failed admin credentials.",
                 {"Retry-After": str(math.ceil(wait))},
             )
+
+    def _authorize(self, request: Request) -> None:
+        """Admit the admin credential; 401 (or 429 after repeated failures) otherwise."""
+        if self.credentials.mtls:
+            return  # the TLS layer required an admin client certificate
+        address = self._address(request)
+        self._not_locked_out(address)
         authorization = request.headers.get("authorization")
         if self.credentials.bearer_ok(authorization):
             return
@@ -462,14 +465,7 @@ class AdminApi:
             raise ApiError(403, "origin_forbidden", "Log in from the dashboard's own page.")
         body = await self._body(request)
         address = self._address(request)
-        wait = self.credentials.blocked_for(address)
-        if wait > 0:
-            raise ApiError(
-                429,
-                "too_many_failures",
-                "Too many failed admin credentials.",
-                {"Retry-After": str(math.ceil(wait))},
-            )
+        self._not_locked_out(address)
         token = body.get("token")
         if not isinstance(token, str) or not self.credentials.token_ok(token):
             self.credentials.failed(address)
