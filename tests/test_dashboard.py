@@ -137,6 +137,7 @@ STATE_JS = """(() => {
     events: rows("events"),
     offenders: rows("offenders"),
     bans: rows("bans"),
+    who: rows("connection-list"),
     login_error: text("login-error"),
   });
 })()"""
@@ -242,8 +243,9 @@ def test_dashboard_shows_live_refusals_bans_and_offenders(
     assert banned.status_code == 201, banned.text
 
     with server.connect_welcomed() as client:
-        state = wait_state(chromium, session, lambda s: s["connections"] == "1")
+        state = wait_state(chromium, session, lambda s: s["connections"] == "1" and s["who"])
         assert state["connections"] == "1", state
+        assert [row[1:3] for row in state["who"]] == [["alice", "127.0.0.1"]], state
 
         missing = 3  # below limits.auth_failures_before_ban (5): 127.0.0.1 stays unbanned
         for _ in range(missing):
@@ -433,6 +435,9 @@ def test_dashboard_socket_streams_snapshots_and_is_read_only(
         assert first["type"] == "snapshot"
         assert first["node"] == server.app.guard.node_id
         assert first["connections"] == 1
+        (who,) = first["recent_connections"]
+        assert (who["subject"], who["client"]) == ("alice", "127.0.0.1")
+        assert who["id"] in server.app.connections
         assert first["dashboards"] == 1
         assert {"handshakes", "messages", "refusals"} <= set(first["totals"])
         assert {"handshakes", "messages", "refusals"} <= set(first["rates"])

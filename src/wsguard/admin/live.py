@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +35,7 @@ INTERVAL = 1.0
 SEND_TIMEOUT = 5.0
 BANS_EVERY = 5.0
 MAX_FRAME = 4096
+RECENT_CONNECTIONS = 20
 
 
 class LiveFeed:
@@ -157,6 +159,20 @@ class LiveFeed:
             self._cached = (now, data, self.open)
             return data
 
+    def _recent_connections(self, now: float) -> list[dict[str, Any]]:
+        """The newest connections (who is connected), at most ``RECENT_CONNECTIONS``."""
+        newest = itertools.islice(reversed(self.app.connections.values()), RECENT_CONNECTIONS)
+        return [
+            {
+                "id": conn.id,
+                "subject": conn.subject,
+                "client": conn.client,
+                "connected_seconds": round(now - conn.opened_at, 1),
+                "messages_in": conn.state.received,
+            }
+            for conn in newest
+        ]
+
     async def build(self, now: float) -> dict[str, Any]:
         metrics = self.monitor.metrics
         totals: dict[str, Any] = {
@@ -192,6 +208,7 @@ class LiveFeed:
             "time": time.time(),
             "node": self.guard.node_id,
             "connections": len(self.app.connections),
+            "recent_connections": self._recent_connections(now),
             "dashboards": self.open,
             "ready": ready,
             "not_ready_reason": reason,

@@ -96,6 +96,9 @@
       [clock(e.time), e.kind, e.code || e.reason || e.rule || e.detail || "", e.client || ""],
       e.kind === "alert" ? "alert" : e.kind === "ban" ? "ban" : "",
     )));
+    fill("connection-list", (s.recent_connections || []).map((c) => row(
+      [c.id, c.subject, c.client, c.connected_seconds, c.messages_in],
+    )));
     fill("offenders", s.offenders.map((o) => row([o.address, o.refusals])));
     fill("alerts", s.alerts.map((a) => row([clock(a.time), a.rule, a.address || "(all)"], "alert")));
     fill("bans", s.bans.map((b) => row([b.address, b.remaining_seconds])));
