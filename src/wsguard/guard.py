@@ -17,10 +17,10 @@ from wsguard.config.keys import has_configured_key, load_keys, load_signing_keys
 from wsguard.config.model import Config
 from wsguard.core.auth import KeyMaterial, TokenVerifier
 from wsguard.core.client_address import limit_key, parse_ip
-from wsguard.core.decisions import Admit, Reject
+from wsguard.core.decisions import Admit, Deliver, MessageDecision, Reject
 from wsguard.core.handshake import HandshakePolicy
 from wsguard.core.integrity import SignatureVerifier
-from wsguard.core.messages import MessagePolicy
+from wsguard.core.messages import ConnectionState, MessagePolicy
 from wsguard.core.request import HandshakeRequest
 from wsguard.errors import KeyLoadError
 from wsguard.observability.audit import AuditLog
@@ -170,6 +170,48 @@ class Guard:
             self.monitor.ban_started(
                 decision.client, decision.ban_started, "auth_failures", "auth_failures"
             )
+
+    # -- the cluster-wide steps of a delivered message (every adapter) -------------------
+
+    async def settle(self, state: ConnectionState, decision: Deliver) -> MessageDecision:
+        """After the local policy delivered: the subject's cluster quota, then the nonce.
+
+        Adapters call this (the standalone server inlines the quota's local fast path).
+        """
+        quota = self.quota
+        if quota is not None and not quota.take_local(state.identity.subject, self.now()):
+            outcome = await self.check_quota(state, decision)
+            if not isinstance(outcome, Deliver):
+                return outcome
+        if decision.nonce is not None:
+            return await self.check_nonce(state, decision)
+        return decision
+
+    async def check_quota(self, state: ConnectionState, decision: Deliver) -> MessageDecision:
+        """Spend one message of the subject's cluster-wide budget (batched)."""
+        quota = self.quota
+        assert quota is not None
+        now = self.now()
+        ref = decision.message.get("id")
+        try:
+            wait = await quota.refill(state.identity.subject, now)
+        except StoreUnavailable:  # rate limits configured to fail closed
+            return self.messages.unavailable(state, now, ref, decision.type)
+        if wait <= 0:
+            return decision
+        return self.messages.rate_limited(state, self.now(), ref, wait, decision.type)
+
+    async def check_nonce(self, state: ConnectionState, decision: Deliver) -> MessageDecision:
+        """Record a signed message's nonce; a nonce seen before is a replay."""
+        verified = decision.nonce
+        ref = decision.message.get("id")
+        try:
+            fresh = await self.store.add_nonce(verified.nonce_key, verified.ttl)
+        except StoreUnavailable:
+            return self.messages.unavailable(state, self.now(), ref, decision.type)
+        if fresh:
+            return decision
+        return self.messages.replayed(state, self.now(), ref, decision.type)
 
     # -- operator actions (admin API, alert rules) --------------------------------------
 

@@ -40,7 +40,6 @@ from wsguard.core.decisions import (
     CLOSE_REVOKED,
     Close,
     Deliver,
-    MessageDecision,
     Reauthenticate,
     Refuse,
 )
@@ -48,7 +47,6 @@ from wsguard.core.integrity import SESSION_KID
 from wsguard.errors import ConfigError
 from wsguard.guard import Guard
 from wsguard.server.connection import Connection
-from wsguard.stores.base import StoreUnavailable
 
 Handler = Callable[[Connection, dict[str, Any]], Awaitable[None]]
 Hook = Callable[[Connection], Awaitable[None]]
@@ -262,9 +260,9 @@ class App:
             decision = policy.evaluate(conn.state, data, guard.now())
             if isinstance(decision, Deliver):
                 if quota is not None and not quota.take_local(conn.subject, guard.now()):
-                    decision = await self._check_quota(conn, decision)
+                    decision = await guard.check_quota(conn.state, decision)
                 if isinstance(decision, Deliver) and decision.nonce is not None:
-                    decision = await self._check_nonce(conn, decision)
+                    decision = await guard.check_nonce(conn.state, decision)
             if isinstance(decision, Deliver):
                 metrics.message_delivered(decision.type)
                 handler = self._handlers.get(decision.type)
@@ -300,38 +298,6 @@ class App:
                 await conn.close(decision.code, decision.reason)
                 break
             metrics.latency(clock() - started)
-
-    async def _check_nonce(self, conn: Connection, decision: Deliver) -> MessageDecision:
-        """Record a signed message's nonce; a nonce seen before is a replay."""
-        verified = decision.nonce
-        try:
-            fresh = await self.guard.store.add_nonce(verified.nonce_key, verified.ttl)
-        except StoreUnavailable:
-            return self.guard.messages.unavailable(
-                conn.state, self.guard.now(), decision.message.get("id"), decision.type
-            )
-        if fresh:
-            return decision
-        return self.guard.messages.replayed(
-            conn.state, self.guard.now(), decision.message.get("id"), decision.type
-        )
-
-    async def _check_quota(self, conn: Connection, decision: Deliver) -> MessageDecision:
-        """Spend one message of the subject's cluster-wide budget (batched)."""
-        quota = self.guard.quota
-        assert quota is not None
-        now = self.guard.now()
-        try:
-            wait = await quota.refill(conn.subject, now)
-        except StoreUnavailable:  # rate limits configured to fail closed
-            return self.guard.messages.unavailable(
-                conn.state, now, decision.message.get("id"), decision.type
-            )
-        if wait <= 0:
-            return decision
-        return self.guard.messages.rate_limited(
-            conn.state, self.guard.now(), decision.message.get("id"), wait, decision.type
-        )
 
     def new_connection_id(self) -> str:
         """Unique per node and process: a random prefix and a counter (no syscall)."""
