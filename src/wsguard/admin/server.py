@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from wsguard.adapters.asgi import quiet_uvicorn_denial_errors
 from wsguard.admin.api import AdminApi
 from wsguard.admin.credentials import AdminCredentials, load_admin_token
 from wsguard.admin.live import LiveFeed
@@ -78,16 +79,7 @@ class _AdminH11(H11Protocol):
         super().connection_lost(exc)
 
 
-class _DenialIsNotAnError(logging.Filter):
-    """uvicorn's sans-I/O WebSocket logs an error after a denial response (an HTTP
-    refusal before the upgrade, which is how the dashboard socket refuses); the
-    refusal itself is in the audit log."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.getMessage() != "ASGI callable returned without completing handshake."
-
-
-logging.getLogger("uvicorn.error").addFilter(_DenialIsNotAnError())
+quiet_uvicorn_denial_errors()
 
 
 class _Uvicorn(uvicorn.Server):
