@@ -149,10 +149,26 @@ class WsGuardMiddleware:
         self.guard = guard if guard is not None else Guard(config or Config())
         self.config = self.guard.config
         self.connections: dict[str, GuardedConnection] = {}  # node-wide registry
+        self.guard.monitor.metrics.active_connections = lambda: len(self.connections)
         self._ids = itertools.count(1)
         self._started = False
         self._start_lock: asyncio.Lock | None = None
         self._events: ClusterEvents | None = None
+        self.admin: Any = None  # the AdminServer when admin.port is set
+
+    @property
+    def ready(self) -> tuple[bool, str | None]:
+        """Readiness for the admin listener's ``/readyz``."""
+        if not self._started:
+            return False, "starting"
+        return self.guard.ready
+
+    async def revoke(self, kind: str, value: str, ttl: float | None = None) -> None:
+        """Revoke a token id (``jti``) or subject (``sub``): live connections close (4003)."""
+        if kind not in ("jti", "sub"):
+            raise ValueError("kind must be 'jti' or 'sub'")
+        seconds = ttl if ttl is not None else self.config.cluster.revocation_ttl_seconds
+        await self.guard.store.revoke(kind, value, seconds)  # type: ignore[arg-type]
 
     # -- node lifecycle ---------------------------------------------------------------------
 
@@ -176,11 +192,21 @@ class WsGuardMiddleware:
                 address_key=self.guard.address_key,
             )
             self._started = True
+            if self.config.admin.enabled and self.admin is None:
+                from wsguard.admin.server import AdminServer
+
+                admin = AdminServer(self)
+                await admin.start()
+                self.admin = admin
 
     async def shutdown(self) -> None:
         if not self._started:
             return
         self._started = False
+        self.guard.handshakes.draining = True
+        if self.admin is not None:
+            await self.admin.stop()
+            self.admin = None
         if self._events is not None:
             await self._events.close()
         await self.guard.close()

@@ -30,7 +30,7 @@ from wsguard.stores.base import StoreUnavailable
 
 if TYPE_CHECKING:
     from wsguard.admin.live import LiveFeed
-    from wsguard.server.app import App
+    from wsguard.admin.target import AdminTarget
 
 MAX_BODY = 16 * 1024
 MAX_PAGE = 1000
@@ -156,7 +156,7 @@ def allowed_hosts(
 class AdminApi:
     """Builds the admin Starlette application for one App."""
 
-    def __init__(self, app: App, credentials: AdminCredentials, live: LiveFeed) -> None:
+    def __init__(self, app: AdminTarget, credentials: AdminCredentials, live: LiveFeed) -> None:
         self.app = app
         self.guard = app.guard
         self.credentials = credentials

@@ -29,7 +29,7 @@ from wsguard.observability.metrics import REFUSAL_CATEGORIES
 from wsguard.stores.base import StoreUnavailable
 
 if TYPE_CHECKING:
-    from wsguard.server.app import App
+    from wsguard.admin.target import AdminTarget
 
 INTERVAL = 1.0
 SEND_TIMEOUT = 5.0
@@ -41,7 +41,7 @@ RECENT_CONNECTIONS = 20
 class LiveFeed:
     """Builds the dashboard's snapshots and serves its WebSocket."""
 
-    def __init__(self, app: App, credentials: AdminCredentials) -> None:
+    def __init__(self, app: AdminTarget, credentials: AdminCredentials) -> None:
         self.app = app
         self.guard = app.guard
         self.monitor = app.guard.monitor

@@ -27,7 +27,7 @@ from wsguard.admin.live import LiveFeed
 from wsguard.stores.base import StoreUnavailable
 
 if TYPE_CHECKING:
-    from wsguard.server.app import App
+    from wsguard.admin.target import AdminTarget
 
 logger = logging.getLogger("wsguard.admin")
 
@@ -91,7 +91,7 @@ class _Uvicorn(uvicorn.Server):
 class AdminServer:
     """Serves one App's admin API, metrics and dashboard."""
 
-    def __init__(self, app: App) -> None:
+    def __init__(self, app: AdminTarget) -> None:
         from wsguard.guard import is_loopback_host
 
         self.app = app
