@@ -9,7 +9,7 @@ command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx)
 [ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
-.venv/bin/ruff check src tests benchmarks
-.venv/bin/ruff format --check src
+.venv/bin/ruff check src tests benchmarks examples
+.venv/bin/ruff format --check src examples
 .venv/bin/mypy
 .venv/bin/pytest -q -p no:cacheprovider "$@"

@@ -34,8 +34,12 @@ async def chat(websocket: WebSocket) -> None:
             message = await websocket.receive_json()
             if message.get("type") != "chat":
                 continue
-            out = {"type": "broadcast", "from": subject, "room": message.get("room"),
-                   "text": message.get("text")}
+            out = {
+                "type": "broadcast",
+                "from": subject,
+                "room": message.get("room"),
+                "text": message.get("text"),
+            }
             for member in list(members):
                 try:
                     await member.send_json(out)

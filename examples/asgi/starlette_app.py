@@ -22,8 +22,9 @@ async def echo(websocket: WebSocket) -> None:
     try:
         while True:
             message = await websocket.receive_json()  # only messages that passed the policy
-            await websocket.send_json({"type": "echo", "subject": websocket.user.display_name,
-                                       "message": message})
+            await websocket.send_json(
+                {"type": "echo", "subject": websocket.user.display_name, "message": message}
+            )
     except WebSocketDisconnect:
         pass
 

@@ -248,20 +248,47 @@ class WsGuardMiddleware:
             await self.app(scope, receive, send)
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Pass the lifespan protocol through, starting and closing the Guard with it."""
+        """Pass the lifespan protocol through, starting and closing the Guard with it.
+
+        An application that does not speak lifespan (Channels' ``ProtocolTypeRouter``,
+        Django's ASGI handler) raises at once; the middleware then answers the lifespan
+        itself, so the Guard is still started and, at shutdown, closed.
+        """
+        seen: list[str] = []
 
         async def lifespan_receive() -> Message:
             message = await receive()
+            seen.append(message["type"])
             if message["type"] == "lifespan.startup":
                 await self.startup()
             return message
 
         async def lifespan_send(message: Message) -> None:
+            seen.append(message["type"])
             if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
                 await self.shutdown()
             await send(message)
 
-        await self.app(scope, lifespan_receive, lifespan_send)
+        try:
+            await self.app(scope, lifespan_receive, lifespan_send)
+        except Exception:
+            if "lifespan.startup.complete" in seen or "lifespan.startup.failed" in seen:
+                raise
+            await self._own_lifespan(receive, send, startup_received="lifespan.startup" in seen)
+
+    async def _own_lifespan(self, receive: Receive, send: Send, *, startup_received: bool) -> None:
+        if not startup_received:
+            await receive()  # lifespan.startup
+        try:
+            await self.startup()
+        except Exception as exc:
+            await send({"type": "lifespan.startup.failed", "message": str(exc)})
+            return
+        await send({"type": "lifespan.startup.complete"})
+        while (await receive())["type"] != "lifespan.shutdown":
+            pass
+        await self.shutdown()
+        await send({"type": "lifespan.shutdown.complete"})
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self.startup()
