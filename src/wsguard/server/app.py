@@ -49,6 +49,8 @@ from wsguard.guard import Guard
 from wsguard.server.connection import Connection
 
 Handler = Callable[[Connection, dict[str, Any]], Awaitable[None]]
+#: Where a message that passed the policy goes: a handler (App) or the upstream (gateway).
+Deliver_ = Callable[[Connection, Deliver, str | bytes], Awaitable[None]]
 Hook = Callable[[Connection], Awaitable[None]]
 
 logger = logging.getLogger("wsguard.server")
@@ -233,11 +235,8 @@ class App:
 
         conn.set_timer("idle", idle, check)
 
-    async def _run_connection(self, conn: Connection, messages: Any) -> None:
-        """Drive one connection: welcome, then every frame through the policy."""
-        guard = self.guard
-        policy = guard.messages
-        quota = guard.quota
+    def _start_timers(self, conn: Connection) -> None:
+        """Token expiry, idle timeout and maximum lifetime of a new connection."""
         self._schedule_expiry(conn, conn.identity.expires_at)
         self._schedule_idle(conn)
         lifetime = self.config.liveness.max_lifetime_seconds
@@ -247,9 +246,32 @@ class App:
                 lifetime,
                 lambda: conn.close_soon(CLOSE_GOING_AWAY, "max lifetime", cause="max_lifetime"),
             )
+
+    async def _run_connection(self, conn: Connection, messages: Any) -> None:
+        """Drive one connection: welcome, then every frame through the policy."""
+        self._start_timers(conn)
         conn.send(self.welcome(conn))
         for hook in self._on_connect:
             await hook(conn)
+        await self._message_loop(conn, messages, self._dispatch)
+
+    async def _dispatch(self, conn: Connection, decision: Deliver, data: str | bytes) -> None:
+        """Hand a delivered message to its handler (none: dropped)."""
+        handler = self._handlers.get(decision.type)
+        if handler is not None:
+            try:
+                await handler(conn, decision.message)
+            except Exception:
+                logger.exception("handler for %r failed", decision.type)
+                conn.send(
+                    _error("internal_error", "The handler failed.", decision.message.get("id"))
+                )
+
+    async def _message_loop(self, conn: Connection, messages: Any, deliver: Deliver_) -> None:
+        """Every frame through the policy; what passes goes to *deliver*."""
+        guard = self.guard
+        policy = guard.messages
+        quota = guard.quota
         monitor = guard.monitor
         metrics = monitor.metrics
         clock = time.perf_counter
@@ -265,17 +287,7 @@ class App:
                     decision = await guard.check_nonce(conn.state, decision)
             if isinstance(decision, Deliver):
                 metrics.message_delivered(decision.type)
-                handler = self._handlers.get(decision.type)
-                if handler is not None:
-                    try:
-                        await handler(conn, decision.message)
-                    except Exception:
-                        logger.exception("handler for %r failed", decision.type)
-                        conn.send(
-                            _error(
-                                "internal_error", "The handler failed.", decision.message.get("id")
-                            )
-                        )
+                await deliver(conn, decision, data)
             elif isinstance(decision, Refuse):
                 monitor.message_refused(decision.code, decision.type, conn.client, closed=False)
                 conn.send(decision.frame())
