@@ -733,14 +733,9 @@ def test_middleware_holds_no_per_connection_state(serve: Serve) -> None:
     assert server.call(lambda: dict(middleware.connections)) == {}
 
 
-# -- known gaps in src (strict xfail: remove the marker with the fix) --------------------
+# -- fixed gaps (size in UTF-8 bytes, query/cookie tokens, revocation before accept) ----
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="asgi.py skips its own size check for text whose character count is within "
-    "limits.max_message_bytes but whose UTF-8 encoding is not",
-)
 def test_wsguard_size_check_counts_utf8_bytes(serve: Serve) -> None:
     server = serve({"limits": {"max_message_bytes": 1024}}, server_max_size=64 * 1024)
     ws, _ = server.hello()
@@ -752,11 +747,6 @@ def test_wsguard_size_check_counts_utf8_bytes(serve: Serve) -> None:
     assert server.rec.received == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="app_scope() strips the Authorization header and the token subprotocol but "
-    "leaves a query-string or cookie token in the scope the app sees",
-)
 def test_query_and_cookie_tokens_are_taken_out_of_the_scope(serve: Serve) -> None:
     server = serve(
         {
@@ -785,11 +775,6 @@ def test_query_and_cookie_tokens_are_taken_out_of_the_scope(serve: Serve) -> Non
     assert token not in json.dumps(by_cookie)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a revocation between admission and the app's accept is lost: the connection "
-    "is registered (and close_later acts) only after accept",
-)
 def test_revocation_before_the_app_accepts_is_not_lost(serve: Serve) -> None:
     rec = Recorder()
     gate = asyncio.Event()  # set on the server's loop

@@ -27,6 +27,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
+from urllib.parse import unquote_plus
 
 import orjson
 
@@ -317,6 +318,7 @@ class WsGuardMiddleware:
         close_sent: tuple[int, str] | None = None
         expiry: asyncio.TimerHandle | None = None
         closing_tasks: set[asyncio.Task[None]] = set()
+        close_on_accept: tuple[int, str] | None = None
 
         async def close(code: int, reason: str) -> None:
             nonlocal close_sent
@@ -328,11 +330,14 @@ class WsGuardMiddleware:
 
         def close_later(code: int, reason: str) -> None:
             """Revocation, expiry, an operator: close now; the app then receives the
-            disconnect the server reports."""
+            disconnect the server reports. Before the app accepts, at its accept."""
+            nonlocal close_on_accept
             if accepted:
                 task = asyncio.get_running_loop().create_task(close(code, reason))
                 closing_tasks.add(task)
                 task.add_done_callback(closing_tasks.discard)
+            else:
+                close_on_accept = (code, reason)
 
         conn._closer = close_later
 
@@ -377,8 +382,10 @@ class WsGuardMiddleware:
                 text = message.get("text")
                 data: str | bytes = text if text is not None else message.get("bytes") or b""
                 clock = time.perf_counter()
-                if len(data) > max_bytes and (
-                    isinstance(data, bytes) or len(data.encode()) > max_bytes
+                if len(data) > max_bytes or (
+                    isinstance(data, str)
+                    and 4 * len(data) > max_bytes
+                    and len(data.encode()) > max_bytes
                 ):
                     monitor.connection_refused("size", "too_big", conn.client)
                     conn.close_cause = "too_big"
@@ -422,7 +429,6 @@ class WsGuardMiddleware:
                 chosen = message.get("subprotocol")
                 if chosen is None or chosen.startswith(self.config.auth.subprotocol_prefix):
                     message["subprotocol"] = admit.subprotocol
-                self.connections[conn.id] = conn
                 guard.audit.emit(
                     "connection_admitted",
                     connection_id=conn.id,
@@ -442,12 +448,15 @@ class WsGuardMiddleware:
                     return  # closing: nothing more goes out
                 conn.sent += 1
             await send(message)
+            if kind == "websocket.accept" and close_on_accept is not None:
+                await close(*close_on_accept)  # revoked/disconnected while the app was busy
 
         def nonlocal_close(message: Message) -> None:
             nonlocal close_sent
             close_sent = (int(message.get("code", 1000)), str(message.get("reason") or ""))
             conn.closing = True
 
+        self.connections[conn.id] = conn  # from admission on: revocations reach it
         try:
             await self.app(app_scope(scope, admit, self.config), app_receive, app_send)
         finally:
@@ -526,15 +535,24 @@ def handshake_request(scope: Scope) -> HandshakeRequest:
 
 def app_scope(scope: Scope, admit: Admit, config: Config) -> Scope:
     """The scope the application sees: the identity added, the credential taken out."""
-    prefix = config.auth.subprotocol_prefix
+    auth = config.auth
+    prefix = auth.subprotocol_prefix
     out = dict(scope)
     out["subprotocols"] = [p for p in scope.get("subprotocols", []) if not p.startswith(prefix)]
-    out["headers"] = [
-        (name, value)
-        for name, value in scope.get("headers", [])
-        if name.lower() != b"authorization"
-        and not (name.lower() == b"sec-websocket-protocol" and prefix.encode() in value)
-    ]
+    headers: list[tuple[bytes, bytes]] = []
+    for name, value in scope.get("headers", []):
+        lower = name.lower()
+        if lower == b"authorization":
+            continue
+        if lower == b"sec-websocket-protocol":
+            value = _without_token_protocols(value, prefix)
+        elif lower == b"cookie" and auth.cookie:
+            value = _without_cookie(value, auth.cookie_name)
+        if value:
+            headers.append((name, value))
+    out["headers"] = headers
+    if auth.query and scope.get("query_string"):
+        out["query_string"] = _without_query_param(scope["query_string"], auth.query_param)
     state = dict(scope.get("state") or {})
     state["wsguard"] = admit.identity
     out["state"] = state
@@ -560,3 +578,31 @@ async def deny(scope: Scope, send: Send, decision: Reject) -> None:
         await send({"type": "websocket.http.response.body", "body": body})
     else:  # the server answers 403
         await send({"type": "websocket.close", "code": CLOSE_POLICY_VIOLATION})
+
+
+def _without_token_protocols(value: bytes, prefix: str) -> bytes:
+    """``Sec-WebSocket-Protocol`` without its token entries."""
+    token = prefix.encode("latin-1")
+    kept = [p.strip() for p in value.split(b",") if p.strip() and not p.strip().startswith(token)]
+    return b", ".join(kept)
+
+
+def _without_cookie(value: bytes, name: str) -> bytes:
+    """A ``Cookie`` header without the token cookie."""
+    target = name.encode("latin-1")
+    kept = [
+        c.strip()
+        for c in value.split(b";")
+        if c.strip() and c.strip().split(b"=", 1)[0].strip() != target
+    ]
+    return b"; ".join(kept)
+
+
+def _without_query_param(query: bytes, name: str) -> bytes:
+    """A query string without the token parameter (the other parameters byte for byte)."""
+    kept = [
+        part
+        for part in query.split(b"&")
+        if part and unquote_plus(part.split(b"=", 1)[0].decode("latin-1")) != name
+    ]
+    return b"&".join(kept)
