@@ -38,6 +38,7 @@ COMMENTED_KEYS = frozenset(
         "admin.port",
         "admin.token",
         "admin.token_file",
+        "gateway.upstream_ca_file",
         "admin.tls.cert_file",
         "admin.tls.key_file",
         "admin.tls.client_ca_file",

@@ -419,6 +419,8 @@ async def run_guarded(app: App, ws: ServerConnection) -> None:
         on_slow=app._slow_consumer,
     )
     ws.guarded = conn
+    if ws.request is not None:
+        conn.request = app.keep_request(ws.request.path, ws.request.headers.raw_items())
     ws.request, ws.response = _ADMITTED, None  # headers and token: not kept (1.5 KB)
     app.connections[conn.id] = conn
     guard.audit.emit(  # never raises: AuditLog.emit swallows write errors

@@ -27,27 +27,14 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the standalone server (demo protocol)")
-    _common(serve)
-    serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="port to bind (default 8765; 0 = any free port)")
-    serve.add_argument(
-        "--log-level",
-        choices=["debug", "info", "warning", "error"],
-        help="diagnostic log level (default info)",
+    _listener_options(serve)
+    proxy = sub.add_parser(
+        "proxy", help="run the gateway: the policy in front of an upstream WebSocket server"
     )
-    serve.add_argument("--store", help="state store URI (default memory://)")
-    serve.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve wss://")
-    serve.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
-    serve.add_argument(
-        "--tls-client-ca", type=Path, help="CA bundle for client certificates (mTLS)"
+    _listener_options(proxy)
+    proxy.add_argument(
+        "--upstream", help="upstream WebSocket URL, e.g. ws://127.0.0.1:3000/ws (gateway.upstream)"
     )
-    serve.add_argument(
-        "--admin-port",
-        type=int,
-        help="serve metrics, health, the admin API and the dashboard on this port "
-        "(admin.port; default off; 0 = any free port)",
-    )
-    serve.add_argument("--admin-host", help="address of the admin listener (default 127.0.0.1)")
 
     token = sub.add_parser("token", help="print a token the configured server accepts")
     _common(token)
@@ -126,6 +113,30 @@ def _admin_commands(sub: Any) -> None:
     events.add_argument("--limit", type=int, default=50, help="how many, 1-1000 (default 50)")
 
 
+def _listener_options(parser: argparse.ArgumentParser) -> None:
+    _common(parser)
+    parser.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port to bind (default 8765; 0 = any free port)")
+    parser.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        help="diagnostic log level (default info)",
+    )
+    parser.add_argument("--store", help="state store URI (default memory://)")
+    parser.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve wss://")
+    parser.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    parser.add_argument(
+        "--tls-client-ca", type=Path, help="CA bundle for client certificates (mTLS)"
+    )
+    parser.add_argument(
+        "--admin-port",
+        type=int,
+        help="serve metrics, health, the admin API and the dashboard on this port "
+        "(admin.port; default off; 0 = any free port)",
+    )
+    parser.add_argument("--admin-host", help="address of the admin listener (default 127.0.0.1)")
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config",
@@ -148,7 +159,7 @@ def _load(args: argparse.Namespace, **overrides: Any) -> Config:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        if args.command == "serve":
+        if args.command in ("serve", "proxy"):
             return _serve(args)
         if args.command == "token":
             return _token(args)
@@ -184,6 +195,7 @@ def _serve(args: argparse.Namespace) -> int:
             "tls.client_ca_file": args.tls_client_ca,
             "admin.port": args.admin_port,
             "admin.host": args.admin_host,
+            "gateway.upstream": getattr(args, "upstream", None),
         },
     )
     logging.basicConfig(
@@ -194,9 +206,19 @@ def _serve(args: argparse.Namespace) -> int:
     # The engine's debug records carry raw headers (tokens, cookies) and frames: never
     # let them through, whatever the log level.
     logging.getLogger("wsguard.engine").setLevel(logging.WARNING)
-    from wsguard.server.demo import demo_app
+    if args.command == "proxy":
+        from wsguard.gateway.proxy import Gateway, redacted_url
 
-    app = demo_app(config)
+        app: Any = Gateway(config)
+        print(
+            f"wsguard: forwarding to {redacted_url(config.gateway.upstream)}",
+            file=sys.stderr,
+            flush=True,
+        )
+    else:
+        from wsguard.server.demo import demo_app
+
+        app = demo_app(config)
 
     async def run() -> None:
         await app.start()

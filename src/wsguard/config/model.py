@@ -451,6 +451,88 @@ class AdminConfig(_Section):
         return self.port is not None
 
 
+_IDENTITY_HEADER = r"^[A-Za-z0-9-]{1,64}$"
+_NEVER_FORWARDED = frozenset({"authorization", "cookie", "sec-websocket-protocol", "host"})
+
+
+class GatewayConfig(_Section):
+    """``wsguard proxy``: forward admitted connections to an upstream WebSocket server."""
+
+    upstream: str = ""
+    routes: dict[str, str] = Field(default_factory=dict)
+    subject_header: str = Field(default="X-Wsguard-Subject", pattern=_IDENTITY_HEADER)
+    scopes_header: str = Field(default="X-Wsguard-Scopes", pattern=_IDENTITY_HEADER)
+    token_id_header: str = Field(default="X-Wsguard-Token-Id", pattern=_IDENTITY_HEADER)
+    client_header: str = Field(default="X-Wsguard-Client", pattern=_IDENTITY_HEADER)
+    connection_header: str = Field(default="X-Wsguard-Connection", pattern=_IDENTITY_HEADER)
+    signature_header: str = Field(default="X-Wsguard-Signature", pattern=_IDENTITY_HEADER)
+    timestamp_header: str = Field(default="X-Wsguard-Timestamp", pattern=_IDENTITY_HEADER)
+    identity_secret: str = Field(default="", repr=False)
+    forward_headers: tuple[str, ...] = ()
+    upstream_max_message_bytes: int = Field(default=1024 * 1024, ge=64, le=64 * 1024 * 1024)
+    connect_timeout_seconds: float = Field(default=5.0, gt=0, le=60)
+    upstream_ping_interval_seconds: float = Field(default=20.0, gt=0)
+    upstream_ca_file: Path | None = None
+    client_drain_seconds: float = Field(default=10.0, gt=0, le=300)
+
+    @field_validator("upstream")
+    @classmethod
+    def _ws_url(cls, value: str) -> str:
+        if value:
+            _check_ws_url(value)
+        return value
+
+    @field_validator("routes")
+    @classmethod
+    def _route_urls(cls, value: dict[str, str]) -> dict[str, str]:
+        for prefix, url in value.items():
+            if not prefix.startswith("/"):
+                raise ValueError(f"route {prefix!r}: a path prefix starts with /")
+            _check_ws_url(url)
+        return value
+
+    @field_validator("identity_secret")
+    @classmethod
+    def _long_secret(cls, value: str) -> str:
+        if value and len(value.encode()) < 32:
+            raise ValueError("must be at least 32 bytes")
+        return value
+
+    @model_validator(mode="after")
+    def _headers_apart(self) -> GatewayConfig:
+        identity = {
+            h.lower()
+            for h in (
+                self.subject_header, self.scopes_header, self.token_id_header,
+                self.client_header, self.connection_header, self.signature_header,
+                self.timestamp_header,
+            )
+        }  # fmt: skip
+        for name in self.forward_headers:
+            lowered = name.lower()
+            if lowered in _NEVER_FORWARDED or lowered in identity or lowered.startswith("sec-"):
+                raise ValueError(f"forward_headers: {name!r} is never forwarded")
+        return self
+
+    def upstream_for(self, path: str) -> str:
+        """The upstream of *path*: the longest matching route prefix, else ``upstream``."""
+        best = ""
+        for prefix in self.routes:
+            if path.startswith(prefix) and len(prefix) > len(best):
+                best = prefix
+        return self.routes[best] if best else self.upstream
+
+
+def _check_ws_url(value: str) -> None:
+    try:
+        parts = urllib.parse.urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        raise ValueError(f"{value!r} is not a ws:// or wss:// URL") from None
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise ValueError(f"{value!r} is not a ws:// or wss:// URL")
+
+
 LogLevel = Literal["debug", "info", "warning", "error"]
 
 
@@ -475,6 +557,7 @@ class Config(_Section):
     cluster: ClusterConfig = ClusterConfig()
     admin: AdminConfig = AdminConfig()
     alerts: AlertsConfig = AlertsConfig()
+    gateway: GatewayConfig = GatewayConfig()
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -311,6 +311,10 @@ class App:
                 break
             metrics.latency(clock() - started)
 
+    def keep_request(self, path: str, headers: Any) -> Any:
+        """What a connection keeps of its upgrade request (the App: nothing)."""
+        return None
+
     def new_connection_id(self) -> str:
         """Unique per node and process: a random prefix and a counter (no syscall)."""
         return f"{self._id_prefix}{next(self._id_counter):08x}"

@@ -51,6 +51,7 @@ class Connection:
         "identity",
         "opened_at",
         "origin",
+        "request",
         "sent",
         "state",
         "subprotocol",
@@ -78,6 +79,7 @@ class Connection:
         self.state = state
         self.opened_at = time.monotonic()
         self.sent = 0
+        self.request: Any = None  # what an adapter keeps of the request (the gateway: path)
         self.close_cause: str | None = None
         self._queue: collections.deque[str | bytes] | None = None  # created when needed
         self._queue_limit = queue_limit

@@ -1,0 +1,1 @@
+"""The gateway: ``wsguard proxy`` in front of a WebSocket backend written in anything."""

@@ -1,0 +1,251 @@
+"""``wsguard proxy``: the policy in front of a WebSocket backend written in anything.
+
+The gateway listens like ``wsguard serve`` (same engine, handshake policy,
+limits, TLS, admin listener) and, for each admitted connection, opens one
+connection to the upstream (``gateway.upstream``, or the longest matching
+``gateway.routes`` prefix). Only messages that passed the message policy are
+forwarded upstream, byte for byte; messages from the upstream go to the client
+untouched (at most ``gateway.upstream_max_message_bytes`` each).
+
+Close codes and reasons propagate both ways. The client's pings are answered
+by the gateway, which keeps its own heartbeat with the upstream. When the
+upstream cannot be reached the client is closed with ``1013`` (try again
+later); when the upstream connection fails mid-way (no close frame, or a frame
+the gateway refused), with ``1011``. Back-pressure: a slow upstream stops the
+gateway reading from the client (the engine's bounded queue, then TCP); a slow
+client stops it reading from the upstream, and is dropped as a slow consumer
+after ``gateway.client_drain_seconds``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from websockets.protocol import State
+
+from wsguard.config.model import Config
+from wsguard.core.decisions import (
+    CLOSE_GOING_AWAY,
+    CLOSE_INTERNAL_ERROR,
+    CLOSE_POLICY_VIOLATION,
+    CLOSE_TRY_AGAIN_LATER,
+    Deliver,
+)
+from wsguard.errors import ConfigError
+from wsguard.gateway.identity import identity_headers
+from wsguard.guard import Guard
+from wsguard.server.app import App
+from wsguard.server.connection import Connection
+
+logger = logging.getLogger("wsguard.gateway")
+
+_SENDABLE = frozenset({1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014})
+
+
+def _sendable(code: int | None) -> bool:
+    return code is not None and (code in _SENDABLE or 3000 <= code <= 4999)
+
+
+def _reason(text: str | None) -> str:
+    data = (text or "").encode()[:123]
+    return data.decode("utf-8", "ignore")
+
+
+def redacted_url(url: str) -> str:
+    """*url* without user info or query (for logs and the audit log)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}{parts.path}"
+
+
+class Gateway(App):
+    """An App whose admitted connections are forwarded to an upstream WebSocket server."""
+
+    def __init__(
+        self,
+        config: Config | None = None,
+        *,
+        guard: Guard | None = None,
+    ) -> None:
+        super().__init__(config, guard=guard)
+        gateway = self.config.gateway
+        self.gateway = gateway
+        if not gateway.upstream:
+            raise ConfigError(
+                "gateway.upstream",
+                "wsguard proxy needs an upstream (--upstream ws://host:port/path)",
+            )
+        self._upstream_ssl: ssl.SSLContext | None = None
+        if gateway.upstream_ca_file is not None:
+            self._upstream_ssl = ssl.create_default_context(cafile=str(gateway.upstream_ca_file))
+        self._forward = tuple(h.lower() for h in gateway.forward_headers)
+        self._pumps: set[asyncio.Task[None]] = set()
+
+    def keep_request(self, path: str, headers: Any) -> Any:
+        """The path (routing) and the headers named in ``gateway.forward_headers``."""
+        forwarded = tuple((k, v) for k, v in headers if k.lower() in self._forward)
+        return path, forwarded
+
+    def welcome(self, conn: Connection) -> dict[str, Any]:  # pragma: no cover - not sent
+        raise NotImplementedError("the gateway is transparent: the upstream greets")
+
+    async def _run_connection(self, conn: Connection, messages: Any) -> None:
+        self._start_timers(conn)
+        path, forwarded = conn.request if conn.request is not None else ("/", ())
+        target = self.gateway.upstream_for(path)
+        upstream = await self._open_upstream(conn, target, forwarded)
+        if upstream is None:
+            return
+        pump = asyncio.get_running_loop().create_task(self._pump_down(conn, upstream, target))
+        self._pumps.add(pump)
+        pump.add_done_callback(self._pumps.discard)
+
+        async def forward(conn: Connection, decision: Deliver, data: str | bytes) -> None:
+            with contextlib.suppress(ConnectionClosed):  # the pump closes the client
+                await upstream.send(data)
+
+        try:
+            await self._message_loop(conn, messages, forward)
+        finally:
+            await self._close_upstream(conn, upstream)
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(pump, self.config.cluster.timeout_seconds * 4 + 1)
+
+    async def _open_upstream(
+        self, conn: Connection, target: str, forwarded: tuple[tuple[str, str], ...]
+    ) -> ClientConnection | None:
+        gateway = self.gateway
+        headers = identity_headers(
+            gateway, conn.identity, client=conn.client, connection_id=conn.id
+        )
+        headers += list(forwarded)
+        try:
+            return await connect(
+                target,
+                additional_headers=headers,
+                subprotocols=[conn.subprotocol] if conn.subprotocol else None,  # type: ignore[list-item]
+                open_timeout=gateway.connect_timeout_seconds,
+                ping_interval=gateway.upstream_ping_interval_seconds,
+                ping_timeout=gateway.upstream_ping_interval_seconds,
+                max_size=gateway.upstream_max_message_bytes,
+                compression=None,
+                user_agent_header=None,
+                proxy=None,
+                ssl=self._upstream_ssl if target.startswith("wss://") else None,
+            )
+        except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as exc:
+            detail = type(exc).__name__
+            status = getattr(getattr(exc, "response", None), "status_code", None)
+            logger.warning(
+                "upstream %s unavailable for connection %s: %s%s",
+                redacted_url(target),
+                conn.id,
+                detail,
+                f" (HTTP {status})" if status else "",
+            )
+            self.guard.audit.emit(
+                "upstream_unavailable",
+                connection_id=conn.id,
+                client=conn.client,
+                subject=conn.subject,
+                upstream=redacted_url(target),
+                detail=detail,
+                status=status,
+            )
+            conn.close_cause = "upstream_unavailable"
+            await conn.close(CLOSE_TRY_AGAIN_LATER, "upstream unavailable")
+            return None
+
+    async def _pump_down(self, conn: Connection, upstream: ClientConnection, target: str) -> None:
+        """Upstream to client, untouched; then the upstream's close goes to the client."""
+        drain = self.gateway.client_drain_seconds
+        try:
+            async for message in upstream:
+                if not conn.send_text(message):
+                    break
+                if conn._writer is not None:  # the client is behind: stop reading upstream
+                    await conn.flush(drain)
+                    if conn._writer is not None and not conn.closing:
+                        self._slow_consumer(conn)
+                        conn.close_soon(
+                            CLOSE_POLICY_VIOLATION, "slow consumer", cause="slow_consumer"
+                        )
+                        break
+        except ConnectionClosed:
+            pass
+        if conn.closing or conn._ws.protocol.state is not State.OPEN:
+            return  # the client's side ended first (its code went upstream)
+        code, reason = upstream.close_code, upstream.close_reason
+        protocol = upstream.protocol
+        if protocol.close_sent is not None and (
+            protocol.close_rcvd is None or not protocol.close_rcvd_then_sent
+        ):
+            # the gateway closed the upstream first (a frame over the limit, a dead heartbeat)
+            code, reason = CLOSE_INTERNAL_ERROR, "upstream error"
+        elif not _sendable(code):
+            code, reason = CLOSE_INTERNAL_ERROR, "upstream error"
+        if code == CLOSE_INTERNAL_ERROR:
+            logger.warning(
+                "upstream %s failed for connection %s (close code %s)",
+                redacted_url(target),
+                conn.id,
+                upstream.close_code,
+            )
+        self.guard.audit.emit(
+            "upstream_closed",
+            connection_id=conn.id,
+            subject=conn.subject,
+            upstream=redacted_url(target),
+            code=upstream.close_code,
+        )
+        assert code is not None
+        conn.close_soon(code, _reason(reason), cause="upstream_closed")
+
+    async def _close_upstream(self, conn: Connection, upstream: ClientConnection) -> None:
+        """The client's side ended: close the upstream promptly, with the client's code."""
+        if upstream.protocol.close_sent is not None or upstream.protocol.close_rcvd is not None:
+            return
+        ws = conn._ws
+        rcvd = ws.protocol.close_rcvd
+        sent = ws.protocol.close_sent
+        frame = rcvd if rcvd is not None else sent
+        code = frame.code if frame is not None else None
+        if not _sendable(code):
+            code, reason = CLOSE_GOING_AWAY, "client went away"
+        else:
+            reason = _reason(frame.reason if frame is not None else "")
+        assert code is not None
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(upstream.close(code, reason), 5)
+
+    async def serve(self) -> None:
+        try:
+            await super().serve()
+        finally:
+            for task in list(self._pumps):
+                task.cancel()
+            for task in list(self._pumps):
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
+
+def gateway_app(config: Config, *, upstream: str | None = None) -> Gateway:
+    """A Gateway for *config*, with *upstream* (``--upstream``) over ``gateway.upstream``."""
+    if upstream is not None:
+        from wsguard.config.loader import validate_config
+
+        data = config.model_dump(mode="python", by_alias=True)
+        data["gateway"]["upstream"] = upstream
+        config = validate_config(data)
+    return Gateway(config)
