@@ -179,6 +179,7 @@ class MessageTypeConfig(_Section):
 class MessagesConfig(_Section):
     """What clients may say once connected."""
 
+    format: Literal["json", "opaque"] = "json"
     max_depth: int = Field(default=16, ge=1, le=256)
     max_string_length: int = Field(default=4096, ge=1)
     max_keys: int = Field(default=256, ge=1)
@@ -586,6 +587,10 @@ class Config(_Section):
         if self.tls.behind_proxy and not self.proxy.trusted:
             raise ValueError(
                 "tls.behind_proxy: a TLS-terminating proxy must be listed in proxy.trusted"
+            )
+        if self.messages.format == "opaque" and self.signing.session_keys:
+            raise ValueError(
+                "signing.session_keys: signed messages need messages.format = \"json\""
             )
         signed = [n for n, t in self.messages.types.items() if t.signed]
         if signed and not (self.signing.keys_file or self.signing.session_keys):

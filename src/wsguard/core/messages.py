@@ -118,6 +118,11 @@ def _ref_of(raw: bytes) -> str | int | None:
     return _valid_ref(message.get("id")) if isinstance(message, dict) else None
 
 
+#: The type of every delivered message with ``messages.format = "opaque"``.
+OPAQUE_TYPE = "opaque"
+_NO_MESSAGE: dict[str, Any] = {}
+
+
 def _pointer(path: Iterable[str | int]) -> str:
     return "".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in path)
 
@@ -145,6 +150,7 @@ class MessagePolicy:
             for name, spec in types.items()
         }
         self._binary_allowed = messages.binary or any(t.binary for t in self._types.values())
+        self._opaque = messages.format == "opaque"
         self._max_depth = messages.max_depth
         self._max_string = messages.max_string_length
         self._max_keys = messages.max_keys
@@ -219,7 +225,7 @@ class MessagePolicy:
         self._next_prune = max(1024, 2 * len(self._subjects))
 
     def type_names(self) -> list[str]:
-        return sorted(self._types)
+        return [OPAQUE_TYPE] if self._opaque else sorted(self._types)
 
     # -- violations -----------------------------------------------------------
 
@@ -275,6 +281,8 @@ class MessagePolicy:
             return self._refuse(state, now, refusal)
         if not isinstance(data, str) and not self._binary_allowed:
             return Close(CLOSE_UNSUPPORTED_DATA, "binary frames not accepted", cause="binary")
+        if self._opaque:  # a gateway in front of a non-JSON protocol: size and rates only
+            return Deliver(OPAQUE_TYPE, _NO_MESSAGE, size)
         try:
             message = _decode(raw)
         except (msgspec.DecodeError, ValueError, RecursionError):
