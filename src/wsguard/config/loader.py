@@ -40,7 +40,7 @@ _ENV_ALIASES: dict[str, tuple[str, ...]] = {
 _ENV_NOT_KEYS = frozenset({"WSGUARD_CONFIG"})
 # Keys whose values may hold credentials: never echoed in an error message.
 _NO_ECHO_WORDS = ("secret", "token", "password")
-_NO_ECHO_KEYS = frozenset({"store", "alerts.webhook_url"})
+_NO_ECHO_KEYS = frozenset({"store", "alerts.webhook_url", "gateway.upstream", "gateway.routes"})
 _KEY_IN_MESSAGE = re.compile(r"^([a-z_][a-z0-9_.]*): (.*)$", re.DOTALL)
 
 

@@ -453,7 +453,13 @@ class AdminConfig(_Section):
 
 
 _IDENTITY_HEADER = r"^[A-Za-z0-9-]{1,64}$"
-_NEVER_FORWARDED = frozenset({"authorization", "cookie", "sec-websocket-protocol", "host"})
+_NEVER_FORWARDED = frozenset(
+    {
+        "authorization", "cookie", "sec-websocket-protocol", "host",
+        "proxy-authorization", "connection", "upgrade", "transfer-encoding",
+        "content-length", "keep-alive", "te", "trailer", "proxy-connection",
+    }
+)  # fmt: skip
 
 
 class GatewayConfig(_Section):
@@ -488,7 +494,7 @@ class GatewayConfig(_Section):
     def _route_urls(cls, value: dict[str, str]) -> dict[str, str]:
         for prefix, url in value.items():
             if not prefix.startswith("/"):
-                raise ValueError(f"route {prefix!r}: a path prefix starts with /")
+                raise ValueError("a route is a path prefix starting with /")
             _check_ws_url(url)
         return value
 
@@ -516,10 +522,14 @@ class GatewayConfig(_Section):
         return self
 
     def upstream_for(self, path: str) -> str:
-        """The upstream of *path*: the longest matching route prefix, else ``upstream``."""
+        """The upstream of *path*: the longest matching route prefix, else ``upstream``.
+
+        Prefixes match whole path segments: ``/a`` matches ``/a`` and ``/a/x``, not ``/apple``.
+        """
         best = ""
         for prefix in self.routes:
-            if path.startswith(prefix) and len(prefix) > len(best):
+            base = prefix.rstrip("/")
+            if (path == base or path.startswith(base + "/")) and len(prefix) > len(best):
                 best = prefix
         return self.routes[best] if best else self.upstream
 
@@ -529,9 +539,9 @@ def _check_ws_url(value: str) -> None:
         parts = urllib.parse.urlsplit(value)
         parts.port  # noqa: B018 - raises ValueError for a bad port
     except ValueError:
-        raise ValueError(f"{value!r} is not a ws:// or wss:// URL") from None
+        raise ValueError("must be a ws:// or wss:// URL with a host") from None
     if parts.scheme not in ("ws", "wss") or not parts.hostname:
-        raise ValueError(f"{value!r} is not a ws:// or wss:// URL")
+        raise ValueError("must be a ws:// or wss:// URL with a host")
 
 
 LogLevel = Literal["debug", "info", "warning", "error"]

@@ -19,6 +19,7 @@ import hashlib
 import hmac
 import time
 from collections.abc import Mapping
+from urllib.parse import quote
 
 from wsguard.config.model import GatewayConfig
 from wsguard.core.identity import Identity
@@ -32,6 +33,15 @@ def _signed_text(
     return "\n".join((VERSION, timestamp, connection, subject, scopes, token_id, client)).encode()
 
 
+#: Printable ASCII but "%": kept as is in header values; anything else is percent-encoded
+#: (UTF-8), so every subject is a valid header value and decodes with unquote().
+_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
+
+
+def _header_value(value: str) -> str:
+    return quote(value, safe=_SAFE)
+
+
 def identity_headers(
     config: GatewayConfig,
     identity: Identity,
@@ -41,10 +51,11 @@ def identity_headers(
     now: float | None = None,
 ) -> list[tuple[str, str]]:
     """The headers that tell the upstream who is connected (signed when a secret is set)."""
-    scopes = " ".join(sorted(identity.scopes))
-    token_id = identity.token_id or ""
+    subject = _header_value(identity.subject)
+    scopes = _header_value(" ".join(sorted(identity.scopes)))
+    token_id = _header_value(identity.token_id or "")
     headers = [
-        (config.subject_header, identity.subject),
+        (config.subject_header, subject),
         (config.scopes_header, scopes),
         (config.token_id_header, token_id),
         (config.client_header, client),
@@ -52,7 +63,7 @@ def identity_headers(
     ]
     if config.identity_secret:
         timestamp = str(int(now if now is not None else time.time()))
-        text = _signed_text(timestamp, connection_id, identity.subject, scopes, token_id, client)
+        text = _signed_text(timestamp, connection_id, subject, scopes, token_id, client)
         digest = hmac.new(config.identity_secret.encode(), text, hashlib.sha256).hexdigest()
         headers += [(config.timestamp_header, timestamp), (config.signature_header, digest)]
     return headers

@@ -136,6 +136,7 @@ class Gateway(App):
                 additional_headers=headers,
                 subprotocols=[conn.subprotocol] if conn.subprotocol else None,  # type: ignore[list-item]
                 open_timeout=gateway.connect_timeout_seconds,
+                close_timeout=gateway.connect_timeout_seconds,
                 ping_interval=gateway.upstream_ping_interval_seconds,
                 ping_timeout=gateway.upstream_ping_interval_seconds,
                 max_size=gateway.upstream_max_message_bytes,
@@ -193,6 +194,8 @@ class Gateway(App):
         ):
             # the gateway closed the upstream first (a frame over the limit, a dead heartbeat)
             code, reason = CLOSE_INTERNAL_ERROR, "upstream error"
+        elif code == 1005:  # a close frame without a status code: a normal close
+            code, reason = 1000, ""
         elif not _sendable(code):
             code, reason = CLOSE_INTERNAL_ERROR, "upstream error"
         if code == CLOSE_INTERNAL_ERROR:
@@ -221,13 +224,17 @@ class Gateway(App):
         sent = ws.protocol.close_sent
         frame = rcvd if rcvd is not None else sent
         code = frame.code if frame is not None else None
-        if not _sendable(code):
+        if code == 1005:  # a close frame without a status code: a normal close
+            code, reason = 1000, ""
+        elif not _sendable(code):
             code, reason = CLOSE_GOING_AWAY, "client went away"
         else:
             reason = _reason(frame.reason if frame is not None else "")
         assert code is not None
         with contextlib.suppress(Exception):
             await asyncio.wait_for(upstream.close(code, reason), 5)
+        if upstream.protocol.state is not State.CLOSED:
+            upstream.transport.abort()  # the upstream never finished the closing handshake
 
     async def serve(self) -> None:
         try:

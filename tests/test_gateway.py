@@ -1,0 +1,1447 @@
+"""``wsguard proxy`` (the gateway), end to end: real backends, a real gateway, real clients.
+
+Each backend is a plain ``websockets`` server on its own thread and event loop (so a
+test can block it or stop it reading without touching the gateway); it records the
+handshake it got and every message, echoes (or not), and sends, closes or crashes on
+command. The gateway is :class:`wsguard.gateway.proxy.Gateway` served from a
+background thread (conftest's ``RunningServer``); clients are
+``websockets.sync.client`` connections with a token.
+
+Covers the identity headers (values, stripping of the client's, signature,
+configurable names, ``forward_headers``), the message policy in front of the
+upstream, upstream-to-client messages and their size limit, close codes both ways,
+an unreachable or failing upstream (1013 / 1011), pings and the upstream heartbeat,
+per-path routes, back-pressure both ways, and the ``wsguard proxy`` command line.
+
+Tests raise ``GatewayBug`` where a behaviour the gateway once got wrong (found by this
+module, since fixed) would come back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import queue
+import socket
+import subprocess
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable, Coroutine, Iterator, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from websockets.asyncio.client import ClientConnection as UpstreamConnection
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.http11 import Request, Response
+from websockets.protocol import State
+from websockets.sync.client import ClientConnection
+
+from conftest import (
+    SECRET,
+    AuditCapture,
+    RunningServer,
+    close_of,
+    deep_merge,
+    eventually,
+    make_config,
+    make_token,
+)
+from serve_process import WSGUARD, Served
+from wsguard.config.demo_types import DEMO_MESSAGE_TYPES
+from wsguard.config.model import GatewayConfig
+from wsguard.core.identity import Identity
+from wsguard.errors import ConfigError
+from wsguard.gateway.identity import identity_headers, verify_identity
+from wsguard.gateway.proxy import Gateway
+from wsguard.guard import Guard
+from wsguard.observability.audit import AuditLog
+from wsguard.server.connection import Connection
+
+T = TypeVar("T")
+
+
+class GatewayBug(Exception):
+    """A gateway defect this module found once (hung upstreams, 1005 closes, ...)."""
+
+
+IDENTITY_SECRET = "gateway-identity-secret-0123456789abcdef"
+SIGNED_NAMES = (
+    "X-Wsguard-Subject",
+    "X-Wsguard-Scopes",
+    "X-Wsguard-Token-Id",
+    "X-Wsguard-Client",
+    "X-Wsguard-Connection",
+    "X-Wsguard-Timestamp",
+    "X-Wsguard-Signature",
+)
+#: The most asyncio reads from a socket at once (websockets pauses reading after that).
+ONE_READ = 256 * 1024
+#: Rate limits out of the way, for the tests that push many messages.
+NO_RATE_LIMITS: dict[str, Any] = {
+    "messages_per_minute": 1_000_000,
+    "message_burst": 1_000_000,
+    "bytes_per_minute": 10**12,
+    "subject_messages_per_minute": 1_000_000,
+    "subject_bytes_per_minute": 10**12,
+}
+
+
+def chat(text: str) -> str:
+    return json.dumps({"type": "chat", "text": text})
+
+
+def recv_json(ws: ClientConnection, timeout: float = 5) -> dict[str, Any]:
+    data = ws.recv(timeout=timeout)
+    assert isinstance(data, str), data
+    out = json.loads(data)
+    assert isinstance(out, dict)
+    return out
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+# -- the backend: a plain websockets server that records what it gets --------------------
+
+
+@dataclass(eq=False)
+class Upstreamed:
+    """One connection the backend accepted (from the gateway)."""
+
+    ws: ServerConnection
+    path: str
+    headers: Headers
+    received: list[str | bytes] = field(default_factory=list)
+    count: int = 0  # messages received (also when not kept)
+    sent: int = 0  # messages sent by send_many
+    closed: threading.Event = field(default_factory=threading.Event)
+    close_code: int | None = None  # the close frame the backend received (None: none)
+    close_reason: str | None = None
+
+
+class Backend:
+    """A WebSocket backend on its own thread and loop.
+
+    *refuse*: answer every handshake with this HTTP status. *stall*: do not read
+    messages until :meth:`resume`. *echo*: send every message back. *keep*: keep the
+    messages received (else only count them).
+    """
+
+    def __init__(
+        self,
+        *,
+        refuse: HTTPStatus | None = None,
+        stall: bool = False,
+        echo: bool = True,
+        keep: bool = True,
+    ) -> None:
+        self.refuse = refuse
+        self.stall = stall
+        self.echo = echo
+        self.keep = keep
+        self.connections: list[Upstreamed] = []
+        self.handshakes = 0
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._started: Future[None] = Future()
+        self._server: Server | None = None
+        self._resume: asyncio.Event | None = None
+        self._releases: list[threading.Event] = []
+        self._stopped = False
+
+    # -- running ------------------------------------------------------------------
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_until_complete(self._open())
+        except BaseException as exc:  # pragma: no cover - surfaced to the test
+            self._started.set_exception(exc)
+            return
+        self._started.set_result(None)
+        self.loop.run_forever()
+
+    async def _open(self) -> None:
+        self._resume = asyncio.Event()
+        self._server = await serve(
+            self._handler, "127.0.0.1", 0, process_request=self._process_request
+        )
+
+    def start(self) -> Backend:
+        self._thread.start()
+        self._started.result(timeout=10)
+        return self
+
+    def stop(self, *, graceful: bool = False) -> None:
+        """Stop serving: close the connections with 1001 (*graceful*) or drop them."""
+        if self._stopped:
+            return
+        self._stopped = True
+        for release in self._releases:
+            release.set()
+
+        async def close() -> None:
+            if self._resume is not None:
+                self._resume.set()
+            if not graceful:
+                for record in self.connections:
+                    record.ws.transport.abort()
+            if self._server is not None:
+                self._server.close()
+                await self._server.wait_closed()
+            current = asyncio.current_task()
+            tasks = [t for t in asyncio.all_tasks() if t is not current]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(close(), self.loop).result(timeout=15)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/"
+
+    # -- the server side ------------------------------------------------------------
+
+    def _process_request(self, ws: ServerConnection, request: Request) -> Response | None:
+        self.handshakes += 1
+        if self.refuse is not None:
+            return ws.respond(self.refuse, "refused by the backend\n")
+        return None
+
+    async def _handler(self, ws: ServerConnection) -> None:
+        assert ws.request is not None
+        record = Upstreamed(ws, ws.request.path, ws.request.headers)
+        self.connections.append(record)
+        try:
+            if self.stall:
+                assert self._resume is not None
+                resumed = asyncio.ensure_future(self._resume.wait())
+                closed = asyncio.ensure_future(ws.wait_closed())
+                await asyncio.wait({resumed, closed}, return_when=asyncio.FIRST_COMPLETED)
+                resumed.cancel()
+                closed.cancel()
+            async for message in ws:
+                record.count += 1
+                if self.keep:
+                    record.received.append(message)
+                if self.echo:
+                    await ws.send(message)
+        except ConnectionClosed:
+            pass
+        finally:
+            await ws.wait_closed()
+            rcvd = ws.protocol.close_rcvd
+            if rcvd is not None:
+                record.close_code, record.close_reason = rcvd.code, rcvd.reason
+            record.closed.set()
+
+    # -- driving it from the test -----------------------------------------------------
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=15)
+
+    def connection(self, index: int = 0, timeout: float = 5.0) -> Upstreamed:
+        eventually(lambda: len(self.connections) > index, timeout, f"backend connection #{index}")
+        return self.connections[index]
+
+    def send(self, record: Upstreamed, data: str | bytes) -> None:
+        self.run(record.ws.send(data))
+
+    def close(self, record: Upstreamed, code: int, reason: str) -> None:
+        self.run(record.ws.close(code, reason))
+
+    def crash(self, record: Upstreamed) -> None:
+        """Drop the TCP connection without a close frame."""
+        self.loop.call_soon_threadsafe(record.ws.transport.abort)
+
+    def send_many(self, record: Upstreamed, count: int, size: int) -> Future[None]:
+        async def send() -> None:
+            payload = "x" * size
+            with contextlib.suppress(ConnectionClosed):
+                for _ in range(count):
+                    await record.ws.send(payload)
+                    record.sent += 1
+
+        return asyncio.run_coroutine_threadsafe(send(), self.loop)
+
+    def resume(self) -> None:
+        """A stalled backend starts reading."""
+        assert self._resume is not None
+        self.loop.call_soon_threadsafe(self._resume.set)
+
+    @contextlib.contextmanager
+    def blocked(self) -> Iterator[None]:
+        """The backend's event loop hangs (a wedged process) inside the block."""
+        entered, release = threading.Event(), threading.Event()
+        self._releases.append(release)
+
+        def hang() -> None:
+            entered.set()
+            release.wait(30)
+
+        self.loop.call_soon_threadsafe(hang)
+        assert entered.wait(5)
+        try:
+            yield
+        finally:
+            release.set()
+
+
+BackendFactory = Callable[..., Backend]
+GatewayFactory = Callable[..., RunningServer]
+
+
+@pytest.fixture
+def backends() -> Iterator[BackendFactory]:
+    started: list[Backend] = []
+
+    def start(**kwargs: Any) -> Backend:
+        backend = Backend(**kwargs).start()
+        started.append(backend)
+        return backend
+
+    yield start
+    for backend in started:
+        backend.stop()
+
+
+@pytest.fixture
+def backend(backends: BackendFactory) -> Backend:
+    return backends()
+
+
+@pytest.fixture
+def gateways(backends: BackendFactory) -> Iterator[GatewayFactory]:
+    """Start gateways in front of *upstream*; stopped before the backends."""
+    started: list[RunningServer] = []
+
+    def start(upstream: str, overrides: dict[str, Any] | None = None) -> RunningServer:
+        audit = AuditCapture()
+        config = make_config(deep_merge({"gateway": {"upstream": upstream}}, overrides or {}))
+        gateway = Gateway(guard=Guard(config, audit=AuditLog(audit)))
+        running = RunningServer(gateway, audit).start()
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        running.stop()
+        finish_loop(running.loop)
+
+
+def finish_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """Cancel what a stopped server left on its loop (an upstream's keepalive) and close it."""
+    if loop.is_running():  # pragma: no cover - the server thread did not stop
+        return
+
+    async def cancel_all() -> None:
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    loop.run_until_complete(cancel_all())
+    loop.close()
+
+
+def admitted_id(gw: RunningServer) -> str:
+    events = eventually(lambda: gw.audit.events("connection_admitted"), what="admission")
+    connection_id: str = events[-1]["connection_id"]
+    return connection_id
+
+
+def echo_roundtrip(ws: ClientConnection, text: str) -> None:
+    ws.send(text)
+    assert ws.recv(timeout=5) == text
+
+
+def gateway_connections(gw: RunningServer) -> list[Connection]:
+    return list(gw.call(lambda: list(gw.app.connections.values())))
+
+
+def gateway_upstreams(gw: RunningServer) -> list[UpstreamConnection]:
+    """The gateway's upstream connections, read from its running pump tasks."""
+    assert isinstance(gw.app, Gateway)
+    app = gw.app
+
+    def find() -> list[UpstreamConnection]:
+        found = []
+        for task in app._pumps:
+            frame = getattr(task.get_coro(), "cr_frame", None)
+            if frame is not None and "upstream" in frame.f_locals:
+                found.append(frame.f_locals["upstream"])
+        return found
+
+    return list(gw.call(find))
+
+
+# -- 1. identity headers ------------------------------------------------------------------
+
+
+def test_backend_gets_the_identity_headers(backend: Backend, gateways: GatewayFactory) -> None:
+    gw = gateways(backend.url)
+    token = make_token("alice", scopes="write chat read", jti="tok-42")
+    with gw.connect(token) as ws:
+        echo_roundtrip(ws, chat("hello"))
+        record = backend.connection()
+        headers = record.headers
+        assert headers.get_all("X-Wsguard-Subject") == ["alice"]
+        assert headers.get_all("X-Wsguard-Scopes") == ["chat read write"]
+        assert headers.get_all("X-Wsguard-Token-Id") == ["tok-42"]
+        assert headers.get_all("X-Wsguard-Client") == ["127.0.0.1"]
+        assert headers.get_all("X-Wsguard-Connection") == [admitted_id(gw)]
+        assert headers["Host"] == f"127.0.0.1:{backend.port}"
+        # unsigned without gateway.identity_secret
+        assert "X-Wsguard-Signature" not in headers
+        assert "X-Wsguard-Timestamp" not in headers
+        assert "User-Agent" not in headers  # no client header passes unless named
+    assert record.path == "/"
+
+
+def test_token_without_jti_or_scopes_gives_empty_headers(
+    backend: Backend, gateways: GatewayFactory
+) -> None:
+    gw = gateways(backend.url)
+    with gw.connect(make_token("bob", scopes=None)) as ws:
+        ws.send(json.dumps({"type": "ping"}))
+        ws.recv(timeout=5)
+    headers = backend.connection().headers
+    assert headers.get_all("X-Wsguard-Subject") == ["bob"]
+    assert headers.get_all("X-Wsguard-Scopes") == [""]
+    assert headers.get_all("X-Wsguard-Token-Id") == [""]
+
+
+def test_client_cannot_forge_identity_or_pass_credentials(
+    backend: Backend, gateways: GatewayFactory
+) -> None:
+    gw = gateways(backend.url, {"gateway": {"forward_headers": ["User-Agent"]}})
+    forged = {
+        "X-Wsguard-Subject": "root",
+        "X-Wsguard-Scopes": "admin",
+        "X-Wsguard-Token-Id": "forged",
+        "X-Wsguard-Client": "10.0.0.1",
+        "X-Wsguard-Connection": "forged",
+        "X-Wsguard-Timestamp": "1",
+        "X-Wsguard-Signature": "00" * 32,
+        "Cookie": "session=secret-session-cookie",
+        "X-Forwarded-For": "10.9.9.9",
+    }
+    with gw.connect(make_token("alice"), headers=forged, user_agent_header="probe/1.0") as ws:
+        echo_roundtrip(ws, chat("hi"))
+    headers = backend.connection().headers
+    for name in SIGNED_NAMES[:5]:
+        assert len(headers.get_all(name)) == 1, name
+    assert headers["X-Wsguard-Subject"] == "alice"
+    assert headers["X-Wsguard-Scopes"] == "chat"
+    assert headers["X-Wsguard-Token-Id"] == ""
+    assert headers["X-Wsguard-Client"] == "127.0.0.1"
+    assert headers["X-Wsguard-Connection"] != "forged"
+    for name in ("X-Wsguard-Timestamp", "X-Wsguard-Signature", "Authorization", "Cookie"):
+        assert name not in headers, name
+    assert "X-Forwarded-For" not in headers
+    assert headers["User-Agent"] == "probe/1.0"  # the one forwarded header
+    everything = "\n".join(f"{k}: {v}" for k, v in headers.raw_items())
+    assert "secret-session-cookie" not in everything
+    assert "Bearer" not in everything
+
+
+@pytest.mark.parametrize("transport", ["query", "subprotocol", "cookie"])
+def test_token_never_reaches_the_backend(
+    transport: str, backend: Backend, gateways: GatewayFactory
+) -> None:
+    overrides: dict[str, Any] = {"auth": {"query": True}}
+    if transport == "cookie":
+        overrides = {"auth": {"cookie": True}, "origin": {"allowed": ["https://app"]}}
+    gw = gateways(backend.url, overrides)
+    token = make_token("carol")
+    protocols = ["wsguard.v1"] if transport == "subprotocol" else None
+    origin = "https://app" if transport == "cookie" else None
+    with gw.connect(token, transport=transport, subprotocols=protocols, origin=origin) as ws:
+        echo_roundtrip(ws, chat("x"))
+    record = backend.connection()
+    everything = record.path + "\n" + "\n".join(f"{k}: {v}" for k, v in record.headers.raw_items())
+    assert token not in everything
+    assert token.split(".")[2] not in everything
+    assert record.headers["X-Wsguard-Subject"] == "carol"
+    assert record.path == "/"
+    if transport == "subprotocol":  # the negotiated protocol is offered upstream, alone
+        assert record.headers.get_all("Sec-WebSocket-Protocol") == ["wsguard.v1"]
+
+
+def test_signed_identity_verifies_and_any_change_fails(
+    backend: Backend, gateways: GatewayFactory
+) -> None:
+    gw = gateways(backend.url, {"gateway": {"identity_secret": IDENTITY_SECRET}})
+    with gw.connect(make_token("alice", jti="j-1")) as ws:
+        echo_roundtrip(ws, chat("hi"))
+    seen = backend.connection().headers
+    assert verify_identity(seen, IDENTITY_SECRET)
+    assert not verify_identity(seen, IDENTITY_SECRET[::-1])  # another secret
+    timestamp = int(seen["X-Wsguard-Timestamp"])
+    assert abs(timestamp - time.time()) < 30
+    assert len(seen["X-Wsguard-Signature"]) == 64
+
+    plain = {k: v for k, v in seen.raw_items()}
+    assert verify_identity(plain, IDENTITY_SECRET)
+    for name in SIGNED_NAMES:
+        altered = dict(plain)
+        value = altered[name]
+        altered[name] = str(int(value) - 1) if name == "X-Wsguard-Timestamp" else value + "x"
+        assert not verify_identity(altered, IDENTITY_SECRET), name
+        removed = {k: v for k, v in plain.items() if k != name}
+        assert not verify_identity(removed, IDENTITY_SECRET), name
+    forged = dict(plain, **{"X-Wsguard-Subject": "root"})
+    assert not verify_identity(forged, IDENTITY_SECRET)
+    # the timestamp: fresh within max_age, stale after
+    assert verify_identity(seen, IDENTITY_SECRET, now=timestamp + 59)
+    assert not verify_identity(seen, IDENTITY_SECRET, now=timestamp + 61)
+    assert not verify_identity(seen, IDENTITY_SECRET, now=timestamp - 61)
+    assert verify_identity(seen, IDENTITY_SECRET, now=timestamp + 200, max_age=300)
+
+
+def test_identity_headers_signed_long_ago_are_refused() -> None:
+    config = GatewayConfig(identity_secret=IDENTITY_SECRET)
+    identity = Identity(subject="alice", scopes=frozenset({"chat"}))
+    old = dict(
+        identity_headers(
+            config, identity, client="127.0.0.1", connection_id="c1", now=time.time() - 3600
+        )
+    )
+    assert not verify_identity(old, IDENTITY_SECRET)
+    fresh = dict(identity_headers(config, identity, client="127.0.0.1", connection_id="c1"))
+    assert verify_identity(fresh, IDENTITY_SECRET)
+
+
+def test_identity_values_cannot_inject_headers(backend: Backend, gateways: GatewayFactory) -> None:
+    """Claims with CR/LF never become extra upstream headers (refused or kept in one)."""
+    gw = gateways(backend.url, {"limits": {"connections_per_address": 50}})
+    tokens = [
+        make_token("alice\r\nX-Evil: 1"),
+        make_token("bob", scopes="chat\r\nX-Evil: 2"),
+        make_token("carol", jti="j\r\nX-Evil: 3"),
+        make_token("dave", jti="j\nX-Evil: 4"),
+    ]
+    for token in tokens:
+        with contextlib.suppress(InvalidStatus, ConnectionClosed), gw.connect(token) as ws:
+            ws.send(chat("x"))
+            ws.recv(timeout=5)
+    for record in backend.connections:
+        assert "X-Evil" not in record.headers
+        for name, value in record.headers.raw_items():
+            assert "\r" not in value and "\n" not in value, (name, value)
+
+
+@pytest.mark.parametrize(
+    "subject",
+    [
+        "jos\u00e9",
+        "\u4e2d\u6587-user",
+    ],
+)
+def test_non_ascii_subject_is_forwarded_signed(
+    subject: str, backend: Backend, gateways: GatewayFactory
+) -> None:
+    gw = gateways(backend.url, {"gateway": {"identity_secret": IDENTITY_SECRET}})
+    with gw.connect(make_token(subject)) as ws:
+        try:
+            echo_roundtrip(ws, chat("hi"))
+        except ConnectionClosed as exc:
+            raise GatewayBug(f"subject {subject!r}: closed with {exc.rcvd}") from exc
+    seen = backend.connection().headers
+    # sent as is (ISO-8859-1 on the wire) or percent-encoded: either way recoverable
+    assert urllib.parse.unquote(seen["X-Wsguard-Subject"]) == subject
+    assert verify_identity(seen, IDENTITY_SECRET)
+
+
+def test_configurable_header_names(backend: Backend, gateways: GatewayFactory) -> None:
+    names = {
+        "subject_header": "X-User",
+        "scopes_header": "X-Roles",
+        "token_id_header": "X-Jti",
+        "client_header": "X-Peer",
+        "connection_header": "X-Conn",
+        "signature_header": "X-Sig",
+        "timestamp_header": "X-Ts",
+    }
+    gw = gateways(backend.url, {"gateway": {**names, "identity_secret": IDENTITY_SECRET}})
+    with gw.connect(make_token("alice", jti="j-9"), headers={"X-User": "root"}) as ws:
+        echo_roundtrip(ws, chat("hi"))
+    seen = backend.connection().headers
+    assert seen.get_all("X-User") == ["alice"]
+    assert seen.get_all("X-Roles") == ["chat"]
+    assert seen.get_all("X-Jti") == ["j-9"]
+    assert seen.get_all("X-Peer") == ["127.0.0.1"]
+    assert seen.get_all("X-Conn") == [admitted_id(gw)]
+    assert not [k for k in seen if k.lower().startswith("x-wsguard-")]
+    assert verify_identity(seen, IDENTITY_SECRET, config=GatewayConfig.model_validate(names))
+    assert not verify_identity(seen, IDENTITY_SECRET)  # the default names are not there
+
+
+def test_forward_headers_pass_only_the_named_ones(
+    backend: Backend, gateways: GatewayFactory
+) -> None:
+    gw = gateways(backend.url, {"gateway": {"forward_headers": ["user-agent", "X-Request-Id"]}})
+    extra = {"X-Request-Id": "req-7", "X-Other": "nope", "Accept-Language": "fr"}
+    with gw.connect(headers=extra, user_agent_header="probe/2.0") as ws:
+        echo_roundtrip(ws, chat("hi"))
+    seen = backend.connection().headers
+    assert seen.get_all("User-Agent") == ["probe/2.0"]
+    assert seen.get_all("X-Request-Id") == ["req-7"]
+    assert "X-Other" not in seen
+    assert "Accept-Language" not in seen
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "Authorization",
+        "cookie",
+        "Host",
+        "Sec-WebSocket-Key",
+        "Sec-WebSocket-Protocol",
+        "X-Wsguard-Subject",
+        "x-wsguard-signature",
+        "Proxy-Authorization",
+        "Upgrade",
+        "Connection",
+        "Transfer-Encoding",
+    ],
+)
+def test_forward_headers_never_credentials_or_identity(name: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        make_config({"gateway": {"upstream": "ws://127.0.0.1:1/", "forward_headers": [name]}})
+    assert caught.value.key == "gateway.forward_headers"
+    assert "gateway.forward_headers" in str(caught.value)
+
+
+def test_forward_headers_refuse_a_renamed_identity_header() -> None:
+    with pytest.raises(ConfigError) as caught:
+        make_config({"gateway": {"subject_header": "X-User", "forward_headers": ["x-user"]}})
+    assert caught.value.key == "gateway.forward_headers"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        ({"identity_secret": "too-short"}, "gateway.identity_secret"),
+        ({"upstream": "http://127.0.0.1:1/"}, "gateway.upstream"),
+        ({"routes": {"/a": "tcp://127.0.0.1:1/"}}, "gateway.routes"),
+        ({"routes": {"a": "ws://127.0.0.1:1/"}}, "gateway.routes"),
+        ({"subject_header": "X User"}, "gateway.subject_header"),
+    ],
+)
+def test_gateway_config_errors_name_the_key(overrides: dict[str, Any], key: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        make_config({"gateway": overrides})
+    assert caught.value.key == key
+
+
+def test_gateway_without_upstream_is_a_config_error() -> None:
+    with pytest.raises(ConfigError) as caught:
+        Gateway(make_config())
+    assert caught.value.key == "gateway.upstream"
+
+
+# -- 2. the message policy in front of the upstream ------------------------------------------
+
+
+def test_refused_messages_never_reach_the_backend(
+    backend: Backend, gateways: GatewayFactory
+) -> None:
+    gw = gateways(backend.url)
+    with gw.connect(make_token("alice", scopes="chat")) as ws:
+        refused = {
+            "{not json": "invalid_json",
+            json.dumps({"type": "nope", "id": 1}): "unknown_type",
+            json.dumps({"type": "command", "name": "shutdown", "id": 2}): "forbidden",
+            json.dumps({"type": "chat", "text": ""}): "invalid_message",
+            json.dumps(["chat"]): "invalid_message",
+        }
+        for text, code in refused.items():
+            ws.send(text)
+            error = recv_json(ws)
+            assert error["type"] == "error", text
+            assert error["code"] == code, (text, error)
+        valid = chat("after the refusals")
+        echo_roundtrip(ws, valid)
+    record = backend.connection()
+    assert record.received == [valid]
+
+
+def test_valid_messages_arrive_byte_for_byte(backend: Backend, gateways: GatewayFactory) -> None:
+    gw = gateways(backend.url)
+    messages = [
+        '{ "type" :"chat",\n\t"text":  "spaced \\u00e9 out" ,"room":"r1" }',
+        '{"text":"key order kept","type":"chat"}',
+        '{"type":"chat","text":"unicode: \u00e9\u4e2d\U0001f600"}',
+        '{"type":"ping","id":  "a-1"}',
+        '{"type":"data","channel":"c","payload":{"b":true,"n":null,"x":1e3}}',
+    ]
+    with gw.connect() as ws:
+        for text in messages:
+            ws.send(text)
+            assert ws.recv(timeout=5) == text
+    assert backend.connection().received == messages
+
+
+def test_auth_refresh_is_answered_by_the_gateway(
+    backend: Backend, gateways: GatewayFactory
+) -> None:
+    gw = gateways(backend.url)
+    with gw.connect(make_token("alice")) as ws:
+        ws.send(json.dumps({"type": "auth", "token": make_token("alice", ttl=7200), "id": 5}))
+        reply = recv_json(ws)
+        assert reply["type"] == "auth_ok"
+        valid = chat("after refresh")
+        echo_roundtrip(ws, valid)
+    assert backend.connection().received == [valid]
+
+
+def test_binary_frame_refused_and_the_close_goes_upstream(
+    backend: Backend, gateways: GatewayFactory
+) -> None:
+    gw = gateways(backend.url)
+    with gw.connect() as ws:
+        echo_roundtrip(ws, chat("first"))
+        ws.send(b"\x00\x01binary")
+        assert close_of(ws) == (1003, "binary frames not accepted")
+    record = backend.connection()
+    assert record.closed.wait(5)
+    assert record.received == [chat("first")]
+    assert record.close_code == 1003
+
+
+def test_rate_limited_messages_are_not_forwarded(
+    backend: Backend, gateways: GatewayFactory
+) -> None:
+    gw = gateways(backend.url, {"limits": {"message_burst": 2, "messages_per_minute": 2}})
+    with gw.connect() as ws:
+        echo_roundtrip(ws, chat("one"))
+        echo_roundtrip(ws, chat("two"))
+        ws.send(chat("three"))
+        error = recv_json(ws)
+        assert (error["type"], error["code"]) == ("error", "rate_limited")
+    assert backend.connection().received == [chat("one"), chat("two")]
+
+
+def test_opaque_format_forwards_any_frame_within_the_limits(
+    backend: Backend, gateways: GatewayFactory
+) -> None:
+    gw = gateways(
+        backend.url,
+        {"messages": {"format": "opaque", "binary": True}, "limits": {"max_message_bytes": 1024}},
+    )
+    frames: list[str | bytes] = ["plain text, not JSON", b"\x00\xffbinary", '{"type":"nope"}']
+    with gw.connect() as ws:
+        for data in frames:
+            ws.send(data)
+            assert ws.recv(timeout=5) == data
+        ws.send("z" * 1025)
+        assert close_of(ws)[0] == 1009
+    record = backend.connection()
+    assert record.received == frames
+    eventually(record.closed.is_set, what="backend connection closed")
+    assert record.close_code == 1009
+
+
+def test_handshake_refusals_open_no_upstream_connection(
+    backend: Backend, gateways: GatewayFactory
+) -> None:
+    gw = gateways(backend.url)
+    url = f"ws://127.0.0.1:{gw.port}/"
+    from websockets.sync.client import connect
+
+    with pytest.raises(InvalidStatus) as no_token:
+        connect(url, open_timeout=5)
+    assert no_token.value.response.status_code == 401
+    bad = make_token("mallory", secret="another-secret-that-is-long-enough-for-hs256!!")
+    with pytest.raises(InvalidStatus) as bad_token:
+        connect(url, additional_headers={"Authorization": f"Bearer {bad}"}, open_timeout=5)
+    assert bad_token.value.response.status_code == 401
+    # a connection afterwards is the first the backend ever sees
+    with gw.connect() as ws:
+        echo_roundtrip(ws, chat("hi"))
+    assert backend.handshakes == 1
+    assert len(backend.connections) == 1
+    assert not gw.audit.events("upstream_unavailable")
+
+
+# -- 3. upstream to client ---------------------------------------------------------------------
+
+
+def test_upstream_messages_reach_the_client_untouched(
+    backend: Backend, gateways: GatewayFactory
+) -> None:
+    gw = gateways(backend.url)
+    with gw.connect() as ws:
+        record = backend.connection()
+        downstream: list[str | bytes] = [
+            "not json at all {",
+            '{"type":"whatever","x" : 1}',
+            b"\x00\xff\x10binary",
+            "",
+            b"",
+            "\u00e9" * 1000,
+            bytes(range(256)) * 100,
+        ]
+        for data in downstream:
+            backend.send(record, data)
+        for data in downstream:
+            got = ws.recv(timeout=5)
+            assert type(got) is type(data)
+            assert got == data
+
+
+def test_upstream_message_over_the_limit_closes_the_client_1011(
+    backend: Backend, gateways: GatewayFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    gw = gateways(backend.url, {"gateway": {"upstream_max_message_bytes": 1024}})
+    with caplog.at_level(logging.WARNING, logger="wsguard.gateway"), gw.connect() as ws:
+        record = backend.connection()
+        backend.send(record, "a" * 1024)  # at the limit: passes
+        assert ws.recv(timeout=5) == "a" * 1024
+        backend.send(record, "b" * 1025)
+        assert close_of(ws) == (1011, "upstream error")
+    assert record.closed.wait(5)
+    assert record.close_code == 1009  # the gateway told the backend: message too big
+    closed = eventually(lambda: gw.audit.events("connection_closed"), what="close audited")
+    assert closed[-1]["code"] == 1011
+    assert closed[-1]["cause"] == "upstream_closed"
+    assert any("failed for connection" in r.getMessage() for r in caplog.records)
+
+
+# -- 4. close codes both ways ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("code", "reason"), [(4321, "bye"), (1000, ""), (1001, "backend restarting"), (3000, "x")]
+)
+def test_backend_close_reaches_the_client(
+    code: int, reason: str, backend: Backend, gateways: GatewayFactory
+) -> None:
+    gw = gateways(backend.url)
+    with gw.connect() as ws:
+        echo_roundtrip(ws, chat("hi"))
+        backend.close(backend.connection(), code, reason)
+        assert close_of(ws) == (code, reason)
+    event = eventually(lambda: gw.audit.events("upstream_closed"), what="upstream_closed")
+    assert event[-1]["code"] == code
+
+
+@pytest.mark.parametrize(
+    ("code", "reason"), [(4000, "done"), (1000, ""), (1001, "tab closed"), (3999, "r" * 123)]
+)
+def test_client_close_reaches_the_backend(
+    code: int, reason: str, backend: Backend, gateways: GatewayFactory
+) -> None:
+    gw = gateways(backend.url)
+    ws = gw.connect()
+    echo_roundtrip(ws, chat("hi"))
+    ws.close(code, reason)
+    record = backend.connection()
+    eventually(record.closed.is_set, what="backend connection closed")
+    assert (record.close_code, record.close_reason) == (code, reason)
+    eventually(lambda: gw.connection_count() == 0, what="gateway connection gone")
+
+
+async def send_empty_close(ws: ServerConnection) -> None:
+    """A close frame without a status code (what browsers and Node's ws send by default)."""
+    async with ws.send_context():
+        ws.protocol.send_close()
+
+
+def test_backend_close_without_status_is_a_normal_close(
+    backend: Backend, gateways: GatewayFactory
+) -> None:
+    gw = gateways(backend.url)
+    with gw.connect() as ws:
+        echo_roundtrip(ws, chat("hi"))
+        backend.run(send_empty_close(backend.connection().ws))
+        code, reason = close_of(ws)
+    if code not in (1000, 1005):
+        raise GatewayBug(f"a normal close of the upstream reached the client as {code} {reason!r}")
+
+
+def test_client_close_without_status_is_a_normal_close(
+    backend: Backend, gateways: GatewayFactory
+) -> None:
+    gw = gateways(backend.url)
+    ws = gw.connect()
+    try:
+        echo_roundtrip(ws, chat("hi"))
+        with ws.send_context():
+            ws.protocol.send_close()
+        record = backend.connection()
+        eventually(record.closed.is_set, what="backend connection closed")
+    finally:
+        ws.close_socket()
+    if record.close_code not in (1000, 1005):  # 1005: an empty close frame, passed on
+        raise GatewayBug(
+            f"a normal client close reached the upstream as {record.close_code} "
+            f"{record.close_reason!r}"
+        )
+
+
+def test_client_dropped_closes_the_upstream_promptly(
+    backend: Backend, gateways: GatewayFactory
+) -> None:
+    gw = gateways(backend.url)
+    ws = gw.connect()
+    try:
+        echo_roundtrip(ws, chat("hi"))
+        record = backend.connection()
+        ws.socket.shutdown(socket.SHUT_RDWR)  # the TCP connection ends, no close frame
+        eventually(record.closed.is_set, timeout=5, what="backend connection closed")
+        assert record.close_code == 1001
+        assert record.close_reason == "client went away"
+    finally:
+        ws.close_socket()
+    eventually(lambda: gw.connection_count() == 0, what="gateway connection gone")
+
+
+def test_client_gone_releases_the_upstream_of_a_hung_backend(
+    backend: Backend, gateways: GatewayFactory
+) -> None:
+    gw = gateways(
+        backend.url,
+        {"gateway": {"upstream_ping_interval_seconds": 60, "connect_timeout_seconds": 1.0}},
+    )
+    ws = gw.connect()
+    echo_roundtrip(ws, chat("hi"))
+    [upstream] = eventually(lambda: gateway_upstreams(gw), what="the gateway's upstream")
+    with backend.blocked():  # the backend never answers the close
+        ws.close(4000, "done")
+        released = 0.0
+        started = time.monotonic()
+        while time.monotonic() - started < 3:  # close_timeout (1 s) then abort
+            if gw.call(lambda: upstream.state is State.CLOSED):
+                released = time.monotonic() - started
+                break
+            time.sleep(0.05)
+        frame = gw.call(lambda: upstream.protocol.close_sent)
+        assert frame is not None  # the client's code went upstream at once
+        assert (frame.code, frame.reason) == (4000, "done")
+        if not released:
+            raise GatewayBug("the upstream connection was still open 3 s after the client left")
+    eventually(lambda: gw.connection_count() == 0, what="gateway connection gone")
+
+
+def test_gateway_shutdown_closes_client_and_upstream(
+    backend: Backend, gateways: GatewayFactory
+) -> None:
+    gw = gateways(backend.url)
+    with gw.connect() as ws:
+        echo_roundtrip(ws, chat("hi"))
+        record = backend.connection()
+        stopping = threading.Thread(target=gw.stop, daemon=True)
+        stopping.start()
+        assert close_of(ws) == (1001, "server shutdown")
+    eventually(record.closed.is_set, what="backend connection closed")
+    assert record.close_code == 1001
+    stopping.join(30)
+    assert not stopping.is_alive()
+
+
+# -- 5. upstream down or failing ---------------------------------------------------------------
+
+
+def test_unreachable_upstream_closes_the_client_1013(
+    gateways: GatewayFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    port = free_port()
+    gw = gateways(f"ws://user:hunter2@127.0.0.1:{port}/ws?key=s3cret")
+    with caplog.at_level(logging.WARNING, logger="wsguard.gateway"), gw.connect() as ws:
+        assert close_of(ws) == (1013, "upstream unavailable")  # admitted, then closed
+    event = eventually(lambda: gw.audit.events("upstream_unavailable"), what="audit")[-1]
+    assert event["upstream"] == f"ws://127.0.0.1:{port}/ws"
+    assert event["subject"] == "alice"
+    assert event["detail"] == "ConnectionRefusedError"
+    closed = eventually(lambda: gw.audit.events("connection_closed"), what="close audited")
+    assert closed[-1]["code"] == 1013
+    assert closed[-1]["cause"] == "upstream_unavailable"
+    lines = [r.getMessage() for r in caplog.records if r.name == "wsguard.gateway"]
+    assert any(f"upstream ws://127.0.0.1:{port}/ws unavailable" in line for line in lines), lines
+    everything = gw.audit.getvalue() + "\n".join(lines)
+    assert "hunter2" not in everything
+    assert "s3cret" not in everything
+
+
+def test_upstream_refusing_the_handshake_closes_the_client_1013(
+    backends: BackendFactory, gateways: GatewayFactory
+) -> None:
+    backend = backends(refuse=HTTPStatus.FORBIDDEN)
+    gw = gateways(backend.url)
+    with gw.connect() as ws:
+        assert close_of(ws) == (1013, "upstream unavailable")
+    event = eventually(lambda: gw.audit.events("upstream_unavailable"), what="audit")[-1]
+    assert event["status"] == 403
+    assert event["detail"] == "InvalidStatus"
+    assert backend.handshakes == 1
+    assert backend.connections == []
+
+
+def test_upstream_handshake_timeout_closes_the_client_1013(gateways: GatewayFactory) -> None:
+    with socket.socket() as silent:  # accepts TCP (backlog), never answers the upgrade
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        port = silent.getsockname()[1]
+        gw = gateways(f"ws://127.0.0.1:{port}/", {"gateway": {"connect_timeout_seconds": 0.5}})
+        with gw.connect() as ws:
+            started = time.monotonic()
+            assert close_of(ws) == (1013, "upstream unavailable")
+            assert time.monotonic() - started < 4
+    event = eventually(lambda: gw.audit.events("upstream_unavailable"), what="audit")[-1]
+    assert event["detail"] == "TimeoutError"
+
+
+def test_upstream_crash_closes_the_client_1011(backend: Backend, gateways: GatewayFactory) -> None:
+    gw = gateways(backend.url)
+    with gw.connect() as ws:
+        echo_roundtrip(ws, chat("hi"))
+        backend.crash(backend.connection())
+        assert close_of(ws) == (1011, "upstream error")
+    event = eventually(lambda: gw.audit.events("upstream_closed"), what="upstream_closed")
+    assert event[-1]["code"] == 1006
+
+
+def test_backend_stopping_closes_the_client_with_its_code(
+    backends: BackendFactory, gateways: GatewayFactory
+) -> None:
+    backend = backends()
+    gw = gateways(backend.url)
+    with gw.connect() as ws:
+        echo_roundtrip(ws, chat("hi"))
+        backend.stop(graceful=True)  # a websockets server closes its connections with 1001
+        assert close_of(ws)[0] == 1001
+    with gw.connect() as ws:  # now it is down: try again later
+        assert close_of(ws) == (1013, "upstream unavailable")
+
+
+# -- 6. pings and the upstream heartbeat -------------------------------------------------------
+
+
+def test_client_ping_is_answered_by_the_gateway(backend: Backend, gateways: GatewayFactory) -> None:
+    gw = gateways(backend.url)
+    with gw.connect() as ws:
+        echo_roundtrip(ws, chat("hi"))
+        with backend.blocked():  # the backend could not answer anything
+            assert ws.ping(b"are you there").wait(5)
+            assert ws.ping().wait(5)
+        echo_roundtrip(ws, chat("still here"))
+    assert backend.connection().received == [chat("hi"), chat("still here")]
+
+
+def test_upstream_heartbeat_detects_a_hung_backend(
+    backend: Backend, gateways: GatewayFactory
+) -> None:
+    gw = gateways(
+        backend.url,
+        {"gateway": {"upstream_ping_interval_seconds": 0.2, "connect_timeout_seconds": 1.0}},
+    )
+    with gw.connect() as ws:
+        echo_roundtrip(ws, chat("hi"))
+        with backend.blocked():  # TCP still up, nothing answered: a wedged backend
+            started = time.monotonic()
+            closed = close_of(ws, timeout=15)
+            elapsed = time.monotonic() - started
+    if closed != (1011, "upstream error"):
+        pytest.fail(f"a hung upstream gave the client {closed}, not 1011")
+    eventually(lambda: gw.audit.events("upstream_closed"), what="upstream_closed")
+    if elapsed > 3:  # ping interval + ping timeout = 0.4 s
+        raise GatewayBug(f"the hung upstream was detected after {elapsed:.1f}s")
+
+
+def test_upstream_heartbeat_runs_and_keeps_an_idle_backend(
+    backend: Backend, gateways: GatewayFactory
+) -> None:
+    gw = gateways(backend.url, {"gateway": {"upstream_ping_interval_seconds": 0.1}})
+    with gw.connect() as ws:
+        echo_roundtrip(ws, chat("hi"))
+        [upstream] = gateway_upstreams(gw)
+        # the gateway's own pings, answered by the backend (websockets records the latency)
+        eventually(lambda: gw.call(lambda: upstream.latency > 0), what="a keepalive pong")
+        echo_roundtrip(ws, chat("still open"))
+    assert not gw.audit.events("upstream_closed")
+
+
+# -- 7. per-path routing -----------------------------------------------------------------------
+
+
+def test_routes_pick_the_upstream_by_longest_prefix(
+    backends: BackendFactory, gateways: GatewayFactory
+) -> None:
+    default, a, b, deep = backends(), backends(), backends(), backends()
+    routes = {"/a": a.url + "a-side", "/b": b.url, "/a/deep": deep.url + "deep?x=1"}
+    gw = gateways(
+        default.url, {"gateway": {"routes": routes}, "limits": {"connections_per_address": 50}}
+    )
+    cases = [
+        ("/a/x", a, "/a-side"),
+        ("/a", a, "/a-side"),
+        ("/b", b, "/"),
+        ("/b/room/1?q=2", b, "/"),
+        ("/a/deep/1", deep, "/deep?x=1"),
+        ("/", default, "/"),
+        ("/c", default, "/"),
+    ]
+    for path, target, upstream_path in cases:
+        before = len(target.connections)
+        with gw.connect(path=path) as ws:
+            echo_roundtrip(ws, chat(path))
+        record = target.connection(before)
+        assert record.received == [chat(path)], path
+        assert record.path == upstream_path, path
+    for target, expected in ((default, 2), (a, 2), (b, 2), (deep, 1)):
+        assert len(target.connections) == expected
+
+
+def test_route_down_closes_only_its_clients(backend: Backend, gateways: GatewayFactory) -> None:
+    down = f"ws://127.0.0.1:{free_port()}/"
+    gw = gateways(backend.url, {"gateway": {"routes": {"/down": down}}})
+    with gw.connect(path="/down/x") as ws:
+        assert close_of(ws) == (1013, "upstream unavailable")
+    with gw.connect(path="/up") as ws:
+        echo_roundtrip(ws, chat("fine"))
+
+
+# -- 8. back-pressure ------------------------------------------------------------------------
+
+
+@dataclass
+class SlowClientRun:
+    """What :func:`drop_slow_client` observed."""
+
+    record: Upstreamed
+    upstream: UpstreamConnection
+    sending: Future[None]
+    count: int
+    peak_queue: int = 0
+    peak_frames: int = 0
+    upstream_paused: bool = False
+
+
+def drop_slow_client(gw: RunningServer, backend: Backend, count: int, size: int) -> SlowClientRun:
+    """The backend streams *count* messages to a client that reads nothing until the
+    gateway drops it as a slow consumer; then the client reads (to the close frame)."""
+    ws = gw.connect()
+    try:
+        echo_roundtrip(ws, chat("hi"))
+        [upstream] = gateway_upstreams(gw)
+        record = backend.connection()
+        run = SlowClientRun(record, upstream, backend.send_many(record, count, size), count)
+
+        def sample() -> tuple[int, int, bool]:
+            queued = max((len(c._queue or ()) for c in gw.app.connections.values()), default=0)
+            return queued, len(upstream.recv_messages.frames), upstream.recv_messages.paused
+
+        def dropped() -> list[dict[str, Any]]:
+            queued, frames, paused = gw.call(sample)
+            run.peak_queue = max(run.peak_queue, queued)
+            run.peak_frames = max(run.peak_frames, frames)
+            run.upstream_paused = run.upstream_paused or paused
+            return gw.audit.events("slow_consumer")
+
+        eventually(dropped, timeout=20, what="slow consumer dropped")
+        assert record.sent < count, record.sent  # the backend could not push everything
+        # the client now reads: what was in flight, then the close
+        assert close_of(ws, timeout=15) == (1008, "slow consumer")
+    finally:
+        ws.close_socket()
+    return run
+
+
+def test_slow_client_holds_the_backend_back_and_is_dropped(
+    backend: Backend, gateways: GatewayFactory
+) -> None:
+    """A client that reads nothing: the gateway stops reading the upstream (the backend's
+    sends block) and drops the client as a slow consumer after client_drain_seconds."""
+    outbound_queue = 8
+    gw = gateways(
+        backend.url,
+        {"gateway": {"client_drain_seconds": 1.0}, "limits": {"outbound_queue": outbound_queue}},
+    )
+    count, size = 5000, 16 * 1024  # 80 MB: far more than every socket buffer on the way
+    run = drop_slow_client(gw, backend, count, size)
+    assert run.upstream_paused, "the gateway never paused reading from the upstream"
+    assert run.peak_queue <= outbound_queue
+    assert run.peak_frames <= 16 + ONE_READ // size + 1  # websockets' max_queue + one read
+    # the backend gets the client's code at once
+    record = run.record
+    rcvd = eventually(lambda: record.ws.protocol.close_rcvd, what="close frame upstream")
+    assert (rcvd.code, rcvd.reason) == (1008, "slow consumer")
+    assert record.sent < count
+    backend.stop()  # drop what is left
+    assert run.sending.exception(timeout=10) is None
+
+
+def test_slow_client_dropped_releases_its_upstream(
+    backend: Backend, gateways: GatewayFactory
+) -> None:
+    gw = gateways(
+        backend.url,
+        {
+            "gateway": {
+                "client_drain_seconds": 1.0,
+                "connect_timeout_seconds": 1.0,
+                "upstream_ping_interval_seconds": 60,
+            }
+        },
+    )
+    run = drop_slow_client(gw, backend, 5000, 16 * 1024)
+    upstream = run.upstream
+    started = time.monotonic()
+    while time.monotonic() - started < 3:  # close_timeout (1 s) then abort
+        if gw.call(lambda: upstream.state is State.CLOSED):
+            return
+        time.sleep(0.05)
+    raise GatewayBug("the upstream of a dropped slow consumer was still open after 3 s")
+
+
+def test_stalled_backend_stops_the_gateway_reading_from_the_client(
+    backends: BackendFactory, gateways: GatewayFactory
+) -> None:
+    """A backend that reads nothing: the gateway's forward blocks, it stops reading the
+    client (bounded queue, then TCP) and the client's sends block; nothing is lost."""
+    backend = backends(stall=True, echo=False, keep=False)
+    blob = {
+        "schema": {
+            "type": "object",
+            "properties": {"type": {"const": "blob"}, "text": {"type": "string"}},
+            "required": ["type", "text"],
+            "additionalProperties": False,
+        }
+    }
+    gw = gateways(
+        backend.url,
+        {
+            "limits": {**NO_RATE_LIMITS, "max_message_bytes": 65536},
+            "messages": {"max_string_length": 65536, "types": {**DEMO_MESSAGE_TYPES, "blob": blob}},
+        },
+    )
+    total = 3000
+    message = json.dumps({"type": "blob", "text": "y" * 32000})  # 96 MB in all
+    ws = gw.connect()
+    sent = [0]
+    failed: queue.Queue[BaseException] = queue.Queue()
+
+    def pump() -> None:
+        try:
+            for _ in range(total):
+                ws.send(message)
+                sent[0] += 1
+        except BaseException as exc:
+            failed.put(exc)
+
+    sender = threading.Thread(target=pump, daemon=True)
+    try:
+        record = backend.connection()
+        sender.start()
+
+        def stalled() -> bool:  # no progress over 0.5 s, bounded by eventually()
+            before = sent[0]
+            deadline = time.monotonic() + 0.5
+            while time.monotonic() < deadline:
+                if sent[0] != before or not sender.is_alive():
+                    return False
+                time.sleep(0.05)
+            return True
+
+        eventually(stalled, timeout=20, what="the client's sends blocked")
+        assert sender.is_alive()
+        blocked_at = sent[0]
+        assert blocked_at < total
+        assert record.count == 0  # the backend read nothing
+
+        [upstream] = gateway_upstreams(gw)
+        [conn] = gateway_connections(gw)
+
+        def gateway_side() -> tuple[int, bool, int]:
+            server_ws = conn._ws
+            frames = len(server_ws.recv_messages.frames)
+            buffered = upstream.transport.get_write_buffer_size()
+            return frames, server_ws.recv_messages.paused, buffered
+
+        frames, paused, buffered = gw.call(gateway_side)
+        assert paused, "the gateway kept reading from the client"
+        assert frames <= 16 + ONE_READ // len(message) + 1
+        assert buffered <= 2**15 + 2 * len(message)  # websockets' write limit + a frame
+        assert gw.connection_count() == 1  # not dropped: only slow
+
+        backend.resume()  # the backend reads again: everything arrives, in order
+        eventually(lambda: record.count == total, timeout=30, what="all messages forwarded")
+        sender.join(10)
+        assert not sender.is_alive()
+        assert failed.empty()
+        assert sent[0] == total
+    finally:
+        ws.close_socket()
+        sender.join(10)
+
+
+# -- 9. the command line ---------------------------------------------------------------------
+
+
+class Proxied(Served):
+    """A running ``wsguard proxy`` subprocess (Served runs ``wsguard serve``)."""
+
+    def __init__(self, args: Sequence[str], env: dict[str, str], audit_path: Path) -> None:
+        self.audit_path = audit_path
+        self._audit_fh = audit_path.open("w")
+        self.proc = subprocess.Popen(
+            [WSGUARD, "proxy", *args],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=self._audit_fh,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.stderr_lines: list[str] = []
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, args=(self.proc.stderr,), daemon=True)
+        self._reader.start()
+        self.host = ""
+        self.port = 0
+
+
+def cli_env(home: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WSGUARD_")}
+    env["HOME"] = str(home)
+    env.update(extra)
+    return env
+
+
+def run_cli(args: Sequence[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [WSGUARD, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=20,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+
+
+@pytest.fixture
+def proxied(tmp_path: Path) -> Iterator[Callable[[Sequence[str], dict[str, str]], Proxied]]:
+    started: list[Proxied] = []
+
+    def start(args: Sequence[str], env: dict[str, str]) -> Proxied:
+        running = Proxied(args, env, tmp_path / f"audit-{len(started)}.jsonl")
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        running.kill()
+
+
+def test_cli_proxy_forwards_to_the_upstream(
+    tmp_path: Path,
+    backend: Backend,
+    proxied: Callable[[Sequence[str], dict[str, str]], Proxied],
+) -> None:
+    env = cli_env(tmp_path, WSGUARD_JWT_SECRET=SECRET)
+    running = proxied(["--port", "0", "--upstream", backend.url], env)
+    running.wait_for(f"forwarding to ws://127.0.0.1:{backend.port}/")
+    port = running.wait_listening()
+    assert port > 0
+    assert running.host == "127.0.0.1"
+    with running.connect(make_token("dave")) as ws:
+        text = chat("through the command line")
+        ws.send(text)
+        assert ws.recv(timeout=5) == text
+        ws.send("{bad")
+        assert json.loads(ws.recv(timeout=5))["code"] == "invalid_json"
+    record = backend.connection()
+    assert record.received == [text]
+    assert record.headers["X-Wsguard-Subject"] == "dave"
+    assert running.stop() == 0
+    events = [e["event"] for e in running.audit_events()]
+    assert "connection_admitted" in events
+
+
+def test_cli_proxy_reads_the_gateway_section(
+    tmp_path: Path,
+    backend: Backend,
+    proxied: Callable[[Sequence[str], dict[str, str]], Proxied],
+) -> None:
+    config = tmp_path / "wsguard.toml"
+    config.write_text(
+        f'[gateway]\nupstream = "ws://127.0.0.1:{free_port()}/unused"\n'
+        f'subject_header = "X-User"\nidentity_secret = "{IDENTITY_SECRET}"\n'
+    )
+    env = cli_env(tmp_path, WSGUARD_JWT_SECRET=SECRET)
+    url = f"ws://user:pw-in-url@127.0.0.1:{backend.port}/ws?api_key=k3y"
+    running = proxied(["--config", str(config), "--port", "0", "--upstream", url], env)
+    running.wait_for(f"forwarding to ws://127.0.0.1:{backend.port}/ws\n")  # --upstream wins
+    running.wait_listening()
+    with running.connect(make_token("erin")) as ws:
+        text = chat("configured")
+        ws.send(text)
+        assert ws.recv(timeout=5) == text
+    seen = backend.connection().headers
+    assert seen["X-User"] == "erin"
+    assert verify_identity(seen, IDENTITY_SECRET, config=GatewayConfig(subject_header="X-User"))
+    running.stop()
+    assert "pw-in-url" not in running.stderr
+    assert "k3y" not in running.stderr
+
+
+def test_cli_proxy_without_upstream_exits_2(tmp_path: Path) -> None:
+    done = run_cli(["proxy", "--port", "0"], cli_env(tmp_path, WSGUARD_JWT_SECRET=SECRET))
+    assert done.returncode == 2, done.stderr
+    assert "gateway.upstream" in done.stderr
+
+
+@pytest.mark.parametrize("upstream", ["http://127.0.0.1:3000/", "x", "ws://"])
+def test_cli_proxy_with_a_non_ws_upstream_exits_2(tmp_path: Path, upstream: str) -> None:
+    done = run_cli(
+        ["proxy", "--port", "0", "--upstream", upstream],
+        cli_env(tmp_path, WSGUARD_JWT_SECRET=SECRET),
+    )
+    assert done.returncode == 2, done.stderr
+    assert "gateway.upstream" in done.stderr
+
+
+def test_routes_match_whole_path_segments() -> None:
+    config = make_config(
+        {"gateway": {"upstream": "ws://d/", "routes": {"/a": "ws://a/", "/a/b/": "ws://ab/"}}}
+    ).gateway
+    assert config.upstream_for("/a") == "ws://a/"
+    assert config.upstream_for("/a/x") == "ws://a/"
+    assert config.upstream_for("/apple") == "ws://d/"  # not a segment of /a
+    assert config.upstream_for("/a/b/c") == "ws://ab/"
+    assert config.upstream_for("/") == "ws://d/"
+
+
+def test_a_bad_upstream_url_is_not_echoed_in_the_error() -> None:
+    with pytest.raises(ConfigError) as caught:
+        make_config({"gateway": {"upstream": "http://user:s3cret-pw@x/"}})
+    assert caught.value.key == "gateway.upstream"
+    assert "s3cret-pw" not in str(caught.value)
