@@ -39,6 +39,7 @@ COMMENTED_KEYS = frozenset(
         "admin.token",
         "admin.token_file",
         "gateway.upstream_ca_file",
+        "gateway.upstream_schema",
         "admin.tls.cert_file",
         "admin.tls.key_file",
         "admin.tls.client_ca_file",

@@ -1445,3 +1445,45 @@ def test_a_bad_upstream_url_is_not_echoed_in_the_error() -> None:
         make_config({"gateway": {"upstream": "http://user:s3cret-pw@x/"}})
     assert caught.value.key == "gateway.upstream"
     assert "s3cret-pw" not in str(caught.value)
+
+
+def test_upstream_messages_can_be_held_to_a_schema(
+    backend: Backend, gateways: GatewayFactory
+) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"type": {"const": "event"}, "n": {"type": "integer"}},
+        "required": ["type", "n"],
+        "additionalProperties": False,
+    }
+    gw = gateways(backend.url, {"gateway": {"upstream_schema": schema}})
+    with gw.connect() as ws:
+        record = backend.connection()
+        for data in (
+            '{"type":"event","n":1}',
+            "not json",
+            '{"type":"event","n":"x"}',
+            b"\x00binary",
+            '{"type":"event","n":2,"extra":1}',
+            '{"type":"event","n":3}',
+        ):
+            backend.send(record, data)
+        assert ws.recv(timeout=5) == '{"type":"event","n":1}'
+        assert ws.recv(timeout=5) == '{"type":"event","n":3}'  # the four others never came
+        refused = eventually(
+            lambda: len(gw.audit.events("upstream_message_refused")) == 4 or None,
+            5,
+            "four upstream messages refused",
+        )
+        assert refused
+        backend.send(record, '{"type":"event","n":4}')  # the connection is still open
+        assert ws.recv(timeout=5) == '{"type":"event","n":4}'
+
+
+def test_an_invalid_upstream_schema_is_a_config_error() -> None:
+    config = make_config(
+        {"gateway": {"upstream": "ws://127.0.0.1:1/", "upstream_schema": {"type": 5}}}
+    )
+    with pytest.raises(ConfigError) as caught:
+        Gateway(guard=Guard(config, audit=AuditLog(AuditCapture())))
+    assert caught.value.key == "gateway.upstream_schema"

@@ -477,6 +477,7 @@ class GatewayConfig(_Section):
     identity_secret: str = Field(default="", repr=False)
     forward_headers: tuple[str, ...] = ()
     upstream_max_message_bytes: int = Field(default=1024 * 1024, ge=64, le=64 * 1024 * 1024)
+    upstream_schema: dict[str, Any] | None = None
     connect_timeout_seconds: float = Field(default=5.0, gt=0, le=60)
     upstream_ping_interval_seconds: float = Field(default=20.0, gt=0)
     upstream_ca_file: Path | None = None

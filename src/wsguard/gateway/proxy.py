@@ -90,6 +90,7 @@ class Gateway(App):
         if gateway.upstream_ca_file is not None:
             self._upstream_ssl = ssl.create_default_context(cafile=str(gateway.upstream_ca_file))
         self._forward = tuple(h.lower() for h in gateway.forward_headers)
+        self._downstream = _compile_downstream(gateway.upstream_schema)
         self._pumps: set[asyncio.Task[None]] = set()
 
     def keep_request(self, path: str, headers: Any) -> Any:
@@ -173,6 +174,9 @@ class Gateway(App):
         drain = self.gateway.client_drain_seconds
         try:
             async for message in upstream:
+                if self._downstream is not None and not self._downstream(message):
+                    self._refuse_downstream(conn, target)
+                    continue
                 if not conn.send_text(message):
                     break
                 if conn._writer is not None:  # the client is behind: stop reading upstream
@@ -215,6 +219,17 @@ class Gateway(App):
         assert code is not None
         conn.close_soon(code, _reason(reason), cause="upstream_closed")
 
+    def _refuse_downstream(self, conn: Connection, target: str) -> None:
+        """An upstream message failed ``gateway.upstream_schema``: dropped, never sent."""
+        self.guard.monitor.metrics.refusals["message", "schema"] += 1
+        self.guard.audit.emit(
+            "upstream_message_refused",
+            connection_id=conn.id,
+            subject=conn.subject,
+            upstream=redacted_url(target),
+            reason="schema",
+        )
+
     async def _close_upstream(self, conn: Connection, upstream: ClientConnection) -> None:
         """The client's side ended: close the upstream promptly, with the client's code."""
         if upstream.protocol.close_sent is not None or upstream.protocol.close_rcvd is not None:
@@ -247,12 +262,25 @@ class Gateway(App):
                     await task
 
 
-def gateway_app(config: Config, *, upstream: str | None = None) -> Gateway:
-    """A Gateway for *config*, with *upstream* (``--upstream``) over ``gateway.upstream``."""
-    if upstream is not None:
-        from wsguard.config.loader import validate_config
+def _compile_downstream(schema: dict[str, Any] | None) -> Any:
+    """A check of upstream messages: JSON text valid against *schema* (None: no check)."""
+    if schema is None:
+        return None
+    import jsonschema_rs
+    import msgspec
 
-        data = config.model_dump(mode="python", by_alias=True)
-        data["gateway"]["upstream"] = upstream
-        config = validate_config(data)
-    return Gateway(config)
+    try:
+        validator = jsonschema_rs.Draft202012Validator(schema, validate_formats=True)
+    except (ValueError, jsonschema_rs.ValidationError) as exc:
+        raise ConfigError("gateway.upstream_schema", f"invalid JSON Schema: {exc}") from None
+    decode = msgspec.json.Decoder().decode
+
+    def valid(message: str | bytes) -> bool:
+        if not isinstance(message, str):
+            return False  # a schema describes JSON text
+        try:
+            return bool(validator.is_valid(decode(message)))
+        except (msgspec.DecodeError, ValueError, RecursionError):
+            return False
+
+    return valid
