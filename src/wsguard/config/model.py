@@ -600,9 +600,7 @@ class Config(_Section):
                 "tls.behind_proxy: a TLS-terminating proxy must be listed in proxy.trusted"
             )
         if self.messages.format == "opaque" and self.signing.session_keys:
-            raise ValueError(
-                "signing.session_keys: signed messages need messages.format = \"json\""
-            )
+            raise ValueError('signing.session_keys: signed messages need messages.format = "json"')
         signed = [n for n, t in self.messages.types.items() if t.signed]
         if signed and not (self.signing.keys_file or self.signing.session_keys):
             raise ValueError(
