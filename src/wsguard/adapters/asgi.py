@@ -26,6 +26,7 @@ import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
+from http.cookies import CookieError, SimpleCookie
 from typing import Any
 from urllib.parse import unquote_plus
 
@@ -35,6 +36,7 @@ from wsguard.cluster.events import ClusterEvents
 from wsguard.config.model import Config
 from wsguard.core.decisions import (
     CLOSE_CREDENTIALS_EXPIRED,
+    CLOSE_GOING_AWAY,
     CLOSE_POLICY_VIOLATION,
     CLOSE_REVOKED,
     CLOSE_TOO_BIG,
@@ -61,7 +63,9 @@ logger = logging.getLogger("wsguard.asgi")
 
 DENIAL_EXTENSION = "websocket.http.response"
 # close causes after which the app's next receive() returns the disconnect at once
-_ENDED_BY_POLICY = frozenset({"token_expired", "revoked", "banned", "admin", "too_big"})
+_ENDED_BY_POLICY = frozenset(
+    {"token_expired", "revoked", "banned", "admin", "too_big", "idle_timeout", "max_lifetime"}
+)
 
 
 class WsGuardUser:
@@ -361,9 +365,36 @@ class WsGuardMiddleware:
                 )
 
         delivered_connect = False
+        network_lost = False
+        idle_timers: list[asyncio.TimerHandle] = []
+        liveness = self.config.liveness
+
+        def start_liveness_timers() -> None:
+            """Idle timeout and maximum lifetime, as ``wsguard serve`` enforces them."""
+            loop = asyncio.get_running_loop()
+            if liveness.max_lifetime_seconds:
+                idle_timers.append(
+                    loop.call_later(
+                        liveness.max_lifetime_seconds,
+                        lambda: conn.close_soon(
+                            CLOSE_GOING_AWAY, "max lifetime", cause="max_lifetime"
+                        ),
+                    )
+                )
+            idle = liveness.idle_timeout_seconds
+            if idle:
+
+                def check() -> None:
+                    quiet = guard.now() - state.last_data_at
+                    if quiet >= idle:
+                        conn.close_soon(CLOSE_GOING_AWAY, "idle timeout", cause="idle_timeout")
+                    else:
+                        idle_timers.append(loop.call_later(idle - quiet, check))
+
+                idle_timers.append(loop.call_later(idle, check))
 
         async def app_receive() -> Message:
-            nonlocal delivered_connect, closed_by_client
+            nonlocal delivered_connect, closed_by_client, network_lost
             if not delivered_connect:
                 delivered_connect = True
                 return first
@@ -376,6 +407,8 @@ class WsGuardMiddleware:
                 if kind == "websocket.disconnect":
                     if close_sent is None:
                         closed_by_client = int(message.get("code", 1005))
+                        if closed_by_client == 1006:
+                            network_lost = True
                     return message
                 if kind != "websocket.receive" or close_sent is not None:
                     continue
@@ -397,7 +430,10 @@ class WsGuardMiddleware:
                 if isinstance(decision, Deliver):
                     monitor.metrics.message_delivered(decision.type)
                     monitor.metrics.latency(time.perf_counter() - clock)
-                    return message
+                    # only what the policy saw reaches the app (never both text and bytes)
+                    if isinstance(data, str):
+                        return {"type": "websocket.receive", "text": data}
+                    return {"type": "websocket.receive", "bytes": data}
                 if isinstance(decision, Refuse):
                     monitor.message_refused(decision.code, decision.type, conn.client, closed=False)
                     await send_json(decision.frame())
@@ -405,6 +441,8 @@ class WsGuardMiddleware:
                     monitor.metrics.message_delivered("auth")
                     conn.identity = decision.identity
                     state.identity = decision.identity
+                    user.identity = decision.identity  # the app sees the refreshed identity
+                    app_state["wsguard"] = decision.identity
                     schedule_expiry(decision.identity.expires_at)
                     reply: dict[str, Any] = {
                         "type": "auth_ok",
@@ -439,13 +477,18 @@ class WsGuardMiddleware:
                     subprotocol=message.get("subprotocol"),
                 )
                 schedule_expiry(conn.identity.expires_at)
+                start_liveness_timers()
             elif kind == "websocket.close":
                 if close_sent is not None:
                     return  # wsguard closed it already
                 nonlocal_close(message)
             elif kind == "websocket.send":
                 if close_sent is not None:
-                    return  # closing: nothing more goes out
+                    if conn.close_cause is not None:
+                        # wsguard closed it (revoked, expired, banned...): an app that only
+                        # sends must learn it too, as it would of a client going away
+                        raise ConnectionResetError(f"closed by wsguard ({conn.close_cause})")
+                    return  # the app closed it itself: nothing more goes out
                 conn.sent += 1
             await send(message)
             if kind == "websocket.accept" and close_on_accept is not None:
@@ -457,21 +500,25 @@ class WsGuardMiddleware:
             conn.closing = True
 
         self.connections[conn.id] = conn  # from admission on: revocations reach it
+        scope_for_app = app_scope(scope, admit, self.config)
+        user: WsGuardUser = scope_for_app["user"]
+        app_state: dict[str, Any] = scope_for_app["state"]
         try:
-            await self.app(app_scope(scope, admit, self.config), app_receive, app_send)
+            await self.app(scope_for_app, app_receive, app_send)
         finally:
-            if expiry is not None:
-                expiry.cancel()
+            self.connections.pop(conn.id, None)  # first: no new close is started for it
+            for timer in (expiry, *idle_timers):
+                if timer is not None:
+                    timer.cancel()
             for task in list(closing_tasks):
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-            self.connections.pop(conn.id, None)
             policy.closed(state, time.monotonic())
             await admit.release()
             if accepted:
                 if close_sent is not None and closed_by_client is None:
                     code, by = close_sent[0], "server"
-                elif closed_by_client is not None:
+                elif closed_by_client is not None and not network_lost:
                     code, by = closed_by_client, "client"
                 else:
                     code, by = 1006, "network"
@@ -588,14 +635,16 @@ def _without_token_protocols(value: bytes, prefix: str) -> bytes:
 
 
 def _without_cookie(value: bytes, name: str) -> bytes:
-    """A ``Cookie`` header without the token cookie."""
-    target = name.encode("latin-1")
-    kept = [
-        c.strip()
-        for c in value.split(b";")
-        if c.strip() and c.strip().split(b"=", 1)[0].strip() != target
-    ]
-    return b"; ".join(kept)
+    """A ``Cookie`` header without the token cookie, parsed as the core parses it."""
+    jar: SimpleCookie = SimpleCookie()
+    try:
+        jar.load(value.decode("latin-1"))
+    except CookieError:
+        return b""  # unparseable: nothing of it reaches the app
+    if name not in jar:
+        return value
+    kept = [f"{key}={morsel.coded_value}" for key, morsel in jar.items() if key != name]
+    return "; ".join(kept).encode("latin-1")
 
 
 def _without_query_param(query: bytes, name: str) -> bytes:

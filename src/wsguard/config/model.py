@@ -602,6 +602,11 @@ class Config(_Section):
         if self.messages.format == "opaque" and self.signing.session_keys:
             raise ValueError('signing.session_keys: signed messages need messages.format = "json"')
         signed = [n for n, t in self.messages.types.items() if t.signed]
+        if self.messages.format == "opaque" and signed:
+            raise ValueError(
+                f"messages.format: signed types ({', '.join(signed)}) need messages.format "
+                '= "json" (opaque frames are not parsed, so nothing would be verified)'
+            )
         if signed and not (self.signing.keys_file or self.signing.session_keys):
             raise ValueError(
                 f"signing.keys_file: signed types ({', '.join(signed)}) need "

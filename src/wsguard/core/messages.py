@@ -151,6 +151,8 @@ class MessagePolicy:
         }
         self._binary_allowed = messages.binary or any(t.binary for t in self._types.values())
         self._opaque = messages.format == "opaque"
+        if self._opaque:  # message types are not used: only messages.binary says
+            self._binary_allowed = messages.binary
         self._max_depth = messages.max_depth
         self._max_string = messages.max_string_length
         self._max_keys = messages.max_keys

@@ -52,7 +52,8 @@ def identity_headers(
 ) -> list[tuple[str, str]]:
     """The headers that tell the upstream who is connected (signed when a secret is set)."""
     subject = _header_value(identity.subject)
-    scopes = _header_value(" ".join(sorted(identity.scopes)))
+    # a space inside one scope is encoded, so the list splits back into the same scopes
+    scopes = " ".join(_header_value(scope).replace(" ", "%20") for scope in sorted(identity.scopes))
     token_id = _header_value(identity.token_id or "")
     headers = [
         (config.subject_header, subject),

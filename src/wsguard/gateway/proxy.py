@@ -36,6 +36,7 @@ from wsguard.core.decisions import (
     CLOSE_POLICY_VIOLATION,
     CLOSE_TRY_AGAIN_LATER,
     Deliver,
+    Refuse,
 )
 from wsguard.errors import ConfigError
 from wsguard.gateway.identity import identity_headers
@@ -96,7 +97,7 @@ class Gateway(App):
     def keep_request(self, path: str, headers: Any) -> Any:
         """The path (routing) and the headers named in ``gateway.forward_headers``."""
         forwarded = tuple((k, v) for k, v in headers if k.lower() in self._forward)
-        return path, forwarded
+        return path.split("?", 1)[0], forwarded  # the query (a token, maybe) is not kept
 
     def welcome(self, conn: Connection) -> dict[str, Any]:  # pragma: no cover - not sent
         raise NotImplementedError("the gateway is transparent: the upstream greets")
@@ -112,7 +113,25 @@ class Gateway(App):
         self._pumps.add(pump)
         pump.add_done_callback(self._pumps.discard)
 
+        check_duplicates = self.config.messages.format == "json"
+
         async def forward(conn: Connection, decision: Deliver, data: str | bytes) -> None:
+            if check_duplicates and has_duplicate_keys(data):
+                # the bytes go upstream as they are: a backend parser that keeps the first
+                # of two equal keys would read another message than the policy checked
+                self.guard.monitor.message_refused(
+                    "invalid_message", decision.type, conn.client, closed=False
+                )
+                conn.send(
+                    Refuse(
+                        "invalid_message",
+                        "Message has duplicate keys.",
+                        ref=decision.message.get("id")
+                        if isinstance(decision.message.get("id"), (str, int))
+                        else None,
+                    ).frame()
+                )
+                return
             with contextlib.suppress(ConnectionClosed):  # the pump closes the client
                 await upstream.send(data)
 
@@ -141,6 +160,7 @@ class Gateway(App):
                 ping_interval=gateway.upstream_ping_interval_seconds,
                 ping_timeout=gateway.upstream_ping_interval_seconds,
                 max_size=gateway.upstream_max_message_bytes,
+                max_queue=2,  # at most ~2 upstream messages buffered per connection
                 compression=None,
                 user_agent_header=None,
                 proxy=None,
@@ -238,6 +258,8 @@ class Gateway(App):
         rcvd = ws.protocol.close_rcvd
         sent = ws.protocol.close_sent
         frame = rcvd if rcvd is not None else sent
+        if sent is not None and (rcvd is None or not ws.protocol.close_rcvd_then_sent):
+            frame = sent  # wsguard closed the client first (revoked, banned...): say so
         code = frame.code if frame is not None else None
         if code == 1005:  # a close frame without a status code: a normal close
             code, reason = 1000, ""
@@ -284,3 +306,27 @@ def _compile_downstream(schema: dict[str, Any] | None) -> Any:
             return False
 
     return valid
+
+
+def _pairs_unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise _DuplicateKeys
+    return dict(pairs)
+
+
+class _DuplicateKeys(ValueError):
+    pass
+
+
+def has_duplicate_keys(data: str | bytes) -> bool:
+    """Whether a JSON text has an object with the same key twice (any depth)."""
+    import json
+
+    try:
+        json.loads(data, object_pairs_hook=_pairs_unique)
+    except _DuplicateKeys:
+        return True
+    except ValueError:
+        return False  # not JSON: the policy has refused it already
+    return False
