@@ -443,6 +443,9 @@ class WsGuardMiddleware:
                     state.identity = decision.identity
                     user.identity = decision.identity  # the app sees the refreshed identity
                     app_state["wsguard"] = decision.identity
+                    credentials: Any = scope_for_app.get("auth")
+                    if hasattr(credentials, "scopes"):  # Starlette's AuthCredentials
+                        credentials.scopes = sorted(decision.identity.scopes)
                     schedule_expiry(decision.identity.expires_at)
                     reply: dict[str, Any] = {
                         "type": "auth_ok",
