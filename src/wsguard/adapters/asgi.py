@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import time
@@ -32,13 +33,12 @@ from urllib.parse import unquote_plus
 
 import orjson
 
-from wsguard.cluster.events import ClusterEvents
+from wsguard.cluster.events import ClusterEvents, close_disconnected, close_revoked
 from wsguard.config.model import Config
 from wsguard.core.decisions import (
     CLOSE_CREDENTIALS_EXPIRED,
     CLOSE_GOING_AWAY,
     CLOSE_POLICY_VIOLATION,
-    CLOSE_REVOKED,
     CLOSE_TOO_BIG,
     Admit,
     Close,
@@ -192,8 +192,8 @@ class WsGuardMiddleware:
                 self.guard.node_id,
                 lambda: self.connections.values(),  # type: ignore[arg-type,return-value]
                 lambda raw: None,  # broadcasts are the application's business here
-                self._revoked,  # type: ignore[arg-type]
-                on_disconnect=self._disconnected,  # type: ignore[arg-type]
+                functools.partial(close_revoked, self.guard.audit),
+                on_disconnect=functools.partial(close_disconnected, self.guard.audit),
                 address_key=self.guard.address_key,
             )
             self._started = True
@@ -215,31 +215,6 @@ class WsGuardMiddleware:
         if self._events is not None:
             await self._events.close()
         await self.guard.close()
-
-    def _revoked(self, conn: GuardedConnection, kind: str) -> None:
-        if conn.closing:
-            return
-        self.guard.audit.emit(
-            "connection_revoked",
-            connection_id=conn.id,
-            client=conn.client,
-            subject=conn.subject,
-            by=kind,
-        )
-        conn.close_soon(CLOSE_REVOKED, "revoked", cause="revoked")
-
-    def _disconnected(self, conn: GuardedConnection, why: str) -> None:
-        self.guard.audit.emit(
-            "connection_disconnected",
-            connection_id=conn.id,
-            client=conn.client,
-            subject=conn.subject,
-            by="ban" if why == "banned" else "admin",
-        )
-        reason = "banned" if why == "banned" else "disconnected by operator"
-        conn.close_soon(
-            CLOSE_POLICY_VIOLATION, reason, cause="banned" if why == "banned" else "admin"
-        )
 
     # -- ASGI ---------------------------------------------------------------------------------
 

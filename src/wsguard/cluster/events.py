@@ -16,8 +16,10 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Coroutine, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
+from wsguard.core.decisions import CLOSE_POLICY_VIOLATION, CLOSE_REVOKED
+from wsguard.observability.audit import AuditLog
 from wsguard.stores.base import (
     CHANNEL_BROADCAST,
     CHANNEL_DISCONNECT,
@@ -32,6 +34,52 @@ if TYPE_CHECKING:
 logger = logging.getLogger("wsguard.cluster")
 
 OUTBOX_LIMIT = 10_000
+
+
+class Closable(Protocol):
+    """A live connection as cluster events close it (the App's and the middleware's)."""
+
+    id: str
+    client: str
+
+    @property
+    def subject(self) -> str: ...
+
+    @property
+    def closing(self) -> bool: ...
+
+    def close_soon(self, code: int, reason: str, *, cause: str | None = None) -> None: ...
+
+
+def close_revoked(audit: AuditLog, conn: Closable, kind: str) -> None:
+    """A revocation names *conn*: audit it and close with 4003."""
+    if conn.closing:
+        return
+    audit.emit(
+        "connection_revoked",
+        connection_id=conn.id,
+        client=conn.client,
+        subject=conn.subject,
+        by=kind,
+    )
+    conn.close_soon(CLOSE_REVOKED, "revoked", cause="revoked")
+
+
+def close_disconnected(audit: AuditLog, conn: Closable, why: str) -> None:
+    """An operator (``admin``) or a ban (``banned``) closes *conn* with 1008."""
+    banned = why == "banned"
+    audit.emit(
+        "connection_disconnected",
+        connection_id=conn.id,
+        client=conn.client,
+        subject=conn.subject,
+        by="ban" if banned else "admin",
+    )
+    conn.close_soon(
+        CLOSE_POLICY_VIOLATION,
+        "banned" if banned else "disconnected by operator",
+        cause="banned" if banned else "admin",
+    )
 
 
 class ClusterEvents:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import itertools
 import logging
 import signal
@@ -31,13 +32,11 @@ from typing import Any
 
 import orjson
 
-from wsguard.cluster.events import ClusterEvents
+from wsguard.cluster.events import ClusterEvents, close_disconnected, close_revoked
 from wsguard.config.model import Config
 from wsguard.core.decisions import (
     CLOSE_CREDENTIALS_EXPIRED,
     CLOSE_GOING_AWAY,
-    CLOSE_POLICY_VIOLATION,
-    CLOSE_REVOKED,
     Close,
     Deliver,
     Reauthenticate,
@@ -142,18 +141,6 @@ class App:
     def _deliver_remote(self, raw: bytes) -> None:
         self._deliver_local(raw.decode("utf-8", "replace"))
 
-    def _revoked(self, conn: Connection, kind: str) -> None:
-        if conn.closing:
-            return
-        self.guard.audit.emit(
-            "connection_revoked",
-            connection_id=conn.id,
-            client=conn.client,
-            subject=conn.subject,
-            by=kind,
-        )
-        conn.close_soon(CLOSE_REVOKED, "revoked", cause="revoked")
-
     async def revoke(self, kind: str, value: str, ttl: float | None = None) -> None:
         """Revoke a token id (``jti``) or subject (``sub``) on every node."""
         if kind not in ("jti", "sub"):
@@ -193,20 +180,6 @@ class App:
             "slow_consumer", connection_id=conn.id, client=conn.client, subject=conn.subject
         )
         self.guard.monitor.connection_refused("slow_consumer", "slow_consumer", conn.client)
-
-    def _disconnected(self, conn: Connection, why: str) -> None:
-        """An operator (admin API) or a ban closes this connection."""
-        self.guard.audit.emit(
-            "connection_disconnected",
-            connection_id=conn.id,
-            client=conn.client,
-            subject=conn.subject,
-            by="ban" if why == "banned" else "admin",
-        )
-        if why == "banned":
-            conn.close_soon(CLOSE_POLICY_VIOLATION, "banned", cause="banned")
-        else:
-            conn.close_soon(CLOSE_POLICY_VIOLATION, "disconnected by operator", cause="admin")
 
     def _schedule_expiry(self, conn: Connection, expires_at: float | None) -> None:
         deadline = self.guard.deadline(expires_at)
@@ -337,8 +310,8 @@ class App:
                 self.guard.node_id,
                 lambda: self.connections.values(),
                 self._deliver_remote,
-                self._revoked,
-                on_disconnect=self._disconnected,
+                functools.partial(close_revoked, self.guard.audit),
+                on_disconnect=functools.partial(close_disconnected, self.guard.audit),
                 address_key=self.guard.address_key,
             )
         if self.config.admin.enabled and self.admin is None:
