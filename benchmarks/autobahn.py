@@ -56,7 +56,6 @@ import ctypes
 import json
 import logging
 import os
-import re
 import secrets
 import shutil
 import signal
@@ -74,12 +73,14 @@ from kosoku import FailureError, run_fuzzingclient
 from kosoku._kosoku import CaseResult
 from kosoku._report import write_reports
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks import bench
+
 SCRIPT = Path(__file__).resolve()
 HERE = SCRIPT.parent
 ROOT = HERE.parent
 HOST = "127.0.0.1"
 MAX_MESSAGE = 64 * 1024 * 1024
-LISTENING = re.compile(r"listening on ws://[^:/]+:(\d+)/")
 TOKEN_ENV = "AUTOBAHN_RELAY_TOKEN"
 SUBJECT = "autobahn"
 QUICK = (
@@ -99,7 +100,6 @@ BEHAVIORS = ("OK", "NON-STRICT", "INFORMATIONAL", "UNIMPLEMENTED", "FAILED", "ER
 FAILING = frozenset({"FAILED", "ERROR"})
 
 # pid -> description of every child still to be reaped; killed in main()'s finally.
-CHILDREN: dict[int, str] = {}
 
 
 def log(message: str) -> None:
@@ -211,62 +211,20 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-@dataclass
-class Child:
-    name: str
-    proc: asyncio.subprocess.Process
-    port: int
-    stderr: Path
+Child = bench.Server  # a started child: name, process, port, stderr file
 
 
 async def start_child(
     name: str, cmd: Sequence[str], stderr: Path, env: dict[str, str] | None = None
 ) -> Child:
     """Start *cmd* and wait for its "listening on ws://HOST:PORT/" line on stderr."""
-    with stderr.open("wb") as err:
-        proc = await asyncio.create_subprocess_exec(
-            *cmd,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=err,
-            env=env,
-            cwd=ROOT,
-            preexec_fn=_die_with_parent,
-        )
-    CHILDREN[proc.pid] = name
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        match = LISTENING.search(text_of(stderr))
-        if match:
-            return Child(name, proc, int(match.group(1)), stderr)
-        if proc.returncode is not None:
-            break
-        await asyncio.sleep(0.05)
-    await stop_process(proc)
-    raise RuntimeError(f"{name} did not start:\n{text_of(stderr)}")
+    return await bench.start_listener(
+        name, list(cmd), stderr, env=env, preexec=_die_with_parent, start_seconds=30
+    )
 
 
-async def stop_process(proc: asyncio.subprocess.Process, grace: float = 15) -> None:
-    if proc.returncode is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(proc.wait(), grace)
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
-    CHILDREN.pop(proc.pid, None)
-
-
-def kill_children() -> None:
-    for pid, what in list(CHILDREN.items()):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-            log(f"autobahn: killed leftover {what} (pid {pid})")
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, 0)
-        CHILDREN.pop(pid, None)
+stop_process = bench.stop_process
+kill_children = bench.kill_children
 
 
 def wsguard_command() -> list[str]:

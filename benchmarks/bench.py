@@ -150,6 +150,20 @@ async def start_server(
         env["WSGUARD_JWT_SECRET"] = secret
         env["WSGUARD_AUDIT__FILE"] = str(tmp / f"audit-{n}.jsonl")
     cmd, pin = pinned(cmd, args.server_cpu if cpu is None else cpu)
+    return await start_listener(name, cmd, stderr, env=env, preexec=pin)
+
+
+async def start_listener(
+    name: str,
+    cmd: list[str],
+    stderr: Path,
+    *,
+    env: dict[str, str] | None = None,
+    preexec: Callable[[], None] | None = None,
+    start_seconds: float = 20.0,
+) -> Server:
+    """Start *cmd* (stderr to a file) and wait for its "listening on ws://HOST:PORT/" line."""
+    output = stderr  # a small local file, read while polling
     with stderr.open("wb") as err:
         proc = await asyncio.create_subprocess_exec(
             *cmd,
@@ -158,19 +172,19 @@ async def start_server(
             stderr=err,
             env=env,
             cwd=ROOT,
-            preexec_fn=pin,
+            preexec_fn=preexec,
         )
-    CHILDREN[proc.pid] = f"{name} server"
-    deadline = time.monotonic() + 20
+    CHILDREN[proc.pid] = name
+    deadline = time.monotonic() + start_seconds
     while time.monotonic() < deadline:
-        match = LISTENING.search(stderr.read_text(errors="replace"))
+        match = LISTENING.search(output.read_text(errors="replace"))
         if match:
             return Server(name, proc, int(match.group(1)), stderr)
         if proc.returncode is not None:
             break
         await asyncio.sleep(0.05)
     await stop_process(proc)
-    raise RuntimeError(f"{name} server did not start:\n{stderr.read_text(errors='replace')}")
+    raise RuntimeError(f"{name} did not start:\n{output.read_text(errors='replace')}")
 
 
 async def stop_process(proc: asyncio.subprocess.Process, grace: float = 15) -> None:

@@ -85,29 +85,8 @@ async def start_listener(
     name: str, cmd: list[str], cpu: int, tmp: Path, env: dict[str, str]
 ) -> bench.Server:
     """Start *cmd* pinned to *cpu*; wait for its "listening on ws://HOST:PORT/" line."""
-    stderr = tmp / f"{name}.stderr"
     cmd, pin = bench.pinned(cmd, cpu)
-    with stderr.open("wb") as err:
-        proc = await asyncio.create_subprocess_exec(
-            *cmd,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=err,
-            env=env,
-            cwd=bench.ROOT,
-            preexec_fn=pin,
-        )
-    bench.CHILDREN[proc.pid] = name
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        match = bench.LISTENING.search(stderr.read_text(errors="replace"))
-        if match:
-            return bench.Server(name, proc, int(match.group(1)), stderr)
-        if proc.returncode is not None:
-            break
-        await asyncio.sleep(0.05)
-    await bench.stop_process(proc)
-    raise RuntimeError(f"{name} did not start:\n{stderr.read_text(errors='replace')}")
+    return await bench.start_listener(name, cmd, tmp / f"{name}.stderr", env=env, preexec=pin)
 
 
 def clean_env() -> dict[str, str]:

@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import secrets
-import signal
 import sys
+from pathlib import Path
 
-from websockets.asyncio.server import ServerConnection, serve
+from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.plain_server import serve_until_signalled
 
 PING = '{"type":"ping"'
 PONG = '{"type":"pong"'
@@ -40,17 +42,7 @@ async def handler(ws: ServerConnection) -> None:
 
 
 async def run(host: str, port: int) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    async with serve(handler, host, port, compression=None) as server:
-        bound = next(iter(server.sockets)).getsockname()[1]
-        print(f"echo: listening on ws://{host}:{bound}/", file=sys.stderr, flush=True)
-        await stop.wait()
-        server.close(close_connections=True)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(server.wait_closed(), 5)
+    await serve_until_signalled(handler, host, port, "echo")
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ import secrets
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -51,13 +51,20 @@ async def handler(ws: ServerConnection) -> None:
 
 
 async def run(host: str, port: int) -> None:
+    await serve_until_signalled(handler, host, port, "plain")
+
+
+async def serve_until_signalled(
+    handler: Callable[[ServerConnection], Awaitable[None]], host: str, port: int, label: str
+) -> None:
+    """Serve *handler* (no compression) until SIGTERM/SIGINT; announce the port on stderr."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     async with serve(handler, host, port, compression=None) as server:
         bound = next(iter(server.sockets)).getsockname()[1]
-        print(f"plain: listening on ws://{host}:{bound}/", file=sys.stderr, flush=True)
+        print(f"{label}: listening on ws://{host}:{bound}/", file=sys.stderr, flush=True)
         await stop.wait()
         server.close(close_connections=True)
         with contextlib.suppress(TimeoutError):

@@ -21,13 +21,21 @@ LISTENING = re.compile(r"listening on ws://(\[[^\]]+\]|[^:/]+):(\d+)/")
 
 
 class Served:
-    """A running ``wsguard serve`` subprocess; stdout (the audit log) goes to a file."""
+    """A running ``wsguard serve`` (or *command*, e.g. ``proxy``) subprocess; stdout (the
+    audit log) goes to a file."""
 
-    def __init__(self, args: Sequence[str], env: dict[str, str], audit_path: Path) -> None:
+    def __init__(
+        self,
+        args: Sequence[str],
+        env: dict[str, str],
+        audit_path: Path,
+        *,
+        command: str = "serve",
+    ) -> None:
         self.audit_path = audit_path
         self._audit_fh = audit_path.open("w")
         self.proc = subprocess.Popen(
-            [WSGUARD, "serve", *args],
+            [WSGUARD, command, *args],
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=self._audit_fh,

@@ -101,6 +101,7 @@ class Browser:
         self.ws = connect(f"ws://127.0.0.1:{port}{path}", max_size=None, open_timeout=10)
         self.ws.pending_legacy_warning = False  # closed explicitly in close()
         self._id = 0
+        self.events: list[dict[str, Any]] = []  # DevTools events seen while waiting for replies
 
     def call(self, method: str, session: str | None = None, **params: Any) -> dict[str, Any]:
         self._id += 1
@@ -110,7 +111,9 @@ class Browser:
         self.ws.send(json.dumps(message))
         while True:
             reply = json.loads(self.ws.recv(timeout=20))
-            if reply.get("id") == self._id:
+            if "method" in reply and "id" not in reply:
+                self.events.append(reply)
+            elif reply.get("id") == self._id:
                 if "error" in reply:
                     raise RuntimeError(reply["error"])
                 return reply["result"]  # type: ignore[no-any-return]

@@ -63,26 +63,7 @@ def artifacts_dir() -> Path:
 
 
 class Chromium(Browser):
-    """test_browser's Browser, keeping the DevTools events it receives."""
-
-    def __init__(self, profile: Path) -> None:
-        super().__init__(profile)
-        self.events: list[dict[str, Any]] = []
-
-    def call(self, method: str, session: str | None = None, **params: Any) -> dict[str, Any]:
-        self._id += 1
-        message: dict[str, Any] = {"id": self._id, "method": method, "params": params}
-        if session:
-            message["sessionId"] = session
-        self.ws.send(json.dumps(message))
-        while True:
-            reply = json.loads(self.ws.recv(timeout=20))
-            if "method" in reply and "id" not in reply:
-                self.events.append(reply)
-            elif reply.get("id") == self._id:
-                if "error" in reply:
-                    raise RuntimeError(reply["error"])
-                return reply["result"]  # type: ignore[no-any-return]
+    """test_browser's Browser, with the page helpers of the dashboard tests."""
 
     def blank_page(self) -> str:
         """A new tab on about:blank (so domains can be enabled before navigating)."""

@@ -23,10 +23,8 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import queue
 import socket
-import subprocess
 import threading
 import time
 import urllib.parse
@@ -56,7 +54,8 @@ from conftest import (
     make_config,
     make_token,
 )
-from serve_process import WSGUARD, Served
+from serve_process import Served
+from test_cli import cli_env, run_cli
 from wsguard.config.demo_types import DEMO_MESSAGE_TYPES
 from wsguard.config.model import GatewayConfig
 from wsguard.core.identity import Identity
@@ -1306,53 +1305,17 @@ def test_stalled_backend_stops_the_gateway_reading_from_the_client(
 # -- 9. the command line ---------------------------------------------------------------------
 
 
-class Proxied(Served):
-    """A running ``wsguard proxy`` subprocess (Served runs ``wsguard serve``)."""
-
-    def __init__(self, args: Sequence[str], env: dict[str, str], audit_path: Path) -> None:
-        self.audit_path = audit_path
-        self._audit_fh = audit_path.open("w")
-        self.proc = subprocess.Popen(
-            [WSGUARD, "proxy", *args],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=self._audit_fh,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.stderr_lines: list[str] = []
-        self._lines: queue.Queue[str | None] = queue.Queue()
-        self._reader = threading.Thread(target=self._read, args=(self.proc.stderr,), daemon=True)
-        self._reader.start()
-        self.host = ""
-        self.port = 0
-
-
-def cli_env(home: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WSGUARD_")}
-    env["HOME"] = str(home)
-    env.update(extra)
-    return env
-
-
-def run_cli(args: Sequence[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [WSGUARD, *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=20,
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
+def start_proxy(args: Sequence[str], env: dict[str, str], audit_path: Path) -> Served:
+    """A running ``wsguard proxy`` subprocess."""
+    return Served(args, env, audit_path, command="proxy")
 
 
 @pytest.fixture
-def proxied(tmp_path: Path) -> Iterator[Callable[[Sequence[str], dict[str, str]], Proxied]]:
-    started: list[Proxied] = []
+def proxied(tmp_path: Path) -> Iterator[Callable[[Sequence[str], dict[str, str]], Served]]:
+    started: list[Served] = []
 
-    def start(args: Sequence[str], env: dict[str, str]) -> Proxied:
-        running = Proxied(args, env, tmp_path / f"audit-{len(started)}.jsonl")
+    def start(args: Sequence[str], env: dict[str, str]) -> Served:
+        running = start_proxy(args, env, tmp_path / f"audit-{len(started)}.jsonl")
         started.append(running)
         return running
 
@@ -1364,7 +1327,7 @@ def proxied(tmp_path: Path) -> Iterator[Callable[[Sequence[str], dict[str, str]]
 def test_cli_proxy_forwards_to_the_upstream(
     tmp_path: Path,
     backend: Backend,
-    proxied: Callable[[Sequence[str], dict[str, str]], Proxied],
+    proxied: Callable[[Sequence[str], dict[str, str]], Served],
 ) -> None:
     env = cli_env(tmp_path, WSGUARD_JWT_SECRET=SECRET)
     running = proxied(["--port", "0", "--upstream", backend.url], env)
@@ -1389,7 +1352,7 @@ def test_cli_proxy_forwards_to_the_upstream(
 def test_cli_proxy_reads_the_gateway_section(
     tmp_path: Path,
     backend: Backend,
-    proxied: Callable[[Sequence[str], dict[str, str]], Proxied],
+    proxied: Callable[[Sequence[str], dict[str, str]], Served],
 ) -> None:
     config = tmp_path / "wsguard.toml"
     config.write_text(

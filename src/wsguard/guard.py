@@ -171,6 +171,36 @@ class Guard:
                 decision.client, decision.ban_started, "auth_failures", "auth_failures"
             )
 
+    # -- the life of an admitted connection (every adapter) -----------------------------
+
+    def connection_opened(self, conn: Any, subprotocol: str | None) -> None:
+        """Audit an admitted connection (an App ``Connection`` or the middleware's)."""
+        self.audit.emit(  # never raises: AuditLog.emit swallows write errors
+            "connection_admitted",
+            connection_id=conn.id,
+            client=conn.client,
+            subject=conn.subject,
+            token_id=conn.identity.token_id,
+            origin=conn.origin,
+            subprotocol=subprotocol,
+        )
+
+    def connection_closed(self, conn: Any, code: int, closed_by: str) -> None:
+        """Count and audit the end of a connection: the code sent by whoever closed first."""
+        self.monitor.connection_closed(code, closed_by)
+        self.audit.emit(
+            "connection_closed",
+            connection_id=conn.id,
+            client=conn.client,
+            subject=conn.subject,
+            code=code,
+            closed_by=closed_by,
+            cause=conn.close_cause,
+            duration_s=round(time.monotonic() - conn.opened_at, 3),
+            messages_in=conn.state.received,
+            messages_out=conn.sent,
+        )
+
     # -- the cluster-wide steps of a delivered message (every adapter) -------------------
 
     async def settle(self, state: ConnectionState, decision: Deliver) -> MessageDecision:

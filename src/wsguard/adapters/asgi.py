@@ -62,10 +62,6 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 logger = logging.getLogger("wsguard.asgi")
 
 DENIAL_EXTENSION = "websocket.http.response"
-# close causes after which the app's next receive() returns the disconnect at once
-_ENDED_BY_POLICY = frozenset(
-    {"token_expired", "revoked", "banned", "admin", "too_big", "idle_timeout", "max_lifetime"}
-)
 
 
 class WsGuardUser:
@@ -80,10 +76,6 @@ class WsGuardUser:
 
     @property
     def display_name(self) -> str:
-        return self.identity.subject
-
-    @property
-    def identity_subject(self) -> str:
         return self.identity.subject
 
     @property
@@ -374,8 +366,8 @@ class WsGuardMiddleware:
                 delivered_connect = True
                 return first
             while True:
-                if close_sent is not None and conn.close_cause in _ENDED_BY_POLICY:
-                    # wsguard closed this connection: the app learns it at once
+                if close_sent is not None and conn.close_cause is not None:
+                    # wsguard closed this connection (a cause is set): the app learns it at once
                     return {"type": "websocket.disconnect", "code": close_sent[0]}
                 message = await receive()
                 kind = message["type"]
@@ -445,15 +437,7 @@ class WsGuardMiddleware:
                 chosen = message.get("subprotocol")
                 if chosen is None or chosen.startswith(self.config.auth.subprotocol_prefix):
                     message["subprotocol"] = admit.subprotocol
-                guard.audit.emit(
-                    "connection_admitted",
-                    connection_id=conn.id,
-                    client=conn.client,
-                    subject=conn.subject,
-                    token_id=conn.identity.token_id,
-                    origin=conn.origin,
-                    subprotocol=message.get("subprotocol"),
-                )
+                guard.connection_opened(conn, message.get("subprotocol"))
                 schedule_expiry(conn.identity.expires_at)
                 start_liveness_timers()
             elif kind == "websocket.close":
@@ -500,19 +484,7 @@ class WsGuardMiddleware:
                     code, by = closed_by_client, "client"
                 else:
                     code, by = 1006, "network"
-                monitor.connection_closed(code, by)
-                guard.audit.emit(
-                    "connection_closed",
-                    connection_id=conn.id,
-                    client=conn.client,
-                    subject=conn.subject,
-                    code=code,
-                    closed_by=by,
-                    cause=conn.close_cause,
-                    duration_s=round(time.monotonic() - started, 3),
-                    messages_in=state.received,
-                    messages_out=conn.sent,
-                )
+                guard.connection_closed(conn, code, by)
 
 
 class _DenialIsNotAnError(logging.Filter):

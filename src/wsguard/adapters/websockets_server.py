@@ -386,15 +386,15 @@ def _engine_logger() -> logging.Logger:
     return engine
 
 
-def _close_fields(ws: ServerConnection) -> dict[str, Any]:
+def _close_fields(ws: ServerConnection) -> tuple[int, str]:
     """The close code as the audit log reports it: the one sent by whoever closed first."""
     protocol = ws.protocol
     sent, rcvd = protocol.close_sent, protocol.close_rcvd
     if sent is not None and (rcvd is None or not protocol.close_rcvd_then_sent):
-        return {"code": int(sent.code), "closed_by": "server"}
+        return int(sent.code), "server"
     if rcvd is not None:
-        return {"code": int(rcvd.code), "closed_by": "client"}
-    return {"code": 1006, "closed_by": "network"}
+        return int(rcvd.code), "client"
+    return 1006, "network"
 
 
 async def run_guarded(app: App, ws: ServerConnection) -> None:
@@ -423,15 +423,7 @@ async def run_guarded(app: App, ws: ServerConnection) -> None:
         conn.request = app.keep_request(ws.request.path, ws.request.headers.raw_items())
     ws.request, ws.response = _ADMITTED, None  # headers and token: not kept (1.5 KB)
     app.connections[conn.id] = conn
-    guard.audit.emit(  # never raises: AuditLog.emit swallows write errors
-        "connection_admitted",
-        connection_id=conn.id,
-        client=conn.client,
-        subject=conn.subject,
-        token_id=conn.identity.token_id,
-        origin=conn.origin,
-        subprotocol=conn.subprotocol,
-    )
+    guard.connection_opened(conn, conn.subprotocol)
     try:
         await app._run_connection(conn, ws)
     except ConnectionClosed:
@@ -454,19 +446,8 @@ async def run_guarded(app: App, ws: ServerConnection) -> None:
                     await ws.wait_closed()
             except TimeoutError:
                 ws.transport.abort()
-        closing = _close_fields(ws)
-        guard.monitor.connection_closed(closing["code"], closing["closed_by"])
-        if closing["code"] == CLOSE_TOO_BIG and closing["closed_by"] == "server":
+        code, closed_by = _close_fields(ws)
+        if code == CLOSE_TOO_BIG and closed_by == "server":
             guard.monitor.connection_refused("size", "too_big", conn.client)
             conn.close_cause = conn.close_cause or "too_big"
-        guard.audit.emit(
-            "connection_closed",
-            connection_id=conn.id,
-            client=conn.client,
-            subject=conn.subject,
-            **closing,
-            cause=conn.close_cause,
-            duration_s=round(time.monotonic() - started, 3),
-            messages_in=state.received,
-            messages_out=conn.sent,
-        )
+        guard.connection_closed(conn, code, closed_by)

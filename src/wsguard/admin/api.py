@@ -252,7 +252,7 @@ class AdminApi:
             {"WWW-Authenticate": 'Bearer realm="wsguard-admin"'},
         )
 
-    def session_ok(self, request: Request | Any) -> bool:
+    def session_ok(self, request: Request) -> bool:
         return self.credentials.mtls or self.credentials.session_ok(
             request.cookies.get(SESSION_COOKIE)
         )

@@ -99,9 +99,6 @@ class Gateway(App):
         forwarded = tuple((k, v) for k, v in headers if k.lower() in self._forward)
         return path.split("?", 1)[0], forwarded  # the query (a token, maybe) is not kept
 
-    def welcome(self, conn: Connection) -> dict[str, Any]:  # pragma: no cover - not sent
-        raise NotImplementedError("the gateway is transparent: the upstream greets")
-
     async def _run_connection(self, conn: Connection, messages: Any) -> None:
         self._start_timers(conn)
         path, forwarded = conn.request if conn.request is not None else ("/", ())

@@ -100,14 +100,6 @@ LATENCY_BUCKETS = (
 )  # fmt: skip
 
 
-def handshake_category(reason: str) -> str:
-    return HANDSHAKE_REASONS.get(reason, "other")
-
-
-def message_category(code: str) -> str:
-    return MESSAGE_CODES.get(code, "other")
-
-
 class Metrics:
     """The counters of one node, and their Prometheus exposition."""
 
