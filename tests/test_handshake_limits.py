@@ -707,6 +707,9 @@ MALFORMED: list[tuple[str, bytes, set[int]]] = [
     ("missing Host", upgrade_request(host=None), {400}),
     ("empty Host", upgrade_request(host=""), {400}),
     ("blank Host", upgrade_request(host="   "), {400}),
+    ("Host with a space", upgrade_request(host="a b"), {400}),
+    ("Host with userinfo", upgrade_request(host="evil@127.0.0.1"), {400}),
+    ("Host with a path", upgrade_request(host="127.0.0.1/x"), {400}),
     (
         "two Host headers",
         raw_request("GET / HTTP/1.1", "Host: 127.0.0.1", "Host: evil.example", *WS_HEADERS),

@@ -69,6 +69,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     revoke.add_argument("--store", help="state store URI (default: the config's store)")
     _admin_commands(sub)
+    from wsguard.cli import audit
+
+    audit.add_parser(sub)
     return parser
 
 
@@ -169,6 +172,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from wsguard.cli.admin_client import run_admin
 
             return run_admin(args, _load(args))
+        if args.command == "audit":
+            from wsguard.cli.audit import run_audit
+
+            return run_audit(args)
         if args.command == "check-config":
             _load(args)
             print("configuration is valid")

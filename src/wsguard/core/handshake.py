@@ -22,6 +22,7 @@ import binascii
 import itertools
 import math
 import os
+import re
 from dataclasses import replace
 
 from wsguard.config.model import Config
@@ -55,6 +56,11 @@ def _valid_key(value: str) -> bool:
         return False
 
 
+# RFC 9110 §7.2 / RFC 3986 §3.2.2: host = IP-literal / IPv4address / reg-name, then an
+# optional port. No spaces, no userinfo ("@"), no control characters.
+_HOST = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]+)(?::[0-9]{0,5})?")
+
+
 def check_upgrade(request: HandshakeRequest) -> Reject | None:
     """Structural checks of the upgrade request (no policy, no state)."""
     headers = request.headers
@@ -67,7 +73,7 @@ def check_upgrade(request: HandshakeRequest) -> Reject | None:
             detail="method",
         )
     host = headers.get_all("host")
-    if len(host) != 1 or not host[0].strip():
+    if len(host) != 1 or not _HOST.fullmatch(host[0].strip()):
         return Reject(400, "bad_request", "Missing or invalid Host header.", detail="host")
     target = request.target
     if (

@@ -1,0 +1,335 @@
+"""``wsguard audit URL``: options, progress display and output of the scanner."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from wsguard.errors import ConfigError
+
+EXIT_FINDINGS = 1  # a check failed (from --fail-on up)
+EXIT_INCOMPLETE = 3  # nothing failed, but some check could not run (ERROR)
+
+
+def add_parser(sub: Any) -> None:
+    audit: argparse.ArgumentParser = sub.add_parser(
+        "audit",
+        help="scan a WebSocket endpoint for security flaws (OWASP cheat sheet, ASVS 5.0 §4.4)",
+        description="Black-box security scan of a WebSocket endpoint. Refuses non-loopback "
+        "targets unless --i-own-this-target; floods, big messages and malformed handshakes "
+        "run only with --aggressive. Exit code 1 when a check FAILs (see --fail-on), 2 for "
+        "bad options, 3 when nothing failed but a check could not run (ERROR).",
+    )
+    audit.add_argument("url", nargs="?", help="ws:// or wss:// URL of the endpoint")
+    cred = audit.add_argument_group("credentials")
+    which = cred.add_mutually_exclusive_group()
+    which.add_argument("--token", help="a valid token for the endpoint (or WSGUARD_AUDIT_TOKEN)")
+    which.add_argument("--token-cmd", help="a command that prints a valid token")
+    cred.add_argument(
+        "--jwt-secret",
+        help="the HMAC secret: lets the scan mint expired, exp-less and short-lived tokens "
+        "(or WSGUARD_AUDIT_JWT_SECRET)",
+    )
+    cred.add_argument(
+        "--jwt-secret-file",
+        type=Path,
+        help="read the HMAC secret from a file (e.g. wsguard serve's development key)",
+    )
+    cred.add_argument("--jwt-alg", default="HS256", help="algorithm for minted tokens (HS256)")
+    cred.add_argument(
+        "--jwt-claim",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="claim for minted tokens, e.g. aud=chat (VALUE may be JSON); repeatable",
+    )
+    cred.add_argument("--public-key", type=Path, help="the server's PEM public key (alg confusion)")
+    cred.add_argument(
+        "--token-in",
+        default="header",
+        metavar="WHERE",
+        help="header (Authorization: Bearer, the default), header:NAME (NAME: token), "
+        "query:NAME, cookie:NAME or subprotocol:PREFIX",
+    )
+    cred.add_argument("--subprotocol", action="append", default=[], help="subprotocol to offer")
+    cred.add_argument(
+        "--cookie",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a session cookie sent with the scan's credential (and alone by origin.cookie)",
+    )
+    cred.add_argument(
+        "--header",
+        action="append",
+        default=[],
+        metavar="'NAME: VALUE'",
+        help="an extra header on every handshake (not for credentials: see --token-in)",
+    )
+    cred.add_argument("--origin-allowed", help="an Origin the endpoint allows (sent by default)")
+    tls = audit.add_argument_group("TLS")
+    tls.add_argument("--ca-file", type=Path, help="CA bundle to verify the server with")
+    tls.add_argument("--client-cert", type=Path, help="PEM client certificate (mTLS)")
+    tls.add_argument("--client-key", type=Path, help="PEM key of --client-cert")
+    tls.add_argument(
+        "--insecure",
+        action="store_true",
+        help="do not verify (only the transport.certificate check still verifies)",
+    )
+    tls.add_argument("--plain-port", type=int, help="also try ws:// on this port")
+    proto = audit.add_argument_group("the endpoint's protocol")
+    proto.add_argument(
+        "--ping-message",
+        default='{"type": "ping", "id": "{id}"}',
+        help="a message the endpoint answers; {id} is replaced by a number the answer echoes "
+        "as id or ref (default: %(default)s)",
+    )
+    proto.add_argument("--pong-type", default="pong", help="type of the answer (default pong)")
+    proto.add_argument(
+        "--error-type",
+        action="append",
+        default=[],
+        help="type of error frames (default error); repeatable",
+    )
+    proto.add_argument("--replay-message", help="a state-changing message for the replay check")
+    proto.add_argument(
+        "--signing-key",
+        metavar="KID:SECRET",
+        help="sign --replay-message with wsguard's HMAC envelope (secret in base64url)",
+    )
+    proto.add_argument("--server-log", type=Path, help="the target's log file (logs.injection)")
+    run = audit.add_argument_group("what to run")
+    run.add_argument(
+        "--checks",
+        action="append",
+        default=[],
+        help="only these checks or "
+        "groups (e.g. auth, origin.null, 'size.*'); comma-separated or repeated",
+    )
+    run.add_argument("--skip", action="append", default=[], help="skip these checks or groups")
+    run.add_argument(
+        "--aggressive",
+        action="store_true",
+        help="also run floods, big messages and malformed handshakes",
+    )
+    run.add_argument(
+        "--i-own-this-target",
+        action="store_true",
+        help="allow a non-loopback target: you own it or may test it",
+    )
+    run.add_argument("--list-checks", action="store_true", help="list the checks and exit")
+    bounds = audit.add_argument_group("bounds")
+    bounds.add_argument("--reply-timeout", type=float, default=2.0, help="seconds (2)")
+    bounds.add_argument("--connect-timeout", type=float, default=5.0, help="seconds (5)")
+    bounds.add_argument(
+        "--slow-wait",
+        type=float,
+        default=30.0,
+        help="handshake.timeout: longest wait for the server to cut off slow headers (30)",
+    )
+    bounds.add_argument(
+        "--idle-wait",
+        type=float,
+        default=30.0,
+        help="liveness.heartbeat: wait for a ping or idle close (30)",
+    )
+    bounds.add_argument(
+        "--expiry-wait",
+        type=float,
+        default=30.0,
+        help="token.expiry: wait past exp for the close (30)",
+    )
+    bounds.add_argument(
+        "--reset-wait",
+        type=float,
+        default=15.0,
+        help="flood and conns: wait for a limit to reset (15)",
+    )
+    bounds.add_argument(
+        "--max-connections", type=int, default=100, help="conns.*: most connections to hold (100)"
+    )
+    bounds.add_argument("--flood-count", type=int, default=1000, help="flood: messages (1000)")
+    out = audit.add_argument_group("output")
+    out.add_argument("--format", choices=["table", "json", "sarif", "junit"], default="table")
+    out.add_argument("--out", type=Path, help="write the report here (the table still prints)")
+    out.add_argument(
+        "--fail-on",
+        choices=["fail", "weak", "warn"],
+        default="fail",
+        help="exit 1 from this verdict up (default fail)",
+    )
+    out.add_argument("--verbose", "-v", action="store_true", help="per-variant details")
+    out.add_argument("--no-progress", action="store_true", help="no progress display")
+
+
+def _split(values: list[str]) -> tuple[str, ...]:
+    return tuple(v.strip() for value in values for v in value.split(",") if v.strip())
+
+
+def _positive(name: str, value: float) -> float:
+    if not value > 0:
+        raise ConfigError(name, "must be positive")
+    return value
+
+
+def options_from(args: argparse.Namespace) -> Any:
+    from wsguard.scanner.options import ScanOptions, parse_json_option, parse_signing_key
+
+    if not args.url:
+        raise ConfigError("url", "give the ws:// or wss:// URL to scan")
+    claims: dict[str, Any] = {}
+    for item in args.jwt_claim:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise ConfigError("--jwt-claim", f"expected NAME=VALUE, got {item!r}")
+        try:
+            claims[name] = parse_json_option("--jwt-claim", value)
+        except ConfigError:
+            claims[name] = value
+    headers = []
+    for item in args.header:
+        name, sep, value = item.partition(":")
+        if not sep or not name.strip():
+            raise ConfigError("--header", f"expected 'Name: value', got {item!r}")
+        headers.append((name.strip(), value.strip()))
+    for item in args.cookie:
+        if "=" not in item:
+            raise ConfigError("--cookie", f"expected NAME=VALUE, got {item!r}")
+    placement, _, name = args.token_in.partition(":")
+    if placement not in ("header", "query", "cookie", "subprotocol"):
+        raise ConfigError("--token-in", "header, query:NAME, cookie:NAME or subprotocol:PREFIX")
+    if args.replay_message is not None:
+        parse_json_option("--replay-message", args.replay_message)
+    for key in (
+        "reply_timeout",
+        "connect_timeout",
+        "slow_wait",
+        "idle_wait",
+        "expiry_wait",
+        "reset_wait",
+    ):
+        _positive("--" + key.replace("_", "-"), getattr(args, key))
+    if not 1 <= args.max_connections <= 10_000:
+        raise ConfigError("--max-connections", "1-10000")
+    if not 1 <= args.flood_count <= 100_000:
+        raise ConfigError("--flood-count", "1-100000")
+    secret = args.jwt_secret or os.environ.get("WSGUARD_AUDIT_JWT_SECRET") or None
+    if args.jwt_secret_file is not None:
+        try:
+            secret = args.jwt_secret_file.read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError("--jwt-secret-file", f"cannot read: {exc}") from None
+    return ScanOptions(
+        url=args.url,
+        token=args.token or os.environ.get("WSGUARD_AUDIT_TOKEN") or None,
+        token_cmd=args.token_cmd,
+        jwt_secret=secret,
+        jwt_algorithm=args.jwt_alg,
+        jwt_claims=claims,
+        public_key=args.public_key,
+        token_in=placement,
+        token_name=name,
+        subprotocols=tuple(args.subprotocol),
+        cookies=tuple(args.cookie),
+        headers=tuple(headers),
+        origin_allowed=args.origin_allowed,
+        ca_file=args.ca_file,
+        client_cert=args.client_cert,
+        client_key=args.client_key,
+        insecure=args.insecure,
+        plain_port=args.plain_port,
+        ping_message=args.ping_message,
+        pong_type=args.pong_type,
+        error_types=tuple(args.error_type) or ("error",),
+        replay_message=args.replay_message,
+        signing_key=parse_signing_key(args.signing_key) if args.signing_key else None,
+        server_log=args.server_log,
+        checks=_split(args.checks),
+        skip=_split(args.skip),
+        aggressive=args.aggressive,
+        i_own_this_target=args.i_own_this_target,
+        reply_timeout=args.reply_timeout,
+        connect_timeout=args.connect_timeout,
+        slow_wait=args.slow_wait,
+        idle_wait=args.idle_wait,
+        expiry_wait=args.expiry_wait,
+        reset_wait=args.reset_wait,
+        max_connections=args.max_connections,
+        flood_count=args.flood_count,
+    )
+
+
+def list_checks() -> int:
+    from wsguard.scanner.runner import ordered_checks
+
+    for spec in ordered_checks():
+        flag = "  [--aggressive]" if spec.aggressive else ""
+        print(f"{spec.id:<22} {spec.title}{flag}")
+    return 0
+
+
+def run_audit(args: argparse.Namespace) -> int:
+    if args.list_checks:
+        return list_checks()
+    from rich.console import Console
+
+    from wsguard.scanner.report import render, summary
+    from wsguard.scanner.runner import run_scan
+
+    options = options_from(args)
+    err = Console(stderr=True, highlight=False)
+    progress_display = None
+    if not args.no_progress and err.is_terminal:
+        from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        progress_display = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TimeElapsedColumn(),
+            console=err,
+            transient=True,
+        )
+    state: dict[str, Any] = {"done": 0, "task": None}
+
+    def progress(spec: Any, result: Any) -> None:
+        if result is None:
+            if progress_display is not None and state["task"] is not None:
+                progress_display.update(state["task"], description=f"{spec.id}: {spec.title}")
+            return
+        state["done"] += 1
+        if progress_display is not None and state["task"] is not None:
+            progress_display.update(state["task"], completed=state["done"])
+            progress_display.console.print(f"{result.verdict.value:<5} {spec.id}", highlight=False)
+        elif not args.no_progress:
+            print(f"{result.verdict.value:<5} {spec.id} ({result.seconds:.1f}s)", file=sys.stderr)
+
+    async def scan() -> Any:
+        from wsguard.scanner.runner import select
+
+        total = len(select(options))
+        if progress_display is None:
+            return await run_scan(options, progress=progress)
+        with progress_display:
+            state["task"] = progress_display.add_task("starting", total=total)
+            return await run_scan(options, progress=progress)
+
+    report = asyncio.run(scan())
+    text = render(report, args.format, fail_on=args.fail_on, verbose=args.verbose)
+    if args.out is not None:
+        args.out.write_text(text, encoding="utf-8")
+        if args.format != "table":
+            print(render(report, "table", verbose=args.verbose), end="")
+        print(f"wsguard audit: report written to {args.out}", file=sys.stderr)
+    else:
+        print(text, end="")
+    if args.format != "table" and args.out is None:
+        print(summary(report), file=sys.stderr)
+    if report.failed(args.fail_on):
+        return EXIT_FINDINGS
+    return EXIT_INCOMPLETE if report.counts()["ERROR"] else 0

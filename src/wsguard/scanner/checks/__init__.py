@@ -1,0 +1,12 @@
+"""The checks, one module per family; importing this package registers them all."""
+
+from wsguard.scanner.checks import (  # noqa: F401
+    auth,
+    disclosure,
+    handshake,
+    lifecycle,
+    limits,
+    messages,
+    origin,
+    transport,
+)

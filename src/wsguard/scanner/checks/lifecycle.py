@@ -1,0 +1,169 @@
+"""Time on the target's side: token expiry on open sockets, slow handshakes, idle peers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import jwt
+
+from wsguard.scanner.checks.common import require_auth, require_baseline
+from wsguard.scanner.context import NotApplicable, ScanContext
+from wsguard.scanner.model import OWASP, Finding, Verdict, check, finding
+from wsguard.scanner.probe import open_stream
+
+TOKEN_LIFETIME = 2.0  # seconds: the short-lived token token.expiry mints
+
+
+@check(
+    "token.expiry",
+    "A connection does not outlive its token",
+    group="lifecycle",
+    references=(f"{OWASP}: Authentication (token expiry)", "ASVS 5.0 V7.3.1"),
+    remedy="Close the connection when the token expires, or require an in-band refresh "
+    '(wsguard closes with 4001 and accepts {"type": "auth"} refreshes).',
+    budget_seconds=90.0,
+)
+async def token_expiry(ctx: ScanContext) -> Finding:
+    await require_auth(ctx)
+    token: str | None = None
+    if ctx.credentials.can_mint:
+        token = ctx.credentials.mint(exp_in=TOKEN_LIFETIME)
+    elif ctx.credentials.token is not None and ctx.credentials.is_jwt:
+        exp = ctx.credentials.claims.get("exp")
+        with contextlib.suppress(jwt.PyJWTError):
+            exp = jwt.decode(ctx.credentials.token, options={"verify_signature": False}).get("exp")
+        if isinstance(exp, int | float) and 0 < exp - time.time() < ctx.options.expiry_wait:
+            token = ctx.credentials.token
+    if token is None:
+        raise NotApplicable(
+            "needs --jwt-secret (to mint a short-lived token) or a token expiring within "
+            f"--expiry-wait ({ctx.options.expiry_wait:g}s)"
+        )
+    await require_baseline(ctx)
+    exp = float(jwt.decode(token, options={"verify_signature": False})["exp"])
+    ctx.rotate()
+    session = await ctx.open(token=token)
+    try:
+        wait = max(0.0, exp - time.time()) + min(10.0, ctx.options.expiry_wait)
+        event = await session.wait_closed(wait)
+        if event is not None:
+            late = time.time() - exp
+            reason = f" {event.reason!r}" if event.reason else ""
+            when = f"{late:.1f}s after exp" if late >= 0 else f"{-late:.1f}s before exp"
+            return finding(ctx.check_id, Verdict.PASS, f"closed {event.code}{reason} {when}")
+        outcome = await ctx.barrier(session)
+    finally:
+        await session.close()
+    overdue = time.time() - exp
+    if outcome.answered and not outcome.errors:
+        return finding(
+            ctx.check_id,
+            Verdict.FAIL,
+            f"still open and answering {overdue:.0f}s after the token expired: a revoked or "
+            "stolen token keeps working as long as the socket lives",
+        )
+    return finding(
+        ctx.check_id,
+        Verdict.WEAK,
+        f"still open {overdue:.0f}s after exp, but messages are refused ({outcome.describe()})",
+    )
+
+
+@check(
+    "handshake.timeout",
+    "A client sending its handshake slowly is cut off",
+    group="handshake",
+    references=(f"{OWASP}: DoS Protection", "Slowloris"),
+    remedy="Bound the time to complete the handshake (wsguard: "
+    "limits.handshake_timeout_seconds; websockets: open_timeout).",
+    budget_seconds=330.0,
+)
+async def slow_headers(ctx: ScanContext) -> Finding:
+    ctx.rotate()
+    reader, writer = await open_stream(ctx.endpoint)
+    uri = ctx.target.uri
+    started = time.monotonic()
+    limit = ctx.options.slow_wait
+    try:
+        writer.write(f"GET {uri.resource_name} HTTP/1.1\r\nHost: {uri.host}\r\n".encode())
+        await writer.drain()
+        n = 0
+        while time.monotonic() - started < limit:
+            try:
+                data = await asyncio.wait_for(reader.read(4096), 1.0)
+            except TimeoutError:
+                n += 1
+                writer.write(f"X-Wsguard-Audit-{n}: {'a' * 8}\r\n".encode())
+                try:
+                    await writer.drain()
+                except (OSError, ConnectionError):
+                    break
+                continue
+            except (OSError, ConnectionError):
+                break
+            status = data.split(b"\r\n", 1)[0].decode("latin-1", "replace") if data else ""
+            elapsed = time.monotonic() - started
+            answer = f" with {status!r}" if status else ""
+            return finding(
+                ctx.check_id,
+                Verdict.PASS,
+                f"closed{answer} after {elapsed:.1f}s of one header line a second",
+            )
+        else:
+            return finding(
+                ctx.check_id,
+                Verdict.FAIL,
+                f"still waiting after {limit:g}s of one header line a second: a few hundred "
+                "slow clients hold every slot",
+            )
+        return finding(
+            ctx.check_id,
+            Verdict.PASS,
+            f"connection reset after {time.monotonic() - started:.1f}s of slow headers",
+        )
+    finally:
+        writer.close()
+
+
+@check(
+    "liveness.heartbeat",
+    "Idle or dead peers are detected (pings or an idle timeout)",
+    group="lifecycle",
+    references=(f"{OWASP}: DoS Protection", "RFC 6455 §5.5.2"),
+    remedy="Send pings and close peers that do not answer (wsguard: "
+    "liveness.ping_interval_seconds, ping_timeout_seconds, idle_timeout_seconds).",
+    budget_seconds=330.0,
+)
+async def heartbeat(ctx: ScanContext) -> Finding:
+    await require_baseline(ctx)
+    ctx.rotate()
+    session = await ctx.open()
+    started = time.monotonic()
+    try:
+        while (elapsed := time.monotonic() - started) < ctx.options.idle_wait:
+            event = await session.next_event(ctx.options.idle_wait - elapsed)
+            if event is None:
+                break
+            if event.kind == "ping":
+                return finding(
+                    ctx.check_id,
+                    Verdict.PASS,
+                    f"the server pinged an idle connection after {time.monotonic() - started:.1f}s",
+                )
+            if event.kind == "close":
+                return finding(
+                    ctx.check_id,
+                    Verdict.PASS,
+                    f"the server closed an idle connection after "
+                    f"{time.monotonic() - started:.1f}s ({event.code})",
+                )
+    finally:
+        await session.close()
+    return finding(
+        ctx.check_id,
+        Verdict.WARN,
+        f"no ping and no idle close in {ctx.options.idle_wait:g}s: dead peers hold their "
+        "slots until TCP gives up (raise --idle-wait if the interval is longer)",
+    )

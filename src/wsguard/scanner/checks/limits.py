@@ -1,0 +1,273 @@
+"""Floods and connection limits: are they there, do they reset, can they be dodged?"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from dataclasses import dataclass, field
+
+import orjson
+
+from wsguard.scanner.checks.common import require_baseline
+from wsguard.scanner.context import NotApplicable, Outcome, ScanContext, settle
+from wsguard.scanner.model import OWASP, Finding, Verdict, check, finding
+from wsguard.scanner.probe import Handshake, Session
+
+RATE_REFS = (f"{OWASP}: Rate Limiting / DoS Protection", "ASVS 5.0 V2.4.1")
+CONN_REFS = (f"{OWASP}: Connection Limits / DoS Protection", "RFC 6455 §10.4")
+
+
+async def _flood(ctx: ScanContext, session: Session) -> tuple[int, Outcome, float]:
+    """Pipeline up to flood_count pings; count answers until all came, a refusal, or a
+    quiet reply_timeout. Returns (answered, outcome, seconds)."""
+    count = ctx.options.flood_count
+    base = 700_000
+    started = time.monotonic()
+    pending = {str(base + i) for i in range(count)}
+    outcome = Outcome()
+    for start in range(0, count, 50):
+        for i in range(start, min(count, start + 50)):
+            await session.send_text(ctx.options.ping(base + i))
+        if session.closed:
+            break
+    answered = 0
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + ctx.options.reply_timeout * 4
+    while pending and loop.time() < deadline:
+        event = await session.next_event(min(ctx.options.reply_timeout, deadline - loop.time()))
+        if event is None:
+            break
+        if event.kind == "close":
+            outcome.close = event
+            break
+        if event.kind not in ("text", "binary"):
+            continue
+        if ctx.classify(event.text) == "error":
+            outcome.errors.append(event.text)
+            ctx.record("error frame", event.text)
+            continue
+        ident = _ident(event.text)
+        if ident in pending:
+            pending.discard(ident)
+            answered += 1
+    return answered, outcome, time.monotonic() - started
+
+
+def _ident(text: str) -> str | None:
+    with contextlib.suppress(orjson.JSONDecodeError):
+        value = orjson.loads(text)
+        if isinstance(value, dict) and "id" in value:
+            return str(value["id"])
+    return None
+
+
+@check(
+    "flood.rate_limit",
+    "A message flood is throttled, and the limit resets",
+    group="limits",
+    references=RATE_REFS,
+    remedy="Rate-limit messages per connection and per user with a bucket that refills "
+    "(wsguard: limits.messages_per_minute, message_burst, violation_budget).",
+    aggressive=True,
+    budget_seconds=120.0,
+)
+async def flood(ctx: ScanContext) -> Finding:
+    await require_baseline(ctx)
+    ctx.rotate()
+    session = await ctx.open()
+    try:
+        answered, outcome, seconds = await _flood(ctx, session)
+    finally:
+        await session.close()
+    count = ctx.options.flood_count
+    if not outcome.refused:
+        return finding(
+            ctx.check_id,
+            Verdict.FAIL,
+            f"{answered} of {count} pipelined pings answered in {seconds:.1f}s, none refused: "
+            "no rate limit",
+        )
+    how = outcome.describe()
+    # does it reset? a new connection from the same address, backing off, bounded
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    delay = 0.5
+    last = ""
+    while loop.time() - started < ctx.options.reset_wait:
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 4.0)
+        result = await ctx.connect()
+        if result.session is None:
+            last = result.describe()
+            continue
+        probe = await ctx.barrier(result.session)
+        await result.session.close()
+        if probe.answered and not probe.errors:
+            return finding(
+                ctx.check_id,
+                Verdict.PASS,
+                f"refused after {answered} answered: {how}; accepted again "
+                f"{loop.time() - started:.1f}s later",
+            )
+        last = probe.describe()
+    return finding(
+        ctx.check_id,
+        Verdict.WARN,
+        f"refused after {answered} answered: {how}; still refused "
+        f"{ctx.options.reset_wait:g}s later ({last}) — does the limit ever reset?",
+    )
+
+
+@dataclass(slots=True)
+class Held:
+    sessions: list[Session] = field(default_factory=list)
+    refusal: str | None = None  # how the first excess connection was refused
+    refused_at: int = 0
+
+    async def release(self) -> None:
+        await asyncio.gather(*(s.close() for s in self.sessions))
+        self.sessions.clear()
+
+
+async def _fill(ctx: ScanContext) -> Held:
+    """Open connections from one address until one is refused (or max_connections)."""
+    held = Held()
+    for n in range(1, ctx.options.max_connections + 1):
+        result: Handshake = await ctx.connect()
+        if result.session is None:
+            held.refusal, held.refused_at = result.describe(), n
+            return held
+        outcome = await ctx.barrier(result.session)
+        if not outcome.answered or outcome.close is not None:
+            held.refusal, held.refused_at = f"upgraded, then {outcome.describe()}", n
+            await result.session.close()
+            return held
+        held.sessions.append(result.session)
+    return held
+
+
+@check(
+    "conns.limit",
+    "Excess concurrent connections from one client are refused",
+    group="limits",
+    references=CONN_REFS,
+    remedy="Cap concurrent connections per address and per user, before the upgrade "
+    "(wsguard: limits.connections_per_address, connections_per_subject).",
+    aggressive=True,
+    budget_seconds=120.0,
+)
+async def connection_limit(ctx: ScanContext) -> Finding:
+    await require_baseline(ctx)
+    ctx.rotate()
+    held = await _fill(ctx)
+    try:
+        if held.refusal is None:
+            return finding(
+                ctx.check_id,
+                Verdict.FAIL,
+                f"{len(held.sessions)} concurrent connections from one address all accepted",
+            )
+        verdict = Verdict.WEAK if held.refusal.startswith("upgraded") else Verdict.PASS
+        return finding(
+            ctx.check_id, verdict, f"connection {held.refused_at} refused: {held.refusal}"
+        )
+    finally:
+        await held.release()
+
+
+@check(
+    "conns.release",
+    "Connection slots come back after a close",
+    group="limits",
+    references=CONN_REFS,
+    remedy="Release the slot in a finally block (or a lease with a TTL in a shared store); "
+    "counts that never go down lock users out.",
+    aggressive=True,
+    budget_seconds=120.0,
+)
+async def connection_release(ctx: ScanContext) -> Finding:
+    await require_baseline(ctx)
+    ctx.rotate()
+    held = await _fill(ctx)
+    await held.release()
+    if held.refusal is None:
+        raise NotApplicable("no connection limit was reached (conns.limit)")
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    delay = 0.1
+    last = ""
+    while True:
+        result = await ctx.connect()
+        if result.session is not None:
+            outcome = await ctx.barrier(result.session)
+            await result.session.close()
+            if outcome.answered:
+                return finding(
+                    ctx.check_id,
+                    Verdict.PASS,
+                    f"limit reached at connection {held.refused_at} ({held.refusal}); after "
+                    f"closing them, a new one was accepted {loop.time() - started:.1f}s later",
+                )
+            last = outcome.describe()
+        else:
+            last = result.describe()
+        if loop.time() - started + delay > ctx.options.reset_wait:
+            break
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 3.0)
+    return finding(
+        ctx.check_id,
+        Verdict.FAIL,
+        f"after closing every connection, a new one is still refused "
+        f"{ctx.options.reset_wait:g}s later ({last}): slots leak",
+    )
+
+
+SPOOF_HEADERS = ("X-Forwarded-For", "X-Real-IP", "Forwarded", "True-Client-IP", "CF-Connecting-IP")
+
+
+@check(
+    "address.spoofing",
+    "X-Forwarded-For and friends do not reset per-address limits",
+    group="limits",
+    references=(*CONN_REFS, "OWASP: IP address spoofing via headers"),
+    remedy="Use the peer address; read forwarding headers only from trusted proxies, "
+    "right to left (wsguard: proxy.trusted).",
+    aggressive=True,
+    budget_seconds=120.0,
+)
+async def spoofing(ctx: ScanContext) -> Finding:
+    await require_baseline(ctx)
+    ctx.rotate()
+    held = await _fill(ctx)
+    try:
+        if held.refusal is None:
+            raise NotApplicable("no per-address limit was reached to test against (conns.limit)")
+        lines = []
+        bypassed = []
+        for name in SPOOF_HEADERS:
+            fake = f"198.51.100.{random.randint(1, 254)}"  # noqa: S311 - not a secret
+            value = f"for={fake}" if name == "Forwarded" else fake
+            result = await ctx.connect(headers=[(name, value)])
+            state, how = await settle(ctx, result)
+            lines.append(f"{name}: {value}: {how}")
+            if state == "accepted":
+                bypassed.append(f"{name}: {value}")
+    finally:
+        await held.release()
+    if bypassed:
+        return finding(
+            ctx.check_id,
+            Verdict.FAIL,
+            f"connection {held.refused_at} was refused ({held.refusal}), but accepted with "
+            f"{'; '.join(bypassed)}: the client chooses its own address",
+            *lines,
+        )
+    return finding(
+        ctx.check_id,
+        Verdict.PASS,
+        f"at the limit ({held.refusal}), {len(SPOOF_HEADERS)} forwarding headers did not help",
+        *lines,
+    )

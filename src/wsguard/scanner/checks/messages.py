@@ -1,0 +1,411 @@
+"""What the target does with hostile messages: malformed, oversized, compressed, replayed."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import time
+import zlib
+from collections.abc import Sequence
+
+import orjson
+from websockets.extensions.permessage_deflate import ClientPerMessageDeflateFactory
+from websockets.frames import Opcode
+
+from wsguard.scanner.checks.common import require_baseline, tally
+from wsguard.scanner.context import CheckError, NotApplicable, Outcome, ScanContext, short
+from wsguard.scanner.model import OWASP, Finding, Verdict, check, finding
+from wsguard.scanner.probe import Session, frame_bytes, frame_header
+
+INPUT_REFS = (f"{OWASP}: Input Validation", "ASVS 5.0 V2.2.1", "RFC 6455 §8.1, §10.7")
+SIZE_REFS = (f"{OWASP}: Message Size Limits / DoS Protection", "RFC 6455 §10.4")
+KIB = 1024
+MIB = 1024 * KIB
+
+
+def _verdict_for(outcome: Outcome) -> Verdict | None:
+    """FAIL for a server error or a dropped connection; None when handled."""
+    if outcome.close is not None and outcome.close.code in (1011, 1006):
+        return Verdict.FAIL
+    return None
+
+
+async def _malformed(
+    ctx: ScanContext, payloads: Sequence[tuple[str, bytes | str, bool]]
+) -> Finding:
+    """Send each payload on a usable connection (reopened after a close); the target must
+    answer with an error or a policy close, never 1011 or a dropped connection, and must
+    still accept connections afterwards."""
+    await require_baseline(ctx)
+    lines: list[str] = []
+    outcomes: list[str] = []
+    failed: list[str] = []
+    session: Session | None = None
+    try:
+        for label, data, binary in payloads:
+            if session is None or session.closed:
+                ctx.rotate()
+                session = await ctx.open()
+            if isinstance(data, bytes) and not binary:  # a hand-made text frame (bad UTF-8)
+                await session.send_raw(frame_bytes(Opcode.TEXT, data))
+                outcome = await ctx.barrier(session)
+            else:
+                outcome = await ctx.exchange(session, data, binary=binary)
+            lines.append(f"{label}: {outcome.describe()}")
+            outcomes.append(outcome.describe())
+            if _verdict_for(outcome) is Verdict.FAIL:
+                failed.append(f"{label}: {outcome.describe()}")
+    finally:
+        if session is not None:
+            await session.close()
+    alive, how = await ctx.alive()
+    if not alive:
+        failed.append(f"afterwards a new connection failed: {how}")
+    if failed:
+        return finding(ctx.check_id, Verdict.FAIL, "; ".join(failed), *lines)
+    return finding(ctx.check_id, Verdict.PASS, tally(outcomes), *lines)
+
+
+REMEDY_INPUT = (
+    "Parse defensively: catch every decoding error, bound depth and size before parsing, "
+    "answer an error frame (or close 1003/1007/1008), never let a handler error close 1011."
+)
+
+
+@check(
+    "malformed.json",
+    "Invalid JSON is handled",
+    group="messages",
+    references=INPUT_REFS,
+    remedy=REMEDY_INPUT,
+)
+async def invalid_json(ctx: ScanContext) -> Finding:
+    return await _malformed(
+        ctx,
+        [
+            ("truncated JSON", '{"type": "ping", "id": ', False),
+            ("not JSON", "wsguard-audit: hello", False),
+            ("NaN literal", '{"type": "ping", "x": NaN}', False),
+            ("lone surrogate", '{"type": "ping", "x": "\\ud800"}', False),
+        ],
+    )
+
+
+@check(
+    "malformed.non_object",
+    "JSON that is not an object is handled",
+    group="messages",
+    references=INPUT_REFS,
+    remedy=REMEDY_INPUT,
+)
+async def non_object(ctx: ScanContext) -> Finding:
+    return await _malformed(
+        ctx,
+        [
+            ("array", "[1, 2, 3]", False),
+            ("string", '"ping"', False),
+            ("number", "42", False),
+            ("null", "null", False),
+            ("type not a string", '{"type": {"$ne": null}}', False),
+        ],
+    )
+
+
+@check(
+    "malformed.nesting",
+    "Deeply nested JSON is handled",
+    group="messages",
+    references=INPUT_REFS,
+    remedy=REMEDY_INPUT,
+)
+async def nesting(ctx: ScanContext) -> Finding:
+    depth = 3000  # 6 KB: under common size limits, far over any sane depth
+    return await _malformed(
+        ctx,
+        [
+            (f"{depth} nested arrays", "[" * depth + "]" * depth, False),
+            (
+                "1000 nested objects in a ping",
+                '{"type": "ping", "x": ' + '{"a": ' * 1000 + "1" + "}" * 1000 + "}",
+                False,
+            ),
+        ],
+    )
+
+
+@check(
+    "malformed.binary",
+    "Unexpected binary frames are handled",
+    group="messages",
+    references=INPUT_REFS,
+    remedy=REMEDY_INPUT,
+)
+async def binary(ctx: ScanContext) -> Finding:
+    return await _malformed(
+        ctx,
+        [
+            ("binary frame", b"\x00\x01\x02wsguard-audit\xff", True),
+            ("binary JSON", orjson.dumps({"type": "ping", "id": "b"}), True),
+        ],
+    )
+
+
+@check(
+    "malformed.utf8",
+    "Text frames with invalid UTF-8 are refused",
+    group="messages",
+    references=INPUT_REFS,
+    remedy="Close with 1007 (RFC 6455 §8.1); websockets does this.",
+)
+async def invalid_utf8(ctx: ScanContext) -> Finding:
+    result = await _malformed(ctx, [("invalid UTF-8 text frame", b'{"type": "\xff\xfe"}', False)])
+    if result.verdict is Verdict.PASS and "closed 1007" not in result.evidence:
+        return finding(
+            ctx.check_id,
+            Verdict.WARN,
+            f"{result.evidence} — RFC 6455 §8.1 requires closing with 1007",
+        )
+    return result
+
+
+def _padded_ping(ctx: ScanContext, size: int) -> str:
+    """A valid ping padded with JSON whitespace to exactly ``size`` bytes."""
+    ping = ctx.options.ping(990_000 + size % 1000)
+    return " " * max(0, size - len(ping.encode())) + ping
+
+
+@check(
+    "size.limit",
+    "Messages just over common limits are refused",
+    group="size",
+    references=SIZE_REFS,
+    remedy="Set a message size limit that fits the protocol (wsguard: limits.max_message_bytes,"
+    " 8 KiB by default).",
+    aggressive=True,
+)
+async def size_limit(ctx: ScanContext) -> Finding:
+    await require_baseline(ctx)
+    lines: list[str] = []
+    accepted: list[int] = []
+    first_refused: int | None = None
+    for size in (64 * KIB + 1, MIB + 1):
+        ctx.rotate()
+        session = await ctx.open()
+        try:
+            await session.send_text(_padded_ping(ctx, size))
+            outcome = await ctx.barrier(session, wait=max(ctx.options.reply_timeout, 5.0))
+        finally:
+            await session.close()
+        lines.append(f"{_size(size)}: {outcome.describe()}")
+        if outcome.refused:
+            first_refused = size
+            break
+        accepted.append(size)
+    if first_refused == 64 * KIB + 1:
+        return finding(ctx.check_id, Verdict.PASS, lines[0])
+    if first_refused is not None:
+        return finding(ctx.check_id, Verdict.WEAK, "; ".join(lines) + " — the limit is over 64 KiB")
+    return finding(ctx.check_id, Verdict.FAIL, "; ".join(lines) + " — no practical size limit")
+
+
+def _size(n: int) -> str:
+    if n >= MIB:
+        return f"{n / MIB:g} MiB" if n % MIB == 0 else f"{n // MIB} MiB + {n % MIB} B"
+    return f"{n // KIB} KiB + {n % KIB} B" if n % KIB else f"{n // KIB} KiB"
+
+
+@check(
+    "size.frame",
+    "A frame announcing 64 MiB is refused from its header",
+    group="size",
+    references=SIZE_REFS,
+    remedy="Check the announced payload length against the limit before reading the payload "
+    "(websockets: max_size).",
+    aggressive=True,
+)
+async def size_frame(ctx: ScanContext) -> Finding:
+    await require_baseline(ctx)
+    ctx.rotate()
+    session = await ctx.open()
+    announced = 64 * MIB
+    sent = 0
+    try:
+        await session.send_raw(frame_header(Opcode.TEXT, announced))
+        chunk = b" " * (64 * KIB)
+        while sent < MIB and not session.closed:
+            if not await session.send_raw(chunk, drain_timeout=ctx.options.reply_timeout):
+                break
+            sent += len(chunk)
+            await asyncio.sleep(0)
+        event = await session.wait_closed(max(ctx.options.reply_timeout, 2.0))
+    finally:
+        await session.close()
+    if event is None:
+        return finding(
+            ctx.check_id,
+            Verdict.FAIL,
+            f"after {_size(sent)} of a 64 MiB frame the connection was still open, waiting "
+            "for the rest: the server buffers before checking the size",
+        )
+    reason = f" {event.reason!r}" if event.reason else ""
+    return finding(
+        ctx.check_id,
+        Verdict.PASS,
+        f"closed {event.code}{reason} after {_size(sent)} of a 64 MiB frame had been sent",
+    )
+
+
+@check(
+    "size.fragments",
+    "A message split into many small fragments is refused once over the limit",
+    group="size",
+    references=SIZE_REFS,
+    remedy="Count fragments toward the message size as they arrive (websockets: max_size).",
+    aggressive=True,
+)
+async def size_fragments(ctx: ScanContext) -> Finding:
+    await require_baseline(ctx)
+    ctx.rotate()
+    session = await ctx.open()
+    total = 16 * MIB
+    # fragments of 1 KiB doubling up to 256 KiB: the first ones pass any frame limit (the
+    # total is what must be refused) and 16 MiB takes ~70, under any fragment-count limit
+    piece = KIB
+    sent = count = 0
+    try:
+        opcode = Opcode.TEXT
+        while sent < total and not session.closed:
+            piece = min(piece * 2, 256 * KIB) if count else piece
+            frame = frame_bytes(opcode, b" " * piece, fin=False)
+            if not await session.send_raw(frame, drain_timeout=ctx.options.reply_timeout):
+                break  # the peer stopped reading: judged by what comes back below
+            opcode = Opcode.CONT
+            sent += piece
+            count += 1
+            await asyncio.sleep(0)
+        if session.closed:
+            outcome = Outcome(close=session.close_event)
+        else:
+            tail = ctx.options.ping(990_001).encode()
+            await session.send_raw(frame_bytes(Opcode.CONT, tail, fin=True))
+            outcome = await ctx.barrier(session, wait=max(ctx.options.reply_timeout, 5.0))
+    finally:
+        await session.close()
+    if outcome.refused:
+        return finding(
+            ctx.check_id,
+            Verdict.PASS,
+            f"{outcome.describe()} by the time {_size(sent)} had been sent in {count} fragments",
+        )
+    if outcome.answered:
+        return finding(
+            ctx.check_id,
+            Verdict.FAIL,
+            f"a {_size(sent)} message in {count} fragments was accepted ({outcome.describe()})",
+        )
+    return finding(
+        ctx.check_id,
+        Verdict.FAIL,
+        f"{_size(sent)} in {count} fragments: no refusal and no answer within "
+        f"{max(ctx.options.reply_timeout, 5.0):g}s — still buffering",
+    )
+
+
+@check(
+    "compression",
+    "Compression is off, or decompression is bounded",
+    group="size",
+    references=(*SIZE_REFS, "RFC 7692 §8"),
+    remedy="Leave permessage-deflate off unless needed; if on, bound the decompressed size "
+    "(websockets applies max_size after decompression).",
+)
+async def compression(ctx: ScanContext) -> Finding:
+    await require_baseline(ctx)
+    ctx.rotate()
+    result = await ctx.connect(extensions=[ClientPerMessageDeflateFactory()])
+    if result.session is None:
+        raise CheckError(f"handshake offering permessage-deflate refused: {result.describe()}")
+    session = result.session
+    try:
+        negotiated = result.headers.get("Sec-WebSocket-Extensions", "")
+        if "permessage-deflate" not in negotiated:
+            return finding(
+                ctx.check_id, Verdict.NA, "permessage-deflate not negotiated: nothing to bomb"
+            )
+        if not ctx.options.aggressive:
+            return finding(
+                ctx.check_id,
+                Verdict.NA,
+                f"negotiated ({negotiated}); the decompression bomb runs with --aggressive",
+            )
+        await ctx.barrier(session)
+        # 4 MiB of JSON whitespace deflates to ~4 KiB: under any wire limit, so only a bound
+        # on the inflated size can stop it
+        bomb = _padded_ping(ctx, 4 * MIB)
+        wire = _size(len(zlib.compress(bomb.encode(), 9)))
+        await session.send_text(bomb)
+        outcome = await ctx.barrier(session, wait=max(ctx.options.reply_timeout, 5.0))
+    finally:
+        await session.close()
+    if outcome.refused:
+        return finding(
+            ctx.check_id,
+            Verdict.PASS,
+            f"negotiated; a 4 MiB message deflated to ~{wire}: {outcome.describe()}",
+        )
+    return finding(
+        ctx.check_id,
+        Verdict.FAIL,
+        f"negotiated; a 4 MiB message deflated to ~{wire} was inflated and accepted "
+        f"({outcome.describe()})",
+    )
+
+
+def _signed(ctx: ScanContext, text: str) -> str:
+    key = ctx.options.signing_key
+    if key is None:
+        return text
+    from wsguard.core.integrity import sign
+
+    try:
+        message = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        raise CheckError("--replay-message is not JSON, so it cannot be signed") from None
+    nonce = base64.urlsafe_b64encode(os.urandom(18)).decode().rstrip("=")
+    kid, secret = key
+    return orjson.dumps(
+        sign(message, kid=kid, secret=secret, nonce=nonce, ts=int(time.time()))
+    ).decode()
+
+
+@check(
+    "replay",
+    "An identical message sent twice is refused the second time",
+    group="messages",
+    references=(f"{OWASP}: Message Integrity", "ASVS 5.0 V4.4"),
+    remedy="For state-changing messages, require a nonce and a signature and refuse a nonce "
+    "seen before (wsguard: messages.types.<t>.signed).",
+    own_subject=False,  # signing keys belong to the credential's own subject
+)
+async def replay(ctx: ScanContext) -> Finding:
+    await require_baseline(ctx)
+    text = _signed(ctx, ctx.options.replay_message or ctx.options.ping(424242))
+    ctx.rotate()
+    session = await ctx.open()
+    try:
+        first = await ctx.exchange(session, text)
+        if first.refused:
+            raise NotApplicable(f"the message is refused the first time: {first.describe()}")
+        second = await ctx.exchange(session, text)
+    finally:
+        await session.close()
+    if second.refused:
+        return finding(ctx.check_id, Verdict.PASS, f"second copy refused: {second.describe()}")
+    what = "the replay message" if ctx.options.replay_message else "a ping (--replay-message)"
+    return finding(
+        ctx.check_id,
+        Verdict.WARN,
+        f"{what} was accepted twice ({short(text, 60)}): no replay protection — a flaw for "
+        "state-changing messages",
+    )

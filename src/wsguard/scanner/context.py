@@ -1,0 +1,343 @@
+"""What every check shares: the pinned target, the credentials and the protocol helpers."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import itertools
+import re
+import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import orjson
+from websockets.extensions.base import ClientExtensionFactory
+
+from wsguard.scanner.credentials import Credentials
+from wsguard.scanner.options import ScanOptions, Target
+from wsguard.scanner.probe import Endpoint, Event, Handshake, Session, handshake
+
+THROTTLE_WAIT = 8.0  # seconds a check waits for a throttled target before giving up
+
+
+class CheckError(Exception):
+    """The check cannot go on (the verdict becomes ERROR with this message)."""
+
+
+class NotApplicable(Exception):
+    """The check does not apply (the verdict becomes N/A with this message)."""
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What came back after sending something and then a ping as a barrier."""
+
+    errors: list[str] = field(default_factory=list)  # error frames, in order
+    replies: list[str] = field(default_factory=list)  # other messages
+    answered: bool = False  # the barrier ping was answered: the connection is usable
+    close: Event | None = None
+
+    def describe(self) -> str:
+        if self.close is not None:
+            reason = f" {self.close.reason!r}" if self.close.reason else ""
+            first = f"{brief(self.errors[0])}, then " if self.errors else ""
+            return f"{first}closed {self.close.code}{reason}"
+        if self.errors:
+            alive = "connection still usable" if self.answered else "no answer to a ping"
+            return f"{brief(self.errors[0])}; {alive}"
+        if self.answered:
+            return "accepted; connection still usable"
+        return "no answer"
+
+    @property
+    def refused(self) -> bool:
+        return bool(self.errors) or self.close is not None
+
+
+_THROTTLE = re.compile(r"rate|limit|throttl|retry|too.many|busy|slow", re.IGNORECASE)
+
+
+def throttled(outcome: Outcome) -> bool:
+    """Does this refusal look like "slow down" (worth a bounded wait) rather than "no"?"""
+    if outcome.close is not None and outcome.close.code in (1008, 1013):
+        return True
+    return any(_THROTTLE.search(error) for error in outcome.errors)
+
+
+def brief(error: str) -> str:
+    """An error frame in a few words: its code when it has one."""
+    try:
+        value = orjson.loads(error)
+    except orjson.JSONDecodeError:
+        value = None
+    if isinstance(value, dict):
+        code = value.get("code") or value.get("error")
+        if isinstance(code, str | int) and len(str(code)) <= 40:
+            return f"error frame {str(code)!r}"
+    return f"error frame {short(error, 60)}"
+
+
+def short(text: str, limit: int = 120) -> str:
+    flat = text.replace("\r", "\\r").replace("\n", "\\n")
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+def tls_context(options: ScanOptions, *, verify: bool = True) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(options.ca_file) if options.ca_file else None)
+    if not verify or options.insecure:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    if options.client_cert is not None:
+        context.load_cert_chain(
+            str(options.client_cert), str(options.client_key) if options.client_key else None
+        )
+    return context
+
+
+class ScanContext:
+    def __init__(self, options: ScanOptions, target: Target, credentials: Credentials) -> None:
+        self.options = options
+        self.target = target
+        self.credentials = credentials
+        self.base = Endpoint(
+            target.uri,
+            target.address,
+            tls_context(options) if target.uri.secure else None,
+            options.connect_timeout,
+        )
+        rotate = options.rotate_sources
+        if rotate is None:
+            rotate = target.loopback and ipaddress.ip_address(target.address).version == 4
+        self._sources = (
+            (f"127.77.{n // 250}.{n % 250 + 2}" for n in itertools.count()) if rotate else None
+        )
+        self.endpoint = self.base.with_source(self.next_source())
+        self.transcript: list[tuple[str, str]] = []  # (where, text) seen from the server
+        self._ids = itertools.count(1)
+        self.check_id = ""
+
+    # -- where from ----------------------------------------------------------------
+    def next_source(self) -> str | None:
+        return next(self._sources) if self._sources is not None else None
+
+    def for_check(self, check_id: str, *, own_subject: bool = True) -> ScanContext:
+        """A view for one check: its own source address on loopback, so one check's bans
+        and rate limits do not spill into the next."""
+        view = object.__new__(ScanContext)
+        for name in ("options", "target", "base", "_sources", "transcript"):
+            setattr(view, name, getattr(self, name))
+        view.credentials = self.credentials.for_check(check_id) if own_subject else self.credentials
+        view._ids = self._ids
+        view.endpoint = self.base.with_source(self.next_source())
+        view.check_id = check_id
+        return view
+
+    def rotate(self) -> None:
+        """A fresh source address (loopback only), e.g. before each refused credential."""
+        source = self.next_source()
+        if source is not None:
+            self.endpoint = self.base.with_source(source)
+
+    # -- handshakes ----------------------------------------------------------------
+    async def connect(
+        self,
+        *,
+        token: str | None = "valid",  # noqa: S107 - a marker, not a password
+        origin: str | None = "default",
+        headers: Sequence[tuple[str, str]] = (),
+        cookies: Sequence[str] | None = None,
+        extensions: Sequence[ClientExtensionFactory] = (),
+        endpoint: Endpoint | None = None,
+        resource: str | None = None,
+    ) -> Handshake:
+        """A handshake with the scan's headers and the given credential ("valid": the
+        scan's own token, None: none at all)."""
+        options = self.options
+        if token == "valid":
+            token = self.credentials.token
+        all_headers = list(options.headers) + list(headers)
+        subprotocols = list(options.subprotocols)
+        if cookies is None:  # the scan's cookies may be credentials: only with one
+            cookies = options.cookies if token is not None else ()
+        cookie_list = list(cookies)
+        path = resource if resource is not None else self.target.uri.resource_name
+        if token is not None:
+            placement = options.token_in
+            if placement == "header" and options.token_name:
+                all_headers.append((options.token_name, token))
+            elif placement == "header":
+                all_headers.append(("Authorization", f"Bearer {token}"))
+            elif placement == "query":
+                separator = "&" if "?" in path else "?"
+                path = f"{path}{separator}{options.token_name or 'token'}={token}"
+            elif placement == "cookie":
+                cookie_list.append(f"{options.token_name or 'token'}={token}")
+            else:
+                subprotocols.append(f"{options.token_name or 'token.'}{token}")
+        if cookie_list:
+            all_headers.append(("Cookie", "; ".join(cookie_list)))
+        if origin == "default":
+            origin = options.origin_allowed
+        result = await handshake(
+            endpoint or self.endpoint,
+            resource=path,
+            headers=all_headers,
+            origin=origin,
+            subprotocols=subprotocols,
+            extensions=extensions,
+            wait=options.connect_timeout,
+        )
+        if result.status is not None and result.status != 101 and result.body:
+            self.record(f"HTTP {result.status} body", result.body.decode("utf-8", "replace"))
+        for name in ("Server", "X-Powered-By"):
+            for value in result.headers.get_all(name):
+                self.record(f"{name} header", value)
+        return result
+
+    async def open(self, **kwargs: object) -> Session:
+        """A connection that works: upgraded and answering a ping without an error (else
+        CheckError). A throttled target (a per-user rate limit still counting an earlier
+        check's messages) gets a few seconds, bounded, to calm down."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + THROTTLE_WAIT
+        delay = 0.5
+        while True:
+            result = await self.connect(**kwargs)  # type: ignore[arg-type]
+            if result.session is None:
+                problem = f"baseline connection refused: {result.describe()}"
+                retry = result.status in (429, 503)
+            else:
+                outcome = await self.barrier(result.session)
+                if outcome.answered and not outcome.errors:
+                    return result.session
+                await result.session.close()
+                problem = f"baseline connection did not answer a ping: {outcome.describe()}"
+                retry = throttled(outcome)
+            if not retry or loop.time() + delay > deadline:
+                raise CheckError(problem)
+            await asyncio.sleep(delay)
+            delay *= 2
+            self.rotate()
+
+    # -- messages ------------------------------------------------------------------
+    def classify(self, text: str) -> str:
+        """'error', 'reply' for a text message from the target."""
+        try:
+            value = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            return "reply"
+        if isinstance(value, dict) and (
+            value.get("type") in self.options.error_types or "error" in value
+        ):
+            return "error"
+        return "reply"
+
+    def _answers(self, text: str, ident: str) -> bool:
+        try:
+            value = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            return False
+        if not isinstance(value, dict):
+            return False
+        if "{id}" not in self.options.ping_message:
+            return value.get("type") == self.options.pong_type or self.classify(text) == "error"
+        return any(str(value.get(key)) == ident for key in ("id", "ref"))
+
+    async def barrier(
+        self, session: Session, outcome: Outcome | None = None, *, wait: float | None = None
+    ) -> Outcome:
+        """Send a ping and collect everything until its answer, an error about it, or
+        the close. Servers answer in order, so what came before belongs to earlier sends."""
+        outcome = outcome or Outcome()
+        ident = str(next(self._ids))
+        await session.send_text(self.options.ping(int(ident)))
+        await self.collect(
+            session,
+            outcome,
+            until=lambda text: self._answers(text, ident),
+            wait=wait or self.options.reply_timeout,
+        )
+        return outcome
+
+    async def collect(
+        self,
+        session: Session,
+        outcome: Outcome,
+        *,
+        until: object = None,
+        wait: float,
+    ) -> Outcome:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while True:
+            event = await session.next_event(max(0.0, deadline - loop.time()))
+            if event is None:
+                return outcome
+            if event.kind == "close":
+                outcome.close = event
+                if event.reason:
+                    self.record("close reason", event.reason)
+                return outcome
+            if event.kind not in ("text", "binary"):
+                continue
+            text = event.text
+            is_answer = callable(until) and until(text)
+            if self.classify(text) == "error":
+                outcome.errors.append(text)
+                self.record("error frame", text)
+                if is_answer:  # the ping itself was refused: still alive
+                    outcome.answered = True
+                    return outcome
+            elif is_answer:
+                outcome.answered = True
+                return outcome
+            else:
+                outcome.replies.append(text)
+
+    async def exchange(
+        self, session: Session, data: str | bytes, *, binary: bool = False
+    ) -> Outcome:
+        """Send one message, then a ping barrier: what did the target say about it?"""
+        if binary:
+            await session.send_binary(data if isinstance(data, bytes) else data.encode())
+        else:
+            await session.send_text(data)
+        return await self.barrier(session)
+
+    async def alive(self) -> tuple[bool, str]:
+        """Does the target still accept a working connection (after something hostile)?"""
+        self.rotate()
+        try:
+            result = await self.connect()
+        except OSError as exc:
+            return False, str(exc)
+        if result.session is None:
+            return False, result.describe()
+        outcome = await self.barrier(result.session)
+        await result.session.close()
+        return outcome.answered, outcome.describe()
+
+    def record(self, where: str, text: str) -> None:
+        if len(self.transcript) < 5000:
+            self.transcript.append((where, text[:4096]))
+
+
+async def settle(ctx: ScanContext, result: Handshake) -> tuple[str, str]:
+    """After a handshake with a bad credential: ("refused", how) when refused before the
+    upgrade, ("late", how) when upgraded then closed, ("accepted", how) when usable."""
+    if not result.reached:
+        raise CheckError(f"cannot reach the target: {result.describe()}")
+    if result.session is None:
+        return "refused", result.describe()
+    session = result.session
+    try:
+        outcome = await ctx.barrier(session)
+    finally:
+        await session.close()
+    if outcome.close is not None or (outcome.errors and not outcome.answered):
+        return "late", f"upgraded, then {outcome.describe()}"
+    if outcome.answered and outcome.errors:
+        return "late", f"upgraded, then {outcome.describe()}"
+    if outcome.answered:
+        return "accepted", "upgraded and answered a ping"
+    return "accepted", "upgraded and left open"

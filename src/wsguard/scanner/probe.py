@@ -1,0 +1,404 @@
+"""Talking to the target: handshakes and frames under the scanner's full control.
+
+Built on the sans-I/O ``websockets.client.ClientProtocol`` so the scanner sees every frame
+(pings included), can send frames a normal client never would (invalid UTF-8, a header
+announcing 64 MiB, endless fragments) and never buffers more than it asked for. Every read
+and every connect is bounded by a timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from websockets.client import ClientProtocol
+from websockets.datastructures import Headers
+from websockets.extensions.base import ClientExtensionFactory
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Request, Response
+from websockets.protocol import State
+from websockets.typing import Origin, Subprotocol
+from websockets.uri import WebSocketURI
+
+EventKind = Literal["text", "binary", "ping", "pong", "close"]
+
+# a response body or header block bigger than this is cut: the scanner reads, never hoards
+MAX_READ = 256 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    kind: EventKind
+    data: bytes = b""
+    code: int | None = None  # close events: the peer's close code (1005 when none, 1006 no frame)
+    reason: str = ""
+
+    @property
+    def text(self) -> str:
+        return self.data.decode("utf-8", "replace")
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """Where to connect and what to call it (the pinned address defeats DNS rebinding)."""
+
+    uri: WebSocketURI
+    address: str  # resolved IP to connect to
+    ssl_context: ssl.SSLContext | None
+    connect_timeout: float
+    source: str | None = None  # local address to bind (loopback targets: one per check)
+
+    def with_source(self, source: str | None) -> Endpoint:
+        return Endpoint(self.uri, self.address, self.ssl_context, self.connect_timeout, source)
+
+    @property
+    def secure(self) -> bool:
+        return self.ssl_context is not None
+
+
+async def open_stream(
+    endpoint: Endpoint, *, ssl_context: ssl.SSLContext | Literal["default"] | None = "default"
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    context = endpoint.ssl_context if ssl_context == "default" else ssl_context
+    local = (endpoint.source, 0) if endpoint.source else None
+    return await asyncio.wait_for(
+        asyncio.open_connection(
+            endpoint.address,
+            endpoint.uri.port,
+            ssl=context,
+            server_hostname=endpoint.uri.host if context is not None else None,
+            local_addr=local,
+            limit=MAX_READ,
+        ),
+        endpoint.connect_timeout,
+    )
+
+
+@dataclass(slots=True)
+class Handshake:
+    """The outcome of one opening handshake."""
+
+    status: int | None  # 101, an HTTP status, or None when no response came
+    headers: Headers = field(default_factory=Headers)
+    body: bytes = b""
+    session: Session | None = None  # open when status == 101
+    error: str = ""  # why no response: "timeout", "connection closed", a TLS error
+    reached: bool = True  # False: TCP or TLS connect failed, the request was never sent
+
+    @property
+    def upgraded(self) -> bool:
+        return self.session is not None
+
+    def describe(self) -> str:
+        if self.status is None:
+            return f"no response ({self.error})"
+        if self.status == 101:
+            return "101 Switching Protocols"
+        return f"HTTP {self.status}"
+
+
+class Session:
+    """An upgraded connection: send anything, receive every frame as an :class:`Event`."""
+
+    def __init__(
+        self,
+        protocol: ClientProtocol,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        response: Response,
+    ) -> None:
+        self.protocol = protocol
+        self.response = response
+        self._reader = reader
+        self._writer = writer
+        self._events: asyncio.Queue[Event] = asyncio.Queue()
+        self._fragments: list[bytes] = []
+        self._fragment_kind: EventKind = "text"
+        self.close_event: Event | None = None
+        self.bytes_received = 0
+        self._pump = asyncio.get_running_loop().create_task(self._read_loop())
+
+    # -- receiving ---------------------------------------------------------------
+    async def _read_loop(self) -> None:
+        try:
+            while True:
+                data = await self._reader.read(65536)
+                if not data:
+                    self.protocol.receive_eof()
+                    break
+                self.bytes_received += len(data)
+                self.protocol.receive_data(data)
+                self._dispatch()
+                await self._flush()
+                if self.protocol.state is State.CLOSED:
+                    break
+        except (OSError, ssl.SSLError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self._dispatch()
+            self._finish(ended=True)
+
+    def _dispatch(self) -> None:
+        for event in self.protocol.events_received():
+            if not isinstance(event, Frame):
+                continue
+            opcode = event.opcode
+            if opcode is Opcode.PING:
+                self._events.put_nowait(Event("ping", bytes(event.data)))
+            elif opcode is Opcode.PONG:
+                self._events.put_nowait(Event("pong", bytes(event.data)))
+            elif opcode is Opcode.CLOSE:
+                self._finish()
+            elif opcode in (Opcode.TEXT, Opcode.BINARY):
+                self._fragment_kind = "text" if opcode is Opcode.TEXT else "binary"
+                self._fragments = [bytes(event.data)]
+                if event.fin:
+                    self._complete()
+            elif opcode is Opcode.CONT:
+                self._fragments.append(bytes(event.data))
+                if event.fin:
+                    self._complete()
+
+    def _complete(self) -> None:
+        self._events.put_nowait(Event(self._fragment_kind, b"".join(self._fragments)))
+        self._fragments = []
+
+    def _finish(self, *, ended: bool = False) -> None:
+        """Record the close: on a close frame, or when the stream ended without one."""
+        if self.close_event is not None:
+            return
+        rcvd = self.protocol.close_rcvd
+        if rcvd is None and not ended:
+            return
+        code = rcvd.code if rcvd is not None else 1006  # 1006: TCP dropped, no close frame
+        reason = rcvd.reason if rcvd is not None else ""
+        self.close_event = Event("close", code=code, reason=reason)
+        self._events.put_nowait(self.close_event)
+
+    async def next_event(self, wait: float) -> Event | None:
+        """The next message, ping, pong or close; None when nothing came within timeout."""
+        if self.close_event is not None and self._events.empty():
+            return self.close_event
+        try:
+            return await asyncio.wait_for(self._events.get(), wait)
+        except TimeoutError:
+            return None
+
+    async def wait_closed(self, wait: float) -> Event | None:
+        """Skip messages until the close; None if the connection is still open at timeout."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while True:
+            event = await self.next_event(max(0.0, deadline - loop.time()))
+            if event is None:
+                return None
+            if event.kind == "close":
+                return event
+
+    @property
+    def closed(self) -> bool:
+        return self.close_event is not None or self.protocol.state is State.CLOSED
+
+    # -- sending -----------------------------------------------------------------
+    async def _flush(self) -> None:
+        data = self.protocol.data_to_send()
+        if not data:
+            return
+        for chunk in data:
+            if chunk:
+                self._writer.write(chunk)
+            else:  # the protocol asks to half-close
+                with contextlib.suppress(OSError, RuntimeError):
+                    if self._writer.can_write_eof():
+                        self._writer.write_eof()
+        with contextlib.suppress(OSError, ConnectionError):
+            await self._writer.drain()
+
+    async def send_text(self, text: str | bytes) -> None:
+        if self.closed or self.protocol.state is not State.OPEN:
+            return
+        self.protocol.send_text(text.encode() if isinstance(text, str) else text)
+        await self._flush()
+
+    async def send_binary(self, data: bytes) -> None:
+        if self.closed or self.protocol.state is not State.OPEN:
+            return
+        self.protocol.send_binary(data)
+        await self._flush()
+
+    async def send_raw(self, data: bytes, *, drain_timeout: float = 5.0) -> bool:
+        """Write bytes as they are (hand-made frames); False if the peer stopped reading."""
+        if self.closed:
+            return False
+        try:
+            self._writer.write(data)
+            await asyncio.wait_for(self._writer.drain(), drain_timeout)
+        except (TimeoutError, OSError, ConnectionError):
+            return False
+        return True
+
+    @property
+    def write_buffered(self) -> int:
+        transport = self._writer.transport
+        return transport.get_write_buffer_size() if not transport.is_closing() else 0
+
+    async def close(self, code: int = 1000) -> None:
+        with contextlib.suppress(Exception):
+            if self.protocol.state is State.OPEN:
+                self.protocol.send_close(code)
+                await self._flush()
+        self._writer.close()
+        self._pump.cancel()
+        with contextlib.suppress(BaseException):
+            await asyncio.wait_for(self._pump, 1.0)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._writer.wait_closed(), 1.0)
+
+
+def frame_bytes(opcode: Opcode, payload: bytes, *, fin: bool = True) -> bytes:
+    """A masked client frame, built by websockets (valid framing, any payload)."""
+    return Frame(opcode, payload, fin=fin).serialize(mask=True)
+
+
+def frame_header(opcode: Opcode, length: int, *, fin: bool = True) -> bytes:
+    """A masked frame header announcing ``length`` bytes (the payload is sent separately,
+    masked with the all-zero key, so it goes on the wire as it is)."""
+    first = (0x80 if fin else 0) | int(opcode)
+    if length < 126:
+        head = struct.pack("!BB", first, 0x80 | length)
+    elif length < 65536:
+        head = struct.pack("!BBH", first, 0x80 | 126, length)
+    else:
+        head = struct.pack("!BBQ", first, 0x80 | 127, length)
+    return head + b"\x00\x00\x00\x00"
+
+
+async def handshake(
+    endpoint: Endpoint,
+    *,
+    resource: str | None = None,
+    headers: Sequence[tuple[str, str]] = (),
+    origin: str | None = None,
+    subprotocols: Sequence[str] = (),
+    extensions: Sequence[ClientExtensionFactory] = (),
+    wait: float = 5.0,
+) -> Handshake:
+    """Open a WebSocket connection; report the response whatever it is."""
+    try:
+        reader, writer = await open_stream(endpoint)
+    except TimeoutError:
+        return Handshake(None, error="connect timeout", reached=False)
+    except ssl.SSLError as exc:
+        return Handshake(None, error=f"TLS: {exc.reason or exc}", reached=False)
+    except OSError as exc:
+        return Handshake(None, error=exc.strerror or type(exc).__name__, reached=False)
+    protocol = ClientProtocol(
+        endpoint.uri,
+        origin=Origin(origin) if origin is not None else None,
+        subprotocols=[Subprotocol(s) for s in subprotocols] or None,
+        extensions=list(extensions) or None,
+        max_size=None,
+    )
+    request: Request = protocol.connect()
+    if resource is not None:
+        request.path = resource
+    for name, value in headers:
+        request.headers[name] = value
+    protocol.send_request(request)
+    try:
+        for chunk in protocol.data_to_send():
+            writer.write(chunk)
+        await writer.drain()
+        response = await asyncio.wait_for(_read_response(protocol, reader), wait)
+    except TimeoutError:
+        writer.close()
+        return Handshake(None, error="timeout")
+    except (OSError, ssl.SSLError, EOFError) as exc:
+        writer.close()
+        return Handshake(None, error=str(exc) or "connection closed")
+    if response is None:
+        writer.close()
+        return Handshake(None, error="connection closed")
+    if response.status_code != 101 or protocol.state is not State.OPEN:
+        writer.close()
+        return Handshake(response.status_code, response.headers, bytes(response.body or b""))
+    session = Session(protocol, reader, writer, response)
+    return Handshake(101, response.headers, b"", session=session)
+
+
+async def _read_response(protocol: ClientProtocol, reader: asyncio.StreamReader) -> Response | None:
+    while True:
+        data = await reader.read(65536)
+        if not data:
+            protocol.receive_eof()
+        else:
+            protocol.receive_data(data)
+        for event in protocol.events_received():
+            if isinstance(event, Response):
+                return event
+        if not data:
+            return None
+
+
+@dataclass(frozen=True, slots=True)
+class RawResponse:
+    status: int | None  # None: the server closed or said nothing parseable
+    head: str = ""
+    body: bytes = b""
+    error: str = ""
+
+    def describe(self) -> str:
+        if self.status is None:
+            return f"no response ({self.error})" if self.error else "no response"
+        return f"HTTP {self.status}"
+
+
+async def raw_request(endpoint: Endpoint, data: bytes, *, wait: float = 5.0) -> RawResponse:
+    """Send arbitrary bytes as a request; read one HTTP response head and a bounded body."""
+    try:
+        reader, writer = await open_stream(endpoint)
+    except (OSError, TimeoutError, ssl.SSLError) as exc:
+        return RawResponse(None, error=f"connect failed: {exc}")
+    try:
+        writer.write(data)
+        await writer.drain()
+        return await asyncio.wait_for(_read_raw_response(reader), wait)
+    except TimeoutError:
+        return RawResponse(None, error="timeout")
+    except (OSError, ssl.SSLError) as exc:
+        return RawResponse(None, error=str(exc) or type(exc).__name__)
+    finally:
+        writer.close()
+
+
+async def _read_raw_response(reader: asyncio.StreamReader) -> RawResponse:
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.IncompleteReadError as exc:
+        if not exc.partial:
+            return RawResponse(None, error="connection closed")
+        head = exc.partial
+    except asyncio.LimitOverrunError:
+        return RawResponse(None, error="response head too large")
+    text = head.decode("latin-1")
+    parts = text.split(" ", 2)
+    try:
+        status = int(parts[1]) if parts[0].startswith("HTTP/") else None
+    except (IndexError, ValueError):
+        status = None
+    length = 0
+    for line in text.split("\r\n")[1:]:
+        name, _, value = line.partition(":")
+        if name.strip().lower() == "content-length":
+            with contextlib.suppress(ValueError):
+                length = min(int(value.strip()), MAX_READ)
+    body = b""
+    if length and status != 101:
+        with contextlib.suppress(asyncio.IncompleteReadError):
+            body = await reader.readexactly(length)
+    return RawResponse(status, text, body)

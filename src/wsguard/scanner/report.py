@@ -1,0 +1,185 @@
+"""Scan reports: a terminal table, JSON, SARIF 2.1.0 and JUnit XML."""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from typing import Any
+
+from wsguard.scanner.model import REGISTRY, SEVERITY, Verdict
+from wsguard.scanner.runner import FAIL_ON, Report
+
+COLOURS = {
+    Verdict.PASS: "green",
+    Verdict.FAIL: "bold red",
+    Verdict.WEAK: "yellow",
+    Verdict.WARN: "yellow",
+    Verdict.NA: "dim",
+    Verdict.ERROR: "magenta",
+}
+INFO_URI = "https://github.com/wsguard/wsguard#security-scanner-wsguard-audit"
+
+
+def summary(report: Report) -> str:
+    counts = ", ".join(f"{n} {v}" for v, n in report.counts().items() if n)
+    return f"{report.target}: {len(report.findings)} checks in {report.seconds:.1f}s — {counts}"
+
+
+def render_table(report: Report, *, verbose: bool = False, width: int | None = None) -> str:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"wsguard audit {report.target}", title_justify="left", expand=False)
+    table.add_column("check", no_wrap=True)
+    table.add_column("verdict", no_wrap=True)
+    table.add_column("evidence", overflow="fold")
+    for item in report.findings:
+        evidence = item.evidence
+        if verbose and item.details:
+            evidence += "".join(f"\n  · {line}" for line in item.details)
+        table.add_row(item.check, f"[{COLOURS[item.verdict]}]{item.verdict.value}[/]", evidence)
+    console = Console(width=width or 120, record=True, force_terminal=False, color_system=None)
+    with console.capture() as capture:
+        console.print(table)
+        console.print(summary(report))
+    return capture.get()
+
+
+def to_json(report: Report) -> dict[str, Any]:
+    return {
+        "tool": "wsguard audit",
+        "version": report.version,
+        "target": report.target,
+        "started": report.started.isoformat(),
+        "seconds": report.seconds,
+        "aggressive": report.aggressive,
+        "summary": report.counts(),
+        "findings": [
+            {
+                "check": item.check,
+                "title": REGISTRY[item.check].title,
+                "group": REGISTRY[item.check].group,
+                "verdict": item.verdict.value,
+                "evidence": item.evidence,
+                "details": list(item.details),
+                "references": list(REGISTRY[item.check].references),
+                "remedy": REGISTRY[item.check].remedy,
+                "seconds": item.seconds,
+            }
+            for item in report.findings
+        ],
+    }
+
+
+SARIF_KIND = {
+    Verdict.PASS: "pass",
+    Verdict.FAIL: "fail",
+    Verdict.WEAK: "fail",
+    Verdict.WARN: "review",
+    Verdict.NA: "notApplicable",
+    Verdict.ERROR: "open",
+}
+
+
+def to_sarif(report: Report) -> dict[str, Any]:
+    ids = [item.check for item in report.findings]
+    rules = [
+        {
+            "id": check_id,
+            "name": check_id.replace(".", "_"),
+            "shortDescription": {"text": REGISTRY[check_id].title},
+            "help": {"text": REGISTRY[check_id].remedy},
+            "properties": {
+                "tags": ["security", "websocket", REGISTRY[check_id].group],
+                "references": list(REGISTRY[check_id].references),
+            },
+        }
+        for check_id in ids
+    ]
+    results = []
+    for index, item in enumerate(report.findings):
+        result: dict[str, Any] = {
+            "ruleId": item.check,
+            "ruleIndex": index,
+            "kind": SARIF_KIND[item.verdict],
+            "level": SEVERITY.get(item.verdict, "none"),
+            "message": {"text": f"{item.verdict.value}: {item.evidence}"},
+            "locations": [{"physicalLocation": {"artifactLocation": {"uri": report.target}}}],
+            "properties": {"verdict": item.verdict.value, "details": list(item.details)},
+        }
+        results.append(result)
+    return {
+        "$schema": "https://json.schemastore.org/sarif-2.1.0.json",
+        "version": "2.1.0",
+        "runs": [
+            {
+                "tool": {
+                    "driver": {
+                        "name": "wsguard audit",
+                        "version": report.version,
+                        "informationUri": INFO_URI,
+                        "rules": rules,
+                    }
+                },
+                "invocations": [
+                    {
+                        "executionSuccessful": not any(
+                            f.verdict is Verdict.ERROR for f in report.findings
+                        ),
+                        "startTimeUtc": report.started.isoformat().replace("+00:00", "Z"),
+                    }
+                ],
+                "results": results,
+            }
+        ],
+    }
+
+
+def to_junit(report: Report, fail_on: str = "fail") -> str:
+    failing = FAIL_ON[fail_on]
+    counts = report.counts()
+    suite = ET.Element(
+        "testsuite",
+        name=f"wsguard audit {report.target}",
+        tests=str(len(report.findings)),
+        failures=str(sum(1 for f in report.findings if f.verdict in failing)),
+        errors=str(counts[Verdict.ERROR.value]),
+        skipped=str(counts[Verdict.NA.value]),
+        time=f"{report.seconds:.3f}",
+        timestamp=report.started.isoformat(),
+    )
+    for item in report.findings:
+        spec = REGISTRY[item.check]
+        case = ET.SubElement(
+            suite,
+            "testcase",
+            classname=f"wsguard.audit.{spec.group}",
+            name=f"{item.check}: {spec.title}",
+            time=f"{item.seconds:.3f}",
+        )
+        text = "\n".join((item.evidence, *item.details, f"remedy: {spec.remedy}"))
+        if item.verdict in failing:
+            node = ET.SubElement(case, "failure", message=item.evidence, type=item.verdict.value)
+            node.text = text
+        elif item.verdict is Verdict.ERROR:
+            node = ET.SubElement(case, "error", message=item.evidence, type="ERROR")
+            node.text = text
+        elif item.verdict is Verdict.NA:
+            ET.SubElement(case, "skipped", message=item.evidence)
+        else:
+            out = ET.SubElement(case, "system-out")
+            out.text = f"{item.verdict.value}: {text}"
+    root = ET.Element("testsuites")
+    root.append(suite)
+    ET.indent(root)
+    return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
+
+
+def render(report: Report, fmt: str, *, fail_on: str = "fail", verbose: bool = False) -> str:
+    if fmt == "json":
+        return json.dumps(to_json(report), indent=2) + "\n"
+    if fmt == "sarif":
+        return json.dumps(to_sarif(report), indent=2) + "\n"
+    if fmt == "junit":
+        return to_junit(report, fail_on)
+    return render_table(report, verbose=verbose)
