@@ -20,7 +20,14 @@ from websockets.exceptions import ConnectionClosed
 from websockets.extensions.permessage_deflate import PerMessageDeflate
 from websockets.sync.client import ClientConnection
 
-from conftest import RunningServer, ServerFactory, make_token, status_of, upgrade_request
+from conftest import (
+    RunningServer,
+    ServerFactory,
+    close_of,
+    make_token,
+    status_of,
+    upgrade_request,
+)
 from wsguard.config.demo_types import DEMO_MESSAGE_TYPES
 from wsguard.errors import ConfigError
 from wsguard.server.app import App
@@ -680,6 +687,24 @@ def test_ping_flood_closes_1008(server_factory: ServerFactory) -> None:
         time.sleep(0.01)
     [closed] = running.audit.events("connection_closed")
     assert (closed["code"], closed["cause"]) == (1008, "rate_limited")
+
+
+def test_a_flood_closed_1008_completes_the_closing_handshake_at_once(
+    server_factory: ServerFactory,
+) -> None:
+    """The server keeps reading (and discarding) what the flooder had already sent, so the
+    client's close frame is seen and the slot freed, instead of waiting out close_timeout
+    (5 s) behind a full receive queue."""
+    running = server_factory({"limits": {"message_burst": 5, "violation_budget": 3}})
+    with running.connect_welcomed() as ws:
+        with contextlib.suppress(ConnectionClosed):  # the close may overtake our pings
+            for i in range(3000):
+                send_json(ws, {"type": "ping", "id": f"{i:0>60}"})
+        # recv raises only once the closing handshake is over and TCP is closed
+        assert close_of(ws, timeout=2.5)[0] == 1008
+    [closed] = running.audit.events("connection_closed")
+    assert (closed["code"], closed["cause"]) == (1008, "rate_limited")
+    assert running.connection_count() == 0
 
 
 # -- violation budget ------------------------------------------------------------------

@@ -54,3 +54,19 @@ def test_quick_start_has_exactly_two_setup_commands() -> None:
     ]
     ci = (README.parent / ".ci" / "run").read_text()
     assert "scripts/test.sh" in ci
+
+
+def test_scanner_section_shows_only_real_flags_and_every_check() -> None:
+    from serve_process import WSGUARD
+    from wsguard.scanner import REGISTRY
+
+    section = README.read_text().split("## Security scanner", 1)[1].split("\n## ", 1)[0]
+    usage = subprocess.run(
+        [WSGUARD, "audit", "--help"], capture_output=True, text=True, timeout=30, check=True
+    ).stdout
+    shown = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]+", section))
+    assert shown - set(re.findall(r"--[a-z][a-z0-9-]+", usage)) == set()
+    assert "--aggressive" in shown and "--i-own-this-target" in shown
+    for check in REGISTRY:
+        name = check.split(".", 1)[-1]
+        assert f"`{check}`" in section or f"`.{name}`" in section, check

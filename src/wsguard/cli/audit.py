@@ -320,6 +320,13 @@ def run_audit(args: argparse.Namespace) -> int:
             return await run_scan(options, progress=progress)
 
     report = asyncio.run(scan())
+    if args.format == "table" and args.out is None and sys.stdout.isatty():
+        from wsguard.scanner.report import table
+
+        out = Console(highlight=False)
+        out.print(table(report, verbose=args.verbose))
+        out.print(summary(report), markup=False)
+        return _exit_code(report, args.fail_on)
     text = render(report, args.format, fail_on=args.fail_on, verbose=args.verbose)
     if args.out is not None:
         args.out.write_text(text, encoding="utf-8")
@@ -330,6 +337,10 @@ def run_audit(args: argparse.Namespace) -> int:
         print(text, end="")
     if args.format != "table" and args.out is None:
         print(summary(report), file=sys.stderr)
-    if report.failed(args.fail_on):
+    return _exit_code(report, args.fail_on)
+
+
+def _exit_code(report: Any, fail_on: str) -> int:
+    if report.failed(fail_on):
         return EXIT_FINDINGS
     return EXIT_INCOMPLETE if report.counts()["ERROR"] else 0

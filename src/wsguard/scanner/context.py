@@ -212,6 +212,8 @@ class ScanContext:
                     return result.session
                 await result.session.close()
                 problem = f"baseline connection did not answer a ping: {outcome.describe()}"
+                if not outcome.refused:
+                    problem += " (set --ping-message / --pong-type to what the endpoint answers)"
                 retry = throttled(outcome)
             if not retry or loop.time() + delay > deadline:
                 raise CheckError(problem)
@@ -305,17 +307,18 @@ class ScanContext:
         return await self.barrier(session)
 
     async def alive(self) -> tuple[bool, str]:
-        """Does the target still accept a working connection (after something hostile)?"""
+        """Does the target still answer (after something hostile)? Any HTTP answer counts,
+        a refusal or a throttle included: dead is no answer at all, or an upgraded
+        connection that neither answers nor closes."""
         self.rotate()
-        try:
-            result = await self.connect()
-        except OSError as exc:
-            return False, str(exc)
-        if result.session is None:
+        result = await self.connect()
+        if result.status is None:
             return False, result.describe()
+        if result.session is None:
+            return True, result.describe()
         outcome = await self.barrier(result.session)
         await result.session.close()
-        return outcome.answered, outcome.describe()
+        return outcome.answered or outcome.close is not None, outcome.describe()
 
     def record(self, where: str, text: str) -> None:
         if len(self.transcript) < 5000:
@@ -336,8 +339,14 @@ async def settle(ctx: ScanContext, result: Handshake) -> tuple[str, str]:
         await session.close()
     if outcome.close is not None or (outcome.errors and not outcome.answered):
         return "late", f"upgraded, then {outcome.describe()}"
-    if outcome.answered and outcome.errors:
+    if outcome.errors and any(_AUTH.search(error) for error in outcome.errors):
         return "late", f"upgraded, then {outcome.describe()}"
+    if outcome.answered and outcome.errors:
+        return "accepted", f"upgraded; {outcome.describe()}"
     if outcome.answered:
         return "accepted", "upgraded and answered a ping"
     return "accepted", "upgraded and left open"
+
+
+# an error frame that refuses for lack of authentication (vs. one about the message)
+_AUTH = re.compile(r"auth|token|credential|login|forbidden|permission|denied", re.IGNORECASE)

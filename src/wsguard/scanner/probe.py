@@ -120,6 +120,7 @@ class Session:
         self._fragments: list[bytes] = []
         self._fragment_kind: EventKind = "text"
         self.close_event: Event | None = None
+        self._closed = asyncio.Event()
         self.bytes_received = 0
         self._pump = asyncio.get_running_loop().create_task(self._read_loop())
 
@@ -179,6 +180,7 @@ class Session:
         reason = rcvd.reason if rcvd is not None else ""
         self.close_event = Event("close", code=code, reason=reason)
         self._events.put_nowait(self.close_event)
+        self._closed.set()
 
     async def next_event(self, wait: float) -> Event | None:
         """The next message, ping, pong or close; None when nothing came within timeout."""
@@ -199,6 +201,16 @@ class Session:
                 return None
             if event.kind == "close":
                 return event
+
+    async def closed_within(self, wait: float) -> bool:
+        """Has the peer closed (or does it within ``wait``)? Messages stay queued."""
+        if self.closed:
+            return True
+        try:
+            await asyncio.wait_for(self._closed.wait(), wait)
+        except TimeoutError:
+            return False
+        return True
 
     @property
     def closed(self) -> bool:

@@ -25,23 +25,35 @@ def summary(report: Report) -> str:
     return f"{report.target}: {len(report.findings)} checks in {report.seconds:.1f}s — {counts}"
 
 
-def render_table(report: Report, *, verbose: bool = False, width: int | None = None) -> str:
-    from rich.console import Console
+def table(report: Report, *, verbose: bool = False) -> Any:
+    """The report as a rich Table (colours when printed to a terminal)."""
     from rich.table import Table
 
-    table = Table(title=f"wsguard audit {report.target}", title_justify="left", expand=False)
-    table.add_column("check", no_wrap=True)
-    table.add_column("verdict", no_wrap=True)
-    table.add_column("evidence", overflow="fold")
+    grid = Table(title=f"wsguard audit {report.target}", title_justify="left", expand=False)
+    grid.add_column("check", no_wrap=True)
+    grid.add_column("verdict", no_wrap=True)
+    grid.add_column("evidence", overflow="fold")
     for item in report.findings:
-        evidence = item.evidence
+        evidence = escape(item.evidence)
         if verbose and item.details:
-            evidence += "".join(f"\n  · {line}" for line in item.details)
-        table.add_row(item.check, f"[{COLOURS[item.verdict]}]{item.verdict.value}[/]", evidence)
-    console = Console(width=width or 120, record=True, force_terminal=False, color_system=None)
+            evidence += "".join(f"\n  · {escape(line)}" for line in item.details)
+        grid.add_row(item.check, f"[{COLOURS[item.verdict]}]{item.verdict.value}[/]", evidence)
+    return grid
+
+
+def escape(text: str) -> str:
+    from rich.markup import escape as rich_escape
+
+    return rich_escape(text)
+
+
+def render_table(report: Report, *, verbose: bool = False, width: int = 120) -> str:
+    from rich.console import Console
+
+    console = Console(width=width, force_terminal=False, color_system=None)
     with console.capture() as capture:
-        console.print(table)
-        console.print(summary(report))
+        console.print(table(report, verbose=verbose))
+        console.print(summary(report), highlight=False, markup=False)
     return capture.get()
 
 

@@ -248,9 +248,12 @@ class App:
         monitor = guard.monitor
         metrics = monitor.metrics
         clock = time.perf_counter
+        closing: asyncio.Future[None] | None = None
         async for data in messages:
             if conn.closing:
-                break
+                # a close is under way: discard what the peer had already sent, so its close
+                # frame is read and the slot comes back now rather than after close_timeout
+                continue
             started = clock()
             decision = policy.evaluate(conn.state, data, guard.now())
             if isinstance(decision, Deliver):
@@ -280,9 +283,12 @@ class App:
                 monitor.message_refused(decision.cause, None, conn.client, closed=True)
                 metrics.latency(clock() - started)
                 conn.close_cause = decision.cause
-                await conn.close(decision.code, decision.reason)
-                break
+                closing = asyncio.ensure_future(conn.close(decision.code, decision.reason))
+                await asyncio.sleep(0)  # close() marks the connection closing at once
+                continue
             metrics.latency(clock() - started)
+        if closing is not None:
+            await closing
 
     def keep_request(self, path: str, headers: Any) -> Any:
         """What a connection keeps of its upgrade request (the App: nothing)."""

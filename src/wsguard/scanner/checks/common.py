@@ -76,11 +76,21 @@ async def require_auth(ctx: ScanContext) -> None:
 
 
 async def require_baseline(ctx: ScanContext, **kwargs: object) -> None:
-    """The scan's own credential must work, or nothing else can be judged."""
-    if ctx.credentials.token is None:
-        raise NotApplicable("needs a credential: --token, --token-cmd or --jwt-secret")
+    """The scan's own connection must work, or nothing else can be judged. Without a
+    credential, an endpoint that needs none still gets every check."""
     ctx.rotate()
-    session = await ctx.open(**kwargs)
+    try:
+        session = await ctx.open(**kwargs)
+    except CheckError as exc:
+        if ctx.credentials.token is None:
+            raise NotApplicable(
+                f"needs a credential (--token, --token-cmd or --jwt-secret): {exc}"
+            ) from None
+        if "HTTP 403" in str(exc) and ctx.options.origin_allowed is None:
+            raise CheckError(
+                f"{exc}; if the endpoint requires an Origin, give --origin-allowed"
+            ) from None
+        raise
     await session.close()
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import os
 
-from wsguard.scanner.checks.common import tally
+from wsguard.scanner.checks.common import require_baseline, tally
 from wsguard.scanner.context import ScanContext
 from wsguard.scanner.model import OWASP, Finding, Verdict, check, finding
 from wsguard.scanner.probe import raw_request
@@ -91,6 +91,7 @@ SHOULD_NOT_UPGRADE = frozenset(
     budget_seconds=180.0,
 )
 async def malformed_handshakes(ctx: ScanContext) -> Finding:
+    await require_baseline(ctx)  # "stopped serving" means nothing if it never served us
     lines: list[str] = []
     outcomes: list[str] = []
     server_errors: list[str] = []

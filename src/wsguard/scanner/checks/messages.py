@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import os
 import time
@@ -21,6 +20,7 @@ from wsguard.scanner.probe import Session, frame_bytes, frame_header
 INPUT_REFS = (f"{OWASP}: Input Validation", "ASVS 5.0 V2.2.1", "RFC 6455 §8.1, §10.7")
 SIZE_REFS = (f"{OWASP}: Message Size Limits / DoS Protection", "RFC 6455 §10.4")
 KIB = 1024
+PACE = 0.005  # seconds to let a close overtake the next chunk, so "after N bytes" is true
 MIB = 1024 * KIB
 
 
@@ -237,7 +237,7 @@ async def size_frame(ctx: ScanContext) -> Finding:
             if not await session.send_raw(chunk, drain_timeout=ctx.options.reply_timeout):
                 break
             sent += len(chunk)
-            await asyncio.sleep(0)
+            await session.closed_within(PACE)
         event = await session.wait_closed(max(ctx.options.reply_timeout, 2.0))
     finally:
         await session.close()
@@ -283,7 +283,7 @@ async def size_fragments(ctx: ScanContext) -> Finding:
             opcode = Opcode.CONT
             sent += piece
             count += 1
-            await asyncio.sleep(0)
+            await session.closed_within(PACE)
         if session.closed:
             outcome = Outcome(close=session.close_event)
         else:
