@@ -260,11 +260,9 @@ def test_sarif_and_junit_outputs(target: Target, tmp_path: Path) -> None:
     assert log["version"] == "2.1.0"
     run = log["runs"][0]
     rules = [rule["id"] for rule in run["tool"]["driver"]["rules"]]
-    assert rules[:2] == ["auth.required", "auth.malformed"] and len(rules) == 11
-    assert {r["kind"] for r in run["results"]} == {"pass", "notApplicable"}
-    for result in run["results"]:
-        assert rules[result["ruleIndex"]] == result["ruleId"]
-        assert result["locations"][0]["physicalLocation"]["artifactLocation"]["uri"]
+    assert rules[:2] == ["auth.required", "auth.malformed"] and len(rules) == 34
+    assert run["results"] == []  # only problems are results: code scanning alerts on each
+    assert run["invocations"][0]["executionSuccessful"] is True
     suite = ET.parse(junit_path).getroot().find("testsuite")
     assert suite is not None
     assert suite.get("tests") == "11" and suite.get("failures") == "0"
@@ -318,3 +316,23 @@ def test_unreachable_target_is_error_not_pass(tmp_path: Path) -> None:
     # no response at all is not a refusal to trust: auth.required must not PASS either
     assert by_id["auth.required"]["verdict"] == "ERROR", by_id["auth.required"]
     assert done.returncode == 3
+
+
+def test_token_in_a_subprotocol_is_where_every_probe_puts_it(
+    target: Target, tmp_path: Path
+) -> None:
+    """--token-in decides where the valid and the forged credentials go: with the token in
+    the subprotocol list (as browsers must), the forged ones are refused and the real one
+    works (else every check would be an ERROR)."""
+    out = tmp_path / "r.json"
+    args = target.args("--checks", "auth.signature,auth.alg_none,origin.null")
+    args += ["--token-in", "subprotocol:token.", "--subprotocol", "wsguard.v1"]
+    done = run_audit([*args, "--format", "json", "--out", str(out)], tmp_path)
+    by_id = findings(json.loads(out.read_text()))
+    assert {check: item["verdict"] for check, item in by_id.items()} == {
+        "auth.signature": "PASS",
+        "auth.alg_none": "PASS",
+        "origin.null": "PASS",
+    }, done.stdout
+    audit = [e for e in target.served.audit_events() if e["event"] == "connection_admitted"]
+    assert audit and all(e.get("subject") != "cookie-user" for e in audit[-3:])

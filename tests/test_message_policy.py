@@ -24,6 +24,7 @@ from conftest import (
     RunningServer,
     ServerFactory,
     close_of,
+    eventually,
     make_token,
     status_of,
     upgrade_request,
@@ -702,7 +703,7 @@ def test_a_flood_closed_1008_completes_the_closing_handshake_at_once(
                 send_json(ws, {"type": "ping", "id": f"{i:0>60}"})
         # recv raises only once the closing handshake is over and TCP is closed
         assert close_of(ws, timeout=2.5)[0] == 1008
-    [closed] = running.audit.events("connection_closed")
+    [closed] = eventually(lambda: running.audit.events("connection_closed"), what="the close")
     assert (closed["code"], closed["cause"]) == (1008, "rate_limited")
     assert running.connection_count() == 0
 

@@ -171,8 +171,8 @@ def _split(values: list[str]) -> tuple[str, ...]:
 
 
 def _positive(name: str, value: float) -> float:
-    if not value > 0:
-        raise ConfigError(name, "must be positive")
+    if not 0 < value <= 3600:
+        raise ConfigError(name, "must be more than 0 and at most 3600 seconds")
     return value
 
 
@@ -199,9 +199,15 @@ def options_from(args: argparse.Namespace) -> Any:
     for item in args.cookie:
         if "=" not in item:
             raise ConfigError("--cookie", f"expected NAME=VALUE, got {item!r}")
-    placement, _, name = args.token_in.partition(":")
+    placement, _, token_name = args.token_in.partition(":")
     if placement not in ("header", "query", "cookie", "subprotocol"):
         raise ConfigError("--token-in", "header, query:NAME, cookie:NAME or subprotocol:PREFIX")
+    if not args.jwt_alg.startswith("HS") or args.jwt_alg not in ("HS256", "HS384", "HS512"):
+        raise ConfigError("--jwt-alg", "minting needs an HMAC algorithm: HS256, HS384 or HS512")
+    for option in ("ca_file", "client_cert", "client_key", "public_key", "server_log"):
+        path = getattr(args, option)
+        if path is not None and not path.is_file():
+            raise ConfigError("--" + option.replace("_", "-"), f"{path} is not a readable file")
     if args.replay_message is not None:
         parse_json_option("--replay-message", args.replay_message)
     for key in (
@@ -232,7 +238,7 @@ def options_from(args: argparse.Namespace) -> Any:
         jwt_claims=claims,
         public_key=args.public_key,
         token_in=placement,
-        token_name=name,
+        token_name=token_name,
         subprotocols=tuple(args.subprotocol),
         cookies=tuple(args.cookie),
         headers=tuple(headers),

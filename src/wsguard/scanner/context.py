@@ -6,6 +6,7 @@ import asyncio
 import ipaddress
 import itertools
 import re
+import socket
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 import orjson
 from websockets.extensions.base import ClientExtensionFactory
 
+from wsguard.errors import ConfigError
 from wsguard.scanner.credentials import Credentials
 from wsguard.scanner.options import ScanOptions, Target
 from wsguard.scanner.probe import Endpoint, Event, Handshake, Session, handshake
@@ -82,16 +84,36 @@ def short(text: str, limit: int = 120) -> str:
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
-def tls_context(options: ScanOptions, *, verify: bool = True) -> ssl.SSLContext:
-    context = ssl.create_default_context(cafile=str(options.ca_file) if options.ca_file else None)
-    if not verify or options.insecure:
+def tls_context(
+    options: ScanOptions, *, verify: bool = True, ignore_insecure: bool = False
+) -> ssl.SSLContext:
+    """The client TLS context (CA bundle, client certificate); bad files: ConfigError."""
+    try:
+        context = ssl.create_default_context(
+            cafile=str(options.ca_file) if options.ca_file else None
+        )
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError("--ca-file", f"cannot load: {exc}") from None
+    if not verify or (options.insecure and not ignore_insecure):
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     if options.client_cert is not None:
-        context.load_cert_chain(
-            str(options.client_cert), str(options.client_key) if options.client_key else None
-        )
+        try:
+            context.load_cert_chain(
+                str(options.client_cert), str(options.client_key) if options.client_key else None
+            )
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError("--client-cert", f"cannot load with its key: {exc}") from None
     return context
+
+
+def _can_bind(address: str) -> bool:
+    try:
+        with socket.socket() as probe:
+            probe.bind((address, 0))
+    except OSError:
+        return False
+    return True
 
 
 class ScanContext:
@@ -107,7 +129,11 @@ class ScanContext:
         )
         rotate = options.rotate_sources
         if rotate is None:
-            rotate = target.loopback and ipaddress.ip_address(target.address).version == 4
+            rotate = (
+                target.loopback
+                and ipaddress.ip_address(target.address).version == 4
+                and _can_bind("127.77.0.2")  # Linux routes 127/8 to lo; macOS does not
+            )
         self._sources = (
             (f"127.77.{n // 250}.{n % 250 + 2}" for n in itertools.count()) if rotate else None
         )
@@ -207,7 +233,11 @@ class ScanContext:
                 problem = f"baseline connection refused: {result.describe()}"
                 retry = result.status in (429, 503)
             else:
-                outcome = await self.barrier(result.session)
+                try:
+                    outcome = await self.barrier(result.session)
+                except BaseException:
+                    await result.session.close()
+                    raise
                 if outcome.answered and not outcome.errors:
                     return result.session
                 await result.session.close()
@@ -229,7 +259,7 @@ class ScanContext:
         except orjson.JSONDecodeError:
             return "reply"
         if isinstance(value, dict) and (
-            value.get("type") in self.options.error_types or "error" in value
+            value.get("type") in self.options.error_types or value.get("error") is not None
         ):
             return "error"
         return "reply"
@@ -295,6 +325,7 @@ class ScanContext:
                 return outcome
             else:
                 outcome.replies.append(text)
+                self.record("message", text)
 
     async def exchange(
         self, session: Session, data: str | bytes, *, binary: bool = False
@@ -316,8 +347,10 @@ class ScanContext:
             return False, result.describe()
         if result.session is None:
             return True, result.describe()
-        outcome = await self.barrier(result.session)
-        await result.session.close()
+        try:
+            outcome = await self.barrier(result.session)
+        finally:
+            await result.session.close()
         return outcome.answered or outcome.close is not None, outcome.describe()
 
     def record(self, where: str, text: str) -> None:
@@ -325,27 +358,44 @@ class ScanContext:
             self.transcript.append((where, text[:4096]))
 
 
-async def settle(ctx: ScanContext, result: Handshake) -> tuple[str, str]:
-    """After a handshake with a bad credential: ("refused", how) when refused before the
-    upgrade, ("late", how) when upgraded then closed, ("accepted", how) when usable."""
+def judge(result: Handshake) -> str:
+    """A handshake's answer: "upgraded", "refused" (a definite no before the upgrade) or
+    "inconclusive" (no answer in time, a server error, a throttle: nothing was judged)."""
     if not result.reached:
         raise CheckError(f"cannot reach the target: {result.describe()}")
-    if result.session is None:
-        return "refused", result.describe()
+    if result.status == 101:
+        return "upgraded"
+    if result.status is None:
+        return "inconclusive" if result.error == "timeout" else "refused"  # dropped: a no
+    if result.status in (408, 429) or result.status >= 500:
+        return "inconclusive"
+    return "refused"
+
+
+async def settle(ctx: ScanContext, result: Handshake) -> tuple[str, str]:
+    """After a hostile handshake: ("refused", how) before the upgrade; ("inconclusive",
+    how) when nothing was judged; ("late", how) when upgraded then closed or refused for
+    authentication; ("silent", how) when upgraded and left open without answering a ping
+    (in-band authentication?); ("accepted", how) when the socket is usable."""
+    answer = judge(result)
+    if answer != "upgraded":
+        return answer, result.describe()
+    if result.session is None:  # a 101 websockets rejects: the server did upgrade
+        return "accepted", result.describe()
     session = result.session
     try:
         outcome = await ctx.barrier(session)
     finally:
         await session.close()
-    if outcome.close is not None or (outcome.errors and not outcome.answered):
+    if outcome.close is not None:
         return "late", f"upgraded, then {outcome.describe()}"
-    if outcome.errors and any(_AUTH.search(error) for error in outcome.errors):
+    if any(_AUTH.search(error) for error in outcome.errors):
         return "late", f"upgraded, then {outcome.describe()}"
-    if outcome.answered and outcome.errors:
-        return "accepted", f"upgraded; {outcome.describe()}"
-    if outcome.answered:
+    if outcome.answered and not outcome.errors:
         return "accepted", "upgraded and answered a ping"
-    return "accepted", "upgraded and left open"
+    if outcome.answered or outcome.errors:
+        return "accepted", f"upgraded; {outcome.describe()}"  # it handles our messages
+    return "silent", "upgraded and left open, no answer to a ping (in-band authentication?)"
 
 
 # an error frame that refuses for lack of authentication (vs. one about the message)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import math
 import shlex
 import subprocess
 import time
@@ -91,12 +92,12 @@ class Credentials:
         return self.secret is not None
 
     def fresh_claims(self, exp_in: float | None = 3600.0, **extra: Any) -> dict[str, Any]:
-        now = int(time.time())
+        now = time.time()
         claims = dict(self.claims)
-        claims["iat"] = now
+        claims["iat"] = int(now)
         claims["jti"] = uuid.uuid4().hex
         if exp_in is not None:
-            claims["exp"] = now + int(exp_in) if exp_in >= 1 else now + exp_in
+            claims["exp"] = math.ceil(now + exp_in)  # at least exp_in from now
         claims.update(extra)
         return claims
 

@@ -93,7 +93,21 @@ def check(
 
 
 def finding(check_id: str, verdict: Verdict, evidence: str, *details: str) -> Finding:
-    return Finding(check=check_id, verdict=verdict, evidence=evidence, details=tuple(details))
+    return Finding(
+        check=check_id,
+        verdict=verdict,
+        evidence=printable(evidence),
+        details=tuple(printable(line) for line in details),
+    )
+
+
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
+
+
+def printable(text: str) -> str:
+    """Text from the target is data: control characters are shown escaped, never sent to a
+    terminal or into XML raw."""
+    return text.translate(_CONTROL)
 
 
 OWASP = "OWASP WebSocket Security Cheat Sheet"

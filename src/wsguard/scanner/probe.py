@@ -29,6 +29,8 @@ EventKind = Literal["text", "binary", "ping", "pong", "close"]
 
 # a response body or header block bigger than this is cut: the scanner reads, never hoards
 MAX_READ = 256 * 1024
+MAX_EVENTS = 10_000  # events queued per connection; more are dropped (counted)
+MAX_MESSAGE = 4 * 1024 * 1024  # a message from the target is kept up to this many bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +43,12 @@ class Event:
     @property
     def text(self) -> str:
         return self.data.decode("utf-8", "replace")
+
+
+def host_header(uri: WebSocketURI) -> str:
+    """The Host header value for raw requests (IPv6 literals in brackets)."""
+    host = f"[{uri.host}]" if ":" in uri.host else uri.host
+    return f"{host}:{uri.port}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +97,7 @@ class Handshake:
     session: Session | None = None  # open when status == 101
     error: str = ""  # why no response: "timeout", "connection closed", a TLS error
     reached: bool = True  # False: TCP or TLS connect failed, the request was never sent
+    invalid_upgrade: str = ""  # a 101 that websockets rejects (e.g. a bad Sec-WebSocket-Accept)
 
     @property
     def upgraded(self) -> bool:
@@ -97,6 +106,8 @@ class Handshake:
     def describe(self) -> str:
         if self.status is None:
             return f"no response ({self.error})"
+        if self.status == 101 and self.invalid_upgrade:
+            return f"101 with an invalid handshake ({self.invalid_upgrade})"
         if self.status == 101:
             return "101 Switching Protocols"
         return f"HTTP {self.status}"
@@ -111,6 +122,7 @@ class Session:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         response: Response,
+        pending: Sequence[object] = (),
     ) -> None:
         self.protocol = protocol
         self.response = response
@@ -118,16 +130,26 @@ class Session:
         self._writer = writer
         self._events: asyncio.Queue[Event] = asyncio.Queue()
         self._fragments: list[bytes] = []
+        self._fragment_bytes = 0
         self._fragment_kind: EventKind = "text"
         self.close_event: Event | None = None
         self._closed = asyncio.Event()
         self.bytes_received = 0
+        self.dropped = 0  # events or message bytes not kept (bounds above)
+        self._dispatch(pending)  # frames that came in the same read as the 101
         self._pump = asyncio.get_running_loop().create_task(self._read_loop())
 
     # -- receiving ---------------------------------------------------------------
+    def _put(self, event: Event) -> None:
+        if self._events.qsize() < MAX_EVENTS or event.kind == "close":
+            self._events.put_nowait(event)
+        else:
+            self.dropped += 1
+
     async def _read_loop(self) -> None:
         try:
-            while True:
+            await self._flush()  # e.g. the echo of a close that came with the 101
+            while self.protocol.state is not State.CLOSED:
                 data = await self._reader.read(65536)
                 if not data:
                     self.protocol.receive_eof()
@@ -136,38 +158,37 @@ class Session:
                 self.protocol.receive_data(data)
                 self._dispatch()
                 await self._flush()
-                if self.protocol.state is State.CLOSED:
-                    break
         except (OSError, ssl.SSLError, asyncio.IncompleteReadError):
             pass
         finally:
             self._dispatch()
             self._finish(ended=True)
 
-    def _dispatch(self) -> None:
-        for event in self.protocol.events_received():
+    def _dispatch(self, events: Sequence[object] | None = None) -> None:
+        for event in self.protocol.events_received() if events is None else events:
             if not isinstance(event, Frame):
                 continue
             opcode = event.opcode
             if opcode is Opcode.PING:
-                self._events.put_nowait(Event("ping", bytes(event.data)))
+                self._put(Event("ping", bytes(event.data[:125])))
             elif opcode is Opcode.PONG:
-                self._events.put_nowait(Event("pong", bytes(event.data)))
+                self._put(Event("pong", bytes(event.data[:125])))
             elif opcode is Opcode.CLOSE:
                 self._finish()
-            elif opcode in (Opcode.TEXT, Opcode.BINARY):
-                self._fragment_kind = "text" if opcode is Opcode.TEXT else "binary"
-                self._fragments = [bytes(event.data)]
-                if event.fin:
-                    self._complete()
-            elif opcode is Opcode.CONT:
-                self._fragments.append(bytes(event.data))
+            elif opcode in (Opcode.TEXT, Opcode.BINARY, Opcode.CONT):
+                if opcode is not Opcode.CONT:
+                    self._fragment_kind = "text" if opcode is Opcode.TEXT else "binary"
+                    self._fragments, self._fragment_bytes = [], 0
+                room = MAX_MESSAGE - self._fragment_bytes
+                self._fragments.append(bytes(event.data[:room]))
+                self._fragment_bytes += min(len(event.data), room)
+                self.dropped += max(0, len(event.data) - room)
                 if event.fin:
                     self._complete()
 
     def _complete(self) -> None:
-        self._events.put_nowait(Event(self._fragment_kind, b"".join(self._fragments)))
-        self._fragments = []
+        self._put(Event(self._fragment_kind, b"".join(self._fragments)))
+        self._fragments, self._fragment_bytes = [], 0
 
     def _finish(self, *, ended: bool = False) -> None:
         """Record the close: on a close frame, or when the stream ended without one."""
@@ -260,14 +281,19 @@ class Session:
         return transport.get_write_buffer_size() if not transport.is_closing() else 0
 
     async def close(self, code: int = 1000) -> None:
-        with contextlib.suppress(Exception):
+        """Close and release everything; safe to call twice and under cancellation (the
+        socket and the reader task go away first, whatever happens next)."""
+        try:
             if self.protocol.state is State.OPEN:
-                self.protocol.send_close(code)
-                await self._flush()
-        self._writer.close()
-        self._pump.cancel()
-        with contextlib.suppress(BaseException):
-            await asyncio.wait_for(self._pump, 1.0)
+                with contextlib.suppress(Exception):
+                    self.protocol.send_close(code)
+                    for chunk in self.protocol.data_to_send():
+                        if chunk:
+                            self._writer.write(chunk)
+        finally:
+            self._writer.close()
+            self._pump.cancel()
+        await asyncio.wait({self._pump}, timeout=1.0)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._writer.wait_closed(), 1.0)
 
@@ -319,42 +345,58 @@ async def handshake(
     request: Request = protocol.connect()
     if resource is not None:
         request.path = resource
+    replaced: set[str] = set()
     for name, value in headers:
+        if name.lower() in ("host", "origin") and name.lower() not in replaced:
+            del request.headers[name]  # --header Host/Origin replaces, never duplicates
+            replaced.add(name.lower())
         request.headers[name] = value
     protocol.send_request(request)
     try:
         for chunk in protocol.data_to_send():
             writer.write(chunk)
         await writer.drain()
-        response = await asyncio.wait_for(_read_response(protocol, reader), wait)
+        response, pending = await asyncio.wait_for(_read_response(protocol, reader), wait)
     except TimeoutError:
         writer.close()
         return Handshake(None, error="timeout")
     except (OSError, ssl.SSLError, EOFError) as exc:
         writer.close()
         return Handshake(None, error=str(exc) or "connection closed")
+    except BaseException:  # cancelled: never leave the socket behind
+        writer.close()
+        raise
     if response is None:
         writer.close()
         return Handshake(None, error="connection closed")
-    if response.status_code != 101 or protocol.state is not State.OPEN:
+    if response.status_code != 101:
         writer.close()
         return Handshake(response.status_code, response.headers, bytes(response.body or b""))
-    session = Session(protocol, reader, writer, response)
+    if protocol.state is State.CONNECTING or protocol.handshake_exc is not None:
+        writer.close()
+        problem = str(protocol.handshake_exc or "not accepted by websockets")
+        return Handshake(101, response.headers, invalid_upgrade=problem[:120])
+    # OPEN, or already CLOSING when a close frame came in the same read as the 101
+    session = Session(protocol, reader, writer, response, pending)
     return Handshake(101, response.headers, b"", session=session)
 
 
-async def _read_response(protocol: ClientProtocol, reader: asyncio.StreamReader) -> Response | None:
+async def _read_response(
+    protocol: ClientProtocol, reader: asyncio.StreamReader
+) -> tuple[Response | None, list[object]]:
+    """The response, and whatever frames arrived after it in the same reads."""
     while True:
         data = await reader.read(65536)
         if not data:
             protocol.receive_eof()
         else:
             protocol.receive_data(data)
-        for event in protocol.events_received():
+        events = protocol.events_received()
+        for index, event in enumerate(events):
             if isinstance(event, Response):
-                return event
+                return event, list(events[index + 1 :])
         if not data:
-            return None
+            return None, []
 
 
 @dataclass(frozen=True, slots=True)
@@ -378,7 +420,7 @@ async def raw_request(endpoint: Endpoint, data: bytes, *, wait: float = 5.0) -> 
         return RawResponse(None, error=f"connect failed: {exc}")
     try:
         writer.write(data)
-        await writer.drain()
+        await asyncio.wait_for(writer.drain(), wait)
         return await asyncio.wait_for(_read_raw_response(reader), wait)
     except TimeoutError:
         return RawResponse(None, error="timeout")

@@ -83,18 +83,12 @@ def to_json(report: Report) -> dict[str, Any]:
     }
 
 
-SARIF_KIND = {
-    Verdict.PASS: "pass",
-    Verdict.FAIL: "fail",
-    Verdict.WEAK: "fail",
-    Verdict.WARN: "review",
-    Verdict.NA: "notApplicable",
-    Verdict.ERROR: "open",
-}
-
-
 def to_sarif(report: Report) -> dict[str, Any]:
-    ids = [item.check for item in report.findings]
+    """SARIF 2.1.0 for code-scanning tools: every check is a rule; only problems (FAIL,
+    WEAK, WARN) are results, with kind "fail" and a level; checks that could not run are
+    tool execution notifications. PASS and N/A stay out (code scanning shows every result
+    as an alert), and are in the JSON and JUnit reports."""
+    ids = list(REGISTRY)
     rules = [
         {
             "id": check_id,
@@ -108,18 +102,29 @@ def to_sarif(report: Report) -> dict[str, Any]:
         }
         for check_id in ids
     ]
-    results = []
-    for index, item in enumerate(report.findings):
-        result: dict[str, Any] = {
+    index = {check_id: n for n, check_id in enumerate(ids)}
+    results = [
+        {
             "ruleId": item.check,
-            "ruleIndex": index,
-            "kind": SARIF_KIND[item.verdict],
-            "level": SEVERITY.get(item.verdict, "none"),
+            "ruleIndex": index[item.check],
+            "kind": "fail",
+            "level": SEVERITY[item.verdict],
             "message": {"text": f"{item.verdict.value}: {item.evidence}"},
             "locations": [{"physicalLocation": {"artifactLocation": {"uri": report.target}}}],
             "properties": {"verdict": item.verdict.value, "details": list(item.details)},
         }
-        results.append(result)
+        for item in report.findings
+        if item.verdict in SEVERITY
+    ]
+    notifications = [
+        {
+            "level": "error",
+            "message": {"text": f"{item.check}: {item.evidence}"},
+            "descriptor": {"id": item.check},
+        }
+        for item in report.findings
+        if item.verdict is Verdict.ERROR
+    ]
     return {
         "$schema": "https://json.schemastore.org/sarif-2.1.0.json",
         "version": "2.1.0",
@@ -135,10 +140,9 @@ def to_sarif(report: Report) -> dict[str, Any]:
                 },
                 "invocations": [
                     {
-                        "executionSuccessful": not any(
-                            f.verdict is Verdict.ERROR for f in report.findings
-                        ),
+                        "executionSuccessful": not notifications,
                         "startTimeUtc": report.started.isoformat().replace("+00:00", "Z"),
+                        "toolExecutionNotifications": notifications,
                     }
                 ],
                 "results": results,
@@ -158,7 +162,7 @@ def to_junit(report: Report, fail_on: str = "fail") -> str:
         errors=str(counts[Verdict.ERROR.value]),
         skipped=str(counts[Verdict.NA.value]),
         time=f"{report.seconds:.3f}",
-        timestamp=report.started.isoformat(),
+        timestamp=report.started.strftime("%Y-%m-%dT%H:%M:%S"),
     )
     for item in report.findings:
         spec = REGISTRY[item.check]

@@ -118,14 +118,18 @@ async def run_scan(options: ScanOptions, *, progress: Progress | None = None) ->
 
 
 async def _run_one(spec: Check, ctx: ScanContext, budget: float) -> Finding:
+    limit = asyncio.timeout(budget)
     try:
-        return await asyncio.wait_for(spec.run(ctx), budget)
+        async with limit:
+            return await spec.run(ctx)
     except NotApplicable as exc:
         return finding(spec.id, Verdict.NA, str(exc))
     except CheckError as exc:
         return finding(spec.id, Verdict.ERROR, str(exc))
-    except TimeoutError:
-        return finding(spec.id, Verdict.ERROR, f"did not finish within {budget:g}s")
+    except TimeoutError as exc:
+        if limit.expired():
+            return finding(spec.id, Verdict.ERROR, f"did not finish within {budget:g}s")
+        return finding(spec.id, Verdict.ERROR, f"timed out: {exc or 'no answer in time'}")
     except OSError as exc:
         return finding(spec.id, Verdict.ERROR, f"network error: {exc.strerror or exc}")
     except Exception as exc:  # a bug in a check must not stop the others

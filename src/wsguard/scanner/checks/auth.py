@@ -6,9 +6,9 @@ import base64
 import os
 
 from wsguard.scanner.checks.common import require_auth, require_baseline, try_handshakes
-from wsguard.scanner.context import NotApplicable, ScanContext, settle
+from wsguard.scanner.context import NotApplicable, ScanContext
 from wsguard.scanner.credentials import b64url, hmac_token, unsigned
-from wsguard.scanner.model import OWASP, Finding, Verdict, check, finding
+from wsguard.scanner.model import OWASP, Finding, check
 
 REFS = (f"{OWASP}: Authentication", "ASVS 5.0 V4.4.3", "ASVS 5.0 V9.1 (self-contained tokens)")
 REFUSED = "the server verifies tokens before upgrading"
@@ -23,18 +23,12 @@ REFUSED = "the server verifies tokens before upgrading"
     "(wsguard: auth is always on).",
 )
 async def no_credential(ctx: ScanContext) -> Finding:
-    ctx.rotate()
-    result = await ctx.connect(token=None)
-    state, how = await settle(ctx, result)
-    if state == "accepted":
-        return finding(ctx.check_id, Verdict.FAIL, f"no credential: {how} — anyone can connect")
-    if state == "late":
-        return finding(
-            ctx.check_id,
-            Verdict.WEAK,
-            f"no credential: {how} — the socket was opened before authentication",
-        )
-    return finding(ctx.check_id, Verdict.PASS, f"no credential: {how} before the upgrade")
+    return await try_handshakes(
+        ctx,
+        [("no credential", {"token": None})],
+        refused_means="authentication happens before the upgrade",
+        accepted_means="anyone can connect",
+    )
 
 
 def _jwt_parts(ctx: ScanContext) -> tuple[str, str, str]:

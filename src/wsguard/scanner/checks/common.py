@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 
 from wsguard.scanner.context import CheckError, NotApplicable, ScanContext, settle
@@ -9,6 +10,9 @@ from wsguard.scanner.model import Finding, Verdict, finding
 
 # statuses that mean "slow down / go away" rather than "no"
 THROTTLED = frozenset({429, 503})
+
+
+RETRIES = (1.0, 2.0)  # back-off before retrying an inconclusive handshake
 
 
 async def try_handshakes(
@@ -19,23 +23,29 @@ async def try_handshakes(
     accepted_means: str,
 ) -> Finding:
     """Each variant is a label and ``ctx.connect`` arguments; every one must be refused
-    before the upgrade. Accepted: FAIL; refused only after the upgrade: WEAK."""
+    before the upgrade. Accepted: FAIL; refused only after the upgrade: WEAK; a variant
+    that got no judgement (timeout, 5xx, 429) even after retries: ERROR, never PASS."""
     accepted: list[str] = []
     late: list[str] = []
-    throttled: list[str] = []
+    unjudged: list[str] = []
     lines: list[str] = []
     refusals: set[str] = set()
     for label, kwargs in variants:
-        ctx.rotate()  # a fresh source (loopback), so a ban on one variant hides no other
-        result = await ctx.connect(**kwargs)  # type: ignore[arg-type]
-        state, how = await settle(ctx, result)
+        for delay in (0.0, *RETRIES):
+            if delay:
+                await asyncio.sleep(delay)
+            ctx.rotate()  # a fresh source (loopback): a ban on one variant hides no other
+            result = await ctx.connect(**kwargs)  # type: ignore[arg-type]
+            state, how = await settle(ctx, result)
+            if state != "inconclusive":
+                break
         lines.append(f"{label}: {how}")
         if state == "accepted":
             accepted.append(label)
-        elif state == "late":
-            late.append(label)
-        elif result.status in THROTTLED:
-            throttled.append(label)
+        elif state in ("late", "silent"):
+            late.append(f"{label} ({how})" if state == "silent" else label)
+        elif state == "inconclusive":
+            unjudged.append(f"{label}: {how}")
         else:
             refusals.add(how)
     if accepted:
@@ -49,17 +59,16 @@ async def try_handshakes(
             f"refused only after the upgrade: {'; '.join(late)}",
             *lines,
         )
-    if throttled and not refusals:
+    if unjudged:
         raise CheckError(
-            "every attempt was throttled (HTTP 429/503) before its credential was judged; "
-            "scan from loopback or wait out the ban"
+            f"{len(unjudged)} of {len(variants)} could not be judged ({'; '.join(unjudged)}); "
+            "none accepted so far"
         )
-    count = len(variants) - len(throttled)
     return finding(
         ctx.check_id,
         Verdict.PASS,
-        f"{count} of {len(variants)} refused before the upgrade ({', '.join(sorted(refusals))})"
-        f" — {refused_means}",
+        f"{len(variants)} of {len(variants)} refused before the upgrade "
+        f"({', '.join(sorted(refusals))}) — {refused_means}",
         *lines,
     )
 
@@ -82,7 +91,7 @@ async def require_baseline(ctx: ScanContext, **kwargs: object) -> None:
     try:
         session = await ctx.open(**kwargs)
     except CheckError as exc:
-        if ctx.credentials.token is None:
+        if ctx.credentials.token is None and ("HTTP 401" in str(exc) or "HTTP 403" in str(exc)):
             raise NotApplicable(
                 f"needs a credential (--token, --token-cmd or --jwt-secret): {exc}"
             ) from None

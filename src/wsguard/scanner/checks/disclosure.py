@@ -8,9 +8,9 @@ import re
 from pathlib import Path
 
 from wsguard.scanner.checks.common import require_baseline
-from wsguard.scanner.context import NotApplicable, ScanContext, short
+from wsguard.scanner.context import CheckError, NotApplicable, ScanContext, short
 from wsguard.scanner.model import OWASP, Finding, Verdict, check, finding
-from wsguard.scanner.probe import raw_request
+from wsguard.scanner.probe import host_header, raw_request
 
 LEAKS: tuple[tuple[str, re.Pattern[str]], ...] = (
     (
@@ -57,7 +57,7 @@ async def errors(ctx: ScanContext) -> Finding:
     finally:
         await session.close()
     uri = ctx.target.uri
-    plain_get = f"GET {uri.resource_name} HTTP/1.1\r\nHost: {uri.host}\r\n\r\n".encode()
+    plain_get = f"GET {uri.resource_name} HTTP/1.1\r\nHost: {host_header(uri)}\r\n\r\n".encode()
     page = await raw_request(ctx.endpoint, plain_get, wait=ctx.options.connect_timeout)
     if page.head:
         for line in page.head.split("\r\n")[1:]:
@@ -92,8 +92,8 @@ async def errors(ctx: ScanContext) -> Finding:
     return finding(
         ctx.check_id,
         Verdict.PASS,
-        f"{seen} error frames, close reasons, headers and error pages: no stack traces, "
-        f"paths, exception names or versions{note}",
+        f"{seen} texts from the target (messages, errors, close reasons, headers, pages): "
+        f"no stack traces, paths, exception names or versions{note}",
     )
 
 
@@ -129,11 +129,23 @@ async def log_injection(ctx: ScanContext) -> Finding:
         await session.close()
     token = ctx.credentials.token or ""
     text = ""
-    for _ in range(10):  # the target may write asynchronously: poll briefly, bounded
+    # the target may write asynchronously: poll (bounded, 3 s) until the marker shows or
+    # the log has grown and then stayed still for 0.3 s
+    quiet, last = 0, -1
+    for _ in range(30):
         text = _read_from(path, start)
         if marker in text or (token and token in text):
             break
+        quiet = quiet + 1 if len(text) == last and text else 0
+        if quiet >= 3:
+            break
+        last = len(text)
         await asyncio.sleep(0.1)
+    if not text:
+        raise CheckError(
+            f"{path} did not grow while the scan connected and sent messages: is it the "
+            "target's log (and is it flushed)?"
+        )
     problems = []
     if any(
         line.startswith(forged) or line.lstrip().startswith(forged) for line in text.splitlines()

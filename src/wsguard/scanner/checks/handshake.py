@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
 
 from wsguard.scanner.checks.common import require_baseline, tally
 from wsguard.scanner.context import ScanContext
 from wsguard.scanner.model import OWASP, Finding, Verdict, check, finding
-from wsguard.scanner.probe import raw_request
+from wsguard.scanner.probe import host_header, raw_request
 
 
 def _requests(ctx: ScanContext) -> list[tuple[str, bytes]]:
     uri = ctx.target.uri
     path = uri.resource_name
-    host = f"{uri.host}:{uri.port}"
+    host = host_header(uri)
     key = base64.b64encode(os.urandom(16)).decode()
     auth = ""
     token = ctx.credentials.token
@@ -108,6 +109,9 @@ async def malformed_handshakes(ctx: ScanContext) -> Finding:
         if response.status == 101 and label in SHOULD_NOT_UPGRADE:
             upgraded.append(label)
         alive, how = await ctx.alive()
+        if not alive:  # one hiccup is not a crash: look again, after a second
+            await asyncio.sleep(1.0)
+            alive, how = await ctx.alive()
         if not alive:
             return finding(
                 ctx.check_id,

@@ -9,9 +9,9 @@ import time
 import jwt
 
 from wsguard.scanner.checks.common import require_auth, require_baseline
-from wsguard.scanner.context import NotApplicable, ScanContext
+from wsguard.scanner.context import CheckError, NotApplicable, Outcome, ScanContext
 from wsguard.scanner.model import OWASP, Finding, Verdict, check, finding
-from wsguard.scanner.probe import open_stream
+from wsguard.scanner.probe import host_header, open_stream
 
 TOKEN_LIFETIME = 2.0  # seconds: the short-lived token token.expiry mints
 
@@ -27,35 +27,48 @@ TOKEN_LIFETIME = 2.0  # seconds: the short-lived token token.expiry mints
 )
 async def token_expiry(ctx: ScanContext) -> Finding:
     await require_auth(ctx)
-    token: str | None = None
-    if ctx.credentials.can_mint:
-        token = ctx.credentials.mint(exp_in=TOKEN_LIFETIME)
-    elif ctx.credentials.token is not None and ctx.credentials.is_jwt:
-        exp = ctx.credentials.claims.get("exp")
-        with contextlib.suppress(jwt.PyJWTError):
-            exp = jwt.decode(ctx.credentials.token, options={"verify_signature": False}).get("exp")
-        if isinstance(exp, int | float) and 0 < exp - time.time() < ctx.options.expiry_wait:
-            token = ctx.credentials.token
-    if token is None:
-        raise NotApplicable(
-            "needs --jwt-secret (to mint a short-lived token) or a token expiring within "
-            f"--expiry-wait ({ctx.options.expiry_wait:g}s)"
-        )
+    given: str | None = None
+    if not ctx.credentials.can_mint and ctx.credentials.token is not None:
+        exp = _exp_of(ctx.credentials.token)
+        if exp is not None and 0 < exp - time.time() < ctx.options.expiry_wait:
+            given = ctx.credentials.token
+        else:
+            raise NotApplicable(
+                "needs --jwt-secret (to mint a short-lived token) or a token expiring within "
+                f"--expiry-wait ({ctx.options.expiry_wait:g}s)"
+            )
+    elif not ctx.credentials.can_mint:
+        raise NotApplicable("needs --jwt-secret (to mint a short-lived token)")
     await require_baseline(ctx)
-    exp = float(jwt.decode(token, options={"verify_signature": False})["exp"])
+    token = given or ctx.credentials.mint(exp_in=TOKEN_LIFETIME)  # minted just before use
+    assert token is not None
+    exp = _exp_of(token) or time.time()
     ctx.rotate()
     session = await ctx.open(token=token)
+    deadline = exp + min(10.0, ctx.options.expiry_wait)
+    outcome = Outcome()
     try:
-        wait = max(0.0, exp - time.time()) + min(10.0, ctx.options.expiry_wait)
-        event = await session.wait_closed(wait)
-        if event is not None:
-            late = time.time() - exp
-            reason = f" {event.reason!r}" if event.reason else ""
-            when = f"{late:.1f}s after exp" if late >= 0 else f"{-late:.1f}s before exp"
-            return finding(ctx.check_id, Verdict.PASS, f"closed {event.code}{reason} {when}")
-        outcome = await ctx.barrier(session)
+        # a ping every second: an idle timeout must not pass for an expiry check
+        while time.time() < deadline and outcome.close is None:
+            if await session.closed_within(min(1.0, max(0.0, deadline - time.time()))):
+                outcome.close = session.close_event
+                break
+            outcome = await ctx.barrier(session, wait=1.0)
     finally:
         await session.close()
+    if outcome.close is not None:
+        late = time.time() - exp
+        reason = f" {outcome.close.reason!r}" if outcome.close.reason else ""
+        if late < -0.5:
+            raise CheckError(
+                f"closed {outcome.close.code}{reason} {-late:.1f}s before exp — not about the "
+                "token (a lifetime limit?); cannot judge"
+            )
+        return finding(
+            ctx.check_id,
+            Verdict.PASS,
+            f"closed {outcome.close.code}{reason} {max(late, 0):.1f}s after exp",
+        )
     overdue = time.time() - exp
     if outcome.answered and not outcome.errors:
         return finding(
@@ -69,6 +82,14 @@ async def token_expiry(ctx: ScanContext) -> Finding:
         Verdict.WEAK,
         f"still open {overdue:.0f}s after exp, but messages are refused ({outcome.describe()})",
     )
+
+
+def _exp_of(token: str) -> float | None:
+    with contextlib.suppress(jwt.PyJWTError):
+        exp = jwt.decode(token, options={"verify_signature": False}).get("exp")
+        if isinstance(exp, int | float):
+            return float(exp)
+    return None
 
 
 @check(
@@ -87,7 +108,7 @@ async def slow_headers(ctx: ScanContext) -> Finding:
     started = time.monotonic()
     limit = ctx.options.slow_wait
     try:
-        writer.write(f"GET {uri.resource_name} HTTP/1.1\r\nHost: {uri.host}\r\n".encode())
+        writer.write(f"GET {uri.resource_name} HTTP/1.1\r\nHost: {host_header(uri)}\r\n".encode())
         await writer.drain()
         n = 0
         while time.monotonic() - started < limit:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import resource
 import time
 from dataclasses import dataclass, field
 
 import orjson
 
 from wsguard.scanner.checks.common import require_baseline
-from wsguard.scanner.context import NotApplicable, Outcome, ScanContext, settle
+from wsguard.scanner.context import CheckError, NotApplicable, Outcome, ScanContext, judge, settle
 from wsguard.scanner.model import OWASP, Finding, Verdict, check, finding
 from wsguard.scanner.probe import Handshake, Session
 
@@ -58,8 +59,10 @@ async def _flood(ctx: ScanContext, session: Session) -> tuple[int, Outcome, floa
 def _ident(text: str) -> str | None:
     with contextlib.suppress(orjson.JSONDecodeError):
         value = orjson.loads(text)
-        if isinstance(value, dict) and "id" in value:
-            return str(value["id"])
+        if isinstance(value, dict):
+            for key in ("id", "ref"):
+                if key in value:
+                    return str(value[key])
     return None
 
 
@@ -82,12 +85,24 @@ async def flood(ctx: ScanContext) -> Finding:
     finally:
         await session.close()
     count = ctx.options.flood_count
-    if not outcome.refused:
+    if outcome.close is not None and outcome.close.code == 1011:
         return finding(
             ctx.check_id,
             Verdict.FAIL,
-            f"{answered} of {count} pipelined pings answered in {seconds:.1f}s, none refused: "
-            "no rate limit",
+            f"after {answered} answered: {outcome.describe()} — a server error, not a limit",
+        )
+    if not outcome.refused and answered >= count:
+        return finding(
+            ctx.check_id,
+            Verdict.FAIL,
+            f"all {count} pipelined pings answered in {seconds:.1f}s, none refused: no rate limit",
+        )
+    if not outcome.refused:
+        return finding(
+            ctx.check_id,
+            Verdict.WARN,
+            f"{answered} of {count} pipelined pings answered in {seconds:.1f}s and none "
+            "refused: throttled silently, or just slow",
         )
     how = outcome.describe()
     # does it reset? a new connection from the same address, backing off, bounded
@@ -122,30 +137,60 @@ async def flood(ctx: ScanContext) -> Finding:
 
 @dataclass(slots=True)
 class Held:
+    """Connections held open from one address; released on every path (``async with``)."""
+
     sessions: list[Session] = field(default_factory=list)
     refusal: str | None = None  # how the first excess connection was refused
     refused_at: int = 0
 
     async def release(self) -> None:
-        await asyncio.gather(*(s.close() for s in self.sessions))
-        self.sessions.clear()
+        sessions, self.sessions = self.sessions, []
+        await asyncio.gather(*(s.close() for s in sessions), return_exceptions=True)
+
+    async def __aenter__(self) -> Held:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.release()
 
 
-async def _fill(ctx: ScanContext) -> Held:
+def _descriptors_for(count: int) -> None:
+    """Holding ``count`` connections needs file descriptors: raise the soft limit if the
+    hard one allows, else refuse to mistake our own EMFILE for the target's limit."""
+    needed = count + 64
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= needed:
+        return
+    if hard == resource.RLIM_INFINITY or hard >= needed:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+        return
+    raise CheckError(
+        f"--max-connections {count} needs {needed} file descriptors; this process may open "
+        f"{hard} (ulimit -n): lower --max-connections"
+    )
+
+
+async def _fill(ctx: ScanContext, held: Held) -> None:
     """Open connections from one address until one is refused (or max_connections)."""
-    held = Held()
+    _descriptors_for(ctx.options.max_connections)
     for n in range(1, ctx.options.max_connections + 1):
         result: Handshake = await ctx.connect()
         if result.session is None:
+            answer = judge(result)
+            if answer != "refused" and result.status not in (429, 503):
+                raise CheckError(
+                    f"connection {n} failed ({result.describe()}): cannot tell a limit from "
+                    "a failure"
+                )
             held.refusal, held.refused_at = result.describe(), n
-            return held
+            return
+        held.sessions.append(result.session)  # released by the caller, whatever happens
         outcome = await ctx.barrier(result.session)
-        if not outcome.answered or outcome.close is not None:
+        if outcome.close is not None:
             held.refusal, held.refused_at = f"upgraded, then {outcome.describe()}", n
-            await result.session.close()
-            return held
-        held.sessions.append(result.session)
-    return held
+            return
+        if not outcome.answered:
+            raise CheckError(f"connection {n} did not answer a ping: {outcome.describe()}")
 
 
 @check(
@@ -161,8 +206,8 @@ async def _fill(ctx: ScanContext) -> Held:
 async def connection_limit(ctx: ScanContext) -> Finding:
     await require_baseline(ctx)
     ctx.rotate()
-    held = await _fill(ctx)
-    try:
+    async with Held() as held:
+        await _fill(ctx, held)
         if held.refusal is None:
             return finding(
                 ctx.check_id,
@@ -173,8 +218,6 @@ async def connection_limit(ctx: ScanContext) -> Finding:
         return finding(
             ctx.check_id, verdict, f"connection {held.refused_at} refused: {held.refusal}"
         )
-    finally:
-        await held.release()
 
 
 @check(
@@ -190,8 +233,8 @@ async def connection_limit(ctx: ScanContext) -> Finding:
 async def connection_release(ctx: ScanContext) -> Finding:
     await require_baseline(ctx)
     ctx.rotate()
-    held = await _fill(ctx)
-    await held.release()
+    async with Held() as held:
+        await _fill(ctx, held)
     if held.refusal is None:
         raise NotApplicable("no connection limit was reached (conns.limit)")
     loop = asyncio.get_running_loop()
@@ -201,8 +244,10 @@ async def connection_release(ctx: ScanContext) -> Finding:
     while True:
         result = await ctx.connect()
         if result.session is not None:
-            outcome = await ctx.barrier(result.session)
-            await result.session.close()
+            try:
+                outcome = await ctx.barrier(result.session)
+            finally:
+                await result.session.close()
             if outcome.answered:
                 return finding(
                     ctx.check_id,
@@ -213,15 +258,17 @@ async def connection_release(ctx: ScanContext) -> Finding:
             last = outcome.describe()
         else:
             last = result.describe()
-        if loop.time() - started + delay > ctx.options.reset_wait:
+        remaining = ctx.options.reset_wait - (loop.time() - started)
+        if remaining <= 0:
             break
-        await asyncio.sleep(delay)
+        await asyncio.sleep(min(delay, remaining))
         delay = min(delay * 2, 3.0)
     return finding(
         ctx.check_id,
         Verdict.FAIL,
         f"after closing every connection, a new one is still refused "
-        f"{ctx.options.reset_wait:g}s later ({last}): slots leak",
+        f"{ctx.options.reset_wait:g}s later ({last}): slots leak (or a connection-rate limit "
+        "slower than --reset-wait)",
     )
 
 
@@ -241,22 +288,23 @@ SPOOF_HEADERS = ("X-Forwarded-For", "X-Real-IP", "Forwarded", "True-Client-IP", 
 async def spoofing(ctx: ScanContext) -> Finding:
     await require_baseline(ctx)
     ctx.rotate()
-    held = await _fill(ctx)
-    try:
+    lines: list[str] = []
+    bypassed: list[str] = []
+    async with Held() as held:
+        await _fill(ctx, held)
         if held.refusal is None:
             raise NotApplicable("no per-address limit was reached to test against (conns.limit)")
-        lines = []
-        bypassed = []
         for name in SPOOF_HEADERS:
+            await _still_at_limit(ctx, held)
             fake = f"198.51.100.{random.randint(1, 254)}"  # noqa: S311 - not a secret
             value = f"for={fake}" if name == "Forwarded" else fake
             result = await ctx.connect(headers=[(name, value)])
             state, how = await settle(ctx, result)
             lines.append(f"{name}: {value}: {how}")
-            if state == "accepted":
+            if state in ("accepted", "silent"):
                 bypassed.append(f"{name}: {value}")
-    finally:
-        await held.release()
+            elif state == "inconclusive" and result.status not in (429, 503):
+                raise CheckError(f"{name}: {value}: {how} — cannot judge")  # 429: the limit
     if bypassed:
         return finding(
             ctx.check_id,
@@ -271,3 +319,16 @@ async def spoofing(ctx: ScanContext) -> Finding:
         f"at the limit ({held.refusal}), {len(SPOOF_HEADERS)} forwarding headers did not help",
         *lines,
     )
+
+
+async def _still_at_limit(ctx: ScanContext, held: Held) -> None:
+    """A control attempt without the header: it must be refused, or a bypass proves
+    nothing (a limit that refills, a slot freed meanwhile)."""
+    for _ in range(2):
+        result = await ctx.connect()
+        if result.session is None:
+            if judge(result) == "inconclusive" and result.status not in (429, 503):
+                raise CheckError(f"control attempt: {result.describe()} — cannot judge")
+            return
+        held.sessions.append(result.session)  # a slot came free: hold it, try again
+    raise CheckError("the limit does not hold steadily (it refills?): cannot test spoofing")

@@ -13,7 +13,14 @@ from websockets.extensions.permessage_deflate import ClientPerMessageDeflateFact
 from websockets.frames import Opcode
 
 from wsguard.scanner.checks.common import require_baseline, tally
-from wsguard.scanner.context import CheckError, NotApplicable, Outcome, ScanContext, short
+from wsguard.scanner.context import (
+    CheckError,
+    NotApplicable,
+    Outcome,
+    ScanContext,
+    short,
+    throttled,
+)
 from wsguard.scanner.model import OWASP, Finding, Verdict, check, finding
 from wsguard.scanner.probe import Session, frame_bytes, frame_header
 
@@ -25,10 +32,48 @@ MIB = 1024 * KIB
 
 
 def _verdict_for(outcome: Outcome) -> Verdict | None:
-    """FAIL for a server error or a dropped connection; None when handled."""
+    """FAIL for a server error, a dropped connection or a connection that stopped
+    answering; None when handled."""
     if outcome.close is not None and outcome.close.code in (1011, 1006):
         return Verdict.FAIL
+    if not outcome.refused and not outcome.answered:
+        return Verdict.FAIL  # neither refused nor answered: the connection is stuck
     return None
+
+
+def refusal(outcome: Outcome) -> str:
+    """For a big or hostile message: "crash" (1011), "refused", "throttled" (only
+    slow-down errors: nothing judged), "accepted" (answered) or "silent"."""
+    if outcome.close is not None:
+        return "crash" if outcome.close.code == 1011 else "refused"
+    if outcome.errors:
+        return "refused" if not all_throttled(outcome) else "throttled"
+    return "accepted" if outcome.answered else "silent"
+
+
+def all_throttled(outcome: Outcome) -> bool:
+    return all(throttled(Outcome(errors=[error])) for error in outcome.errors)
+
+
+async def judged(ctx: ScanContext, what: str, outcome: Outcome) -> str:
+    """``refusal`` plus the verdicts every size check shares: a 1011 or a target that no
+    longer serves is a FAIL (raised as a finding), nothing judged is an ERROR."""
+    kind = refusal(outcome)
+    if kind == "crash":
+        raise Failed(f"{what}: {outcome.describe()} — a server error, not a limit")
+    if kind in ("throttled", "silent"):
+        raise CheckError(f"{what}: {outcome.describe()} — cannot judge")
+    return kind
+
+
+class Failed(Exception):
+    """A check found a flaw on the way (the verdict becomes FAIL with this message)."""
+
+
+async def still_serving(ctx: ScanContext, after: str) -> None:
+    alive, how = await ctx.alive()
+    if not alive:
+        raise Failed(f"after {after}, the target stopped serving ({how})")
 
 
 async def _malformed(
@@ -187,21 +232,23 @@ def _padded_ping(ctx: ScanContext, size: int) -> str:
 async def size_limit(ctx: ScanContext) -> Finding:
     await require_baseline(ctx)
     lines: list[str] = []
-    accepted: list[int] = []
     first_refused: int | None = None
-    for size in (64 * KIB + 1, MIB + 1):
-        ctx.rotate()
-        session = await ctx.open()
-        try:
-            await session.send_text(_padded_ping(ctx, size))
-            outcome = await ctx.barrier(session, wait=max(ctx.options.reply_timeout, 5.0))
-        finally:
-            await session.close()
-        lines.append(f"{_size(size)}: {outcome.describe()}")
-        if outcome.refused:
-            first_refused = size
-            break
-        accepted.append(size)
+    try:
+        for size in (64 * KIB + 1, MIB + 1):
+            ctx.rotate()
+            session = await ctx.open()
+            try:
+                await session.send_text(_padded_ping(ctx, size))
+                outcome = await ctx.barrier(session, wait=max(ctx.options.reply_timeout, 5.0))
+            finally:
+                await session.close()
+            lines.append(f"{_size(size)}: {outcome.describe()}")
+            if await judged(ctx, _size(size), outcome) == "refused":
+                first_refused = size
+                break
+        await still_serving(ctx, "the big messages")
+    except Failed as exc:
+        return finding(ctx.check_id, Verdict.FAIL, str(exc), *lines)
     if first_refused == 64 * KIB + 1:
         return finding(ctx.check_id, Verdict.PASS, lines[0])
     if first_refused is not None:
@@ -249,6 +296,12 @@ async def size_frame(ctx: ScanContext) -> Finding:
             "for the rest: the server buffers before checking the size",
         )
     reason = f" {event.reason!r}" if event.reason else ""
+    try:
+        if event.code == 1011:
+            raise Failed(f"closed 1011{reason}: a server error, not a limit")
+        await still_serving(ctx, "the 64 MiB frame")
+    except Failed as exc:
+        return finding(ctx.check_id, Verdict.FAIL, str(exc))
     return finding(
         ctx.check_id,
         Verdict.PASS,
@@ -292,13 +345,22 @@ async def size_fragments(ctx: ScanContext) -> Finding:
             outcome = await ctx.barrier(session, wait=max(ctx.options.reply_timeout, 5.0))
     finally:
         await session.close()
-    if outcome.refused:
+    kind = refusal(outcome)
+    try:
+        if kind == "crash":
+            raise Failed(f"{outcome.describe()} — a server error, not a limit")
+        if kind == "throttled":
+            raise CheckError(f"{outcome.describe()} — cannot judge")
+        await still_serving(ctx, "the fragmented message")
+    except Failed as exc:
+        return finding(ctx.check_id, Verdict.FAIL, str(exc))
+    if kind == "refused":
         return finding(
             ctx.check_id,
             Verdict.PASS,
             f"{outcome.describe()} by the time {_size(sent)} had been sent in {count} fragments",
         )
-    if outcome.answered:
+    if kind == "accepted":
         return finding(
             ctx.check_id,
             Verdict.FAIL,
@@ -348,7 +410,12 @@ async def compression(ctx: ScanContext) -> Finding:
         outcome = await ctx.barrier(session, wait=max(ctx.options.reply_timeout, 5.0))
     finally:
         await session.close()
-    if outcome.refused:
+    try:
+        kind = await judged(ctx, "the deflate bomb", outcome)
+        await still_serving(ctx, "the deflate bomb")
+    except Failed as exc:
+        return finding(ctx.check_id, Verdict.FAIL, str(exc))
+    if kind == "refused":
         return finding(
             ctx.check_id,
             Verdict.PASS,
@@ -395,13 +462,16 @@ async def replay(ctx: ScanContext) -> Finding:
     session = await ctx.open()
     try:
         first = await ctx.exchange(session, text)
-        if first.refused:
+        if refusal(first) not in ("accepted", "silent") or not first.answered:
             raise NotApplicable(f"the message is refused the first time: {first.describe()}")
         second = await ctx.exchange(session, text)
     finally:
         await session.close()
-    if second.refused:
+    kind = refusal(second)
+    if kind == "refused":
         return finding(ctx.check_id, Verdict.PASS, f"second copy refused: {second.describe()}")
+    if kind != "accepted":
+        raise CheckError(f"the second copy: {second.describe()} — cannot judge")
     what = "the replay message" if ctx.options.replay_message else "a ping (--replay-message)"
     return finding(
         ctx.check_id,

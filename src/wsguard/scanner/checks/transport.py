@@ -38,20 +38,33 @@ async def plaintext(ctx: ScanContext) -> Finding:
     elif uri.port == 443:
         ports.append(80)
     lines = []
+    listening: list[str] = []
     for port in dict.fromkeys(ports):
         plain = WebSocketURI(False, uri.host, port, uri.path, uri.query)
         endpoint = Endpoint(
             plain, ctx.target.address, None, ctx.options.connect_timeout, ctx.endpoint.source
         )
         result = await handshake(endpoint, wait=ctx.options.connect_timeout)
-        if result.session is not None:
-            await result.session.close()
+        if result.session is not None or result.status == 101:
+            if result.session is not None:
+                await result.session.close()
             return finding(
                 ctx.check_id,
                 Verdict.FAIL,
                 f"ws://{uri.host}:{port}{uri.resource_name} upgrades in clear",
             )
         lines.append(f"ws:// on port {port}: {result.describe()}")
+        status = result.status
+        if status is not None and not (300 <= status < 400 or status in (400, 426)):
+            listening.append(f"port {port} answers {result.describe()}")
+    if listening:
+        return finding(
+            ctx.check_id,
+            Verdict.WARN,
+            f"a plaintext WebSocket endpoint answers ({'; '.join(listening)}): a client "
+            "pointed at ws:// would send its token in clear",
+            *lines,
+        )
     return finding(ctx.check_id, Verdict.PASS, "; ".join(lines))
 
 
@@ -124,9 +137,7 @@ async def tls_version(ctx: ScanContext) -> Finding:
 )
 async def certificate(ctx: ScanContext) -> Finding:
     _require_tls(ctx)
-    context = ssl.create_default_context(
-        cafile=str(ctx.options.ca_file) if ctx.options.ca_file else None
-    )
+    context = tls_context(ctx.options, verify=True, ignore_insecure=True)
     try:
         _, writer = await open_stream(ctx.endpoint, ssl_context=context)
     except ssl.SSLCertVerificationError as exc:
