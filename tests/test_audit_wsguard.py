@@ -336,3 +336,19 @@ def test_token_in_a_subprotocol_is_where_every_probe_puts_it(
     }, done.stdout
     audit = [e for e in target.served.audit_events() if e["event"] == "connection_admitted"]
     assert audit and all(e.get("subject") != "cookie-user" for e in audit[-3:])
+
+
+def test_the_first_address_that_accepts_is_scanned(target: Target) -> None:
+    """A name may resolve to ::1 first while the server listens on 127.0.0.1 only (e.g.
+    localhost); the scan pins the address that answers, not the first one listed."""
+    import asyncio
+
+    from wsguard.scanner.options import Target as ScanTarget
+    from wsguard.scanner.options import parse_target
+    from wsguard.scanner.runner import _reachable
+
+    uri = parse_target(target.url.replace("127.0.0.1", "localhost"))
+    listed = ScanTarget(uri, ("::1", "127.0.0.1"), loopback=True)
+    assert asyncio.run(_reachable(listed, 5.0)).addresses == ("127.0.0.1", "::1")
+    nowhere = ScanTarget(parse_target("ws://localhost:1/"), ("::1", "127.0.0.1"), True)
+    assert asyncio.run(_reachable(nowhere, 5.0)).addresses == ("::1", "127.0.0.1")

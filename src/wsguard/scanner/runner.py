@@ -14,7 +14,7 @@ from wsguard.scanner import checks as _checks  # noqa: F401  (registers the chec
 from wsguard.scanner.context import CheckError, NotApplicable, ScanContext
 from wsguard.scanner.credentials import Credentials
 from wsguard.scanner.model import REGISTRY, Check, Finding, Verdict, finding
-from wsguard.scanner.options import ScanOptions, resolve_target
+from wsguard.scanner.options import ScanOptions, Target, resolve_target
 
 FAIL_ON = {
     "fail": frozenset({Verdict.FAIL}),
@@ -91,7 +91,7 @@ async def run_scan(options: ScanOptions, *, progress: Progress | None = None) ->
     """Scan ``options.url``. Raises ConfigError before any traffic for bad options or a
     non-loopback target without ``i_own_this_target``."""
     chosen = select(options)
-    target = resolve_target(options)
+    target = await _reachable(resolve_target(options), options.connect_timeout)
     credentials = Credentials(options)
     context = ScanContext(options, target, credentials)
     report = Report(target.label, datetime.now(UTC), options.aggressive)
@@ -115,6 +115,24 @@ async def run_scan(options: ScanOptions, *, progress: Progress | None = None) ->
             progress(spec, result)
     report.seconds = round(time.monotonic() - began, 3)
     return report
+
+
+async def _reachable(target: Target, wait: float) -> Target:
+    """Put first the resolved address that accepts TCP (``localhost`` may resolve to ::1
+    first while the server listens on 127.0.0.1 only); unchanged if none does."""
+    if len(target.addresses) == 1:
+        return target
+    for address in target.addresses:
+        try:
+            _, writer = await asyncio.wait_for(
+                asyncio.open_connection(address, target.uri.port), wait
+            )
+        except (OSError, TimeoutError):
+            continue
+        writer.close()
+        others = tuple(a for a in target.addresses if a != address)
+        return replace(target, addresses=(address, *others))
+    return target
 
 
 async def _run_one(spec: Check, ctx: ScanContext, budget: float) -> Finding:
