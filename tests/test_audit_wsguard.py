@@ -352,3 +352,21 @@ def test_the_first_address_that_accepts_is_scanned(target: Target) -> None:
     assert asyncio.run(_reachable(listed, 5.0)).addresses == ("127.0.0.1", "::1")
     nowhere = ScanTarget(parse_target("ws://localhost:1/"), ("::1", "127.0.0.1"), True)
     assert asyncio.run(_reachable(nowhere, 5.0)).addresses == ("::1", "127.0.0.1")
+
+
+def test_token_cmd_supplies_the_credential(target: Target, tmp_path: Path) -> None:
+    """--token-cmd runs a command for the token (no secret: minting checks are N/A)."""
+    token_file = tmp_path / "token.txt"
+    token_file.write_text(target.token + "\n")
+    out = tmp_path / "r.json"
+    done = run_audit(
+        [target.url, "--token-cmd", f"cat {token_file}", "--ca-file", str(target.ca_file),
+         "--origin-allowed", ORIGIN, "--checks", "auth.signature,auth.expired",
+         "--format", "json", "--out", str(out)],
+        tmp_path,
+    )  # fmt: skip
+    by_id = findings(json.loads(out.read_text()))
+    assert by_id["auth.signature"]["verdict"] == "PASS", done.stdout + done.stderr
+    assert by_id["auth.expired"]["verdict"] == "N/A"
+    failing = run_audit([target.url, "--token-cmd", "false"], tmp_path)
+    assert failing.returncode == 2 and "--token-cmd" in failing.stderr
