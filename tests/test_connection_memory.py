@@ -54,3 +54,30 @@ def test_the_upgrade_request_is_not_kept_after_admission(server: RunningServer) 
     client.send(json.dumps({"type": "ping", "id": "p1"}))
     assert json.loads(client.recv(timeout=5))["type"] == "pong"
     client.close()
+
+
+def test_no_request_object_keeps_the_token_after_admission(server: RunningServer) -> None:
+    """websockets' parser generator keeps the upgrade Request alive in its frame for the
+    connection's whole life; wsguard empties it once admitted (~2-3 KB per idle
+    connection, and the bearer token no longer sits in memory for hours)."""
+    import gc
+
+    from websockets.http11 import Request
+
+    token = make_token("bob")
+    client = server.connect(token)
+    assert json.loads(client.recv(timeout=5))["type"] == "welcome"
+    mine = client.request  # the client's own copy of what it sent
+
+    def holders() -> list[Request]:
+        gc.collect()
+        return [
+            o
+            for o in gc.get_objects()
+            if isinstance(o, Request) and o is not mine and token in str(o.headers)
+        ]
+
+    assert server.call(holders) == []
+    client.send(json.dumps({"type": "ping", "id": "p1"}))
+    assert json.loads(client.recv(timeout=5))["type"] == "pong"
+    client.close()
