@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
 import threading
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
 
-from serve_process import WSGUARD
+from test_cli import cli_env, run_cli
 from vulnerable_servers import ALLOWED_ORIGIN, FLAWS, SECRET, vulnerable_server
 from wsguard.scanner import Finding, Report, ScanOptions, Verdict, run_scan
 
@@ -115,14 +114,11 @@ class ServerThread:
 def test_command_line_exit_codes_and_failure_reports(tmp_path: Path) -> None:
     junit, sarif = tmp_path / "r.xml", tmp_path / "r.sarif"
     with ServerThread("alg_none", tmp_path / "server.log") as server:
-        base = [WSGUARD, "audit", server.url, "--jwt-secret", SECRET, "--checks", "auth"]
-        run = [*base, "--format", "junit", "--out", str(junit)]
-        failed = subprocess.run(run, capture_output=True, text=True, timeout=120, check=False)
-        run = [*base, "--format", "sarif", "--out", str(sarif)]
-        subprocess.run(run, capture_output=True, text=True, timeout=120, check=False)
-        clean = subprocess.run(
-            [*base, "--skip", "auth.alg_none"], capture_output=True, text=True, timeout=120
-        )
+        base = ["audit", server.url, "--jwt-secret", SECRET, "--checks", "auth"]
+        env = cli_env(tmp_path)
+        failed = run_cli([*base, "--format", "junit", "--out", str(junit)], env, timeout=120)
+        run_cli([*base, "--format", "sarif", "--out", str(sarif)], env, timeout=120)
+        clean = run_cli([*base, "--skip", "auth.alg_none"], env, timeout=120)
     assert failed.returncode == 1, failed.stdout + failed.stderr
     assert "FAIL" in failed.stdout and "auth.alg_none" in failed.stdout  # the table
     suite = ET.parse(junit).getroot().find("testsuite")

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from serve_process import WSGUARD, Served
-from test_cli import cli_env
+from test_cli import cli_env, run_cli
 
 SECRET = "audit-test-secret-0123456789abcdef0123"
 ORIGIN = "http://allowed.test"
@@ -87,15 +87,7 @@ schema_file = "{tmp / "transfer.json"}"
 
 
 def run_audit(args: Sequence[str], home: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [WSGUARD, "audit", *args],
-        env=cli_env(home),
-        capture_output=True,
-        text=True,
-        timeout=SCAN_TIMEOUT,
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
+    return run_cli(["audit", *args], cli_env(home), timeout=SCAN_TIMEOUT)
 
 
 class Target:

@@ -35,13 +35,15 @@ def cli_env(home: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def run_cli(args: Sequence[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    args: Sequence[str], env: dict[str, str], *, timeout: float = QUICK
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [WSGUARD, *args],
         env=env,
         capture_output=True,
         text=True,
-        timeout=QUICK,
+        timeout=timeout,
         stdin=subprocess.DEVNULL,
         check=False,
     )

@@ -19,6 +19,8 @@ from wsguard.scanner.credentials import Credentials
 from wsguard.scanner.options import ScanOptions, Target
 from wsguard.scanner.probe import Endpoint, Event, Handshake, Session, handshake
 
+# statuses that mean "slow down / come back later" rather than "no"
+THROTTLED = frozenset({429, 503})
 THROTTLE_WAIT = 8.0  # seconds a check waits for a throttled target before giving up
 
 
@@ -35,7 +37,6 @@ class Outcome:
     """What came back after sending something and then a ping as a barrier."""
 
     errors: list[str] = field(default_factory=list)  # error frames, in order
-    replies: list[str] = field(default_factory=list)  # other messages
     answered: bool = False  # the barrier ping was answered: the connection is usable
     close: Event | None = None
 
@@ -231,7 +232,7 @@ class ScanContext:
             result = await self.connect(**kwargs)  # type: ignore[arg-type]
             if result.session is None:
                 problem = f"baseline connection refused: {result.describe()}"
-                retry = result.status in (429, 503)
+                retry = result.status in THROTTLED
             else:
                 try:
                     outcome = await self.barrier(result.session)
@@ -324,7 +325,6 @@ class ScanContext:
                 outcome.answered = True
                 return outcome
             else:
-                outcome.replies.append(text)
                 self.record("message", text)
 
     async def exchange(
@@ -367,7 +367,7 @@ def judge(result: Handshake) -> str:
         return "upgraded"
     if result.status is None:
         return "inconclusive" if result.error == "timeout" else "refused"  # dropped: a no
-    if result.status in (408, 429) or result.status >= 500:
+    if result.status == 408 or result.status in THROTTLED or result.status >= 500:
         return "inconclusive"
     return "refused"
 

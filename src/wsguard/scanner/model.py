@@ -20,8 +20,7 @@ class Verdict(enum.StrEnum):
     ERROR = "ERROR"  # the check itself could not run (unreachable target, timeout)
 
 
-# what makes the exit code non-zero, and how a verdict reads in SARIF / JUnit
-FAILING = frozenset({Verdict.FAIL})
+# how a problem verdict reads in SARIF
 SEVERITY = {
     Verdict.FAIL: "error",
     Verdict.WEAK: "warning",

@@ -20,6 +20,7 @@ from websockets.client import ClientProtocol
 from websockets.datastructures import Headers
 from websockets.extensions.base import ClientExtensionFactory
 from websockets.frames import Frame, Opcode
+from websockets.headers import build_host
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 from websockets.typing import Origin, Subprotocol
@@ -29,7 +30,7 @@ EventKind = Literal["text", "binary", "ping", "pong", "close"]
 
 # a response body or header block bigger than this is cut: the scanner reads, never hoards
 MAX_READ = 256 * 1024
-MAX_EVENTS = 10_000  # events queued per connection; more are dropped (counted)
+MAX_EVENTS = 10_000  # events queued per connection; more are dropped
 MAX_MESSAGE = 4 * 1024 * 1024  # a message from the target is kept up to this many bytes
 
 
@@ -47,8 +48,7 @@ class Event:
 
 def host_header(uri: WebSocketURI) -> str:
     """The Host header value for raw requests (IPv6 literals in brackets)."""
-    host = f"[{uri.host}]" if ":" in uri.host else uri.host
-    return f"{host}:{uri.port}"
+    return build_host(uri.host, uri.port, uri.secure, always_include_port=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,10 +63,6 @@ class Endpoint:
 
     def with_source(self, source: str | None) -> Endpoint:
         return Endpoint(self.uri, self.address, self.ssl_context, self.connect_timeout, source)
-
-    @property
-    def secure(self) -> bool:
-        return self.ssl_context is not None
 
 
 async def open_stream(
@@ -99,10 +95,6 @@ class Handshake:
     reached: bool = True  # False: TCP or TLS connect failed, the request was never sent
     invalid_upgrade: str = ""  # a 101 that websockets rejects (e.g. a bad Sec-WebSocket-Accept)
 
-    @property
-    def upgraded(self) -> bool:
-        return self.session is not None
-
     def describe(self) -> str:
         if self.status is None:
             return f"no response ({self.error})"
@@ -121,11 +113,9 @@ class Session:
         protocol: ClientProtocol,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
-        response: Response,
         pending: Sequence[object] = (),
     ) -> None:
         self.protocol = protocol
-        self.response = response
         self._reader = reader
         self._writer = writer
         self._events: asyncio.Queue[Event] = asyncio.Queue()
@@ -134,8 +124,6 @@ class Session:
         self._fragment_kind: EventKind = "text"
         self.close_event: Event | None = None
         self._closed = asyncio.Event()
-        self.bytes_received = 0
-        self.dropped = 0  # events or message bytes not kept (bounds above)
         self._dispatch(pending)  # frames that came in the same read as the 101
         self._pump = asyncio.get_running_loop().create_task(self._read_loop())
 
@@ -143,8 +131,6 @@ class Session:
     def _put(self, event: Event) -> None:
         if self._events.qsize() < MAX_EVENTS or event.kind == "close":
             self._events.put_nowait(event)
-        else:
-            self.dropped += 1
 
     async def _read_loop(self) -> None:
         try:
@@ -154,7 +140,6 @@ class Session:
                 if not data:
                     self.protocol.receive_eof()
                     break
-                self.bytes_received += len(data)
                 self.protocol.receive_data(data)
                 self._dispatch()
                 await self._flush()
@@ -182,7 +167,6 @@ class Session:
                 room = MAX_MESSAGE - self._fragment_bytes
                 self._fragments.append(bytes(event.data[:room]))
                 self._fragment_bytes += min(len(event.data), room)
-                self.dropped += max(0, len(event.data) - room)
                 if event.fin:
                     self._complete()
 
@@ -274,11 +258,6 @@ class Session:
         except (TimeoutError, OSError, ConnectionError):
             return False
         return True
-
-    @property
-    def write_buffered(self) -> int:
-        transport = self._writer.transport
-        return transport.get_write_buffer_size() if not transport.is_closing() else 0
 
     async def close(self, code: int = 1000) -> None:
         """Close and release everything; safe to call twice and under cancellation (the
@@ -377,7 +356,7 @@ async def handshake(
         problem = str(protocol.handshake_exc or "not accepted by websockets")
         return Handshake(101, response.headers, invalid_upgrade=problem[:120])
     # OPEN, or already CLOSING when a close frame came in the same read as the 101
-    session = Session(protocol, reader, writer, response, pending)
+    session = Session(protocol, reader, writer, pending)
     return Handshake(101, response.headers, b"", session=session)
 
 

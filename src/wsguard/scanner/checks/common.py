@@ -5,12 +5,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
-from wsguard.scanner.context import CheckError, NotApplicable, ScanContext, settle
+from websockets.frames import Opcode
+
+from wsguard.scanner.context import CheckError, NotApplicable, Outcome, ScanContext, settle
 from wsguard.scanner.model import Finding, Verdict, finding
-
-# statuses that mean "slow down / go away" rather than "no"
-THROTTLED = frozenset({429, 503})
-
+from wsguard.scanner.probe import Session, frame_bytes
 
 RETRIES = (1.0, 2.0)  # back-off before retrying an inconclusive handshake
 
@@ -112,3 +111,30 @@ def tally(outcomes: Sequence[str]) -> str:
         counts[outcome] = counts.get(outcome, 0) + 1
     ranked = sorted(counts.items(), key=lambda item: -item[1])
     return f"{len(outcomes)} sent: " + ", ".join(f"{n}x {o}" for o, n in ranked)
+
+
+Payload = tuple[str, bytes | str, bool]  # label, data, binary (bytes sent as text: raw frame)
+
+
+async def exchange_all(
+    ctx: ScanContext, payloads: Sequence[tuple[bytes | str, bool]]
+) -> list[Outcome]:
+    """Send each payload (data, binary), each followed by a ping barrier, on a working
+    connection: a new one (from a new source) after the target closed the last. Bytes sent
+    as text go out as a hand-made frame, so they can be invalid UTF-8."""
+    outcomes: list[Outcome] = []
+    session: Session | None = None
+    try:
+        for data, binary in payloads:
+            if session is None or session.closed:
+                ctx.rotate()
+                session = await ctx.open()
+            if isinstance(data, bytes) and not binary:
+                await session.send_raw(frame_bytes(Opcode.TEXT, data))
+                outcomes.append(await ctx.barrier(session))
+            else:
+                outcomes.append(await ctx.exchange(session, data, binary=binary))
+    finally:
+        if session is not None:
+            await session.close()
+    return outcomes

@@ -7,7 +7,7 @@ import os
 import re
 from pathlib import Path
 
-from wsguard.scanner.checks.common import require_baseline
+from wsguard.scanner.checks.common import exchange_all, require_baseline
 from wsguard.scanner.context import CheckError, NotApplicable, ScanContext, short
 from wsguard.scanner.model import OWASP, Finding, Verdict, check, finding
 from wsguard.scanner.probe import host_header, raw_request
@@ -41,21 +41,13 @@ VERSION = re.compile(r"\d+\.\d+")
 async def errors(ctx: ScanContext) -> Finding:
     await require_baseline(ctx)
     marker = f"wsguard-audit-{os.urandom(4).hex()}"
-    ctx.rotate()
-    session = await ctx.open()
-    try:
-        for text in (
-            '{"type": "' + marker,
-            '{"type": "' + marker + '"}',
-            '{"type": "ping", "id": {"' + marker + '": [1e999]}}',
-            marker + "'\"; --",
-        ):
-            if session.closed:
-                ctx.rotate()
-                session = await ctx.open()
-            await ctx.exchange(session, text)
-    finally:
-        await session.close()
+    provocations = (
+        '{"type": "' + marker,
+        '{"type": "' + marker + '"}',
+        '{"type": "ping", "id": {"' + marker + '": [1e999]}}',
+        marker + "'\"; --",
+    )
+    await exchange_all(ctx, [(text, False) for text in provocations])  # answers: transcript
     uri = ctx.target.uri
     plain_get = f"GET {uri.resource_name} HTTP/1.1\r\nHost: {host_header(uri)}\r\n\r\n".encode()
     page = await raw_request(ctx.endpoint, plain_get, wait=ctx.options.connect_timeout)
@@ -113,20 +105,12 @@ async def log_injection(ctx: ScanContext) -> Finding:
     start = _size(path)
     marker = f"wsguard-audit-{os.urandom(4).hex()}"
     forged = f"FORGED {marker}"
-    ctx.rotate()
-    session = await ctx.open()
-    try:
-        for text in (
-            '{"type": "ping", "id": "' + marker + "\\nFORGED " + marker + '"}',
-            '{"type": "' + marker + "\\r\\nFORGED " + marker + '"}',
-            marker + "\nFORGED " + marker + "\x1b[2J",
-        ):
-            if session.closed:
-                ctx.rotate()
-                session = await ctx.open()
-            await ctx.exchange(session, text)
-    finally:
-        await session.close()
+    injections = (
+        '{"type": "ping", "id": "' + marker + "\\nFORGED " + marker + '"}',
+        '{"type": "' + marker + "\\r\\nFORGED " + marker + '"}',
+        marker + "\nFORGED " + marker + "\x1b[2J",
+    )
+    await exchange_all(ctx, [(text, False) for text in injections])
     token = ctx.credentials.token or ""
     text = ""
     # the target may write asynchronously: poll (bounded, 3 s) until the marker shows or

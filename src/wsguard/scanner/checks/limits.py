@@ -12,7 +12,15 @@ from dataclasses import dataclass, field
 import orjson
 
 from wsguard.scanner.checks.common import require_baseline
-from wsguard.scanner.context import CheckError, NotApplicable, Outcome, ScanContext, judge, settle
+from wsguard.scanner.context import (
+    THROTTLED,
+    CheckError,
+    NotApplicable,
+    Outcome,
+    ScanContext,
+    judge,
+    settle,
+)
 from wsguard.scanner.model import OWASP, Finding, Verdict, check, finding
 from wsguard.scanner.probe import Handshake, Session
 
@@ -177,7 +185,7 @@ async def _fill(ctx: ScanContext, held: Held) -> None:
         result: Handshake = await ctx.connect()
         if result.session is None:
             answer = judge(result)
-            if answer != "refused" and result.status not in (429, 503):
+            if answer != "refused" and result.status not in THROTTLED:
                 raise CheckError(
                     f"connection {n} failed ({result.describe()}): cannot tell a limit from "
                     "a failure"
@@ -303,7 +311,7 @@ async def spoofing(ctx: ScanContext) -> Finding:
             lines.append(f"{name}: {value}: {how}")
             if state in ("accepted", "silent"):
                 bypassed.append(f"{name}: {value}")
-            elif state == "inconclusive" and result.status not in (429, 503):
+            elif state == "inconclusive" and result.status not in THROTTLED:
                 raise CheckError(f"{name}: {value}: {how} — cannot judge")  # 429: the limit
     if bypassed:
         return finding(
@@ -327,7 +335,7 @@ async def _still_at_limit(ctx: ScanContext, held: Held) -> None:
     for _ in range(2):
         result = await ctx.connect()
         if result.session is None:
-            if judge(result) == "inconclusive" and result.status not in (429, 503):
+            if judge(result) == "inconclusive" and result.status not in THROTTLED:
                 raise CheckError(f"control attempt: {result.describe()} — cannot judge")
             return
         held.sessions.append(result.session)  # a slot came free: hold it, try again

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import base64
-import os
+import secrets
 import time
 import zlib
 from collections.abc import Sequence
@@ -12,7 +11,7 @@ import orjson
 from websockets.extensions.permessage_deflate import ClientPerMessageDeflateFactory
 from websockets.frames import Opcode
 
-from wsguard.scanner.checks.common import require_baseline, tally
+from wsguard.scanner.checks.common import Payload, exchange_all, require_baseline, tally
 from wsguard.scanner.context import (
     CheckError,
     NotApplicable,
@@ -22,7 +21,7 @@ from wsguard.scanner.context import (
     throttled,
 )
 from wsguard.scanner.model import OWASP, Finding, Verdict, check, finding
-from wsguard.scanner.probe import Session, frame_bytes, frame_header
+from wsguard.scanner.probe import frame_bytes, frame_header
 
 INPUT_REFS = (f"{OWASP}: Input Validation", "ASVS 5.0 V2.2.1", "RFC 6455 §8.1, §10.7")
 SIZE_REFS = (f"{OWASP}: Message Size Limits / DoS Protection", "RFC 6455 §10.4")
@@ -76,124 +75,80 @@ async def still_serving(ctx: ScanContext, after: str) -> None:
         raise Failed(f"after {after}, the target stopped serving ({how})")
 
 
-async def _malformed(
-    ctx: ScanContext, payloads: Sequence[tuple[str, bytes | str, bool]]
-) -> Finding:
+async def _malformed(ctx: ScanContext, payloads: Sequence[Payload]) -> Finding:
     """Send each payload on a usable connection (reopened after a close); the target must
     answer with an error or a policy close, never 1011 or a dropped connection, and must
     still accept connections afterwards."""
     await require_baseline(ctx)
-    lines: list[str] = []
-    outcomes: list[str] = []
-    failed: list[str] = []
-    session: Session | None = None
-    try:
-        for label, data, binary in payloads:
-            if session is None or session.closed:
-                ctx.rotate()
-                session = await ctx.open()
-            if isinstance(data, bytes) and not binary:  # a hand-made text frame (bad UTF-8)
-                await session.send_raw(frame_bytes(Opcode.TEXT, data))
-                outcome = await ctx.barrier(session)
-            else:
-                outcome = await ctx.exchange(session, data, binary=binary)
-            lines.append(f"{label}: {outcome.describe()}")
-            outcomes.append(outcome.describe())
-            if _verdict_for(outcome) is Verdict.FAIL:
-                failed.append(f"{label}: {outcome.describe()}")
-    finally:
-        if session is not None:
-            await session.close()
+    results = await exchange_all(ctx, [(data, binary) for _, data, binary in payloads])
+    lines = [f"{label}: {o.describe()}" for (label, _, _), o in zip(payloads, results, strict=True)]
+    failed = [
+        line for line, o in zip(lines, results, strict=True) if _verdict_for(o) is Verdict.FAIL
+    ]
     alive, how = await ctx.alive()
     if not alive:
         failed.append(f"afterwards a new connection failed: {how}")
     if failed:
         return finding(ctx.check_id, Verdict.FAIL, "; ".join(failed), *lines)
-    return finding(ctx.check_id, Verdict.PASS, tally(outcomes), *lines)
+    return finding(ctx.check_id, Verdict.PASS, tally([o.describe() for o in results]), *lines)
 
 
 REMEDY_INPUT = (
     "Parse defensively: catch every decoding error, bound depth and size before parsing, "
     "answer an error frame (or close 1003/1007/1008), never let a handler error close 1011."
 )
-
-
-@check(
-    "malformed.json",
-    "Invalid JSON is handled",
-    group="messages",
-    references=INPUT_REFS,
-    remedy=REMEDY_INPUT,
-)
-async def invalid_json(ctx: ScanContext) -> Finding:
-    return await _malformed(
-        ctx,
-        [
+DEPTH = 3000  # 6 KB of nested arrays: under common size limits, far over any sane depth
+# check id -> title, payloads (label, data, binary; bytes sent as text: a hand-made frame)
+MALFORMED: dict[str, tuple[str, tuple[Payload, ...]]] = {
+    "malformed.json": (
+        "Invalid JSON is handled",
+        (
             ("truncated JSON", '{"type": "ping", "id": ', False),
             ("not JSON", "wsguard-audit: hello", False),
             ("NaN literal", '{"type": "ping", "x": NaN}', False),
             ("lone surrogate", '{"type": "ping", "x": "\\ud800"}', False),
-        ],
-    )
-
-
-@check(
-    "malformed.non_object",
-    "JSON that is not an object is handled",
-    group="messages",
-    references=INPUT_REFS,
-    remedy=REMEDY_INPUT,
-)
-async def non_object(ctx: ScanContext) -> Finding:
-    return await _malformed(
-        ctx,
-        [
+        ),
+    ),
+    "malformed.non_object": (
+        "JSON that is not an object is handled",
+        (
             ("array", "[1, 2, 3]", False),
             ("string", '"ping"', False),
             ("number", "42", False),
             ("null", "null", False),
             ("type not a string", '{"type": {"$ne": null}}', False),
-        ],
-    )
-
-
-@check(
-    "malformed.nesting",
-    "Deeply nested JSON is handled",
-    group="messages",
-    references=INPUT_REFS,
-    remedy=REMEDY_INPUT,
-)
-async def nesting(ctx: ScanContext) -> Finding:
-    depth = 3000  # 6 KB: under common size limits, far over any sane depth
-    return await _malformed(
-        ctx,
-        [
-            (f"{depth} nested arrays", "[" * depth + "]" * depth, False),
+        ),
+    ),
+    "malformed.nesting": (
+        "Deeply nested JSON is handled",
+        (
+            (f"{DEPTH} nested arrays", "[" * DEPTH + "]" * DEPTH, False),
             (
                 "1000 nested objects in a ping",
                 '{"type": "ping", "x": ' + '{"a": ' * 1000 + "1" + "}" * 1000 + "}",
                 False,
             ),
-        ],
-    )
-
-
-@check(
-    "malformed.binary",
-    "Unexpected binary frames are handled",
-    group="messages",
-    references=INPUT_REFS,
-    remedy=REMEDY_INPUT,
-)
-async def binary(ctx: ScanContext) -> Finding:
-    return await _malformed(
-        ctx,
-        [
+        ),
+    ),
+    "malformed.binary": (
+        "Unexpected binary frames are handled",
+        (
             ("binary frame", b"\x00\x01\x02wsguard-audit\xff", True),
             ("binary JSON", orjson.dumps({"type": "ping", "id": "b"}), True),
-        ],
-    )
+        ),
+    ),
+}
+
+
+def _register_malformed(check_id: str, title: str, payloads: tuple[Payload, ...]) -> None:
+    async def run(ctx: ScanContext) -> Finding:
+        return await _malformed(ctx, payloads)
+
+    check(check_id, title, group="messages", references=INPUT_REFS, remedy=REMEDY_INPUT)(run)
+
+
+for _id, (_title, _payloads) in MALFORMED.items():
+    _register_malformed(_id, _title, _payloads)
 
 
 @check(
@@ -439,7 +394,7 @@ def _signed(ctx: ScanContext, text: str) -> str:
         message = orjson.loads(text)
     except orjson.JSONDecodeError:
         raise CheckError("--replay-message is not JSON, so it cannot be signed") from None
-    nonce = base64.urlsafe_b64encode(os.urandom(18)).decode().rstrip("=")
+    nonce = secrets.token_urlsafe(16)  # 128 bits, as wsguard.client does
     kid, secret = key
     return orjson.dumps(
         sign(message, kid=kid, secret=secret, nonce=nonce, ts=int(time.time()))
