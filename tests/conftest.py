@@ -87,13 +87,22 @@ class AuditCapture(io.StringIO):
         return [e for e in out if name is None or e["event"] == name]
 
 
+def new_loop(engine: str) -> asyncio.AbstractEventLoop:
+    """The event loop an engine runs on in production (uvloop for picows)."""
+    if engine == "picows":
+        import uvloop
+
+        return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
+
+
 class RunningServer:
     """A wsguard App served from a background thread."""
 
     def __init__(self, app: App, audit: AuditCapture) -> None:
         self.app = app
         self.audit = audit
-        self.loop = asyncio.new_event_loop()
+        self.loop = new_loop(app.config.engine)
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._started: Future[None] = Future()
         self._done: Future[None] = Future()
@@ -207,9 +216,20 @@ class RunningServer:
 ServerFactory = Callable[..., RunningServer]
 
 
+#: Every test that starts a server through ``server_factory`` runs on each engine.
+ENGINES = ("websockets", "picows")
+#: What the picows engine refuses at config validation (test_config checks the refusal).
+_WEBSOCKETS_ONLY = ("compression", "gateway")
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
 @pytest.fixture
-def server_factory(tmp_path: Any) -> Iterator[ServerFactory]:
-    """Start servers with config overrides; all are stopped after the test."""
+def server_factory(tmp_path: Any, engine: str) -> Iterator[ServerFactory]:
+    """Start servers with config overrides, on the test's engine; all stopped after."""
     started: list[RunningServer] = []
 
     def factory(
@@ -219,6 +239,12 @@ def server_factory(tmp_path: Any) -> Iterator[ServerFactory]:
         setup: Callable[[App], None] | None = None,
     ) -> RunningServer:
         audit = AuditCapture()
+        overrides = dict(overrides or {})
+        if engine != "websockets" and "engine" not in overrides:
+            needs = [key for key in _WEBSOCKETS_ONLY if overrides.get(key)]
+            if needs:
+                pytest.skip(f"{engine} refuses {needs[0]} at config validation")
+            overrides["engine"] = engine
         config = make_config(overrides)
         from wsguard.guard import Guard
 

@@ -586,7 +586,10 @@ def test_a_failed_start_leaves_no_admin_listener() -> None:
 def test_readyz_is_503_starting_until_the_public_listener_is_up(
     server_factory: ServerFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    original = wsguard.adapters.websockets_server.start_server
+    import wsguard.adapters.picows_server
+
+    adapters = (wsguard.adapters.websockets_server, wsguard.adapters.picows_server)
+    originals = {module: module.start_server for module in adapters}
     seen: list[tuple[int, dict[str, Any]]] = []
 
     async def observed(app: App) -> Any:
@@ -595,9 +598,11 @@ def test_readyz_is_503_starting_until_the_public_listener_is_up(
         async with httpx.AsyncClient(trust_env=False, timeout=5) as client:
             response = await client.get(f"http://127.0.0.1:{app.admin_port}/readyz")
         seen.append((response.status_code, response.json()))
-        return await original(app)
+        engine = wsguard.adapters.picows_server if app.config.engine == "picows" else adapters[0]
+        return await originals[engine](app)
 
-    monkeypatch.setattr(wsguard.adapters.websockets_server, "start_server", observed)
+    for module in adapters:
+        monkeypatch.setattr(module, "start_server", observed)
     server = admin_server(server_factory)
     assert seen == [(503, {"ready": False, "reason": "starting"})]
     ready = request(server, "GET", "/readyz")

@@ -674,6 +674,7 @@ def test_embedded_app_with_debug_logging_never_logs_tokens(
     import logging
 
     caplog.set_level(logging.DEBUG)
+    logging.getLogger("wsguard.server").debug("capture check")  # proves DEBUG is captured
     running = server_factory()
     token = make_token("alice", scopes="chat")
     with running.connect(token) as ws:

@@ -7,12 +7,16 @@ its total size, and answers anything malformed with a real 4xx.
 
 from __future__ import annotations
 
+import http
+from collections.abc import Iterable
+
 _TCHARS = frozenset(
     b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 )
 _BAD_VALUE_BYTES = frozenset(range(0x20)) - {0x09} | {0x7F}
 
 Refusal = tuple[int, str, str]
+MAX_HEADERS = 128  # header lines (websockets' own limit, enforced for every engine)
 
 
 def screen_request_line(line: bytes) -> Refusal | None:
@@ -32,6 +36,8 @@ def screen_head(head: bytes) -> Refusal | None:
     refusal = screen_request_line(lines[0])
     if refusal is not None:
         return refusal
+    if len(lines) > MAX_HEADERS + 1:
+        return 431, "headers_too_large", "Too many request headers."
     for line in lines[1:]:
         if not line:
             continue
@@ -41,3 +47,58 @@ def screen_head(head: bytes) -> Refusal | None:
         if _BAD_VALUE_BYTES.intersection(value):
             return 400, "bad_request", "Malformed HTTP header."
     return None
+
+
+def check_head(buffer: bytes, limit: int) -> tuple[int, Refusal | None]:
+    """Screen what has arrived of a request head: ``(end, refusal)``.
+
+    *end* is where the head ends (the blank line), or -1 while it is incomplete;
+    a refusal answers a head that is too large or malformed, without waiting for
+    the rest when the request line alone is enough to tell.
+    """
+    end = buffer.find(b"\r\n\r\n")
+    if end < 0:
+        if len(buffer) > limit:
+            if b"\n" in buffer:
+                return -1, (431, "headers_too_large", "Request header too large.")
+            return -1, (414, "request_line_too_long", "Request line too long.")
+        first = buffer.find(b"\n")
+        if first >= 0:  # answer a bad request line without waiting for the rest
+            return -1, screen_request_line(buffer[:first].rstrip(b"\r"))
+        return -1, None
+    if end > limit:
+        return end, (431, "headers_too_large", "Request header too large.")
+    return end, screen_head(buffer[:end])
+
+
+def parse_head(head: bytes) -> tuple[str, str, list[tuple[str, str]]]:
+    """Method, target and header pairs of a head that :func:`screen_head` accepted."""
+    lines = head.split(b"\r\n")
+    method, target, _ = lines[0].decode("ascii").split(" ")
+    headers = []
+    for line in lines[1:]:
+        if line:
+            name, _, value = line.partition(b":")
+            headers.append((name.decode("ascii"), value.strip(b" \t").decode("latin-1")))
+    return method, target, headers
+
+
+def http_response(status: int, message: str, headers: Iterable[tuple[str, str]] = ()) -> bytes:
+    """A complete ``Connection: close`` response with a short plain-text body."""
+    body = (message + "\n").encode()
+    phrase = http.HTTPStatus(status).phrase
+    extra = "".join(f"{name}: {value}\r\n" for name, value in headers)
+    return (
+        f"HTTP/1.1 {status} {phrase}\r\nConnection: close\r\n{extra}"
+        f"Content-Type: text/plain; charset=utf-8\r\nContent-Length: {len(body)}\r\n"
+        f"Cache-Control: no-store\r\n\r\n"
+    ).encode() + body
+
+
+def raw_refusal(refusal: Refusal) -> bytes:
+    """The response to a head refused before the policy saw it."""
+    status, _, message = refusal
+    headers: list[tuple[str, str]] = [("Allow", "GET")] if status == 405 else []
+    if status in (429, 503):
+        headers.append(("Retry-After", "1"))
+    return http_response(status, message, headers)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import http
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -27,7 +26,8 @@ from websockets.exceptions import (
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 
-from wsguard.adapters.http_screen import screen_head, screen_request_line
+from wsguard.adapters.http_screen import check_head, raw_refusal
+from wsguard.adapters.releases import release
 from wsguard.adapters.tls import certificate_identity, server_context
 from wsguard.core.client_address import parse_ip
 from wsguard.core.decisions import CLOSE_TOO_BIG, Admit, Reject
@@ -42,8 +42,6 @@ if TYPE_CHECKING:
     from wsguard.server.app import App
 
 logger = logging.getLogger("wsguard.server")
-
-_pending_releases: set[asyncio.Task[None]] = set()
 
 # The instance attributes websockets' ServerConnection sets (websockets 14-17). As slots
 # of our subclass they stay out of the instance dict, whose shared key table CPython
@@ -166,50 +164,22 @@ class GuardedServerConnection(ServerConnection):
             super().data_received(data)
             return
         head = self._head + data
-        end = head.find(b"\r\n\r\n")
-        limit = self.guard.config.limits.max_header_bytes
+        end, refusal = check_head(head, self.guard.config.limits.max_header_bytes)
+        if refusal is not None:
+            self._screened, self._head = end >= 0, b""
+            self._end_pending()
+            self._refuse_raw(*refusal)
+            return
         if end < 0:
-            if len(head) > limit:
-                line_done = b"\n" in head
-                self._refuse_raw(
-                    431 if line_done else 414,
-                    "headers_too_large" if line_done else "request_line_too_long",
-                    "Request header too large." if line_done else "Request line too long.",
-                )
-                return
-            first = head.find(b"\n")
-            if first >= 0:  # answer a bad request line without waiting for the rest
-                refusal = screen_request_line(head[:first].rstrip(b"\r"))
-                if refusal is not None:
-                    self._refuse_raw(*refusal)
-                    return
             self._head = head
             return
         self._screened, self._head = True, b""
         self._end_pending()
-        refusal = (
-            screen_head(head[:end])
-            if end <= limit
-            else (431, "headers_too_large", "Request header too large.")
-        )
-        if refusal is not None:
-            self._refuse_raw(*refusal)
-            return
         super().data_received(head)
 
     def _refuse_raw(self, status: int, reason: str, message: str) -> None:
         self.decided = True
-        body = (message + "\n").encode()
-        phrase = http.HTTPStatus(status).phrase
-        extra = "Allow: GET\r\n" if status == 405 else ""
-        if status in (429, 503):
-            extra += "Retry-After: 1\r\n"
-        self.transport.write(
-            f"HTTP/1.1 {status} {phrase}\r\nConnection: close\r\n{extra}"
-            f"Content-Type: text/plain; charset=utf-8\r\nContent-Length: {len(body)}\r\n"
-            f"Cache-Control: no-store\r\n\r\n".encode()
-            + body
-        )
+        self.transport.write(raw_refusal((status, reason, message)))
         self.transport.close()
         self.guard.record_raw_refusal(status, reason, self._peer_address)
 
@@ -255,20 +225,9 @@ class GuardedServerConnection(ServerConnection):
         self.guard.record_raw_refusal(status, reason, self._peer_address)
 
 
-async def wait_for_releases(grace: float) -> None:
-    """Wait (bounded) until slots given back by closed connections reach the store."""
-    loop = asyncio.get_running_loop()  # other Apps in this process run other loops
-    pending = [t for t in _pending_releases if not t.done() and t.get_loop() is loop]
-    if pending:
-        await asyncio.wait(pending, timeout=grace)
-
-
 def release_admission(connection: GuardedServerConnection) -> None:
     admission, connection.admission = connection.admission, None
-    if admission is not None:
-        task = asyncio.get_running_loop().create_task(admission.release())
-        _pending_releases.add(task)
-        task.add_done_callback(_pending_releases.discard)
+    release(admission)
 
 
 def _peer(connection: ServerConnection) -> str:

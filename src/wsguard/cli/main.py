@@ -190,6 +190,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from wsguard.server.app import run_loop
+
     config = _load(
         args,
         host=args.host,
@@ -234,7 +236,7 @@ def _serve(args: argparse.Namespace) -> int:
         await app.serve()
 
     try:
-        asyncio.run(run())
+        run_loop(config, run())
     except OSError as exc:
         print(
             f"wsguard: cannot listen on {config.host}:{config.port}: {exc.strerror}",

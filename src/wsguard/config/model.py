@@ -557,6 +557,7 @@ class Config(_Section):
     store: str = "memory://"
     subprotocols: tuple[str, ...] = ("wsguard.v1",)
     compression: bool = False
+    engine: Literal["websockets", "picows"] = "websockets"
     auth: AuthConfig = AuthConfig()
     origin: OriginConfig = OriginConfig()
     proxy: ProxyConfig = ProxyConfig()
@@ -595,6 +596,12 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
+        if self.engine == "picows" and self.compression:
+            raise ValueError(
+                'engine: permessage-deflate (compression = true) needs engine = "websockets"'
+            )
+        if self.engine == "picows" and self.gateway.upstream:
+            raise ValueError('engine: the gateway (gateway.upstream) needs engine = "websockets"')
         if self.tls.behind_proxy and not self.proxy.trusted:
             raise ValueError(
                 "tls.behind_proxy: a TLS-terminating proxy must be listed in proxy.trusted"

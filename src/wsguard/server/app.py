@@ -39,6 +39,7 @@ from wsguard.core.decisions import (
     CLOSE_GOING_AWAY,
     Close,
     Deliver,
+    MessageDecision,
     Reauthenticate,
     Refuse,
 )
@@ -242,53 +243,78 @@ class App:
 
     async def _message_loop(self, conn: Connection, messages: Any, deliver: Deliver_) -> None:
         """Every frame through the policy; what passes goes to *deliver*."""
-        guard = self.guard
-        policy = guard.messages
-        quota = guard.quota
-        monitor = guard.monitor
-        metrics = monitor.metrics
+        receive = self._receive
+        latency = self.guard.monitor.metrics.latency
         clock = time.perf_counter
-        closing: asyncio.Future[None] | None = None
         async for data in messages:
             if conn.closing:
                 # a close is under way: discard what the peer had already sent, so its close
                 # frame is read and the slot comes back now rather than after close_timeout
                 continue
             started = clock()
-            decision = policy.evaluate(conn.state, data, guard.now())
-            if isinstance(decision, Deliver):
-                if quota is not None and not quota.take_local(conn.subject, guard.now()):
-                    decision = await guard.check_quota(conn.state, decision)
-                if isinstance(decision, Deliver) and decision.nonce is not None:
-                    decision = await guard.check_nonce(conn.state, decision)
-            if isinstance(decision, Deliver):
-                metrics.message_delivered(decision.type)
-                await deliver(conn, decision, data)
-            elif isinstance(decision, Refuse):
-                monitor.message_refused(decision.code, decision.type, conn.client, closed=False)
-                conn.send(decision.frame())
-            elif isinstance(decision, Reauthenticate):
-                metrics.message_delivered("auth")
-                conn.identity = decision.identity
-                conn.state.identity = decision.identity
-                self._schedule_expiry(conn, decision.identity.expires_at)
-                reply: dict[str, Any] = {
-                    "type": "auth_ok",
-                    "expires_at": decision.identity.expires_at,
-                }
-                if decision.ref is not None:
-                    reply["ref"] = decision.ref
-                conn.send(reply)
-            elif isinstance(decision, Close):
-                monitor.message_refused(decision.cause, None, conn.client, closed=True)
-                metrics.latency(clock() - started)
-                conn.close_cause = decision.cause
-                closing = asyncio.ensure_future(conn.close(decision.code, decision.reason))
-                await asyncio.sleep(0)  # close() marks the connection closing at once
-                continue
-            metrics.latency(clock() - started)
-        if closing is not None:
-            await closing
+            pending = receive(conn, data, deliver)
+            if pending is not None:
+                await pending
+            latency(clock() - started)
+        await conn.wait_closing()
+
+    def _receive(
+        self, conn: Connection, data: str | bytes, deliver: Deliver_
+    ) -> Awaitable[None] | None:
+        """One frame through the policy, without waiting: every answer that needs no I/O
+        is given here; a message that passed (or needs the store) comes back as an
+        awaitable, which the engine adapter runs (eagerly where it can)."""
+        guard = self.guard
+        decision = guard.messages.evaluate(conn.state, data, guard.now())
+        if not isinstance(decision, Deliver):
+            self._answer(conn, decision)
+            return None
+        quota = guard.quota
+        over_local = quota is not None and not quota.take_local(conn.subject, guard.now())
+        if over_local or decision.nonce is not None:
+            return self._deliver_checked(conn, decision, data, deliver, over_local)
+        guard.monitor.metrics.message_delivered(decision.type)
+        return deliver(conn, decision, data)
+
+    def _answer(self, conn: Connection, decision: MessageDecision) -> None:
+        """Answer a message that is not delivered: error frame, auth_ok or close."""
+        monitor = self.guard.monitor
+        if isinstance(decision, Refuse):
+            monitor.message_refused(decision.code, decision.type, conn.client, closed=False)
+            conn.send(decision.frame())
+        elif isinstance(decision, Reauthenticate):
+            monitor.metrics.message_delivered("auth")
+            conn.identity = decision.identity
+            conn.state.identity = decision.identity
+            self._schedule_expiry(conn, decision.identity.expires_at)
+            reply: dict[str, Any] = {"type": "auth_ok", "expires_at": decision.identity.expires_at}
+            if decision.ref is not None:
+                reply["ref"] = decision.ref
+            conn.send(reply)
+        elif isinstance(decision, Close):
+            monitor.message_refused(decision.cause, None, conn.client, closed=True)
+            conn.close_soon(decision.code, decision.reason, cause=decision.cause)
+
+    async def _deliver_checked(
+        self,
+        conn: Connection,
+        decision: Deliver,
+        data: str | bytes,
+        deliver: Deliver_,
+        over_local: bool,
+    ) -> None:
+        """The checks that need the store (cluster quota, signed nonces), then delivery."""
+        guard = self.guard
+        checked: MessageDecision = decision
+        if over_local:
+            checked = await guard.check_quota(conn.state, decision)
+        if isinstance(checked, Deliver) and checked.nonce is not None:
+            checked = await guard.check_nonce(conn.state, checked)
+        if isinstance(checked, Deliver):
+            guard.monitor.metrics.message_delivered(checked.type)
+            await deliver(conn, checked, data)
+        else:
+            self._answer(conn, checked)
 
     def keep_request(self, path: str, headers: Any) -> Any:
         """What a connection keeps of its upgrade request (the App: nothing)."""
@@ -303,7 +329,11 @@ class App:
     async def start(self) -> None:
         """Bind and start accepting connections; sets :attr:`port`."""
         from wsguard.adapters.tls import check_listener
-        from wsguard.adapters.websockets_server import start_server
+
+        if self.config.engine == "picows":
+            from wsguard.adapters.picows_server import start_server
+        else:
+            from wsguard.adapters.websockets_server import start_server  # type: ignore[assignment]
 
         if self._server is not None:
             raise RuntimeError("already started")
@@ -346,7 +376,7 @@ class App:
             await asyncio.wait_for(server.wait_closed(), self.config.liveness.drain_seconds)
         except TimeoutError:
             for conn in list(self.connections.values()):
-                conn._ws.transport.abort()
+                conn.abort()
         if self._stopping is not None:
             self._stopping.set()
 
@@ -375,7 +405,7 @@ class App:
                 loop.remove_signal_handler(sig)
             if self.events is not None:
                 await self.events.close()
-            from wsguard.adapters.websockets_server import wait_for_releases
+            from wsguard.adapters.releases import wait_for_releases
 
             await wait_for_releases(self.config.cluster.timeout_seconds * 4)
             if self.admin is not None:
@@ -392,7 +422,18 @@ class App:
 
     def run(self) -> None:
         """Blocking entry point: serve until SIGTERM/SIGINT, then exit cleanly."""
-        asyncio.run(self.serve())
+        run_loop(self.config, self.serve())
+
+
+def run_loop(config: Config, main: Awaitable[None]) -> None:
+    """Run *main* to completion on the event loop the configured engine is built for:
+    uvloop for picows, asyncio's own loop for websockets."""
+    if config.engine == "picows":
+        import uvloop
+
+        uvloop.run(main)  # type: ignore[arg-type]
+    else:
+        asyncio.run(main)  # type: ignore[arg-type]
 
 
 def _error(code: str, message: str, ref: Any = None) -> dict[str, Any]:

@@ -119,8 +119,7 @@ class Connection:
             self._on_slow(self)
             self.close_soon(CLOSE_POLICY_VIOLATION, "slow consumer", cause="slow_consumer")
             queue.clear()
-            transport = self._ws.transport
-            asyncio.get_running_loop().call_later(_SLOW_CONSUMER_ABORT_SECONDS, transport.abort)
+            asyncio.get_running_loop().call_later(_SLOW_CONSUMER_ABORT_SECONDS, self.abort)
             return False
         queue.append(text)
         if self._writer is None:
@@ -197,7 +196,16 @@ class Connection:
         try:
             await self._ws.close(code, reason)
         except Exception:  # the transport is broken: make sure the socket goes away
-            self._ws.transport.abort()
+            self.abort()
+
+    def abort(self) -> None:
+        """Drop the TCP connection now, without a closing handshake."""
+        self._ws.transport.abort()
+
+    async def wait_closing(self) -> None:
+        """Wait for a close started with :meth:`close_soon` (if any) to finish."""
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def set_timer(self, name: str, delay: float, callback: Callable[[], None]) -> None:
         """(Re)arm a named timer; replaces the previous one of that name."""

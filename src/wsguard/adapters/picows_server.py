@@ -1,0 +1,768 @@
+"""Engine adapter: the standalone server on ``picows`` (Cython framing, uvloop).
+
+The same policy core as the websockets adapter, reached differently:
+
+- **Handshake.** A small asyncio protocol reads and screens the request head
+  (size, slowloris, malformed lines: real 4xx answers), builds the
+  :class:`~wsguard.core.request.HandshakeRequest` from one parse and awaits
+  the Guard, which may need the store. A refusal is written as a real HTTP
+  response; an admitted socket is handed to a picows protocol, fed the head,
+  and upgraded by picows (``101``, with the chosen subprotocol).
+- **Frames.** picows calls :class:`GuardListener` for every frame. Control
+  frames are counted by the policy (a ping flood is a flood) and answered here;
+  fragments are assembled with the message size checked as each one arrives
+  (``1009`` as soon as the limit is crossed; picows itself refuses a single
+  frame over the limit from its header, before reading the payload).
+- **Messages** go through :meth:`App._receive` synchronously; handlers run
+  eagerly, with no task unless they really wait. Messages that arrive while one
+  waits queue (at most 16, then the socket stops being read) so order is kept.
+
+What picows cannot do is refused at config validation (``engine``):
+permessage-deflate and the gateway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Awaitable, Coroutine, Generator
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from picows import (
+    WSAutoPingStrategy,
+    WSCloseCode,
+    WSFrame,
+    WSListener,
+    WSMsgType,
+    WSTransport,
+    WSUpgradeRequest,
+    WSUpgradeResponse,
+    WSUpgradeResponseWithListener,
+)
+from picows.picows import WSProtocol  # type: ignore[attr-defined]
+
+from wsguard.adapters.http_screen import check_head, http_response, parse_head, raw_refusal
+from wsguard.adapters.releases import release
+from wsguard.adapters.tls import certificate_identity, server_context
+from wsguard.adapters.websockets_server import PendingHandshakes
+from wsguard.core.decisions import (
+    CLOSE_GOING_AWAY,
+    CLOSE_TOO_BIG,
+    Admit,
+    Reject,
+)
+from wsguard.core.headers import Headers, is_token
+from wsguard.core.request import HandshakeRequest
+from wsguard.server.connection import Connection
+
+if TYPE_CHECKING:
+    from wsguard.guard import Guard
+    from wsguard.server.app import App
+
+logger = logging.getLogger("wsguard.server")
+
+_TEXT, _BINARY, _CONT = WSMsgType.TEXT, WSMsgType.BINARY, WSMsgType.CONTINUATION
+_PING, _PONG, _CLOSE = WSMsgType.PING, WSMsgType.PONG, WSMsgType.CLOSE
+_BACKLOG_LIMIT = 16  # messages queued behind a handler that waits, before reads pause
+_CLOSE_TIMEOUT = 5.0  # seconds to wait for the peer's close frame
+_DIRECT_WRITE_LIMIT = 64 * 1024
+_READ_BUFFER = 2048  # picows' initial read buffer (it grows for bigger frames)
+
+
+# -- running a handler without a task when it does not wait ----------------------------
+
+
+class _Resume:
+    """Await a coroutine that was already started by :func:`run_eager`."""
+
+    __slots__ = ("coro", "first")
+
+    def __init__(self, coro: Coroutine[Any, Any, Any], first: Any) -> None:
+        self.coro, self.first = coro, first
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        coro, value = self.coro, self.first
+        while True:
+            try:
+                sent = yield value
+            except BaseException as exc:  # cancellation and errors go into the coroutine
+                try:
+                    value = coro.throw(exc)
+                except StopIteration as stop:
+                    return stop.value
+            else:
+                try:
+                    value = coro.send(sent)
+                except StopIteration as stop:
+                    return stop.value
+
+
+async def _finish(resume: _Resume) -> None:
+    await resume
+
+
+def run_eager(awaitable: Awaitable[None]) -> asyncio.Task[None] | None:
+    """Run *awaitable* now; None if it completed, else the task that finishes it."""
+    coro: Coroutine[Any, Any, None] = awaitable  # type: ignore[assignment]
+    try:
+        first = coro.send(None)
+    except StopIteration:
+        return None
+    return asyncio.get_running_loop().create_task(_finish(_Resume(coro, first)))
+
+
+# -- the connection as handlers see it ------------------------------------------------
+
+
+class PicowsConnection(Connection):
+    """:class:`Connection` over a picows transport."""
+
+    __slots__ = ("_listener",)
+
+    def __init__(self, listener: GuardListener, **kwargs: Any) -> None:
+        super().__init__(None, **kwargs)  # type: ignore[arg-type]
+        self._listener = listener
+
+    def send(self, message: dict[str, Any]) -> bool:
+        if self._closing:
+            return False
+        payload = orjson.dumps(message)
+        if self._writer is None and not self._queue and self._write_now(payload, _TEXT):
+            return True
+        return self.send_text(payload.decode())
+
+    def _write_now(self, text: str | bytes, kind: WSMsgType | None = None) -> bool:
+        listener = self._listener
+        transport = listener.transport
+        if transport is None or listener.close_sent or transport.is_disconnected:
+            return False
+        if transport.underlying_transport.get_write_buffer_size() > _DIRECT_WRITE_LIMIT:
+            return False
+        if kind is None:
+            kind = _TEXT if isinstance(text, str) else _BINARY
+        transport.send(kind, text)
+        size = len(text)
+        listener.metrics.bytes_out += size + (2 if size < 126 else 4 if size < 65536 else 10)
+        self.sent += 1
+        return True
+
+    async def _drain(self) -> None:
+        queue = self._queue
+        assert queue is not None
+        listener = self._listener
+        try:
+            while queue:
+                transport = listener.transport
+                if transport is None or listener.close_sent or transport.is_disconnected:
+                    queue.clear()
+                    break
+                if transport.underlying_transport.get_write_buffer_size() > _DIRECT_WRITE_LIMIT:
+                    await listener.writable()
+                    continue
+                self._write_now(queue.popleft())
+        finally:
+            self._writer = None
+
+    async def _close(self, code: int, reason: str) -> None:
+        if self.close_cause != "slow_consumer":
+            await self.flush()
+        await self._listener.close(code, reason)
+
+    def abort(self) -> None:
+        transport = self._listener.transport
+        if transport is not None:
+            transport.underlying_transport.abort()
+
+    @property
+    def close_code(self) -> int | None:
+        code, _ = self._listener.close_fields()
+        return None if code == 1006 else code
+
+
+# -- frames of one admitted connection --------------------------------------------------
+
+
+class GuardListener(WSListener):
+    """Every frame of one admitted connection, through the policy."""
+
+    __slots__ = (
+        "_backlog", "_busy", "_closed", "_fragments", "_fragments_size", "_fragments_text",
+        "_paused", "_ping_payload", "_writable", "admission", "app", "close_sent", "conn",
+        "metrics", "request", "server", "transport",
+    )  # fmt: skip
+
+    def __init__(self, server: PicowsServer, admission: Admit, request: Any) -> None:
+        self.server = server
+        self.app = server.app
+        self.metrics = server.metrics
+        self.admission: Admit | None = admission
+        self.request = request
+        self.transport: WSTransport | None = None
+        self.conn: PicowsConnection | None = None
+        self.close_sent = False
+        self._closed: asyncio.Future[None] | None = None  # the peer's close frame (or EOF)
+        self._fragments: list[bytes] | None = None
+        self._fragments_size = 0
+        self._fragments_text = False
+        self._backlog: collections.deque[str | bytes] | None = None
+        self._busy: asyncio.Task[None] | None = None
+        self._paused = False
+        self._writable: asyncio.Future[None] | None = None
+        self._ping_payload: bytes | None = None
+
+    # picows callbacks
+
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        self.transport = transport
+        # picows keeps its parsed request for the connection's life: drop the headers
+        # (the bearer token, cookies) now that the policy has used them
+        transport.request.headers.clear()
+        app, admission = self.app, self.admission
+        assert admission is not None
+        guard = app.guard
+        state = guard.messages.open(admission.identity, time.monotonic())
+        conn = PicowsConnection(
+            self,
+            connection_id=app.new_connection_id(),
+            identity=admission.identity,
+            client=admission.client,
+            origin=admission.origin,
+            subprotocol=admission.subprotocol,
+            state=state,
+            queue_limit=guard.config.limits.outbound_queue,
+            on_slow=app._slow_consumer,
+        )
+        request, self.request = self.request, None
+        _, target, headers = request
+        conn.request = app.keep_request(target, headers)
+        self.conn = conn
+        app.connections[conn.id] = conn
+        guard.connection_opened(conn, conn.subprotocol)
+        app._start_timers(conn)
+        self._start_heartbeat()
+        conn.send(app.welcome(conn))
+        if app._on_connect:
+            self._run(self._hooks(conn))
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        kind = frame.msg_type
+        conn = self.conn
+        if conn is None:
+            return
+        size = frame.payload_size
+        self.metrics.bytes_in += size + (6 if size < 126 else 8 if size < 65536 else 14)
+        if kind is _TEXT or kind is _BINARY:
+            if self._fragments is not None:
+                self._protocol_error("expected a continuation frame")
+                return
+            if frame.fin:
+                if kind is _TEXT:
+                    try:
+                        data: str | bytes = frame.get_payload_as_utf8_text()
+                    except UnicodeDecodeError:
+                        self._fail(1007, "invalid UTF-8", "invalid_utf8")
+                        return
+                else:
+                    data = frame.get_payload_as_bytes()
+                self._message(conn, data)
+                return
+            self._fragments = [frame.get_payload_as_bytes()]
+            self._fragments_size = frame.payload_size
+            self._fragments_text = kind is _TEXT
+            self._check_fragments_size()
+        elif kind is _CONT:
+            fragments = self._fragments
+            if fragments is None:
+                self._protocol_error("unexpected continuation frame")
+                return
+            fragments.append(frame.get_payload_as_bytes())
+            self._fragments_size += frame.payload_size
+            if not self._check_fragments_size() or not frame.fin:
+                return
+            raw = b"".join(fragments)
+            self._fragments = None
+            if self._fragments_text:
+                try:
+                    data = raw.decode()
+                except UnicodeDecodeError:
+                    self._fail(1007, "invalid UTF-8", "invalid_utf8")
+                    return
+            else:
+                data = raw
+            self._message(conn, data)
+        elif kind is _PING or kind is _PONG:
+            policy = self.app.guard.messages
+            close = policy.control_frame(conn.state, time.monotonic(), frame.payload_size)
+            if close is not None:
+                conn.close_soon(close.code, close.reason, cause=close.cause)
+            if kind is _PING:
+                if not self.close_sent:
+                    transport.send_pong(frame.get_payload_as_bytes())
+            elif (
+                self._ping_payload is not None
+                and frame.get_payload_as_bytes() == self._ping_payload
+            ):
+                self._ping_payload = None
+                conn.cancel_timer("pong")
+        elif kind is _CLOSE:
+            if not self.close_sent:  # the client closes first: echo its code (RFC 6455 5.5.1)
+                self.close_sent = True
+                code = frame.get_close_code()
+                transport.send_close(code if code != WSCloseCode.NO_INFO else WSCloseCode.OK)
+            transport.disconnect()
+            self._peer_closed()
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        self._peer_closed()
+        writable, self._writable = self._writable, None
+        if writable is not None and not writable.done():
+            writable.set_result(None)
+        conn, self.conn = self.conn, None
+        admission, self.admission = self.admission, None
+        release(admission)
+        if conn is None:
+            return
+        app = self.app
+        guard = app.guard
+        conn.cancel_timers()
+        app.connections.pop(conn.id, None)
+        guard.messages.closed(conn.state, time.monotonic())
+        code, closed_by = self.close_fields()
+        if code == CLOSE_TOO_BIG and closed_by == "server":
+            guard.monitor.connection_refused("size", "too_big", conn.client)
+            conn.close_cause = conn.close_cause or "too_big"
+        guard.connection_closed(conn, code, closed_by)
+        self.server.forget(self)
+        if app._on_disconnect:
+            asyncio.get_running_loop().create_task(self._disconnect_hooks(conn))
+
+    def pause_writing(self) -> None:
+        if self._writable is None:
+            self._writable = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        writable, self._writable = self._writable, None
+        if writable is not None and not writable.done():
+            writable.set_result(None)
+
+    # messages, in order
+
+    def _message(self, conn: PicowsConnection, data: str | bytes) -> None:
+        if conn._closing:
+            return  # a close is under way: the rest is discarded, the close frame read
+        if self._busy is not None:
+            backlog = self._backlog
+            if backlog is None:
+                backlog = self._backlog = collections.deque()
+            backlog.append(data)
+            if len(backlog) >= _BACKLOG_LIMIT and not self._paused and self.transport:
+                self._paused = True
+                self.transport.underlying_transport.pause_reading()
+            return
+        app = self.app
+        started = time.perf_counter()
+        pending = app._receive(conn, data, app._dispatch)
+        if pending is not None:
+            self._run(pending)
+        if self._busy is None:
+            app.guard.monitor.metrics.latency(time.perf_counter() - started)
+
+    def _run(self, awaitable: Awaitable[None]) -> None:
+        task = run_eager(awaitable)
+        if task is not None:
+            self._busy = task
+            task.add_done_callback(self._resume)
+
+    def _resume(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("message processing failed", exc_info=task.exception())
+        self._busy = None
+        backlog, conn = self._backlog, self.conn
+        while backlog and conn is not None and self._busy is None:
+            self._message(conn, backlog.popleft())
+        if self._paused and not backlog and self._busy is None and self.transport:
+            self._paused = False
+            self.transport.underlying_transport.resume_reading()
+
+    async def _hooks(self, conn: Connection) -> None:
+        for hook in self.app._on_connect:
+            await hook(conn)
+
+    async def _disconnect_hooks(self, conn: Connection) -> None:
+        for hook in self.app._on_disconnect:
+            try:
+                await hook(conn)
+            except Exception:
+                logger.exception("on_disconnect hook failed")
+
+    # fragments, errors, heartbeat, closing
+
+    def _check_fragments_size(self) -> bool:
+        if self._fragments_size > self.app.config.limits.max_message_bytes:
+            self._fragments = None
+            self._fail(CLOSE_TOO_BIG, "message too big", "too_big")
+            return False
+        return True
+
+    def _protocol_error(self, reason: str) -> None:
+        self._fail(1002, reason, "protocol_error")
+
+    def _fail(self, code: int, reason: str, cause: str) -> None:
+        """Fail the connection (RFC 6455 7.1.7): a close frame, then the TCP connection
+        closes at once; the peer's close frame is not waited for."""
+        conn, transport = self.conn, self.transport
+        if conn is not None and not conn._closing:
+            conn.close_cause = cause
+            conn._closing = True
+            if conn._queue:
+                conn._queue.clear()
+        if transport is not None and not transport.is_disconnected:
+            if not self.close_sent:
+                self.close_sent = True
+                transport.send_close(_close_code(code), reason.encode())
+            transport.disconnect()
+
+    def _start_heartbeat(self) -> None:
+        liveness = self.app.config.liveness
+        conn = self.conn
+        if conn is None or not liveness.ping_interval_seconds:
+            return
+        interval, timeout = liveness.ping_interval_seconds, liveness.ping_timeout_seconds
+
+        def ping() -> None:
+            transport = self.transport
+            if transport is None or self.close_sent or self.conn is None:
+                return
+            if self._ping_payload is None:
+                self._ping_payload = payload = time.monotonic_ns().to_bytes(8, "big")
+                transport.send_ping(payload)
+                conn.set_timer("pong", timeout, missed)
+            conn.set_timer("ping", interval, ping)
+
+        def missed() -> None:
+            self._fail(1011, "keepalive ping timeout", "ping_timeout")
+
+        conn.set_timer("ping", interval, ping)
+
+    async def writable(self) -> None:
+        """Wait until the transport drains below its high-water mark."""
+        writable = self._writable
+        if writable is None:
+            writable = self._writable = asyncio.get_running_loop().create_future()
+            if self.transport is not None:
+                # no pause_writing pending: poll again soon (the buffer is above our limit)
+                asyncio.get_running_loop().call_later(0.01, self.resume_writing)
+        await writable
+
+    async def close(self, code: int, reason: str) -> None:
+        """Send a close frame and wait (bounded) for the peer's; then drop the socket."""
+        transport = self.transport
+        if transport is None or transport.is_disconnected:
+            return
+        if not self.close_sent:
+            self.close_sent = True
+            transport.send_close(_close_code(code), reason.encode())
+        if self._closed is None:
+            self._closed = asyncio.get_running_loop().create_future()
+        try:
+            async with asyncio.timeout(_CLOSE_TIMEOUT):
+                await asyncio.shield(self._closed)
+        except TimeoutError:
+            transport.underlying_transport.abort()
+            return
+        transport.disconnect()
+
+    def _peer_closed(self) -> None:
+        closed = self._closed
+        if closed is None:
+            self._closed = closed = asyncio.get_running_loop().create_future()
+        if not closed.done():
+            closed.set_result(None)
+
+    def close_fields(self) -> tuple[int, str]:
+        """The close code as the audit log reports it: the one sent by whoever closed first."""
+        transport = self.transport
+        handshake = transport.close_handshake if transport is not None else None
+        if handshake is None:
+            return 1006, "network"
+        sent, rcvd = handshake.sent, handshake.recv
+        if sent is not None and (rcvd is None or not handshake.recv_then_sent):
+            return _int_code(sent.code), "server"
+        if rcvd is not None:
+            return _int_code(rcvd.code), "client"
+        return 1006, "network"
+
+
+# -- the handshake, before picows --------------------------------------------------------
+
+
+class HandshakeProtocol(asyncio.Protocol):
+    """Reads, screens and decides one upgrade request, then hands the socket to picows."""
+
+    __slots__ = ("_buffer", "_peer", "_pending", "_timer", "server", "transport")
+
+    def __init__(self, server: PicowsServer) -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self._buffer = b""
+        self._peer = "unknown"
+        self._pending = False
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        peer = transport.get_extra_info("peername")
+        self._peer = str(peer[0]) if isinstance(peer, tuple) and peer else "unknown"
+        refusal = self.server.pending.enter(self._peer)
+        if refusal is not None:
+            self._refuse(refusal)
+            return
+        self._pending = True
+        self._timer = asyncio.get_running_loop().call_later(
+            self.server.guard.config.limits.handshake_timeout_seconds, self._timed_out
+        )
+
+    def data_received(self, data: bytes) -> None:
+        self.server.metrics.bytes_in += len(data)
+        buffer = self._buffer + data
+        end, refusal = check_head(buffer, self.server.guard.config.limits.max_header_bytes)
+        if refusal is not None:
+            self._refuse(refusal)
+            return
+        self._buffer = buffer
+        if end < 0:
+            return
+        self._end_pending()
+        transport = self.transport
+        assert transport is not None
+        transport.pause_reading()  # until decided; what arrives meanwhile waits in the kernel
+        method, target, headers = parse_head(buffer[:end])
+        cert = None
+        tls = transport.get_extra_info("sslcontext") is not None
+        if tls:
+            cert = certificate_identity(
+                transport.get_extra_info("peercert"), self.server.guard.config.tls.identity_from
+            )
+        request = HandshakeRequest(
+            peer=self._peer,
+            target=target,
+            headers=Headers(headers),
+            tls=tls,
+            method=method,
+            client_cert=cert,
+        )
+        task = run_eager(self._decide(request, (method, target, headers)))
+        if task is not None:
+            self.server.deciding.add(task)
+            task.add_done_callback(self.server.deciding.discard)
+
+    async def _decide(self, request: HandshakeRequest, parsed: Any) -> None:
+        server = self.server
+        decision = await server.guard.admit(request)
+        transport = self.transport
+        if isinstance(decision, Reject):
+            if transport is not None and not transport.is_closing():
+                response = http_response(decision.status, decision.message, decision.headers)
+                transport.write(response)
+                transport.close()
+            return
+        if transport is None or transport.is_closing():
+            release(decision)  # the client left while we were deciding
+            return
+        if not _subprotocols_parse(request.headers.get_all("sec-websocket-protocol")):
+            # what websockets refuses after the policy admitted: the same fixed answer
+            release(decision)
+            transport.write(http_response(400, "Invalid WebSocket handshake."))
+            transport.close()
+            server.guard.record_raw_refusal(400, "bad_handshake", decision.client)
+            return
+        listener = GuardListener(server, decision, parsed)
+        response = WSUpgradeResponse.create_101_response(
+            [("Sec-WebSocket-Protocol", decision.subprotocol)] if decision.subprotocol else None
+        )
+        picked = WSUpgradeResponseWithListener(response, listener)
+
+        def factory(_: WSUpgradeRequest) -> WSUpgradeResponseWithListener:
+            return picked
+
+        protocol = server.ws_protocol(factory)
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        server.adopt(listener, protocol)
+        head, self._buffer = self._buffer, b""
+        self.transport = None
+        _feed(protocol, head)
+        if listener.transport is None:  # picows refused the upgrade (it answered 400)
+            release(decision)
+            transport.abort()
+            server.guard.record_raw_refusal(400, "bad_handshake", decision.client)
+            return
+        transport.resume_reading()
+
+    def _refuse(self, refusal: tuple[int, str, str]) -> None:
+        self._end_pending()
+        transport = self.transport
+        if transport is not None:
+            transport.write(raw_refusal(refusal))
+            transport.close()
+        self.server.guard.record_raw_refusal(refusal[0], refusal[1], self._peer)
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        if self._pending and self.transport is not None:
+            self._end_pending()
+            self.transport.abort()
+            self.server.guard.record_raw_refusal(None, "handshake_timeout", self._peer)
+
+    def _end_pending(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._pending:
+            self._pending = False
+            self.server.pending.leave(self._peer)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._end_pending()
+        self.transport = None
+
+
+def _close_code(code: int) -> WSCloseCode:
+    """picows types close codes as its enum; it sends any valid int (4001, say) as is."""
+    return code  # type: ignore[return-value]
+
+
+def _int_code(code: Any) -> int:
+    return int(getattr(code, "value", code))
+
+
+def _subprotocols_parse(values: list[str]) -> bool:
+    """Every Sec-WebSocket-Protocol value is a comma-separated list of tokens."""
+    return all(
+        is_token(item.strip()) for value in values for item in value.split(",") if item.strip()
+    )
+
+
+def _feed(protocol: Any, data: bytes) -> None:
+    """Give bytes already read to a picows protocol, through its own buffer."""
+    view = memoryview(data)
+    while view:
+        buffer = protocol.get_buffer(-1)
+        size = min(len(buffer), len(view))
+        buffer[:size] = view[:size]
+        protocol.buffer_updated(size)
+        view = view[size:]
+
+
+class _ClientFaults(logging.Filter):
+    """picows logs a client's protocol error at ERROR: wsguard audits the close instead,
+    so a client cannot write error lines into the server log at will."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(("WS parser error", "Disconnect because HTTP"))
+
+
+def _engine_logger() -> logging.LoggerAdapter[logging.Logger]:
+    """picows' logger: never below WARNING (its debug records carry frames). An adapter,
+    so picows does not create a child logger per connection."""
+    engine = logging.getLogger("wsguard.engine")
+    if engine.getEffectiveLevel() < logging.WARNING:
+        engine.setLevel(logging.WARNING)
+    if not any(isinstance(f, _ClientFaults) for f in engine.filters):
+        engine.addFilter(_ClientFaults())
+    return logging.LoggerAdapter(engine, {})
+
+
+# -- the server ------------------------------------------------------------------------
+
+
+class PicowsServer:
+    """The listening socket, its connections, and a graceful close (websockets' API)."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self.guard: Guard = app.guard
+        self.metrics = app.guard.monitor.metrics
+        self.pending = PendingHandshakes(app.guard)
+        self.deciding: set[asyncio.Task[None]] = set()
+        self.listeners: set[GuardListener] = set()
+        self._server: asyncio.Server | None = None
+        self._idle: asyncio.Event | None = None
+        config = app.guard.config
+        liveness = config.liveness
+        self._protocol_args = (
+            _engine_logger(),
+            True,  # disconnect when a listener callback raises (never expected)
+            None,  # the handshake timeout is HandshakeProtocol's
+            False,  # heartbeats are the listener's (pings counted, pongs matched)
+            liveness.ping_interval_seconds,
+            liveness.ping_timeout_seconds,
+            WSAutoPingStrategy.PING_WHEN_IDLE,
+            False,  # pings are answered by the listener, after the policy counted them
+            config.limits.max_message_bytes,
+            None,
+            _READ_BUFFER,
+        )
+
+    def ws_protocol(self, factory: Any) -> Any:
+        return WSProtocol(None, None, False, factory, *self._protocol_args)
+
+    def adopt(self, listener: GuardListener, protocol: Any) -> None:
+        self.listeners.add(listener)
+
+    def forget(self, listener: GuardListener) -> None:
+        self.listeners.discard(listener)
+        if not self.listeners and self._idle is not None:
+            self._idle.set()
+
+    @property
+    def sockets(self) -> tuple[Any, ...]:
+        return tuple(self._server.sockets) if self._server is not None else ()
+
+    async def start(self, ssl: Any) -> None:
+        config = self.guard.config
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: HandshakeProtocol(self),
+            config.host,
+            config.port,
+            ssl=ssl,
+            ssl_handshake_timeout=config.limits.handshake_timeout_seconds if ssl else None,
+            backlog=1024,
+        )
+
+    def close(
+        self, *, close_connections: bool = True, code: int = CLOSE_GOING_AWAY, reason: str = ""
+    ) -> None:
+        """Stop accepting; close every connection with *code* (1001: going away)."""
+        if self._server is not None:
+            self._server.close()
+        self._idle = asyncio.Event()
+        if not self.listeners:
+            self._idle.set()
+        if close_connections:
+            for listener in list(self.listeners):
+                conn = listener.conn
+                if conn is not None:
+                    conn.close_soon(code, reason, cause="shutdown")
+                elif listener.transport is not None:
+                    listener.transport.disconnect()
+
+    async def wait_closed(self) -> None:
+        if self._idle is not None:
+            await self._idle.wait()
+        if self._server is not None:
+            await self._server.wait_closed()
+
+
+async def start_server(app: App) -> PicowsServer:
+    """Start the picows server for *app* and return it (already serving)."""
+    config = app.guard.config
+    if config.tls.enabled:
+        app.ssl_context = server_context(config.tls)
+    server = PicowsServer(app)
+    await server.start(app.ssl_context)
+    return server
