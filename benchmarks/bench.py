@@ -305,6 +305,7 @@ async def open_loadgens(
                     "depth": depth,
                     "timeout": args.timeout,
                     "index": p,
+                    "abusers": getattr(args, "abusers", 0),
                     "max_seconds": setup_timeout + args.duration + args.warmup + 120,
                 },
             )

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import contextlib
 import json
 import os
 import resource
@@ -436,6 +437,172 @@ async def phase_idle(
     return {"count": still, "hist": {}, "errors": dict(open_errors), "cpu_s": cpu, "wall_s": wall}
 
 
+# -- one-way: a stream of messages, no replies --------------------------------------------------
+
+
+class Streamer:
+    """Writes ``batch`` pre-masked messages at a time while the socket takes them."""
+
+    def __init__(self, conn: RawConnection, blob: bytes, batch: int, stats: Stats) -> None:
+        self.conn = conn
+        self.blob = blob
+        self.batch = batch
+        self.stats = stats
+        self.sent_in_window = 0
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.confirmed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        conn.on_text = self.on_text
+        conn.lost.add_done_callback(lambda _: self._end())
+
+    def _end(self) -> None:
+        for fut in (self.done, self.confirmed):
+            if not fut.done():
+                fut.set_result(None)
+
+    def on_text(self, payload: bytes) -> None:
+        message = orjson.loads(payload)
+        if message.get("type") == "pong" and message.get("id", "").startswith("end-"):
+            if not self.confirmed.done():
+                self.confirmed.set_result(None)
+        else:
+            self.stats.error(f"reply:{message.get('type')}:{message.get('code')}")
+
+    async def run(self) -> None:
+        transport = self.conn.transport
+        assert transport is not None
+        loop = asyncio.get_running_loop()
+        while not transport.is_closing():
+            now = time.monotonic()
+            if now >= self.stats.t1:
+                break
+            # keep at most ~256 KiB queued in user space: the kernel buffers the rest, and
+            # the server's reading speed sets the pace (TCP flow control)
+            if transport.get_write_buffer_size() > 256 * 1024:
+                await asyncio.sleep(0.0005)
+                continue
+            transport.write(self.blob)
+            if self.stats.t0 <= now:
+                self.sent_in_window += self.batch
+            await asyncio.sleep(0)
+        # every message before this ping is processed once its pong comes back
+        self.conn.send(1, ping_payload(ident_factory("end-")(1), 100))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self.confirmed), 30)
+        if not self.confirmed.done():
+            self.stats.error("no pong after the stream")
+        del loop
+        self._end()
+
+
+def oneway_blob(msg_bytes: int, batch: int) -> bytes:
+    """*batch* masked ``data`` messages (valid under the demo schema), ~msg_bytes each."""
+    body = '{"type":"data","channel":"bench","payload":{"seq":1,"v":"'
+    pad = "x" * max(1, min(256, msg_bytes - len(body) - 3))
+    payload = (body + pad + '"}}').encode()
+    return frame(1, payload) * batch
+
+
+async def phase_oneway_raw(cfg: Config, reader: asyncio.StreamReader) -> Result:
+    conns, open_errors = await open_many(cfg, raw_open, cfg["conns"])
+    emit("ready", opened=len(conns), open_errors=dict(open_errors))
+    command = await read_command(reader)
+    stats = Stats()
+    cpu = 0.0
+    batch = 64
+    blob = oneway_blob(cfg["msg_bytes"], batch)
+    try:
+        if command["cmd"] != "go":
+            return {"aborted": True}
+        stats.t0, stats.t1 = command["t0"], command["t1"]
+        streamers = [Streamer(conn, blob, batch, stats) for conn in conns]
+        tasks = [asyncio.ensure_future(s.run()) for s in streamers]
+        await sleep_until(stats.t0)
+        cpu0 = cpu_seconds()
+        await sleep_until(stats.t1)
+        cpu = cpu_seconds() - cpu0
+        ended = time.monotonic()
+        await asyncio.wait(tasks, timeout=cfg["timeout"] + 30)
+        # the window's messages, over the window plus the time the server took to catch up
+        drained = time.monotonic() - ended
+        stats.count = sum(s.sent_in_window for s in streamers)
+        for s in streamers:
+            if s.conn.lost.done() and not s.confirmed.done():
+                stats.error(f"closed {s.conn.close_code}")
+    finally:
+        await raw_close(conns, cfg["timeout"])
+    wall = stats.t1 - stats.t0 + drained
+    return {**stats.as_dict(), "cpu_s": cpu, "wall_s": wall}
+
+
+# -- flood: abusive connections beside well-behaved ones ---------------------------------------
+
+
+async def abuser(cfg: Config, token: str, stats: Stats, stop: float, kind: int) -> None:
+    """Reconnects and floods invalid (odd *kind*) or oversized messages until *stop*."""
+    invalid = frame(1, b'{"type":"ping","id":') * 64  # truncated JSON
+    oversized = frame(1, b'{"type":"chat","text":"' + b"x" * 70_000 + b'"}')
+    blob = invalid if kind % 2 else oversized
+    while time.monotonic() < stop:
+        try:
+            conn = await raw_open(cfg, token)
+        except Exception as exc:
+            stats.error(f"abuser open: {type(exc).__name__}"[:60])
+            await asyncio.sleep(0.01)
+            continue
+        transport = conn.transport
+        assert transport is not None
+        while not conn.lost.done() and time.monotonic() < stop:
+            if transport.get_write_buffer_size() < 256 * 1024:
+                transport.write(blob)
+                stats.count += 1
+            await asyncio.sleep(0)
+        conn.abort()
+
+
+async def phase_flood_raw(cfg: Config, reader: asyncio.StreamReader) -> Result:
+    """``conns`` well-behaved ping/pong connections (measured) and ``abusers`` flooders."""
+    conns, open_errors = await open_many(cfg, raw_open, cfg["conns"])
+    emit("ready", opened=len(conns), open_errors=dict(open_errors))
+    command = await read_command(reader)
+    stats, abuse = Stats(), Stats()
+    cpu = 0.0
+    try:
+        if command["cmd"] != "go":
+            return {"aborted": True}
+        stats.t0, stats.t1 = command["t0"], command["t1"]
+        abuse.t0, abuse.t1 = stats.t0, stats.t1
+        pingers = [
+            RawPinger(conn, f"p{cfg['index']}c{i}-", cfg["msg_bytes"], cfg["depth"], stats)
+            for i, conn in enumerate(conns)
+        ]
+        tokens: list[str] = cfg["tokens"]
+        abusers = [
+            asyncio.ensure_future(abuser(cfg, tokens[-1 - a % 8], abuse, stats.t1, a))
+            for a in range(cfg.get("abusers", 100))
+        ]
+        for pinger in pingers:
+            pinger.start()
+        await sleep_until(stats.t0)
+        cpu0 = cpu_seconds()
+        await sleep_until(stats.t1)
+        cpu = cpu_seconds() - cpu0
+        await asyncio.wait(abusers, timeout=cfg["timeout"])
+        await asyncio.wait([p.done for p in pingers], timeout=cfg["timeout"])
+        lost = sum(1 for conn in conns if conn.lost.done())
+        if lost:
+            stats.error("well-behaved connections closed")
+            stats.errors["well-behaved connections closed"] = lost
+    finally:
+        await raw_close(conns, cfg["timeout"])
+    return {
+        **stats.as_dict(),
+        "cpu_s": cpu,
+        "wall_s": stats.t1 - stats.t0,
+        "abuse_writes": abuse.count,
+        "abuse_errors": dict(abuse.errors),
+    }
+
+
 # -- the websockets client --------------------------------------------------------------------
 
 
@@ -544,6 +711,10 @@ async def run(reader: asyncio.StreamReader, cfg: Config) -> Result:
         return await (phase_pingpong_raw if raw else phase_pingpong_ws)(cfg, reader)
     if phase == "handshake":
         return await phase_handshake(cfg, reader, raw_handshake if raw else ws_handshake)
+    if phase == "oneway":
+        return await phase_oneway_raw(cfg, reader)
+    if phase == "flood":
+        return await phase_flood_raw(cfg, reader)
     if phase == "idle":
         if raw:
             return await phase_idle(cfg, reader, raw_open, _raw_alive, raw_close)
@@ -564,7 +735,12 @@ def main() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    asyncio.run(amain())
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop ships with wsguard on Linux
+        asyncio.run(amain())
+    else:
+        uvloop.run(amain())
 
 
 if __name__ == "__main__":

@@ -240,9 +240,9 @@ def server_factory(tmp_path: Any, engine: str) -> Iterator[ServerFactory]:
     ) -> RunningServer:
         audit = AuditCapture()
         overrides = dict(overrides or {})
-        if engine != "websockets" and "engine" not in overrides:
+        if "engine" not in overrides:
             needs = [key for key in _WEBSOCKETS_ONLY if overrides.get(key)]
-            if needs:
+            if needs and engine != "websockets":
                 pytest.skip(f"{engine} refuses {needs[0]} at config validation")
             overrides["engine"] = engine
         config = make_config(overrides)

@@ -476,3 +476,39 @@ def test_admin_environment_variables_set_the_admin_listener() -> None:
     with pytest.raises(ConfigError) as bad:
         load_config(env={"WSGUARD_ADMIN_PORT": "99999"})
     assert bad.value.key == "admin.port"
+
+
+def test_engine_auto_picks_picows_unless_a_feature_needs_websockets() -> None:
+    from wsguard.config.loader import validate_config
+
+    assert Config().engine == "picows"
+    assert validate_config({}).engine == "picows"
+    assert validate_config({"compression": True}).engine == "websockets"
+    gateway = {"gateway": {"upstream": "ws://127.0.0.1:9000/"}}
+    assert validate_config(gateway).engine == "websockets"
+    assert validate_config({"engine": "websockets"}).engine == "websockets"
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{"compression": True}, {"gateway": {"upstream": "ws://127.0.0.1:9000/"}}],
+    ids=["compression", "gateway"],
+)
+def test_what_picows_cannot_do_is_refused_naming_engine(overrides: dict[str, Any]) -> None:
+    from wsguard.config.loader import validate_config
+    from wsguard.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        validate_config({"engine": "picows", **overrides})
+    assert info.value.key == "engine"
+    assert 'engine = "websockets"' in str(info.value)
+
+
+def test_unknown_engine_is_refused_naming_the_choices() -> None:
+    from wsguard.config.loader import validate_config
+    from wsguard.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        validate_config({"engine": "tornado"})
+    assert info.value.key == "engine"
+    assert "picows" in str(info.value)

@@ -13,9 +13,10 @@ The same policy core as the websockets adapter, reached differently:
   fragments are assembled with the message size checked as each one arrives
   (``1009`` as soon as the limit is crossed; picows itself refuses a single
   frame over the limit from its header, before reading the payload).
-- **Messages** go through :meth:`App._receive` synchronously; handlers run
-  eagerly, with no task unless they really wait. Messages that arrive while one
-  waits queue (at most 16, then the socket stops being read) so order is kept.
+- **Messages** go through :meth:`App._receive` in the frame callback: refusals,
+  closes and plain-function handlers need no task. A coroutine handler runs in
+  the connection's task (made when needed, gone when idle); messages that arrive
+  while it waits queue (at most 16, then the socket stops being read), in order.
 
 What picows cannot do is refused at config validation (``engine``):
 permessage-deflate and the gateway.
@@ -27,7 +28,7 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import Awaitable, Coroutine, Generator
+from collections.abc import Awaitable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -70,48 +71,6 @@ _BACKLOG_LIMIT = 16  # messages queued behind a handler that waits, before reads
 _CLOSE_TIMEOUT = 5.0  # seconds to wait for the peer's close frame
 _DIRECT_WRITE_LIMIT = 64 * 1024
 _READ_BUFFER = 2048  # picows' initial read buffer (it grows for bigger frames)
-
-
-# -- running a handler without a task when it does not wait ----------------------------
-
-
-class _Resume:
-    """Await a coroutine that was already started by :func:`run_eager`."""
-
-    __slots__ = ("coro", "first")
-
-    def __init__(self, coro: Coroutine[Any, Any, Any], first: Any) -> None:
-        self.coro, self.first = coro, first
-
-    def __await__(self) -> Generator[Any, Any, Any]:
-        coro, value = self.coro, self.first
-        while True:
-            try:
-                sent = yield value
-            except BaseException as exc:  # cancellation and errors go into the coroutine
-                try:
-                    value = coro.throw(exc)
-                except StopIteration as stop:
-                    return stop.value
-            else:
-                try:
-                    value = coro.send(sent)
-                except StopIteration as stop:
-                    return stop.value
-
-
-async def _finish(resume: _Resume) -> None:
-    await resume
-
-
-def run_eager(awaitable: Awaitable[None]) -> asyncio.Task[None] | None:
-    """Run *awaitable* now; None if it completed, else the task that finishes it."""
-    coro: Coroutine[Any, Any, None] = awaitable  # type: ignore[assignment]
-    try:
-        first = coro.send(None)
-    except StopIteration:
-        return None
-    return asyncio.get_running_loop().create_task(_finish(_Resume(coro, first)))
 
 
 # -- the connection as handlers see it ------------------------------------------------
@@ -245,7 +204,7 @@ class GuardListener(WSListener):
         self._start_heartbeat()
         conn.send(app.welcome(conn))
         if app._on_connect:
-            self._run(self._hooks(conn))
+            self._run(self._work(self._hooks(conn), None))
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         kind = frame.msg_type
@@ -353,7 +312,7 @@ class GuardListener(WSListener):
     def _message(self, conn: PicowsConnection, data: str | bytes) -> None:
         if conn._closing:
             return  # a close is under way: the rest is discarded, the close frame read
-        if self._busy is not None:
+        if self._busy is not None:  # a handler is waiting: keep the order, bounded
             backlog = self._backlog
             if backlog is None:
                 backlog = self._backlog = collections.deque()
@@ -365,27 +324,47 @@ class GuardListener(WSListener):
         app = self.app
         started = time.perf_counter()
         pending = app._receive(conn, data, app._dispatch)
-        if pending is not None:
-            self._run(pending)
-        if self._busy is None:
+        if pending is None:
             app.guard.monitor.metrics.latency(time.perf_counter() - started)
+        else:
+            self._run(self._work(pending, started))
 
-    def _run(self, awaitable: Awaitable[None]) -> None:
-        task = run_eager(awaitable)
-        if task is not None:
-            self._busy = task
-            task.add_done_callback(self._resume)
+    def _run(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run *work* (a coroutine handler, the connect hooks) in this connection's task;
+        messages that arrive meanwhile wait in the backlog, in order."""
+        self._busy = asyncio.get_running_loop().create_task(work)
 
-    def _resume(self, task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            logger.error("message processing failed", exc_info=task.exception())
-        self._busy = None
-        backlog, conn = self._backlog, self.conn
-        while backlog and conn is not None and self._busy is None:
-            self._message(conn, backlog.popleft())
-        if self._paused and not backlog and self._busy is None and self.transport:
-            self._paused = False
-            self.transport.underlying_transport.resume_reading()
+    async def _work(self, pending: Awaitable[None], started: float | None) -> None:
+        app = self.app
+        latency = app.guard.monitor.metrics.latency
+        clock = time.perf_counter
+        try:
+            await pending
+            if started is not None:  # None: the connect hooks, not a message
+                latency(clock() - started)
+            backlog = self._backlog
+            while backlog:
+                conn = self.conn
+                if conn is None:
+                    break
+                data = backlog.popleft()
+                if self._paused and len(backlog) < _BACKLOG_LIMIT // 2 and self.transport:
+                    self._paused = False
+                    self.transport.underlying_transport.resume_reading()
+                if conn._closing:
+                    continue
+                started = clock()
+                step = app._receive(conn, data, app._dispatch)
+                if step is not None:
+                    await step
+                latency(clock() - started)
+        except Exception:  # pragma: no cover - _receive and handlers never raise
+            logger.exception("message processing failed")
+        finally:
+            self._busy = None
+            if self._paused and self.transport:
+                self._paused = False
+                self.transport.underlying_transport.resume_reading()
 
     async def _hooks(self, conn: Connection) -> None:
         for hook in self.app._on_connect:
@@ -554,10 +533,11 @@ class HandshakeProtocol(asyncio.Protocol):
             method=method,
             client_cert=cert,
         )
-        task = run_eager(self._decide(request, (method, target, headers)))
-        if task is not None:
-            self.server.deciding.add(task)
-            task.add_done_callback(self.server.deciding.discard)
+        task = asyncio.get_running_loop().create_task(
+            self._decide(request, (method, target, headers))
+        )
+        self.server.deciding.add(task)
+        task.add_done_callback(self.server.deciding.discard)
 
     async def _decide(self, request: HandshakeRequest, parsed: Any) -> None:
         server = self.server

@@ -557,7 +557,7 @@ class Config(_Section):
     store: str = "memory://"
     subprotocols: tuple[str, ...] = ("wsguard.v1",)
     compression: bool = False
-    engine: Literal["websockets", "picows"] = "websockets"
+    engine: Literal["auto", "websockets", "picows"] = "auto"
     auth: AuthConfig = AuthConfig()
     origin: OriginConfig = OriginConfig()
     proxy: ProxyConfig = ProxyConfig()
@@ -596,11 +596,14 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
-        if self.engine == "picows" and self.compression:
+        if self.engine == "auto":  # picows (faster), unless a feature needs websockets
+            needs_websockets = self.compression or bool(self.gateway.upstream)
+            object.__setattr__(self, "engine", "websockets" if needs_websockets else "picows")
+        elif self.engine == "picows" and self.compression:
             raise ValueError(
                 'engine: permessage-deflate (compression = true) needs engine = "websockets"'
             )
-        if self.engine == "picows" and self.gateway.upstream:
+        elif self.engine == "picows" and self.gateway.upstream:
             raise ValueError('engine: the gateway (gateway.upstream) needs engine = "websockets"')
         if self.tls.behind_proxy and not self.proxy.trusted:
             raise ValueError(

@@ -48,9 +48,12 @@ from wsguard.errors import ConfigError
 from wsguard.guard import Guard
 from wsguard.server.connection import Connection
 
-Handler = Callable[[Connection, dict[str, Any]], Awaitable[None]]
+#: A message handler: a coroutine function, or a plain function that runs inline (it
+#: must not block; it needs no task, which makes it the fastest kind).
+Handler = Callable[[Connection, dict[str, Any]], Awaitable[None] | None]
 #: Where a message that passed the policy goes: a handler (App) or the upstream (gateway).
-Deliver_ = Callable[[Connection, Deliver, str | bytes], Awaitable[None]]
+#: Returns what is still to be awaited, or None when delivery is already done.
+Deliver_ = Callable[[Connection, Deliver, str | bytes], Awaitable[None] | None]
 Hook = Callable[[Connection], Awaitable[None]]
 
 logger = logging.getLogger("wsguard.server")
@@ -229,17 +232,34 @@ class App:
             await hook(conn)
         await self._message_loop(conn, messages, self._dispatch)
 
-    async def _dispatch(self, conn: Connection, decision: Deliver, data: str | bytes) -> None:
-        """Hand a delivered message to its handler (none: dropped)."""
+    def _dispatch(
+        self, conn: Connection, decision: Deliver, data: str | bytes
+    ) -> Awaitable[None] | None:
+        """Hand a delivered message to its handler (none: dropped). A plain-function
+        handler runs here; a coroutine comes back to be awaited."""
         handler = self._handlers.get(decision.type)
-        if handler is not None:
-            try:
-                await handler(conn, decision.message)
-            except Exception:
-                logger.exception("handler for %r failed", decision.type)
-                conn.send(
-                    _error("internal_error", "The handler failed.", decision.message.get("id"))
-                )
+        if handler is None:
+            return None
+        try:
+            result = handler(conn, decision.message)
+        except Exception:
+            self._handler_failed(conn, decision)
+            return None
+        if result is None:
+            return None
+        return self._await_handler(result, conn, decision)
+
+    async def _await_handler(
+        self, result: Awaitable[None], conn: Connection, decision: Deliver
+    ) -> None:
+        try:
+            await result
+        except Exception:
+            self._handler_failed(conn, decision)
+
+    def _handler_failed(self, conn: Connection, decision: Deliver) -> None:
+        logger.exception("handler for %r failed", decision.type)
+        conn.send(_error("internal_error", "The handler failed.", decision.message.get("id")))
 
     async def _message_loop(self, conn: Connection, messages: Any, deliver: Deliver_) -> None:
         """Every frame through the policy; what passes goes to *deliver*."""
@@ -312,7 +332,9 @@ class App:
             checked = await guard.check_nonce(conn.state, checked)
         if isinstance(checked, Deliver):
             guard.monitor.metrics.message_delivered(checked.type)
-            await deliver(conn, checked, data)
+            pending = deliver(conn, checked, data)
+            if pending is not None:
+                await pending
         else:
             self._answer(conn, checked)
 
@@ -364,6 +386,9 @@ class App:
             raise
         sockets = list(self._server.sockets)
         self.port = sockets[0].getsockname()[1] if sockets else None
+        logger.debug(
+            "engine %s listening on %s port %s", self.config.engine, self.config.host, self.port
+        )
 
     async def stop(self) -> None:
         """Graceful shutdown: refuse new handshakes (503), close all with 1001, drain."""

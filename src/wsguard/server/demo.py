@@ -4,6 +4,8 @@
 * ``chat``, ``data``, ``command`` -> delivered to every *other* connection as
   ``{"type": "broadcast", "from": <subject>, "message": <validated message>}``,
   re-serialized by the server (never the client's raw bytes).
+
+Both handlers are plain functions: they never wait, so they run inline with no task.
 """
 
 from __future__ import annotations
@@ -25,10 +27,10 @@ def install_demo(app: App) -> App:
     if "ping" in types:
 
         @app.on("ping")
-        async def ping(conn: Connection, message: dict[str, Any]) -> None:
+        def ping(conn: Connection, message: dict[str, Any]) -> None:
             conn.send({"type": "pong", "id": message.get("id"), "ts": time.time()})
 
-    async def relay(conn: Connection, message: dict[str, Any]) -> None:
+    def relay(conn: Connection, message: dict[str, Any]) -> None:
         app.broadcast({"type": "broadcast", "from": conn.subject, "message": message}, exclude=conn)
 
     for name in RELAYED_TYPES:

@@ -1,0 +1,331 @@
+"""wsguard on both engines against plain websockets and plain picows (issue 9), one run.
+
+Run from the repository root:
+
+    .venv/bin/python benchmarks/bench_engines.py            # 3 interleaved rounds
+    .venv/bin/python benchmarks/bench_engines.py --quick    # 1 short round
+
+Servers (started fresh for every round, pinned to CPU 0; the load generator on CPU 1):
+
+* ``websockets``: ``benchmarks/plain_server.py --json orjson`` (asyncio loop);
+* ``picows``: ``benchmarks/plain_picows.py`` (uvloop);
+* ``wsguard``: ``wsguard serve --config benchmarks/bench.toml``, ``engine = "websockets"``;
+* ``wsguard-picows``: the same with ``WSGUARD_ENGINE=picows``.
+
+The wsguard servers run the full policy of ``bench.toml`` (HS256 JWT, Origin allowlist,
+strict schemas, rate limits, violation budget, audit log to a file) with the limits raised
+above the load.
+
+Phases per server and round (``benchmarks/loadgen.py``, raw RFC 6455 client on uvloop):
+
+* ``idle``: RSS growth per idle authenticated connection (``--idle`` of them);
+* ``pingpong``: ``--conns`` connections, ``--depth`` ~100-byte pings in flight each;
+* ``oneway``: one connection streaming ~100-byte ``data`` messages (valid under the demo
+  schema; wsguard relays each to the other connections, of which there are none) as fast
+  as the server reads them; a final ping's pong proves every message was processed;
+* ``handshake``: ``--hs-workers`` workers each opening a connection (HS256 Bearer token,
+  Origin), waiting for the welcome frame and closing cleanly;
+* ``flood`` (wsguard servers only, on a second server started with the *default* violation
+  budget and handshake rate, so abuse costs what it costs in production): 50 well-behaved
+  connections doing strict ping/pong (one in flight), first alone (``calm``), then beside
+  ``--abusers`` connections that flood truncated JSON or 70 KB messages at full speed and
+  reconnect whenever they are closed. Reported: p99 of the well-behaved round trips in both,
+  and how many of them were disconnected (must be 0).
+
+Every figure is the median of the rounds with its [min-max]; the load generator's CPU is in
+the table (it must stay below 100% of its core for a rate to be the server's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import secrets
+import signal
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import bench
+
+HERE, HOST, PLAIN, CONFIG = bench.HERE, bench.HOST, bench.PLAIN, bench.CONFIG
+Server = bench.Server
+kill_children, log, measured, mint_tokens = (
+    bench.kill_children,
+    bench.log,
+    bench.measured,
+    bench.mint_tokens,
+)
+pinned, rss_bytes, run_loadgen, settled_rss = (
+    bench.pinned,
+    bench.rss_bytes,
+    bench.run_loadgen,
+    bench.settled_rss,
+)
+start_listener, stop_process = bench.start_listener, bench.stop_process
+
+PICOWS = HERE / "plain_picows.py"
+SERVERS = ("websockets", "picows", "wsguard", "wsguard-picows")
+PHASES = ("idle", "pingpong", "oneway", "handshake", "flood")
+GUARDED = ("wsguard", "wsguard-picows")
+
+
+async def start(
+    name: str, args: argparse.Namespace, tmp: Path, secret: str, n: int, *, flood: bool = False
+) -> Server:
+    stderr = tmp / f"{name}-{n}.stderr"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WSGUARD_")}
+    if name == "websockets":
+        cmd = [sys.executable, str(PLAIN), "--host", HOST, "--port", "0", "--json", "orjson"]
+    elif name == "picows":
+        cmd = [sys.executable, str(PICOWS), "--host", HOST, "--port", "0"]
+    else:
+        cmd = [*args.wsguard_command, "serve", "--config", str(CONFIG), "--port", "0"]
+        env["WSGUARD_JWT_SECRET"] = secret
+        env["WSGUARD_AUDIT__FILE"] = str(tmp / f"audit-{n}.jsonl")
+        env["WSGUARD_ENGINE"] = "picows" if name == "wsguard-picows" else "websockets"
+        if flood:  # production defaults for what abuse spends
+            env["WSGUARD_LIMITS__VIOLATION_BUDGET"] = "10"
+            env["WSGUARD_LIMITS__HANDSHAKES_PER_MINUTE"] = "60"
+    cmd, pin = pinned(cmd, args.server_cpu)
+    return await start_listener(name, cmd, stderr, env=env, preexec=pin)
+
+
+async def bench_server(
+    name: str, args: argparse.Namespace, tmp: Path, secret: str, tokens: list[str], n: int, rnd: int
+) -> dict[str, Any]:
+    out: dict[str, Any] = {"server": name, "round": rnd}
+    phases = args.phases
+    server = await start(name, args, tmp, secret, n)
+    try:
+        await run_loadgen(args, server, tmp, "idle", 1, tokens)
+        await run_loadgen(args, server, tmp, "idle", 20, tokens)  # warm-up
+        if "idle" in phases:
+            before = await settled_rss(server.pid, args.settle)
+            after = 0
+
+            async def measure() -> None:
+                nonlocal after
+                after = await settled_rss(server.pid, args.settle)
+
+            idle = await run_loadgen(args, server, tmp, "idle", args.idle, tokens, measure)
+            opened = sum(r["opened"] for r in idle.ready)
+            out["idle_bytes_per_conn"] = (after - before) / opened if opened else float("nan")
+            out["idle_lost"] = opened - idle.count
+        if "pingpong" in phases:
+            pp = await measured(args, server, tmp, "pingpong", args.conns, tokens, args.depth)
+            out |= _rates("pp", pp)
+        if "oneway" in phases:
+            ow = await measured(args, server, tmp, "oneway", 1, tokens)
+            out |= _rates("ow", ow)
+        if "handshake" in phases:
+            hs = await measured(args, server, tmp, "handshake", args.hs_workers, tokens)
+            out |= _rates("hs", hs)
+        out["rss_end"] = rss_bytes(server.pid)
+    finally:
+        await stop_process(server.proc)
+    if "flood" in phases and name in GUARDED:
+        server = await start(name, args, tmp, secret, n, flood=True)
+        try:
+            await run_loadgen(args, server, tmp, "idle", 20, tokens)  # warm-up
+            calm = await measured(args, server, tmp, "pingpong", args.flood_conns, tokens, 1)
+            out |= _rates("calm", calm)
+            flood = await run_loadgen(args, server, tmp, "flood", args.flood_conns, tokens, depth=1)
+            out |= _rates("flood", flood)
+            out["flood_disconnected"] = flood.errors.get("well-behaved connections closed", 0)
+        finally:
+            await stop_process(server.proc)
+    log(f"bench: round {rnd} {name:>14}: " + json.dumps(_short(out)))
+    return out
+
+
+def _rates(prefix: str, result: bench.PhaseResult) -> dict[str, Any]:
+    return {
+        f"{prefix}_per_s": result.rate(),
+        f"{prefix}_p50_ms": result.percentile_ms(0.50),
+        f"{prefix}_p99_ms": result.percentile_ms(0.99),
+        f"{prefix}_loadgen_cpu": result.loadgen_cpu_pct(),
+        f"{prefix}_server_cpu": result.server_cpu_pct(),
+        f"{prefix}_errors": result.errors,
+    }
+
+
+def _short(out: dict[str, Any]) -> dict[str, Any]:
+    return {
+        k: round(v, 3) if isinstance(v, float) else v
+        for k, v in out.items()
+        if not k.endswith("_errors") or v
+    }
+
+
+ROWS = (
+    ("pp_per_s", "ping/pong messages/s", "{:,.0f}"),
+    ("pp_p99_ms", "ping/pong p99 (ms)", "{:.2f}"),
+    ("pp_loadgen_cpu", "  loadgen CPU (%)", "{:.0f}"),
+    ("ow_per_s", "one-way messages/s", "{:,.0f}"),
+    ("ow_loadgen_cpu", "  loadgen CPU (%)", "{:.0f}"),
+    ("hs_per_s", "handshakes/s", "{:,.0f}"),
+    ("hs_loadgen_cpu", "  loadgen CPU (%)", "{:.0f}"),
+    ("idle_bytes_per_conn", "memory per idle conn (B)", "{:,.0f}"),
+    ("calm_p99_ms", "50 conns p99, calm (ms)", "{:.3f}"),
+    ("flood_p99_ms", "50 conns p99, flood (ms)", "{:.3f}"),
+    ("flood_disconnected", "  well-behaved disconnected", "{:.0f}"),
+    ("flood_loadgen_cpu", "  loadgen CPU, flood (%)", "{:.0f}"),
+)
+
+
+def summarize(results: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
+    table: dict[str, dict[str, dict[str, float]]] = {}
+    for key, _, _ in ROWS:
+        for name in SERVERS:
+            values = [r[key] for r in results if r["server"] == name and key in r]
+            if values:
+                table.setdefault(key, {})[name] = {
+                    "median": statistics.median(values),
+                    "min": min(values),
+                    "max": max(values),
+                }
+    return table
+
+
+def targets(table: dict[str, dict[str, dict[str, float]]]) -> list[tuple[str, str, bool]]:
+    def med(key: str, name: str) -> float:
+        return table.get(key, {}).get(name, {}).get("median", float("nan"))
+
+    guarded = "wsguard-picows"
+    checks = [
+        (
+            "ping/pong >= 1.5x plain websockets",
+            med("pp_per_s", guarded) / med("pp_per_s", "websockets"),
+            1.5,
+        ),
+        (
+            "ping/pong >= 0.6x plain picows",
+            med("pp_per_s", guarded) / med("pp_per_s", "picows"),
+            0.6,
+        ),
+        ("one-way >= 500k/s", med("ow_per_s", guarded) / 500_000, 1.0),
+        ("handshakes >= 10k/s", med("hs_per_s", guarded) / 10_000, 1.0),
+        (
+            "handshakes >= 0.5x plain picows",
+            med("hs_per_s", guarded) / med("hs_per_s", "picows"),
+            0.5,
+        ),
+        ("idle memory <= 12 KiB", 12 * 1024 / med("idle_bytes_per_conn", guarded), 1.0),
+        (
+            "flood p99 < 2x calm",
+            2 * med("calm_p99_ms", guarded) / med("flood_p99_ms", guarded),
+            1.0,
+        ),
+    ]
+    return [
+        (label, f"{value:.2f} (need >= {need})", value >= need) for label, value, need in checks
+    ]
+
+
+def print_report(results: list[dict[str, Any]]) -> dict[str, Any]:
+    table = summarize(results)
+    header = ("metric", *SERVERS)
+    rows: list[tuple[str, ...]] = [header]
+    for key, label, fmt in ROWS:
+        cells = [label]
+        for name in SERVERS:
+            stats = table.get(key, {}).get(name)
+            cells.append(
+                ""
+                if stats is None
+                else f"{fmt.format(stats['median'])} [{fmt.format(stats['min'])}-"
+                f"{fmt.format(stats['max'])}]"
+            )
+        rows.append(tuple(cells))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    for i, r in enumerate(rows):
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+    print()
+    checked = targets(table)
+    for label, value, ok in checked:
+        print(f"{'PASS' if ok else 'FAIL'}  wsguard-picows {label}: {value}")
+    return {"table": table, "targets": [list(t) for t in checked]}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ours = argparse.ArgumentParser(description="wsguard on both engines vs plain engines.")
+    ours.add_argument("--quick", action="store_true", help="1 round, 2 s phases, 500 idle")
+    ours.add_argument("--rounds", type=int, help="interleaved rounds (default 3; quick 1)")
+    ours.add_argument("--abusers", type=int, default=100, help="flooding connections (100)")
+    ours.add_argument("--flood-conns", type=int, default=50, help="well-behaved conns (50)")
+    ours.add_argument(
+        "--servers",
+        type=lambda text: [s.strip() for s in text.split(",") if s.strip()],
+        default=list(SERVERS),
+        help="comma-separated subset of " + ",".join(SERVERS),
+    )
+    ours.add_argument(
+        "--phases",
+        type=lambda text: [p.strip() for p in text.split(",") if p.strip()],
+        default=list(PHASES),
+        help="comma-separated subset of " + ",".join(PHASES),
+    )
+    ours.add_argument("--json", type=Path, help="write the raw results here")
+    known, rest = ours.parse_known_args(argv)
+    # the shared options (durations, connections, CPUs, ...) are bench.py's
+    args: argparse.Namespace = bench.parse_args([*rest, *(["--quick"] if known.quick else [])])
+    args.rounds = known.rounds or (1 if known.quick else 3)
+    args.abusers, args.flood_conns = known.abusers, known.flood_conns
+    args.servers, args.phases, args.json = known.servers, known.phases, known.json
+    if set(args.servers) - set(SERVERS) or set(args.phases) - set(PHASES):
+        ours.error(f"--servers from {','.join(SERVERS)}; --phases from {','.join(PHASES)}")
+    return args
+
+
+async def amain(args: argparse.Namespace) -> list[dict[str, Any]]:
+    secret = secrets.token_urlsafe(48)
+    tokens = mint_tokens(secret, max(args.conns, args.idle, args.hs_workers, 64) + 8)
+    results: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="wsguard-bench-") as tmpdir:
+        n = 0
+        for rnd in range(1, args.rounds + 1):
+            for name in args.servers:
+                results.append(await bench_server(name, args, Path(tmpdir), secret, tokens, n, rnd))
+                n += 1
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = min(hard, max(soft, 4 * args.idle + 4096))
+    if want > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    os.sched_setaffinity(0, {args.client_cpu})
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    log(
+        f"bench_engines: {args.rounds} round(s) of {','.join(args.servers)}; phases "
+        f"{','.join(args.phases)}; {args.duration:g} s per phase; {args.conns} ping/pong conns "
+        f"x{args.depth} in flight; {args.hs_workers} handshake workers; {args.idle} idle; "
+        f"flood: {args.flood_conns} well-behaved + {args.abusers} abusers"
+    )
+    try:
+        results = asyncio.run(amain(args))
+    finally:
+        kill_children()
+    print()
+    report = print_report(results)
+    if args.json is not None:
+        payload = {"args": {k: str(v) for k, v in vars(args).items()}, "results": results}
+        args.json.write_text(json.dumps({**payload, **report}, indent=2, default=str) + "\n")
+        print(f"raw results: {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
