@@ -36,7 +36,7 @@ import resource
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from websockets.asyncio.client import ClientConnection, connect
@@ -160,9 +160,8 @@ class RawConnection(asyncio.Protocol):
         self.on_text: Callable[[bytes], None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        transport.write(self._request)
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
+        self.transport.write(self._request)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.lost.done():

@@ -8,12 +8,8 @@ its total size, and answers anything malformed with a real 4xx.
 from __future__ import annotations
 
 import http
+import re
 from collections.abc import Iterable
-
-_TCHARS = frozenset(
-    b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
-)
-_BAD_VALUE_BYTES = frozenset(range(0x20)) - {0x09} | {0x7F}
 
 Refusal = tuple[int, str, str]
 MAX_HEADERS = 128  # header lines (websockets' own limit, enforced for every engine)
@@ -30,31 +26,44 @@ def screen_request_line(line: bytes) -> Refusal | None:
     return None
 
 
+# A header line: a token, a colon, a value without control characters (tab allowed).
+_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_VALUE = rb"[^\x00-\x08\x0a-\x1f\x7f]*"
+_FIELDS = re.compile(rb"(?:" + _TOKEN + rb":" + _VALUE + rb"\r\n)*")
+_FIELD = re.compile(rb"(" + _TOKEN + rb"):[ \t]*(" + _VALUE + rb"?)[ \t]*\r\n")
+
+Parsed = tuple[str, str, list[tuple[str, str]]]
+
+
+def read_head(head: bytes) -> tuple[Refusal | None, Parsed | None]:
+    """Validate and parse a complete request head (no blank line): either a refusal,
+    or method, target and header pairs. One pass of two compiled regexes."""
+    end = head.find(b"\r\n")
+    line, block = (head, b"") if end < 0 else (head[:end], head[end + 2 :] + b"\r\n")
+    refusal = screen_request_line(line)
+    if refusal is not None:
+        return refusal, None
+    if _FIELDS.fullmatch(block) is None:
+        return (400, "bad_request", "Malformed HTTP header."), None
+    pairs = _FIELD.findall(block)
+    if len(pairs) > MAX_HEADERS:
+        return (431, "headers_too_large", "Too many request headers."), None
+    method, target, _ = line.decode("ascii").split(" ")
+    return None, (method, target, [(n.decode("ascii"), v.decode("latin-1")) for n, v in pairs])
+
+
 def screen_head(head: bytes) -> Refusal | None:
     """Validate a complete request head (request line and header lines, no body)."""
-    lines = head.split(b"\r\n")
-    refusal = screen_request_line(lines[0])
-    if refusal is not None:
-        return refusal
-    if len(lines) > MAX_HEADERS + 1:
-        return 431, "headers_too_large", "Too many request headers."
-    for line in lines[1:]:
-        if not line:
-            continue
-        name, colon, value = line.partition(b":")
-        if not colon or not name or not set(name) <= _TCHARS:
-            return 400, "bad_request", "Malformed HTTP header."
-        if _BAD_VALUE_BYTES.intersection(value):
-            return 400, "bad_request", "Malformed HTTP header."
-    return None
+    return read_head(head)[0]
 
 
-def check_head(buffer: bytes, limit: int) -> tuple[int, Refusal | None]:
+def check_head(buffer: bytes, limit: int, *, whole: bool = True) -> tuple[int, Refusal | None]:
     """Screen what has arrived of a request head: ``(end, refusal)``.
 
     *end* is where the head ends (the blank line), or -1 while it is incomplete;
     a refusal answers a head that is too large or malformed, without waiting for
-    the rest when the request line alone is enough to tell.
+    the rest when the request line alone is enough to tell. With ``whole=False``
+    a complete head is only size-checked (the caller parses it with read_head).
     """
     end = buffer.find(b"\r\n\r\n")
     if end < 0:
@@ -68,19 +77,7 @@ def check_head(buffer: bytes, limit: int) -> tuple[int, Refusal | None]:
         return -1, None
     if end > limit:
         return end, (431, "headers_too_large", "Request header too large.")
-    return end, screen_head(buffer[:end])
-
-
-def parse_head(head: bytes) -> tuple[str, str, list[tuple[str, str]]]:
-    """Method, target and header pairs of a head that :func:`screen_head` accepted."""
-    lines = head.split(b"\r\n")
-    method, target, _ = lines[0].decode("ascii").split(" ")
-    headers = []
-    for line in lines[1:]:
-        if line:
-            name, _, value = line.partition(b":")
-            headers.append((name.decode("ascii"), value.strip(b" \t").decode("latin-1")))
-    return method, target, headers
+    return end, screen_head(buffer[:end]) if whole else None
 
 
 def http_response(status: int, message: str, headers: Iterable[tuple[str, str]] = ()) -> bytes:

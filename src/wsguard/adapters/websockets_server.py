@@ -376,6 +376,7 @@ async def run_guarded(app: App, ws: ServerConnection) -> None:
         state=state,
         queue_limit=guard.config.limits.outbound_queue,
         on_slow=app._slow_consumer,
+        loop=ws.loop,
     )
     ws.guarded = conn
     request = ws.request

@@ -38,6 +38,7 @@ class Connection:
 
     __slots__ = (
         "_closing",
+        "_loop",
         "_on_slow",
         "_queue",
         "_queue_limit",
@@ -69,8 +70,11 @@ class Connection:
         state: ConnectionState,
         queue_limit: int,
         on_slow: Callable[[Connection], None],
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         self._ws = ws
+        # kept: asyncio.get_running_loop() costs a getpid() system call on Python 3.11
+        self._loop = loop if loop is not None else asyncio.get_running_loop()
         self.id = connection_id
         self.identity = identity
         self.client = client
@@ -119,11 +123,11 @@ class Connection:
             self._on_slow(self)
             self.close_soon(CLOSE_POLICY_VIOLATION, "slow consumer", cause="slow_consumer")
             queue.clear()
-            asyncio.get_running_loop().call_later(_SLOW_CONSUMER_ABORT_SECONDS, self.abort)
+            self._loop.call_later(_SLOW_CONSUMER_ABORT_SECONDS, self.abort)
             return False
         queue.append(text)
         if self._writer is None:
-            self._writer = asyncio.get_running_loop().create_task(self._drain())
+            self._writer = self._loop.create_task(self._drain())
         return True
 
     def _write_now(self, text: str | bytes) -> bool:
@@ -171,7 +175,7 @@ class Connection:
             return
         self._closing = True
         self.close_cause = cause or reason
-        task = asyncio.get_running_loop().create_task(self._close(code, reason))
+        task = self._loop.create_task(self._close(code, reason))
         if self._tasks is None:
             self._tasks = set()
         self._tasks.add(task)
@@ -214,7 +218,7 @@ class Connection:
         old = self._timers.pop(name, None)
         if old is not None:
             old.cancel()
-        self._timers[name] = asyncio.get_running_loop().call_later(max(0.0, delay), callback)
+        self._timers[name] = self._loop.call_later(max(0.0, delay), callback)
 
     def cancel_timer(self, name: str) -> None:
         handle = self._timers.pop(name, None) if self._timers else None
