@@ -664,7 +664,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "on the benchmark CPUs (10)",
     )
     parser.add_argument("--retries", type=int, default=3, help="repeats per phase (3)")
-    parser.add_argument("--client", choices=["raw", "websockets"], default="raw")
+    parser.add_argument(
+        "--client",
+        choices=["raw", "picows", "websockets"],
+        default="raw",
+        help="load generator client: raw (Python RFC 6455), picows (C framing) or websockets",
+    )
     parser.add_argument(
         "--plain-json",
         choices=["json", "orjson"],

@@ -39,6 +39,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 import orjson
+from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.speedups import apply_mask
 from websockets.typing import Origin
@@ -251,7 +252,7 @@ async def raw_open(cfg: Config, token: str) -> RawConnection:
     return proto
 
 
-async def raw_close(conns: list[RawConnection], wait_s: float) -> None:
+async def raw_close(conns: list[Any], wait_s: float) -> None:
     for conn in conns:
         conn.close(1000)
     pending = [conn.lost for conn in conns if not conn.lost.done()]
@@ -262,19 +263,28 @@ async def raw_close(conns: list[RawConnection], wait_s: float) -> None:
             conn.abort()
 
 
-class RawPinger:
-    """Closed loop on one connection: ``depth`` pings in flight, each pong sends the next."""
+_PONG_HEAD = b'{"type":"pong","id":"'
 
-    def __init__(
-        self, conn: RawConnection, prefix: str, msg_bytes: int, depth: int, stats: Stats
-    ) -> None:
+
+class RawPinger:
+    """Closed loop on one connection: ``depth`` pings in flight, each pong sends the next.
+
+    Lean on purpose (it shares one core with the rest of the load generator): pings are
+    built from bytes, and pongs (``{"type":"pong","id":"<64 chars>",...}`` from every
+    server benchmarked) are matched by slicing; anything else is parsed as JSON.
+    """
+
+    def __init__(self, conn: Any, prefix: str, msg_bytes: int, depth: int, stats: Stats) -> None:
         self.conn = conn
         self.stats = stats
-        self.msg_bytes = msg_bytes
         self.depth = depth
-        self.ident = ident_factory(prefix)
+        self.prefix = prefix.encode()
+        self.width = ID_LENGTH - len(prefix)
+        head = b'{"type":"ping","id":"'
+        self.head = head
+        self.tail = b'"' + b" " * max(0, msg_bytes - len(head) - ID_LENGTH - 2) + b"}"
         self.seq = 0
-        self.in_flight: dict[str, float] = {}
+        self.in_flight: dict[bytes, float] = {}
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         conn.on_text = self.on_text
         conn.lost.add_done_callback(lambda _: self._finish())
@@ -289,26 +299,28 @@ class RawPinger:
 
     def send_next(self) -> None:
         self.seq += 1
-        ident = self.ident(self.seq)
-        payload = ping_payload(ident, self.msg_bytes)
+        ident = self.prefix + (b"%x" % self.seq).rjust(self.width, b"x")
         self.in_flight[ident] = time.monotonic()
-        self.conn.send(1, payload)
+        self.conn.send(1, self.head + ident + self.tail)
 
     def on_text(self, payload: bytes) -> None:
         now = time.monotonic()
-        message = orjson.loads(payload)
-        kind = message.get("type")
-        if kind == "pong":
-            sent = self.in_flight.pop(message.get("id"), None)
+        if payload.startswith(_PONG_HEAD):
+            sent = self.in_flight.pop(payload[21 : 21 + ID_LENGTH], None)
             if sent is None:
                 self.stats.error("pong with an unknown id")
                 return
             self.stats.record(now, now - sent)
         else:
+            message = orjson.loads(payload)
+            kind = message.get("type")
             self.stats.error(f"reply:{kind}:{message.get('code')}")
-            if kind != "error" or self.in_flight.pop(message.get("ref"), None) is None:
+            ref = message.get("ref")
+            if kind != "error" or not isinstance(ref, str):
                 return  # an unrelated frame: keep waiting for the pongs
-        if self.stats.running(now):
+            if self.in_flight.pop(ref.encode(), None) is None:
+                return
+        if now < self.stats.t1:
             self.send_next()
         elif not self.in_flight:
             self._finish()
@@ -345,7 +357,8 @@ async def read_command(reader: asyncio.StreamReader) -> dict[str, Any]:
 
 
 async def phase_pingpong_raw(cfg: Config, reader: asyncio.StreamReader) -> Result:
-    conns, open_errors = await open_many(cfg, raw_open, cfg["conns"])
+    opener = picows_open if cfg["client"] == "picows" else raw_open
+    conns, open_errors = await open_many(cfg, opener, cfg["conns"])
     emit("ready", opened=len(conns), open_errors=dict(open_errors))
     command = await read_command(reader)
     stats = Stats()
@@ -434,6 +447,88 @@ async def phase_idle(
     still = sum(1 for c in conns if alive(c))
     await closer(conns, cfg["timeout"])
     return {"count": still, "hist": {}, "errors": dict(open_errors), "cpu_s": cpu, "wall_s": wall}
+
+
+# -- the picows client: C framing, so one core of it outpaces a picows server ---------------
+
+
+class PicowsConnection(WSListener):
+    """The RawConnection interface (welcome, on_text, send, close, lost) over picows."""
+
+    def __init__(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.transport: WSTransport | None = None
+        self.welcome: asyncio.Future[None] = loop.create_future()
+        self.lost: asyncio.Future[None] = loop.create_future()
+        self.close_code: int | None = None
+        self.on_text: Callable[[bytes], None] | None = None
+
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        self.transport = transport
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        kind = frame.msg_type
+        if kind is WSMsgType.TEXT or kind is WSMsgType.BINARY:
+            if not self.welcome.done():
+                self.welcome.set_result(None)
+            elif self.on_text is not None:
+                self.on_text(frame.get_payload_as_bytes())
+        elif kind is WSMsgType.CLOSE:
+            self.close_code = int(getattr(frame.get_close_code(), "value", 1005))
+            if not self.welcome.done():
+                self.welcome.set_exception(HandshakeError(f"closed {self.close_code}"))
+            if not transport.is_close_frame_sent:
+                transport.send_close(frame.get_close_code())
+            transport.disconnect()
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        if not self.lost.done():
+            self.lost.set_result(None)
+        if not self.welcome.done():
+            self.welcome.set_exception(ConnectionError("connection lost before the welcome"))
+
+    def send(self, opcode: int, payload: bytes) -> None:
+        if self.transport is not None and not self.transport.is_disconnected:
+            self.transport.send(WSMsgType(opcode), payload)
+
+    def close(self, code: int = 1000) -> None:
+        if self.transport is not None and not self.transport.is_close_frame_sent:
+            self.transport.send_close(WSCloseCode(code))
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.disconnect(graceful=False)
+
+
+async def picows_open(cfg: Config, token: str) -> PicowsConnection:
+    _, conn = await ws_connect(
+        PicowsConnection,
+        f"ws://{cfg['host']}:{cfg['port']}/",
+        extra_headers={
+            "Origin": cfg["origin"],
+            "Authorization": f"Bearer {token}",
+            "User-Agent": "wsguard-bench",
+        },
+        websocket_handshake_timeout=cfg["timeout"],
+    )
+    assert isinstance(conn, PicowsConnection)
+    try:
+        await asyncio.wait_for(asyncio.shield(conn.welcome), cfg["timeout"])
+    except BaseException:
+        conn.abort()
+        raise
+    return conn
+
+
+async def picows_handshake(cfg: Config, token: str) -> None:
+    conn = await picows_open(cfg, token)
+    conn.close(1000)
+    try:
+        await asyncio.wait_for(asyncio.shield(conn.lost), cfg["timeout"])
+    finally:
+        conn.abort()
+    if conn.close_code != 1000:
+        raise HandshakeError(f"close code {conn.close_code}")
 
 
 # -- one-way: a stream of messages, no replies --------------------------------------------------
@@ -560,7 +655,9 @@ async def abuser(cfg: Config, token: str, stats: Stats, stop: float, kind: int) 
 
 async def phase_flood_raw(cfg: Config, reader: asyncio.StreamReader) -> Result:
     """``conns`` well-behaved ping/pong connections (measured) and ``abusers`` flooders."""
-    conns, open_errors = await open_many(cfg, raw_open, cfg["conns"])
+    conns, open_errors = await open_many(
+        cfg, picows_open if cfg["client"] == "picows" else raw_open, cfg["conns"]
+    )
     emit("ready", opened=len(conns), open_errors=dict(open_errors))
     command = await read_command(reader)
     stats, abuse = Stats(), Stats()
@@ -704,12 +801,13 @@ def _ws_alive(ws: ClientConnection) -> bool:
 
 
 async def run(reader: asyncio.StreamReader, cfg: Config) -> Result:
-    raw = cfg["client"] == "raw"
+    raw = cfg["client"] in ("raw", "picows")
     phase = cfg["phase"]
     if phase == "pingpong":
         return await (phase_pingpong_raw if raw else phase_pingpong_ws)(cfg, reader)
     if phase == "handshake":
-        return await phase_handshake(cfg, reader, raw_handshake if raw else ws_handshake)
+        once = {"raw": raw_handshake, "picows": picows_handshake}.get(cfg["client"], ws_handshake)
+        return await phase_handshake(cfg, reader, once)
     if phase == "oneway":
         return await phase_oneway_raw(cfg, reader)
     if phase == "flood":

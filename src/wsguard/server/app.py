@@ -131,7 +131,7 @@ class App:
         """
         raw = orjson.dumps(message)
         delivered = self._deliver_local(raw.decode(), exclude)
-        if self.events is not None:
+        if self.events is not None and self.guard.store.shared:  # no other node to tell
             self.events.publish_broadcast(raw)
         return delivered
 
