@@ -306,6 +306,7 @@ async def open_loadgens(
                     "timeout": args.timeout,
                     "index": p,
                     "abusers": getattr(args, "abusers", 0),
+                    "spread": getattr(args, "spread", False),
                     "max_seconds": setup_timeout + args.duration + args.warmup + 120,
                 },
             )

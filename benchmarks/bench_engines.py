@@ -27,11 +27,12 @@ the abusers with pre-built raw frames):
   as the server reads them; a final ping's pong proves every message was processed;
 * ``handshake``: ``--hs-workers`` workers each opening a connection (HS256 Bearer token,
   Origin), waiting for the welcome frame and closing cleanly;
-* ``flood`` (wsguard servers only, on a second server started with the *default* violation
-  budget and handshake rate, so abuse costs what it costs in production): 50 well-behaved
-  connections doing strict ping/pong (one in flight), first alone (``calm``), then beside
-  ``--abusers`` connections that flood truncated JSON or 70 KB messages at full speed and
-  reconnect whenever they are closed. Reported: p99 of the well-behaved round trips in both,
+* ``flood`` (wsguard servers only, on a second server started with the default violation
+  budget, 10, and the default 60 handshakes per minute per address, so abuse costs what it
+  costs in production): 50 well-behaved connections (each from its own loopback address,
+  127.0.2.x) doing strict ping/pong (one in flight), first alone (``calm``), then beside
+  ``--abusers`` connections, each from its own address too (127.0.1.x), that flood
+  truncated JSON or 70 KB messages at full speed and reconnect whenever they are closed. Reported: p99 of the well-behaved round trips in both,
   and how many of them were disconnected (must be 0).
 
 Every figure is the median of the rounds with its [min-max]; the load generator's CPU is in
@@ -42,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import resource
@@ -50,6 +52,7 @@ import signal
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -93,7 +96,7 @@ async def start(
         env["WSGUARD_JWT_SECRET"] = secret
         env["WSGUARD_AUDIT__FILE"] = str(tmp / f"audit-{n}.jsonl")
         env["WSGUARD_ENGINE"] = "picows" if name == "wsguard-picows" else "websockets"
-        if flood:  # production defaults for what abuse spends
+        if flood:  # what abuse may spend: the defaults (10 violations, 60 handshakes/min/address)
             env["WSGUARD_LIMITS__VIOLATION_BUDGET"] = "10"
             env["WSGUARD_LIMITS__HANDSHAKES_PER_MINUTE"] = "60"
     cmd, pin = pinned(cmd, args.server_cpu)
@@ -144,15 +147,66 @@ async def bench_server(
         server = await start(name, args, tmp, secret, n, flood=True)
         try:
             await run_loadgen(args, server, tmp, "idle", 20, tokens)  # warm-up
-            calm = await measured(args, server, tmp, "pingpong", args.flood_conns, tokens, 1)
+            args.spread = True  # users from addresses of their own, as abusers are
+            try:
+                calm = await measured(args, server, tmp, "pingpong", args.flood_conns, tokens, 1)
+                abuse = await start_abusers(args, tmp, server, tokens)
+                try:
+                    flood = await run_loadgen(
+                        args, server, tmp, "pingpong", args.flood_conns, tokens, depth=1
+                    )
+                    abused = await bench._readline(abuse, 3 * args.timeout + 30)
+                finally:
+                    await stop_process(abuse, grace=args.timeout + 5)
+            finally:
+                args.spread = False
             out |= _rates("calm", calm)
-            flood = await run_loadgen(args, server, tmp, "flood", args.flood_conns, tokens, depth=1)
             out |= _rates("flood", flood)
-            out["flood_disconnected"] = flood.errors.get("well-behaved connections closed", 0)
+            out["flood_disconnected"] = flood.errors.get("connections closed by the server", 0)
+            out["abuse_writes"] = abused["count"]
+            out["abuse_errors"] = abused["errors"]
         finally:
             await stop_process(server.proc)
     log(f"bench: round {rnd} {name:>14}: " + json.dumps(_short(out)))
     return out
+
+
+async def start_abusers(
+    args: argparse.Namespace, tmp: Path, server: Server, tokens: list[str]
+) -> asyncio.subprocess.Process:
+    """The abusive connections: a load generator at nice 19 on the load generator's CPU,
+    flooding through the whole ping/pong window that follows."""
+    cmd, pin = pinned([sys.executable, str(bench.LOADGEN)], args.client_cpu)
+    with (tmp / "loadgen-abuse.stderr").open("ab") as err:
+        proc = await asyncio.create_subprocess_exec(
+            "nice", "-n", "19", *cmd,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=err,
+            limit=1 << 24,
+            preexec_fn=pin,
+        )  # fmt: skip
+    bench.CHILDREN[proc.pid] = "abusers"
+    config = {
+        "phase": "abuse",
+        "client": "raw",
+        "host": HOST,
+        "port": server.port,
+        "origin": bench.ORIGIN,
+        "tokens": tokens,
+        "conns": 0,
+        "msg_bytes": args.msg_bytes,
+        "depth": 1,
+        "timeout": args.timeout,
+        "index": 9,
+        "abusers": args.abusers,
+        "max_seconds": args.warmup + args.duration + 180,
+    }
+    bench._send(proc, config)
+    await bench._readline(proc, 30)
+    now = time.monotonic()  # flood from now until after the ping/pong window ends
+    bench._send(proc, {"cmd": "go", "t0": now, "t1": now + args.warmup + args.duration + 2})
+    return proc
 
 
 def _rates(prefix: str, result: bench.PhaseResult, window: float = 0.0) -> dict[str, Any]:
@@ -297,12 +351,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="comma-separated subset of " + ",".join(PHASES),
     )
     ours.add_argument("--json", type=Path, help="write the raw results here")
+    ours.add_argument(
+        "--workdir", type=Path, help="keep logs (servers, load generators) here, not in a temp dir"
+    )
     known, rest = ours.parse_known_args(argv)
     # the shared options (durations, connections, CPUs, ...) are bench.py's
     args: argparse.Namespace = bench.parse_args([*rest, *(["--quick"] if known.quick else [])])
     args.rounds = known.rounds or (1 if known.quick else 3)
     args.abusers, args.flood_conns = known.abusers, known.flood_conns
     args.servers, args.phases, args.json = known.servers, known.phases, known.json
+    args.workdir = known.workdir
     if not any(a == "--client" or a.startswith("--client=") for a in rest):
         args.client = "picows"  # C framing: the load generator must outpace picows servers
     if set(args.servers) - set(SERVERS) or set(args.phases) - set(PHASES):
@@ -314,7 +372,12 @@ async def amain(args: argparse.Namespace) -> list[dict[str, Any]]:
     secret = secrets.token_urlsafe(48)
     tokens = mint_tokens(secret, max(args.conns, args.idle, args.hs_workers, 64) + 8)
     results: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="wsguard-bench-") as tmpdir:
+    with contextlib.ExitStack() as stack:
+        if args.workdir is not None:
+            args.workdir.mkdir(parents=True, exist_ok=True)
+            tmpdir = str(args.workdir)
+        else:
+            tmpdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="wsguard-bench-"))
         n = 0
         for rnd in range(1, args.rounds + 1):
             for name in args.servers:

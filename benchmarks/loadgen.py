@@ -240,10 +240,12 @@ class RawConnection(asyncio.Protocol):
             self.transport.abort()
 
 
-async def raw_open(cfg: Config, token: str) -> RawConnection:
+async def raw_open(cfg: Config, token: str, source: str | None = None) -> RawConnection:
+    """Open and wait for the welcome; *source*: the local address to connect from."""
     loop = asyncio.get_running_loop()
     proto = RawConnection(upgrade_request(cfg, token))
-    await loop.create_connection(lambda: proto, cfg["host"], cfg["port"])
+    local = (source, 0) if source is not None else None
+    await loop.create_connection(lambda: proto, cfg["host"], cfg["port"], local_addr=local)
     try:
         await asyncio.wait_for(proto.welcome, cfg["timeout"])
     except BaseException:
@@ -330,15 +332,19 @@ class RawPinger:
 
 
 async def open_many(
-    cfg: Config, opener: Callable[[Config, str], Awaitable[Any]], count: int
+    cfg: Config, opener: Callable[..., Awaitable[Any]], count: int
 ) -> tuple[list[Any], collections.Counter[str]]:
     tokens: list[str] = cfg["tokens"]
     sem = asyncio.Semaphore(OPEN_CONCURRENCY)
     errors: collections.Counter[str] = collections.Counter()
 
+    spread = cfg.get("spread", False)  # each connection from its own loopback address
+
     async def one(i: int) -> Any:
         async with sem:
             try:
+                if spread:
+                    return await opener(cfg, tokens[i % len(tokens)], f"127.0.2.{i % 250 + 1}")
                 return await opener(cfg, tokens[i % len(tokens)])
             except Exception as exc:
                 errors[f"{type(exc).__name__}: {exc}"[:120]] += 1
@@ -377,7 +383,11 @@ async def phase_pingpong_raw(cfg: Config, reader: asyncio.StreamReader) -> Resul
         cpu0 = cpu_seconds()
         await sleep_until(stats.t1)
         cpu = cpu_seconds() - cpu0
-        await asyncio.wait([p.done for p in pingers], timeout=cfg["timeout"])
+        if pingers:
+            await asyncio.wait([p.done for p in pingers], timeout=cfg["timeout"])
+        lost = sum(1 for conn in conns if conn.lost.done())
+        if lost:
+            stats.errors["connections closed by the server"] = lost
     finally:
         await raw_close(conns, cfg["timeout"])
     return {**stats.as_dict(), "cpu_s": cpu, "wall_s": stats.t1 - stats.t0}
@@ -500,7 +510,8 @@ class PicowsConnection(WSListener):
             self.transport.disconnect(graceful=False)
 
 
-async def picows_open(cfg: Config, token: str) -> PicowsConnection:
+async def picows_open(cfg: Config, token: str, source: str | None = None) -> PicowsConnection:
+    local: dict[str, Any] = {"local_addr": (source, 0)} if source is not None else {}
     _, conn = await ws_connect(
         PicowsConnection,
         f"ws://{cfg['host']}:{cfg['port']}/",
@@ -510,6 +521,7 @@ async def picows_open(cfg: Config, token: str) -> PicowsConnection:
             "User-Agent": "wsguard-bench",
         },
         websocket_handshake_timeout=cfg["timeout"],
+        **local,
     )
     assert isinstance(conn, PicowsConnection)
     try:
@@ -632,13 +644,15 @@ async def phase_oneway_raw(cfg: Config, reader: asyncio.StreamReader) -> Result:
 
 
 async def abuser(cfg: Config, token: str, stats: Stats, stop: float, kind: int) -> None:
-    """Reconnects and floods invalid (odd *kind*) or oversized messages until *stop*."""
+    """Reconnects and floods invalid (odd *kind*) or oversized messages until *stop*,
+    from an address of its own (127.0.1.<kind + 1>): attackers are not the users'
+    address, and each abuser gets the per-address allowance in full."""
     invalid = frame(1, b'{"type":"ping","id":') * 64  # truncated JSON
     oversized = frame(1, b'{"type":"chat","text":"' + b"x" * 70_000 + b'"}')
     blob = invalid if kind % 2 else oversized
     while time.monotonic() < stop:
         try:
-            conn = await raw_open(cfg, token)
+            conn = await raw_open(cfg, token, f"127.0.1.{kind % 250 + 1}")
         except Exception as exc:
             stats.error(f"abuser open: {type(exc).__name__}"[:60])
             await asyncio.sleep(0.01)
@@ -653,50 +667,27 @@ async def abuser(cfg: Config, token: str, stats: Stats, stop: float, kind: int) 
         conn.abort()
 
 
-async def phase_flood_raw(cfg: Config, reader: asyncio.StreamReader) -> Result:
-    """``conns`` well-behaved ping/pong connections (measured) and ``abusers`` flooders."""
-    conns, open_errors = await open_many(
-        cfg, picows_open if cfg["client"] == "picows" else raw_open, cfg["conns"]
-    )
-    emit("ready", opened=len(conns), open_errors=dict(open_errors))
+async def phase_abuse_raw(cfg: Config, reader: asyncio.StreamReader) -> Result:
+    """``abusers`` flooding connections (no measurement of their own): the ``flood``
+    phase of bench_engines.py runs this in a second, low-priority process beside the
+    measured ping/pong connections, so the clients' own CPU never adds to their latency."""
+    emit("ready", opened=0, open_errors={})
     command = await read_command(reader)
-    stats, abuse = Stats(), Stats()
-    cpu = 0.0
-    try:
-        if command["cmd"] != "go":
-            return {"aborted": True}
-        stats.t0, stats.t1 = command["t0"], command["t1"]
-        abuse.t0, abuse.t1 = stats.t0, stats.t1
-        pingers = [
-            RawPinger(conn, f"p{cfg['index']}c{i}-", cfg["msg_bytes"], cfg["depth"], stats)
-            for i, conn in enumerate(conns)
-        ]
-        tokens: list[str] = cfg["tokens"]
-        abusers = [
-            asyncio.ensure_future(abuser(cfg, tokens[-1 - a % 8], abuse, stats.t1, a))
-            for a in range(cfg.get("abusers", 100))
-        ]
-        for pinger in pingers:
-            pinger.start()
-        await sleep_until(stats.t0)
-        cpu0 = cpu_seconds()
-        await sleep_until(stats.t1)
-        cpu = cpu_seconds() - cpu0
-        await asyncio.wait(abusers, timeout=cfg["timeout"])
-        await asyncio.wait([p.done for p in pingers], timeout=cfg["timeout"])
-        lost = sum(1 for conn in conns if conn.lost.done())
-        if lost:
-            stats.error("well-behaved connections closed")
-            stats.errors["well-behaved connections closed"] = lost
-    finally:
-        await raw_close(conns, cfg["timeout"])
-    return {
-        **stats.as_dict(),
-        "cpu_s": cpu,
-        "wall_s": stats.t1 - stats.t0,
-        "abuse_writes": abuse.count,
-        "abuse_errors": dict(abuse.errors),
-    }
+    if command["cmd"] != "go":
+        return {"aborted": True}
+    stats = Stats()
+    stats.t0, stats.t1 = command["t0"], command["t1"]
+    tokens: list[str] = cfg["tokens"]
+    abusers = [
+        asyncio.ensure_future(abuser(cfg, tokens[-1 - a % 8], stats, stats.t1, a))
+        for a in range(cfg.get("abusers", 100))
+    ]
+    await sleep_until(stats.t0)
+    cpu0 = cpu_seconds()
+    await sleep_until(stats.t1)
+    cpu = cpu_seconds() - cpu0
+    await asyncio.wait(abusers, timeout=cfg["timeout"])
+    return {**stats.as_dict(), "cpu_s": cpu, "wall_s": stats.t1 - stats.t0}
 
 
 # -- the websockets client --------------------------------------------------------------------
@@ -810,8 +801,8 @@ async def run(reader: asyncio.StreamReader, cfg: Config) -> Result:
         return await phase_handshake(cfg, reader, once)
     if phase == "oneway":
         return await phase_oneway_raw(cfg, reader)
-    if phase == "flood":
-        return await phase_flood_raw(cfg, reader)
+    if phase == "abuse":
+        return await phase_abuse_raw(cfg, reader)
     if phase == "idle":
         if raw:
             return await phase_idle(cfg, reader, raw_open, _raw_alive, raw_close)

@@ -71,8 +71,10 @@ _TEXT, _BINARY, _CONT = WSMsgType.TEXT, WSMsgType.BINARY, WSMsgType.CONTINUATION
 _PING, _PONG, _CLOSE = WSMsgType.PING, WSMsgType.PONG, WSMsgType.CLOSE
 _BACKLOG_LIMIT = 16  # messages queued behind a handler that waits, before reads pause
 _CLOSE_TIMEOUT = 5.0  # seconds to wait for the peer's close frame
+_DRAIN_BYTES = 64 * 1024  # read (and dropped) after our close frame, before reads stop
 _DIRECT_WRITE_LIMIT = 64 * 1024
 _READ_BUFFER = 2048  # picows' initial read buffer (it grows for bigger frames)
+_READ_CHUNK = 8192  # bytes read per callback at most (fairness; see _BoundedReads)
 _NO_HEADERS: CIMultiDict[str] = CIMultiDict()
 _EARLY_DATA_LIMIT = 64 * 1024  # bytes a client may send before its 101 is written
 
@@ -192,6 +194,15 @@ class PicowsConnection(Connection):
         finally:
             self._writer = None
 
+    def close_soon(self, code: int, reason: str, *, cause: str | None = None) -> None:
+        if self._closing:
+            return
+        if self._writer is None and not self._queue:
+            # nothing queued to go first: the close frame leaves now, so the rest of the
+            # current read (a flood, often) is not even parsed
+            self._listener._close_and_drain(code, reason)
+        super().close_soon(code, reason, cause=cause)
+
     async def _close(self, code: int, reason: str) -> None:
         if self.close_cause != "slow_consumer":
             await self.flush()
@@ -213,9 +224,10 @@ class GuardListener(WSListener):
     """Every frame of one admitted connection, through the policy."""
 
     __slots__ = (
-        "_backlog", "_busy", "_closed", "_fragments", "_fragments_size", "_fragments_text",
-        "_out", "_paused", "_ping_due", "_ping_payload", "_pong_deadline", "_writable", "admission",
-        "app", "close_sent", "conn", "metrics", "raw", "request", "server", "transport",
+        "_backlog", "_busy", "_closed", "_draining", "_fragments", "_fragments_size",
+        "_fragments_text", "_out", "_paused", "_ping_due", "_ping_payload", "_pong_deadline",
+        "_writable", "admission", "app", "close_sent", "conn", "metrics", "raw", "request",
+        "server", "transport",
     )  # fmt: skip
 
     def __init__(
@@ -239,6 +251,7 @@ class GuardListener(WSListener):
         self._paused = False
         self._writable: asyncio.Future[None] | None = None
         self._out: list[bytes] | None = None  # frames to write when the read batch ends
+        self._draining = False
         self._ping_payload: bytes | None = None  # the heartbeat ping awaiting its pong
         self._ping_due = 0.0
         self._pong_deadline = 0.0
@@ -283,6 +296,12 @@ class GuardListener(WSListener):
         """Frames parsed from one read arrive one after another; what the connection
         sends meanwhile is written once, after the last (one send() instead of one per
         reply: measured, it halves the server's CPU per ping/pong message)."""
+        if transport.is_close_frame_sent and (
+            self._draining or not self.close_sent or frame.msg_type is not _CLOSE
+        ):
+            # closing (picows' own close on a protocol error included): only the client's
+            # close frame still matters, when frames are still parsed (TLS)
+            return
         if self._out is None:
             self._out = []
         try:
@@ -366,7 +385,7 @@ class GuardListener(WSListener):
                 code = frame.get_close_code()
                 self.flush()
                 transport.send_close(code if code != WSCloseCode.NO_INFO else WSCloseCode.OK)
-            transport.disconnect()
+            self.raw.close()
             self._peer_closed()
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
@@ -485,20 +504,53 @@ class GuardListener(WSListener):
         self._fail(1002, reason, "protocol_error")
 
     def _fail(self, code: int, reason: str, cause: str) -> None:
-        """Fail the connection (RFC 6455 7.1.7): a close frame, then the TCP connection
-        closes at once; the peer's close frame is not waited for."""
-        conn, transport = self.conn, self.transport
+        """Fail the connection (RFC 6455 7.1.7): a close frame, and nothing the client
+        sends afterwards is parsed (see :meth:`_close_and_drain`)."""
+        conn = self.conn
         if conn is not None and not conn._closing:
             conn.close_cause = cause
             conn._closing = True
             if conn._queue:
                 conn._queue.clear()
-        if transport is not None and not transport.is_disconnected:
-            if not self.close_sent:
-                self.close_sent = True
-                self.flush()
-                transport.send_close(_close_code(code), reason.encode())
-            transport.disconnect()
+        self._close_and_drain(code, reason)
+
+    def _close_and_drain(self, code: int, reason: str) -> None:
+        """Send the close frame; then, where TCP can be half-closed, stop parsing.
+
+        What the client still sends is read and discarded unparsed (a flooding client
+        costs one read per 64 KiB instead of a frame callback each), and our side of
+        the connection is half-closed after the close frame, so a compliant client
+        answers and closes at once; the socket is dropped after ``_CLOSE_TIMEOUT``
+        at the latest. Reading on (rather than closing with unread data) keeps the
+        kernel from answering with a reset that could discard the close frame.
+        Over TLS (no half-close) frames are still parsed until the client's close.
+        """
+        transport = self.transport
+        if transport is None or transport.is_disconnected:
+            return
+        if not self.close_sent:
+            self.close_sent = True
+            self.flush()
+            transport.send_close(_close_code(code), reason.encode())
+        self.drain()
+
+    def drain(self) -> bool:
+        """Stop parsing and half-close (see _close_and_drain); False where TCP cannot be
+        half-closed (TLS)."""
+        raw = self.raw
+        if self._draining:
+            return True
+        if raw.is_closing() or not raw.can_write_eof():
+            return False
+        self._draining = True
+        raw.set_protocol(_Discard(raw.get_protocol(), raw))
+        raw.write_eof()
+        self.server.loop.call_later(_CLOSE_TIMEOUT, self._drop)
+        return True
+
+    def _drop(self) -> None:
+        if self.transport is not None and not self.transport.is_disconnected:
+            self.raw.abort()
 
     async def writable(self) -> None:
         """Wait until the transport drains below its high-water mark."""
@@ -511,14 +563,11 @@ class GuardListener(WSListener):
         await writable
 
     async def close(self, code: int, reason: str) -> None:
-        """Send a close frame and wait (bounded) for the peer's; then drop the socket."""
+        """Send a close frame and wait (bounded) for the connection to end."""
         transport = self.transport
         if transport is None or transport.is_disconnected:
             return
-        if not self.close_sent:
-            self.close_sent = True
-            self.flush()
-            transport.send_close(_close_code(code), reason.encode())
+        self._close_and_drain(code, reason)
         if self._closed is None:
             self._closed = self.server.loop.create_future()
         try:
@@ -527,7 +576,7 @@ class GuardListener(WSListener):
         except TimeoutError:
             self.raw.abort()
             return
-        transport.disconnect()
+        self.raw.close()
 
     def _peer_closed(self) -> None:
         closed = self._closed
@@ -709,6 +758,47 @@ def _int_code(code: Any) -> int:
     return int(getattr(code, "value", code))
 
 
+class _BoundedReads(WSProtocol):  # type: ignore[misc]
+    """picows' protocol, reading at most ``_READ_CHUNK`` bytes at a time.
+
+    picows doubles its read buffer whenever a read fills it, and never shrinks it: a
+    client streaming small frames faster than they are processed would grow it to the
+    size of the kernel's socket buffer (megabytes per connection) and make the server
+    process all of that in one callback, while every other connection waits. Bounded
+    reads keep both small: the buffer only grows for a frame that does not fit yet
+    (at most ``limits.max_message_bytes``), and one callback handles at most 8 KiB.
+    """
+
+    def get_buffer(self, size_hint: int) -> memoryview:
+        buffer: memoryview = WSProtocol.get_buffer(self, size_hint)
+        return buffer[:_READ_CHUNK] if len(buffer) > _READ_CHUNK else buffer
+
+
+class _Discard(asyncio.Protocol):
+    """What reads a connection after wsguard's close frame (see _close_and_drain):
+    bytes are dropped unparsed; the end of the connection still reaches picows. A
+    client that keeps sending past ``_DRAIN_BYTES`` is not read any more (it is
+    flooding, not closing): the close timeout drops it."""
+
+    __slots__ = ("_inner", "_left", "_transport")
+
+    def __init__(self, inner: Any, transport: asyncio.Transport) -> None:
+        self._inner = inner
+        self._transport = transport
+        self._left = _DRAIN_BYTES
+
+    def data_received(self, data: bytes) -> None:
+        self._left -= len(data)
+        if self._left < 0:
+            self._transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        return False  # the client closed its side too: close the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._inner.connection_lost(exc)
+
+
 class _Socket:
     """The socket as picows sees it: its descriptor (picows writes small frames with
     send() itself), and no-op options. uvloop and asyncio already set TCP_NODELAY;
@@ -764,8 +854,11 @@ class _PicowsView:
         return self._raw.get_extra_info(name, default)
 
     def close(self) -> None:
+        """picows closes after a protocol error it found (a frame over the size limit,
+        a bad opcode...) and its close frame: drain like wsguard's own closes do."""
         self._listener.flush()
-        self._raw.close()
+        if not self._listener.drain():
+            self._raw.close()
 
     def abort(self) -> None:
         self._raw.abort()
@@ -849,7 +942,7 @@ class PicowsServer:
         )
 
     def ws_protocol(self, factory: Any) -> Any:
-        return WSProtocol(None, None, False, factory, *self._protocol_args)
+        return _BoundedReads(None, None, False, factory, *self._protocol_args)
 
     def adopt(self, listener: GuardListener) -> None:
         self.listeners.add(listener)
@@ -938,7 +1031,7 @@ class PicowsServer:
                 if conn is not None:
                     conn.close_soon(code, reason, cause="shutdown")
                 elif listener.transport is not None:
-                    listener.transport.disconnect()
+                    listener.raw.close()
 
     async def wait_closed(self) -> None:
         if self._idle is not None:
