@@ -250,7 +250,11 @@ def _announce(app: Any, config: Config, port: int, args: argparse.Namespace) -> 
     guard = app.guard
     host = config.host if ":" not in config.host else f"[{config.host}]"
     scheme = "wss" if config.tls.enabled else "ws"
-    print(f"wsguard: listening on {scheme}://{host}:{port}/", file=sys.stderr, flush=True)
+    print(
+        f"wsguard: listening on {scheme}://{host}:{port}/ (engine {config.engine})",
+        file=sys.stderr,
+        flush=True,
+    )
     if app.admin is not None:
         admin = app.admin
         admin_host = config.admin.host if ":" not in config.admin.host else f"[{config.admin.host}]"
