@@ -12,5 +12,5 @@ command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx)
 .venv/bin/ruff check src tests benchmarks examples
 .venv/bin/ruff format --check src examples
 .venv/bin/mypy
-# 3 workers: the tests mostly wait on sockets and timers (8.7 min in one process, 4.3 in 3)
-.venv/bin/pytest -q -p no:cacheprovider -n 3 "$@"
+# 2 workers (one per core): the tests mostly wait on sockets and timers (8.7 min in one process)
+.venv/bin/pytest -q -p no:cacheprovider -n 2 "$@"

@@ -12,7 +12,9 @@ import asyncio
 import json
 from typing import Any
 
-from conftest import ServerFactory
+import pytest
+
+from conftest import ServerFactory, eventually
 from wsguard.server.app import App
 from wsguard.server.connection import Connection
 
@@ -87,3 +89,47 @@ def test_the_configured_engine_serves(server_factory: ServerFactory, engine: str
     with server.connect_welcomed() as ws:
         ws.send(json.dumps({"type": "ping", "id": "x"}))
         assert json.loads(ws.recv(timeout=5))["type"] == "pong"
+
+
+def test_picows_stops_parsing_a_client_it_closes_and_half_closes_at_once(
+    server_factory: ServerFactory, engine: str
+) -> None:
+    """After wsguard's close frame a flooding client costs nothing more: the server sends
+    its FIN right after the close frame (the client reads the 1008, then EOF, before it
+    has sent its own close), parses nothing the client still sends, and the connection
+    ends once the client closes."""
+    from conftest import make_token
+    from test_message_policy import OP_TEXT, RawClient, frame
+
+    if engine != "picows":
+        pytest.skip("the websockets engine parses until the client's close (README: Engines)")
+    server = server_factory({"limits": {"violation_budget": 3}})
+
+    def received() -> list[int]:
+        return list(
+            server.call(lambda: [c.state.received for c in server.app.connections.values()])
+        )
+
+    with RawClient(server, make_token("flooder")) as client:
+        assert client.read_frame()[0] == OP_TEXT  # the welcome
+        garbage = frame(OP_TEXT, b'{"type":"ping","id":')  # truncated JSON: a violation
+        client.send(garbage * 10)
+        while True:  # error frames for the first violations, then the close frame
+            opcode, payload = client.read_frame()
+            if opcode == 0x8:
+                break
+        assert int.from_bytes(payload[:2], "big") == 1008
+        at_close = received()
+        assert len(at_close) == 1 and at_close[0] >= 4  # budget 3: the 4th violation closes
+        # the client keeps flooding (its own close not sent): the server has already
+        # half-closed, so the next read is the end of the stream
+        client.send(garbage * 2000)
+        client.sock.settimeout(5)
+        assert client.sock.recv(65536) == b""
+        closed = server.audit.events("connection_closed")
+        assert closed == [], "the connection ends only when the client closes too"
+        assert received() == at_close, "frames after the close frame were parsed"
+        client.send(frame(0x8, (1000).to_bytes(2, "big")))
+    eventually(lambda: server.audit.events("connection_closed"), what="connection_closed")
+    (event,) = server.audit.events("connection_closed")
+    assert (event["code"], event["closed_by"], event["cause"]) == (1008, "server", "invalid_json")
