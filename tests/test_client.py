@@ -347,7 +347,7 @@ def test_client_certificate_and_token_over_wss(
 
     async def main() -> tuple[dict[str, Any], dict[str, Any]]:
         async with WsguardClient(
-            f"wss://localhost:{server.port}/",
+            f"wss://127.0.0.1:{server.port}/",  # not localhost: ::1 may be another worker's
             token=make_token("alice", scopes="chat"),
             ssl_context=context,
         ) as client:

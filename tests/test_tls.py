@@ -132,7 +132,7 @@ def client_context(
 def wss_connect(port: int, ctx: ssl.SSLContext, token: str | None = None) -> ClientConnection:
     headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
     ws = connect(
-        f"wss://localhost:{port}/",
+        f"wss://127.0.0.1:{port}/",  # not localhost: ::1 may be another worker's server
         ssl=ctx,
         additional_headers=headers,
         open_timeout=10,
