@@ -423,6 +423,41 @@ async def settled_rss(pid: int, settle: float) -> int:
     return previous
 
 
+async def warm_up(args: argparse.Namespace, server: Server, tmp: Path, tokens: list[str]) -> None:
+    """One connection alone, then 20: every server starts the measured phases alike.
+
+    One alone first: CPython 3.11 shares one attribute-key table among a class's
+    instances, and a first burst of half-built connections can make every later one carry
+    its own 1.6 KB dict (websockets' plain server is exposed to this; wsguard keeps those
+    attributes in slots).
+    """
+    await run_loadgen(args, server, tmp, "idle", 1, tokens)
+    await run_loadgen(args, server, tmp, "idle", 20, tokens)
+
+
+async def idle_memory(
+    args: argparse.Namespace, server: Server, tmp: Path, tokens: list[str]
+) -> dict[str, Any]:
+    """RSS growth per idle connection: ``args.idle`` held open, RSS settled before/after."""
+    before = await settled_rss(server.pid, args.settle)
+    after = 0
+
+    async def measure() -> None:
+        nonlocal after
+        after = await settled_rss(server.pid, args.settle)
+
+    idle = await run_loadgen(args, server, tmp, "idle", args.idle, tokens, measure)
+    opened = sum(r["opened"] for r in idle.ready)
+    return {
+        "idle_conns": opened,
+        "idle_alive": idle.count,
+        "rss_before": before,
+        "rss_after": after,
+        "idle_bytes_per_conn": (after - before) / opened if opened else float("nan"),
+        "idle_loadgen_cpu_pct": idle.loadgen_cpu_pct(),
+    }
+
+
 async def bench_server(
     name: str,
     args: argparse.Namespace,
@@ -436,28 +471,9 @@ async def bench_server(
     out: dict[str, Any] = {"server": name, "round": round_no, "pid": server.pid}
     phases = args.phases
     try:
-        # one connection alone first: CPython 3.11 shares one attribute-key table among a
-        # class's instances, and a first burst of half-built connections can make every
-        # later one carry its own 1.6 KB dict (websockets' plain server is exposed to this;
-        # wsguard keeps those attributes in slots); both servers then start alike
-        await run_loadgen(args, server, tmp, "idle", 1, tokens)
-        await run_loadgen(args, server, tmp, "idle", 20, tokens)  # warm-up
+        await warm_up(args, server, tmp, tokens)
         if "idle" in phases:
-            before = await settled_rss(server.pid, args.settle)
-            after = 0
-
-            async def measure() -> None:
-                nonlocal after
-                after = await settled_rss(server.pid, args.settle)
-
-            idle = await run_loadgen(args, server, tmp, "idle", args.idle, tokens, measure)
-            opened = sum(r["opened"] for r in idle.ready)
-            out["idle_conns"] = opened
-            out["idle_alive"] = idle.count
-            out["rss_before"] = before
-            out["rss_after"] = after
-            out["idle_bytes_per_conn"] = (after - before) / opened if opened else float("nan")
-            out["idle_loadgen_cpu_pct"] = idle.loadgen_cpu_pct()
+            out |= await idle_memory(args, server, tmp, tokens)
 
         if "latency" in phases and args.lat_conns:
             lat = await measured(args, server, tmp, "pingpong", args.lat_conns, tokens)
@@ -631,6 +647,11 @@ def mint_tokens(secret: str, count: int) -> list[str]:
     ]
 
 
+def comma_list(text: str) -> list[str]:
+    """An option's comma-separated values, blanks dropped."""
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Benchmark wsguard serve against a plain websockets server."
@@ -689,7 +710,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--phases",
-        type=lambda text: [p.strip() for p in text.split(",") if p.strip()],
+        type=comma_list,
         default=list(PHASES),
         help="comma-separated subset of " + ",".join(PHASES),
     )

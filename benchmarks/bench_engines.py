@@ -68,12 +68,7 @@ kill_children, log, measured, mint_tokens = (
     bench.measured,
     bench.mint_tokens,
 )
-pinned, rss_bytes, run_loadgen, settled_rss = (
-    bench.pinned,
-    bench.rss_bytes,
-    bench.run_loadgen,
-    bench.settled_rss,
-)
+pinned, rss_bytes, run_loadgen = bench.pinned, bench.rss_bytes, bench.run_loadgen
 start_listener, stop_process = bench.start_listener, bench.stop_process
 
 PICOWS = HERE / "plain_picows.py"
@@ -110,20 +105,11 @@ async def bench_server(
     phases = args.phases
     server = await start(name, args, tmp, secret, n)
     try:
-        await run_loadgen(args, server, tmp, "idle", 1, tokens)
-        await run_loadgen(args, server, tmp, "idle", 20, tokens)  # warm-up
+        await bench.warm_up(args, server, tmp, tokens)
         if "idle" in phases:
-            before = await settled_rss(server.pid, args.settle)
-            after = 0
-
-            async def measure() -> None:
-                nonlocal after
-                after = await settled_rss(server.pid, args.settle)
-
-            idle = await run_loadgen(args, server, tmp, "idle", args.idle, tokens, measure)
-            opened = sum(r["opened"] for r in idle.ready)
-            out["idle_bytes_per_conn"] = (after - before) / opened if opened else float("nan")
-            out["idle_lost"] = opened - idle.count
+            idle = await bench.idle_memory(args, server, tmp, tokens)
+            out["idle_bytes_per_conn"] = idle["idle_bytes_per_conn"]
+            out["idle_lost"] = idle["idle_conns"] - idle["idle_alive"]
         if "pingpong" in phases:
             pp = await measured(args, server, tmp, "pingpong", args.conns, tokens, args.depth)
             out |= _rates("pp", pp)
@@ -340,13 +326,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ours.add_argument("--flood-conns", type=int, default=50, help="well-behaved conns (50)")
     ours.add_argument(
         "--servers",
-        type=lambda text: [s.strip() for s in text.split(",") if s.strip()],
+        type=bench.comma_list,
         default=list(SERVERS),
         help="comma-separated subset of " + ",".join(SERVERS),
     )
     ours.add_argument(
         "--phases",
-        type=lambda text: [p.strip() for p in text.split(",") if p.strip()],
+        type=bench.comma_list,
         default=list(PHASES),
         help="comma-separated subset of " + ",".join(PHASES),
     )

@@ -393,8 +393,8 @@ async def phase_pingpong_raw(cfg: Config, reader: asyncio.StreamReader) -> Resul
     return {**stats.as_dict(), "cpu_s": cpu, "wall_s": stats.t1 - stats.t0}
 
 
-async def raw_handshake(cfg: Config, token: str) -> None:
-    conn = await raw_open(cfg, token)
+async def closed_cleanly(conn: Any, cfg: Config) -> None:
+    """Close with 1000 and wait (bounded) for the end; the server must answer 1000."""
     conn.close(1000)
     try:
         await asyncio.wait_for(asyncio.shield(conn.lost), cfg["timeout"])
@@ -404,15 +404,28 @@ async def raw_handshake(cfg: Config, token: str) -> None:
         raise HandshakeError(f"close code {conn.close_code}")
 
 
-async def phase_handshake(
-    cfg: Config, reader: asyncio.StreamReader, once: Callable[[Config, str], Awaitable[None]]
-) -> Result:
+async def raw_handshake(cfg: Config, token: str) -> None:
+    await closed_cleanly(await raw_open(cfg, token), cfg)
+
+
+async def ready_then_go(reader: asyncio.StreamReader) -> Stats | None:
+    """For phases that open nothing beforehand: report ready, then wait for the window
+    (None when told anything but go)."""
     emit("ready", opened=0, open_errors={})
     command = await read_command(reader)
     if command["cmd"] != "go":
-        return {"aborted": True}
+        return None
     stats = Stats()
     stats.t0, stats.t1 = command["t0"], command["t1"]
+    return stats
+
+
+async def phase_handshake(
+    cfg: Config, reader: asyncio.StreamReader, once: Callable[[Config, str], Awaitable[None]]
+) -> Result:
+    stats = await ready_then_go(reader)
+    if stats is None:
+        return {"aborted": True}
     tokens: list[str] = cfg["tokens"]
 
     async def worker(w: int) -> None:
@@ -533,14 +546,7 @@ async def picows_open(cfg: Config, token: str, source: str | None = None) -> Pic
 
 
 async def picows_handshake(cfg: Config, token: str) -> None:
-    conn = await picows_open(cfg, token)
-    conn.close(1000)
-    try:
-        await asyncio.wait_for(asyncio.shield(conn.lost), cfg["timeout"])
-    finally:
-        conn.abort()
-    if conn.close_code != 1000:
-        raise HandshakeError(f"close code {conn.close_code}")
+    await closed_cleanly(await picows_open(cfg, token), cfg)
 
 
 # -- one-way: a stream of messages, no replies --------------------------------------------------
@@ -671,12 +677,9 @@ async def phase_abuse_raw(cfg: Config, reader: asyncio.StreamReader) -> Result:
     """``abusers`` flooding connections (no measurement of their own): the ``flood``
     phase of bench_engines.py runs this in a second, low-priority process beside the
     measured ping/pong connections, so the clients' own CPU never adds to their latency."""
-    emit("ready", opened=0, open_errors={})
-    command = await read_command(reader)
-    if command["cmd"] != "go":
+    stats = await ready_then_go(reader)
+    if stats is None:
         return {"aborted": True}
-    stats = Stats()
-    stats.t0, stats.t1 = command["t0"], command["t1"]
     tokens: list[str] = cfg["tokens"]
     abusers = [
         asyncio.ensure_future(abuser(cfg, tokens[-1 - a % 8], stats, stats.t1, a))

@@ -35,26 +35,35 @@ _FIELD = re.compile(rb"(" + _TOKEN + rb"):[ \t]*(" + _VALUE + rb"?)[ \t]*\r\n")
 Parsed = tuple[str, str, list[tuple[str, str]]]
 
 
-def read_head(head: bytes) -> tuple[Refusal | None, Parsed | None]:
-    """Validate and parse a complete request head (no blank line): either a refusal,
-    or method, target and header pairs. One pass of two compiled regexes."""
+def _split(head: bytes) -> tuple[bytes, bytes]:
+    """The request line, and the header lines each ending with CRLF."""
     end = head.find(b"\r\n")
-    line, block = (head, b"") if end < 0 else (head[:end], head[end + 2 :] + b"\r\n")
-    refusal = screen_request_line(line)
-    if refusal is not None:
-        return refusal, None
-    if _FIELDS.fullmatch(block) is None:
-        return (400, "bad_request", "Malformed HTTP header."), None
-    pairs = _FIELD.findall(block)
-    if len(pairs) > MAX_HEADERS:
-        return (431, "headers_too_large", "Too many request headers."), None
-    method, target, _ = line.decode("ascii").split(" ")
-    return None, (method, target, [(n.decode("ascii"), v.decode("latin-1")) for n, v in pairs])
+    return (head, b"") if end < 0 else (head[:end], head[end + 2 :] + b"\r\n")
 
 
 def screen_head(head: bytes) -> Refusal | None:
     """Validate a complete request head (request line and header lines, no body)."""
-    return read_head(head)[0]
+    line, block = _split(head)
+    refusal = screen_request_line(line)
+    if refusal is not None:
+        return refusal
+    if _FIELDS.fullmatch(block) is None:
+        return 400, "bad_request", "Malformed HTTP header."
+    if block.count(b"\r\n") > MAX_HEADERS:
+        return 431, "headers_too_large", "Too many request headers."
+    return None
+
+
+def read_head(head: bytes) -> tuple[Refusal | None, Parsed | None]:
+    """Validate and parse a complete request head (no blank line): either a refusal,
+    or method, target and header pairs (compiled regexes, no per-line Python loop)."""
+    refusal = screen_head(head)
+    if refusal is not None:
+        return refusal, None
+    line, block = _split(head)
+    method, target, _ = line.decode("ascii").split(" ")
+    pairs = _FIELD.findall(block)
+    return None, (method, target, [(n.decode("ascii"), v.decode("latin-1")) for n, v in pairs])
 
 
 def check_head(buffer: bytes, limit: int, *, whole: bool = True) -> tuple[int, Refusal | None]:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import itertools
 import logging
 import time
@@ -47,8 +48,8 @@ from picows import (
 )
 from picows.picows import WSProtocol  # type: ignore[attr-defined]
 
+from wsguard.adapters.ending import first_close, record_close, release
 from wsguard.adapters.http_screen import check_head, http_response, raw_refusal, read_head
-from wsguard.adapters.releases import release
 from wsguard.adapters.tls import certificate_identity, server_context
 from wsguard.adapters.websockets_server import PendingHandshakes
 from wsguard.core.decisions import (
@@ -59,7 +60,7 @@ from wsguard.core.decisions import (
 )
 from wsguard.core.headers import Headers, is_token
 from wsguard.core.request import HandshakeRequest
-from wsguard.server.connection import Connection
+from wsguard.server.connection import DIRECT_WRITE_LIMIT, Connection
 
 if TYPE_CHECKING:
     from wsguard.guard import Guard
@@ -72,7 +73,6 @@ _PING, _PONG, _CLOSE = WSMsgType.PING, WSMsgType.PONG, WSMsgType.CLOSE
 _BACKLOG_LIMIT = 16  # messages queued behind a handler that waits, before reads pause
 _CLOSE_TIMEOUT = 5.0  # seconds to wait for the peer's close frame
 _DRAIN_BYTES = 64 * 1024  # read (and dropped) after our close frame, before reads stop
-_DIRECT_WRITE_LIMIT = 64 * 1024
 _READ_BUFFER = 2048  # picows' initial read buffer (it grows for bigger frames)
 _READ_CHUNK = 8192  # bytes read per callback at most (fairness; see _BoundedReads)
 _NO_HEADERS: CIMultiDict[str] = CIMultiDict()
@@ -163,18 +163,14 @@ class PicowsConnection(Connection):
         transport = listener.transport
         if transport is None or listener.close_sent or transport.is_disconnected:
             return False
-        if listener.raw.get_write_buffer_size() > _DIRECT_WRITE_LIMIT:
+        if listener.raw.get_write_buffer_size() > DIRECT_WRITE_LIMIT:
             return False
         binary = kind is _BINARY or (kind is None and not isinstance(text, str))
         payload = text.encode() if isinstance(text, str) else text
         frame = _server_frame(0x82 if binary else 0x81, payload)
         listener.metrics.bytes_out += len(frame)
         self.sent += 1
-        out = listener._out
-        if out is not None:  # inside a read batch: written once, when the batch ends
-            out.append(frame)
-        else:
-            listener.raw.write(frame)
+        listener.write(frame)
         return True
 
     async def _drain(self) -> None:
@@ -187,7 +183,7 @@ class PicowsConnection(Connection):
                 if transport is None or listener.close_sent or transport.is_disconnected:
                     queue.clear()
                     break
-                if listener.raw.get_write_buffer_size() > _DIRECT_WRITE_LIMIT:
+                if listener.raw.get_write_buffer_size() > DIRECT_WRITE_LIMIT:
                     await listener.writable()
                     continue
                 self._write_now(queue.popleft())
@@ -267,19 +263,8 @@ class GuardListener(WSListener):
         app, admission = self.app, self.admission
         assert admission is not None
         guard = app.guard
-        state = guard.messages.open(admission.identity, time.monotonic())
-        conn = PicowsConnection(
-            self,
-            connection_id=app.new_connection_id(),
-            identity=admission.identity,
-            client=admission.client,
-            origin=admission.origin,
-            subprotocol=admission.subprotocol,
-            state=state,
-            queue_limit=guard.config.limits.outbound_queue,
-            on_slow=app._slow_consumer,
-            loop=self.server.loop,
-        )
+        conn = app.admitted(admission, functools.partial(PicowsConnection, self), self.server.loop)
+        assert isinstance(conn, PicowsConnection)
         request, self.request = self.request, None
         _, target, headers = request
         conn.request = app.keep_request(target, headers)
@@ -309,6 +294,14 @@ class GuardListener(WSListener):
         finally:
             if frame.last_in_buffer:
                 self.flush()
+
+    def write(self, frame: bytes) -> None:
+        """Write *frame*, or add it to the current read batch's replies."""
+        out = self._out
+        if out is not None:
+            out.append(frame)
+        else:
+            self.raw.write(frame)
 
     def flush(self) -> None:
         """Write the replies of the current read batch, in one piece."""
@@ -369,11 +362,7 @@ class GuardListener(WSListener):
                 conn.close_soon(close.code, close.reason, cause=close.cause)
             if kind is _PING:
                 if not self.close_sent:
-                    pong = _server_frame(0x8A, frame.get_payload_as_bytes())
-                    if self._out is not None:
-                        self._out.append(pong)
-                    else:
-                        self.raw.write(pong)
+                    self.write(_server_frame(0x8A, frame.get_payload_as_bytes()))
             elif (
                 self._ping_payload is not None
                 and frame.get_payload_as_bytes() == self._ping_payload
@@ -404,10 +393,7 @@ class GuardListener(WSListener):
         app.connections.pop(conn.id, None)
         guard.messages.closed(conn.state, time.monotonic())
         code, closed_by = self.close_fields()
-        if code == CLOSE_TOO_BIG and closed_by == "server":
-            guard.monitor.connection_refused("size", "too_big", conn.client)
-            conn.close_cause = conn.close_cause or "too_big"
-        guard.connection_closed(conn, code, closed_by)
+        record_close(guard, conn, code, closed_by)
         self.server.forget(self)
         if app._on_disconnect:
             self.server.loop.create_task(self._disconnect_hooks(conn))
@@ -553,14 +539,11 @@ class GuardListener(WSListener):
             self.raw.abort()
 
     async def writable(self) -> None:
-        """Wait until the transport drains below its high-water mark."""
-        writable = self._writable
-        if writable is None:
-            writable = self._writable = self.server.loop.create_future()
-            if self.transport is not None:
-                # no pause_writing pending: poll again soon (the buffer is above our limit)
-                self.server.loop.call_later(0.01, self.resume_writing)
-        await writable
+        """Wait until the transport drains: it pauses writing above DIRECT_WRITE_LIMIT
+        (its high-water mark, set at the upgrade) and picows passes that on here."""
+        if self._writable is None:
+            self._writable = self.server.loop.create_future()
+        await self._writable
 
     async def close(self, code: int, reason: str) -> None:
         """Send a close frame and wait (bounded) for the connection to end."""
@@ -591,12 +574,7 @@ class GuardListener(WSListener):
         handshake = transport.close_handshake if transport is not None else None
         if handshake is None:
             return 1006, "network"
-        sent, rcvd = handshake.sent, handshake.recv
-        if sent is not None and (rcvd is None or not handshake.recv_then_sent):
-            return _int_code(sent.code), "server"
-        if rcvd is not None:
-            return _int_code(rcvd.code), "client"
-        return 1006, "network"
+        return first_close(handshake.sent, handshake.recv, handshake.recv_then_sent)
 
 
 # -- the handshake, before picows --------------------------------------------------------
@@ -705,6 +683,7 @@ class HandshakeProtocol(asyncio.Protocol):
             return picked
 
         protocol = server.ws_protocol(factory)
+        transport.set_write_buffer_limits(high=DIRECT_WRITE_LIMIT)  # see GuardListener.writable
         transport.set_protocol(protocol)
         listener._out = []  # picows' 101 and the welcome frame leave in one write
         protocol.connection_made(_PicowsView(transport, listener, self._fd))
@@ -752,10 +731,6 @@ class HandshakeProtocol(asyncio.Protocol):
 def _close_code(code: int) -> WSCloseCode:
     """picows types close codes as its enum; it sends any valid int (4001, say) as is."""
     return code  # type: ignore[return-value]
-
-
-def _int_code(code: Any) -> int:
-    return int(getattr(code, "value", code))
 
 
 class _BoundedReads(WSProtocol):  # type: ignore[misc]

@@ -26,11 +26,11 @@ from websockets.exceptions import (
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 
+from wsguard.adapters.ending import first_close, record_close, release
 from wsguard.adapters.http_screen import check_head, raw_refusal
-from wsguard.adapters.releases import release
 from wsguard.adapters.tls import certificate_identity, server_context
 from wsguard.core.client_address import parse_ip
-from wsguard.core.decisions import CLOSE_TOO_BIG, Admit, Reject
+from wsguard.core.decisions import Admit, Reject
 from wsguard.core.headers import Headers
 from wsguard.core.messages import MessagePolicy
 from wsguard.core.request import HandshakeRequest
@@ -345,17 +345,6 @@ def _engine_logger() -> logging.Logger:
     return engine
 
 
-def _close_fields(ws: ServerConnection) -> tuple[int, str]:
-    """The close code as the audit log reports it: the one sent by whoever closed first."""
-    protocol = ws.protocol
-    sent, rcvd = protocol.close_sent, protocol.close_rcvd
-    if sent is not None and (rcvd is None or not protocol.close_rcvd_then_sent):
-        return int(sent.code), "server"
-    if rcvd is not None:
-        return int(rcvd.code), "client"
-    return 1006, "network"
-
-
 async def run_guarded(app: App, ws: ServerConnection) -> None:
     """Own one admitted connection from welcome to the audit record of its close."""
     assert isinstance(ws, GuardedServerConnection)
@@ -364,20 +353,8 @@ async def run_guarded(app: App, ws: ServerConnection) -> None:
         await ws.close(1011, "internal error")
         return
     guard = app.guard
-    started = time.monotonic()
-    state = guard.messages.open(admission.identity, started)
-    conn = Connection(
-        ws,
-        connection_id=app.new_connection_id(),
-        identity=admission.identity,
-        client=admission.client,
-        origin=admission.origin,
-        subprotocol=admission.subprotocol,
-        state=state,
-        queue_limit=guard.config.limits.outbound_queue,
-        on_slow=app._slow_consumer,
-        loop=ws.loop,
-    )
+    conn = app.admitted(admission, functools.partial(Connection, ws), ws.loop)
+    state = conn.state
     ws.guarded = conn
     request = ws.request
     if request is not None:
@@ -412,8 +389,8 @@ async def run_guarded(app: App, ws: ServerConnection) -> None:
                     await ws.wait_closed()
             except TimeoutError:
                 ws.transport.abort()
-        code, closed_by = _close_fields(ws)
-        if code == CLOSE_TOO_BIG and closed_by == "server":
-            guard.monitor.connection_refused("size", "too_big", conn.client)
-            conn.close_cause = conn.close_cause or "too_big"
-        guard.connection_closed(conn, code, closed_by)
+        protocol = ws.protocol
+        code, closed_by = first_close(
+            protocol.close_sent, protocol.close_rcvd, bool(protocol.close_rcvd_then_sent)
+        )
+        record_close(guard, conn, code, closed_by)

@@ -37,6 +37,7 @@ from wsguard.config.model import Config
 from wsguard.core.decisions import (
     CLOSE_CREDENTIALS_EXPIRED,
     CLOSE_GOING_AWAY,
+    Admit,
     Close,
     Deliver,
     MessageDecision,
@@ -178,6 +179,24 @@ class App:
         return welcome
 
     # -- connection lifecycle (called by the engine adapter) -------------------
+
+    def admitted(
+        self, admission: Admit, make: Callable[..., Connection], loop: asyncio.AbstractEventLoop
+    ) -> Connection:
+        """The Connection of an admitted handshake, with its fresh message-policy state;
+        *make* is the engine adapter's Connection class, bound to its engine object."""
+        guard = self.guard
+        return make(
+            connection_id=self.new_connection_id(),
+            identity=admission.identity,
+            client=admission.client,
+            origin=admission.origin,
+            subprotocol=admission.subprotocol,
+            state=guard.messages.open(admission.identity, time.monotonic()),
+            queue_limit=guard.config.limits.outbound_queue,
+            on_slow=self._slow_consumer,
+            loop=loop,
+        )
 
     def _slow_consumer(self, conn: Connection) -> None:
         self.guard.audit.emit(
@@ -430,7 +449,7 @@ class App:
                 loop.remove_signal_handler(sig)
             if self.events is not None:
                 await self.events.close()
-            from wsguard.adapters.releases import wait_for_releases
+            from wsguard.adapters.ending import wait_for_releases
 
             await wait_for_releases(self.config.cluster.timeout_seconds * 4)
             if self.admin is not None:

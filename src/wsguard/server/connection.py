@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from websockets.asyncio.server import ServerConnection
 
 _SLOW_CONSUMER_ABORT_SECONDS = 1.0
-_DIRECT_WRITE_LIMIT = 64 * 1024  # bytes already buffered in the kernel-side transport
+DIRECT_WRITE_LIMIT = 64 * 1024  # bytes already buffered in the kernel-side transport
 _SENDABLE_CODES = frozenset(
     {1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014}
 )
@@ -135,7 +135,7 @@ class Connection:
         ws = self._ws
         if ws.protocol.state is not State.OPEN:
             return False
-        if ws.transport.get_write_buffer_size() > _DIRECT_WRITE_LIMIT:
+        if ws.transport.get_write_buffer_size() > DIRECT_WRITE_LIMIT:
             return False  # the client is not keeping up: queue (and detect a slow consumer)
         if isinstance(text, str):
             ws.protocol.send_text(text.encode())
