@@ -3,7 +3,8 @@
 # This is exactly what CI runs (.ci/run). Extra arguments go to pytest.
 source "$(dirname "$0")/_env.sh"
 ensure_venv
-.venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+# pinned (constraints.txt): a new release on PyPI cannot turn CI red overnight
+.venv/bin/pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)

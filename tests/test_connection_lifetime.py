@@ -21,6 +21,7 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -33,7 +34,8 @@ from websockets.sync.client import ClientConnection, connect
 
 from conftest import RunningServer, ServerFactory, make_token, status_of, upgrade_request
 
-WSGUARD_BIN = Path("/work/main/.venv/bin/wsguard")
+# the wsguard console script of the interpreter running the tests (any checkout, any path)
+WSGUARD_BIN = Path(sys.executable).with_name("wsguard")
 
 # How early a timed close may arrive and still count as "at" its deadline
 # (timer granularity; the deadline itself is computed from wall-clock time).

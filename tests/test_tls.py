@@ -725,7 +725,7 @@ def test_mtls_optional_cert_with_other_subject_token_is_401(
 def test_mtls_optional_untrusted_cert_still_fails_tls(
     optional_server: RunningServer, pki: ServerPki
 ) -> None:
-    rogue = trustme.CA().issue_cert(common_name="alice")
+    rogue = trustme.CA().issue_cert("alice@example.com", common_name="alice")
     ctx = client_context(pki.ca, cert=rogue, maximum=ssl.TLSVersion.TLSv1_2)
     assert_not_upgraded(optional_server.port, ctx, make_token("alice"))
     assert optional_server.audit.events("connection_admitted") == []
