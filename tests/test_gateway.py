@@ -64,7 +64,7 @@ from wsguard.gateway.identity import identity_headers, verify_identity
 from wsguard.gateway.proxy import Gateway
 from wsguard.guard import Guard
 from wsguard.observability.audit import AuditLog
-from wsguard.server.connection import Connection
+from wsguard.session import Connection
 
 T = TypeVar("T")
 
