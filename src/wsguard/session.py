@@ -344,6 +344,22 @@ class Session:
             releaser(admission)
         return host.closed(self)
 
+    def discard(self, releaser: Callable[[Admit], None] = release) -> None:
+        """The connection never opened (an ASGI app that did not accept): timers
+        cancelled, the registry left, the slots released; nothing to audit."""
+        self._closing = True
+        self.cancel_timers()
+        self.host.connections.pop(self.id, None)
+        self.guard.messages.closed(self.state, time.monotonic())
+        admission, self._admission = self._admission, None
+        if admission is not None:
+            releaser(admission)
+
+    def mark_closing(self) -> None:
+        """A close was started outside the Session (by the peer, or by a host that
+        closes itself): nothing more is sent or evaluated."""
+        self._closing = True
+
     # -- policy answers ----------------------------------------------------------------
 
     def _answer(self, decision: MessageDecision) -> None:
