@@ -44,6 +44,7 @@ from wsguard.core.headers import Headers
 from wsguard.core.identity import Identity
 from wsguard.core.request import HandshakeRequest
 from wsguard.guard import Guard
+from wsguard.observability.uvicorn_log import quiet_uvicorn_denial_errors
 from wsguard.session import Session
 
 Scope = MutableMapping[str, Any]
@@ -427,22 +428,6 @@ class WsGuardMiddleware:
                 session.discard(released.append)
             for admission in released:
                 await admission.release()
-
-
-class _DenialIsNotAnError(logging.Filter):
-    """uvicorn's sans-I/O WebSocket logs an error after every denial response (an HTTP
-    refusal before the upgrade, which is how wsguard refuses); the refusal itself is
-    in the audit log."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.getMessage() != "ASGI callable returned without completing handshake."
-
-
-def quiet_uvicorn_denial_errors() -> None:
-    """Drop that one misleading record from uvicorn's error log (idempotent)."""
-    target = logging.getLogger("uvicorn.error")
-    if not any(isinstance(f, _DenialIsNotAnError) for f in target.filters):
-        target.addFilter(_DenialIsNotAnError())
 
 
 def handshake_request(scope: Scope) -> HandshakeRequest:
