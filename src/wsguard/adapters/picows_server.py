@@ -13,7 +13,7 @@ The same policy core as the websockets adapter, reached differently:
   fragments are assembled with the message size checked as each one arrives
   (``1009`` as soon as the limit is crossed; picows itself refuses a single
   frame over the limit from its header, before reading the payload).
-- **Messages** go through :meth:`App._receive` in the frame callback: refusals,
+- **Messages** go through :meth:`Session.receive` in the frame callback: refusals,
   closes and plain-function handlers need no task. A coroutine handler runs in
   the connection's task (made when needed, gone when idle); messages that arrive
   while it waits queue (at most 16, then the socket stops being read), in order.
@@ -29,7 +29,7 @@ import collections
 import itertools
 import logging
 import time
-from collections.abc import Awaitable, Coroutine, Generator
+from collections.abc import Awaitable, Coroutine, Generator, Iterator
 from typing import TYPE_CHECKING, Any
 
 from multidict import CIMultiDict
@@ -218,6 +218,31 @@ class GuardListener(WSListener):
         finally:
             if frame.last_in_buffer:
                 self.flush()
+
+    @property
+    def batching(self) -> bool:
+        """Writes are being collected, to leave in one send() (see :meth:`flush`)."""
+        return self._out is not None
+
+    def start_batch(self) -> None:
+        if self._out is None:
+            self._out = []
+
+    def heartbeat(
+        self, now: float, interval: float, timeout: float, ping_ids: Iterator[int]
+    ) -> None:
+        """Ping when due; fail (1011) when the pong of the last ping is overdue."""
+        transport = self.transport
+        if transport is None or self.close_sent or self.conn is None:
+            return
+        if self._ping_payload is not None:
+            if now >= self._pong_deadline:
+                self._fail(1011, "keepalive ping timeout", "ping_timeout")
+        elif now >= self._ping_due:
+            self._ping_payload = payload = next(ping_ids).to_bytes(8, "big")
+            self._pong_deadline = now + timeout
+            self._ping_due = now + interval
+            transport.send_ping(payload)
 
     def write_bytes(self, frame: bytes) -> None:
         """Write *frame*, or add it to the current read batch's replies."""
@@ -626,7 +651,7 @@ class HandshakeProtocol(asyncio.Protocol):
         protocol = server.ws_protocol(factory)
         transport.set_write_buffer_limits(high=DIRECT_WRITE_LIMIT)  # see GuardListener.writable
         transport.set_protocol(protocol)
-        listener._out = []  # picows' 101 and the welcome frame leave in one write
+        listener.start_batch()  # picows' 101 and the welcome frame leave in one write
         protocol.connection_made(_PicowsView(transport, listener, self._fd))
         server.adopt(listener)
         head, self._buffer = self._buffer, b""
@@ -749,12 +774,12 @@ class _PicowsView:
         self._raw, self._listener, self._socket = raw, listener, _Socket(fd)
 
     def get_write_buffer_size(self) -> int:
-        return 1 if self._listener._out is not None else self._raw.get_write_buffer_size()
+        return 1 if self._listener.batching else self._raw.get_write_buffer_size()
 
     def write(self, data: Any) -> None:
-        out = self._listener._out
-        if out is not None:
-            out.append(bytes(data))
+        listener = self._listener
+        if listener.batching:
+            listener.write_bytes(bytes(data))
         else:
             self._raw.write(data)
 
@@ -894,17 +919,7 @@ class PicowsServer:
         liveness = self.guard.config.liveness
         interval, timeout = liveness.ping_interval_seconds, liveness.ping_timeout_seconds
         for listener in list(self.listeners):
-            transport = listener.transport
-            if transport is None or listener.close_sent or listener.conn is None:
-                continue
-            if listener._ping_payload is not None:
-                if now >= listener._pong_deadline:
-                    listener._fail(1011, "keepalive ping timeout", "ping_timeout")
-            elif now >= listener._ping_due:
-                listener._ping_payload = payload = next(self._ping_ids).to_bytes(8, "big")
-                listener._pong_deadline = now + timeout
-                listener._ping_due = now + interval
-                transport.send_ping(payload)
+            listener.heartbeat(now, interval, timeout, self._ping_ids)
         if self.listeners:
             self._sweeper = self.loop.call_later(self._period, self._sweep)
 
