@@ -586,23 +586,20 @@ def test_a_failed_start_leaves_no_admin_listener() -> None:
 def test_readyz_is_503_starting_until_the_public_listener_is_up(
     server_factory: ServerFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import wsguard.adapters.picows_server
+    import wsguard.engines
 
-    adapters = (wsguard.adapters.websockets_server, wsguard.adapters.picows_server)
-    originals = {module: module.start_server for module in adapters}
+    original = wsguard.engines.start_server
     seen: list[tuple[int, dict[str, Any]]] = []
 
-    async def observed(app: App) -> Any:
+    async def observed(name: str, app: App, ssl_context: Any) -> Any:
         # the admin listener is up, the public one not yet: ask it whether we are ready
         assert app.admin_port is not None
         async with httpx.AsyncClient(trust_env=False, timeout=5) as client:
             response = await client.get(f"http://127.0.0.1:{app.admin_port}/readyz")
         seen.append((response.status_code, response.json()))
-        engine = wsguard.adapters.picows_server if app.config.engine == "picows" else adapters[0]
-        return await originals[engine](app)
+        return await original(name, app, ssl_context)
 
-    for module in adapters:
-        monkeypatch.setattr(module, "start_server", observed)
+    monkeypatch.setattr(wsguard.engines, "start_server", observed)
     server = admin_server(server_factory)
     assert seen == [(503, {"ready": False, "reason": "starting"})]
     ready = request(server, "GET", "/readyz")
