@@ -394,6 +394,8 @@ class WsGuardMiddleware:
                 decision = policy.evaluate(state, data, guard.now())
                 if isinstance(decision, Deliver):
                     decision = await guard.settle(state, decision)
+                elif isinstance(decision, Reauthenticate):  # revocation, as at the handshake
+                    decision = await guard.check_refresh(conn, decision)
                 if isinstance(decision, Deliver):
                     monitor.metrics.message_delivered(decision.type)
                     monitor.metrics.latency(time.perf_counter() - clock)

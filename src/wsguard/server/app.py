@@ -306,6 +306,8 @@ class App:
         guard = self.guard
         decision = guard.messages.evaluate(conn.state, data, guard.now())
         if not isinstance(decision, Deliver):
+            if isinstance(decision, Reauthenticate):  # the revocation check needs the store
+                return self._refresh(conn, decision)
             self._answer(conn, decision)
             return None
         quota = guard.quota
@@ -333,6 +335,10 @@ class App:
         elif isinstance(decision, Close):
             monitor.message_refused(decision.cause, None, conn.client, closed=True)
             conn.close_soon(decision.code, decision.reason, cause=decision.cause)
+
+    async def _refresh(self, conn: Connection, decision: Reauthenticate) -> None:
+        """An in-band token refresh: the Guard's revocation check, then the answer."""
+        self._answer(conn, await self.guard.check_refresh(conn, decision))
 
     async def _deliver_checked(
         self,
