@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -15,9 +16,17 @@ from typing import Any
 from wsguard.cluster.quota import SubjectQuota
 from wsguard.config.keys import has_configured_key, load_keys, load_signing_keys
 from wsguard.config.model import Config
-from wsguard.core.auth import KeyMaterial, TokenVerifier
+from wsguard.core.auth import KeyMaterial, TokenVerifier, public_key_warnings
 from wsguard.core.client_address import limit_key, parse_ip
-from wsguard.core.decisions import Admit, Deliver, MessageDecision, Reject
+from wsguard.core.decisions import (
+    CLOSE_REVOKED,
+    Admit,
+    Close,
+    Deliver,
+    MessageDecision,
+    Reauthenticate,
+    Reject,
+)
 from wsguard.core.handshake import HandshakePolicy
 from wsguard.core.integrity import SignatureVerifier
 from wsguard.core.messages import ConnectionState, MessagePolicy
@@ -28,6 +37,8 @@ from wsguard.observability.monitor import Monitor
 from wsguard.stores import Store, open_store
 from wsguard.stores.base import CHANNEL_DISCONNECT, StoreUnavailable
 from wsguard.stores.uri import redacted
+
+logger = logging.getLogger("wsguard.auth")
 
 
 def is_loopback_host(host: str) -> bool:
@@ -84,6 +95,7 @@ class Guard:
             clock=time.time,
         )
         self.messages = MessagePolicy(config, self.verifier, signatures)
+        self.messages.on_refresh_refused = self._refresh_failed
         self.node_id = self.handshakes.node_id
         self.monitor = Monitor(config, self.audit, self.messages.type_names())
         self.monitor.ban_action = self.ban_address
@@ -104,6 +116,7 @@ class Guard:
         on_health = getattr(self.store, "on_health", None)
         if on_health is not None:
             on_health(self._store_health)
+        self._warned = False
 
     def _store_health(self, event: str, detail: str) -> None:
         """Write a store outage (once) and its recovery to the audit log."""
@@ -127,7 +140,17 @@ class Guard:
 
     async def start(self) -> None:
         """Start the store's background work (lease renewal, cluster events)."""
+        self.warn_risky_config()
         await self.store.start()
+
+    def warn_risky_config(self) -> None:
+        """Log and audit, once, the valid but risky settings (public keys, no audience)."""
+        if self._warned:
+            return
+        self._warned = True
+        for key, message in public_key_warnings(self.config.auth):
+            logger.warning("%s: %s", key, message)
+            self.audit.emit("config_warning", key=key, detail=message)
 
     async def admit(self, request: HandshakeRequest) -> Admit | Reject:
         """Evaluate a handshake and write the audit record of a refusal."""
@@ -242,6 +265,66 @@ class Guard:
         if fresh:
             return decision
         return self.messages.replayed(state, self.now(), ref, decision.type)
+
+    # -- in-band token refresh (every adapter) -------------------------------------------
+
+    async def check_refresh(self, conn: Any, decision: Reauthenticate) -> MessageDecision:
+        """A refresh the message policy verified, checked as a handshake is: is its token id
+        or its subject revoked (cluster-wide)? Returns *decision* when the new token may
+        replace the old one, else the answer to send. Audited either way.
+
+        *conn* is an App ``Connection`` or the middleware's: ``id``, ``client``, ``state``.
+        A revoked token id is refused (``invalid_token``, a violation: the connection keeps
+        its old expiry); a revoked subject closes the connection (4003), as the revocation
+        event would have; a store that cannot answer, with revocations failing closed,
+        refuses (``unavailable``, retryable).
+        """
+        identity = decision.identity
+        subject, token_id = identity.subject, identity.token_id
+        try:
+            revoked = await self.store.is_revoked(subject, token_id)
+            if revoked and token_id is not None:  # which of the two: one more look
+                revoked_subject = await self.store.is_revoked(subject, None)
+            else:
+                revoked_subject = revoked
+        except StoreUnavailable:
+            self._refresh_refused(conn, token_id, "store_unavailable", "revocations")
+            return self.messages.unavailable(conn.state, self.now(), decision.ref, "auth")
+        if revoked_subject:
+            self._refresh_refused(conn, token_id, "revoked", "sub")
+            return Close(CLOSE_REVOKED, "revoked", cause="revoked")
+        if revoked:
+            self._refresh_refused(conn, token_id, "revoked", "jti")
+            return self.messages.refresh_refused(conn.state, self.now(), decision.ref)
+        self.audit.emit(
+            "token_refreshed",
+            connection_id=conn.id,
+            client=conn.client,
+            subject=subject,
+            token_id=token_id,
+            expires_at=identity.expires_at,
+        )
+        return decision
+
+    def _refresh_refused(self, conn: Any, token_id: str | None, reason: str, detail: str) -> None:
+        self.audit.emit(
+            "token_refresh_refused",
+            connection_id=conn.id,
+            client=conn.client,
+            subject=conn.subject,
+            token_id=token_id,
+            reason=reason,
+            detail=detail,
+        )
+
+    def _refresh_failed(self, state: ConnectionState, reason: str, detail: str) -> None:
+        """The message policy refused a refresh token (it does not know the connection)."""
+        self.audit.emit(
+            "token_refresh_refused",
+            subject=state.identity.subject,
+            reason=reason,
+            detail=detail or None,
+        )
 
     # -- operator actions (admin API, alert rules) --------------------------------------
 

@@ -374,10 +374,10 @@ class Session:
         elif isinstance(decision, Reauthenticate):
             self._refreshed(decision)
 
-    def _refresh(self, decision: Reauthenticate) -> Awaitable[None] | None:
-        """An in-band refresh whose token verified."""
-        self._refreshed(decision)
-        return None
+    async def _refresh(self, decision: Reauthenticate) -> None:
+        """An in-band refresh whose token verified: the Guard's revocation check (the
+        store's, cluster-wide, as at the handshake), then the answer."""
+        self._answer(await self.guard.check_refresh(self, decision))
 
     def _refreshed(self, decision: Reauthenticate) -> None:
         self.guard.monitor.metrics.message_delivered("auth")

@@ -177,7 +177,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return run_audit(args)
         if args.command == "check-config":
-            _load(args)
+            from wsguard.core.auth import public_key_warnings
+
+            for key, message in public_key_warnings(_load(args).auth):
+                print(f"wsguard: warning: {key}: {message}", file=sys.stderr)
             print("configuration is valid")
             return 0
     except ConfigError as exc:

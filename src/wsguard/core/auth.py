@@ -124,10 +124,48 @@ def _scopes(claims: Mapping[str, Any], names: tuple[str, ...]) -> frozenset[str]
     return frozenset(found)
 
 
+def public_key_warnings(config: AuthConfig) -> list[tuple[str, str]]:
+    """Valid but risky settings of public-key verification, as (config key, message).
+
+    A public key or a JWKS is usually an identity provider's, shared by every service it
+    issues tokens for: without ``audience`` and ``issuer`` this service accepts any token
+    of that provider (tokens carrying ``aud`` are refused when no audience is set).
+    """
+    if config.uses_hmac:
+        return []
+    source = "auth.jwks_file" if config.jwks_file else "auth.public_key_file"
+    out: list[tuple[str, str]] = []
+    if not config.audience:
+        out.append(
+            (
+                "auth.audience",
+                f"tokens are verified with {source} and no audience is set: tokens without "
+                "aud issued for other services are accepted (tokens with aud are refused)",
+            )
+        )
+    if not config.issuer:
+        out.append(
+            (
+                "auth.issuer",
+                f"tokens are verified with {source} and no issuer is set: iss is not checked",
+            )
+        )
+    return out
+
+
 class TokenVerifier:
     """Verifies JWTs against the pinned algorithms and the configured keys."""
 
-    __slots__ = ("_cache", "_clock", "_config", "_keys", "_options", "_required", "_scope_sets")
+    __slots__ = (
+        "_audience_detail",
+        "_cache",
+        "_clock",
+        "_config",
+        "_keys",
+        "_options",
+        "_required",
+        "_scope_sets",
+    )
 
     def __init__(
         self, config: AuthConfig, keys: KeyMaterial, *, clock: Callable[[], float] = time.time
@@ -142,9 +180,13 @@ class TokenVerifier:
         # equal scope sets are shared between connections (a few distinct sets is typical)
         self._scope_sets: dict[frozenset[str], frozenset[str]] = {}
         self._required = ["exp"] if config.require_exp else []
+        self._audience_detail = (
+            "aud does not match" if config.audience else "aud present, auth.audience not set"
+        )
         self._options: dict[str, Any] = {
             "require": self._required,
-            "verify_aud": bool(config.audience),
+            # always on: with no audience configured, PyJWT refuses a token that has one
+            "verify_aud": True,
             "verify_iss": bool(config.issuer),
         }
 
@@ -215,7 +257,7 @@ class TokenVerifier:
         except jwt.ImmatureSignatureError:
             raise AuthFailure("token_not_yet_valid", "nbf/iat in the future") from None
         except jwt.InvalidAudienceError:
-            raise AuthFailure("invalid_audience", "aud does not match") from None
+            raise AuthFailure("invalid_audience", self._audience_detail) from None
         except jwt.InvalidIssuerError:
             raise AuthFailure("invalid_issuer", "iss does not match") from None
         except jwt.MissingRequiredClaimError as exc:
@@ -228,6 +270,9 @@ class TokenVerifier:
             raise AuthFailure("invalid_token", "key does not fit the algorithm") from None
         except jwt.PyJWTError as exc:
             raise AuthFailure("invalid_token", type(exc).__name__) from None
+        if "aud" in claims and not config.audience:
+            # a token meant for another service is never accepted here by default
+            raise AuthFailure("invalid_audience", self._audience_detail)
         nbf = claims.get("nbf")
         return self._identity(claims), float(nbf) if isinstance(nbf, (int, float)) else None
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 import secrets
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -171,6 +171,8 @@ class MessagePolicy:
         self._decay = limits.violation_decay_seconds
         self._subjects: dict[str, SubjectLimits] = {}
         self._next_prune = 1024
+        #: Told (state, reason, detail) of every refused ``auth`` refresh (the audit log).
+        self.on_refresh_refused: Callable[[ConnectionState, str, str], None] | None = None
 
     # -- connection lifecycle -------------------------------------------------
 
@@ -446,14 +448,25 @@ class MessagePolicy:
     def _reauthenticate(
         self, state: ConnectionState, now: float, message: dict[str, Any], ref: str | int | None
     ) -> MessageDecision:
+        """A refresh token that verifies, for the same subject: ``Reauthenticate``, which
+        the adapter hands to ``Guard.check_refresh`` (revocation) before applying it."""
         token = message.get("token")
         assert isinstance(token, str)
         try:
             identity = self.verifier.verify(token)
-        except AuthFailure:
-            return self._refuse(
-                state, now, Refuse("invalid_token", "Token refresh refused.", ref=ref)
-            )
+        except AuthFailure as failure:
+            self._refresh_failed(state, failure.reason, failure.detail)
+            return self.refresh_refused(state, now, ref)
         if identity.subject != state.identity.subject:
+            self._refresh_failed(state, "subject_mismatch", "")
             return Close(CLOSE_POLICY_VIOLATION, "subject mismatch", cause="auth_subject_mismatch")
         return Reauthenticate(identity, ref)
+
+    def refresh_refused(self, state: ConnectionState, now: float, ref: Any) -> MessageDecision:
+        """An ``auth`` refresh whose token is not accepted: ``invalid_token``, a violation."""
+        refusal = Refuse("invalid_token", "Token refresh refused.", ref=_valid_ref(ref))
+        return self._refuse(state, now, refusal)
+
+    def _refresh_failed(self, state: ConnectionState, reason: str, detail: str) -> None:
+        if self.on_refresh_refused is not None:
+            self.on_refresh_refused(state, reason, detail)

@@ -71,6 +71,7 @@ MESSAGE_CODES: dict[str, str] = {
     "stale": "signature",
     "invalid_token": "auth",
     "auth_subject_mismatch": "auth",
+    "revoked": "revoked",  # an in-band refresh for a revoked subject (close 4003)
     "unavailable": "store",
     "slow_consumer": "slow_consumer",
     "policy_error": "other",
