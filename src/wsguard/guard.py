@@ -154,10 +154,12 @@ class Guard:
 
     async def admit(self, request: HandshakeRequest) -> Admit | Reject:
         """Evaluate a handshake and write the audit record of a refusal."""
+        started = time.monotonic()
         decision = await self.handshakes.evaluate(request)
         if isinstance(decision, Reject):
             self.record_refusal(decision, request)
         else:
+            decision.checked_at = started
             self.monitor.handshake_admitted(decision.client)
         return decision
 

@@ -261,6 +261,12 @@ class Session:
         return self._closing
 
     @property
+    def checked_at(self) -> float:
+        """When the handshake's checks (revocations, bans) started (monotonic)."""
+        admission = self._admission
+        return admission.checked_at if admission is not None else self.opened_at
+
+    @property
     def backlogged(self) -> bool:
         """Frames are waiting in the outbound queue (the client is not keeping up)."""
         return self._writer is not None

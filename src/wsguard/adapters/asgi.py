@@ -417,6 +417,8 @@ class WsGuardMiddleware:
                 await transport.close(*transport.close_on_accept)
 
         self.connections[session.id] = session  # from admission on: revocations reach it
+        if self._events is not None:  # and those that arrived while it was decided
+            self._events.catch_up(session, session.checked_at)
         try:
             await self.app(scope_for_app, app_receive, app_send)
         finally:

@@ -6,6 +6,12 @@ Events can be lost while a node is cut off from the store, so after every
 reconnection the node checks all its live connections against the stored
 revocations (one pipelined round trip).
 
+A connection is registered only once its handshake is decided, so an event that
+arrives while a handshake is being decided (after its revocation and ban checks,
+before registration) would miss it: the node keeps the events of the last
+``RECENT_SECONDS`` and applies those received since a connection's checks to it
+when it registers (:meth:`ClusterEvents.catch_up`).
+
 Broadcasts are published with the sending node's id; that node has already
 delivered to its own clients, so it skips its own copy (no double delivery).
 """
@@ -13,8 +19,10 @@ delivered to its own clients, so it skips its own copy (no double delivery).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Coroutine, Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -34,6 +42,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger("wsguard.cluster")
 
 OUTBOX_LIMIT = 10_000
+#: how long revocations, bans and disconnects are kept for handshakes still being
+#: decided when they arrived (longer than any handshake decision takes)
+RECENT_SECONDS = 60.0
+RECENT_LIMIT = 4096
 
 
 class Closable(Protocol):
@@ -44,6 +56,9 @@ class Closable(Protocol):
 
     @property
     def subject(self) -> str: ...
+
+    @property
+    def identity(self) -> Any: ...
 
     @property
     def closing(self) -> bool: ...
@@ -106,6 +121,10 @@ class ClusterEvents:
         self._outbox: asyncio.Queue[bytes] | None = None
         self._tasks: set[asyncio.Task[object]] = set()
         self.dropped = 0
+        # (received at, channel, kind, value, why) of recent revocations and disconnects
+        self._recent: collections.deque[tuple[float, str, str, str, str]] = collections.deque(
+            maxlen=RECENT_LIMIT
+        )
         store.subscribe(self.handle)
         store.on_resync(self.resync)
 
@@ -118,11 +137,54 @@ class ClusterEvents:
                 self._deliver(text)
         elif channel == CHANNEL_REVOKE:
             kind, _, value = payload.decode("utf-8", "replace").partition(":")
+            self._remember(channel, kind, value, "")
             self.close_revoked(kind, value)
         elif channel == CHANNEL_DISCONNECT:
             why, _, target = payload.decode("utf-8", "replace").partition("|")
             kind, _, value = target.partition(":")
+            self._remember(channel, kind, value, why)
             self.disconnect(kind, value, why)
+
+    def _remember(self, channel: str, kind: str, value: str, why: str) -> None:
+        now = time.monotonic()
+        recent = self._recent
+        while recent and recent[0][0] < now - RECENT_SECONDS:
+            recent.popleft()
+        recent.append((now, channel, kind, value, why))
+
+    def catch_up(self, conn: Connection, since: float) -> bool:
+        """Apply to *conn*, just registered, the revocations and disconnects this node
+        received since *since* (when its handshake checks started): they were meant for
+        it but could not find it. True when it is being closed."""
+        for received, channel, kind, value, why in self._recent:
+            if received < since or conn.closing:
+                continue
+            if channel == CHANNEL_REVOKE and self._revoked(conn, kind, value):
+                self._on_revoked(conn, kind)
+            elif (
+                channel == CHANNEL_DISCONNECT
+                and self._on_disconnect is not None
+                and self._named(conn, kind, value)
+            ):
+                self._on_disconnect(conn, why)
+        return conn.closing
+
+    def _named(self, conn: Connection, kind: str, value: str) -> bool:
+        """Whether a disconnect of *kind* (``sub``, ``id``, ``addr``) names *conn*."""
+        if kind == "sub":
+            return conn.subject == value
+        if kind == "id":
+            return conn.id == value
+        if kind == "addr" and self._address_key is not None:
+            return self._address_key(conn.client) == value
+        return False
+
+    @staticmethod
+    def _revoked(conn: Connection, kind: str, value: str) -> bool:
+        identity = conn.identity
+        return (kind == "sub" and identity.subject == value) or (
+            kind == "jti" and identity.token_id == value
+        )
 
     def disconnect(self, kind: str, value: str, why: str) -> int:
         """Close this node's connections of a subject (``sub``), address key (``addr``)
@@ -131,15 +193,7 @@ class ClusterEvents:
             return 0
         closed = 0
         for conn in list(self._connections()):
-            if kind == "sub":
-                match = conn.subject == value
-            elif kind == "id":
-                match = conn.id == value
-            elif kind == "addr" and self._address_key is not None:
-                match = self._address_key(conn.client) == value
-            else:
-                match = False
-            if match and not conn.closing:
+            if self._named(conn, kind, value) and not conn.closing:
                 self._on_disconnect(conn, why)
                 closed += 1
         return closed
@@ -147,10 +201,7 @@ class ClusterEvents:
     def close_revoked(self, kind: str, value: str) -> int:
         closed = 0
         for conn in list(self._connections()):
-            identity = conn.identity
-            if (kind == "sub" and identity.subject == value) or (
-                kind == "jti" and identity.token_id == value
-            ):
+            if self._revoked(conn, kind, value):
                 self._on_revoked(conn, kind)
                 closed += 1
         return closed

@@ -58,6 +58,9 @@ class Admit:
     origin: str | None
     subprotocol: str | None
     _release: Release | None = field(default=None, repr=False)
+    #: when the decision started (monotonic): revocations, bans and disconnects that
+    #: reach the node after it may have missed this connection (see ClusterEvents)
+    checked_at: float = 0.0
 
     async def release(self) -> None:
         """Free every slot this admission holds. Idempotent."""

@@ -197,7 +197,11 @@ class App:
         conn.send(_error("internal_error", "The handler failed.", decision.message.get("id")))
 
     def opened(self, conn: Connection) -> Awaitable[None] | None:
-        """Run the ``on_connect`` hooks (in the connection's task)."""
+        """Apply the cluster events that arrived while the handshake was decided, then
+        run the ``on_connect`` hooks (in the connection's task)."""
+        events = self.events
+        if events is not None and events.catch_up(conn, conn.checked_at):
+            return None
         if not self._on_connect:
             return None
         return self._run_hooks(self._on_connect, conn, "on_connect")
