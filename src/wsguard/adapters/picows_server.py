@@ -77,6 +77,8 @@ _READ_BUFFER = 2048  # picows' initial read buffer (it grows for bigger frames)
 _READ_CHUNK = 8192  # bytes read per callback at most (fairness; see _BoundedReads)
 _NO_HEADERS: CIMultiDict[str] = CIMultiDict()
 _EARLY_DATA_LIMIT = 64 * 1024  # bytes a client may send before its 101 is written
+_BATCH_FRAME_BYTES = 1024  # a bigger frame is written at once, not batched (see _write_now)
+_BATCH_FRAMES = 256  # frames batched per read at most (~200 replies fit one 8 KiB read)
 
 
 # -- running wsguard's own steps without a task when they cannot wait --------------------
@@ -170,7 +172,16 @@ class PicowsConnection(Connection):
         frame = _server_frame(0x82 if binary else 0x81, payload)
         listener.metrics.bytes_out += len(frame)
         self.sent += 1
-        listener.write(frame)
+        out = listener._out
+        if out is not None and (len(frame) > _BATCH_FRAME_BYTES or len(out) >= _BATCH_FRAMES):
+            # a big frame, or many: the read batch leaves now, so that the write buffer
+            # checked above counts what a handler sends in one go (a slow consumer is
+            # still found when a handler sends a lot without returning)
+            out.append(frame)
+            listener.flush()
+            listener._out = []
+        else:
+            listener.write(frame)
         return True
 
     async def _drain(self) -> None:
@@ -273,7 +284,8 @@ class GuardListener(WSListener):
         guard.connection_opened(conn, conn.subprotocol)
         app._start_timers(conn)
         self._ping_due = time.monotonic() + app.config.liveness.ping_interval_seconds
-        conn.send(app.welcome(conn))
+        if app.send_welcome:
+            conn.send(app.welcome(conn))
         if app._on_connect:
             self._run(self._work(self._hooks(conn), None))
 

@@ -105,6 +105,15 @@ class Connection:
         """Queue a JSON message; False if the connection is closing or was dropped."""
         return self.send_text(orjson.dumps(message).decode())
 
+    def send_raw(self, data: str | bytes) -> bool:
+        """Send *data* as it is: a text frame for ``str``, a binary frame for ``bytes``
+        (e.g. a message echoed or forwarded as it arrived). Never waits: the same
+        bounded queue as :meth:`send`, and a full queue drops the slow client. False if
+        the connection is closing or was dropped."""
+        if not isinstance(data, (str, bytes)):
+            raise TypeError(f"send_raw takes str or bytes, not {type(data).__name__}")
+        return self.send_text(data)
+
     def send_text(self, text: str | bytes) -> bool:
         """Send an already serialized frame (shared by broadcast); never waits.
 
