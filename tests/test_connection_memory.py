@@ -15,8 +15,8 @@ import json
 from typing import Any
 
 from conftest import RunningServer, make_token
-from wsguard.adapters.picows_server import PicowsConnection
-from wsguard.adapters.websockets_server import GuardedServerConnection
+from wsguard.adapters.picows_server import GuardListener
+from wsguard.adapters.websockets_server import WebsocketsTransport
 
 
 def engine_connections(server: RunningServer) -> list[Any]:
@@ -25,11 +25,12 @@ def engine_connections(server: RunningServer) -> list[Any]:
     def collect() -> list[Any]:
         found: list[Any] = []
         for conn in server.app.connections.values():
-            if isinstance(conn, PicowsConnection):
-                found.append(conn._listener)
+            transport = conn.transport
+            if isinstance(transport, GuardListener):
+                found.append(transport)  # the listener is the Session's transport
             else:
-                assert isinstance(conn._ws, GuardedServerConnection)
-                found.append(conn._ws)
+                assert isinstance(transport, WebsocketsTransport)
+                found.append(transport.ws)
         return found
 
     return list(server.call(collect))

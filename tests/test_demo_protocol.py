@@ -88,7 +88,7 @@ def test_errors_have_stable_codes_and_connection_survives(server: RunningServer)
 
 def test_user_handlers_via_app_on(server_factory: object) -> None:
     from wsguard.server.app import App
-    from wsguard.server.connection import Connection
+    from wsguard.session import Connection
 
     def setup(app: App) -> None:
         @app.on("chat")
@@ -103,7 +103,7 @@ def test_user_handlers_via_app_on(server_factory: object) -> None:
 
 def _claims_echo(app: object) -> None:
     from wsguard.server.app import App
-    from wsguard.server.connection import Connection
+    from wsguard.session import Connection
 
     assert isinstance(app, App)
 

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import ServerFactory, eventually
 from wsguard.server.app import App
-from wsguard.server.connection import Connection
+from wsguard.session import Connection
 
 
 def test_coroutine_handlers_run_in_a_task_and_keep_message_order(

@@ -64,7 +64,7 @@ from wsguard.gateway.identity import identity_headers, verify_identity
 from wsguard.gateway.proxy import Gateway
 from wsguard.guard import Guard
 from wsguard.observability.audit import AuditLog
-from wsguard.server.connection import Connection
+from wsguard.session import Connection
 
 T = TypeVar("T")
 
@@ -1280,7 +1280,7 @@ def test_stalled_backend_stops_the_gateway_reading_from_the_client(
         [conn] = gateway_connections(gw)
 
         def gateway_side() -> tuple[int, bool, int]:
-            server_ws = conn._ws
+            server_ws = conn.transport.ws
             frames = len(server_ws.recv_messages.frames)
             buffered = upstream.transport.get_write_buffer_size()
             return frames, server_ws.recv_messages.paused, buffered

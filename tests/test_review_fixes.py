@@ -54,8 +54,8 @@ from wsguard.errors import ConfigError
 from wsguard.guard import Guard
 from wsguard.observability.audit import AuditLog
 from wsguard.server.app import App
-from wsguard.server.connection import Connection
 from wsguard.server.demo import install_demo
+from wsguard.session import Connection
 
 APP_ORIGIN = "https://app.example.com"
 EVIL_ORIGIN = "https://evil.example.net"

@@ -31,27 +31,21 @@ from http.cookies import CookieError, SimpleCookie
 from typing import Any
 from urllib.parse import unquote_plus
 
-import orjson
-
 from wsguard.cluster.events import ClusterEvents, close_disconnected, close_revoked
 from wsguard.config.model import Config
 from wsguard.core.decisions import (
-    CLOSE_CREDENTIALS_EXPIRED,
-    CLOSE_GOING_AWAY,
     CLOSE_POLICY_VIOLATION,
     CLOSE_TOO_BIG,
     Admit,
-    Close,
     Deliver,
-    Reauthenticate,
-    Refuse,
     Reject,
 )
 from wsguard.core.headers import Headers
 from wsguard.core.identity import Identity
-from wsguard.core.messages import ConnectionState
 from wsguard.core.request import HandshakeRequest
 from wsguard.guard import Guard
+from wsguard.observability.uvicorn_log import quiet_uvicorn_denial_errors
+from wsguard.session import Session
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -86,48 +80,76 @@ class WsGuardUser:
         return f"WsGuardUser({self.identity.subject!r})"
 
 
-class GuardedConnection:
-    """One admitted ASGI WebSocket, as revocations and operators see it."""
+class AsgiTransport:
+    """The :class:`~wsguard.session.Transport` of a WebSocket under an ASGI server: every
+    frame goes through the server's ``send`` (asynchronous), and the close codes are the
+    ones the app, wsguard and the server's disconnect event report."""
 
-    __slots__ = (
-        "_closer",
-        "client",
-        "close_cause",
-        "closing",
-        "id",
-        "identity",
-        "opened_at",
-        "origin",
-        "sent",
-        "state",
-        "subprotocol",
-    )
+    __slots__ = ("_send", "accepted", "close_on_accept", "close_sent", "closed_by_client")
 
-    def __init__(
-        self, connection_id: str, admit: Admit, state: ConnectionState, opened_at: float
-    ) -> None:
-        self.id = connection_id
-        self.identity = admit.identity
-        self.client = admit.client
-        self.origin = admit.origin
-        self.subprotocol = admit.subprotocol
-        self.state = state
-        self.opened_at = opened_at
-        self.sent = 0
-        self.closing = False
-        self.close_cause: str | None = None
-        self._closer: Callable[[int, str], None] | None = None
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self.accepted = False
+        self.close_sent: tuple[int, str] | None = None  # by wsguard or the app
+        self.closed_by_client: int | None = None  # the disconnect code the server reported
+        self.close_on_accept: tuple[int, str] | None = None
 
-    @property
-    def subject(self) -> str:
-        return self.identity.subject
+    def write(self, data: str | bytes) -> bool:
+        return False  # an ASGI send is a coroutine: the Session queues and calls send()
 
-    def close_soon(self, code: int, reason: str, *, cause: str | None = None) -> None:
-        """Ask the connection's own flow to close it with *code* (safe from any callback)."""
-        if self.closing or self._closer is None:
-            return
-        self.close_cause = cause or reason
-        self._closer(code, reason)
+    async def send(self, data: str | bytes) -> bool:
+        if not self.is_open():
+            return False
+        message: Message = {"type": "websocket.send"}
+        message["text" if isinstance(data, str) else "bytes"] = data
+        try:
+            await self._send(message)
+        except Exception:  # the server reports a gone client its own way (OSError...)
+            return False
+        return True
+
+    def is_open(self) -> bool:
+        return self.accepted and self.close_sent is None and self.closed_by_client is None
+
+    def close_now(self, code: int, reason: str) -> bool:
+        return False
+
+    async def close(self, code: int, reason: str) -> None:
+        """Close now; before the app accepts, at its accept."""
+        if not self.accepted:
+            self.close_on_accept = (code, reason)
+        elif self.close_sent is None and self.closed_by_client is None:
+            self.close_sent = (code, reason)
+            with contextlib.suppress(Exception):
+                await self._send({"type": "websocket.close", "code": code, "reason": reason})
+
+    def abort(self) -> None:
+        """Nothing to drop: the ASGI server owns the socket (a close was sent already)."""
+
+    def close_result(self) -> tuple[int, str, str]:
+        if self.close_sent is not None and self.closed_by_client is None:
+            return self.close_sent[0], self.close_sent[1], "server"
+        if self.closed_by_client is not None and self.closed_by_client != 1006:
+            return self.closed_by_client, "", "client"
+        return 1006, "", "network"
+
+
+class _AppView:
+    """What one connection's app sees that a refresh changes, and its delivered message."""
+
+    __slots__ = ("credentials", "delivered", "state", "user")
+
+    def __init__(self, scope: Scope) -> None:
+        self.user: WsGuardUser = scope["user"]
+        self.state: dict[str, Any] = scope["state"]
+        self.credentials: Any = scope.get("auth")
+        self.delivered: list[str | bytes] = []
+
+    def refresh(self, identity: Identity) -> None:
+        self.user.identity = identity  # the app sees the refreshed identity
+        self.state["wsguard"] = identity
+        if hasattr(self.credentials, "scopes"):  # Starlette's AuthCredentials
+            self.credentials.scopes = sorted(identity.scopes)
 
 
 class WsGuardMiddleware:
@@ -145,7 +167,7 @@ class WsGuardMiddleware:
         self.app = app
         self.guard = guard if guard is not None else Guard(config or Config())
         self.config = self.guard.config
-        self.connections: dict[str, GuardedConnection] = {}  # node-wide registry
+        self.connections: dict[str, Session] = {}  # node-wide registry
         self.guard.monitor.metrics.active_connections = lambda: len(self.connections)
         self._ids = itertools.count(1)
         self._started = False
@@ -182,7 +204,7 @@ class WsGuardMiddleware:
             self._events = ClusterEvents(
                 self.guard.store,
                 self.guard.node_id,
-                lambda: self.connections.values(),  # type: ignore[arg-type,return-value]
+                lambda: self.connections.values(),
                 lambda raw: None,  # broadcasts are the application's business here
                 functools.partial(close_revoked, self.guard.audit),
                 on_disconnect=functools.partial(close_disconnected, self.guard.audit),
@@ -274,233 +296,138 @@ class WsGuardMiddleware:
             return
         await self._serve(scope, receive, send, first, decision)
 
+    # -- the host's hooks (called by each connection's Session) -------------------------
+
+    def new_connection_id(self) -> str:
+        return f"{self.guard.node_id}{next(self._ids):08x}"
+
+    def keep_request(self, path: str, headers: Any) -> Any:
+        return None
+
+    def welcome(self, session: Session) -> dict[str, Any] | None:
+        return None  # the application speaks first, if at all
+
+    def deliver(self, session: Session, decision: Deliver, data: str | bytes) -> None:
+        session.attachment.delivered.append(data)  # app_receive hands it to the app
+
+    def opened(self, session: Session) -> None:
+        return None
+
+    def refreshed(self, session: Session) -> None:
+        session.attachment.refresh(session.identity)
+
+    def closed(self, session: Session) -> None:
+        return None
+
+    # -- one connection ---------------------------------------------------------------------
+
     async def _serve(
         self, scope: Scope, receive: Receive, send: Send, first: Message, admit: Admit
     ) -> None:
         guard = self.guard
-        policy = guard.messages
         monitor = guard.monitor
         max_bytes = self.config.limits.max_message_bytes
-        started = time.monotonic()
-        state = policy.open(admit.identity, started)
-        conn = GuardedConnection(f"{guard.node_id}{next(self._ids):08x}", admit, state, started)
-        accepted = False
-        closed_by_client: int | None = None
-        close_sent: tuple[int, str] | None = None
-        expiry: asyncio.TimerHandle | None = None
-        closing_tasks: set[asyncio.Task[None]] = set()
-        close_on_accept: tuple[int, str] | None = None
+        transport = AsgiTransport(send)
+        session = Session(transport, self, admit)
+        scope_for_app = app_scope(scope, admit, self.config)
+        view = session.attachment = _AppView(scope_for_app)
+        delivered = view.delivered
+        connect: Message | None = first
 
-        async def close(code: int, reason: str) -> None:
-            nonlocal close_sent
-            if close_sent is None and closed_by_client is None:
-                close_sent = (code, reason)
-                conn.closing = True
-                with contextlib.suppress(Exception):
-                    await send({"type": "websocket.close", "code": code, "reason": reason})
-
-        def close_later(code: int, reason: str) -> None:
-            """Revocation, expiry, an operator: close now; the app then receives the
-            disconnect the server reports. Before the app accepts, at its accept."""
-            nonlocal close_on_accept
-            if accepted:
-                task = asyncio.get_running_loop().create_task(close(code, reason))
-                closing_tasks.add(task)
-                task.add_done_callback(closing_tasks.discard)
-            else:
-                close_on_accept = (code, reason)
-
-        conn._closer = close_later
-
-        async def send_json(payload: dict[str, Any]) -> None:
-            if close_sent is None:
-                conn.sent += 1
-                await send({"type": "websocket.send", "text": orjson.dumps(payload).decode()})
-
-        def schedule_expiry(expires_at: float | None) -> None:
-            nonlocal expiry
-            if expiry is not None:
-                expiry.cancel()
-                expiry = None
-            deadline = guard.deadline(expires_at)
-            if deadline is not None:
-                expiry = asyncio.get_running_loop().call_later(
-                    max(0.0, deadline - time.time()),
-                    lambda: conn.close_soon(
-                        CLOSE_CREDENTIALS_EXPIRED, "credentials expired", cause="token_expired"
-                    ),
-                )
-
-        delivered_connect = False
-        network_lost = False
-        idle_timers: list[asyncio.TimerHandle] = []
-        liveness = self.config.liveness
-
-        def start_liveness_timers() -> None:
-            """Idle timeout and maximum lifetime, as ``wsguard serve`` enforces them."""
-            loop = asyncio.get_running_loop()
-            if liveness.max_lifetime_seconds:
-                idle_timers.append(
-                    loop.call_later(
-                        liveness.max_lifetime_seconds,
-                        lambda: conn.close_soon(
-                            CLOSE_GOING_AWAY, "max lifetime", cause="max_lifetime"
-                        ),
-                    )
-                )
-            idle = liveness.idle_timeout_seconds
-            if idle:
-
-                def check() -> None:
-                    quiet = guard.now() - state.last_data_at
-                    if quiet >= idle:
-                        conn.close_soon(CLOSE_GOING_AWAY, "idle timeout", cause="idle_timeout")
-                    else:
-                        idle_timers.append(loop.call_later(idle - quiet, check))
-
-                idle_timers.append(loop.call_later(idle, check))
+        def wsguard_closed() -> Message | None:
+            """The disconnect the app learns when wsguard closed the connection."""
+            sent = transport.close_sent
+            if sent is not None and session.close_cause is not None:
+                return {"type": "websocket.disconnect", "code": sent[0]}
+            return None
 
         async def app_receive() -> Message:
-            nonlocal delivered_connect, closed_by_client, network_lost
-            if not delivered_connect:
-                delivered_connect = True
-                return first
+            nonlocal connect
+            if connect is not None:
+                message, connect = connect, None
+                return message
             while True:
-                if close_sent is not None and conn.close_cause is not None:
-                    # wsguard closed this connection (a cause is set): the app learns it at once
-                    return {"type": "websocket.disconnect", "code": close_sent[0]}
+                closed = wsguard_closed()
+                if closed is not None:
+                    return closed
                 message = await receive()
                 kind = message["type"]
                 if kind == "websocket.disconnect":
-                    if close_sent is None:
-                        closed_by_client = int(message.get("code", 1005))
-                        if closed_by_client == 1006:
-                            network_lost = True
+                    if transport.close_sent is None:
+                        transport.closed_by_client = int(message.get("code", 1005))
+                        session.mark_closing()
                     return message
-                if kind != "websocket.receive" or close_sent is not None:
+                if kind != "websocket.receive" or transport.close_sent is not None:
                     continue
                 text = message.get("text")
                 data: str | bytes = text if text is not None else message.get("bytes") or b""
-                clock = time.perf_counter()
+                started = time.perf_counter()
                 if len(data) > max_bytes or (
                     isinstance(data, str)
                     and 4 * len(data) > max_bytes
                     and len(data.encode()) > max_bytes
                 ):
-                    monitor.connection_refused("size", "too_big", conn.client)
-                    conn.close_cause = "too_big"
-                    await close(CLOSE_TOO_BIG, "message too big")
-                    return {"type": "websocket.disconnect", "code": CLOSE_TOO_BIG}
-                decision = policy.evaluate(state, data, guard.now())
-                if isinstance(decision, Deliver):
-                    decision = await guard.settle(state, decision)
-                if isinstance(decision, Deliver):
-                    monitor.metrics.message_delivered(decision.type)
-                    monitor.metrics.latency(time.perf_counter() - clock)
+                    session.fail(CLOSE_TOO_BIG, "message too big", "too_big")
+                elif not session.closing:
+                    pending = session.receive(data)
+                    if pending is not None:
+                        await pending
+                if session.closing and session.close_cause is not None:
+                    await session.wait_closing()  # the close frame is out
+                    closed = wsguard_closed()
+                    if closed is not None:
+                        return closed
+                monitor.metrics.latency(time.perf_counter() - started)
+                if delivered:
                     # only what the policy saw reaches the app (never both text and bytes)
+                    data = delivered.pop()
                     if isinstance(data, str):
                         return {"type": "websocket.receive", "text": data}
                     return {"type": "websocket.receive", "bytes": data}
-                if isinstance(decision, Refuse):
-                    monitor.message_refused(decision.code, decision.type, conn.client, closed=False)
-                    await send_json(decision.frame())
-                elif isinstance(decision, Reauthenticate):
-                    monitor.metrics.message_delivered("auth")
-                    conn.identity = decision.identity
-                    state.identity = decision.identity
-                    user.identity = decision.identity  # the app sees the refreshed identity
-                    app_state["wsguard"] = decision.identity
-                    credentials: Any = scope_for_app.get("auth")
-                    if hasattr(credentials, "scopes"):  # Starlette's AuthCredentials
-                        credentials.scopes = sorted(decision.identity.scopes)
-                    schedule_expiry(decision.identity.expires_at)
-                    reply: dict[str, Any] = {
-                        "type": "auth_ok",
-                        "expires_at": decision.identity.expires_at,
-                    }
-                    if decision.ref is not None:
-                        reply["ref"] = decision.ref
-                    await send_json(reply)
-                elif isinstance(decision, Close):
-                    monitor.message_refused(decision.cause, None, conn.client, closed=True)
-                    conn.close_cause = decision.cause
-                    await close(decision.code, decision.reason)
-                    return {"type": "websocket.disconnect", "code": decision.code}
-                monitor.metrics.latency(time.perf_counter() - clock)
 
         async def app_send(message: Message) -> None:
-            nonlocal accepted
             kind = message["type"]
             if kind == "websocket.accept":
-                accepted = True
                 message = dict(message)
                 chosen = message.get("subprotocol")
                 if chosen is None or chosen.startswith(self.config.auth.subprotocol_prefix):
                     message["subprotocol"] = admit.subprotocol
-                guard.connection_opened(conn, message.get("subprotocol"))
-                schedule_expiry(conn.identity.expires_at)
-                start_liveness_timers()
+                transport.accepted = True
+                session.subprotocol = message.get("subprotocol")
+                session.open()
             elif kind == "websocket.close":
-                if close_sent is not None:
+                if transport.close_sent is not None:
                     return  # wsguard closed it already
-                nonlocal_close(message)
+                transport.close_sent = (
+                    int(message.get("code", 1000)),
+                    str(message.get("reason") or ""),
+                )
+                session.mark_closing()
             elif kind == "websocket.send":
-                if close_sent is not None:
-                    if conn.close_cause is not None:
+                if transport.close_sent is not None:
+                    if session.close_cause is not None:
                         # wsguard closed it (revoked, expired, banned...): an app that only
                         # sends must learn it too, as it would of a client going away
-                        raise ConnectionResetError(f"closed by wsguard ({conn.close_cause})")
+                        raise ConnectionResetError(f"closed by wsguard ({session.close_cause})")
                     return  # the app closed it itself: nothing more goes out
-                conn.sent += 1
+                session.sent += 1
             await send(message)
-            if kind == "websocket.accept" and close_on_accept is not None:
-                await close(*close_on_accept)  # revoked/disconnected while the app was busy
+            if kind == "websocket.accept" and transport.close_on_accept is not None:
+                # revoked or disconnected while the app was busy: closed at its accept
+                await transport.close(*transport.close_on_accept)
 
-        def nonlocal_close(message: Message) -> None:
-            nonlocal close_sent
-            close_sent = (int(message.get("code", 1000)), str(message.get("reason") or ""))
-            conn.closing = True
-
-        self.connections[conn.id] = conn  # from admission on: revocations reach it
-        scope_for_app = app_scope(scope, admit, self.config)
-        user: WsGuardUser = scope_for_app["user"]
-        app_state: dict[str, Any] = scope_for_app["state"]
+        self.connections[session.id] = session  # from admission on: revocations reach it
         try:
             await self.app(scope_for_app, app_receive, app_send)
         finally:
-            self.connections.pop(conn.id, None)  # first: no new close is started for it
-            for timer in (expiry, *idle_timers):
-                if timer is not None:
-                    timer.cancel()
-            for task in list(closing_tasks):
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-            policy.closed(state, time.monotonic())
-            await admit.release()
-            if accepted:
-                if close_sent is not None and closed_by_client is None:
-                    code, by = close_sent[0], "server"
-                elif closed_by_client is not None and not network_lost:
-                    code, by = closed_by_client, "client"
-                else:
-                    code, by = 1006, "network"
-                guard.connection_closed(conn, code, by)
-
-
-class _DenialIsNotAnError(logging.Filter):
-    """uvicorn's sans-I/O WebSocket logs an error after every denial response (an HTTP
-    refusal before the upgrade, which is how wsguard refuses); the refusal itself is
-    in the audit log."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.getMessage() != "ASGI callable returned without completing handshake."
-
-
-def quiet_uvicorn_denial_errors() -> None:
-    """Drop that one misleading record from uvicorn's error log (idempotent)."""
-    target = logging.getLogger("uvicorn.error")
-    if not any(isinstance(f, _DenialIsNotAnError) for f in target.filters):
-        target.addFilter(_DenialIsNotAnError())
+            await session.wait_closing()
+            released: list[Admit] = []
+            if transport.accepted:
+                session.end(released.append)
+            else:
+                session.discard(released.append)
+            for admission in released:
+                await admission.release()
 
 
 def handshake_request(scope: Scope) -> HandshakeRequest:

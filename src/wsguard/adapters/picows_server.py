@@ -13,7 +13,7 @@ The same policy core as the websockets adapter, reached differently:
   fragments are assembled with the message size checked as each one arrives
   (``1009`` as soon as the limit is crossed; picows itself refuses a single
   frame over the limit from its header, before reading the payload).
-- **Messages** go through :meth:`App._receive` in the frame callback: refusals,
+- **Messages** go through :meth:`Session.receive` in the frame callback: refusals,
   closes and plain-function handlers need no task. A coroutine handler runs in
   the connection's task (made when needed, gone when idle); messages that arrive
   while it waits queue (at most 16, then the socket stops being read), in order.
@@ -26,14 +26,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import functools
 import itertools
 import logging
 import time
-from collections.abc import Awaitable, Coroutine, Generator
+from collections.abc import Awaitable, Coroutine, Generator, Iterator
 from typing import TYPE_CHECKING, Any
 
-import orjson
 from multidict import CIMultiDict
 from picows import (
     WSAutoPingStrategy,
@@ -48,9 +46,8 @@ from picows import (
 )
 from picows.picows import WSProtocol  # type: ignore[attr-defined]
 
-from wsguard.adapters.ending import first_close, record_close, release
 from wsguard.adapters.http_screen import check_head, http_response, raw_refusal, read_head
-from wsguard.adapters.tls import certificate_identity, server_context
+from wsguard.adapters.tls import certificate_identity
 from wsguard.adapters.websockets_server import PendingHandshakes
 from wsguard.core.decisions import (
     CLOSE_GOING_AWAY,
@@ -60,11 +57,12 @@ from wsguard.core.decisions import (
 )
 from wsguard.core.headers import Headers, is_token
 from wsguard.core.request import HandshakeRequest
-from wsguard.server.connection import DIRECT_WRITE_LIMIT, Connection
+from wsguard.session import DIRECT_WRITE_LIMIT, Host, Session, first_close, release
 
 if TYPE_CHECKING:
+    import ssl
+
     from wsguard.guard import Guard
-    from wsguard.server.app import App
 
 logger = logging.getLogger("wsguard.server")
 
@@ -77,7 +75,7 @@ _READ_BUFFER = 2048  # picows' initial read buffer (it grows for bigger frames)
 _READ_CHUNK = 8192  # bytes read per callback at most (fairness; see _BoundedReads)
 _NO_HEADERS: CIMultiDict[str] = CIMultiDict()
 _EARLY_DATA_LIMIT = 64 * 1024  # bytes a client may send before its 101 is written
-_BATCH_FRAME_BYTES = 1024  # a bigger frame is written at once, not batched (see _write_now)
+_BATCH_FRAME_BYTES = 1024  # a bigger frame is written at once, not batched (see write)
 _BATCH_FRAMES = 256  # frames batched per read at most (~200 replies fit one 8 KiB read)
 
 
@@ -107,6 +105,10 @@ class _Resume:
                     value = coro.send(sent)
                 except StopIteration:
                     return
+
+
+async def _awaited(pending: Awaitable[None]) -> None:
+    await pending
 
 
 async def _resumed(resume: _Resume) -> None:
@@ -140,100 +142,17 @@ def _server_frame(first: int, payload: bytes) -> bytes:
     return bytes((first, 127)) + size.to_bytes(8, "big") + payload
 
 
-# -- the connection as handlers see it ------------------------------------------------
-
-
-class PicowsConnection(Connection):
-    """:class:`Connection` over a picows transport."""
-
-    __slots__ = ("_listener",)
-
-    def __init__(self, listener: GuardListener, **kwargs: Any) -> None:
-        super().__init__(None, **kwargs)  # type: ignore[arg-type]
-        self._listener = listener
-
-    def send(self, message: dict[str, Any]) -> bool:
-        if self._closing:
-            return False
-        payload = orjson.dumps(message)
-        if self._writer is None and not self._queue and self._write_now(payload, _TEXT):
-            return True
-        return self.send_text(payload.decode())
-
-    def _write_now(self, text: str | bytes, kind: WSMsgType | None = None) -> bool:
-        listener = self._listener
-        transport = listener.transport
-        if transport is None or listener.close_sent or transport.is_disconnected:
-            return False
-        if listener.raw.get_write_buffer_size() > DIRECT_WRITE_LIMIT:
-            return False
-        binary = kind is _BINARY or (kind is None and not isinstance(text, str))
-        payload = text.encode() if isinstance(text, str) else text
-        frame = _server_frame(0x82 if binary else 0x81, payload)
-        listener.metrics.bytes_out += len(frame)
-        self.sent += 1
-        out = listener._out
-        if out is not None and (len(frame) > _BATCH_FRAME_BYTES or len(out) >= _BATCH_FRAMES):
-            # a big frame, or many: the read batch leaves now, so that the write buffer
-            # checked above counts what a handler sends in one go (a slow consumer is
-            # still found when a handler sends a lot without returning)
-            out.append(frame)
-            listener.flush()
-            listener._out = []
-        else:
-            listener.write(frame)
-        return True
-
-    async def _drain(self) -> None:
-        queue = self._queue
-        assert queue is not None
-        listener = self._listener
-        try:
-            while queue:
-                transport = listener.transport
-                if transport is None or listener.close_sent or transport.is_disconnected:
-                    queue.clear()
-                    break
-                if listener.raw.get_write_buffer_size() > DIRECT_WRITE_LIMIT:
-                    await listener.writable()
-                    continue
-                self._write_now(queue.popleft())
-        finally:
-            self._writer = None
-
-    def close_soon(self, code: int, reason: str, *, cause: str | None = None) -> None:
-        if self._closing:
-            return
-        if self._writer is None and not self._queue:
-            # nothing queued to go first: the close frame leaves now, so the rest of the
-            # current read (a flood, often) is not even parsed
-            self._listener._close_and_drain(code, reason)
-        super().close_soon(code, reason, cause=cause)
-
-    async def _close(self, code: int, reason: str) -> None:
-        if self.close_cause != "slow_consumer":
-            await self.flush()
-        await self._listener.close(code, reason)
-
-    def abort(self) -> None:
-        self._listener.raw.abort()
-
-    @property
-    def close_code(self) -> int | None:
-        code, _ = self._listener.close_fields()
-        return None if code == 1006 else code
-
-
 # -- frames of one admitted connection --------------------------------------------------
 
 
 class GuardListener(WSListener):
-    """Every frame of one admitted connection, through the policy."""
+    """Every frame of one admitted connection, through its Session; also the Session's
+    :class:`~wsguard.session.Transport` (no other object per connection)."""
 
     __slots__ = (
         "_backlog", "_busy", "_closed", "_draining", "_fragments", "_fragments_size",
         "_fragments_text", "_out", "_paused", "_ping_due", "_ping_payload", "_pong_deadline",
-        "_writable", "admission", "app", "close_sent", "conn", "metrics", "raw", "request",
+        "_writable", "admission", "close_sent", "conn", "host", "metrics", "raw", "request",
         "server", "transport",
     )  # fmt: skip
 
@@ -242,12 +161,12 @@ class GuardListener(WSListener):
     ) -> None:
         self.server = server
         self.raw = raw  # the socket's transport (picows gets a _PicowsView of it)
-        self.app = server.app
+        self.host = server.host
         self.metrics = server.metrics
-        self.admission: Admit | None = admission
+        self.admission: Admit | None = admission  # until the Session takes it
         self.request = request
         self.transport: WSTransport | None = None
-        self.conn: PicowsConnection | None = None
+        self.conn: Session | None = None
         self.close_sent = False
         self._closed: asyncio.Future[None] | None = None  # the peer's close frame (or EOF)
         self._fragments: list[bytes] | None = None
@@ -271,23 +190,18 @@ class GuardListener(WSListener):
         # drop their headers (the bearer token, cookies; ~1.5 KB) now that they are used
         transport.request.headers = _NO_HEADERS
         transport.response.headers = _NO_HEADERS
-        app, admission = self.app, self.admission
+        host, admission = self.host, self.admission
         assert admission is not None
-        guard = app.guard
-        conn = app.admitted(admission, functools.partial(PicowsConnection, self), self.server.loop)
-        assert isinstance(conn, PicowsConnection)
+        self.admission = None
+        conn = Session(self, host, admission, loop=self.server.loop)
         request, self.request = self.request, None
         _, target, headers = request
-        conn.request = app.keep_request(target, headers)
+        conn.request = host.keep_request(target, headers)
         self.conn = conn
-        app.connections[conn.id] = conn
-        guard.connection_opened(conn, conn.subprotocol)
-        app._start_timers(conn)
-        self._ping_due = time.monotonic() + app.config.liveness.ping_interval_seconds
-        if app.send_welcome:
-            conn.send(app.welcome(conn))
-        if app._on_connect:
-            self._run(self._work(self._hooks(conn), None))
+        self._ping_due = time.monotonic() + self.server.ping_interval
+        opened = conn.open()
+        if opened is not None:
+            self._run(self._work(opened, None))
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         """Frames parsed from one read arrive one after another; what the connection
@@ -307,7 +221,32 @@ class GuardListener(WSListener):
             if frame.last_in_buffer:
                 self.flush()
 
-    def write(self, frame: bytes) -> None:
+    @property
+    def batching(self) -> bool:
+        """Writes are being collected, to leave in one send() (see :meth:`flush`)."""
+        return self._out is not None
+
+    def start_batch(self) -> None:
+        if self._out is None:
+            self._out = []
+
+    def heartbeat(
+        self, now: float, interval: float, timeout: float, ping_ids: Iterator[int]
+    ) -> None:
+        """Ping when due; fail (1011) when the pong of the last ping is overdue."""
+        transport = self.transport
+        if transport is None or self.close_sent or self.conn is None:
+            return
+        if self._ping_payload is not None:
+            if now >= self._pong_deadline:
+                self._fail(1011, "keepalive ping timeout", "ping_timeout")
+        elif now >= self._ping_due:
+            self._ping_payload = payload = next(ping_ids).to_bytes(8, "big")
+            self._pong_deadline = now + timeout
+            self._ping_due = now + interval
+            transport.send_ping(payload)
+
+    def write_bytes(self, frame: bytes) -> None:
         """Write *frame*, or add it to the current read batch's replies."""
         out = self._out
         if out is not None:
@@ -368,13 +307,10 @@ class GuardListener(WSListener):
                 data = raw
             self._message(conn, data)
         elif kind is _PING or kind is _PONG:
-            policy = self.app.guard.messages
-            close = policy.control_frame(conn.state, time.monotonic(), frame.payload_size)
-            if close is not None:
-                conn.close_soon(close.code, close.reason, cause=close.cause)
+            conn.control_frame(frame.payload_size)
             if kind is _PING:
                 if not self.close_sent:
-                    self.write(_server_frame(0x8A, frame.get_payload_as_bytes()))
+                    self.write_bytes(_server_frame(0x8A, frame.get_payload_as_bytes()))
             elif (
                 self._ping_payload is not None
                 and frame.get_payload_as_bytes() == self._ping_payload
@@ -396,19 +332,14 @@ class GuardListener(WSListener):
             writable.set_result(None)
         conn, self.conn = self.conn, None
         admission, self.admission = self.admission, None
-        self.server.release(admission)
+        server = self.server
+        server.release(admission)  # the upgrade failed: no Session took it
         if conn is None:
             return
-        app = self.app
-        guard = app.guard
-        conn.cancel_timers()
-        app.connections.pop(conn.id, None)
-        guard.messages.closed(conn.state, time.monotonic())
-        code, closed_by = self.close_fields()
-        record_close(guard, conn, code, closed_by)
-        self.server.forget(self)
-        if app._on_disconnect:
-            self.server.loop.create_task(self._disconnect_hooks(conn))
+        server.forget(self)
+        closed = conn.end(server.release)
+        if closed is not None:
+            server.loop.create_task(_awaited(closed))
 
     def pause_writing(self) -> None:
         if self._writable is None:
@@ -421,8 +352,8 @@ class GuardListener(WSListener):
 
     # messages, in order
 
-    def _message(self, conn: PicowsConnection, data: str | bytes) -> None:
-        if conn._closing:
+    def _message(self, conn: Session, data: str | bytes) -> None:
+        if conn.closing:
             return  # a close is under way: the rest is discarded, the close frame read
         if self._busy is not None:  # a handler is waiting: keep the order, bounded
             backlog = self._backlog
@@ -433,11 +364,10 @@ class GuardListener(WSListener):
                 self._paused = True
                 self.raw.pause_reading()
             return
-        app = self.app
         started = time.perf_counter()
-        pending = app._receive(conn, data, app._dispatch)
+        pending = conn.receive(data)
         if pending is None:
-            app.guard.monitor.metrics.latency(time.perf_counter() - started)
+            self.metrics.latency(time.perf_counter() - started)
         else:
             self._run(self._work(pending, started))
 
@@ -447,8 +377,7 @@ class GuardListener(WSListener):
         self._busy = self.server.loop.create_task(work)
 
     async def _work(self, pending: Awaitable[None], started: float | None) -> None:
-        app = self.app
-        latency = app.guard.monitor.metrics.latency
+        latency = self.metrics.latency
         clock = time.perf_counter
         try:
             await pending
@@ -463,14 +392,14 @@ class GuardListener(WSListener):
                 if self._paused and len(backlog) < _BACKLOG_LIMIT // 2 and self.transport:
                     self._paused = False
                     self.raw.resume_reading()
-                if conn._closing:
+                if conn.closing:
                     continue
                 started = clock()
-                step = app._receive(conn, data, app._dispatch)
+                step = conn.receive(data)
                 if step is not None:
                     await step
                 latency(clock() - started)
-        except Exception:  # pragma: no cover - _receive and handlers never raise
+        except Exception:  # pragma: no cover - the Session and handlers never raise
             logger.exception("message processing failed")
         finally:
             self._busy = None
@@ -478,21 +407,10 @@ class GuardListener(WSListener):
                 self._paused = False
                 self.raw.resume_reading()
 
-    async def _hooks(self, conn: Connection) -> None:
-        for hook in self.app._on_connect:
-            await hook(conn)
-
-    async def _disconnect_hooks(self, conn: Connection) -> None:
-        for hook in self.app._on_disconnect:
-            try:
-                await hook(conn)
-            except Exception:
-                logger.exception("on_disconnect hook failed")
-
     # fragments, errors, heartbeat, closing
 
     def _check_fragments_size(self) -> bool:
-        if self._fragments_size > self.app.config.limits.max_message_bytes:
+        if self._fragments_size > self.server.max_message_bytes:
             self._fragments = None
             self._fail(CLOSE_TOO_BIG, "message too big", "too_big")
             return False
@@ -505,12 +423,10 @@ class GuardListener(WSListener):
         """Fail the connection (RFC 6455 7.1.7): a close frame, and nothing the client
         sends afterwards is parsed (see :meth:`_close_and_drain`)."""
         conn = self.conn
-        if conn is not None and not conn._closing:
-            conn.close_cause = cause
-            conn._closing = True
-            if conn._queue:
-                conn._queue.clear()
-        self._close_and_drain(code, reason)
+        if conn is not None:
+            conn.fail(code, reason, cause)  # back here through close_now
+        else:
+            self._close_and_drain(code, reason)
 
     def _close_and_drain(self, code: int, reason: str) -> None:
         """Send the close frame; then, where TCP can be half-closed, stop parsing.
@@ -580,12 +496,61 @@ class GuardListener(WSListener):
         if not closed.done():
             closed.set_result(None)
 
-    def close_fields(self) -> tuple[int, str]:
-        """The close code as the audit log reports it: the one sent by whoever closed first."""
+    # the Session's transport
+
+    def write(self, data: str | bytes) -> bool:
+        """One data frame now, unless the connection is closing or the client is not
+        keeping up (then the Session queues it)."""
+        transport = self.transport
+        if transport is None or self.close_sent or transport.is_disconnected:
+            return False
+        if self.raw.get_write_buffer_size() > DIRECT_WRITE_LIMIT:
+            return False
+        if isinstance(data, str):
+            frame = _server_frame(0x81, data.encode())
+        else:
+            frame = _server_frame(0x82, data)
+        self.metrics.bytes_out += len(frame)
+        out = self._out
+        if out is not None and (len(frame) > _BATCH_FRAME_BYTES or len(out) >= _BATCH_FRAMES):
+            # a big frame, or many: the read batch leaves now, so that the write buffer
+            # checked above counts what a handler sends in one go (a slow consumer is
+            # still found when a handler sends a lot without returning)
+            out.append(frame)
+            self.flush()
+            self._out = []
+        else:
+            self.write_bytes(frame)
+        return True
+
+    async def send(self, data: str | bytes) -> bool:
+        while True:
+            transport = self.transport
+            if transport is None or self.close_sent or transport.is_disconnected:
+                return False
+            if self.raw.get_write_buffer_size() <= DIRECT_WRITE_LIMIT:
+                return self.write(data)
+            await self.writable()
+
+    def is_open(self) -> bool:
+        transport = self.transport
+        return transport is not None and not self.close_sent and not transport.is_disconnected
+
+    def close_now(self, code: int, reason: str) -> bool:
+        """The close frame leaves now, so the rest of the current read (a flood, often)
+        is not even parsed."""
+        self._close_and_drain(code, reason)
+        return True
+
+    def abort(self) -> None:
+        self.raw.abort()
+
+    def close_result(self) -> tuple[int, str, str]:
+        """The close as the audit log reports it: the one sent by whoever closed first."""
         transport = self.transport
         handshake = transport.close_handshake if transport is not None else None
         if handshake is None:
-            return 1006, "network"
+            return 1006, "", "network"
         return first_close(handshake.sent, handshake.recv, handshake.recv_then_sent)
 
 
@@ -697,7 +662,7 @@ class HandshakeProtocol(asyncio.Protocol):
         protocol = server.ws_protocol(factory)
         transport.set_write_buffer_limits(high=DIRECT_WRITE_LIMIT)  # see GuardListener.writable
         transport.set_protocol(protocol)
-        listener._out = []  # picows' 101 and the welcome frame leave in one write
+        listener.start_batch()  # picows' 101 and the welcome frame leave in one write
         protocol.connection_made(_PicowsView(transport, listener, self._fd))
         server.adopt(listener)
         head, self._buffer = self._buffer, b""
@@ -820,12 +785,12 @@ class _PicowsView:
         self._raw, self._listener, self._socket = raw, listener, _Socket(fd)
 
     def get_write_buffer_size(self) -> int:
-        return 1 if self._listener._out is not None else self._raw.get_write_buffer_size()
+        return 1 if self._listener.batching else self._raw.get_write_buffer_size()
 
     def write(self, data: Any) -> None:
-        out = self._listener._out
-        if out is not None:
-            out.append(bytes(data))
+        listener = self._listener
+        if listener.batching:
+            listener.write_bytes(bytes(data))
         else:
             self._raw.write(data)
 
@@ -897,18 +862,20 @@ def _engine_logger() -> logging.LoggerAdapter[logging.Logger]:
 class PicowsServer:
     """The listening socket, its connections, and a graceful close (websockets' API)."""
 
-    def __init__(self, app: App) -> None:
-        self.app = app
-        self.guard: Guard = app.guard
-        self.metrics = app.guard.monitor.metrics
-        self.pending = PendingHandshakes(app.guard)
+    def __init__(self, host: Host) -> None:
+        self.host = host
+        self.guard: Guard = host.guard
+        self.metrics = host.guard.monitor.metrics
+        self.pending = PendingHandshakes(host.guard)
         self.deciding: set[asyncio.Task[None]] = set()
         self.listeners: set[GuardListener] = set()
         self._server: asyncio.Server | None = None
         self._idle: asyncio.Event | None = None
-        config = app.guard.config
+        config = host.guard.config
         liveness = config.liveness
-        self.inline = not app.guard.store.shared  # slot releases need no task
+        self.ping_interval = liveness.ping_interval_seconds
+        self.max_message_bytes = config.limits.max_message_bytes
+        self.inline = not host.guard.store.shared  # slot releases need no task
         self.loop = asyncio.get_running_loop()  # kept: each lookup costs a getpid() on 3.11
         self._sweeper: asyncio.TimerHandle | None = None
         self._ping_ids = itertools.count(1)
@@ -947,6 +914,7 @@ class PicowsServer:
         task.add_done_callback(self.deciding.discard)
 
     def release(self, admission: Admit | None) -> None:
+        """Give *admission*'s slots back: inline on the memory store, else in a task."""
         if admission is None:
             return
         if self.inline:
@@ -962,17 +930,7 @@ class PicowsServer:
         liveness = self.guard.config.liveness
         interval, timeout = liveness.ping_interval_seconds, liveness.ping_timeout_seconds
         for listener in list(self.listeners):
-            transport = listener.transport
-            if transport is None or listener.close_sent or listener.conn is None:
-                continue
-            if listener._ping_payload is not None:
-                if now >= listener._pong_deadline:
-                    listener._fail(1011, "keepalive ping timeout", "ping_timeout")
-            elif now >= listener._ping_due:
-                listener._ping_payload = payload = next(self._ping_ids).to_bytes(8, "big")
-                listener._pong_deadline = now + timeout
-                listener._ping_due = now + interval
-                transport.send_ping(payload)
+            listener.heartbeat(now, interval, timeout, self._ping_ids)
         if self.listeners:
             self._sweeper = self.loop.call_later(self._period, self._sweep)
 
@@ -1027,11 +985,8 @@ class PicowsServer:
             await self._server.wait_closed()
 
 
-async def start_server(app: App) -> PicowsServer:
-    """Start the picows server for *app* and return it (already serving)."""
-    config = app.guard.config
-    if config.tls.enabled:
-        app.ssl_context = server_context(config.tls)
-    server = PicowsServer(app)
-    await server.start(app.ssl_context)
+async def start_server(host: Host, ssl_context: ssl.SSLContext | None) -> PicowsServer:
+    """Start the picows server for *host* and return it (already serving)."""
+    server = PicowsServer(host)
+    await server.start(ssl_context)
     return server

@@ -25,21 +25,22 @@ from websockets.exceptions import (
 )
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
+from websockets.protocol import State
 
-from wsguard.adapters.ending import first_close, record_close, release
 from wsguard.adapters.http_screen import check_head, raw_refusal
-from wsguard.adapters.tls import certificate_identity, server_context
+from wsguard.adapters.tls import certificate_identity
 from wsguard.core.client_address import parse_ip
 from wsguard.core.decisions import Admit, Reject
 from wsguard.core.headers import Headers
 from wsguard.core.messages import MessagePolicy
 from wsguard.core.request import HandshakeRequest
 from wsguard.observability.metrics import Metrics
-from wsguard.server.connection import Connection
+from wsguard.session import DIRECT_WRITE_LIMIT, Host, Session, first_close, release
 
 if TYPE_CHECKING:
+    import ssl
+
     from wsguard.guard import Guard
-    from wsguard.server.app import App
 
 logger = logging.getLogger("wsguard.server")
 
@@ -126,7 +127,7 @@ class GuardedServerConnection(ServerConnection):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.admission: Admit | None = None
-        self.guarded: Connection | None = None
+        self.guarded: Session | None = None
         self.policy: MessagePolicy | None = None
         self.decided = False  # the policy answered this handshake (and audited a refusal)
         self._head = b""
@@ -191,9 +192,7 @@ class GuardedServerConnection(ServerConnection):
             and isinstance(event, Frame)
             and event.opcode in _CONTROL_COUNTED
         ):
-            close = policy.control_frame(guarded.state, time.monotonic(), len(event.data))
-            if close is not None:
-                guarded.close_soon(close.code, close.reason, cause=close.cause)
+            guarded.control_frame(len(event.data))
         super().process_event(event)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -263,9 +262,9 @@ def reject_response(connection: ServerConnection, decision: Reject) -> Response:
     return response
 
 
-async def start_server(app: App) -> Server:
-    """Start the websockets server for *app* and return it (already serving)."""
-    guard = app.guard
+async def start_server(host: Host, ssl_context: ssl.SSLContext | None) -> Server:
+    """Start the websockets server for *host* and return it (already serving)."""
+    guard = host.guard
     config = guard.config
 
     async def process_request(connection: ServerConnection, request: Request) -> Response | None:
@@ -302,15 +301,13 @@ async def start_server(app: App) -> Server:
         admission = getattr(connection, "admission", None)
         return admission.subprotocol if admission is not None else None
 
-    handler = functools.partial(run_guarded, app)  # one coroutine frame per connection
+    handler = functools.partial(run_guarded, host)  # one coroutine frame per connection
 
-    if config.tls.enabled:
-        app.ssl_context = server_context(config.tls)
     server = await serve(
         handler,
         config.host,
         config.port,
-        ssl=app.ssl_context,
+        ssl=ssl_context,
         process_request=process_request,
         process_response=process_response,
         select_subprotocol=select_subprotocol,
@@ -345,42 +342,98 @@ def _engine_logger() -> logging.Logger:
     return engine
 
 
-async def run_guarded(app: App, ws: ServerConnection) -> None:
-    """Own one admitted connection from welcome to the audit record of its close."""
+class WebsocketsTransport:
+    """The :class:`~wsguard.session.Transport` of a websockets connection."""
+
+    __slots__ = ("ws",)
+
+    def __init__(self, ws: GuardedServerConnection) -> None:
+        self.ws = ws
+
+    def write(self, data: str | bytes) -> bool:
+        """Write through the engine's sans-I/O protocol without a task, if possible."""
+        ws = self.ws
+        if ws.protocol.state is not State.OPEN:
+            return False
+        if ws.transport.get_write_buffer_size() > DIRECT_WRITE_LIMIT:
+            return False  # the client is not keeping up: queue (and detect a slow consumer)
+        if isinstance(data, str):
+            ws.protocol.send_text(data.encode())
+        else:
+            ws.protocol.send_binary(data)
+        try:
+            ws.send_data()
+        except Exception as exc:  # the engine's own send path handles it the same way
+            ws.set_connection_exc(exc)
+            ws.transport.abort()
+        return True
+
+    async def send(self, data: str | bytes) -> bool:
+        try:
+            await self.ws.send(data)
+        except ConnectionClosed:
+            return False
+        return True
+
+    def is_open(self) -> bool:
+        return self.ws.protocol.state is State.OPEN
+
+    def close_now(self, code: int, reason: str) -> bool:
+        return False  # websockets closes in a coroutine
+
+    async def close(self, code: int, reason: str) -> None:
+        await self.ws.close(code, reason)
+
+    def abort(self) -> None:
+        self.ws.transport.abort()
+
+    def close_result(self) -> tuple[int, str, str]:
+        protocol = self.ws.protocol
+        return first_close(
+            protocol.close_sent, protocol.close_rcvd, bool(protocol.close_rcvd_then_sent)
+        )
+
+
+async def run_guarded(host: Host, ws: ServerConnection) -> None:
+    """Own one admitted connection: its Session from open to end."""
     assert isinstance(ws, GuardedServerConnection)
-    admission = ws.admission
+    admission, ws.admission = ws.admission, None
     if admission is None:  # pragma: no cover - process_request always sets it
         await ws.close(1011, "internal error")
         return
-    guard = app.guard
-    conn = app.admitted(admission, functools.partial(Connection, ws), ws.loop)
-    state = conn.state
-    ws.guarded = conn
+    session = Session(WebsocketsTransport(ws), host, admission, loop=ws.loop)
+    ws.guarded = session
     request = ws.request
     if request is not None:
-        conn.request = app.keep_request(request.path, request.headers.raw_items())
+        session.request = host.keep_request(request.path, request.headers.raw_items())
         # websockets' parser generator keeps this Request alive in its frame for the
         # connection's whole life: empty it, so neither the headers (~2-3 KB) nor the token
         # stay in memory
         request.headers.clear()
         request.path = ""
     ws.request, ws.response = _ADMITTED, None
-    app.connections[conn.id] = conn
-    guard.connection_opened(conn, conn.subprotocol)
+    latency = host.guard.monitor.metrics.latency
+    clock = time.perf_counter
     try:
-        await app._run_connection(conn, ws)
+        opened = session.open()
+        if opened is not None:
+            await opened
+        receive = session.receive
+        async for data in ws:
+            if session.closing:
+                # a close is under way: discard what the peer had already sent, so its close
+                # frame is read and the slot comes back now rather than after close_timeout
+                continue
+            started = clock()
+            pending = receive(data)
+            if pending is not None:
+                await pending
+            latency(clock() - started)
+        await session.wait_closing()
     except ConnectionClosed:
         pass
     finally:
-        conn.cancel_timers()
-        app.connections.pop(conn.id, None)
-        guard.messages.closed(state, time.monotonic())
         ws.guarded = None
-        for hook in app._on_disconnect:
-            try:
-                await hook(conn)
-            except Exception:
-                logger.exception("on_disconnect hook failed")
         protocol = ws.protocol
         if protocol.close_sent is None or protocol.close_rcvd is None:
             # our close is still in flight: wait (bounded) for the code the audit reports
@@ -389,8 +442,6 @@ async def run_guarded(app: App, ws: ServerConnection) -> None:
                     await ws.wait_closed()
             except TimeoutError:
                 ws.transport.abort()
-        protocol = ws.protocol
-        code, closed_by = first_close(
-            protocol.close_sent, protocol.close_rcvd, bool(protocol.close_rcvd_then_sent)
-        )
-        record_close(guard, conn, code, closed_by)
+        closed = session.end()
+        if closed is not None:
+            await closed

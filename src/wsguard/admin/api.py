@@ -25,6 +25,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from wsguard.admin.credentials import SESSION_COOKIE, AdminCredentials
+from wsguard.admin.responses import json_response
 from wsguard.observability.metrics import CONTENT_TYPE
 from wsguard.stores.base import StoreUnavailable
 
@@ -62,12 +63,6 @@ class ApiError(Exception):
         self.code = code
         self.message = message
         self.headers = headers or {}
-
-
-def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(
-        orjson.dumps(data), status_code=status, media_type="application/json", headers=headers
-    )
 
 
 def _error(exc: ApiError) -> Response:

@@ -23,6 +23,7 @@ from starlette.requests import HTTPConnection
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from wsguard.admin.credentials import SESSION_COOKIE, AdminCredentials
+from wsguard.admin.responses import json_response
 from wsguard.core.decisions import CLOSE_CREDENTIALS_EXPIRED, CLOSE_POLICY_VIOLATION
 from wsguard.core.origin import OriginPolicy, parse_origin
 from wsguard.observability.metrics import REFUSAL_CATEGORIES
@@ -88,7 +89,6 @@ class LiveFeed:
                 path="/dashboard/live",
                 reason=code,
             )
-            from wsguard.admin.api import json_response
 
             await ws.send_denial_response(
                 json_response({"error": code, "message": message}, status)

@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from wsguard.adapters.asgi import quiet_uvicorn_denial_errors
 from wsguard.admin.api import AdminApi
 from wsguard.admin.credentials import AdminCredentials, load_admin_token
 from wsguard.admin.live import LiveFeed
+from wsguard.observability.uvicorn_log import quiet_uvicorn_denial_errors
 from wsguard.stores.base import StoreUnavailable
 
 if TYPE_CHECKING:

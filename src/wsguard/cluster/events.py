@@ -29,7 +29,7 @@ from wsguard.stores.base import (
 )
 
 if TYPE_CHECKING:
-    from wsguard.server.connection import Connection
+    from wsguard.session import Connection
 
 logger = logging.getLogger("wsguard.cluster")
 

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
+from collections.abc import Awaitable
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
@@ -33,7 +34,6 @@ from wsguard.config.model import Config
 from wsguard.core.decisions import (
     CLOSE_GOING_AWAY,
     CLOSE_INTERNAL_ERROR,
-    CLOSE_POLICY_VIOLATION,
     CLOSE_TRY_AGAIN_LATER,
     Deliver,
     Refuse,
@@ -42,15 +42,14 @@ from wsguard.errors import ConfigError
 from wsguard.gateway.identity import identity_headers
 from wsguard.guard import Guard
 from wsguard.server.app import App
-from wsguard.server.connection import Connection
+from wsguard.session import Connection, sendable_close_code
 
 logger = logging.getLogger("wsguard.gateway")
 
-_SENDABLE = frozenset({1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014})
 
-
-def _sendable(code: int | None) -> bool:
-    return code is not None and (code in _SENDABLE or 3000 <= code <= 4999)
+async def _send_upstream(upstream: ClientConnection, data: str | bytes) -> None:
+    with contextlib.suppress(ConnectionClosed):  # the pump closes the client
+        await upstream.send(data)
 
 
 def _reason(text: str | None) -> str:
@@ -93,51 +92,63 @@ class Gateway(App):
         self._forward = tuple(h.lower() for h in gateway.forward_headers)
         self._downstream = _compile_downstream(gateway.upstream_schema)
         self._pumps: set[asyncio.Task[None]] = set()
+        self._check_duplicates = self.config.messages.format == "json"
 
     def keep_request(self, path: str, headers: Any) -> Any:
         """The path (routing) and the headers named in ``gateway.forward_headers``."""
         forwarded = tuple((k, v) for k, v in headers if k.lower() in self._forward)
         return path.split("?", 1)[0], forwarded  # the query (a token, maybe) is not kept
 
-    async def _run_connection(self, conn: Connection, messages: Any) -> None:
-        self._start_timers(conn)
+    # -- the host's hooks ------------------------------------------------------------
+
+    def welcome(self, conn: Connection) -> dict[str, Any] | None:
+        return None  # the upstream speaks first, if at all
+
+    async def opened(self, conn: Connection) -> None:
+        """Open the connection's upstream (routed by path) and start pumping it down."""
         path, forwarded = conn.request if conn.request is not None else ("/", ())
         target = self.gateway.upstream_for(path)
         upstream = await self._open_upstream(conn, target, forwarded)
         if upstream is None:
             return
+        conn.attachment = upstream
         pump = asyncio.get_running_loop().create_task(self._pump_down(conn, upstream, target))
         self._pumps.add(pump)
         pump.add_done_callback(self._pumps.discard)
 
-        check_duplicates = self.config.messages.format == "json"
+    def deliver(
+        self, conn: Connection, decision: Deliver, data: str | bytes
+    ) -> Awaitable[None] | None:
+        """Forward a message that passed the policy upstream, byte for byte."""
+        upstream: ClientConnection | None = conn.attachment
+        if upstream is None:
+            return None
+        if self._check_duplicates and has_duplicate_keys(data):
+            # the bytes go upstream as they are: a backend parser that keeps the first
+            # of two equal keys would read another message than the policy checked
+            self.guard.monitor.message_refused(
+                "invalid_message", decision.type, conn.client, closed=False
+            )
+            ref = decision.message.get("id")
+            conn.send(
+                Refuse(
+                    "invalid_message",
+                    "Message has duplicate keys.",
+                    ref=ref if isinstance(ref, (str, int)) else None,
+                ).frame()
+            )
+            return None
+        return _send_upstream(upstream, data)
 
-        async def forward(conn: Connection, decision: Deliver, data: str | bytes) -> None:
-            if check_duplicates and has_duplicate_keys(data):
-                # the bytes go upstream as they are: a backend parser that keeps the first
-                # of two equal keys would read another message than the policy checked
-                self.guard.monitor.message_refused(
-                    "invalid_message", decision.type, conn.client, closed=False
-                )
-                conn.send(
-                    Refuse(
-                        "invalid_message",
-                        "Message has duplicate keys.",
-                        ref=decision.message.get("id")
-                        if isinstance(decision.message.get("id"), (str, int))
-                        else None,
-                    ).frame()
-                )
-                return
-            with contextlib.suppress(ConnectionClosed):  # the pump closes the client
-                await upstream.send(data)
-
-        try:
-            await self._message_loop(conn, messages, forward)
-        finally:
+    async def closed(self, conn: Connection) -> None:
+        """The client's side ended: the upstream is closed with its code."""
+        upstream: ClientConnection | None = conn.attachment
+        if upstream is not None:
+            conn.attachment = None
             await self._close_upstream(conn, upstream)
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await asyncio.wait_for(pump, self.config.cluster.timeout_seconds * 4 + 1)
+        hooks = super().closed(conn)
+        if hooks is not None:
+            await hooks
 
     async def _open_upstream(
         self, conn: Connection, target: str, forwarded: tuple[tuple[str, str], ...]
@@ -196,17 +207,13 @@ class Gateway(App):
                     continue
                 if not conn.send_text(message):
                     break
-                if conn._writer is not None:  # the client is behind: stop reading upstream
-                    await conn.flush(drain)
-                    if conn._writer is not None and not conn.closing:
-                        self._slow_consumer(conn)
-                        conn.close_soon(
-                            CLOSE_POLICY_VIOLATION, "slow consumer", cause="slow_consumer"
-                        )
-                        break
+                # the client is behind: stop reading upstream until it catches up
+                if conn.backlogged and not await conn.flush(drain) and not conn.closing:
+                    conn.drop_slow_consumer()
+                    break
         except ConnectionClosed:
             pass
-        if conn.closing or conn._ws.protocol.state is not State.OPEN:
+        if conn.closing or not conn.transport.is_open():
             return  # the client's side ended first (its code went upstream)
         code, reason = upstream.close_code, upstream.close_reason
         protocol = upstream.protocol
@@ -217,7 +224,7 @@ class Gateway(App):
             code, reason = CLOSE_INTERNAL_ERROR, "upstream error"
         elif code == 1005:  # a close frame without a status code: a normal close
             code, reason = 1000, ""
-        elif not _sendable(code):
+        elif not sendable_close_code(code):
             code, reason = CLOSE_INTERNAL_ERROR, "upstream error"
         if code == CLOSE_INTERNAL_ERROR:
             logger.warning(
@@ -251,20 +258,14 @@ class Gateway(App):
         """The client's side ended: close the upstream promptly, with the client's code."""
         if upstream.protocol.close_sent is not None or upstream.protocol.close_rcvd is not None:
             return
-        ws = conn._ws
-        rcvd = ws.protocol.close_rcvd
-        sent = ws.protocol.close_sent
-        frame = rcvd if rcvd is not None else sent
-        if sent is not None and (rcvd is None or not ws.protocol.close_rcvd_then_sent):
-            frame = sent  # wsguard closed the client first (revoked, banned...): say so
-        code = frame.code if frame is not None else None
+        # whoever closed the client first: the client, or wsguard (revoked, banned...)
+        code, reason, closed_by = conn.transport.close_result()
         if code == 1005:  # a close frame without a status code: a normal close
             code, reason = 1000, ""
-        elif not _sendable(code):
+        elif closed_by == "network" or not sendable_close_code(code):
             code, reason = CLOSE_GOING_AWAY, "client went away"
         else:
-            reason = _reason(frame.reason if frame is not None else "")
-        assert code is not None
+            reason = _reason(reason)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(upstream.close(code, reason), 5)
         if upstream.protocol.state is not State.CLOSED:

@@ -239,7 +239,7 @@ class _Collector(Collector):
         yield sent
         buckets: list[tuple[str, float]] = []
         running = 0
-        for bound, count in zip((*m._bounds, float("inf")), m.latency_counts, strict=True):
+        for bound, count in zip((*LATENCY_BUCKETS, float("inf")), m.latency_counts, strict=True):
             running += count
             buckets.append(("+Inf" if bound == float("inf") else repr(bound), running))
         latency = HistogramMetricFamily(

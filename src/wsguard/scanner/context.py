@@ -151,10 +151,9 @@ class ScanContext:
         """A view for one check: its own source address on loopback, so one check's bans
         and rate limits do not spill into the next."""
         view = object.__new__(ScanContext)
-        for name in ("options", "target", "base", "_sources", "transcript"):
-            setattr(view, name, getattr(self, name))
+        for name in ("options", "target", "base", "_sources", "transcript", "_ids"):
+            setattr(view, name, getattr(self, name))  # shared with the view: one id sequence
         view.credentials = self.credentials.for_check(check_id) if own_subject else self.credentials
-        view._ids = self._ids
         view.endpoint = self.base.with_source(self.next_source())
         view.check_id = check_id
         return view

@@ -35,7 +35,6 @@ import itertools
 import logging
 import signal
 import ssl
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal, overload
 
@@ -43,20 +42,11 @@ import orjson
 
 from wsguard.cluster.events import ClusterEvents, close_disconnected, close_revoked
 from wsguard.config.model import Config
-from wsguard.core.decisions import (
-    CLOSE_CREDENTIALS_EXPIRED,
-    CLOSE_GOING_AWAY,
-    Admit,
-    Close,
-    Deliver,
-    MessageDecision,
-    Reauthenticate,
-    Refuse,
-)
+from wsguard.core.decisions import CLOSE_GOING_AWAY, CLOSE_INTERNAL_ERROR, Deliver
 from wsguard.core.integrity import SESSION_KID
 from wsguard.errors import ConfigError
 from wsguard.guard import Guard
-from wsguard.server.connection import Connection
+from wsguard.session import Connection, wait_for_releases
 
 #: A message handler: a coroutine function, or a plain function that runs inline (it
 #: must not block; it needs no task, which makes it the fastest kind).
@@ -64,9 +54,6 @@ Handler = Callable[[Connection, dict[str, Any]], Awaitable[None] | None]
 #: A handler of raw messages (``@app.on(type, raw=True)``, ``@app.on_message``): it gets the
 #: frame as it arrived, text as ``str`` and binary as ``bytes``; plain function or coroutine.
 RawHandler = Callable[[Connection, str | bytes], Awaitable[None] | None]
-#: Where a message that passed the policy goes: a handler (App) or the upstream (gateway).
-#: Returns what is still to be awaited, or None when delivery is already done.
-Deliver_ = Callable[[Connection, Deliver, str | bytes], Awaitable[None] | None]
 Hook = Callable[[Connection], Awaitable[None]]
 
 logger = logging.getLogger("wsguard.server")
@@ -206,7 +193,10 @@ class App:
         seconds = ttl if ttl is not None else self.config.cluster.revocation_ttl_seconds
         await self.guard.store.revoke(kind, value, seconds)  # type: ignore[arg-type]
 
-    def welcome(self, conn: Connection) -> dict[str, Any]:
+    def welcome(self, conn: Connection) -> dict[str, Any] | None:
+        """The first frame of a new connection; None with ``App(welcome=False)``."""
+        if not self.send_welcome:
+            return None
         limits = self.config.limits
         welcome: dict[str, Any] = {
             "type": "welcome",
@@ -231,81 +221,9 @@ class App:
             }
         return welcome
 
-    # -- connection lifecycle (called by the engine adapter) -------------------
+    # -- the host's hooks (called by the Session of each connection) ------------------
 
-    def admitted(
-        self, admission: Admit, make: Callable[..., Connection], loop: asyncio.AbstractEventLoop
-    ) -> Connection:
-        """The Connection of an admitted handshake, with its fresh message-policy state;
-        *make* is the engine adapter's Connection class, bound to its engine object."""
-        guard = self.guard
-        return make(
-            connection_id=self.new_connection_id(),
-            identity=admission.identity,
-            client=admission.client,
-            origin=admission.origin,
-            subprotocol=admission.subprotocol,
-            state=guard.messages.open(admission.identity, time.monotonic()),
-            queue_limit=guard.config.limits.outbound_queue,
-            on_slow=self._slow_consumer,
-            loop=loop,
-        )
-
-    def _slow_consumer(self, conn: Connection) -> None:
-        self.guard.audit.emit(
-            "slow_consumer", connection_id=conn.id, client=conn.client, subject=conn.subject
-        )
-        self.guard.monitor.connection_refused("slow_consumer", "slow_consumer", conn.client)
-
-    def _schedule_expiry(self, conn: Connection, expires_at: float | None) -> None:
-        deadline = self.guard.deadline(expires_at)
-        if deadline is None:
-            conn.cancel_timer("expiry")  # a refresh without exp lifts the old deadline
-            return
-        conn.set_timer(
-            "expiry",
-            deadline - time.time(),
-            lambda: conn.close_soon(
-                CLOSE_CREDENTIALS_EXPIRED, "credentials expired", cause="token_expired"
-            ),
-        )
-
-    def _schedule_idle(self, conn: Connection) -> None:
-        idle = self.config.liveness.idle_timeout_seconds
-        if not idle:
-            return
-
-        def check() -> None:
-            quiet = self.guard.now() - conn.state.last_data_at
-            if quiet >= idle:
-                conn.close_soon(CLOSE_GOING_AWAY, "idle timeout", cause="idle_timeout")
-            else:
-                conn.set_timer("idle", idle - quiet, check)
-
-        conn.set_timer("idle", idle, check)
-
-    def _start_timers(self, conn: Connection) -> None:
-        """Token expiry, idle timeout and maximum lifetime of a new connection."""
-        self._schedule_expiry(conn, conn.identity.expires_at)
-        self._schedule_idle(conn)
-        lifetime = self.config.liveness.max_lifetime_seconds
-        if lifetime:
-            conn.set_timer(
-                "lifetime",
-                lifetime,
-                lambda: conn.close_soon(CLOSE_GOING_AWAY, "max lifetime", cause="max_lifetime"),
-            )
-
-    async def _run_connection(self, conn: Connection, messages: Any) -> None:
-        """Drive one connection: welcome, then every frame through the policy."""
-        self._start_timers(conn)
-        if self.send_welcome:
-            conn.send(self.welcome(conn))
-        for hook in self._on_connect:
-            await hook(conn)
-        await self._message_loop(conn, messages, self._dispatch)
-
-    def _dispatch(
+    def deliver(
         self, conn: Connection, decision: Deliver, data: str | bytes
     ) -> Awaitable[None] | None:
         """Hand a delivered message to its handler (none: dropped). A plain-function
@@ -338,82 +256,30 @@ class App:
         logger.exception("handler for %r failed", decision.type)
         conn.send(_error("internal_error", "The handler failed.", decision.message.get("id")))
 
-    async def _message_loop(self, conn: Connection, messages: Any, deliver: Deliver_) -> None:
-        """Every frame through the policy; what passes goes to *deliver*."""
-        receive = self._receive
-        latency = self.guard.monitor.metrics.latency
-        clock = time.perf_counter
-        async for data in messages:
-            if conn.closing:
-                # a close is under way: discard what the peer had already sent, so its close
-                # frame is read and the slot comes back now rather than after close_timeout
-                continue
-            started = clock()
-            pending = receive(conn, data, deliver)
-            if pending is not None:
-                await pending
-            latency(clock() - started)
-        await conn.wait_closing()
-
-    def _receive(
-        self, conn: Connection, data: str | bytes, deliver: Deliver_
-    ) -> Awaitable[None] | None:
-        """One frame through the policy, without waiting: every answer that needs no I/O
-        is given here; a message that passed (or needs the store) comes back as an
-        awaitable, which the engine adapter runs (eagerly where it can)."""
-        guard = self.guard
-        decision = guard.messages.evaluate(conn.state, data, guard.now())
-        if not isinstance(decision, Deliver):
-            self._answer(conn, decision)
+    def opened(self, conn: Connection) -> Awaitable[None] | None:
+        """Run the ``on_connect`` hooks (in the connection's task)."""
+        if not self._on_connect:
             return None
-        quota = guard.quota
-        over_local = quota is not None and not quota.take_local(conn.subject, guard.now())
-        if over_local or decision.nonce is not None:
-            return self._deliver_checked(conn, decision, data, deliver, over_local)
-        guard.monitor.metrics.message_delivered(decision.type)
-        return deliver(conn, decision, data)
+        return self._run_hooks(self._on_connect, conn, "on_connect")
 
-    def _answer(self, conn: Connection, decision: MessageDecision) -> None:
-        """Answer a message that is not delivered: error frame, auth_ok or close."""
-        monitor = self.guard.monitor
-        if isinstance(decision, Refuse):
-            monitor.message_refused(decision.code, decision.type, conn.client, closed=False)
-            conn.send(decision.frame())
-        elif isinstance(decision, Reauthenticate):
-            monitor.metrics.message_delivered("auth")
-            conn.identity = decision.identity
-            conn.state.identity = decision.identity
-            self._schedule_expiry(conn, decision.identity.expires_at)
-            reply: dict[str, Any] = {"type": "auth_ok", "expires_at": decision.identity.expires_at}
-            if decision.ref is not None:
-                reply["ref"] = decision.ref
-            conn.send(reply)
-        elif isinstance(decision, Close):
-            monitor.message_refused(decision.cause, None, conn.client, closed=True)
-            conn.close_soon(decision.code, decision.reason, cause=decision.cause)
+    def refreshed(self, conn: Connection) -> None:
+        """Nothing to do: handlers read ``conn.identity``, which the Session replaced."""
 
-    async def _deliver_checked(
-        self,
-        conn: Connection,
-        decision: Deliver,
-        data: str | bytes,
-        deliver: Deliver_,
-        over_local: bool,
-    ) -> None:
-        """The checks that need the store (cluster quota, signed nonces), then delivery."""
-        guard = self.guard
-        checked: MessageDecision = decision
-        if over_local:
-            checked = await guard.check_quota(conn.state, decision)
-        if isinstance(checked, Deliver) and checked.nonce is not None:
-            checked = await guard.check_nonce(conn.state, checked)
-        if isinstance(checked, Deliver):
-            guard.monitor.metrics.message_delivered(checked.type)
-            pending = deliver(conn, checked, data)
-            if pending is not None:
-                await pending
-        else:
-            self._answer(conn, checked)
+    def closed(self, conn: Connection) -> Awaitable[None] | None:
+        """Run the ``on_disconnect`` hooks (their failures are logged, not raised)."""
+        if not self._on_disconnect:
+            return None
+        return self._run_hooks(self._on_disconnect, conn, "on_disconnect")
+
+    async def _run_hooks(self, hooks: list[Hook], conn: Connection, name: str) -> None:
+        for hook in hooks:
+            try:
+                await hook(conn)
+            except Exception:
+                logger.exception("%s hook failed", name)
+                if name == "on_connect":  # the connection is not what the app expects
+                    conn.close_soon(CLOSE_INTERNAL_ERROR, "internal error", cause="hook_failed")
+                    return
 
     def keep_request(self, path: str, headers: Any) -> Any:
         """What a connection keeps of its upgrade request (the App: nothing)."""
@@ -427,12 +293,8 @@ class App:
 
     async def start(self) -> None:
         """Bind and start accepting connections; sets :attr:`port`."""
-        from wsguard.adapters.tls import check_listener
-
-        if self.config.engine == "picows":
-            from wsguard.adapters.picows_server import start_server
-        else:
-            from wsguard.adapters.websockets_server import start_server  # type: ignore[assignment]
+        from wsguard.adapters.tls import check_listener, server_context
+        from wsguard.engines import start_server
 
         if self._server is not None:
             raise RuntimeError("already started")
@@ -455,7 +317,9 @@ class App:
             self.admin = AdminServer(self)
             await self.admin.start()
         try:
-            self._server = await start_server(self)
+            if self.config.tls.enabled:
+                self.ssl_context = server_context(self.config.tls)
+            self._server = await start_server(self.config.engine, self, self.ssl_context)
         except BaseException:
             if self.admin is not None:  # never leave a listener saying "ready" behind
                 await self.admin.stop()
@@ -507,8 +371,6 @@ class App:
                 loop.remove_signal_handler(sig)
             if self.events is not None:
                 await self.events.close()
-            from wsguard.adapters.ending import wait_for_releases
-
             await wait_for_releases(self.config.cluster.timeout_seconds * 4)
             if self.admin is not None:
                 await self.admin.stop()

@@ -15,7 +15,7 @@ from typing import Any
 
 from wsguard.config.model import Config
 from wsguard.server.app import App
-from wsguard.server.connection import Connection
+from wsguard.session import Connection
 
 RELAYED_TYPES = ("chat", "data", "command")
 

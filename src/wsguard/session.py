@@ -1,0 +1,598 @@
+"""One admitted connection's whole life, the same on every engine and for every host.
+
+The seam between the engines (bytes, frames, closes) and the hosts (what a delivered
+message is for)::
+
+    engine ──Transport──▶ Session ──Host hooks──▶ App · gateway · ASGI middleware
+                             │
+                             ▼
+                       policy core (Guard)
+
+- An **engine** (picows, websockets, an ASGI server) parses frames and owns the socket.
+  It gives the Session a :class:`Transport` (write now or say it cannot, wait for room,
+  close with a bounded closing handshake, abort, how the connection ended) and calls
+  the Session for everything else: :meth:`Session.open`, :meth:`Session.receive` for
+  each message, :meth:`Session.control_frame` for pings and pongs,
+  :meth:`Session.data_frame` for each frame of a fragmented message,
+  :meth:`Session.fail` for a protocol error, and :meth:`Session.end` once, when the
+  connection is gone.
+- The **Session** owns what happens between: the message policy and its answers
+  (error frames, refreshes, closes), the store-backed checks of a delivered message,
+  the timers (token expiry, idle timeout, maximum lifetime), the bounded outbound
+  queue (a slow consumer is dropped, never waited for), closing, and the end: timers
+  cancelled, slots released, the close counted and audited.
+- A **host** plugs in through public hooks (:class:`Host`): the welcome frame, where a
+  delivered message goes, and what happens when a connection opens, is refreshed and
+  closes. The Session is what handlers get (``wsguard.Connection``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import TYPE_CHECKING, Any, Protocol
+
+import orjson
+
+from wsguard.core.decisions import (
+    CLOSE_CREDENTIALS_EXPIRED,
+    CLOSE_GOING_AWAY,
+    CLOSE_POLICY_VIOLATION,
+    CLOSE_TOO_BIG,
+    Admit,
+    Close,
+    Deliver,
+    MessageDecision,
+    Reauthenticate,
+    Refuse,
+)
+
+if TYPE_CHECKING:
+    from wsguard.core.identity import Identity
+    from wsguard.guard import Guard
+
+logger = logging.getLogger("wsguard.server")
+
+_SLOW_CONSUMER_ABORT_SECONDS = 1.0
+#: Bytes a transport may hold unsent before writes wait (and a queue builds up).
+DIRECT_WRITE_LIMIT = 64 * 1024
+#: Close codes an endpoint may send (RFC 6455 7.4.1), besides 3000-4999.
+SENDABLE_CLOSE_CODES = frozenset(
+    {1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014}
+)
+
+
+def sendable_close_code(code: int | None) -> bool:
+    """Whether *code* may be sent in a close frame (never 1005, 1006, 1015, 0...)."""
+    return code is not None and (code in SENDABLE_CLOSE_CODES or 3000 <= code <= 4999)
+
+
+class Transport(Protocol):
+    """What an engine offers a Session: one per connection, the engine's own object
+    where it can be (no extra allocation per connection)."""
+
+    def write(self, data: str | bytes) -> bool:
+        """Write one data frame now (text for ``str``, binary for ``bytes``); False when
+        that cannot be done without waiting (the socket's buffer is full, or writes
+        are asynchronous): the Session then queues it and calls :meth:`send`."""
+
+    async def send(self, data: str | bytes) -> bool:
+        """Write one data frame, waiting for room; False when the connection is gone."""
+
+    def is_open(self) -> bool:
+        """Data frames can still be sent (no close frame sent or received)."""
+
+    def close_now(self, code: int, reason: str) -> bool:
+        """Send the close frame at once, if the engine can do so from a callback
+        (picows); False: the Session closes through :meth:`close` in a task."""
+
+    async def close(self, code: int, reason: str) -> None:
+        """Close with *code* and wait (bounded) for the closing handshake."""
+
+    def abort(self) -> None:
+        """Drop the connection now, without a closing handshake."""
+
+    def close_result(self) -> tuple[int, str, str]:
+        """How it ended: the close code and reason sent by whoever closed first and who
+        that was (``server``, ``client``; 1006 and ``network``: no close frame)."""
+
+
+class Host(Protocol):
+    """What a Session needs of the object hosting it (App, gateway, ASGI middleware)."""
+
+    @property
+    def guard(self) -> Guard:
+        """The policy this host enforces."""
+
+    @property
+    def connections(self) -> MutableMapping[str, Any]:
+        """The node's live connections, by id (revocations, operators, broadcasts)."""
+
+    def new_connection_id(self) -> str:
+        """A connection id unique on this node."""
+
+    def keep_request(self, path: str, headers: Any) -> Any:
+        """What a connection keeps of its upgrade request (:attr:`Session.request`)."""
+
+    def welcome(self, session: Session) -> dict[str, Any] | None:
+        """The first frame of a new connection (None: none)."""
+
+    def deliver(
+        self, session: Session, decision: Deliver, data: str | bytes
+    ) -> Awaitable[None] | None:
+        """A message that passed the whole policy; returns what is still to be awaited
+        (a coroutine handler, say), or None when delivery is already done."""
+
+    def opened(self, session: Session) -> Awaitable[None] | None:
+        """The connection is open (welcome sent, timers running)."""
+
+    def refreshed(self, session: Session) -> None:
+        """The connection's identity was replaced by an in-band refresh."""
+
+    def closed(self, session: Session) -> Awaitable[None] | None:
+        """The connection has ended (slots released, close audited)."""
+
+
+# -- slots given back ------------------------------------------------------------------
+
+_pending_releases: set[asyncio.Task[None]] = set()
+
+
+def release(admission: Admit | None) -> None:
+    """Free *admission*'s slots in the background (None: nothing to do). A release may
+    need the store (Redis in cluster mode); the task is tracked so a shutdown can wait,
+    bounded, until every slot is back (:func:`wait_for_releases`)."""
+    if admission is not None:
+        task = asyncio.get_running_loop().create_task(admission.release())
+        _pending_releases.add(task)
+        task.add_done_callback(_pending_releases.discard)
+
+
+async def wait_for_releases(grace: float) -> None:
+    """Wait (bounded) until slots given back by closed connections reach the store."""
+    loop = asyncio.get_running_loop()  # other Apps in this process run other loops
+    pending = [t for t in _pending_releases if not t.done() and t.get_loop() is loop]
+    if pending:
+        await asyncio.wait(pending, timeout=grace)
+
+
+def first_close(sent: Any, rcvd: Any, rcvd_then_sent: bool) -> tuple[int, str, str]:
+    """The close as the audit log reports it: code, reason and who closed first.
+
+    *sent* and *rcvd* are the engine's close frames (anything with ``code`` and
+    ``reason``) or None. A close frame without a status code is 1005 on every engine.
+    """
+    if sent is not None and (rcvd is None or not rcvd_then_sent):
+        return _code(sent.code), _text(sent.reason), "server"
+    if rcvd is not None:
+        return _code(rcvd.code), _text(rcvd.reason), "client"
+    return 1006, "", "network"
+
+
+def _code(code: Any) -> int:
+    value = int(getattr(code, "value", code) or 0)
+    return 1005 if value == 0 else value  # "no status code" (picows reports 0)
+
+
+def _text(reason: Any) -> str:
+    if isinstance(reason, bytes):
+        return reason.decode("utf-8", "replace")
+    return str(reason or "")
+
+
+# -- the session -----------------------------------------------------------------------
+
+
+class Session:
+    """An admitted WebSocket connection, from admission to its audited end.
+
+    Handlers get it as ``conn``: :attr:`id`, :attr:`subject`, :attr:`identity`,
+    :attr:`client`, :meth:`send`, :meth:`send_raw`, :meth:`close`.
+    """
+
+    __slots__ = (
+        "_admission",
+        "_closing",
+        "_loop",
+        "_queue",
+        "_tasks",
+        "_timers",
+        "_writer",
+        "attachment",
+        "client",
+        "close_cause",
+        "guard",
+        "host",
+        "id",
+        "identity",
+        "opened_at",
+        "origin",
+        "request",
+        "sent",
+        "state",
+        "subprotocol",
+        "transport",
+    )
+
+    def __init__(
+        self,
+        transport: Transport,
+        host: Host,
+        admission: Admit,
+        *,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        guard = host.guard
+        now = time.monotonic()
+        self.transport = transport
+        self.host = host
+        self.guard = guard
+        # kept: asyncio.get_running_loop() costs a getpid() system call on Python 3.11
+        self._loop = loop if loop is not None else asyncio.get_running_loop()
+        self.id = host.new_connection_id()
+        self.identity: Identity = admission.identity
+        self.client = admission.client
+        self.origin = admission.origin
+        self.subprotocol = admission.subprotocol
+        self.state = guard.messages.open(admission.identity, now)
+        self.opened_at = now
+        self.sent = 0
+        self.request: Any = None  # what the host keeps of the upgrade request
+        self.attachment: Any = None  # the host's own per-connection data
+        self.close_cause: str | None = None
+        self._admission: Admit | None = admission
+        self._queue: collections.deque[str | bytes] | None = None  # created when needed
+        self._writer: asyncio.Task[None] | None = None
+        self._closing = False
+        self._tasks: set[asyncio.Task[None]] | None = None
+        self._timers: dict[str, asyncio.TimerHandle] | None = None
+
+    @property
+    def subject(self) -> str:
+        return self.identity.subject
+
+    @property
+    def closing(self) -> bool:
+        """A close has started (by wsguard, the handler or the peer's close frame)."""
+        return self._closing
+
+    @property
+    def backlogged(self) -> bool:
+        """Frames are waiting in the outbound queue (the client is not keeping up)."""
+        return self._writer is not None
+
+    @property
+    def close_code(self) -> int | None:
+        """The close code of the connection once a close frame was sent or received."""
+        if self.transport.is_open():
+            return None
+        code, _, closed_by = self.transport.close_result()
+        return None if closed_by == "network" else code
+
+    # -- the connection's life (called by the engine) --------------------------------
+
+    def open(self) -> Awaitable[None] | None:
+        """The upgrade is done: register, audit, start the timers, welcome, tell the host.
+        Returns the host's opened hook when it has to be awaited."""
+        host = self.host
+        host.connections[self.id] = self
+        self.guard.connection_opened(self, self.subprotocol)
+        self._start_timers()
+        welcome = host.welcome(self)
+        if welcome is not None:
+            self.send(welcome)
+        return host.opened(self)
+
+    def receive(self, data: str | bytes) -> Awaitable[None] | None:
+        """One message through the policy, without waiting: every answer that needs no
+        I/O is given here; a message that passed (or needs the store) comes back as an
+        awaitable, which the engine runs (inline where it can)."""
+        guard = self.guard
+        decision = guard.messages.evaluate(self.state, data, guard.now())
+        if not isinstance(decision, Deliver):
+            if isinstance(decision, Reauthenticate):
+                return self._refresh(decision)
+            self._answer(decision)
+            return None
+        quota = guard.quota
+        over_local = quota is not None and not quota.take_local(self.identity.subject, guard.now())
+        if over_local or decision.nonce is not None:
+            return self._deliver_checked(decision, data, over_local)
+        guard.monitor.metrics.message_delivered(decision.type)
+        return self.host.deliver(self, decision, data)
+
+    def control_frame(self, size: int) -> None:
+        """A ping or pong of *size* bytes arrived: counted (a ping flood is a flood)."""
+        close = self.guard.messages.control_frame(self.state, time.monotonic(), size)
+        if close is not None:
+            self.close_soon(close.code, close.reason, cause=close.cause)
+
+    def fail(self, code: int, reason: str, cause: str) -> None:
+        """Fail the connection (RFC 6455 7.1.7): the close frame goes out first (queued
+        frames are dropped), and nothing the peer sends afterwards is evaluated."""
+        closing, self._closing = self._closing, True
+        if not closing:
+            self.close_cause = cause
+        queue = self._queue
+        if queue:
+            queue.clear()
+        if not self.transport.close_now(code, reason) and not closing:
+            self._closing = False
+            self._start_close(code, reason)
+
+    def end(self, releaser: Callable[[Admit], None] = release) -> Awaitable[None] | None:
+        """The connection is gone (called once by the engine, however it ended): timers
+        cancelled, the host's registry left, the close counted and audited, the slots
+        released (by *releaser*: in a task by default; an engine on the memory store may
+        release inline). Returns the host's closed hook when it has to be awaited."""
+        self._closing = True
+        self.cancel_timers()
+        host, guard = self.host, self.guard
+        host.connections.pop(self.id, None)
+        guard.messages.closed(self.state, time.monotonic())
+        code, _, closed_by = self.transport.close_result()
+        if code == CLOSE_TOO_BIG and closed_by == "server":
+            guard.monitor.connection_refused("size", "too_big", self.client)
+            self.close_cause = self.close_cause or "too_big"
+        guard.connection_closed(self, code, closed_by)
+        admission, self._admission = self._admission, None
+        if admission is not None:
+            releaser(admission)
+        return host.closed(self)
+
+    def discard(self, releaser: Callable[[Admit], None] = release) -> None:
+        """The connection never opened (an ASGI app that did not accept): timers
+        cancelled, the registry left, the slots released; nothing to audit."""
+        self._closing = True
+        self.cancel_timers()
+        self.host.connections.pop(self.id, None)
+        self.guard.messages.closed(self.state, time.monotonic())
+        admission, self._admission = self._admission, None
+        if admission is not None:
+            releaser(admission)
+
+    def mark_closing(self) -> None:
+        """A close was started outside the Session (by the peer, or by a host that
+        closes itself): nothing more is sent or evaluated."""
+        self._closing = True
+
+    # -- policy answers ----------------------------------------------------------------
+
+    def _answer(self, decision: MessageDecision) -> None:
+        """Answer a message that is not delivered: an error frame or a close."""
+        monitor = self.guard.monitor
+        if isinstance(decision, Refuse):
+            monitor.message_refused(decision.code, decision.type, self.client, closed=False)
+            self.send(decision.frame())
+        elif isinstance(decision, Close):
+            monitor.message_refused(decision.cause, None, self.client, closed=True)
+            self.close_soon(decision.code, decision.reason, cause=decision.cause)
+        elif isinstance(decision, Reauthenticate):
+            self._refreshed(decision)
+
+    def _refresh(self, decision: Reauthenticate) -> Awaitable[None] | None:
+        """An in-band refresh whose token verified."""
+        self._refreshed(decision)
+        return None
+
+    def _refreshed(self, decision: Reauthenticate) -> None:
+        self.guard.monitor.metrics.message_delivered("auth")
+        self.identity = decision.identity
+        self.state.identity = decision.identity
+        self._schedule_expiry(decision.identity.expires_at)
+        self.host.refreshed(self)
+        reply: dict[str, Any] = {"type": "auth_ok", "expires_at": decision.identity.expires_at}
+        if decision.ref is not None:
+            reply["ref"] = decision.ref
+        self.send(reply)
+
+    async def _deliver_checked(
+        self, decision: Deliver, data: str | bytes, over_local: bool
+    ) -> None:
+        """The checks that need the store (cluster quota, signed nonces), then delivery."""
+        guard = self.guard
+        checked: MessageDecision = decision
+        if over_local:
+            checked = await guard.check_quota(self.state, decision)
+        if isinstance(checked, Deliver) and checked.nonce is not None:
+            checked = await guard.check_nonce(self.state, checked)
+        if isinstance(checked, Deliver):
+            guard.monitor.metrics.message_delivered(checked.type)
+            pending = self.host.deliver(self, checked, data)
+            if pending is not None:
+                await pending
+        else:
+            self._answer(checked)
+
+    # -- timers ------------------------------------------------------------------------
+
+    def _start_timers(self) -> None:
+        """Token expiry, idle timeout and maximum lifetime."""
+        self._schedule_expiry(self.identity.expires_at)
+        liveness = self.guard.config.liveness
+        idle = liveness.idle_timeout_seconds
+        if idle:
+            self.set_timer("idle", idle, self._check_idle)
+        lifetime = liveness.max_lifetime_seconds
+        if lifetime:
+            self.set_timer(
+                "lifetime",
+                lifetime,
+                lambda: self.close_soon(CLOSE_GOING_AWAY, "max lifetime", cause="max_lifetime"),
+            )
+
+    def _check_idle(self) -> None:
+        idle = self.guard.config.liveness.idle_timeout_seconds
+        quiet = self.guard.now() - self.state.last_data_at
+        if quiet >= idle:
+            self.close_soon(CLOSE_GOING_AWAY, "idle timeout", cause="idle_timeout")
+        else:
+            self.set_timer("idle", idle - quiet, self._check_idle)
+
+    def _schedule_expiry(self, expires_at: float | None) -> None:
+        deadline = self.guard.deadline(expires_at)
+        if deadline is None:
+            self.cancel_timer("expiry")  # a refresh without exp lifts the old deadline
+            return
+        self.set_timer("expiry", deadline - time.time(), self._expired)
+
+    def _expired(self) -> None:
+        self.close_soon(CLOSE_CREDENTIALS_EXPIRED, "credentials expired", cause="token_expired")
+
+    def set_timer(self, name: str, delay: float, callback: Callable[[], None]) -> None:
+        """(Re)arm a named timer; replaces the previous one of that name."""
+        if self._timers is None:
+            self._timers = {}
+        old = self._timers.pop(name, None)
+        if old is not None:
+            old.cancel()
+        self._timers[name] = self._loop.call_later(max(0.0, delay), callback)
+
+    def cancel_timer(self, name: str) -> None:
+        handle = self._timers.pop(name, None) if self._timers else None
+        if handle is not None:
+            handle.cancel()
+
+    def cancel_timers(self) -> None:
+        if self._timers:
+            for handle in self._timers.values():
+                handle.cancel()
+            self._timers = None
+
+    # -- sending -----------------------------------------------------------------------
+
+    def send(self, message: dict[str, Any]) -> bool:
+        """Queue a JSON message; False if the connection is closing or was dropped."""
+        return self.send_text(orjson.dumps(message).decode())
+
+    def send_text(self, text: str | bytes) -> bool:
+        """Send an already serialized frame (shared by broadcast); never waits.
+
+        When nothing is queued and the transport can write at once, the frame is
+        written now; otherwise it joins the bounded queue drained by a writer task
+        (one exists only while there is something to send). A full queue marks a
+        slow consumer, which is dropped.
+        """
+        if self._closing:
+            return False
+        queue = self._queue
+        if self._writer is None and not queue and self.transport.write(text):
+            self.sent += 1
+            return True
+        if queue is None:
+            queue = self._queue = collections.deque()
+        if len(queue) >= self.guard.config.limits.outbound_queue:
+            self.drop_slow_consumer()
+            return False
+        queue.append(text)
+        if self._writer is None:
+            self._writer = self._loop.create_task(self._drain())
+        return True
+
+    def send_raw(self, data: str | bytes) -> bool:
+        """Send *data* as it is: a text frame for ``str``, a binary frame for ``bytes``
+        (e.g. a message echoed or forwarded as it arrived). Never waits: the same
+        bounded queue as :meth:`send`, and a full queue drops the slow client. False if
+        the connection is closing or was dropped."""
+        if not isinstance(data, (str, bytes)):
+            raise TypeError(f"send_raw takes str or bytes, not {type(data).__name__}")
+        return self.send_text(data)
+
+    def drop_slow_consumer(self) -> None:
+        """Close a client that does not read (1008, audited); never waited for."""
+        if self._closing:
+            return
+        guard = self.guard
+        guard.audit.emit(
+            "slow_consumer", connection_id=self.id, client=self.client, subject=self.subject
+        )
+        guard.monitor.connection_refused("slow_consumer", "slow_consumer", self.client)
+        self.close_soon(CLOSE_POLICY_VIOLATION, "slow consumer", cause="slow_consumer")
+        if self._queue:
+            self._queue.clear()
+        self._loop.call_later(_SLOW_CONSUMER_ABORT_SECONDS, self.transport.abort)
+
+    async def _drain(self) -> None:
+        queue = self._queue
+        assert queue is not None
+        transport = self.transport
+        try:
+            while queue:
+                data = queue.popleft()
+                if not await transport.send(data):
+                    queue.clear()
+                    break
+                self.sent += 1
+        finally:
+            self._writer = None
+
+    async def flush(self, grace: float = 1.0) -> bool:
+        """Wait (bounded) until frames already queued have been handed to the transport;
+        True when nothing is left waiting."""
+        writer = self._writer
+        if writer is not None:
+            with contextlib.suppress(TimeoutError, Exception):
+                await asyncio.wait_for(asyncio.shield(writer), grace)
+        return self._writer is None
+
+    # -- closing -----------------------------------------------------------------------
+
+    def close_soon(self, code: int, reason: str, *, cause: str | None = None) -> None:
+        """Start closing with *code*; returns at once (safe from any callback)."""
+        if self._closing:
+            return
+        self.close_cause = cause or reason
+        if self._writer is None and not self._queue and self.transport.close_now(code, reason):
+            # nothing queued to go first: the close frame left now
+            self._closing = True
+            self._track(self._loop.create_task(self.transport.close(code, reason)))
+            return
+        self._start_close(code, reason)
+
+    def _start_close(self, code: int, reason: str) -> None:
+        self._closing = True
+        self._track(self._loop.create_task(self._close(code, reason)))
+
+    def _track(self, task: asyncio.Task[None]) -> None:
+        if self._tasks is None:
+            self._tasks = set()
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        """Close with *code* and wait for the closing handshake.
+
+        *code* must be 1000-1003, 1007-1014 or 3000-4999 and *reason* at most 123
+        bytes of UTF-8 (RFC 6455); anything else raises ValueError.
+        """
+        if not sendable_close_code(code):
+            raise ValueError(f"close code {code} cannot be sent")
+        if len(reason.encode()) > 123:
+            raise ValueError("close reason longer than 123 bytes")
+        self._closing = True
+        await self._close(code, reason)
+
+    async def _close(self, code: int, reason: str) -> None:
+        if self.close_cause != "slow_consumer":
+            await self.flush()  # replies already queued go out before the close frame
+        try:
+            await self.transport.close(code, reason)
+        except Exception:  # the transport is broken: make sure the socket goes away
+            self.abort()
+
+    def abort(self) -> None:
+        """Drop the TCP connection now, without a closing handshake."""
+        self.transport.abort()
+
+    async def wait_closing(self) -> None:
+        """Wait for a close started with :meth:`close_soon` (if any) to finish."""
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+#: What handlers receive: the Session of their connection.
+Connection = Session
