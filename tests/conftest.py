@@ -237,6 +237,7 @@ def server_factory(tmp_path: Any, engine: str) -> Iterator[ServerFactory]:
         *,
         demo: bool = True,
         setup: Callable[[App], None] | None = None,
+        welcome: bool = True,
     ) -> RunningServer:
         audit = AuditCapture()
         overrides = dict(overrides or {})
@@ -249,7 +250,7 @@ def server_factory(tmp_path: Any, engine: str) -> Iterator[ServerFactory]:
         from wsguard.guard import Guard
 
         guard = Guard(config, audit=AuditLog(audit))
-        app = App(guard=guard)
+        app = App(guard=guard, welcome=welcome)
         if demo:
             install_demo(app)
         if setup is not None:

@@ -499,7 +499,14 @@ class Session:
             self._writer = self._loop.create_task(self._drain())
         return True
 
-    send_raw = send_text
+    def send_raw(self, data: str | bytes) -> bool:
+        """Send *data* as it is: a text frame for ``str``, a binary frame for ``bytes``
+        (e.g. a message echoed or forwarded as it arrived). Never waits: the same
+        bounded queue as :meth:`send`, and a full queue drops the slow client. False if
+        the connection is closing or was dropped."""
+        if not isinstance(data, (str, bytes)):
+            raise TypeError(f"send_raw takes str or bytes, not {type(data).__name__}")
+        return self.send_text(data)
 
     def drop_slow_consumer(self) -> None:
         """Close a client that does not read (1008, audited); never waited for."""

@@ -75,6 +75,8 @@ _READ_BUFFER = 2048  # picows' initial read buffer (it grows for bigger frames)
 _READ_CHUNK = 8192  # bytes read per callback at most (fairness; see _BoundedReads)
 _NO_HEADERS: CIMultiDict[str] = CIMultiDict()
 _EARLY_DATA_LIMIT = 64 * 1024  # bytes a client may send before its 101 is written
+_BATCH_FRAME_BYTES = 1024  # a bigger frame is written at once, not batched (see write)
+_BATCH_FRAMES = 256  # frames batched per read at most (~200 replies fit one 8 KiB read)
 
 
 # -- running wsguard's own steps without a task when they cannot wait --------------------
@@ -509,7 +511,16 @@ class GuardListener(WSListener):
         else:
             frame = _server_frame(0x82, data)
         self.metrics.bytes_out += len(frame)
-        self.write_bytes(frame)
+        out = self._out
+        if out is not None and (len(frame) > _BATCH_FRAME_BYTES or len(out) >= _BATCH_FRAMES):
+            # a big frame, or many: the read batch leaves now, so that the write buffer
+            # checked above counts what a handler sends in one go (a slow consumer is
+            # still found when a handler sends a lot without returning)
+            out.append(frame)
+            self.flush()
+            self._out = []
+        else:
+            self.write_bytes(frame)
         return True
 
     async def send(self, data: str | bytes) -> bool:

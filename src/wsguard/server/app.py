@@ -14,7 +14,16 @@ Usage::
     app.run()
 
 Handlers receive only messages that passed the whole message policy
-(size, JSON, bounds, type allowlist, scopes, schema, rate limits).
+(size, JSON, bounds, type allowlist, scopes, schema, rate limits). A handler
+registered with ``@app.on(type, raw=True)`` or ``@app.on_message`` receives the
+frame as it arrived (``str`` or ``bytes``): the latter is how a server with
+``messages.format = "opaque"`` sees its messages, e.g. an echo server::
+
+    app = App(load_config("echo.toml"), welcome=False)
+
+    @app.on_message
+    def echo(conn, data):
+        conn.send_raw(data)
 """
 
 from __future__ import annotations
@@ -27,7 +36,7 @@ import logging
 import signal
 import ssl
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Literal, overload
 
 import orjson
 
@@ -42,6 +51,9 @@ from wsguard.session import Connection, wait_for_releases
 #: A message handler: a coroutine function, or a plain function that runs inline (it
 #: must not block; it needs no task, which makes it the fastest kind).
 Handler = Callable[[Connection, dict[str, Any]], Awaitable[None] | None]
+#: A handler of raw messages (``@app.on(type, raw=True)``, ``@app.on_message``): it gets the
+#: frame as it arrived, text as ``str`` and binary as ``bytes``; plain function or coroutine.
+RawHandler = Callable[[Connection, str | bytes], Awaitable[None] | None]
 Hook = Callable[[Connection], Awaitable[None]]
 
 logger = logging.getLogger("wsguard.server")
@@ -50,14 +62,28 @@ logger = logging.getLogger("wsguard.server")
 class App:
     """Hosts message handlers behind the wsguard policy."""
 
-    def __init__(self, config: Config | None = None, *, guard: Guard | None = None) -> None:
+    def __init__(
+        self, config: Config | None = None, *, guard: Guard | None = None, welcome: bool = True
+    ) -> None:
+        """*welcome*: send each new connection the ``welcome`` frame (its id, subject,
+        scopes, limits...) before anything else; False sends none, for protocols that
+        have no room for it (an echo server, a non-JSON protocol). Kept as
+        :attr:`send_welcome`."""
         if guard is None:
             guard = Guard(config if config is not None else Config())
         self.guard = guard
         self.config = guard.config
+        if not welcome and self.config.signing.session_keys:
+            raise ConfigError(
+                "signing.session_keys",
+                "the session key is sent in the welcome frame: not with App(welcome=False)",
+            )
         self.connections: dict[str, Connection] = {}
         guard.monitor.metrics.active_connections = lambda: len(self.connections)
         self._handlers: dict[str, Handler] = {}
+        self._raw_handlers: dict[str, RawHandler] = {}
+        self._on_message: RawHandler | None = None
+        self.send_welcome = welcome
         self._on_connect: list[Hook] = []
         self._on_disconnect: list[Hook] = []
         self._server: Any = None
@@ -85,8 +111,24 @@ class App:
 
     # -- registration -----------------------------------------------------------
 
-    def on(self, message_type: str) -> Callable[[Handler], Handler]:
-        """Register the handler of *message_type* (it must be in the allowlist)."""
+    @overload
+    def on(
+        self, message_type: str, *, raw: Literal[False] = False
+    ) -> Callable[[Handler], Handler]: ...
+
+    @overload
+    def on(
+        self, message_type: str, *, raw: Literal[True]
+    ) -> Callable[[RawHandler], RawHandler]: ...
+
+    def on(self, message_type: str, *, raw: bool = False) -> Callable[[Any], Any]:
+        """Register the handler of *message_type* (it must be in the allowlist).
+
+        The handler is called as ``handler(conn, message)`` with the parsed message (a
+        dict); with ``raw=True``, as ``handler(conn, data)`` with the frame as it arrived
+        (text as ``str``, binary as ``bytes``), e.g. to forward it without re-serializing.
+        A later registration for the same type replaces the earlier one.
+        """
         if message_type not in self.config.messages.types:
             raise ConfigError(
                 f"messages.types.{message_type}",
@@ -95,11 +137,22 @@ class App:
         if message_type == "auth":
             raise ConfigError("messages.types.auth", "'auth' is handled by wsguard itself")
 
-        def register(handler: Handler) -> Handler:
-            self._handlers[message_type] = handler
+        def register(handler: Any) -> Any:
+            self._handlers.pop(message_type, None)
+            self._raw_handlers.pop(message_type, None)
+            (self._raw_handlers if raw else self._handlers)[message_type] = handler
             return handler
 
         return register
+
+    def on_message(self, handler: RawHandler) -> RawHandler:
+        """Register the catch-all handler: every delivered message that has no handler of
+        its type goes to ``handler(conn, data)``, *data* as it arrived (text as ``str``,
+        binary as ``bytes``). With ``messages.format = "opaque"`` that is every message
+        (they have no type). A plain function runs inline; a coroutine function runs in
+        the connection's task, like the handlers of :meth:`on`."""
+        self._on_message = handler
+        return handler
 
     def on_connect(self, hook: Hook) -> Hook:
         self._on_connect.append(hook)
@@ -141,6 +194,9 @@ class App:
         await self.guard.store.revoke(kind, value, seconds)  # type: ignore[arg-type]
 
     def welcome(self, conn: Connection) -> dict[str, Any] | None:
+        """The first frame of a new connection; None with ``App(welcome=False)``."""
+        if not self.send_welcome:
+            return None
         limits = self.config.limits
         welcome: dict[str, Any] = {
             "type": "welcome",
@@ -173,10 +229,14 @@ class App:
         """Hand a delivered message to its handler (none: dropped). A plain-function
         handler runs here; a coroutine comes back to be awaited."""
         handler = self._handlers.get(decision.type)
-        if handler is None:
-            return None
         try:
-            result = handler(conn, decision.message)
+            if handler is not None:
+                result = handler(conn, decision.message)
+            else:  # a raw handler of the type, else the catch-all: the frame as it came
+                raw = self._raw_handlers.get(decision.type, self._on_message)
+                if raw is None:
+                    return None
+                result = raw(conn, data)
         except Exception:
             self._handler_failed(conn, decision)
             return None
