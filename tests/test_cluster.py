@@ -19,8 +19,10 @@ at once; one node's shutdown independent of another node in the same process).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
+import functools
 import json
 import os
 import secrets
@@ -41,8 +43,12 @@ from websockets.sync.client import ClientConnection
 from conftest import SECRET, RunningServer, ServerFactory, make_token
 from redis_process import RedisProcess, free_port
 from serve_process import WSGUARD, Served
+from wsguard.cluster.events import ClusterEvents, close_disconnected, close_revoked
 from wsguard.config.demo_types import DEMO_MESSAGE_TYPES
+from wsguard.config.model import Config
+from wsguard.core.identity import Identity
 from wsguard.core.integrity import sign
+from wsguard.guard import Guard
 from wsguard.stores.redis_store import RedisStore
 
 PREFIX = "wsguard:"  # the default cluster.key_prefix
@@ -487,6 +493,75 @@ def test_nothing_admitted_while_a_revocation_arrives_survives_it(
     for ws in survivors:
         assert close_code(ws, 5) == 4003
     wait_event(node, "connection_revoked", subject="mallory")
+
+
+class _Registered:
+    """A connection as cluster events see it (the Session's names)."""
+
+    def __init__(self, subject: str, token_id: str | None, client: str) -> None:
+        self.id, self.client, self.closed_with = "c1", client, ""
+        self.identity = Identity(subject=subject, token_id=token_id)
+
+    @property
+    def subject(self) -> str:
+        return self.identity.subject
+
+    @property
+    def closing(self) -> bool:
+        return bool(self.closed_with)
+
+    def close_soon(self, code: int, reason: str, *, cause: str | None = None) -> None:
+        self.closed_with = f"{code} {cause}"
+
+
+@pytest.mark.parametrize(
+    ("event", "closed_with"),
+    [
+        (("sub", "mallory"), "4003 revoked"),
+        (("jti", "tok-1"), "4003 revoked"),
+        (("ban", "127.0.0.9"), "1008 banned"),
+        (("disconnect", "mallory"), "1008 admin"),
+    ],
+)
+def test_events_received_while_a_handshake_was_decided_reach_its_connection(
+    event: tuple[str, str], closed_with: str
+) -> None:
+    """Deterministically, the race above: the event arrives after the handshake's checks
+    and before its connection registers; registering applies it (and only events
+    received since the checks started)."""
+
+    async def scenario() -> tuple[str, str]:
+        guard = Guard(Config())
+        await guard.start()
+        found: list[_Registered] = []  # nothing registered yet: the handshake is deciding
+        events = ClusterEvents(
+            guard.store,
+            "n1",
+            lambda: found,  # type: ignore[arg-type,return-value]
+            lambda raw: None,
+            functools.partial(close_revoked, guard.audit),
+            on_disconnect=functools.partial(close_disconnected, guard.audit),
+            address_key=guard.address_key,
+        )
+        checks_started = time.monotonic()
+        kind, value = event
+        if kind in ("sub", "jti"):
+            await guard.store.revoke(kind, value, 60)  # type: ignore[arg-type]
+        elif kind == "ban":
+            await guard.ban_address(value, 60)
+        else:
+            await guard.disconnect("sub", value)
+        late = _Registered("mallory", "tok-1", "127.0.0.9")
+        events.catch_up(late, checks_started)
+        earlier = _Registered("mallory", "tok-1", "127.0.0.9")
+        events.catch_up(earlier, time.monotonic())  # its checks ran after the event
+        await events.close()
+        await guard.close()
+        return late.closed_with, earlier.closed_with
+
+    late, earlier = asyncio.run(scenario())
+    assert late == closed_with
+    assert earlier == ""
 
 
 def test_revoke_jti_closes_only_that_tokens_connections(

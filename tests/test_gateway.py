@@ -1280,7 +1280,7 @@ def test_stalled_backend_stops_the_gateway_reading_from_the_client(
         [conn] = gateway_connections(gw)
 
         def gateway_side() -> tuple[int, bool, int]:
-            server_ws = conn.transport.ws
+            server_ws = conn.transport.ws  # type: ignore[attr-defined]  # the websockets engine
             frames = len(server_ws.recv_messages.frames)
             buffered = upstream.transport.get_write_buffer_size()
             return frames, server_ws.recv_messages.paused, buffered

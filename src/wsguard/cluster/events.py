@@ -106,9 +106,9 @@ class ClusterEvents:
         node_id: str,
         connections: Callable[[], Iterable[Connection]],
         deliver: Callable[[bytes], None],
-        on_revoked: Callable[[Connection, str], None],
+        on_revoked: Callable[[Closable, str], None],
         *,
-        on_disconnect: Callable[[Connection, str], None] | None = None,
+        on_disconnect: Callable[[Closable, str], None] | None = None,
         address_key: Callable[[str], str] | None = None,
     ) -> None:
         self.store = store
@@ -152,7 +152,7 @@ class ClusterEvents:
             recent.popleft()
         recent.append((now, channel, kind, value, why))
 
-    def catch_up(self, conn: Connection, since: float) -> bool:
+    def catch_up(self, conn: Closable, since: float) -> bool:
         """Apply to *conn*, just registered, the revocations and disconnects this node
         received since *since* (when its handshake checks started): they were meant for
         it but could not find it. True when it is being closed."""
@@ -169,7 +169,7 @@ class ClusterEvents:
                 self._on_disconnect(conn, why)
         return conn.closing
 
-    def _named(self, conn: Connection, kind: str, value: str) -> bool:
+    def _named(self, conn: Closable, kind: str, value: str) -> bool:
         """Whether a disconnect of *kind* (``sub``, ``id``, ``addr``) names *conn*."""
         if kind == "sub":
             return conn.subject == value
@@ -180,7 +180,7 @@ class ClusterEvents:
         return False
 
     @staticmethod
-    def _revoked(conn: Connection, kind: str, value: str) -> bool:
+    def _revoked(conn: Closable, kind: str, value: str) -> bool:
         identity = conn.identity
         return (kind == "sub" and identity.subject == value) or (
             kind == "jti" and identity.token_id == value
