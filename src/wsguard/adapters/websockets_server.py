@@ -26,6 +26,7 @@ from websockets.exceptions import (
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import State
+from websockets.server import ServerProtocol
 
 from wsguard.adapters.http_screen import check_head, raw_refusal
 from wsguard.adapters.tls import certificate_identity
@@ -105,6 +106,18 @@ class PendingHandshakes:
             self.by_peer[peer] = count
 
 
+class GuardedServerProtocol(ServerProtocol):
+    """websockets' sans-I/O protocol, closing cleanly when a close frame interrupts a
+    fragmented message (RFC 6455 allows control frames between fragments; websockets
+    fails the connection with 1002 instead: Autobahn case 7.1.5). The incomplete
+    message is discarded, never delivered."""
+
+    def recv_frame(self, frame: Frame) -> None:
+        if frame.opcode is Opcode.CLOSE and self.current_size is not None:
+            self.current_size = None
+        super().recv_frame(frame)
+
+
 class GuardedServerConnection(ServerConnection):
     """A websockets connection that carries its admission and counts control frames."""
 
@@ -124,8 +137,9 @@ class GuardedServerConnection(ServerConnection):
     )
     guard: Guard  # set on the per-server subclass made by start_server()
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, protocol: ServerProtocol, *args: Any, **kwargs: Any) -> None:
+        protocol.__class__ = GuardedServerProtocol  # same layout, one method differs
+        super().__init__(protocol, *args, **kwargs)
         self.admission: Admit | None = None
         self.guarded: Session | None = None
         self.policy: MessagePolicy | None = None
