@@ -623,16 +623,84 @@ def test_mtls_identity_from_san_uri(
     assert welcome["scopes"] == ["data"]
 
 
-def test_mtls_certificate_without_the_configured_san_needs_a_token(
+def test_mtls_certificate_without_the_configured_san_is_refused(
     server_factory: ServerFactory, pki: ServerPki, client_ca: trustme.CA, tmp_path: Path
 ) -> None:
-    """identity_from = san_email but the certificate has no email SAN: no identity."""
+    """identity_from = san_email but the certificate has no email SAN: no identity, so
+    the certificate is refused, with or without a token (dave's own included)."""
     server = server_factory(mtls_overrides(pki, client_ca, tmp_path, identity_from="san_email"))
     cert = client_ca.issue_cert("dave.example.com", common_name="dave")
     ctx = client_context(pki.ca, cert=cert)
     assert status_over_tls(server.port, ctx) == 401
-    assert refusals(server) == ["missing_credentials"]
+    assert status_over_tls(server.port, ctx, make_token("dave")) == 401
+    assert refusals(server) == ["certificate_mismatch", "certificate_mismatch"]
     assert server.audit.events("connection_admitted") == []
+
+
+def issue_names_cert(
+    ca: trustme.CA, common_names: list[str], emails: list[str]
+) -> trustme.LeafCert:
+    """A client certificate with any number of CNs and email SANs, signed by *ca*."""
+    ca_key = serialization.load_pem_private_key(ca.private_key_pem.bytes(), password=None)
+    ca_cert = x509.load_pem_x509_certificate(ca.cert_pem.bytes())
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, n) for n in common_names]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+    )
+    if emails:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.RFC822Name(e) for e in emails]), critical=False
+        )
+    cert = builder.sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    )
+    return trustme.LeafCert(key_pem, cert.public_bytes(serialization.Encoding.PEM), [])
+
+
+@pytest.mark.parametrize(
+    ("common_names", "emails"),
+    [
+        ([], ["mallory@example.com"]),  # no CN at all, only an email SAN
+        (["mallory", "alice"], []),  # two CNs: which one wins differs between TLS stacks
+        (["alice", "alice"], []),  # the same CN twice is still ambiguous
+        (["ali\tce"], []),  # a control character: not a subject a token could carry
+    ],
+    ids=["no-cn", "two-cns", "cn-twice", "control-character"],
+)
+@pytest.mark.parametrize("mode", ["required", "optional"])
+def test_mtls_certificate_naming_no_single_usable_identity_is_refused(
+    server_factory: ServerFactory,
+    pki: ServerPki,
+    client_ca: trustme.CA,
+    tmp_path: Path,
+    common_names: list[str],
+    emails: list[str],
+    mode: str,
+) -> None:
+    """A verified certificate from the users' CA that yields no single printable identity,
+    together with another user's valid token, is refused: the binding is never skipped."""
+    server = server_factory(mtls_overrides(pki, client_ca, tmp_path, client_cert=mode))
+    ctx = client_context(pki.ca, cert=issue_names_cert(client_ca, common_names, emails))
+    assert status_over_tls(server.port, ctx, make_token("alice")) == 401
+    if mode == "required":
+        assert status_over_tls(server.port, ctx) == 401  # nor does it authenticate alone
+    assert set(refusals(server)) == {"certificate_mismatch"}
+    assert server.audit.events("connection_admitted") == []
+    # control: a certificate naming alice once, with alice's token, is admitted
+    good = client_context(pki.ca, cert=issue_names_cert(client_ca, ["alice"], []))
+    assert welcome_of(server.port, good, make_token("alice"))["subject"] == "alice"
 
 
 def test_mtls_required_token_for_another_subject_is_certificate_mismatch(

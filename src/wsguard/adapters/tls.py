@@ -58,21 +58,37 @@ def reload_certificate(context: ssl.SSLContext, tls: TlsConfig) -> bool:
     return True
 
 
+#: ``HandshakeRequest.client_cert`` of a verified certificate that names no usable
+#: identity (none, more than one value, or one a token subject could not be)
+NO_CERT_IDENTITY = ""
+
+
 def certificate_identity(peer_cert: dict[str, Any] | None, source: str) -> str | None:
-    """The identity named by a verified client certificate (CN or a SAN, by config)."""
+    """The identity named by a verified client certificate (its CN or a SAN, by config).
+
+    None when no certificate was presented; :data:`NO_CERT_IDENTITY` when one was but it
+    names no usable identity: the attribute is missing, appears more than once (which
+    one "wins" differs between TLS stacks), or is not what a token subject may be
+    (printable, 1-256 characters). Such a certificate is refused, never skipped.
+    """
     if not peer_cert:
         return None
     if source == "cn":
-        for rdn in peer_cert.get("subject", ()):
-            for name, value in rdn:
-                if name == "commonName":
-                    return str(value)
-        return None
-    kind = {"san_dns": "DNS", "san_email": "email", "san_uri": "URI"}[source]
-    for name, value in peer_cert.get("subjectAltName", ()):
-        if name == kind:
-            return str(value)
-    return None
+        values = [
+            value
+            for rdn in peer_cert.get("subject", ())
+            for name, value in rdn
+            if name == "commonName"
+        ]
+    else:
+        kind = {"san_dns": "DNS", "san_email": "email", "san_uri": "URI"}[source]
+        values = [value for name, value in peer_cert.get("subjectAltName", ()) if name == kind]
+    if len(values) != 1:
+        return NO_CERT_IDENTITY
+    value = values[0]
+    if not isinstance(value, str) or not 0 < len(value) <= 256 or not value.isprintable():
+        return NO_CERT_IDENTITY
+    return value
 
 
 def check_listener(config: Config) -> None:

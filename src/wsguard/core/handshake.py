@@ -253,6 +253,9 @@ class HandshakePolicy:
         """
         tls = self.config.tls
         mtls = tls.client_ca_file is not None and cert is not None
+        if mtls and not cert:
+            # a verified certificate that names no usable identity: never skip the binding
+            raise AuthFailure("certificate_mismatch", "certificate names no usable identity")
         if credentials is None:
             if mtls and tls.client_cert == "required":
                 assert cert is not None

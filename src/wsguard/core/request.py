@@ -18,7 +18,8 @@ class HandshakeRequest:
     tls: bool = False
     method: str = "GET"
     client_cert: str | None = None
-    """Identity named by a verified TLS client certificate (mTLS), if any."""
+    """Identity named by a verified TLS client certificate (mTLS): None without a
+    certificate, ``""`` for a certificate that names no usable identity (refused)."""
 
     @property
     def path(self) -> str:
