@@ -66,6 +66,14 @@ SENDABLE_CLOSE_CODES = frozenset(
 )
 
 
+#: the cause audited for a close the engine made by itself, by its code
+_ENGINE_CAUSES = {
+    1002: "protocol_error",
+    1007: "invalid_utf8",
+    1009: "too_big",
+}
+
+
 def sendable_close_code(code: int | None) -> bool:
     """Whether *code* may be sent in a close frame (never 1005, 1006, 1015, 0...)."""
     return code is not None and (code in SENDABLE_CLOSE_CODES or 3000 <= code <= 4999)
@@ -340,10 +348,15 @@ class Session:
         host, guard = self.host, self.guard
         host.connections.pop(self.id, None)
         guard.messages.closed(self.state, time.monotonic())
-        code, _, closed_by = self.transport.close_result()
+        code, reason, closed_by = self.transport.close_result()
+        if closed_by == "server" and self.close_cause is None:
+            # the engine failed the connection itself (its parser, its heartbeat)
+            if code == 1011 and reason == "keepalive ping timeout":
+                self.close_cause = "ping_timeout"
+            else:
+                self.close_cause = _ENGINE_CAUSES.get(code)
         if code == CLOSE_TOO_BIG and closed_by == "server":
             guard.monitor.connection_refused("size", "too_big", self.client)
-            self.close_cause = self.close_cause or "too_big"
         guard.connection_closed(self, code, closed_by)
         admission, self._admission = self._admission, None
         if admission is not None:
