@@ -33,6 +33,7 @@ from wsguard.core.integrity import (
     SigningKey,
     Verified,
     canonical,
+    nonce_key,
     sign,
     signature,
 )
@@ -718,7 +719,9 @@ def test_verifier_outcomes_with_a_fixed_clock() -> None:
     nonce = "N" * 16
     ok = sign({"type": "chat"}, kid="k1", secret=ALICE_SECRET, nonce=nonce, ts=now + WINDOW)
     outcome = verifier.check(ok, "alice", None)
-    assert outcome == Verified(nonce_key=f"nonce:alice:k1:{nonce}", ttl=2 * WINDOW)
+    assert outcome == Verified(
+        nonce_key=f"nonce:alice:k1:{nonce}", timestamp=now + WINDOW, window=WINDOW
+    )
     assert verifier.check(ok, "bob", None) == "bad_signature"
     late = sign({"type": "chat"}, kid="k1", secret=ALICE_SECRET, nonce=nonce, ts=now - WINDOW - 1)
     assert verifier.check(late, "alice", None) == "stale"
@@ -726,6 +729,14 @@ def test_verifier_outcomes_with_a_fixed_clock() -> None:
     assert isinstance(verifier.check(session, "alice", BOB_SECRET), Verified)
     assert verifier.check(session, "alice", None) == "bad_signature"
     assert verifier.check(session, "alice", ALICE_SECRET) == "bad_signature"
+
+
+def test_nonce_keys_encode_their_parts() -> None:
+    """Subjects may contain ':': the parts are encoded, so two subjects and key ids can
+    never name the same nonce."""
+    assert nonce_key("a:b", "c", "n") != nonce_key("a", "b:c", "n")
+    assert nonce_key("a:b", "c", "n") == "nonce:a%3Ab:c:n"
+    assert nonce_key("alice", "k1", "N" * 16) == "nonce:alice:k1:" + "N" * 16
 
 
 # -- memory nonce store ---------------------------------------------------------------------

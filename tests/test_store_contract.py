@@ -234,6 +234,25 @@ async def nonces_expire(store: Store) -> None:
     assert await store.add_nonce(key, 0.5) is False  # recorded afresh
 
 
+async def nonces_live_until_the_message_window_ends(store: Store) -> None:
+    """A message's nonce is kept until its timestamp + window on the store's clock (not a
+    fixed time after it arrived), and the same clock judges the window: so nodes with
+    skewed clocks agree on what is a replay."""
+    now = time.time()
+    assert await store.record_nonce("nonce:alice:k1:w", now, 30) == "fresh"
+    assert await store.record_nonce("nonce:alice:k1:w", now, 30) == "replayed"
+    assert await store.record_nonce("nonce:alice:k1:old", now - 31, 30) == "stale"
+    assert await store.record_nonce("nonce:alice:k1:new", now + 31, 30) == "stale"
+    # stamped 29.5 s ago in a 30 s window: remembered for the half second left, then the
+    # message is stale everywhere (never fresh again)
+    key, stamped = "nonce:alice:k1:late", time.time() - 29.5
+    assert await store.record_nonce(key, stamped, 30) == "fresh"
+    assert await store.record_nonce(key, stamped, 30) == "replayed"
+    await eventually(
+        lambda: equals(store.record_nonce(key, stamped, 30), "stale"), "the window to end"
+    )
+
+
 async def revoke_token_id(store: Store) -> None:
     await store.revoke("jti", "tok-1", 60)
     assert await store.is_revoked("alice", "tok-1") is True
@@ -310,6 +329,7 @@ CONTRACT: list[Case] = [
     bans_expire,
     nonces_replay,
     nonces_expire,
+    nonces_live_until_the_message_window_ends,
     revoke_token_id,
     revoke_subject,
     revoked_among,

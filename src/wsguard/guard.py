@@ -261,11 +261,15 @@ class Guard:
         verified = decision.nonce
         ref = decision.message.get("id")
         try:
-            fresh = await self.store.add_nonce(verified.nonce_key, verified.ttl)
+            outcome = await self.store.record_nonce(
+                verified.nonce_key, verified.timestamp, verified.window
+            )
         except StoreUnavailable:
             return self.messages.unavailable(state, self.now(), ref, decision.type)
-        if fresh:
+        if outcome == "fresh":
             return decision
+        if outcome == "stale":  # on the store's clock, which every node shares
+            return self.messages.stale(state, self.now(), ref, decision.type)
         return self.messages.replayed(state, self.now(), ref, decision.type)
 
     # -- in-band token refresh (every adapter) -------------------------------------------

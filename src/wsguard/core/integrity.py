@@ -23,6 +23,7 @@ import hmac
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import orjson
 
@@ -141,10 +142,21 @@ class SigningKey:
 
 @dataclass(frozen=True, slots=True)
 class Verified:
-    """The signature and timestamp hold; the nonce must still be unseen."""
+    """The signature and timestamp hold; the nonce must still be unseen.
+
+    The store records ``nonce_key`` until ``timestamp + window`` on its own clock (and
+    checks the window again on it), so nodes with skewed clocks agree on what is a
+    replay: a nonce is remembered exactly as long as any node could accept it.
+    """
 
     nonce_key: str
-    ttl: float
+    timestamp: float
+    window: float
+
+
+def nonce_key(subject: str, kid: str, nonce: str) -> str:
+    """The store key of a nonce: its parts percent-encoded (a subject may hold ``:``)."""
+    return f"nonce:{quote(subject, safe='')}:{quote(kid, safe='')}:{quote(nonce, safe='')}"
 
 
 class SignatureVerifier:
@@ -195,4 +207,4 @@ class SignatureVerifier:
             return "bad_signature"
         if abs(self._clock() - ts) > self._window:
             return "stale"
-        return Verified(nonce_key=f"nonce:{subject}:{kid}:{nonce}", ttl=2 * self._window)
+        return Verified(nonce_key=nonce_key(subject, kid, nonce), timestamp=ts, window=self._window)

@@ -367,6 +367,15 @@ class MessagePolicy:
         )
         return self._refuse(state, now, refusal)
 
+    def stale(
+        self, state: ConnectionState, now: float, ref: Any, message_type: str | None = None
+    ) -> MessageDecision:
+        """The message's timestamp is outside the window on the store's clock."""
+        refusal = Refuse(
+            "stale", "Message signature is too old.", ref=_valid_ref(ref), type=message_type
+        )
+        return self._refuse(state, now, refusal)
+
     def unavailable(
         self, state: ConnectionState, now: float, ref: Any, message_type: str | None = None
     ) -> MessageDecision:

@@ -7,12 +7,16 @@ ever does read-modify-write across two calls.
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 from wsguard.errors import StoreError
+
+#: what recording a message's nonce found
+NonceOutcome = Literal["fresh", "replayed", "stale"]
 
 #: What kind of thing a revocation names: a token id (``jti``) or a whole subject.
 RevocationKind = Literal["jti", "sub"]
@@ -115,6 +119,19 @@ class Store(ABC):
     @abstractmethod
     async def add_nonce(self, key: str, ttl: float) -> bool:
         """Record *key* for *ttl* seconds; False if it was already recorded (a replay)."""
+
+    async def record_nonce(self, key: str, timestamp: float, window: float) -> NonceOutcome:
+        """Record the nonce *key* of a message stamped *timestamp* (Unix seconds) until
+        ``timestamp + window`` on the store's clock: ``stale`` when that clock says the
+        message is outside the window, ``replayed`` when *key* is recorded already.
+
+        One clock (the store's) decides both, so nodes whose clocks differ agree. This
+        default is for stores on the node itself (its clock is the store's)."""
+        now = time.time()
+        if abs(now - timestamp) > window:
+            return "stale"
+        fresh = await self.add_nonce(key, max(0.001, timestamp + window - now))
+        return "fresh" if fresh else "replayed"
 
     @abstractmethod
     async def take(self, key: str, want: int, limit: int, window: float) -> tuple[int, float]:

@@ -33,6 +33,21 @@ local function window_wait(start, p, c, limit, window, now)
 end
 """
 
+#: KEYS[1] the nonce; ARGV the message's timestamp (Unix ms) and the window (ms).
+#: Returns 1 fresh (recorded until timestamp + window), 0 replayed, 2 stale: both on the
+#: server's clock, so nodes with skewed clocks agree.
+RECORD_NONCE = (
+    _NOW
+    + """
+local ts, window = tonumber(ARGV[1]), tonumber(ARGV[2])
+if math.abs(now - ts) > window then return 2 end
+if redis.call('SET', KEYS[1], '1', 'NX', 'PX', math.max(1, ts + window - now)) then
+  return 1
+end
+return 0
+"""
+)
+
 #: KEYS[1] zset of holders scored by lease expiry; ARGV limit, holder, ttl_ms.
 ACQUIRE = (
     _NOW

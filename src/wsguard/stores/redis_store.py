@@ -37,6 +37,7 @@ from wsguard.stores.base import (
     Admission,
     BanPolicy,
     EventHandler,
+    NonceOutcome,
     RevocationKind,
     Store,
     StoreUnavailable,
@@ -84,6 +85,7 @@ class RedisStore(Store):
         self._record_failure = self.client.register_script(redis_scripts.RECORD_FAILURE)
         self._screen = self.client.register_script(redis_scripts.SCREEN)
         self._extend_ban = self.client.register_script(redis_scripts.EXTEND_BAN)
+        self._record_nonce = self.client.register_script(redis_scripts.RECORD_NONCE)
         self._held: dict[str, set[str]] = {}  # leases granted by Redis, renewed by us
         self._local_held: set[tuple[str, str]] = set()  # leases granted in fail-open mode
         self._renewing = False
@@ -488,6 +490,18 @@ class RedisStore(Store):
             return bool(fresh)
 
         return await self._run("nonces", remote, lambda: self._fallback.add_nonce(key, ttl))
+
+    async def record_nonce(self, key: str, timestamp: float, window: float) -> NonceOutcome:
+        async def remote() -> NonceOutcome:
+            found = await self._record_nonce(
+                keys=[self._key(key, ":nonce")],
+                args=[int(timestamp * 1000), max(1, int(window * 1000))],
+            )
+            return "fresh" if found == 1 else "stale" if found == 2 else "replayed"
+
+        return await self._run(
+            "nonces", remote, lambda: self._fallback.record_nonce(key, timestamp, window)
+        )
 
     # -- revocations and events --------------------------------------------------------
 
