@@ -277,6 +277,19 @@ def test_bad_value_names_key_and_what_is_allowed(
     assert str(error).startswith(f"{key}: ")
 
 
+def test_revocations_must_outlive_the_longest_token(tmp_path: Path) -> None:
+    error = config_error(tmp_path, "[cluster]\nrevocation_ttl_seconds = 3600\n")
+    assert error.key == "cluster.revocation_ttl_seconds"
+    assert "auth.max_token_lifetime_seconds" in error.message
+    config = validate_config(
+        {
+            "auth": {"max_token_lifetime_seconds": 3600, "leeway_seconds": 30},
+            "cluster": {"revocation_ttl_seconds": 3600},
+        }
+    )
+    assert config.revocation_seconds == 3630  # a revocation outlives exp + leeway
+
+
 def test_algorithm_none_in_any_spelling_is_refused(tmp_path: Path) -> None:
     for spelling in ("none", "None", "NONE", "nOnE"):
         error = config_error(tmp_path, f'[auth]\nalgorithms = ["{spelling}"]\n')

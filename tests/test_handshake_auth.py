@@ -467,6 +467,19 @@ def test_expired_token_is_refused(server: RunningServer) -> None:
     expect_401(server, make_token(ttl=-5), reasons={"token_expired"})
 
 
+def test_token_living_longer_than_the_maximum_lifetime_is_refused(
+    server_factory: ServerFactory,
+) -> None:
+    """No token may outlive a revocation of it: exp further ahead than
+    auth.max_token_lifetime_seconds (24 h by default) is refused."""
+    server = relaxed(server_factory)
+    expect_401(server, make_token(ttl=86400 + 600), reasons={"invalid_token"})
+    assert welcome(server, make_token("day", ttl=86400 - 600))["subject"] == "day"
+    short = relaxed(server_factory, {"auth": {"max_token_lifetime_seconds": 600}})
+    expect_401(short, make_token(ttl=1200), reasons={"invalid_token"})
+    assert welcome(short, make_token("brief", ttl=300))["subject"] == "brief"
+
+
 def test_leeway_admits_just_expired_token(server_factory: ServerFactory) -> None:
     server = relaxed(server_factory, {"auth": {"leeway_seconds": 60}})
     assert welcome(server, make_token("late", ttl=-5))["subject"] == "late"

@@ -16,7 +16,7 @@ from typing import Any
 from wsguard.cluster.quota import SubjectQuota
 from wsguard.config.keys import has_configured_key, load_keys, load_signing_keys
 from wsguard.config.model import Config
-from wsguard.core.auth import KeyMaterial, TokenVerifier, public_key_warnings
+from wsguard.core.auth import KeyMaterial, TokenVerifier, auth_warnings
 from wsguard.core.client_address import limit_key, parse_ip
 from wsguard.core.decisions import (
     CLOSE_REVOKED,
@@ -148,7 +148,7 @@ class Guard:
         if self._warned:
             return
         self._warned = True
-        for key, message in public_key_warnings(self.config.auth):
+        for key, message in auth_warnings(self.config.auth):
             logger.warning("%s: %s", key, message)
             self.audit.emit("config_warning", key=key, detail=message)
 

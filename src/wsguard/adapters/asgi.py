@@ -186,7 +186,7 @@ class WsGuardMiddleware:
         """Revoke a token id (``jti``) or subject (``sub``): live connections close (4003)."""
         if kind not in ("jti", "sub"):
             raise ValueError("kind must be 'jti' or 'sub'")
-        seconds = ttl if ttl is not None else self.config.cluster.revocation_ttl_seconds
+        seconds = ttl if ttl is not None else self.config.revocation_seconds
         await self.guard.store.revoke(kind, value, seconds)  # type: ignore[arg-type]
 
     # -- node lifecycle ---------------------------------------------------------------------

@@ -378,7 +378,7 @@ class AdminApi:
         self._authorize(request)
         body = await self._body(request)
         field, value = _one_of(body, ("jti", "subject"))
-        ttl = _seconds(body, "ttl_seconds", self.app.config.cluster.revocation_ttl_seconds)
+        ttl = _seconds(body, "ttl_seconds", self.app.config.revocation_seconds)
         await self._cluster(self.app.revoke("jti" if field == "jti" else "sub", value, ttl))
         self.guard.audit.emit(
             "admin_action", action="revoke", target=field, client=self._address(request)

@@ -177,9 +177,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return run_audit(args)
         if args.command == "check-config":
-            from wsguard.core.auth import public_key_warnings
+            from wsguard.core.auth import auth_warnings
 
-            for key, message in public_key_warnings(_load(args).auth):
+            for key, message in auth_warnings(_load(args).auth):
                 print(f"wsguard: warning: {key}: {message}", file=sys.stderr)
             print("configuration is valid")
             return 0
@@ -323,7 +323,7 @@ def _revoke(args: argparse.Namespace) -> int:
             "revocation needs the cluster store (redis://...): with memory:// the "
             "state lives inside the running server; pass --store or set store",
         )
-    ttl = config.cluster.revocation_ttl_seconds
+    ttl = config.revocation_seconds
     if args.ttl is not None:
         try:
             ttl = parse_duration(args.ttl)

@@ -39,6 +39,7 @@ class AuthConfig(_Section):
     audience: tuple[str, ...] = ()
     issuer: str = ""
     require_exp: bool = True
+    max_token_lifetime_seconds: float = Field(default=86400.0, gt=0, le=366 * 86400)
     leeway_seconds: float = Field(default=0.0, ge=0, le=300)
     subject_claim: str = Field(default="sub", min_length=1)
     scope_claims: tuple[str, ...] = ("scope", "scp", "roles")
@@ -594,6 +595,12 @@ class Config(_Section):
                 raise ValueError(f"{name!r} is not a valid subprotocol token")
         return value
 
+    @property
+    def revocation_seconds(self) -> float:
+        """How long a revocation lasts by default: ``cluster.revocation_ttl_seconds`` plus
+        the leeway a token gets past its ``exp`` (so it outlives every token it names)."""
+        return self.cluster.revocation_ttl_seconds + self.auth.leeway_seconds
+
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
         if self.engine == "auto":  # picows (faster), unless a feature needs websockets
@@ -626,6 +633,13 @@ class Config(_Section):
             raise ValueError(
                 "auth.cookie: cookie authentication requires origin.allowed "
                 "(cross-site WebSocket hijacking)"
+            )
+        longest = self.auth.max_token_lifetime_seconds
+        if self.cluster.revocation_ttl_seconds < longest:
+            raise ValueError(
+                f"cluster.revocation_ttl_seconds: a revocation must outlive the tokens it "
+                f"revokes: {self.cluster.revocation_ttl_seconds:g} s is shorter than "
+                f"auth.max_token_lifetime_seconds ({longest:g} s)"
             )
         if self.admin.enabled and self.admin.port == self.port and self.port != 0:
             raise ValueError("admin.port: the admin listener needs its own port")

@@ -124,17 +124,25 @@ def _scopes(claims: Mapping[str, Any], names: tuple[str, ...]) -> frozenset[str]
     return frozenset(found)
 
 
-def public_key_warnings(config: AuthConfig) -> list[tuple[str, str]]:
-    """Valid but risky settings of public-key verification, as (config key, message).
+def auth_warnings(config: AuthConfig) -> list[tuple[str, str]]:
+    """Valid but risky authentication settings, as (config key, message).
 
     A public key or a JWKS is usually an identity provider's, shared by every service it
     issues tokens for: without ``audience`` and ``issuer`` this service accepts any token
     of that provider (tokens carrying ``aud`` are refused when no audience is set).
     """
-    if config.uses_hmac:
-        return []
-    source = "auth.jwks_file" if config.jwks_file else "auth.public_key_file"
     out: list[tuple[str, str]] = []
+    if not config.require_exp:
+        out.append(
+            (
+                "auth.require_exp",
+                "tokens without exp are accepted: they never expire, and a revocation of one "
+                "lasts only cluster.revocation_ttl_seconds",
+            )
+        )
+    if config.uses_hmac:
+        return out
+    source = "auth.jwks_file" if config.jwks_file else "auth.public_key_file"
     if not config.audience:
         out.append(
             (
@@ -273,6 +281,13 @@ class TokenVerifier:
         if "aud" in claims and not config.audience:
             # a token meant for another service is never accepted here by default
             raise AuthFailure("invalid_audience", self._audience_detail)
+        exp = claims.get("exp")
+        if (
+            isinstance(exp, (int, float))
+            and exp - self._clock() > config.max_token_lifetime_seconds
+        ):
+            # longer than any revocation lasts (cluster.revocation_ttl_seconds is at least this)
+            raise AuthFailure("invalid_token", "exp beyond auth.max_token_lifetime_seconds")
         nbf = claims.get("nbf")
         return self._identity(claims), float(nbf) if isinstance(nbf, (int, float)) else None
 

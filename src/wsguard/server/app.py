@@ -190,7 +190,7 @@ class App:
         """Revoke a token id (``jti``) or subject (``sub``) on every node."""
         if kind not in ("jti", "sub"):
             raise ValueError("kind must be 'jti' or 'sub'")
-        seconds = ttl if ttl is not None else self.config.cluster.revocation_ttl_seconds
+        seconds = ttl if ttl is not None else self.config.revocation_seconds
         await self.guard.store.revoke(kind, value, seconds)  # type: ignore[arg-type]
 
     def welcome(self, conn: Connection) -> dict[str, Any] | None:
