@@ -49,9 +49,14 @@ from picows import (
 from picows.picows import WSProtocol  # type: ignore[attr-defined]
 
 from wsguard.adapters.ending import first_close, record_close, release
-from wsguard.adapters.http_screen import check_head, http_response, raw_refusal, read_head
+from wsguard.adapters.http_screen import (
+    PendingHandshakes,
+    check_head,
+    http_response,
+    raw_refusal,
+    read_head,
+)
 from wsguard.adapters.tls import certificate_identity, server_context
-from wsguard.adapters.websockets_server import PendingHandshakes
 from wsguard.core.decisions import (
     CLOSE_GOING_AWAY,
     CLOSE_TOO_BIG,

@@ -27,9 +27,8 @@ from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 
 from wsguard.adapters.ending import first_close, record_close, release
-from wsguard.adapters.http_screen import check_head, raw_refusal
+from wsguard.adapters.http_screen import PendingHandshakes, check_head, raw_refusal
 from wsguard.adapters.tls import certificate_identity, server_context
-from wsguard.core.client_address import parse_ip
 from wsguard.core.decisions import Admit, Reject
 from wsguard.core.headers import Headers
 from wsguard.core.messages import MessagePolicy
@@ -65,43 +64,6 @@ _ENGINE_ATTRIBUTES = tuple(
 # checks that there is one. The real request (headers, the bearer token) is dropped.
 _ADMITTED = Request("/", WsHeaders())
 _CONTROL_COUNTED = (Opcode.PING, Opcode.PONG)
-
-
-class PendingHandshakes:
-    """Connections whose request head has not arrived yet, per peer and in total.
-
-    Every limit of the policy applies once a request is parsed; this bounds what
-    a client can hold open before that (slowloris). Trusted proxies are exempt
-    from the per-address cap: their peers are many clients.
-    """
-
-    def __init__(self, guard: Guard) -> None:
-        limits = guard.config.limits
-        self.per_address = limits.pending_handshakes_per_address
-        self.total_limit = limits.max_pending_handshakes
-        self.resolver = guard.handshakes.resolver
-        self.by_peer: dict[str, int] = {}
-        self.total = 0
-
-    def enter(self, peer: str) -> tuple[int, str, str] | None:
-        if self.total >= self.total_limit:
-            return 503, "server_full", "Too many pending handshakes."
-        count = self.by_peer.get(peer, 0)
-        address = parse_ip(peer)
-        trusted = address is not None and self.resolver.is_trusted(address)
-        if count >= self.per_address and not trusted:
-            return 429, "too_many_pending", "Too many pending handshakes from this address."
-        self.by_peer[peer] = count + 1
-        self.total += 1
-        return None
-
-    def leave(self, peer: str) -> None:
-        self.total -= 1
-        count = self.by_peer.get(peer, 1) - 1
-        if count <= 0:
-            self.by_peer.pop(peer, None)
-        else:
-            self.by_peer[peer] = count
 
 
 class GuardedServerConnection(ServerConnection):
