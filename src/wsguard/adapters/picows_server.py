@@ -9,9 +9,10 @@ The same policy core as the websockets adapter, reached differently:
   response; an admitted socket is handed to a picows protocol, fed the head,
   and upgraded by picows (``101``, with the chosen subprotocol).
 - **Frames.** picows calls :class:`GuardListener` for every frame. Control
-  frames are counted by the policy (a ping flood is a flood) and answered here;
-  fragments are assembled with the message size checked as each one arrives
-  (``1009`` as soon as the limit is crossed; picows itself refuses a single
+  frames and continuation frames are counted by the policy (a ping flood, a
+  fragment flood is a flood) and pings answered here; fragments are assembled
+  with the message size and the number of fragments checked as each one arrives
+  (``1009`` as soon as a limit is crossed; picows itself refuses a single
   frame over the limit from its header, before reading the payload).
 - **Messages** go through :meth:`App._receive` in the frame callback: refusals,
   closes and plain-function handlers need no task. A coroutine handler runs in
@@ -344,6 +345,15 @@ class GuardListener(WSListener):
             fragments = self._fragments
             if fragments is None:
                 self._protocol_error("unexpected continuation frame")
+                return
+            if len(fragments) >= self.server.max_fragments:
+                self._fragments = None
+                self._fail(CLOSE_TOO_BIG, "too many fragments", "too_big")
+                return
+            policy = self.app.guard.messages
+            close = policy.fragment(conn.state, time.monotonic())
+            if close is not None:
+                conn.close_soon(close.code, close.reason, cause=close.cause)
                 return
             fragments.append(frame.get_payload_as_bytes())
             self._fragments_size += frame.payload_size
@@ -895,6 +905,7 @@ class PicowsServer:
         self.guard: Guard = app.guard
         self.metrics = app.guard.monitor.metrics
         self.pending = PendingHandshakes(app.guard)
+        self.max_fragments = app.guard.config.limits.max_fragments
         self.deciding: set[asyncio.Task[None]] = set()
         self.listeners: set[GuardListener] = set()
         self._server: asyncio.Server | None = None

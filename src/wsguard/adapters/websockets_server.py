@@ -15,6 +15,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from websockets.asyncio import messages as engine_messages
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers as WsHeaders
 from websockets.exceptions import (
@@ -29,7 +30,7 @@ from websockets.http11 import Request, Response
 from wsguard.adapters.ending import first_close, record_close, release
 from wsguard.adapters.http_screen import PendingHandshakes, check_head, raw_refusal
 from wsguard.adapters.tls import certificate_identity, server_context
-from wsguard.core.decisions import Admit, Reject
+from wsguard.core.decisions import CLOSE_TOO_BIG, Admit, Reject
 from wsguard.core.headers import Headers
 from wsguard.core.messages import MessagePolicy
 from wsguard.core.request import HandshakeRequest
@@ -64,14 +65,17 @@ _ENGINE_ATTRIBUTES = tuple(
 # checks that there is one. The real request (headers, the bearer token) is dropped.
 _ADMITTED = Request("/", WsHeaders())
 _CONTROL_COUNTED = (Opcode.PING, Opcode.PONG)
+_CONT, _TEXT, _BINARY = Opcode.CONT, Opcode.TEXT, Opcode.BINARY
 
 
 class GuardedServerConnection(ServerConnection):
-    """A websockets connection that carries its admission and counts control frames."""
+    """A websockets connection that carries its admission and counts control frames and
+    the fragments of a message."""
 
     # Slots keep wsguard's per-connection attributes out of the instance dict: past
     # ~30 keys CPython switches the dict to a larger, unshared layout (about 1.6 KB).
     __slots__ = (
+        "_fragments",
         "_head",
         "_opened_at",
         "_peer_address",
@@ -96,9 +100,11 @@ class GuardedServerConnection(ServerConnection):
         self._opened_at = 0.0
         self._peer_address = "unknown"
         self._pending = False
+        self._fragments = 0  # frames of the message being received so far (0: none)
 
     pending: PendingHandshakes  # shared by the connections of one server
     metrics: Metrics  # the node's counters (bytes in and out)
+    max_fragments: int  # limits.max_fragments
 
     def send_data(self) -> None:
         for data in self.protocol.writes:  # what super().send_data() is about to write
@@ -146,17 +152,47 @@ class GuardedServerConnection(ServerConnection):
         self.guard.record_raw_refusal(status, reason, self._peer_address)
 
     def process_event(self, event: Any) -> None:
-        guarded, policy = self.guarded, self.policy
-        if (
-            guarded is not None
-            and policy is not None
-            and isinstance(event, Frame)
-            and event.opcode in _CONTROL_COUNTED
-        ):
-            close = policy.control_frame(guarded.state, time.monotonic(), len(event.data))
-            if close is not None:
-                guarded.close_soon(close.code, close.reason, cause=close.cause)
+        """Count every frame before websockets' assembler sees it: control frames and
+        continuation frames are charged to the rates, and a message in more than
+        ``limits.max_fragments`` frames is refused (1009) at the frame that crosses it."""
+        if isinstance(event, Frame):
+            opcode = event.opcode
+            if opcode is _CONT:
+                self._fragments += 1
+                if self._fragments > self.max_fragments:
+                    self._too_many_fragments()
+                    return
+                self._charge(event, fragment=True)
+            elif opcode is _TEXT or opcode is _BINARY:
+                if self._fragments > self.max_fragments:
+                    return  # refused: nothing reaches the assembler any more
+                self._fragments = 0 if event.fin else 1
+            elif opcode in _CONTROL_COUNTED:
+                self._charge(event, fragment=False)
         super().process_event(event)
+
+    def _charge(self, frame: Frame, *, fragment: bool) -> None:
+        guarded, policy = self.guarded, self.policy
+        if guarded is None or policy is None:
+            return
+        now = time.monotonic()
+        if fragment:
+            close = policy.fragment(guarded.state, now)
+        else:
+            close = policy.control_frame(guarded.state, now, len(frame.data))
+        if close is not None:
+            guarded.close_soon(close.code, close.reason, cause=close.cause)
+
+    def _too_many_fragments(self) -> None:
+        """Fail the connection like websockets fails a message over ``max_size``: the
+        close frame now, nothing parsed after it (the frames of the current read that
+        follow are dropped here, the fragments so far with the connection)."""
+        protocol = self.protocol
+        if protocol.close_sent is None:
+            protocol.fail(CLOSE_TOO_BIG, "too many fragments")
+            self.send_data()
+            if self.close_deadline is None and self.close_timeout is not None:
+                self.close_deadline = self.loop.time() + self.close_timeout
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._end_pending()
@@ -265,6 +301,15 @@ async def start_server(app: App) -> Server:
         return admission.subprotocol if admission is not None else None
 
     handler = functools.partial(run_guarded, app)  # one coroutine frame per connection
+    # websockets' assembler has its own cap on the frames of a message, a module global
+    # (WEBSOCKETS_MAX_FRAGMENTS, 4096) that closes with 1009 from the reading task, after
+    # the fragments were queued. wsguard counts them first (process_event, at the frame
+    # that crosses limits.max_fragments): the global is raised above every cap of this
+    # process, so that ours is the one that fires (and a higher configured cap works).
+    # It applies to the gateway's upstream connections too, bounded by their size limit.
+    engine_messages.MAX_FRAGMENTS = max(
+        engine_messages.MAX_FRAGMENTS, config.limits.max_fragments + 1
+    )
 
     if config.tls.enabled:
         app.ssl_context = server_context(config.tls)
@@ -291,6 +336,7 @@ async def start_server(app: App) -> Server:
                 "guard": guard,
                 "pending": PendingHandshakes(guard),
                 "metrics": guard.monitor.metrics,
+                "max_fragments": config.limits.max_fragments,
             },
         ),
         logger=_engine_logger(),
