@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 from wsguard.core.decisions import CLOSE_TOO_BIG, Admit
 
+CLOSE_NO_STATUS = 1005  # a close frame without status code (RFC 6455 7.1.5)
+
 if TYPE_CHECKING:
     from wsguard.guard import Guard
     from wsguard.server.connection import Connection
@@ -38,12 +40,16 @@ async def wait_for_releases(grace: float) -> None:
 def first_close(sent: Any, rcvd: Any, rcvd_then_sent: bool) -> tuple[int, str]:
     """The close code as the audit log reports it: the one sent by whoever closed first.
 
-    *sent* and *rcvd* are the engine's close frames (anything with a ``code``) or None.
+    *sent* and *rcvd* are the engine's close frames (anything with a ``code``) or None
+    (*rcvd* is None too for a close frame the server refused as invalid). A close frame
+    without status code is reported as 1005 (no status received), whichever engine
+    parsed it (picows says 0); 1006 is a connection that ended without any close frame.
     """
     if sent is not None and (rcvd is None or not rcvd_then_sent):
         return int(getattr(sent.code, "value", sent.code)), "server"
     if rcvd is not None:
-        return int(getattr(rcvd.code, "value", rcvd.code)), "client"
+        code = int(getattr(rcvd.code, "value", rcvd.code))
+        return code or CLOSE_NO_STATUS, "client"
     return 1006, "network"
 
 
