@@ -212,8 +212,11 @@ def test_fragmented_message_over_the_limit_closes_1009(server: RunningServer) ->
 
 
 def test_many_small_fragments_are_counted_and_cut_off_before_the_end(
-    server: RunningServer,
+    server_factory: ServerFactory,
 ) -> None:
+    # every fragment costs a message of the rate: a burst the 120 fragments fit in, so
+    # that the size limit is the one they cross
+    server = server_factory({"limits": {"message_burst": 200}})
     with raw_welcomed(server) as client:
         # 120 x 100 bytes, never a final fragment: the server must not wait for the end
         data = frame(OP_TEXT, b"[" + b" " * 99, fin=False)

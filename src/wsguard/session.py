@@ -325,6 +325,13 @@ class Session:
         if close is not None:
             self.close_soon(close.code, close.reason, cause=close.cause)
 
+    def fragment(self) -> None:
+        """A continuation frame arrived: charged to the message rate like a message (a
+        message in many fragments costs as much as as many messages)."""
+        close = self.guard.messages.fragment(self.state, time.monotonic())
+        if close is not None:
+            self.close_soon(close.code, close.reason, cause=close.cause)
+
     def fail(self, code: int, reason: str, cause: str) -> None:
         """Fail the connection (RFC 6455 7.1.7): the close frame goes out first (queued
         frames are dropped), and nothing the peer sends afterwards is evaluated."""

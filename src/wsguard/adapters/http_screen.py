@@ -2,7 +2,9 @@
 
 The engine closes silently on input it cannot parse and buffers up to 128
 header lines of 8 KiB each. wsguard holds the head until it is complete, caps
-its total size, and answers anything malformed with a real 4xx.
+its total size and every line of it, and answers anything malformed with a real
+4xx, the same on every engine. Until the head is complete a connection is a
+pending handshake, counted per address (:class:`PendingHandshakes`).
 """
 
 from __future__ import annotations
@@ -10,9 +12,24 @@ from __future__ import annotations
 import http
 import re
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from wsguard.core.client_address import parse_ip
+
+if TYPE_CHECKING:
+    from wsguard.guard import Guard
 
 Refusal = tuple[int, str, str]
 MAX_HEADERS = 128  # header lines (websockets' own limit, enforced for every engine)
+MAX_LINE = 8192  # bytes of a request line or header line, its CRLF included (websockets' limit)
+
+# A header line too long: a line feed, then MAX_LINE bytes without one (with its line
+# feed, the line is longer than MAX_LINE; a line still arriving is refused once that much
+# of it is there). The leading literal lets the regex engine jump from line feed to line
+# feed: the search is linear in the head's size.
+_LONG_HEADER = re.compile(rb"\n[^\n]{%d}" % MAX_LINE)
+_LINE_TOO_LONG: Refusal = (414, "request_line_too_long", "Request line too long.")
+_HEADER_TOO_LONG: Refusal = (431, "headers_too_large", "Request header too large.")
 
 
 def screen_request_line(line: bytes) -> Refusal | None:
@@ -66,26 +83,42 @@ def read_head(head: bytes) -> tuple[Refusal | None, Parsed | None]:
     return None, (method, target, [(n.decode("ascii"), v.decode("latin-1")) for n, v in pairs])
 
 
+def _long_line(buffer: bytes, end: int) -> Refusal | None:
+    """414 for a request line, 431 for a header line over :data:`MAX_LINE` bytes, in
+    ``buffer[:end]`` (lines with their CRLF, the last one possibly incomplete)."""
+    if end < MAX_LINE:  # the usual head: no line can be too long
+        return None
+    first = buffer.find(b"\n", 0, end)
+    if first < 0 or first >= MAX_LINE:
+        return _LINE_TOO_LONG
+    return _HEADER_TOO_LONG if _LONG_HEADER.search(buffer, first, end) else None
+
+
 def check_head(buffer: bytes, limit: int, *, whole: bool = True) -> tuple[int, Refusal | None]:
     """Screen what has arrived of a request head: ``(end, refusal)``.
 
     *end* is where the head ends (the blank line), or -1 while it is incomplete;
-    a refusal answers a head that is too large or malformed, without waiting for
-    the rest when the request line alone is enough to tell. With ``whole=False``
-    a complete head is only size-checked (the caller parses it with read_head).
+    a refusal answers a head that is too large, has a line over 8 KiB or is
+    malformed, without waiting for the rest when what arrived is enough to tell.
+    With ``whole=False`` a complete head is only size-checked (the caller parses
+    it with read_head).
     """
     end = buffer.find(b"\r\n\r\n")
     if end < 0:
+        refusal = _long_line(buffer, len(buffer))
+        if refusal is not None:
+            return -1, refusal
         if len(buffer) > limit:
-            if b"\n" in buffer:
-                return -1, (431, "headers_too_large", "Request header too large.")
-            return -1, (414, "request_line_too_long", "Request line too long.")
+            return -1, _HEADER_TOO_LONG if b"\n" in buffer else _LINE_TOO_LONG
         first = buffer.find(b"\n")
         if first >= 0:  # answer a bad request line without waiting for the rest
             return -1, screen_request_line(buffer[:first].rstrip(b"\r"))
         return -1, None
+    refusal = _long_line(buffer, end + 2)  # every line with its CRLF
+    if refusal is not None:
+        return end, refusal
     if end > limit:
-        return end, (431, "headers_too_large", "Request header too large.")
+        return end, _HEADER_TOO_LONG
     return end, screen_head(buffer[:end]) if whole else None
 
 
@@ -108,3 +141,53 @@ def raw_refusal(refusal: Refusal) -> bytes:
     if status in (429, 503):
         headers.append(("Retry-After", "1"))
     return http_response(status, message, headers)
+
+
+class PendingHandshakes:
+    """Connections whose request head has not arrived yet, per address and in total.
+
+    Every limit of the policy applies once a request is parsed; this bounds what
+    a client can hold open before that (slowloris). Addresses are counted like
+    every other per-address limit (:meth:`Guard.address_key`: IPv4 per address,
+    IPv6 per ``limits.ipv6_prefix_length`` network). Trusted proxies are exempt
+    from the per-address cap: their peers are many clients.
+    """
+
+    __slots__ = ("_address_key", "by_address", "per_address", "resolver", "total", "total_limit")
+
+    def __init__(self, guard: Guard) -> None:
+        limits = guard.config.limits
+        self.per_address = limits.pending_handshakes_per_address
+        self.total_limit = limits.max_pending_handshakes
+        self.resolver = guard.handshakes.resolver
+        self._address_key = guard.address_key
+        self.by_address: dict[str, int] = {}
+        self.total = 0
+
+    def _key(self, peer: str) -> str:
+        try:
+            return self._address_key(peer)
+        except ValueError:  # not an IP address (a Unix socket): counted as it is
+            return peer
+
+    def enter(self, peer: str) -> Refusal | None:
+        if self.total >= self.total_limit:
+            return 503, "server_full", "Too many pending handshakes."
+        key = self._key(peer)
+        count = self.by_address.get(key, 0)
+        if count >= self.per_address:
+            address = parse_ip(peer)
+            if address is None or not self.resolver.is_trusted(address):
+                return 429, "too_many_pending", "Too many pending handshakes from this address."
+        self.by_address[key] = count + 1
+        self.total += 1
+        return None
+
+    def leave(self, peer: str) -> None:
+        self.total -= 1
+        key = self._key(peer)
+        count = self.by_address.get(key, 1) - 1
+        if count <= 0:
+            self.by_address.pop(key, None)
+        else:
+            self.by_address[key] = count

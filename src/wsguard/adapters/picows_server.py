@@ -9,10 +9,13 @@ The same policy core as the websockets adapter, reached differently:
   response; an admitted socket is handed to a picows protocol, fed the head,
   and upgraded by picows (``101``, with the chosen subprotocol).
 - **Frames.** picows calls :class:`GuardListener` for every frame. Control
-  frames are counted by the policy (a ping flood is a flood) and answered here;
-  fragments are assembled with the message size checked as each one arrives
-  (``1009`` as soon as the limit is crossed; picows itself refuses a single
-  frame over the limit from its header, before reading the payload).
+  frames and continuation frames are counted by the policy (a ping flood, a
+  fragment flood is a flood) and pings answered here; fragments are assembled
+  with the message size and the number of fragments checked as each one arrives
+  (``1009`` as soon as a limit is crossed; picows itself refuses a single
+  frame over the limit from its header, before reading the payload). No
+  extension is negotiated: a reserved bit is a protocol error (``1002``), and so
+  is a close frame with a code that must never be sent.
 - **Messages** go through :meth:`Session.receive` in the frame callback: refusals,
   closes and plain-function handlers need no task. A coroutine handler runs in
   the connection's task (made when needed, gone when idle); messages that arrive
@@ -46,9 +49,14 @@ from picows import (
 )
 from picows.picows import WSProtocol  # type: ignore[attr-defined]
 
-from wsguard.adapters.http_screen import check_head, http_response, raw_refusal, read_head
+from wsguard.adapters.http_screen import (
+    PendingHandshakes,
+    check_head,
+    http_response,
+    raw_refusal,
+    read_head,
+)
 from wsguard.adapters.tls import certificate_identity
-from wsguard.adapters.websockets_server import PendingHandshakes
 from wsguard.core.decisions import (
     CLOSE_GOING_AWAY,
     CLOSE_TOO_BIG,
@@ -77,6 +85,15 @@ _NO_HEADERS: CIMultiDict[str] = CIMultiDict()
 _EARLY_DATA_LIMIT = 64 * 1024  # bytes a client may send before its 101 is written
 _BATCH_FRAME_BYTES = 1024  # a bigger frame is written at once, not batched (see write)
 _BATCH_FRAMES = 256  # frames batched per read at most (~200 replies fit one 8 KiB read)
+_CLOSE_OP = 0x88  # the first byte of a close frame (FIN, opcode 8, no reserved bit)
+# The close codes a client may send besides 3000-4999 (RFC 6455 7.4.1, IANA registry):
+# never 1004, 1005, 1006, 1015 or anything else under 3000, nor above 4999.
+_RECEIVABLE_CLOSE = frozenset((1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012,
+                               1013, 1014))  # fmt: skip
+# The reasons of the close frames picows sends on its own (protocol errors it finds):
+# short and fixed, never the client's input (its own messages quote it).
+_ENGINE_REASONS = {1002: b"protocol error", 1007: b"invalid UTF-8", 1009: b"message too big",
+                   1011: b"internal error"}  # fmt: skip
 
 
 # -- running wsguard's own steps without a task when they cannot wait --------------------
@@ -150,10 +167,10 @@ class GuardListener(WSListener):
     :class:`~wsguard.session.Transport` (no other object per connection)."""
 
     __slots__ = (
-        "_backlog", "_busy", "_closed", "_draining", "_fragments", "_fragments_size",
-        "_fragments_text", "_out", "_paused", "_ping_due", "_ping_payload", "_pong_deadline",
-        "_writable", "admission", "close_sent", "conn", "host", "metrics", "raw", "request",
-        "server", "transport",
+        "_backlog", "_busy", "_close_refused", "_closed", "_draining", "_engine_close",
+        "_fragments", "_fragments_size", "_fragments_text", "_out", "_paused", "_ping_due",
+        "_ping_payload", "_pong_deadline", "_writable", "admission", "close_sent", "conn",
+        "host", "metrics", "raw", "request", "server", "transport",
     )  # fmt: skip
 
     def __init__(
@@ -167,8 +184,10 @@ class GuardListener(WSListener):
         self.request = request
         self.transport: WSTransport | None = None
         self.conn: Session | None = None
-        self.close_sent = False
+        self.close_sent = False  # a close frame was written (ours, or picows' own)
         self._closed: asyncio.Future[None] | None = None  # the peer's close frame (or EOF)
+        self._close_refused = False  # the client's close frame was invalid (answered 1002)
+        self._engine_close: bytes | None = None  # picows' own close frame, not written yet
         self._fragments: list[bytes] | None = None
         self._fragments_size = 0
         self._fragments_text = False
@@ -207,11 +226,12 @@ class GuardListener(WSListener):
         """Frames parsed from one read arrive one after another; what the connection
         sends meanwhile is written once, after the last (one send() instead of one per
         reply: measured, it halves the server's CPU per ping/pong message)."""
-        if transport.is_close_frame_sent and (
-            self._draining or not self.close_sent or frame.msg_type is not _CLOSE
+        if (self.close_sent or transport.is_close_frame_sent) and (
+            self._draining or frame.msg_type is not _CLOSE
         ):
             # closing (picows' own close on a protocol error included): only the client's
-            # close frame still matters, when frames are still parsed (TLS)
+            # close frame still matters, when frames are still parsed (TLS), or when picows
+            # found an error in what followed it (see engine_close)
             return
         if self._out is None:
             self._out = []
@@ -267,6 +287,11 @@ class GuardListener(WSListener):
             return
         size = frame.payload_size
         self.metrics.bytes_in += size + (6 if size < 126 else 8 if size < 65536 else 14)
+        if frame.rsv1 or frame.rsv2 or frame.rsv3:  # no extension is ever negotiated here
+            if kind is _CLOSE:
+                self._close_refused = True
+            self._protocol_error("reserved bits set")
+            return
         if kind is _TEXT or kind is _BINARY:
             if self._fragments is not None:
                 self._protocol_error("expected a continuation frame")
@@ -290,6 +315,13 @@ class GuardListener(WSListener):
             fragments = self._fragments
             if fragments is None:
                 self._protocol_error("unexpected continuation frame")
+                return
+            if len(fragments) >= self.server.max_fragments:
+                self._fragments = None
+                self._fail(CLOSE_TOO_BIG, "too many fragments", "too_big")
+                return
+            conn.fragment()  # charged to the message rate
+            if conn.closing:
                 return
             fragments.append(frame.get_payload_as_bytes())
             self._fragments_size += frame.payload_size
@@ -317,11 +349,8 @@ class GuardListener(WSListener):
             ):
                 self._ping_payload = None
         elif kind is _CLOSE:
-            if not self.close_sent:  # the client closes first: echo its code (RFC 6455 5.5.1)
-                self.close_sent = True
-                code = frame.get_close_code()
-                self.flush()
-                transport.send_close(code if code != WSCloseCode.NO_INFO else WSCloseCode.OK)
+            if not self.close_sent:
+                self._answer_close(frame)
             self.raw.close()
             self._peer_closed()
 
@@ -408,6 +437,52 @@ class GuardListener(WSListener):
                 self.raw.resume_reading()
 
     # fragments, errors, heartbeat, closing
+
+    def _answer_close(self, frame: WSFrame) -> None:
+        """The client closes first: echo its code (RFC 6455 5.5.1; no code, no code back,
+        as websockets does), or answer 1002 to a code that must never be sent (picows
+        has refused a 1-byte payload, codes under 3000 it does not know and a reason
+        that is not UTF-8 already; not 0, 1006 or codes over 4999). A close of picows'
+        own for what followed this frame is dropped: data after a close frame is
+        discarded (RFC 6455 1.4)."""
+        payload = b""
+        if frame.payload_size:
+            payload = frame.get_payload_as_bytes()[:2]
+            code = int.from_bytes(payload, "big")
+            if not (code in _RECEIVABLE_CLOSE or 3000 <= code <= 4999):
+                self._close_refused = True
+                if self._engine_close is not None:  # a protocol error too: it goes out now
+                    self.write_engine_close()
+                else:
+                    self._protocol_error("invalid close code")
+                return
+        self._engine_close = None
+        self.close_sent = True
+        self.flush()
+        self.raw.write(_server_frame(_CLOSE_OP, payload))
+
+    def engine_close(self, data: bytes) -> None:
+        """picows closes on its own: a protocol error it found (a frame over the size
+        limit, a bad opcode, a bad close frame...). Written once the frames parsed
+        before the error are handled, at the end of this read: picows parses one
+        frame ahead, so a client's close frame may still come (then answered instead).
+        Never a second close frame."""
+        if self.close_sent or self._engine_close is not None:
+            return
+        code = int.from_bytes(data[2:4], "big") if len(data) >= 4 else 1002
+        self._engine_close = _server_frame(
+            _CLOSE_OP, code.to_bytes(2, "big") + _ENGINE_REASONS.get(code, b"")
+        )
+        self.server.loop.call_soon(self.write_engine_close)
+
+    def write_engine_close(self) -> None:
+        frame, self._engine_close = self._engine_close, None
+        if frame is None or self.close_sent:
+            return
+        self.close_sent = True
+        self.flush()
+        if not self.raw.is_closing():
+            self.raw.write(frame)
 
     def _check_fragments_size(self) -> bool:
         if self._fragments_size > self.server.max_message_bytes:
@@ -551,7 +626,8 @@ class GuardListener(WSListener):
         handshake = transport.close_handshake if transport is not None else None
         if handshake is None:
             return 1006, "", "network"
-        return first_close(handshake.sent, handshake.recv, handshake.recv_then_sent)
+        rcvd = None if self._close_refused else handshake.recv  # as if never received
+        return first_close(handshake.sent, rcvd, handshake.recv_then_sent)
 
 
 # -- the handshake, before picows --------------------------------------------------------
@@ -752,10 +828,10 @@ class _Discard(asyncio.Protocol):
 
 
 class _Socket:
-    """The socket as picows sees it: its descriptor (picows writes small frames with
-    send() itself), and no-op options. uvloop and asyncio already set TCP_NODELAY;
-    picows' other calls (TCP_QUICKACK and four getsockopt() for a log line nobody
-    reads) cost system calls on every handshake."""
+    """The socket as picows sees it: its descriptor (picows would write small frames with
+    send() itself, see _PicowsView), and no-op options. uvloop and asyncio already set
+    TCP_NODELAY; picows' other calls (TCP_QUICKACK and four getsockopt() for a log line
+    nobody reads) cost system calls on every handshake."""
 
     __slots__ = ("_fd",)
 
@@ -775,9 +851,10 @@ class _Socket:
 class _PicowsView:
     """The transport as picows sees it. While the listener batches (``_out`` is a list),
     picows' writes join the batch: its 101 response and wsguard's welcome frame leave
-    in one send(). Everything else goes to the real transport. (picows writes through
-    the transport only when it reports buffered data; otherwise it calls send() on the
-    descriptor, which is why a batch reports one byte.)"""
+    in one send(). A close frame picows sends on its own goes to the listener
+    (:meth:`GuardListener.engine_close`). Everything else goes to the real transport.
+    (picows writes through the transport only when it reports buffered data; otherwise
+    it calls send() on the descriptor: the view always reports one byte.)"""
 
     __slots__ = ("_listener", "_raw", "_socket")
 
@@ -785,9 +862,19 @@ class _PicowsView:
         self._raw, self._listener, self._socket = raw, listener, _Socket(fd)
 
     def get_write_buffer_size(self) -> int:
-        return 1 if self._listener.batching else self._raw.get_write_buffer_size()
+        return 1
 
     def write(self, data: Any) -> None:
+        listener = self._listener
+        if len(data) > 1 and data[0] == _CLOSE_OP:  # picows writes a frame in one piece
+            if not listener.close_sent:
+                listener.engine_close(bytes(data))  # picows' own, on a protocol error
+                return
+            if self._raw.is_closing():
+                return  # picows' answer to a frame after the client's close: never sent
+        self._put(data)
+
+    def _put(self, data: Any) -> None:
         listener = self._listener
         if listener.batching:
             listener.write_bytes(bytes(data))
@@ -795,8 +882,8 @@ class _PicowsView:
             self._raw.write(data)
 
     def writelines(self, chunks: Any) -> None:
-        for chunk in chunks:
-            self.write(chunk)
+        for chunk in chunks:  # a large data frame: header and payload
+            self._put(chunk)
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         if name == "socket":
@@ -808,6 +895,7 @@ class _PicowsView:
     def close(self) -> None:
         """picows closes after a protocol error it found (a frame over the size limit,
         a bad opcode...) and its close frame: drain like wsguard's own closes do."""
+        self._listener.write_engine_close()
         self._listener.flush()
         if not self._listener.drain():
             self._raw.close()
@@ -867,6 +955,7 @@ class PicowsServer:
         self.guard: Guard = host.guard
         self.metrics = host.guard.monitor.metrics
         self.pending = PendingHandshakes(host.guard)
+        self.max_fragments = host.guard.config.limits.max_fragments
         self.deciding: set[asyncio.Task[None]] = set()
         self.listeners: set[GuardListener] = set()
         self._server: asyncio.Server | None = None

@@ -15,6 +15,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from websockets.asyncio import messages as engine_messages
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers as WsHeaders
 from websockets.exceptions import (
@@ -28,12 +29,10 @@ from websockets.http11 import Request, Response
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
-from wsguard.adapters.http_screen import check_head, raw_refusal
+from wsguard.adapters.http_screen import PendingHandshakes, check_head, raw_refusal
 from wsguard.adapters.tls import certificate_identity
-from wsguard.core.client_address import parse_ip
-from wsguard.core.decisions import Admit, Reject
+from wsguard.core.decisions import CLOSE_TOO_BIG, Admit, Reject
 from wsguard.core.headers import Headers
-from wsguard.core.messages import MessagePolicy
 from wsguard.core.request import HandshakeRequest
 from wsguard.observability.metrics import Metrics
 from wsguard.session import DIRECT_WRITE_LIMIT, Host, Session, first_close, release
@@ -67,43 +66,7 @@ _ENGINE_ATTRIBUTES = tuple(
 # checks that there is one. The real request (headers, the bearer token) is dropped.
 _ADMITTED = Request("/", WsHeaders())
 _CONTROL_COUNTED = (Opcode.PING, Opcode.PONG)
-
-
-class PendingHandshakes:
-    """Connections whose request head has not arrived yet, per peer and in total.
-
-    Every limit of the policy applies once a request is parsed; this bounds what
-    a client can hold open before that (slowloris). Trusted proxies are exempt
-    from the per-address cap: their peers are many clients.
-    """
-
-    def __init__(self, guard: Guard) -> None:
-        limits = guard.config.limits
-        self.per_address = limits.pending_handshakes_per_address
-        self.total_limit = limits.max_pending_handshakes
-        self.resolver = guard.handshakes.resolver
-        self.by_peer: dict[str, int] = {}
-        self.total = 0
-
-    def enter(self, peer: str) -> tuple[int, str, str] | None:
-        if self.total >= self.total_limit:
-            return 503, "server_full", "Too many pending handshakes."
-        count = self.by_peer.get(peer, 0)
-        address = parse_ip(peer)
-        trusted = address is not None and self.resolver.is_trusted(address)
-        if count >= self.per_address and not trusted:
-            return 429, "too_many_pending", "Too many pending handshakes from this address."
-        self.by_peer[peer] = count + 1
-        self.total += 1
-        return None
-
-    def leave(self, peer: str) -> None:
-        self.total -= 1
-        count = self.by_peer.get(peer, 1) - 1
-        if count <= 0:
-            self.by_peer.pop(peer, None)
-        else:
-            self.by_peer[peer] = count
+_CONT, _TEXT, _BINARY = Opcode.CONT, Opcode.TEXT, Opcode.BINARY
 
 
 class GuardedServerProtocol(ServerProtocol):
@@ -119,11 +82,13 @@ class GuardedServerProtocol(ServerProtocol):
 
 
 class GuardedServerConnection(ServerConnection):
-    """A websockets connection that carries its admission and counts control frames."""
+    """A websockets connection that carries its admission and counts control frames and
+    the fragments of a message."""
 
     # Slots keep wsguard's per-connection attributes out of the instance dict: past
     # ~30 keys CPython switches the dict to a larger, unshared layout (about 1.6 KB).
     __slots__ = (
+        "_fragments",
         "_head",
         "_opened_at",
         "_peer_address",
@@ -132,7 +97,6 @@ class GuardedServerConnection(ServerConnection):
         "admission",
         "decided",
         "guarded",
-        "policy",
         *_ENGINE_ATTRIBUTES,
     )
     guard: Guard  # set on the per-server subclass made by start_server()
@@ -142,16 +106,17 @@ class GuardedServerConnection(ServerConnection):
         super().__init__(protocol, *args, **kwargs)
         self.admission: Admit | None = None
         self.guarded: Session | None = None
-        self.policy: MessagePolicy | None = None
         self.decided = False  # the policy answered this handshake (and audited a refusal)
         self._head = b""
         self._screened = False
         self._opened_at = 0.0
         self._peer_address = "unknown"
         self._pending = False
+        self._fragments = 0  # frames of the message being received so far (0: none)
 
     pending: PendingHandshakes  # shared by the connections of one server
     metrics: Metrics  # the node's counters (bytes in and out)
+    max_fragments: int  # limits.max_fragments
 
     def send_data(self) -> None:
         for data in self.protocol.writes:  # what super().send_data() is about to write
@@ -199,15 +164,44 @@ class GuardedServerConnection(ServerConnection):
         self.guard.record_raw_refusal(status, reason, self._peer_address)
 
     def process_event(self, event: Any) -> None:
-        guarded, policy = self.guarded, self.policy
-        if (
-            guarded is not None
-            and policy is not None
-            and isinstance(event, Frame)
-            and event.opcode in _CONTROL_COUNTED
-        ):
-            guarded.control_frame(len(event.data))
+        """Count every frame before websockets' assembler sees it: control frames and
+        continuation frames are charged to the rates, and a message in more than
+        ``limits.max_fragments`` frames is refused (1009) at the frame that crosses it."""
+        if isinstance(event, Frame):
+            opcode = event.opcode
+            if opcode is _CONT:
+                self._fragments += 1
+                if self._fragments > self.max_fragments:
+                    self._too_many_fragments()
+                    return
+                self._charge(event, fragment=True)
+            elif opcode is _TEXT or opcode is _BINARY:
+                if self._fragments > self.max_fragments:
+                    return  # refused: nothing reaches the assembler any more
+                self._fragments = 0 if event.fin else 1
+            elif opcode in _CONTROL_COUNTED:
+                self._charge(event, fragment=False)
         super().process_event(event)
+
+    def _charge(self, frame: Frame, *, fragment: bool) -> None:
+        session = self.guarded
+        if session is None:
+            return
+        if fragment:
+            session.fragment()
+        else:
+            session.control_frame(len(frame.data))
+
+    def _too_many_fragments(self) -> None:
+        """Fail the connection like websockets fails a message over ``max_size``: the
+        close frame now, nothing parsed after it (the frames of the current read that
+        follow are dropped here, the fragments so far with the connection)."""
+        protocol = self.protocol
+        if protocol.close_sent is None:
+            protocol.fail(CLOSE_TOO_BIG, "too many fragments")
+            self.send_data()
+            if self.close_deadline is None and self.close_timeout is not None:
+                self.close_deadline = self.loop.time() + self.close_timeout
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._end_pending()
@@ -288,7 +282,6 @@ async def start_server(host: Host, ssl_context: ssl.SSLContext | None) -> Server
         if isinstance(decision, Reject):
             return reject_response(connection, decision)
         connection.admission = decision
-        connection.policy = guard.messages
         if connection.connection_lost_waiter.done():
             release_admission(connection)  # the client left while we were deciding
         return None
@@ -316,6 +309,15 @@ async def start_server(host: Host, ssl_context: ssl.SSLContext | None) -> Server
         return admission.subprotocol if admission is not None else None
 
     handler = functools.partial(run_guarded, host)  # one coroutine frame per connection
+    # websockets' assembler has its own cap on the frames of a message, a module global
+    # (WEBSOCKETS_MAX_FRAGMENTS, 4096) that closes with 1009 from the reading task, after
+    # the fragments were queued. wsguard counts them first (process_event, at the frame
+    # that crosses limits.max_fragments): the global is raised above every cap of this
+    # process, so that ours is the one that fires (and a higher configured cap works).
+    # It applies to the gateway's upstream connections too, bounded by their size limit.
+    engine_messages.MAX_FRAGMENTS = max(
+        engine_messages.MAX_FRAGMENTS, config.limits.max_fragments + 1
+    )
 
     server = await serve(
         handler,
@@ -340,6 +342,7 @@ async def start_server(host: Host, ssl_context: ssl.SSLContext | None) -> Server
                 "guard": guard,
                 "pending": PendingHandshakes(guard),
                 "metrics": guard.monitor.metrics,
+                "max_fragments": config.limits.max_fragments,
             },
         ),
         logger=_engine_logger(),

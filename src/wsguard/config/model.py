@@ -147,6 +147,7 @@ class LimitsConfig(_Section):
     max_header_bytes: int = Field(default=16384, ge=1024, le=65536)
     ipv6_prefix_length: int = Field(default=64, ge=32, le=128)
     max_message_bytes: int = Field(default=8192, ge=64, le=64 * 1024 * 1024)
+    max_fragments: int = Field(default=4096, ge=1, le=1024 * 1024)
     messages_per_minute: int = Field(default=100, ge=1)
     message_burst: int = Field(default=20, ge=1)
     bytes_per_minute: int = Field(default=256 * 1024, ge=64)

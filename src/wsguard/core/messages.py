@@ -249,13 +249,27 @@ class MessagePolicy:
 
     def control_frame(self, state: ConnectionState, now: float, size: int) -> Close | None:
         """Count a ping/pong from the client; a ping flood is a flood."""
-        cost = max(size, 1)
-        wait = (
-            state.messages.take(now)
-            or state.volume.take(now, cost)
-            or state.subject.messages.take(now)
-            or state.subject.volume.take(now, cost)
-        )
+        return self._charge(state, now, max(size, 1))
+
+    def fragment(self, state: ConnectionState, now: float) -> Close | None:
+        """Count a continuation frame from the client: one message of the rates, like a
+        ping (its bytes are counted with its whole message, in :meth:`evaluate`), so
+        every data frame costs a message and a flood of fragments is a flood."""
+        return self._charge(state, now, 0)
+
+    def _charge(self, state: ConnectionState, now: float, cost: int) -> Close | None:
+        """Take one message (and *cost* bytes) of the connection's and the subject's rates;
+        a frame over them spends the violation budget (no error frame: not a message)."""
+        subject = state.subject
+        if cost:
+            wait = (
+                state.messages.take(now)
+                or state.volume.take(now, cost)
+                or subject.messages.take(now)
+                or subject.volume.take(now, cost)
+            )
+        else:
+            wait = state.messages.take(now) or subject.messages.take(now)
         if wait > 0 and self.violation(state, now):
             return Close(CLOSE_POLICY_VIOLATION, "policy violation", cause="rate_limited")
         return None
