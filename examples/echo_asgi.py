@@ -35,7 +35,7 @@ from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from wsguard import Config, WsguardError, load_config
-from wsguard.adapters.asgi import WsGuardMiddleware
+from wsguard.asgi import WsGuardMiddleware
 
 DEFAULT_CONFIG = Path(__file__).resolve().with_name("echo.toml")
 

@@ -25,9 +25,9 @@ from websockets.sync.client import ClientConnection, connect
 from redis_process import RedisProcess
 from wsguard.config.loader import validate_config
 from wsguard.config.model import Config
+from wsguard.hosts.app import App
+from wsguard.hosts.demo import install_demo
 from wsguard.observability.audit import AuditLog
-from wsguard.server.app import App
-from wsguard.server.demo import install_demo
 
 SECRET = "test-secret-that-is-long-enough-for-hs256-0123456789"
 

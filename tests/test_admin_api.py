@@ -38,7 +38,7 @@ from redis_process import RedisProcess
 from wsguard.admin.server import AdminServer
 from wsguard.config.loader import load_config
 from wsguard.errors import ConfigError, KeyLoadError
-from wsguard.server.app import App
+from wsguard.hosts.app import App
 
 #: Limits roomy enough that the tests' own handshakes never trip them.
 ROOMY: dict[str, Any] = {

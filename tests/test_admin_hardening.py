@@ -35,8 +35,8 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-import wsguard.adapters.websockets_server
 import wsguard.admin.server
+import wsguard.engines.websockets_impl
 from conftest import (
     ADMIN_TOKEN,
     AuditCapture,
@@ -56,9 +56,9 @@ from test_cli import REPO, cli_env
 from wsguard.admin.credentials import _MAX_TRACKED, FAILURES_ALLOWED, AdminCredentials
 from wsguard.config.model import ClusterConfig
 from wsguard.guard import Guard
+from wsguard.hosts.app import App
+from wsguard.hosts.demo import install_demo
 from wsguard.observability.audit import AuditLog
-from wsguard.server.app import App
-from wsguard.server.demo import install_demo
 from wsguard.stores.base import Store
 from wsguard.stores.memory import MemoryStore
 from wsguard.stores.redis_store import RedisStore

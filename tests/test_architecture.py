@@ -100,6 +100,6 @@ def test_engines_and_hosts_meet_only_through_the_session() -> None:
     found = modules()
     known = set(found)
     engines = {n for n in known if n.startswith("wsguard.engines") or "_server" in n}
-    hosts = {"wsguard.server.app", "wsguard.adapters.asgi", "wsguard.gateway.proxy"} & known
+    hosts = {"wsguard.hosts.app", "wsguard.asgi", "wsguard.hosts.gateway.proxy"} & known
     for engine in engines:
         assert not (imported(engine, found[engine], known) & hosts), engine

@@ -27,8 +27,8 @@ from conftest import (
     make_config,
     make_token,
 )
-from wsguard.adapters.asgi import WsGuardMiddleware
 from wsguard.guard import Guard
+from wsguard.hosts.asgi import WsGuardMiddleware
 from wsguard.observability.audit import AuditLog
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "asgi" / "starlette_app.py"

@@ -30,8 +30,8 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
 from conftest import AuditCapture, eventually, make_config, make_token
-from wsguard.adapters.asgi import ASGIApp, Receive, Scope, Send, WsGuardMiddleware, WsGuardUser
 from wsguard.guard import Guard
+from wsguard.hosts.asgi import ASGIApp, Receive, Scope, Send, WsGuardMiddleware, WsGuardUser
 from wsguard.observability.audit import AuditLog
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "asgi"

@@ -49,15 +49,15 @@ from test_gateway import (
     echo_roundtrip,
 )
 from test_signing import ALICE_SECRET, SIGNED_CHAT, write_keys
-from wsguard.adapters.asgi import Message, Receive, Scope, Send, WsGuardMiddleware
 from wsguard.core.auth import KeyMaterial, TokenVerifier
 from wsguard.core.decisions import Close as CloseDecision
 from wsguard.core.decisions import Deliver
 from wsguard.core.identity import Identity
 from wsguard.core.messages import MessagePolicy
 from wsguard.errors import ConfigError
-from wsguard.gateway.identity import verify_identity
 from wsguard.guard import Guard
+from wsguard.hosts.asgi import Message, Receive, Scope, Send, WsGuardMiddleware
+from wsguard.hosts.gateway.identity import verify_identity
 from wsguard.observability.audit import AuditLog
 
 # the fixtures of those modules, used here too (pytest finds fixtures by module attribute):

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from conftest import make_config
-from wsguard.adapters.asgi import WsGuardMiddleware
 from wsguard.guard import Guard
+from wsguard.hosts.asgi import WsGuardMiddleware
 from wsguard.observability.audit import AuditLog
 
 Message = MutableMapping[str, Any]

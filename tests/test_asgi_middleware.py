@@ -37,9 +37,9 @@ from websockets.sync.client import ClientConnection, connect
 from websockets.typing import Origin, Subprotocol
 
 from conftest import AuditCapture, close_of, eventually, make_config, make_token
-from wsguard.adapters.asgi import ASGIApp, WsGuardMiddleware
 from wsguard.config.model import Config
 from wsguard.guard import Guard
+from wsguard.hosts.asgi import ASGIApp, WsGuardMiddleware
 from wsguard.observability.audit import AuditLog
 
 SERVER_KINDS = ("uvicorn-sansio", "uvicorn-wsproto", "hypercorn")

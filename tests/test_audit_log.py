@@ -22,9 +22,9 @@ from conftest import (
     upgrade_request,
 )
 from wsguard.guard import Guard
+from wsguard.hosts.app import App
+from wsguard.hosts.demo import install_demo
 from wsguard.observability.audit import AuditLog
-from wsguard.server.app import App
-from wsguard.server.demo import install_demo
 
 APP_ORIGIN = "https://app.example.com"
 MAX_FIELD = 256  # documented truncation length of client-supplied strings

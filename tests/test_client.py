@@ -31,7 +31,7 @@ from conftest import RunningServer, ServerFactory, make_token
 from wsguard.client import ClientError, WsguardClient
 from wsguard.config.demo_types import DEMO_MESSAGE_TYPES
 from wsguard.core.integrity import SESSION_KID
-from wsguard.server.app import App
+from wsguard.hosts.app import App
 from wsguard.session import Connection
 
 WRONG_SECRET = "not-the-server-secret-but-long-enough-for-hs256-0123"

@@ -41,8 +41,8 @@ from conftest import (
 from test_asgi_middleware import AsgiServer, Recorder
 from test_handshake_limits import WS_HEADERS, raw_request, read_head, reset_close
 from test_message_policy import OP_BINARY, OP_CLOSE, OP_CONT, OP_TEXT, RawClient, frame
-from wsguard.adapters.asgi import Receive, Scope, Send
 from wsguard.guard import Guard
+from wsguard.hosts.asgi import Receive, Scope, Send
 
 ENGINE_NAMES = ("picows", "websockets", "asgi")
 ASGI_SERVER = "uvicorn-sansio"  # uvicorn with ws="websockets-sansio" (test_asgi_middleware)

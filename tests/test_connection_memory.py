@@ -15,8 +15,8 @@ import json
 from typing import Any
 
 from conftest import RunningServer, make_token
-from wsguard.adapters.picows_server import GuardListener
-from wsguard.adapters.websockets_server import WebsocketsTransport
+from wsguard.engines.picows.listener import GuardListener
+from wsguard.engines.websockets_impl import WebsocketsTransport
 
 
 def engine_connections(server: RunningServer) -> list[Any]:

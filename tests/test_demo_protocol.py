@@ -87,7 +87,7 @@ def test_errors_have_stable_codes_and_connection_survives(server: RunningServer)
 
 
 def test_user_handlers_via_app_on(server_factory: object) -> None:
-    from wsguard.server.app import App
+    from wsguard.hosts.app import App
     from wsguard.session import Connection
 
     def setup(app: App) -> None:
@@ -102,7 +102,7 @@ def test_user_handlers_via_app_on(server_factory: object) -> None:
 
 
 def _claims_echo(app: object) -> None:
-    from wsguard.server.app import App
+    from wsguard.hosts.app import App
     from wsguard.session import Connection
 
     assert isinstance(app, App)

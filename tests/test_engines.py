@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from conftest import ServerFactory, eventually
-from wsguard.server.app import App
+from wsguard.hosts.app import App
 from wsguard.session import Connection
 
 
@@ -85,7 +85,11 @@ def test_the_configured_engine_serves(server_factory: ServerFactory, engine: str
     server = server_factory()
     assert server.app.config.engine == engine
     module = type(server.app._server).__module__
-    assert module.endswith("picows_server" if engine == "picows" else "asyncio.server")
+    assert (
+        module.startswith("wsguard.engines.picows")
+        if engine == "picows"
+        else module.endswith("asyncio.server")
+    )
     with server.connect_welcomed() as ws:
         ws.send(json.dumps({"type": "ping", "id": "x"}))
         assert json.loads(ws.recv(timeout=5))["type"] == "pong"

@@ -3,7 +3,7 @@
 Each backend is a plain ``websockets`` server on its own thread and event loop (so a
 test can block it or stop it reading without touching the gateway); it records the
 handshake it got and every message, echoes (or not), and sends, closes or crashes on
-command. The gateway is :class:`wsguard.gateway.proxy.Gateway` served from a
+command. The gateway is :class:`wsguard.hosts.gateway.proxy.Gateway` served from a
 background thread (conftest's ``RunningServer``); clients are
 ``websockets.sync.client`` connections with a token.
 
@@ -60,9 +60,9 @@ from wsguard.config.demo_types import DEMO_MESSAGE_TYPES
 from wsguard.config.model import GatewayConfig
 from wsguard.core.identity import Identity
 from wsguard.errors import ConfigError
-from wsguard.gateway.identity import identity_headers, verify_identity
-from wsguard.gateway.proxy import Gateway
 from wsguard.guard import Guard
+from wsguard.hosts.gateway.identity import identity_headers, verify_identity
+from wsguard.hosts.gateway.proxy import Gateway
 from wsguard.observability.audit import AuditLog
 from wsguard.session import Connection
 

@@ -31,7 +31,7 @@ from conftest import (
 )
 from wsguard.config.demo_types import DEMO_MESSAGE_TYPES
 from wsguard.errors import ConfigError
-from wsguard.server.app import App
+from wsguard.hosts.app import App
 from wsguard.session import Connection
 
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA

@@ -52,9 +52,9 @@ from wsguard.core.identity import Identity
 from wsguard.core.messages import MessagePolicy
 from wsguard.errors import ConfigError
 from wsguard.guard import Guard
+from wsguard.hosts.app import App
+from wsguard.hosts.demo import install_demo
 from wsguard.observability.audit import AuditLog
-from wsguard.server.app import App
-from wsguard.server.demo import install_demo
 from wsguard.session import Connection
 
 APP_ORIGIN = "https://app.example.com"

@@ -34,9 +34,9 @@ from websockets.sync.client import ClientConnection, connect
 
 from conftest import SECRET, RunningServer, ServerFactory, make_config, make_token, upgrade_request
 from serve_process import Served
-from wsguard.adapters.tls import check_listener
+from wsguard.engines.tls import check_listener
 from wsguard.errors import ConfigError
-from wsguard.server.app import App
+from wsguard.hosts.app import App
 
 REPO = Path(__file__).resolve().parents[1]
 WSGUARD = str(REPO / ".venv" / "bin" / "wsguard")

@@ -36,7 +36,7 @@ from test_message_policy import (
     frame,
     raw_welcomed,
 )
-from wsguard.adapters.http_screen import PendingHandshakes, check_head
+from wsguard.engines.screening import PendingHandshakes, check_head
 from wsguard.errors import ConfigError
 from wsguard.guard import Guard
 from wsguard.observability.audit import AuditLog

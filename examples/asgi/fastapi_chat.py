@@ -13,7 +13,7 @@ from __future__ import annotations
 from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 
 from wsguard import load_config
-from wsguard.adapters.asgi import WsGuardMiddleware
+from wsguard.asgi import WsGuardMiddleware
 
 api = FastAPI()
 members: set[WebSocket] = set()

@@ -13,7 +13,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from wsguard import load_config
-from wsguard.adapters.asgi import WsGuardMiddleware
+from wsguard.asgi import WsGuardMiddleware
 
 
 async def echo(websocket: WebSocket) -> None:

@@ -17,14 +17,14 @@ from wsguard.errors import ConfigError, KeyLoadError, StoreError, WsguardError
 if TYPE_CHECKING:
     from wsguard.config import Config, load_config
     from wsguard.guard import Guard
-    from wsguard.server import App, Connection, demo_app
+    from wsguard.hosts import App, Connection, demo_app
 
 __version__ = "0.1.0"
 
 _LAZY = {
-    "App": "wsguard.server",
-    "Connection": "wsguard.server",
-    "demo_app": "wsguard.server",
+    "App": "wsguard.hosts",
+    "Connection": "wsguard.hosts",
+    "demo_app": "wsguard.hosts",
     "Config": "wsguard.config",
     "load_config": "wsguard.config",
     "Guard": "wsguard.guard",

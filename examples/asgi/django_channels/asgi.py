@@ -33,7 +33,7 @@ django_http = get_asgi_application()  # sets Django up before the consumers are 
 
 from django_channels.routing import websocket_urlpatterns  # noqa: E402
 from wsguard import load_config  # noqa: E402
-from wsguard.adapters.asgi import WsGuardMiddleware  # noqa: E402
+from wsguard.asgi import WsGuardMiddleware  # noqa: E402
 
 
 def build_router() -> ProtocolTypeRouter:

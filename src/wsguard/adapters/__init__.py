@@ -1,0 +1,1 @@
+"""Compatibility: ``wsguard.adapters.asgi`` is the earlier name of :mod:`wsguard.asgi`."""

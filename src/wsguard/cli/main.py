@@ -193,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from wsguard.server.app import run_loop
+    from wsguard.hosts.app import run_loop
 
     config = _load(
         args,
@@ -219,7 +219,7 @@ def _serve(args: argparse.Namespace) -> int:
     # let them through, whatever the log level.
     logging.getLogger("wsguard.engine").setLevel(logging.WARNING)
     if args.command == "proxy":
-        from wsguard.gateway.proxy import Gateway, redacted_url
+        from wsguard.hosts.gateway.proxy import Gateway, redacted_url
 
         app: Any = Gateway(config)
         print(
@@ -228,7 +228,7 @@ def _serve(args: argparse.Namespace) -> int:
             flush=True,
         )
     else:
-        from wsguard.server.demo import demo_app
+        from wsguard.hosts.demo import demo_app
 
         app = demo_app(config)
 

@@ -18,8 +18,8 @@ if TYPE_CHECKING:
 
 #: engine name -> the module that implements it (imported only when used)
 ENGINES: dict[str, str] = {
-    "picows": "wsguard.adapters.picows_server",
-    "websockets": "wsguard.adapters.websockets_server",
+    "picows": "wsguard.engines.picows",
+    "websockets": "wsguard.engines.websockets_impl",
 }
 
 

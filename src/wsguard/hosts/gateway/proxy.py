@@ -39,9 +39,9 @@ from wsguard.core.decisions import (
     Refuse,
 )
 from wsguard.errors import ConfigError
-from wsguard.gateway.identity import identity_headers
 from wsguard.guard import Guard
-from wsguard.server.app import App
+from wsguard.hosts.app import App
+from wsguard.hosts.gateway.identity import identity_headers
 from wsguard.session import Connection, sendable_close_code
 
 logger = logging.getLogger("wsguard.gateway")

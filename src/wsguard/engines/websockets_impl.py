@@ -29,11 +29,11 @@ from websockets.http11 import Request, Response
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
-from wsguard.adapters.http_screen import PendingHandshakes, check_head, raw_refusal
-from wsguard.adapters.tls import certificate_identity
 from wsguard.core.decisions import CLOSE_TOO_BIG, Admit, Reject
 from wsguard.core.headers import Headers
 from wsguard.core.request import HandshakeRequest
+from wsguard.engines.screening import PendingHandshakes, check_head, raw_refusal
+from wsguard.engines.tls import certificate_identity
 from wsguard.observability.metrics import Metrics
 from wsguard.session import DIRECT_WRITE_LIMIT, Host, Session, first_close, release
 

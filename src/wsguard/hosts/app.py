@@ -297,8 +297,8 @@ class App:
 
     async def start(self) -> None:
         """Bind and start accepting connections; sets :attr:`port`."""
-        from wsguard.adapters.tls import check_listener, server_context
         from wsguard.engines import start_server
+        from wsguard.engines.tls import check_listener, server_context
 
         if self._server is not None:
             raise RuntimeError("already started")
@@ -384,7 +384,7 @@ class App:
         """Reload the TLS certificate and key (SIGHUP); open connections are kept."""
         if self.ssl_context is None:
             return False
-        from wsguard.adapters.tls import reload_certificate
+        from wsguard.engines.tls import reload_certificate
 
         return reload_certificate(self.ssl_context, self.config.tls)
 

@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from wsguard.config.model import Config
-from wsguard.server.app import App
+from wsguard.hosts.app import App
 from wsguard.session import Connection
 
 RELAYED_TYPES = ("chat", "data", "command")

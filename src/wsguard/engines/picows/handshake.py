@@ -1,0 +1,205 @@
+"""The handshake before picows: read, screen and decide the request head."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+
+from picows import (
+    WSUpgradeRequest,
+    WSUpgradeResponse,
+    WSUpgradeResponseWithListener,
+)
+
+from wsguard.core.decisions import (
+    Reject,
+)
+from wsguard.core.headers import Headers, is_token
+from wsguard.core.request import HandshakeRequest
+from wsguard.engines.screening import (
+    check_head,
+    http_response,
+    raw_refusal,
+    read_head,
+)
+from wsguard.engines.tls import certificate_identity
+from wsguard.session import DIRECT_WRITE_LIMIT
+
+if TYPE_CHECKING:
+    from wsguard.engines.picows.server import PicowsServer
+
+    pass
+
+from wsguard.engines.picows.listener import GuardListener
+from wsguard.engines.picows.socket_views import PicowsView
+
+logger = logging.getLogger("wsguard.server")
+
+_EARLY_DATA_LIMIT = 64 * 1024  # bytes a client may send before its 101 is written
+
+
+class HandshakeProtocol(asyncio.Protocol):
+    """Reads, screens and decides one upgrade request, then hands the socket to picows."""
+
+    __slots__ = (
+        "_buffer", "_deciding", "_fd", "_peer", "_pending", "_timer", "server", "transport",
+    )  # fmt: skip
+
+    def __init__(self, server: PicowsServer) -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self._buffer = b""
+        self._deciding = False
+        self._fd = -1
+        self._peer = "unknown"
+        self._pending = False
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        peer = transport.get_extra_info("peername")
+        self._peer = str(peer[0]) if isinstance(peer, tuple) and peer else "unknown"
+        sock = transport.get_extra_info("socket")
+        self._fd = sock.fileno() if sock is not None else -1
+        refusal = self.server.pending.enter(self._peer)
+        if refusal is not None:
+            self._refuse(refusal)
+            return
+        self._pending = True
+        self._timer = self.server.loop.call_later(
+            self.server.guard.config.limits.handshake_timeout_seconds, self._timed_out
+        )
+
+    def data_received(self, data: bytes) -> None:
+        server = self.server
+        server.metrics.bytes_in += len(data)
+        buffer = self._buffer + data
+        if self._deciding:  # frames sent before the 101: kept (bounded) for picows
+            self._buffer = buffer
+            if len(buffer) > _EARLY_DATA_LIMIT and self.transport is not None:
+                self.transport.pause_reading()
+            return
+        limit = server.guard.config.limits.max_header_bytes
+        end, refusal = check_head(buffer, limit, whole=False)
+        if refusal is None and end >= 0:
+            refusal, parsed = read_head(buffer[:end])
+        if refusal is not None:
+            self._refuse(refusal)
+            return
+        self._buffer = buffer
+        if end < 0:
+            return
+        assert parsed is not None
+        self._end_pending()
+        self._deciding = True
+        transport = self.transport
+        assert transport is not None
+        method, target, headers = parsed
+        cert = None
+        tls = transport.get_extra_info("sslcontext") is not None
+        if tls:
+            cert = certificate_identity(
+                transport.get_extra_info("peercert"), server.guard.config.tls.identity_from
+            )
+        request = HandshakeRequest(
+            peer=self._peer,
+            target=target,
+            headers=Headers(headers),
+            tls=tls,
+            method=method,
+            client_cert=cert,
+        )
+        server.run(self._decide(request, parsed))
+
+    async def _decide(self, request: HandshakeRequest, parsed: Any) -> None:
+        server = self.server
+        decision = await server.guard.admit(request)
+        transport = self.transport
+        if isinstance(decision, Reject):
+            if transport is not None and not transport.is_closing():
+                response = http_response(decision.status, decision.message, decision.headers)
+                transport.write(response)
+                transport.close()
+            return
+        if transport is None or transport.is_closing():
+            server.release(decision)  # the client left while we were deciding
+            return
+        if not _subprotocols_parse(request.headers.get_all("sec-websocket-protocol")):
+            # what websockets refuses after the policy admitted: the same fixed answer
+            server.release(decision)
+            transport.write(http_response(400, "Invalid WebSocket handshake."))
+            transport.close()
+            server.guard.record_raw_refusal(400, "bad_handshake", decision.client)
+            return
+        listener = GuardListener(server, decision, parsed, transport)
+        response = WSUpgradeResponse.create_101_response(
+            [("Sec-WebSocket-Protocol", decision.subprotocol)] if decision.subprotocol else None
+        )
+        picked = WSUpgradeResponseWithListener(response, listener)
+
+        def factory(_: WSUpgradeRequest) -> WSUpgradeResponseWithListener:
+            return picked
+
+        protocol = server.ws_protocol(factory)
+        transport.set_write_buffer_limits(high=DIRECT_WRITE_LIMIT)  # see GuardListener.writable
+        transport.set_protocol(protocol)
+        listener.start_batch()  # picows' 101 and the welcome frame leave in one write
+        protocol.connection_made(PicowsView(transport, listener, self._fd))
+        server.adopt(listener)
+        head, self._buffer = self._buffer, b""
+        self.transport = None
+        _feed(protocol, head)
+        listener.flush()
+        if listener.transport is None:  # picows refused the upgrade (it answered 400)
+            server.release(decision)
+            transport.abort()
+            server.guard.record_raw_refusal(400, "bad_handshake", decision.client)
+            return
+        if len(head) > _EARLY_DATA_LIMIT:
+            transport.resume_reading()
+
+    def _refuse(self, refusal: tuple[int, str, str]) -> None:
+        self._end_pending()
+        transport = self.transport
+        if transport is not None:
+            transport.write(raw_refusal(refusal))
+            transport.close()
+        self.server.guard.record_raw_refusal(refusal[0], refusal[1], self._peer)
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        if self._pending and self.transport is not None:
+            self._end_pending()
+            self.transport.abort()
+            self.server.guard.record_raw_refusal(None, "handshake_timeout", self._peer)
+
+    def _end_pending(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._pending:
+            self._pending = False
+            self.server.pending.leave(self._peer)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._end_pending()
+        self.transport = None
+
+
+def _subprotocols_parse(values: list[str]) -> bool:
+    """Every Sec-WebSocket-Protocol value is a comma-separated list of tokens."""
+    return all(
+        is_token(item.strip()) for value in values for item in value.split(",") if item.strip()
+    )
+
+
+def _feed(protocol: Any, data: bytes) -> None:
+    """Give bytes already read to a picows protocol, through its own buffer."""
+    view = memoryview(data)
+    while view:
+        buffer = protocol.get_buffer(-1)
+        size = min(len(buffer), len(view))
+        buffer[:size] = view[:size]
+        protocol.buffer_updated(size)
+        view = view[size:]

@@ -1,0 +1,142 @@
+"""What picows is shown of the socket and what reads it after a close."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+
+from picows.picows import WSProtocol  # type: ignore[attr-defined]
+
+if TYPE_CHECKING:
+    from wsguard.engines.picows.listener import GuardListener
+
+    pass
+
+from wsguard.engines.picows.wire import CLOSE_OP
+
+logger = logging.getLogger("wsguard.server")
+
+_DRAIN_BYTES = 64 * 1024  # read (and dropped) after our close frame, before reads stop
+_READ_CHUNK = 8192  # bytes read per callback at most (fairness; see BoundedReads)
+
+
+class BoundedReads(WSProtocol):  # type: ignore[misc]
+    """picows' protocol, reading at most ``_READ_CHUNK`` bytes at a time.
+
+    picows doubles its read buffer whenever a read fills it, and never shrinks it: a
+    client streaming small frames faster than they are processed would grow it to the
+    size of the kernel's socket buffer (megabytes per connection) and make the server
+    process all of that in one callback, while every other connection waits. Bounded
+    reads keep both small: the buffer only grows for a frame that does not fit yet
+    (at most ``limits.max_message_bytes``), and one callback handles at most 8 KiB.
+    """
+
+    def get_buffer(self, size_hint: int) -> memoryview:
+        buffer: memoryview = WSProtocol.get_buffer(self, size_hint)
+        return buffer[:_READ_CHUNK] if len(buffer) > _READ_CHUNK else buffer
+
+
+class Discard(asyncio.Protocol):
+    """What reads a connection after wsguard's close frame (see _close_and_drain):
+    bytes are dropped unparsed; the end of the connection still reaches picows. A
+    client that keeps sending past ``_DRAIN_BYTES`` is not read any more (it is
+    flooding, not closing): the close timeout drops it."""
+
+    __slots__ = ("_inner", "_left", "_transport")
+
+    def __init__(self, inner: Any, transport: asyncio.Transport) -> None:
+        self._inner = inner
+        self._transport = transport
+        self._left = _DRAIN_BYTES
+
+    def data_received(self, data: bytes) -> None:
+        self._left -= len(data)
+        if self._left < 0:
+            self._transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        return False  # the client closed its side too: close the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._inner.connection_lost(exc)
+
+
+class SocketView:
+    """The socket as picows sees it: its descriptor (picows would write small frames with
+    send() itself, see PicowsView), and no-op options. uvloop and asyncio already set
+    TCP_NODELAY; picows' other calls (TCP_QUICKACK and four getsockopt() for a log line
+    nobody reads) cost system calls on every handshake."""
+
+    __slots__ = ("_fd",)
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def setsockopt(self, *args: Any) -> None:
+        return None
+
+    def getsockopt(self, *args: Any) -> int:
+        return 0
+
+
+class PicowsView:
+    """The transport as picows sees it. While the listener batches (``_out`` is a list),
+    picows' writes join the batch: its 101 response and wsguard's welcome frame leave
+    in one send(). A close frame picows sends on its own goes to the listener
+    (:meth:`GuardListener.engine_close`). Everything else goes to the real transport.
+    (picows writes through the transport only when it reports buffered data; otherwise
+    it calls send() on the descriptor: the view always reports one byte.)"""
+
+    __slots__ = ("_listener", "_raw", "_socket")
+
+    def __init__(self, raw: asyncio.Transport, listener: GuardListener, fd: int) -> None:
+        self._raw, self._listener, self._socket = raw, listener, SocketView(fd)
+
+    def get_write_buffer_size(self) -> int:
+        return 1
+
+    def write(self, data: Any) -> None:
+        listener = self._listener
+        if len(data) > 1 and data[0] == CLOSE_OP:  # picows writes a frame in one piece
+            if not listener.close_sent:
+                listener.engine_close(bytes(data))  # picows' own, on a protocol error
+                return
+            if self._raw.is_closing():
+                return  # picows' answer to a frame after the client's close: never sent
+        self._put(data)
+
+    def _put(self, data: Any) -> None:
+        listener = self._listener
+        if listener.batching:
+            listener.write_bytes(bytes(data))
+        else:
+            self._raw.write(data)
+
+    def writelines(self, chunks: Any) -> None:
+        for chunk in chunks:  # a large data frame: header and payload
+            self._put(chunk)
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "socket":
+            return self._socket
+        if name in ("peername", "sockname"):
+            return default  # picows only logs them
+        return self._raw.get_extra_info(name, default)
+
+    def close(self) -> None:
+        """picows closes after a protocol error it found (a frame over the size limit,
+        a bad opcode...) and its close frame: drain like wsguard's own closes do."""
+        self._listener.write_engine_close()
+        self._listener.flush()
+        if not self._listener.drain():
+            self._raw.close()
+
+    def abort(self) -> None:
+        self._raw.abort()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._raw, name)

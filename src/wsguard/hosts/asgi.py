@@ -1,0 +1,536 @@
+"""ASGI adapter: :class:`WsGuardMiddleware` puts the wsguard policy in front of any ASGI 3 app.
+
+HTTP scopes pass through untouched. A ``websocket`` scope is decided by the same
+policy core as ``wsguard serve`` before the application sees it: a refusal is
+a real HTTP response (the WebSocket Denial Response extension, when the server
+offers it) or a close before accept, which the server turns into ``403``.
+Then every incoming message goes through the message policy; the application
+receives only messages that passed it, and error frames are sent on its behalf.
+
+The identity is in the scope: ``scope["user"]`` (``websocket.user`` in Starlette
+and FastAPI), ``scope["auth"]`` (its scopes) and ``scope["state"]["wsguard"]``.
+The credential itself is taken out of what the application sees (the
+``Authorization`` header and the token entry of ``Sec-WebSocket-Protocol``).
+
+Per-connection state lives in the call of :meth:`WsGuardMiddleware.__call__`,
+never on the middleware object; the object holds node-wide state only (the
+Guard and the registry of live connections that revocations and operators
+close).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import itertools
+import logging
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from http.cookies import CookieError, SimpleCookie
+from typing import Any
+from urllib.parse import unquote_plus
+
+from wsguard.cluster.events import ClusterEvents, close_disconnected, close_revoked
+from wsguard.config.model import Config
+from wsguard.core.decisions import (
+    CLOSE_POLICY_VIOLATION,
+    CLOSE_TOO_BIG,
+    Admit,
+    Deliver,
+    Reject,
+)
+from wsguard.core.headers import Headers
+from wsguard.core.identity import Identity
+from wsguard.core.request import HandshakeRequest
+from wsguard.guard import Guard
+from wsguard.observability.uvicorn_log import quiet_uvicorn_denial_errors
+from wsguard.session import Session
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+logger = logging.getLogger("wsguard.asgi")
+
+DENIAL_EXTENSION = "websocket.http.response"
+
+
+class WsGuardUser:
+    """The authenticated identity as Starlette's ``request.user`` / ``websocket.user``."""
+
+    __slots__ = ("identity",)
+
+    def __init__(self, identity: Identity) -> None:
+        self.identity = identity
+
+    is_authenticated = True
+
+    @property
+    def display_name(self) -> str:
+        return self.identity.subject
+
+    @property
+    def scopes(self) -> frozenset[str]:
+        return self.identity.scopes
+
+    def __repr__(self) -> str:
+        return f"WsGuardUser({self.identity.subject!r})"
+
+
+class AsgiTransport:
+    """The :class:`~wsguard.session.Transport` of a WebSocket under an ASGI server: every
+    frame goes through the server's ``send`` (asynchronous), and the close codes are the
+    ones the app, wsguard and the server's disconnect event report."""
+
+    __slots__ = ("_send", "accepted", "close_on_accept", "close_sent", "closed_by_client")
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self.accepted = False
+        self.close_sent: tuple[int, str] | None = None  # by wsguard or the app
+        self.closed_by_client: int | None = None  # the disconnect code the server reported
+        self.close_on_accept: tuple[int, str] | None = None
+
+    def write(self, data: str | bytes) -> bool:
+        return False  # an ASGI send is a coroutine: the Session queues and calls send()
+
+    async def send(self, data: str | bytes) -> bool:
+        if not self.is_open():
+            return False
+        message: Message = {"type": "websocket.send"}
+        message["text" if isinstance(data, str) else "bytes"] = data
+        try:
+            await self._send(message)
+        except Exception:  # the server reports a gone client its own way (OSError...)
+            return False
+        return True
+
+    def is_open(self) -> bool:
+        return self.accepted and self.close_sent is None and self.closed_by_client is None
+
+    def close_now(self, code: int, reason: str) -> bool:
+        return False
+
+    async def close(self, code: int, reason: str) -> None:
+        """Close now; before the app accepts, at its accept."""
+        if not self.accepted:
+            self.close_on_accept = (code, reason)
+        elif self.close_sent is None and self.closed_by_client is None:
+            self.close_sent = (code, reason)
+            with contextlib.suppress(Exception):
+                await self._send({"type": "websocket.close", "code": code, "reason": reason})
+
+    def abort(self) -> None:
+        """Nothing to drop: the ASGI server owns the socket (a close was sent already)."""
+
+    def close_result(self) -> tuple[int, str, str]:
+        if self.close_sent is not None and self.closed_by_client is None:
+            return self.close_sent[0], self.close_sent[1], "server"
+        if self.closed_by_client is not None and self.closed_by_client != 1006:
+            return self.closed_by_client, "", "client"
+        return 1006, "", "network"
+
+
+class _AppView:
+    """What one connection's app sees that a refresh changes, and its delivered message."""
+
+    __slots__ = ("credentials", "delivered", "state", "user")
+
+    def __init__(self, scope: Scope) -> None:
+        self.user: WsGuardUser = scope["user"]
+        self.state: dict[str, Any] = scope["state"]
+        self.credentials: Any = scope.get("auth")
+        self.delivered: list[str | bytes] = []
+
+    def refresh(self, identity: Identity) -> None:
+        self.user.identity = identity  # the app sees the refreshed identity
+        self.state["wsguard"] = identity
+        if hasattr(self.credentials, "scopes"):  # Starlette's AuthCredentials
+            self.credentials.scopes = sorted(identity.scopes)
+
+
+class WsGuardMiddleware:
+    """Applies the wsguard policy to the WebSocket routes of any ASGI 3 application.
+
+    ``WsGuardMiddleware(app, config=Config(...))``, or ``guard=`` to share a Guard.
+    The Guard's store is started on the first WebSocket (or at lifespan start-up)
+    and closed at lifespan shutdown.
+    """
+
+    def __init__(
+        self, app: ASGIApp, *, config: Config | None = None, guard: Guard | None = None
+    ) -> None:
+        quiet_uvicorn_denial_errors()
+        self.app = app
+        self.guard = guard if guard is not None else Guard(config or Config())
+        self.config = self.guard.config
+        self.connections: dict[str, Session] = {}  # node-wide registry
+        self.guard.monitor.metrics.active_connections = lambda: len(self.connections)
+        self._ids = itertools.count(1)
+        self._started = False
+        self._start_lock: asyncio.Lock | None = None
+        self._events: ClusterEvents | None = None
+        self.admin: Any = None  # the AdminServer when admin.port is set
+
+    @property
+    def ready(self) -> tuple[bool, str | None]:
+        """Readiness for the admin listener's ``/readyz``."""
+        if not self._started:
+            return False, "starting"
+        return self.guard.ready
+
+    async def revoke(self, kind: str, value: str, ttl: float | None = None) -> None:
+        """Revoke a token id (``jti``) or subject (``sub``): live connections close (4003)."""
+        if kind not in ("jti", "sub"):
+            raise ValueError("kind must be 'jti' or 'sub'")
+        seconds = ttl if ttl is not None else self.config.revocation_seconds
+        await self.guard.store.revoke(kind, value, seconds)  # type: ignore[arg-type]
+
+    # -- node lifecycle ---------------------------------------------------------------------
+
+    async def startup(self) -> None:
+        """Start the store's background work and the cluster event handling (idempotent)."""
+        if self._started:
+            return
+        if self._start_lock is None:
+            self._start_lock = asyncio.Lock()
+        async with self._start_lock:
+            if self._started:
+                return
+            await self.guard.start()
+            self._events = ClusterEvents(
+                self.guard.store,
+                self.guard.node_id,
+                lambda: self.connections.values(),
+                lambda raw: None,  # broadcasts are the application's business here
+                functools.partial(close_revoked, self.guard.audit),
+                on_disconnect=functools.partial(close_disconnected, self.guard.audit),
+                address_key=self.guard.address_key,
+            )
+            self._started = True
+            if self.config.admin.enabled and self.admin is None:
+                from wsguard.admin.server import AdminServer
+
+                admin = AdminServer(self)
+                await admin.start()
+                self.admin = admin
+
+    async def shutdown(self) -> None:
+        if not self._started:
+            return
+        self._started = False
+        self.guard.handshakes.draining = True
+        if self.admin is not None:
+            await self.admin.stop()
+            self.admin = None
+        if self._events is not None:
+            await self._events.close()
+        await self.guard.close()
+
+    # -- ASGI ---------------------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "websocket":
+            await self._websocket(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Pass the lifespan protocol through, starting and closing the Guard with it.
+
+        An application that does not speak lifespan (Channels' ``ProtocolTypeRouter``,
+        Django's ASGI handler) raises at once; the middleware then answers the lifespan
+        itself, so the Guard is still started and, at shutdown, closed.
+        """
+        seen: list[str] = []
+
+        async def lifespan_receive() -> Message:
+            message = await receive()
+            seen.append(message["type"])
+            if message["type"] == "lifespan.startup":
+                await self.startup()
+            return message
+
+        async def lifespan_send(message: Message) -> None:
+            seen.append(message["type"])
+            if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+                await self.shutdown()
+            await send(message)
+
+        try:
+            await self.app(scope, lifespan_receive, lifespan_send)
+        except Exception:
+            if "lifespan.startup.complete" in seen or "lifespan.startup.failed" in seen:
+                raise
+            await self._own_lifespan(receive, send, startup_received="lifespan.startup" in seen)
+
+    async def _own_lifespan(self, receive: Receive, send: Send, *, startup_received: bool) -> None:
+        if not startup_received:
+            await receive()  # lifespan.startup
+        try:
+            await self.startup()
+        except Exception as exc:
+            await send({"type": "lifespan.startup.failed", "message": str(exc)})
+            return
+        await send({"type": "lifespan.startup.complete"})
+        while (await receive())["type"] != "lifespan.shutdown":
+            pass
+        await self.shutdown()
+        await send({"type": "lifespan.shutdown.complete"})
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.startup()
+        first = await receive()
+        if first["type"] != "websocket.connect":
+            return  # the client went away before the handshake completed
+        guard = self.guard
+        decision = await guard.admit(handshake_request(scope))
+        if isinstance(decision, Reject):
+            await deny(scope, send, decision)
+            return
+        await self._serve(scope, receive, send, first, decision)
+
+    # -- the host's hooks (called by each connection's Session) -------------------------
+
+    def new_connection_id(self) -> str:
+        return f"{self.guard.node_id}{next(self._ids):08x}"
+
+    def keep_request(self, path: str, headers: Any) -> Any:
+        return None
+
+    def welcome(self, session: Session) -> dict[str, Any] | None:
+        return None  # the application speaks first, if at all
+
+    def deliver(self, session: Session, decision: Deliver, data: str | bytes) -> None:
+        session.attachment.delivered.append(data)  # app_receive hands it to the app
+
+    def opened(self, session: Session) -> None:
+        return None
+
+    def refreshed(self, session: Session) -> None:
+        session.attachment.refresh(session.identity)
+
+    def closed(self, session: Session) -> None:
+        return None
+
+    # -- one connection ---------------------------------------------------------------------
+
+    async def _serve(
+        self, scope: Scope, receive: Receive, send: Send, first: Message, admit: Admit
+    ) -> None:
+        guard = self.guard
+        monitor = guard.monitor
+        max_bytes = self.config.limits.max_message_bytes
+        transport = AsgiTransport(send)
+        session = Session(transport, self, admit)
+        scope_for_app = app_scope(scope, admit, self.config)
+        view = session.attachment = _AppView(scope_for_app)
+        delivered = view.delivered
+        connect: Message | None = first
+
+        def wsguard_closed() -> Message | None:
+            """The disconnect the app learns when wsguard closed the connection."""
+            sent = transport.close_sent
+            if sent is not None and session.close_cause is not None:
+                return {"type": "websocket.disconnect", "code": sent[0]}
+            return None
+
+        async def app_receive() -> Message:
+            nonlocal connect
+            if connect is not None:
+                message, connect = connect, None
+                return message
+            while True:
+                closed = wsguard_closed()
+                if closed is not None:
+                    return closed
+                message = await receive()
+                kind = message["type"]
+                if kind == "websocket.disconnect":
+                    if transport.close_sent is None:
+                        transport.closed_by_client = int(message.get("code", 1005))
+                        session.mark_closing()
+                    return message
+                if kind != "websocket.receive" or transport.close_sent is not None:
+                    continue
+                text = message.get("text")
+                data: str | bytes = text if text is not None else message.get("bytes") or b""
+                started = time.perf_counter()
+                if len(data) > max_bytes or (
+                    isinstance(data, str)
+                    and 4 * len(data) > max_bytes
+                    and len(data.encode()) > max_bytes
+                ):
+                    session.fail(CLOSE_TOO_BIG, "message too big", "too_big")
+                elif not session.closing:
+                    pending = session.receive(data)
+                    if pending is not None:
+                        await pending
+                if session.closing and session.close_cause is not None:
+                    await session.wait_closing()  # the close frame is out
+                    closed = wsguard_closed()
+                    if closed is not None:
+                        return closed
+                monitor.metrics.latency(time.perf_counter() - started)
+                if delivered:
+                    # only what the policy saw reaches the app (never both text and bytes)
+                    data = delivered.pop()
+                    if isinstance(data, str):
+                        return {"type": "websocket.receive", "text": data}
+                    return {"type": "websocket.receive", "bytes": data}
+
+        async def app_send(message: Message) -> None:
+            kind = message["type"]
+            if kind == "websocket.accept":
+                message = dict(message)
+                chosen = message.get("subprotocol")
+                if chosen is None or chosen.startswith(self.config.auth.subprotocol_prefix):
+                    message["subprotocol"] = admit.subprotocol
+                transport.accepted = True
+                session.subprotocol = message.get("subprotocol")
+                session.open()
+            elif kind == "websocket.close":
+                if transport.close_sent is not None:
+                    return  # wsguard closed it already
+                transport.close_sent = (
+                    int(message.get("code", 1000)),
+                    str(message.get("reason") or ""),
+                )
+                session.mark_closing()
+            elif kind == "websocket.send":
+                if transport.close_sent is not None:
+                    if session.close_cause is not None:
+                        # wsguard closed it (revoked, expired, banned...): an app that only
+                        # sends must learn it too, as it would of a client going away
+                        raise ConnectionResetError(f"closed by wsguard ({session.close_cause})")
+                    return  # the app closed it itself: nothing more goes out
+                session.sent += 1
+            await send(message)
+            if kind == "websocket.accept" and transport.close_on_accept is not None:
+                # revoked or disconnected while the app was busy: closed at its accept
+                await transport.close(*transport.close_on_accept)
+
+        self.connections[session.id] = session  # from admission on: revocations reach it
+        if self._events is not None:  # and those that arrived while it was decided
+            self._events.catch_up(session, session.checked_at)
+        try:
+            await self.app(scope_for_app, app_receive, app_send)
+        finally:
+            await session.wait_closing()
+            released: list[Admit] = []
+            if transport.accepted:
+                session.end(released.append)
+            else:
+                session.discard(released.append)
+            for admission in released:
+                await admission.release()
+
+
+def handshake_request(scope: Scope) -> HandshakeRequest:
+    """The policy core's view of an ASGI ``websocket`` scope."""
+    items = [
+        (name.decode("latin-1"), value.decode("latin-1"))
+        for name, value in scope.get("headers") or []
+    ]
+    offered = scope.get("subprotocols") or []
+    if offered and not any(name.lower() == "sec-websocket-protocol" for name, _ in items):
+        # some servers (uvicorn's wsproto) pass the offered subprotocols only as a list
+        items.append(("sec-websocket-protocol", ", ".join(offered)))
+    headers = Headers(items)
+    path = scope.get("raw_path")
+    target = path.decode("latin-1") if isinstance(path, bytes) else scope.get("path", "/")
+    query = scope.get("query_string") or b""
+    if query and "?" not in target:
+        target = f"{target}?{query.decode('latin-1')}"
+    client = scope.get("client")
+    peer = str(client[0]) if client else "unknown"
+    return HandshakeRequest(
+        peer=peer,
+        target=target or "/",
+        headers=headers,
+        tls=scope.get("scheme") == "wss",
+        method="GET",
+    )
+
+
+def app_scope(scope: Scope, admit: Admit, config: Config) -> Scope:
+    """The scope the application sees: the identity added, the credential taken out."""
+    auth = config.auth
+    prefix = auth.subprotocol_prefix
+    out = dict(scope)
+    out["subprotocols"] = [p for p in scope.get("subprotocols", []) if not p.startswith(prefix)]
+    headers: list[tuple[bytes, bytes]] = []
+    for name, value in scope.get("headers", []):
+        lower = name.lower()
+        if lower == b"authorization":
+            continue
+        if lower == b"sec-websocket-protocol":
+            value = _without_token_protocols(value, prefix)
+        elif lower == b"cookie" and auth.cookie:
+            value = _without_cookie(value, auth.cookie_name)
+        if value:
+            headers.append((name, value))
+    out["headers"] = headers
+    if auth.query and scope.get("query_string"):
+        out["query_string"] = _without_query_param(scope["query_string"], auth.query_param)
+    state = dict(scope.get("state") or {})
+    state["wsguard"] = admit.identity
+    out["state"] = state
+    out["user"] = WsGuardUser(admit.identity)
+    try:
+        from starlette.authentication import AuthCredentials
+
+        out["auth"] = AuthCredentials(sorted(admit.identity.scopes))
+    except ImportError:  # pragma: no cover - starlette is a dependency
+        out["auth"] = sorted(admit.identity.scopes)
+    return out
+
+
+async def deny(scope: Scope, send: Send, decision: Reject) -> None:
+    """Refuse before the upgrade: a real HTTP response when the server can send one."""
+    if DENIAL_EXTENSION in (scope.get("extensions") or {}):
+        body = (decision.message + "\n").encode()
+        headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"cache-control", b"no-store")]
+        headers += [(n.lower().encode(), v.encode()) for n, v in decision.headers]
+        await send(
+            {"type": "websocket.http.response.start", "status": decision.status, "headers": headers}
+        )
+        await send({"type": "websocket.http.response.body", "body": body})
+    else:  # the server answers 403
+        await send({"type": "websocket.close", "code": CLOSE_POLICY_VIOLATION})
+
+
+def _without_token_protocols(value: bytes, prefix: str) -> bytes:
+    """``Sec-WebSocket-Protocol`` without its token entries."""
+    token = prefix.encode("latin-1")
+    kept = [p.strip() for p in value.split(b",") if p.strip() and not p.strip().startswith(token)]
+    return b", ".join(kept)
+
+
+def _without_cookie(value: bytes, name: str) -> bytes:
+    """A ``Cookie`` header without the token cookie, parsed as the core parses it."""
+    jar: SimpleCookie = SimpleCookie()
+    try:
+        jar.load(value.decode("latin-1"))
+    except CookieError:
+        return b""  # unparseable: nothing of it reaches the app
+    if name not in jar:
+        return value
+    kept = [f"{key}={morsel.coded_value}" for key, morsel in jar.items() if key != name]
+    return "; ".join(kept).encode("latin-1")
+
+
+def _without_query_param(query: bytes, name: str) -> bytes:
+    """A query string without the token parameter (the other parameters byte for byte)."""
+    kept = [
+        part
+        for part in query.split(b"&")
+        if part and unquote_plus(part.split(b"=", 1)[0].decode("latin-1")) != name
+    ]
+    return b"&".join(kept)
