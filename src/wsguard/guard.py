@@ -6,7 +6,7 @@ given a Guard and asks it for decisions; no adapter re-implements a check.
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import ipaddress
 import logging
 import time
@@ -48,6 +48,10 @@ def is_loopback_host(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+#: Longest wait between two tries of an alert's ban while the shared store is away.
+ALERT_BAN_RETRY_MAX = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +102,7 @@ class Guard:
         self.messages.on_refresh_refused = self._refresh_failed
         self.node_id = self.handshakes.node_id
         self.monitor = Monitor(config, self.audit, self.messages.type_names())
-        self.monitor.ban_action = self.ban_address
+        self.monitor.ban_action = self.alert_ban
         metrics = self.monitor.metrics
         metrics.store_errors = self.store.error_counts
         metrics.store_up = lambda: bool(getattr(self.store, "available", True))
@@ -357,28 +361,82 @@ class Guard:
     async def ban_address(self, address: str, seconds: float, reason: str = "admin") -> str:
         """Ban *address* (its /64 for IPv6) on every node and close its live connections.
 
-        *reason* is ``admin`` or ``alert:<rule>``. Returns the banned key.
+        *reason* is ``admin`` or ``alert:<rule>``. Returns the banned key. Raises
+        :class:`StoreUnavailable` unless every node got it: ``bans`` when the ban is not
+        stored for the cluster (it holds on this node), ``disconnect`` when it is but the
+        other nodes could not be told to close the address's connections.
         """
         key = self.address_key(address)
         await self.store.ban("addr:" + key, seconds)
+        self._reached_every_node("bans")
         source = "alert" if reason.startswith("alert:") else "admin"
         self.audit.emit("ban_started", client=key, seconds=round(seconds, 3), reason=reason)
         self.monitor.ban_started(key, seconds, source, reason)
-        with contextlib.suppress(StoreUnavailable):  # the ban holds all the same
-            await self.disconnect("addr", key, "banned")
+        await self.disconnect("addr", key, "banned")
         return key
 
+    async def alert_ban(self, address: str, seconds: float, reason: str) -> str | None:
+        """An alert rule's ban (``monitor.ban_action``). While the shared store cannot
+        carry it, each failure is audited (``ban_failed``) and the ban, or the closing of
+        the address's connections, is tried again with back-off for as long as the ban
+        would last. Returns the banned key, or None when it never reached every node."""
+        key = self.address_key(address)
+        started = self.now()
+        delay = self.config.cluster.retry_seconds
+        stored = False
+        while True:
+            left = seconds - (self.now() - started)
+            if left <= 0:
+                return None  # the ban would be over by now
+            try:
+                if stored:
+                    await self.disconnect("addr", key, "banned")
+                else:
+                    await self.ban_address(key, left, reason)
+                return key
+            except StoreUnavailable as exc:
+                stored = stored or exc.check == "disconnect"
+                again = left - delay > 0
+                self.audit.emit(
+                    "ban_failed",
+                    client=key,
+                    reason=reason,
+                    check=exc.check,
+                    retry_in=round(delay, 3) if again else None,
+                )
+                if not again:
+                    return None
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, ALERT_BAN_RETRY_MAX)
+
     async def unban_address(self, address: str) -> bool:
+        """Lift a ban on every node; StoreUnavailable when the shared store did not."""
         key = self.address_key(address)
         lifted = await self.store.unban("addr:" + key)
+        self._reached_every_node("bans")
         if lifted:
             self.audit.emit("ban_lifted", client=key, reason="admin")
             self.monitor.ban_lifted(key)
         return lifted
 
     async def disconnect(self, kind: str, value: str, why: str = "admin") -> None:
-        """Ask every node to close the connections of a subject, address key or id."""
-        await self.store.publish(CHANNEL_DISCONNECT, f"{why}|{kind}:{value}".encode())
+        """Ask every node to close the connections of a subject, address key or id.
+
+        Raises ``StoreUnavailable("disconnect")`` when the shared store could not carry
+        the request to the other nodes (this node may have closed its own already).
+        """
+        try:
+            await self.store.publish(CHANNEL_DISCONNECT, f"{why}|{kind}:{value}".encode())
+        except StoreUnavailable:
+            raise StoreUnavailable("disconnect") from None
+        self._reached_every_node("disconnect")
+
+    def _reached_every_node(self, check: str) -> None:
+        """After a write to a shared store: raise StoreUnavailable(*check*) if it fell back
+        to this node's own state (a check failing open) instead of reaching the others.
+        (No await between the write and this test: nothing else ran in between.)"""
+        if self.store.shared and not getattr(self.store, "available", True):
+            raise StoreUnavailable(check)
 
     def deadline(self, expires_at: float | None) -> float | None:
         """Wall-clock time at which a token's connection must close (exp + leeway)."""

@@ -3,9 +3,16 @@
 Public: ``GET /healthz``, ``GET /readyz`` and, unless ``admin.public_metrics``
 is false, ``GET /metrics``. Everything else needs the admin credential: the
 admin token as ``Authorization: Bearer`` (or an admin client certificate when
-``admin.tls.client_ca_file`` is set). The dashboard's session cookie opens the
+``admin.tls.client_ca_file`` is set, of a subject ``admin.client_subjects`` pins
+when it pins any: 403 otherwise). The dashboard's session cookie opens the
 dashboard page and its WebSocket only. Errors are ``{"error": code, "message"}``
 with a stable code.
+
+Operator actions that act on every node (disconnect, revoke, ban, unban) are
+answered with success only when the shared store carried them: when it cannot be
+reached, or a check fell back to this node's own state, the answer is 503
+``store_unavailable`` with ``Retry-After`` and the failure is audited
+(``admin_action_failed``).
 """
 
 from __future__ import annotations
@@ -14,24 +21,27 @@ import math
 import time
 from collections.abc import Awaitable
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import HTTPConnection, Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from wsguard.admin.credentials import SESSION_COOKIE, AdminCredentials
+from wsguard.admin.credentials import AdminCredentials
 from wsguard.admin.responses import json_response
+from wsguard.admin.subjects import SCOPE_KEY, rfc4514
 from wsguard.observability.metrics import CONTENT_TYPE
 from wsguard.stores.base import StoreUnavailable
 
 if TYPE_CHECKING:
     from wsguard.admin.live import LiveFeed
     from wsguard.admin.target import AdminTarget
+
+T = TypeVar("T")
 
 MAX_BODY = 16 * 1024
 MAX_PAGE = 1000
@@ -223,14 +233,19 @@ class AdminApi:
             )
 
     def _authorize(self, request: Request) -> None:
-        """Admit the admin credential; 401 (or 429 after repeated failures) otherwise."""
-        if self.credentials.mtls:
-            return  # the TLS layer required an admin client certificate
+        """Admit the admin credential; 401 (or 429 after repeated failures) otherwise.
+
+        The token is checked first: the right one is never refused by the failure
+        throttle (wrong tokens sent from the operator's address cannot lock it out).
+        """
         address = self._address(request)
-        self._not_locked_out(address)
+        if self.credentials.mtls:
+            self.certificate_allowed(request, address)
+            return
         authorization = request.headers.get("authorization")
         if self.credentials.bearer_ok(authorization):
             return
+        self._not_locked_out(address)
         if authorization:  # only a presented credential counts towards the lock-out: any
             self.credentials.failed(address)  # local process or web page can send none
         self.guard.monitor.metrics.admin_auth_failures += 1
@@ -247,10 +262,28 @@ class AdminApi:
             {"WWW-Authenticate": 'Bearer realm="wsguard-admin"'},
         )
 
-    def session_ok(self, request: Request) -> bool:
-        return self.credentials.mtls or self.credentials.session_ok(
-            request.cookies.get(SESSION_COOKIE)
+    def certificate_allowed(self, conn: HTTPConnection, address: str) -> None:
+        """The TLS layer verified an admin CA's certificate: 403 unless its subject is
+        one ``admin.client_subjects`` pins (any, when it pins none)."""
+        subject = conn.scope.get(SCOPE_KEY)
+        if self.credentials.certificate_ok(subject):
+            return
+        self.guard.monitor.metrics.admin_auth_failures += 1
+        self.guard.audit.emit(
+            "admin_auth_failed",
+            client=address,
+            path=_route_of(conn),
+            credential="certificate",
+            subject=rfc4514(subject) if subject else None,
         )
+        raise ApiError(
+            403,
+            "certificate_forbidden",
+            "This client certificate is not an admin's (admin.client_subjects).",
+        )
+
+    def session_ok(self, request: Request) -> bool:
+        return self.credentials.session_ok(request.cookies.get(self.credentials.cookie_name))
 
     async def _body(self, request: Request) -> dict[str, Any]:
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -368,7 +401,7 @@ class AdminApi:
             for c in self.app.connections.values()
             if (c.id if kind == "id" else c.subject) == value and not c.closing
         )
-        await self._cluster(self.guard.disconnect(kind, value, "admin"))
+        await self._act(request, "disconnect", kind, self.guard.disconnect(kind, value, "admin"))
         self.guard.audit.emit(
             "admin_action", action="disconnect", target=kind, client=self._address(request)
         )
@@ -379,7 +412,8 @@ class AdminApi:
         body = await self._body(request)
         field, value = _one_of(body, ("jti", "subject"))
         ttl = _seconds(body, "ttl_seconds", self.app.config.revocation_seconds)
-        await self._cluster(self.app.revoke("jti" if field == "jti" else "sub", value, ttl))
+        kind = "jti" if field == "jti" else "sub"
+        await self._act(request, "revoke", field, self.app.revoke(kind, value, ttl))
         self.guard.audit.emit(
             "admin_action", action="revoke", target=field, client=self._address(request)
         )
@@ -409,7 +443,9 @@ class AdminApi:
             raise ApiError(400, "invalid_address", "address must be an IP address.")
         seconds = _seconds(body, "seconds", self.app.config.limits.ban_seconds)
         try:
-            key = await self._cluster(self.guard.ban_address(address, seconds))
+            key = await self._act(
+                request, "ban", "address", self.guard.ban_address(address, seconds)
+            )
         except ValueError:
             raise ApiError(400, "invalid_address", "address must be an IP address.") from None
         return json_response({"banned": key, "seconds": seconds}, 201)
@@ -417,7 +453,12 @@ class AdminApi:
     async def unban(self, request: Request) -> Response:
         self._authorize(request)
         try:
-            lifted = await self._cluster(self.guard.unban_address(request.path_params["address"]))
+            lifted = await self._act(
+                request,
+                "unban",
+                "address",
+                self.guard.unban_address(request.path_params["address"]),
+            )
         except ValueError:
             raise ApiError(400, "invalid_address", "address must be an IP address.") from None
         if not lifted:
@@ -449,7 +490,9 @@ class AdminApi:
         return RedirectResponse("/dashboard", 303)
 
     async def dashboard(self, request: Request) -> Response:
-        if not self.session_ok(request):
+        if self.credentials.mtls:
+            self.certificate_allowed(request, self._address(request))
+        elif not self.session_ok(request):
             return RedirectResponse("/login", 303)
         return _page("dashboard.html")
 
@@ -460,9 +503,9 @@ class AdminApi:
             raise ApiError(403, "origin_forbidden", "Log in from the dashboard's own page.")
         body = await self._body(request)
         address = self._address(request)
-        self._not_locked_out(address)
         token = body.get("token")
         if not isinstance(token, str) or not self.credentials.token_ok(token):
+            self._not_locked_out(address)  # the right token is never throttled
             self.credentials.failed(address)
             self.guard.monitor.metrics.admin_auth_failures += 1
             self.guard.audit.emit(
@@ -472,23 +515,27 @@ class AdminApi:
         session = self.credentials.new_session()
         self.guard.audit.emit("admin_login", client=address)
         response = json_response({"ok": True})
-        response.set_cookie(
-            SESSION_COOKIE,
+        response.set_cookie(  # __Host- on HTTPS: Secure, Path=/ and no Domain
+            self.credentials.cookie_name,
             session,
             max_age=int(self.credentials.session_seconds),
             path="/",
             httponly=True,
             samesite="strict",
-            secure=request.url.scheme == "https",
+            secure=self.credentials.https,
         )
         return response
 
     async def logout(self, request: Request) -> Response:
         if not self.live.origin_ok(request):
             raise ApiError(403, "origin_forbidden", "Log out from the dashboard's own page.")
-        self.credentials.end_session(request.cookies.get(SESSION_COOKIE))
+        name = self.credentials.cookie_name
+        self.credentials.end_session(request.cookies.get(name))
         response = json_response({"ok": True})
-        response.delete_cookie(SESSION_COOKIE, path="/")
+        # a browser ignores a __Host- cookie's deletion without Secure
+        response.delete_cookie(
+            name, path="/", secure=self.credentials.https, httponly=True, samesite="strict"
+        )
         return response
 
     async def static(self, request: Request) -> Response:
@@ -500,20 +547,59 @@ class AdminApi:
 
     # -- helpers --------------------------------------------------------------------------
 
-    @staticmethod
-    async def _cluster(awaitable: Awaitable[Any]) -> Any:
+    def _retry_after(self) -> dict[str, str]:
+        return {"Retry-After": str(max(1, math.ceil(self.app.config.cluster.retry_seconds)))}
+
+    async def _cluster(self, awaitable: Awaitable[T]) -> T:
+        """A read of the shared store; 503 when it cannot be reached."""
         try:
             return await awaitable
         except StoreUnavailable:
             raise ApiError(
-                503,
-                "store_unavailable",
-                "The shared store cannot be reached.",
-                {"Retry-After": "1"},
+                503, "store_unavailable", "The shared store cannot be reached.", self._retry_after()
             ) from None
+
+    async def _act(self, request: Request, action: str, target: str, awaitable: Awaitable[T]) -> T:
+        """An operator action for every node: its result only if the shared store carried
+        it. Otherwise (the store cannot be reached, or the check fell back to this node's
+        own state) the failure is audited and the answer is 503 with Retry-After: never
+        a success for something the other nodes did not get."""
+        store = self.guard.store
+        try:
+            result = await awaitable
+            if store.shared and not getattr(store, "available", True):
+                raise StoreUnavailable(action)  # done on this node only
+        except StoreUnavailable as exc:
+            self.guard.audit.emit(
+                "admin_action_failed",
+                action=action,
+                target=target,
+                check=exc.check,
+                client=self._address(request),
+            )
+            raise ApiError(
+                503, "store_unavailable", _not_everywhere(action, exc.check), self._retry_after()
+            ) from None
+        return result
 
 
 MAX_SECONDS = 30 * 86400
+
+
+def _not_everywhere(action: str, check: str) -> str:
+    """What a 503 of an operator action tells the operator (what did not happen)."""
+    if action == "ban" and check == "disconnect":
+        return (
+            "The ban is stored for every node, but the shared store could not tell the "
+            "other nodes to close the address's connections. Retry when it is back."
+        )
+    undone = {
+        "disconnect": "the other nodes were not told to disconnect",
+        "revoke": "the revocation is not in force on every node",
+        "ban": "the ban is not in force on every node",
+        "unban": "the ban was not lifted on every node",
+    }[action]
+    return f"The shared store cannot be reached: {undone}. Retry when it is back."
 
 
 def _one_of(body: dict[str, Any], fields: tuple[str, ...]) -> tuple[str, str]:
@@ -537,7 +623,7 @@ def _seconds(body: dict[str, Any], name: str, default: float) -> float:
     return float(value)
 
 
-def _route_of(request: Request) -> str:
+def _route_of(request: HTTPConnection) -> str:
     route = request.scope.get("route")
     return str(getattr(route, "path", "")) or "unknown"
 

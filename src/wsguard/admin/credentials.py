@@ -6,10 +6,19 @@ loopback address creates a random token on first use in
 ``~/.local/share/wsguard/admin.token`` (mode 0600) and reuses it, the way the
 development JWT key works; on any other address a credential is required.
 
+With mTLS (``admin.tls.client_ca_file``) the credential is a client certificate
+from the admin CA; ``admin.client_subjects`` narrows it to pinned subjects.
+
+Wrong credentials are throttled per address (an IPv6 /64): after
+``FAILURES_ALLOWED`` in ``FAILURE_WINDOW`` seconds further wrong ones get 429. The
+right credential is checked first and never refused by that throttle, so nobody
+can lock the operator out by sending wrong tokens from the operator's address.
+
 The browser dashboard logs in once with the token and then holds a session
-cookie (random, ``HttpOnly``, ``SameSite=Strict``); the server keeps only a
-digest of it. The cookie is accepted by the dashboard and its WebSocket only,
-never by the JSON API, so a page on another site cannot ride on it.
+cookie (random, ``HttpOnly``, ``SameSite=Strict``; on an HTTPS listener
+``__Host-`` prefixed and ``Secure``); the server keeps only a digest of it. The
+cookie is accepted by the dashboard and its WebSocket only, never by the JSON
+API, so a page on another site cannot ride on it.
 """
 
 from __future__ import annotations
@@ -24,11 +33,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from wsguard.admin.subjects import Subject, pinned
 from wsguard.config.model import AdminConfig
 from wsguard.errors import KeyLoadError
 
 DEFAULT_TOKEN_FILE = Path("~/.local/share/wsguard/admin.token")
 SESSION_COOKIE = "wsguard_admin_session"
+#: The cookie's name on an HTTPS listener: the browser then keeps it to this very
+#: host, Secure and Path=/ (no sibling host or plain-HTTP page can set or shadow it).
+SECURE_SESSION_COOKIE = "__Host-" + SESSION_COOKIE
 MAX_SESSIONS = 1000
 FAILURES_ALLOWED = 10  # bad admin credentials per address per FAILURE_WINDOW
 FAILURE_WINDOW = 60.0
@@ -96,10 +109,15 @@ class AdminCredentials:
         mtls: bool,
         session_seconds: float,
         address_key: Callable[[str], str] = str,
+        https: bool = False,
+        client_subjects: tuple[Subject, ...] = (),
     ) -> None:
         self._token = _digest(token) if token else None
         self._address_key = address_key
         self.mtls = mtls
+        self.https = https
+        self.cookie_name = SECURE_SESSION_COOKIE if https else SESSION_COOKIE
+        self.client_subjects = client_subjects
         self._session_seconds = session_seconds
         self._sessions: dict[bytes, float] = {}  # digest of the cookie -> expiry (monotonic)
         self._failures: dict[str, collections.deque[float]] = {}
@@ -148,6 +166,11 @@ class AdminCredentials:
             return False
         scheme, _, value = authorization.partition(" ")
         return scheme.lower() == "bearer" and self.token_ok(value.strip())
+
+    def certificate_ok(self, subject: Subject | None) -> bool:
+        """Whether a client certificate the admin CA verified is an admin's: any, unless
+        ``admin.client_subjects`` pins subjects (then one of them)."""
+        return not self.client_subjects or pinned(self.client_subjects, subject)
 
     # -- dashboard sessions ---------------------------------------------------------------
 

@@ -3,7 +3,9 @@
 The socket is held to the same rules as the users' ones, with the admin
 credential: refused before the upgrade (a real HTTP status) without the
 dashboard session cookie, the admin token or an admin client certificate
-(401), from a foreign ``Origin`` (403; an allowlist of the listener's own
+(401; 429 for a wrong one after repeated failures, never for the right one),
+with an admin certificate whose subject ``admin.client_subjects`` does not pin
+(403), from a foreign ``Origin`` (403; an allowlist of the listener's own
 origin plus ``admin.origins``, and a missing Origin is refused because the
 cookie is a credential), or beyond ``admin.max_dashboards`` (503). Frames from
 the client are not expected: any data frame closes with 1008, anything above
@@ -22,8 +24,9 @@ import orjson
 from starlette.requests import HTTPConnection
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from wsguard.admin.credentials import SESSION_COOKIE, AdminCredentials
+from wsguard.admin.credentials import AdminCredentials
 from wsguard.admin.responses import json_response
+from wsguard.admin.subjects import SCOPE_KEY, rfc4514
 from wsguard.core.decisions import CLOSE_CREDENTIALS_EXPIRED, CLOSE_POLICY_VIOLATION
 from wsguard.core.origin import OriginPolicy, parse_origin
 from wsguard.observability.metrics import REFUSAL_CATEGORIES
@@ -36,6 +39,7 @@ INTERVAL = 1.0
 SEND_TIMEOUT = 5.0
 BANS_EVERY = 5.0
 RECENT_CONNECTIONS = 20
+_AUTH_FAILURES = frozenset({"unauthorized", "certificate_forbidden"})  # audited as such
 
 
 class LiveFeed:
@@ -72,9 +76,7 @@ class LiveFeed:
         return self._configured.check(origin, cookie_auth=True)
 
     def _credential_ok(self, ws: WebSocket) -> bool:
-        if self.credentials.mtls:
-            return True
-        if self.credentials.session_ok(ws.cookies.get(SESSION_COOKIE)):
+        if self.credentials.session_ok(ws.cookies.get(self.credentials.cookie_name)):
             return True
         return self.credentials.bearer_ok(ws.headers.get("authorization"))
 
@@ -83,11 +85,16 @@ class LiveFeed:
         refusal = self._refusal(ws, address)
         if refusal is not None:
             status, code, message = refusal
+            fields: dict[str, Any] = {}
+            if code == "certificate_forbidden":
+                subject = ws.scope.get(SCOPE_KEY)
+                fields = {"credential": "certificate", "subject": rfc4514(subject or ())}
             self.guard.audit.emit(
-                "admin_auth_failed" if status == 401 else "dashboard_refused",
+                "admin_auth_failed" if code in _AUTH_FAILURES else "dashboard_refused",
                 client=address,
                 path="/dashboard/live",
                 reason=code,
+                **fields,
             )
 
             await ws.send_denial_response(
@@ -98,7 +105,7 @@ class LiveFeed:
         reader: asyncio.Task[None] | None = None
         try:
             await ws.accept()
-            session = ws.cookies.get(SESSION_COOKIE)
+            session = ws.cookies.get(self.credentials.cookie_name)
             reader = asyncio.get_running_loop().create_task(self._read(ws))
             while not reader.done():
                 if session and not self._still_allowed(ws, session):
@@ -126,14 +133,18 @@ class LiveFeed:
     def _refusal(self, ws: WebSocket, address: str) -> tuple[int, str, str] | None:
         if not self.origin_ok(ws):
             return 403, "origin_forbidden", "Origin not allowed."
-        if not self.credentials.mtls:
+        if self.credentials.mtls:
+            if not self.credentials.certificate_ok(ws.scope.get(SCOPE_KEY)):
+                self.monitor.metrics.admin_auth_failures += 1
+                return 403, "certificate_forbidden", "Not an admin's client certificate."
+        elif not self._credential_ok(ws):  # the right credential is never throttled
             if self.credentials.blocked_for(address) > 0:
                 return 429, "too_many_failures", "Too many failed admin credentials."
-            if not self._credential_ok(ws):
-                if ws.cookies.get(SESSION_COOKIE) or ws.headers.get("authorization"):
-                    self.credentials.failed(address)  # only presented credentials count
-                self.monitor.metrics.admin_auth_failures += 1
-                return 401, "unauthorized", "Log in first."
+            cookie = ws.cookies.get(self.credentials.cookie_name)
+            if cookie or ws.headers.get("authorization"):
+                self.credentials.failed(address)  # only presented credentials count
+            self.monitor.metrics.admin_auth_failures += 1
+            return 401, "unauthorized", "Log in first."
         if self.open >= self.limit:
             return 503, "too_many_dashboards", "Too many open dashboards."
         return None

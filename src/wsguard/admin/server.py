@@ -4,25 +4,40 @@ It runs in the App's event loop, on a socket bound before the public
 listener starts accepting (so a busy port fails start-up with a clear error),
 loopback by default. Signals stay with the App: uvicorn's own handlers are
 not installed.
+
+Over HTTPS it uses the public listener's TLS policy (``tls.min_version``, AEAD
+suites only). With mTLS the admin CA bundle must share no certificate (by
+SHA-256 fingerprint) and no public key with the users' ``tls.client_ca_file``,
+and the verified client certificate's subject is handed to the API in the ASGI
+scope (for ``admin.client_subjects``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import socket
 import ssl
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 from wsguard.admin.api import AdminApi
 from wsguard.admin.credentials import AdminCredentials, load_admin_token
 from wsguard.admin.live import LiveFeed
+from wsguard.admin.subjects import SCOPE_KEY, Subject, certificate_subject, parse_subject
+from wsguard.config.model import Config
+from wsguard.engines.tls import policy_context
+from wsguard.errors import ConfigError, KeyLoadError
 from wsguard.observability.uvicorn_log import quiet_uvicorn_denial_errors
 from wsguard.stores.base import StoreUnavailable
 
@@ -53,6 +68,7 @@ class _AdminH11(H11Protocol):
         if len(self.connections) > MAX_OPEN:
             transport.abort()
             return
+        _hand_over_client_certificate(self, transport)
         self._deadline = self.loop.call_later(REQUEST_DEADLINE, self._expire)
 
     def _expire(self) -> None:
@@ -79,6 +95,35 @@ class _AdminH11(H11Protocol):
         super().connection_lost(exc)
 
 
+class _AdminWebSocket(WebSocketsSansIOProtocol):
+    """uvicorn's WebSocket protocol, handing the client certificate to the dashboard."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        _hand_over_client_certificate(self, transport)
+
+
+class _ClientCertificate:
+    """Puts the subject of the connection's verified client certificate in the scope."""
+
+    def __init__(self, app: ASGIApp, subject: Subject | None) -> None:
+        self.app = app
+        self.subject = subject
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope[SCOPE_KEY] = self.subject
+        await self.app(scope, receive, send)
+
+
+def _hand_over_client_certificate(protocol: Any, transport: asyncio.BaseTransport) -> None:
+    """On a TLS connection, wrap the protocol's application so that every request of
+    this connection carries the client certificate's subject (None without one)."""
+    ssl_object = transport.get_extra_info("ssl_object")
+    if ssl_object is not None:
+        subject = certificate_subject(ssl_object.getpeercert())
+        protocol.app = _ClientCertificate(protocol.app, subject)
+
+
 quiet_uvicorn_denial_errors()
 
 
@@ -100,11 +145,14 @@ class AdminServer:
         token, self.generated_token_file = load_admin_token(
             config, loopback=is_loopback_host(config.host)
         )
+        self.ssl_context = admin_tls_context(app.config)
         self.credentials = AdminCredentials(
             token,
             mtls=config.tls.client_ca_file is not None,
             session_seconds=config.session_seconds,
             address_key=app.guard.address_key,
+            https=self.ssl_context is not None,
+            client_subjects=tuple(parse_subject(pin) for pin in config.client_subjects),
         )
         self.live = LiveFeed(app, self.credentials)
         self.api = AdminApi(app, self.credentials, self.live)
@@ -135,14 +183,13 @@ class AdminServer:
     async def start(self) -> None:
         sock = self._socket()
         self.port = sock.getsockname()[1]
-        tls = self.config.tls
         uv_config = uvicorn.Config(
             self.api.asgi(),
             log_config=None,
             access_log=False,
             lifespan="off",
             http=_AdminH11,
-            ws="websockets-sansio",
+            ws=_AdminWebSocket,
             ws_max_size=4096,
             ws_ping_interval=20.0,
             ws_ping_timeout=20.0,
@@ -152,15 +199,9 @@ class AdminServer:
             timeout_keep_alive=5,
             limit_concurrency=256,
             h11_max_incomplete_event_size=16 * 1024,
-            ssl_certfile=_str(tls.cert_file),
-            ssl_keyfile=_str(tls.key_file),
-            ssl_ca_certs=_str(tls.client_ca_file),
-            ssl_cert_reqs=ssl.CERT_REQUIRED if tls.client_ca_file else ssl.CERT_NONE,
         )
-        if tls.cert_file:
-            uv_config.load()
-            assert uv_config.ssl is not None
-            uv_config.ssl.minimum_version = ssl.TLSVersion.TLSv1_2
+        uv_config.load()
+        uv_config.ssl = self.ssl_context  # the public listener's TLS policy, not uvicorn's
         self._server = _Uvicorn(uv_config)
         started = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._serve(sock, started))
@@ -214,5 +255,67 @@ class AdminServer:
         self._server = None
 
 
-def _str(path: Path | None) -> str | None:
-    return str(path) if path is not None else None
+def admin_tls_context(config: Config) -> ssl.SSLContext | None:
+    """The admin listener's TLS context (None for plain HTTP), built as the public
+    listener's is: one policy, TLS 1.2+ with AEAD suites only."""
+    tls = config.admin.tls
+    if tls.cert_file is None or tls.key_file is None:
+        return None
+    context = policy_context(config.tls.min_version)
+    try:
+        context.load_cert_chain(str(tls.cert_file.expanduser()), str(tls.key_file.expanduser()))
+    except (OSError, ssl.SSLError) as exc:
+        raise KeyLoadError(
+            "admin.tls.cert_file", f"cannot load certificate and key: {exc}"
+        ) from None
+    if tls.client_ca_file is not None:
+        check_ca_separation(tls.client_ca_file, config.tls.client_ca_file)
+        try:
+            context.load_verify_locations(cafile=str(tls.client_ca_file.expanduser()))
+        except (OSError, ssl.SSLError) as exc:
+            raise KeyLoadError("admin.tls.client_ca_file", f"cannot load: {exc}") from None
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def check_ca_separation(admin_ca: Path, users_ca: Path | None) -> None:
+    """The admin CA bundle must not trust what the users' CA bundle trusts.
+
+    Compared by content, not by path: no certificate in common (SHA-256 of its DER)
+    and no public key in common (a CA certificate re-issued with the same key signs
+    the same client certificates).
+    """
+    if users_ca is None:
+        return
+    admin = _bundle(admin_ca, "admin.tls.client_ca_file")
+    users = _bundle(users_ca, "tls.client_ca_file")
+    shared = admin.keys() & users.keys()
+    if shared:
+        same = [k for k in shared if k.startswith("cert:")] or list(shared)
+        what = ", ".join(sorted(admin[k] for k in same))
+        raise ConfigError(
+            "admin.tls.client_ca_file",
+            f"shares {what} with the users' CA (tls.client_ca_file): every user "
+            "certificate would be an admin credential; give the admin listener a CA of its own",
+        )
+
+
+def _bundle(path: Path, key: str) -> dict[str, str]:
+    """Fingerprints of every certificate in a PEM bundle and of its public key, each
+    mapped to a description for the error message."""
+    try:
+        certificates = x509.load_pem_x509_certificates(path.expanduser().read_bytes())
+    except OSError as exc:
+        raise KeyLoadError(key, f"cannot read {path}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise KeyLoadError(key, f"{path} is not a PEM certificate bundle: {exc}") from None
+    out: dict[str, str] = {}
+    for cert in certificates:
+        name = cert.subject.rfc4514_string() or "an unnamed certificate"
+        digest = cert.fingerprint(hashes.SHA256()).hex()
+        out["cert:" + digest] = f"the certificate {name} (SHA-256 {digest[:16]}...)"
+        spki = cert.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        out["key:" + hashlib.sha256(spki).hexdigest()] = f"the public key of {name}"
+    return out

@@ -425,6 +425,7 @@ class AdminConfig(_Section):
     origins: tuple[str, ...] = ()
     hosts: tuple[str, ...] = ()
     max_dashboards: int = Field(default=16, ge=1, le=1000)
+    client_subjects: tuple[str, ...] = ()
     tls: AdminTlsConfig = AdminTlsConfig()
 
     @field_validator("token")
@@ -443,10 +444,23 @@ class AdminConfig(_Section):
             parse_allowed_origin(entry)
         return value
 
+    @field_validator("client_subjects")
+    @classmethod
+    def _subjects(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        from wsguard.admin.subjects import parse_subject
+
+        for entry in value:
+            parse_subject(entry)
+        return value
+
     @model_validator(mode="after")
     def _one_token_source(self) -> AdminConfig:
         if self.token and self.token_file:
             raise ValueError("token: set either token (WSGUARD_ADMIN_TOKEN) or token_file")
+        if self.client_subjects and self.tls.client_ca_file is None:
+            raise ValueError(
+                "client_subjects: pinned certificate subjects need mTLS (admin.tls.client_ca_file)"
+            )
         return self
 
     @property

@@ -15,16 +15,24 @@ logger = logging.getLogger("wsguard.tls")
 _TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
 
 
-def server_context(tls: TlsConfig) -> ssl.SSLContext:
-    """A server SSLContext: TLS 1.2+ (or 1.3), modern ciphers, optional client certs."""
-    assert tls.cert_file is not None and tls.key_file is not None
+def policy_context(min_version: str = "1.2") -> ssl.SSLContext:
+    """A server SSLContext with the one TLS policy of every wsguard listener (the public
+    one and the admin one): TLS 1.2+ (or 1.3), forward secrecy and AEAD suites only, no
+    compression, no renegotiation. No certificate loaded yet."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = (
-        ssl.TLSVersion.TLSv1_3 if tls.min_version == "1.3" else ssl.TLSVersion.TLSv1_2
+        ssl.TLSVersion.TLSv1_3 if min_version == "1.3" else ssl.TLSVersion.TLSv1_2
     )
     context.set_ciphers(_TLS12_CIPHERS)
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
     context.options |= getattr(ssl, "OP_NO_RENEGOTIATION", 0)
+    return context
+
+
+def server_context(tls: TlsConfig) -> ssl.SSLContext:
+    """A server SSLContext: TLS 1.2+ (or 1.3), modern ciphers, optional client certs."""
+    assert tls.cert_file is not None and tls.key_file is not None
+    context = policy_context(tls.min_version)
     load_certificate(context, tls)
     if tls.client_ca_file is not None:
         try:
