@@ -286,6 +286,7 @@ def test_non_loopback_target_is_refused_without_explicit_consent(tmp_path: Path)
         (["ws://127.0.0.1:1/", "--token-in", "body"], "--token-in"),
         (["ws://127.0.0.1:1/", "--signing-key", "nokid"], "--signing-key"),
         (["ws://127.0.0.1:1/", "--reply-timeout", "0"], "--reply-timeout"),
+        (["ws://127.0.0.1:1/", "--max-message-bytes", "10"], "--max-message-bytes"),
         (["http://127.0.0.1:1/"], "url"),
         ([], "url"),
     ],
