@@ -402,9 +402,11 @@ class HostileTarget:
     """A raw-socket WebSocket server on its own thread and loop: it upgrades any request,
     answers the first message (the scanner's ping) with a pong, then sends a text frame
     header announcing 1 TiB and streams its payload (at most STREAMED bytes) until the
-    client hangs up."""
+    client hangs up. ``at_once``: the header comes right behind the 101, in one write, and
+    nothing after it (the client must not wait for more to notice)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, at_once: bool = False) -> None:
+        self.at_once = at_once
         self.loop = asyncio.new_event_loop()
         self.port = 0
         self.streamed: list[int] = []  # bytes of the huge frame sent, per connection
@@ -435,14 +437,20 @@ class HostileTarget:
             if key is None:
                 return
             accept = base64.b64encode(hashlib.sha1(key.group(1) + GUID).digest())
-            writer.write(
+            upgrade = (
                 b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
                 b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n"
             )
-            ping = json.loads(await asyncio.wait_for(read_client_frame(reader), 10))
-            pong = json.dumps({"type": "pong", "id": ping.get("id")}).encode()
-            writer.write(bytes([0x81, len(pong)]) + pong)
-            writer.write(bytes([0x81, 127]) + struct.pack("!Q", ANNOUNCED))
+            huge = bytes([0x81, 127]) + struct.pack("!Q", ANNOUNCED)
+            if self.at_once:
+                writer.write(upgrade + huge)
+                await asyncio.wait_for(reader.read(), 30)  # silent until the client hangs up
+                return
+            else:
+                writer.write(upgrade)
+                ping = json.loads(await asyncio.wait_for(read_client_frame(reader), 10))
+                pong = json.dumps({"type": "pong", "id": ping.get("id")}).encode()
+                writer.write(bytes([0x81, len(pong)]) + pong + huge)
             chunk = b" " * (1024 * 1024)
             while sent < STREAMED:
                 writer.write(chunk)
@@ -472,12 +480,14 @@ class HostileTarget:
         self._thread.join(10)
 
 
-def test_a_hostile_target_cannot_blow_up_the_scanner(tmp_path: Path) -> None:
+@pytest.mark.parametrize("at_once", [False, True], ids=["after-a-pong", "with-the-101"])
+def test_a_hostile_target_cannot_blow_up_the_scanner(tmp_path: Path, at_once: bool) -> None:
     """A target that answers the ping, then announces a 1 TiB frame and streams it: the
     scan refuses the frame from its header, reports it as evidence, finishes, and the
-    scanner process stays small (it would otherwise buffer all it is sent)."""
+    scanner process stays small (it would otherwise buffer all it is sent). The same
+    evidence when the header comes with the 101 and nothing follows it."""
     out = tmp_path / "r.json"
-    with HostileTarget() as hostile:
+    with HostileTarget(at_once=at_once) as hostile:
         command = [
             sys.executable, "-c", MEASURE, WSGUARD, "audit", f"ws://127.0.0.1:{hostile.port}/",
             "--checks", "malformed.json,liveness.heartbeat", "--reply-timeout", "3",

@@ -225,10 +225,19 @@ class Session:
         budget = self._budget
         return budget.used + CHUNK > budget.total and budget.used > self._charged
 
+    def _oversized(self) -> bool:
+        """Did the target send a frame or message over the limit (websockets refused it
+        and queued a 1009 close)? Recorded once, as evidence."""
+        exc = self.protocol.parser_exc
+        if self.violation is None and isinstance(exc, PayloadTooBig):
+            self.violation = self._budget.refuse(exc)
+        return self.violation is not None
+
     async def _read_loop(self) -> None:
         try:
             await self._flush()  # e.g. the echo of a close that came with the 101
-            while self.protocol.state is not State.CLOSED:
+            # (the 1009 close too, when an oversized header came with the 101)
+            while self.protocol.state is not State.CLOSED and not self._oversized():
                 while self._full():
                     await self._budget.freed()
                 data = await self._reader.read(CHUNK)
@@ -238,11 +247,7 @@ class Session:
                 self.protocol.receive_data(data)
                 self._dispatch()
                 self._recharge()
-                if isinstance(self.protocol.parser_exc, PayloadTooBig):
-                    self.violation = self._budget.refuse(self.protocol.parser_exc)
-                    await self._flush()  # the 1009 close frame; then stop reading at once
-                    break
-                await self._flush()
+                await self._flush()  # after an oversized header: the 1009 close, then stop
         except (OSError, ssl.SSLError, asyncio.IncompleteReadError):
             pass
         finally:
