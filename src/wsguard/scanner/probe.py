@@ -80,25 +80,26 @@ class ReadBudget:
 
     def refuse(self, exc: PayloadTooBig) -> str:
         """The evidence line for a frame or message over ``max_message``."""
-        limit = _bytes(self.max_message)
+        limit = f"the scan's limit of {_bytes(self.max_message, exact=False)} (--max-message-bytes)"
         if exc.message is None and exc.size is not None:
             so_far = f" after {_bytes(exc.current_size)} of its message" if exc.current_size else ""
-            what = f"a frame announcing {_bytes(exc.size)}{so_far}"
+            what = f"a frame announcing {_bytes(exc.size)}{so_far}, over {limit}"
         else:
-            what = "a compressed message inflating"
+            what = f"a compressed message inflating past {limit}"
         evidence = (
-            f"the target sent an oversized frame: {what}, over the scan's limit of {limit} "
-            "(--max-message-bytes); the scan closed the connection (1009) without reading it"
+            f"the target sent an oversized frame: {what}; the scan closed the connection "
+            "(1009) without reading it"
         )
         if len(self.violations) < 1000:
             self.violations.append(evidence)
         return evidence
 
 
-def _bytes(n: int) -> str:
+def _bytes(n: int, *, exact: bool = True) -> str:
+    """``1 TiB (1099511627776 bytes)``; ``4 MiB`` when not ``exact``."""
     for unit, size in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", MIB), ("KiB", 1024)):
         if n >= size:
-            return f"{n / size:.4g} {unit} ({n} bytes)"
+            return f"{n / size:.4g} {unit}" + (f" ({n} bytes)" if exact else "")
     return f"{n} bytes"
 
 
