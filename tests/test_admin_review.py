@@ -32,7 +32,6 @@ import trustme
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 from websockets.typing import Origin
-from wsguard.hosts.app import App
 
 from conftest import (
     ADMIN_TOKEN,
@@ -49,6 +48,7 @@ from redis_process import RedisProcess
 from wsguard.admin.credentials import FAILURES_ALLOWED, SESSION_COOKIE
 from wsguard.admin.server import AdminServer
 from wsguard.errors import ConfigError
+from wsguard.hosts.app import App
 
 ROOMY: dict[str, Any] = {
     "limits": {

@@ -412,7 +412,7 @@ def test_scope_with_a_space_keeps_its_boundary(
     assert headers.get_all("X-Wsguard-Scopes") == ["billing%20admin chat"]
     scopes = [urllib.parse.unquote(s) for s in headers["X-Wsguard-Scopes"].split(" ")]
     assert scopes == ["billing admin", "chat"]
-    assert verify_identity(headers, IDENTITY_SECRET)
+    assert verify_identity(headers, IDENTITY_SECRET, upstream=backend.url)
 
 
 # -- opaque mode 10 ---------------------------------------------------------------------------

@@ -3,9 +3,15 @@ PASSes (or is N/A for a reason stated), and the outputs are what pipelines expec
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import hashlib
 import json
+import re
+import struct
 import subprocess
+import sys
+import threading
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
@@ -280,6 +286,7 @@ def test_non_loopback_target_is_refused_without_explicit_consent(tmp_path: Path)
         (["ws://127.0.0.1:1/", "--token-in", "body"], "--token-in"),
         (["ws://127.0.0.1:1/", "--signing-key", "nokid"], "--signing-key"),
         (["ws://127.0.0.1:1/", "--reply-timeout", "0"], "--reply-timeout"),
+        (["ws://127.0.0.1:1/", "--max-message-bytes", "10"], "--max-message-bytes"),
         (["http://127.0.0.1:1/"], "url"),
         ([], "url"),
     ],
@@ -362,3 +369,248 @@ def test_token_cmd_supplies_the_credential(target: Target, tmp_path: Path) -> No
     assert by_id["auth.expired"]["verdict"] == "N/A"
     failing = run_audit([target.url, "--token-cmd", "false"], tmp_path)
     assert failing.returncode == 2 and "--token-cmd" in failing.stderr
+
+
+# -- a hostile target: the scanner takes in only what it can hold ---------------------------
+
+GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+ANNOUNCED = 2**40  # the frame header the hostile target sends: 1 TiB
+STREAMED = 512 * 1024 * 1024  # bytes of that frame it streams at most, per connection
+#: runs the command in argv, then prints its exit status and peak RSS (the only child: KiB)
+MEASURE = """
+import resource, subprocess, sys
+done = subprocess.run(sys.argv[1:], stdin=subprocess.DEVNULL, timeout=180)
+peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+print(f"measured: exit {done.returncode} peak {peak}")
+"""
+
+
+async def read_client_frame(reader: asyncio.StreamReader) -> bytes:
+    """One small masked frame from the client, unmasked."""
+    head = await reader.readexactly(2)
+    length = head[1] & 0x7F
+    if length == 126:
+        length = struct.unpack("!H", await reader.readexactly(2))[0]
+    elif length == 127:
+        raise ValueError("the scanner's ping is small")
+    mask = await reader.readexactly(4) if head[1] & 0x80 else b"\0\0\0\0"
+    data = await reader.readexactly(length)
+    return bytes(b ^ mask[i % 4] for i, b in enumerate(data))
+
+
+class HostileTarget:
+    """A raw-socket WebSocket server on its own thread and loop: it upgrades any request,
+    answers the first message (the scanner's ping) with a pong, then sends a text frame
+    header announcing 1 TiB and streams its payload (at most STREAMED bytes) until the
+    client hangs up. ``at_once``: the header comes right behind the 101, in one write, and
+    nothing after it (the client must not wait for more to notice)."""
+
+    def __init__(self, *, at_once: bool = False) -> None:
+        self.at_once = at_once
+        self.loop = asyncio.new_event_loop()
+        self.port = 0
+        self.streamed: list[int] = []  # bytes of the huge frame sent, per connection
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._server: asyncio.Server | None = None
+        self._handlers: set[asyncio.Task[None]] = set()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_until_complete(self._start())
+        self._ready.set()
+        self.loop.run_forever()
+
+    async def _start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        task.add_done_callback(self._handlers.discard)
+        sent = 0
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            key = re.search(rb"(?im)^sec-websocket-key:[ \t]*(\S+)", head)
+            if key is None:
+                return
+            accept = base64.b64encode(hashlib.sha1(key.group(1) + GUID).digest())
+            upgrade = (
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n"
+            )
+            huge = bytes([0x81, 127]) + struct.pack("!Q", ANNOUNCED)
+            if self.at_once:
+                writer.write(upgrade + huge)
+                await asyncio.wait_for(reader.read(), 30)  # silent until the client hangs up
+                return
+            else:
+                writer.write(upgrade)
+                ping = json.loads(await asyncio.wait_for(read_client_frame(reader), 10))
+                pong = json.dumps({"type": "pong", "id": ping.get("id")}).encode()
+                writer.write(bytes([0x81, len(pong)]) + pong + huge)
+            chunk = b" " * (1024 * 1024)
+            while sent < STREAMED:
+                writer.write(chunk)
+                await asyncio.wait_for(writer.drain(), 10)
+                sent += len(chunk)
+        except (OSError, TimeoutError, ValueError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self.streamed.append(sent)
+            writer.close()
+
+    def __enter__(self) -> HostileTarget:
+        self._thread.start()
+        assert self._ready.wait(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        async def stop() -> None:
+            assert self._server is not None
+            self._server.close()
+            for task in list(self._handlers):
+                task.cancel()
+            await asyncio.gather(*self._handlers, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(stop(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+
+
+@pytest.mark.parametrize("at_once", [False, True], ids=["after-a-pong", "with-the-101"])
+def test_a_hostile_target_cannot_blow_up_the_scanner(tmp_path: Path, at_once: bool) -> None:
+    """A target that answers the ping, then announces a 1 TiB frame and streams it: the
+    scan refuses the frame from its header, reports it as evidence, finishes, and the
+    scanner process stays small (it would otherwise buffer all it is sent). The same
+    evidence when the header comes with the 101 and nothing follows it."""
+    out = tmp_path / "r.json"
+    with HostileTarget(at_once=at_once) as hostile:
+        command = [
+            sys.executable, "-c", MEASURE, WSGUARD, "audit", f"ws://127.0.0.1:{hostile.port}/",
+            "--checks", "malformed.json,liveness.heartbeat", "--reply-timeout", "3",
+            "--idle-wait", "5", "--format", "json", "--out", str(out), "--no-progress",
+        ]  # fmt: skip
+        done = subprocess.run(
+            command, env=cli_env(tmp_path), capture_output=True, text=True, timeout=SCAN_TIMEOUT
+        )
+    measured = re.search(r"measured: exit (-?\d+) peak (\d+)", done.stdout)
+    assert measured is not None, done.stdout + done.stderr
+    peak_mib = int(measured.group(2)) / 1024
+    assert peak_mib < 300, f"the scanner grew to {peak_mib:.0f} MiB"
+    assert int(measured.group(1)) == 3, done.stdout + done.stderr  # ERROR: incomplete
+    by_id = findings(json.loads(out.read_text()))
+    for check in ("malformed.json", "liveness.heartbeat"):
+        assert by_id[check]["verdict"] == "ERROR", by_id[check]
+        evidence = by_id[check]["evidence"]
+        assert evidence.startswith("the target sent an oversized frame"), evidence
+        assert "1 TiB (1099511627776 bytes)" in evidence and "4 MiB" in evidence, evidence
+    # the scanner stopped reading at the header: far less than a frame's worth streamed
+    assert hostile.streamed and max(hostile.streamed) < STREAMED, hostile.streamed
+
+
+async def upgrade_any(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    key = re.search(rb"(?im)^sec-websocket-key:[ \t]*(\S+)", head)
+    assert key is not None
+    accept = base64.b64encode(hashlib.sha1(key.group(1) + GUID).digest())
+    writer.write(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n"
+    )
+
+
+def test_messages_no_check_reads_are_held_back_not_hoarded_nor_dropped() -> None:
+    """A target that sends 32 MiB of messages nobody reads yet: the connection stops
+    reading past the scan's budget (the target feels the back-pressure), and once the
+    check reads, every message arrives, in order."""
+    from websockets.uri import parse_uri
+
+    from wsguard.scanner.probe import Endpoint, ReadBudget, handshake
+
+    count, size = 512, 64 * 1024
+
+    async def scenario() -> tuple[bool, int, list[int], ReadBudget]:
+        pushed_back = asyncio.Event()
+
+        async def flood(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await upgrade_any(reader, writer)
+            try:
+                for n in range(count):
+                    payload = n.to_bytes(4, "big") + b"x" * (size - 4)
+                    writer.write(bytes([0x82, 127]) + struct.pack("!Q", size) + payload)
+                    try:
+                        await asyncio.wait_for(writer.drain(), 1.0)
+                    except TimeoutError:
+                        pushed_back.set()  # the scanner stopped reading
+                        await asyncio.wait_for(writer.drain(), 30)
+            except (OSError, TimeoutError):
+                pass
+            finally:
+                writer.close()
+
+        server = await asyncio.start_server(flood, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        budget = ReadBudget(max_message=256 * 1024, total=1024 * 1024)
+        uri = parse_uri(f"ws://127.0.0.1:{port}/")
+        endpoint = Endpoint(uri, "127.0.0.1", None, 5.0, budget=budget)
+        result = await handshake(endpoint)
+        assert result.session is not None, result.describe()
+        session = result.session
+        try:
+            await asyncio.wait_for(pushed_back.wait(), 30)
+            held = budget.used
+            numbers = []
+            for _ in range(count):
+                event = await session.next_event(10)
+                assert event is not None and event.kind == "binary"
+                assert len(event.data) == size
+                numbers.append(int.from_bytes(event.data[:4], "big"))
+        finally:
+            await session.close()
+            server.close()
+        return pushed_back.is_set(), held, numbers, budget
+
+    pushed_back, held, numbers, budget = asyncio.run(scenario())
+    assert pushed_back
+    assert held <= budget.total and budget.peak <= budget.total + 64 * 1024, budget.peak
+    assert numbers == list(range(count))  # nothing dropped, nothing reordered
+    assert budget.used == 0  # a closed connection holds nothing
+
+
+def test_an_endless_http_answer_ends_the_handshake_at_once() -> None:
+    """A target answering the upgrade with a header line that never ends: websockets
+    refuses it past 8 KiB and the scanner stops reading there, naming the problem."""
+    from websockets.uri import parse_uri
+
+    from wsguard.scanner.probe import Endpoint, handshake
+
+    async def scenario() -> tuple[str, int]:
+        streamed = 0
+
+        async def endless(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            nonlocal streamed
+            await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            writer.write(b"HTTP/1.1 101 Switching Protocols\r\nX-Endless: ")
+            try:
+                while streamed < 256 * 1024 * 1024:
+                    writer.write(b"a" * 65536)
+                    await asyncio.wait_for(writer.drain(), 10)
+                    streamed += 65536
+            except (OSError, TimeoutError):
+                pass
+            finally:
+                writer.close()
+
+        server = await asyncio.start_server(endless, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        endpoint = Endpoint(parse_uri(f"ws://127.0.0.1:{port}/"), "127.0.0.1", None, 5.0)
+        result = await handshake(endpoint, wait=60)
+        server.close()
+        return result.describe(), streamed
+
+    described, streamed = asyncio.run(scenario())
+    assert described.startswith("no response (invalid HTTP response"), described
+    assert streamed < 256 * 1024 * 1024  # the scanner hung up, it did not read it all

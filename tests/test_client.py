@@ -4,8 +4,10 @@ The client is asyncio; every test is a sync function running an inner coroutine
 with ``asyncio.run`` while the server runs on its own loop in a background thread.
 Covered: both token transports, sync and async token providers, automatic
 signing (session keys and per-client keys), in-band token refresh before ``exp``,
-client certificates (mTLS), transparent reconnect with back-off, no reconnect
-after final close codes or handshake refusals, and the back-off jitter bounds.
+client certificates (mTLS), transparent reconnect with back-off (one connection at
+a time, a send racing the reconnect waits for it and is signed for the new connection),
+no reconnect after final close codes or handshake refusals, and the back-off jitter
+bounds.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from websockets.asyncio.client import ClientConnection as AsyncClientConnection
 from websockets.asyncio.client import connect as async_connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from conftest import RunningServer, ServerFactory, make_token
+from conftest import RunningServer, ServerFactory, eventually, make_token
 from wsguard.client import ClientError, WsguardClient
 from wsguard.config.demo_types import DEMO_MESSAGE_TYPES
 from wsguard.core.integrity import SESSION_KID
@@ -413,6 +415,122 @@ def test_recv_reconnects_transparently_after_server_restart(
     assert client.welcome["connection_id"] != old_id
     assert pong["type"] == "pong" and pong["id"] == "again"
     assert [e["subject"] for e in second.audit.events("connection_admitted")] == ["alice"]
+
+
+def test_send_racing_a_reconnect_waits_for_it_on_one_connection(
+    server_factory: ServerFactory,
+) -> None:
+    """The server drops alice while recv() waits; recv() starts the reconnect and, while it
+    is under way, send() is called with a signed message. There must be one reconnect
+    (not a second connection left open, holding a slot), and the message must be signed
+    with the new connection's session key (not refused as bad_signature)."""
+    server = server_factory(signed_chat_config(session_keys=True))
+    calls = 0
+
+    async def main() -> tuple[WsguardClient, str, str, dict[str, Any] | None, dict[str, Any]]:
+        reconnecting, go = asyncio.Event(), asyncio.Event()
+
+        async def provider() -> str:
+            nonlocal calls
+            calls += 1
+            if calls == 2:  # the reconnect after the drop: held until send() has started
+                reconnecting.set()
+                await go.wait()
+            return make_token("alice")
+
+        async with (
+            WsguardClient(
+                server.url,
+                token_provider=provider,
+                signed_types={"chat"},
+                backoff_initial=0.01,
+            ) as alice,
+            WsguardClient(server.url, token=make_token("bob")) as bob,
+        ):
+            first_key = alice.welcome["signing"]["key"]
+            pending = asyncio.get_running_loop().create_task(alice.recv())
+
+            def drop_alice() -> None:
+                for conn in list(server.app.connections.values()):
+                    if conn.subject == "alice":
+                        conn.close_soon(1012, "service restart")  # not a final code
+
+            await asyncio.to_thread(server.call, drop_alice)
+            await asyncio.wait_for(reconnecting.wait(), 10)
+            sending = asyncio.get_running_loop().create_task(
+                alice.send({"type": "chat", "text": "raced", "id": "r1"})
+            )
+            asyncio.get_running_loop().call_soon(go.set)  # after send()'s first step
+            await asyncio.wait_for(sending, 10)
+            try:
+                broadcast: dict[str, Any] | None = await recv(bob)
+            except TimeoutError:
+                broadcast = None
+            await alice.send({"type": "ping", "id": "after"})
+            answer = await asyncio.wait_for(pending, 10)
+
+            def alices() -> int:
+                live = server.call(lambda: list(server.app.connections.values()))
+                return sum(conn.subject == "alice" for conn in live)
+
+            # one live connection on the server: none left open behind the reconnect
+            await asyncio.to_thread(eventually, lambda: alices() == 1, 5.0, "one alice")
+            return alice, first_key, alice.welcome["signing"]["key"], broadcast, answer
+
+    alice, first_key, second_key, broadcast, answer = asyncio.run(main())
+    assert second_key != first_key  # a new connection, with its own session key
+    admitted = [e["subject"] for e in server.audit.events("connection_admitted")]
+    assert admitted.count("alice") == 2, admitted  # the first one and one reconnect
+    assert alice.reconnects == 1
+    assert calls == 2
+    # the message went on the new connection, signed with its key, and was accepted
+    assert (answer["type"], answer["id"]) == ("pong", "after"), answer  # no bad_signature
+    assert broadcast == {
+        "type": "broadcast",
+        "from": "alice",
+        "message": {"type": "chat", "text": "raced", "id": "r1"},
+    }
+    eventually(lambda: server.connection_count() == 0, what="every connection closed")
+
+
+def test_send_after_an_unnoticed_drop_goes_on_the_next_connection(
+    server_factory: ServerFactory,
+) -> None:
+    """The server dropped alice and nothing read since (no recv() pending): send() finds
+    the connection closed before writing anything, reconnects (once) and sends the
+    message, signed with the new connection's key."""
+    server = server_factory(signed_chat_config(session_keys=True))
+
+    async def main() -> tuple[WsguardClient, dict[str, Any], dict[str, Any]]:
+        async with (
+            WsguardClient(
+                server.url, token=make_token("alice"), signed_types={"chat"}, backoff_initial=0.01
+            ) as alice,
+            WsguardClient(server.url, token=make_token("bob")) as bob,
+        ):
+
+            def drop_alice() -> None:
+                for conn in list(server.app.connections.values()):
+                    if conn.subject == "alice":
+                        conn.close_soon(1012, "service restart")
+
+            def alices() -> int:
+                live = server.call(lambda: list(server.app.connections.values()))
+                return sum(conn.subject == "alice" for conn in live)
+
+            await asyncio.to_thread(server.call, drop_alice)
+            await asyncio.to_thread(eventually, lambda: alices() == 0, 5.0, "alice dropped")
+            await alice.send({"type": "chat", "text": "after the drop"})
+            broadcast = await recv(bob)
+            await alice.send({"type": "ping", "id": "p"})
+            return alice, broadcast, await recv(alice)
+
+    alice, broadcast, pong = asyncio.run(main())
+    assert broadcast["message"] == {"type": "chat", "text": "after the drop"}
+    assert (pong["type"], pong["id"]) == ("pong", "p")  # no bad_signature before it
+    assert alice.reconnects == 1
+    admitted = [e["subject"] for e in server.audit.events("connection_admitted")]
+    assert admitted.count("alice") == 2
 
 
 def test_reconnect_after_expiry_close_asks_the_provider_for_a_fresh_token(

@@ -61,7 +61,7 @@ from wsguard.config.model import GatewayConfig
 from wsguard.core.identity import Identity
 from wsguard.errors import ConfigError
 from wsguard.guard import Guard
-from wsguard.hosts.gateway.identity import identity_headers, verify_identity
+from wsguard.hosts.gateway.identity import SeenConnections, identity_headers, verify_identity
 from wsguard.hosts.gateway.proxy import Gateway
 from wsguard.observability.audit import AuditLog
 from wsguard.session import Connection
@@ -80,6 +80,7 @@ SIGNED_NAMES = (
     "X-Wsguard-Token-Id",
     "X-Wsguard-Client",
     "X-Wsguard-Connection",
+    "X-Wsguard-Path",
     "X-Wsguard-Timestamp",
     "X-Wsguard-Signature",
 )
@@ -414,6 +415,7 @@ def test_backend_gets_the_identity_headers(backend: Backend, gateways: GatewayFa
         assert headers.get_all("X-Wsguard-Token-Id") == ["tok-42"]
         assert headers.get_all("X-Wsguard-Client") == ["127.0.0.1"]
         assert headers.get_all("X-Wsguard-Connection") == [admitted_id(gw)]
+        assert headers.get_all("X-Wsguard-Path") == ["/"]
         assert headers["Host"] == f"127.0.0.1:{backend.port}"
         # unsigned without gateway.identity_secret
         assert "X-Wsguard-Signature" not in headers
@@ -445,6 +447,7 @@ def test_client_cannot_forge_identity_or_pass_credentials(
         "X-Wsguard-Token-Id": "forged",
         "X-Wsguard-Client": "10.0.0.1",
         "X-Wsguard-Connection": "forged",
+        "X-Wsguard-Path": "/admin",
         "X-Wsguard-Timestamp": "1",
         "X-Wsguard-Signature": "00" * 32,
         "Cookie": "session=secret-session-cookie",
@@ -453,8 +456,9 @@ def test_client_cannot_forge_identity_or_pass_credentials(
     with gw.connect(make_token("alice"), headers=forged, user_agent_header="probe/1.0") as ws:
         echo_roundtrip(ws, chat("hi"))
     headers = backend.connection().headers
-    for name in SIGNED_NAMES[:5]:
+    for name in SIGNED_NAMES[:6]:
         assert len(headers.get_all(name)) == 1, name
+    assert headers["X-Wsguard-Path"] == "/"
     assert headers["X-Wsguard-Subject"] == "alice"
     assert headers["X-Wsguard-Scopes"] == "chat"
     assert headers["X-Wsguard-Token-Id"] == ""
@@ -496,44 +500,189 @@ def test_signed_identity_verifies_and_any_change_fails(
     backend: Backend, gateways: GatewayFactory
 ) -> None:
     gw = gateways(backend.url, {"gateway": {"identity_secret": IDENTITY_SECRET}})
-    with gw.connect(make_token("alice", jti="j-1")) as ws:
+    with gw.connect(make_token("alice", jti="j-1"), path="/room/7?token=t") as ws:
         echo_roundtrip(ws, chat("hi"))
     seen = backend.connection().headers
-    assert verify_identity(seen, IDENTITY_SECRET)
-    assert not verify_identity(seen, IDENTITY_SECRET[::-1])  # another secret
+    assert seen["X-Wsguard-Path"] == "/room/7"  # the query (a token, maybe) is not sent
+    upstream = backend.url
+    assert verify_identity(seen, IDENTITY_SECRET, upstream=upstream)
+    assert not verify_identity(seen, IDENTITY_SECRET[::-1], upstream=upstream)  # other secret
     timestamp = int(seen["X-Wsguard-Timestamp"])
     assert abs(timestamp - time.time()) < 30
     assert len(seen["X-Wsguard-Signature"]) == 64
 
     plain = {k: v for k, v in seen.raw_items()}
-    assert verify_identity(plain, IDENTITY_SECRET)
+    assert verify_identity(plain, IDENTITY_SECRET, upstream=upstream)
     for name in SIGNED_NAMES:
         altered = dict(plain)
         value = altered[name]
         altered[name] = str(int(value) - 1) if name == "X-Wsguard-Timestamp" else value + "x"
-        assert not verify_identity(altered, IDENTITY_SECRET), name
+        assert not verify_identity(altered, IDENTITY_SECRET, upstream=upstream), name
         removed = {k: v for k, v in plain.items() if k != name}
-        assert not verify_identity(removed, IDENTITY_SECRET), name
+        assert not verify_identity(removed, IDENTITY_SECRET, upstream=upstream), name
     forged = dict(plain, **{"X-Wsguard-Subject": "root"})
-    assert not verify_identity(forged, IDENTITY_SECRET)
+    assert not verify_identity(forged, IDENTITY_SECRET, upstream=upstream)
     # the timestamp: fresh within max_age, stale after
-    assert verify_identity(seen, IDENTITY_SECRET, now=timestamp + 59)
-    assert not verify_identity(seen, IDENTITY_SECRET, now=timestamp + 61)
-    assert not verify_identity(seen, IDENTITY_SECRET, now=timestamp - 61)
-    assert verify_identity(seen, IDENTITY_SECRET, now=timestamp + 200, max_age=300)
+    assert verify_identity(seen, IDENTITY_SECRET, upstream=upstream, now=timestamp + 59)
+    assert not verify_identity(seen, IDENTITY_SECRET, upstream=upstream, now=timestamp + 61)
+    assert verify_identity(
+        seen, IDENTITY_SECRET, upstream=upstream, now=timestamp + 200, max_age=300
+    )
+
+
+def test_signed_identity_is_bound_to_its_upstream_and_route(
+    backends: BackendFactory, gateways: GatewayFactory
+) -> None:
+    """A header set the gateway sent to one upstream, for one route, does not verify at
+    another upstream, nor with the path of another route."""
+    chat_backend, admin_backend = backends(), backends()
+    routes = {"/chat": chat_backend.url, "/admin": admin_backend.url + "admin"}
+    gw = gateways(
+        chat_backend.url, {"gateway": {"identity_secret": IDENTITY_SECRET, "routes": routes}}
+    )
+    with gw.connect(make_token("alice"), path="/chat/lobby") as ws:
+        echo_roundtrip(ws, chat("hi"))
+    captured = {k: v for k, v in chat_backend.connection().headers.raw_items()}
+    assert captured["X-Wsguard-Path"] == "/chat/lobby"
+    # the URL as the backend knows it: case, credentials and query do not matter
+    here = chat_backend.url.replace("ws://", "WS://user:pw@")
+    assert verify_identity(captured, IDENTITY_SECRET, upstream=here)
+    assert verify_identity(captured, IDENTITY_SECRET, upstream=chat_backend.url + "?v=2")
+    # replayed to the admin upstream (whose URL is known there), or to another path
+    assert not verify_identity(captured, IDENTITY_SECRET, upstream=admin_backend.url + "admin")
+    assert not verify_identity(captured, IDENTITY_SECRET, upstream=chat_backend.url + "admin")
+    other_port = f"ws://127.0.0.1:{admin_backend.port}/"
+    assert not verify_identity(captured, IDENTITY_SECRET, upstream=other_port)
+    rerouted = dict(captured, **{"X-Wsguard-Path": "/admin"})
+    assert not verify_identity(rerouted, IDENTITY_SECRET, upstream=chat_backend.url)
+    with pytest.raises(ValueError, match="ws:// or wss://"):
+        verify_identity(captured, IDENTITY_SECRET, upstream="http://127.0.0.1/")
+
+
+def test_default_ports_are_written_out_in_the_signed_upstream() -> None:
+    config = GatewayConfig(identity_secret=IDENTITY_SECRET)
+    identity = Identity(subject="alice")
+    headers = dict(
+        identity_headers(
+            config,
+            identity,
+            client="127.0.0.1",
+            connection_id="c1",
+            upstream="wss://Chat.Example:443",
+            path="/",
+        )
+    )
+    assert verify_identity(headers, IDENTITY_SECRET, upstream="wss://chat.example/")
+    assert not verify_identity(headers, IDENTITY_SECRET, upstream="ws://chat.example:443/")
+
+
+def test_signed_identity_refuses_replays_and_future_timestamps() -> None:
+    config = GatewayConfig(identity_secret=IDENTITY_SECRET)
+    identity = Identity(subject="alice", scopes=frozenset({"chat"}))
+    upstream = "ws://127.0.0.1:3000/ws"
+    now = time.time()
+
+    def signed(connection_id: str, at: float) -> dict[str, str]:
+        return dict(
+            identity_headers(
+                config,
+                identity,
+                client="127.0.0.1",
+                connection_id=connection_id,
+                upstream=upstream,
+                path="/ws",
+                now=at,
+            )
+        )
+
+    def verify(headers: dict[str, str], at: float, seen: SeenConnections | None = None) -> bool:
+        return verify_identity(headers, IDENTITY_SECRET, upstream=upstream, now=at, seen=seen)
+
+    # a timestamp from the future: a few seconds of clock skew, not a minute
+    assert verify(signed("c1", now + 4), now)
+    for ahead in (6, 30, 59):
+        assert not verify(signed("c1", now + ahead), now), ahead
+    assert not verify(signed("c1", now - 61), now)
+    # a header set accepted once is refused when it comes back within the window
+    seen = SeenConnections()
+    first = signed("c2", now)
+    assert verify(first, now, seen)
+    assert not verify(first, now + 1, seen)
+    assert not verify(first, now + 60, seen)
+    # an id is remembered only once its signature verified: a forgery takes no room
+    forged = dict(signed("c3", now), **{"X-Wsguard-Subject": "root"})
+    assert not verify(forged, now, seen)
+    assert verify(signed("c3", now), now, seen)
+    assert len(seen) == 2
+    # expired ids are forgotten; a memory full of live ids refuses rather than forgets
+    small = SeenConnections(max_entries=1)
+    assert verify(signed("c4", now), now, small)
+    assert not verify(signed("c5", now), now, small)
+    assert verify(signed("c5", now + 62), now + 62, small)  # c4 has expired meanwhile
+    assert len(small) == 1
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("X-Wsguard-Signature", "\u00e9" * 64),
+        ("X-Wsguard-Signature", "\udcff" * 64),
+        ("X-Wsguard-Signature", "0" * 63 + "\u00e9"),
+        ("X-Wsguard-Timestamp", "\u00b2"),  # a digit to str.isdigit, not to int()
+        ("X-Wsguard-Timestamp", "\u0661\u0662"),  # Arabic-Indic digits: int() reads them
+        ("X-Wsguard-Timestamp", "9" * 5000),  # past int()'s digit limit
+        ("X-Wsguard-Subject", "al\u00efce"),
+        ("X-Wsguard-Path", "/\udcff"),
+    ],
+)
+def test_verify_identity_returns_false_and_never_raises(name: str, value: str) -> None:
+    config = GatewayConfig(identity_secret=IDENTITY_SECRET)
+    identity = Identity(subject="alice", scopes=frozenset({"chat"}))
+    upstream = "ws://127.0.0.1:3000/"
+    good = dict(
+        identity_headers(
+            config, identity, client="127.0.0.1", connection_id="c1", upstream=upstream, path="/"
+        )
+    )
+    assert verify_identity(good, IDENTITY_SECRET, upstream=upstream)
+    bad = dict(good, **{name: value})
+    assert verify_identity(bad, IDENTITY_SECRET, upstream=upstream) is False
+
+
+def test_verify_identity_refuses_a_repeated_header() -> None:
+    config = GatewayConfig(identity_secret=IDENTITY_SECRET)
+    identity = Identity(subject="alice", scopes=frozenset({"chat"}))
+    upstream = "ws://127.0.0.1:3000/"
+    headers = Headers(
+        identity_headers(
+            config, identity, client="127.0.0.1", connection_id="c1", upstream=upstream, path="/"
+        )
+    )
+    assert verify_identity(headers, IDENTITY_SECRET, upstream=upstream)
+    headers["X-Wsguard-Subject"] = "root"  # a second value next to the signed one
+    assert verify_identity(headers, IDENTITY_SECRET, upstream=upstream) is False
 
 
 def test_identity_headers_signed_long_ago_are_refused() -> None:
     config = GatewayConfig(identity_secret=IDENTITY_SECRET)
     identity = Identity(subject="alice", scopes=frozenset({"chat"}))
-    old = dict(
-        identity_headers(
-            config, identity, client="127.0.0.1", connection_id="c1", now=time.time() - 3600
+    upstream = "ws://127.0.0.1:3000/"
+
+    def signed(now: float | None = None) -> dict[str, str]:
+        return dict(
+            identity_headers(
+                config,
+                identity,
+                client="127.0.0.1",
+                connection_id="c1",
+                upstream=upstream,
+                path="/",
+                now=now,
+            )
         )
-    )
-    assert not verify_identity(old, IDENTITY_SECRET)
-    fresh = dict(identity_headers(config, identity, client="127.0.0.1", connection_id="c1"))
-    assert verify_identity(fresh, IDENTITY_SECRET)
+
+    assert not verify_identity(signed(time.time() - 3600), IDENTITY_SECRET, upstream=upstream)
+    assert verify_identity(signed(), IDENTITY_SECRET, upstream=upstream)
 
 
 def test_identity_values_cannot_inject_headers(backend: Backend, gateways: GatewayFactory) -> None:
@@ -574,7 +723,7 @@ def test_non_ascii_subject_is_forwarded_signed(
     seen = backend.connection().headers
     # sent as is (ISO-8859-1 on the wire) or percent-encoded: either way recoverable
     assert urllib.parse.unquote(seen["X-Wsguard-Subject"]) == subject
-    assert verify_identity(seen, IDENTITY_SECRET)
+    assert verify_identity(seen, IDENTITY_SECRET, upstream=backend.url)
 
 
 def test_configurable_header_names(backend: Backend, gateways: GatewayFactory) -> None:
@@ -584,6 +733,7 @@ def test_configurable_header_names(backend: Backend, gateways: GatewayFactory) -
         "token_id_header": "X-Jti",
         "client_header": "X-Peer",
         "connection_header": "X-Conn",
+        "path_header": "X-Route",
         "signature_header": "X-Sig",
         "timestamp_header": "X-Ts",
     }
@@ -596,9 +746,11 @@ def test_configurable_header_names(backend: Backend, gateways: GatewayFactory) -
     assert seen.get_all("X-Jti") == ["j-9"]
     assert seen.get_all("X-Peer") == ["127.0.0.1"]
     assert seen.get_all("X-Conn") == [admitted_id(gw)]
+    assert seen.get_all("X-Route") == ["/"]
     assert not [k for k in seen if k.lower().startswith("x-wsguard-")]
-    assert verify_identity(seen, IDENTITY_SECRET, config=GatewayConfig.model_validate(names))
-    assert not verify_identity(seen, IDENTITY_SECRET)  # the default names are not there
+    renamed = GatewayConfig.model_validate(names)
+    assert verify_identity(seen, IDENTITY_SECRET, upstream=backend.url, config=renamed)
+    assert not verify_identity(seen, IDENTITY_SECRET, upstream=backend.url)  # default names
 
 
 def test_forward_headers_pass_only_the_named_ones(
@@ -1370,7 +1522,12 @@ def test_cli_proxy_reads_the_gateway_section(
         assert ws.recv(timeout=5) == text
     seen = backend.connection().headers
     assert seen["X-User"] == "erin"
-    assert verify_identity(seen, IDENTITY_SECRET, config=GatewayConfig(subject_header="X-User"))
+    assert verify_identity(
+        seen,
+        IDENTITY_SECRET,
+        upstream=f"ws://127.0.0.1:{backend.port}/ws",
+        config=GatewayConfig(subject_header="X-User"),
+    )
     running.stop()
     assert "pw-in-url" not in running.stderr
     assert "k3y" not in running.stderr

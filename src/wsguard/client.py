@@ -3,7 +3,10 @@
 It connects with a token (``Authorization`` header or subprotocol entry) and an
 optional client certificate, signs the message types you name, refreshes its
 token in-band before it expires, and reconnects with jittered exponential
-back-off when the connection drops::
+back-off when the connection drops. There is at most one connection at a time: callers
+that find it dropped (``recv()`` and ``send()`` at once, say) wait for the same reconnect,
+and a message is signed only once the connection it goes on (and its session key) is
+there::
 
     from wsguard.client import WsguardClient
 
@@ -30,6 +33,7 @@ from typing import Any, Literal
 import orjson
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.protocol import State
 from websockets.typing import Subprotocol
 
 from wsguard.core.integrity import SESSION_KID, sign
@@ -44,6 +48,12 @@ FINAL_CLOSE_CODES = frozenset({1002, 1003, 1007, 1008, 1009, 1010, 4003})
 
 class ClientError(Exception):
     """The server refused us in a way reconnecting will not fix."""
+
+
+async def _discard(ws: ClientConnection) -> None:
+    """Close a connection that is no longer current (bounded by its close timeout)."""
+    with contextlib.suppress(Exception):
+        await ws.close()
 
 
 class WsguardClient:
@@ -86,6 +96,7 @@ class WsguardClient:
         self._open_timeout = open_timeout
         self._ws: ClientConnection | None = None
         self._session_key: bytes | None = None
+        self._connecting: asyncio.Task[None] | None = None  # the one (re)connect under way
         self._refresher: asyncio.Task[None] | None = None
         self._closed = False
         self.welcome: dict[str, Any] = {}
@@ -109,7 +120,7 @@ class WsguardClient:
             headers["Authorization"] = f"Bearer {token}"
         else:
             protocols.append(Subprotocol(f"token.{token}"))
-        self._ws = await connect(
+        ws = await connect(
             self.url,
             additional_headers=headers,
             subprotocols=protocols,
@@ -117,22 +128,93 @@ class WsguardClient:
             origin=self._origin,  # type: ignore[arg-type]
             open_timeout=self._open_timeout,
         )
-        self.welcome = orjson.loads(await self._ws.recv())
-        signing = self.welcome.get("signing")
+        try:
+            welcome = orjson.loads(await ws.recv())
+        except BaseException:
+            await _discard(ws)  # never left open behind us
+            raise
+        # the connection and its session key become current together
+        self.welcome = welcome
+        signing = welcome.get("signing")
+        self._session_key = None
         if isinstance(signing, dict) and isinstance(signing.get("key"), str):
             key = signing["key"]
             self._session_key = base64.urlsafe_b64decode(key + "=" * (-len(key) % 4))
-        exp = self.welcome.get("expires_at")
+        exp = welcome.get("expires_at")
         self.expires_at = float(exp) if isinstance(exp, (int, float)) else None
+        self._ws = ws
         self._schedule_refresh()
 
     async def connect(self) -> dict[str, Any]:
-        """Connect (retrying with back-off when allowed); returns the welcome frame."""
+        """Connect (retrying with back-off when allowed); returns the welcome frame.
+
+        An open connection is closed first (there is never more than one), and callers
+        arriving while a (re)connect is under way share it."""
+        await self._current(replace=self._ws)
+        return self.welcome
+
+    async def _current(
+        self, *, replace: ClientConnection | None = None, dropped: bool = False
+    ) -> ClientConnection:
+        """The connection, once it is there: a new one when there is none, or when the
+        current one is still *replace* (``dropped``: it closed under us, so the new one
+        comes after a jittered pause). Concurrent callers wait for the same attempt."""
+        while True:
+            ws = self._ws
+            if ws is not None and ws is not replace:
+                return ws
+            if self._closed:
+                raise ClientError("the client is closed")
+            task = self._connecting
+            if task is None:
+                self._ws = None  # from now on, every caller waits for the new one
+                task = asyncio.get_running_loop().create_task(
+                    self._replace(ws, dropped=dropped and ws is not None)
+                )
+                self._connecting = task
+                task.add_done_callback(self._connected)
+            await asyncio.wait({task})  # a caller cancelled here leaves it to the others
+            if task.cancelled():
+                raise ClientError("the client is closed")
+            error = task.exception()
+            if error is not None:
+                raise error
+            replace = None  # the old one is gone: whatever is current now is new
+
+    def _connected(self, task: asyncio.Task[None]) -> None:
+        if self._connecting is task:
+            self._connecting = None
+        if not task.cancelled():
+            task.exception()  # retrieved: every caller got it
+
+    async def _replace(self, old: ClientConnection | None, *, dropped: bool) -> None:
+        """The one (re)connect under way: close *old* (its slot on the server comes back
+        first), wait a jittered pause when it dropped, open the new one."""
+        if old is not None:
+            await _discard(old)
+        if dropped:
+            logger.info("connection closed (%s); reconnecting", old.close_code if old else None)
+            if self._provider is not None:
+                self._token = None  # never retry with a token that may have expired
+            self.reconnects += 1
+            await asyncio.sleep(self._jitter(1))
+        await self._connect_with_retries()
+        if self._closed:  # closed while connecting: leave nothing open
+            ws, self._ws = self._ws, None
+            if ws is not None:
+                await _discard(ws)
+            raise ClientError("the client is closed")
+
+    def _may_reconnect(self, code: int | None) -> bool:
+        """After a close with *code* (None: no close frame), is a reconnect worth it?"""
+        return not (self._closed or not self._reconnect or (code or 1006) in FINAL_CLOSE_CODES)
+
+    async def _connect_with_retries(self) -> None:
         attempt = 0
         while True:
             try:
                 await self._open(fresh_token=attempt > 0)
-                return self.welcome
+                return
             except InvalidStatus as exc:
                 status = exc.response.status_code
                 if status in (400, 403, 405, 426) or not self._reconnect:
@@ -186,32 +268,37 @@ class WsguardClient:
         return sign(message, kid=kid, secret=secret, nonce=nonce, ts=int(time.time()))
 
     async def send(self, message: dict[str, Any]) -> None:
-        """Send a JSON message, signed when its type is in ``signed_types``."""
-        if message.get("type") in self._signed:
-            message = self.sign(message)
-        ws = await self._connection()
-        await ws.send(orjson.dumps(message).decode())
+        """Send a JSON message, signed when its type is in ``signed_types``.
+
+        It is signed for the connection it goes on (with that connection's session key),
+        once that connection is there: sent while a reconnect is under way, it waits for
+        it; found already closed (nothing written yet), it goes on the next connection."""
+        dropped: ClientConnection | None = None
+        while True:
+            ws = await self._current(replace=dropped, dropped=dropped is not None)
+            if ws.protocol.state is not State.OPEN and dropped is None:
+                rcvd = ws.protocol.close_rcvd
+                if self._may_reconnect(rcvd.code if rcvd is not None else None):
+                    dropped = ws  # closed before anything was written: use the next one
+                    continue
+            out = self.sign(message) if message.get("type") in self._signed else message
+            await ws.send(orjson.dumps(out).decode())
+            return
 
     async def recv(self) -> dict[str, Any]:
         """The next message from the server; reconnects transparently when allowed.
 
         ``auth_ok`` replies to background token refreshes are consumed here.
         """
+        dropped: ClientConnection | None = None
         while True:
-            ws = await self._connection()
+            ws = await self._current(replace=dropped, dropped=dropped is not None)
             try:
                 message: dict[str, Any] = orjson.loads(await ws.recv())
             except ConnectionClosed as exc:
-                code = exc.rcvd.code if exc.rcvd is not None else 1006
-                if self._closed or not self._reconnect or code in FINAL_CLOSE_CODES:
+                if not self._may_reconnect(exc.rcvd.code if exc.rcvd is not None else None):
                     raise
-                logger.info("connection closed (%s); reconnecting", code)
-                self._ws = None
-                if self._provider is not None:
-                    self._token = None  # never retry with a token that may have expired
-                self.reconnects += 1
-                await asyncio.sleep(self._jitter(1))
-                await self.connect()
+                dropped = ws
                 continue
             if message.get("type") == "auth_ok":
                 exp = message.get("expires_at")
@@ -220,16 +307,14 @@ class WsguardClient:
                 continue
             return message
 
-    async def _connection(self) -> ClientConnection:
-        if self._ws is None:
-            await self.connect()
-        assert self._ws is not None
-        return self._ws
-
     async def close(self) -> None:
         self._closed = True
         if self._refresher is not None:
             self._refresher.cancel()
+        task = self._connecting
+        if task is not None:
+            task.cancel()
+            await asyncio.wait({task})  # a connection it opened is closed by it
         if self._ws is not None:
             await self._ws.close()
 

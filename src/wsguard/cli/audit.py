@@ -13,6 +13,7 @@ from wsguard.errors import ConfigError
 
 EXIT_FINDINGS = 1  # a check failed (from --fail-on up)
 EXIT_INCOMPLETE = 3  # nothing failed, but some check could not run (ERROR)
+MIN_MESSAGE, MAX_MESSAGE = 1024, 256 * 1024 * 1024  # --max-message-bytes
 
 
 def add_parser(sub: Any) -> None:
@@ -153,6 +154,13 @@ def add_parser(sub: Any) -> None:
         "--max-connections", type=int, default=100, help="conns.*: most connections to hold (100)"
     )
     bounds.add_argument("--flood-count", type=int, default=1000, help="flood: messages (1000)")
+    bounds.add_argument(
+        "--max-message-bytes",
+        type=int,
+        default=4 * 1024 * 1024,
+        help="the largest frame or message taken from the target; a longer one is refused "
+        "from its header and reported (4194304 = 4 MiB)",
+    )
     out = audit.add_argument_group("output")
     out.add_argument("--format", choices=["table", "json", "sarif", "junit"], default="table")
     out.add_argument("--out", type=Path, help="write the report here (the table still prints)")
@@ -223,6 +231,8 @@ def options_from(args: argparse.Namespace) -> Any:
         raise ConfigError("--max-connections", "1-10000")
     if not 1 <= args.flood_count <= 100_000:
         raise ConfigError("--flood-count", "1-100000")
+    if not MIN_MESSAGE <= args.max_message_bytes <= MAX_MESSAGE:
+        raise ConfigError("--max-message-bytes", f"{MIN_MESSAGE}-{MAX_MESSAGE}")
     secret = args.jwt_secret or os.environ.get("WSGUARD_AUDIT_JWT_SECRET") or None
     if args.jwt_secret_file is not None:
         try:
@@ -266,6 +276,7 @@ def options_from(args: argparse.Namespace) -> Any:
         reset_wait=args.reset_wait,
         max_connections=args.max_connections,
         flood_count=args.flood_count,
+        max_message_bytes=args.max_message_bytes,
     )
 
 

@@ -488,6 +488,7 @@ class GatewayConfig(_Section):
     token_id_header: str = Field(default="X-Wsguard-Token-Id", pattern=_IDENTITY_HEADER)
     client_header: str = Field(default="X-Wsguard-Client", pattern=_IDENTITY_HEADER)
     connection_header: str = Field(default="X-Wsguard-Connection", pattern=_IDENTITY_HEADER)
+    path_header: str = Field(default="X-Wsguard-Path", pattern=_IDENTITY_HEADER)
     signature_header: str = Field(default="X-Wsguard-Signature", pattern=_IDENTITY_HEADER)
     timestamp_header: str = Field(default="X-Wsguard-Timestamp", pattern=_IDENTITY_HEADER)
     identity_secret: str = Field(default="", repr=False)
@@ -529,7 +530,7 @@ class GatewayConfig(_Section):
             for h in (
                 self.subject_header, self.scopes_header, self.token_id_header,
                 self.client_header, self.connection_header, self.signature_header,
-                self.timestamp_header,
+                self.timestamp_header, self.path_header,
             )
         }  # fmt: skip
         for name in self.forward_headers:

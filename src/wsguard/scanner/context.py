@@ -17,7 +17,7 @@ from websockets.extensions.base import ClientExtensionFactory
 from wsguard.errors import ConfigError
 from wsguard.scanner.credentials import Credentials
 from wsguard.scanner.options import ScanOptions, Target
-from wsguard.scanner.probe import Endpoint, Event, Handshake, Session, handshake
+from wsguard.scanner.probe import Endpoint, Event, Handshake, ReadBudget, Session, handshake
 
 # statuses that mean "slow down / come back later" rather than "no"
 THROTTLED = frozenset({429, 503})
@@ -127,6 +127,7 @@ class ScanContext:
             target.address,
             tls_context(options) if target.uri.secure else None,
             options.connect_timeout,
+            budget=ReadBudget(options.max_message_bytes),  # one for the whole scan
         )
         rotate = options.rotate_sources
         if rotate is None:
@@ -142,6 +143,11 @@ class ScanContext:
         self.transcript: list[tuple[str, str]] = []  # (where, text) seen from the server
         self._ids = itertools.count(1)
         self.check_id = ""
+
+    @property
+    def budget(self) -> ReadBudget:
+        """What the scan takes in from the target (shared by every check's connections)."""
+        return self.base.budget
 
     # -- where from ----------------------------------------------------------------
     def next_source(self) -> str | None:

@@ -63,6 +63,7 @@ class ScanOptions:
     max_connections: int = 100
     flood_count: int = 1000
     rotate_sources: bool | None = None  # None: on for IPv4 loopback targets
+    max_message_bytes: int = 4 * 1024 * 1024  # the largest frame or message taken in
 
     def selected(self, check_id: str) -> bool:
         def matches(patterns: tuple[str, ...]) -> bool:

@@ -3,7 +3,11 @@
 Built on the sans-I/O ``websockets.client.ClientProtocol`` so the scanner sees every frame
 (pings included), can send frames a normal client never would (invalid UTF-8, a header
 announcing 64 MiB, endless fragments) and never buffers more than it asked for. Every read
-and every connect is bounded by a timeout.
+and every connect is bounded by a timeout, and every read is bounded in size: an HTTP
+response by websockets' limits (8 KiB lines, 128 headers, 1 MiB body), a frame or message
+from the target by :class:`ReadBudget` (refused from its header, before its payload is read),
+and what all connections hold unread by the same budget. A target that sends more is
+evidence (:class:`HostileAnswer`), never a reason to grow.
 """
 
 from __future__ import annotations
@@ -13,11 +17,12 @@ import contextlib
 import ssl
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from websockets.client import ClientProtocol
 from websockets.datastructures import Headers
+from websockets.exceptions import PayloadTooBig
 from websockets.extensions.base import ClientExtensionFactory
 from websockets.frames import Frame, Opcode
 from websockets.headers import build_host
@@ -30,8 +35,72 @@ EventKind = Literal["text", "binary", "ping", "pong", "close"]
 
 # a response body or header block bigger than this is cut: the scanner reads, never hoards
 MAX_READ = 256 * 1024
-MAX_EVENTS = 10_000  # events queued per connection; more are dropped
-MAX_MESSAGE = 4 * 1024 * 1024  # a message from the target is kept up to this many bytes
+CHUNK = 64 * 1024  # one read from a socket
+MAX_EVENTS = 10_000  # events queued per connection; past it the connection stops reading
+MIB = 1024 * 1024
+MAX_MESSAGE = 4 * MIB  # default: the largest frame or message taken from the target
+EVENT_COST = 64  # bytes counted for a queued event on top of its payload
+
+
+class HostileAnswer(Exception):
+    """The target sent what the scan refuses to take in (a frame or message over the
+    limit); the message is the one-line evidence for the report."""
+
+
+class ReadBudget:
+    """What the scan takes in from the target, shared by all of a scan's connections.
+
+    Every frame or message is at most ``max_message`` bytes: websockets refuses a longer
+    one from its header, before reading the payload, and the connection is closed (1009).
+    All connections together hold at most ``total`` bytes of messages not yet read by a
+    check and of partly received frames; past it (or past ``max_message`` of unread
+    messages on one connection) a connection stops reading the socket until the check
+    catches up. ``violations`` lists the evidence of every refusal, in order."""
+
+    def __init__(self, max_message: int = MAX_MESSAGE, total: int | None = None) -> None:
+        self.max_message = max_message
+        self.total = total if total is not None else max(8 * max_message, 32 * MIB)
+        self.used = 0
+        self.peak = 0  # the most held at once
+        self.violations: list[str] = []
+        self._freed: asyncio.Event | None = None
+
+    def adjust(self, delta: int) -> None:
+        self.used += delta
+        self.peak = max(self.peak, self.used)
+        if delta < 0 and self._freed is not None:
+            self._freed.set()
+
+    async def freed(self) -> None:
+        """Return once some connection held less than before."""
+        if self._freed is None:
+            self._freed = asyncio.Event()
+        self._freed.clear()
+        await self._freed.wait()
+
+    def refuse(self, exc: PayloadTooBig) -> str:
+        """The evidence line for a frame or message over ``max_message``."""
+        limit = f"the scan's limit of {_bytes(self.max_message, exact=False)} (--max-message-bytes)"
+        if exc.message is None and exc.size is not None:
+            so_far = f" after {_bytes(exc.current_size)} of its message" if exc.current_size else ""
+            what = f"a frame announcing {_bytes(exc.size)}{so_far}, over {limit}"
+        else:
+            what = f"a compressed message inflating past {limit}"
+        evidence = (
+            f"the target sent an oversized frame: {what}; the scan closed the connection "
+            "(1009) without reading it"
+        )
+        if len(self.violations) < 1000:
+            self.violations.append(evidence)
+        return evidence
+
+
+def _bytes(n: int, *, exact: bool = True) -> str:
+    """``1 TiB (1099511627776 bytes)``; ``4 MiB`` when not ``exact``."""
+    for unit, size in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", MIB), ("KiB", 1024)):
+        if n >= size:
+            return f"{n / size:.4g} {unit}" + (f" ({n} bytes)" if exact else "")
+    return f"{n} bytes"
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,9 +129,10 @@ class Endpoint:
     ssl_context: ssl.SSLContext | None
     connect_timeout: float
     source: str | None = None  # local address to bind (loopback targets: one per check)
+    budget: ReadBudget = field(default_factory=ReadBudget)  # shared by the scan's endpoints
 
     def with_source(self, source: str | None) -> Endpoint:
-        return Endpoint(self.uri, self.address, self.ssl_context, self.connect_timeout, source)
+        return replace(self, source=source)
 
 
 async def open_stream(
@@ -106,7 +176,10 @@ class Handshake:
 
 
 class Session:
-    """An upgraded connection: send anything, receive every frame as an :class:`Event`."""
+    """An upgraded connection: send anything, receive every frame as an :class:`Event`.
+
+    What the target sends is bounded by the endpoint's :class:`ReadBudget`: a frame over
+    its limit ends the connection and every later read raises :class:`HostileAnswer`."""
 
     def __init__(
         self,
@@ -114,40 +187,76 @@ class Session:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         pending: Sequence[object] = (),
+        budget: ReadBudget | None = None,
     ) -> None:
         self.protocol = protocol
         self._reader = reader
         self._writer = writer
+        self._budget = budget if budget is not None else ReadBudget()
         self._events: asyncio.Queue[Event] = asyncio.Queue()
-        self._fragments: list[bytes] = []
-        self._fragment_bytes = 0
+        self._queued = 0  # bytes of the queued events (payload + EVENT_COST each)
+        self._charged = 0  # what this connection counts against the budget
+        self._fragments = bytearray()
         self._fragment_kind: EventKind = "text"
         self.close_event: Event | None = None
+        self.violation: str | None = None  # evidence: the target sent more than allowed
         self._closed = asyncio.Event()
+        self._released = False
         self._dispatch(pending)  # frames that came in the same read as the 101
         self._pump = asyncio.get_running_loop().create_task(self._read_loop())
 
     # -- receiving ---------------------------------------------------------------
     def _put(self, event: Event) -> None:
-        if self._events.qsize() < MAX_EVENTS or event.kind == "close":
-            self._events.put_nowait(event)
+        self._events.put_nowait(event)
+        self._queued += len(event.data) + EVENT_COST
+
+    def _recharge(self) -> None:
+        """Count what this connection holds (unread events, a partly received frame or
+        message) against the scan's budget."""
+        held = 0
+        if not self._released:
+            held = self._queued + len(self.protocol.reader.buffer) + len(self._fragments)
+        self._budget.adjust(held - self._charged)
+        self._charged = held
+
+    def _full(self) -> bool:
+        if self._queued >= self._budget.max_message or self._events.qsize() >= MAX_EVENTS:
+            return True  # the check has not read what came: wait for it
+        # the scan as a whole holds too much; this connection's own share never blocks it
+        budget = self._budget
+        return budget.used + CHUNK > budget.total and budget.used > self._charged
+
+    def _oversized(self) -> bool:
+        """Did the target send a frame or message over the limit (websockets refused it
+        and queued a 1009 close)? Recorded once, as evidence."""
+        exc = self.protocol.parser_exc
+        if self.violation is None and isinstance(exc, PayloadTooBig):
+            self.violation = self._budget.refuse(exc)
+        return self.violation is not None
 
     async def _read_loop(self) -> None:
         try:
             await self._flush()  # e.g. the echo of a close that came with the 101
-            while self.protocol.state is not State.CLOSED:
-                data = await self._reader.read(65536)
+            # (the 1009 close too, when an oversized header came with the 101)
+            while self.protocol.state is not State.CLOSED and not self._oversized():
+                while self._full():
+                    await self._budget.freed()
+                data = await self._reader.read(CHUNK)
                 if not data:
                     self.protocol.receive_eof()
                     break
                 self.protocol.receive_data(data)
                 self._dispatch()
-                await self._flush()
+                self._recharge()
+                await self._flush()  # after an oversized header: the 1009 close, then stop
         except (OSError, ssl.SSLError, asyncio.IncompleteReadError):
             pass
         finally:
+            if self.violation is not None:
+                self._writer.close()  # nothing more is read from a hostile peer
             self._dispatch()
             self._finish(ended=True)
+            self._recharge()
 
     def _dispatch(self, events: Sequence[object] | None = None) -> None:
         for event in self.protocol.events_received() if events is None else events:
@@ -163,16 +272,15 @@ class Session:
             elif opcode in (Opcode.TEXT, Opcode.BINARY, Opcode.CONT):
                 if opcode is not Opcode.CONT:
                     self._fragment_kind = "text" if opcode is Opcode.TEXT else "binary"
-                    self._fragments, self._fragment_bytes = [], 0
-                room = MAX_MESSAGE - self._fragment_bytes
-                self._fragments.append(bytes(event.data[:room]))
-                self._fragment_bytes += min(len(event.data), room)
+                    self._fragments = bytearray()
+                # websockets bounds the whole message (max_size): no cut needed here
+                self._fragments += event.data
                 if event.fin:
                     self._complete()
 
     def _complete(self) -> None:
-        self._put(Event(self._fragment_kind, b"".join(self._fragments)))
-        self._fragments, self._fragment_bytes = [], 0
+        self._put(Event(self._fragment_kind, bytes(self._fragments)))
+        self._fragments = bytearray()
 
     def _finish(self, *, ended: bool = False) -> None:
         """Record the close: on a close frame, or when the stream ended without one."""
@@ -187,14 +295,27 @@ class Session:
         self._events.put_nowait(self.close_event)
         self._closed.set()
 
+    def _hostile(self) -> None:
+        if self.violation is not None:
+            raise HostileAnswer(self.violation)
+
     async def next_event(self, wait: float) -> Event | None:
-        """The next message, ping, pong or close; None when nothing came within timeout."""
+        """The next message, ping, pong or close; None when nothing came within timeout.
+        Raises :class:`HostileAnswer` instead of the close when the target sent more than
+        the scan takes (what came before is still returned first)."""
         if self.close_event is not None and self._events.empty():
+            self._hostile()
             return self.close_event
         try:
-            return await asyncio.wait_for(self._events.get(), wait)
+            event = await asyncio.wait_for(self._events.get(), wait)
         except TimeoutError:
             return None
+        if event.kind == "close":
+            self._hostile()
+        else:
+            self._queued -= len(event.data) + EVENT_COST
+            self._recharge()
+        return event
 
     async def wait_closed(self, wait: float) -> Event | None:
         """Skip messages until the close; None if the connection is still open at timeout."""
@@ -209,12 +330,12 @@ class Session:
 
     async def closed_within(self, wait: float) -> bool:
         """Has the peer closed (or does it within ``wait``)? Messages stay queued."""
-        if self.closed:
-            return True
-        try:
-            await asyncio.wait_for(self._closed.wait(), wait)
-        except TimeoutError:
-            return False
+        if not self.closed:
+            try:
+                await asyncio.wait_for(self._closed.wait(), wait)
+            except TimeoutError:
+                return False
+        self._hostile()
         return True
 
     @property
@@ -272,6 +393,8 @@ class Session:
         finally:
             self._writer.close()
             self._pump.cancel()
+            self._released = True  # what it still holds no longer counts
+            self._recharge()
         await asyncio.wait({self._pump}, timeout=1.0)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._writer.wait_closed(), 1.0)
@@ -319,7 +442,7 @@ async def handshake(
         origin=Origin(origin) if origin is not None else None,
         subprotocols=[Subprotocol(s) for s in subprotocols] or None,
         extensions=list(extensions) or None,
-        max_size=None,
+        max_size=endpoint.budget.max_message,  # refused from the header, never buffered
     )
     request: Request = protocol.connect()
     if resource is not None:
@@ -336,6 +459,9 @@ async def handshake(
             writer.write(chunk)
         await writer.drain()
         response, pending = await asyncio.wait_for(_read_response(protocol, reader), wait)
+    except _InvalidResponse as exc:
+        writer.close()
+        return Handshake(None, error=str(exc))
     except TimeoutError:
         writer.close()
         return Handshake(None, error="timeout")
@@ -356,16 +482,22 @@ async def handshake(
         problem = str(protocol.handshake_exc or "not accepted by websockets")
         return Handshake(101, response.headers, invalid_upgrade=problem[:120])
     # OPEN, or already CLOSING when a close frame came in the same read as the 101
-    session = Session(protocol, reader, writer, pending)
+    session = Session(protocol, reader, writer, pending, endpoint.budget)
     return Handshake(101, response.headers, b"", session=session)
+
+
+class _InvalidResponse(Exception):
+    """The target's answer to the handshake is not an HTTP response websockets takes
+    (a line over 8 KiB, over 128 headers, a body over 1 MiB, garbage)."""
 
 
 async def _read_response(
     protocol: ClientProtocol, reader: asyncio.StreamReader
 ) -> tuple[Response | None, list[object]]:
-    """The response, and whatever frames arrived after it in the same reads."""
+    """The response, and whatever frames arrived after it in the same reads. An answer
+    websockets refuses ends the read at once (it is never read to its end)."""
     while True:
-        data = await reader.read(65536)
+        data = await reader.read(CHUNK)
         if not data:
             protocol.receive_eof()
         else:
@@ -376,6 +508,9 @@ async def _read_response(
                 return event, list(events[index + 1 :])
         if not data:
             return None, []
+        if protocol.handshake_exc is not None:
+            cause = protocol.handshake_exc.__cause__ or protocol.handshake_exc
+            raise _InvalidResponse(f"invalid HTTP response: {str(cause)[:100]}")
 
 
 @dataclass(frozen=True, slots=True)

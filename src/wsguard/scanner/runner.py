@@ -15,6 +15,7 @@ from wsguard.scanner.context import CheckError, NotApplicable, ScanContext
 from wsguard.scanner.credentials import Credentials
 from wsguard.scanner.model import REGISTRY, Check, Finding, Verdict, finding
 from wsguard.scanner.options import ScanOptions, Target, resolve_target
+from wsguard.scanner.probe import HostileAnswer
 
 FAIL_ON = {
     "fail": frozenset({Verdict.FAIL}),
@@ -135,18 +136,32 @@ async def _reachable(target: Target, wait: float) -> Target:
     return target
 
 
-async def _run_one(spec: Check, ctx: ScanContext, budget: float) -> Finding:
-    limit = asyncio.timeout(budget)
+async def _run_one(spec: Check, ctx: ScanContext, seconds: float) -> Finding:
+    """The check's finding; ERROR when the target sent more than the scan takes in during
+    the check (what the check saw then is no evidence; its own verdict is a detail)."""
+    seen = len(ctx.budget.violations)
+    result = await _run_bounded(spec, ctx, seconds)
+    hostile = ctx.budget.violations[seen:]
+    if hostile and result.evidence != hostile[0]:
+        own = f"the check's own verdict: {result.verdict.value}: {result.evidence}"
+        return finding(spec.id, Verdict.ERROR, hostile[0], own, *result.details)
+    return result
+
+
+async def _run_bounded(spec: Check, ctx: ScanContext, seconds: float) -> Finding:
+    limit = asyncio.timeout(seconds)
     try:
         async with limit:
             return await spec.run(ctx)
+    except HostileAnswer as exc:
+        return finding(spec.id, Verdict.ERROR, str(exc))
     except NotApplicable as exc:
         return finding(spec.id, Verdict.NA, str(exc))
     except CheckError as exc:
         return finding(spec.id, Verdict.ERROR, str(exc))
     except TimeoutError as exc:
         if limit.expired():
-            return finding(spec.id, Verdict.ERROR, f"did not finish within {budget:g}s")
+            return finding(spec.id, Verdict.ERROR, f"did not finish within {seconds:g}s")
         return finding(spec.id, Verdict.ERROR, f"timed out: {exc or 'no answer in time'}")
     except OSError as exc:
         return finding(spec.id, Verdict.ERROR, f"network error: {exc.strerror or exc}")

@@ -154,8 +154,14 @@ class Gateway(App):
         self, conn: Connection, target: str, forwarded: tuple[tuple[str, str], ...]
     ) -> ClientConnection | None:
         gateway = self.gateway
+        path = conn.request[0] if conn.request is not None else "/"
         headers = identity_headers(
-            gateway, conn.identity, client=conn.client, connection_id=conn.id
+            gateway,
+            conn.identity,
+            client=conn.client,
+            connection_id=conn.id,
+            upstream=target,
+            path=path,
         )
         headers += list(forwarded)
         try:

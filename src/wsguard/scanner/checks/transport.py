@@ -5,12 +5,13 @@ from __future__ import annotations
 import ssl
 import time
 import warnings
+from dataclasses import replace
 
 from websockets.uri import WebSocketURI
 
 from wsguard.scanner.context import NotApplicable, ScanContext, tls_context
 from wsguard.scanner.model import OWASP, Finding, Verdict, check, finding
-from wsguard.scanner.probe import Endpoint, handshake, open_stream
+from wsguard.scanner.probe import handshake, open_stream
 
 REFS = (f"{OWASP}: Transport Security", "ASVS 5.0 V4.4.1", "ASVS 5.0 V12.1.1")
 
@@ -41,9 +42,7 @@ async def plaintext(ctx: ScanContext) -> Finding:
     listening: list[str] = []
     for port in dict.fromkeys(ports):
         plain = WebSocketURI(False, uri.host, port, uri.path, uri.query)
-        endpoint = Endpoint(
-            plain, ctx.target.address, None, ctx.options.connect_timeout, ctx.endpoint.source
-        )
+        endpoint = replace(ctx.endpoint, uri=plain, ssl_context=None)
         result = await handshake(endpoint, wait=ctx.options.connect_timeout)
         if result.session is not None or result.status == 101:
             if result.session is not None:
