@@ -22,12 +22,15 @@ import jwt
 import pytest
 from websockets.sync.client import ClientConnection, connect
 
-from redis_process import RedisProcess
+from support.redis_process import RedisProcess
 from wsguard.config.loader import validate_config
 from wsguard.config.model import Config
 from wsguard.hosts.app import App
 from wsguard.hosts.demo import install_demo
 from wsguard.observability.audit import AuditLog
+
+#: The fixtures of these helper modules serve every test module that names them.
+pytest_plugins = ["support.asgi_server", "support.browser", "support.cluster", "support.gateway"]
 
 SECRET = "test-secret-that-is-long-enough-for-hs256-0123456789"
 

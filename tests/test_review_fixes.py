@@ -43,7 +43,7 @@ from conftest import (
     status_of,
     upgrade_request,
 )
-from serve_process import Served
+from support.serve_process import Served
 from wsguard.config.loader import load_config
 from wsguard.core.auth import AuthFailure, KeyMaterial, TokenVerifier
 from wsguard.core.client_address import limit_key

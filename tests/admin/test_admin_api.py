@@ -34,7 +34,7 @@ from conftest import (
     make_config,
     make_token,
 )
-from redis_process import RedisProcess
+from support.redis_process import RedisProcess
 from wsguard.admin.server import AdminServer
 from wsguard.config.loader import load_config
 from wsguard.errors import ConfigError, KeyLoadError

@@ -44,7 +44,7 @@ from conftest import (
     make_config,
     make_token,
 )
-from redis_process import RedisProcess
+from support.redis_process import RedisProcess
 from wsguard.admin.credentials import FAILURES_ALLOWED, SESSION_COOKIE
 from wsguard.admin.server import AdminServer
 from wsguard.errors import ConfigError

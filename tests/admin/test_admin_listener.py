@@ -34,6 +34,7 @@ import httpx
 import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
+from test_alerts import NO_DEFAULT_RULES, ROOMY_LIMITS, WRONG_SECRET, WebhookReceiver
 
 import wsguard.admin.server
 import wsguard.engines.websockets_impl
@@ -51,8 +52,8 @@ from conftest import (
     status_of,
     upgrade_request,
 )
-from test_alerts import NO_DEFAULT_RULES, ROOMY_LIMITS, WRONG_SECRET, WebhookReceiver
-from test_cli import REPO, cli_env
+from support.cli import cli_env
+from support.paths import WSGUARD
 from wsguard.admin.credentials import _MAX_TRACKED, FAILURES_ALLOWED, AdminCredentials
 from wsguard.config.model import ClusterConfig
 from wsguard.guard import Guard
@@ -794,7 +795,7 @@ def test_cli_ignores_proxy_settings_for_a_loopback_admin_url(
     proxy = "http://127.0.0.1:1"
     env.update(HTTP_PROXY=proxy, http_proxy=proxy, ALL_PROXY=proxy, all_proxy=proxy)
     done = subprocess.run(
-        [str(REPO / ".venv" / "bin" / "wsguard"), "admin", "bans", "--url", server.admin_url],
+        [WSGUARD, "admin", "bans", "--url", server.admin_url],
         env=env,
         capture_output=True,
         text=True,

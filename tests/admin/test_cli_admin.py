@@ -19,9 +19,10 @@ import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection
 
-from serve_process import Served
-from test_cli import SECRET, cli_env, free_port, mint
-from test_cli import run_cli as run
+from support.cli import SECRET, cli_env, mint
+from support.cli import run_cli as run
+from support.net import free_port
+from support.serve_process import Served
 
 ADMIN = "cli-admin-token-0123456789abcdefgh"
 ADMIN_LINE = re.compile(r"admin listener on (http://127\.0\.0\.1:(\d+))/")

@@ -32,9 +32,9 @@ from websockets.sync.client import ClientConnection, connect
 from websockets.typing import Origin
 
 from conftest import ADMIN_TOKEN, RunningServer, ServerFactory, admin_headers, admin_overrides
-from test_browser import CHROMIUM, Browser
+from support.browser import CHROMIUM, Browser
+from support.paths import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 SESSION_COOKIE = "wsguard_admin_session"
 EVIL = "http://evil.example"
 
@@ -63,7 +63,7 @@ def artifacts_dir() -> Path:
 
 
 class Chromium(Browser):
-    """test_browser's Browser, with the page helpers of the dashboard tests."""
+    """support.browser's Browser, with the page helpers of the dashboard tests."""
 
     def blank_page(self) -> str:
         """A new tab on about:blank (so domains can be enabled before navigating)."""

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import socket
 import stat
-import subprocess
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -17,44 +15,14 @@ import jwt
 import pytest
 from websockets.exceptions import InvalidStatus
 
-from serve_process import Served
+from support.cli import SECRET, cli_env, mint, run_cli
+from support.net import free_port
+from support.paths import EXAMPLES
+from support.serve_process import Served
 
-REPO = Path(__file__).resolve().parents[1]
-WSGUARD = str(REPO / ".venv" / "bin" / "wsguard")
-EXAMPLE = REPO / "examples" / "wsguard.toml"
-SECRET = "cli-test-secret-that-is-long-enough-for-hs256-42"
+EXAMPLE = EXAMPLES / "wsguard.toml"
 LISTENING = re.compile(r"listening on ws://(\[[^\]]+\]|[^:/]+):(\d+)/")
 DEV_KEY = Path(".local") / "share" / "wsguard" / "dev-jwt.key"
-QUICK = 20.0  # upper bound for a command that should exit at once
-
-
-def cli_env(home: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WSGUARD_")}
-    env["HOME"] = str(home)
-    env.update(extra)
-    return env
-
-
-def run_cli(
-    args: Sequence[str], env: dict[str, str], *, timeout: float = QUICK
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [WSGUARD, *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
-
-
-def mint(home: Path, *args: str, **extra_env: str) -> str:
-    done = run_cli(["token", *args], cli_env(home, **extra_env))
-    assert done.returncode == 0, done.stderr
-    token = done.stdout.strip()
-    assert token.count(".") == 2, done.stdout
-    return token
 
 
 ServeFactory = Callable[[Sequence[str], dict[str, str]], "Served"]
@@ -80,13 +48,6 @@ def welcome_of(served: Served, token: str) -> dict[str, Any]:
         welcome: dict[str, Any] = json.loads(ws.recv(timeout=5))
     assert welcome["type"] == "welcome"
     return welcome
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 # -- configuration errors stop the server at once -------------------------------------

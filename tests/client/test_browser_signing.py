@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from conftest import ServerFactory, make_token
-from test_browser import CHROMIUM, README, Browser, _page_server
+from support.browser import CHROMIUM, Browser, page_server
+from support.paths import README
 from wsguard.config.demo_types import DEMO_MESSAGE_TYPES
 from wsguard.core.integrity import SESSION_KID, canonical
 
@@ -62,15 +61,6 @@ def _evaluate(browser: Browser, session: str, expression: str) -> Any:
     return result["result"].get("value")
 
 
-@pytest.fixture
-def browser(tmp_path: Path) -> Iterator[Browser]:
-    b = Browser(tmp_path / "profile")
-    try:
-        yield b
-    finally:
-        b.close()
-
-
 # Values whose canonical text is easy to get wrong in one language or the other.
 TRICKY_VALUES: list[dict[str, Any]] = [
     {"b": 1, "a": 2, "A": 3, "aa": 4, "": 5},
@@ -94,7 +84,7 @@ TRICKY_VALUES: list[dict[str, Any]] = [
 def test_web_crypto_signed_chat_is_accepted_and_broadcast(
     server_factory: ServerFactory, browser: Browser
 ) -> None:
-    page = _page_server(b"")
+    page = page_server(b"")
     origin = f"http://127.0.0.1:{page.server_address[1]}"
     server = server_factory(_signed_chat_config(origin))
     page.RequestHandlerClass.body = _page_html(server.port, make_token("carol"))  # type: ignore[attr-defined]
@@ -129,7 +119,7 @@ def test_web_crypto_signed_chat_is_accepted_and_broadcast(
 def test_snippet_canonical_matches_python_canonical(
     server_factory: ServerFactory, browser: Browser
 ) -> None:
-    page = _page_server(b"")
+    page = page_server(b"")
     origin = f"http://127.0.0.1:{page.server_address[1]}"
     server = server_factory(_signed_chat_config(origin))
     page.RequestHandlerClass.body = _page_html(server.port, make_token("carol"))  # type: ignore[attr-defined]

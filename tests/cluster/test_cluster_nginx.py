@@ -25,21 +25,18 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
 from conftest import make_token
-from redis_process import free_port
-from serve_process import Served
-from test_cluster import (  # shared cluster helpers (the serve_node fixture too)
+from support.cluster import (
     ServeNode,
     close_code,
     recv_json,
-    serve_node,
     served_events,
     served_events_eventually,
     wait_subscribed,
     wait_until,
     wsguard_revoke,
 )
-
-__all__ = ["serve_node"]  # a fixture imported for use here
+from support.net import free_port
+from support.serve_process import Served
 
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
 

@@ -19,8 +19,7 @@ import redis
 import trustme
 
 from conftest import RunningServer, ServerFactory, make_token
-from redis_process import free_port
-from test_cluster import (
+from support.cluster import (
     CHANNELS,
     chat,
     close_all,
@@ -31,6 +30,7 @@ from test_cluster import (
     wait_until,
     welcomed,
 )
+from support.net import free_port
 
 REDIS_SERVER = shutil.which("redis-server")
 

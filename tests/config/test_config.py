@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
+from support.paths import EXAMPLES
 from wsguard.config.keys import load_or_create_dev_key
 from wsguard.config.loader import load_config, validate_config
 from wsguard.config.model import AuthConfig, Config
@@ -20,8 +21,7 @@ from wsguard.errors import ConfigError, KeyLoadError
 from wsguard.guard import Guard
 from wsguard.observability.audit import AuditLog
 
-REPO = Path(__file__).resolve().parents[1]
-EXAMPLE = REPO / "examples" / "wsguard.toml"
+EXAMPLE = EXAMPLES / "wsguard.toml"
 
 # Keys of the model deliberately shown only as comments in the example file.
 COMMENTED_KEYS = frozenset(

@@ -8,14 +8,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from support.paths import REPO
+
 sys.path.insert(0, str(REPO))
-from benchmarks.autobahn import ALLOWED, JUDGED  # noqa: E402
+from benchmarks.autobahn import ALLOWED, JUDGED
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,9 @@ a skip naming the limitation, or a different value asserted with its reason (REA
 "Same policy on every engine").
 
 Malformed handshakes and hand-made frames go over raw sockets (the request builders of
-``conftest`` and ``test_handshake_limits``, the ``RawClient`` of ``test_message_policy``);
-limits are small so that nothing waits long, and every wait is a read with a socket
-timeout or a poll with a deadline.
+``conftest`` and ``support.wire``, and its ``RawClient``); limits are small so that
+nothing waits long, and every wait is a read with a socket timeout or a poll with a
+deadline.
 """
 
 from __future__ import annotations
@@ -38,9 +38,19 @@ from conftest import (
     status_of,
     upgrade_request,
 )
-from test_asgi_middleware import AsgiServer, Recorder
-from test_handshake_limits import WS_HEADERS, raw_request, read_head, reset_close
-from test_message_policy import OP_BINARY, OP_CLOSE, OP_CONT, OP_TEXT, RawClient, frame
+from support.asgi_server import AsgiServer, Recorder
+from support.wire import (
+    OP_BINARY,
+    OP_CLOSE,
+    OP_CONT,
+    OP_TEXT,
+    WS_HEADERS,
+    RawClient,
+    frame,
+    raw_request,
+    read_head,
+    reset_close,
+)
 from wsguard.guard import Guard
 from wsguard.hosts.asgi import Receive, Scope, Send
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import socket
-import struct
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -30,6 +29,7 @@ from conftest import (
     status_of,
     upgrade_request,
 )
+from support.wire import WS_HEADERS, raw_request, read_head, reset_close
 from wsguard.errors import ConfigError
 
 BAD_TOKEN = make_token("mallory", secret="not-the-server-secret-but-long-enough-0123456789")
@@ -109,31 +109,6 @@ def admitted_client(server: RunningServer, headers: dict[str, str]) -> str:
     return client
 
 
-def raw_request(*lines: str | bytes) -> bytes:
-    """An HTTP request from raw lines (bytes kept as they are), ended by an empty line."""
-    out = b"".join((ln if isinstance(ln, bytes) else ln.encode()) + b"\r\n" for ln in lines)
-    return out + b"\r\n"
-
-
-WS_HEADERS = (
-    "Upgrade: websocket",
-    "Connection: Upgrade",
-    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
-    "Sec-WebSocket-Version: 13",
-)
-
-
-def read_head(sock: socket.socket) -> bytes:
-    """Read an HTTP response head (up to the blank line)."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(4096)
-        if not chunk:
-            break
-        data += chunk
-    return data
-
-
 @contextmanager
 def raw_upgraded(server: RunningServer, token: str | None = None) -> Iterator[socket.socket]:
     """A raw socket that completed the handshake (101); closed by the caller or on exit."""
@@ -145,12 +120,6 @@ def raw_upgraded(server: RunningServer, token: str | None = None) -> Iterator[so
         yield sock
     finally:
         sock.close()
-
-
-def reset_close(sock: socket.socket) -> None:
-    """Close with a TCP RST (no FIN, no close frame): the client vanished."""
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    sock.close()
 
 
 def closed_by_server(sock: socket.socket) -> bytes:

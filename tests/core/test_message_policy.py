@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import socket
 import time
 from typing import Any
 
@@ -26,16 +24,18 @@ from conftest import (
     close_of,
     eventually,
     make_token,
-    status_of,
-    upgrade_request,
+)
+from support.wire import (
+    OP_BINARY,
+    OP_CONT,
+    OP_TEXT,
+    frame,
+    raw_welcomed,
 )
 from wsguard.config.demo_types import DEMO_MESSAGE_TYPES
 from wsguard.errors import ConfigError
 from wsguard.hosts.app import App
 from wsguard.session import Connection
-
-OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
-
 
 # -- helpers -------------------------------------------------------------------
 
@@ -68,112 +68,12 @@ def assert_alive(ws: ClientConnection, ident: str = "alive") -> None:
     assert pong["id"] == ident
 
 
-def frame(
-    opcode: int, payload: bytes = b"", *, fin: bool = True, length: int | None = None
-) -> bytes:
-    """A masked client frame; *length* may lie about the payload size."""
-    n = len(payload) if length is None else length
-    head = bytearray([(0x80 if fin else 0) | opcode])
-    if n < 126:
-        head.append(0x80 | n)
-    elif n < 1 << 16:
-        head.append(0x80 | 126)
-        head += n.to_bytes(2, "big")
-    else:
-        head.append(0x80 | 127)
-        head += n.to_bytes(8, "big")
-    mask = os.urandom(4)
-    return bytes(head) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-
-
-class RawClient:
-    """A hand-rolled WebSocket client over a plain socket (server frames are unmasked)."""
-
-    def __init__(self, server: RunningServer, token: str, *, timeout: float = 5.0) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", server.port), timeout=timeout)
-        self.sock.sendall(upgrade_request(token=token))
-        head = b""
-        while b"\r\n\r\n" not in head:
-            chunk = self.sock.recv(4096)
-            assert chunk, f"server closed during the handshake: {head!r}"
-            head += chunk
-        head, _, self.buf = head.partition(b"\r\n\r\n")
-        assert status_of(head) == 101, head
-        self.pings = 0
-        self.close_payload = b""
-        self.texts: list[dict[str, Any]] = []
-
-    def __enter__(self) -> RawClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.sock.close()
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def _read(self, n: int) -> bytes:
-        while len(self.buf) < n:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError("server closed the TCP connection")
-            self.buf += chunk
-        out, self.buf = self.buf[:n], self.buf[n:]
-        return out
-
-    def read_frame(self) -> tuple[int, bytes]:
-        b0, b1 = self._read(2)
-        assert not b1 & 0x80, "server frames must not be masked"
-        n = b1 & 0x7F
-        if n == 126:
-            n = int.from_bytes(self._read(2), "big")
-        elif n == 127:
-            n = int.from_bytes(self._read(8), "big")
-        return b0 & 0x0F, self._read(n)
-
-    def _pump(self) -> int:
-        """Read one frame; answer pings; queue text; return the opcode."""
-        opcode, payload = self.read_frame()
-        if opcode == OP_PING:
-            self.pings += 1
-            self.send(frame(OP_PONG, payload))
-        elif opcode == OP_TEXT:
-            self.texts.append(json.loads(payload))
-        elif opcode == OP_CLOSE:
-            self.close_payload = payload
-        return opcode
-
-    def recv_json(self) -> dict[str, Any]:
-        while not self.texts:
-            assert self._pump() != OP_CLOSE, f"closed: {self.close_payload!r}"
-        return self.texts.pop(0)
-
-    def wait_pings(self, count: int) -> None:
-        """Block until *count* more server pings have arrived."""
-        target = self.pings + count
-        while self.pings < target:
-            assert self._pump() != OP_CLOSE, f"closed: {self.close_payload!r}"
-
-    def read_close(self) -> int:
-        """Read frames until the server's close frame; return its code."""
-        while self._pump() != OP_CLOSE:
-            pass
-        assert len(self.close_payload) >= 2
-        return int.from_bytes(self.close_payload[:2], "big")
-
-
 def with_types(**types: dict[str, Any]) -> dict[str, Any]:
     """``messages.types`` replaces the default set: keep the demo types, add/patch some."""
     merged = {name: dict(spec) for name, spec in DEMO_MESSAGE_TYPES.items()}
     for name, spec in types.items():
         merged[name] = {**merged.get(name, {}), **spec}
     return merged
-
-
-def raw_welcomed(server: RunningServer, token: str | None = None) -> RawClient:
-    client = RawClient(server, token or make_token())
-    assert client.recv_json()["type"] == "welcome"
-    return client
 
 
 # -- size at the frame layer ---------------------------------------------------------

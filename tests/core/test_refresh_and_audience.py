@@ -23,7 +23,6 @@ import logging
 import math
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -37,19 +36,15 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import ClientConnection
 
 from conftest import AuditCapture, RunningServer, ServerFactory, close_of, eventually, make_token
-from redis_process import RedisProcess
-from test_asgi_middleware import AsgiServer, Serve, echo_of, ping, serve  # noqa: F401
-from test_gateway import (  # noqa: F401
+from support.asgi_server import AsgiServer, Serve, echo_of, ping
+from support.gateway import (
     Backend,
     GatewayFactory,
-    backend,
-    backends,
     echo_roundtrip,
-    gateways,
 )
+from support.paths import WSGUARD
+from support.redis_process import RedisProcess
 
-#: the wsguard console script of the interpreter running the tests
-WSGUARD_BIN = Path(sys.executable).with_name("wsguard")
 PREFIX = "wsguard:"  # the default cluster.key_prefix
 OTHER_SERVICE = "https://billing.example"
 
@@ -350,7 +345,7 @@ def test_check_config_prints_the_warning(tmp_path: Path, rsa_key: tuple[Any, Pat
     env = {k: v for k, v in os.environ.items() if not k.startswith("WSGUARD_")}
     env["HOME"] = str(tmp_path)
     done = subprocess.run(
-        [str(WSGUARD_BIN), "check-config", "--config", str(config)],
+        [WSGUARD, "check-config", "--config", str(config)],
         env=env,
         capture_output=True,
         text=True,
@@ -386,7 +381,7 @@ def asgi_connection_id(server: AsgiServer, subject: str) -> str:
     return ids[0]
 
 
-def test_asgi_refresh_with_a_revoked_token_id_is_refused(serve: Serve) -> None:  # noqa: F811
+def test_asgi_refresh_with_a_revoked_token_id_is_refused(serve: Serve) -> None:
     server = serve()
     server.run(server.middleware.revoke("jti", "tok-stolen", 60))
     with hello(server, make_token("alice", exp=exp_in(3), jti="tok-live")) as ws:
@@ -400,7 +395,7 @@ def test_asgi_refresh_with_a_revoked_token_id_is_refused(serve: Serve) -> None: 
     assert (refused["reason"], refused["detail"]) == ("revoked", "jti")
 
 
-def test_asgi_refresh_and_handshake_refuse_a_foreign_audience(serve: Serve) -> None:  # noqa: F811
+def test_asgi_refresh_and_handshake_refuse_a_foreign_audience(serve: Serve) -> None:
     server = serve()
     refused = server.refused(make_token("alice", aud=OTHER_SERVICE))
     assert refused.response.status_code == 401
@@ -416,7 +411,7 @@ def test_asgi_refresh_and_handshake_refuse_a_foreign_audience(serve: Serve) -> N
 
 
 def test_asgi_refresh_with_redis_down_or_a_missed_subject_revocation(
-    serve: Serve,  # noqa: F811
+    serve: Serve,
     own_redis: RedisProcess,
 ) -> None:
     server = serve({"store": own_redis.uri})
@@ -438,8 +433,8 @@ def test_asgi_refresh_with_redis_down_or_a_missed_subject_revocation(
 
 
 def test_gateway_refresh_with_a_revoked_token_id_never_reaches_the_backend(
-    backend: Backend,  # noqa: F811
-    gateways: GatewayFactory,  # noqa: F811
+    backend: Backend,
+    gateways: GatewayFactory,
 ) -> None:
     gw = gateways(backend.url)
     gw.run_coro(gw.app.revoke("jti", "tok-stolen", 60))

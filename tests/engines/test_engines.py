@@ -103,7 +103,7 @@ def test_picows_stops_parsing_a_client_it_closes_and_half_closes_at_once(
     has sent its own close), parses nothing the client still sends, and the connection
     ends once the client closes."""
     from conftest import make_token
-    from test_message_policy import OP_TEXT, RawClient, frame
+    from support.wire import OP_TEXT, RawClient, frame
 
     if engine != "picows":
         pytest.skip("the websockets engine parses until the client's close (README: Engines)")

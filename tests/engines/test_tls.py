@@ -33,13 +33,12 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from websockets.sync.client import ClientConnection, connect
 
 from conftest import SECRET, RunningServer, ServerFactory, make_config, make_token, upgrade_request
-from serve_process import Served
+from support.paths import WSGUARD
+from support.serve_process import Served
 from wsguard.engines.tls import check_listener
 from wsguard.errors import ConfigError
 from wsguard.hosts.app import App
 
-REPO = Path(__file__).resolve().parents[1]
-WSGUARD = str(REPO / ".venv" / "bin" / "wsguard")
 LISTENING_WSS = re.compile(r"listening on wss://127\.0\.0\.1:(\d+)/")
 UTC = datetime.UTC
 # how a websockets client fails when TLS refuses it: in the handshake (TLS 1.2), or with

@@ -25,7 +25,7 @@ from conftest import (
     status_of,
     upgrade_request,
 )
-from test_message_policy import (
+from support.wire import (
     OP_BINARY,
     OP_CLOSE,
     OP_CONT,

@@ -10,7 +10,6 @@ import socket
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -27,11 +26,12 @@ from conftest import (
     make_config,
     make_token,
 )
+from support.paths import EXAMPLES
 from wsguard.guard import Guard
 from wsguard.hosts.asgi import WsGuardMiddleware
 from wsguard.observability.audit import AuditLog
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "asgi" / "starlette_app.py"
+EXAMPLE = EXAMPLES / "asgi" / "starlette_app.py"
 
 
 def example_app() -> Any:

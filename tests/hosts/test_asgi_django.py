@@ -19,7 +19,6 @@ import socket
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -30,11 +29,12 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
 from conftest import AuditCapture, eventually, make_config, make_token
+from support.paths import EXAMPLES
 from wsguard.guard import Guard
 from wsguard.hosts.asgi import ASGIApp, Receive, Scope, Send, WsGuardMiddleware, WsGuardUser
 from wsguard.observability.audit import AuditLog
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "asgi"
+ASGI_EXAMPLES = EXAMPLES / "asgi"
 PATH = "/ws/echo/"
 
 
@@ -51,7 +51,7 @@ def example() -> Iterator[Example]:
     """Import the example (which sets Django up) with the environment patched for this module."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DJANGO_SETTINGS_MODULE", "django_channels.settings")
-        mp.syspath_prepend(str(EXAMPLES))
+        mp.syspath_prepend(str(ASGI_EXAMPLES))
         asgi = importlib.import_module("django_channels.asgi")
         consumers = importlib.import_module("django_channels.consumers")
         yield Example(asgi=asgi, consumer_class=consumers.EchoConsumer)

@@ -34,7 +34,7 @@ from conftest import (
     close_of,
     make_token,
 )
-from redis_process import RedisProcess
+from support.redis_process import RedisProcess
 from wsguard.config.loader import validate_config
 from wsguard.config.model import AlertsConfig
 from wsguard.errors import ConfigError

@@ -14,15 +14,15 @@ import json
 import re
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import RunningServer, ServerFactory, admin_overrides
+from support.paths import EXAMPLES
 
-DASHBOARD = Path(__file__).resolve().parent.parent / "examples" / "grafana-dashboard.json"
+DASHBOARD = EXAMPLES / "grafana-dashboard.json"
 
 METRIC = re.compile(r"\bwsguard_[A-Za-z0-9_]+")
 BY = re.compile(r"\bby\s*\(([^()]*)\)")

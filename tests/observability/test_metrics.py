@@ -34,7 +34,7 @@ from conftest import (
     status_of,
     upgrade_request,
 )
-from redis_process import RedisProcess
+from support.redis_process import RedisProcess
 from wsguard.config.demo_types import DEMO_MESSAGE_TYPES
 from wsguard.core.integrity import SESSION_KID, sign
 

@@ -9,8 +9,7 @@ import sys
 from pathlib import Path
 
 from conftest import SECRET, RunningServer, make_token
-
-README = Path(__file__).resolve().parent.parent / "README.md"
+from support.paths import README, WSGUARD
 
 
 def _blocks(language: str) -> list[str]:
@@ -57,7 +56,6 @@ def test_quick_start_has_exactly_two_setup_commands() -> None:
 
 
 def test_scanner_section_shows_only_real_flags_and_every_check() -> None:
-    from serve_process import WSGUARD
     from wsguard.scanner import REGISTRY
 
     section = README.read_text().split("## Security scanner", 1)[1].split("\n## ", 1)[0]

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from test_cli import cli_env, run_cli
-from vulnerable_servers import ALLOWED_ORIGIN, FLAWS, SECRET, vulnerable_server
+from support.cli import cli_env, run_cli
+from support.vulnerable_servers import ALLOWED_ORIGIN, FLAWS, SECRET, vulnerable_server
 from wsguard.scanner import Finding, Report, ScanOptions, Verdict, run_scan
 
 

@@ -23,8 +23,9 @@ import trustme
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from serve_process import WSGUARD, Served
-from test_cli import cli_env, run_cli
+from support.cli import cli_env, run_cli
+from support.paths import WSGUARD
+from support.serve_process import Served
 
 SECRET = "audit-test-secret-0123456789abcdef0123"
 ORIGIN = "http://allowed.test"

@@ -24,7 +24,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.typing import Origin
 
-from vulnerable_servers import ALLOWED_ORIGIN, FLAWS, SECRET, mint, vulnerable_server
+from support.vulnerable_servers import ALLOWED_ORIGIN, FLAWS, SECRET, mint, vulnerable_server
 
 WAIT = 10.0  # upper bound for anything the server should do promptly; never reached when passing
 PING = json.dumps({"type": "ping", "id": 1})

@@ -21,7 +21,6 @@ import signal
 import socket
 import struct
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -33,9 +32,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
 from conftest import RunningServer, ServerFactory, make_token, status_of, upgrade_request
-
-# the wsguard console script of the interpreter running the tests (any checkout, any path)
-WSGUARD_BIN = Path(sys.executable).with_name("wsguard")
+from support.paths import WSGUARD
 
 # How early a timed close may arrive and still count as "at" its deadline
 # (timer granularity; the deadline itself is computed from wall-clock time).
@@ -582,7 +579,7 @@ def test_sigterm_closes_clients_with_1001_and_exits_0(tmp_path: Path) -> None:
     audit_path = tmp_path / "audit.jsonl"
     with audit_path.open("w") as audit_out:
         proc = subprocess.Popen(
-            [str(WSGUARD_BIN), "serve", "--port", "0"],
+            [WSGUARD, "serve", "--port", "0"],
             env=env,
             cwd=tmp_path,
             stdout=audit_out,

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from redis_process import RedisProcess
+from support.redis_process import RedisProcess
 from wsguard.config.model import ClusterConfig, StoreFailureConfig
 from wsguard.stores import BanPolicy, Store, StoreUnavailable, open_store
 from wsguard.stores.base import CHANNEL_BROADCAST, CHANNEL_REVOKE

@@ -15,8 +15,8 @@ from typing import IO, Any
 import pytest
 from websockets.sync.client import ClientConnection, connect
 
-REPO = Path(__file__).resolve().parent.parent
-WSGUARD = str(REPO / ".venv" / "bin" / "wsguard")
+from support.paths import WSGUARD
+
 LISTENING = re.compile(r"listening on ws://(\[[^\]]+\]|[^:/]+):(\d+)/")
 
 
