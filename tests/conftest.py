@@ -30,7 +30,13 @@ from wsguard.hosts.demo import install_demo
 from wsguard.observability.audit import AuditLog
 
 #: The fixtures of these helper modules serve every test module that names them.
-pytest_plugins = ["support.asgi_server", "support.browser", "support.cluster", "support.gateway"]
+pytest_plugins = [
+    "support.admin",
+    "support.asgi_server",
+    "support.browser",
+    "support.cluster",
+    "support.gateway",
+]
 
 SECRET = "test-secret-that-is-long-enough-for-hs256-0123456789"
 

@@ -1,4 +1,6 @@
-"""The admin HTTP API: its own credential, health and readiness, connections, bans, events.
+"""The admin HTTP API: its own credential, health and readiness, connections, operator
+actions (never reported done when the shared store could not carry them to the other
+nodes: 503), bans, events.
 
 Every test runs a real wsguard server with the admin listener on a free loopback port
 (``admin_overrides()``), speaks real HTTP to it (``httpx``) and holds real WebSocket
@@ -28,27 +30,20 @@ from conftest import (
     RunningServer,
     ServerFactory,
     admin_headers,
-    admin_overrides,
     close_of,
     eventually,
     make_config,
     make_token,
+    raw_http,
+    status_of,
 )
-from support.redis_process import RedisProcess
+from support.admin import ROOMY, admin_server, error_of, open_client, welcomed
+from support.cluster import EVERY_CHECK_OPEN
+from support.redis_process import RedisProcess, writes_paused
 from wsguard.admin.server import AdminServer
 from wsguard.config.loader import load_config
 from wsguard.errors import ConfigError, KeyLoadError
 from wsguard.hosts.app import App
-
-#: Limits roomy enough that the tests' own handshakes never trip them.
-ROOMY: dict[str, Any] = {
-    "limits": {
-        "connections_per_address": 50,
-        "connections_per_subject": 50,
-        "handshakes_per_minute": 1000,
-        "auth_failures_before_ban": 1000,
-    }
-}
 
 #: Every endpoint that needs the admin credential: (method, path, JSON body or None).
 PROTECTED: list[tuple[str, str, dict[str, Any] | None]] = [
@@ -75,11 +70,6 @@ WWW_AUTHENTICATE = 'Bearer realm="wsguard-admin"'
 
 
 # -- helpers ----------------------------------------------------------------------------
-
-
-def admin_server(server_factory: ServerFactory, **overrides: Any) -> RunningServer:
-    """A demo server with roomy limits and the admin listener (token ``ADMIN_TOKEN``)."""
-    return server_factory({**ROOMY, **admin_overrides(), **overrides})
 
 
 def call(
@@ -113,13 +103,6 @@ def get_json(server: RunningServer, path: str) -> dict[str, Any]:
     return data
 
 
-def error_of(response: httpx.Response) -> str:
-    body = response.json()
-    assert set(body) == {"error", "message"}, body
-    assert body["message"]
-    return str(body["error"])
-
-
 def recv_json(ws: ClientConnection) -> dict[str, Any]:
     data: dict[str, Any] = json.loads(ws.recv(timeout=5))
     return data
@@ -144,26 +127,6 @@ def connection_ids(server: RunningServer, **query: str) -> list[str]:
     params = "&".join(f"{k}={v}" for k, v in query.items())
     data = get_json(server, "/connections" + (f"?{params}" if params else ""))
     return [item["id"] for item in data["connections"]]
-
-
-@pytest.fixture
-def clients() -> Iterator[list[ClientConnection]]:
-    """WebSocket clients a test opened; all closed at the end."""
-    opened: list[ClientConnection] = []
-    yield opened
-    for ws in opened:
-        ws.close()
-
-
-def open_client(
-    server: RunningServer, clients: list[ClientConnection], token: str
-) -> tuple[ClientConnection, str]:
-    """Connect with *token*, read the welcome; returns the client and its connection id."""
-    ws = server.connect(token)
-    clients.append(ws)
-    welcome = recv_json(ws)
-    assert welcome["type"] == "welcome", welcome
-    return ws, str(welcome["connection_id"])
 
 
 # -- the admin credential ---------------------------------------------------------------
@@ -578,6 +541,67 @@ def test_revoke_a_token_id_then_a_subject(
         assert error_of(response) == "invalid_request"
 
 
+# -- operator actions the store could not carry to every node --------------------------
+
+
+def unavailable(response: httpx.Response) -> None:
+    assert response.status_code == 503, response.text
+    assert error_of(response) == "store_unavailable"
+    assert int(response.headers["retry-after"]) >= 1
+
+
+def test_a_disconnect_the_other_nodes_never_got_is_a_503_not_a_200(
+    server_factory: ServerFactory, own_redis: RedisProcess, clients: list[ClientConnection]
+) -> None:
+    a = admin_server(server_factory, store=own_redis.uri)
+    b = server_factory({**ROOMY, "store": own_redis.uri})
+    alice, alice_id = welcomed(b, clients, "alice")
+    bob, _ = welcomed(b, clients, "bob")
+    with writes_paused(own_redis):
+        unavailable(call(a, "POST", "/disconnect", json_body={"subject": "alice"}))
+        unavailable(call(a, "DELETE", f"/connections/{alice_id}"))
+        assert_pong(alice, "not-disconnected")  # as the answers said: nothing reached node B
+    failed = a.audit.events("admin_action_failed")
+    assert [(e["action"], e["target"]) for e in failed] == [
+        ("disconnect", "sub"),
+        ("disconnect", "id"),
+    ]
+    assert all(e["client"] == "127.0.0.1" and e["check"] for e in failed)
+    assert a.audit.events("admin_action") == []
+
+    # once the store answers again, the same request does what its answer says
+    def disconnected() -> httpx.Response | None:
+        response = call(a, "POST", "/disconnect", json_body={"subject": "alice"})
+        return response if response.status_code == 200 else None
+
+    eventually(disconnected, 15, "POST /disconnect succeeds after the outage")
+    assert close_of(alice) == (1008, "disconnected by operator")
+    assert_pong(bob, "untouched")
+
+
+def test_actions_that_fail_open_locally_are_not_reported_done_cluster_wide(
+    server_factory: ServerFactory, own_redis: RedisProcess, clients: list[ClientConnection]
+) -> None:
+    cluster = {"on_store_error": EVERY_CHECK_OPEN}
+    a = admin_server(server_factory, store=own_redis.uri, cluster=cluster)
+    b = server_factory({**ROOMY, "store": own_redis.uri, "cluster": cluster})
+    alice, _ = welcomed(b, clients, "alice")
+    earlier = call(a, "POST", "/bans", json_body={"address": "192.0.2.8"})
+    assert earlier.status_code == 201, earlier.text
+    with writes_paused(own_redis):
+        unavailable(call(a, "POST", "/bans", json_body={"address": "192.0.2.7"}))
+        unavailable(call(a, "POST", "/revoke", json_body={"subject": "alice"}))
+        unavailable(call(a, "POST", "/disconnect", json_body={"subject": "alice"}))
+        unavailable(call(a, "DELETE", "/bans/192.0.2.8"))
+        assert_pong(alice, "still-here")
+    failed = [e["action"] for e in a.audit.events("admin_action_failed")]
+    assert failed == ["ban", "revoke", "disconnect", "unban"]
+    with own_redis.client() as redis_client:
+        assert redis_client.exists("wsguard:{addr:192.0.2.8}:ban") == 1  # never lifted
+        assert redis_client.exists("wsguard:{addr:192.0.2.7}:ban") == 0
+    assert [e["client"] for e in a.audit.events("ban_started")] == ["192.0.2.8"]
+
+
 # -- bans -------------------------------------------------------------------------------
 
 
@@ -685,6 +709,25 @@ def test_ipv6_addresses_are_filtered_and_banned_by_their_prefix(
     assert_pong(back, "unbanned")
 
 
+def test_ipv6_ban_is_lifted_by_the_key_get_bans_lists(server_factory: ServerFactory) -> None:
+    server = admin_server(server_factory)
+    banned = call(server, "POST", "/bans", json_body={"address": "2001:db8::1"})
+    assert banned.status_code == 201, banned.text
+    assert banned.json()["banned"] == "2001:db8::/64"
+    listed = [b["address"] for b in get_json(server, "/bans")["bans"]]
+    assert listed == ["2001:db8::/64"]
+
+    wrong_prefix = call(server, "DELETE", "/bans/2001:db8::/48")
+    assert wrong_prefix.status_code == 400, wrong_prefix.text
+    assert error_of(wrong_prefix) == "invalid_address"
+    assert [b["address"] for b in get_json(server, "/bans")["bans"]] == listed
+
+    lifted = call(server, "DELETE", f"/bans/{listed[0]}")
+    assert lifted.status_code == 200, lifted.text
+    assert lifted.json() == {"unbanned": "2001:db8::/64"}
+    assert get_json(server, "/bans")["bans"] == []
+
+
 # -- request bodies ---------------------------------------------------------------------
 
 
@@ -781,6 +824,33 @@ def test_events_list_the_refusals(server_factory: ServerFactory) -> None:
 
     assert len(get_json(server, "/events?limit=1")["events"]) == 1
     assert call(server, "GET", "/events?limit=0").status_code == 400
+
+
+def test_a_ban_event_survives_a_flood_of_refusals(server_factory: ServerFactory) -> None:
+    server = admin_server(server_factory)
+    banned = call(
+        server,
+        "POST",
+        "/bans",
+        json_body={"address": "10.9.8.7", "seconds": 600},
+    )
+    assert banned.status_code == 201, banned.text
+
+    for _ in range(250):
+        answer = raw_http(server.port, b"BAD\r\n\r\n")
+        assert status_of(answer) == 400
+
+    def flooded() -> list[dict[str, Any]] | None:
+        events: list[dict[str, Any]] = get_json(server, "/events?limit=1000")["events"]
+        return events if sum(e["kind"] == "refusal" for e in events) >= 200 else None
+
+    events = eventually(flooded, 5, "the refusal flood in GET /events")
+    bans = [e for e in events if e["kind"] == "ban" and e.get("client") == "10.9.8.7"]
+    assert len(bans) == 1, [e for e in events if e["kind"] != "refusal"]
+    times = [e["time"] for e in events]
+    assert times == sorted(times, reverse=True)  # still newest first
+    newest = get_json(server, "/events?limit=1")["events"]
+    assert newest[0]["kind"] == "refusal"
 
 
 # -- response headers -------------------------------------------------------------------

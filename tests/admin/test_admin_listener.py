@@ -1,40 +1,27 @@
-"""Regression tests for the admin listener's security-review fixes.
+"""The admin listener as a server: what it answers, to whom, and for how long.
 
-Slowloris limits of the admin listener (a deadline per request, a cap on open
-connections), the credential lock-out counting only presented credentials, the Host
-allowlist against DNS rebinding, per-/64 and bounded failure tracking, ban extension
-and index trimming in the Redis store, IPv6 unban by the listed key, a failed start
-that leaves no admin listener behind (and ``/readyz`` while starting), the webhook
-sender recovering from a broken HTTP client, notable events surviving a refusal
-flood, the default auth-failure rule firing with default limits, and the CLI not
-sending the admin token through a proxy to a loopback listener.
+Slowloris limits (a deadline per request head, a cap on open connections), the Host
+allowlist against DNS rebinding (``admin.hosts``), one AEAD-only TLS policy shared with
+the public listener, and its start: a failed start leaves no admin listener behind, and
+``/readyz`` answers 503 ``starting`` until the public listener is up.
 
-Every test runs real servers on loopback ports, real sockets, HTTP and WebSocket
-clients, a real redis-server and the real ``wsguard`` executable. Nothing sleeps for
-timing: asynchronous effects are polled for under a bounded deadline.
+Every test runs real servers on loopback ports, with real sockets and HTTP clients.
+Nothing sleeps for timing: asynchronous effects are polled for under a bounded deadline.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
-import io
 import json
 import select
 import socket
-import subprocess
+import ssl
 import time
-import uuid
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import redis
-from prometheus_client.parser import text_string_to_metric_families
-from test_alerts import NO_DEFAULT_RULES, ROOMY_LIMITS, WRONG_SECRET, WebhookReceiver
 
 import wsguard.admin.server
 import wsguard.engines.websockets_impl
@@ -47,95 +34,38 @@ from conftest import (
     admin_overrides,
     eventually,
     make_config,
-    make_token,
-    raw_http,
     status_of,
     upgrade_request,
 )
-from support.cli import cli_env
-from support.paths import WSGUARD
-from wsguard.admin.credentials import _MAX_TRACKED, FAILURES_ALLOWED, AdminCredentials
-from wsguard.config.model import ClusterConfig
+from support.admin import ROOMY, Certificates, admin_port, admin_server, call, request
+from support.net import free_port
+from support.wire import open_socket, response_head
 from wsguard.guard import Guard
 from wsguard.hosts.app import App
 from wsguard.hosts.demo import install_demo
 from wsguard.observability.audit import AuditLog
-from wsguard.stores.base import Store
-from wsguard.stores.memory import MemoryStore
-from wsguard.stores.redis_store import RedisStore
 
 HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
 HALF_SENT = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY")
 
-#: Limits roomy enough that the tests' own handshakes never trip them.
-ROOMY: dict[str, Any] = {
-    "limits": {
-        "connections_per_address": 50,
-        "connections_per_subject": 50,
-        "handshakes_per_minute": 1000,
-        "auth_failures_before_ban": 1000,
-    }
-}
+#: TLS 1.2 suites in CBC mode (RSA and ECDSA keys), none of them AEAD.
+CBC_ONLY = ":".join(
+    [
+        "ECDHE-ECDSA-AES128-SHA",
+        "ECDHE-ECDSA-AES256-SHA",
+        "ECDHE-ECDSA-AES128-SHA256",
+        "ECDHE-ECDSA-AES256-SHA384",
+        "ECDHE-RSA-AES128-SHA",
+        "ECDHE-RSA-AES256-SHA",
+        "ECDHE-RSA-AES128-SHA256",
+        "AES128-SHA",
+        "AES256-SHA",
+        "AES128-SHA256",
+    ]
+)
 
 
 # -- helpers ----------------------------------------------------------------------------
-
-
-def error_of(response: httpx.Response) -> str:
-    body = response.json()
-    assert set(body) == {"error", "message"}, body
-    assert body["message"]
-    return str(body["error"])
-
-
-def admin_server(server_factory: ServerFactory, **overrides: Any) -> RunningServer:
-    """A demo server with roomy limits and the admin listener (token ``ADMIN_TOKEN``)."""
-    return server_factory({**ROOMY, **admin_overrides(), **overrides})
-
-
-def admin_port(server: RunningServer) -> int:
-    port = server.app.admin_port
-    assert port is not None
-    return port
-
-
-def request(
-    server: RunningServer,
-    method: str,
-    path: str,
-    *,
-    headers: dict[str, str] | None = None,
-    json_body: Any = None,
-) -> httpx.Response:
-    """One admin request without proxies from the environment (the tests set some)."""
-    with httpx.Client(trust_env=False, timeout=10) as client:
-        return client.request(method, server.admin_url + path, headers=headers, json=json_body)
-
-
-def admin_json(server: RunningServer, path: str) -> dict[str, Any]:
-    response = request(server, "GET", path, headers=admin_headers())
-    assert response.status_code == 200, response.text
-    document: dict[str, Any] = response.json()
-    return document
-
-
-def metric(server: RunningServer, name: str, **labels: str) -> float:
-    """One sample of GET /metrics (0 when the labelled sample is not exposed yet)."""
-    response = request(server, "GET", "/metrics")
-    assert response.status_code == 200
-    for family in text_string_to_metric_families(response.text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return float(sample.value)
-    return 0.0
-
-
-def open_socket(port: int, data: bytes = b"") -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-    if data:
-        sock.sendall(data)
-    return sock
 
 
 def closed_by_server(sock: socket.socket, within: float) -> bool:
@@ -179,21 +109,6 @@ def read_response(sock: socket.socket) -> tuple[int, bytes]:
     return status_of(head + b"\r\n\r\n"), body
 
 
-def response_head(port: int, data: bytes) -> bytes:
-    """Send *data*; the response head the server answers (up to the blank line)."""
-    with open_socket(port, data) as sock:
-        buffer = b""
-        while b"\r\n\r\n" not in buffer:
-            try:
-                chunk = sock.recv(4096)
-            except ConnectionResetError:
-                break
-            if not chunk:
-                break
-            buffer += chunk
-        return buffer.partition(b"\r\n\r\n")[0]
-
-
 def healthz_ok(server: RunningServer) -> bool:
     try:
         return request(server, "GET", "/healthz").status_code == 200
@@ -201,7 +116,7 @@ def healthz_ok(server: RunningServer) -> bool:
         return False
 
 
-# -- 1. slowloris on the admin listener -------------------------------------------------
+# -- slowloris ---------------------------------------------------------------------------
 
 
 def test_an_incomplete_request_head_is_closed_after_the_deadline(
@@ -280,49 +195,7 @@ def test_connections_beyond_max_open_are_closed_at_once_and_probes_recover(
             sock.close()
 
 
-# -- 2. the lock-out counts presented credentials only ----------------------------------
-
-
-def test_requests_without_a_credential_do_not_lock_the_address_out(
-    server_factory: ServerFactory,
-) -> None:
-    server = admin_server(server_factory)
-    for n in range(15):
-        response = request(server, "GET", "/connections")
-        assert response.status_code == 401, (n, response.text)
-        assert error_of(response) == "unauthorized"
-    assert len(server.audit.events("admin_auth_failed")) == 15  # still audited
-    assert request(server, "GET", "/connections", headers=admin_headers()).status_code == 200
-
-
-def test_dashboard_socket_attempts_without_a_credential_do_not_lock_out(
-    server_factory: ServerFactory,
-) -> None:
-    server = admin_server(server_factory)
-    port = admin_port(server)
-    origin = {"Origin": f"http://127.0.0.1:{port}"}
-    for _ in range(12):
-        head = response_head(
-            port, upgrade_request("/dashboard/live", host=f"127.0.0.1:{port}", headers=origin)
-        )
-        assert status_of(head + b"\r\n\r\n") == 401, head
-    assert request(server, "GET", "/connections", headers=admin_headers()).status_code == 200
-
-
-def test_wrong_credentials_still_lock_the_address_out(server_factory: ServerFactory) -> None:
-    server = admin_server(server_factory)
-    for n in range(FAILURES_ALLOWED):
-        wrong = {"Authorization": f"Bearer guess-{n:02d}-0123456789abcdefghij"}
-        assert request(server, "GET", "/connections", headers=wrong).status_code == 401
-    wrong = {"Authorization": "Bearer guess-xx-0123456789abcdefghij"}
-    blocked = request(server, "GET", "/connections", headers=wrong)
-    assert blocked.status_code == 429
-    assert error_of(blocked) == "too_many_failures"
-    # the right token is never refused by the throttle
-    assert request(server, "GET", "/connections", headers=admin_headers()).status_code == 200
-
-
-# -- 3. the Host allowlist (DNS rebinding) ---------------------------------------------
+# -- the Host allowlist (DNS rebinding) ---------------------------------------------------
 
 
 def login(server: RunningServer, host: str) -> httpx.Response:
@@ -402,153 +275,47 @@ def test_configured_admin_hosts_are_answered(server_factory: ServerFactory) -> N
     assert refused.status_code == 421
 
 
-# -- 4. AdminCredentials: per-/64 counting, bounded table --------------------------------
+# -- one TLS policy for both listeners ----------------------------------------------------
 
 
-def guard_credentials() -> AdminCredentials:
-    guard = Guard(make_config(), audit=AuditLog(io.StringIO()))
-    return AdminCredentials(
-        ADMIN_TOKEN, mtls=False, session_seconds=60, address_key=guard.address_key
-    )
+def tls_handshake(port: int, ctx: ssl.SSLContext) -> tuple[str, str]:
+    """Complete a TLS handshake with 127.0.0.1:*port*: (protocol version, cipher)."""
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as sock,
+        ctx.wrap_socket(sock, server_hostname="127.0.0.1") as tls,
+    ):
+        cipher = tls.cipher()
+        assert cipher is not None
+        return str(tls.version()), cipher[0]
 
 
-def test_ipv6_failures_count_per_prefix() -> None:
-    creds = guard_credentials()
-    for n in range(1, FAILURES_ALLOWED + 1):
-        assert creds.blocked_for(f"2001:db8::{n:x}") == 0
-        creds.failed(f"2001:db8::{n:x}")
-    assert creds.blocked_for("2001:db8::ff") > 0  # the same /64
-    assert creds.blocked_for("2001:db8:0:0:ffff::1") > 0
-    assert creds.blocked_for("2001:db9::1") == 0
-    assert creds.blocked_for("2001:db8:0:1::1") == 0  # the next /64
+def tls12_client(certs: Certificates, ciphers: str | None = None) -> ssl.SSLContext:
+    ctx = certs.client_context()
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    if ciphers is not None:
+        ctx.set_ciphers(ciphers)
+    return ctx
 
 
-def test_a_non_ip_address_is_counted_under_itself() -> None:
-    creds = guard_credentials()
-    for _ in range(FAILURES_ALLOWED):
-        creds.failed("unknown")
-    assert creds.blocked_for("unknown") > 0
-    assert creds.blocked_for("127.0.0.1") == 0
+def test_admin_tls_offers_only_the_public_listeners_aead_suites(
+    server_factory: ServerFactory, certs: Certificates
+) -> None:
+    server = server_factory({**ROOMY, "tls": certs.pair, **admin_overrides(tls=certs.pair)})
+    listeners = {"public": server.port, "admin": admin_port(server)}
+    for name, port in listeners.items():
+        with pytest.raises(ssl.SSLError):
+            tls_handshake(port, tls12_client(certs, CBC_ONLY))
+        version, cipher = tls_handshake(port, tls12_client(certs))
+        assert version == "TLSv1.2", name
+        assert "GCM" in cipher or "CHACHA20" in cipher, (name, cipher)
+        assert tls_handshake(port, certs.client_context())[0] == "TLSv1.3", name
+    # and the admin API still answers over it
+    base = f"https://127.0.0.1:{listeners['admin']}"
+    response = call(base, "GET", "/connections", verify=tls12_client(certs))
+    assert response.status_code == 200, response.text
 
 
-def test_the_failure_table_stays_bounded() -> None:
-    creds = guard_credentials()
-    for n in range(12_000):
-        creds.failed(f"10.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}")
-        assert len(creds._failures) <= _MAX_TRACKED
-    assert len(creds._failures) <= _MAX_TRACKED
-    # the newest addresses are still tracked
-    for _ in range(FAILURES_ALLOWED - 1):
-        creds.failed("10.0.46.223")  # n = 11999
-    assert creds.blocked_for("10.0.46.223") > 0
-
-
-# -- 5. bans in the stores: never shortened, the index trimmed ---------------------------
-
-
-async def close_store(store: Store) -> None:
-    await asyncio.wait_for(store.close(), 10)
-
-
-def store_of(kind: str, uri: str) -> tuple[Store, str]:
-    prefix = f"hardening-{uuid.uuid4().hex[:12]}:"
-    if kind == "memory":
-        return MemoryStore(), prefix
-    return RedisStore(uri, ClusterConfig(key_prefix=prefix, retry_seconds=0.1)), prefix
-
-
-@pytest.fixture(params=["memory", "redis"])
-def store_kind(request: pytest.FixtureRequest) -> tuple[str, str]:
-    uri = request.getfixturevalue("redis_uri") if request.param == "redis" else "memory://"
-    return request.param, uri
-
-
-def test_a_shorter_ban_never_shortens_a_longer_one(store_kind: tuple[str, str]) -> None:
-    kind, uri = store_kind
-
-    async def scenario() -> None:
-        store, _ = store_of(kind, uri)
-        await store.start()
-        try:
-            await store.ban("addr:10.0.0.1", 60)
-            await store.ban("addr:10.0.0.1", 5)
-            assert await store.ban_remaining("addr:10.0.0.1") > 5
-            listed = dict(await store.bans())
-            assert listed["addr:10.0.0.1"] > 5
-            await store.ban("addr:10.0.0.2", 5)  # a longer one does extend a shorter one
-            await store.ban("addr:10.0.0.2", 60)
-            assert await store.ban_remaining("addr:10.0.0.2") > 5
-        finally:
-            await close_store(store)
-
-    asyncio.run(scenario())
-
-
-def test_redis_ban_index_counts_bans_in_force_and_drops_expired_ones(redis_uri: str) -> None:
-    index_client = redis.Redis.from_url(redis_uri, decode_responses=True)
-
-    async def scenario() -> None:
-        store, _ = store_of("redis", redis_uri)
-        assert isinstance(store, RedisStore)
-        await store.start()
-        index = store._key("bans")
-        try:
-            await store.ban("addr:10.0.0.1", 0.2)
-            await store.ban("addr:10.0.0.2", 0.2)
-            await store.ban("addr:10.0.0.3", 60)
-            assert await store.active_ban_count() == 3
-            assert index_client.zcard(index) == 3
-
-            deadline = time.monotonic() + 5
-            while await store.active_ban_count() != 1:
-                assert time.monotonic() < deadline, "the short bans did not expire"
-                await asyncio.sleep(0.02)
-            assert await store.ban_remaining("addr:10.0.0.1") == 0
-            # the next write trims the expired members from the index
-            await store.ban("addr:10.0.0.4", 60)
-            members = {str(m) for m in index_client.zrange(index, 0, -1)}
-            assert members == {"addr:10.0.0.3", "addr:10.0.0.4"}
-            assert await store.active_ban_count() == 2
-        finally:
-            await close_store(store)
-
-    try:
-        asyncio.run(scenario())
-    finally:
-        index_client.close()
-
-
-# -- 6. IPv6 unban by the listed key ------------------------------------------------------
-
-
-def test_ipv6_ban_is_lifted_by_the_key_get_bans_lists(server_factory: ServerFactory) -> None:
-    server = admin_server(server_factory)
-    banned = request(
-        server, "POST", "/bans", headers=admin_headers(), json_body={"address": "2001:db8::1"}
-    )
-    assert banned.status_code == 201, banned.text
-    assert banned.json()["banned"] == "2001:db8::/64"
-    listed = [b["address"] for b in admin_json(server, "/bans")["bans"]]
-    assert listed == ["2001:db8::/64"]
-
-    wrong_prefix = request(server, "DELETE", "/bans/2001:db8::/48", headers=admin_headers())
-    assert wrong_prefix.status_code == 400, wrong_prefix.text
-    assert error_of(wrong_prefix) == "invalid_address"
-    assert [b["address"] for b in admin_json(server, "/bans")["bans"]] == listed
-
-    lifted = request(server, "DELETE", f"/bans/{listed[0]}", headers=admin_headers())
-    assert lifted.status_code == 200, lifted.text
-    assert lifted.json() == {"unbanned": "2001:db8::/64"}
-    assert admin_json(server, "/bans")["bans"] == []
-
-
-# -- 7. a failed start leaves no admin listener; /readyz while starting -------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+# -- a failed start leaves no admin listener; /readyz while starting ----------------------
 
 
 async def listening(port: int) -> bool:
@@ -609,211 +376,3 @@ def test_readyz_is_503_starting_until_the_public_listener_is_up(
     ready = request(server, "GET", "/readyz")
     assert ready.status_code == 200
     assert ready.json() == {"ready": True}
-
-
-# -- 8. the webhook sender restarts after its HTTP client failed --------------------------
-
-
-@pytest.fixture
-def receiver() -> Iterator[WebhookReceiver]:
-    hook = WebhookReceiver()
-    yield hook
-    hook.close()
-
-
-def socksio_missing() -> bool:
-    return importlib.util.find_spec("socksio") is None
-
-
-def test_webhook_sender_starts_over_after_its_client_failed(
-    server_factory: ServerFactory,
-    receiver: WebhookReceiver,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    if not socksio_missing():
-        pytest.skip("socksio is installed: a SOCKS proxy setting does not break httpx here")
-    for name in PROXY_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
-        monkeypatch.delenv(name.lower(), raising=False)
-    rule = {"events": ["auth"], "per": "address", "window_seconds": 60, "cooldown_seconds": 300}
-    server = server_factory(
-        {
-            **admin_overrides(),
-            "limits": ROOMY_LIMITS,
-            "alerts": {
-                "webhook_url": receiver.url,
-                "webhook_retries": 0,
-                "rules": {
-                    **NO_DEFAULT_RULES,
-                    # fires on the first auth failure of an address, then the other rule on
-                    # the second (each is quiet for its cool-down afterwards)
-                    "first_failure": {**rule, "threshold": 0},
-                    "second_failure": {**rule, "threshold": 1},
-                },
-            },
-        }
-    )
-
-    def fail_auth() -> None:
-        from websockets.exceptions import InvalidStatus
-
-        with pytest.raises(InvalidStatus) as info:
-            server.connect(make_token(secret=WRONG_SECRET), proxy=None).close()
-        assert info.value.response.status_code == 401
-
-    # httpx without socksio cannot create a client with a SOCKS proxy from the environment
-    monkeypatch.setenv("ALL_PROXY", "socks5://127.0.0.1:1")
-    fail_auth()
-    eventually(
-        lambda: metric(server, "wsguard_alert_webhooks_total", result="failed") == 1,
-        5,
-        "the first alert's post counted as failed",
-    )
-    assert receiver.count() == 0
-
-    monkeypatch.delenv("ALL_PROXY")
-    fail_auth()
-    eventually(lambda: receiver.count() == 1, 5, "the second alert posted")
-    assert receiver.posts()[0]["rule"] == "second_failure"
-    eventually(
-        lambda: metric(server, "wsguard_alert_webhooks_total", result="ok") == 1,
-        5,
-        "the second alert's post counted as ok",
-    )
-    assert metric(server, "wsguard_alert_webhooks_total", result="failed") == 1
-    fired = [e["rule"] for e in server.audit.events("alert")]
-    assert fired == ["first_failure", "second_failure"]
-
-
-# -- 9. notable events survive a refusal flood --------------------------------------------
-
-
-def test_a_ban_event_survives_a_flood_of_refusals(server_factory: ServerFactory) -> None:
-    server = admin_server(server_factory)
-    banned = request(
-        server,
-        "POST",
-        "/bans",
-        headers=admin_headers(),
-        json_body={"address": "10.9.8.7", "seconds": 600},
-    )
-    assert banned.status_code == 201, banned.text
-
-    for _ in range(250):
-        answer = raw_http(server.port, b"BAD\r\n\r\n")
-        assert status_of(answer) == 400
-
-    def flooded() -> list[dict[str, Any]] | None:
-        events: list[dict[str, Any]] = admin_json(server, "/events?limit=1000")["events"]
-        return events if sum(e["kind"] == "refusal" for e in events) >= 200 else None
-
-    events = eventually(flooded, 5, "the refusal flood in GET /events")
-    bans = [e for e in events if e["kind"] == "ban" and e.get("client") == "10.9.8.7"]
-    assert len(bans) == 1, [e for e in events if e["kind"] != "refusal"]
-    times = [e["time"] for e in events]
-    assert times == sorted(times, reverse=True)  # still newest first
-    newest = admin_json(server, "/events?limit=1")["events"]
-    assert newest[0]["kind"] == "refusal"
-
-
-# -- 10. the per-address auth-failure rule sees an address keep trying through its ban --------
-
-
-def guess_through_the_ban(server: RunningServer) -> list[dict[str, Any]]:
-    """26 handshakes with a bad token from 127.0.0.1: 5 x 401, then 21 x 429 (banned).
-
-    Returns the rule's firings (audit ``alert`` events), polled for.
-    """
-    from websockets.exceptions import InvalidStatus
-
-    statuses: list[int] = []
-    for _ in range(26):
-        with pytest.raises(InvalidStatus) as info:
-            server.connect(make_token(secret=WRONG_SECRET)).close()
-        statuses.append(info.value.response.status_code)
-    assert statuses == [401] * 5 + [429] * 21  # the default limits' handshake ban
-
-    def fired() -> list[dict[str, Any]]:
-        alerts = server.audit.events("alert")
-        return [e for e in alerts if e["rule"] == "auth_failures_per_address"]
-
-    alerts = eventually(fired, 5, "the auth_failures_per_address alert")
-    assert len(alerts) == 1
-    assert alerts[0]["client"] == "127.0.0.1"
-    assert alerts[0]["count"] == 21
-    return alerts
-
-
-def test_default_auth_failure_rule_fires_with_default_limits(
-    server_factory: ServerFactory,
-) -> None:
-    # only 5 attempts are auth refusals: the rule fires because it counts the banned ones
-    server = server_factory(admin_overrides())  # default limits and alert rules
-    rule = server.app.config.alerts.rules["auth_failures_per_address"]
-    (alert,) = guess_through_the_ban(server)
-    assert alert.get("ban_s") == (rule.ban_seconds or None)
-    bans = {b["address"]: b["remaining_seconds"] for b in admin_json(server, "/bans")["bans"]}
-    assert "127.0.0.1" in bans
-    if not rule.ban_seconds:  # the default only alerts: the 60 s handshake ban stays
-        assert bans["127.0.0.1"] <= 60
-        assert [e["reason"] for e in server.audit.events("ban_started")] == ["auth_failures"]
-
-
-def test_auth_failure_rule_ban_extends_the_handshake_ban(server_factory: ServerFactory) -> None:
-    server = server_factory(
-        {
-            **admin_overrides(),
-            "alerts": {"rules": {"auth_failures_per_address": {"ban_seconds": 900}}},
-        }
-    )
-    (alert,) = guess_through_the_ban(server)
-    assert alert["ban_s"] == 900
-
-    def extended() -> list[dict[str, Any]] | None:
-        bans = admin_json(server, "/bans")["bans"]
-        found = [b for b in bans if b["address"] == "127.0.0.1" and b["remaining_seconds"] > 60]
-        return found or None
-
-    (ban,) = eventually(extended, 5, "the alert's 900 s ban of 127.0.0.1")
-    assert ban["remaining_seconds"] <= 900
-    reasons = [e["reason"] for e in server.audit.events("ban_started")]
-    assert reasons == ["auth_failures", "alert:auth_failures_per_address"]
-
-
-# -- 11. the CLI never sends the admin token through a proxy to loopback ---------------------
-
-
-def test_cli_ignores_proxy_settings_for_a_loopback_admin_url(
-    server_factory: ServerFactory, tmp_path: Path
-) -> None:
-    server = server_factory(admin_overrides())
-    request(server, "POST", "/bans", headers=admin_headers(), json_body={"address": "192.0.2.9"})
-    env = cli_env(tmp_path, WSGUARD_ADMIN_TOKEN=ADMIN_TOKEN)
-    for name in PROXY_VARIABLES:
-        env.pop(name, None)
-        env.pop(name.lower(), None)
-    proxy = "http://127.0.0.1:1"
-    env.update(HTTP_PROXY=proxy, http_proxy=proxy, ALL_PROXY=proxy, all_proxy=proxy)
-    done = subprocess.run(
-        [WSGUARD, "admin", "bans", "--url", server.admin_url],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stderr
-    listed = json.loads(done.stdout)
-    assert [b["address"] for b in listed["bans"]] == ["192.0.2.9"]
-    assert ADMIN_TOKEN not in done.stdout + done.stderr
-
-
-def test_a_locked_out_address_stays_locked_when_the_table_is_full() -> None:
-    """Spraying failures from many addresses must not evict (and so unlock) a locked one."""
-    creds = guard_credentials()
-    for _ in range(FAILURES_ALLOWED):
-        creds.failed("192.0.2.1")
-    assert creds.blocked_for("192.0.2.1") > 0
-    for n in range(2 * _MAX_TRACKED):
-        creds.failed(f"10.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}")
-    assert len(creds._failures) <= _MAX_TRACKED
-    assert creds.blocked_for("192.0.2.1") > 0

@@ -1,6 +1,7 @@
 """``wsguard serve --admin-port`` and ``wsguard admin ...`` as real subprocesses.
 
-The server is a real ``wsguard serve`` with its admin listener; every ``wsguard admin``
+The server is a real ``wsguard serve`` with its admin listener (or, where only the
+command is under test, a server of the ``server_factory`` fixture); every ``wsguard admin``
 command is a separate process talking to it over HTTP, as an operator would.
 """
 
@@ -19,9 +20,12 @@ import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection
 
+from conftest import ADMIN_TOKEN, ServerFactory, admin_headers, admin_overrides
+from support.admin import request
 from support.cli import SECRET, cli_env, mint
 from support.cli import run_cli as run
-from support.net import free_port
+from support.net import PROXY_VARIABLES, free_port
+from support.paths import WSGUARD
 from support.serve_process import Served
 
 ADMIN = "cli-admin-token-0123456789abcdefgh"
@@ -188,3 +192,27 @@ def test_admin_finds_the_listener_and_generated_token_from_config(tmp_path: Path
         assert httpx.get(f"http://127.0.0.1:{port}/bans", headers=headers).status_code == 200
     finally:
         served.stop()
+
+
+def test_cli_ignores_proxy_settings_for_a_loopback_admin_url(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    server = server_factory(admin_overrides())
+    request(server, "POST", "/bans", headers=admin_headers(), json_body={"address": "192.0.2.9"})
+    env = cli_env(tmp_path, WSGUARD_ADMIN_TOKEN=ADMIN_TOKEN)
+    for name in PROXY_VARIABLES:
+        env.pop(name, None)
+        env.pop(name.lower(), None)
+    proxy = "http://127.0.0.1:1"
+    env.update(HTTP_PROXY=proxy, http_proxy=proxy, ALL_PROXY=proxy, all_proxy=proxy)
+    done = subprocess.run(
+        [WSGUARD, "admin", "bans", "--url", server.admin_url],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    listed = json.loads(done.stdout)
+    assert [b["address"] for b in listed["bans"]] == ["192.0.2.9"]
+    assert ADMIN_TOKEN not in done.stdout + done.stderr

@@ -12,7 +12,8 @@
   ``admin.max_dashboards``, read-only (a data frame closes 1008, an oversized one
   1009), and closed with 4001 when its session ends;
 * logging in: a wrong token is 401, a foreign ``Origin`` 403, and the session
-  cookie is ``HttpOnly`` and ``SameSite=Strict`` and opens the dashboard only.
+  cookie is ``HttpOnly`` and ``SameSite=Strict`` and opens the dashboard only; on an
+  HTTPS listener it is ``__Host-`` prefixed (the unprefixed name is no session there).
 """
 
 from __future__ import annotations
@@ -32,10 +33,22 @@ from websockets.sync.client import ClientConnection, connect
 from websockets.typing import Origin
 
 from conftest import ADMIN_TOKEN, RunningServer, ServerFactory, admin_headers, admin_overrides
+from support.admin import (
+    ROOMY,
+    Certificates,
+    admin_port,
+    admin_server,
+    call,
+    cookie_attributes,
+    dashboard_url,
+    first_snapshot,
+    refused_upgrade,
+)
 from support.browser import CHROMIUM, Browser
 from support.paths import REPO
 
 SESSION_COOKIE = "wsguard_admin_session"
+HOST_COOKIE = "__Host-" + SESSION_COOKIE
 EVIL = "http://evil.example"
 
 T = TypeVar("T")
@@ -526,3 +539,53 @@ def test_login_checks_token_and_origin_and_sets_a_strict_cookie(
 
     assert httpx.post(base + "/logout", headers={**own, **with_cookie}).status_code == 200
     assert httpx.get(base + "/dashboard", headers=with_cookie).status_code == 303
+
+
+def test_https_dashboard_session_cookie_is_host_prefixed(
+    server_factory: ServerFactory, certs: Certificates
+) -> None:
+    server = server_factory({**ROOMY, **admin_overrides(tls=certs.pair)})
+    base = f"https://127.0.0.1:{admin_port(server)}"
+    ctx = certs.client_context()
+    own = {"Origin": base}
+
+    def status(method: str, path: str, cookie: str | None, name: str = HOST_COOKIE) -> int:
+        headers = {**own, "Cookie": f"{name}={cookie}"} if cookie is not None else own
+        return call(base, method, path, token=None, headers=headers, verify=ctx).status_code
+
+    login = {"token": ADMIN_TOKEN}
+    ok = call(base, "POST", "/login", token=None, headers=own, json_body=login, verify=ctx)
+    assert ok.status_code == 200, ok.text
+    name, session, attributes = cookie_attributes(ok.headers["set-cookie"])
+    assert name == HOST_COOKIE
+    assert {"secure", "httponly", "path=/", "samesite=strict"} <= set(attributes)
+    assert not any(a.startswith("domain") for a in attributes)
+
+    assert status("GET", "/dashboard", session) == 200
+    with_cookie = {"Cookie": f"{HOST_COOKIE}={session}"}
+    url, origin = dashboard_url(base), Origin(base)
+    snapshot = first_snapshot(url, origin=origin, additional_headers=with_cookie, ssl=ctx)
+    assert snapshot["type"] == "snapshot"
+    # on an HTTPS listener only the prefixed cookie is a session (no sibling host can set it)
+    assert status("GET", "/dashboard", session, SESSION_COOKIE) == 303
+    unprefixed = {"Cookie": f"{SESSION_COOKIE}={session}"}
+    assert refused_upgrade(url, origin=origin, additional_headers=unprefixed, ssl=ctx) == 401
+    assert status("GET", "/connections", session) == 401  # the JSON API never takes it
+
+    out = call(base, "POST", "/logout", token=None, headers={**own, **with_cookie}, verify=ctx)
+    assert out.status_code == 200
+    name, value, attributes = cookie_attributes(out.headers["set-cookie"])
+    assert name == HOST_COOKIE and value in ("", '""')
+    assert {"secure", "path=/"} <= set(attributes)  # else a browser ignores the deletion
+    assert status("GET", "/dashboard", session) == 303
+
+
+def test_plain_http_loopback_keeps_the_unprefixed_cookie(server_factory: ServerFactory) -> None:
+    server = admin_server(server_factory)
+    base = server.admin_url
+    login = {"token": ADMIN_TOKEN}
+    ok = call(base, "POST", "/login", token=None, headers={"Origin": base}, json_body=login)
+    assert ok.status_code == 200
+    name, _, attributes = cookie_attributes(ok.headers["set-cookie"])
+    assert name == SESSION_COOKIE  # browsers refuse __Host- cookies without Secure
+    assert "secure" not in attributes

@@ -1,7 +1,7 @@
 """The per-subject cluster budget is spent from batches fetched ahead of need.
 
 A real store (the memory store has the same ``take`` semantics as Redis, see
-tests/test_store_contract.py) stands behind the quota; what these tests pin down is
+tests/stores/test_store_contract.py) stands behind the quota; what these tests pin down is
 the quota's own bookkeeping: a busy subject never waits for a round trip while its
 budget lasts, never gets more than the budget, and one batch in flight serves
 every connection of the subject that runs dry.

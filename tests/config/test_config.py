@@ -1,15 +1,18 @@
-"""Configuration: the example file, defaults, precedence, validation errors, keys."""
+"""Configuration: the example file, defaults, precedence (an environment secret is taken
+verbatim), validation errors, keys."""
 
 from __future__ import annotations
 
 import io
 import os
 import stat
+import time
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import jwt
 import pytest
 from pydantic import BaseModel
 
@@ -138,7 +141,7 @@ def test_every_example_line_explains_its_key() -> None:
 # -- defaults ------------------------------------------------------------------------
 
 
-def test_secure_defaults_required_by_the_issue() -> None:
+def test_the_defaults_are_secure() -> None:
     config = load_config(None, env={})
     assert config.limits.max_message_bytes == 8192
     assert config.limits.connections_per_address == 5
@@ -217,6 +220,36 @@ def test_nested_env_key_with_double_underscore() -> None:
     config = load_config(None, env={"WSGUARD_LIMITS__MAX_MESSAGE_BYTES": "16384"})
     assert config.limits.max_message_bytes == 16384
     assert load_config(None, env={"WSGUARD_COMPRESSION": "true"}).compression is True
+
+
+JSON_LOOKING_SECRETS = [
+    "[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]",
+    '"quoted-secret-that-is-long-enough-for-hs256"',
+    "12345678901234567890123456789012345678",
+    '{"a": 1, "b": "padding-to-reach-32-bytes"}',
+    "  surrounding whitespace is part of the secret too  ",
+]
+
+
+@pytest.mark.parametrize("name", ["WSGUARD_JWT_SECRET", "WSGUARD_AUTH__SECRET"])
+@pytest.mark.parametrize("secret", JSON_LOOKING_SECRETS)
+def test_env_secret_is_taken_verbatim(name: str, secret: str) -> None:
+    config = load_config(None, env={name: secret})
+    assert config.auth.secret == secret
+    # and it is the key tokens are verified with
+    guard = Guard(config, audit=AuditLog(io.StringIO()))
+    token = jwt.encode({"sub": "alice", "exp": int(time.time()) + 60}, secret, algorithm="HS256")
+    assert guard.verifier.verify(token).subject == "alice"
+
+
+@pytest.mark.parametrize("secret", ["[1,2]", '"quoted"', "123", '{"a":1}'])
+def test_short_json_looking_env_secret_is_a_too_short_string(secret: str) -> None:
+    """Parsed as JSON these would be a list, a str, an int, a table: a type error."""
+    with pytest.raises(ConfigError) as info:
+        load_config(None, env={"WSGUARD_JWT_SECRET": secret})
+    assert info.value.key == "auth.secret"
+    assert "at least 32 bytes" in info.value.message
+    assert secret not in str(info.value)
 
 
 @pytest.mark.parametrize(

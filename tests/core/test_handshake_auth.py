@@ -41,7 +41,7 @@ from conftest import (
 )
 from wsguard.config.keys import load_keys
 from wsguard.config.loader import validate_config
-from wsguard.core.auth import AuthFailure, TokenVerifier
+from wsguard.core.auth import AuthFailure, KeyMaterial, TokenVerifier
 from wsguard.errors import ConfigError
 
 # Many tests below refuse several tokens on the same server: keep the
@@ -1024,6 +1024,30 @@ def test_verifier_leeway_boundary() -> None:
     with pytest.raises(AuthFailure) as info:
         verifier.verify(make_token(ttl=-100))
     assert info.value.reason == "token_expired"
+
+
+def test_cached_token_is_refused_past_exp_plus_leeway() -> None:
+    leeway = 5.0
+    auth = make_config({"auth": {"leeway_seconds": leeway}}).auth
+    now = [time.time()]
+    verifier = TokenVerifier(auth, KeyMaterial(secret=SECRET.encode()), clock=lambda: now[0])
+    token = make_token("alice", ttl=600)  # valid in real time: PyJWT verifies it first
+    exp = float(jwt.decode(token, options={"verify_signature": False})["exp"])
+    assert verifier.verify(token).expires_at == exp  # verified and cached
+    now[0] = exp - 1
+    assert verifier.verify(token).subject == "alice"  # before exp
+    now[0] = exp + leeway - 0.5
+    assert verifier.verify(token).subject == "alice"  # within the leeway
+    now[0] = exp + leeway
+    with pytest.raises(AuthFailure) as info:
+        verifier.verify(token)
+    assert info.value.reason == "token_expired"
+    # another token, still valid, is not affected by the clock jump
+    fresh = make_token("bob", ttl=3600)
+    now[0] = time.time()
+    assert verifier.verify(fresh).subject == "bob"
+    now[0] = exp + leeway + 1
+    assert verifier.verify(fresh).subject == "bob"
 
 
 def test_direct_client_without_helper_gets_401(server: RunningServer) -> None:

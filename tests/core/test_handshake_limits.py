@@ -1,8 +1,9 @@
 """Non-auth handshake defences of the standalone server (issue 2).
 
-Origin allowlist, client address behind trusted proxies, concurrency limits,
-slot release on every way a connection ends, handshake rate, auth-failure
-bans, handshake timeout, malformed upgrades and their audit records. Every
+Origin allowlist, client address behind trusted proxies, concurrency limits
+(IPv6 clients keyed by their /64), slot release on every way a connection ends,
+handshake rate, auth-failure bans (a foreign Origin is refused before either
+counter), handshake timeout, malformed upgrades and their audit records. Every
 test runs a real server on an ephemeral loopback port and drives it with real
 WebSocket clients or raw sockets.
 """
@@ -30,6 +31,7 @@ from conftest import (
     upgrade_request,
 )
 from support.wire import WS_HEADERS, raw_request, read_head, reset_close
+from wsguard.core.client_address import limit_key
 from wsguard.errors import ConfigError
 
 BAD_TOKEN = make_token("mallory", secret="not-the-server-secret-but-long-enough-0123456789")
@@ -95,6 +97,17 @@ def last_event(server: RunningServer, name: str) -> dict[str, Any]:
     events = server.audit.events(name)
     assert events, f"no {name} event in the audit log"
     return events[-1]
+
+
+def ping(ws: ClientConnection, ident: str | int) -> dict[str, Any]:
+    """Send a demo ping; return the server's answer (a pong or an error frame)."""
+    ws.send(json.dumps({"type": "ping", "id": ident}))
+    return recv_json(ws)
+
+
+def assert_alive(ws: ClientConnection, ident: str) -> None:
+    answer = ping(ws, ident)
+    assert (answer["type"], answer["id"]) == ("pong", ident), answer
 
 
 def xff(value: str) -> dict[str, str]:
@@ -399,6 +412,51 @@ def test_global_connection_cap_answers_503(server_factory: ServerFactory) -> Non
         pass
 
 
+@pytest.mark.parametrize(
+    ("a", "b", "shared"),
+    [
+        ("2001:db8:1:2::1", "2001:db8:1:2:ffff:ffff:ffff:fffe", True),
+        ("2001:db8:1:2::1", "2001:db8:1:2::1", True),
+        ("2001:db8:1:2::1", "2001:db8:1:3::1", False),
+        ("2001:db8:1:2::1", "2001:db8:2:2::1", False),
+        ("[2001:db8:1:2::7]:443", "2001:db8:1:2::8", True),
+        ("198.51.100.1", "198.51.100.2", False),
+        ("198.51.100.1", "198.51.100.1", True),
+    ],
+)
+def test_limit_key_groups_ipv6_by_slash64(a: str, b: str, shared: bool) -> None:
+    assert (limit_key(a, 64) == limit_key(b, 64)) is shared
+
+
+def test_limit_key_values() -> None:
+    assert limit_key("2001:db8:1:2:aaaa:bbbb:cccc:dddd", 64) == "2001:db8:1:2::/64"
+    assert limit_key("203.0.113.9", 64) == "203.0.113.9"
+    # a configured /128 keys by the full address
+    assert limit_key("2001:db8:1:2::1", 128) != limit_key("2001:db8:1:2::2", 128)
+
+
+def test_ipv6_clients_in_one_slash64_share_the_per_address_limit(
+    server_factory: ServerFactory,
+) -> None:
+    server = server_factory({**TRUSTED_LOCAL, "limits": {"connections_per_address": 1}})
+    first, neighbour, elsewhere = "2001:db8:1:2::1", "2001:db8:1:2:ffff::9", "2001:db8:1:3::1"
+    with server.connect_welcomed(make_token("a"), headers=xff(first)) as ws_a:
+        assert last_event(server, "connection_admitted")["client"] == first
+        assert server.slots("conn:addr:2001:db8:1:2::/64") == 1
+        exc = refused(server, make_token("b"), headers=xff(neighbour))
+        assert status(exc) == 429
+        refusal = last_event(server, "handshake_refused")
+        assert (refusal["reason"], refusal["client"]) == ("too_many_connections", neighbour)
+        # the next /64 has its own quota
+        with server.connect_welcomed(make_token("c"), headers=xff(elsewhere)) as ws_c:
+            assert server.slots("conn:addr:2001:db8:1:3::/64") == 1
+            assert_alive(ws_c, "other-64")
+        assert_alive(ws_a, "first")
+    poll_until(lambda: server.slots("conn:addr:2001:db8:1:2::/64") == 0, what="slot released")
+    with server.connect_welcomed(make_token("b"), headers=xff(neighbour)):
+        assert last_event(server, "connection_admitted")["client"] == neighbour
+
+
 # --------------------------------------------------------------------------- slot release
 
 RELEASE_CONFIG: dict[str, Any] = {
@@ -605,6 +663,79 @@ def test_first_failures_before_threshold_do_not_ban(server_factory: ServerFactor
     with server.connect_welcomed():
         pass
     assert server.audit.events("ban_started") == []
+
+
+# --------------------------------------------------------------------------- origin first
+
+
+APP_ORIGIN = "https://app.example.com"
+EVIL_ORIGIN = "https://evil.example.net"
+
+
+def foreign_origin_barrage(server: RunningServer, count: int) -> None:
+    """*count* handshakes from a hostile page: every credential shape, all refused 403.
+
+    The browser sends the victim's cookie along (valid), the page adds garbage of its own
+    (a bad bearer token, a bad cookie) or nothing at all.
+    """
+    victim = make_token("victim")
+    for i in range(count):
+        kind = i % 4
+        if kind == 0:
+            exc = refused(server, victim, transport="cookie", origin=EVIL_ORIGIN)
+        elif kind == 1:
+            exc = refused(server, BAD_TOKEN, transport="cookie", origin=EVIL_ORIGIN)
+        elif kind == 2:
+            exc = refused(server, BAD_TOKEN, origin=EVIL_ORIGIN)
+        else:
+            response = raw_http(server.port, upgrade_request(headers={"Origin": EVIL_ORIGIN}))
+            assert status_of(response) == 403, response[:200]
+            continue
+        assert status(exc) == 403, (kind, status(exc))
+    reasons = {e["reason"] for e in server.audit.events("handshake_refused")}
+    assert reasons == {"origin_forbidden"}, reasons
+    assert server.audit.events("ban_started") == []
+
+
+ORIGIN_FIRST: dict[str, Any] = {
+    "auth": {"cookie": True},
+    "origin": {"allowed": [APP_ORIGIN]},
+}
+
+
+def test_foreign_origin_refusals_do_not_spend_the_handshake_rate(
+    server_factory: ServerFactory,
+) -> None:
+    server = server_factory({**ORIGIN_FIRST, "limits": {"handshakes_per_minute": 3}})
+    foreign_origin_barrage(server, 20)
+    # the whole budget of 3 is still there for the victim's own page ...
+    for i in range(3):
+        with server.connect_welcomed(make_token("victim"), transport="cookie", origin=APP_ORIGIN):
+            pass
+        assert len(server.audit.events("connection_admitted")) == i + 1
+    # ... and the limit is real: the fourth allowed handshake is over it
+    exc = refused(server, make_token("victim"), transport="cookie", origin=APP_ORIGIN)
+    assert status(exc) == 429
+    assert last_event(server, "handshake_refused")["reason"] == "handshake_rate"
+
+
+def test_foreign_origin_refusals_do_not_count_toward_an_address_ban(
+    server_factory: ServerFactory,
+) -> None:
+    server = server_factory(
+        {**ORIGIN_FIRST, "limits": {"auth_failures_before_ban": 2, "handshakes_per_minute": 1000}}
+    )
+    foreign_origin_barrage(server, 20)
+    with server.connect_welcomed(make_token("victim"), transport="cookie", origin=APP_ORIGIN) as ws:
+        assert_alive(ws, "after-barrage")
+    # the failure count is still zero: the first real failure does not ban ...
+    assert status(refused(server, BAD_TOKEN, origin=APP_ORIGIN)) == 401
+    assert server.audit.events("ban_started") == []
+    # ... the second one (the configured threshold) does
+    assert status(refused(server, BAD_TOKEN, origin=APP_ORIGIN)) == 401
+    assert len(server.audit.events("ban_started")) == 1
+    banned = refused(server, make_token("victim"), transport="cookie", origin=APP_ORIGIN)
+    assert status(banned) == 429
 
 
 # --------------------------------------------------------------------------- handshake timeout

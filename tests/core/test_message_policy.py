@@ -2,8 +2,8 @@
 
 Covers the frame-layer size limit (single frame, fragments, a lying length header,
 decompression), structural bounds, the type allowlist, JSON Schema, ``ref``,
-authorization per type, message/byte/subject rate limits, control-frame floods and
-the violation budget with its decay.
+authorization per type, message/byte/subject rate limits (a subject's budget outlives
+its connections), control-frame floods and the violation budget with its decay.
 """
 
 from __future__ import annotations
@@ -19,10 +19,12 @@ from websockets.extensions.permessage_deflate import PerMessageDeflate
 from websockets.sync.client import ClientConnection
 
 from conftest import (
+    SECRET,
     RunningServer,
     ServerFactory,
     close_of,
     eventually,
+    make_config,
     make_token,
 )
 from support.wire import (
@@ -33,6 +35,10 @@ from support.wire import (
     raw_welcomed,
 )
 from wsguard.config.demo_types import DEMO_MESSAGE_TYPES
+from wsguard.core.auth import KeyMaterial, TokenVerifier
+from wsguard.core.decisions import Deliver, Refuse
+from wsguard.core.identity import Identity
+from wsguard.core.messages import MessagePolicy
 from wsguard.errors import ConfigError
 from wsguard.hosts.app import App
 from wsguard.session import Connection
@@ -66,6 +72,12 @@ def assert_alive(ws: ClientConnection, ident: str = "alive") -> None:
     pong = recv_json(ws)
     assert pong["type"] == "pong", pong
     assert pong["id"] == ident
+
+
+def ping(ws: ClientConnection, ident: str | int) -> dict[str, Any]:
+    """Send a demo ping; return the server's answer (a pong or an error frame)."""
+    ws.send(json.dumps({"type": "ping", "id": ident}))
+    return recv_json(ws)
 
 
 def with_types(**types: dict[str, Any]) -> dict[str, Any]:
@@ -543,6 +555,72 @@ def test_subject_limit_spans_that_subjects_connections(server_factory: ServerFac
         assert err["code"] == "rate_limited"
         assert err["retry_after"] > 0
         assert_alive(b, "other-subject")
+
+
+def test_subject_message_budget_survives_reconnecting(server_factory: ServerFactory) -> None:
+    """Each connection stays within its own burst; only the subject's bucket runs out."""
+    per_connection = 5
+    server = server_factory(
+        {
+            "limits": {
+                "message_burst": per_connection,
+                "messages_per_minute": 1,
+                "subject_messages_per_minute": 1,
+                "connections_per_subject": 50,
+            }
+        }
+    )
+    refusal: dict[str, Any] | None = None
+    for round_no in range(20):
+        with server.connect_welcomed(make_token("alice")) as ws:
+            for i in range(per_connection):
+                answer = ping(ws, f"{round_no}-{i}")
+                if answer["type"] != "pong":
+                    refusal = answer
+                    break
+        eventually(lambda: server.connection_count() == 0, what="the server forgot the connection")
+        if refusal is not None:
+            break
+    assert refusal is not None, "the subject's budget was never exhausted"
+    assert refusal["code"] == "rate_limited", refusal
+    # a brand-new connection (fresh per-connection bucket) of the same subject is still limited
+    with server.connect_welcomed(make_token("alice")) as ws:
+        answer = ping(ws, "after-reconnect")
+        assert (answer["type"], answer.get("code")) == ("error", "rate_limited"), answer
+    eventually(lambda: server.connection_count() == 0, what="the server forgot the connection")
+    with server.connect_welcomed(make_token("alice")) as ws:
+        answer = ping(ws, "after-second-reconnect")
+        assert answer.get("code") == "rate_limited", answer
+    # it is the subject that is limited, not the address
+    with server.connect_welcomed(make_token("bob")) as ws:
+        assert_alive(ws, "another-subject")
+
+
+def test_subject_state_outlives_closed_connections_in_the_core() -> None:
+    config = make_config(
+        {"limits": {"message_burst": 3, "messages_per_minute": 1, "subject_messages_per_minute": 1}}
+    )
+    verifier = TokenVerifier(config.auth, KeyMaterial(secret=SECRET.encode()))
+    policy = MessagePolicy(config, verifier)
+    alice = Identity(subject="alice")
+    now = 1000.0
+    message = json.dumps({"type": "ping"})
+    for _ in range(20):  # connect, spend this connection's burst, disconnect
+        state = policy.open(alice, now)
+        outcomes = [policy.evaluate(state, message, now) for _ in range(3)]
+        policy.closed(state, now)
+        if any(isinstance(o, Refuse) for o in outcomes):
+            break
+    else:
+        pytest.fail("the subject's budget was never exhausted")
+    for _ in range(3):  # no number of reconnects at the same instant buys a message
+        state = policy.open(alice, now)
+        outcome = policy.evaluate(state, message, now)
+        policy.closed(state, now)
+        assert isinstance(outcome, Refuse) and outcome.code == "rate_limited", outcome
+    # another subject is unaffected
+    other = policy.open(Identity(subject="bob"), now)
+    assert isinstance(policy.evaluate(other, message, now), Deliver)
 
 
 def test_invalid_messages_count_toward_the_rate(server_factory: ServerFactory) -> None:

@@ -558,6 +558,16 @@ def test_signed_type_without_keys_is_a_config_error() -> None:
     ).signing.session_keys
 
 
+def test_opaque_format_with_a_signed_type_is_a_config_error(tmp_path: Path) -> None:
+    keys = write_keys(tmp_path / "keys.json", [("alice-1", "alice", ALICE_SECRET)])
+    signing = {"keys_file": str(keys)}
+    make_config({"messages": {"types": SIGNED_CHAT}, "signing": signing})  # fine with json
+    with pytest.raises(ConfigError) as caught:
+        make_config({"messages": {"format": "opaque", "types": SIGNED_CHAT}, "signing": signing})
+    assert caught.value.key == "messages.format"
+    assert "chat" in caught.value.message
+
+
 def _guard(overrides: dict[str, Any]) -> Guard:
     return Guard(make_config(overrides), audit=AuditLog(io.StringIO()))
 

@@ -13,19 +13,19 @@ import asyncio
 import contextlib
 import importlib
 import json
+import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
 
 import pytest
 from starlette.applications import Starlette
 from starlette.routing import WebSocketRoute
-from starlette.websockets import WebSocket
+from starlette.websockets import WebSocket, WebSocketDisconnect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 from websockets.typing import Origin
 
-from conftest import close_of, eventually, make_token
+from conftest import AuditCapture, close_of, eventually, make_config, make_token
 from support.asgi_server import (
     Recorder,
     Serve,
@@ -35,12 +35,13 @@ from support.asgi_server import (
     send_json,
 )
 from support.paths import EXAMPLES
+from wsguard.guard import Guard
+from wsguard.hosts.asgi import Message, Receive, Scope, Send, WsGuardMiddleware
+from wsguard.observability.audit import AuditLog
 
 ASGI_EXAMPLES = EXAMPLES / "asgi"
 #: node-wide state the middleware object holds (among possibly others)
 NODE_ATTRIBUTES = frozenset({"app", "guard", "config", "connections"})
-
-T = TypeVar("T")
 
 
 # -- client helpers ---------------------------------------------------------------------
@@ -146,6 +147,53 @@ def test_subprotocol_token_negotiates_the_app_protocol_never_the_token(serve: Se
     ]
 
 
+def test_query_and_cookie_tokens_are_taken_out_of_the_scope(serve: Serve) -> None:
+    server = serve(
+        {
+            "auth": {"query": True, "cookie": True},
+            "origin": {"allowed": ["https://app.example"]},
+        }
+    )
+    token = make_token("alice")
+    origin = Origin("https://app.example")
+    with connect(
+        server.url(f"/ws?room=1&token={token}"), origin=origin, proxy=None, legacy=True
+    ) as ws:
+        by_query = recv_json(ws)
+    with connect(
+        server.url(),
+        additional_headers={"Cookie": f"theme=dark; wsguard_token={token}"},
+        origin=origin,
+        proxy=None,
+        legacy=True,
+    ) as ws:
+        by_cookie = recv_json(ws)
+    assert (by_query["user"], by_cookie["user"]) == ("alice", "alice")
+    assert by_query["query"] == "room=1"
+    assert ["cookie", "theme=dark"] in by_cookie["headers"]
+    assert token not in json.dumps(by_query)
+    assert token not in json.dumps(by_cookie)
+
+
+def test_cookie_token_after_whitespace_never_reaches_the_app(serve: Serve) -> None:
+    server = serve({"auth": {"cookie": True}, "origin": {"allowed": ["https://app.example"]}})
+    token = make_token("alice")
+    with connect(
+        server.url(),
+        additional_headers={"Cookie": f"theme=dark wsguard_token={token}"},
+        origin=Origin("https://app.example"),
+        proxy=None,
+        open_timeout=5,
+        legacy=True,
+    ) as ws:
+        hello = recv_json(ws)
+    assert hello["user"] == "alice"
+    seen = json.dumps(hello)
+    assert token not in seen
+    assert token.split(".")[2] not in seen  # not even the signature
+    assert ["cookie", "theme=dark"] in hello["headers"]  # the other cookie is kept
+
+
 # -- 3. the message policy ---------------------------------------------------------------
 
 
@@ -227,6 +275,84 @@ def test_violations_past_the_budget_close_1008(serve: Serve) -> None:
     assert server.rec.received == []
 
 
+def test_wsguard_size_check_counts_utf8_bytes(serve: Serve) -> None:
+    server = serve({"limits": {"max_message_bytes": 1024}}, server_max_size=64 * 1024)
+    ws, _ = server.hello()
+    with ws:
+        text = json.dumps({"type": "chat", "text": "\u00e9" * 600}, ensure_ascii=False)
+        assert len(text) <= 1024 < len(text.encode())
+        ws.send(text)
+        assert next_close(ws) == 1009
+    assert server.rec.received == []
+
+
+def test_message_with_text_and_bytes_reaches_the_app_as_text_only() -> None:
+    token = make_token("alice")
+    text = '{"type":"ping","id":1}'
+    scope: Scope = {
+        "type": "websocket",
+        "asgi": {"version": "3.0", "spec_version": "2.4"},
+        "http_version": "1.1",
+        "scheme": "ws",
+        "server": ("127.0.0.1", 8000),
+        "client": ("127.0.0.1", 1234),
+        "root_path": "",
+        "path": "/ws",
+        "raw_path": b"/ws",
+        "query_string": b"",
+        "headers": [
+            (b"host", b"127.0.0.1:8000"),
+            (b"upgrade", b"websocket"),
+            (b"connection", b"Upgrade"),
+            (b"sec-websocket-key", b"dGhlIHNhbXBsZSBub25jZQ=="),
+            (b"sec-websocket-version", b"13"),
+            (b"authorization", f"Bearer {token}".encode()),
+        ],
+        "subprotocols": [],
+        "extensions": {"websocket.http.response": {}},
+        "state": {},
+    }
+    incoming: list[Message] = [
+        {"type": "websocket.connect"},
+        {"type": "websocket.receive", "text": text, "bytes": b"\x00EVIL"},
+        {"type": "websocket.disconnect", "code": 1000},
+    ]
+    sent: list[Message] = []
+    got: list[Message] = []
+
+    async def receive() -> Message:
+        if len(incoming) > 1:
+            return incoming.pop(0)
+        return dict(incoming[0])  # the disconnect, again if asked
+
+    async def send(message: Message) -> None:
+        sent.append(dict(message))
+
+    async def app(app_scope: Scope, app_receive: Receive, app_send: Send) -> None:
+        assert (await app_receive())["type"] == "websocket.connect"
+        await app_send({"type": "websocket.accept"})
+        while True:
+            message = await app_receive()
+            got.append(dict(message))
+            if message["type"] == "websocket.disconnect":
+                return
+
+    async def main() -> None:
+        middleware = WsGuardMiddleware(
+            app, guard=Guard(make_config(), audit=AuditLog(AuditCapture()))
+        )
+        try:
+            await asyncio.wait_for(middleware(scope, receive, send), 5)
+        finally:
+            await middleware.shutdown()
+
+    asyncio.run(main())
+    assert sent[0]["type"] == "websocket.accept", sent  # admitted
+    assert got[0] == {"type": "websocket.receive", "text": text}
+    assert "bytes" not in got[0]
+    assert [m["type"] for m in got] == ["websocket.receive", "websocket.disconnect"]
+
+
 # -- 4. rate limits ----------------------------------------------------------------------
 
 
@@ -262,7 +388,54 @@ def test_in_band_refresh_is_answered_by_the_middleware(serve: Serve) -> None:
     assert all(fresh not in str(item) for item in server.rec.received)
 
 
-# -- 6. expiry ---------------------------------------------------------------------------
+def scopes_app() -> Starlette:
+    """``/ws``: for the connect and for every message, the scopes the app sees."""
+
+    async def endpoint(websocket: WebSocket) -> None:
+        await websocket.accept()
+
+        async def report(kind: str) -> None:
+            await websocket.send_json(
+                {
+                    "type": kind,
+                    "user": websocket.user.display_name,
+                    "user_scopes": sorted(websocket.user.scopes),
+                    "state_scopes": sorted(websocket.scope["state"]["wsguard"].scopes),
+                    "state_attr_scopes": sorted(websocket.state.wsguard.scopes),
+                    "auth_scopes": sorted(websocket.auth.scopes),
+                }
+            )
+
+        await report("hello")
+        while (await websocket.receive())["type"] != "websocket.disconnect":
+            await report("seen")
+
+    return Starlette(routes=[WebSocketRoute("/ws", endpoint)])
+
+
+def test_refreshed_identity_is_what_the_app_sees(serve: Serve) -> None:
+    server = serve(app=scopes_app())
+    ws = server.connect(make_token("alice", scopes="chat"))
+    with ws:
+        hello = recv_json(ws)
+        assert (hello["type"], hello["user"]) == ("hello", "alice")
+        assert hello["user_scopes"] == hello["state_scopes"] == ["chat"]
+
+        fresh = make_token("alice", scopes="chat billing", ttl=7200)
+        send_json(ws, {"type": "auth", "token": fresh, "id": "r1"})
+        ok = recv_json(ws)
+        assert (ok["type"], ok["ref"]) == ("auth_ok", "r1")
+
+        ws.send(ping("after"))
+        seen = recv_json(ws)
+        assert seen["type"] == "seen"
+        assert seen["user_scopes"] == ["billing", "chat"]
+        assert seen["state_scopes"] == ["billing", "chat"]
+        assert seen["state_attr_scopes"] == ["billing", "chat"]
+        assert seen["auth_scopes"] == ["billing", "chat"]  # Starlette's AuthCredentials too
+
+
+# -- 6. expiry, idle timeout and maximum lifetime -----------------------------------------
 
 
 def test_expired_token_closes_4001(serve: Serve) -> None:
@@ -273,6 +446,59 @@ def test_expired_token_closes_4001(serve: Serve) -> None:
         assert close_of(ws, timeout=6)[0] == 4001
     closed = eventually(lambda: server.audit.events("connection_closed"), what="closed")
     assert (closed[0]["code"], closed[0]["cause"]) == (4001, "token_expired")
+
+
+def test_idle_connection_is_closed_1001(serve: Serve) -> None:
+    server = serve({"liveness": {"idle_timeout_seconds": 0.5}})
+    ws, _ = server.hello()  # usable first: the close below is the idle timer, not a refusal
+    with ws:
+        assert close_of(ws, timeout=2.5) == (1001, "idle timeout")
+    eventually(lambda: server.rec.disconnects, timeout=2, what="the app's disconnect")
+    closed = eventually(lambda: server.audit.events("connection_closed"), timeout=2, what="closed")
+    assert (closed[0]["code"], closed[0]["closed_by"], closed[0]["cause"]) == (
+        1001,
+        "server",
+        "idle_timeout",
+    )
+
+
+def closed_while_active(ws: ClientConnection, within: float) -> tuple[int, str, float]:
+    """Send a ping (and read its echo) every ~50 ms until the server closes: its close
+    code, reason and how long after the first ping it came."""
+    start = time.monotonic()
+    deadline = start + within
+    n = 0
+    while time.monotonic() < deadline:
+        try:
+            ws.send(ping(f"active-{n}"))
+            n += 1
+            assert recv_json(ws, timeout=2)["type"] == "echo"
+            ws.recv(timeout=0.05)  # paces the pings; nothing else is expected
+            pytest.fail("an unexpected frame")
+        except TimeoutError:
+            continue
+        except ConnectionClosed as exc:
+            if exc.rcvd is None:
+                pytest.fail(f"closed without a close frame: {exc}")
+            return exc.rcvd.code, exc.rcvd.reason, time.monotonic() - start
+    pytest.fail(f"still open after {within}s of activity")
+
+
+def test_max_lifetime_closes_1001_even_while_active(serve: Serve) -> None:
+    server = serve(
+        {
+            "liveness": {"idle_timeout_seconds": 0.3, "max_lifetime_seconds": 0.9},
+            "limits": {"messages_per_minute": 6000, "message_burst": 100},
+        }
+    )
+    ws, _ = server.hello()
+    with ws:
+        code, reason, after = closed_while_active(ws, within=2.5)
+    # never idle for 0.3 s: the lifetime, not the idle timeout, ended it
+    assert (code, reason) == (1001, "max lifetime")
+    assert after >= 0.7
+    closed = eventually(lambda: server.audit.events("connection_closed"), timeout=2, what="closed")
+    assert closed[0]["cause"] == "max_lifetime"
 
 
 # -- 7. revocation -----------------------------------------------------------------------
@@ -315,6 +541,91 @@ def test_operator_disconnect_and_ban_close_1008(serve: Serve) -> None:
         (e["subject"], e["code"], e["cause"]) for e in server.audit.events("connection_closed")
     ]
     assert causes == [("alice", 1008, "admin"), ("bob", 1008, "banned")]
+
+
+def test_revocation_before_the_app_accepts_is_not_lost(serve: Serve) -> None:
+    rec = Recorder()
+    gate = asyncio.Event()  # set on the server's loop
+
+    async def slow_accept(websocket: WebSocket) -> None:
+        rec.calls.append(websocket.url.path)
+        await gate.wait()  # e.g. a FastAPI dependency doing a lookup before accept
+        await websocket.accept()
+        await websocket.send_json({"type": "hello"})
+        while (await websocket.receive())["type"] != "websocket.disconnect":
+            await websocket.send_json({"type": "echo"})
+
+    server = serve(app=Starlette(routes=[WebSocketRoute("/ws", slow_accept)]))
+    with ThreadPoolExecutor(1) as pool:
+        opening = pool.submit(server.connect, make_token("alice"))
+        eventually(lambda: rec.calls, what="admitted, the app not yet accepting")
+        server.run(server.guard.store.revoke("sub", "alice", 60))
+        server.loop.call_soon_threadsafe(gate.set)
+        failure = opening.exception(timeout=10)
+    if failure is not None:  # refusing the handshake would do as well
+        assert isinstance(failure, InvalidStatus), failure
+        assert failure.response.status_code in (401, 403)
+        return
+    with opening.result() as ws:
+        with contextlib.suppress(ConnectionClosed):
+            ws.send(ping("probe"))  # answered at once while the connection stays open
+        assert next_close(ws, skip="hello") == 4003
+
+
+class PushRecord:
+    """What the push-only endpoint did (appended from the server thread)."""
+
+    def __init__(self) -> None:
+        self.started: list[str] = []
+        self.exited: list[str] = []
+
+
+def push_app(rec: PushRecord) -> Starlette:
+    """``/ws``: accepts, then sends a tick every ~20 ms; never calls receive()."""
+
+    async def endpoint(websocket: WebSocket) -> None:
+        await websocket.accept()
+        rec.started.append(websocket.user.display_name)
+        how = "returned"
+        try:
+            n = 0
+            while True:
+                await websocket.send_text(json.dumps({"type": "tick", "n": n}))
+                n += 1
+                await asyncio.sleep(0.02)  # the app's own pace, not a test wait
+        except WebSocketDisconnect as exc:
+            how = f"disconnect {exc.code}"
+        finally:
+            rec.exited.append(how)
+
+    return Starlette(routes=[WebSocketRoute("/ws", endpoint)])
+
+
+def test_push_only_app_learns_the_revocation_and_frees_its_slot(serve: Serve) -> None:
+    rec = PushRecord()
+    server = serve({"limits": {"connections_per_subject": 1}}, app=push_app(rec))
+    first = server.connect(make_token("alice", jti="push-1"))
+    with first:
+        assert recv_json(first)["type"] == "tick"
+        server.run(server.middleware.revoke("jti", "push-1", 60))
+        assert close_of(first, timeout=3)[0] == 4003
+    # the app's send loop ended: Starlette raised WebSocketDisconnect from send
+    exited = eventually(lambda: rec.exited, timeout=3, what="the push loop ended")
+    assert exited == ["disconnect 1006"]
+    eventually(lambda: server.live() == 0, timeout=3, what="the registry emptied")
+    closed = eventually(lambda: server.audit.events("connection_closed"), timeout=3, what="closed")
+    assert (closed[0]["code"], closed[0]["cause"]) == (4003, "revoked")
+
+    # the subject's only slot was released: another token of alice's is admitted
+    second = server.connect(make_token("alice", jti="push-2"))
+    with second:
+        assert recv_json(second)["type"] == "tick"
+        server.run(server.middleware.revoke("jti", "push-2", 60))  # ends its loop too
+        assert close_of(second, timeout=3)[0] == 4003
+    eventually(lambda: len(rec.exited) == 2, timeout=3, what="the second push loop ended")
+    assert rec.started == ["alice", "alice"]
+    refused = [e["reason"] for e in server.audit.events("handshake_refused")]
+    assert refused == []
 
 
 # -- 8. HTTP passes through --------------------------------------------------------------
@@ -448,74 +759,3 @@ def test_middleware_holds_no_per_connection_state(serve: Serve) -> None:
     eventually(lambda: len(server.audit.events("connection_closed")) == 3, what="all closed")
     assert server.call(lambda: {k: id(v) for k, v in vars(middleware).items()}) == before
     assert server.call(lambda: dict(middleware.connections)) == {}
-
-
-# -- fixed gaps (size in UTF-8 bytes, query/cookie tokens, revocation before accept) ----
-
-
-def test_wsguard_size_check_counts_utf8_bytes(serve: Serve) -> None:
-    server = serve({"limits": {"max_message_bytes": 1024}}, server_max_size=64 * 1024)
-    ws, _ = server.hello()
-    with ws:
-        text = json.dumps({"type": "chat", "text": "\u00e9" * 600}, ensure_ascii=False)
-        assert len(text) <= 1024 < len(text.encode())
-        ws.send(text)
-        assert next_close(ws) == 1009
-    assert server.rec.received == []
-
-
-def test_query_and_cookie_tokens_are_taken_out_of_the_scope(serve: Serve) -> None:
-    server = serve(
-        {
-            "auth": {"query": True, "cookie": True},
-            "origin": {"allowed": ["https://app.example"]},
-        }
-    )
-    token = make_token("alice")
-    origin = Origin("https://app.example")
-    with connect(
-        server.url(f"/ws?room=1&token={token}"), origin=origin, proxy=None, legacy=True
-    ) as ws:
-        by_query = recv_json(ws)
-    with connect(
-        server.url(),
-        additional_headers={"Cookie": f"theme=dark; wsguard_token={token}"},
-        origin=origin,
-        proxy=None,
-        legacy=True,
-    ) as ws:
-        by_cookie = recv_json(ws)
-    assert (by_query["user"], by_cookie["user"]) == ("alice", "alice")
-    assert by_query["query"] == "room=1"
-    assert ["cookie", "theme=dark"] in by_cookie["headers"]
-    assert token not in json.dumps(by_query)
-    assert token not in json.dumps(by_cookie)
-
-
-def test_revocation_before_the_app_accepts_is_not_lost(serve: Serve) -> None:
-    rec = Recorder()
-    gate = asyncio.Event()  # set on the server's loop
-
-    async def slow_accept(websocket: WebSocket) -> None:
-        rec.calls.append(websocket.url.path)
-        await gate.wait()  # e.g. a FastAPI dependency doing a lookup before accept
-        await websocket.accept()
-        await websocket.send_json({"type": "hello"})
-        while (await websocket.receive())["type"] != "websocket.disconnect":
-            await websocket.send_json({"type": "echo"})
-
-    server = serve(app=Starlette(routes=[WebSocketRoute("/ws", slow_accept)]))
-    with ThreadPoolExecutor(1) as pool:
-        opening = pool.submit(server.connect, make_token("alice"))
-        eventually(lambda: rec.calls, what="admitted, the app not yet accepting")
-        server.run(server.guard.store.revoke("sub", "alice", 60))
-        server.loop.call_soon_threadsafe(gate.set)
-        failure = opening.exception(timeout=10)
-    if failure is not None:  # refusing the handshake would do as well
-        assert isinstance(failure, InvalidStatus), failure
-        assert failure.response.status_code in (401, 403)
-        return
-    with opening.result() as ws:
-        with contextlib.suppress(ConnectionClosed):
-            ws.send(ping("probe"))  # answered at once while the connection stays open
-        assert next_close(ws, skip="hello") == 4003

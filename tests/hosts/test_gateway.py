@@ -1,10 +1,10 @@
 """``wsguard proxy`` (the gateway), end to end: real backends, a real gateway, real clients.
 
-Each backend is a plain ``websockets`` server on its own thread and event loop (so a
-test can block it or stop it reading without touching the gateway); it records the
-handshake it got and every message, echoes (or not), and sends, closes or crashes on
-command. The gateway is :class:`wsguard.hosts.gateway.proxy.Gateway` served from a
-background thread (conftest's ``RunningServer``); clients are
+Each backend (``support.gateway``) is a plain ``websockets`` server on its own thread and
+event loop (so a test can block it or stop it reading without touching the gateway); it
+records the handshake it got and every message, echoes (or not), and sends, closes or
+crashes on command. The gateway is :class:`wsguard.hosts.gateway.proxy.Gateway` served
+from a background thread (conftest's ``RunningServer``); clients are
 ``websockets.sync.client`` connections with a token.
 
 Covers the identity headers (values, stripping of the client's, signature,
@@ -32,13 +32,14 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 from websockets.asyncio.client import ClientConnection as UpstreamConnection
 from websockets.asyncio.server import ServerConnection
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.frames import Close, Frame, Opcode
 from websockets.protocol import State
 from websockets.sync.client import ClientConnection
 
@@ -71,8 +72,6 @@ from wsguard.hosts.gateway.identity import SeenConnections, identity_headers, ve
 from wsguard.hosts.gateway.proxy import Gateway
 from wsguard.observability.audit import AuditLog
 from wsguard.session import Connection
-
-T = TypeVar("T")
 
 
 class GatewayBug(Exception):
@@ -554,6 +553,21 @@ def test_gateway_without_upstream_is_a_config_error() -> None:
     assert caught.value.key == "gateway.upstream"
 
 
+def test_scope_with_a_space_keeps_its_boundary(
+    backend: Backend,
+    gateways: GatewayFactory,
+) -> None:
+    gw = gateways(backend.url, {"gateway": {"identity_secret": IDENTITY_SECRET}})
+    token = make_token("alice", scopes=None, roles=["billing admin", "chat"])
+    with gw.connect(token) as ws:
+        echo_roundtrip(ws, chat("hi"))
+    headers = backend.connection().headers
+    assert headers.get_all("X-Wsguard-Scopes") == ["billing%20admin chat"]
+    scopes = [urllib.parse.unquote(s) for s in headers["X-Wsguard-Scopes"].split(" ")]
+    assert scopes == ["billing admin", "chat"]
+    assert verify_identity(headers, IDENTITY_SECRET, upstream=backend.url)
+
+
 # -- 2. the message policy in front of the upstream ------------------------------------------
 
 
@@ -676,6 +690,28 @@ def test_handshake_refusals_open_no_upstream_connection(
     assert backend.handshakes == 1
     assert len(backend.connections) == 1
     assert not gw.audit.events("upstream_unavailable")
+
+
+def test_duplicate_keys_never_reach_the_backend(
+    backend: Backend,
+    gateways: GatewayFactory,
+) -> None:
+    gw = gateways(backend.url)
+    duplicates = [
+        '{"type":"chat","text":"x","text":"y"}',
+        '{"type":"command","type":"chat","text":"z"}',  # a "command" to a first-key parser
+    ]
+    with gw.connect(make_token("alice", scopes="chat")) as ws:
+        for text in duplicates:
+            ws.send(text)
+            error = recv_json(ws)  # an echo of the backend would show it got through
+            assert (error.get("type"), error.get("code")) == ("error", "invalid_message"), (
+                text,
+                error,
+            )
+        valid = chat("normal")
+        echo_roundtrip(ws, valid)
+    assert backend.connection().received == [valid]
 
 
 # -- 3. upstream to client ---------------------------------------------------------------------
@@ -854,6 +890,34 @@ def test_gateway_shutdown_closes_client_and_upstream(
     assert not stopping.is_alive()
 
 
+@pytest.mark.parametrize("answer", ["1000", "echo"])
+def test_revocation_close_code_reaches_the_backend(
+    answer: str,
+    backend: Backend,
+    gateways: GatewayFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    gw = gateways(backend.url)
+    with gw.connect(make_token("alice")) as ws:
+        echo_roundtrip(ws, chat("hi"))
+        record = backend.connection()
+        if answer == "1000":  # the client answers wsguard's close with 1000, not 4003
+            protocol = ws.protocol
+            original = protocol.send_frame
+
+            def answer_1000(frame: Frame) -> None:
+                if frame.opcode is Opcode.CLOSE:
+                    frame = Frame(Opcode.CLOSE, Close(1000, "").serialize())
+                original(frame)
+
+            monkeypatch.setattr(protocol, "send_frame", answer_1000)
+        gw.run_coro(gw.app.guard.store.revoke("sub", "alice", 60))
+        assert close_of(ws, timeout=3)[0] == 4003
+    assert record.closed.wait(3)
+    assert record.close_code == 4003  # what wsguard said, not the client's answer
+    assert record.received == [chat("hi")]
+
+
 # -- 5. upstream down or failing ---------------------------------------------------------------
 
 
@@ -1014,6 +1078,20 @@ def test_route_down_closes_only_its_clients(backend: Backend, gateways: GatewayF
         assert close_of(ws) == (1013, "upstream unavailable")
     with gw.connect(path="/up") as ws:
         echo_roundtrip(ws, chat("fine"))
+
+
+def test_route_matches_a_path_with_a_query(
+    backends: BackendFactory,
+    gateways: GatewayFactory,
+) -> None:
+    default, side_a = backends(), backends()
+    gw = gateways(default.url, {"gateway": {"routes": {"/a": side_a.url}}})
+    with gw.connect(path="/a?room=1") as ws:
+        echo_roundtrip(ws, chat("to a"))
+    assert default.connections == []  # not the default upstream
+    record = side_a.connection()
+    assert record.received == [chat("to a")]
+    assert record.path == "/"  # the client's query is not passed on
 
 
 # -- 8. back-pressure ------------------------------------------------------------------------

@@ -43,6 +43,18 @@ def test_binary_needs_messages_binary() -> None:
     assert isinstance(allowed.evaluate(state, b"\x00\x01", 0.0), Deliver)
 
 
+def test_opaque_binary_type_does_not_allow_binary_frames() -> None:
+    refused = policy(binary=False, types={"blob": {"binary": True}})
+    state = refused.open(Identity("alice"), 0.0)
+    closed = refused.evaluate(state, b"\x00\x01", 0.0)
+    assert isinstance(closed, Close), closed
+    assert closed.code == 1003
+    assert isinstance(refused.evaluate(state, "text passes unparsed", 0.0), Deliver)
+    allowed = policy(binary=True, types={"blob": {"binary": True}})
+    state = allowed.open(Identity("alice"), 0.0)
+    assert isinstance(allowed.evaluate(state, b"\x00\x01", 0.0), Deliver)
+
+
 def test_rates_still_apply() -> None:
     config = make_config(
         {"messages": {"format": "opaque"}, "limits": {"message_burst": 2, "messages_per_minute": 1}}

@@ -6,17 +6,21 @@ WebSocket clients, and receive the alert posts with a real local HTTP server
 (:class:`WebhookReceiver`, a ``ThreadingHTTPServer`` on 127.0.0.1). The window
 and cool-down arithmetic of :class:`AlertEngine` and the per-rule cool-down of
 :class:`Webhook` are also tested directly with a fake clock, so no test waits a
-real cool-down out. Nothing sleeps for timing: asynchronous effects are polled
-for with a deadline.
+real cool-down out. The webhook sender starts over after its HTTP client failed, the
+default per-address auth-failure rule counts the attempts an address keeps making
+through its ban, and an alert's ban made during a store outage is tried again until it
+reaches every node. Nothing sleeps for timing: asynchronous effects are polled for with
+a deadline.
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -32,9 +36,13 @@ from conftest import (
     admin_headers,
     admin_overrides,
     close_of,
+    eventually,
     make_token,
 )
-from support.redis_process import RedisProcess
+from support.admin import ROOMY, request, welcomed
+from support.cluster import EVERY_CHECK_OPEN
+from support.net import PROXY_VARIABLES
+from support.redis_process import RedisProcess, writes_paused
 from wsguard.config.loader import validate_config
 from wsguard.config.model import AlertsConfig
 from wsguard.errors import ConfigError
@@ -65,15 +73,6 @@ NO_DEFAULT_RULES: dict[str, dict[str, Any]] = {
 
 
 # -- helpers ------------------------------------------------------------------------
-
-
-def eventually(check: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
-    """Poll *check* until it is true; fail naming *what* after *timeout* seconds."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what}: not within {timeout}s")
-        time.sleep(0.02)
 
 
 class FakeClock:
@@ -197,6 +196,18 @@ def metric(server: RunningServer, name: str, **labels: str) -> float:
     pytest.fail(f"metric {name}{labels} not exposed")
 
 
+def scrape(server: RunningServer, name: str, **labels: str) -> float:
+    """One sample of GET /metrics, fetched without the environment's proxies (0 when the
+    labelled sample is not exposed yet)."""
+    response = request(server, "GET", "/metrics")
+    assert response.status_code == 200
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return 0.0
+
+
 def admin_get(server: RunningServer, path: str) -> dict[str, Any]:
     response = httpx.get(server.admin_url + path, headers=admin_headers(), timeout=5)
     assert response.status_code == 200, response.text
@@ -226,7 +237,7 @@ def fail_auth(server: RunningServer, times: int, source: str | None = None) -> N
         assert refused_status(server, make_token(secret=WRONG_SECRET), **kwargs) == 401
 
 
-def assert_pong(ws: ClientConnection, msg_id: int) -> None:
+def assert_pong(ws: ClientConnection, msg_id: int | str) -> None:
     ws.send(json.dumps({"type": "ping", "id": msg_id}))
     reply = json.loads(ws.recv(timeout=5))
     assert reply["type"] == "pong", reply
@@ -293,10 +304,10 @@ def test_auth_failure_rule_fires_once_audits_posts_counts_and_lists(
     assert fired[0]["count"] == 4
     assert fired[0]["window_s"] == 60
 
-    eventually(lambda: receiver.count() >= 1, "the alert posted to the webhook")
+    eventually(lambda: receiver.count() >= 1, what="the alert posted to the webhook")
     eventually(
         lambda: metric(server, "wsguard_alert_webhooks_total", result="ok") == 1,
-        "the webhook post counted as ok",
+        what="the webhook post counted as ok",
     )
     (post,) = receiver.posts()
     assert receiver.content_types == ["application/json"]
@@ -325,14 +336,14 @@ def test_auth_failure_rule_fires_once_audits_posts_counts_and_lists(
     fail_auth(server, 10)
     eventually(
         lambda: len(server.audit.events("handshake_refused")) == 20,
-        "all 20 refusals processed",
+        what="all 20 refusals processed",
     )
     eventually(
         lambda: (
             metric(server, "wsguard_handshakes_total", outcome="refused", reason="bad_signature")
             == 20
         ),
-        "all 20 refusals counted",
+        what="all 20 refusals counted",
     )
     assert len(audit_alerts(server, rule)) == 1
     assert metric(server, "wsguard_alerts_total", rule=rule) == 1
@@ -354,7 +365,9 @@ def test_alerts_disabled_fires_nothing(
         enabled=False,
     )
     fail_auth(server, 3)
-    eventually(lambda: len(server.audit.events("handshake_refused")) == 3, "refusals processed")
+    eventually(
+        lambda: len(server.audit.events("handshake_refused")) == 3, what="refusals processed"
+    )
     assert server.audit.events("alert") == []
     assert admin_get(server, "/alerts") == {"alerts": [], "rules": {}}
     assert receiver.count() == 0
@@ -573,7 +586,7 @@ def test_auth_failure_alert_ban_refuses_the_address(server_factory: ServerFactor
         {rule: {"events": ["auth"], "per": "address", "threshold": 2, "ban_seconds": 120}},
     )
     fail_auth(server, 3)
-    eventually(lambda: bool(server.audit.events("ban_started")), "the alert's ban")
+    eventually(lambda: bool(server.audit.events("ban_started")), what="the alert's ban")
     (ban,) = server.audit.events("ban_started")
     assert ban["reason"] == f"alert:{rule}"
     assert ban["client"] == "127.0.0.1"
@@ -597,6 +610,67 @@ def test_alert_without_ban_seconds_does_not_ban(server_factory: ServerFactory) -
     ws.close()
 
 
+def guess_through_the_ban(server: RunningServer) -> list[dict[str, Any]]:
+    """26 handshakes with a bad token from 127.0.0.1: 5 x 401, then 21 x 429 (banned).
+
+    Returns the rule's firings (audit ``alert`` events), polled for.
+    """
+    from websockets.exceptions import InvalidStatus
+
+    statuses: list[int] = []
+    for _ in range(26):
+        with pytest.raises(InvalidStatus) as info:
+            server.connect(make_token(secret=WRONG_SECRET)).close()
+        statuses.append(info.value.response.status_code)
+    assert statuses == [401] * 5 + [429] * 21  # the default limits' handshake ban
+
+    def fired() -> list[dict[str, Any]]:
+        alerts = server.audit.events("alert")
+        return [e for e in alerts if e["rule"] == "auth_failures_per_address"]
+
+    alerts = eventually(fired, 5, "the auth_failures_per_address alert")
+    assert len(alerts) == 1
+    assert alerts[0]["client"] == "127.0.0.1"
+    assert alerts[0]["count"] == 21
+    return alerts
+
+
+def test_default_auth_failure_rule_fires_with_default_limits(
+    server_factory: ServerFactory,
+) -> None:
+    # only 5 attempts are auth refusals: the rule fires because it counts the banned ones
+    server = server_factory(admin_overrides())  # default limits and alert rules
+    rule = server.app.config.alerts.rules["auth_failures_per_address"]
+    (alert,) = guess_through_the_ban(server)
+    assert alert.get("ban_s") == (rule.ban_seconds or None)
+    bans = {b["address"]: b["remaining_seconds"] for b in admin_get(server, "/bans")["bans"]}
+    assert "127.0.0.1" in bans
+    if not rule.ban_seconds:  # the default only alerts: the 60 s handshake ban stays
+        assert bans["127.0.0.1"] <= 60
+        assert [e["reason"] for e in server.audit.events("ban_started")] == ["auth_failures"]
+
+
+def test_auth_failure_rule_ban_extends_the_handshake_ban(server_factory: ServerFactory) -> None:
+    server = server_factory(
+        {
+            **admin_overrides(),
+            "alerts": {"rules": {"auth_failures_per_address": {"ban_seconds": 900}}},
+        }
+    )
+    (alert,) = guess_through_the_ban(server)
+    assert alert["ban_s"] == 900
+
+    def extended() -> list[dict[str, Any]] | None:
+        bans = admin_get(server, "/bans")["bans"]
+        found = [b for b in bans if b["address"] == "127.0.0.1" and b["remaining_seconds"] > 60]
+        return found or None
+
+    (ban,) = eventually(extended, 5, "the alert's 900 s ban of 127.0.0.1")
+    assert ban["remaining_seconds"] <= 900
+    reasons = [e["reason"] for e in server.audit.events("ban_started")]
+    assert reasons == ["auth_failures", "alert:auth_failures_per_address"]
+
+
 # -- 4. webhook delivery: retries, failures, never blocking the loop -------------------------
 
 
@@ -614,7 +688,7 @@ def test_webhook_retries_until_the_receiver_accepts(
     fail_auth(server, 1)
     eventually(
         lambda: metric(server, "wsguard_alert_webhooks_total", result="ok") == 1,
-        "the post accepted on the third attempt",
+        what="the post accepted on the third attempt",
     )
     posts = receiver.posts()
     assert len(posts) == 3  # 500, 500, 200: no fourth attempt
@@ -638,7 +712,7 @@ def test_webhook_that_never_succeeds_gives_up_after_the_retries(
     fail_auth(server, 1)
     eventually(
         lambda: metric(server, "wsguard_alert_webhooks_total", result="failed") == 1,
-        "the post given up",
+        what="the post given up",
     )
     assert receiver.count() == 2  # the attempt and one retry
     assert metric(server, "wsguard_alert_webhooks_total", result="ok") == 0
@@ -662,7 +736,7 @@ def test_unreachable_webhook_fails_without_harm(server_factory: ServerFactory) -
     fail_auth(server, 1)
     eventually(
         lambda: metric(server, "wsguard_alert_webhooks_total", result="failed") == 1,
-        "the post to a closed port given up",
+        what="the post to a closed port given up",
     )
     with server.connect_welcomed() as ws:
         assert_pong(ws, 1)
@@ -682,7 +756,7 @@ def test_hung_webhook_does_not_block_the_event_loop_and_times_out(
     )
     ws = server.connect_welcomed()
     fail_auth(server, 1)
-    eventually(lambda: receiver.holding == 1, "the receiver holding the alert post")
+    eventually(lambda: receiver.holding == 1, what="the receiver holding the alert post")
 
     # while the post is pending, the server answers at once: pings, new handshakes,
     # refusals and the admin API all run on the loop the post must not block
@@ -695,12 +769,76 @@ def test_hung_webhook_does_not_block_the_event_loop_and_times_out(
     assert webhook["ok"] == webhook["failed"] == 0
 
     # the per-attempt timeout ends the post although the receiver never answers
-    eventually(lambda: webhook["failed"] == 1, "the hung post timed out")
+    eventually(lambda: webhook["failed"] == 1, what="the hung post timed out")
     assert receiver.holding == 1
     assert receiver.count() == 1  # no retries configured
     assert_pong(ws, 3)
     ws.close()
     receiver.release()
+
+
+def socksio_missing() -> bool:
+    return importlib.util.find_spec("socksio") is None
+
+
+def test_webhook_sender_starts_over_after_its_client_failed(
+    server_factory: ServerFactory,
+    receiver: WebhookReceiver,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    if not socksio_missing():
+        pytest.skip("socksio is installed: a SOCKS proxy setting does not break httpx here")
+    for name in PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+    rule = {"events": ["auth"], "per": "address", "window_seconds": 60, "cooldown_seconds": 300}
+    server = server_factory(
+        {
+            **admin_overrides(),
+            "limits": ROOMY_LIMITS,
+            "alerts": {
+                "webhook_url": receiver.url,
+                "webhook_retries": 0,
+                "rules": {
+                    **NO_DEFAULT_RULES,
+                    # fires on the first auth failure of an address, then the other rule on
+                    # the second (each is quiet for its cool-down afterwards)
+                    "first_failure": {**rule, "threshold": 0},
+                    "second_failure": {**rule, "threshold": 1},
+                },
+            },
+        }
+    )
+
+    def fail_auth() -> None:
+        from websockets.exceptions import InvalidStatus
+
+        with pytest.raises(InvalidStatus) as info:
+            server.connect(make_token(secret=WRONG_SECRET), proxy=None).close()
+        assert info.value.response.status_code == 401
+
+    # httpx without socksio cannot create a client with a SOCKS proxy from the environment
+    monkeypatch.setenv("ALL_PROXY", "socks5://127.0.0.1:1")
+    fail_auth()
+    eventually(
+        lambda: scrape(server, "wsguard_alert_webhooks_total", result="failed") == 1,
+        5,
+        "the first alert's post counted as failed",
+    )
+    assert receiver.count() == 0
+
+    monkeypatch.delenv("ALL_PROXY")
+    fail_auth()
+    eventually(lambda: receiver.count() == 1, 5, "the second alert posted")
+    assert receiver.posts()[0]["rule"] == "second_failure"
+    eventually(
+        lambda: scrape(server, "wsguard_alert_webhooks_total", result="ok") == 1,
+        5,
+        "the second alert's post counted as ok",
+    )
+    assert scrape(server, "wsguard_alert_webhooks_total", result="failed") == 1
+    fired = [e["rule"] for e in server.audit.events("alert")]
+    assert fired == ["first_failure", "second_failure"]
 
 
 # -- 5. at most one post per rule per cool-down --------------------------------------------
@@ -730,7 +868,7 @@ def test_second_address_within_the_cooldown_fires_but_is_not_posted(
     assert metric(server, "wsguard_alert_webhooks_total", result="suppressed") == 1
     eventually(
         lambda: metric(server, "wsguard_alert_webhooks_total", result="ok") == 1,
-        "the first firing posted",
+        what="the first firing posted",
     )
     (post,) = receiver.posts()
     assert post["address"] == "127.0.0.1"
@@ -781,7 +919,7 @@ def test_rules_with_webhook_off_are_not_posted(
     assert [e["rule"] for e in server.audit.events("alert")] == ["quiet", "loud"]
     eventually(
         lambda: metric(server, "wsguard_alert_webhooks_total", result="ok") == 1,
-        "the loud rule posted",
+        what="the loud rule posted",
     )
     assert [p["rule"] for p in receiver.posts()] == ["loud"]
 
@@ -930,7 +1068,7 @@ def test_store_outage_fires_the_default_rule_once(
                 pytest.fail(f"refused with {exc.response.status_code}, expected 503")
         return bool(audit_alerts(server, "store_outage"))
 
-    eventually(outage_alerted, "the store_outage alert", timeout=10)
+    eventually(outage_alerted, what="the store_outage alert", timeout=10)
     for _ in range(5):  # the outage goes on: still one alert
         assert refused_status(server, make_token("probe")) == 503
     (fired,) = audit_alerts(server, "store_outage")
@@ -941,7 +1079,7 @@ def test_store_outage_fires_the_default_rule_once(
     assert len(server.audit.events("store_outage")) == 1
     assert server.audit.events("alert") == [fired]  # no other rule fired
 
-    eventually(lambda: receiver.count() >= 1, "the store_outage alert posted")
+    eventually(lambda: receiver.count() >= 1, what="the store_outage alert posted")
     (post,) = receiver.posts()
     assert post["rule"] == "store_outage"
     assert post["address"] is None
@@ -950,3 +1088,39 @@ def test_store_outage_fires_the_default_rule_once(
     assert metric(server, "wsguard_alerts_total", rule="store_outage") == 1
     assert metric(server, "wsguard_store_up") == 0
     assert [a["rule"] for a in admin_get(server, "/alerts")["alerts"]] == ["store_outage"]
+
+
+def test_an_alert_ban_during_an_outage_reaches_every_node_once_the_store_is_back(
+    server_factory: ServerFactory, own_redis: RedisProcess, clients: list[ClientConnection]
+) -> None:
+    cluster = {"on_store_error": EVERY_CHECK_OPEN}
+    rule = {
+        "events": ["connection"],
+        "per": "address",
+        "threshold": 0,
+        "ban_seconds": 120,
+        "webhook": False,
+    }
+    b = server_factory({**ROOMY, "store": own_redis.uri, "cluster": cluster})
+    a = server_factory(
+        {
+            **ROOMY,
+            "store": own_redis.uri,
+            "cluster": cluster,
+            "alerts": {"rules": {"ban_on_connect": rule}},
+        }
+    )
+    alice, _ = welcomed(b, clients, "alice")
+    with writes_paused(own_redis):
+        mallory, _ = welcomed(a, clients, "mallory")  # fires the rule: ban 127.0.0.1
+        failed = eventually(lambda: a.audit.events("ban_failed"), 15, "the failed ban is audited")
+        assert failed[0]["reason"] == "alert:ban_on_connect"
+        assert failed[0]["client"] == "127.0.0.1"
+        assert failed[0]["retry_in"] > 0
+        assert a.audit.events("ban_started") == []  # no ban is claimed
+        assert_pong(alice, "not-yet")
+    # the store answers again: the ban is tried again and closes the address on every node
+    assert close_of(alice, 30) == (1008, "banned")
+    assert close_of(mallory, 10) == (1008, "banned")
+    started = eventually(lambda: a.audit.events("ban_started"), 5, "the ban is audited")
+    assert [(e["client"], e["reason"]) for e in started] == [("127.0.0.1", "alert:ban_on_connect")]

@@ -1,17 +1,23 @@
-"""The security audit log: one JSON object per line, no forged lines, no secrets."""
+"""The security audit log: one JSON object per line, no forged lines, no secrets (not in
+the server's debug logs either)."""
 
 from __future__ import annotations
 
 import io
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.sync.client import ClientConnection, connect
+from websockets.typing import Origin, Subprotocol
 
 from conftest import (
+    SECRET,
     AuditCapture,
     RunningServer,
     ServerFactory,
@@ -21,12 +27,15 @@ from conftest import (
     status_of,
     upgrade_request,
 )
+from support.cli import cli_env
+from support.serve_process import Served
 from wsguard.guard import Guard
 from wsguard.hosts.app import App
 from wsguard.hosts.demo import install_demo
 from wsguard.observability.audit import AuditLog
 
 APP_ORIGIN = "https://app.example.com"
+BAD_TOKEN = make_token("mallory", secret="not-the-server-secret-but-long-enough-0123456789")
 MAX_FIELD = 256  # documented truncation length of client-supplied strings
 
 
@@ -55,6 +64,25 @@ def refuse(server: RunningServer, **kwargs: Any) -> int:
     with pytest.raises(InvalidStatus) as info:
         server.connect(**kwargs)
     return int(info.value.response.status_code)
+
+
+def recv_json(ws: ClientConnection, timeout: float = 5) -> dict[str, Any]:
+    data = ws.recv(timeout=timeout)
+    assert isinstance(data, str), data
+    out = json.loads(data)
+    assert isinstance(out, dict)
+    return out
+
+
+def ping(ws: ClientConnection, ident: str | int) -> dict[str, Any]:
+    """Send a demo ping; return the server's answer (a pong or an error frame)."""
+    ws.send(json.dumps({"type": "ping", "id": ident}))
+    return recv_json(ws)
+
+
+def assert_alive(ws: ClientConnection, ident: str) -> None:
+    answer = ping(ws, ident)
+    assert (answer["type"], answer["id"]) == ("pong", ident), answer
 
 
 # -- shape of every record ---------------------------------------------------------------
@@ -304,6 +332,106 @@ def test_tokens_cookies_and_bodies_never_logged(server_factory: ServerFactory) -
     assert cookie_marker not in text
     assert "wsguard_token" not in text
     assert any(r.get("path") == "/?token=REDACTED" for r in records(text))
+
+
+@contextmanager
+def served(args: list[str], env: dict[str, str], audit_path: Path) -> Iterator[Served]:
+    proc = Served(args, env, audit_path)
+    try:
+        yield proc
+    finally:
+        proc.kill()
+
+
+def test_debug_logs_and_audit_never_contain_a_token(tmp_path: Path) -> None:
+    config = tmp_path / "wsguard.toml"
+    config.write_text(
+        f'[auth]\ncookie = true\nquery = true\n[origin]\nallowed = ["{APP_ORIGIN}"]\n'
+    )
+    tokens = {
+        "header": make_token("via-header"),
+        "subprotocol": make_token("via-subprotocol"),
+        "cookie": make_token("via-cookie"),
+        "query": make_token("via-query"),
+        "refresh": make_token("via-header", ttl=7200),
+        "bad-header": BAD_TOKEN,
+        "bad-query": make_token("q", secret="another-wrong-secret-long-enough-0123456789"),
+    }
+    args = ["--config", str(config), "--port", "0", "--log-level", "debug"]
+    env = cli_env(tmp_path, WSGUARD_JWT_SECRET=SECRET)
+    with served(args, env, tmp_path / "audit.jsonl") as proc:
+        port = proc.wait_listening()
+        base = f"ws://{proc.host}:{port}/"
+
+        def open_with(transport: str, token: str) -> ClientConnection:
+            # cookie auth is on, so every handshake comes from the allowed page
+            url, headers = base, {}
+            protocols = [Subprotocol("wsguard.v1")]
+            if transport == "header":
+                headers["Authorization"] = f"Bearer {token}"
+            elif transport == "subprotocol":
+                protocols.append(Subprotocol(f"token.{token}"))
+            elif transport == "cookie":
+                headers["Cookie"] = f"wsguard_token={token}"
+            else:
+                url = f"{base}?token={token}"
+            return connect(
+                url,
+                additional_headers=headers,
+                subprotocols=protocols,
+                origin=Origin(APP_ORIGIN),
+                open_timeout=10,
+            )
+
+        for transport in ("header", "subprotocol", "cookie", "query"):
+            with open_with(transport, tokens[transport]) as ws:
+                assert recv_json(ws)["type"] == "welcome"
+                assert_alive(ws, transport)
+                if transport == "header":  # in-band refresh carries a token in a frame
+                    ws.send(json.dumps({"type": "auth", "token": tokens["refresh"], "id": 1}))
+                    assert recv_json(ws)["type"] == "auth_ok"
+        for transport, name in (("header", "bad-header"), ("query", "bad-query")):
+            with pytest.raises(InvalidStatus) as info:
+                open_with(transport, tokens[name]).close()
+            assert info.value.response.status_code == 401
+        assert proc.stop() == 0
+        logs = proc.stderr
+        audit = proc.audit_path.read_text()
+    assert " DEBUG " in logs, f"the server did not log at debug level:\n{logs}"
+    events = [json.loads(line)["event"] for line in audit.splitlines() if line]
+    assert events.count("connection_admitted") == 4, events
+    assert events.count("handshake_refused") == 2, events
+    for name, token in tokens.items():
+        signature = token.rsplit(".", 1)[1]
+        for where, text in (("server log", logs), ("audit log", audit)):
+            assert token not in text, f"{name} token in the {where}"
+            assert signature not in text, f"{name} token signature in the {where}"
+
+
+def test_embedded_app_with_debug_logging_never_logs_tokens(
+    server_factory: ServerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An App embedded in a program that logs everything at DEBUG: the engine's debug
+    records (raw request headers) stay suppressed, so no token reaches any handler."""
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    logging.getLogger("wsguard.server").debug("capture check")  # proves DEBUG is captured
+    running = server_factory()
+    token = make_token("alice", scopes="chat")
+    with running.connect(token) as ws:
+        ws.recv(timeout=5)
+        ws.send(json.dumps({"type": "ping", "id": "p1"}))
+        ws.recv(timeout=5)
+    with pytest.raises(InvalidStatus):
+        running.connect(token + "x")
+    # the test's own client logs its headers too: only the server side is checked
+    server_records = [r for r in caplog.records if not r.name.startswith("websockets.client")]
+    assert server_records, "debug logging was not captured at all"
+    text = "\n".join(record.getMessage() for record in server_records)
+    signature = token.rsplit(".", 1)[1]
+    assert signature not in text
+    assert token.split(".")[1] not in text
 
 
 # -- where the audit goes ---------------------------------------------------------------------

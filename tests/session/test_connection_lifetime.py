@@ -1,8 +1,10 @@
 """Connection lifetime, liveness and back-pressure (issue 3).
 
 Token expiry and in-band refresh, maximum lifetime, idle timeout, server
-heartbeats, the bounded outbound queue (slow consumers), graceful shutdown,
-and the ``connection_closed`` audit record every close leaves behind.
+heartbeats, the bounded outbound queue (slow consumers), ``Connection.close()``
+(refusing codes and reasons that cannot go on the wire), graceful shutdown (with
+``drain_seconds = 0`` too), and the ``connection_closed`` audit record every close
+leaves behind.
 
 Everything runs against a real server on a loopback port; clients that must
 misbehave at the protocol level (never answer pings, never read) are raw
@@ -12,6 +14,7 @@ timeouts, never by fixed sleeps.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
@@ -31,8 +34,22 @@ import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
-from conftest import RunningServer, ServerFactory, make_token, status_of, upgrade_request
+from conftest import (
+    AuditCapture,
+    RunningServer,
+    ServerFactory,
+    make_config,
+    make_token,
+    status_of,
+    upgrade_request,
+)
 from support.paths import WSGUARD
+from support.wire import OP_CLOSE
+from wsguard.guard import Guard
+from wsguard.hosts.app import App
+from wsguard.hosts.demo import install_demo
+from wsguard.observability.audit import AuditLog
+from wsguard.session import Connection
 
 # How early a timed close may arrive and still count as "at" its deadline
 # (timer granularity; the deadline itself is computed from wall-clock time).
@@ -202,6 +219,61 @@ class RawClient:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def read_head(sock: socket.socket) -> tuple[bytes, bytes]:
+    """Read an HTTP response head; return it and whatever followed it."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    return head, rest
+
+
+class FrameReader:
+    """Reads unmasked server frames from a raw socket (never answers anything)."""
+
+    def __init__(self, sock: socket.socket, buffered: bytes = b"") -> None:
+        self.sock = sock
+        self.buf = buffered
+
+    def _read(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("server closed the TCP connection")
+            self.buf += chunk
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+    def frame(self) -> tuple[int, bytes]:
+        b0, b1 = self._read(2)
+        n = b1 & 0x7F
+        if n == 126:
+            n = int.from_bytes(self._read(2), "big")
+        elif n == 127:
+            n = int.from_bytes(self._read(8), "big")
+        return b0 & 0x0F, self._read(n)
+
+    def close_code(self) -> int:
+        """Skip data frames until the server's close frame; return its code."""
+        while True:
+            opcode, payload = self.frame()
+            if opcode == OP_CLOSE:
+                assert len(payload) >= 2, payload
+                return int.from_bytes(payload[:2], "big")
+
+    def wait_eof(self) -> None:
+        """Block (the socket timeout applies) until the server drops the TCP connection."""
+        while True:
+            try:
+                if not self.sock.recv(65536):
+                    return
+            except ConnectionResetError:
+                return
 
 
 @pytest.fixture
@@ -513,6 +585,57 @@ def test_slow_consumer_close_is_audited_with_1008(
     assert event["code"] == 1008
 
 
+# -- closing a connection from the application ----------------------------------------------
+
+
+def only_connection(server: RunningServer) -> Connection:
+    conns = server.call(lambda: list(server.app.connections.values()))
+    assert len(conns) == 1, conns
+    conn = conns[0]
+    assert isinstance(conn, Connection)
+    return conn
+
+
+def expect_close(ws: ClientConnection, timeout: float = 5) -> tuple[int, str]:
+    with pytest.raises(ConnectionClosed) as info:
+        ws.recv(timeout=timeout)
+    assert info.value.rcvd is not None, "the server sent no close frame"
+    return int(info.value.rcvd.code), info.value.rcvd.reason
+
+
+@pytest.mark.parametrize("code", [1005, 1006, 1015, 1004, 999, 0, 2999, 5000, 65535, -1])
+def test_close_refuses_codes_that_cannot_be_sent(server: RunningServer, code: int) -> None:
+    with server.connect_welcomed() as ws:
+        conn = only_connection(server)
+        with pytest.raises(ValueError, match=f"close code {code} "):
+            server.run_coro(conn.close(code, "nope"))
+        # nothing went on the wire and the connection is not left half-closed
+        assert server.call(lambda: conn.closing) is False
+        ping_pong(ws, "still-open")
+        server.run_coro(conn.close(4000, "valid"))
+        assert expect_close(ws) == (4000, "valid")
+
+
+def test_close_refuses_reasons_over_123_bytes(server: RunningServer) -> None:
+    with server.connect_welcomed() as ws:
+        conn = only_connection(server)
+        for reason in ("x" * 124, "\u00e9" * 62, "x" * 1000):  # 124 bytes of UTF-8 in 62 chars
+            with pytest.raises(ValueError, match="123 bytes"):
+                server.run_coro(conn.close(1000, reason))
+            assert server.call(lambda: conn.closing) is False
+            ping_pong(ws, f"still-open-{len(reason)}")
+        longest = "\u00e9" * 61 + "x"  # exactly 123 bytes
+        server.run_coro(conn.close(1000, longest))
+        assert expect_close(ws) == (1000, longest)
+
+
+@pytest.mark.parametrize("code", [1000, 1001, 1008, 1011, 1014, 3000, 4999])
+def test_close_accepts_every_sendable_code(server: RunningServer, code: int) -> None:
+    with server.connect_welcomed() as ws:
+        server.run_coro(only_connection(server).close(code, "bye"))
+        assert expect_close(ws) == (code, "bye")
+
+
 # -- shutdown ---------------------------------------------------------------------------------
 
 
@@ -547,6 +670,116 @@ def test_draining_refuses_new_handshakes_with_503(server_factory: ServerFactory)
         ping_pong(existing, "still-served")
     refusals = server.audit.events("handshake_refused")
     assert [e.get("reason") for e in refusals] == ["draining"], refusals
+
+
+class KeptAudit(AuditCapture):
+    """An audit capture that stays readable after the server closes its audit log."""
+
+    def close(self) -> None:
+        pass
+
+
+class LingeringServer(RunningServer):
+    """A RunningServer whose event loop outlives the app until :meth:`finish`.
+
+    The app runs as in RunningServer (``App.serve()``, its cleanup included), but the
+    loop keeps running after ``App.stop()`` -- as in a process embedding the app -- so
+    a handshake accepted before the stop is still answered after it.
+    """
+
+    def __init__(self, app: App, audit: AuditCapture) -> None:
+        super().__init__(app, audit)
+        self._finish = asyncio.Event()
+
+    async def _main(self) -> None:
+        await super()._main()  # start, then serve until stopped
+        await self._finish.wait()
+
+    async def _wind_down(self) -> None:
+        await self.app.stop()  # a no-op once stopped
+        self._finish.set()
+
+    def finish(self) -> None:
+        if self._thread.is_alive():
+            asyncio.run_coroutine_threadsafe(self._wind_down(), self.loop)
+            self._done.result(timeout=30)
+
+
+@pytest.fixture
+def lingering_server() -> Iterator[LingeringServer]:
+    audit = KeptAudit()
+    config = make_config({"liveness": {"drain_seconds": 0}})
+    app = App(guard=Guard(config, audit=AuditLog(audit)))
+    install_demo(app)
+    server = LingeringServer(app, audit)
+    server.start()
+    yield server
+    server.finish()
+
+
+def test_drain_zero_closes_promptly_with_1001_and_refuses_handshakes_with_503(
+    lingering_server: LingeringServer,
+) -> None:
+    server = lingering_server
+    port = server.port
+    # a handshake in progress: accepted, its request not complete yet
+    pending = socket.create_connection(("127.0.0.1", port), timeout=5)
+    pending.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+    # a client that never answers the closing handshake (raw socket, never writes again)
+    silent = socket.create_connection(("127.0.0.1", port), timeout=5)
+    polite: ClientConnection | None = None
+    try:
+        silent.sendall(upgrade_request(token=make_token("silent")))
+        head, rest = read_head(silent)
+        assert status_of(head) == 101, head[:200]
+        polite = server.connect_welcomed(make_token("polite"))
+        wait_until(lambda: server.connection_count() == 2, 5.0, "two admitted connections")
+
+        started = time.monotonic()
+        server.run_coro(server.app.stop())
+        elapsed = time.monotonic() - started
+        # drain_seconds = 0: no waiting for the silent client's close frame
+        assert elapsed < 2.0, f"stop() took {elapsed:.2f}s with drain_seconds = 0"
+
+        assert expect_close(polite)[0] == 1001
+        reader = FrameReader(silent, rest)
+        assert reader.close_code() == 1001
+        reader.wait_eof()  # dropped, not left open for close_timeout
+
+        # the handshake that was still in progress is refused by the draining policy
+        pending.sendall(
+            f"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+            f"Authorization: Bearer {make_token('late')}\r\n\r\n".encode()
+        )
+        late_head, _ = read_head(pending)
+        assert status_of(late_head) == 503, late_head[:200]
+        wait_until(
+            lambda: any(
+                e["reason"] == "draining" for e in server.audit.events("handshake_refused")
+            ),
+            5.0,
+            "the draining refusal in the audit log",
+        )
+        # and the listener is gone: nothing new is accepted
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+        wait_until(
+            lambda: len(server.audit.events("connection_closed")) == 2,
+            5.0,
+            "both connections audited as closed",
+        )
+        codes = sorted(
+            (e["subject"], e["code"], e["closed_by"])
+            for e in server.audit.events("connection_closed")
+        )
+        assert codes == [("polite", 1001, "server"), ("silent", 1001, "server")]
+    finally:
+        pending.close()
+        silent.close()
+        if polite is not None:
+            polite.close()
 
 
 def _read_port(proc: subprocess.Popen[str], timeout: float) -> tuple[int, str]:

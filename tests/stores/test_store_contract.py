@@ -1,8 +1,9 @@
 """The store contract: ``memory://`` and ``redis://`` give the same answers.
 
-One table of contract cases (:data:`CONTRACT`) runs against both stores. Then
-what only a shared store has: key prefixes that isolate clusters, leases that a
-dead node stops renewing, atomicity under concurrent load from eight store
+One table of contract cases (:data:`CONTRACT`) runs against both stores, and so does
+the rule that a shorter ban never shortens a longer one. Then what only a shared store
+has: key prefixes that isolate clusters, a ban index that counts the bans in force,
+leases that a dead node stops renewing, atomicity under concurrent load from eight store
 instances (and a naive two-step acquire that over-grants under the same load,
 which shows the assertions would catch a read-modify-write race), and a Redis
 outage with its recovery.
@@ -27,6 +28,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Itera
 from typing import Any, TypeVar
 
 import pytest
+import redis
 
 from support.redis_process import RedisProcess
 from wsguard.config.model import ClusterConfig, StoreFailureConfig
@@ -348,7 +350,52 @@ def test_shared_flag(store: Store) -> None:
     assert store.shared is store.uri.startswith("redis://")
 
 
+def test_a_shorter_ban_never_shortens_a_longer_one(store: Store, runner: asyncio.Runner) -> None:
+    async def scenario() -> None:
+        await store.ban("addr:10.0.0.1", 60)
+        await store.ban("addr:10.0.0.1", 5)
+        assert await store.ban_remaining("addr:10.0.0.1") > 5
+        listed = dict(await store.bans())
+        assert listed["addr:10.0.0.1"] > 5
+        await store.ban("addr:10.0.0.2", 5)  # a longer one does extend a shorter one
+        await store.ban("addr:10.0.0.2", 60)
+        assert await store.ban_remaining("addr:10.0.0.2") > 5
+
+    runner.run(scenario())
+
+
 # -- Redis only: prefixes, leases ---------------------------------------------------
+
+
+def test_redis_ban_index_counts_bans_in_force_and_drops_expired_ones(
+    runner: asyncio.Runner, redis_uri: str
+) -> None:
+    index_client = redis.Redis.from_url(redis_uri, decode_responses=True)
+
+    async def scenario() -> None:
+        async with redis_stores(redis_uri, CONTRACT_CLUSTER) as (store,):
+            index = store._key("bans")
+            await store.ban("addr:10.0.0.1", 0.2)
+            await store.ban("addr:10.0.0.2", 0.2)
+            await store.ban("addr:10.0.0.3", 60)
+            assert await store.active_ban_count() == 3
+            assert index_client.zcard(index) == 3
+
+            deadline = time.monotonic() + 5
+            while await store.active_ban_count() != 1:
+                assert time.monotonic() < deadline, "the short bans did not expire"
+                await asyncio.sleep(0.02)
+            assert await store.ban_remaining("addr:10.0.0.1") == 0
+            # the next write trims the expired members from the index
+            await store.ban("addr:10.0.0.4", 60)
+            members = {str(m) for m in index_client.zrange(index, 0, -1)}
+            assert members == {"addr:10.0.0.3", "addr:10.0.0.4"}
+            assert await store.active_ban_count() == 2
+
+    try:
+        runner.run(scenario())
+    finally:
+        index_client.close()
 
 
 def test_key_prefix_isolates_stores(runner: asyncio.Runner, redis_uri: str) -> None:

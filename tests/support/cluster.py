@@ -24,6 +24,11 @@ from support.serve_process import Served
 PREFIX = "wsguard:"  # the default cluster.key_prefix
 CHANNELS = (PREFIX + "revoke", PREFIX + "broadcast")
 
+#: ``cluster.on_store_error`` with every check failing open while the store is unreachable.
+EVERY_CHECK_OPEN = {
+    check: "open" for check in ("bans", "revocations", "nonces", "rate_limits", "connections")
+}
+
 #: Limits no test reaches unless it lowers one on purpose (every client is 127.0.0.1).
 ROOMY: dict[str, Any] = {
     "handshakes_per_minute": 10_000,

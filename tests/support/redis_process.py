@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -86,3 +88,14 @@ class RedisProcess:
         with self.client() as client:
             info = client.info("stats")
         return int(info["total_commands_processed"])
+
+
+@contextlib.contextmanager
+def writes_paused(redis_process: RedisProcess) -> Iterator[None]:
+    """A short Redis outage: write commands (PUBLISH and scripts among them) hang."""
+    with redis_process.client() as client:
+        client.client_pause(60_000, all=False)
+        try:
+            yield
+        finally:
+            client.client_unpause()

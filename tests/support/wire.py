@@ -48,6 +48,28 @@ def reset_close(sock: socket.socket) -> None:
     sock.close()
 
 
+def open_socket(port: int, data: bytes = b"") -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    if data:
+        sock.sendall(data)
+    return sock
+
+
+def response_head(port: int, data: bytes) -> bytes:
+    """Send *data*; the response head the server answers (up to the blank line)."""
+    with open_socket(port, data) as sock:
+        buffer = b""
+        while b"\r\n\r\n" not in buffer:
+            try:
+                chunk = sock.recv(4096)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            buffer += chunk
+        return buffer.partition(b"\r\n\r\n")[0]
+
+
 # -- WebSocket frames --------------------------------------------------------------------
 
 
