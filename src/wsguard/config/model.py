@@ -185,6 +185,7 @@ class MessagesConfig(_Section):
     max_depth: int = Field(default=16, ge=1, le=256)
     max_string_length: int = Field(default=4096, ge=1)
     max_keys: int = Field(default=256, ge=1)
+    max_containers: int = Field(default=256, ge=1, le=65536)
     binary: bool = False
     types: dict[str, MessageTypeConfig] = Field(
         default_factory=lambda: {
