@@ -242,6 +242,7 @@ class HandshakePolicy:
             origin=origin,
             subprotocol=self.select_subprotocol(offered),
             _release=lease.release,
+            holder=lease.holder,
         )
 
     def _authenticate(self, credentials: Credentials | None, cert: str | None) -> Identity:

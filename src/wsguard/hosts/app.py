@@ -314,6 +314,7 @@ class App:
                 functools.partial(close_revoked, self.guard.audit),
                 on_disconnect=functools.partial(close_disconnected, self.guard.audit),
                 address_key=self.guard.address_key,
+                audit=self.guard.audit,
             )
         if self.config.admin.enabled and self.admin is None:
             from wsguard.admin.server import AdminServer

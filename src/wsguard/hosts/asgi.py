@@ -209,6 +209,7 @@ class WsGuardMiddleware:
                 functools.partial(close_revoked, self.guard.audit),
                 on_disconnect=functools.partial(close_disconnected, self.guard.audit),
                 address_key=self.guard.address_key,
+                audit=self.guard.audit,
             )
             self._started = True
             if self.config.admin.enabled and self.admin is None:
