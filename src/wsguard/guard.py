@@ -261,7 +261,8 @@ class Guard:
         return self.messages.rate_limited(state, self.now(), ref, wait, decision.type)
 
     async def check_nonce(self, state: ConnectionState, decision: Deliver) -> MessageDecision:
-        """Record a signed message's nonce; a nonce seen before is a replay."""
+        """Record a message's nonce (a signed type's, or an unsigned type's with a replay
+        window); a nonce seen before is a replay."""
         verified = decision.nonce
         ref = decision.message.get("id")
         try:

@@ -166,6 +166,32 @@ class LimitsConfig(_Section):
         return self
 
 
+class ReplayConfig(_Section):
+    """A replay window for an unsigned message type: the client's nonce and timestamp
+    fields (top-level keys of the message), and how far the timestamp may be from the
+    server's time."""
+
+    nonce_field: str = "nonce"
+    timestamp_field: str = "timestamp"
+    window_seconds: float = Field(default=30.0, gt=0, le=3600)
+
+    @field_validator("nonce_field", "timestamp_field")
+    @classmethod
+    def _field_name(cls, value: str) -> str:
+        if not value or len(value) > 64 or not value.isprintable():
+            raise ValueError("must be a field name of 1 to 64 printable characters")
+        return value
+
+    @model_validator(mode="after")
+    def _distinct(self) -> ReplayConfig:
+        if self.nonce_field == self.timestamp_field:
+            raise ValueError("timestamp_field: must differ from nonce_field")
+        for key in ("nonce_field", "timestamp_field"):
+            if getattr(self, key) == "type":
+                raise ValueError(f"{key}: 'type' names the message type")
+        return self
+
+
 class MessageTypeConfig(_Section):
     """Policy of one message type."""
 
@@ -174,8 +200,18 @@ class MessageTypeConfig(_Section):
     scopes: tuple[str, ...] = ()
     binary: bool = False
     signed: bool = False
+    replay: ReplayConfig | None = None
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _one_replay_defence(self) -> MessageTypeConfig:
+        if self.signed and self.replay is not None:
+            raise ValueError(
+                "replay: a signed type is already replay-protected by its envelope "
+                "(nonce, ts); set either signed or replay"
+            )
+        return self
 
 
 class MessagesConfig(_Section):
@@ -200,6 +236,12 @@ class MessagesConfig(_Section):
         for name in value:
             if not name or len(name) > 64 or not name.isprintable():
                 raise ValueError(f"invalid message type name {name!r}")
+        auth = value.get("auth")
+        if auth is not None and auth.replay is not None:
+            raise ValueError(
+                "messages.types.auth.replay: a token refresh is not a delivered message "
+                "(its token is verified and checked for revocation instead)"
+            )
         return value
 
 
@@ -640,6 +682,13 @@ class Config(_Section):
             raise ValueError(
                 f"messages.format: signed types ({', '.join(signed)}) need messages.format "
                 '= "json" (opaque frames are not parsed, so nothing would be verified)'
+            )
+        windowed = [n for n, t in self.messages.types.items() if t.replay is not None]
+        if self.messages.format == "opaque" and windowed:
+            raise ValueError(
+                f"messages.format: types with a replay window ({', '.join(windowed)}) need "
+                'messages.format = "json" (opaque frames are not parsed, so nothing would be '
+                "checked)"
             )
         if signed and not (self.signing.keys_file or self.signing.session_keys):
             raise ValueError(

@@ -3,9 +3,12 @@
 Per message, in order: rate limits (every frame counts, refused or not),
 frame kind (binary refused unless allowed), JSON parsing with a compiled parser,
 structural bounds (depth, string length, keys, number size), the type
-allowlist, authorization (scopes per type), the type's JSON Schema, and the
-in-band ``auth`` refresh. Violations (rate, invalid, forbidden) spend a budget
-that decays over time; a client past it is closed with 1008.
+allowlist, authorization (scopes per type), the signature (signed types) or the
+replay window's nonce and timestamp (types with ``replay``), the type's JSON
+Schema, and the in-band ``auth`` refresh. Violations (rate, invalid, forbidden,
+signature, replay) spend a budget that decays over time; a client past it is
+closed with 1008. A nonce still to be recorded (cluster-wide, in the store) leaves
+with the ``Deliver`` decision; the Session records it.
 
 State is per connection (:class:`ConnectionState`) or per subject on this node
 (:class:`SubjectLimits`); nothing here does I/O.
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +28,7 @@ import msgspec
 import orjson
 
 from wsguard.config.demo_types import DEMO_MESSAGE_TYPES
-from wsguard.config.model import Config, MessageTypeConfig
+from wsguard.config.model import Config, MessageTypeConfig, ReplayConfig
 from wsguard.core.auth import AuthFailure, TokenVerifier
 from wsguard.core.decisions import (
     CLOSE_POLICY_VIOLATION,
@@ -36,7 +40,7 @@ from wsguard.core.decisions import (
     Refuse,
 )
 from wsguard.core.identity import Identity
-from wsguard.core.integrity import ENVELOPE_FIELDS, SignatureVerifier, Verified
+from wsguard.core.integrity import ENVELOPE_FIELDS, SignatureVerifier, Verified, replay_key
 from wsguard.core.ratelimit import Gcra
 
 # 19 digits in a row (an integer that may not fit in 64 bits): every digit mapped to "0"
@@ -53,6 +57,9 @@ _DESCRIBED_VALUES = 64
 # orjson encodes faster, so outgoing frames use orjson.
 _decode = msgspec.json.Decoder().decode
 _MAX_SAFE_INT = 2**63
+#: The nonce of a type with a replay window: 8 to 128 unreserved URI characters (a UUID,
+#: a ULID, base64url and hex all fit).
+_REPLAY_NONCE = re.compile(r"[A-Za-z0-9._~-]{8,128}")
 
 
 @dataclass(slots=True)
@@ -87,6 +94,7 @@ class _TypePolicy:
     binary: bool
     validator: Any  # jsonschema_rs validator or None
     signed: bool = False
+    replay: ReplayConfig | None = None
 
 
 def _compile_schema(name: str, spec: MessageTypeConfig) -> Any:
@@ -125,6 +133,8 @@ def _ref_of(raw: bytes) -> str | int | None:
         return None
     return _valid_ref(message.get("id")) if isinstance(message, dict) else None
 
+
+_OUTSIDE_WINDOW = "Message timestamp is outside the replay window."
 
 #: The type of every delivered message with ``messages.format = "opaque"``.
 OPAQUE_TYPE = "opaque"
@@ -194,17 +204,24 @@ class MessagePolicy:
         config: Config,
         verifier: TokenVerifier,
         signatures: SignatureVerifier | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         self.verifier = verifier
         self.signatures = signatures
+        self._clock = clock  # Unix time: the first check of a replay window
         messages, limits = config.messages, config.limits
         types = dict(messages.types)
         if "auth" not in types:  # token refresh is always understood
             types["auth"] = MessageTypeConfig.model_validate(DEMO_MESSAGE_TYPES["auth"])
         self._types = {
             name: _TypePolicy(
-                frozenset(spec.scopes), spec.binary, _compile_schema(name, spec), spec.signed
+                frozenset(spec.scopes),
+                spec.binary,
+                _compile_schema(name, spec),
+                spec.signed,
+                spec.replay,
             )
             for name, spec in types.items()
         }
@@ -414,6 +431,11 @@ class MessagePolicy:
                 return self._refuse(state, now, Refuse(outcome, text, ref=ref, type=kind))
             verified = outcome
             message = {k: v for k, v in message.items() if k not in ENVELOPE_FIELDS}
+        elif policy.replay is not None:
+            checked = self._check_replay(state, policy.replay, message, ref, kind)
+            if isinstance(checked, Refuse):
+                return self._refuse(state, now, checked)
+            verified = checked
         if policy.validator is not None and not policy.validator.is_valid(message):
             return self._refuse(state, now, self._schema_refusal(policy, message, raw, ref, kind))
         if kind == "auth":
@@ -424,6 +446,41 @@ class MessagePolicy:
         if self.signatures is None:
             return "bad_signature"
         return self.signatures.check(message, state.identity.subject, state.session_key)
+
+    def _check_replay(
+        self,
+        state: ConnectionState,
+        replay: ReplayConfig,
+        message: dict[str, Any],
+        ref: str | int | None,
+        kind: str,
+    ) -> Verified | Refuse:
+        """The replay window of an unsigned type: a well-formed nonce, a timestamp (Unix
+        seconds) within the window on this node's clock. The nonce is recorded later, by
+        the store, which judges the window again on its own clock."""
+        nonce = message.get(replay.nonce_field)
+        if type(nonce) is not str or _REPLAY_NONCE.fullmatch(nonce) is None:
+            return Refuse(
+                "invalid_message",
+                "Invalid nonce (8 to 128 letters, digits or - . _ ~).",
+                ref=ref,
+                pointer=_pointer((replay.nonce_field,)),
+                type=kind,
+            )
+        stamp = message.get(replay.timestamp_field)
+        if type(stamp) is not int and type(stamp) is not float:  # bool is not a number here
+            return Refuse(
+                "invalid_message",
+                "Invalid timestamp (a number: Unix time in seconds).",
+                ref=ref,
+                pointer=_pointer((replay.timestamp_field,)),
+                type=kind,
+            )
+        window = replay.window_seconds
+        if not abs(self._clock() - stamp) <= window:
+            return Refuse("stale", _OUTSIDE_WINDOW, ref=ref, type=kind)
+        key = replay_key(state.identity.subject, kind, nonce)
+        return Verified(nonce_key=key, timestamp=float(stamp), window=window)
 
     def replayed(
         self, state: ConnectionState, now: float, ref: Any, message_type: str | None = None
@@ -438,9 +495,13 @@ class MessagePolicy:
         self, state: ConnectionState, now: float, ref: Any, message_type: str | None = None
     ) -> MessageDecision:
         """The message's timestamp is outside the window on the store's clock."""
-        refusal = Refuse(
-            "stale", "Message signature is too old.", ref=_valid_ref(ref), type=message_type
+        policy = self._types.get(message_type) if message_type is not None else None
+        text = (
+            _OUTSIDE_WINDOW
+            if policy is not None and policy.replay is not None
+            else "Message signature is too old."
         )
+        refusal = Refuse("stale", text, ref=_valid_ref(ref), type=message_type)
         return self._refuse(state, now, refusal)
 
     def unavailable(
