@@ -291,7 +291,7 @@ def test_provider_keys_admit_their_tokens_and_nothing_else(
     # the RSA key does not verify ES256, the EC key not RS256, whatever the token says
     assert refused(server, token(keys.ec1, "k1", alg="ES256"))[:2] == (401, "algorithm_not_allowed")
     assert refused(server, token(keys.k1, "e1"))[:2] == (401, "algorithm_not_allowed")
-    # one more fetch at most (the unknown kid was never asked for: no fetch at all here)
+    # no token named a kid the provider lacks: no refetch
     assert provider.count() == 1
 
 
