@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from wsguard.errors import ConfigError, KeyLoadError, StoreError, WsguardError
+from wsguard.errors import ConfigError, KeyLoadError, ListenError, StoreError, WsguardError
 
 if TYPE_CHECKING:
     from wsguard.config import Config, load_config
@@ -45,6 +45,7 @@ __all__ = [
     "Connection",
     "Guard",
     "KeyLoadError",
+    "ListenError",
     "StoreError",
     "WsguardError",
     "__version__",

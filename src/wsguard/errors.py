@@ -7,8 +7,9 @@ an exception escaping the policy core: see :mod:`wsguard.core.decisions`.
     WsguardError
     ├── ConfigError        invalid configuration (names the key)
     ├── KeyLoadError       a signing or verification key cannot be loaded
-    └── StoreError         the state store failed or is unreachable
-        └── StoreUnavailable   (wsguard.stores) a check configured to fail closed cannot be made
+    ├── StoreError         the state store failed or is unreachable
+    │   └── StoreUnavailable   (wsguard.stores) a check configured to fail closed cannot be made
+    └── ListenError        a listener cannot bind its address (also an OSError)
 """
 
 from __future__ import annotations
@@ -33,3 +34,9 @@ class KeyLoadError(ConfigError):
 
 class StoreError(WsguardError):
     """The state store failed (unreachable, bad URI, protocol error)."""
+
+
+class ListenError(WsguardError, OSError):
+    """A listener cannot bind: ``str(exc)`` is the one line wsguard prints, e.g.
+    ``cannot listen on 127.0.0.1:8765: address already in use``; ``errno`` is the
+    bind error's."""

@@ -11,7 +11,7 @@ import ipaddress
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from wsguard.cluster.quota import SubjectQuota
 from wsguard.config.keys import has_configured_key, load_keys, load_signing_keys
@@ -37,6 +37,9 @@ from wsguard.observability.monitor import Monitor
 from wsguard.stores import Store, open_store
 from wsguard.stores.base import CHANNEL_DISCONNECT, StoreUnavailable
 from wsguard.stores.uri import redacted
+
+if TYPE_CHECKING:
+    from wsguard.keys.remote_jwks import RemoteJwks
 
 logger = logging.getLogger("wsguard.auth")
 
@@ -80,17 +83,24 @@ class Guard:
                 "auth.secret",
                 "no JWT key configured and the server is not bound to loopback; the "
                 "development key is only used on 127.0.0.1/::1 (set WSGUARD_JWT_SECRET, "
-                "auth.secret_file, auth.public_key_file or auth.jwks_file)",
+                "auth.secret_file, auth.public_key_file, auth.jwks_file, auth.jwks_url or "
+                "auth.oidc_issuer)",
             )
         self.key_info = KeyInfo(dev, str(config.auth.dev_key_file.expanduser()) if dev else None)
         self.keys = keys if keys is not None else load_keys(config.auth)
-        self.verifier = TokenVerifier(config.auth, self.keys)
-        self.store = store if store is not None else open_store(config.store, config.cluster)
         self.audit = (
             audit
             if audit is not None
             else AuditLog.open(config.audit.file, enabled=config.audit.enabled)
         )
+        # an identity provider's keys (auth.jwks_url / oidc_issuer), fetched from start()
+        self.remote_keys: RemoteJwks | None = None
+        if config.auth.remote_jwks and keys is None:
+            from wsguard.keys.remote_jwks import RemoteJwks
+
+            self.remote_keys = RemoteJwks(config.auth, events=self.audit.emit)
+        self.verifier = TokenVerifier(config.auth, self.keys, key_source=self.remote_keys)
+        self.store = store if store is not None else open_store(config.store, config.cluster)
         self.handshakes = HandshakePolicy(config, self.store, self.verifier)
         signatures = SignatureVerifier(
             load_signing_keys(config.signing.keys_file),
@@ -136,6 +146,8 @@ class Guard:
         """Whether this node should get traffic: (ready, reason when not)."""
         if self.handshakes.draining:
             return False, "draining"
+        if self.remote_keys is not None and not self.remote_keys.usable():
+            return False, "keys_unavailable"
         if not getattr(self.store, "available", True):
             modes = self.config.cluster.on_store_error
             if "closed" in (modes.bans, modes.revocations, modes.connections, modes.rate_limits):
@@ -143,9 +155,13 @@ class Guard:
         return True, None
 
     async def start(self) -> None:
-        """Start the store's background work (lease renewal, cluster events)."""
+        """Start the store's background work (lease renewal, cluster events) and fetch the
+        identity provider's keys (a provider that does not answer leaves the node started
+        but refusing handshakes with 503 ``keys_unavailable``, and not ready)."""
         self.warn_risky_config()
         await self.store.start()
+        if self.remote_keys is not None:
+            await self.remote_keys.start()
 
     def warn_risky_config(self) -> None:
         """Log and audit, once, the valid but risky settings (public keys, no audience)."""
@@ -261,7 +277,8 @@ class Guard:
         return self.messages.rate_limited(state, self.now(), ref, wait, decision.type)
 
     async def check_nonce(self, state: ConnectionState, decision: Deliver) -> MessageDecision:
-        """Record a signed message's nonce; a nonce seen before is a replay."""
+        """Record a message's nonce (a signed type's, or an unsigned type's with a replay
+        window); a nonce seen before is a replay."""
         verified = decision.nonce
         ref = decision.message.get("id")
         try:
@@ -449,6 +466,8 @@ class Guard:
         return time.monotonic()
 
     async def close(self) -> None:
+        if self.remote_keys is not None:
+            await self.remote_keys.close()
         await self.monitor.close()
         if self.quota is not None:
             await self.quota.close()

@@ -269,6 +269,12 @@ class Session:
         return self._closing
 
     @property
+    def holder(self) -> str:
+        """The store's name for this connection's slots (empty once released)."""
+        admission = self._admission
+        return admission.holder if admission is not None else ""
+
+    @property
     def checked_at(self) -> float:
         """When the handshake's checks (revocations, bans) started (monotonic)."""
         admission = self._admission

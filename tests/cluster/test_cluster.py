@@ -260,8 +260,8 @@ def test_nothing_admitted_while_a_revocation_arrives_survives_it(
 class _Registered:
     """A connection as cluster events see it (the Session's names)."""
 
-    def __init__(self, subject: str, token_id: str | None, client: str) -> None:
-        self.id, self.client, self.closed_with = "c1", client, ""
+    def __init__(self, subject: str, token_id: str | None, client: str, holder: str = "") -> None:
+        self.id, self.client, self.closed_with, self.holder = "c1", client, "", holder
         self.identity = Identity(subject=subject, token_id=token_id)
 
     @property
@@ -324,6 +324,32 @@ def test_events_received_while_a_handshake_was_decided_reach_its_connection(
     late, earlier = asyncio.run(scenario())
     assert late == closed_with
     assert earlier == ""
+
+
+def test_connections_whose_leases_were_lost_over_the_limit_are_closed_1013() -> None:
+    async def scenario() -> tuple[str, str, list[dict[str, Any]]]:
+        guard = Guard(Config())
+        await guard.start()
+        lost = _Registered("alice", None, "127.0.0.1", holder="n1:7")
+        kept = _Registered("alice", None, "127.0.0.1", holder="n1:8")
+        events = ClusterEvents(
+            guard.store,
+            "n1",
+            lambda: [lost, kept],  # type: ignore[list-item]
+            lambda raw: None,
+            functools.partial(close_revoked, guard.audit),
+            audit=guard.audit,
+        )
+        recorded: list[dict[str, Any]] = []
+        guard.audit.emit = lambda event, **fields: recorded.append({"event": event, **fields})  # type: ignore[method-assign]
+        events.close_over_limit({"n1:7"})
+        await events.close()
+        await guard.close()
+        return lost.closed_with, kept.closed_with, recorded
+
+    lost, kept, recorded = asyncio.run(scenario())
+    assert (lost, kept) == ("1013 over_limit", "")
+    assert [r["event"] for r in recorded] == ["connection_over_limit"]
 
 
 def test_revoke_jti_closes_only_that_tokens_connections(

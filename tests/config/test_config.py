@@ -32,6 +32,7 @@ COMMENTED_KEYS = frozenset(
         "auth.secret_file",
         "auth.public_key_file",
         "auth.jwks_file",
+        "auth.jwks_ca_file",
         "messages.types",
         "tls.cert_file",
         "tls.key_file",

@@ -83,9 +83,9 @@ ASGI_HTTP = (
     "a request that is not a WebSocket upgrade is HTTP under an ASGI server: the middleware "
     "passes HTTP through to the application untouched (here the echo app's 404)"
 )
-ASGI_DISCONNECT = (
-    "the ASGI server fails the connection itself; the middleware learns only of a "
-    "disconnect with that code, which ASGI cannot tell from a client's close"
+ASGI_SERVER_FAILURE = (
+    "the ASGI server fails the connection itself (1002, 1007, its own 1009); the middleware "
+    "learns only of a disconnect with that code and records it as the server's failure"
 )
 
 
@@ -678,22 +678,19 @@ LIMIT = 1024  # limits.max_message_bytes of the size tests
 SMALL = {"limits": {"max_message_bytes": LIMIT}}
 
 
-def test_message_over_the_limit_in_one_frame_closes_1009(start: Start, engine: str) -> None:
+def test_message_over_the_limit_in_one_frame_closes_1009(start: Start) -> None:
     target = start(SMALL)
     exact = b'{"type":"ping","id":"edge"}'.ljust(LIMIT)
     with target.raw() as client:
         client.send(frame(OP_TEXT, exact))
         assert client.recv_json()["id"] == "edge"  # at the limit: delivered
         client.send(frame(OP_TEXT, exact + b" "))
-        if engine == "asgi":
-            # uvicorn's own frame limit (ws_max_size = limits.max_message_bytes) closes it
-            assert closed_with(client) == 1009
-            assert_failed(target, 1009)
-            return
+        # under ASGI uvicorn's own frame limit (ws_max_size = limits.max_message_bytes)
+        # closes it, and the middleware records that as wsguard records its own 1009
         assert_closed(target, client, 1009, "too_big")
 
 
-def test_message_over_the_limit_in_fragments_closes_1009(start: Start, engine: str) -> None:
+def test_message_over_the_limit_in_fragments_closes_1009(start: Start) -> None:
     target = start(SMALL)
     with target.raw() as client:
         body = b'{"type":"ping","id":"frag"}'
@@ -707,11 +704,7 @@ def test_message_over_the_limit_in_fragments_closes_1009(start: Start, engine: s
         client.send(
             b"".join(frame(OP_TEXT if i == 0 else OP_CONT, chunk, fin=False) for i in range(3))
         )
-        if engine == "asgi":
-            # the ASGI server reassembles fragments; its ws_max_size closes (see above)
-            assert closed_with(client) == 1009
-            assert_failed(target, 1009)
-            return
+        # the ASGI server reassembles fragments; its ws_max_size closes (see above)
         assert_closed(target, client, 1009, "too_big")
 
 
@@ -827,13 +820,15 @@ def test_unanswered_pings_close_1011(start: Start, engine: str) -> None:
 # -- 3. wire bounds: RFC 6455 framing --------------------------------------------------------
 
 
+FAILURE_CAUSES = {1002: "protocol_error", 1007: "invalid_utf8", 1009: "too_big"}
+
+
 def assert_failed(target: Target, code: int) -> None:
-    """The audit record of a connection the server failed with *code*."""
+    """The audit record of a connection the server failed with *code*: closed by the
+    server, with the cause of that code (under ASGI: ASGI_SERVER_FAILURE)."""
     record = target.closed()
-    if target.engine == "asgi":
-        assert (record["code"], record["closed_by"]) == (code, "client"), ASGI_DISCONNECT
-    else:
-        assert (record["code"], record["closed_by"]) == (code, "server")
+    want = (code, "server", FAILURE_CAUSES[code])
+    assert (record["code"], record["closed_by"], record.get("cause")) == want, record
 
 
 def test_fragment_count_is_capped_1009(start: Start, engine: str) -> None:
@@ -910,9 +905,10 @@ FAILURES = [
 def test_protocol_failures_are_audited_with_their_cause(
     start: Start, engine: str, act: Callable[[RawClient], None], code: int, cause: str
 ) -> None:
-    """The audit record of a failed connection names why, whichever layer failed it."""
-    if engine == "asgi":
-        pytest.skip(ASGI_DISCONNECT + ": the middleware has no cause to record")
+    """The audit record of a failed connection names why, whichever layer failed it
+    (under ASGI the server's own parser: ASGI_SERVER_FAILURE)."""
+    if engine == "asgi" and code == 1011:
+        pytest.skip(ASGI_NO_PINGS)
     target = start(QUICK_PINGS if code == 1011 else None)
     with target.raw() as client:
         act(client)

@@ -312,3 +312,60 @@ def test_array_bound_is_the_same_with_or_without_the_slow_walk(items: int) -> No
 def test_every_generated_type_is_in_the_config() -> None:
     assert set(TYPES) == set(DEMO_MESSAGE_TYPES)
     assert isinstance(STRICT.config, Config)
+
+
+# -- the worst messages within the size limit: refused or bounded without a Python walk --
+
+
+def _judge(policy: MessagePolicy, raw: str) -> Any:
+    state = policy.open(Identity(subject="alice", scopes=frozenset({"chat"})), time.monotonic())
+    return policy.evaluate(state, raw, time.monotonic())
+
+
+def test_too_many_objects_and_arrays_are_refused_before_decoding() -> None:
+    many = '{"type":"note","v":[' + ",".join(["{}"] * 300) + "]}"
+    decision = _judge(LOOSE, many)
+    assert isinstance(decision, Refuse)
+    assert (decision.code, decision.message) == (
+        "invalid_message",
+        "Message has too many objects and arrays.",
+    )
+    # refused from the raw count even when the rest would not even parse
+    assert _judge(LOOSE, many[:-2]).message == "Message has too many objects and arrays."
+    # brackets inside strings are text, not structure
+    text = '{"type":"note","v":"' + "{[" * 300 + '"}'
+    assert isinstance(_judge(LOOSE, text), Deliver)
+
+
+def test_long_strings_are_found_whatever_the_raw_bytes_look_like() -> None:
+    policy = _policy({"messages": {"types": {"note": {}}, "max_string_length": 100}})
+    escaped = '{"type":"note","v":"' + 'ab\\"' * 40 + '"}'  # 120 characters, escaped quotes
+    assert _judge(policy, escaped).message == "Message has a string that is too long."
+    key = '{"type":"note","' + "k" * 101 + '":1}'
+    assert _judge(policy, key).message == "Message has a string that is too long."
+    many_short = '{"type":"note","v":[' + ",".join(['"' + "x" * 90 + '"'] * 50) + "]}"
+    assert isinstance(_judge(policy, many_short), Deliver)
+
+
+def test_integers_are_bounded_to_64_bits_wherever_the_digits_are() -> None:
+    fits = '{"type":"note","v":[9223372036854775807,-9223372036854775808]}'
+    assert isinstance(_judge(LOOSE, fits), Deliver)
+    over = '{"type":"note","v":[1,9223372036854775808]}'
+    assert _judge(LOOSE, over).message == "Message has a number that is too large."
+    in_text = '{"type":"note","v":"12345678901234567890123"}'
+    assert isinstance(_judge(LOOSE, in_text), Deliver)
+
+
+def test_a_large_message_that_fails_its_schema_is_refused_without_describing_it() -> None:
+    """Describing a schema error converts the failing value (the whole message for a
+    missing key): a message of many values gets the refusal without the pointer."""
+    big = '{"type":"chat","a":[' + ",".join(["[" + ",".join(["0"] * 250) + "]"] * 15) + "]}"
+    decision = _judge(STRICT, big)
+    assert isinstance(decision, Refuse)
+    assert (decision.code, decision.message, decision.pointer) == (
+        "invalid_message",
+        "Invalid message (schema).",
+        None,
+    )
+    small = _judge(STRICT, '{"type":"chat","text":""}')
+    assert (small.code, small.pointer) == ("invalid_message", "/text")

@@ -137,3 +137,37 @@ def test_picows_stops_parsing_a_client_it_closes_and_half_closes_at_once(
     eventually(lambda: server.audit.events("connection_closed"), what="connection_closed")
     (event,) = server.audit.events("connection_closed")
     assert (event["code"], event["closed_by"], event["cause"]) == (1008, "server", "invalid_json")
+
+
+def test_plain_handlers_create_no_task_per_message(
+    server_factory: ServerFactory, engine: str
+) -> None:
+    """The fast path: a plain-function handler runs inline in the frame callback. On picows
+    a message creates no task at all (the websockets engine reads in the connection's own
+    task, one per connection, which is also not per message)."""
+    created: list[int] = []
+
+    def setup(app: App) -> None:
+        @app.on("ping")
+        def ping(conn: Connection, message: dict[str, Any]) -> None:
+            conn.send({"type": "pong", "id": message["id"]})
+
+    roomy = {"message_burst": 1000, "subject_messages_per_minute": 100_000}
+    server = server_factory({"limits": roomy}, demo=False, setup=setup)
+
+    def count_tasks() -> int:
+        return len(asyncio.all_tasks(server.loop))
+
+    with server.connect_welcomed() as ws:
+        ws.send(json.dumps({"type": "ping", "id": "warm"}))
+        assert json.loads(ws.recv(timeout=5))["id"] == "warm"
+        before = server.call(count_tasks)
+        for n in range(200):
+            ws.send(json.dumps({"type": "ping", "id": n}))
+        replies = [json.loads(ws.recv(timeout=5))["id"] for _ in range(200)]
+        created.append(server.call(count_tasks) - before)
+    assert replies == list(range(200))
+    if engine == "picows":
+        assert created == [0]
+    else:
+        assert created[0] <= 1  # at most a writer that exists while frames are queued

@@ -470,6 +470,40 @@ def test_lease_of_a_dead_store_lapses(runner: asyncio.Runner, redis_uri: str) ->
     runner.run(scenario())
 
 
+def test_a_lapsed_lease_is_renewed_only_within_its_limit(
+    runner: asyncio.Runner, redis_uri: str
+) -> None:
+    """A node paused (or cut off) longer than the lease TTL finds its lease gone and the
+    slot taken by another node: renewing it must not push the key over its limit; the
+    node is told which of its connections lost their slot (they are then closed)."""
+    config = ClusterConfig(key_prefix="lapse:", lease_ttl_seconds=1.0, timeout_seconds=2.0)
+    key = "conn:sub:alice"
+
+    async def scenario() -> None:
+        async with redis_stores(redis_uri, config) as (other,):
+            # not started: its renewals run only when the test says (no renewal loop)
+            paused = RedisStore(redis_uri, config)
+            lost: list[set[str]] = []
+            paused.on_lease_lost(lost.append)
+            assert await paused.acquire(key, 1, "paused-1") is True
+            # the pause: Redis forgets the lease (what a TTL longer than the pause does)
+            await paused.client.zrem(f"lapse:{{{key}}}", "paused-1")
+            assert await other.acquire(key, 1, "other-1") is True  # the slot is free: taken
+            await paused.renew_leases()
+            assert await other.count(key) == 1  # still within the limit of 1
+            assert lost == [{"paused-1"}]
+            # a lease Redis still has is simply extended; a lost one within the limit is
+            # taken again
+            assert await paused.acquire("conn:sub:bob", 2, "paused-2") is True
+            await paused.client.zrem("lapse:{conn:sub:bob}", "paused-2")
+            await paused.renew_leases()
+            assert await paused.count("conn:sub:bob") == 1
+            assert lost == [{"paused-1"}]
+            await paused.client.aclose()
+
+    runner.run(scenario())
+
+
 # -- Redis only: atomicity under concurrent load ----------------------------------------
 
 STORES, PER_STORE, SLOT_LIMIT = 8, 25, 10

@@ -1,7 +1,10 @@
 """``wsguard admin ...``: the CLI side of the admin API (one HTTP call per command).
 
-The URL is ``--url``, else ``WSGUARD_ADMIN_URL``, else the configuration's admin
-listener (``admin.host``/``admin.port``). The credential is ``--token-file``,
+The URL is ``--url``, else ``WSGUARD_ADMIN_URL``, else the admin listener configured the
+way the server's was (``--admin-port``/``--admin-host``, ``WSGUARD_ADMIN_PORT`` or
+``WSGUARD_ADMIN__PORT``, ``admin.port`` of ``--config``), else the one a server started by
+this user on this machine is running (``~/.local/share/wsguard/admin.url``, written by
+``wsguard serve``/``proxy`` and ``App.run()`` while they run). The credential is ``--token-file``,
 else ``WSGUARD_ADMIN_TOKEN``/``admin.token``, else ``admin.token_file``, else
 the token file a loopback server generated; or a client certificate
 (``--cert``/``--key``) for an mTLS admin listener. Answers are printed as JSON.
@@ -36,6 +39,13 @@ def add_connection_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--key", type=Path, help="private key of --cert")
 
 
+NO_LISTENER = (
+    "no admin listener to talk to: start the server with one (wsguard serve --admin-port "
+    "PORT) and pass the same --admin-port PORT here, or --url http://HOST:PORT (the address "
+    "the server printed: 'admin listener on ...'), or set WSGUARD_ADMIN_URL or admin.port"
+)
+
+
 def _base_url(args: argparse.Namespace, config: Config) -> str:
     url = args.url or os.environ.get("WSGUARD_ADMIN_URL")
     if url:
@@ -44,16 +54,39 @@ def _base_url(args: argparse.Namespace, config: Config) -> str:
         return str(url).rstrip("/")
     admin = config.admin
     if not admin.port:
-        raise ConfigError(
-            "admin.port",
-            "no admin listener to talk to: pass --url, set WSGUARD_ADMIN_URL or admin.port",
-        )
+        running = running_admin_url()
+        if running is not None:
+            return running
+        raise ConfigError("admin.port", NO_LISTENER)
     host = admin.host
     if host in ("0.0.0.0", "::"):
         host = "127.0.0.1" if host == "0.0.0.0" else "::1"
     host = f"[{host}]" if ":" in host else host
     scheme = "https" if admin.tls.cert_file else "http"
     return f"{scheme}://{host}:{admin.port}"
+
+
+def running_admin_url() -> str | None:
+    """The admin URL a running server of this user wrote (``App.run()``, ``wsguard serve``),
+    None when there is none or its process is gone."""
+    from wsguard.hosts.app import ADMIN_URL_FILE
+
+    try:
+        record = json.loads(ADMIN_URL_FILE.expanduser().read_text())
+        url, pid = record["url"], record["pid"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+        return None
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return None
+    try:
+        os.kill(pid, 0)  # signal 0: is it still running? (nothing is sent)
+    except ProcessLookupError:
+        return None  # stale: that server ended without removing the file (killed)
+    except OSError:
+        pass  # it exists (another user's process may not be signalled)
+    return url.rstrip("/")
 
 
 def _token(args: argparse.Namespace, config: Config) -> str | None:
@@ -171,6 +204,8 @@ def _done(status: int, body: Any) -> int:
     if status >= 400:
         message = body.get("message", "") if isinstance(body, dict) else ""
         code = body.get("error", "error") if isinstance(body, dict) else "error"
+        if status == 401:  # say what to pass
+            message += " (pass the server's admin token: WSGUARD_ADMIN_TOKEN or --token-file)"
         print(f"wsguard: admin API refused ({status} {code}): {message}", file=sys.stderr)
         return 1
     _print(body)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import difflib
 import logging
 import os
 import sys
@@ -16,7 +17,31 @@ from wsguard.config.loader import load_config
 from wsguard.config.model import Config
 from wsguard.errors import ConfigError, WsguardError
 
-EXIT_CONFIG = 2
+
+class _CommandParser(argparse.ArgumentParser):
+    """The parser of a subcommand: it reports the arguments it does not know itself, with
+    its own usage (argparse would hand them up to ``wsguard``'s usage) and the closest
+    option it has."""
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        parsed, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}{self._suggestion(extras)}")
+        return parsed, extras
+
+    def _suggestion(self, extras: list[str]) -> str:
+        options = [
+            option
+            for action in self._actions
+            for option in action.option_strings
+            if option.startswith("--")
+        ]
+        for extra in extras:
+            if extra.startswith("--"):
+                close = difflib.get_close_matches(extra.split("=", 1)[0], options, n=1)
+                if close:
+                    return f" (did you mean {close[0]}?)"
+        return ""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -24,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="wsguard", description="A security layer for WebSocket services."
     )
     parser.add_argument("--version", action="version", version=f"wsguard {wsguard.__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_CommandParser)
 
     serve = sub.add_parser("serve", help="run the standalone server (demo protocol)")
     _listener_options(serve)
@@ -87,6 +112,14 @@ def _admin_commands(sub: Any) -> None:
         parser: argparse.ArgumentParser = commands.add_parser(name, help=help_text)
         _common(parser)
         admin_client.add_connection_options(parser)
+        parser.add_argument(
+            "--admin-port",
+            type=int,
+            help="the admin listener's port, as given to wsguard serve (admin.port)",
+        )
+        parser.add_argument(
+            "--admin-host", help="the admin listener's address (admin.host; default 127.0.0.1)"
+        )
         return parser
 
     command("health", "health and readiness of the node")
@@ -171,7 +204,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "admin":
             from wsguard.cli.admin_client import run_admin
 
-            return run_admin(args, _load(args))
+            admin = {"admin.port": args.admin_port, "admin.host": args.admin_host}
+            return run_admin(args, _load(args, **admin))
         if args.command == "audit":
             from wsguard.cli.audit import run_audit
 
@@ -183,17 +217,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"wsguard: warning: {key}: {message}", file=sys.stderr)
             print("configuration is valid")
             return 0
-    except ConfigError as exc:
-        print(f"wsguard: configuration error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
     except WsguardError as exc:
-        print(f"wsguard: {exc}", file=sys.stderr)
-        return 1
+        from wsguard.hosts.app import report
+
+        return report(exc)  # one line; 2 for a configuration error
     return 1  # pragma: no cover
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from wsguard.hosts.app import run_loop
+    from wsguard.hosts.app import run_main
 
     config = _load(
         args,
@@ -231,62 +263,8 @@ def _serve(args: argparse.Namespace) -> int:
         from wsguard.hosts.demo import demo_app
 
         app = demo_app(config)
-
-    async def run() -> None:
-        await app.start()
-        assert app.port is not None
-        _announce(app, config, app.port, args)
-        await app.serve()
-
-    try:
-        run_loop(config, run())
-    except OSError as exc:
-        print(
-            f"wsguard: cannot listen on {config.host}:{config.port}: {exc.strerror}",
-            file=sys.stderr,
-        )
-        return 1
-    return 0
-
-
-def _announce(app: Any, config: Config, port: int, args: argparse.Namespace) -> None:
-    guard = app.guard
-    host = config.host if ":" not in config.host else f"[{config.host}]"
-    scheme = "wss" if config.tls.enabled else "ws"
-    print(
-        f"wsguard: listening on {scheme}://{host}:{port}/ (engine {config.engine})",
-        file=sys.stderr,
-        flush=True,
-    )
-    if app.admin is not None:
-        admin = app.admin
-        admin_host = config.admin.host if ":" not in config.admin.host else f"[{config.admin.host}]"
-        base = f"{admin.scheme}://{admin_host}:{admin.port}"
-        print(
-            f"wsguard: admin listener on {base}/ (dashboard {base}/dashboard, metrics "
-            f"{base}/metrics)",
-            file=sys.stderr,
-            flush=True,
-        )
-        if admin.generated_token_file is not None:
-            print(
-                f"wsguard: admin token in {admin.generated_token_file} (mode 0600; set "
-                f"WSGUARD_ADMIN_TOKEN to choose your own)",
-                file=sys.stderr,
-                flush=True,
-            )
-    if guard.key_info.dev_key:
-        cfg = f" --config {args.config}" if args.config else ""
-        print(
-            f"wsguard: no JWT key configured; using the development key in "
-            f"{guard.key_info.dev_key_path} (mode 0600, loopback only).\n"
-            f"wsguard: mint a token:  wsguard token{cfg} --sub alice --scope chat --ttl 1h\n"
-            f"wsguard: then connect to ws://{host}:{port}/ with the header "
-            f"'Authorization: Bearer <token>' or the subprotocols "
-            f"['wsguard.v1', 'token.<token>'] (README: Connect)",
-            file=sys.stderr,
-            flush=True,
-        )
+    # the same path as App.run(): the "listening on" line, one line when it cannot start
+    return run_main(app, config_file=args.config)
 
 
 def _token(args: argparse.Namespace) -> int:

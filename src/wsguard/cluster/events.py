@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Coroutine, Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
-from wsguard.core.decisions import CLOSE_POLICY_VIOLATION, CLOSE_REVOKED
+from wsguard.core.decisions import CLOSE_POLICY_VIOLATION, CLOSE_REVOKED, CLOSE_TRY_AGAIN_LATER
 from wsguard.observability.audit import AuditLog
 from wsguard.stores.base import (
     CHANNEL_BROADCAST,
@@ -110,8 +110,10 @@ class ClusterEvents:
         *,
         on_disconnect: Callable[[Closable, str], None] | None = None,
         address_key: Callable[[str], str] | None = None,
+        audit: AuditLog | None = None,
     ) -> None:
         self.store = store
+        self._audit = audit
         self.node_id = node_id.encode()
         self._connections = connections
         self._deliver = deliver
@@ -127,6 +129,7 @@ class ClusterEvents:
         )
         store.subscribe(self.handle)
         store.on_resync(self.resync)
+        store.on_lease_lost(self.close_over_limit)
 
     # -- incoming -------------------------------------------------------------------
 
@@ -205,6 +208,27 @@ class ClusterEvents:
                 self._on_revoked(conn, kind)
                 closed += 1
         return closed
+
+    def close_over_limit(self, holders: set[str]) -> int:
+        """Leases that lapsed in the store (a pause or partition longer than their TTL)
+        and were taken by other connections meanwhile: these connections are over their
+        limit now, and are closed with 1013 (try again later)."""
+        closed = 0
+        for conn in list(self._connections()):
+            if getattr(conn, "holder", "") in holders and not conn.closing:
+                self._audit_over_limit(conn)
+                conn.close_soon(CLOSE_TRY_AGAIN_LATER, "over the limit", cause="over_limit")
+                closed += 1
+        return closed
+
+    def _audit_over_limit(self, conn: Closable) -> None:
+        if self._audit is not None:
+            self._audit.emit(
+                "connection_over_limit",
+                connection_id=conn.id,
+                client=conn.client,
+                subject=conn.subject,
+            )
 
     def resync(self) -> None:
         self._spawn(self.sweep())

@@ -26,7 +26,13 @@ from wsguard.errors import KeyLoadError
 
 
 def has_configured_key(config: AuthConfig) -> bool:
-    return bool(config.secret or config.secret_file or config.public_key_file or config.jwks_file)
+    return bool(
+        config.secret
+        or config.secret_file
+        or config.public_key_file
+        or config.jwks_file
+        or config.remote_jwks
+    )
 
 
 def dev_key_path(config: AuthConfig) -> Path:
@@ -62,7 +68,13 @@ def _read_private_file(path: Path, key: str) -> bytes:
 
 
 def load_keys(config: AuthConfig, *, allow_dev_key: bool = True) -> KeyMaterial:
-    """Load the configured verification keys (or the dev key when allowed)."""
+    """Load the configured verification keys (or the dev key when allowed).
+
+    An identity provider's keys (``auth.jwks_url``, ``auth.oidc_issuer``) are not loaded
+    here: ``wsguard.keys.remote_jwks`` fetches them once the node starts.
+    """
+    if config.remote_jwks:
+        return KeyMaterial()
     if config.secret:
         return KeyMaterial(secret=config.secret.encode())
     if config.secret_file:
@@ -80,7 +92,7 @@ def load_keys(config: AuthConfig, *, allow_dev_key: bool = True) -> KeyMaterial:
         raise KeyLoadError(
             "auth.secret",
             "no JWT key configured (set WSGUARD_JWT_SECRET, auth.secret_file, "
-            "auth.public_key_file or auth.jwks_file)",
+            "auth.public_key_file, auth.jwks_file, auth.jwks_url or auth.oidc_issuer)",
         )
     secret, _ = load_or_create_dev_key(config)
     return KeyMaterial(secret=secret)

@@ -11,18 +11,23 @@ Environment variables: ``WSGUARD_HOST``, ``WSGUARD_PORT``, ``WSGUARD_LOG_LEVEL``
 ``WSGUARD_<SECTION>__<KEY>`` (double underscore), e.g.
 ``WSGUARD_LIMITS__MAX_MESSAGE_BYTES=16384``. Lists take JSON (``["a","b"]``) or
 comma-separated values.
+
+An unknown key (in the file, the overrides or a ``WSGUARD_*`` name) is reported with the
+closest valid key, e.g. ``limits.max_mesage_bytes: unknown key (did you mean
+limits.max_message_bytes?)``.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
 import sys
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
 
@@ -37,7 +42,9 @@ _ENV_ALIASES: dict[str, tuple[str, ...]] = {
     "WSGUARD_ADMIN_HOST": ("admin", "host"),
 }
 # Variables read elsewhere (the CLI, later modules); not configuration keys.
-_ENV_NOT_KEYS = frozenset({"WSGUARD_CONFIG"})
+_ENV_NOT_KEYS = frozenset(
+    {"WSGUARD_CONFIG", "WSGUARD_ADMIN_URL", "WSGUARD_AUDIT_TOKEN", "WSGUARD_AUDIT_JWT_SECRET"}
+)
 # Keys whose values may hold credentials: never echoed in an error message.
 _NO_ECHO_WORDS = ("secret", "token", "password")
 _NO_ECHO_KEYS = frozenset({"store", "alerts.webhook_url", "gateway.upstream", "gateway.routes"})
@@ -93,7 +100,11 @@ def _env_values(environ: Mapping[str, str]) -> list[tuple[tuple[str, ...], Any]]
         else:
             keys = tuple(part.lower() for part in name[len(ENV_PREFIX) :].split("__"))
             if not _known_key(keys):
-                print(f"wsguard: ignoring unknown environment variable {name}", file=sys.stderr)
+                print(
+                    f"wsguard: ignoring unknown environment variable {name}"
+                    f"{_did_you_mean(_closest_env_name(name))}",
+                    file=sys.stderr,
+                )
                 continue
         found.append((keys, _parse_env_value(keys, raw)))
     return found
@@ -162,7 +173,7 @@ def _config_error(exc: ValidationError) -> ConfigError:
         sub, message = match.group(1), match.group(2)
         loc = sub.split(".") if "." in sub else [*loc, sub]
     if first["type"] == "extra_forbidden":
-        message = "unknown key"
+        message = f"unknown key{_did_you_mean(_closest_key(loc))}"
     elif first["type"] in ("literal_error", "enum"):
         message = f"{message} (got {first.get('input')!r})"
     key = ".".join(loc) or "config"
@@ -172,3 +183,84 @@ def _config_error(exc: ValidationError) -> ConfigError:
         if scalar and first["type"] != "extra_forbidden" and "(got" not in message:
             message = f"{message} (got {given!r})"
     return ConfigError(key, message)
+
+
+# -- the closest valid key, for an unknown one ----------------------------------------------
+
+
+def _did_you_mean(key: str | None) -> str:
+    return f" (did you mean {key}?)" if key else ""
+
+
+def _submodel(annotation: Any) -> tuple[type[BaseModel] | None, bool]:
+    """The model a field holds, and whether it is the value of a table keyed by name
+    (``messages.types.<name>``)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation, False
+    if get_origin(annotation) is dict:
+        value = get_args(annotation)[1]
+        if isinstance(value, type) and issubclass(value, BaseModel):
+            return value, True
+    return None, False
+
+
+def _names(model: type[BaseModel]) -> dict[str, Any]:
+    """The keys of *model* as written in a file (aliases: ``schema``) and their fields."""
+    return {field.alias or name: field for name, field in model.model_fields.items()}
+
+
+def _model_at(path: list[str]) -> type[BaseModel] | None:
+    """The model of the table at *path* (None: not a table of the configuration)."""
+    model: type[BaseModel] = Config
+    i = 0
+    while i < len(path):
+        field = _names(model).get(path[i])
+        if field is None:
+            return None
+        sub, keyed = _submodel(field.annotation)
+        if sub is None or (keyed and i + 1 >= len(path)):
+            return None
+        model, i = sub, i + (2 if keyed else 1)
+    return model
+
+
+def _all_keys(model: type[BaseModel] = Config, prefix: str = "") -> Iterator[str]:
+    """Every dotted key of the configuration (the tables keyed by name as one key)."""
+    for name, field in _names(model).items():
+        sub, keyed = _submodel(field.annotation)
+        if sub is not None and not keyed:
+            yield from _all_keys(sub, f"{prefix}{name}.")
+        else:
+            yield prefix + name
+
+
+def _closest_key(loc: list[str]) -> str | None:
+    """The valid key closest to the unknown key at *loc*: a sibling in the same table, or
+    the same name in another table (``[limits] ping_interval_seconds``); None when no key
+    is close enough to be the one meant."""
+    if not loc:
+        return None
+    *parent, name = loc
+    model = _model_at(parent)
+    candidates: list[tuple[float, int, str]] = []  # (similarity, sibling first, key)
+    if model is not None:
+        candidates += [
+            (_similarity(name, key), 1, ".".join([*parent, key])) for key in _names(model)
+        ]
+    for key in _all_keys():
+        leaf = key.rsplit(".", 1)[-1]
+        candidates.append((_similarity(name, leaf) - 0.1, 0, key))  # elsewhere: closer only
+    score, _, best = max(candidates, default=(0.0, 0, ""))
+    return best if score >= 0.7 and best != ".".join(loc) else None
+
+
+def _similarity(a: str, b: str) -> float:
+    return difflib.SequenceMatcher(None, a, b).ratio()
+
+
+def _closest_env_name(name: str) -> str | None:
+    """The ``WSGUARD_*`` name closest to the unknown *name*."""
+    names = [*_ENV_ALIASES, *_ENV_NOT_KEYS]
+    names += [ENV_PREFIX + key.upper().replace(".", "__") for key in _all_keys()]
+    close = difflib.get_close_matches(name.upper(), names, n=1, cutoff=0.8)
+    return close[0] if close else None

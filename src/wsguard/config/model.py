@@ -35,6 +35,12 @@ class AuthConfig(_Section):
     secret_file: Path | None = None
     public_key_file: Path | None = None
     jwks_file: Path | None = None
+    jwks_url: str = ""
+    oidc_issuer: str = ""
+    jwks_ca_file: Path | None = None
+    jwks_cache_seconds: float = Field(default=300.0, ge=1, le=86400)
+    jwks_min_refetch_seconds: float = Field(default=30.0, ge=1, le=3600)
+    jwks_max_stale_seconds: float = Field(default=86400.0, ge=1, le=30 * 86400)
     dev_key_file: Path = Path("~/.local/share/wsguard/dev-jwt.key")
     audience: tuple[str, ...] = ()
     issuer: str = ""
@@ -64,6 +70,22 @@ class AuthConfig(_Section):
                 raise ValueError(f"unsupported algorithm {alg!r}; allowed: {allowed}")
         return value
 
+    @field_validator("jwks_url")
+    @classmethod
+    def _jwks_url(cls, value: str) -> str:
+        if value:
+            check_key_url(value)
+        return value
+
+    @field_validator("oidc_issuer")
+    @classmethod
+    def _issuer_url(cls, value: str) -> str:
+        if value:
+            check_key_url(value)
+            if "?" in value or "#" in value:
+                raise ValueError("an OpenID issuer has no query or fragment")
+        return value
+
     @model_validator(mode="after")
     def _keys_match_algorithms(self) -> AuthConfig:
         hmac = [a for a in self.algorithms if a in HMAC_ALGORITHMS]
@@ -73,16 +95,52 @@ class AuthConfig(_Section):
                 "algorithms: HMAC (HS*) and public-key algorithms cannot be mixed; "
                 "an HMAC token must never be verified with a public key"
             )
-        if hmac and (self.public_key_file or self.jwks_file):
+        remote = self.remote_jwks
+        if hmac and (self.public_key_file or self.jwks_file or remote):
             raise ValueError(
-                "algorithms: HS* algorithms take a secret, not public_key_file/jwks_file"
+                "algorithms: HS* algorithms take a secret, not public_key_file, jwks_file, "
+                "jwks_url or oidc_issuer (an identity provider's keys are public keys)"
             )
         if asym and (self.secret or self.secret_file):
-            raise ValueError("algorithms: public-key algorithms take public_key_file or jwks_file")
-        if asym and not (self.public_key_file or self.jwks_file):
-            raise ValueError("public_key_file or jwks_file is required for " + ", ".join(asym))
-        if self.public_key_file and self.jwks_file:
-            raise ValueError("public_key_file: set either public_key_file or jwks_file, not both")
+            raise ValueError(
+                "algorithms: public-key algorithms take public_key_file, jwks_file, "
+                "jwks_url or oidc_issuer"
+            )
+        sources = [
+            name
+            for name, value in (
+                ("public_key_file", self.public_key_file),
+                ("jwks_file", self.jwks_file),
+                ("jwks_url", self.jwks_url),
+                ("oidc_issuer", self.oidc_issuer),
+            )
+            if value
+        ]
+        if asym and not sources:
+            raise ValueError(
+                "public_key_file, jwks_file, jwks_url or oidc_issuer is required for "
+                + ", ".join(asym)
+            )
+        if len(sources) > 1:
+            raise ValueError(f"{sources[1]}: set one key source, not {' and '.join(sources)}")
+        if remote:
+            # an identity provider signs tokens for every service it serves
+            source = "jwks_url" if self.jwks_url else "oidc_issuer"
+            if not self.audience:
+                raise ValueError(
+                    f"audience: required with auth.{source} (the provider's tokens for "
+                    "other services must not be accepted here)"
+                )
+            if not self.issuer:
+                raise ValueError(
+                    f"issuer: required with auth.{source} (the iss of this provider's tokens)"
+                )
+            if self.jwks_min_refetch_seconds > self.jwks_cache_seconds:
+                raise ValueError("jwks_min_refetch_seconds: must not exceed jwks_cache_seconds")
+            if self.jwks_max_stale_seconds < self.jwks_cache_seconds:
+                raise ValueError("jwks_max_stale_seconds: must be at least jwks_cache_seconds")
+        elif self.jwks_ca_file is not None:
+            raise ValueError("jwks_ca_file: only used with jwks_url or oidc_issuer")
         if self.secret and self.secret_file:
             raise ValueError("secret: set either secret or secret_file, not both")
         if self.secret and len(self.secret.encode()) < 32:
@@ -94,6 +152,36 @@ class AuthConfig(_Section):
     @property
     def uses_hmac(self) -> bool:
         return self.algorithms[0] in HMAC_ALGORITHMS
+
+    @property
+    def remote_jwks(self) -> str:
+        """The identity provider keys come from (``jwks_url`` or ``oidc_issuer``), or ""."""
+        return self.jwks_url or self.oidc_issuer
+
+
+_LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+def check_key_url(value: str) -> None:
+    """An identity provider URL: ``https://`` with a host, no user name or password.
+
+    ``http://`` only on loopback (127.0.0.1, ::1, localhost), for a provider run locally in
+    development: keys fetched in clear text from anywhere else could be replaced on the way.
+    """
+    problem = "must be an https:// URL with a host (http:// only for 127.0.0.1, ::1, localhost)"
+    try:
+        parts = urllib.parse.urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        raise ValueError(problem) from None
+    host = parts.hostname or ""
+    if not host or parts.username is not None or parts.password is not None:
+        raise ValueError(problem)
+    if any(ch.isspace() or not ch.isprintable() for ch in value):
+        raise ValueError(problem)
+    if parts.scheme == "https" or (parts.scheme == "http" and host in _LOOPBACK_NAMES):
+        return
+    raise ValueError(problem)
 
 
 class OriginConfig(_Section):
@@ -166,6 +254,32 @@ class LimitsConfig(_Section):
         return self
 
 
+class ReplayConfig(_Section):
+    """A replay window for an unsigned message type: the client's nonce and timestamp
+    fields (top-level keys of the message), and how far the timestamp may be from the
+    server's time."""
+
+    nonce_field: str = "nonce"
+    timestamp_field: str = "timestamp"
+    window_seconds: float = Field(default=30.0, gt=0, le=3600)
+
+    @field_validator("nonce_field", "timestamp_field")
+    @classmethod
+    def _field_name(cls, value: str) -> str:
+        if not value or len(value) > 64 or not value.isprintable():
+            raise ValueError("must be a field name of 1 to 64 printable characters")
+        return value
+
+    @model_validator(mode="after")
+    def _distinct(self) -> ReplayConfig:
+        if self.nonce_field == self.timestamp_field:
+            raise ValueError("timestamp_field: must differ from nonce_field")
+        for key in ("nonce_field", "timestamp_field"):
+            if getattr(self, key) == "type":
+                raise ValueError(f"{key}: 'type' names the message type")
+        return self
+
+
 class MessageTypeConfig(_Section):
     """Policy of one message type."""
 
@@ -174,8 +288,18 @@ class MessageTypeConfig(_Section):
     scopes: tuple[str, ...] = ()
     binary: bool = False
     signed: bool = False
+    replay: ReplayConfig | None = None
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _one_replay_defence(self) -> MessageTypeConfig:
+        if self.signed and self.replay is not None:
+            raise ValueError(
+                "replay: a signed type is already replay-protected by its envelope "
+                "(nonce, ts); set either signed or replay"
+            )
+        return self
 
 
 class MessagesConfig(_Section):
@@ -185,6 +309,7 @@ class MessagesConfig(_Section):
     max_depth: int = Field(default=16, ge=1, le=256)
     max_string_length: int = Field(default=4096, ge=1)
     max_keys: int = Field(default=256, ge=1)
+    max_containers: int = Field(default=256, ge=1, le=65536)
     binary: bool = False
     types: dict[str, MessageTypeConfig] = Field(
         default_factory=lambda: {
@@ -199,6 +324,12 @@ class MessagesConfig(_Section):
         for name in value:
             if not name or len(name) > 64 or not name.isprintable():
                 raise ValueError(f"invalid message type name {name!r}")
+        auth = value.get("auth")
+        if auth is not None and auth.replay is not None:
+            raise ValueError(
+                "messages.types.auth.replay: a token refresh is not a delivered message "
+                "(its token is verified and checked for revocation instead)"
+            )
         return value
 
 
@@ -639,6 +770,13 @@ class Config(_Section):
             raise ValueError(
                 f"messages.format: signed types ({', '.join(signed)}) need messages.format "
                 '= "json" (opaque frames are not parsed, so nothing would be verified)'
+            )
+        windowed = [n for n, t in self.messages.types.items() if t.replay is not None]
+        if self.messages.format == "opaque" and windowed:
+            raise ValueError(
+                f"messages.format: types with a replay window ({', '.join(windowed)}) need "
+                'messages.format = "json" (opaque frames are not parsed, so nothing would be '
+                "checked)"
             )
         if signed and not (self.signing.keys_file or self.signing.session_keys):
             raise ValueError(

@@ -5,6 +5,12 @@ among them; it can never introduce one (``none`` in any spelling, an HMAC
 algorithm when the configured key is public) nor bring its own key (``jwk``,
 ``jku``, ``x5u``, ``x5c`` are refused; JWKS keys are chosen by ``kid`` from the
 configured set only).
+
+Keys come from the configuration (``KeyMaterial``, loaded at start-up) or from a
+:class:`KeySource`: an identity provider's JWKS that ``wsguard.keys.remote_jwks`` fetches
+and caches. The core asks the source for the key of (source, kid) from its cache and never
+performs I/O itself; a miss may start a fetch, which an async caller can wait for
+(:meth:`TokenVerifier.verify_fetching`).
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from http.cookies import CookieError, SimpleCookie
-from typing import Any
+from typing import Any, Protocol
 
 import jwt
 import orjson
@@ -48,6 +54,52 @@ class AuthFailure(Exception):
         super().__init__(reason)
         self.reason = reason
         self.detail = detail
+
+
+class KeyNotReady(AuthFailure):
+    """The key source cannot answer from its cache: a fetch under way may change that."""
+
+
+class UnknownKey(KeyNotReady):
+    """The token's ``kid`` is not among the identity provider's current keys (401)."""
+
+    def __init__(self, detail: str = "unknown kid") -> None:
+        super().__init__("invalid_token", detail)
+
+
+class KeysUnavailable(KeyNotReady):
+    """No usable keys: never fetched, or kept past their stale bound (503, not a ban)."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__("keys_unavailable", detail)
+
+
+class KeySource(Protocol):
+    """Verification keys held outside the configuration (an identity provider's JWKS).
+
+    Implementations cache keys by (source, kid): a key fetched from one source is never
+    returned for another, whatever its ``kid``.
+    """
+
+    @property
+    def generation(self) -> int:
+        """Changes whenever the set of keys changes (cached verifications are redone)."""
+        ...
+
+    def lookup(self, source: str, kid: str) -> tuple[Any, frozenset[str]]:
+        """The key of (*source*, *kid*) and the algorithms it may verify, from the cache.
+
+        Raises :class:`UnknownKey` or :class:`KeysUnavailable` (and may start a fetch).
+        """
+        ...
+
+    def usable(self) -> bool:
+        """Whether the cached keys may be used now (fetched, not past their stale bound)."""
+        ...
+
+    async def wait_for_fetch(self) -> bool:
+        """Wait (bounded) for the fetch under way, if any; True when it brought keys."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +195,8 @@ def auth_warnings(config: AuthConfig) -> list[tuple[str, str]]:
     if config.uses_hmac:
         return out
     source = "auth.jwks_file" if config.jwks_file else "auth.public_key_file"
+    if config.remote_jwks:
+        source = "auth.jwks_url" if config.jwks_url else "auth.oidc_issuer"
     if not config.audience:
         out.append(
             (
@@ -173,18 +227,31 @@ class TokenVerifier:
         "_options",
         "_required",
         "_scope_sets",
+        "_source",
+        "_source_name",
     )
 
     def __init__(
-        self, config: AuthConfig, keys: KeyMaterial, *, clock: Callable[[], float] = time.time
+        self,
+        config: AuthConfig,
+        keys: KeyMaterial,
+        *,
+        clock: Callable[[], float] = time.time,
+        key_source: KeySource | None = None,
     ) -> None:
         self._config = config
         self._keys = keys
         self._clock = clock
-        # token -> (identity, not-before): a verified token is deterministic for a
-        # fixed key set, so reconnecting clients skip the signature check; exp and
-        # nbf are still checked against the clock on every hit.
-        self._cache: dict[str, tuple[Identity, float | None]] = {}
+        self._source = key_source
+        # the source this verifier's tokens are checked against: the key source is asked
+        # for (this source, kid), never for a kid alone
+        self._source_name = config.remote_jwks
+        # token -> (identity, not-before, key generation): a verified token is
+        # deterministic for a fixed key set, so reconnecting clients skip the signature
+        # check; exp and nbf are still checked against the clock on every hit, and a
+        # token verified with an identity provider's key is verified again once that
+        # provider's key set changed or its keys may no longer be used.
+        self._cache: dict[str, tuple[Identity, float | None, int]] = {}
         # equal scope sets are shared between connections (a few distinct sets is typical)
         self._scope_sets: dict[frozenset[str], frozenset[str]] = {}
         self._required = ["exp"] if config.require_exp else []
@@ -199,6 +266,14 @@ class TokenVerifier:
         }
 
     def _key_for(self, header: Mapping[str, Any], alg: str) -> Any:
+        if self._source is not None:
+            kid = header.get("kid")
+            if not isinstance(kid, str) or not kid:
+                raise AuthFailure("invalid_token", "no kid")
+            key, algorithms = self._source.lookup(self._source_name, kid)
+            if alg not in algorithms:
+                raise AuthFailure("algorithm_not_allowed", "alg does not fit the JWK")
+            return key
         if alg in HMAC_ALGORITHMS:
             if self._keys.secret is None:
                 raise AuthFailure("invalid_token", "no HMAC secret configured")
@@ -216,10 +291,22 @@ class TokenVerifier:
         return self._keys.public_key
 
     def verify(self, token: str) -> Identity:
-        """Verify *token*; raises AuthFailure with a stable reason."""
+        """Verify *token*; raises AuthFailure with a stable reason.
+
+        With a key source, a key not in its cache raises :class:`KeyNotReady` (and may
+        start a fetch); :meth:`verify_fetching` waits for that fetch and tries again.
+        """
         cached = self._cache.get(token)
+        source = self._source
+        if (
+            cached is not None
+            and source is not None
+            and (cached[2] != source.generation or not source.usable())
+        ):
+            del self._cache[token]  # keys changed or expired: verify from scratch
+            cached = None
         if cached is not None:
-            identity, not_before = cached
+            identity, not_before, _ = cached
             now = self._clock()
             leeway = self._config.leeway_seconds
             if identity.expires_at is not None and now >= identity.expires_at + leeway:
@@ -228,12 +315,24 @@ class TokenVerifier:
             if not_before is not None and now < not_before - leeway:
                 raise AuthFailure("token_not_yet_valid", "nbf in the future")
             return identity
+        generation = source.generation if source is not None else 0
         identity, not_before = self._verify(token)
         if len(token) <= _CACHEABLE_TOKEN:
             if len(self._cache) >= _CACHE_ENTRIES:
                 del self._cache[next(iter(self._cache))]  # oldest first
-            self._cache[token] = (identity, not_before)
+            self._cache[token] = (identity, not_before, generation)
         return identity
+
+    async def verify_fetching(self, token: str) -> Identity:
+        """:meth:`verify`, waiting once for the key source's fetch when the key was not
+        in its cache (a rotated key, or keys not fetched yet). Concurrent callers share
+        the one fetch; the key source bounds its rate and its duration."""
+        try:
+            return self.verify(token)
+        except KeyNotReady:
+            if self._source is None or not await self._source.wait_for_fetch():
+                raise
+        return self.verify(token)
 
     def _verify(self, token: str) -> tuple[Identity, float | None]:
         config = self._config

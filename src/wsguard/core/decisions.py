@@ -61,6 +61,8 @@ class Admit:
     #: when the decision started (monotonic): revocations, bans and disconnects that
     #: reach the node after it may have missed this connection (see ClusterEvents)
     checked_at: float = 0.0
+    #: the store's name for this connection's slots (its leases)
+    holder: str = ""
 
     async def release(self) -> None:
         """Free every slot this admission holds. Idempotent."""

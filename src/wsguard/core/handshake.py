@@ -8,7 +8,8 @@ Order of checks (cheapest and most abusive first):
 3. the client address (trusted proxies only) is not banned (429);
 4. the address is within its handshake rate (429);
 5. the node is not draining (503);
-6. credentials are present and verify (401, counted toward an address ban);
+6. credentials are present and verify (401, counted toward an address ban; 503 when
+   the identity provider's keys cannot be used, which is not the client's failure);
 7. global, per-address and per-subject connection slots are free (503 / 429).
 
 Slots taken in step 7 are released by :meth:`Admit.release`, which adapters call
@@ -26,7 +27,13 @@ import re
 from dataclasses import replace
 
 from wsguard.config.model import Config
-from wsguard.core.auth import AuthFailure, Credentials, TokenVerifier, extract_credentials
+from wsguard.core.auth import (
+    AuthFailure,
+    Credentials,
+    KeysUnavailable,
+    TokenVerifier,
+    extract_credentials,
+)
 from wsguard.core.client_address import ClientAddressResolver, limit_key
 from wsguard.core.decisions import Admit, HandshakeDecision, Reject
 from wsguard.core.headers import split_list
@@ -221,7 +228,16 @@ class HandshakePolicy:
         except AuthFailure as failure:
             return await self._auth_failed(client, key, failure)
         try:
-            identity = self._authenticate(credentials, request.client_cert)
+            identity = await self._authenticate(credentials, request.client_cert)
+        except KeysUnavailable as failure:  # the identity provider's fault, not the client's
+            return Reject(
+                503,
+                failure.reason,
+                "Service temporarily unavailable.",
+                _retry_after(_STORE_RETRY_AFTER),
+                detail=failure.detail,
+                client=client,
+            )
         except AuthFailure as failure:
             return await self._auth_failed(client, key, failure)
 
@@ -242,9 +258,10 @@ class HandshakePolicy:
             origin=origin,
             subprotocol=self.select_subprotocol(offered),
             _release=lease.release,
+            holder=lease.holder,
         )
 
-    def _authenticate(self, credentials: Credentials | None, cert: str | None) -> Identity:
+    async def _authenticate(self, credentials: Credentials | None, cert: str | None) -> Identity:
         """Token and/or client certificate -> identity; raises AuthFailure.
 
         With mTLS ``client_cert = "required"`` the certificate alone authenticates;
@@ -265,7 +282,7 @@ class HandshakePolicy:
                     method="mtls",
                 )
             raise AuthFailure("missing_credentials")
-        identity = self.verifier.verify(credentials.token)
+        identity = await self.verifier.verify_fetching(credentials.token)
         if mtls:
             if cert != identity.subject:
                 raise AuthFailure("certificate_mismatch", "certificate and token disagree")

@@ -142,7 +142,9 @@ class SigningKey:
 
 @dataclass(frozen=True, slots=True)
 class Verified:
-    """The signature and timestamp hold; the nonce must still be unseen.
+    """The signature and timestamp hold (a signed type), or the nonce and timestamp are
+    well formed and the timestamp is within the type's replay window (an unsigned type
+    with ``replay``); the nonce must still be unseen.
 
     The store records ``nonce_key`` until ``timestamp + window`` on its own clock (and
     checks the window again on it), so nodes with skewed clocks agree on what is a
@@ -157,6 +159,13 @@ class Verified:
 def nonce_key(subject: str, kid: str, nonce: str) -> str:
     """The store key of a nonce: its parts percent-encoded (a subject may hold ``:``)."""
     return f"nonce:{quote(subject, safe='')}:{quote(kid, safe='')}:{quote(nonce, safe='')}"
+
+
+def replay_key(subject: str, message_type: str, nonce: str) -> str:
+    """The store key of an unsigned message's nonce, per subject and message type: its
+    parts percent-encoded, and apart from every signed nonce (:func:`nonce_key`)."""
+    parts = (quote(part, safe="") for part in (subject, message_type, nonce))
+    return "replay:" + ":".join(parts)
 
 
 class SignatureVerifier:

@@ -3,9 +3,12 @@
 Per message, in order: rate limits (every frame counts, refused or not),
 frame kind (binary refused unless allowed), JSON parsing with a compiled parser,
 structural bounds (depth, string length, keys, number size), the type
-allowlist, authorization (scopes per type), the type's JSON Schema, and the
-in-band ``auth`` refresh. Violations (rate, invalid, forbidden) spend a budget
-that decays over time; a client past it is closed with 1008.
+allowlist, authorization (scopes per type), the signature (signed types) or the
+replay window's nonce and timestamp (types with ``replay``), the type's JSON
+Schema, and the in-band ``auth`` refresh. Violations (rate, invalid, forbidden,
+signature, replay) spend a budget that decays over time; a client past it is
+closed with 1008. A nonce still to be recorded (cluster-wide, in the store) leaves
+with the ``Deliver`` decision; the Session records it.
 
 State is per connection (:class:`ConnectionState`) or per subject on this node
 (:class:`SubjectLimits`); nothing here does I/O.
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +28,7 @@ import msgspec
 import orjson
 
 from wsguard.config.demo_types import DEMO_MESSAGE_TYPES
-from wsguard.config.model import Config, MessageTypeConfig
+from wsguard.config.model import Config, MessageTypeConfig, ReplayConfig
 from wsguard.core.auth import AuthFailure, TokenVerifier
 from wsguard.core.decisions import (
     CLOSE_POLICY_VIOLATION,
@@ -36,15 +40,26 @@ from wsguard.core.decisions import (
     Refuse,
 )
 from wsguard.core.identity import Identity
-from wsguard.core.integrity import ENVELOPE_FIELDS, SignatureVerifier, Verified
+from wsguard.core.integrity import ENVELOPE_FIELDS, SignatureVerifier, Verified, replay_key
 from wsguard.core.ratelimit import Gcra
 
-_LONG_NUMBER = re.compile(rb"[0-9]{19,}")
+# 19 digits in a row (an integer that may not fit in 64 bits): every digit mapped to "0"
+# and everything else to " ", then a substring search
+_DIGITS_AS_ZERO = bytes(0x30 if 0x30 <= i <= 0x39 else 0x20 for i in range(256))
+_NINETEEN_DIGITS = b"0" * 19
 _NON_DIGITS = bytes(i for i in range(256) if not 0x30 <= i <= 0x39)
+# a JSON string token with its escapes (for stripping strings before counting brackets)
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_CONTAINER_TYPES = frozenset({dict, list})  # what msgspec decodes objects and arrays to
+# schema errors are described (keyword, JSON pointer) for messages of fewer values
+_DESCRIBED_VALUES = 64
 # msgspec decodes the demo messages ~25% faster than orjson (benchmarks/json_parsers.py);
 # orjson encodes faster, so outgoing frames use orjson.
 _decode = msgspec.json.Decoder().decode
 _MAX_SAFE_INT = 2**63
+#: The nonce of a type with a replay window: 8 to 128 unreserved URI characters (a UUID,
+#: a ULID, base64url and hex all fit).
+_REPLAY_NONCE = re.compile(r"[A-Za-z0-9._~-]{8,128}")
 
 
 @dataclass(slots=True)
@@ -79,6 +94,7 @@ class _TypePolicy:
     binary: bool
     validator: Any  # jsonschema_rs validator or None
     signed: bool = False
+    replay: ReplayConfig | None = None
 
 
 def _compile_schema(name: str, spec: MessageTypeConfig) -> Any:
@@ -118,6 +134,8 @@ def _ref_of(raw: bytes) -> str | int | None:
     return _valid_ref(message.get("id")) if isinstance(message, dict) else None
 
 
+_OUTSIDE_WINDOW = "Message timestamp is outside the replay window."
+
 #: The type of every delivered message with ``messages.format = "opaque"``.
 OPAQUE_TYPE = "opaque"
 _NO_MESSAGE: dict[str, Any] = {}
@@ -125,6 +143,57 @@ _NO_MESSAGE: dict[str, Any] = {}
 
 def _pointer(path: Iterable[str | int]) -> str:
     return "".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in path)
+
+
+def _walk(
+    message: dict[str, Any],
+    max_depth: int,
+    max_keys: int,
+    max_string: int,
+    leaves: bool,
+    brackets: int,
+) -> str | None:
+    """The structural bounds of a decoded message, in one walk over its containers.
+
+    With *leaves* False (strings and numbers are proven short from the raw bytes), a
+    container's values are looked at only to find the containers among them, in C
+    (``set(map(type, ...))``), and not at all once as many containers were found as the
+    raw bytes have opening brackets (*brackets*, which also counts any inside strings).
+    """
+    stack: list[tuple[Any, int]] = [(message, 1)]
+    found = 1
+    while stack:
+        node, depth = stack.pop()
+        if depth > max_depth:
+            return "Message is nested too deeply."
+        if len(node) > max_keys:
+            return (
+                "Message has too many keys."
+                if type(node) is dict
+                else "Message has too many items."
+            )
+        values = node.values() if type(node) is dict else node
+        if leaves:
+            if type(node) is dict and max(map(len, node), default=0) > max_string:
+                return "Message has a string that is too long."
+            for value in values:
+                kind = type(value)
+                if kind is dict or kind is list:
+                    stack.append((value, depth + 1))
+                elif kind is str:
+                    if len(value) > max_string:
+                        return "Message has a string that is too long."
+                elif kind is int and not -_MAX_SAFE_INT <= value < _MAX_SAFE_INT:
+                    return "Message has a number that is too large."
+            continue
+        if found >= brackets:
+            continue  # every container is on the stack already: only their sizes are left
+        kinds = set(map(type, values))
+        if dict in kinds or list in kinds:
+            children = [(v, depth + 1) for v in values if type(v) in _CONTAINER_TYPES]
+            found += len(children)
+            stack.extend(children)
+    return None
 
 
 class MessagePolicy:
@@ -135,17 +204,24 @@ class MessagePolicy:
         config: Config,
         verifier: TokenVerifier,
         signatures: SignatureVerifier | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         self.verifier = verifier
         self.signatures = signatures
+        self._clock = clock  # Unix time: the first check of a replay window
         messages, limits = config.messages, config.limits
         types = dict(messages.types)
         if "auth" not in types:  # token refresh is always understood
             types["auth"] = MessageTypeConfig.model_validate(DEMO_MESSAGE_TYPES["auth"])
         self._types = {
             name: _TypePolicy(
-                frozenset(spec.scopes), spec.binary, _compile_schema(name, spec), spec.signed
+                frozenset(spec.scopes),
+                spec.binary,
+                _compile_schema(name, spec),
+                spec.signed,
+                spec.replay,
             )
             for name, spec in types.items()
         }
@@ -156,6 +232,7 @@ class MessagePolicy:
         self._max_depth = messages.max_depth
         self._max_string = messages.max_string_length
         self._max_keys = messages.max_keys
+        self._max_containers = messages.max_containers
         self._msg_rate = limits.messages_per_minute / 60.0
         self._msg_burst = float(limits.message_burst)
         self._byte_rate = limits.bytes_per_minute / 60.0
@@ -301,6 +378,13 @@ class MessagePolicy:
             return Close(CLOSE_UNSUPPORTED_DATA, "binary frames not accepted", cause="binary")
         if self._opaque:  # a gateway in front of a non-JSON protocol: size and rates only
             return Deliver(OPAQUE_TYPE, _NO_MESSAGE, size)
+        if raw.count(b"{") + raw.count(b"[") > self._max_containers and self._containers(raw):
+            # refused from a count of the raw bytes, before decoding allocates them all
+            return self._refuse(
+                state,
+                now,
+                Refuse("invalid_message", "Message has too many objects and arrays."),
+            )
         try:
             message = _decode(raw)
         except (msgspec.DecodeError, ValueError, RecursionError):
@@ -347,22 +431,13 @@ class MessagePolicy:
                 return self._refuse(state, now, Refuse(outcome, text, ref=ref, type=kind))
             verified = outcome
             message = {k: v for k, v in message.items() if k not in ENVELOPE_FIELDS}
+        elif policy.replay is not None:
+            checked = self._check_replay(state, policy.replay, message, ref, kind)
+            if isinstance(checked, Refuse):
+                return self._refuse(state, now, checked)
+            verified = checked
         if policy.validator is not None and not policy.validator.is_valid(message):
-            error = next(iter(policy.validator.iter_errors(message)), None)
-            if error is not None:
-                pointer = _pointer(error.instance_path)
-                keyword = type(error.kind).__name__
-                return self._refuse(
-                    state,
-                    now,
-                    Refuse(
-                        "invalid_message",
-                        f"Invalid message ({keyword}).",
-                        ref=ref,
-                        pointer=pointer,
-                        type=kind,
-                    ),
-                )
+            return self._refuse(state, now, self._schema_refusal(policy, message, raw, ref, kind))
         if kind == "auth":
             return self._reauthenticate(state, now, message, ref)
         return Deliver(kind, message, size, verified)
@@ -371,6 +446,41 @@ class MessagePolicy:
         if self.signatures is None:
             return "bad_signature"
         return self.signatures.check(message, state.identity.subject, state.session_key)
+
+    def _check_replay(
+        self,
+        state: ConnectionState,
+        replay: ReplayConfig,
+        message: dict[str, Any],
+        ref: str | int | None,
+        kind: str,
+    ) -> Verified | Refuse:
+        """The replay window of an unsigned type: a well-formed nonce, a timestamp (Unix
+        seconds) within the window on this node's clock. The nonce is recorded later, by
+        the store, which judges the window again on its own clock."""
+        nonce = message.get(replay.nonce_field)
+        if type(nonce) is not str or _REPLAY_NONCE.fullmatch(nonce) is None:
+            return Refuse(
+                "invalid_message",
+                "Invalid nonce (8 to 128 letters, digits or - . _ ~).",
+                ref=ref,
+                pointer=_pointer((replay.nonce_field,)),
+                type=kind,
+            )
+        stamp = message.get(replay.timestamp_field)
+        if type(stamp) is not int and type(stamp) is not float:  # bool is not a number here
+            return Refuse(
+                "invalid_message",
+                "Invalid timestamp (a number: Unix time in seconds).",
+                ref=ref,
+                pointer=_pointer((replay.timestamp_field,)),
+                type=kind,
+            )
+        window = replay.window_seconds
+        if not abs(self._clock() - stamp) <= window:
+            return Refuse("stale", _OUTSIDE_WINDOW, ref=ref, type=kind)
+        key = replay_key(state.identity.subject, kind, nonce)
+        return Verified(nonce_key=key, timestamp=float(stamp), window=window)
 
     def replayed(
         self, state: ConnectionState, now: float, ref: Any, message_type: str | None = None
@@ -385,9 +495,13 @@ class MessagePolicy:
         self, state: ConnectionState, now: float, ref: Any, message_type: str | None = None
     ) -> MessageDecision:
         """The message's timestamp is outside the window on the store's clock."""
-        refusal = Refuse(
-            "stale", "Message signature is too old.", ref=_valid_ref(ref), type=message_type
+        policy = self._types.get(message_type) if message_type is not None else None
+        text = (
+            _OUTSIDE_WINDOW
+            if policy is not None and policy.replay is not None
+            else "Message signature is too old."
         )
+        refusal = Refuse("stale", text, ref=_valid_ref(ref), type=message_type)
         return self._refuse(state, now, refusal)
 
     def unavailable(
@@ -421,52 +535,65 @@ class MessagePolicy:
         )
         return self._refuse(state, now, refusal)
 
+    def _schema_refusal(
+        self, policy: _TypePolicy, message: dict[str, Any], raw: bytes, ref: Any, kind: str
+    ) -> Refuse:
+        """The refusal of a message its type's schema rejects, with the JSON pointer of
+        the first failing field. Describing the error costs a conversion of the failing
+        value (the whole message for a missing key): for a message of many values the
+        refusal says only that the schema failed, so a large invalid message costs no
+        more than a valid one."""
+        if raw.count(b",") >= _DESCRIBED_VALUES:
+            return Refuse("invalid_message", "Invalid message (schema).", ref=ref, type=kind)
+        error = next(iter(policy.validator.iter_errors(message)), None)
+        if error is None:  # pragma: no cover - is_valid said it fails
+            return Refuse("invalid_message", "Invalid message (schema).", ref=ref, type=kind)
+        return Refuse(
+            "invalid_message",
+            f"Invalid message ({type(error.kind).__name__}).",
+            ref=ref,
+            pointer=_pointer(error.instance_path),
+            type=kind,
+        )
+
+    def _containers(self, raw: bytes) -> bool:
+        """Whether the message holds more than ``max_containers`` objects and arrays
+        (brackets inside strings do not count). Only called when the raw count of
+        brackets says it might."""
+        stripped = _STRING.sub(b'""', raw)
+        return stripped.count(b"{") + stripped.count(b"[") > self._max_containers
+
     def _bounds(self, raw: bytes, message: dict[str, Any]) -> str | None:
-        """Structural limits; skips the walk when the raw bytes already prove them.
+        """Structural limits, in one walk at most; most are proven from the raw bytes.
 
         Depth counts nested containers (objects and arrays); ``max_keys`` bounds
-        both the keys of an object and the items of an array.
+        both the keys of an object and the items of an array. Strings and numbers are
+        proven short from the raw bytes (a C pass each); the walk then visits only the
+        containers (at most ``max_containers``, refused before decoding).
         """
         size = len(raw)
+        # without an escaped quote every '"' in the raw bytes opens or closes a string, and
+        # a decoded string is never longer than its raw bytes: every other piece between
+        # quotes is a string, and the longest bounds them all (one C split)
+        strings_ok = size <= self._max_string or (
+            b'\\"' not in raw
+            and max(map(len, raw.split(b'"')[1::2]), default=0) <= self._max_string
+        )
+        numbers_ok = (
+            size < 19
+            or len(raw.translate(None, _NON_DIGITS)) < 19  # one C pass
+            or _NINETEEN_DIGITS not in raw.translate(_DIGITS_AS_ZERO)  # C passes
+        )
+        brackets = raw.count(b"{") + raw.count(b"[")
         if (
-            size <= self._max_string
+            strings_ok
+            and numbers_ok
             and (size < self._max_keys or raw.count(b",") < self._max_keys)
-            and raw.count(b"{") + raw.count(b"[") <= self._max_depth
-            and (
-                size < 19
-                or len(raw.translate(None, _NON_DIGITS)) < 19  # one C pass, cheaper than a regex
-                or _LONG_NUMBER.search(raw) is None
-            )
+            and brackets <= self._max_depth
         ):
             return None
-        stack: list[tuple[Any, int]] = [(message, 1)]
-        while stack:
-            node, depth = stack.pop()
-            if isinstance(node, dict):
-                if depth > self._max_depth:
-                    return "Message is nested too deeply."
-                if len(node) > self._max_keys:
-                    return "Message has too many keys."
-                for key, value in node.items():
-                    if len(key) > self._max_string:
-                        return "Message has a string that is too long."
-                    stack.append((value, depth + 1))
-            elif isinstance(node, list):
-                if depth > self._max_depth:
-                    return "Message is nested too deeply."
-                if len(node) > self._max_keys:
-                    return "Message has too many items."
-                stack.extend((item, depth + 1) for item in node)
-            elif isinstance(node, str):
-                if len(node) > self._max_string:
-                    return "Message has a string that is too long."
-            elif (
-                isinstance(node, int)
-                and not isinstance(node, bool)
-                and not -_MAX_SAFE_INT <= node < _MAX_SAFE_INT
-            ):
-                return "Message has a number that is too large."
-        return None
+        leaves = not (strings_ok and numbers_ok)
+        return _walk(message, self._max_depth, self._max_keys, self._max_string, leaves, brackets)
 
     def _reauthenticate(
         self, state: ConnectionState, now: float, message: dict[str, Any], ref: str | int | None

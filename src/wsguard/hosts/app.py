@@ -11,7 +11,7 @@ Usage::
         app.broadcast({"type": "broadcast", "from": conn.subject, "message": message},
                       exclude=conn)
 
-    app.run()
+    app.run()  # prints "wsguard: listening on ws://127.0.0.1:8765/ (engine picows)"
 
 Handlers receive only messages that passed the whole message policy
 (size, JSON, bounds, type allowlist, scopes, schema, rate limits). A handler
@@ -30,12 +30,18 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import functools
 import itertools
+import json
 import logging
+import os
 import signal
+import socket
 import ssl
+import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, Literal, overload
 
 import orjson
@@ -44,7 +50,7 @@ from wsguard.cluster.events import ClusterEvents, close_disconnected, close_revo
 from wsguard.config.model import Config
 from wsguard.core.decisions import CLOSE_GOING_AWAY, CLOSE_INTERNAL_ERROR, Deliver
 from wsguard.core.integrity import SESSION_KID
-from wsguard.errors import ConfigError
+from wsguard.errors import ConfigError, ListenError, WsguardError
 from wsguard.guard import Guard
 from wsguard.session import Connection, wait_for_releases
 
@@ -57,6 +63,14 @@ RawHandler = Callable[[Connection, str | bytes], Awaitable[None] | None]
 Hook = Callable[[Connection], Awaitable[None]]
 
 logger = logging.getLogger("wsguard.server")
+
+#: Exit status of :meth:`App.run` and of ``wsguard serve``/``proxy`` when the server cannot
+#: start (it cannot listen, the store is unreachable...), and for a configuration error.
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2
+#: Where a server started by :meth:`App.run` (or ``wsguard serve``/``proxy``) writes the URL
+#: of its admin listener while it runs, for ``wsguard admin`` (JSON: url, pid).
+ADMIN_URL_FILE = Path("~/.local/share/wsguard/admin.url")
 
 
 class App:
@@ -93,6 +107,8 @@ class App:
         self.events: ClusterEvents | None = None
         self._id_counter = itertools.count(1)
         self._type_names = self.guard.messages.type_names()
+        self._welcome_types: list[str] | None = None  # handled_types(), until a registration
+        self._unhandled_logged: set[str] = set()
         self.ssl_context: ssl.SSLContext | None = None
         self.admin: Any = None  # the AdminServer when admin.port is set
 
@@ -103,6 +119,11 @@ class App:
         if ready and self._server is None:
             return False, "starting"
         return ready, reason
+
+    @property
+    def url(self) -> str | None:
+        """The URL clients connect to (after :meth:`start`), e.g. ``ws://127.0.0.1:8765/``."""
+        return listen_url(self.config, self.port) if self.port is not None else None
 
     @property
     def admin_port(self) -> int | None:
@@ -138,6 +159,7 @@ class App:
             raise ConfigError("messages.types.auth", "'auth' is handled by wsguard itself")
 
         def register(handler: Any) -> Any:
+            self._welcome_types = None
             self._handlers.pop(message_type, None)
             self._raw_handlers.pop(message_type, None)
             (self._raw_handlers if raw else self._handlers)[message_type] = handler
@@ -151,8 +173,19 @@ class App:
         binary as ``bytes``). With ``messages.format = "opaque"`` that is every message
         (they have no type). A plain function runs inline; a coroutine function runs in
         the connection's task, like the handlers of :meth:`on`."""
+        self._welcome_types = None
         self._on_message = handler
         return handler
+
+    def handled_types(self) -> list[str]:
+        """The allowlisted types this App answers (the welcome frame's ``types``): every
+        type with a handler, ``auth`` (wsguard's own), and with a catch-all
+        (:meth:`on_message`) every type. A delivered message of any other allowlisted type
+        is answered with an ``unhandled_type`` error frame."""
+        names = self._type_names
+        if self._on_message is not None:
+            return list(names)
+        return [n for n in names if n == "auth" or n in self._handlers or n in self._raw_handlers]
 
     def on_connect(self, hook: Hook) -> Hook:
         self._on_connect.append(hook)
@@ -197,6 +230,8 @@ class App:
         """The first frame of a new connection; None with ``App(welcome=False)``."""
         if not self.send_welcome:
             return None
+        if self._welcome_types is None:
+            self._welcome_types = self.handled_types()
         limits = self.config.limits
         welcome: dict[str, Any] = {
             "type": "welcome",
@@ -210,7 +245,7 @@ class App:
                 "message_burst": limits.message_burst,
                 "bytes_per_minute": limits.bytes_per_minute,
             },
-            "types": self._type_names,
+            "types": self._welcome_types,
         }
         session_key = conn.state.session_key
         if session_key is not None:
@@ -226,8 +261,8 @@ class App:
     def deliver(
         self, conn: Connection, decision: Deliver, data: str | bytes
     ) -> Awaitable[None] | None:
-        """Hand a delivered message to its handler (none: dropped). A plain-function
-        handler runs here; a coroutine comes back to be awaited."""
+        """Hand a delivered message to its handler (none: an ``unhandled_type`` error
+        frame). A plain-function handler runs here; a coroutine comes back to be awaited."""
         handler = self._handlers.get(decision.type)
         try:
             if handler is not None:
@@ -235,6 +270,7 @@ class App:
             else:  # a raw handler of the type, else the catch-all: the frame as it came
                 raw = self._raw_handlers.get(decision.type, self._on_message)
                 if raw is None:
+                    self._unhandled(conn, decision)
                     return None
                 result = raw(conn, data)
         except Exception:
@@ -251,6 +287,20 @@ class App:
             await result
         except Exception:
             self._handler_failed(conn, decision)
+
+    def _unhandled(self, conn: Connection, decision: Deliver) -> None:
+        """An allowlisted type without a handler: the client is told (not a violation:
+        the message passed the policy), the operator once per type."""
+        if decision.type not in self._unhandled_logged:
+            self._unhandled_logged.add(decision.type)
+            logger.warning(
+                "no handler for message type %r: answered with 'unhandled_type' error frames "
+                "(register @app.on(%r) or @app.on_message, or remove it from messages.types)",
+                decision.type,
+                decision.type,
+            )
+        ref = decision.message.get("id")
+        conn.send(_error("unhandled_type", "No handler for this message type.", ref))
 
     def _handler_failed(self, conn: Connection, decision: Deliver) -> None:
         logger.exception("handler for %r failed", decision.type)
@@ -296,7 +346,9 @@ class App:
     # -- running -----------------------------------------------------------------
 
     async def start(self) -> None:
-        """Bind and start accepting connections; sets :attr:`port`."""
+        """Bind and start accepting connections; sets :attr:`port`. Raises
+        :class:`~wsguard.errors.ListenError` (an ``OSError``) when a listener cannot bind,
+        :class:`~wsguard.errors.ConfigError` for a configuration it cannot run."""
         from wsguard.engines import start_server
         from wsguard.engines.tls import check_listener, server_context
 
@@ -314,16 +366,27 @@ class App:
                 functools.partial(close_revoked, self.guard.audit),
                 on_disconnect=functools.partial(close_disconnected, self.guard.audit),
                 address_key=self.guard.address_key,
+                audit=self.guard.audit,
             )
         if self.config.admin.enabled and self.admin is None:
             from wsguard.admin.server import AdminServer
 
-            self.admin = AdminServer(self)
-            await self.admin.start()
+            admin = AdminServer(self)
+            try:
+                await admin.start()
+            except OSError as exc:
+                admin_config = self.config.admin
+                raise listen_error(
+                    exc, admin_config.host, admin_config.port or 0, "admin listener"
+                ) from exc
+            self.admin = admin
         try:
             if self.config.tls.enabled:
                 self.ssl_context = server_context(self.config.tls)
-            self._server = await start_server(self.config.engine, self, self.ssl_context)
+            try:
+                self._server = await start_server(self.config.engine, self, self.ssl_context)
+            except OSError as exc:
+                raise listen_error(exc, self.config.host, self.config.port) from exc
         except BaseException:
             if self.admin is not None:  # never leave a listener saying "ready" behind
                 await self.admin.stop()
@@ -389,8 +452,144 @@ class App:
         return reload_certificate(self.ssl_context, self.config.tls)
 
     def run(self) -> None:
-        """Blocking entry point: serve until SIGTERM/SIGINT, then exit cleanly."""
-        run_loop(self.config, self.serve())
+        """Blocking entry point, the same as ``wsguard serve``: start, print where it listens
+        on stderr (``wsguard: listening on ws://HOST:PORT/ (engine NAME)``, and the admin
+        listener's address), serve until SIGTERM/SIGINT, then return. When it cannot start,
+        one line on stderr and the process exits: status 1 when it cannot listen (or reach
+        the store), 2 for a configuration error. ``await app.serve()`` prints nothing and
+        raises instead (:class:`~wsguard.errors.ListenError`...)."""
+        status = run_main(self)
+        if status:
+            raise SystemExit(status)
+
+
+def run_main(app: App, *, config_file: str | os.PathLike[str] | None = None) -> int:
+    """Start *app*, announce it (:func:`announce`), serve until SIGTERM/SIGINT: the exit
+    status. A failure to start is reported as one line on stderr (:func:`report`).
+    :meth:`App.run`, ``wsguard serve`` and ``wsguard proxy`` all run through here."""
+
+    async def main() -> None:
+        await app.start()
+        announce(app, config_file=config_file)
+        recorded = record_admin_url(app)
+        try:
+            await app.serve()
+        finally:
+            if recorded is not None:
+                forget_admin_url(recorded)
+
+    try:
+        run_loop(app.config, main())
+    except WsguardError as exc:
+        return report(exc)
+    return 0
+
+
+def report(exc: WsguardError) -> int:
+    """Print *exc* as wsguard's one line on stderr; its exit status (2 for configuration)."""
+    if isinstance(exc, ConfigError):
+        print(f"wsguard: configuration error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_CONFIG
+    print(f"wsguard: {exc}", file=sys.stderr, flush=True)
+    return EXIT_FAILURE
+
+
+def _bracketed(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def listen_url(config: Config, port: int) -> str:
+    """The URL of the public listener on *port*, e.g. ``ws://127.0.0.1:8765/``."""
+    scheme = "wss" if config.tls.enabled else "ws"
+    return f"{scheme}://{_bracketed(config.host)}:{port}/"
+
+
+def listen_error(exc: OSError, host: str, port: int, what: str = "") -> ListenError:
+    """The one-line :class:`ListenError` of a failed bind, e.g. ``cannot listen on
+    127.0.0.1:8765: address already in use``."""
+    if isinstance(exc, socket.gaierror) or not exc.errno or exc.errno < 0:
+        why = exc.strerror or str(exc)
+    else:
+        why = os.strerror(exc.errno)  # not asyncio's "error while attempting to bind ..."
+    label = f" ({what})" if what else ""
+    error = ListenError(
+        f"cannot listen on {_bracketed(host)}:{port}{label}: {why[:1].lower()}{why[1:]}"
+    )
+    error.errno = exc.errno
+    return error
+
+
+def announce(app: App, *, config_file: str | os.PathLike[str] | None = None) -> None:
+    """What a started server prints on stderr: where it listens, its admin listener and
+    generated admin token, and how to mint a token for the development key."""
+    config = app.config
+
+    def say(line: str) -> None:
+        print(f"wsguard: {line}", file=sys.stderr, flush=True)
+
+    url = app.url
+    say(f"listening on {url} (engine {config.engine})")
+    admin = app.admin
+    if admin is not None:
+        base = f"{admin.scheme}://{_bracketed(config.admin.host)}:{admin.port}"
+        say(f"admin listener on {base}/ (dashboard {base}/dashboard, metrics {base}/metrics)")
+        if admin.generated_token_file is not None:
+            say(
+                f"admin token in {admin.generated_token_file} (mode 0600; set "
+                f"WSGUARD_ADMIN_TOKEN to choose your own)"
+            )
+    key_info = app.guard.key_info
+    if key_info.dev_key:
+        cfg = f" --config {config_file}" if config_file else ""
+        say(
+            f"no JWT key configured; using the development key in "
+            f"{key_info.dev_key_path} (mode 0600, loopback only).\n"
+            f"wsguard: mint a token:  wsguard token{cfg} --sub alice --scope chat --ttl 1h\n"
+            f"wsguard: then connect to {url} with the header "
+            f"'Authorization: Bearer <token>' or the subprotocols "
+            f"['wsguard.v1', 'token.<token>'] (README: Connect)"
+        )
+
+
+def admin_url(app: App) -> str | None:
+    """The URL to reach *app*'s admin listener from this machine (None: no listener)."""
+    admin = app.admin
+    if admin is None or admin.port is None:
+        return None
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(
+        app.config.admin.host, app.config.admin.host
+    )
+    return f"{admin.scheme}://{_bracketed(host)}:{admin.port}"
+
+
+def record_admin_url(app: App) -> Path | None:
+    """Write the admin listener's URL to :data:`ADMIN_URL_FILE` (mode 0600) while the
+    server runs, so that ``wsguard admin`` finds it with no flag; the path written, or None
+    (no admin listener, or the file cannot be written: nothing else depends on it)."""
+    url = admin_url(app)
+    if url is None:
+        return None
+    path = ADMIN_URL_FILE.expanduser()
+    temporary = path.with_name(f".{path.name}.{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(json.dumps({"url": url, "pid": os.getpid()}) + "\n")
+        os.replace(temporary, path)
+    except OSError as exc:
+        logger.debug("cannot write %s: %s", path, exc)
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+        return None
+    return path
+
+
+def forget_admin_url(path: Path) -> None:
+    """Remove the admin URL file, unless another server has written its own since."""
+    with contextlib.suppress(OSError, ValueError):
+        if json.loads(path.read_text()).get("pid") == os.getpid():
+            path.unlink()
 
 
 def run_loop(config: Config, main: Awaitable[None]) -> None:

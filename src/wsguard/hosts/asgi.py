@@ -56,6 +56,12 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 logger = logging.getLogger("wsguard.asgi")
 
 DENIAL_EXTENSION = "websocket.http.response"
+#: Disconnect codes that mean the ASGI server failed the connection itself (its frame
+#: parser: a message over its ``ws_max_size``, a protocol error, invalid UTF-8) when
+#: neither wsguard nor the app had sent a close: recorded as closed by the server, with
+#: the cause wsguard's own close of that code has (a client closing with one of these
+#: codes itself looks the same over ASGI, and is recorded the same way).
+SERVER_FAILURE_CODES = frozenset({1002, 1007, 1009})
 
 
 class WsGuardUser:
@@ -91,7 +97,9 @@ class AsgiTransport:
         self._send = send
         self.accepted = False
         self.close_sent: tuple[int, str] | None = None  # by wsguard or the app
-        self.closed_by_client: int | None = None  # the disconnect code the server reported
+        # the disconnect code the server reported (a client's close, or the server's own
+        # failure: SERVER_FAILURE_CODES)
+        self.closed_by_client: int | None = None
         self.close_on_accept: tuple[int, str] | None = None
 
     def write(self, data: str | bytes) -> bool:
@@ -129,8 +137,11 @@ class AsgiTransport:
     def close_result(self) -> tuple[int, str, str]:
         if self.close_sent is not None and self.closed_by_client is None:
             return self.close_sent[0], self.close_sent[1], "server"
-        if self.closed_by_client is not None and self.closed_by_client != 1006:
-            return self.closed_by_client, "", "client"
+        code = self.closed_by_client
+        if code in SERVER_FAILURE_CODES:  # the server's own parser failed it (see above)
+            return code, "", "server"
+        if code is not None and code != 1006:
+            return code, "", "client"
         return 1006, "", "network"
 
 
@@ -209,6 +220,7 @@ class WsGuardMiddleware:
                 functools.partial(close_revoked, self.guard.audit),
                 on_disconnect=functools.partial(close_disconnected, self.guard.audit),
                 address_key=self.guard.address_key,
+                audit=self.guard.audit,
             )
             self._started = True
             if self.config.admin.enabled and self.admin is None:

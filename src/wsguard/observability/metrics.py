@@ -46,6 +46,7 @@ HANDSHAKE_REASONS: dict[str, str] = {
     "revoked": "revoked",
     "draining": "draining",
     "store_unavailable": "store",
+    "keys_unavailable": "store",  # the identity provider's keys (a remote JWKS)
     "handshake_timeout": "timeout",
     **dict.fromkeys(
         (

@@ -214,6 +214,11 @@ class Store(ABC):
     def on_resync(self, callback: Callable[[], None]) -> None:  # noqa: B027 - optional hook
         """Call *callback* whenever events may have been missed (after an outage)."""
 
+    def on_lease_lost(self, callback: Callable[[set[str]], object]) -> None:  # noqa: B027
+        """Call *callback(holders)* when leases of this node lapsed in the store and could
+        not be taken again within their limit (after a pause or a partition longer than
+        the lease TTL): those connections hold slots that others took meanwhile."""
+
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Start background work (lease renewal, event subscription)."""
 

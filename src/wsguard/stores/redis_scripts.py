@@ -63,15 +63,25 @@ return 1
 """
 )
 
-#: KEYS[1] zset; ARGV ttl_ms, holder... : extend (or re-create) this node's leases.
+#: KEYS[1] zset; ARGV ttl_ms, limit, holder... : extend this node's leases. A lease Redis
+#: lost (it lapsed during a pause or a partition) is re-created only while the key is under
+#: its limit, as a new one would be; the holders that could not be are returned (lost).
 RENEW = (
     _NOW
     + """
-local key, ttl = KEYS[1], tonumber(ARGV[1])
-for i = 2, #ARGV do redis.call('ZADD', key, now + ttl, ARGV[i]) end
+local key, ttl, limit = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2])
 redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+local lost = {}
+for i = 3, #ARGV do
+  local holder = ARGV[i]
+  if redis.call('ZSCORE', key, holder) or redis.call('ZCARD', key) < limit then
+    redis.call('ZADD', key, now + ttl, holder)
+  else
+    lost[#lost + 1] = holder
+  end
+end
 redis.call('PEXPIRE', key, ttl)
-return 1
+return lost
 """
 )
 

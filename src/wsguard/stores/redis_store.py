@@ -92,6 +92,8 @@ class RedisStore(Store):
         self._late_releases: list[tuple[str, str]] = []
         self._handlers: list[EventHandler] = []
         self._resync: list[Callable[[], None]] = []
+        self._lease_lost: list[Callable[[set[str]], object]] = []
+        self._limits: dict[str, int] = {}  # the limit of each key this node holds leases of
         self._health: list[HealthListener] = []
         self._down_until = 0.0
         self._down = False
@@ -117,6 +119,9 @@ class RedisStore(Store):
 
     def on_resync(self, callback: Callable[[], None]) -> None:
         self._resync.append(callback)
+
+    def on_lease_lost(self, callback: Callable[[set[str]], object]) -> None:
+        self._lease_lost.append(callback)
 
     def _key(self, key: str, suffix: str = "") -> str:
         # the key in braces is the Redis Cluster hash tag: a key's parts share a slot
@@ -174,6 +179,7 @@ class RedisStore(Store):
             granted = await self._acquire(keys=[self._key(key)], args=[limit, holder, self._ttl_ms])
             if granted:
                 self._held.setdefault(key, set()).add(holder)
+                self._limits[key] = limit
             return bool(granted)
 
         async def local() -> bool:
@@ -200,6 +206,7 @@ class RedisStore(Store):
             holders.discard(holder)
             if not holders:
                 del self._held[key]
+                self._limits.pop(key, None)
             if self._renewing:  # a renewal in flight may re-add it after our ZREM
                 self._late_releases.append((key, holder))
             remote_keys.append(key)
@@ -246,19 +253,28 @@ class RedisStore(Store):
         return await self._run("connections", remote, lambda: self._fallback.count(key))
 
     async def renew_leases(self) -> None:
-        """Extend every lease this node holds (re-creating any Redis lost)."""
+        """Extend every lease this node holds. A lease Redis lost is taken again only
+        within its limit; the connections whose leases could not be are told about
+        (:meth:`on_lease_lost`), so no limit stays exceeded after a partition."""
         if not self._held:
             return
         items = [(key, sorted(holders)) for key, holders in self._held.items()]
+        lost: list[tuple[str, str]] = []
 
         async def remote() -> None:
             for start in range(0, len(items), 500):
+                batch = items[start : start + 500]
                 async with self.client.pipeline(transaction=False) as pipe:
-                    for key, holders in items[start : start + 500]:
+                    for key, holders in batch:
+                        limit = self._limits.get(key, len(holders))
                         await self._renew(
-                            keys=[self._key(key)], args=[self._ttl_ms, *holders], client=pipe
+                            keys=[self._key(key)],
+                            args=[self._ttl_ms, limit, *holders],
+                            client=pipe,
                         )
-                    await pipe.execute()
+                    results = await pipe.execute()
+                for (key, _), dropped in zip(batch, results, strict=True):
+                    lost.extend((key, _text(holder)) for holder in dropped or ())
 
         async def nothing() -> None:
             return None
@@ -273,6 +289,17 @@ class RedisStore(Store):
         if late:
             with contextlib.suppress(*_FAILURES):
                 await self._remove_leases([(key, (holder,)) for key, holder in late])
+        if lost:
+            for key, holder in lost:
+                holders = self._held.get(key)
+                if holders is not None:
+                    holders.discard(holder)
+                    if not holders:
+                        del self._held[key]
+                        self._limits.pop(key, None)
+            dropped_holders = {holder for _, holder in lost}
+            for callback in self._lease_lost:
+                callback(dropped_holders)
 
     async def _renewal_loop(self) -> None:
         interval = self.config.lease_ttl_seconds / 3
@@ -371,8 +398,10 @@ class RedisStore(Store):
             if extra:
                 with contextlib.suppress(*_FAILURES):
                     await self._remove_leases([(key, (holder,)) for key in extra])
+            limits = dict(slots)
             for key in taken:  # renewed from now on (if cancelled before: they lapse)
                 self._held.setdefault(key, set()).add(holder)
+                self._limits[key] = limits[key]
             return Admission(taken=tuple(taken), full=full)
 
         async def fallback() -> Admission:  # revocations configured to fail open
@@ -641,3 +670,7 @@ def _constant(value: T) -> Callable[[], Awaitable[T]]:
         return value
 
     return constant
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
