@@ -19,7 +19,6 @@ deadline.
 from __future__ import annotations
 
 import contextlib
-import json
 import socket
 import time
 from collections.abc import Callable, Coroutine, Iterator
@@ -39,6 +38,7 @@ from conftest import (
     upgrade_request,
 )
 from support.asgi_server import AsgiServer, Recorder
+from support.asgi_server import demo_echo_app as echo_app
 from support.wire import (
     OP_BINARY,
     OP_CLOSE,
@@ -47,12 +47,12 @@ from support.wire import (
     WS_HEADERS,
     RawClient,
     frame,
+    ping_frame,
     raw_request,
     read_head,
     reset_close,
 )
 from wsguard.guard import Guard
-from wsguard.hosts.asgi import Receive, Scope, Send
 
 ENGINE_NAMES = ("picows", "websockets", "asgi")
 ASGI_SERVER = "uvicorn-sansio"  # uvicorn with ws="websockets-sansio" (test_asgi_middleware)
@@ -121,37 +121,6 @@ class Target:
 
 
 Start = Callable[..., Target]
-
-
-async def echo_app(scope: Scope, receive: Receive, send: Send) -> None:
-    """The application behind the middleware: a welcome on accept and ``pong`` for a
-    ``ping`` (what the standalone demo answers), an echo for anything else; HTTP: 404."""
-    if scope["type"] == "lifespan":
-        while True:
-            event = await receive()
-            if event["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif event["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
-    if scope["type"] == "http":
-        headers = [(b"content-type", b"text/plain"), (b"connection", b"close")]
-        await send({"type": "http.response.start", "status": 404, "headers": headers})
-        await send({"type": "http.response.body", "body": b"Not found.\n"})
-        return
-    await receive()  # websocket.connect
-    await send({"type": "websocket.accept"})
-    await send({"type": "websocket.send", "text": json.dumps({"type": "welcome"})})
-    while True:
-        event = await receive()
-        if event["type"] == "websocket.disconnect":
-            return
-        message = json.loads(event.get("text") or "null")
-        if isinstance(message, dict) and message.get("type") == "ping":
-            reply = {"type": "pong", "id": message.get("id")}
-        else:
-            reply = {"type": "echo"}
-        await send({"type": "websocket.send", "text": json.dumps(reply)})
 
 
 @pytest.fixture(params=ENGINE_NAMES)
@@ -628,10 +597,6 @@ def test_draining_is_503(start: Start) -> None:
 
 
 # -- 2. the message policy: README's per-message table -----------------------------------
-
-
-def ping_frame(ident: str) -> bytes:
-    return frame(OP_TEXT, json.dumps({"type": "ping", "id": ident}).encode())
 
 
 def assert_pong(client: RawClient, ident: str) -> None:

@@ -30,7 +30,7 @@ from websockets.typing import Origin, Subprotocol
 from conftest import AuditCapture, make_config, make_token
 from wsguard.config.model import Config
 from wsguard.guard import Guard
-from wsguard.hosts.asgi import ASGIApp, WsGuardMiddleware
+from wsguard.hosts.asgi import ASGIApp, Receive, Scope, Send, WsGuardMiddleware
 from wsguard.observability.audit import AuditLog
 
 SERVER_KINDS = ("uvicorn-sansio", "uvicorn-wsproto", "hypercorn")
@@ -316,3 +316,34 @@ def echo_of(ws: ClientConnection, text: str) -> None:
 
 def ping(ident: str) -> str:
     return json.dumps({"type": "ping", "id": ident})
+
+
+async def demo_echo_app(scope: Scope, receive: Receive, send: Send) -> None:
+    """A plain ASGI application (no framework): a welcome on accept and ``pong`` for a
+    ``ping`` (what the standalone demo answers), an echo for anything else; HTTP: 404."""
+    if scope["type"] == "lifespan":
+        while True:
+            event = await receive()
+            if event["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif event["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    if scope["type"] == "http":
+        headers = [(b"content-type", b"text/plain"), (b"connection", b"close")]
+        await send({"type": "http.response.start", "status": 404, "headers": headers})
+        await send({"type": "http.response.body", "body": b"Not found.\n"})
+        return
+    await receive()  # websocket.connect
+    await send({"type": "websocket.accept"})
+    await send({"type": "websocket.send", "text": json.dumps({"type": "welcome"})})
+    while True:
+        event = await receive()
+        if event["type"] == "websocket.disconnect":
+            return
+        message = json.loads(event.get("text") or "null")
+        if isinstance(message, dict) and message.get("type") == "ping":
+            reply = {"type": "pong", "id": message.get("id")}
+        else:
+            reply = {"type": "echo"}
+        await send({"type": "websocket.send", "text": json.dumps(reply)})

@@ -171,3 +171,7 @@ def raw_welcomed(server: RunningServer, token: str | None = None) -> RawClient:
     client = RawClient(server, token or make_token())
     assert client.recv_json()["type"] == "welcome"
     return client
+
+
+def ping_frame(ident: str) -> bytes:
+    return frame(OP_TEXT, json.dumps({"type": "ping", "id": ident}).encode())

@@ -29,9 +29,10 @@ from conftest import (
     make_config,
     make_token,
 )
-from redis_process import RedisProcess
-from test_asgi_middleware import AsgiServer, Recorder, echo_app
-from test_cluster import ROOMY, wait_subscribed
+from support.asgi_server import AsgiServer, Recorder, echo_app
+from support.cluster import ROOMY, wait_subscribed
+from support.paths import EXAMPLES, README
+from support.redis_process import RedisProcess
 from wsguard.config.demo_types import DEMO_MESSAGE_TYPES
 from wsguard.config.loader import load_config
 from wsguard.config.model import Config
@@ -44,8 +45,7 @@ from wsguard.guard import Guard
 from wsguard.hosts.app import App
 from wsguard.observability.audit import AuditLog
 
-README = Path(__file__).resolve().parents[1] / "README.md"
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "wsguard.toml"
+EXAMPLE = EXAMPLES / "wsguard.toml"
 WINDOW = 30
 
 _ID = DEMO_MESSAGE_TYPES["ping"]["schema"]["properties"]["id"]

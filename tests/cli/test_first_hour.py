@@ -32,11 +32,12 @@ import httpx
 import pytest
 
 from conftest import RunningServer, ServerFactory, eventually, make_config, make_token
-from serve_process import Served
-from test_asgi_middleware import AsgiServer, Recorder
-from test_cli import SECRET, cli_env, free_port, run_cli
-from test_conformance import echo_app, ping_frame
-from test_message_policy import OP_CLOSE, OP_TEXT, RawClient, frame
+from support.asgi_server import AsgiServer, Recorder
+from support.asgi_server import demo_echo_app as echo_app
+from support.cli import SECRET, cli_env, run_cli
+from support.net import free_port
+from support.serve_process import Served
+from support.wire import OP_CLOSE, OP_TEXT, RawClient, frame, ping_frame
 from wsguard import App, ListenError
 from wsguard.config.loader import load_config, validate_config
 from wsguard.errors import ConfigError, WsguardError
