@@ -1,7 +1,8 @@
 """The demo protocol: the default handlers of ``wsguard serve``.
 
 * ``ping`` -> ``{"type": "pong", "id": <same id>, "ts": <server time>}``
-* ``chat``, ``data``, ``command`` -> delivered to every *other* connection as
+* ``chat``, ``data``, ``command``, and any other type the configuration adds -> delivered
+  to every *other* connection as
   ``{"type": "broadcast", "from": <subject>, "message": <validated message>}``,
   re-serialized by the server (never the client's raw bytes).
 
@@ -17,8 +18,6 @@ from wsguard.config.model import Config
 from wsguard.hosts.app import App
 from wsguard.session import Connection
 
-RELAYED_TYPES = ("chat", "data", "command")
-
 
 def install_demo(app: App) -> App:
     """Register the demo handlers for the demo types present in the config."""
@@ -33,8 +32,8 @@ def install_demo(app: App) -> App:
     def relay(conn: Connection, message: dict[str, Any]) -> None:
         app.broadcast({"type": "broadcast", "from": conn.subject, "message": message}, exclude=conn)
 
-    for name in RELAYED_TYPES:
-        if name in types:
+    for name in types:  # the demo types, and those a configuration adds: relayed
+        if name not in ("ping", "auth"):
             app.on(name)(relay)
     return app
 
