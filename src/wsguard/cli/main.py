@@ -15,6 +15,7 @@ import wsguard
 from wsguard.config.loader import load_config
 from wsguard.config.model import Config
 from wsguard.errors import ConfigError, WsguardError
+from wsguard.extras import MissingExtra
 
 EXIT_CONFIG = 2
 
@@ -183,6 +184,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"wsguard: warning: {key}: {message}", file=sys.stderr)
             print("configuration is valid")
             return 0
+    except MissingExtra as exc:  # one line: what needs which extra, and the pip command
+        print(f"wsguard: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     except ConfigError as exc:
         print(f"wsguard: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -303,6 +303,10 @@ class App:
         if self._server is not None:
             raise RuntimeError("already started")
         check_listener(self.config)
+        if self.config.admin.enabled and self.admin is None:
+            from wsguard.extras import require
+
+            require("admin", "the admin listener", key="admin.port")
         self._stopping = asyncio.Event()
         await self.guard.start()
         if self.events is None:

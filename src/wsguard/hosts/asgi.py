@@ -487,7 +487,7 @@ def app_scope(scope: Scope, admit: Admit, config: Config) -> Scope:
         from starlette.authentication import AuthCredentials
 
         out["auth"] = AuthCredentials(sorted(admit.identity.scopes))
-    except ImportError:  # pragma: no cover - starlette is a dependency
+    except ImportError:  # no Starlette (e.g. Django Channels, plain ASGI): the scopes as a list
         out["auth"] = sorted(admit.identity.scopes)
     return out
 
