@@ -428,12 +428,18 @@ async def main():
 
 
 sent = asyncio.run(main())
+try:
+    WsGuardMiddleware(app, config=Config(auth={"secret": "s" * 40}, admin={"port": 0}))
+    admin_error = ""
+except wsguard.ConfigError as exc:
+    admin_error = f"{exc.key}: {exc.message}"
 optional = ("starlette", "uvicorn", "httpx", "redis", "cryptography", "rich", "fastapi")
 print(json.dumps({
     "version": wsguard.__version__,
     "sent": sent,
     **seen,
     "imported": sorted(m for m in optional if m in sys.modules),
+    "admin_error": admin_error,
 }))
 """
 
@@ -443,7 +449,8 @@ def test_the_middleware_and_wsguard_import_and_admit_in_the_core(
 ) -> None:
     """``import wsguard`` and ``wsguard.asgi`` need no extra: the middleware admits a
     handshake (driven through the ASGI protocol) and, without Starlette, hands the app
-    the token's scopes as a list in ``scope["auth"]``."""
+    the token's scopes as a list in ``scope["auth"]``; asked for an admin listener, it
+    names the extra when it is created."""
     result = subprocess.run(
         [str(core_venv / "bin" / "python"), "-c", PROBE],
         capture_output=True,
@@ -457,3 +464,4 @@ def test_the_middleware_and_wsguard_import_and_admit_in_the_core(
     assert report["sent"] == ["websocket.accept"]
     assert (report["user"], report["auth"]) == ("alice", ["chat"])
     assert report["imported"] == []
+    assert report["admin_error"] == "admin.port: the admin listener " + _install_line("admin")

@@ -167,6 +167,10 @@ class WsGuardMiddleware:
         self.app = app
         self.guard = guard if guard is not None else Guard(config or Config())
         self.config = self.guard.config
+        if self.config.admin.enabled:
+            from wsguard.extras import require
+
+            require("admin", "the admin listener", key="admin.port")
         self.connections: dict[str, Session] = {}  # node-wide registry
         self.guard.monitor.metrics.active_connections = lambda: len(self.connections)
         self._ids = itertools.count(1)
