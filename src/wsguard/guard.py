@@ -96,6 +96,13 @@ class Guard:
         # an identity provider's keys (auth.jwks_url / oidc_issuer), fetched from start()
         self.remote_keys: RemoteJwks | None = None
         if config.auth.remote_jwks and keys is None:
+            from wsguard.extras import require
+
+            require(
+                "publickey",
+                "keys from an identity provider",
+                "auth.oidc_issuer" if config.auth.oidc_issuer else "auth.jwks_url",
+            )
             from wsguard.keys.remote_jwks import RemoteJwks
 
             self.remote_keys = RemoteJwks(config.auth, events=self.audit.emit)

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import jwt
-from cryptography.hazmat.primitives import serialization
 
 from wsguard.config.keys import has_configured_key, load_or_create_dev_key
 from wsguard.config.model import Config
@@ -66,6 +65,11 @@ def mint_token(
         return jwt.encode(claims, secret, algorithm=alg, headers=headers)
     if private_key_file is None:
         raise ConfigError("auth.algorithms", f"{alg} tokens need --private-key")
+    from wsguard.extras import require
+
+    require("publickey", f"minting {alg} tokens", key="auth.algorithms")
+    from cryptography.hazmat.primitives import serialization
+
     try:
         key = serialization.load_pem_private_key(private_key_file.read_bytes(), password=None)
     except (OSError, ValueError) as exc:

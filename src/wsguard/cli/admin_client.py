@@ -18,15 +18,16 @@ import os
 import ssl
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
-
-import httpx
 
 from wsguard.admin.credentials import DEFAULT_TOKEN_FILE
 from wsguard.config.model import Config
 from wsguard.errors import ConfigError
 from wsguard.guard import is_loopback_host
+
+if TYPE_CHECKING:
+    import httpx  # the admin extra: imported when a command runs
 
 
 def add_connection_options(parser: argparse.ArgumentParser) -> None:
@@ -107,6 +108,8 @@ def _token(args: argparse.Namespace, config: Config) -> str | None:
 
 
 def _client(args: argparse.Namespace, config: Config) -> httpx.Client:
+    import httpx
+
     headers = {"Accept": "application/json"}
     token = _token(args, config)
     if token:
@@ -147,6 +150,11 @@ def _print(body: Any) -> None:
 
 def run_admin(args: argparse.Namespace, config: Config) -> int:
     """Run one ``wsguard admin`` command; 0 on success, 1 when the API refused."""
+    from wsguard.extras import require
+
+    require("admin", "wsguard admin", modules=("httpx",))
+    import httpx
+
     from wsguard.tokens import parse_duration
 
     command = args.admin_command

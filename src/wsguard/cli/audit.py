@@ -292,6 +292,9 @@ def list_checks() -> int:
 def run_audit(args: argparse.Namespace) -> int:
     if args.list_checks:
         return list_checks()
+    from wsguard.extras import require
+
+    require("audit", "wsguard audit")
     from rich.console import Console
 
     from wsguard.scanner.report import render, summary

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import jwt
-from cryptography.hazmat.primitives import serialization
 
 from wsguard.config.model import AuthConfig
 from wsguard.core.auth import KeyMaterial
@@ -84,6 +83,10 @@ def load_keys(config: AuthConfig, *, allow_dev_key: bool = True) -> KeyMaterial:
             )
         except OSError as exc:
             raise KeyLoadError("auth.secret_file", f"cannot read: {exc.strerror}") from None
+    if config.public_key_file or config.jwks_file:
+        from wsguard.extras import require  # cryptography: not needed for HS*
+
+        require("publickey", config.algorithms[0], key="auth.algorithms")
     if config.public_key_file:
         return KeyMaterial(public_key=_load_public_key(config.public_key_file.expanduser()))
     if config.jwks_file:
@@ -142,6 +145,8 @@ def load_signing_keys(path: Path | None) -> dict[str, SigningKey]:
 
 
 def _load_public_key(path: Path) -> Any:
+    from cryptography.hazmat.primitives import serialization
+
     try:
         data = path.read_bytes()
     except OSError as exc:

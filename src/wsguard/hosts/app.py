@@ -355,6 +355,10 @@ class App:
         if self._server is not None:
             raise RuntimeError("already started")
         check_listener(self.config)
+        if self.config.admin.enabled and self.admin is None:
+            from wsguard.extras import require
+
+            require("admin", "the admin listener", key="admin.port")
         self._stopping = asyncio.Event()
         await self.guard.start()
         if self.events is None:
@@ -487,6 +491,11 @@ def run_main(app: App, *, config_file: str | os.PathLike[str] | None = None) -> 
 
 def report(exc: WsguardError) -> int:
     """Print *exc* as wsguard's one line on stderr; its exit status (2 for configuration)."""
+    from wsguard.extras import MissingExtra
+
+    if isinstance(exc, MissingExtra):  # what needs which extra, and the pip command
+        print(f"wsguard: {exc}", file=sys.stderr, flush=True)
+        return EXIT_CONFIG
     if isinstance(exc, ConfigError):
         print(f"wsguard: configuration error: {exc}", file=sys.stderr, flush=True)
         return EXIT_CONFIG

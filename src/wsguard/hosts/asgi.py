@@ -178,6 +178,10 @@ class WsGuardMiddleware:
         self.app = app
         self.guard = guard if guard is not None else Guard(config or Config())
         self.config = self.guard.config
+        if self.config.admin.enabled:
+            from wsguard.extras import require
+
+            require("admin", "the admin listener", key="admin.port")
         self.connections: dict[str, Session] = {}  # node-wide registry
         self.guard.monitor.metrics.active_connections = lambda: len(self.connections)
         self._ids = itertools.count(1)
@@ -499,7 +503,7 @@ def app_scope(scope: Scope, admit: Admit, config: Config) -> Scope:
         from starlette.authentication import AuthCredentials
 
         out["auth"] = AuthCredentials(sorted(admit.identity.scopes))
-    except ImportError:  # pragma: no cover - starlette is a dependency
+    except ImportError:  # no Starlette (e.g. Django Channels, plain ASGI): the scopes as a list
         out["auth"] = sorted(admit.identity.scopes)
     return out
 

@@ -20,6 +20,7 @@ from typing import Any
 
 from wsguard.config.model import Config
 from wsguard.core.client_address import limit_key
+from wsguard.extras import require
 from wsguard.observability.alerts import Alert, AlertEngine
 from wsguard.observability.audit import AuditLog
 from wsguard.observability.metrics import Metrics
@@ -87,6 +88,7 @@ class Monitor:
         self.engine = AlertEngine(alerts, self._fired, clock=time.monotonic, wall_clock=time.time)
         self.webhook: Webhook | None = None
         if alerts.enabled and alerts.webhook_url:
+            require("webhook", "the alert webhook", key="alerts.webhook_url")  # httpx
             self.webhook = Webhook(
                 alerts.webhook_url,
                 timeout=alerts.webhook_timeout_seconds,

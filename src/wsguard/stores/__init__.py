@@ -23,6 +23,10 @@ def open_store(uri: str, cluster: ClusterConfig | None = None) -> Store:
 
         return MemoryStore(uri)
     if scheme in ("redis", "rediss"):
+        from wsguard.extras import require
+        from wsguard.stores.uri import redacted
+
+        require("redis", f'"{redacted(uri)}"', key="store")
         from wsguard.stores.redis_store import RedisStore
 
         return RedisStore(uri, cluster)
