@@ -92,7 +92,8 @@ async def require_baseline(ctx: ScanContext, **kwargs: object) -> None:
     except CheckError as exc:
         if ctx.credentials.token is None and ("HTTP 401" in str(exc) or "HTTP 403" in str(exc)):
             raise NotApplicable(
-                f"needs a credential (--token, --token-cmd or --jwt-secret): {exc}"
+                f"needs a credential (--token, --token-cmd or --jwt-secret): {exc}",
+                needs="--jwt-secret or --token",
             ) from None
         if "HTTP 403" in str(exc) and ctx.options.origin_allowed is None:
             raise CheckError(

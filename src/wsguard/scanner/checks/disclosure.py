@@ -100,7 +100,9 @@ async def errors(ctx: ScanContext) -> Finding:
 async def log_injection(ctx: ScanContext) -> Finding:
     path = ctx.options.server_log
     if path is None:
-        raise NotApplicable("needs --server-log (the target's log file, readable here)")
+        raise NotApplicable(
+            "needs --server-log (the target's log file, readable here)", needs="--server-log"
+        )
     await require_baseline(ctx)
     start = _size(path)
     marker = f"wsguard-audit-{os.urandom(4).hex()}"
@@ -163,4 +165,6 @@ def _read_from(path: Path, offset: int) -> str:
             handle.seek(offset)
             return handle.read(4 * 1024 * 1024).decode("utf-8", "replace")
     except OSError as exc:
-        raise NotApplicable(f"cannot read --server-log: {exc.strerror}") from None
+        raise NotApplicable(
+            f"cannot read --server-log: {exc.strerror}", needs="--server-log"
+        ) from None

@@ -35,10 +35,13 @@ async def token_expiry(ctx: ScanContext) -> Finding:
         else:
             raise NotApplicable(
                 "needs --jwt-secret (to mint a short-lived token) or a token expiring within "
-                f"--expiry-wait ({ctx.options.expiry_wait:g}s)"
+                f"--expiry-wait ({ctx.options.expiry_wait:g}s)",
+                needs="--jwt-secret",
             )
     elif not ctx.credentials.can_mint:
-        raise NotApplicable("needs --jwt-secret (to mint a short-lived token)")
+        raise NotApplicable(
+            "needs --jwt-secret (to mint a short-lived token)", needs="--jwt-secret"
+        )
     await require_baseline(ctx)
     token = given or ctx.credentials.mint(exp_in=TOKEN_LIFETIME)  # minted just before use
     assert token is not None

@@ -170,8 +170,9 @@ async def invalid_utf8(ctx: ScanContext) -> Finding:
 
 
 def _padded_ping(ctx: ScanContext, size: int) -> str:
-    """A valid ping padded with JSON whitespace to exactly ``size`` bytes."""
-    ping = ctx.options.ping(990_000 + size % 1000)
+    """A valid ping (with no application ping: a small message), padded with JSON whitespace
+    to exactly ``size`` bytes."""
+    ping = ctx.dialect.filler(990_000 + size % 1000)
     return " " * max(0, size - len(ping.encode())) + ping
 
 
@@ -295,7 +296,7 @@ async def size_fragments(ctx: ScanContext) -> Finding:
         if session.closed:
             outcome = Outcome(close=session.close_event)
         else:
-            tail = ctx.options.ping(990_001).encode()
+            tail = ctx.dialect.filler(990_001).encode()
             await session.send_raw(frame_bytes(Opcode.CONT, tail, fin=True))
             outcome = await ctx.barrier(session, wait=max(ctx.options.reply_timeout, 5.0))
     finally:
@@ -355,6 +356,7 @@ async def compression(ctx: ScanContext) -> Finding:
                 ctx.check_id,
                 Verdict.NA,
                 f"negotiated ({negotiated}); the decompression bomb runs with --aggressive",
+                needs="--aggressive",
             )
         await ctx.barrier(session)
         # 4 MiB of JSON whitespace deflates to ~4 KiB: under any wire limit, so only a bound
@@ -412,13 +414,22 @@ def _signed(ctx: ScanContext, text: str) -> str:
 )
 async def replay(ctx: ScanContext) -> Finding:
     await require_baseline(ctx)
-    text = _signed(ctx, ctx.options.replay_message or ctx.options.ping(424242))
+    message = ctx.options.replay_message or ctx.dialect.ping(424242)
+    if message is None:
+        raise NotApplicable(
+            "the endpoint answers no application message to replay: give --replay-message",
+            needs="--replay-message",
+        )
+    text = _signed(ctx, message)
     ctx.rotate()
     session = await ctx.open()
     try:
         first = await ctx.exchange(session, text)
         if refusal(first) not in ("accepted", "silent") or not first.answered:
-            raise NotApplicable(f"the message is refused the first time: {first.describe()}")
+            raise NotApplicable(
+                f"the message is refused the first time: {first.describe()}",
+                needs="--replay-message",
+            )
         second = await ctx.exchange(session, text)
     finally:
         await session.close()
