@@ -9,6 +9,8 @@
 //
 // | defect class          | what the code does                                   | found by                           |
 // |-----------------------|------------------------------------------------------|------------------------------------|
+// | malformed_token       | jwt.decode() returns a non-JSON payload as a string:  | auth.malformed                     |
+// |                       | "JSON garbage" tokens open a connection               |                                    |
 // | signature_unverified  | jwt.decode() instead of jwt.verify(): no signature  | auth.signature                     |
 // | alg_none              | ... so alg "none" tokens are taken as well            | auth.alg_none                      |
 // | expired_accepted      | ... and exp is never looked at                        | auth.expired                       |
@@ -23,6 +25,9 @@
 // | stack_traces          | a parse error is answered with err.stack              | disclosure.errors                  |
 // | log_injection         | raw messages and the token go to the log (stdout)     | logs.injection                     |
 // | slow_handshake        | Node's default headersTimeout: 60 s of slow headers   | handshake.timeout                  |
+//
+// What it gets right: a request without a token is refused (401) before the upgrade, and
+// ws closes invalid UTF-8 with 1007 (the `error` listener keeps the process alive).
 //
 // Usage: node server.js [port]  (0: any free port). Prints "listening on 127.0.0.1:PORT"
 // first; every later line on stdout is the server's log.
