@@ -68,7 +68,7 @@ class Coverage:
         if missing:
             line += "; not examined: " + "; ".join(missing)
         if self.needs:
-            line += "; pass " + " ".join(sorted(self.needs)) + " to examine the rest"
+            line += "; pass " + ", ".join(sorted(self.needs)) + " to examine the rest"
         return line
 
     def as_dict(self) -> dict[str, object]:

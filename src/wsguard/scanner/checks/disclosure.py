@@ -6,9 +6,11 @@ import asyncio
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 from wsguard.scanner.checks.common import exchange_all, require_baseline
 from wsguard.scanner.context import CheckError, NotApplicable, ScanContext, short
+from wsguard.scanner.dialect import loads
 from wsguard.scanner.model import OWASP, Finding, Verdict, check, finding
 from wsguard.scanner.probe import host_header, raw_request
 
@@ -64,8 +66,9 @@ async def errors(ctx: ScanContext) -> Finding:
     seen = 0
     for where, text in ctx.transcript:
         seen += 1
+        readable = f"{text}\n{_strings(text)}"  # a stack inside a JSON string, unescaped
         for what, pattern in LEAKS:
-            if pattern.search(text):
+            if pattern.search(readable):
                 leaks.append(f"{what} in a {where}: {short(text, 80)}")
                 break
         if where.endswith("header") and VERSION.search(text):
@@ -87,6 +90,24 @@ async def errors(ctx: ScanContext) -> Finding:
         f"{seen} texts from the target (messages, errors, close reasons, headers, pages): "
         f"no stack traces, paths, exception names or versions{note}",
     )
+
+
+def _strings(text: str) -> str:
+    """The string values of a JSON message, decoded (newlines real again), one per line."""
+    value = loads(text)
+    if not isinstance(value, dict | list):
+        return ""
+    out: list[str] = []
+    stack: list[Any] = [value]
+    while stack and len(out) < 200:
+        item = stack.pop()
+        if isinstance(item, str):
+            out.append(item)
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item[:200])
+    return "\n".join(out)
 
 
 @check(

@@ -9,7 +9,7 @@ import time
 import jwt
 
 from wsguard.scanner.checks.common import require_auth, require_baseline
-from wsguard.scanner.context import CheckError, NotApplicable, Outcome, ScanContext
+from wsguard.scanner.context import Inconclusive, NotApplicable, Outcome, ScanContext
 from wsguard.scanner.model import OWASP, Finding, Verdict, check, finding
 from wsguard.scanner.probe import host_header, open_stream
 
@@ -63,7 +63,7 @@ async def token_expiry(ctx: ScanContext) -> Finding:
         late = time.time() - exp
         reason = f" {outcome.close.reason!r}" if outcome.close.reason else ""
         if late < -0.5:
-            raise CheckError(
+            raise Inconclusive(
                 f"closed {outcome.close.code}{reason} {-late:.1f}s before exp — not about the "
                 "token (a lifetime limit?); cannot judge"
             )

@@ -185,7 +185,7 @@ async def _fill(ctx: ScanContext, held: Held) -> None:
         if result.session is None:
             answer = judge(result)
             if answer != "refused" and result.status not in THROTTLED:
-                raise CheckError(
+                raise Inconclusive(
                     f"connection {n} failed ({result.describe()}): cannot tell a limit from "
                     "a failure"
                 )
@@ -197,7 +197,7 @@ async def _fill(ctx: ScanContext, held: Held) -> None:
             held.refusal, held.refused_at = f"upgraded, then {outcome.describe()}", n
             return
         if not outcome.answered:
-            raise CheckError(f"connection {n} did not answer a ping: {outcome.describe()}")
+            raise Inconclusive(f"connection {n} did not answer a ping: {outcome.describe()}")
 
 
 @check(
@@ -311,7 +311,7 @@ async def spoofing(ctx: ScanContext) -> Finding:
             if state in ("accepted", "silent"):
                 bypassed.append(f"{name}: {value}")
             elif state == "inconclusive" and result.status not in THROTTLED:
-                raise CheckError(f"{name}: {value}: {how} — cannot judge")  # 429: the limit
+                raise Inconclusive(f"{name}: {value}: {how} — cannot judge")  # 429: the limit
     if bypassed:
         return finding(
             ctx.check_id,
@@ -335,7 +335,7 @@ async def _still_at_limit(ctx: ScanContext, held: Held) -> None:
         result = await ctx.connect()
         if result.session is None:
             if judge(result) == "inconclusive" and result.status not in THROTTLED:
-                raise CheckError(f"control attempt: {result.describe()} — cannot judge")
+                raise Inconclusive(f"control attempt: {result.describe()} — cannot judge")
             return
         held.sessions.append(result.session)  # a slot came free: hold it, try again
-    raise CheckError("the limit does not hold steadily (it refills?): cannot test spoofing")
+    raise Inconclusive("the limit does not hold steadily (it refills?): cannot test spoofing")

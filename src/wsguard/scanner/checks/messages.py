@@ -14,6 +14,7 @@ from websockets.frames import Opcode
 from wsguard.scanner.checks.common import Payload, exchange_all, require_baseline, tally
 from wsguard.scanner.context import (
     CheckError,
+    Inconclusive,
     NotApplicable,
     Outcome,
     ScanContext,
@@ -61,7 +62,7 @@ async def judged(ctx: ScanContext, what: str, outcome: Outcome) -> str:
     if kind == "crash":
         raise Failed(f"{what}: {outcome.describe()} — a server error, not a limit")
     if kind in ("throttled", "silent"):
-        raise CheckError(f"{what}: {outcome.describe()} — cannot judge")
+        raise Inconclusive(f"{what}: {outcome.describe()} — cannot judge")
     return kind
 
 
@@ -306,7 +307,7 @@ async def size_fragments(ctx: ScanContext) -> Finding:
         if kind == "crash":
             raise Failed(f"{outcome.describe()} — a server error, not a limit")
         if kind == "throttled":
-            raise CheckError(f"{outcome.describe()} — cannot judge")
+            raise Inconclusive(f"{outcome.describe()} — cannot judge")
         await still_serving(ctx, "the fragmented message")
     except Failed as exc:
         return finding(ctx.check_id, Verdict.FAIL, str(exc))
@@ -437,7 +438,7 @@ async def replay(ctx: ScanContext) -> Finding:
     if kind == "refused":
         return finding(ctx.check_id, Verdict.PASS, f"second copy refused: {second.describe()}")
     if kind != "accepted":
-        raise CheckError(f"the second copy: {second.describe()} — cannot judge")
+        raise Inconclusive(f"the second copy: {second.describe()} — cannot judge")
     what = "the replay message" if ctx.options.replay_message else "a ping (--replay-message)"
     return finding(
         ctx.check_id,
