@@ -244,9 +244,7 @@ def dialect_server(answer: Callable[[Any, str], list[str]]) -> Any:
                 for reply in answer(parsed, raw):
                     await ws.send(reply)
 
-    return serve(
-        handler, "127.0.0.1", 0, max_size=64 * 1024, compression=None, server_header=None
-    )
+    return serve(handler, "127.0.0.1", 0, max_size=64 * 1024, compression=None, server_header=None)
 
 
 def _kind(value: Any, key: str) -> Any:
