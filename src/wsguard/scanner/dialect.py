@@ -144,9 +144,10 @@ class Dialect:
                 "no application ping answered: WebSocket ping frames are the barrier; liveness "
                 "is 'still open and still answering them'"
             )
-        origin = {"detected": "detected", "given": "given", "assumed": "not detected"}[self.source]
         note = f" ({self.note})" if self.note else ""
-        return f"{origin}: {how}{note}"
+        if self.source == "assumed":
+            return f"not detected{note}; assumed: {how}"
+        return f"{self.source}: {how}{note}"
 
 
 def _layers(value: dict[str, Any]) -> Iterator[dict[str, Any]]:

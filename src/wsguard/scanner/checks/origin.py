@@ -100,6 +100,7 @@ async def _allowed_origin(ctx: ScanContext) -> str:
 async def lookalike(ctx: ScanContext) -> Finding:
     allowed = ctx.options.origin_allowed
     if not allowed:
+        await require_baseline(ctx)  # refusals for want of a credential say nothing
         allowed = await _allowed_origin(ctx)
     await require_baseline(ctx, origin=allowed)
     return await try_handshakes(
