@@ -10,6 +10,14 @@ command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx)
 [ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
+# the Node.js target of the scanner's tests: its locked packages, again only when the lock
+# changed (without node/npm those tests skip, saying so)
+node_target=tests/targets/node_ws
+if command -v npm >/dev/null 2>&1 && \
+    ! cmp -s "$node_target/package-lock.json" "$node_target/node_modules/.wsguard-lock"; then
+    (cd "$node_target" && timeout 300 npm ci --no-audit --no-fund --loglevel=error)
+    cp "$node_target/package-lock.json" "$node_target/node_modules/.wsguard-lock"
+fi
 .venv/bin/ruff check src tests benchmarks examples
 .venv/bin/ruff format --check src examples
 .venv/bin/mypy

@@ -87,6 +87,9 @@ schema_file = "{tmp / "ping.json"}"
 [messages.types.transfer]
 signed = true
 schema_file = "{tmp / "transfer.json"}"
+
+[messages.types.command]
+scopes = ["admin"]
 {extra}
 """
     )
@@ -192,7 +195,10 @@ def test_aggressive_scan_of_wsguard_serve_passes_every_check(
         "auth.alg_confusion": "N/A: the credential is HS256: no public key to confuse it with"
     }, done.stdout + done.stderr
     assert done.returncode == 0, done.stderr
-    assert len(by_id) == 34
+    assert len(by_id) == 35
+    # a user may not send an admin-scoped message: refused with forbidden, relayed to nobody
+    assert "forbidden" in by_id["authz.privileged"]["evidence"], by_id["authz.privileged"]
+    assert report["coverage"]["percent"] == 100.0 and report["coverage"]["needs"] == {}
     # the table still goes to stdout for the humans reading CI logs
     assert "auth.alg_none" in done.stdout and "PASS" in done.stdout
     # the evidence says what actually happened, not just a verdict
@@ -202,6 +208,27 @@ def test_aggressive_scan_of_wsguard_serve_passes_every_check(
     assert "HTTP 403" in by_id["origin.null"]["evidence"]
     assert "TLSv1.3" in by_id["transport.tls_version"]["evidence"]
     assert "negotiated" in by_id["compression"]["evidence"]
+
+
+def test_coverage_says_what_was_examined_and_can_gate_ci(target: Target, tmp_path: Path) -> None:
+    """Without options most checks cannot run: the summary says how much was examined and
+    what to pass for the rest, and --min-coverage / --require-complete fail the gate (4)."""
+    out = tmp_path / "r.json"
+    base = [target.url, "--ca-file", str(target.ca_file), *FAST]
+    done = run_audit([*base, "--format", "json", "--out", str(out)], tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    coverage = json.loads(out.read_text())["coverage"]
+    assert 0 < coverage["examined"] < coverage["applicable"] <= coverage["total"] == 35
+    assert {"--aggressive", "--jwt-secret or --token", "--server-log"} <= set(coverage["needs"])
+    assert "size.limit" in coverage["needs"]["--aggressive"]
+    assert "auth.signature" in coverage["needs"]["--jwt-secret or --token"]
+    summary = re.search(r"coverage \d+%: examined \d+ of the \d+ checks that apply", done.stdout)
+    assert summary is not None, done.stdout
+    assert "pass --aggressive" in done.stdout.replace("\n", " ")
+    gated = run_audit([*base, "--require-complete"], tmp_path)
+    assert gated.returncode == 4, gated.stdout + gated.stderr
+    assert "--min-coverage 100" in gated.stderr
+    assert run_audit([*base, "--min-coverage", "1"], tmp_path).returncode == 0
 
 
 def test_rs256_deployment_refuses_algorithm_confusion(tmp_path: Path) -> None:
@@ -259,7 +286,7 @@ def test_sarif_and_junit_outputs(target: Target, tmp_path: Path) -> None:
     assert log["version"] == "2.1.0"
     run = log["runs"][0]
     rules = [rule["id"] for rule in run["tool"]["driver"]["rules"]]
-    assert rules[:2] == ["auth.required", "auth.malformed"] and len(rules) == 34
+    assert rules[:2] == ["auth.required", "auth.malformed"] and len(rules) == 35
     assert run["results"] == []  # only problems are results: code scanning alerts on each
     assert run["invocations"][0]["executionSuccessful"] is True
     suite = ET.parse(junit_path).getroot().find("testsuite")

@@ -13,6 +13,7 @@ from wsguard.errors import ConfigError
 
 EXIT_FINDINGS = 1  # a check failed (from --fail-on up)
 EXIT_INCOMPLETE = 3  # nothing failed, but some check could not run (ERROR)
+EXIT_COVERAGE = 4  # nothing failed, but less than --min-coverage of the endpoint was examined
 MIN_MESSAGE, MAX_MESSAGE = 1024, 256 * 1024 * 1024  # --max-message-bytes
 
 
@@ -22,8 +23,10 @@ def add_parser(sub: Any) -> None:
         help="scan a WebSocket endpoint for security flaws (OWASP cheat sheet, ASVS 5.0 §4.4)",
         description="Black-box security scan of a WebSocket endpoint. Refuses non-loopback "
         "targets unless --i-own-this-target; floods, big messages and malformed handshakes "
-        "run only with --aggressive. Exit code 1 when a check FAILs (see --fail-on), 2 for "
-        "bad options, 3 when nothing failed but a check could not run (ERROR).",
+        "run only with --aggressive. How the endpoint is spoken to (its ping, its "
+        "envelope) is found at the baseline. Exit code 1 when a check FAILs (see --fail-on), "
+        "2 for bad options, 3 when nothing failed but a check could not run (ERROR), 4 when "
+        "nothing failed but the scan examined less than --min-coverage.",
     )
     audit.add_argument("url", nargs="?", help="ws:// or wss:// URL of the endpoint")
     cred = audit.add_argument_group("credentials")
@@ -85,11 +88,13 @@ def add_parser(sub: Any) -> None:
     proto = audit.add_argument_group("the endpoint's protocol")
     proto.add_argument(
         "--ping-message",
-        default='{"type": "ping", "id": "{id}"}',
-        help="a message the endpoint answers; {id} is replaced by a number the answer echoes "
-        "as id or ref (default: %(default)s)",
+        help="a message the endpoint answers, overriding the one found at the baseline; {id} "
+        "is replaced by a number the answer echoes (as id or ref, at the top or in data)",
     )
-    proto.add_argument("--pong-type", default="pong", help="type of the answer (default pong)")
+    proto.add_argument(
+        "--pong-type",
+        help="the answer's type when it does not echo the id (probes are then sequential)",
+    )
     proto.add_argument(
         "--error-type",
         action="append",
@@ -97,6 +102,15 @@ def add_parser(sub: Any) -> None:
         help="type of error frames (default error); repeatable",
     )
     proto.add_argument("--replay-message", help="a state-changing message for the replay check")
+    proto.add_argument(
+        "--privileged-message",
+        action="append",
+        default=[],
+        metavar="JSON",
+        help="a message only privileged users may send (authz.privileged; default: guesses "
+        "such as command and admin in the endpoint's envelope); {marker} is replaced by a "
+        "unique string to spot it when relayed; repeatable",
+    )
     proto.add_argument(
         "--signing-key",
         metavar="KID:SECRET",
@@ -170,6 +184,18 @@ def add_parser(sub: Any) -> None:
         default="fail",
         help="exit 1 from this verdict up (default fail)",
     )
+    out.add_argument(
+        "--min-coverage",
+        type=float,
+        metavar="PERCENT",
+        help="exit 4 when the scan examined less than this share of the checks that apply "
+        "(N/A for a missing option, INCONCLUSIVE and ERROR count as not examined)",
+    )
+    out.add_argument(
+        "--require-complete",
+        action="store_true",
+        help="the same as --min-coverage 100",
+    )
     out.add_argument("--verbose", "-v", action="store_true", help="per-variant details")
     out.add_argument("--no-progress", action="store_true", help="no progress display")
 
@@ -218,6 +244,10 @@ def options_from(args: argparse.Namespace) -> Any:
             raise ConfigError("--" + option.replace("_", "-"), f"{path} is not a readable file")
     if args.replay_message is not None:
         parse_json_option("--replay-message", args.replay_message)
+    for text in args.privileged_message:
+        parse_json_option("--privileged-message", text.replace("{marker}", "m"))
+    if args.min_coverage is not None and not 0 <= args.min_coverage <= 100:
+        raise ConfigError("--min-coverage", "a percentage, 0-100")
     for key in (
         "reply_timeout",
         "connect_timeout",
@@ -262,6 +292,7 @@ def options_from(args: argparse.Namespace) -> Any:
         pong_type=args.pong_type,
         error_types=tuple(args.error_type) or ("error",),
         replay_message=args.replay_message,
+        privileged_messages=tuple(args.privileged_message),
         signing_key=parse_signing_key(args.signing_key) if args.signing_key else None,
         server_log=args.server_log,
         checks=_split(args.checks),
@@ -346,7 +377,7 @@ def run_audit(args: argparse.Namespace) -> int:
         out = Console(highlight=False)
         out.print(table(report, verbose=args.verbose))
         out.print(summary(report), markup=False)
-        return _exit_code(report, args.fail_on)
+        return _finish(report, args)
     text = render(report, args.format, fail_on=args.fail_on, verbose=args.verbose)
     if args.out is not None:
         args.out.write_text(text, encoding="utf-8")
@@ -357,10 +388,29 @@ def run_audit(args: argparse.Namespace) -> int:
         print(text, end="")
     if args.format != "table" and args.out is None:
         print(summary(report), file=sys.stderr)
-    return _exit_code(report, args.fail_on)
+    return _finish(report, args)
 
 
-def _exit_code(report: Any, fail_on: str) -> int:
+def _finish(report: Any, args: argparse.Namespace) -> int:
+    code = _exit_code(report, args.fail_on, _min_coverage(args))
+    if code == EXIT_COVERAGE:
+        print(
+            f"wsguard audit: examined {report.coverage().percent:.0f}% of the checks that "
+            f"apply, under --min-coverage {_min_coverage(args):g} (exit {EXIT_COVERAGE})",
+            file=sys.stderr,
+        )
+    return code
+
+
+def _exit_code(report: Any, fail_on: str, min_coverage: float | None = None) -> int:
     if report.failed(fail_on):
         return EXIT_FINDINGS
-    return EXIT_INCOMPLETE if report.counts()["ERROR"] else 0
+    if report.counts()["ERROR"]:
+        return EXIT_INCOMPLETE
+    if min_coverage is not None and report.coverage().percent < min_coverage:
+        return EXIT_COVERAGE
+    return 0
+
+
+def _min_coverage(args: argparse.Namespace) -> float | None:
+    return 100.0 if args.require_complete else args.min_coverage

@@ -8,17 +8,31 @@ import itertools
 import re
 import socket
 import ssl
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 
 import orjson
 from websockets.extensions.base import ClientExtensionFactory
 
 from wsguard.errors import ConfigError
 from wsguard.scanner.credentials import Credentials
+from wsguard.scanner.dialect import (
+    CANDIDATES,
+    GRACE,
+    KIND_KEYS,
+    Dialect,
+    Heard,
+    given,
+    judge_candidate,
+    listen,
+    loads,
+)
 from wsguard.scanner.options import ScanOptions, Target
 from wsguard.scanner.probe import Endpoint, Event, Handshake, ReadBudget, Session, handshake
 
+DEFAULT_DIALECT = Dialect(
+    "echo", template='{"type": "ping", "id": "{id}"}', source="assumed", note="wsguard's own"
+)
 # statuses that mean "slow down / come back later" rather than "no"
 THROTTLED = frozenset({429, 503})
 THROTTLE_WAIT = 8.0  # seconds a check waits for a throttled target before giving up
@@ -29,7 +43,18 @@ class CheckError(Exception):
 
 
 class NotApplicable(Exception):
-    """The check does not apply (the verdict becomes N/A with this message)."""
+    """The check does not apply (the verdict becomes N/A with this message). ``needs``:
+    the option that would let it run (counted as not examined), or "" when it does not
+    apply to this endpoint at all."""
+
+    def __init__(self, message: str, *, needs: str = "") -> None:
+        super().__init__(message)
+        self.needs = needs
+
+
+class Inconclusive(Exception):
+    """The target's behaviour leaves the check unable to judge (verdict INCONCLUSIVE,
+    with this one-line reason): not the scanner's failure, not a pass."""
 
 
 @dataclass(slots=True)
@@ -37,6 +62,7 @@ class Outcome:
     """What came back after sending something and then a ping as a barrier."""
 
     errors: list[str] = field(default_factory=list)  # error frames, in order
+    replies: list[str] = field(default_factory=list)  # other messages, in order
     answered: bool = False  # the barrier ping was answered: the connection is usable
     close: Event | None = None
 
@@ -143,6 +169,7 @@ class ScanContext:
         self.transcript: list[tuple[str, str]] = []  # (where, text) seen from the server
         self._ids = itertools.count(1)
         self.check_id = ""
+        self.dialect = replace(DEFAULT_DIALECT, error_kinds=options.error_types)
 
     @property
     def budget(self) -> ReadBudget:
@@ -157,7 +184,7 @@ class ScanContext:
         """A view for one check: its own source address on loopback, so one check's bans
         and rate limits do not spill into the next."""
         view = object.__new__(ScanContext)
-        for name in ("options", "target", "base", "_sources", "transcript", "_ids"):
+        for name in ("options", "target", "base", "_sources", "transcript", "_ids", "dialect"):
             setattr(view, name, getattr(self, name))  # shared with the view: one id sequence
         view.credentials = self.credentials.for_check(check_id) if own_subject else self.credentials
         view.endpoint = self.base.with_source(self.next_source())
@@ -234,6 +261,7 @@ class ScanContext:
         deadline = loop.time() + THROTTLE_WAIT
         delay = 0.5
         while True:
+            silent = False
             result = await self.connect(**kwargs)  # type: ignore[arg-type]
             if result.session is None:
                 problem = f"baseline connection refused: {result.describe()}"
@@ -248,53 +276,117 @@ class ScanContext:
                     return result.session
                 await result.session.close()
                 problem = f"baseline connection did not answer a ping: {outcome.describe()}"
-                if not outcome.refused:
-                    problem += " (set --ping-message / --pong-type to what the endpoint answers)"
+                silent = not outcome.refused
+                if silent:
+                    problem += (
+                        f" (probe {self.dialect.describe()}; --ping-message / --pong-type "
+                        "override it)"
+                    )
                 retry = throttled(outcome)
             if not retry or loop.time() + delay > deadline:
+                if result.session is not None and silent:
+                    raise Inconclusive(problem)
                 raise CheckError(problem)
             await asyncio.sleep(delay)
             delay *= 2
             self.rotate()
 
+    # -- the endpoint's protocol -----------------------------------------------------
+    async def discover(self) -> Dialect:
+        """Work out how the endpoint can be used as a barrier and a liveness probe (see
+        :mod:`wsguard.scanner.dialect`), once per scan, on a baseline connection."""
+        options = self.options
+        chosen = given(options.ping_message, options.pong_type, options.error_types)
+        if chosen is not None:
+            self.dialect = chosen
+            return chosen
+        assumed = replace(DEFAULT_DIALECT, error_kinds=options.error_types)
+        tried: list[str] = []
+        pong_frames = False
+        keys: list[str] = []
+        session: Session | None = None
+        try:
+            for candidate in CANDIDATES:
+                if session is None or session.closed:
+                    if session is not None:
+                        await session.close()
+                    self.rotate()
+                    result = await self.connect()
+                    if result.session is None:
+                        if not tried:
+                            self.dialect = replace(
+                                assumed, note=f"the baseline handshake got {result.describe()}"
+                            )
+                            return self.dialect
+                        break
+                    session = result.session
+                ident = str(next(self._ids))
+                await session.send_text(candidate.template.replace("{id}", ident))
+                frame = f"wsguard-audit-{ident}".encode()
+                await session.send_ping(frame)
+                heard = Heard()
+                await listen(session, heard, frame, options.reply_timeout)
+                pong_frames = pong_frames or heard.pong_frame
+                for text in heard.texts:
+                    error = assumed.is_error(text)
+                    self.record("error frame" if error else "message", text)
+                    value = loads(text)
+                    if isinstance(value, dict):
+                        keys += [k for k in KIND_KEYS if isinstance(value.get(k), str)]
+                found = judge_candidate(candidate, ident, heard, options.error_types)
+                if found is not None:
+                    notes = [found.note] if found.note else []
+                    if tried:
+                        notes.append(f"not answered: {', '.join(tried)}")
+                    self.dialect = replace(found, note="; ".join(notes))
+                    return self.dialect
+                tried.append(candidate.template.replace(', "id": "{id}"', "").replace("{id}", "N"))
+        finally:
+            if session is not None:
+                await session.close()
+        key = max(set(keys), key=keys.count) if keys else "type"
+        frames = "" if pong_frames else "; ping frames were not answered either"
+        self.dialect = Dialect(
+            "control",
+            key=key,
+            error_kinds=options.error_types,
+            note=f"tried {len(tried)} application pings{frames}",
+        )
+        return self.dialect
+
     # -- messages ------------------------------------------------------------------
     def classify(self, text: str) -> str:
         """'error', 'reply' for a text message from the target."""
-        try:
-            value = orjson.loads(text)
-        except orjson.JSONDecodeError:
-            return "reply"
-        if isinstance(value, dict) and (
-            value.get("type") in self.options.error_types or value.get("error") is not None
-        ):
-            return "error"
-        return "reply"
-
-    def _answers(self, text: str, ident: str) -> bool:
-        try:
-            value = orjson.loads(text)
-        except orjson.JSONDecodeError:
-            return False
-        if not isinstance(value, dict):
-            return False
-        if "{id}" not in self.options.ping_message:
-            return value.get("type") == self.options.pong_type or self.classify(text) == "error"
-        return any(str(value.get(key)) == ident for key in ("id", "ref"))
+        return "error" if self.dialect.is_error(text) else "reply"
 
     async def barrier(
         self, session: Session, outcome: Outcome | None = None, *, wait: float | None = None
     ) -> Outcome:
         """Send a ping and collect everything until its answer, an error about it, or
-        the close. Servers answer in order, so what came before belongs to earlier sends."""
+        the close. Servers answer in order, so what came before belongs to earlier sends.
+        With answers that carry no id (or a ping frame as the barrier), what comes within a
+        short grace after the answer is collected too: late answers, stray pongs."""
         outcome = outcome or Outcome()
+        dialect = self.dialect
         ident = str(next(self._ids))
-        await session.send_text(self.options.ping(int(ident)))
-        await self.collect(
-            session,
-            outcome,
-            until=lambda text: self._answers(text, ident),
-            wait=wait or self.options.reply_timeout,
-        )
+        text = dialect.ping(int(ident))
+        until: Callable[[Event], bool]
+        if text is None:
+            frame = f"wsguard-audit-{ident}".encode()
+            await session.send_ping(frame)
+
+            def until(event: Event) -> bool:
+                return event.kind == "pong" and event.data == frame
+
+        else:
+            await session.send_text(text)
+
+            def until(event: Event) -> bool:
+                return event.kind != "pong" and dialect.answers(event.text, ident)
+
+        await self.collect(session, outcome, until=until, wait=wait or self.options.reply_timeout)
+        if dialect.sequential and outcome.answered and outcome.close is None:
+            await self.collect(session, outcome, wait=GRACE, late=True)
         return outcome
 
     async def collect(
@@ -302,8 +394,9 @@ class ScanContext:
         session: Session,
         outcome: Outcome,
         *,
-        until: object = None,
+        until: Callable[[Event], bool] | None = None,
         wait: float,
+        late: bool = False,
     ) -> Outcome:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
@@ -316,10 +409,15 @@ class ScanContext:
                 if event.reason:
                     self.record("close reason", event.reason)
                 return outcome
+            is_answer = until is not None and until(event)
             if event.kind not in ("text", "binary"):
+                if is_answer:
+                    outcome.answered = True
+                    return outcome
                 continue
             text = event.text
-            is_answer = callable(until) and until(text)
+            if late and self.dialect.is_pong(text):
+                continue  # a pong to an earlier probe (answers carry no id)
             if self.classify(text) == "error":
                 outcome.errors.append(text)
                 self.record("error frame", text)
@@ -330,6 +428,7 @@ class ScanContext:
                 outcome.answered = True
                 return outcome
             else:
+                outcome.replies.append(text)
                 self.record("message", text)
 
     async def exchange(
@@ -396,6 +495,9 @@ async def settle(ctx: ScanContext, result: Handshake) -> tuple[str, str]:
         return "late", f"upgraded, then {outcome.describe()}"
     if any(_AUTH.search(error) for error in outcome.errors):
         return "late", f"upgraded, then {outcome.describe()}"
+    if outcome.answered and not outcome.errors and ctx.dialect.mode == "control":
+        # every WebSocket server answers ping frames: that says nothing about the credential
+        return "silent", "upgraded and answering ping frames (no application message to try)"
     if outcome.answered and not outcome.errors:
         return "accepted", "upgraded and answered a ping"
     if outcome.answered or outcome.errors:

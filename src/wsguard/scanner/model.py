@@ -17,7 +17,12 @@ class Verdict(enum.StrEnum):
     WEAK = "WEAK"  # present but late or partial (e.g. refused after the upgrade)
     WARN = "WARN"  # worth a look; not a flaw on its own
     NA = "N/A"  # does not apply, or needs an option the scan was not given
+    INCONCLUSIVE = "INCONCLUSIVE"  # ran, but the target's behaviour left nothing to judge
     ERROR = "ERROR"  # the check itself could not run (unreachable target, timeout)
+
+
+# verdicts that mean the check examined the endpoint (the coverage counts them)
+EXAMINED = frozenset({Verdict.PASS, Verdict.FAIL, Verdict.WEAK, Verdict.WARN})
 
 
 # how a problem verdict reads in SARIF
@@ -35,6 +40,7 @@ class Finding:
     evidence: str  # one line: what was sent and what came back
     details: tuple[str, ...] = ()  # further lines (per-variant results)
     seconds: float = 0.0
+    needs: str = ""  # N/A only: the option that would let the check run ("" : does not apply)
 
 
 CheckFunction = Callable[["ScanContext"], Awaitable[Finding]]
@@ -91,12 +97,15 @@ def check(
     return register
 
 
-def finding(check_id: str, verdict: Verdict, evidence: str, *details: str) -> Finding:
+def finding(
+    check_id: str, verdict: Verdict, evidence: str, *details: str, needs: str = ""
+) -> Finding:
     return Finding(
         check=check_id,
         verdict=verdict,
         evidence=printable(evidence),
         details=tuple(printable(line) for line in details),
+        needs=needs,
     )
 
 

@@ -42,10 +42,11 @@ class ScanOptions:
     insecure: bool = False
     plain_port: int | None = None
     # the target's protocol
-    ping_message: str = DEFAULT_PING
-    pong_type: str = "pong"
+    ping_message: str | None = None  # None: discovered at the baseline (scanner.dialect)
+    pong_type: str | None = None
     error_types: tuple[str, ...] = ("error",)
     replay_message: str | None = None
+    privileged_messages: tuple[str, ...] = ()  # () : guesses in the endpoint's envelope
     signing_key: tuple[str, bytes] | None = None  # (kid, secret) for wsguard's HMAC envelope
     server_log: Path | None = None
     # what to run
@@ -75,9 +76,6 @@ class ScanOptions:
         if self.checks and not matches(self.checks):
             return False
         return not matches(self.skip)
-
-    def ping(self, ident: int) -> str:
-        return self.ping_message.replace("{id}", str(ident))
 
 
 @dataclass(frozen=True, slots=True)

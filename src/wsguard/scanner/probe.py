@@ -363,6 +363,13 @@ class Session:
         self.protocol.send_text(text.encode() if isinstance(text, str) else text)
         await self._flush()
 
+    async def send_ping(self, data: bytes) -> None:
+        """A WebSocket ping control frame (every RFC 6455 endpoint answers with a pong)."""
+        if self.closed or self.protocol.state is not State.OPEN:
+            return
+        self.protocol.send_ping(data)
+        await self._flush()
+
     async def send_binary(self, data: bytes) -> None:
         if self.closed or self.protocol.state is not State.OPEN:
             return

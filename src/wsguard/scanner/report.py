@@ -15,14 +15,20 @@ COLOURS = {
     Verdict.WEAK: "yellow",
     Verdict.WARN: "yellow",
     Verdict.NA: "dim",
+    Verdict.INCONCLUSIVE: "cyan",
     Verdict.ERROR: "magenta",
 }
 INFO_URI = "https://github.com/wsguard/wsguard#security-scanner-wsguard-audit"
 
 
 def summary(report: Report) -> str:
+    """Three lines: the counts, how the endpoint was spoken to, and the coverage."""
     counts = ", ".join(f"{n} {v}" for v, n in report.counts().items() if n)
-    return f"{report.target}: {len(report.findings)} checks in {report.seconds:.1f}s — {counts}"
+    lines = [f"{report.target}: {len(report.findings)} checks in {report.seconds:.1f}s — {counts}"]
+    if report.protocol:
+        lines.append(f"protocol: {report.protocol}")
+    lines.append(report.coverage().describe())
+    return "\n".join(lines)
 
 
 def table(report: Report, *, verbose: bool = False) -> Any:
@@ -66,6 +72,8 @@ def to_json(report: Report) -> dict[str, Any]:
         "seconds": report.seconds,
         "aggressive": report.aggressive,
         "summary": report.counts(),
+        "protocol": report.protocol,
+        "coverage": report.coverage().as_dict(),
         "findings": [
             {
                 "check": item.check,
@@ -77,6 +85,7 @@ def to_json(report: Report) -> dict[str, Any]:
                 "references": list(REGISTRY[item.check].references),
                 "remedy": REGISTRY[item.check].remedy,
                 "seconds": item.seconds,
+                **({"needs": item.needs} if item.needs else {}),
             }
             for item in report.findings
         ],
@@ -118,13 +127,14 @@ def to_sarif(report: Report) -> dict[str, Any]:
     ]
     notifications = [
         {
-            "level": "error",
-            "message": {"text": f"{item.check}: {item.evidence}"},
+            "level": "error" if item.verdict is Verdict.ERROR else "warning",
+            "message": {"text": f"{item.check}: {item.verdict.value}: {item.evidence}"},
             "descriptor": {"id": item.check},
         }
         for item in report.findings
-        if item.verdict is Verdict.ERROR
+        if item.verdict in (Verdict.ERROR, Verdict.INCONCLUSIVE)
     ]
+    errors = [n for n in notifications if n["level"] == "error"]
     return {
         "$schema": "https://json.schemastore.org/sarif-2.1.0.json",
         "version": "2.1.0",
@@ -140,7 +150,7 @@ def to_sarif(report: Report) -> dict[str, Any]:
                 },
                 "invocations": [
                     {
-                        "executionSuccessful": not notifications,
+                        "executionSuccessful": not errors,
                         "startTimeUtc": report.started.isoformat().replace("+00:00", "Z"),
                         "toolExecutionNotifications": notifications,
                     }
@@ -160,7 +170,7 @@ def to_junit(report: Report, fail_on: str = "fail") -> str:
         tests=str(len(report.findings)),
         failures=str(sum(1 for f in report.findings if f.verdict in failing)),
         errors=str(counts[Verdict.ERROR.value]),
-        skipped=str(counts[Verdict.NA.value]),
+        skipped=str(counts[Verdict.NA.value] + counts[Verdict.INCONCLUSIVE.value]),
         time=f"{report.seconds:.3f}",
         timestamp=report.started.strftime("%Y-%m-%dT%H:%M:%S"),
     )
@@ -182,6 +192,8 @@ def to_junit(report: Report, fail_on: str = "fail") -> str:
             node.text = text
         elif item.verdict is Verdict.NA:
             ET.SubElement(case, "skipped", message=item.evidence)
+        elif item.verdict is Verdict.INCONCLUSIVE:
+            ET.SubElement(case, "skipped", message=f"INCONCLUSIVE: {item.evidence}")
         else:
             out = ET.SubElement(case, "system-out")
             out.text = f"{item.verdict.value}: {text}"

@@ -11,9 +11,10 @@ from datetime import UTC, datetime
 import wsguard
 from wsguard.errors import ConfigError
 from wsguard.scanner import checks as _checks  # noqa: F401  (registers the checks)
-from wsguard.scanner.context import CheckError, NotApplicable, ScanContext
+from wsguard.scanner.context import CheckError, Inconclusive, NotApplicable, ScanContext
 from wsguard.scanner.credentials import Credentials
-from wsguard.scanner.model import REGISTRY, Check, Finding, Verdict, finding
+from wsguard.scanner.dialect import Dialect
+from wsguard.scanner.model import EXAMINED, REGISTRY, Check, Finding, Verdict, finding
 from wsguard.scanner.options import ScanOptions, Target, resolve_target
 from wsguard.scanner.probe import HostileAnswer
 
@@ -24,6 +25,76 @@ FAIL_ON = {
 }
 
 
+@dataclass(frozen=True, slots=True)
+class Coverage:
+    """How much of the endpoint a scan examined, and what would examine the rest."""
+
+    total: int  # checks run
+    examined: int  # PASS, FAIL, WEAK, WARN
+    absent: tuple[str, ...]  # N/A: the check does not apply to this endpoint
+    needs: dict[str, tuple[str, ...]]  # option -> checks that need it (N/A)
+    inconclusive: tuple[str, ...]
+    errors: tuple[str, ...]
+
+    @property
+    def applicable(self) -> int:
+        return self.total - len(self.absent)
+
+    @property
+    def percent(self) -> float:
+        """Examined checks out of those that apply (100 when none does)."""
+        return 100.0 if self.applicable == 0 else 100.0 * self.examined / self.applicable
+
+    @property
+    def complete(self) -> bool:
+        return self.examined == self.applicable
+
+    def describe(self) -> str:
+        line = (
+            f"coverage {self.percent:.0f}%: examined {self.examined} of the {self.applicable} "
+            f"checks that apply"
+        )
+        if self.absent:
+            line += f" ({len(self.absent)} of {self.total} do not apply here)"
+        missing = [
+            f"{len(ids)} need{'s' if len(ids) == 1 else ''} {option} ({_groups(ids)})"
+            for option, ids in sorted(self.needs.items(), key=lambda item: -len(item[1]))
+        ]
+        if self.inconclusive:
+            names = ", ".join(self.inconclusive)
+            missing.append(f"{len(self.inconclusive)} INCONCLUSIVE ({names})")
+        if self.errors:
+            missing.append(f"{len(self.errors)} ERROR ({', '.join(self.errors)})")
+        if missing:
+            line += "; not examined: " + "; ".join(missing)
+        if self.needs:
+            options = sorted(self.needs)
+            if "--jwt-secret" in options and "--jwt-secret or --token" in options:
+                options.remove("--jwt-secret or --token")  # the secret does both
+            line += "; pass " + ", ".join(options) + " to examine the rest"
+        return line
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "percent": round(self.percent, 1),
+            "examined": self.examined,
+            "applicable": self.applicable,
+            "total": self.total,
+            "not_applicable": list(self.absent),
+            "needs": {option: list(ids) for option, ids in self.needs.items()},
+            "inconclusive": list(self.inconclusive),
+            "errors": list(self.errors),
+        }
+
+
+def _groups(ids: tuple[str, ...]) -> str:
+    """'auth, origin.lookalike' rather than every id of a group."""
+    groups = [REGISTRY[i].group if i in REGISTRY else i for i in ids]
+    whole = {g for g in groups if groups.count(g) > 1}
+    names = [g if g in whole else i for g, i in zip(groups, ids, strict=True)]
+    return ", ".join(dict.fromkeys(names))
+
+
 @dataclass(slots=True)
 class Report:
     target: str
@@ -32,6 +103,21 @@ class Report:
     findings: list[Finding] = field(default_factory=list)
     seconds: float = 0.0
     version: str = wsguard.__version__
+    protocol: str = ""  # how the scan spoke to the endpoint (scanner.dialect)
+
+    def coverage(self) -> Coverage:
+        needs: dict[str, list[str]] = {}
+        for item in self.findings:
+            if item.verdict is Verdict.NA and item.needs:
+                needs.setdefault(item.needs, []).append(item.check)
+        return Coverage(
+            total=len(self.findings),
+            examined=sum(1 for f in self.findings if f.verdict in EXAMINED),
+            absent=tuple(f.check for f in self.findings if f.verdict is Verdict.NA and not f.needs),
+            needs={option: tuple(ids) for option, ids in needs.items()},
+            inconclusive=tuple(f.check for f in self.findings if f.verdict is Verdict.INCONCLUSIVE),
+            errors=tuple(f.check for f in self.findings if f.verdict is Verdict.ERROR),
+        )
 
     def verdict(self, check_id: str) -> Verdict:
         for item in self.findings:
@@ -50,12 +136,15 @@ class Report:
         return any(item.verdict in verdicts for item in self.findings)
 
 
+DISCOVERY_SECONDS = 20.0  # at most, to find how the endpoint can be spoken to
+
 # run order: cheap and harmless first; floods late (they can throttle a whole subject for a
 # while); a check that may kill the target (handshake.malformed, order 100) last
 GROUPS = (
     "transport",
     "auth",
     "origin",
+    "authz",
     "messages",
     "size",
     "lifecycle",
@@ -97,13 +186,17 @@ async def run_scan(options: ScanOptions, *, progress: Progress | None = None) ->
     context = ScanContext(options, target, credentials)
     report = Report(target.label, datetime.now(UTC), options.aggressive)
     began = time.monotonic()
+    if any(c.group != "transport" and (options.aggressive or not c.aggressive) for c in chosen):
+        report.protocol = (await _discover(context)).describe()
     waits = options.slow_wait + options.idle_wait + options.expiry_wait + options.reset_wait
     for spec in chosen:
         if progress is not None:
             progress(spec, None)
         started = time.monotonic()
         if spec.aggressive and not options.aggressive:
-            result = finding(spec.id, Verdict.NA, "destructive: runs with --aggressive")
+            result = finding(
+                spec.id, Verdict.NA, "destructive: runs with --aggressive", needs="--aggressive"
+            )
         else:
             result = await _run_one(
                 spec,
@@ -116,6 +209,17 @@ async def run_scan(options: ScanOptions, *, progress: Progress | None = None) ->
             progress(spec, result)
     report.seconds = round(time.monotonic() - began, 3)
     return report
+
+
+async def _discover(context: ScanContext) -> Dialect:
+    """The endpoint's dialect; wsguard's own when discovery itself cannot finish."""
+    try:
+        async with asyncio.timeout(DISCOVERY_SECONDS + 4 * context.options.connect_timeout):
+            return await context.discover()
+    except (HostileAnswer, OSError, TimeoutError) as exc:
+        why = str(exc) if isinstance(exc, HostileAnswer) else type(exc).__name__
+        context.dialect = replace(context.dialect, note=f"discovery stopped: {why[:120]}")
+        return context.dialect
 
 
 async def _reachable(target: Target, wait: float) -> Target:
@@ -156,7 +260,9 @@ async def _run_bounded(spec: Check, ctx: ScanContext, seconds: float) -> Finding
     except HostileAnswer as exc:
         return finding(spec.id, Verdict.ERROR, str(exc))
     except NotApplicable as exc:
-        return finding(spec.id, Verdict.NA, str(exc))
+        return finding(spec.id, Verdict.NA, str(exc), needs=exc.needs)
+    except Inconclusive as exc:
+        return finding(spec.id, Verdict.INCONCLUSIVE, str(exc))
     except CheckError as exc:
         return finding(spec.id, Verdict.ERROR, str(exc))
     except TimeoutError as exc:

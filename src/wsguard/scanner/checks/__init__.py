@@ -2,6 +2,7 @@
 
 from wsguard.scanner.checks import (  # noqa: F401
     auth,
+    authz,
     disclosure,
     handshake,
     lifecycle,

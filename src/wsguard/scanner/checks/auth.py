@@ -33,8 +33,13 @@ async def no_credential(ctx: ScanContext) -> Finding:
 
 def _jwt_parts(ctx: ScanContext) -> tuple[str, str, str]:
     token = ctx.credentials.token
-    if token is None or not ctx.credentials.is_jwt or token.count(".") != 2:
-        raise NotApplicable("needs a JWT credential (--token, --token-cmd or --jwt-secret)")
+    if token is None:
+        raise NotApplicable(
+            "needs a JWT credential (--token, --token-cmd or --jwt-secret)",
+            needs="--jwt-secret or --token",
+        )
+    if not ctx.credentials.is_jwt or token.count(".") != 2:
+        raise NotApplicable("the credential is not a JWT: no JWT to forge from")
     header, payload, signature = token.split(".")
     return header, payload, signature
 
@@ -133,7 +138,9 @@ async def alg_confusion(ctx: ScanContext) -> Finding:
     if alg.upper().startswith("HS"):
         raise NotApplicable(f"the credential is {alg}: no public key to confuse it with")
     if ctx.options.public_key is None:
-        raise NotApplicable(f"the credential is {alg}; give --public-key (the server's PEM)")
+        raise NotApplicable(
+            f"the credential is {alg}; give --public-key (the server's PEM)", needs="--public-key"
+        )
     await require_baseline(ctx)
     pem = ctx.options.public_key.read_bytes()
     claims = ctx.credentials.fresh_claims()
@@ -154,7 +161,7 @@ async def alg_confusion(ctx: ScanContext) -> Finding:
 
 def _mintable(ctx: ScanContext) -> None:
     if not ctx.credentials.can_mint:
-        raise NotApplicable("needs --jwt-secret to mint test tokens")
+        raise NotApplicable("needs --jwt-secret to mint test tokens", needs="--jwt-secret")
 
 
 @check(

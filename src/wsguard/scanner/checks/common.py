@@ -7,7 +7,14 @@ from collections.abc import Sequence
 
 from websockets.frames import Opcode
 
-from wsguard.scanner.context import CheckError, NotApplicable, Outcome, ScanContext, settle
+from wsguard.scanner.context import (
+    CheckError,
+    Inconclusive,
+    NotApplicable,
+    Outcome,
+    ScanContext,
+    settle,
+)
 from wsguard.scanner.model import Finding, Verdict, finding
 from wsguard.scanner.probe import Session, frame_bytes
 
@@ -23,7 +30,7 @@ async def try_handshakes(
 ) -> Finding:
     """Each variant is a label and ``ctx.connect`` arguments; every one must be refused
     before the upgrade. Accepted: FAIL; refused only after the upgrade: WEAK; a variant
-    that got no judgement (timeout, 5xx, 429) even after retries: ERROR, never PASS."""
+    that got no judgement (timeout, 5xx, 429) even after retries: INCONCLUSIVE, never PASS."""
     accepted: list[str] = []
     late: list[str] = []
     unjudged: list[str] = []
@@ -59,7 +66,7 @@ async def try_handshakes(
             *lines,
         )
     if unjudged:
-        raise CheckError(
+        raise Inconclusive(
             f"{len(unjudged)} of {len(variants)} could not be judged ({'; '.join(unjudged)}); "
             "none accepted so far"
         )
@@ -92,7 +99,8 @@ async def require_baseline(ctx: ScanContext, **kwargs: object) -> None:
     except CheckError as exc:
         if ctx.credentials.token is None and ("HTTP 401" in str(exc) or "HTTP 403" in str(exc)):
             raise NotApplicable(
-                f"needs a credential (--token, --token-cmd or --jwt-secret): {exc}"
+                f"needs a credential (--token, --token-cmd or --jwt-secret): {exc}",
+                needs="--jwt-secret or --token",
             ) from None
         if "HTTP 403" in str(exc) and ctx.options.origin_allowed is None:
             raise CheckError(

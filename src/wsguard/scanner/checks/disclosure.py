@@ -6,9 +6,11 @@ import asyncio
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 from wsguard.scanner.checks.common import exchange_all, require_baseline
 from wsguard.scanner.context import CheckError, NotApplicable, ScanContext, short
+from wsguard.scanner.dialect import loads
 from wsguard.scanner.model import OWASP, Finding, Verdict, check, finding
 from wsguard.scanner.probe import host_header, raw_request
 
@@ -64,8 +66,9 @@ async def errors(ctx: ScanContext) -> Finding:
     seen = 0
     for where, text in ctx.transcript:
         seen += 1
+        readable = f"{text}\n{_strings(text)}"  # a stack inside a JSON string, unescaped
         for what, pattern in LEAKS:
-            if pattern.search(text):
+            if pattern.search(readable):
                 leaks.append(f"{what} in a {where}: {short(text, 80)}")
                 break
         if where.endswith("header") and VERSION.search(text):
@@ -89,6 +92,24 @@ async def errors(ctx: ScanContext) -> Finding:
     )
 
 
+def _strings(text: str) -> str:
+    """The string values of a JSON message, decoded (newlines real again), one per line."""
+    value = loads(text)
+    if not isinstance(value, dict | list):
+        return ""
+    out: list[str] = []
+    stack: list[Any] = [value]
+    while stack and len(out) < 200:
+        item = stack.pop()
+        if isinstance(item, str):
+            out.append(item)
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item[:200])
+    return "\n".join(out)
+
+
 @check(
     "logs.injection",
     "Client input cannot forge log lines, and credentials are not logged",
@@ -100,7 +121,9 @@ async def errors(ctx: ScanContext) -> Finding:
 async def log_injection(ctx: ScanContext) -> Finding:
     path = ctx.options.server_log
     if path is None:
-        raise NotApplicable("needs --server-log (the target's log file, readable here)")
+        raise NotApplicable(
+            "needs --server-log (the target's log file, readable here)", needs="--server-log"
+        )
     await require_baseline(ctx)
     start = _size(path)
     marker = f"wsguard-audit-{os.urandom(4).hex()}"
@@ -163,4 +186,6 @@ def _read_from(path: Path, offset: int) -> str:
             handle.seek(offset)
             return handle.read(4 * 1024 * 1024).decode("utf-8", "replace")
     except OSError as exc:
-        raise NotApplicable(f"cannot read --server-log: {exc.strerror}") from None
+        raise NotApplicable(
+            f"cannot read --server-log: {exc.strerror}", needs="--server-log"
+        ) from None

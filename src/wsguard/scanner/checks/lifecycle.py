@@ -9,7 +9,7 @@ import time
 import jwt
 
 from wsguard.scanner.checks.common import require_auth, require_baseline
-from wsguard.scanner.context import CheckError, NotApplicable, Outcome, ScanContext
+from wsguard.scanner.context import Inconclusive, NotApplicable, Outcome, ScanContext
 from wsguard.scanner.model import OWASP, Finding, Verdict, check, finding
 from wsguard.scanner.probe import host_header, open_stream
 
@@ -35,10 +35,13 @@ async def token_expiry(ctx: ScanContext) -> Finding:
         else:
             raise NotApplicable(
                 "needs --jwt-secret (to mint a short-lived token) or a token expiring within "
-                f"--expiry-wait ({ctx.options.expiry_wait:g}s)"
+                f"--expiry-wait ({ctx.options.expiry_wait:g}s)",
+                needs="--jwt-secret",
             )
     elif not ctx.credentials.can_mint:
-        raise NotApplicable("needs --jwt-secret (to mint a short-lived token)")
+        raise NotApplicable(
+            "needs --jwt-secret (to mint a short-lived token)", needs="--jwt-secret"
+        )
     await require_baseline(ctx)
     token = given or ctx.credentials.mint(exp_in=TOKEN_LIFETIME)  # minted just before use
     assert token is not None
@@ -60,7 +63,7 @@ async def token_expiry(ctx: ScanContext) -> Finding:
         late = time.time() - exp
         reason = f" {outcome.close.reason!r}" if outcome.close.reason else ""
         if late < -0.5:
-            raise CheckError(
+            raise Inconclusive(
                 f"closed {outcome.close.code}{reason} {-late:.1f}s before exp — not about the "
                 "token (a lifetime limit?); cannot judge"
             )

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import resource
 import time
 from dataclasses import dataclass, field
 
-import orjson
-
 from wsguard.scanner.checks.common import require_baseline
 from wsguard.scanner.context import (
     THROTTLED,
     CheckError,
+    Inconclusive,
     NotApplicable,
     Outcome,
     ScanContext,
@@ -29,8 +27,11 @@ CONN_REFS = (f"{OWASP}: Connection Limits / DoS Protection", "RFC 6455 §10.4")
 
 
 async def _flood(ctx: ScanContext, session: Session) -> tuple[int, Outcome, float]:
-    """Pipeline up to flood_count pings; count answers until all came, a refusal, or a
-    quiet reply_timeout. Returns (answered, outcome, seconds)."""
+    """Pipeline up to flood_count pings (with no application ping: small messages); count
+    answers until all came, a refusal, or a quiet reply_timeout. Answers are matched by id
+    when they carry one, else counted by kind (or, with no ping at all, any reply counts).
+    Returns (answered, outcome, seconds)."""
+    dialect = ctx.dialect
     count = ctx.options.flood_count
     base = 700_000
     started = time.monotonic()
@@ -38,13 +39,13 @@ async def _flood(ctx: ScanContext, session: Session) -> tuple[int, Outcome, floa
     outcome = Outcome()
     for start in range(0, count, 50):
         for i in range(start, min(count, start + 50)):
-            await session.send_text(ctx.options.ping(base + i))
+            await session.send_text(dialect.filler(base + i))
         if session.closed:
             break
     answered = 0
     loop = asyncio.get_running_loop()
     deadline = loop.time() + ctx.options.reply_timeout * 4
-    while pending and loop.time() < deadline:
+    while answered < count and loop.time() < deadline:
         event = await session.next_event(min(ctx.options.reply_timeout, deadline - loop.time()))
         if event is None:
             break
@@ -57,21 +58,14 @@ async def _flood(ctx: ScanContext, session: Session) -> tuple[int, Outcome, floa
             outcome.errors.append(event.text)
             ctx.record("error frame", event.text)
             continue
-        ident = _ident(event.text)
-        if ident in pending:
-            pending.discard(ident)
+        if dialect.mode == "echo":
+            ident = dialect.answer_id(event.text)
+            if ident in pending:
+                pending.discard(ident)
+                answered += 1
+        elif dialect.mode == "control" or dialect.is_pong(event.text):
             answered += 1
     return answered, outcome, time.monotonic() - started
-
-
-def _ident(text: str) -> str | None:
-    with contextlib.suppress(orjson.JSONDecodeError):
-        value = orjson.loads(text)
-        if isinstance(value, dict):
-            for key in ("id", "ref"):
-                if key in value:
-                    return str(value[key])
-    return None
 
 
 @check(
@@ -104,6 +98,11 @@ async def flood(ctx: ScanContext) -> Finding:
             ctx.check_id,
             Verdict.FAIL,
             f"all {count} pipelined pings answered in {seconds:.1f}s, none refused: no rate limit",
+        )
+    if not outcome.refused and ctx.dialect.mode == "control" and answered == 0:
+        raise Inconclusive(
+            f"{count} messages sent, none refused, none answered: the endpoint answers no "
+            "application message, so what it processed cannot be counted"
         )
     if not outcome.refused:
         return finding(
@@ -186,7 +185,7 @@ async def _fill(ctx: ScanContext, held: Held) -> None:
         if result.session is None:
             answer = judge(result)
             if answer != "refused" and result.status not in THROTTLED:
-                raise CheckError(
+                raise Inconclusive(
                     f"connection {n} failed ({result.describe()}): cannot tell a limit from "
                     "a failure"
                 )
@@ -198,7 +197,7 @@ async def _fill(ctx: ScanContext, held: Held) -> None:
             held.refusal, held.refused_at = f"upgraded, then {outcome.describe()}", n
             return
         if not outcome.answered:
-            raise CheckError(f"connection {n} did not answer a ping: {outcome.describe()}")
+            raise Inconclusive(f"connection {n} did not answer a ping: {outcome.describe()}")
 
 
 @check(
@@ -312,7 +311,7 @@ async def spoofing(ctx: ScanContext) -> Finding:
             if state in ("accepted", "silent"):
                 bypassed.append(f"{name}: {value}")
             elif state == "inconclusive" and result.status not in THROTTLED:
-                raise CheckError(f"{name}: {value}: {how} — cannot judge")  # 429: the limit
+                raise Inconclusive(f"{name}: {value}: {how} — cannot judge")  # 429: the limit
     if bypassed:
         return finding(
             ctx.check_id,
@@ -336,7 +335,7 @@ async def _still_at_limit(ctx: ScanContext, held: Held) -> None:
         result = await ctx.connect()
         if result.session is None:
             if judge(result) == "inconclusive" and result.status not in THROTTLED:
-                raise CheckError(f"control attempt: {result.describe()} — cannot judge")
+                raise Inconclusive(f"control attempt: {result.describe()} — cannot judge")
             return
         held.sessions.append(result.session)  # a slot came free: hold it, try again
-    raise CheckError("the limit does not hold steadily (it refills?): cannot test spoofing")
+    raise Inconclusive("the limit does not hold steadily (it refills?): cannot test spoofing")

@@ -14,6 +14,7 @@ from websockets.frames import Opcode
 from wsguard.scanner.checks.common import Payload, exchange_all, require_baseline, tally
 from wsguard.scanner.context import (
     CheckError,
+    Inconclusive,
     NotApplicable,
     Outcome,
     ScanContext,
@@ -61,7 +62,7 @@ async def judged(ctx: ScanContext, what: str, outcome: Outcome) -> str:
     if kind == "crash":
         raise Failed(f"{what}: {outcome.describe()} — a server error, not a limit")
     if kind in ("throttled", "silent"):
-        raise CheckError(f"{what}: {outcome.describe()} — cannot judge")
+        raise Inconclusive(f"{what}: {outcome.describe()} — cannot judge")
     return kind
 
 
@@ -170,8 +171,9 @@ async def invalid_utf8(ctx: ScanContext) -> Finding:
 
 
 def _padded_ping(ctx: ScanContext, size: int) -> str:
-    """A valid ping padded with JSON whitespace to exactly ``size`` bytes."""
-    ping = ctx.options.ping(990_000 + size % 1000)
+    """A valid ping (with no application ping: a small message), padded with JSON whitespace
+    to exactly ``size`` bytes."""
+    ping = ctx.dialect.filler(990_000 + size % 1000)
     return " " * max(0, size - len(ping.encode())) + ping
 
 
@@ -295,7 +297,7 @@ async def size_fragments(ctx: ScanContext) -> Finding:
         if session.closed:
             outcome = Outcome(close=session.close_event)
         else:
-            tail = ctx.options.ping(990_001).encode()
+            tail = ctx.dialect.filler(990_001).encode()
             await session.send_raw(frame_bytes(Opcode.CONT, tail, fin=True))
             outcome = await ctx.barrier(session, wait=max(ctx.options.reply_timeout, 5.0))
     finally:
@@ -305,7 +307,7 @@ async def size_fragments(ctx: ScanContext) -> Finding:
         if kind == "crash":
             raise Failed(f"{outcome.describe()} — a server error, not a limit")
         if kind == "throttled":
-            raise CheckError(f"{outcome.describe()} — cannot judge")
+            raise Inconclusive(f"{outcome.describe()} — cannot judge")
         await still_serving(ctx, "the fragmented message")
     except Failed as exc:
         return finding(ctx.check_id, Verdict.FAIL, str(exc))
@@ -355,6 +357,7 @@ async def compression(ctx: ScanContext) -> Finding:
                 ctx.check_id,
                 Verdict.NA,
                 f"negotiated ({negotiated}); the decompression bomb runs with --aggressive",
+                needs="--aggressive",
             )
         await ctx.barrier(session)
         # 4 MiB of JSON whitespace deflates to ~4 KiB: under any wire limit, so only a bound
@@ -412,13 +415,22 @@ def _signed(ctx: ScanContext, text: str) -> str:
 )
 async def replay(ctx: ScanContext) -> Finding:
     await require_baseline(ctx)
-    text = _signed(ctx, ctx.options.replay_message or ctx.options.ping(424242))
+    message = ctx.options.replay_message or ctx.dialect.ping(424242)
+    if message is None:
+        raise NotApplicable(
+            "the endpoint answers no application message to replay: give --replay-message",
+            needs="--replay-message",
+        )
+    text = _signed(ctx, message)
     ctx.rotate()
     session = await ctx.open()
     try:
         first = await ctx.exchange(session, text)
         if refusal(first) not in ("accepted", "silent") or not first.answered:
-            raise NotApplicable(f"the message is refused the first time: {first.describe()}")
+            raise NotApplicable(
+                f"the message is refused the first time: {first.describe()}",
+                needs="--replay-message",
+            )
         second = await ctx.exchange(session, text)
     finally:
         await session.close()
@@ -426,7 +438,7 @@ async def replay(ctx: ScanContext) -> Finding:
     if kind == "refused":
         return finding(ctx.check_id, Verdict.PASS, f"second copy refused: {second.describe()}")
     if kind != "accepted":
-        raise CheckError(f"the second copy: {second.describe()} — cannot judge")
+        raise Inconclusive(f"the second copy: {second.describe()} — cannot judge")
     what = "the replay message" if ctx.options.replay_message else "a ping (--replay-message)"
     return finding(
         ctx.check_id,

@@ -58,6 +58,37 @@ def lookalikes(allowed: str) -> list[str]:
     ]
 
 
+def _candidates(ctx: ScanContext) -> list[str]:
+    """Origins a deployment commonly allows: the endpoint's own, then development ones."""
+    uri = ctx.target.uri
+    host = f"[{uri.host}]" if ":" in uri.host else uri.host
+    scheme = "https" if uri.secure else "http"
+    default = uri.port == (443 if uri.secure else 80)
+    own = f"{scheme}://{host}" if default else f"{scheme}://{host}:{uri.port}"
+    guesses = [own, f"{scheme}://localhost:{uri.port}", "http://localhost:3000"]
+    guesses += ["http://localhost:8080", "http://localhost:5173", "http://localhost"]
+    return list(dict.fromkeys(guesses))
+
+
+async def _allowed_origin(ctx: ScanContext) -> str:
+    """Without --origin-allowed: an Origin the endpoint accepts while it refuses a foreign
+    one (N/A when it accepts any, or none of the usual ones)."""
+    ctx.rotate()
+    state, how = await settle(ctx, await ctx.connect(origin=FOREIGN))
+    if state in ("accepted", "silent"):
+        raise NotApplicable("any Origin is accepted (origin.foreign): no allowlist to resemble")
+    for origin in _candidates(ctx):
+        ctx.rotate()
+        state, _ = await settle(ctx, await ctx.connect(origin=origin))
+        if state == "accepted":
+            return origin
+    raise NotApplicable(
+        f"a foreign Origin is refused ({how}) and none of {len(_candidates(ctx))} usual ones is "
+        "allowed: give --origin-allowed",
+        needs="--origin-allowed",
+    )
+
+
 @check(
     "origin.lookalike",
     "Origins that only resemble the allowed one are refused",
@@ -69,7 +100,8 @@ def lookalikes(allowed: str) -> list[str]:
 async def lookalike(ctx: ScanContext) -> Finding:
     allowed = ctx.options.origin_allowed
     if not allowed:
-        raise NotApplicable("needs --origin-allowed (an origin the server allows)")
+        await require_baseline(ctx)  # refusals for want of a credential say nothing
+        allowed = await _allowed_origin(ctx)
     await require_baseline(ctx, origin=allowed)
     return await try_handshakes(
         ctx,
@@ -89,7 +121,11 @@ async def lookalike(ctx: ScanContext) -> Finding:
 )
 async def cookie(ctx: ScanContext) -> Finding:
     if not ctx.options.cookies:
-        raise NotApplicable("needs --cookie (the session cookie a browser would send)")
+        raise NotApplicable(
+            "needs --cookie (the session cookie a browser would send), if the endpoint "
+            "authenticates with one",
+            needs="--cookie",
+        )
     ctx.rotate()
     cookies = ctx.options.cookies
     result = await ctx.connect(token=None, cookies=cookies)

@@ -1,0 +1,340 @@
+"""``wsguard audit`` against servers it has never seen, speaking protocols other than wsguard's.
+
+Two tutorial-grade targets in other stacks (tests/targets/): a Node.js ``ws`` chat that answers
+``{"type": "ping"}`` without echoing the id, and a FastAPI chat under uvicorn with an
+``{"event": ..., "data": ...}`` envelope. Each documents its real defects (a table at its
+top); the scan, given only what a user would give (the URL, ``--aggressive``, the token
+secret, ``--server-log``), must find every documented defect class, with no ERROR and no
+INCONCLUSIVE verdict, and FAIL nothing the target does right. Small in-process servers show
+how the scan adapts its barrier to each kind of ping (or to none).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+
+from support.cli import cli_env, run_cli
+from support.paths import REPO
+from wsguard.scanner import Report, ScanOptions, Verdict, run_scan
+
+TARGETS = REPO / "tests" / "targets"
+NODE_DIR = TARGETS / "node_ws"
+SECRET = "unseen-servers-secret-0123456789abcdef0123456789"
+SCAN_TIMEOUT = 300.0
+START_WAIT = 30.0
+PROBLEMS = {"FAIL", "WEAK", "WARN"}
+# speed knobs only (the targets' own timers are short), no knowledge of the target
+FAST = [
+    "--reply-timeout", "1", "--slow-wait", "4", "--idle-wait", "4", "--expiry-wait", "3",
+    "--reset-wait", "3", "--max-connections", "20", "--flood-count", "300",
+]  # fmt: skip
+
+# defect class -> the checks that must flag it (FAIL, WEAK or WARN); the same classes as the
+# tables at the top of tests/targets/node_ws/server.js and tests/targets/fastapi_chat.py
+NODE_DEFECTS: dict[str, frozenset[str]] = {
+    "malformed_token": frozenset({"auth.malformed"}),
+    "signature_unverified": frozenset({"auth.signature"}),
+    "alg_none": frozenset({"auth.alg_none"}),
+    "expired_accepted": frozenset({"auth.expired"}),
+    "exp_not_required": frozenset({"auth.no_exp"}),
+    "outlives_token": frozenset({"token.expiry"}),
+    "no_origin_check": frozenset({"origin.foreign", "origin.null"}),
+    "privileged_relayed": frozenset({"authz.privileged"}),
+    "no_size_limit": frozenset({"size.limit", "size.frame", "size.fragments"}),
+    "no_rate_limit": frozenset({"flood.rate_limit"}),
+    "no_connection_limit": frozenset({"conns.limit"}),
+    "no_heartbeat": frozenset({"liveness.heartbeat"}),
+    "stack_traces": frozenset({"disclosure.errors"}),
+    "log_injection": frozenset({"logs.injection"}),
+    "slow_handshake": frozenset({"handshake.timeout"}),
+}
+FASTAPI_DEFECTS: dict[str, frozenset[str]] = {
+    "expired_accepted": frozenset({"auth.expired"}),
+    "exp_not_required": frozenset({"auth.no_exp"}),
+    "outlives_token": frozenset({"token.expiry"}),
+    "origin_prefix_match": frozenset({"origin.lookalike"}),
+    "privileged_processed": frozenset({"authz.privileged"}),
+    "unhandled_exceptions": frozenset(
+        {"malformed.binary", "malformed.non_object", "malformed.nesting"}
+    ),
+    "no_size_limit": frozenset({"size.limit", "compression"}),
+    "no_rate_limit": frozenset({"flood.rate_limit"}),
+    "no_connection_limit": frozenset({"conns.limit"}),
+    "exception_disclosure": frozenset({"disclosure.errors"}),
+    "log_injection": frozenset({"logs.injection"}),
+    "slow_handshake": frozenset({"handshake.timeout"}),
+}
+# what each target does right: never a FAIL
+NODE_RIGHT = frozenset({"auth.required", "malformed.utf8"})
+FASTAPI_RIGHT = frozenset(
+    {"auth.required", "auth.malformed", "auth.signature", "auth.alg_none", "origin.foreign",
+     "origin.null", "malformed.json", "malformed.utf8", "size.frame", "size.fragments",
+     "liveness.heartbeat"}
+)  # fmt: skip
+
+
+# -- the targets, started as their users start them ------------------------------------
+
+
+@pytest.fixture(scope="session")
+def node_ready() -> Path:
+    """tests/targets/node_ws with its node_modules (npm ci from the committed lock)."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None or npm is None:
+        pytest.skip("node and npm are needed for the Node.js ws target (not installed)")
+    if not (NODE_DIR / "node_modules" / "ws" / "package.json").is_file():
+        done = subprocess.run(
+            [npm, "ci", "--no-audit", "--no-fund"],
+            cwd=NODE_DIR,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+    return NODE_DIR
+
+
+def wait_listening(out: Path, process: subprocess.Popen[bytes]) -> int:
+    """The port from the target's "listening on 127.0.0.1:PORT" line (bounded poll)."""
+    deadline = time.monotonic() + START_WAIT
+    while time.monotonic() < deadline:
+        found = re.search(r"listening on 127\.0\.0\.1:(\d+)", out.read_text(errors="replace"))
+        if found:
+            return int(found.group(1))
+        assert process.poll() is None, out.read_text(errors="replace")
+        time.sleep(0.05)
+    raise AssertionError(f"the target did not start: {out.read_text(errors='replace')}")
+
+
+@contextlib.contextmanager
+def target(command: list[str], out: Path, cwd: Path) -> Iterator[int]:
+    with out.open("wb") as sink:
+        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, cwd=cwd)
+    try:
+        yield wait_listening(out, process)
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+
+
+@contextlib.contextmanager
+def node_target(tmp: Path, directory: Path) -> Iterator[tuple[str, Path]]:
+    log = tmp / "node.log"  # its stdout is its log
+    with target(["node", "server.js", "0"], log, directory) as port:
+        yield f"ws://127.0.0.1:{port}/", log
+
+
+@contextlib.contextmanager
+def fastapi_target(tmp: Path) -> Iterator[tuple[str, Path]]:
+    log = tmp / "chat.log"
+    script = str(TARGETS / "fastapi_chat.py")
+    command = [sys.executable, script, "--secret", SECRET, "--log", str(log)]
+    with target(command, tmp / "uvicorn.out", TARGETS) as port:
+        yield f"ws://127.0.0.1:{port}/ws", log
+
+
+def audit(url: str, log: Path, tmp: Path, *extra: str) -> tuple[dict[str, Any], str]:
+    """Scan as a user would: the URL, --aggressive, the token secret, --server-log."""
+    out = tmp / "report.json"
+    done = run_cli(
+        ["audit", url, "--aggressive", "--jwt-secret", SECRET, "--server-log", str(log),
+         *FAST, *extra, "--format", "json", "--out", str(out), "--no-progress"],
+        cli_env(tmp),
+        timeout=SCAN_TIMEOUT,
+    )  # fmt: skip
+    assert out.is_file(), done.stdout + done.stderr
+    report = json.loads(out.read_text())
+    assert done.returncode == 1, done.stdout + done.stderr  # FAILs: the gate fails
+    return report, done.stdout + done.stderr
+
+
+def judge_defects(
+    report: dict[str, Any], defects: dict[str, frozenset[str]], right: frozenset[str]
+) -> dict[str, str]:
+    """Assert every documented class is found and the scan stayed honest; per class, what
+    found it (the per-target table of the report)."""
+    verdicts = {item["check"]: item["verdict"] for item in report["findings"]}
+    evidence = {item["check"]: item["evidence"] for item in report["findings"]}
+    # no verdict caused by the protocol being another: no ERROR, no INCONCLUSIVE
+    assert not {c: evidence[c] for c, v in verdicts.items() if v in ("ERROR", "INCONCLUSIVE")}
+    table = {}
+    for name, checks in defects.items():
+        table[name] = ", ".join(f"{c} {verdicts[c]}" for c in sorted(checks))
+        missed = {c: f"{verdicts[c]}: {evidence[c]}" for c in checks if verdicts[c] not in PROBLEMS}
+        assert not missed, f"{name} not found: {missed}"
+    documented = set().union(*defects.values())
+    stray = {c: evidence[c] for c, v in verdicts.items() if v == "FAIL" and c not in documented}
+    assert not stray, f"FAIL on what the target does not get wrong: {stray}"
+    assert all(verdicts[c] == "PASS" for c in right), {c: verdicts[c] for c in right}
+    return table
+
+
+def test_node_ws_tutorial_server(node_ready: Path, tmp_path: Path) -> None:
+    with node_target(tmp_path, node_ready) as (url, log):
+        report, output = audit(url, log, tmp_path)
+    table = judge_defects(report, NODE_DEFECTS, NODE_RIGHT)
+    assert len(table) == len(NODE_DEFECTS) == 15
+    # the barrier it chose: its pong carries no id, so probes go one at a time
+    assert "without the id" in report["protocol"] and "sequential" in report["protocol"]
+    assert "protocol: detected" in output  # the summary says so too
+    privileged = next(i for i in report["findings"] if i["check"] == "authz.privileged")
+    assert "reached another user's connection" in privileged["evidence"]
+
+
+def test_fastapi_tutorial_server(tmp_path: Path) -> None:
+    with fastapi_target(tmp_path) as (url, log):
+        report, _ = audit(url, log, tmp_path)
+    table = judge_defects(report, FASTAPI_DEFECTS, FASTAPI_RIGHT)
+    assert len(table) == len(FASTAPI_DEFECTS) == 12
+    assert '{"event": "ping", "data": {"id": "{id}"}}' in report["protocol"], report["protocol"]
+    assert "answered with its id" in report["protocol"]
+    by_id = {item["check"]: item for item in report["findings"]}
+    # found without --origin-allowed: the scan found an Origin the target allows
+    assert "localhost" in by_id["origin.lookalike"]["evidence"]
+    assert "admin_result" in by_id["authz.privileged"]["evidence"]
+    assert report["coverage"]["needs"] == {"--cookie": ["origin.cookie"]}
+
+
+def test_the_documented_tables_match_the_targets() -> None:
+    """The defect classes the tests expect are the ones each target documents."""
+    node = (NODE_DIR / "server.js").read_text()
+    fastapi = (TARGETS / "fastapi_chat.py").read_text()
+    for name, checks in NODE_DEFECTS.items():
+        row = re.search(rf"^// \| {name} +\|.*$", node, re.MULTILINE)
+        assert row is not None, name
+        assert all(c in row.group(0) for c in checks), row.group(0)
+    for name, checks in FASTAPI_DEFECTS.items():
+        row = re.search(rf"^\* ``{name}`` \[([^\]]+)\]", fastapi, re.MULTILINE)
+        assert row is not None, name
+        assert set(row.group(1).split(", ")) == checks, row.group(0)
+
+
+# -- the barrier, adapted to each kind of ping (or none) ---------------------------------
+
+
+def dialect_server(answer: Callable[[Any, str], list[str]]) -> Any:
+    """A websockets server answering each text message with ``answer(parsed, raw)``."""
+
+    async def handler(ws: ServerConnection) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            async for message in ws:
+                raw = message if isinstance(message, str) else message.decode(errors="replace")
+                try:
+                    parsed = json.loads(raw)
+                except ValueError:
+                    parsed = None
+                for reply in answer(parsed, raw):
+                    await ws.send(reply)
+
+    return serve(handler, "127.0.0.1", 0, max_size=64 * 1024, compression=None, server_header=None)
+
+
+def _kind(value: Any, key: str) -> Any:
+    return value.get(key) if isinstance(value, dict) else None
+
+
+def _error(value: Any, raw: str) -> list[str]:
+    return [json.dumps({"error": "bad message"})]
+
+
+DIALECTS: dict[str, tuple[Callable[[Any, str], list[str]], str]] = {
+    "id echo": (
+        lambda v, r: (
+            [json.dumps({"type": "pong", "id": v.get("id")})]
+            if _kind(v, "type") == "ping"
+            else _error(v, r)
+        ),
+        "answered with its id",
+    ),
+    "pong without id": (
+        lambda v, r: (
+            [json.dumps({"type": "pong", "timestamp": 1})]
+            if _kind(v, "type") == "ping"
+            else _error(v, r)
+        ),
+        "without the id",
+    ),
+    "action key": (
+        lambda v, r: (
+            [json.dumps({"action": "pong"})] if _kind(v, "action") == "ping" else _error(v, r)
+        ),
+        "matched by action",
+    ),
+    "op key": (
+        lambda v, r: (
+            [json.dumps({"op": "pong", "id": v.get("id")})]
+            if _kind(v, "op") == "ping"
+            else _error(v, r)
+        ),
+        '{"op": "ping"',
+    ),
+    "socket.io-style": (
+        lambda v, r: (
+            [json.dumps({"event": "pong", "data": v["data"]})]
+            if _kind(v, "event") == "ping" and isinstance(v.get("data"), dict)
+            else _error(v, r)
+        ),
+        '{"event": "ping", "data"',
+    ),
+    "text ping": (lambda v, r: ["pong"] if r == "ping" else [], "text ping"),
+    "no application ping": (lambda v, r: [], "WebSocket ping frames are the barrier"),
+}
+
+
+async def scan_dialect(name: str, checks: tuple[str, ...]) -> Report:
+    answer, _ = DIALECTS[name]
+    async with dialect_server(answer) as server:
+        port = server.sockets[0].getsockname()[1]
+        options = ScanOptions(url=f"ws://127.0.0.1:{port}/", checks=checks, reply_timeout=1.0)
+        return await run_scan(options)
+
+
+@pytest.mark.parametrize("name", DIALECTS)
+def test_the_scan_finds_how_to_talk_to_the_endpoint(name: str) -> None:
+    """Each kind of ping is found and used: the message checks run (no ERROR, no
+    INCONCLUSIVE), and the report says which barrier was chosen."""
+    checks = ("malformed.json", "malformed.non_object", "malformed.utf8", "auth.required")
+    report = asyncio.run(scan_dialect(name, checks))
+    assert DIALECTS[name][1] in report.protocol, report.protocol
+    verdicts = {f.check: f for f in report.findings}
+    for check in ("malformed.json", "malformed.non_object", "malformed.utf8"):
+        assert verdicts[check].verdict is Verdict.PASS, verdicts[check]
+    # no credential needed: every one of them lets anyone in
+    expected = Verdict.WEAK if name == "no application ping" else Verdict.FAIL
+    assert verdicts["auth.required"].verdict is expected, verdicts["auth.required"]
+
+
+def test_an_endpoint_without_application_ping_says_what_it_cannot_judge() -> None:
+    """With only ping frames to go by, a check that needs answers to messages is
+    INCONCLUSIVE with its reason in one line, never an ERROR."""
+    checks = ("authz.privileged", "replay", "disclosure.errors")
+    report = asyncio.run(scan_dialect("no application ping", checks))
+    verdicts = {f.check: f for f in report.findings}
+    assert verdicts["authz.privileged"].verdict is Verdict.INCONCLUSIVE
+    assert "cannot tell" in verdicts["authz.privileged"].evidence
+    assert verdicts["replay"].verdict is Verdict.NA
+    assert verdicts["replay"].needs == "--replay-message"
+    assert verdicts["disclosure.errors"].verdict is Verdict.PASS
+    assert not [f for f in report.findings if f.verdict is Verdict.ERROR]
+    coverage = report.coverage()
+    assert coverage.inconclusive == ("authz.privileged",)
+    assert coverage.needs == {"--replay-message": ("replay",)}
