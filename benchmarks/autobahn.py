@@ -116,7 +116,7 @@ class Allowed:
 
 #: Failed cases allowed per run. Only (a) a case that fails because of a deliberate,
 #: configurable security limit, or (b) a case that picows' own parser makes fail and the
-#: adapter cannot fix. Keyed by case number; README (Conformance) lists the same.
+#: adapter cannot fix. Keyed by case number; docs/topics/engines.md (Conformance) lists the same.
 ALLOWED: dict[str, Allowed] = {}
 
 

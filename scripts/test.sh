@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install everything the tests need and run the whole suite: lint, types, tests.
+# Install everything the tests need and run the whole suite: lint, types, the
+# documentation build, tests.
 # This is exactly what CI runs (.ci/run). Extra arguments go to pytest.
 source "$(dirname "$0")/_env.sh"
 ensure_venv
@@ -18,8 +19,13 @@ if command -v npm >/dev/null 2>&1 && \
     (cd "$node_target" && timeout 300 npm ci --no-audit --no-fund --loglevel=error)
     cp "$node_target/package-lock.json" "$node_target/node_modules/.wsguard-lock"
 fi
-.venv/bin/ruff check src tests benchmarks examples
-.venv/bin/ruff format --check src examples
+.venv/bin/ruff check src tests benchmarks examples docs
+.venv/bin/ruff format --check src examples docs
 .venv/bin/mypy
+# the documentation site: a broken link, anchor or reference fails the build (not --quiet:
+# it hides the warnings --strict counts)
+site="$(mktemp -d)"
+NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict --site-dir "$site"
+rm -rf "$site"
 # 2 workers (one per core): the tests mostly wait on sockets and timers (8.7 min in one process)
 .venv/bin/pytest -q -p no:cacheprovider -n 2 "$@"

@@ -1,6 +1,7 @@
 """A real browser (headless Chromium over the DevTools protocol) against wsguard.
 
-* the README's browser snippet (token in ``Sec-WebSocket-Protocol``) works from an
+* the documentation's browser snippet (token in ``Sec-WebSocket-Protocol``, on the
+  standalone server's page) works from an
   allowed origin: welcome, then pong;
 * the same page served from a foreign origin is refused before the upgrade (403),
   which is the cross-site WebSocket hijacking defence.
@@ -14,13 +15,14 @@ import pytest
 
 from conftest import RunningServer, ServerFactory, make_token
 from support.browser import CHROMIUM, Browser, page_server
-from support.paths import README
+from support.paths import DOCS
 
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed")
 
 
 def _snippet() -> str:
-    blocks = re.findall(r"```js\n(.*?)```", README.read_text(), re.DOTALL)
+    page = DOCS / "guides" / "standalone.md"
+    blocks = re.findall(r"```js\n(.*?)```", page.read_text(), re.DOTALL)
     return str(next(b for b in blocks if "new WebSocket" in b))
 
 
@@ -31,7 +33,7 @@ def _page_html(server: RunningServer, token: str) -> bytes:
     return f"<!doctype html><html><body><script>{capture}\n{js}</script></body></html>".encode()
 
 
-def test_readme_browser_snippet_from_an_allowed_origin(
+def test_docs_browser_snippet_from_an_allowed_origin(
     server_factory: ServerFactory, browser: Browser
 ) -> None:
     page = page_server(b"")

@@ -1,4 +1,5 @@
-"""The README's Web Crypto signing snippet in a real headless Chromium.
+"""The Web Crypto signing snippet of the documentation (the signing page) in a real
+headless Chromium.
 
 * served from an allowed origin with ``signing.session_keys = true`` and ``chat``
   signed, the snippet signs ``{"type": "chat", "text": "hello"}`` with the session key
@@ -19,24 +20,25 @@ import pytest
 
 from conftest import ServerFactory, make_token
 from support.browser import CHROMIUM, Browser, page_server
-from support.paths import README
+from support.paths import DOCS
 from wsguard.config.demo_types import DEMO_MESSAGE_TYPES
 from wsguard.core.integrity import SESSION_KID, canonical
 
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed")
 
-README_URL = "wss://chat.example.com/"
+SNIPPET_URL = "wss://chat.example.com/"
 
 
 def _signing_snippet() -> str:
-    blocks = re.findall(r"```js\n(.*?)```", README.read_text(), re.DOTALL)
+    page = DOCS / "guides" / "signing.md"
+    blocks = re.findall(r"```js\n(.*?)```", page.read_text(), re.DOTALL)
     return str(next(b for b in blocks if "crypto.subtle" in b))
 
 
 def _page_html(port: int, token: str) -> bytes:
     snippet = _signing_snippet()
-    assert README_URL in snippet
-    js = snippet.replace(README_URL, f"ws://127.0.0.1:{port}/")
+    assert SNIPPET_URL in snippet
+    js = snippet.replace(SNIPPET_URL, f"ws://127.0.0.1:{port}/")
     prelude = f"const token = {json.dumps(token)};\nwindow.logs = [];\n"
     # a second listener records every frame the page receives
     tail = '\nws.addEventListener("message", (event) => window.logs.push(event.data));\n'

@@ -7,7 +7,7 @@ the HTTP status and headers of a refused handshake, the close code or error fram
 refused message, the audit-log record of both, and the wire bounds of RFC 6455 (reserved
 bits, close codes, UTF-8, fragments). Where an engine cannot answer the same (under an
 ASGI server the request head and the framing belong to the server), the test says why:
-a skip naming the limitation, or a different value asserted with its reason (README:
+a skip naming the limitation, or a different value asserted with its reason (docs, Engines:
 "Same policy on every engine").
 
 Malformed handshakes and hand-made frames go over raw sockets (the request builders of
@@ -147,7 +147,7 @@ def start(engine: str, request: pytest.FixtureRequest) -> Iterator[Start]:
 
     def asgi(overrides: dict[str, Any] | None = None) -> Target:
         config = make_config(overrides)
-        # the server's own frame limit is limits.max_message_bytes, as README asks
+        # the server's own frame limit is limits.max_message_bytes, as the ASGI guide asks
         server = AsgiServer(
             ASGI_SERVER, echo_app, config, Recorder(), config.limits.max_message_bytes
         )
@@ -244,7 +244,7 @@ def auth_line() -> str:
     return f"Authorization: Bearer {make_token()}"
 
 
-# -- 1. handshake refusals: README "What is refused, and how" -----------------------------
+# -- 1. handshake refusals: docs/reference/refusals.md, "Handshake refusals" --------------
 
 
 @dataclass(frozen=True)
@@ -443,7 +443,7 @@ def test_handshake_refusal(start: Start, engine: str, case: Case) -> None:
     if engine == "asgi" and case.asgi is not None:
         if case.asgi.want is None:
             pytest.skip(case.asgi.why)
-        want, note = case.asgi.want, case.asgi.why  # README: Same policy on every engine
+        want, note = case.asgi.want, case.asgi.why  # docs: Same policy on every engine
     target = start(case.overrides)
     check(target, answer(target.port, case.request()), want, note=note)
 
@@ -596,7 +596,7 @@ def test_draining_is_503(start: Start) -> None:
     check(target, answer(target.port, upgrade()), Refusal(503, "draining"))
 
 
-# -- 2. the message policy: README's per-message table -----------------------------------
+# -- 2. the message policy: docs/reference/refusals.md, "The message policy" ------------
 
 
 def assert_pong(client: RawClient, ident: str) -> None:

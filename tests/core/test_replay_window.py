@@ -31,7 +31,7 @@ from conftest import (
 )
 from support.asgi_server import AsgiServer, Recorder, echo_app
 from support.cluster import ROOMY, wait_subscribed
-from support.paths import EXAMPLES, README
+from support.paths import DOCS, EXAMPLES
 from support.redis_process import RedisProcess
 from wsguard.config.demo_types import DEMO_MESSAGE_TYPES
 from wsguard.config.loader import load_config
@@ -537,8 +537,9 @@ def test_defaults_of_a_replay_table() -> None:
     )
 
 
-def test_readme_example_loads_and_the_example_file_shows_the_key(tmp_path: Path) -> None:
-    blocks = re.findall(r"```toml\n(.*?)```", README.read_text(), re.DOTALL)
+def test_docs_example_loads_and_the_example_file_shows_the_key(tmp_path: Path) -> None:
+    page = DOCS / "guides" / "signing.md"
+    blocks = re.findall(r"```toml\n(.*?)```", page.read_text(), re.DOTALL)
     [example] = [b for b in blocks if "replay = {" in b]
     path = tmp_path / "replay.toml"
     path.write_text(example)

@@ -106,7 +106,7 @@ def test_picows_stops_parsing_a_client_it_closes_and_half_closes_at_once(
     from support.wire import OP_TEXT, RawClient, frame
 
     if engine != "picows":
-        pytest.skip("the websockets engine parses until the client's close (README: Engines)")
+        pytest.skip("the websockets engine parses until the client's close (docs: Engines)")
     server = server_factory({"limits": {"violation_budget": 3}})
 
     def received() -> list[int]:

@@ -9,6 +9,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"
 README = REPO / "README.md"
+#: The documentation site's pages (mkdocs.yml at the root builds them).
+DOCS = REPO / "docs"
 #: The ``wsguard`` console script beside the interpreter running the tests, so the suite
 #: runs from any checkout or worktree (``PYTHONPATH`` picks the source it imports).
 WSGUARD = str(Path(sys.executable).with_name("wsguard"))

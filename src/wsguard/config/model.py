@@ -1,8 +1,9 @@
 """The typed configuration of wsguard.
 
 One model serves every deployment mode (standalone server, ASGI middleware,
-gateway). Every field has a secure default; ``examples/wsguard.toml`` lists
-them all and the README's configuration table mirrors this file.
+gateway). Every field has a secure default and a ``description``; the
+configuration reference of the documentation is generated from this file, and
+``examples/wsguard.toml`` lists every key.
 """
 
 from __future__ import annotations
@@ -30,34 +31,151 @@ class _Section(BaseModel):
 class AuthConfig(_Section):
     """How connections authenticate at the handshake (JWT)."""
 
-    algorithms: tuple[str, ...] = ("HS256",)
-    secret: str = Field(default="", repr=False)
-    secret_file: Path | None = None
-    public_key_file: Path | None = None
-    jwks_file: Path | None = None
-    jwks_url: str = ""
-    oidc_issuer: str = ""
-    jwks_ca_file: Path | None = None
-    jwks_cache_seconds: float = Field(default=300.0, ge=1, le=86400)
-    jwks_min_refetch_seconds: float = Field(default=30.0, ge=1, le=3600)
-    jwks_max_stale_seconds: float = Field(default=86400.0, ge=1, le=30 * 86400)
-    dev_key_file: Path = Path("~/.local/share/wsguard/dev-jwt.key")
-    audience: tuple[str, ...] = ()
-    issuer: str = ""
-    require_exp: bool = True
-    max_token_lifetime_seconds: float = Field(default=86400.0, gt=0, le=366 * 86400)
-    leeway_seconds: float = Field(default=0.0, ge=0, le=300)
-    subject_claim: str = Field(default="sub", min_length=1)
-    scope_claims: tuple[str, ...] = ("scope", "scp", "roles")
-    max_token_bytes: int = Field(default=8192, ge=256, le=65536)
-    keep_claims: bool = False
-    header: bool = True
-    subprotocol: bool = True
-    subprotocol_prefix: str = Field(default="token.", min_length=1)
-    cookie: bool = False
-    cookie_name: str = Field(default="wsguard_token", min_length=1)
-    query: bool = False
-    query_param: str = Field(default="token", min_length=1)
+    algorithms: tuple[str, ...] = Field(
+        default=("HS256",),
+        description=(
+            "Pinned JWT algorithms; a token's header can only pick among them (`none` never). HS* "
+            "and public-key algorithms (RS*, PS*, ES*, EdDSA) cannot be mixed."
+        ),
+    )
+    secret: str = Field(
+        default="",
+        repr=False,
+        description=(
+            "The HS* secret (at least 32 bytes); prefer `WSGUARD_JWT_SECRET` or `secret_file`. "
+            "With no key configured: the development key, on a loopback address only."
+        ),
+    )
+    secret_file: Path | None = Field(
+        default=None, description="File holding the HS* secret (mode 0600)."
+    )
+    public_key_file: Path | None = Field(
+        default=None, description="PEM public key for RS*, PS*, ES* or EdDSA."
+    )
+    jwks_file: Path | None = Field(
+        default=None, description="JWKS document; the key is chosen by the token's `kid`."
+    )
+    jwks_url: str = Field(
+        default="",
+        description=(
+            "An identity provider's JWKS (`https://`; `http://` only on loopback); needs "
+            "`audience` and `issuer`. Empty: no identity provider."
+        ),
+    )
+    oidc_issuer: str = Field(
+        default="",
+        description=(
+            "Or an OpenID Connect issuer: its discovery document gives the JWKS (its `issuer` must"
+            " match exactly); needs `audience` and `issuer`."
+        ),
+    )
+    jwks_ca_file: Path | None = Field(
+        default=None,
+        description="CA bundle to verify the identity provider's TLS with; unset: the system CAs.",
+    )
+    jwks_cache_seconds: float = Field(
+        default=300.0,
+        ge=1,
+        le=86400,
+        description=(
+            "Identity-provider keys are refreshed after this long (a shorter `Cache-Control: "
+            "max-age` wins, but never below `jwks_min_refetch_seconds`)."
+        ),
+    )
+    jwks_min_refetch_seconds: float = Field(
+        default=30.0,
+        ge=1,
+        le=3600,
+        description=(
+            "At most one refetch per this many seconds for tokens with an unknown `kid`; also how "
+            "often a provider that does not answer is tried again."
+        ),
+    )
+    jwks_max_stale_seconds: float = Field(
+        default=86400.0,
+        ge=1,
+        le=30 * 86400,
+        description=(
+            "Provider down: the last keys are used this long after their fetch, then handshakes "
+            "get 503 `keys_unavailable`."
+        ),
+    )
+    dev_key_file: Path = Field(
+        default=Path("~/.local/share/wsguard/dev-jwt.key"),
+        description=(
+            "The development HS256 key, created (mode 0600) when no key is configured and the "
+            "server binds a loopback address."
+        ),
+    )
+    audience: tuple[str, ...] = Field(
+        default=(),
+        description=(
+            "Accepted `aud` values; empty: a token that carries `aud` is refused (it was issued "
+            "for another service)."
+        ),
+    )
+    issuer: str = Field(default="", description="Required `iss`; empty: `iss` is not checked.")
+    require_exp: bool = Field(default=True, description="Refuse tokens without `exp`.")
+    max_token_lifetime_seconds: float = Field(
+        default=86400.0,
+        gt=0,
+        le=366 * 86400,
+        description=(
+            "A token whose `exp` is further ahead than this is refused, so no token outlives a "
+            "revocation."
+        ),
+    )
+    leeway_seconds: float = Field(
+        default=0.0, ge=0, le=300, description="Clock skew allowed on `exp`, `nbf` and `iat`."
+    )
+    subject_claim: str = Field(
+        default="sub",
+        min_length=1,
+        description="The claim naming the subject (required; a printable string).",
+    )
+    scope_claims: tuple[str, ...] = Field(
+        default=("scope", "scp", "roles"),
+        description="Claims merged into the scopes (each a space-separated string or a list).",
+    )
+    max_token_bytes: int = Field(
+        default=8192, ge=256, le=65536, description="Longer tokens are refused without parsing."
+    )
+    keep_claims: bool = Field(
+        default=False,
+        description="Keep every claim on `conn.identity.claims` (about 0.5 KB per connection).",
+    )
+    header: bool = Field(default=True, description="Accept `Authorization: Bearer <jwt>`.")
+    subprotocol: bool = Field(
+        default=True,
+        description=(
+            "Accept the token as a `Sec-WebSocket-Protocol` entry `token.<jwt>` (never echoed "
+            "back)."
+        ),
+    )
+    subprotocol_prefix: str = Field(
+        default="token.",
+        min_length=1,
+        description="Prefix of the token entry in `Sec-WebSocket-Protocol`.",
+    )
+    cookie: bool = Field(
+        default=False,
+        description=(
+            "Accept the token in a cookie; requires `origin.allowed` (cross-site WebSocket "
+            "hijacking)."
+        ),
+    )
+    cookie_name: str = Field(
+        default="wsguard_token", min_length=1, description="Name of that cookie."
+    )
+    query: bool = Field(
+        default=False,
+        description=(
+            "Accept `?token=<jwt>`; the value is written as `token=REDACTED` in every log line."
+        ),
+    )
+    query_param: str = Field(
+        default="token", min_length=1, description="Name of that query parameter."
+    )
 
     @field_validator("algorithms")
     @classmethod
@@ -187,8 +305,21 @@ def check_key_url(value: str) -> None:
 class OriginConfig(_Section):
     """Cross-site WebSocket hijacking defence."""
 
-    allowed: tuple[str, ...] = ()
-    allow_missing: bool = True
+    allowed: tuple[str, ...] = Field(
+        default=(),
+        description=(
+            "Exact origins (`https://app.example.com`) or wildcard patterns "
+            "(`https://*.example.com`: any sub-domain, not the apex, never over a public suffix); "
+            "`null` only when listed. Empty: every browser Origin is refused."
+        ),
+    )
+    allow_missing: bool = Field(
+        default=True,
+        description=(
+            "Admit handshakes without `Origin` (non-browser clients); never with cookie "
+            "authentication."
+        ),
+    )
 
     @field_validator("allowed")
     @classmethod
@@ -204,8 +335,17 @@ class OriginConfig(_Section):
 class ProxyConfig(_Section):
     """Which peers may tell us the real client address."""
 
-    trusted: tuple[str, ...] = ()
-    header: Literal["x-forwarded-for", "forwarded"] = "x-forwarded-for"
+    trusted: tuple[str, ...] = Field(
+        default=(),
+        description=(
+            "Networks (CIDR) of the proxies whose `X-Forwarded-For` / `Forwarded` is believed; "
+            "anyone else's is ignored."
+        ),
+    )
+    header: Literal["x-forwarded-for", "forwarded"] = Field(
+        default="x-forwarded-for",
+        description="Which header the trusted proxies set: `x-forwarded-for` or `forwarded`.",
+    )
 
     @field_validator("trusted")
     @classmethod
@@ -221,29 +361,131 @@ class ProxyConfig(_Section):
 class LimitsConfig(_Section):
     """Connection, handshake and message limits. Zero never means unlimited."""
 
-    max_connections: int = Field(default=10_000, ge=1)
-    connections_per_address: int = Field(default=5, ge=1)
-    connections_per_subject: int = Field(default=10, ge=1)
-    handshakes_per_minute: int = Field(default=60, ge=1)
-    auth_failures_before_ban: int = Field(default=5, ge=1)
-    auth_failure_window_seconds: float = Field(default=60.0, gt=0)
-    ban_seconds: float = Field(default=60.0, gt=0)
-    ban_max_seconds: float = Field(default=3600.0, gt=0)
-    handshake_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
-    pending_handshakes_per_address: int = Field(default=10, ge=1)
-    max_pending_handshakes: int = Field(default=1000, ge=1)
-    max_header_bytes: int = Field(default=16384, ge=1024, le=65536)
-    ipv6_prefix_length: int = Field(default=64, ge=32, le=128)
-    max_message_bytes: int = Field(default=8192, ge=64, le=64 * 1024 * 1024)
-    max_fragments: int = Field(default=4096, ge=1, le=1024 * 1024)
-    messages_per_minute: int = Field(default=100, ge=1)
-    message_burst: int = Field(default=20, ge=1)
-    bytes_per_minute: int = Field(default=256 * 1024, ge=64)
-    subject_messages_per_minute: int = Field(default=300, ge=1)
-    subject_bytes_per_minute: int = Field(default=1024 * 1024, ge=64)
-    violation_budget: int = Field(default=10, ge=1)
-    violation_decay_seconds: float = Field(default=10.0, gt=0)
-    outbound_queue: int = Field(default=64, ge=1, le=100_000)
+    max_connections: int = Field(
+        default=10_000, ge=1, description="Cap on open connections on this node (503 beyond)."
+    )
+    connections_per_address: int = Field(
+        default=5, ge=1, description="Concurrent connections per client address (429 beyond)."
+    )
+    connections_per_subject: int = Field(
+        default=10,
+        ge=1,
+        description="Concurrent connections per authenticated subject (429 beyond).",
+    )
+    handshakes_per_minute: int = Field(
+        default=60,
+        ge=1,
+        description="Handshake attempts per address per sliding minute (429 beyond).",
+    )
+    auth_failures_before_ban: int = Field(
+        default=5,
+        ge=1,
+        description="Failed authentications within `auth_failure_window_seconds` that start a ban.",
+    )
+    auth_failure_window_seconds: float = Field(
+        default=60.0, gt=0, description="Window for counting authentication failures."
+    )
+    ban_seconds: float = Field(
+        default=60.0, gt=0, description="First ban length; doubles for each further ban."
+    )
+    ban_max_seconds: float = Field(default=3600.0, gt=0, description="Longest ban.")
+    handshake_timeout_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        le=300,
+        description="Time allowed to complete the opening handshake (slowloris).",
+    )
+    pending_handshakes_per_address: int = Field(
+        default=10,
+        ge=1,
+        description=(
+            "Connections per peer (an IPv4 address, an IPv6 /64) still sending their request head "
+            "(429 beyond; slowloris); trusted proxies exempt."
+        ),
+    )
+    max_pending_handshakes: int = Field(
+        default=1000,
+        ge=1,
+        description="Connections in total still sending their request head (503 beyond).",
+    )
+    max_header_bytes: int = Field(
+        default=16384,
+        ge=1024,
+        le=65536,
+        description="Largest request head, request line and headers (431 beyond).",
+    )
+    ipv6_prefix_length: int = Field(
+        default=64,
+        ge=32,
+        le=128,
+        description=(
+            "IPv6 clients are limited and banned per network of this prefix length (one host "
+            "usually owns a whole /64)."
+        ),
+    )
+    max_message_bytes: int = Field(
+        default=8192,
+        ge=64,
+        le=64 * 1024 * 1024,
+        description=(
+            "Largest message, in one frame or in fragments, enforced at the frame layer (close "
+            "1009); after decompression when compression is on."
+        ),
+    )
+    max_fragments: int = Field(
+        default=4096,
+        ge=1,
+        le=1024 * 1024,
+        description=(
+            "Frames of one message at most (close 1009); each fragment counts as a message for the"
+            " rates."
+        ),
+    )
+    messages_per_minute: int = Field(
+        default=100,
+        ge=1,
+        description=(
+            "Sustained messages per connection (every frame counts, pings, pongs and fragments "
+            "included)."
+        ),
+    )
+    message_burst: int = Field(
+        default=20, ge=1, description="Messages allowed at once above the sustained rate."
+    )
+    bytes_per_minute: int = Field(
+        default=256 * 1024,
+        ge=64,
+        description="Sustained bytes per connection (at least `max_message_bytes`).",
+    )
+    subject_messages_per_minute: int = Field(
+        default=300,
+        ge=1,
+        description="Messages per subject across its connections (cluster-wide in cluster mode).",
+    )
+    subject_bytes_per_minute: int = Field(
+        default=1024 * 1024,
+        ge=64,
+        description="Bytes per subject across its connections on this node.",
+    )
+    violation_budget: int = Field(
+        default=10,
+        ge=1,
+        description=(
+            "Violations (rate, invalid, forbidden, signature, stale, replayed) tolerated before "
+            "close 1008."
+        ),
+    )
+    violation_decay_seconds: float = Field(
+        default=10.0, gt=0, description="One violation is forgiven per this many seconds."
+    )
+    outbound_queue: int = Field(
+        default=64,
+        ge=1,
+        le=100_000,
+        description=(
+            "Queued outgoing messages per connection; a full queue drops the slow client (1008)."
+        ),
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> LimitsConfig:
@@ -259,9 +501,28 @@ class ReplayConfig(_Section):
     fields (top-level keys of the message), and how far the timestamp may be from the
     server's time."""
 
-    nonce_field: str = "nonce"
-    timestamp_field: str = "timestamp"
-    window_seconds: float = Field(default=30.0, gt=0, le=3600)
+    nonce_field: str = Field(
+        default="nonce",
+        description=(
+            "The field holding the nonce: a string of 8 to 128 letters, digits, `-`, `.`, `_` or "
+            "`~` (a UUID, a ULID, base64url and hex all fit)."
+        ),
+    )
+    timestamp_field: str = Field(
+        default="timestamp",
+        description=(
+            "The field holding the time the client sent the message: Unix time in seconds, an "
+            "integer or a float (milliseconds are refused as `stale`)."
+        ),
+    )
+    window_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description=(
+            "How far the timestamp may be from the server's time, in the past or the future."
+        ),
+    )
 
     @field_validator("nonce_field", "timestamp_field")
     @classmethod
@@ -283,12 +544,26 @@ class ReplayConfig(_Section):
 class MessageTypeConfig(_Section):
     """Policy of one message type."""
 
-    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
-    schema_file: Path | None = None
-    scopes: tuple[str, ...] = ()
-    binary: bool = False
-    signed: bool = False
-    replay: ReplayConfig | None = None
+    schema_: dict[str, Any] | None = Field(
+        default=None,
+        alias="schema",
+        description=(
+            "Inline JSON Schema (Draft 2020-12) the message must meet; compiled once at start-up."
+        ),
+    )
+    schema_file: Path | None = Field(default=None, description="Or a file holding that schema.")
+    scopes: tuple[str, ...] = Field(
+        default=(),
+        description="Scopes (or roles) the token must carry to send this type (error `forbidden`).",
+    )
+    binary: bool = Field(default=False, description="Accept this type in binary frames.")
+    signed: bool = Field(
+        default=False, description="Require the HMAC envelope (`kid`, `nonce`, `ts`, `sig`)."
+    )
+    replay: ReplayConfig | None = Field(
+        default=None,
+        description="A replay window for an unsigned type (the keys below); unset: none.",
+    )
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -305,17 +580,41 @@ class MessageTypeConfig(_Section):
 class MessagesConfig(_Section):
     """What clients may say once connected."""
 
-    format: Literal["json", "opaque"] = "json"
-    max_depth: int = Field(default=16, ge=1, le=256)
-    max_string_length: int = Field(default=4096, ge=1)
-    max_keys: int = Field(default=256, ge=1)
-    max_containers: int = Field(default=256, ge=1, le=65536)
-    binary: bool = False
+    format: Literal["json", "opaque"] = Field(
+        default="json",
+        description=(
+            "`json`: the full message policy; `opaque`: frames are not parsed, only sized, checked"
+            " for binary and rate-limited (a protocol that is not JSON)."
+        ),
+    )
+    max_depth: int = Field(default=16, ge=1, le=256, description="Deepest JSON nesting accepted.")
+    max_string_length: int = Field(
+        default=4096, ge=1, description="Longest JSON string (values and keys)."
+    )
+    max_keys: int = Field(default=256, ge=1, description="Most keys per object, items per array.")
+    max_containers: int = Field(
+        default=256,
+        ge=1,
+        le=65536,
+        description=(
+            "Most objects and arrays in one message (refused from a count of the raw bytes, before"
+            " decoding)."
+        ),
+    )
+    binary: bool = Field(
+        default=False, description="Accept binary frames at all (otherwise close 1003)."
+    )
     types: dict[str, MessageTypeConfig] = Field(
         default_factory=lambda: {
             name: MessageTypeConfig.model_validate(spec)
             for name, spec in DEMO_MESSAGE_TYPES.items()
-        }
+        },
+        description=(
+            "The allowlist of message types, one table per type (`[messages.types.<name>]`). "
+            "Default: the demo types with strict JSON Schemas (`command` needs the scope `admin`);"
+            " setting any type replaces that list. `auth`, the in-band token refresh, is always "
+            "understood."
+        ),
     )
 
     @field_validator("types")
@@ -336,24 +635,68 @@ class MessagesConfig(_Section):
 class LivenessConfig(_Section):
     """Heartbeats, idle and lifetime limits, shutdown."""
 
-    ping_interval_seconds: float = Field(default=20.0, gt=0)
-    ping_timeout_seconds: float = Field(default=20.0, gt=0)
-    idle_timeout_seconds: float = Field(default=0.0, ge=0)
-    max_lifetime_seconds: float = Field(default=0.0, ge=0)
-    drain_seconds: float = Field(default=10.0, ge=0)
+    ping_interval_seconds: float = Field(default=20.0, gt=0, description="Server ping interval.")
+    ping_timeout_seconds: float = Field(
+        default=20.0,
+        gt=0,
+        description="Close (1011) when the pong does not come back within this time.",
+    )
+    idle_timeout_seconds: float = Field(
+        default=0.0, ge=0, description="Close (1001) after this long without data frames; 0 = off."
+    )
+    max_lifetime_seconds: float = Field(
+        default=0.0, ge=0, description="Close (1001) after this long, forcing reconnects; 0 = off."
+    )
+    drain_seconds: float = Field(
+        default=10.0,
+        ge=0,
+        description="On SIGTERM/SIGINT, wait this long for connections to close (0 = not at all).",
+    )
 
 
 class TlsConfig(_Section):
     """TLS termination and client certificates (mTLS) for ``wsguard serve``."""
 
-    cert_file: Path | None = None
-    key_file: Path | None = None
-    client_ca_file: Path | None = None
-    client_cert: Literal["required", "optional"] = "required"
-    identity_from: Literal["cn", "san_dns", "san_email", "san_uri"] = "cn"
-    cert_scopes: dict[str, tuple[str, ...]] = Field(default_factory=dict)
-    min_version: Literal["1.2", "1.3"] = "1.2"
-    behind_proxy: bool = False
+    cert_file: Path | None = Field(
+        default=None,
+        description=(
+            "PEM certificate chain: serve `wss://` (`--tls-cert`). Unset: plaintext, on loopback "
+            "addresses only."
+        ),
+    )
+    key_file: Path | None = Field(default=None, description="Its private key (`--tls-key`).")
+    client_ca_file: Path | None = Field(
+        default=None,
+        description="CA bundle for client certificates; turns on mTLS (`--tls-client-ca`).",
+    )
+    client_cert: Literal["required", "optional"] = Field(
+        default="required",
+        description=(
+            "With `client_ca_file`: `required` (the certificate authenticates) or `optional` (a "
+            "token is still required)."
+        ),
+    )
+    identity_from: Literal["cn", "san_dns", "san_email", "san_uri"] = Field(
+        default="cn",
+        description=(
+            "The certificate's identity: its subject `cn`, or a SAN: `san_dns`, `san_email` or "
+            "`san_uri`."
+        ),
+    )
+    cert_scopes: dict[str, tuple[str, ...]] = Field(
+        default_factory=dict,
+        description='Certificate identity to scopes, e.g. `{ "sensor-1" = ["telemetry"] }`.',
+    )
+    min_version: Literal["1.2", "1.3"] = Field(
+        default="1.2", description="Oldest TLS version accepted: `1.2` or `1.3`."
+    )
+    behind_proxy: bool = Field(
+        default=False,
+        description=(
+            "Serve plaintext on a non-loopback address because a TLS-terminating proxy (listed in "
+            "`proxy.trusted`) is in front."
+        ),
+    )
 
     @model_validator(mode="after")
     def _pairs(self) -> TlsConfig:
@@ -371,17 +714,40 @@ class TlsConfig(_Section):
 class SigningConfig(_Section):
     """Signed messages: HMAC envelope with nonce and timestamp (replay protection)."""
 
-    keys_file: Path | None = None
-    session_keys: bool = False
-    window_seconds: float = Field(default=30.0, gt=0, le=3600)
-    max_nonce_bytes: int = Field(default=64, ge=16, le=256)
+    keys_file: Path | None = Field(
+        default=None,
+        description=(
+            'Per-client HMAC keys, `{"keys": [{"kid": ..., "subject": ..., "secret": ...}]}` (mode'
+            " 0600)."
+        ),
+    )
+    session_keys: bool = Field(
+        default=False,
+        description=(
+            "Give each connection its own signing key in the welcome frame (`kid` `session`)."
+        ),
+    )
+    window_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description=(
+            "A signed message's `ts` must be within this many seconds of the server's time."
+        ),
+    )
+    max_nonce_bytes: int = Field(
+        default=64,
+        ge=16,
+        le=256,
+        description="Longest nonce accepted (the shortest is 16 base64url characters, 96 bits).",
+    )
 
 
 class AuditConfig(_Section):
     """The structured security audit log."""
 
-    enabled: bool = True
-    file: str = "-"
+    enabled: bool = Field(default=True, description="Write the JSON-lines security audit log.")
+    file: str = Field(default="-", description="`-`: standard output; else a file path (appended).")
 
 
 FailureMode = Literal["open", "closed"]
@@ -394,23 +760,88 @@ class StoreFailureConfig(_Section):
     error); ``open`` falls back to this node's local state and limits.
     """
 
-    bans: FailureMode = "closed"
-    revocations: FailureMode = "closed"
-    nonces: FailureMode = "closed"
-    rate_limits: FailureMode = "open"
-    connections: FailureMode = "open"
+    bans: FailureMode = Field(
+        default="closed",
+        description=(
+            "`closed`: handshakes get 503 (`store_unavailable`) while bans cannot be checked."
+        ),
+    )
+    revocations: FailureMode = Field(
+        default="closed",
+        description=(
+            "`closed`: handshakes get 503 and in-band token refreshes the error frame "
+            "`unavailable` while revocations cannot be checked."
+        ),
+    )
+    nonces: FailureMode = Field(
+        default="closed",
+        description=(
+            "`closed`: signed messages and messages of types with a replay window get the error "
+            "frame `unavailable`; `open`: the nonce is remembered on this node only."
+        ),
+    )
+    rate_limits: FailureMode = Field(
+        default="open",
+        description=(
+            "`open`: handshake and per-subject message rates are counted on this node only."
+        ),
+    )
+    connections: FailureMode = Field(
+        default="open",
+        description=(
+            "`open`: per-address and per-subject connection limits are counted on this node only."
+        ),
+    )
 
 
 class ClusterConfig(_Section):
     """Cluster mode (``store = "redis://..."``): leases, timeouts, quotas, failures."""
 
-    key_prefix: str = Field(default="wsguard:", pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
-    lease_ttl_seconds: float = Field(default=15.0, ge=1, le=600)
-    timeout_seconds: float = Field(default=0.5, gt=0, le=30)
-    retry_seconds: float = Field(default=1.0, gt=0, le=60)
-    revocation_ttl_seconds: float = Field(default=86400.0, gt=0, le=30 * 86400)
-    subject_quota_batch: int = Field(default=0, ge=0, le=10_000)
-    tls_ca_file: Path | None = None
+    key_prefix: str = Field(
+        default="wsguard:",
+        pattern=r"^[A-Za-z0-9_.:-]{1,64}$",
+        description=(
+            "Prefix of every Redis key and channel (one per deployment); nodes sharing a Redis and"
+            " this prefix form one cluster."
+        ),
+    )
+    lease_ttl_seconds: float = Field(
+        default=15.0,
+        ge=1,
+        le=600,
+        description=(
+            "Connection slots of a dead node free themselves within this time (leases are renewed "
+            "every third of it)."
+        ),
+    )
+    timeout_seconds: float = Field(
+        default=0.5,
+        gt=0,
+        le=30,
+        description="A Redis command slower than this counts as an outage.",
+    )
+    retry_seconds: float = Field(
+        default=1.0, gt=0, le=60, description="After an outage, try Redis again after this long."
+    )
+    revocation_ttl_seconds: float = Field(
+        default=86400.0,
+        gt=0,
+        le=30 * 86400,
+        description=(
+            "Default duration of a revocation (`wsguard revoke`); at least "
+            "`auth.max_token_lifetime_seconds` (plus the leeway), so a revocation outlives the "
+            "token."
+        ),
+    )
+    subject_quota_batch: int = Field(
+        default=0,
+        ge=0,
+        le=10_000,
+        description="Per-subject messages taken from Redis at once; 0: the limit / 20 (1 to 50).",
+    )
+    tls_ca_file: Path | None = Field(
+        default=None, description="CA bundle to verify a `rediss://` server; unset: the system CAs."
+    )
     on_store_error: StoreFailureConfig = StoreFailureConfig()
 
 
@@ -428,14 +859,38 @@ ALERT_EVENTS = (
 class AlertRuleConfig(_Section):
     """One alert rule: more than ``threshold`` matching events within ``window_seconds``."""
 
-    events: tuple[str, ...]
-    enabled: bool = True
-    per: Literal["address", "total"] = "total"
-    threshold: int = Field(default=10, ge=0)
-    window_seconds: float = Field(default=60.0, gt=0, le=86400)
-    cooldown_seconds: float = Field(default=300.0, gt=0, le=86400)
-    ban_seconds: float = Field(default=0.0, ge=0, le=30 * 86400)
-    webhook: bool = True
+    events: tuple[str, ...] = Field(
+        description="What the rule counts: refusal categories (the `reason` labels of "
+        "`wsguard_refusals_total`), `connection` (an admitted handshake) and `store_outage`."
+    )
+    enabled: bool = Field(default=True, description="`false` turns the rule off.")
+    per: Literal["address", "total"] = Field(
+        default="total",
+        description="`total`, or `address`: counted per client address (IPv6 per /64).",
+    )
+    threshold: int = Field(
+        default=10,
+        ge=0,
+        description="The rule fires when more than this many events happen within the window.",
+    )
+    window_seconds: float = Field(default=60.0, gt=0, le=86400, description="The sliding window.")
+    cooldown_seconds: float = Field(
+        default=300.0,
+        gt=0,
+        le=86400,
+        description="Quiet period after a firing (per address for per-address rules).",
+    )
+    ban_seconds: float = Field(
+        default=0.0,
+        ge=0,
+        le=30 * 86400,
+        description=(
+            'With `per = "address"`: also ban the address for this long, on every node; 0: no ban.'
+        ),
+    )
+    webhook: bool = Field(
+        default=True, description="Post this rule's alerts to `alerts.webhook_url`."
+    )
 
     @field_validator("events")
     @classmethod
@@ -481,15 +936,38 @@ DEFAULT_ALERT_RULES: dict[str, dict[str, Any]] = {
 class AlertsConfig(_Section):
     """Alert rules over sliding windows, their webhook and automatic bans."""
 
-    enabled: bool = True
-    webhook_url: str = Field(default="", repr=False)
-    webhook_timeout_seconds: float = Field(default=5.0, gt=0, le=60)
-    webhook_retries: int = Field(default=3, ge=0, le=10)
-    max_addresses: int = Field(default=10_000, ge=1, le=1_000_000)
+    enabled: bool = Field(default=True, description="Evaluate the alert rules.")
+    webhook_url: str = Field(
+        default="",
+        repr=False,
+        description="POST every alert as JSON here (`http://` or `https://`); empty: no webhook.",
+    )
+    webhook_timeout_seconds: float = Field(
+        default=5.0, gt=0, le=60, description="Timeout of one webhook attempt."
+    )
+    webhook_retries: int = Field(
+        default=3,
+        ge=0,
+        le=10,
+        description=(
+            "Retries after a failed attempt (back-off from 0.5 s, doubling; no retry on a 4xx "
+            "other than 408 and 429)."
+        ),
+    )
+    max_addresses: int = Field(
+        default=10_000,
+        ge=1,
+        le=1_000_000,
+        description="Addresses tracked per per-address rule (the oldest dropped beyond).",
+    )
     rules: dict[str, AlertRuleConfig] = Field(
         default_factory=lambda: {
             name: AlertRuleConfig.model_validate(spec) for name, spec in DEFAULT_ALERT_RULES.items()
-        }
+        },
+        description=(
+            "Alert rules by name (`[alerts.rules.<name>]`); default: five rules. Setting a field "
+            "of a default rule changes only that field; a new name adds a rule."
+        ),
     )
 
     @field_validator("webhook_url")
@@ -531,9 +1009,18 @@ class AlertsConfig(_Section):
 class AdminTlsConfig(_Section):
     """TLS for the admin listener; ``client_ca_file`` turns on mTLS as its credential."""
 
-    cert_file: Path | None = None
-    key_file: Path | None = None
-    client_ca_file: Path | None = None
+    cert_file: Path | None = Field(
+        default=None,
+        description="Serve the admin listener over HTTPS. Unset: HTTP, with the admin token.",
+    )
+    key_file: Path | None = Field(default=None, description="Its private key.")
+    client_ca_file: Path | None = Field(
+        default=None,
+        description=(
+            "Require an admin client certificate (mTLS) signed by this CA, which must share no "
+            "certificate or key with `tls.client_ca_file`."
+        ),
+    )
 
     @model_validator(mode="after")
     def _pairs(self) -> AdminTlsConfig:
@@ -547,16 +1034,72 @@ class AdminTlsConfig(_Section):
 class AdminConfig(_Section):
     """The admin listener: metrics, health, admin API and the live dashboard."""
 
-    host: str = "127.0.0.1"
-    port: int | None = Field(default=None, ge=0, le=65535)
-    token: str = Field(default="", repr=False)
-    token_file: Path | None = None
-    public_metrics: bool = True
-    session_seconds: float = Field(default=8 * 3600.0, gt=0, le=7 * 86400)
-    origins: tuple[str, ...] = ()
-    hosts: tuple[str, ...] = ()
-    max_dashboards: int = Field(default=16, ge=1, le=1000)
-    client_subjects: tuple[str, ...] = ()
+    host: str = Field(
+        default="127.0.0.1",
+        description=(
+            "Address of the admin listener: loopback by default; elsewhere it needs a token or "
+            "mTLS."
+        ),
+    )
+    port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description=(
+            "Turn the admin listener on (`--admin-port`; 0 = any free port). Unset: no admin "
+            "listener."
+        ),
+    )
+    token: str = Field(
+        default="",
+        repr=False,
+        description=(
+            "The admin credential (at least 24 characters); better `WSGUARD_ADMIN_TOKEN`. Unset "
+            "(and no `token_file`): on loopback, a generated token file."
+        ),
+    )
+    token_file: Path | None = Field(
+        default=None,
+        description=(
+            "Or read the admin credential from a file (mode 0600). Unset on loopback: a generated "
+            "`~/.local/share/wsguard/admin.token`."
+        ),
+    )
+    public_metrics: bool = Field(
+        default=True,
+        description=(
+            "Serve `/metrics` without the admin credential (it holds no addresses or subjects)."
+        ),
+    )
+    session_seconds: float = Field(
+        default=8 * 3600.0,
+        gt=0,
+        le=7 * 86400,
+        description="Dashboard login session lifetime (cookie: `HttpOnly`, `SameSite=Strict`).",
+    )
+    origins: tuple[str, ...] = Field(
+        default=(),
+        description=(
+            "Extra origins allowed to open the dashboard's WebSocket (its own origin always is)."
+        ),
+    )
+    hosts: tuple[str, ...] = Field(
+        default=(),
+        description=(
+            "`Host` names the listener answers besides its bind address and the loopback names "
+            "(421 otherwise, against DNS rebinding); with a wildcard bind and none set, any."
+        ),
+    )
+    max_dashboards: int = Field(
+        default=16, ge=1, le=1000, description="Open dashboard WebSockets at once (503 beyond)."
+    )
+    client_subjects: tuple[str, ...] = Field(
+        default=(),
+        description=(
+            'With mTLS: pinned admin certificate subjects in RFC 4514 form, e.g. `["CN=ops"]` '
+            "(others get 403); empty: any certificate of `admin.tls.client_ca_file`."
+        ),
+    )
     tls: AdminTlsConfig = AdminTlsConfig()
 
     @field_validator("token")
@@ -612,24 +1155,114 @@ _NEVER_FORWARDED = frozenset(
 class GatewayConfig(_Section):
     """``wsguard proxy``: forward admitted connections to an upstream WebSocket server."""
 
-    upstream: str = ""
-    routes: dict[str, str] = Field(default_factory=dict)
-    subject_header: str = Field(default="X-Wsguard-Subject", pattern=_IDENTITY_HEADER)
-    scopes_header: str = Field(default="X-Wsguard-Scopes", pattern=_IDENTITY_HEADER)
-    token_id_header: str = Field(default="X-Wsguard-Token-Id", pattern=_IDENTITY_HEADER)
-    client_header: str = Field(default="X-Wsguard-Client", pattern=_IDENTITY_HEADER)
-    connection_header: str = Field(default="X-Wsguard-Connection", pattern=_IDENTITY_HEADER)
-    path_header: str = Field(default="X-Wsguard-Path", pattern=_IDENTITY_HEADER)
-    signature_header: str = Field(default="X-Wsguard-Signature", pattern=_IDENTITY_HEADER)
-    timestamp_header: str = Field(default="X-Wsguard-Timestamp", pattern=_IDENTITY_HEADER)
-    identity_secret: str = Field(default="", repr=False)
-    forward_headers: tuple[str, ...] = ()
-    upstream_max_message_bytes: int = Field(default=1024 * 1024, ge=64, le=64 * 1024 * 1024)
-    upstream_schema: dict[str, Any] | None = None
-    connect_timeout_seconds: float = Field(default=5.0, gt=0, le=60)
-    upstream_ping_interval_seconds: float = Field(default=20.0, gt=0)
-    upstream_ca_file: Path | None = None
-    client_drain_seconds: float = Field(default=10.0, gt=0, le=300)
+    upstream: str = Field(
+        default="",
+        description=(
+            "Default upstream WebSocket URL, e.g. `ws://127.0.0.1:3000/ws` (`--upstream`); "
+            "required by `wsguard proxy`."
+        ),
+    )
+    routes: dict[str, str] = Field(
+        default_factory=dict,
+        description=(
+            "Path prefix to upstream URL; whole path segments, the longest prefix wins, e.g. `{ "
+            '"/chat" = "ws://127.0.0.1:3001/" }`.'
+        ),
+    )
+    subject_header: str = Field(
+        default="X-Wsguard-Subject",
+        pattern=_IDENTITY_HEADER,
+        description=(
+            "Identity header: the token's subject (a client's own identity headers never pass)."
+        ),
+    )
+    scopes_header: str = Field(
+        default="X-Wsguard-Scopes",
+        pattern=_IDENTITY_HEADER,
+        description="Identity header: the scopes, space-separated.",
+    )
+    token_id_header: str = Field(
+        default="X-Wsguard-Token-Id",
+        pattern=_IDENTITY_HEADER,
+        description="Identity header: the token's `jti` (empty when none).",
+    )
+    client_header: str = Field(
+        default="X-Wsguard-Client",
+        pattern=_IDENTITY_HEADER,
+        description="Identity header: the client address as wsguard resolved it.",
+    )
+    connection_header: str = Field(
+        default="X-Wsguard-Connection",
+        pattern=_IDENTITY_HEADER,
+        description="Identity header: the connection id (as in the audit log).",
+    )
+    path_header: str = Field(
+        default="X-Wsguard-Path",
+        pattern=_IDENTITY_HEADER,
+        description="Identity header: the path the client asked for (without the query).",
+    )
+    signature_header: str = Field(
+        default="X-Wsguard-Signature",
+        pattern=_IDENTITY_HEADER,
+        description="HMAC-SHA256 of the identity headers, with `identity_secret`.",
+    )
+    timestamp_header: str = Field(
+        default="X-Wsguard-Timestamp",
+        pattern=_IDENTITY_HEADER,
+        description="Unix seconds, signed with the rest.",
+    )
+    identity_secret: str = Field(
+        default="",
+        repr=False,
+        description=(
+            "Sign the identity headers (at least 32 bytes; better "
+            "`WSGUARD_GATEWAY__IDENTITY_SECRET`); empty: unsigned."
+        ),
+    )
+    forward_headers: tuple[str, ...] = Field(
+        default=(),
+        description=(
+            "Client headers passed upstream (never `Authorization`, `Proxy-Authorization`, "
+            "`Cookie`, `Host`, `Sec-*`, hop-by-hop or identity headers)."
+        ),
+    )
+    upstream_max_message_bytes: int = Field(
+        default=1024 * 1024,
+        ge=64,
+        le=64 * 1024 * 1024,
+        description="Largest message accepted from the upstream (bigger: the client gets 1011).",
+    )
+    upstream_schema: dict[str, Any] | None = Field(
+        default=None,
+        description=(
+            "JSON Schema (Draft 2020-12) every upstream JSON text message must meet (others are "
+            "dropped and audited); unset: none."
+        ),
+    )
+    connect_timeout_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        le=60,
+        description=(
+            "Connecting to the upstream (failure: the client gets 1013); also how long a close the"
+            " upstream never answers is waited for."
+        ),
+    )
+    upstream_ping_interval_seconds: float = Field(
+        default=20.0, gt=0, description="The gateway's own heartbeat with the upstream."
+    )
+    upstream_ca_file: Path | None = Field(
+        default=None, description="CA bundle to verify a `wss://` upstream; unset: the system CAs."
+    )
+    client_drain_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        le=300,
+        description=(
+            "A client this long behind the upstream's messages is dropped as a slow consumer "
+            "(1008)."
+        ),
+    )
 
     @field_validator("upstream")
     @classmethod
@@ -699,13 +1332,47 @@ LogLevel = Literal["debug", "info", "warning", "error"]
 class Config(_Section):
     """The whole wsguard configuration."""
 
-    host: str = "127.0.0.1"
-    port: int = Field(default=8765, ge=0, le=65535)
-    log_level: LogLevel = "info"
-    store: str = "memory://"
-    subprotocols: tuple[str, ...] = ("wsguard.v1",)
-    compression: bool = False
-    engine: Literal["auto", "websockets", "picows"] = "auto"
+    host: str = Field(
+        default="127.0.0.1",
+        description="Address to bind. The development key is only used on a loopback address.",
+    )
+    port: int = Field(default=8765, ge=0, le=65535, description="Port to bind (0 = any free port).")
+    log_level: LogLevel = Field(
+        default="info",
+        description=(
+            "Diagnostic log level (the audit log is separate): `debug`, `info`, `warning` or "
+            "`error`."
+        ),
+    )
+    store: str = Field(
+        default="memory://",
+        description=(
+            "State store: `memory://` (this node only), `redis://[user:password@]host:port/db` or "
+            "`rediss://...` (TLS): cluster mode, shared by the nodes with the same store and "
+            "`cluster.key_prefix`."
+        ),
+    )
+    subprotocols: tuple[str, ...] = Field(
+        default=("wsguard.v1",),
+        description=(
+            "Application subprotocols the server may select (the token entry is never selected or "
+            "echoed)."
+        ),
+    )
+    compression: bool = Field(
+        default=False,
+        description=(
+            "Negotiate permessage-deflate; when on, size limits apply after decompression. Needs "
+            "the `websockets` engine."
+        ),
+    )
+    engine: Literal["auto", "websockets", "picows"] = Field(
+        default="auto",
+        description=(
+            "`auto`: `picows`, unless `compression` or the gateway (`gateway.upstream`) needs "
+            "`websockets`; or `picows`, or `websockets`."
+        ),
+    )
     auth: AuthConfig = AuthConfig()
     origin: OriginConfig = OriginConfig()
     proxy: ProxyConfig = ProxyConfig()

@@ -556,7 +556,7 @@ def announce(app: App, *, config_file: str | os.PathLike[str] | None = None) -> 
             f"wsguard: mint a token:  wsguard token{cfg} --sub alice --scope chat --ttl 1h\n"
             f"wsguard: then connect to {url} with the header "
             f"'Authorization: Bearer <token>' or the subprotocols "
-            f"['wsguard.v1', 'token.<token>'] (README: Connect)"
+            f"['wsguard.v1', 'token.<token>'] (docs: guides/standalone.md, Connect)"
         )
 
 

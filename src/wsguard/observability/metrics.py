@@ -2,7 +2,7 @@
 
 The hot path only adds to plain integers (a dict increment costs ~40 ns;
 ``prometheus_client.Counter.inc`` takes a lock and costs ~10x more, see the
-README's figures). ``prometheus-client`` builds the exposition from these
+metrics reference in docs/). ``prometheus-client`` builds the exposition from these
 counts when ``/metrics`` is scraped, through a custom collector.
 
 Every label value comes from a fixed set defined here or from the
