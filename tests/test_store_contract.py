@@ -1,6 +1,9 @@
-"""The store contract: ``memory://`` and ``redis://`` give the same answers.
+"""The store contract: ``memory://`` and Redis give the same answers.
 
-One table of contract cases (:data:`CONTRACT`) runs against both stores. Then
+One table of contract cases (:data:`CONTRACT`) runs against every store: memory, one
+Redis server (``redis://``), a Redis Cluster of 3 primaries and 3 replicas
+(``redis+cluster://``) and a primary with a replica behind 3 Sentinels
+(``redis+sentinel://``), the last two real topologies from :mod:`redis_topologies`. Then
 what only a shared store has: key prefixes that isolate clusters, leases that a
 dead node stops renewing, atomicity under concurrent load from eight store
 instances (and a naive two-step acquire that over-grants under the same load,
@@ -29,6 +32,12 @@ from typing import Any, TypeVar
 import pytest
 
 from redis_process import RedisProcess
+from redis_topologies import (  # noqa: F401 - fixtures
+    _redis_cluster_session,
+    _redis_sentinel_session,
+    redis_cluster_uri,
+    redis_sentinel_uri,
+)
 from wsguard.config.model import ClusterConfig, StoreFailureConfig
 from wsguard.stores import BanPolicy, Store, StoreUnavailable, open_store
 from wsguard.stores.base import CHANNEL_BROADCAST, CHANNEL_REVOKE
@@ -95,13 +104,17 @@ def runner() -> Iterator[asyncio.Runner]:
         yield loop_runner
 
 
-@pytest.fixture(params=["memory", "redis"])
+#: The Redis topologies the contract runs on, and the fixture that gives each one's URI.
+TOPOLOGIES = {"redis": "redis_uri", "cluster": "redis_cluster_uri", "sentinel": "redis_sentinel_uri"}
+
+
+@pytest.fixture(params=["memory", *TOPOLOGIES])
 def store(request: pytest.FixtureRequest, runner: asyncio.Runner) -> Iterator[Store]:
     """An opened and started store of each kind, closed after the test."""
     if request.param == "memory":
         uri, cluster = "memory://", None
     else:
-        uri, cluster = request.getfixturevalue("redis_uri"), CONTRACT_CLUSTER
+        uri, cluster = request.getfixturevalue(TOPOLOGIES[request.param]), CONTRACT_CLUSTER
     opened = open_store(uri, cluster)
     runner.run(opened.start())
     yield opened
@@ -345,7 +358,7 @@ def test_contract(case: Case, store: Store, runner: asyncio.Runner) -> None:
 
 
 def test_shared_flag(store: Store) -> None:
-    assert store.shared is store.uri.startswith("redis://")
+    assert store.shared is (store.uri != "memory://")
 
 
 # -- Redis only: prefixes, leases ---------------------------------------------------
