@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 import redis
+from redis.crc import key_slot
 
 from redis_process import REDIS_SERVER, free_port
 
@@ -212,13 +213,7 @@ class ClusterTopology:
 
     def primary_of(self, key: str) -> Node:
         """The node serving *key*'s hash slot."""
-        with next(n for n in self.nodes if n.alive).client() as client:
-            slot = int(client.execute_command("CLUSTER KEYSLOT", key))
-            shards = client.execute_command("CLUSTER SLOTS")
-        for shard in shards:
-            if int(shard[0]) <= slot <= int(shard[1]):
-                return self.node_at(f"127.0.0.1:{int(shard[2][1])}")
-        raise TopologyError(f"no node serves slot {slot}")
+        return self.owner_of_slot(key_slot(key.encode()))
 
     def replica_of(self, primary: Node) -> Node:
         entries = self.view()
@@ -279,6 +274,7 @@ class ClusterTopology:
 
     def reshard(self, source: Node, target: Node, slots: int) -> None:
         """Move *slots* hash slots, keys included, from *source* to *target*."""
+        self.wait_agreed()
         ids = {e["address"]: e["id"] for e in self.view()}
         done = subprocess.run(
             [
@@ -295,6 +291,65 @@ class ClusterTopology:
         )  # fmt: skip
         if done.returncode != 0:
             raise TopologyError(f"redis-cli --cluster reshard failed: {done.stdout[-500:]}")
+
+    def move_slot(
+        self, slot: int, target: Node, between: Callable[[], object] | None = None
+    ) -> Node:
+        """Move one hash slot and its keys to *target* the way ``redis-cli --cluster
+        reshard`` does (``CLUSTER SETSLOT`` IMPORTING / MIGRATING, ``MIGRATE`` of its
+        keys, ``SETSLOT NODE``); *between* runs after the keys moved and before the slot
+        is handed over, while clients get ASK redirections. Returns the former owner."""
+        ids = {e["address"]: e["id"] for e in self.view()}
+        source = self.owner_of_slot(slot)
+        if source is target:
+            return source
+        with source.client(5) as src, target.client(5) as dst:
+            dst.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", ids[source.address])
+            src.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", ids[target.address])
+            while keys := src.execute_command("CLUSTER GETKEYSINSLOT", slot, 100):
+                src.execute_command("MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", *keys)
+            if between is not None:
+                between()
+            for node in (target, source, *self.primaries()):
+                with node.client(5) as client:
+                    client.execute_command("CLUSTER SETSLOT", slot, "NODE", ids[target.address])
+        self.wait_agreed()
+        return source
+
+    def wait_agreed(self, within: float = 20.0) -> None:
+        """Wait until every live node sees the same slots on the same primaries."""
+
+        def assignment(node: Node) -> set[tuple[str, str]]:
+            return {
+                (entry["address"], " ".join(sorted(entry["slots"])))
+                for entry in self.view(node)
+                if "master" in entry["flags"] and entry["slots"]
+            }
+
+        def agreed() -> bool:
+            views = [assignment(n) for n in self.nodes if n.alive]
+            return all(view == views[0] for view in views)
+
+        wait_for(agreed, within, "the cluster nodes to agree on the slots")
+
+    def owner_of_slot(self, slot: int) -> Node:
+        with next(n for n in self.nodes if n.alive).client() as client:
+            shards = client.execute_command("CLUSTER SLOTS")
+        for shard in shards:
+            if int(shard[0]) <= slot <= int(shard[1]):
+                return self.node_at(f"127.0.0.1:{int(shard[2][1])}")
+        raise TopologyError(f"no node serves slot {slot}")
+
+    def slots_of(self, node: Node) -> set[int]:
+        """The hash slots *node* serves."""
+        entry = next(e for e in self.view() if e["address"] == node.address)
+        out: set[int] = set()
+        for item in entry["slots"]:
+            if item.startswith("["):  # a slot being imported or migrated
+                continue
+            low, _, high = item.partition("-")
+            out.update(range(int(low), int(high or low) + 1))
+        return out
 
     def flush(self) -> None:
         for node in self.primaries():

@@ -105,7 +105,11 @@ def runner() -> Iterator[asyncio.Runner]:
 
 
 #: The Redis topologies the contract runs on, and the fixture that gives each one's URI.
-TOPOLOGIES = {"redis": "redis_uri", "cluster": "redis_cluster_uri", "sentinel": "redis_sentinel_uri"}
+TOPOLOGIES = {
+    "redis": "redis_uri",
+    "cluster": "redis_cluster_uri",
+    "sentinel": "redis_sentinel_uri",
+}
 
 
 @pytest.fixture(params=["memory", *TOPOLOGIES])

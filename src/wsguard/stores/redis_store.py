@@ -106,6 +106,8 @@ class RedisStore(Store):
         )  # fmt: skip
         self._held: dict[str, set[str]] = {}  # leases granted by Redis, renewed by us
         self._local_held: set[tuple[str, str]] = set()  # leases granted in fail-open mode
+        self._local_limits: dict[str, int] = {}  # the limit of each of those keys
+        self._renew_lock = asyncio.Lock()  # one renewal at a time
         self._renewing = False
         self._late_releases: list[tuple[str, str]] = []
         self._handlers: list[EventHandler] = []
@@ -164,10 +166,30 @@ class RedisStore(Store):
                 listener("recovered", "")
             for callback in self._resync:
                 callback()
-            if self._held and not self._renewing:  # Redis may have lost them: re-create now
-                task = asyncio.get_running_loop().create_task(self.renew_leases())
+            adopted = self._adopt_local_leases()
+            if adopted or (self._held and not self._renewing):
+                # Redis may have lost them (re-create now), and the leases this node
+                # granted on its own during the outage go to Redis within their limits
+                task = asyncio.get_running_loop().create_task(self._after_recovery(adopted))
                 self._background.add(task)
                 task.add_done_callback(self._background.discard)
+
+    def _adopt_local_leases(self) -> list[tuple[str, str]]:
+        """The slots this node granted on its own state while Redis was down (checks
+        configured to fail open) become leases like the others: the next renewal takes
+        them in Redis only within their limits, and the connections that do not fit
+        (the cluster-wide limit was exceeded during the outage) are reported lost."""
+        adopted = sorted(self._local_held)
+        self._local_held.clear()
+        for key, holder in adopted:
+            self._held.setdefault(key, set()).add(holder)
+            self._limits.setdefault(key, self._local_limits.get(key, 1))
+        return adopted
+
+    async def _after_recovery(self, adopted: list[tuple[str, str]]) -> None:
+        for key, holder in adopted:  # this node's own state no longer holds them
+            await self._fallback.release(key, holder)
+        await self.renew_leases()
 
     async def _run(
         self,
@@ -215,6 +237,7 @@ class RedisStore(Store):
             granted = await self._fallback.acquire(key, limit, holder)
             if granted:
                 self._local_held.add((key, holder))
+                self._local_limits[key] = limit
             return granted
 
         return await self._run("connections", remote, local)
@@ -299,6 +322,10 @@ class RedisStore(Store):
         """Extend every lease this node holds. A lease Redis lost is taken again only
         within its limit; the connections whose leases could not be are told about
         (:meth:`on_lease_lost`), so no limit stays exceeded after a partition."""
+        async with self._renew_lock:
+            await self._renew_leases()
+
+    async def _renew_leases(self) -> None:
         if not self._held:
             return
         items = [(key, sorted(holders)) for key, holders in self._held.items()]
@@ -354,7 +381,12 @@ class RedisStore(Store):
                 await self.ping()
 
     async def ping(self) -> bool:
+        """Whether the store answers (on a cluster: every primary, and the cluster ok)."""
+
         async def remote() -> bool:
+            if self._cluster:
+                await self._cluster_ready()
+                return True
             return bool(await self.client.ping())
 
         async def down() -> bool:
