@@ -19,11 +19,13 @@ import contextlib
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
+import trustme
 from redis.crc import key_slot
 
 from redis_process import REDIS_SERVER, free_port
@@ -56,16 +58,52 @@ def wait_for(check: Callable[[], bool], within: float, what: str) -> None:
         time.sleep(0.05)
 
 
+@dataclass(frozen=True)
+class Tls:
+    """A private CA (``trustme``) and the certificate every node of a topology serves."""
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+
+    @classmethod
+    def create(cls, workdir: Path) -> Tls:
+        workdir.mkdir(parents=True, exist_ok=True)
+        ca = trustme.CA()
+        cert = ca.issue_cert("127.0.0.1", "localhost")
+        tls = cls(workdir / "ca.pem", workdir / "redis.pem", workdir / "redis.key")
+        ca.cert_pem.write_to_path(str(tls.ca_file))
+        cert.cert_chain_pems[0].write_to_path(str(tls.cert_file))
+        cert.private_key_pem.write_to_path(str(tls.key_file))
+        return tls
+
+    def server_args(self) -> list[str]:
+        """TLS only (no plaintext port), for clients and for replication."""
+        return [
+            "--tls-cert-file", str(self.cert_file),
+            "--tls-key-file", str(self.key_file),
+            "--tls-ca-cert-file", str(self.ca_file),
+            "--tls-auth-clients", "no",
+            "--tls-replication", "yes",
+        ]  # fmt: skip
+
+    def cli_args(self) -> list[str]:
+        return ["--tls", "--cacert", str(self.ca_file)]
+
+
 class Node:
     """One redis-server process (a data node or a Sentinel); killed and restarted in place."""
 
-    def __init__(self, workdir: Path, args: list[str], *, sentinel: bool = False) -> None:
+    def __init__(
+        self, workdir: Path, args: list[str], *, sentinel: bool = False, tls: Tls | None = None
+    ) -> None:
         if REDIS_SERVER is None:
             pytest.fail("redis-server is not installed (scripts/test.sh installs it from apt)")
         self.workdir = workdir
         self.port = free_port()
         self.args = args
         self.sentinel = sentinel
+        self.tls = tls
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -79,9 +117,12 @@ class Node:
         if self.sentinel:
             command = [REDIS_SERVER, str(self.workdir / "sentinel.conf"), "--sentinel"]
         else:
+            ports = ["--port", str(self.port)]
+            if self.tls is not None:
+                ports = ["--port", "0", "--tls-port", str(self.port), *self.tls.server_args()]
             command = [
                 REDIS_SERVER,
-                "--port", str(self.port),
+                *ports,
                 "--bind", "127.0.0.1",
                 "--save", "",
                 "--appendonly", "no",
@@ -107,6 +148,14 @@ class Node:
         return self
 
     def client(self, timeout: float = 2.0) -> redis.Redis:
+        if self.tls is not None:
+            return redis.Redis(
+                host="127.0.0.1",
+                port=self.port,
+                socket_timeout=timeout,
+                ssl=True,
+                ssl_ca_certs=str(self.tls.ca_file),
+            )
         return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=timeout)
 
     @property
@@ -139,9 +188,12 @@ class Node:
 class ClusterTopology:
     """A Redis Cluster on loopback: *primaries* primaries with *replicas* replicas each."""
 
-    def __init__(self, workdir: Path, primaries: int = 3, replicas: int = 1) -> None:
+    def __init__(
+        self, workdir: Path, primaries: int = 3, replicas: int = 1, *, tls: bool = False
+    ) -> None:
         self.workdir = workdir
         self.primaries_wanted = primaries
+        self.tls = Tls.create(workdir / "tls") if tls else None
         self.nodes: list[Node] = []
         for n in range(primaries * (1 + replicas)):
             bus = free_port()
@@ -151,13 +203,19 @@ class ClusterTopology:
                 "--cluster-config-file", "nodes.conf",
                 "--cluster-node-timeout", str(FAILOVER_MS),
             ]  # fmt: skip
-            self.nodes.append(Node(workdir / f"node{n}", args))
+            if self.tls is not None:
+                args += ["--tls-cluster", "yes"]
+            self.nodes.append(Node(workdir / f"node{n}", args, tls=self.tls))
         self.replicas = replicas
 
     @property
     def uri(self) -> str:
         """Three seed nodes, as an operator would list them."""
-        return "redis+cluster://" + ",".join(n.address for n in self.nodes[:3])
+        scheme = "rediss+cluster" if self.tls is not None else "redis+cluster"
+        return f"{scheme}://" + ",".join(n.address for n in self.nodes[:3])
+
+    def _cli(self) -> list[str]:
+        return [REDIS_CLI, *(self.tls.cli_args() if self.tls is not None else [])]
 
     def start(self) -> ClusterTopology:
         for node in self.nodes:
@@ -166,7 +224,7 @@ class ClusterTopology:
             node.wait_ready()
         create = subprocess.run(
             [
-                REDIS_CLI, "--cluster", "create", *(n.address for n in self.nodes),
+                *self._cli(), "--cluster", "create", *(n.address for n in self.nodes),
                 "--cluster-replicas", str(self.replicas), "--cluster-yes",
             ],
             capture_output=True,
@@ -278,7 +336,7 @@ class ClusterTopology:
         ids = {e["address"]: e["id"] for e in self.view()}
         done = subprocess.run(
             [
-                REDIS_CLI, "--cluster", "reshard", source.address,
+                *self._cli(), "--cluster", "reshard", source.address,
                 "--cluster-from", ids[source.address],
                 "--cluster-to", ids[target.address],
                 "--cluster-slots", str(slots),
@@ -380,26 +438,39 @@ SERVICE = "wsguard-primary"
 class SentinelTopology:
     """One primary, *replicas* replicas and 3 Sentinels (quorum 2) watching them."""
 
-    def __init__(self, workdir: Path, replicas: int = 1, sentinels: int = 3) -> None:
+    def __init__(
+        self, workdir: Path, replicas: int = 1, sentinels: int = 3, *, tls: bool = False
+    ) -> None:
         self.workdir = workdir
-        self.data = [Node(workdir / f"redis{n}", []) for n in range(1 + replicas)]
+        self.tls = Tls.create(workdir / "tls") if tls else None
+        self.data = [Node(workdir / f"redis{n}", [], tls=self.tls) for n in range(1 + replicas)]
         for replica in self.data[1:]:
             replica.args = ["--replicaof", "127.0.0.1", str(self.data[0].port)]
         self.sentinels = [
-            Node(workdir / f"sentinel{n}", [], sentinel=True) for n in range(sentinels)
+            Node(workdir / f"sentinel{n}", [], sentinel=True, tls=self.tls)
+            for n in range(sentinels)
         ]
 
     @property
     def uri(self) -> str:
         hosts = ",".join(s.address for s in self.sentinels)
-        return f"redis+sentinel://{hosts}/{SERVICE}/0"
+        scheme = "rediss+sentinel" if self.tls is not None else "redis+sentinel"
+        return f"{scheme}://{hosts}/{SERVICE}/0"
 
     def _write_sentinel_conf(self, sentinel: Node) -> None:
         sentinel.workdir.mkdir(parents=True, exist_ok=True)
         primary = self.data[0]
+        if self.tls is None:
+            ports = f"port {sentinel.port}\n"
+        else:
+            ports = (
+                f"port 0\ntls-port {sentinel.port}\n"
+                f"tls-cert-file {self.tls.cert_file}\ntls-key-file {self.tls.key_file}\n"
+                f"tls-ca-cert-file {self.tls.ca_file}\ntls-auth-clients no\n"
+                "tls-replication yes\n"
+            )
         (sentinel.workdir / "sentinel.conf").write_text(
-            f"port {sentinel.port}\n"
-            "bind 127.0.0.1\n"
+            ports + "bind 127.0.0.1\n"
             f"dir {sentinel.workdir}\n"
             "logfile sentinel.log\n"
             f"sentinel monitor {SERVICE} 127.0.0.1 {primary.port} 2\n"
@@ -502,9 +573,9 @@ def _flags(entry: Any) -> set[str]:
 
 
 @contextlib.contextmanager
-def cluster_topology(workdir: Path) -> Iterator[ClusterTopology]:
+def cluster_topology(workdir: Path, *, tls: bool = False) -> Iterator[ClusterTopology]:
     """A started Redis Cluster of this test's own, stopped afterwards."""
-    topology = ClusterTopology(workdir)
+    topology = ClusterTopology(workdir, tls=tls)
     try:
         yield topology.start()
     finally:
@@ -512,9 +583,9 @@ def cluster_topology(workdir: Path) -> Iterator[ClusterTopology]:
 
 
 @contextlib.contextmanager
-def sentinel_topology(workdir: Path) -> Iterator[SentinelTopology]:
+def sentinel_topology(workdir: Path, *, tls: bool = False) -> Iterator[SentinelTopology]:
     """A started Sentinel group of this test's own, stopped afterwards."""
-    topology = SentinelTopology(workdir)
+    topology = SentinelTopology(workdir, tls=tls)
     try:
         yield topology.start()
     finally:

@@ -20,13 +20,19 @@ store, which is the same on both) share a topology of this test's own from
   of its revocation and the event bucket a node publishes on (each with ``CLUSTER
   SETSLOT`` / ``MIGRATE``, handshakes made while the slot is half moved), then a range
   of 1,100 slots with ``redis-cli --cluster reshard``: limits, revocations and
-  broadcasts keep working and no outage is reported.
+  broadcasts keep working and no outage is reported;
+* both topologies over TLS only (``rediss+cluster://``, ``rediss+sentinel://``, a
+  private CA): limits, revocations and broadcasts shared by two nodes;
+* store URIs: what each names, and the refusals of bad ones, naming the ``store`` key
+  and never echoing a password.
 
 Nothing sleeps for a fixed time: every effect is polled for with a deadline.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -39,14 +45,29 @@ from redis.crc import key_slot
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection
 
-from conftest import AuditCapture, RunningServer, admin_overrides, make_config, make_token
-from redis_topologies import ClusterTopology, cluster_topology, sentinel_topology
+from conftest import (
+    SECRET,
+    AuditCapture,
+    RunningServer,
+    admin_overrides,
+    make_config,
+    make_token,
+)
+from redis_topologies import (
+    ClusterTopology,
+    SentinelTopology,
+    cluster_topology,
+    sentinel_topology,
+)
+from wsguard.config.loader import validate_config
+from wsguard.errors import ConfigError
 from wsguard.guard import Guard
 from wsguard.hosts.app import App
 from wsguard.hosts.demo import install_demo
 from wsguard.observability.audit import AuditLog
 from wsguard.stores import redis_events
 from wsguard.stores.redis_store import RedisStore
+from wsguard.stores.uri import parse_redis_uri, redacted
 
 LIMIT = 2  # connections per subject
 ROOMY: dict[str, Any] = {
@@ -193,6 +214,10 @@ def metric(node: RunningServer, name: str) -> float:
     return total
 
 
+def store_up(node: RunningServer) -> bool:
+    return metric(node, "wsguard_store_up") == 1
+
+
 def assert_one_outage_then_recovery(node: RunningServer) -> None:
     """The audit log shows the switch as one outage, then one recovery, in that order."""
     changes = [e["event"] for e in node.audit.events() if e["event"].startswith("store_")]
@@ -235,7 +260,7 @@ def test_cluster_primary_killed_replica_promoted_nodes_recover_by_themselves(
 
         # each node notices the recovery by itself (renewals, subscriptions)
         for node in (a, b):
-            wait_until(lambda n=node: metric(n, "wsguard_store_up") == 1, 20, "store up again")
+            wait_until(functools.partial(store_up, node), 20, "the store up again")
             assert_one_outage_then_recovery(node)
         assert metric(a, "wsguard_store_errors_total") > errors_before
         for ws in (*alice, carol, dave):
@@ -283,7 +308,7 @@ def test_sentinel_failover_fail_open_bound_then_limit_restored(
         assert new is not old
 
         for node in (a, b):
-            wait_until(lambda n=node: metric(n, "wsguard_store_up") == 1, 20, "store up again")
+            wait_until(functools.partial(store_up, node), 20, "the store up again")
             assert_one_outage_then_recovery(node)
         # the slots granted locally went to Redis within the limit: the rest are closed
         everyone = [*before, *during]
@@ -378,3 +403,100 @@ def _busiest(topology: ClusterTopology) -> tuple[Any, Any]:
     """The primary with the most slots and another one."""
     primaries = sorted(topology.primaries(), key=lambda p: len(topology.slots_of(p)))
     return primaries[-1], primaries[0]
+
+
+# -- over TLS ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["cluster", "sentinel"])
+def test_tls_topologies_share_limits_revocations_and_broadcasts(
+    kind: str, tmp_path: Path, start_node: Callable[..., RunningServer]
+) -> None:
+    with contextlib.ExitStack() as stack:
+        if kind == "cluster":
+            topology: ClusterTopology | SentinelTopology = stack.enter_context(
+                cluster_topology(tmp_path / kind, tls=True)
+            )
+        else:
+            topology = stack.enter_context(sentinel_topology(tmp_path / kind, tls=True))
+        assert topology.uri.startswith(f"rediss+{kind}://")
+        assert topology.tls is not None
+        cluster = {"tls_ca_file": str(topology.tls.ca_file)}
+        a, b = start_node(topology.uri, cluster), start_node(topology.uri, cluster)
+        wait_until(lambda: subscribed(a, b), 10, "both nodes subscribed over TLS")
+        alice = [welcomed(a, "alice"), welcomed(b, "alice")]
+        assert attempt(a, "alice")[0] == 429
+        carol, dave = welcomed(a, "carol"), welcomed(b, "dave")
+        broadcast_arrives(carol, dave, "over TLS")
+        a.run_coro(store_of(a).revoke("sub", "alice", 60))
+        assert [close_code(ws) for ws in alice] == [4003, 4003]
+        assert attempt(b, "alice")[0] == 401
+        for node in (a, b):
+            assert not events(node, "store_outage")
+        carol.close()
+        dave.close()
+
+
+# -- store URIs -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("uri", "expected"),
+    [
+        ("redis://127.0.0.1:6379/3", ("single", False, (("127.0.0.1", 6379),), "", 3)),
+        (
+            "redis+cluster://10.0.0.1:7000,10.0.0.2:7001",
+            ("cluster", False, (("10.0.0.1", 7000), ("10.0.0.2", 7001)), "", 0),
+        ),
+        ("rediss+cluster://[::1]:7000/0", ("cluster", True, (("::1", 7000),), "", 0)),
+        (
+            "redis+sentinel://10.0.0.1,10.0.0.2:26380/mymaster/2",
+            ("sentinel", False, (("10.0.0.1", 26379), ("10.0.0.2", 26380)), "mymaster", 2),
+        ),
+        (
+            "rediss+sentinel://s1:26379/mymaster",
+            ("sentinel", True, (("s1", 26379),), "mymaster", 0),
+        ),
+    ],
+)
+def test_store_uris_name_their_topology(uri: str, expected: tuple[Any, ...]) -> None:
+    address = parse_redis_uri(uri)
+    assert (address.topology, address.tls, address.hosts, address.service, address.db) == expected
+    assert validate_config({"store": uri, "auth": {"secret": SECRET}}).store == uri
+
+
+def test_store_uri_credentials_are_decoded_and_never_shown() -> None:
+    uri = "rediss+cluster://app:p%40ss@10.0.0.1:7000,10.0.0.2:7000"
+    address = parse_redis_uri(uri)
+    assert (address.username, address.password) == ("app", "p@ss")
+    assert redacted(uri) == "rediss+cluster://app:***@10.0.0.1:7000,10.0.0.2:7000"
+    assert redacted("redis+sentinel://:s3cret@h:26379/svc/0") == (
+        "redis+sentinel://:***@h:26379/svc/0"
+    )
+
+
+@pytest.mark.parametrize(
+    ("uri", "message"),
+    [
+        ("redis+shard://h:1", "expected memory://, redis://"),
+        ("redis+cluster://", "needs a host"),
+        ("redis+cluster://:hunter2@", "needs a host"),
+        ("redis+cluster://h1:7000,,h2:7000", "expected host:port"),
+        ("redis+cluster://127.0.0.1:7000/3", "only database 0"),
+        ("redis+cluster://127.0.0.1:70000", "invalid store URI"),
+        ("redis+cluster://127.0.0.1:0", "1-65535"),
+        ("redis+cluster://h:7000,h:7000", "listed twice"),
+        ("redis+cluster://h:7000?ssl_cert_reqs=none", "takes no ?options"),
+        ("redis+sentinel://:hunter2@127.0.0.1:26379", "name the monitored service"),
+        ("redis+sentinel://127.0.0.1:26379/mymaster/x", "must be a number"),
+        ("redis+sentinel://127.0.0.1:26379/mymaster/0/1", "/service or /service/db"),
+        ("rediss+sentinel://:hunter2@h:1/svc/0#x", "no #fragment"),
+        ("redis://:hunter2@h1:6379,h2:6379/0", "redis+cluster://"),
+    ],
+)
+def test_bad_store_uris_are_refused_naming_the_store_key(uri: str, message: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        validate_config({"store": uri, "auth": {"secret": SECRET}})
+    assert raised.value.key == "store"
+    assert message in raised.value.message
+    assert "hunter2" not in str(raised.value)
