@@ -189,23 +189,31 @@ class ClusterTopology:
     """A Redis Cluster on loopback: *primaries* primaries with *replicas* replicas each."""
 
     def __init__(
-        self, workdir: Path, primaries: int = 3, replicas: int = 1, *, tls: bool = False
+        self,
+        workdir: Path,
+        primaries: int = 3,
+        replicas: int = 1,
+        *,
+        tls: bool = False,
+        node_timeout_ms: int = FAILOVER_MS,
     ) -> None:
         self.workdir = workdir
         self.primaries_wanted = primaries
         self.tls = Tls.create(workdir / "tls") if tls else None
         self.nodes: list[Node] = []
+        self.bus_ports: list[int] = []
         for n in range(primaries * (1 + replicas)):
             bus = free_port()
             args = [
                 "--cluster-enabled", "yes",
                 "--cluster-port", str(bus),
                 "--cluster-config-file", "nodes.conf",
-                "--cluster-node-timeout", str(FAILOVER_MS),
+                "--cluster-node-timeout", str(node_timeout_ms),
             ]  # fmt: skip
             if self.tls is not None:
                 args += ["--tls-cluster", "yes"]
             self.nodes.append(Node(workdir / f"node{n}", args, tls=self.tls))
+            self.bus_ports.append(bus)
         self.replicas = replicas
 
     @property
@@ -222,6 +230,10 @@ class ClusterTopology:
             node.spawn()
         for node in self.nodes:
             node.wait_ready()
+        if self.primaries_wanted < 3:  # redis-cli creates clusters of 3 primaries or more
+            self._join_by_hand()
+            self.wait_healthy()
+            return self
         create = subprocess.run(
             [
                 *self._cli(), "--cluster", "create", *(n.address for n in self.nodes),
@@ -236,6 +248,36 @@ class ClusterTopology:
             raise TopologyError(f"redis-cli --cluster create failed: {create.stdout[-500:]}")
         self.wait_healthy()
         return self
+
+    def _join_by_hand(self) -> None:
+        """What ``redis-cli --cluster create`` does: slots split evenly over the first
+        nodes, every node met, each of the others a replica of a primary in turn."""
+        primaries = self.nodes[: self.primaries_wanted]
+        step = 16384 // len(primaries)
+        for n, node in enumerate(primaries):
+            high = 16383 if n == len(primaries) - 1 else (n + 1) * step - 1
+            with node.client() as client:
+                client.execute_command("CLUSTER ADDSLOTSRANGE", n * step, high)
+        with self.nodes[0].client() as client:
+            for node, bus in zip(self.nodes[1:], self.bus_ports[1:], strict=True):
+                client.execute_command("CLUSTER MEET", "127.0.0.1", node.port, bus)
+
+        def met() -> bool:
+            return all(
+                _cluster_info(node).get("cluster_known_nodes") == str(len(self.nodes))
+                for node in self.nodes
+            )
+
+        wait_for(met, 20, "the cluster nodes to meet")
+        for n, node in enumerate(self.nodes[len(primaries) :]):
+            with primaries[n % len(primaries)].client() as client:
+                primary_id = _text(client.execute_command("CLUSTER MYID"))
+
+            def replicated(node: Node = node, primary_id: str = primary_id) -> bool:
+                with node.client() as client:  # retried until the node knows the primary
+                    return bool(client.execute_command("CLUSTER REPLICATE", primary_id))
+
+            wait_for(replicated, 20, f"{node.address} to replicate {primary_id}")
 
     def node_at(self, address: str) -> Node:
         return next(n for n in self.nodes if n.address == address)
