@@ -122,7 +122,11 @@ def store(request: pytest.FixtureRequest, runner: asyncio.Runner) -> Iterator[St
     opened = open_store(uri, cluster)
     runner.run(opened.start())
     yield opened
+    errors = opened.error_counts()
     runner.run(close_store(opened))
+    # every answer came from the store itself: no check fell back to this node's state
+    # (a command a Redis Cluster refuses, e.g. across hash slots, would show up here)
+    assert errors == {}, f"failed store operations: {errors}"
 
 
 # -- the contract: one table, both stores ---------------------------------------------

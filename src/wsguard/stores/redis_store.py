@@ -181,9 +181,10 @@ class RedisStore(Store):
         (the cluster-wide limit was exceeded during the outage) are reported lost."""
         adopted = sorted(self._local_held)
         self._local_held.clear()
+        limits, self._local_limits = self._local_limits, {}
         for key, holder in adopted:
             self._held.setdefault(key, set()).add(holder)
-            self._limits.setdefault(key, self._local_limits.get(key, 1))
+            self._limits.setdefault(key, limits.get(key, 1))
         return adopted
 
     async def _after_recovery(self, adopted: list[tuple[str, str]]) -> None:
