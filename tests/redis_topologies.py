@@ -36,6 +36,9 @@ REDIS_CLI = "redis-cli"
 #: declares the primary down after this long (``down-after-milliseconds``): short, so a
 #: failover takes a few seconds, not so short that a busy machine fails over by itself.
 FAILOVER_MS = 1000
+#: The same for the topologies shared by a whole session, which nothing kills: long, so
+#: that no failover happens on its own while the machine is busy.
+SESSION_FAILOVER_MS = 10_000
 
 
 class TopologyError(RuntimeError):
@@ -481,9 +484,16 @@ class SentinelTopology:
     """One primary, *replicas* replicas and 3 Sentinels (quorum 2) watching them."""
 
     def __init__(
-        self, workdir: Path, replicas: int = 1, sentinels: int = 3, *, tls: bool = False
+        self,
+        workdir: Path,
+        replicas: int = 1,
+        sentinels: int = 3,
+        *,
+        tls: bool = False,
+        down_after_ms: int = FAILOVER_MS,
     ) -> None:
         self.workdir = workdir
+        self.down_after_ms = down_after_ms
         self.tls = Tls.create(workdir / "tls") if tls else None
         self.data = [Node(workdir / f"redis{n}", [], tls=self.tls) for n in range(1 + replicas)]
         for replica in self.data[1:]:
@@ -516,7 +526,7 @@ class SentinelTopology:
             f"dir {sentinel.workdir}\n"
             "logfile sentinel.log\n"
             f"sentinel monitor {SERVICE} 127.0.0.1 {primary.port} 2\n"
-            f"sentinel down-after-milliseconds {SERVICE} {FAILOVER_MS}\n"
+            f"sentinel down-after-milliseconds {SERVICE} {self.down_after_ms}\n"
             f"sentinel failover-timeout {SERVICE} 10000\n"
             f"sentinel parallel-syncs {SERVICE} 1\n"
         )
@@ -615,9 +625,11 @@ def _flags(entry: Any) -> set[str]:
 
 
 @contextlib.contextmanager
-def cluster_topology(workdir: Path, *, tls: bool = False) -> Iterator[ClusterTopology]:
+def cluster_topology(
+    workdir: Path, *, tls: bool = False, failover_ms: int = FAILOVER_MS
+) -> Iterator[ClusterTopology]:
     """A started Redis Cluster of this test's own, stopped afterwards."""
-    topology = ClusterTopology(workdir, tls=tls)
+    topology = ClusterTopology(workdir, tls=tls, node_timeout_ms=failover_ms)
     try:
         yield topology.start()
     finally:
@@ -625,9 +637,11 @@ def cluster_topology(workdir: Path, *, tls: bool = False) -> Iterator[ClusterTop
 
 
 @contextlib.contextmanager
-def sentinel_topology(workdir: Path, *, tls: bool = False) -> Iterator[SentinelTopology]:
+def sentinel_topology(
+    workdir: Path, *, tls: bool = False, failover_ms: int = FAILOVER_MS
+) -> Iterator[SentinelTopology]:
     """A started Sentinel group of this test's own, stopped afterwards."""
-    topology = SentinelTopology(workdir, tls=tls)
+    topology = SentinelTopology(workdir, tls=tls, down_after_ms=failover_ms)
     try:
         yield topology.start()
     finally:
@@ -636,7 +650,8 @@ def sentinel_topology(workdir: Path, *, tls: bool = False) -> Iterator[SentinelT
 
 @pytest.fixture(scope="session", name="redis_cluster_session")
 def _redis_cluster_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterTopology]:
-    with cluster_topology(tmp_path_factory.mktemp("redis-cluster")) as topology:
+    workdir = tmp_path_factory.mktemp("redis-cluster")
+    with cluster_topology(workdir, failover_ms=SESSION_FAILOVER_MS) as topology:
         yield topology
 
 
@@ -644,7 +659,8 @@ def _redis_cluster_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator
 def _redis_sentinel_session(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[SentinelTopology]:
-    with sentinel_topology(tmp_path_factory.mktemp("redis-sentinel")) as topology:
+    workdir = tmp_path_factory.mktemp("redis-sentinel")
+    with sentinel_topology(workdir, failover_ms=SESSION_FAILOVER_MS) as topology:
         yield topology
 
 
