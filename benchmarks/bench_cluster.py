@@ -1,31 +1,48 @@
-"""Cluster mode on Redis against the embedded memory store, same load, same run (issue 5).
+"""Cluster mode on Redis against the embedded memory store, same load, same run.
 
 Run from the repository root:
 
-    .venv/bin/python benchmarks/bench_cluster.py            # 3 interleaved rounds
-    .venv/bin/python benchmarks/bench_cluster.py --quick    # 1 short round
+    .venv/bin/python benchmarks/bench_cluster.py                  # every set-up, 2 rounds
+    .venv/bin/python benchmarks/bench_cluster.py --quick          # 1 short round
+    .venv/bin/python benchmarks/bench_cluster.py --setups 2,6,7   # some set-ups
 
 Every round runs these set-ups, each started fresh, all with ``benchmarks/bench.toml`` (the
 full default policy, limits raised above the load) and only ``store`` changed:
 
-* ``memory x1``: one node with ``store = "memory://"`` on CPU 0 (the issue 3 baseline);
-* ``redis x1``: one node with ``store = "redis://..."`` on CPU 0;
-* ``redis x2, 1 CPU``: two nodes sharing CPU 0, the load split evenly between them: the same
-  CPU budget as one node, so it shows what running a cluster costs;
-* ``redis x2, 2 CPUs``: node A on CPU 0 and node B on CPU 1, which the load generator and
-  Redis also use. This machine has two CPUs, so this is the closest it gets to "two machines";
-  the per-CPU-second figures are the ones that carry over.
+1. ``memory x1``: one node with ``store = "memory://"`` on CPU 0 (the baseline);
+2. ``redis x1``: one node on one ``redis-server`` (``redis://``), node on CPU 0;
+3. ``redis x2, 1 CPU``: two nodes sharing CPU 0, the load split evenly between them: the
+   same CPU budget as one node, so it shows what running a cluster costs;
+4. ``redis x2, 2 CPUs``: node A on CPU 0 and node B on CPU 1, which the load generator and
+   Redis also use. This machine has two CPUs, so this is the closest it gets to "two
+   machines"; the per-CPU-second figures are the ones that carry over;
+5. ``sentinel x1``: one node on a primary with one replica and 3 Sentinels
+   (``redis+sentinel://``);
+6. ``cluster 1 shard x1``: one node on a Redis Cluster of 1 primary and 1 replica
+   (``redis+cluster://``): the cluster client and its command pattern, one shard;
+7. ``cluster 3 shards x1``: the same on 3 primaries and 3 replicas;
+8. ``cluster 3 shards x2, 2 CPUs``: two nodes (as in 4) on the 3-shard cluster.
 
-A ``redis-server`` of the benchmark's own (no persistence, loopback, free port) runs on
-``--redis-cpu`` (1, beside the load generator). Load: the ``benchmarks/loadgen.py`` phases of
-bench.py (ping/pong with ~100-byte JSON pings several in flight, handshakes with HS256 tokens
-and an Origin), one load generator process per node sharing one measurement window.
+The Redis topologies are the benchmark's own (no persistence, loopback, free ports; the
+clusters and the Sentinel group from ``tests/redis_topologies.py``), every redis-server
+pinned to ``--redis-cpu`` (1, beside the load generator). Load: the ``benchmarks/loadgen.py``
+phases of bench.py (ping/pong with ~100-byte JSON pings several in flight, handshakes with
+HS256 tokens and an Origin), one load generator process per node sharing one measurement
+window. Clients connect from 250 loopback addresses (127.0.2.x for ping/pong, 127.0.3.x for
+handshakes; ``--one-address`` for 127.0.0.1 only): a cluster serves many clients, and the
+per-address keys (handshake rate, bans, the address's connection slots) then spread over
+the hash slots like the per-subject ones.
 
-Redis cost is read from Redis itself (``INFO commandstats`` at both ends of the window): the
-commands wsguard sent, each Lua script counted once (``EVALSHA``) and the commands scripts
-run inside excluded, divided by the messages or handshakes completed in the window. A
-handshake's figure includes the release of its leases when it closes. A phase during which
-other processes used more than ``--max-other`` % of a core on the two CPUs is repeated.
+Redis cost is read from Redis itself (``INFO commandstats`` of every primary at both ends of
+the window): the commands wsguard sent, each Lua script counted once (``EVALSHA``) and the
+commands scripts run inside excluded, divided by the messages or handshakes completed in
+the window. A handshake's figure includes the release of its leases when it closes. Per
+primary, the benchmark reports its share of the commands and of the Redis CPU, and from the
+busiest primary's CPU per handshake the Redis ceiling: the handshakes/s at which that
+primary would use a whole core. That ceiling, not this 2-CPU machine's throughput (the
+nodes and the load generator run out of CPU long before Redis does), is what shows whether
+capacity grows with shards. A phase during which other processes used more than
+``--max-other`` % of a core on the two CPUs is repeated.
 """
 
 from __future__ import annotations
@@ -51,19 +68,21 @@ import redis.asyncio as aioredis
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE.parent / "tests"))
 
 from benchmarks import bench  # noqa: E402 - the helpers of benchmarks/bench.py
+from support import redis_topologies  # noqa: E402 - the Redis Cluster and Sentinel set-ups of the tests
 
 # Commands that only Lua scripts of wsguard.stores.redis_scripts run (never sent directly).
 SCRIPT_ONLY = {"time", "hmget", "hset", "pexpire", "zremrangebyscore", "zscore", "zcard", "zadd"}
-# Commands of this benchmark's own monitoring connection.
-MONITORING = {"info", "hello", "client", "select", "ping", "config"}
+# Commands of this benchmark's own monitoring, of replicas and of Sentinels.
+MONITORING = {"info", "hello", "client", "select", "ping", "config", "replconf", "psync", "sync"}
 
 
 @dataclass(frozen=True)
 class Setup:
     name: str
-    store: str  # "memory" or "redis"
+    store: str  # "memory", or a topology: "redis", "sentinel", "cluster1", "cluster3"
     cpus: tuple[int, ...]  # one per node
 
 
@@ -74,6 +93,10 @@ SETUPS = (
     Setup("redis x1", "redis", (0,)),
     Setup("redis x2, 1 CPU", "redis", (0, 0)),
     Setup("redis x2, 2 CPUs", "redis", (0, 1)),
+    Setup("sentinel x1", "sentinel", (0,)),
+    Setup("cluster 1 shard x1", "cluster1", (0,)),
+    Setup("cluster 3 shards x1", "cluster3", (0,)),
+    Setup("cluster 3 shards x2, 2 CPUs", "cluster3", (0, 1)),
 )
 
 
@@ -132,29 +155,99 @@ class RedisServer:
         await client.config_resetstat()
         await client.aclose()
 
-    async def commands(self) -> int:
-        """Commands wsguard sent so far: scripts once, monitoring excluded."""
+    def primaries(self) -> list[tuple[str, int]]:
+        assert self.proc is not None
+        return [(f"127.0.0.1:{self.port}", self.proc.pid)]
+
+    async def commands(self) -> dict[str, int]:
+        """Commands wsguard sent so far, by primary: scripts once, monitoring excluded."""
         client = self.client()
         stats = await client.info("commandstats")
         await client.aclose()
-        total = 0
-        for key, value in stats.items():
-            name = key.removeprefix("cmdstat_").split("|", 1)[0]
-            if name in SCRIPT_ONLY or name in MONITORING:
-                continue
-            total += int(value["calls"])
-        return total
+        calls = {
+            key.removeprefix("cmdstat_").split("|", 1)[0]: int(value["calls"])
+            for key, value in stats.items()
+        }
+        return {self.primaries()[0][0]: wsguard_commands(calls)}
 
     async def stop(self) -> None:
         if self.proc is not None:
             await bench.stop_process(self.proc, grace=5)
 
 
+def wsguard_commands(calls: dict[str, int]) -> int:
+    return sum(n for name, n in calls.items() if name not in SCRIPT_ONLY | MONITORING)
+
+
+class TopologyServers:
+    """A Redis Cluster or a Sentinel group (tests/redis_topologies.py), pinned to one CPU."""
+
+    def __init__(self, kind: str, tmp: Path, cpu: int) -> None:
+        workdir = tmp / kind
+        self.topology: redis_topologies.ClusterTopology | redis_topologies.SentinelTopology
+        if kind == "sentinel":
+            self.topology = redis_topologies.SentinelTopology(workdir)
+        else:
+            primaries = 1 if kind == "cluster1" else 3
+            self.topology = redis_topologies.ClusterTopology(
+                workdir, primaries=primaries, node_timeout_ms=15000
+            )
+        self.cpu = cpu
+
+    @property
+    def uri(self) -> str:
+        return self.topology.uri
+
+    def _data_primaries(self) -> list[redis_topologies.Node]:
+        if isinstance(self.topology, redis_topologies.ClusterTopology):
+            return self.topology.primaries()
+        return [self.topology.primary()]
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.topology.start)
+        nodes = list(getattr(self.topology, "nodes", []))
+        nodes += [*getattr(self.topology, "data", []), *getattr(self.topology, "sentinels", [])]
+        for node in nodes:
+            assert node.proc is not None
+            os.sched_setaffinity(node.proc.pid, {self.cpu})
+
+    async def reset(self) -> None:
+        def reset() -> None:
+            self.topology.flush()
+            for node in self._data_primaries():
+                with node.client() as client:
+                    client.config_resetstat()
+
+        await asyncio.to_thread(reset)
+
+    def primaries(self) -> list[tuple[str, int]]:
+        out = []
+        for node in self._data_primaries():
+            assert node.proc is not None
+            out.append((node.address, node.proc.pid))
+        return out
+
+    async def commands(self) -> dict[str, int]:
+        def read() -> dict[str, int]:
+            return {
+                node.address: wsguard_commands(node.commandstats())
+                for node in self._data_primaries()
+            }
+
+        return await asyncio.to_thread(read)
+
+    async def stop(self) -> None:
+        await asyncio.to_thread(self.topology.stop)
+
+
+Backend = RedisServer | TopologyServers
+
+
 async def run_phase(
     args: argparse.Namespace,
     tmp: Path,
     nodes: list[bench.Server],
-    redis_server: RedisServer | None,
+    backend: Backend | None,
     phase: str,
     conns: int,
     tokens: list[str],
@@ -180,21 +273,26 @@ async def run_phase(
             for proc in procs:
                 bench._send(proc, {"cmd": "go", "t0": t0, "t1": t1})
             pids = [node.pid for node in nodes]
-            if redis_server is not None and redis_server.proc is not None:
-                pids.append(redis_server.proc.pid)
+            primaries = backend.primaries() if backend is not None else []
+            pids += [pid for _, pid in primaries]
             await asyncio.sleep(max(0.0, t0 - time.monotonic()))
             cpu0 = [bench.cpu_seconds_of(pid) for pid in pids]
             busy0 = bench.busy_seconds(CPUS)
-            cmds0 = await redis_server.commands() if redis_server is not None else 0
+            cmds0 = await backend.commands() if backend is not None else {}
             await asyncio.sleep(max(0.0, t1 - time.monotonic()))
             cpu1 = [bench.cpu_seconds_of(pid) for pid in pids]
             busy1 = bench.busy_seconds(CPUS)
-            cmds1 = await redis_server.commands() if redis_server is not None else 0
+            cmds1 = await backend.commands() if backend is not None else {}
             out["busy_s"] = busy1 - busy0
             used = [b - a for a, b in zip(cpu0, cpu1, strict=True)]
             out["node_cpu_s"] = used[: len(nodes)]
-            out["redis_cpu_s"] = used[len(nodes)] if redis_server is not None else 0.0
-            out["redis_commands"] = cmds1 - cmds0
+            # every primary: (commands, CPU seconds) in the window
+            out["shards"] = {
+                address: (cmds1[address] - cmds0.get(address, 0), cpu)
+                for (address, _), cpu in zip(primaries, used[len(nodes) :], strict=True)
+            }
+            out["redis_cpu_s"] = sum(cpu for _, cpu in out["shards"].values())
+            out["redis_commands"] = sum(n for n, _ in out["shards"].values())
         await bench.collect_loadgens(args, procs, result)
     finally:
         await bench.close_loadgens(args, procs)
@@ -203,6 +301,19 @@ async def run_phase(
     wall = result.wall_s or args.duration
     node_cpu = sum(out["node_cpu_s"])
     ours = node_cpu + out["redis_cpu_s"] + result.loadgen_cpu_s
+    shards = out["shards"]
+    if shards and result.count:
+        busiest_cmds = max(n for n, _ in shards.values())
+        busiest_cpu = max(cpu for _, cpu in shards.values())
+        out["busiest_share_pct"] = (
+            100 * busiest_cmds / out["redis_commands"] if out["redis_commands"] else float("nan")
+        )
+        out["busiest_cpu_pct"] = 100 * busiest_cpu / wall
+        # the event rate at which the busiest primary would use a whole core
+        out["redis_ceiling"] = result.count / busiest_cpu if busiest_cpu > 0 else float("nan")
+    else:
+        out.update(busiest_share_pct=float("nan"), busiest_cpu_pct=float("nan"))
+        out["redis_ceiling"] = float("nan")
     out.update(
         rate=result.rate(),
         p50_ms=result.percentile_ms(0.50),
@@ -224,13 +335,14 @@ async def bench_setup(
     tmp: Path,
     secret: str,
     tokens: list[str],
-    redis_server: RedisServer,
+    backends: dict[str, Backend],
     counter: list[int],
 ) -> dict[str, Any]:
     store = "memory://"
-    if setup.store == "redis":
-        await redis_server.reset()
-        store = redis_server.uri
+    backend = backends.get(setup.store)
+    if backend is not None:
+        await backend.reset()
+        store = backend.uri
     nodes: list[bench.Server] = []
     out: dict[str, Any] = {"setup": setup.name}
     try:
@@ -241,7 +353,7 @@ async def bench_setup(
                     "wsguard", args, tmp, secret, counter[0], cpu=cpu, extra=("--store", store)
                 )
             )
-        on_redis = redis_server if setup.store == "redis" else None
+        on_redis = backend
         await run_phase(args, tmp, nodes, on_redis, "idle", 20 * len(nodes), tokens, 1)  # warm-up
         for phase, conns, depth in (
             ("pingpong", args.conns, args.depth),
@@ -263,13 +375,23 @@ async def bench_setup(
             await bench.stop_process(node.proc)
     pp, hs = out["pingpong"], out["handshake"]
     log(
-        f"bench_cluster: {setup.name:>17}: {pp['rate']:,.0f} msg/s "
+        f"bench_cluster: {setup.name:>27}: {pp['rate']:,.0f} msg/s "
         f"({pp['redis_per_event']:.4f} Redis cmds/msg, nodes CPU {pp['node_cpu_pct']:.0f}%, "
         f"Redis CPU {pp['redis_cpu_pct']:.0f}%, loadgen {pp['loadgen_cpu_pct']:.0f}%) | "
         f"{hs['rate']:,.0f} handshakes/s ({hs['redis_per_event']:.2f} Redis cmds each, "
         f"nodes CPU {hs['node_cpu_pct']:.0f}%, Redis CPU {hs['redis_cpu_pct']:.0f}%, "
         f"loadgen {hs['loadgen_cpu_pct']:.0f}%)"
     )
+    for phase in ("pingpong", "handshake"):
+        shards = out[phase].get("shards", {})
+        if len(shards) > 1:
+            total_cmds = sum(n for n, _ in shards.values()) or 1
+            total_cpu = sum(cpu for _, cpu in shards.values()) or 1.0
+            spread = ", ".join(
+                f"{address} {100 * n / total_cmds:.0f}% of cmds {100 * cpu / total_cpu:.0f}% of CPU"
+                for address, (n, cpu) in sorted(shards.items())
+            )
+            log(f"bench_cluster: {'':>27}  {phase} per primary: {spread}")
     return out
 
 
@@ -284,6 +406,25 @@ ROWS = (
     ("handshake", "per_node_cpu_s", "handshakes per node CPU-second", "{:,.0f}"),
     ("handshake", "redis_per_event", "Redis commands per handshake", "{:.2f}"),
     ("handshake", "redis_cpu_pct", "Redis CPU, handshakes (%)", "{:.1f}"),
+    (
+        "pingpong",
+        "busiest_share_pct",
+        "busiest primary's share of commands, ping/pong (%)",
+        "{:.0f}",
+    ),
+    (
+        "handshake",
+        "busiest_share_pct",
+        "busiest primary's share of commands, handshakes (%)",
+        "{:.0f}",
+    ),
+    ("handshake", "busiest_cpu_pct", "busiest primary's CPU, handshakes (%)", "{:.1f}"),
+    (
+        "handshake",
+        "redis_ceiling",
+        "Redis ceiling: handshakes/s at 1 core on the busiest primary",
+        "{:,.0f}",
+    ),
     ("handshake", "loadgen_cpu_pct", "loadgen CPU, handshakes (%)", "{:.0f}"),
     ("pingpong", "node_cpu_pct", "nodes CPU, ping/pong (% of a core)", "{:.0f}"),
     ("handshake", "node_cpu_pct", "nodes CPU, handshakes (% of a core)", "{:.0f}"),
@@ -327,7 +468,7 @@ def print_table(setups: list[Setup], results: list[dict[str, Any]]) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Benchmark wsguard cluster mode on Redis.")
     parser.add_argument("--quick", action="store_true", help="1 round, 2 s phases")
-    parser.add_argument("--rounds", type=int, help="interleaved rounds (default 3; quick 1)")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds (default 2; quick 1)")
     parser.add_argument("--duration", type=float, help="seconds per measured phase (default 5)")
     parser.add_argument("--warmup", type=float, help="unmeasured seconds before each (default 1)")
     parser.add_argument("--conns", type=int, default=50, help="ping/pong connections (50)")
@@ -348,14 +489,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--setups",
         type=lambda text: [int(n) for n in text.split(",")],
         default=list(range(1, len(SETUPS) + 1)),
-        help="comma-separated numbers of the set-ups to run (default 1,2,3,4)",
+        help="comma-separated numbers of the set-ups to run (default all: 1-8)",
+    )
+    parser.add_argument(
+        "--one-address",
+        action="store_true",
+        help="every client from 127.0.0.1 (the per-address keys then sit on one shard)",
     )
     parser.add_argument("--json", type=Path, help="write the raw results here")
     args = parser.parse_args(argv)
     if not args.setups or not set(args.setups) <= set(range(1, len(SETUPS) + 1)):
         parser.error(f"--setups: numbers from 1 to {len(SETUPS)}")
     args.setups = [SETUPS[n - 1] for n in args.setups]
-    args.rounds = args.rounds or (1 if args.quick else 3)
+    args.rounds = args.rounds or (1 if args.quick else 2)
     args.duration = args.duration or (2.0 if args.quick else 5.0)
     args.warmup = args.warmup if args.warmup is not None else (0.5 if args.quick else 1.0)
     exe = shutil.which("wsguard", path=str(Path(sys.executable).parent)) or shutil.which("wsguard")
@@ -363,6 +509,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("cannot find the wsguard command")
     args.wsguard_command = [exe]
     args.client = "raw"  # the load generator's client (bench.py's --client)
+    args.spread = not args.one_address  # clients from loopback addresses of their own
     if not {0, 1} <= os.sched_getaffinity(0):
         parser.error("needs CPUs 0 and 1")
     return args
@@ -374,17 +521,25 @@ async def amain(args: argparse.Namespace) -> list[dict[str, Any]]:
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="wsguard-bench-cluster-") as tmpdir:
         tmp = Path(tmpdir)
-        redis_server = RedisServer(tmp, args.redis_cpu)
-        await redis_server.start()
+        backends: dict[str, Backend] = {}
         counter = [0]
         try:
+            for kind in dict.fromkeys(s.store for s in args.setups if s.store != "memory"):
+                backend: Backend = (
+                    RedisServer(tmp, args.redis_cpu)
+                    if kind == "redis"
+                    else TopologyServers(kind, tmp, args.redis_cpu)
+                )
+                backends[kind] = backend
+                await backend.start()
             for round_no in range(1, args.rounds + 1):
                 for setup in args.setups:
-                    out = await bench_setup(setup, args, tmp, secret, tokens, redis_server, counter)
+                    out = await bench_setup(setup, args, tmp, secret, tokens, backends, counter)
                     out["round"] = round_no
                     results.append(out)
         finally:
-            await redis_server.stop()
+            for backend in backends.values():
+                await backend.stop()
     return results
 
 

@@ -35,6 +35,7 @@ import os
 import resource
 import sys
 import time
+import zlib
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
@@ -405,7 +406,9 @@ async def closed_cleanly(conn: Any, cfg: Config) -> None:
 
 
 async def raw_handshake(cfg: Config, token: str) -> None:
-    await closed_cleanly(await raw_open(cfg, token), cfg)
+    # spread: each user from a loopback address of its own (many clients, not one)
+    source = f"127.0.3.{zlib.crc32(token.encode()) % 250 + 1}" if cfg.get("spread") else None
+    await closed_cleanly(await raw_open(cfg, token, source), cfg)
 
 
 async def ready_then_go(reader: asyncio.StreamReader) -> Stats | None:

@@ -36,6 +36,7 @@ pytest_plugins = [
     "support.browser",
     "support.cluster",
     "support.gateway",
+    "support.redis_topologies",
 ]
 
 SECRET = "test-secret-that-is-long-enough-for-hs256-0123456789"

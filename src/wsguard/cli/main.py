@@ -291,11 +291,11 @@ def _token(args: argparse.Namespace) -> int:
 
 def _revoke(args: argparse.Namespace) -> int:
     from wsguard.stores import StoreUnavailable, open_store
-    from wsguard.stores.uri import redacted
+    from wsguard.stores.uri import is_shared, redacted
     from wsguard.tokens import parse_duration
 
     config = _load(args, store=args.store)
-    if not config.store.startswith(("redis://", "rediss://")):
+    if not is_shared(config.store):
         raise ConfigError(
             "store",
             "revocation needs the cluster store (redis://...): with memory:// the "

@@ -1,16 +1,30 @@
-"""``redis://`` and ``rediss://``: cluster-wide state in Redis (or Valkey).
+"""Cluster-wide state in Redis (or Valkey): one server (``redis://``), a Redis Cluster
+(``redis+cluster://``) or a primary watched by Sentinels (``redis+sentinel://``), each
+also over TLS (``rediss...``); the clients are in :mod:`redis_clients`.
 
 Every operation is one command or one Lua script (:mod:`redis_scripts`), so no
-two nodes ever race on a read-modify-write. Connection slots are *leases*: each
+two nodes ever race on a read-modify-write. Every script and every command touches
+keys of one hash slot (a key's parts share its hash tag ``{...}``): on a Redis Cluster
+each runs on the one primary that owns the slot, and a pipeline of them is split by
+node (the revocation check of a subject and of a token id is two single-key
+``EXISTS``, in parallel on their nodes). Connection slots are *leases*: each
 holder's entry carries an expiry that this node renews every third of
-``cluster.lease_ttl_seconds``; a node that dies stops renewing and its slots
-free themselves within the TTL.
+``cluster.lease_ttl_seconds`` (in pipelined batches, which a cluster splits over its
+shards); a node that dies stops renewing and its slots free themselves within the TTL.
+
+Events (revocations, broadcasts, disconnects) use pub/sub: classic ``PUBLISH`` on one
+server and under Sentinel, sharded ``SPUBLISH`` on a cluster (:mod:`redis_events`).
 
 When Redis cannot answer, each check follows ``cluster.on_store_error``:
 ``closed`` raises :class:`StoreUnavailable` (the caller refuses), ``open``
 uses this node's :class:`MemoryStore` (local limits). The outage is reported
 once; after ``cluster.retry_seconds`` the next operation probes Redis again,
-and the lease renewal loop keeps probing while the node is idle.
+and the lease renewal loop keeps probing while the node is idle. On a Redis
+Cluster, one failed operation is enough for the outage (a shard that cannot answer
+makes the whole cluster refuse once it is declared failed), and the recovery needs
+every primary to answer and the cluster to report itself ``ok``, so a failover is one
+outage and one recovery, never a flapping between shards. Under Sentinel the next
+connection after a failure asks the Sentinels for the primary again.
 """
 
 from __future__ import annotations
@@ -18,18 +32,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
-import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisError
+from redis.asyncio.cluster import ClusterPipeline, RedisCluster
+from redis.commands.core import AsyncScript
+from redis.exceptions import ClusterDownError, NoScriptError, RedisClusterException, RedisError
 
 from wsguard.config.model import ClusterConfig
-from wsguard.stores import redis_scripts
+from wsguard.stores import redis_events, redis_scripts
 from wsguard.stores.base import (
     CHANNEL_BROADCAST,
     CHANNEL_DISCONNECT,
@@ -43,7 +57,8 @@ from wsguard.stores.base import (
     StoreUnavailable,
 )
 from wsguard.stores.memory import MemoryStore
-from wsguard.stores.uri import redacted
+from wsguard.stores.redis_clients import CommandClient, open_clients
+from wsguard.stores.uri import parse_redis_uri, redacted
 
 logger = logging.getLogger("wsguard.store")
 
@@ -52,7 +67,9 @@ T = TypeVar("T")
 #: Called with ("outage" | "recovered", detail) when the store's health changes.
 HealthListener = Callable[[str, str], None]
 
-_FAILURES = (RedisError, OSError, asyncio.TimeoutError)
+_FAILURES = (RedisError, RedisClusterException, OSError, asyncio.TimeoutError)
+
+AnyPipeline = Pipeline | ClusterPipeline
 
 
 class RedisStore(Store):
@@ -66,17 +83,14 @@ class RedisStore(Store):
         self._prefix = config.key_prefix
         self._ttl_ms = int(config.lease_ttl_seconds * 1000)
         self._modes = config.on_store_error
-        options: dict[str, Any] = {
-            "socket_timeout": config.timeout_seconds,
-            "socket_connect_timeout": config.timeout_seconds,
-            "retry": Retry(NoBackoff(), 0),
-        }
-        if uri.startswith("rediss://") and config.tls_ca_file is not None:
-            options["ssl_ca_certs"] = str(config.tls_ca_file)
-        self.client: aioredis.Redis = aioredis.Redis.from_url(uri, **options)
-        # the subscriber blocks on reads: no socket timeout, its own connection
-        sub_options = dict(options, socket_timeout=None)
-        self._sub_client: aioredis.Redis = aioredis.Redis.from_url(uri, **sub_options)
+        address = parse_redis_uri(uri)
+        self.topology = address.topology
+        self._clients = open_clients(uri, address, config)
+        self.client: CommandClient = self._clients.commands
+        self._cluster = isinstance(self.client, RedisCluster)
+        # the bucket this node publishes its events on (a cluster spreads them over shards)
+        self._bucket = random.randrange(redis_events.BUCKETS)  # noqa: S311 - not a secret
+        self._sharded: redis_events.ShardedSubscription | None = None
         self._fallback = MemoryStore("memory://")
         self._acquire = self.client.register_script(redis_scripts.ACQUIRE)
         self._renew = self.client.register_script(redis_scripts.RENEW)
@@ -86,8 +100,14 @@ class RedisStore(Store):
         self._screen = self.client.register_script(redis_scripts.SCREEN)
         self._extend_ban = self.client.register_script(redis_scripts.EXTEND_BAN)
         self._record_nonce = self.client.register_script(redis_scripts.RECORD_NONCE)
+        self._scripts: tuple[AsyncScript, ...] = (
+            self._acquire, self._renew, self._count, self._take, self._record_failure,
+            self._screen, self._extend_ban, self._record_nonce,
+        )  # fmt: skip
         self._held: dict[str, set[str]] = {}  # leases granted by Redis, renewed by us
         self._local_held: set[tuple[str, str]] = set()  # leases granted in fail-open mode
+        self._local_limits: dict[str, int] = {}  # the limit of each of those keys
+        self._renew_lock = asyncio.Lock()  # one renewal at a time
         self._renewing = False
         self._late_releases: list[tuple[str, str]] = []
         self._handlers: list[EventHandler] = []
@@ -146,10 +166,31 @@ class RedisStore(Store):
                 listener("recovered", "")
             for callback in self._resync:
                 callback()
-            if self._held and not self._renewing:  # Redis may have lost them: re-create now
-                task = asyncio.get_running_loop().create_task(self.renew_leases())
+            adopted = self._adopt_local_leases()
+            if adopted or (self._held and not self._renewing):
+                # Redis may have lost them (re-create now), and the leases this node
+                # granted on its own during the outage go to Redis within their limits
+                task = asyncio.get_running_loop().create_task(self._after_recovery(adopted))
                 self._background.add(task)
                 task.add_done_callback(self._background.discard)
+
+    def _adopt_local_leases(self) -> list[tuple[str, str]]:
+        """The slots this node granted on its own state while Redis was down (checks
+        configured to fail open) become leases like the others: the next renewal takes
+        them in Redis only within their limits, and the connections that do not fit
+        (the cluster-wide limit was exceeded during the outage) are reported lost."""
+        adopted = sorted(self._local_held)
+        self._local_held.clear()
+        limits, self._local_limits = self._local_limits, {}
+        for key, holder in adopted:
+            self._held.setdefault(key, set()).add(holder)
+            self._limits.setdefault(key, limits.get(key, 1))
+        return adopted
+
+    async def _after_recovery(self, adopted: list[tuple[str, str]]) -> None:
+        for key, holder in adopted:  # this node's own state no longer holds them
+            await self._fallback.release(key, holder)
+        await self.renew_leases()
 
     async def _run(
         self,
@@ -161,6 +202,8 @@ class RedisStore(Store):
         if not self._down or time.monotonic() >= self._down_until:
             self.operations += 1
             try:
+                if self._down and self._cluster:
+                    await self._cluster_ready()
                 result = await operation()
             except _FAILURES as exc:
                 self.errors[check] = self.errors.get(check, 0) + 1
@@ -171,6 +214,15 @@ class RedisStore(Store):
         if getattr(self._modes, check, "open") == "closed":  # "health": a ping
             raise StoreUnavailable(check)
         return await fallback()
+
+    async def _cluster_ready(self) -> None:
+        """Raise unless every primary answers and the cluster reports itself ``ok``
+        (a Redis Cluster is back only when all of it is: see the module's notes)."""
+        assert isinstance(self.client, RedisCluster)
+        await self.client.ping(target_nodes=RedisCluster.PRIMARIES)
+        state = (await self.client.cluster_info()).get("cluster_state")
+        if _text(state) != "ok":
+            raise ClusterDownError(f"cluster state {_text(state)}")
 
     # -- slots (leases) ----------------------------------------------------------------
 
@@ -186,6 +238,7 @@ class RedisStore(Store):
             granted = await self._fallback.acquire(key, limit, holder)
             if granted:
                 self._local_held.add((key, holder))
+                self._local_limits[key] = limit
             return granted
 
         return await self._run("connections", remote, local)
@@ -233,8 +286,11 @@ class RedisStore(Store):
                 pipe.zrem(self._key(key), *holders)
             await pipe.execute()
 
-    async def _pipelined(self, build: Callable[[Pipeline], None]) -> list[Any]:
-        """One round trip of several commands; scripts by SHA, loaded again if Redis lost them."""
+    async def _pipelined(self, build: Callable[[AnyPipeline], None]) -> list[Any]:
+        """One round trip of several commands (one per node on a cluster, in parallel);
+        scripts by SHA, loaded again if Redis lost them (a restarted or promoted node).
+
+        Only idempotent commands are pipelined (a pipeline is sent again whole)."""
         for attempt in range(2):
             try:
                 async with self.client.pipeline(transaction=False) as pipe:
@@ -243,8 +299,19 @@ class RedisStore(Store):
             except NoScriptError:
                 if attempt:
                     raise
-                await self.client.script_load(self._acquire.script)  # the one pipelined
+                await self._load_scripts()
         raise AssertionError("unreachable")
+
+    async def _load_scripts(self) -> None:
+        """``SCRIPT LOAD`` every script (on every primary of a cluster)."""
+        for script in self._scripts:
+            await self.client.script_load(script.script)
+
+    def _eval(
+        self, pipe: AnyPipeline, script: AsyncScript, keys: Sequence[str], *args: Any
+    ) -> None:
+        """Queue *script* on *pipe* by SHA (one key slot: all *keys* share a hash tag)."""
+        pipe.evalsha(script.sha, len(keys), *keys, *args)
 
     async def count(self, key: str) -> int:
         async def remote() -> int:
@@ -256,6 +323,10 @@ class RedisStore(Store):
         """Extend every lease this node holds. A lease Redis lost is taken again only
         within its limit; the connections whose leases could not be are told about
         (:meth:`on_lease_lost`), so no limit stays exceeded after a partition."""
+        async with self._renew_lock:
+            await self._renew_leases()
+
+    async def _renew_leases(self) -> None:
         if not self._held:
             return
         items = [(key, sorted(holders)) for key, holders in self._held.items()]
@@ -264,15 +335,15 @@ class RedisStore(Store):
         async def remote() -> None:
             for start in range(0, len(items), 500):
                 batch = items[start : start + 500]
-                async with self.client.pipeline(transaction=False) as pipe:
+
+                def build(pipe: AnyPipeline, batch: list[tuple[str, list[str]]] = batch) -> None:
                     for key, holders in batch:
                         limit = self._limits.get(key, len(holders))
-                        await self._renew(
-                            keys=[self._key(key)],
-                            args=[self._ttl_ms, limit, *holders],
-                            client=pipe,
+                        self._eval(
+                            pipe, self._renew, [self._key(key)], self._ttl_ms, limit, *holders
                         )
-                    results = await pipe.execute()
+
+                results = await self._pipelined(build)
                 for (key, _), dropped in zip(batch, results, strict=True):
                     lost.extend((key, _text(holder)) for holder in dropped or ())
 
@@ -311,7 +382,12 @@ class RedisStore(Store):
                 await self.ping()
 
     async def ping(self) -> bool:
+        """Whether the store answers (on a cluster: every primary, and the cluster ok)."""
+
         async def remote() -> bool:
+            if self._cluster:
+                await self._cluster_ready()
+                return True
             return bool(await self.client.ping())
 
         async def down() -> bool:
@@ -372,16 +448,13 @@ class RedisStore(Store):
         The check comes first, on its own: a flood of handshakes with a revoked token
         must never hold the subject's slots, not even for a round trip.
         """
-        revocations = [self._revocation_key("sub", subject)]
-        if token_id is not None:
-            revocations.append(self._revocation_key("jti", token_id))
 
-        def build(pipe: Pipeline) -> None:
-            for key, limit in slots:
-                pipe.evalsha(self._acquire.sha, 1, self._key(key), limit, holder, self._ttl_ms)
+        def build(pipe: AnyPipeline) -> None:
+            for key, limit in slots:  # each ACQUIRE touches one key: one slot
+                self._eval(pipe, self._acquire, [self._key(key)], limit, holder, self._ttl_ms)
 
         async def remote() -> Admission:
-            if await self.client.exists(*revocations):
+            if (await self._revoked([(subject, token_id)]))[0]:
                 return Admission(revoked=True)
             self.operations += 1  # the second round trip
             granted = await self._pipelined(build)
@@ -484,7 +557,7 @@ class RedisStore(Store):
             if not names:
                 return []
 
-            def build(pipe: Pipeline) -> None:
+            def build(pipe: AnyPipeline) -> None:
                 for name in names:
                     pipe.pttl(self._key(name, ":ban"))
 
@@ -538,10 +611,18 @@ class RedisStore(Store):
         return self._key(f"rev:{kind}:{value}")
 
     async def revoke(self, kind: RevocationKind, value: str, ttl: float) -> None:
+        key = self._revocation_key(kind, value)
+        event = f"{kind}:{value}".encode()
+
         async def remote() -> None:
+            if self._cluster:  # the key and the event channel are in different slots:
+                # stored first, so a node that hears of it finds it stored
+                await self.client.set(key, b"1", px=max(1, int(ttl * 1000)))
+                await self._publish_remote(CHANNEL_REVOKE, event)
+                return
             async with self.client.pipeline(transaction=True) as pipe:
-                pipe.set(self._revocation_key(kind, value), b"1", px=max(1, int(ttl * 1000)))
-                pipe.publish(self._prefix + CHANNEL_REVOKE, f"{kind}:{value}".encode())
+                pipe.set(key, b"1", px=max(1, int(ttl * 1000)))
+                pipe.publish(self._prefix + CHANNEL_REVOKE, event)
                 await pipe.execute()
 
         async def local() -> None:
@@ -549,13 +630,40 @@ class RedisStore(Store):
 
         await self._run("revocations", remote, local)
 
-    async def is_revoked(self, subject: str, token_id: str | None) -> bool:
+    def _revocation_keys(self, subject: str, token_id: str | None) -> list[str]:
         keys = [self._revocation_key("sub", subject)]
         if token_id is not None:
             keys.append(self._revocation_key("jti", token_id))
+        return keys
 
+    async def _revoked(self, pairs: Sequence[tuple[str, str | None]]) -> list[bool]:
+        """For each (subject, token id), whether either is revoked: one round trip.
+
+        The subject's key and the token id's are in different hash slots: one server
+        answers one ``EXISTS`` of both; a cluster gets one single-key ``EXISTS`` each,
+        sent to their nodes in parallel."""
+        groups = [self._revocation_keys(subject, token_id) for subject, token_id in pairs]
+        if not groups:
+            return []
+        if not self._cluster and len(groups) == 1:
+            return [bool(await self.client.exists(*groups[0]))]
+
+        def build(pipe: AnyPipeline) -> None:
+            for keys in groups:
+                if self._cluster:
+                    for key in keys:
+                        pipe.exists(key)
+                else:
+                    pipe.exists(*keys)
+
+        found = iter(await self._pipelined(build))
+        if not self._cluster:
+            return [bool(n) for n in found]
+        return [any([bool(next(found)) for _ in keys]) for keys in groups]
+
+    async def is_revoked(self, subject: str, token_id: str | None) -> bool:
         async def remote() -> bool:
-            return bool(await self.client.exists(*keys))
+            return (await self._revoked([(subject, token_id)]))[0]
 
         return await self._run(
             "revocations", remote, lambda: self._fallback.is_revoked(subject, token_id)
@@ -565,13 +673,7 @@ class RedisStore(Store):
         """For each (subject, token id), whether it is revoked: one round trip."""
 
         async def remote() -> list[bool]:
-            async with self.client.pipeline(transaction=False) as pipe:
-                for subject, token_id in pairs:
-                    keys = [self._revocation_key("sub", subject)]
-                    if token_id is not None:
-                        keys.append(self._revocation_key("jti", token_id))
-                    pipe.exists(*keys)
-                return [bool(n) for n in await pipe.execute()]
+            return await self._revoked(pairs)
 
         async def none() -> list[bool]:
             return [False] * len(pairs)
@@ -581,9 +683,16 @@ class RedisStore(Store):
         except StoreUnavailable:
             return [False] * len(pairs)
 
+    async def _publish_remote(self, channel: str, payload: bytes) -> None:
+        if self._cluster:
+            name = redis_events.channel(self._prefix, self._bucket, channel)
+            await self.client.spublish(name, payload)
+        else:
+            await self.client.publish(self._prefix + channel, payload)
+
     async def publish(self, channel: str, payload: bytes) -> None:
         async def remote() -> None:
-            await self.client.publish(self._prefix + channel, payload)
+            await self._publish_remote(channel, payload)
 
         async def local_only() -> None:
             for handler in self._handlers:
@@ -594,7 +703,43 @@ class RedisStore(Store):
     def subscribe(self, handler: EventHandler) -> None:
         self._handlers.append(handler)
 
+    def _dispatch(self, channel: str, payload: bytes) -> None:
+        for handler in self._handlers:
+            try:
+                handler(channel, payload)
+            except Exception:
+                logger.exception("event handler failed")
+
+    def _missed_events(self) -> None:
+        for callback in self._resync:
+            callback()
+
+    async def _sharded_subscriber_loop(self) -> None:
+        """A cluster's events: sharded pub/sub that follows the slots (redis_events)."""
+        assert isinstance(self.client, RedisCluster)
+        self._sharded = redis_events.ShardedSubscription(
+            self.client,
+            self._clients.node_options,
+            self._prefix,
+            self._dispatch,
+            retry_seconds=self.config.retry_seconds,
+            check_seconds=max(1.0, 5 * self.config.retry_seconds),
+            on_broken=self.ping,
+            on_missed=self._missed_events,
+            subscribed=self._subscribed,
+        )
+        while not self._closed:
+            try:
+                await self._sharded.run()
+            except Exception:  # never let the event subscription die
+                logger.exception("cluster event subscription failed; resubscribing")
+                await asyncio.sleep(self.config.retry_seconds)
+
     async def _subscriber_loop(self) -> None:
+        if self._clients.events is None:
+            await self._sharded_subscriber_loop()
+            return
+        events = self._clients.events
         prefix = self._prefix
         channels = [
             prefix + CHANNEL_REVOKE,
@@ -605,7 +750,7 @@ class RedisStore(Store):
         first = True
         while not self._closed:
             try:
-                async with self._sub_client.pubsub(ignore_subscribe_messages=True) as pubsub:
+                async with events.pubsub(ignore_subscribe_messages=True) as pubsub:
                     await pubsub.subscribe(*channels)
                     subscribed.set()
                     if not first:
@@ -661,8 +806,7 @@ class RedisStore(Store):
         if held and not self._down:
             with contextlib.suppress(*_FAILURES):
                 await self._remove_leases(list(held.items()))
-        await self.client.aclose()
-        await self._sub_client.aclose()
+        await self._clients.aclose()
 
 
 def _constant(value: T) -> Callable[[], Awaitable[T]]:
