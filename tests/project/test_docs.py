@@ -368,24 +368,32 @@ def test_scanner_page_shows_only_real_flags_and_every_check() -> None:
 # -- install ------------------------------------------------------------------------------
 
 
+def _declared_extras() -> list[str]:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    return list(project["optional-dependencies"])
+
+
 def test_readme_names_the_extras_of_the_install_page() -> None:
     table = _section(page("install.md"), "Extras")
     extras = re.findall(r"^\| `([a-z]+)` \|", table, re.MULTILINE)
-    assert extras == ["redis", "admin", "audit", "proxy", "asgi", "all"]
+    assert extras == ["publickey", "redis", "admin", "webhook", "audit", "all", "examples", "test"]
     readme = _section(page("README.md"), "Install")
     assert [e for e in extras if f"`{e}`" in readme] == extras
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the extras are being added to pyproject.toml on another branch; "
-    "once they are, this passes and the marker goes",
-)
 def test_install_page_extras_are_the_packages_extras() -> None:
     table = _section(page("install.md"), "Extras")
-    extras = set(re.findall(r"^\| `([a-z]+)` \|", table, re.MULTILINE))
-    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    assert extras <= set(declared["optional-dependencies"])
+    extras = re.findall(r"^\| `([a-z]+)` \|", table, re.MULTILINE)
+    assert extras == _declared_extras()  # each one, in pyproject's order
+
+
+def test_install_page_shows_the_missing_extra_messages_the_code_prints() -> None:
+    from wsguard.extras import EXTRAS, MissingExtra
+
+    text = page("install.md")
+    for extra in EXTRAS:
+        line = str(MissingExtra("", "x", extra)).removeprefix("x ")
+        assert line in text, extra
 
 
 # -- Python snippets ----------------------------------------------------------------------
