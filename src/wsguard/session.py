@@ -83,10 +83,11 @@ class Transport(Protocol):
     """What an engine offers a Session: one per connection, the engine's own object
     where it can be (no extra allocation per connection)."""
 
-    def write(self, data: str | bytes) -> bool:
-        """Write one data frame now (text for ``str``, binary for ``bytes``); False when
-        that cannot be done without waiting (the socket's buffer is full, or writes
-        are asynchronous): the Session then queues it and calls :meth:`send`."""
+    def write(self, data: str | bytes, text: bool = False) -> bool:
+        """Write one data frame now (text for ``str``, or for ``bytes`` of UTF-8 with
+        *text*; binary otherwise); False when that cannot be done without waiting (the
+        socket's buffer is full, or writes are asynchronous): the Session then queues it
+        and calls :meth:`send`."""
 
     async def send(self, data: str | bytes) -> bool:
         """Write one data frame, waiting for room; False when the connection is gone."""
@@ -499,7 +500,13 @@ class Session:
 
     def send(self, message: dict[str, Any]) -> bool:
         """Queue a JSON message; False if the connection is closing or was dropped."""
-        return self.send_text(orjson.dumps(message).decode())
+        if self._closing:
+            return False
+        payload = orjson.dumps(message)  # UTF-8 already: written as it is when it can be
+        if self._writer is None and not self._queue and self.transport.write(payload, True):
+            self.sent += 1
+            return True
+        return self.send_text(payload.decode())
 
     def send_text(self, text: str | bytes) -> bool:
         """Send an already serialized frame (shared by broadcast); never waits.

@@ -378,7 +378,8 @@ class MessagePolicy:
             return Close(CLOSE_UNSUPPORTED_DATA, "binary frames not accepted", cause="binary")
         if self._opaque:  # a gateway in front of a non-JSON protocol: size and rates only
             return Deliver(OPAQUE_TYPE, _NO_MESSAGE, size)
-        if raw.count(b"{") + raw.count(b"[") > self._max_containers and self._containers(raw):
+        brackets = raw.count(b"{") + raw.count(b"[")  # objects and arrays, at most
+        if brackets > self._max_containers and self._containers(raw):
             # refused from a count of the raw bytes, before decoding allocates them all
             return self._refuse(
                 state,
@@ -394,7 +395,7 @@ class MessagePolicy:
                 state, now, Refuse("invalid_message", "Message must be a JSON object.")
             )
         ref = _valid_ref(message.get("id"))
-        problem = self._bounds(raw, message)
+        problem = self._bounds(raw, message, brackets)
         if problem is not None:
             return self._refuse(state, now, Refuse("invalid_message", problem, ref=ref))
         kind = message.get("type")
@@ -563,7 +564,7 @@ class MessagePolicy:
         stripped = _STRING.sub(b'""', raw)
         return stripped.count(b"{") + stripped.count(b"[") > self._max_containers
 
-    def _bounds(self, raw: bytes, message: dict[str, Any]) -> str | None:
+    def _bounds(self, raw: bytes, message: dict[str, Any], brackets: int) -> str | None:
         """Structural limits, in one walk at most; most are proven from the raw bytes.
 
         Depth counts nested containers (objects and arrays); ``max_keys`` bounds
@@ -584,7 +585,6 @@ class MessagePolicy:
             or len(raw.translate(None, _NON_DIGITS)) < 19  # one C pass
             or _NINETEEN_DIGITS not in raw.translate(_DIGITS_AS_ZERO)  # C passes
         )
-        brackets = raw.count(b"{") + raw.count(b"[")
         if (
             strings_ok
             and numbers_ok

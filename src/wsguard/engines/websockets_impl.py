@@ -367,7 +367,7 @@ class WebsocketsTransport:
     def __init__(self, ws: GuardedServerConnection) -> None:
         self.ws = ws
 
-    def write(self, data: str | bytes) -> bool:
+    def write(self, data: str | bytes, text: bool = False) -> bool:
         """Write through the engine's sans-I/O protocol without a task, if possible."""
         ws = self.ws
         if ws.protocol.state is not State.OPEN:
@@ -376,6 +376,8 @@ class WebsocketsTransport:
             return False  # the client is not keeping up: queue (and detect a slow consumer)
         if isinstance(data, str):
             ws.protocol.send_text(data.encode())
+        elif text:
+            ws.protocol.send_text(data)
         else:
             ws.protocol.send_binary(data)
         try:

@@ -102,7 +102,7 @@ class AsgiTransport:
         self.closed_by_client: int | None = None
         self.close_on_accept: tuple[int, str] | None = None
 
-    def write(self, data: str | bytes) -> bool:
+    def write(self, data: str | bytes, text: bool = False) -> bool:
         return False  # an ASGI send is a coroutine: the Session queues and calls send()
 
     async def send(self, data: str | bytes) -> bool:

@@ -462,7 +462,7 @@ class GuardListener(WSListener):
 
     # the Session's transport
 
-    def write(self, data: str | bytes) -> bool:
+    def write(self, data: str | bytes, text: bool = False) -> bool:
         """One data frame now, unless the connection is closing or the client is not
         keeping up (then the Session queues it)."""
         transport = self.transport
@@ -473,7 +473,7 @@ class GuardListener(WSListener):
         if isinstance(data, str):
             frame = server_frame(0x81, data.encode())
         else:
-            frame = server_frame(0x82, data)
+            frame = server_frame(0x81 if text else 0x82, data)
         self.metrics.bytes_out += len(frame)
         out = self._out
         if out is not None and (len(frame) > _BATCH_FRAME_BYTES or len(out) >= _BATCH_FRAMES):
