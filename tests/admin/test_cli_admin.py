@@ -8,8 +8,10 @@ command is a separate process talking to it over HTTP, as an operator would.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +24,7 @@ from websockets.sync.client import ClientConnection
 
 from conftest import ADMIN_TOKEN, ServerFactory, admin_headers, admin_overrides
 from support.admin import request
-from support.cli import SECRET, cli_env, mint
+from support.cli import SECRET, cli_env, mint, run_cli
 from support.cli import run_cli as run
 from support.net import PROXY_VARIABLES, free_port
 from support.paths import WSGUARD
@@ -216,3 +218,68 @@ def test_cli_ignores_proxy_settings_for_a_loopback_admin_url(
     listed = json.loads(done.stdout)
     assert [b["address"] for b in listed["bans"]] == ["192.0.2.9"]
     assert ADMIN_TOKEN not in done.stdout + done.stderr
+
+
+# -- finding the admin listener, or saying what to pass ----------------------------------
+
+
+def test_admin_finds_the_listener_of_serve_admin_port_without_a_flag(tmp_path: Path) -> None:
+    admin_port = free_port()
+    env = cli_env(tmp_path, WSGUARD_JWT_SECRET=SECRET)
+    served = Served(["--port", "0", "--admin-port", str(admin_port)], env, tmp_path / "a.jsonl")
+    try:
+        served.wait_listening()
+        served.wait_for("admin listener on")
+        done = run_cli(["admin", "health"], env)  # no --url, no WSGUARD_ADMIN_*
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["readiness"] == {"ready": True}
+        bans = run_cli(["admin", "bans"], env)  # with the generated token, found as before
+        assert (bans.returncode, json.loads(bans.stdout)) == (0, {"bans": []}), bans.stderr
+        # another user's HOME has no running server: the same flag as the server's, or the URL
+        elsewhere = cli_env(tmp_path / "other")
+        assert run_cli(["admin", "health"], elsewhere).returncode == 2
+        flag = run_cli(["admin", "health", "--admin-port", str(admin_port)], elsewhere)
+        assert flag.returncode == 0, flag.stderr
+        url = f"http://127.0.0.1:{admin_port}"
+        by_env = run_cli(["admin", "health"], {**elsewhere, "WSGUARD_ADMIN_URL": url})
+        assert by_env.returncode == 0, by_env.stderr
+        assert "ignoring unknown environment variable" not in by_env.stderr
+        assert served.stop() == 0
+        gone = run_cli(["admin", "health"], env)  # the server removed what it wrote
+        assert gone.returncode == 2
+        assert "--admin-port PORT" in gone.stderr and "--url" in gone.stderr
+    finally:
+        served.kill()
+
+
+def test_admin_ignores_the_url_of_a_server_that_is_gone(tmp_path: Path) -> None:
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], check=True,
+                           capture_output=True, text=True, timeout=30)  # fmt: skip
+    record = tmp_path / ".local" / "share" / "wsguard" / "admin.url"
+    record.parent.mkdir(parents=True)
+    port = free_port()
+    record.write_text(json.dumps({"url": f"http://127.0.0.1:{port}", "pid": int(ended.stdout)}))
+    done = run_cli(["admin", "health"], cli_env(tmp_path))
+    assert done.returncode == 2
+    assert "no admin listener to talk to" in done.stderr
+    assert "cannot reach" not in done.stderr
+    # a running server's record is used (here the test itself is the "server")
+    record.write_text(json.dumps({"url": f"http://127.0.0.1:{port}", "pid": os.getpid()}))
+    done = run_cli(["admin", "health"], cli_env(tmp_path))
+    assert done.returncode == 1
+    assert "cannot reach the admin listener" in done.stderr
+
+
+def test_admin_refused_for_want_of_a_token_says_what_to_pass(tmp_path: Path) -> None:
+    env = cli_env(tmp_path, WSGUARD_JWT_SECRET=SECRET, WSGUARD_ADMIN_TOKEN="x" * 32)
+    served = Served(["--port", "0", "--admin-port", "0"], env, tmp_path / "a.jsonl")
+    try:
+        served.wait_listening()
+        url = served.wait_for(re.compile(r"admin listener on (http://\S+)/ ")).group(1)
+        assert httpx.get(url + "/healthz").status_code == 200
+        without = {k: v for k, v in env.items() if k != "WSGUARD_ADMIN_TOKEN"}
+        done = run_cli(["admin", "bans"], without)
+        assert done.returncode == 1
+        assert "401 unauthorized" in done.stderr and "WSGUARD_ADMIN_TOKEN" in done.stderr
+    finally:
+        served.kill()
