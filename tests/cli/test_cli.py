@@ -299,3 +299,30 @@ def test_check_config_bad_secret_not_echoed(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert "auth.secret" in done.stderr
     assert short not in done.stderr and short not in done.stdout
+
+
+# -- a mistyped flag gets the subcommand usage and the closest flag -----------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "usage", "unknown", "closest"),
+    [
+        (["serve", "--prot", "9000"], "wsguard serve", "--prot", "--port"),
+        (["proxy", "--upstreem", "ws://x/"], "wsguard proxy", "--upstreem", "--upstream"),
+        (["admin", "health", "--admin-prot", "1"], "wsguard admin health", "--admin-prot",
+         "--admin-port"),
+        (["token", "--sub", "a", "--tll", "1h"], "wsguard token", "--tll", "--ttl"),
+        (["check-config", "--bogus"], "wsguard check-config", "--bogus", None),
+    ],
+)  # fmt: skip
+def test_a_mistyped_flag_gets_the_subcommand_usage(
+    tmp_path: Path, args: list[str], usage: str, unknown: str, closest: str | None
+) -> None:
+    done = run_cli(args, cli_env(tmp_path))
+    assert done.returncode == 2
+    assert done.stderr.startswith(f"usage: {usage} "), done.stderr
+    error = done.stderr.splitlines()[-1]
+    assert error.startswith(f"{usage}: error: unrecognized arguments: {unknown}"), error
+    if closest is not None:
+        assert error.endswith(f"(did you mean {closest}?)"), error
+    assert "usage: wsguard [-h]" not in done.stderr

@@ -16,6 +16,7 @@ import jwt
 import pytest
 from pydantic import BaseModel
 
+from support.cli import cli_env, run_cli
 from support.paths import EXAMPLES
 from wsguard.config.keys import load_or_create_dev_key
 from wsguard.config.loader import load_config, validate_config
@@ -559,3 +560,57 @@ def test_unknown_engine_is_refused_naming_the_choices() -> None:
         validate_config({"engine": "tornado"})
     assert info.value.key == "engine"
     assert "picows" in str(info.value)
+
+
+# -- a mistyped key gets the closest valid key -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "key", "closest"),
+    [
+        ({"limits": {"max_mesage_bytes": 100}}, "limits.max_mesage_bytes",
+         "limits.max_message_bytes"),
+        ({"limit": {"max_message_bytes": 100}}, "limit", "limits"),
+        ({"max_message_bytes": 100}, "max_message_bytes", "limits.max_message_bytes"),
+        ({"limits": {"ping_interval_seconds": 5}}, "limits.ping_interval_seconds",
+         "liveness.ping_interval_seconds"),
+        ({"messages": {"types": {"note": {"shema": {}}}}}, "messages.types.note.shema",
+         "messages.types.note.schema"),
+        ({"admin": {"prot": 9090}}, "admin.prot", "admin.port"),
+        ({"bogus_top_level": 1}, "bogus_top_level", None),
+    ],
+)  # fmt: skip
+def test_a_mistyped_key_suggests_the_closest(
+    data: dict[str, Any], key: str, closest: str | None
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        validate_config(data)
+    assert info.value.key == key
+    suffix = f" (did you mean {closest}?)" if closest else ""
+    assert info.value.message == f"unknown key{suffix}"
+
+
+def test_a_mistyped_key_in_a_file_or_the_environment_suggests_the_closest(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "wsguard.toml"
+    config.write_text("[limits]\nmax_mesage_bytes = 100\n")
+    done = run_cli(["check-config", "--config", str(config)], cli_env(tmp_path))
+    assert done.returncode == 2
+    assert done.stderr.strip() == (
+        "wsguard: configuration error: limits.max_mesage_bytes: unknown key "
+        "(did you mean limits.max_message_bytes?)"
+    )
+    for name, closest in [
+        ("WSGUARD_LIMITS__MAX_MESAGE_BYTES", "WSGUARD_LIMITS__MAX_MESSAGE_BYTES"),
+        ("WSGUARD_LIMITS_MAX_MESSAGE_BYTES", "WSGUARD_LIMITS__MAX_MESSAGE_BYTES"),
+        ("WSGUARD_ADMIN_PROT", "WSGUARD_ADMIN_PORT"),
+    ]:
+        done = run_cli(["check-config"], cli_env(tmp_path, **{name: "100"}))
+        assert done.returncode == 0, done.stderr
+        assert (
+            f"wsguard: ignoring unknown environment variable {name} (did you mean {closest}?)"
+            in done.stderr
+        ), done.stderr
+    # an unrelated name gets no guess
+    assert load_config(env={"WSGUARD_ZZZ": "1"}) is not None
