@@ -15,7 +15,9 @@ import importlib
 import json
 import time
 import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any, cast
 
 import pytest
 from starlette.applications import Starlette
@@ -25,8 +27,9 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 from websockets.typing import Origin
 
-from conftest import AuditCapture, close_of, eventually, make_config, make_token
+from conftest import AuditCapture, RunningServer, close_of, eventually, make_config, make_token
 from support.asgi_server import (
+    AsgiServer,
     Recorder,
     Serve,
     echo_of,
@@ -34,7 +37,9 @@ from support.asgi_server import (
     recv_json,
     send_json,
 )
+from support.asgi_server import demo_echo_app as echo_app
 from support.paths import EXAMPLES
+from support.wire import OP_CLOSE, OP_TEXT, RawClient, frame, ping_frame
 from wsguard.guard import Guard
 from wsguard.hosts.asgi import Message, Receive, Scope, Send, WsGuardMiddleware
 from wsguard.observability.audit import AuditLog
@@ -759,3 +764,71 @@ def test_middleware_holds_no_per_connection_state(serve: Serve) -> None:
     eventually(lambda: len(server.audit.events("connection_closed")) == 3, what="all closed")
     assert server.call(lambda: {k: id(v) for k, v in vars(middleware).items()}) == before
     assert server.call(lambda: dict(middleware.connections)) == {}
+
+
+# -- 13. under the ASGI server, its own failures are the server's -----------------------------
+
+
+@pytest.fixture
+def asgi_server() -> Iterator[AsgiServer]:
+    config = make_config({"limits": {"max_message_bytes": 1024}})
+    server = AsgiServer("uvicorn-sansio", echo_app, config, Recorder(), 1024)
+    server.start()
+    yield server
+    server.stop()
+
+
+def raw_client(server: AsgiServer) -> RawClient:
+    client = RawClient(cast(RunningServer, server), make_token())
+    assert client.recv_json()["type"] == "welcome"
+    return client
+
+
+def closed_record(server: AsgiServer) -> dict[str, Any]:
+    events = eventually(lambda: server.audit.events("connection_closed"), what="closed")
+    assert len(events) == 1, events
+    return events[0]
+
+
+def read_close(client: RawClient) -> int:
+    code = client.read_close()
+    client.send(frame(OP_CLOSE, client.close_payload[:2]))
+    client.sock.close()
+    return code
+
+
+def test_asgi_servers_own_1009_is_a_server_size_refusal(asgi_server: AsgiServer) -> None:
+    metrics = asgi_server.guard.monitor.metrics
+    with raw_client(asgi_server) as client:
+        client.send(frame(OP_TEXT, b'{"type":"ping","id":"big"}'.ljust(1025)))
+        assert read_close(client) == 1009  # uvicorn's ws_max_size, not wsguard's check
+    record = closed_record(asgi_server)
+    assert (record["code"], record["closed_by"], record["cause"]) == (1009, "server", "too_big")
+    counted = asgi_server.call(lambda: (metrics.refusals["message", "size"], dict(metrics.closes)))
+    assert counted == (1, {("1009", "server"): 1})  # as wsguard counts its own 1009
+
+
+@pytest.mark.parametrize(
+    ("payload", "code", "cause"),
+    [
+        (frame(OP_TEXT, b'{"type":"ping","id":"\xff"}'), 1007, "invalid_utf8"),
+        (bytes([ping_frame("rsv")[0] | 0x20]) + ping_frame("rsv")[1:], 1002, "protocol_error"),
+    ],
+    ids=["1007", "1002"],
+)
+def test_asgi_server_failures_are_the_servers(
+    asgi_server: AsgiServer, payload: bytes, code: int, cause: str
+) -> None:
+    with raw_client(asgi_server) as client:
+        client.send(payload)
+        assert read_close(client) == code
+    record = closed_record(asgi_server)
+    assert (record["code"], record["closed_by"], record["cause"]) == (code, "server", cause)
+
+
+def test_asgi_client_close_stays_the_clients(asgi_server: AsgiServer) -> None:
+    with raw_client(asgi_server) as client:
+        client.send(frame(OP_CLOSE, (1000).to_bytes(2, "big")))
+        read_close(client)
+    record = closed_record(asgi_server)
+    assert (record["code"], record["closed_by"], record.get("cause")) == (1000, "client", None)
