@@ -67,7 +67,7 @@ SENDABLE_CLOSE_CODES = frozenset(
 
 
 #: the cause audited for a close the engine made by itself, by its code
-_ENGINE_CAUSES = {
+ENGINE_CAUSES = {
     1002: "protocol_error",
     1007: "invalid_utf8",
     1009: "too_big",
@@ -353,33 +353,29 @@ class Session:
             self._start_close(code, reason)
 
     def end(self, releaser: Callable[[Admit], None] = release) -> Awaitable[None] | None:
-        """The connection is gone (called once by the engine, however it ended): timers
-        cancelled, the host's registry left, the close counted and audited, the slots
-        released (by *releaser*: in a task by default; an engine on the memory store may
+        """The connection is gone (called once by the engine, however it ended): the close
+        counted and audited, then what :meth:`discard` does (timers, registry, slots,
+        released by *releaser*: in a task by default; an engine on the memory store may
         release inline). Returns the host's closed hook when it has to be awaited."""
         self._closing = True
-        self.cancel_timers()
-        host, guard = self.host, self.guard
-        host.connections.pop(self.id, None)
-        guard.messages.closed(self.state, time.monotonic())
+        guard = self.guard
         code, reason, closed_by = self.transport.close_result()
         if closed_by == "server" and self.close_cause is None:
             # the engine failed the connection itself (its parser, its heartbeat)
             if code == 1011 and reason == "keepalive ping timeout":
                 self.close_cause = "ping_timeout"
             else:
-                self.close_cause = _ENGINE_CAUSES.get(code)
+                self.close_cause = ENGINE_CAUSES.get(code)
         if code == CLOSE_TOO_BIG and closed_by == "server":
             guard.monitor.connection_refused("size", "too_big", self.client)
         guard.connection_closed(self, code, closed_by)
-        admission, self._admission = self._admission, None
-        if admission is not None:
-            releaser(admission)
-        return host.closed(self)
+        self.discard(releaser)
+        return self.host.closed(self)
 
     def discard(self, releaser: Callable[[Admit], None] = release) -> None:
-        """The connection never opened (an ASGI app that did not accept): timers
-        cancelled, the registry left, the slots released; nothing to audit."""
+        """Timers cancelled, the host's registry left, the policy's state of the
+        connection given back, the slots released; nothing audited (alone: a connection
+        that never opened, an ASGI app that did not accept)."""
         self._closing = True
         self.cancel_timers()
         self.host.connections.pop(self.id, None)

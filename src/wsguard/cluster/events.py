@@ -63,6 +63,9 @@ class Closable(Protocol):
     @property
     def closing(self) -> bool: ...
 
+    @property
+    def holder(self) -> str: ...
+
     def close_soon(self, code: int, reason: str, *, cause: str | None = None) -> None: ...
 
 
@@ -158,10 +161,18 @@ class ClusterEvents:
     def catch_up(self, conn: Closable, since: float) -> bool:
         """Apply to *conn*, just registered, the revocations and disconnects this node
         received since *since* (when its handshake checks started): they were meant for
-        it but could not find it. True when it is being closed."""
-        for received, channel, kind, value, why in self._recent:
-            if received < since or conn.closing:
-                continue
+        it but could not find it. True when it is being closed.
+
+        Every handshake calls this: only the events since *since* are looked at (the
+        newest, from the end of the time-ordered log), not the whole minute's log."""
+        fresh: list[tuple[float, str, str, str, str]] = []
+        for entry in reversed(self._recent):
+            if entry[0] < since:
+                break
+            fresh.append(entry)
+        for _, channel, kind, value, why in reversed(fresh):
+            if conn.closing:
+                break
             if channel == CHANNEL_REVOKE and self._revoked(conn, kind, value):
                 self._on_revoked(conn, kind)
             elif (
@@ -215,7 +226,7 @@ class ClusterEvents:
         limit now, and are closed with 1013 (try again later)."""
         closed = 0
         for conn in list(self._connections()):
-            if getattr(conn, "holder", "") in holders and not conn.closing:
+            if conn.holder in holders and not conn.closing:
                 self._audit_over_limit(conn)
                 conn.close_soon(CLOSE_TRY_AGAIN_LATER, "over the limit", cause="over_limit")
                 closed += 1

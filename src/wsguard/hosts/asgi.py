@@ -45,7 +45,7 @@ from wsguard.core.identity import Identity
 from wsguard.core.request import HandshakeRequest
 from wsguard.guard import Guard
 from wsguard.observability.uvicorn_log import quiet_uvicorn_denial_errors
-from wsguard.session import Session
+from wsguard.session import ENGINE_CAUSES, Session
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -61,7 +61,7 @@ DENIAL_EXTENSION = "websocket.http.response"
 #: neither wsguard nor the app had sent a close: recorded as closed by the server, with
 #: the cause wsguard's own close of that code has (a client closing with one of these
 #: codes itself looks the same over ASGI, and is recorded the same way).
-SERVER_FAILURE_CODES = frozenset({1002, 1007, 1009})
+SERVER_FAILURE_CODES = frozenset(ENGINE_CAUSES)
 
 
 class WsGuardUser:
