@@ -14,12 +14,11 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Callable, MutableMapping
+from collections.abc import MutableMapping
 from datetime import UTC, datetime
 from typing import IO, Any
 
 import orjson
-import structlog
 
 _MAX_FIELD = 256
 _LINGER = 0.01  # seconds the writer thread waits after a batch (see AuditLog._drain)
@@ -35,8 +34,7 @@ def _clip(value: Any) -> Any:
 _second: list[Any] = [0, ""]  # cache of the formatted current second
 
 
-def _now() -> str:
-    now = time.time()
+def _stamp(now: float) -> str:
     second = int(now)
     if second != _second[0]:
         stamp = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
@@ -44,9 +42,11 @@ def _now() -> str:
     return f"{_second[1]}.{int((now - second) * 1000):03d}Z"
 
 
-def _render(_: Any, __: str, event: MutableMapping[str, Any]) -> str:
-    clean: dict[str, Any] = {"time": _now(), "event": event.pop("event")}
-    for key, value in event.items():
+def _line(now: float, name: str, fields: MutableMapping[str, Any]) -> str:
+    """One audit line: the time of the event, its name, then its fields (None left out,
+    long strings clipped), as one line of ASCII JSON."""
+    clean: dict[str, Any] = {"time": _stamp(now), "event": name}
+    for key, value in fields.items():
         if value is not None:
             clean[key] = _clip(value)
     line = orjson.dumps(clean).decode()
@@ -62,14 +62,19 @@ def _escape(match: re.Match[str]) -> str:
     return f"\\u{ord(match.group()):04x}"
 
 
+_Event = tuple[float, str, dict[str, Any]]
+
+
 class AuditLog:
     """Writes audit events, one JSON object per line; never blocks, never raises.
 
-    With ``background=True`` (what :meth:`open` uses for stdout and files) lines go
-    through a bounded queue to a writer thread, so a slow disk or a pipe nobody
-    reads can never stall the event loop; when the queue is full, lines are
-    dropped and counted, and an ``audit_lines_dropped`` event reports how many.
-    Without it (an in-memory stream, as in tests) lines are written at once.
+    With ``background=True`` (what :meth:`open` uses for stdout and files) events go
+    through a bounded queue to a writer thread, which renders them (JSON, one line
+    each) and writes them in batches: the event loop only stamps the time and queues
+    the fields, so a slow disk or a pipe nobody reads can never stall it. When the
+    queue is full, events are dropped and counted, and an ``audit_lines_dropped``
+    event reports how many. Without it (an in-memory stream, as in tests) lines are
+    rendered and written at once.
     """
 
     def __init__(
@@ -84,15 +89,13 @@ class AuditLog:
         self.dropped = 0
         self.write_errors = 0
         self._stream = stream if stream is not None else sys.stdout
-        self._queue: queue.SimpleQueue[str | None] | None = None
+        self._queue: queue.SimpleQueue[_Event | None] | None = None
         self._queue_size = queue_size
         self._thread: threading.Thread | None = None
         if background:
-            self._queue = queue.SimpleQueue()  # C put(); the bound is checked in _accept
+            self._queue = queue.SimpleQueue()  # C put(); the bound is checked in emit
             self._thread = threading.Thread(target=self._drain, name="wsguard-audit", daemon=True)
             self._thread.start()
-        # bind() once: the lazy proxy wrap_logger returns would rebuild the logger per call
-        self._logger = structlog.wrap_logger(_LineSink(self._accept), processors=[_render]).bind()
 
     @classmethod
     def open(cls, target: str, *, enabled: bool = True) -> AuditLog:
@@ -103,20 +106,20 @@ class AuditLog:
         return cls(stream, enabled=enabled, background=True)
 
     def emit(self, event: str, **fields: Any) -> None:
-        if self.enabled:
+        if not self.enabled:
+            return
+        pending = self._queue
+        if pending is None:
             try:
-                self._logger.msg(event, **fields)
+                line = _line(time.time(), event, fields)
             except Exception:  # an audit failure must never break a handshake
                 self.write_errors += 1
-
-    def _accept(self, line: str) -> None:
-        if self._queue is None:
+                return
             self._write(line)
-            return
-        if self._queue.qsize() >= self._queue_size:
+        elif pending.qsize() >= self._queue_size:
             self.dropped += 1
         else:
-            self._queue.put(line)
+            pending.put((time.time(), event, fields))
 
     def _write(self, line: str) -> bool:
         try:
@@ -127,8 +130,18 @@ class AuditLog:
             return False
         return True
 
+    def _render_batch(self, batch: list[_Event | None]) -> list[str]:
+        lines = []
+        for item in batch:
+            if item is not None:
+                try:
+                    lines.append(_line(*item))
+                except Exception:  # a field that cannot be rendered: counted, not fatal
+                    self.write_errors += 1
+        return lines
+
     def _drain(self) -> None:
-        """Write what is queued, many lines per write.
+        """Render and write what is queued, many lines per write.
 
         After each batch the writer lingers (``_LINGER`` seconds) before it waits
         on the queue again, so under a flood of events it wakes at most ~100 times
@@ -151,11 +164,11 @@ class AuditLog:
             except empty:
                 pass
             stop = None in batch
-            lines = [line for line in batch if line is not None]
+            lines = self._render_batch(batch)
             dropped = self.dropped
             if dropped != reported:
                 count = dropped - reported
-                lines.append(_render(None, "", {"event": "audit_lines_dropped", "count": count}))
+                lines.append(_line(time.time(), "audit_lines_dropped", {"count": count}))
             if lines and not self._write("\n".join(lines)) and len(lines) > 1:
                 # the batch failed (disk full, an unencodable character...): save what
                 # can be saved, one line at a time, each failure counted
@@ -175,11 +188,3 @@ class AuditLog:
         if self._stream not in (sys.stdout, sys.stderr):
             with contextlib.suppress(OSError):
                 self._stream.close()
-
-
-class _LineSink:
-    """structlog logger that hands each rendered event to the AuditLog."""
-
-    def __init__(self, accept: Callable[[str], None]) -> None:
-        self.msg = accept
-        self.info = accept
