@@ -120,7 +120,8 @@ class Guard:
         self.node_id = self.handshakes.node_id
         self.monitor = Monitor(config, self.audit, self.messages.type_names())
         self.monitor.ban_action = self.alert_ban
-        metrics = self.monitor.metrics
+        #: the node's counters (the Monitor's), for the per-message path
+        self.metrics = metrics = self.monitor.metrics
         metrics.store_errors = self.store.error_counts
         metrics.store_up = lambda: bool(getattr(self.store, "available", True))
         ban_count = getattr(self.store, "ban_count", None)

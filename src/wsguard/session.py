@@ -313,17 +313,18 @@ class Session:
         I/O is given here; a message that passed (or needs the store) comes back as an
         awaitable, which the engine runs (inline where it can)."""
         guard = self.guard
-        decision = guard.messages.evaluate(self.state, data, guard.now())
-        if not isinstance(decision, Deliver):
+        now = time.monotonic()  # the Guard's clock (Guard.now)
+        decision = guard.messages.evaluate(self.state, data, now)
+        if type(decision) is not Deliver:
             if isinstance(decision, Reauthenticate):
                 return self._refresh(decision)
             self._answer(decision)
             return None
         quota = guard.quota
-        over_local = quota is not None and not quota.take_local(self.identity.subject, guard.now())
+        over_local = quota is not None and not quota.take_local(self.identity.subject, now)
         if over_local or decision.nonce is not None:
             return self._deliver_checked(decision, data, over_local)
-        guard.monitor.metrics.message_delivered(decision.type)
+        guard.metrics.message_delivered(decision.type)
         return self.host.deliver(self, decision, data)
 
     def control_frame(self, size: int) -> None:

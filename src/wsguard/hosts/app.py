@@ -203,9 +203,14 @@ class App:
         In cluster mode the message also goes to every other node's clients.
         Returns how many of this node's connections it was handed to.
         """
+        publish = self.events is not None and self.guard.store.shared  # other nodes' clients
+        local = self.connections
+        if not publish and len(local) <= (exclude is not None and exclude.id in local):
+            return 0  # no one to send it to: not even serialized
         raw = orjson.dumps(message)
         delivered = self._deliver_local(raw.decode(), exclude)
-        if self.events is not None and self.guard.store.shared:  # no other node to tell
+        if publish:
+            assert self.events is not None
             self.events.publish_broadcast(raw)
         return delivered
 

@@ -125,7 +125,33 @@ class GuardListener(WSListener):
         if self._out is None:
             self._out = []
         try:
-            self._frame(transport, frame)
+            conn = self.conn
+            if (
+                frame.msg_type is _TEXT
+                and frame.fin
+                and self._fragments is None
+                and self._busy is None
+                and conn is not None
+                and not conn.closing
+                and not (frame.rsv1 or frame.rsv2 or frame.rsv3)
+            ):
+                # the common case, in one call: a whole text message, nothing before it
+                # waiting, no fragment pending (what _frame and _message do for it)
+                size = frame.payload_size
+                self.metrics.bytes_in += size + (6 if size < 126 else 8 if size < 65536 else 14)
+                try:
+                    data = frame.get_payload_as_utf8_text()
+                except UnicodeDecodeError:
+                    self._fail(1007, "invalid UTF-8", "invalid_utf8")
+                    return
+                started = time.perf_counter()
+                pending = conn.receive(data)
+                if pending is None:
+                    self.metrics.latency(time.perf_counter() - started)
+                else:
+                    self._run(self._work(pending, started))
+            else:
+                self._frame(transport, frame)
         finally:
             if frame.last_in_buffer:
                 self.flush()
