@@ -112,6 +112,7 @@ static struct {
     char **tokens;
     long ntokens;
     int conns, msg_bytes, depth, index, spread;
+    size_t read_size; /* bytes per read (small values test frames split across reads) */
     double timeout, max_seconds;
     /* run state */
     int ep;
@@ -627,8 +628,8 @@ static int conn_input(conn_t *c, double now) {
 /* One read (two when the peer hung up: the data, then the end); 0 when it ended. */
 static int conn_read(conn_t *c, int hangup, double now) {
     for (int k = 0; k < (hangup ? 2 : 1); k++) {
-        buf_reserve(&c->rb, 65536);
-        ssize_t n = read(c->fd, c->rb.p + c->rb.len, c->rb.cap - c->rb.len);
+        buf_reserve(&c->rb, G.read_size);
+        ssize_t n = read(c->fd, c->rb.p + c->rb.len, G.read_size);
         if (n > 0) {
             c->rb.len += (size_t)n;
             if (!conn_input(c, now)) return 0;
@@ -1213,6 +1214,7 @@ static void usage(void) {
     fputs("usage: loadgen --phase pingpong|oneway|handshake --port N --tokens FILE\n"
           "               [--host H] [--origin O] [--conns N] [--msg-bytes N] [--depth N]\n"
           "               [--timeout S] [--index N] [--spread 0|1] [--max-seconds S]\n"
+          "               [--read-size BYTES]\n"
           "then reads {\"cmd\": \"go\", \"t0\": T0, \"t1\": T1} on stdin (see the source)\n",
           stderr);
     exit(2);
@@ -1228,6 +1230,7 @@ int main(int argc, char **argv) {
     G.depth = 1;
     G.timeout = 10;
     G.max_seconds = 600;
+    G.read_size = 65536;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         if (i + 1 >= argc) usage();
@@ -1258,6 +1261,8 @@ int main(int argc, char **argv) {
             G.index = atoi(v);
         } else if (!strcmp(a, "--spread")) {
             G.spread = atoi(v) != 0;
+        } else if (!strcmp(a, "--read-size")) {
+            G.read_size = (size_t)atol(v);
         } else if (!strcmp(a, "--max-seconds")) {
             G.max_seconds = strtod(v, NULL);
         } else {
@@ -1265,7 +1270,7 @@ int main(int argc, char **argv) {
         }
     }
     if (G.phase < 0 || !G.port[0] || tokens == NULL || G.conns < 0 || G.depth < 1 ||
-        G.timeout <= 0 || G.max_seconds <= 0)
+        G.timeout <= 0 || G.max_seconds <= 0 || G.read_size < 1)
         usage();
     signal(SIGPIPE, SIG_IGN);
     signal(SIGALRM, on_alarm);
