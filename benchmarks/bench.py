@@ -61,6 +61,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 CONFIG = HERE / "bench.toml"
 LOADGEN = HERE / "loadgen.py"
+CLOADGEN = HERE / "cloadgen.py"  # --client c: the C load generator, for the phases below
+C_PHASES = ("pingpong", "oneway", "handshake")
 PLAIN = HERE / "plain_server.py"
 ORIGIN = "https://bench.example.com"
 HOST = "127.0.0.1"
@@ -279,7 +281,10 @@ async def open_loadgens(
     try:
         for p, (port, tokens, conns) in enumerate(targets):
             err = (tmp / f"loadgen-{phase}-{p}.stderr").open("ab")
-            cmd, pin = pinned([sys.executable, str(LOADGEN)], args.client_cpu)
+            script, client = LOADGEN, args.client
+            if args.client == "c":  # other phases: the Python load generator, raw client
+                script, client = (CLOADGEN, "c") if phase in C_PHASES else (LOADGEN, "raw")
+            cmd, pin = pinned([sys.executable, str(script)], args.client_cpu)
             proc = await asyncio.create_subprocess_exec(
                 *cmd,
                 stdin=asyncio.subprocess.PIPE,
@@ -295,7 +300,7 @@ async def open_loadgens(
                 proc,
                 {
                     "phase": phase,
-                    "client": args.client,
+                    "client": client,
                     "host": HOST,
                     "port": port,
                     "origin": ORIGIN,
@@ -688,9 +693,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--retries", type=int, default=3, help="repeats per phase (3)")
     parser.add_argument(
         "--client",
-        choices=["raw", "picows", "websockets"],
+        choices=["raw", "picows", "websockets", "c"],
         default="raw",
-        help="load generator client: raw (Python RFC 6455), picows (C framing) or websockets",
+        help="load generator client: raw (Python RFC 6455), picows (C framing), websockets, "
+        "or c (benchmarks/cloadgen.py, a C program, for the ping/pong, one-way and "
+        "handshake phases; the Python raw client for the others)",
     )
     parser.add_argument(
         "--plain-json",

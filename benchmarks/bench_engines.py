@@ -16,9 +16,10 @@ The wsguard servers run the full policy of ``bench.toml`` (HS256 JWT, Origin all
 strict schemas, rate limits, violation budget, audit log to a file) with the limits raised
 above the load.
 
-Phases per server and round (``benchmarks/loadgen.py`` on uvloop; ping/pong and handshakes
-with the picows client, whose C framing outpaces one core of a picows server; one-way and
-the abusers with pre-built raw frames):
+Phases per server and round. Ping/pong, one-way and handshakes are driven by the C load
+generator (``benchmarks/cloadgen.py``, built on first use; ``--client c``, the default when
+a C compiler is found, else ``--client picows``), the rest by ``benchmarks/loadgen.py`` on
+uvloop (idle with the raw client, the abusers with pre-built raw frames):
 
 * ``idle``: RSS growth per idle authenticated connection (``--idle`` of them);
 * ``pingpong``: ``--conns`` connections, ``--depth`` ~100-byte pings in flight each;
@@ -58,7 +59,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import bench
+from benchmarks import bench, cloadgen
 
 HERE, HOST, PLAIN, CONFIG = bench.HERE, bench.HOST, bench.PLAIN, bench.CONFIG
 Server = bench.Server
@@ -120,7 +121,8 @@ async def bench_server(
             out |= _rates("ow", ow, window=args.duration)
         if "handshake" in phases:
             # the raw client: picows' ws_connect costs the load generator more per handshake
-            client, args.client = args.client, "raw"
+            client = args.client
+            args.client = "raw" if client == "picows" else client
             try:
                 hs = await measured(args, server, tmp, "handshake", args.hs_workers, tokens)
             finally:
@@ -348,7 +350,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.servers, args.phases, args.json = known.servers, known.phases, known.json
     args.workdir = known.workdir
     if not any(a == "--client" or a.startswith("--client=") for a in rest):
-        args.client = "picows"  # C framing: the load generator must outpace picows servers
+        # the load generator must outpace picows servers: the C one, else picows' C framing
+        try:
+            cloadgen.build()
+            args.client = "c"
+        except cloadgen.BuildError as exc:
+            log(f"bench_engines: {exc}; using the picows client (--client picows)")
+            args.client = "picows"
     if set(args.servers) - set(SERVERS) or set(args.phases) - set(PHASES):
         ours.error(f"--servers from {','.join(SERVERS)}; --phases from {','.join(PHASES)}")
     return args
