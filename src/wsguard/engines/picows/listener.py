@@ -167,19 +167,26 @@ class GuardListener(WSListener):
 
     def heartbeat(
         self, now: float, interval: float, timeout: float, ping_ids: Iterator[int]
-    ) -> None:
-        """Ping when due; fail (1011) when the pong of the last ping is overdue."""
+    ) -> float | None:
+        """Ping when due; fail (1011) when the pong of the last ping is overdue. Returns
+        when to look again (None: never, the connection is closing or closed)."""
         transport = self.transport
         if transport is None or self.close_sent or self.conn is None:
-            return
+            return None
         if self._ping_payload is not None:
             if now >= self._pong_deadline:
                 self._fail(1011, "keepalive ping timeout", "ping_timeout")
-        elif now >= self._ping_due:
-            self._ping_payload = payload = next(ping_ids).to_bytes(8, "big")
-            self._pong_deadline = now + timeout
-            self._ping_due = now + interval
-            transport.send_ping(payload)
+                return None
+            # the next ping waits for the pong: at its due time, then every tick after
+            due = self._ping_due
+            return min(due, self._pong_deadline) if now < due else now
+        if now < self._ping_due:
+            return self._ping_due
+        self._ping_payload = payload = next(ping_ids).to_bytes(8, "big")
+        self._pong_deadline = now + timeout
+        self._ping_due = now + interval
+        transport.send_ping(payload)
+        return min(self._ping_due, self._pong_deadline)
 
     def write_bytes(self, frame: bytes) -> None:
         """Write *frame*, or add it to the current read batch's replies."""

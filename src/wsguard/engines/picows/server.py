@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import time
-from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any
+from collections.abc import Coroutine, Iterator
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from picows import (
     WSAutoPingStrategy,
@@ -56,6 +57,92 @@ def _engine_logger() -> logging.LoggerAdapter[logging.Logger]:
     return logging.LoggerAdapter(engine, {})
 
 
+# -- heartbeats -------------------------------------------------------------------------
+
+_T = TypeVar("_T")
+
+
+class HeartbeatWheel(Generic[_T]):
+    """Every connection, each in the bucket of the tick (``period`` seconds) at which
+    it is next due: a sweep touches the buckets that are due, so heartbeats cost in
+    proportion to the pings and deadlines that fall due, not to the connections held.
+
+    A member is in at most one bucket; ``members`` maps it to that tick (0: in none).
+    Removing one is O(1), so a closed connection is not kept until its tick.
+    """
+
+    __slots__ = ("_buckets", "members", "period")
+
+    def __init__(self, period: float) -> None:
+        self.period = period
+        self.members: dict[_T, int] = {}
+        self._buckets: dict[int, dict[_T, None]] = {}
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def __iter__(self) -> Iterator[_T]:
+        return iter(self.members)
+
+    @property
+    def scheduled(self) -> bool:
+        """Some member is in a bucket (a sweep has something to do, some day)."""
+        return bool(self._buckets)
+
+    def tick(self, now: float) -> int:
+        """The last tick begun at *now*."""
+        return math.floor(now / self.period)
+
+    def schedule(self, member: _T, due: float, after: int = 0) -> None:
+        """Put *member* in the bucket of the first tick at or after *due* (and after the
+        tick *after*), out of the one it was in."""
+        tick = max(math.ceil(due / self.period), after + 1)
+        old = self.members.get(member)
+        if old == tick:
+            return
+        if old:
+            self._unbucket(member, old)
+        self.members[member] = tick
+        bucket = self._buckets.get(tick)
+        if bucket is None:
+            self._buckets[tick] = {member: None}
+        else:
+            bucket[member] = None
+
+    def park(self, member: _T) -> None:
+        """Keep *member*, in no bucket (nothing due any more: a closing connection)."""
+        old = self.members.get(member)
+        if old:
+            self._unbucket(member, old)
+        self.members[member] = 0
+
+    def remove(self, member: _T) -> None:
+        old = self.members.pop(member, None)
+        if old:
+            self._unbucket(member, old)
+
+    def pop_due(self, now: float) -> list[_T]:
+        """The members of every bucket whose tick has begun at *now*, earliest first;
+        they stay members, parked until scheduled again."""
+        current = self.tick(now)
+        ticks = sorted(t for t in self._buckets if t <= current)
+        due: list[_T] = []
+        members = self.members
+        for tick in ticks:
+            bucket = self._buckets.pop(tick)
+            for member in bucket:
+                members[member] = 0
+            due.extend(bucket)
+        return due
+
+    def _unbucket(self, member: _T, tick: int) -> None:
+        bucket = self._buckets.get(tick)
+        if bucket is not None:
+            bucket.pop(member, None)
+            if not bucket:
+                del self._buckets[tick]
+
+
 # -- the server ------------------------------------------------------------------------
 
 
@@ -69,7 +156,6 @@ class PicowsServer:
         self.pending = PendingHandshakes(host.guard)
         self.max_fragments = host.guard.config.limits.max_fragments
         self.deciding: set[asyncio.Task[None]] = set()
-        self.listeners: set[GuardListener] = set()
         self._server: asyncio.Server | None = None
         self._idle: asyncio.Event | None = None
         config = host.guard.config
@@ -81,7 +167,10 @@ class PicowsServer:
         self._sweeper: asyncio.TimerHandle | None = None
         self._ping_ids = itertools.count(1)
         shortest = min(liveness.ping_interval_seconds, liveness.ping_timeout_seconds)
-        self._period = min(1.0, max(0.02, shortest / 4))
+        # every connection, in the bucket of its next ping or pong deadline
+        self.listeners: HeartbeatWheel[GuardListener] = HeartbeatWheel(
+            min(1.0, max(0.02, shortest / 4))
+        )
         self._protocol_args = (
             _engine_logger(),
             True,  # disconnect when a listener callback raises (never expected)
@@ -100,9 +189,16 @@ class PicowsServer:
         return BoundedReads(None, None, False, factory, *self._protocol_args)
 
     def adopt(self, listener: GuardListener) -> None:
-        self.listeners.add(listener)
-        if self._sweeper is None and self._period:
-            self._sweeper = self.loop.call_later(self._period, self._sweep)
+        """A new connection: its first ping is due one interval from now."""
+        self.listeners.schedule(listener, time.monotonic() + self.ping_interval)
+        if self._sweeper is None:
+            self._arm(time.monotonic())
+
+    def _arm(self, now: float) -> None:
+        """The next sweep, just after the next tick begins."""
+        period = self.listeners.period
+        delay = (self.listeners.tick(now) + 1) * period - now
+        self._sweeper = self.loop.call_later(delay + 0.001, self._sweep)
 
     def run(self, coro: Coroutine[Any, Any, None]) -> None:
         """Decide a handshake: inline on the memory store (it answers without I/O; a task
@@ -124,19 +220,27 @@ class PicowsServer:
             release(admission)
 
     def _sweep(self) -> None:
-        """Heartbeats of every connection, from one timer: ping the ones that are due,
-        fail (1011) the ones whose pong is overdue. No timer objects per connection."""
+        """Heartbeats, from one timer: the connections whose ping or pong deadline has
+        come are pinged, or failed (1011), and go to the bucket of what they wait for
+        next. Nothing per connection at rest, no timer objects per connection."""
         self._sweeper = None
         now = time.monotonic()
         liveness = self.guard.config.liveness
         interval, timeout = liveness.ping_interval_seconds, liveness.ping_timeout_seconds
-        for listener in list(self.listeners):
-            listener.heartbeat(now, interval, timeout, self._ping_ids)
-        if self.listeners:
-            self._sweeper = self.loop.call_later(self._period, self._sweep)
+        wheel = self.listeners
+        after = wheel.tick(now)
+        for listener in wheel.pop_due(now):
+            due = listener.heartbeat(now, interval, timeout, self._ping_ids)
+            if due is not None:
+                if listener in wheel.members:  # not forgotten meanwhile
+                    wheel.schedule(listener, due, after)
+            elif listener.transport is None:  # never connected (picows refused the upgrade)
+                self.forget(listener)
+        if wheel.scheduled:
+            self._arm(now)
 
     def forget(self, listener: GuardListener) -> None:
-        self.listeners.discard(listener)
+        self.listeners.remove(listener)
         if not self.listeners and self._idle is not None:
             self._idle.set()
 
