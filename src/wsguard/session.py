@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
+from wsguard import deadlines
 from wsguard.core.decisions import (
     CLOSE_CREDENTIALS_EXPIRED,
     CLOSE_GOING_AWAY,
@@ -206,14 +207,18 @@ class Session:
     __slots__ = (
         "_admission",
         "_closing",
+        "_expiry_at",
+        "_idle_at",
+        "_lifetime_at",
         "_loop",
         "_queue",
         "_tasks",
-        "_timers",
+        "_wheel",
         "_writer",
         "attachment",
         "client",
         "close_cause",
+        "deadline_tick",
         "guard",
         "host",
         "id",
@@ -258,7 +263,12 @@ class Session:
         self._writer: asyncio.Task[None] | None = None
         self._closing = False
         self._tasks: set[asyncio.Task[None]] | None = None
-        self._timers: dict[str, asyncio.TimerHandle] | None = None
+        # deadlines (loop time), on the loop's wheel (see _start_timers)
+        self._wheel = deadlines.wheel(self._loop)
+        self._expiry_at: float | None = None
+        self._idle_at: float | None = None
+        self._lifetime_at: float | None = None
+        self.deadline_tick: int | None = None  # the wheel's bucket of this connection
 
     @property
     def subject(self) -> str:
@@ -441,57 +451,78 @@ class Session:
     # -- timers ------------------------------------------------------------------------
 
     def _start_timers(self) -> None:
-        """Token expiry, idle timeout and maximum lifetime."""
-        self._schedule_expiry(self.identity.expires_at)
+        """Token expiry, idle timeout and maximum lifetime: deadlines on the loop's
+        :class:`~wsguard.deadlines.DeadlineWheel` (no timer per connection)."""
+        now = self._loop.time()
+        self._expiry_at = self._expiry_deadline(self.identity.expires_at, now)
         liveness = self.guard.config.liveness
         idle = liveness.idle_timeout_seconds
         if idle:
-            self.set_timer("idle", idle, self._check_idle)
+            self._idle_at = now + idle
         lifetime = liveness.max_lifetime_seconds
         if lifetime:
-            self.set_timer(
-                "lifetime",
-                lifetime,
-                lambda: self.close_soon(CLOSE_GOING_AWAY, "max lifetime", cause="max_lifetime"),
-            )
+            self._lifetime_at = now + lifetime
+        self._wheel.update(self)
 
-    def _check_idle(self) -> None:
-        idle = self.guard.config.liveness.idle_timeout_seconds
-        quiet = self.guard.now() - self.state.last_data_at
-        if quiet >= idle:
-            self.close_soon(CLOSE_GOING_AWAY, "idle timeout", cause="idle_timeout")
-        else:
-            self.set_timer("idle", idle - quiet, self._check_idle)
+    def _expiry_deadline(self, expires_at: float | None, now: float) -> float | None:
+        """When (loop time) a token expiring at *expires_at* (Unix time) closes the
+        connection: the Guard's deadline (leeway included), None without one."""
+        deadline = self.guard.deadline(expires_at)
+        return None if deadline is None else now + max(0.0, deadline - time.time())
 
     def _schedule_expiry(self, expires_at: float | None) -> None:
-        deadline = self.guard.deadline(expires_at)
-        if deadline is None:
-            self.cancel_timer("expiry")  # a refresh without exp lifts the old deadline
-            return
-        self.set_timer("expiry", deadline - time.time(), self._expired)
+        """A refreshed token's deadline replaces the old one (none: lifted)."""
+        self._expiry_at = self._expiry_deadline(expires_at, self._loop.time())
+        self._wheel.update(self)
 
-    def _expired(self) -> None:
-        self.close_soon(CLOSE_CREDENTIALS_EXPIRED, "credentials expired", cause="token_expired")
+    def next_deadline(self) -> float | None:
+        """The earliest of this connection's deadlines (loop time); None once closing."""
+        if self._closing:
+            return None
+        found = None
+        for at in (self._expiry_at, self._lifetime_at, self._idle_at):
+            if at is not None and (found is None or at < found):
+                found = at
+        return found
 
-    def set_timer(self, name: str, delay: float, callback: Callable[[], None]) -> None:
-        """(Re)arm a named timer; replaces the previous one of that name."""
-        if self._timers is None:
-            self._timers = {}
-        old = self._timers.pop(name, None)
-        if old is not None:
-            old.cancel()
-        self._timers[name] = self._loop.call_later(max(0.0, delay), callback)
-
-    def cancel_timer(self, name: str) -> None:
-        handle = self._timers.pop(name, None) if self._timers else None
-        if handle is not None:
-            handle.cancel()
+    def deadlines_due(self, now: float) -> None:
+        """Act on what is due at *now* (loop time): expiry closes 4001, the maximum
+        lifetime 1001, the idle timeout 1001 unless data arrived meanwhile (then it is
+        due again that much later). The earliest first; a close ends it."""
+        while not self._closing:
+            due = [
+                (at, name)
+                for at, name in (
+                    (self._expiry_at, "expiry"),
+                    (self._lifetime_at, "lifetime"),
+                    (self._idle_at, "idle"),
+                )
+                if at is not None and at <= now
+            ]
+            if not due:
+                return
+            _, name = min(due)
+            if name == "expiry":
+                self._expiry_at = None
+                self.close_soon(
+                    CLOSE_CREDENTIALS_EXPIRED, "credentials expired", cause="token_expired"
+                )
+            elif name == "lifetime":
+                self._lifetime_at = None
+                self.close_soon(CLOSE_GOING_AWAY, "max lifetime", cause="max_lifetime")
+            else:
+                idle = self.guard.config.liveness.idle_timeout_seconds
+                quiet = time.monotonic() - self.state.last_data_at
+                if quiet >= idle:
+                    self._idle_at = None
+                    self.close_soon(CLOSE_GOING_AWAY, "idle timeout", cause="idle_timeout")
+                else:
+                    self._idle_at = now + (idle - quiet)
 
     def cancel_timers(self) -> None:
-        if self._timers:
-            for handle in self._timers.values():
-                handle.cancel()
-            self._timers = None
+        """No deadline any more (the connection has ended)."""
+        self._expiry_at = self._lifetime_at = self._idle_at = None
+        self._wheel.discard(self)
 
     # -- sending -----------------------------------------------------------------------
 
