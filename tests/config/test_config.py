@@ -288,6 +288,7 @@ def test_list_env_with_invalid_json_names_the_key() -> None:
         ("[limits]\nmax_mesage_bytes = 100", "limits.max_mesage_bytes", "unknown key"),
         ("bogus_top_level = 1", "bogus_top_level", "unknown key"),
         ("[limits]\nmax_message_bytes = -1", "limits.max_message_bytes", "greater than"),
+        ("[limits]\nhandshake_burst = 0", "limits.handshake_burst", "greater than"),
         ('[auth]\nalgorithms = ["none"]', "auth.algorithms", "allowed: "),
         ('[auth]\nalgorithms = ["HS256", "RS256"]', "auth.algorithms", "cannot be mixed"),
         ("[auth]\ncookie = true", "auth.cookie", "origin.allowed"),

@@ -375,7 +375,22 @@ class LimitsConfig(_Section):
     handshakes_per_minute: int = Field(
         default=60,
         ge=1,
-        description="Handshake attempts per address per sliding minute (429 beyond).",
+        description=(
+            "Handshake attempts per address per minute, paced: after a burst of "
+            "`handshake_burst`, one every 60/`handshakes_per_minute` seconds (429 with "
+            "Retry-After beyond)."
+        ),
+    )
+    handshake_burst: int = Field(
+        default=10,
+        ge=1,
+        description=(
+            "Handshake attempts an address may make at once, out of `handshakes_per_minute` "
+            "(never more than it): a token bucket of this size, refilled at "
+            "`handshakes_per_minute`/60 per second. An address that reconnects as fast as it "
+            "is closed gets this many, then one per refill, never the minute's whole "
+            "allowance at once."
+        ),
     )
     auth_failures_before_ban: int = Field(
         default=5,
