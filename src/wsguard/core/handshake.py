@@ -207,10 +207,8 @@ class HandshakePolicy:
     ) -> HandshakeDecision:
         store, limits = self.store, self.config.limits
         key = limit_key(client, limits.ipv6_prefix_length)
-        per_minute = limits.handshakes_per_minute  # paced: a burst, then one per 60/N s
-        banned, wait = await store.screen_address(
-            key, per_minute / 60.0, min(limits.handshake_burst, per_minute)
-        )
+        rate, burst = limits.handshake_allowance  # paced: a burst, then one per 60/N s
+        banned, wait = await store.screen_address(key, rate, burst)
         if banned > 0:
             return Reject(
                 429, "banned", "Too many failed attempts.", _retry_after(banned), client=client
