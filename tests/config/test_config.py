@@ -34,6 +34,7 @@ COMMENTED_KEYS = frozenset(
         "auth.public_key_file",
         "auth.jwks_file",
         "auth.jwks_ca_file",
+        "limits.handshake_burst",
         "messages.types",
         "tls.cert_file",
         "tls.key_file",
@@ -288,6 +289,7 @@ def test_list_env_with_invalid_json_names_the_key() -> None:
         ("[limits]\nmax_mesage_bytes = 100", "limits.max_mesage_bytes", "unknown key"),
         ("bogus_top_level = 1", "bogus_top_level", "unknown key"),
         ("[limits]\nmax_message_bytes = -1", "limits.max_message_bytes", "greater than"),
+        ("[limits]\nhandshake_burst = 0", "limits.handshake_burst", "greater than"),
         ('[auth]\nalgorithms = ["none"]', "auth.algorithms", "allowed: "),
         ('[auth]\nalgorithms = ["HS256", "RS256"]', "auth.algorithms", "cannot be mixed"),
         ("[auth]\ncookie = true", "auth.cookie", "origin.allowed"),
@@ -614,3 +616,14 @@ def test_a_mistyped_key_in_a_file_or_the_environment_suggests_the_closest(
         ), done.stderr
     # an unrelated name gets no guess
     assert load_config(env={"WSGUARD_ZZZ": "1"}) is not None
+
+
+def test_handshake_allowance_is_a_burst_then_paced() -> None:
+    def allowance(**limits: int) -> tuple[float, int]:
+        return validate_config({"limits": limits}).limits.handshake_allowance
+
+    assert allowance() == (1.0, 10)  # 60 a minute: 10 at once, then one a second
+    assert allowance(handshakes_per_minute=600) == (10.0, 100)  # unset: 10 s worth
+    assert allowance(handshakes_per_minute=3) == (0.05, 3)  # never more than a minute's
+    assert allowance(handshake_burst=5) == (1.0, 5)
+    assert allowance(handshakes_per_minute=6, handshake_burst=100) == (0.1, 6)

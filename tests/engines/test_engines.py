@@ -12,8 +12,6 @@ import asyncio
 import json
 from typing import Any
 
-import pytest
-
 from conftest import ServerFactory, eventually
 from wsguard.hosts.app import App
 from wsguard.session import Connection
@@ -95,8 +93,8 @@ def test_the_configured_engine_serves(server_factory: ServerFactory, engine: str
         assert json.loads(ws.recv(timeout=5))["type"] == "pong"
 
 
-def test_picows_stops_parsing_a_client_it_closes_and_half_closes_at_once(
-    server_factory: ServerFactory, engine: str
+def test_the_engine_stops_parsing_a_client_it_closes_and_half_closes_at_once(
+    server_factory: ServerFactory,
 ) -> None:
     """After wsguard's close frame a flooding client costs nothing more: the server sends
     its FIN right after the close frame (the client reads the 1008, then EOF, before it
@@ -105,8 +103,6 @@ def test_picows_stops_parsing_a_client_it_closes_and_half_closes_at_once(
     from conftest import make_token
     from support.wire import OP_TEXT, RawClient, frame
 
-    if engine != "picows":
-        pytest.skip("the websockets engine parses until the client's close (docs: Engines)")
     server = server_factory({"limits": {"violation_budget": 3}})
 
     def received() -> list[int]:

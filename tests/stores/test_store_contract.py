@@ -37,6 +37,7 @@ from support.redis_process import RedisProcess
 from wsguard.config.model import ClusterConfig, StoreFailureConfig
 from wsguard.stores import BanPolicy, Store, StoreUnavailable, open_store
 from wsguard.stores.base import CHANNEL_BROADCAST, CHANNEL_REVOKE
+from wsguard.stores.memory import MemoryStore
 from wsguard.stores.redis_store import RedisStore
 
 T = TypeVar("T")
@@ -53,6 +54,31 @@ LONG = 3600.0
 
 
 # -- helpers ------------------------------------------------------------------------
+
+
+class OffsetClock:
+    """The memory store's clock: monotonic time, plus what a test lets elapse at once."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.monotonic() + self.offset
+
+
+async def elapse(store: Store, bucket: str, seconds: float) -> None:
+    """Let *seconds* pass for the token bucket *bucket* without waiting for them: the
+    memory store's clock moves on; on Redis (whose clock is the server's ``TIME``) the
+    bucket's own timestamp moves back by as much, which is the same to the script."""
+    if isinstance(store, MemoryStore):
+        clock = store._clock
+        assert isinstance(clock, OffsetClock)
+        clock.offset += seconds
+        return
+    assert isinstance(store, RedisStore)
+    name = store._key(bucket, ":b")
+    assert await store.client.exists(name) == 1, "no bucket to move back in time"
+    await store.client.hincrby(name, "t", -round(seconds * 1000))
 
 
 async def eventually(
@@ -111,11 +137,12 @@ TOPOLOGIES = {
 @pytest.fixture(params=["memory", *TOPOLOGIES])
 def store(request: pytest.FixtureRequest, runner: asyncio.Runner) -> Iterator[Store]:
     """An opened and started store of each kind, closed after the test."""
+    opened: Store
     if request.param == "memory":
-        uri, cluster = "memory://", None
+        opened = MemoryStore("memory://", clock=OffsetClock())
     else:
-        uri, cluster = request.getfixturevalue(TOPOLOGIES[request.param]), CONTRACT_CLUSTER
-    opened = open_store(uri, cluster)
+        uri = request.getfixturevalue(TOPOLOGIES[request.param])
+        opened = open_store(uri, CONTRACT_CLUSTER)
     runner.run(opened.start())
     yield opened
     errors = opened.error_counts()
@@ -183,6 +210,25 @@ async def hit_window_slides(store: Store) -> None:
     wait = await store.hit(key, limit, window)
     assert 0.0 < wait <= window
     await eventually(lambda: equals(store.hit(key, limit, window), 0.0), "the window to slide")
+
+
+async def pace_burst_then_one_per_period(store: Store) -> None:
+    """The handshake allowance's token bucket: 30 a minute (one token per 2 s), 3 at once."""
+    key, rate, burst, period = "hs:198.51.100.3", 0.5, 3, 2.0
+    for _ in range(burst):  # the burst passes at once
+        assert await store.pace(key, rate, burst) == 0.0
+    wait = await store.pace(key, rate, burst)
+    assert 1.0 < wait <= period  # refused: the seconds until one token is back
+    again = await store.pace(key, rate, burst)
+    assert 0.0 < again <= wait  # a refusal takes nothing
+    await elapse(store, key, period)  # one period: one token back, only one
+    assert await store.pace(key, rate, burst) == 0.0
+    assert await store.pace(key, rate, burst) > 0.0
+    await elapse(store, key, 60.0)  # a long quiet spell refills to the burst, no further
+    for _ in range(burst):
+        assert await store.pace(key, rate, burst) == 0.0
+    assert await store.pace(key, rate, burst) > 0.0
+    assert await store.pace("hs:198.51.100.4", rate, burst) == 0.0  # per key
 
 
 async def take_partial_then_empty(store: Store) -> None:
@@ -340,6 +386,7 @@ CONTRACT: list[Case] = [
     slots_holders_and_keys,
     hit_sliding_window,
     hit_window_slides,
+    pace_burst_then_one_per_period,
     take_partial_then_empty,
     bans_grow_and_unban,
     bans_one_at_a_time,

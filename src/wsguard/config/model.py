@@ -375,7 +375,23 @@ class LimitsConfig(_Section):
     handshakes_per_minute: int = Field(
         default=60,
         ge=1,
-        description="Handshake attempts per address per sliding minute (429 beyond).",
+        description=(
+            "Handshake attempts per address per minute, paced: after a burst of "
+            "`handshake_burst`, one every 60/`handshakes_per_minute` seconds (429 with "
+            "Retry-After beyond)."
+        ),
+    )
+    handshake_burst: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "Handshake attempts an address may make at once, out of `handshakes_per_minute` "
+            "(never more than it): a token bucket of this size, refilled at "
+            "`handshakes_per_minute`/60 per second. An address that reconnects as fast as it "
+            "is closed gets this many, then one per refill, never the minute's whole "
+            "allowance at once. Unset: ten seconds' worth of `handshakes_per_minute`, at "
+            "least 10 (10 at the default 60 a minute)."
+        ),
     )
     auth_failures_before_ban: int = Field(
         default=5,
@@ -486,6 +502,13 @@ class LimitsConfig(_Section):
             "Queued outgoing messages per connection; a full queue drops the slow client (1008)."
         ),
     )
+
+    @property
+    def handshake_allowance(self) -> tuple[float, int]:
+        """The handshake token bucket of an address: (tokens per second, burst)."""
+        per_minute = self.handshakes_per_minute
+        burst = self.handshake_burst or max(10, per_minute // 6)
+        return per_minute / 60.0, min(burst, per_minute)
 
     @model_validator(mode="after")
     def _consistent(self) -> LimitsConfig:

@@ -6,7 +6,7 @@ Order of checks (cheapest and most abusive first):
 2. the Origin is allowed (403; absent Origin refused when cookie auth is on) -- checked
    before any counter so that a cross-site page cannot spend its visitors' quota;
 3. the client address (trusted proxies only) is not banned (429);
-4. the address is within its handshake rate (429);
+4. the address is within its handshake allowance (a token bucket; 429);
 5. the node is not draining (503);
 6. credentials are present and verify (401, counted toward an address ban; 503 when
    the identity provider's keys cannot be used, which is not the client's failure);
@@ -207,7 +207,8 @@ class HandshakePolicy:
     ) -> HandshakeDecision:
         store, limits = self.store, self.config.limits
         key = limit_key(client, limits.ipv6_prefix_length)
-        banned, wait = await store.screen_address(key, limits.handshakes_per_minute, 60.0)
+        rate, burst = limits.handshake_allowance  # paced: a burst, then one per 60/N s
+        banned, wait = await store.screen_address(key, rate, burst)
         if banned > 0:
             return Reject(
                 429, "banned", "Too many failed attempts.", _retry_after(banned), client=client

@@ -67,6 +67,8 @@ _ENGINE_ATTRIBUTES = tuple(
 _ADMITTED = Request("/", WsHeaders())
 _CONTROL_COUNTED = (Opcode.PING, Opcode.PONG)
 _CONT, _TEXT, _BINARY = Opcode.CONT, Opcode.TEXT, Opcode.BINARY
+# Bytes of a read handed to websockets' parser at a time (see GuardedServerConnection._feed).
+_FEED_SLICE = 4096
 
 
 class GuardedServerProtocol(ServerProtocol):
@@ -88,6 +90,7 @@ class GuardedServerConnection(ServerConnection):
     # Slots keep wsguard's per-connection attributes out of the instance dict: past
     # ~30 keys CPython switches the dict to a larger, unshared layout (about 1.6 KB).
     __slots__ = (
+        "_backlog",
         "_fragments",
         "_head",
         "_opened_at",
@@ -113,6 +116,7 @@ class GuardedServerConnection(ServerConnection):
         self._peer_address = "unknown"
         self._pending = False
         self._fragments = 0  # frames of the message being received so far (0: none)
+        self._backlog = b""  # what was read but not parsed yet (the handler is behind)
 
     pending: PendingHandshakes  # shared by the connections of one server
     metrics: Metrics  # the node's counters (bytes in and out)
@@ -126,6 +130,7 @@ class GuardedServerConnection(ServerConnection):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._opened_at = time.monotonic()
         super().connection_made(transport)
+        self.recv_messages.resume = self._resume_reading
         self._peer_address = _peer(self)  # kept: the TLS transport forgets it when torn down
         refusal = self.pending.enter(self._peer_address)
         if refusal is not None:
@@ -141,7 +146,7 @@ class GuardedServerConnection(ServerConnection):
     def data_received(self, data: bytes) -> None:
         self.metrics.bytes_in += len(data)
         if self._screened:
-            super().data_received(data)
+            self._feed(data)
             return
         head = self._head + data
         end, refusal = check_head(head, self.guard.config.limits.max_header_bytes)
@@ -155,7 +160,44 @@ class GuardedServerConnection(ServerConnection):
             return
         self._screened, self._head = True, b""
         self._end_pending()
-        super().data_received(head)
+        self._feed(head)
+
+    def _feed(self, data: bytes) -> None:
+        """Parse a read no further than the handler is ready for.
+
+        websockets parses a whole read (up to 256 KiB) before its handler sees the first
+        message, and pauses reading only afterwards, once its queue of messages is full.
+        A client flooding tiny frames (a flood of invalid messages) would have thousands
+        parsed, at a Python frame parse each, before the policy's close. Fed in slices,
+        parsing stops once the queue is full: the rest waits, unparsed, until the handler
+        has caught up (and is discarded unparsed if the handler closed meanwhile)."""
+        if self._backlog:  # a read arrived before the pause took effect: keep the order
+            self._backlog += data
+            return
+        if len(data) <= _FEED_SLICE or self.protocol.state is not State.OPEN:
+            super().data_received(data)  # closing: websockets discards it unparsed
+            return
+        messages = self.recv_messages
+        for start in range(0, len(data), _FEED_SLICE):
+            if messages.paused:
+                self._backlog = data[start:]
+                return
+            super().data_received(data[start : start + _FEED_SLICE])
+
+    def _resume_reading(self) -> None:
+        """The handler caught up (websockets' queue below its low mark): parse what was
+        held back, in a callback of its own (not inside the handler's read), then read."""
+        self.loop.call_soon(self._feed_backlog)
+
+    def _feed_backlog(self) -> None:
+        if self.transport.is_closing():
+            self._backlog = b""
+            return
+        backlog, self._backlog = self._backlog, b""
+        if backlog:
+            self._feed(backlog)
+        if not self.recv_messages.paused:
+            self.transport.resume_reading()
 
     def _refuse_raw(self, status: int, reason: str, message: str) -> None:
         self.decided = True
@@ -205,6 +247,7 @@ class GuardedServerConnection(ServerConnection):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._end_pending()
+        self._backlog = b""
         super().connection_lost(exc)
         release_admission(self)
         if not self.decided:
@@ -398,9 +441,33 @@ class WebsocketsTransport:
         return self.ws.protocol.state is State.OPEN
 
     def close_now(self, code: int, reason: str) -> bool:
-        return False  # websockets closes in a coroutine
+        """Send the close frame now and stop parsing: what the client still sends is
+        read and discarded unparsed (websockets' "fail the connection", RFC 6455 7.1.7),
+        and our side is half-closed after the close frame, so a compliant client answers
+        and closes at once; the socket is dropped after ``close_timeout`` at the latest.
+
+        Waiting for the client's close frame instead would parse every frame it sent
+        before it (a flooding client: megabytes of socket buffers, a Python frame parse
+        each), the cost the picows engine avoids the same way. The audit reports the
+        close frame we sent either way."""
+        ws = self.ws
+        protocol = ws.protocol
+        if protocol.state is not State.OPEN or ws.send_in_progress is not None:
+            return False  # already closing, or in a fragmented send: the engine's close
+        protocol.fail(code, reason)
+        try:
+            ws.send_data()
+        except Exception as exc:  # the engine's own send path handles it the same way
+            ws.set_connection_exc(exc)
+            ws.transport.abort()
+        if ws.close_deadline is None and ws.close_timeout is not None:
+            ws.close_deadline = ws.loop.time() + ws.close_timeout
+        return True
 
     async def close(self, code: int, reason: str) -> None:
+        """The close frame (see :meth:`close_now`), then wait for the connection to end:
+        bounded by ``close_timeout``, after which the socket is aborted."""
+        self.close_now(code, reason)
         await self.ws.close(code, reason)
 
     def abort(self) -> None:

@@ -93,6 +93,15 @@ class Store(ABC):
         """
 
     @abstractmethod
+    async def pace(self, key: str, rate: float, burst: int) -> float:
+        """Take one token from *key*'s bucket of *burst* tokens, refilled at *rate* tokens
+        per second (full when unknown).
+
+        Returns 0.0 when a token was taken, else the seconds until one is back (nothing
+        is taken then): at most *burst* events at once, then one per ``1 / rate`` seconds.
+        """
+
+    @abstractmethod
     async def ban_remaining(self, key: str) -> float:
         """Seconds left on *key*'s ban, 0.0 when not banned."""
 
@@ -161,17 +170,18 @@ class Store(ABC):
 
     # -- combined steps of a handshake: one round trip each on a remote store ---------
 
-    async def screen_address(self, key: str, limit: int, window: float) -> tuple[float, float]:
+    async def screen_address(self, key: str, rate: float, burst: int) -> tuple[float, float]:
         """A handshake's first look at a client address: (ban seconds left, rate wait).
 
         The ban is the one :meth:`record_failure` starts under ``"addr:" + key``; the
-        handshake rate counts one event in ``"hs:" + key``'s window of *limit* per
-        *window* seconds. A banned address is answered without being counted.
+        handshake rate takes one token from ``"hs:" + key``'s bucket (:meth:`pace`: *burst*
+        at once, refilled at *rate* per second). A banned address is answered without
+        taking a token.
         """
         banned = await self.ban_remaining("addr:" + key)
         if banned > 0:
             return banned, 0.0
-        return 0.0, await self.hit("hs:" + key, limit, window)
+        return 0.0, await self.pace("hs:" + key, rate, burst)
 
     async def admit(
         self,

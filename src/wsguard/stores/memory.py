@@ -3,7 +3,8 @@
 Everything is plain dictionaries updated without an ``await`` between read and
 write, so each method is atomic on the event loop. Rate counting uses a sliding
 window counter (the previous fixed window weighted by its overlap plus the
-current one): O(1) memory per key and no double burst at window boundaries.
+current one): O(1) memory per key and no double burst at window boundaries; the
+handshake allowance is a token bucket (:meth:`MemoryStore.pace`).
 Stale entries are pruned in amortized O(1) as the tables grow, so memory stays
 bounded by the number of active keys, whatever an attacker rotates through.
 
@@ -47,10 +48,12 @@ class _Table:
 class MemoryStore(Store):
     """Process-local state for one node."""
 
-    def __init__(self, uri: str = "memory://") -> None:
+    def __init__(self, uri: str = "memory://", clock: Callable[[], float] = time.monotonic) -> None:
         self.uri = uri
+        self._clock = clock  # seconds, monotonic: every expiry, window and bucket
         self._slots: dict[str, set[str]] = {}
         self._windows = _Table()  # key -> (window start, previous count, current count)
+        self._buckets = _Table()  # key -> (tokens, as of, full again at)
         self._bans = _Table()  # key -> (banned until, level, last ban time)
         self._nonces: dict[str, float] = {}
         self._nonce_order: collections.deque[tuple[float, str]] = collections.deque()
@@ -102,7 +105,7 @@ class MemoryStore(Store):
         self._windows.maybe_prune(lambda v: v[0] < now - 2 * window)
 
     async def hit(self, key: str, limit: int, window: float) -> float:
-        now = time.monotonic()
+        now = self._clock()
         start, previous, current, estimate = self._estimate(key, window, now)
         if estimate + 1 > limit:
             if current + 1 > limit or previous <= 0:
@@ -114,7 +117,7 @@ class MemoryStore(Store):
         return 0.0
 
     async def take(self, key: str, want: int, limit: int, window: float) -> tuple[int, float]:
-        now = time.monotonic()
+        now = self._clock()
         start, previous, current, estimate = self._estimate(key, window, now)
         granted = min(want, int(limit - estimate))
         if granted <= 0:
@@ -125,16 +128,27 @@ class MemoryStore(Store):
         self._record(key, start, previous, current + granted, window, now)
         return granted, 0.0
 
+    async def pace(self, key: str, rate: float, burst: int) -> float:
+        now = self._clock()
+        entry = self._buckets.data.get(key)
+        tokens = float(burst) if entry is None else min(burst, entry[0] + (now - entry[1]) * rate)
+        if tokens < 1.0:
+            return (1.0 - tokens) / rate
+        tokens -= 1.0
+        self._buckets.data[key] = (tokens, now, now + (burst - tokens) / rate)
+        self._buckets.maybe_prune(lambda v: v[2] <= now)  # full again: same as unknown
+        return 0.0
+
     # -- failures and bans ---------------------------------------------------------------
 
     async def ban_remaining(self, key: str) -> float:
         entry = self._bans.data.get(key)
         if entry is None:
             return 0.0
-        return max(0.0, entry[0] - time.monotonic())
+        return max(0.0, entry[0] - self._clock())
 
     async def record_failure(self, key: str, policy: BanPolicy) -> float | None:
-        now = time.monotonic()
+        now = self._clock()
         fail_key = "fail:" + key
         start, previous, current, estimate = self._estimate(fail_key, policy.window, now)
         self._record(fail_key, start, previous, current + 1, policy.window, now)
@@ -154,33 +168,33 @@ class MemoryStore(Store):
 
     async def unban(self, key: str) -> bool:
         entry = self._bans.data.get(key)
-        if entry is None or entry[0] <= time.monotonic():
+        if entry is None or entry[0] <= self._clock():
             return False
         self._bans.data[key] = (0.0, entry[1], entry[2])
         return True
 
     async def ban(self, key: str, seconds: float) -> None:
-        now = time.monotonic()
+        now = self._clock()
         entry = self._bans.data.get(key)
         level, last = (entry[1], entry[2]) if entry is not None else (0.0, now)
         until = max(now + seconds, entry[0] if entry is not None else 0.0)
         self._bans.data[key] = (until, level, last)
 
     async def bans(self, limit: int = 1000) -> list[tuple[str, float]]:
-        now = time.monotonic()
+        now = self._clock()
         active = [(key, entry[0] - now) for key, entry in self._bans.data.items() if entry[0] > now]
         active.sort(key=lambda item: -item[1])
         return active[:limit]
 
     def ban_count(self) -> int:
         """Bans in force now (synchronous: read by the metrics collector)."""
-        now = time.monotonic()
+        now = self._clock()
         return sum(1 for entry in self._bans.data.values() if entry[0] > now)
 
     # -- nonces ----------------------------------------------------------------------------
 
     async def add_nonce(self, key: str, ttl: float) -> bool:
-        now = time.monotonic()
+        now = self._clock()
         order, nonces = self._nonce_order, self._nonces
         while order and order[0][0] <= now:  # entries expire with the window
             _, old = order.popleft()
@@ -196,7 +210,7 @@ class MemoryStore(Store):
     # -- revocations and events ---------------------------------------------------------
 
     async def revoke(self, kind: RevocationKind, value: str, ttl: float) -> None:
-        now = time.monotonic()
+        now = self._clock()
         self._revoked[f"{kind}:{value}"] = now + ttl
         if len(self._revoked) >= self._next_revoked_prune:
             self._revoked = {k: v for k, v in self._revoked.items() if v > now}
@@ -206,7 +220,7 @@ class MemoryStore(Store):
     async def is_revoked(self, subject: str, token_id: str | None) -> bool:
         if not self._revoked:
             return False
-        now = time.monotonic()
+        now = self._clock()
         if self._revoked.get("sub:" + subject, 0.0) > now:
             return True
         return token_id is not None and self._revoked.get("jti:" + token_id, 0.0) > now

@@ -33,6 +33,35 @@ local function window_wait(start, p, c, limit, window, now)
 end
 """
 
+# The token bucket (same algorithm as the memory store's pace): *burst* tokens when
+# unknown, refilled at *rate* per ms; the hash expires once it would be full again (then
+# unknown means the same). Returns 0 when a token was taken, else the ms until one is back.
+_BUCKET = """
+local function bucket_take(key, rate, burst, now)
+  local v = redis.call('HMGET', key, 'k', 't')
+  local tokens, last = tonumber(v[1]), tonumber(v[2])
+  if tokens == nil or last == nil then
+    tokens = burst
+  else
+    tokens = math.min(burst, tokens + math.max(0, now - last) * rate)
+  end
+  if tokens < 1 then return math.max(1, math.ceil((1 - tokens) / rate)) end
+  tokens = tokens - 1
+  redis.call('HSET', key, 'k', string.format('%.17g', tokens), 't', now)
+  redis.call('PEXPIRE', key, math.max(1, math.ceil((burst - tokens) / rate)))
+  return 0
+end
+"""
+
+#: KEYS[1] bucket hash; ARGV rate (tokens per second), burst -> wait_ms (0: token taken).
+PACE = (
+    _NOW
+    + _BUCKET
+    + """
+return bucket_take(KEYS[1], tonumber(ARGV[1]) / 1000, tonumber(ARGV[2]), now)
+"""
+)
+
 #: KEYS[1] the nonce; ARGV the message's timestamp (Unix ms) and the window (ms).
 #: Returns 1 fresh (recorded until timestamp + window), 0 replayed, 2 stale: both on the
 #: server's clock, so nodes with skewed clocks agree.
@@ -109,20 +138,15 @@ return {grant, 0}
 """
 )
 
-#: KEYS ban key, handshake window hash (one hash tag); ARGV limit, window_ms
-#: -> {ban_ms, wait_ms}: a banned address is answered without being counted.
+#: KEYS ban key, handshake bucket hash (one hash tag); ARGV rate (tokens per second),
+#: burst -> {ban_ms, wait_ms}: a banned address is answered without taking a token.
 SCREEN = (
     _NOW
-    + _WINDOW
+    + _BUCKET
     + """
 local ban = redis.call('PTTL', KEYS[1])
 if ban >= 0 then return {math.max(ban, 1), 0} end
-local limit, window = tonumber(ARGV[1]), tonumber(ARGV[2])
-local start, p, c, est = window_state(KEYS[2], window, now)
-if math.floor(limit - est) < 1 then return {0, window_wait(start, p, c, limit, window, now)} end
-redis.call('HSET', KEYS[2], 's', start, 'p', p, 'c', c + 1)
-redis.call('PEXPIRE', KEYS[2], window * 2)
-return {0, 0}
+return {0, bucket_take(KEYS[2], tonumber(ARGV[1]) / 1000, tonumber(ARGV[2]), now)}
 """
 )
 

@@ -96,12 +96,13 @@ class RedisStore(Store):
         self._renew = self.client.register_script(redis_scripts.RENEW)
         self._count = self.client.register_script(redis_scripts.COUNT)
         self._take = self.client.register_script(redis_scripts.TAKE)
+        self._pace = self.client.register_script(redis_scripts.PACE)
         self._record_failure = self.client.register_script(redis_scripts.RECORD_FAILURE)
         self._screen = self.client.register_script(redis_scripts.SCREEN)
         self._extend_ban = self.client.register_script(redis_scripts.EXTEND_BAN)
         self._record_nonce = self.client.register_script(redis_scripts.RECORD_NONCE)
         self._scripts: tuple[AsyncScript, ...] = (
-            self._acquire, self._renew, self._count, self._take, self._record_failure,
+            self._acquire, self._renew, self._count, self._take, self._pace, self._record_failure,
             self._screen, self._extend_ban, self._record_nonce,
         )  # fmt: skip
         self._held: dict[str, set[str]] = {}  # leases granted by Redis, renewed by us
@@ -416,13 +417,23 @@ class RedisStore(Store):
         granted, wait = await self.take(key, 1, limit, window)
         return 0.0 if granted else wait
 
+    async def pace(self, key: str, rate: float, burst: int) -> float:
+        async def remote() -> float:
+            wait_ms = await self._pace(keys=[self._key(key, ":b")], args=[float(rate), burst])
+            return int(wait_ms) / 1000
+
+        async def local() -> float:
+            return await self._fallback.pace(key, rate, burst)
+
+        return await self._run("rate_limits", remote, local)
+
     # -- the combined steps of a handshake ---------------------------------------------
 
-    async def screen_address(self, key: str, limit: int, window: float) -> tuple[float, float]:
+    async def screen_address(self, key: str, rate: float, burst: int) -> tuple[float, float]:
         async def remote() -> tuple[float, float]:
             ban_ms, wait_ms = await self._screen(
-                keys=[self._key("addr:" + key, ":ban"), self._key("addr:" + key, ":hs")],
-                args=[limit, int(window * 1000)],
+                keys=[self._key("addr:" + key, ":ban"), self._key("addr:" + key, ":hsb")],
+                args=[float(rate), burst],
             )
             return (int(ban_ms) / 1000 if int(ban_ms) > 0 else 0.0), int(wait_ms) / 1000
 
@@ -432,7 +443,7 @@ class RedisStore(Store):
                 return banned, 0.0
             if self._modes.rate_limits == "closed":
                 raise StoreUnavailable("rate_limits")
-            return 0.0, await self._fallback.hit("hs:" + key, limit, window)
+            return 0.0, await self._fallback.pace("hs:" + key, rate, burst)
 
         return await self._run("bans", remote, fallback)
 
