@@ -15,6 +15,7 @@ import importlib
 import json
 import time
 import urllib.request
+import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
@@ -291,10 +292,9 @@ def test_wsguard_size_check_counts_utf8_bytes(serve: Serve) -> None:
     assert server.rec.received == []
 
 
-def test_message_with_text_and_bytes_reaches_the_app_as_text_only() -> None:
-    token = make_token("alice")
-    text = '{"type":"ping","id":1}'
-    scope: Scope = {
+def direct_scope(token: str) -> Scope:
+    """A ``websocket`` scope as a server builds it, for driving the middleware directly."""
+    return {
         "type": "websocket",
         "asgi": {"version": "3.0", "spec_version": "2.4"},
         "http_version": "1.1",
@@ -317,21 +317,43 @@ def test_message_with_text_and_bytes_reaches_the_app_as_text_only() -> None:
         "extensions": {"websocket.http.response": {}},
         "state": {},
     }
-    incoming: list[Message] = [
-        {"type": "websocket.connect"},
-        {"type": "websocket.receive", "text": text, "bytes": b"\x00EVIL"},
-        {"type": "websocket.disconnect", "code": 1000},
-    ]
+
+
+def run_direct(app: Any, incoming: list[Message]) -> list[Message]:
+    """Run *app* behind the middleware on *incoming* (the last event repeated when asked
+    again); returns what the middleware sent to the "server"."""
     sent: list[Message] = []
-    got: list[Message] = []
 
     async def receive() -> Message:
+        await asyncio.sleep(0)  # as a server's: the next event comes on a later turn
         if len(incoming) > 1:
             return incoming.pop(0)
         return dict(incoming[0])  # the disconnect, again if asked
 
     async def send(message: Message) -> None:
         sent.append(dict(message))
+
+    async def main() -> None:
+        middleware = WsGuardMiddleware(
+            app, guard=Guard(make_config(), audit=AuditLog(AuditCapture()))
+        )
+        try:
+            await asyncio.wait_for(middleware(direct_scope(make_token("alice")), receive, send), 5)
+        finally:
+            await middleware.shutdown()
+
+    asyncio.run(main())
+    return sent
+
+
+def test_message_with_text_and_bytes_reaches_the_app_as_text_only() -> None:
+    text = '{"type":"ping","id":1}'
+    incoming: list[Message] = [
+        {"type": "websocket.connect"},
+        {"type": "websocket.receive", "text": text, "bytes": b"\x00EVIL"},
+        {"type": "websocket.disconnect", "code": 1000},
+    ]
+    got: list[Message] = []
 
     async def app(app_scope: Scope, app_receive: Receive, app_send: Send) -> None:
         assert (await app_receive())["type"] == "websocket.connect"
@@ -342,20 +364,68 @@ def test_message_with_text_and_bytes_reaches_the_app_as_text_only() -> None:
             if message["type"] == "websocket.disconnect":
                 return
 
-    async def main() -> None:
-        middleware = WsGuardMiddleware(
-            app, guard=Guard(make_config(), audit=AuditLog(AuditCapture()))
-        )
-        try:
-            await asyncio.wait_for(middleware(scope, receive, send), 5)
-        finally:
-            await middleware.shutdown()
-
-    asyncio.run(main())
+    sent = run_direct(app, incoming)
     assert sent[0]["type"] == "websocket.accept", sent  # admitted
     assert got[0] == {"type": "websocket.receive", "text": text}
     assert "bytes" not in got[0]
     assert [m["type"] for m in got] == ["websocket.receive", "websocket.disconnect"]
+
+
+def test_a_passed_message_is_the_servers_own_event_and_a_refused_one_never_arrives() -> None:
+    """No copy per message: the app gets the server's event itself when the policy passed
+    it; a refused message is answered by the middleware and never reaches the app."""
+    passed: Message = {"type": "websocket.receive", "text": '{"type":"ping","id":1}'}
+    incoming: list[Message] = [
+        {"type": "websocket.connect"},
+        {"type": "websocket.receive", "text": '{"type":"nope"}'},
+        passed,
+        {"type": "websocket.disconnect", "code": 1000},
+    ]
+    got: list[Message] = []
+
+    async def app(app_scope: Scope, app_receive: Receive, app_send: Send) -> None:
+        await app_receive()
+        await app_send({"type": "websocket.accept"})
+        while True:
+            message = await app_receive()
+            got.append(message)
+            if message["type"] == "websocket.disconnect":
+                return
+
+    sent = run_direct(app, incoming)
+    assert got[0] is passed
+    assert [m["type"] for m in got] == ["websocket.receive", "websocket.disconnect"]
+    errors = [json.loads(m["text"]) for m in sent if m["type"] == "websocket.send"]
+    assert [e["type"] for e in errors] == ["error"], sent
+
+
+def test_the_apps_send_is_a_coroutine_function_to_frameworks_that_check() -> None:
+    """The app's ``send`` hands the server's awaitable back instead of awaiting it in a
+    coroutine of its own; it is marked, so asyncio and asgiref (Channels' sync consumers
+    call ``async_to_sync(send)``) take it for a coroutine function, without a warning."""
+    asgiref_sync = pytest.importorskip("asgiref.sync")
+    seen: dict[str, Any] = {}
+
+    async def app(app_scope: Scope, app_receive: Receive, app_send: Send) -> None:
+        seen["asyncio"] = asyncio.iscoroutinefunction(app_send)
+        seen["asgiref"] = asgiref_sync.iscoroutinefunction(app_send)
+        await app_receive()
+        await app_send({"type": "websocket.accept"})
+
+        def sync_send() -> None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                asgiref_sync.async_to_sync(app_send)({"type": "websocket.send", "text": "hi"})
+
+        await asgiref_sync.sync_to_async(sync_send)()
+        await app_send({"type": "websocket.close", "code": 1000})
+
+    sent = run_direct(
+        app, [{"type": "websocket.connect"}, {"type": "websocket.disconnect", "code": 1000}]
+    )
+    assert seen == {"asyncio": True, "asgiref": True}
+    assert [m["type"] for m in sent] == ["websocket.accept", "websocket.send", "websocket.close"]
+    assert sent[1]["text"] == "hi"
 
 
 # -- 4. rate limits ----------------------------------------------------------------------

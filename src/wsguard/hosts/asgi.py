@@ -23,11 +23,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import inspect
 import itertools
 import logging
-import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from http.cookies import CookieError, SimpleCookie
+from time import perf_counter
 from typing import Any
 from urllib.parse import unquote_plus
 
@@ -63,6 +64,34 @@ DENIAL_EXTENSION = "websocket.http.response"
 #: codes itself looks the same over ASGI, and is recorded the same way).
 SERVER_FAILURE_CODES = frozenset(ENGINE_CAUSES)
 
+_UNRESOLVED: Any = object()
+_auth_credentials: Any = _UNRESOLVED  # Starlette's AuthCredentials, or None without it
+
+
+def _credentials(scopes: list[str]) -> Any:
+    """``scope["auth"]``: Starlette's ``AuthCredentials`` when Starlette is installed,
+    else (Django Channels, plain ASGI) the scopes as a list."""
+    global _auth_credentials
+    cls = _auth_credentials
+    if cls is _UNRESOLVED:
+        try:
+            from starlette.authentication import AuthCredentials
+        except ImportError:
+            cls = None
+        else:
+            cls = AuthCredentials
+        _auth_credentials = cls
+    return scopes if cls is None else cls(scopes)
+
+
+def markcoroutinefunction(func: Callable[..., Any]) -> None:
+    """Mark *func*, which returns an awaitable, as a coroutine function for
+    ``inspect.iscoroutinefunction`` (3.12+) and ``asyncio.iscoroutinefunction``."""
+    if hasattr(inspect, "markcoroutinefunction"):
+        inspect.markcoroutinefunction(func)
+    else:  # Python 3.11: asyncio's marker (what asgiref's markcoroutinefunction sets)
+        func._is_coroutine = asyncio.coroutines._is_coroutine  # type: ignore[attr-defined]
+
 
 class WsGuardUser:
     """The authenticated identity as Starlette's ``request.user`` / ``websocket.user``."""
@@ -86,21 +115,54 @@ class WsGuardUser:
         return f"WsGuardUser({self.identity.subject!r})"
 
 
-class AsgiTransport:
-    """The :class:`~wsguard.session.Transport` of a WebSocket under an ASGI server: every
-    frame goes through the server's ``send`` (asynchronous), and the close codes are the
-    ones the app, wsguard and the server's disconnect event report."""
+class AsgiConnection:
+    """One WebSocket under the middleware, in one slotted object: the
+    :class:`~wsguard.session.Transport` of its Session (every frame goes through the
+    server's ``send``, asynchronous; the close codes are the ones the app, wsguard and the
+    server's disconnect event report), the ``receive`` and ``send`` the application is
+    given, and what the app sees that a refresh changes.
 
-    __slots__ = ("_send", "accepted", "close_on_accept", "close_sent", "closed_by_client")
+    A message crosses one Python layer of the middleware on its way in (:meth:`app_receive`:
+    the size check, the Session's policy, the latency metric; the server's own event is
+    handed on when it is what the policy passed) and none of its own on the way out
+    (:meth:`app_send` hands the server's ``send`` awaitable back)."""
 
-    def __init__(self, send: Send) -> None:
+    __slots__ = (
+        "_connect",
+        "_host",
+        "_receive",
+        "_send",
+        "accepted",
+        "close_on_accept",
+        "close_sent",
+        "closed_by_client",
+        "credentials",
+        "delivered",
+        "session",
+        "state",
+        "user",
+    )
+
+    def __init__(
+        self, host: WsGuardMiddleware, receive: Receive, send: Send, connect: Message
+    ) -> None:
+        self._host = host
+        self._receive = receive
         self._send = send
+        self._connect: Message | None = connect  # the first event, handed to the app
         self.accepted = False
         self.close_sent: tuple[int, str] | None = None  # by wsguard or the app
         # the disconnect code the server reported (a client's close, or the server's own
         # failure: SERVER_FAILURE_CODES)
         self.closed_by_client: int | None = None
         self.close_on_accept: tuple[int, str] | None = None
+        self.delivered: str | bytes | None = None  # what the policy passed, for the app
+        self.session: Session = None  # type: ignore[assignment]  # set by the middleware
+        self.user: WsGuardUser = None  # type: ignore[assignment]
+        self.state: dict[str, Any] = {}
+        self.credentials: Any = None
+
+    # -- Transport (for the Session) --------------------------------------------------
 
     def write(self, data: str | bytes, text: bool = False) -> bool:
         return False  # an ASGI send is a coroutine: the Session queues and calls send()
@@ -144,23 +206,117 @@ class AsgiTransport:
             return code, "", "client"
         return 1006, "", "network"
 
-
-class _AppView:
-    """What one connection's app sees that a refresh changes, and its delivered message."""
-
-    __slots__ = ("credentials", "delivered", "state", "user")
-
-    def __init__(self, scope: Scope) -> None:
-        self.user: WsGuardUser = scope["user"]
-        self.state: dict[str, Any] = scope["state"]
-        self.credentials: Any = scope.get("auth")
-        self.delivered: list[str | bytes] = []
+    # -- what the app sees ------------------------------------------------------------
 
     def refresh(self, identity: Identity) -> None:
         self.user.identity = identity  # the app sees the refreshed identity
         self.state["wsguard"] = identity
         if hasattr(self.credentials, "scopes"):  # Starlette's AuthCredentials
             self.credentials.scopes = sorted(identity.scopes)
+
+    def _wsguard_closed(self) -> Message | None:
+        """The disconnect the app learns when wsguard closed the connection."""
+        sent = self.close_sent
+        if sent is not None and self.session.close_cause is not None:
+            return {"type": "websocket.disconnect", "code": sent[0]}
+        return None
+
+    async def app_receive(self) -> Message:
+        """The app's ``receive``: only the messages that passed the policy."""
+        connect = self._connect
+        if connect is not None:
+            self._connect = None
+            return connect
+        session = self.session
+        host = self._host
+        while True:
+            if self.close_sent is not None:
+                closed = self._wsguard_closed()
+                if closed is not None:
+                    return closed
+            message = await self._receive()
+            kind = message["type"]
+            if kind != "websocket.receive":
+                if kind == "websocket.disconnect":
+                    if self.close_sent is None:
+                        self.closed_by_client = int(message.get("code", 1005))
+                        session.mark_closing()
+                    return message
+                continue
+            if self.close_sent is not None:
+                continue
+            text = message.get("text")
+            data: str | bytes = text if text is not None else message.get("bytes") or b""
+            started = perf_counter()
+            max_bytes = host.max_message_bytes
+            if len(data) > max_bytes or (
+                isinstance(data, str)
+                and 4 * len(data) > max_bytes
+                and len(data.encode()) > max_bytes
+            ):
+                session.fail(CLOSE_TOO_BIG, "message too big", "too_big")
+            elif not session.closing:
+                pending = session.receive(data)
+                if pending is not None:
+                    await pending
+            if session.closing and session.close_cause is not None:
+                await session.wait_closing()  # the close frame is out
+                closed = self._wsguard_closed()
+                if closed is not None:
+                    return closed
+            host.latency(perf_counter() - started)
+            delivered = self.delivered
+            if delivered is not None:
+                self.delivered = None
+                # only what the policy saw reaches the app (never both text and bytes): the
+                # server's own event when it holds nothing else
+                if delivered is text and len(message) == 2:
+                    return message
+                if isinstance(delivered, str):
+                    return {"type": "websocket.receive", "text": delivered}
+                return {"type": "websocket.receive", "bytes": delivered}
+
+    def app_send(self, message: Message) -> Awaitable[None]:
+        """The app's ``send``: a data frame is the server's ``send`` itself (no layer of
+        ours to await); accept and close go through :meth:`_control`."""
+        if message["type"] == "websocket.send" and self.close_sent is None:
+            self.session.sent += 1
+            return self._send(message)
+        return self._control(message)
+
+    async def _control(self, message: Message) -> None:
+        kind = message["type"]
+        session = self.session
+        if kind == "websocket.accept":
+            message = dict(message)
+            chosen = message.get("subprotocol")
+            if chosen is None or chosen.startswith(self._host.config.auth.subprotocol_prefix):
+                message["subprotocol"] = session.subprotocol  # the admitted one
+            self.accepted = True
+            session.subprotocol = message.get("subprotocol")
+            session.open()
+            await self._send(message)
+            if self.close_on_accept is not None:
+                # revoked or disconnected while the app was busy: closed at its accept
+                await self.close(*self.close_on_accept)
+            return
+        if kind == "websocket.close":
+            if self.close_sent is not None:
+                return  # wsguard closed it already
+            self.close_sent = (int(message.get("code", 1000)), str(message.get("reason") or ""))
+            session.mark_closing()
+        elif kind == "websocket.send":  # after a close
+            if session.close_cause is not None:
+                # wsguard closed it (revoked, expired, banned...): an app that only sends
+                # must learn it too, as it would of a client going away
+                raise ConnectionResetError(f"closed by wsguard ({session.close_cause})")
+            return  # the app closed it itself: nothing more goes out
+        await self._send(message)
+
+
+# the app's send is a plain method that returns the server's awaitable: marked as a
+# coroutine function for the frameworks that check (asgiref's async_to_sync, Channels)
+markcoroutinefunction(AsgiConnection.app_send)
 
 
 class WsGuardMiddleware:
@@ -178,6 +334,8 @@ class WsGuardMiddleware:
         self.app = app
         self.guard = guard if guard is not None else Guard(config or Config())
         self.config = self.guard.config
+        self.max_message_bytes = self.config.limits.max_message_bytes
+        self.latency = self.guard.monitor.metrics.latency  # per message, as the engines
         if self.config.admin.enabled:
             from wsguard.extras import require
 
@@ -249,13 +407,46 @@ class WsGuardMiddleware:
     # -- ASGI ---------------------------------------------------------------------------------
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        kind = scope["type"]
-        if kind == "websocket":
-            await self._websocket(scope, receive, send)
-        elif kind == "lifespan":
-            await self._lifespan(scope, receive, send)
-        else:
-            await self.app(scope, receive, send)
+        if scope["type"] != "websocket":
+            if scope["type"] == "lifespan":
+                await self._lifespan(scope, receive, send)
+            else:
+                await self.app(scope, receive, send)
+            return
+        # a WebSocket, served in this one coroutine (no layer of ours stays suspended
+        # under the app's but this call and the app's receive)
+        if not self._started:
+            await self.startup()
+        first = await receive()
+        if first["type"] != "websocket.connect":
+            return  # the client went away before the handshake completed
+        request, headers = handshake_request(scope, self.config)
+        decision = await self.guard.admit(request)
+        del request  # the decoded headers (with the credential) are not kept
+        if isinstance(decision, Reject):
+            await deny(scope, send, decision)
+            return
+        conn = AsgiConnection(self, receive, send, first)
+        del first
+        session = conn.session = Session(conn, self, decision)
+        session.attachment = conn
+        app_scope = scope_for_app(scope, headers, decision, self.config, conn)
+        del headers
+        self.connections[session.id] = session  # from admission on: revocations reach it
+        if self._events is not None:  # and those that arrived while it was decided
+            self._events.catch_up(session, session.checked_at)
+        del decision  # the Session holds the admission until it releases it
+        try:
+            await self.app(app_scope, conn.app_receive, conn.app_send)
+        finally:
+            await session.wait_closing()
+            released: list[Admit] = []
+            if conn.accepted:
+                session.end(released.append)
+            else:
+                session.discard(released.append)
+            for admission in released:
+                await admission.release()
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Pass the lifespan protocol through, starting and closing the Guard with it.
@@ -300,18 +491,6 @@ class WsGuardMiddleware:
         await self.shutdown()
         await send({"type": "lifespan.shutdown.complete"})
 
-    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self.startup()
-        first = await receive()
-        if first["type"] != "websocket.connect":
-            return  # the client went away before the handshake completed
-        guard = self.guard
-        decision = await guard.admit(handshake_request(scope))
-        if isinstance(decision, Reject):
-            await deny(scope, send, decision)
-            return
-        await self._serve(scope, receive, send, first, decision)
-
     # -- the host's hooks (called by each connection's Session) -------------------------
 
     def new_connection_id(self) -> str:
@@ -324,7 +503,7 @@ class WsGuardMiddleware:
         return None  # the application speaks first, if at all
 
     def deliver(self, session: Session, decision: Deliver, data: str | bytes) -> None:
-        session.attachment.delivered.append(data)  # app_receive hands it to the app
+        session.attachment.delivered = data  # AsgiConnection.app_receive hands it on
 
     def opened(self, session: Session) -> None:
         return None
@@ -335,176 +514,82 @@ class WsGuardMiddleware:
     def closed(self, session: Session) -> None:
         return None
 
-    # -- one connection ---------------------------------------------------------------------
 
-    async def _serve(
-        self, scope: Scope, receive: Receive, send: Send, first: Message, admit: Admit
-    ) -> None:
-        guard = self.guard
-        monitor = guard.monitor
-        max_bytes = self.config.limits.max_message_bytes
-        transport = AsgiTransport(send)
-        session = Session(transport, self, admit)
-        scope_for_app = app_scope(scope, admit, self.config)
-        view = session.attachment = _AppView(scope_for_app)
-        delivered = view.delivered
-        connect: Message | None = first
-
-        def wsguard_closed() -> Message | None:
-            """The disconnect the app learns when wsguard closed the connection."""
-            sent = transport.close_sent
-            if sent is not None and session.close_cause is not None:
-                return {"type": "websocket.disconnect", "code": sent[0]}
-            return None
-
-        async def app_receive() -> Message:
-            nonlocal connect
-            if connect is not None:
-                message, connect = connect, None
-                return message
-            while True:
-                closed = wsguard_closed()
-                if closed is not None:
-                    return closed
-                message = await receive()
-                kind = message["type"]
-                if kind == "websocket.disconnect":
-                    if transport.close_sent is None:
-                        transport.closed_by_client = int(message.get("code", 1005))
-                        session.mark_closing()
-                    return message
-                if kind != "websocket.receive" or transport.close_sent is not None:
-                    continue
-                text = message.get("text")
-                data: str | bytes = text if text is not None else message.get("bytes") or b""
-                started = time.perf_counter()
-                if len(data) > max_bytes or (
-                    isinstance(data, str)
-                    and 4 * len(data) > max_bytes
-                    and len(data.encode()) > max_bytes
-                ):
-                    session.fail(CLOSE_TOO_BIG, "message too big", "too_big")
-                elif not session.closing:
-                    pending = session.receive(data)
-                    if pending is not None:
-                        await pending
-                if session.closing and session.close_cause is not None:
-                    await session.wait_closing()  # the close frame is out
-                    closed = wsguard_closed()
-                    if closed is not None:
-                        return closed
-                monitor.metrics.latency(time.perf_counter() - started)
-                if delivered:
-                    # only what the policy saw reaches the app (never both text and bytes)
-                    data = delivered.pop()
-                    if isinstance(data, str):
-                        return {"type": "websocket.receive", "text": data}
-                    return {"type": "websocket.receive", "bytes": data}
-
-        async def app_send(message: Message) -> None:
-            kind = message["type"]
-            if kind == "websocket.accept":
-                message = dict(message)
-                chosen = message.get("subprotocol")
-                if chosen is None or chosen.startswith(self.config.auth.subprotocol_prefix):
-                    message["subprotocol"] = admit.subprotocol
-                transport.accepted = True
-                session.subprotocol = message.get("subprotocol")
-                session.open()
-            elif kind == "websocket.close":
-                if transport.close_sent is not None:
-                    return  # wsguard closed it already
-                transport.close_sent = (
-                    int(message.get("code", 1000)),
-                    str(message.get("reason") or ""),
-                )
-                session.mark_closing()
-            elif kind == "websocket.send":
-                if transport.close_sent is not None:
-                    if session.close_cause is not None:
-                        # wsguard closed it (revoked, expired, banned...): an app that only
-                        # sends must learn it too, as it would of a client going away
-                        raise ConnectionResetError(f"closed by wsguard ({session.close_cause})")
-                    return  # the app closed it itself: nothing more goes out
-                session.sent += 1
-            await send(message)
-            if kind == "websocket.accept" and transport.close_on_accept is not None:
-                # revoked or disconnected while the app was busy: closed at its accept
-                await transport.close(*transport.close_on_accept)
-
-        self.connections[session.id] = session  # from admission on: revocations reach it
-        if self._events is not None:  # and those that arrived while it was decided
-            self._events.catch_up(session, session.checked_at)
-        try:
-            await self.app(scope_for_app, app_receive, app_send)
-        finally:
-            await session.wait_closing()
-            released: list[Admit] = []
-            if transport.accepted:
-                session.end(released.append)
-            else:
-                session.discard(released.append)
-            for admission in released:
-                await admission.release()
-
-
-def handshake_request(scope: Scope) -> HandshakeRequest:
-    """The policy core's view of an ASGI ``websocket`` scope."""
-    items = [
-        (name.decode("latin-1"), value.decode("latin-1"))
-        for name, value in scope.get("headers") or []
-    ]
-    offered = scope.get("subprotocols") or []
-    if offered and not any(name.lower() == "sec-websocket-protocol" for name, _ in items):
+def handshake_request(
+    scope: Scope, config: Config
+) -> tuple[HandshakeRequest, list[tuple[bytes, bytes]]]:
+    """The policy core's view of an ASGI ``websocket`` scope, and the headers the
+    application will see (the credential taken out), from one pass over the headers."""
+    auth = config.auth
+    prefix = auth.subprotocol_prefix
+    cookie = auth.cookie
+    items: list[tuple[str, str]] = []
+    kept: list[tuple[bytes, bytes]] = []
+    protocol_seen = False
+    for header in scope.get("headers") or ():
+        name, value = header
+        name_text = name.decode("latin-1").lower()  # ASGI names are lower case already
+        items.append((name_text, value.decode("latin-1")))
+        if name_text == "authorization":
+            continue
+        if name_text == "sec-websocket-protocol":
+            protocol_seen = True
+            stripped = _without_token_protocols(value, prefix)
+            if stripped is not value:
+                header = (name, stripped)
+        elif name_text == "cookie" and cookie:
+            stripped = _without_cookie(value, auth.cookie_name)
+            if stripped is not value:
+                header = (name, stripped)
+        if header[1]:
+            kept.append(header)
+    offered = scope.get("subprotocols")
+    if offered and not protocol_seen:
         # some servers (uvicorn's wsproto) pass the offered subprotocols only as a list
         items.append(("sec-websocket-protocol", ", ".join(offered)))
-    headers = Headers(items)
     path = scope.get("raw_path")
     target = path.decode("latin-1") if isinstance(path, bytes) else scope.get("path", "/")
-    query = scope.get("query_string") or b""
+    query = scope.get("query_string")
     if query and "?" not in target:
         target = f"{target}?{query.decode('latin-1')}"
     client = scope.get("client")
-    peer = str(client[0]) if client else "unknown"
-    return HandshakeRequest(
-        peer=peer,
+    request = HandshakeRequest(
+        peer=str(client[0]) if client else "unknown",
         target=target or "/",
-        headers=headers,
+        headers=Headers(items),
         tls=scope.get("scheme") == "wss",
         method="GET",
     )
+    return request, kept
 
 
-def app_scope(scope: Scope, admit: Admit, config: Config) -> Scope:
-    """The scope the application sees: the identity added, the credential taken out."""
+def scope_for_app(
+    scope: Scope,
+    headers: list[tuple[bytes, bytes]],
+    admit: Admit,
+    config: Config,
+    conn: AsgiConnection,
+) -> Scope:
+    """The scope the application sees: the identity added, the credential taken out
+    (*headers*: from :func:`handshake_request`); *conn* keeps what a refresh changes."""
     auth = config.auth
     prefix = auth.subprotocol_prefix
     out = dict(scope)
-    out["subprotocols"] = [p for p in scope.get("subprotocols", []) if not p.startswith(prefix)]
-    headers: list[tuple[bytes, bytes]] = []
-    for name, value in scope.get("headers", []):
-        lower = name.lower()
-        if lower == b"authorization":
-            continue
-        if lower == b"sec-websocket-protocol":
-            value = _without_token_protocols(value, prefix)
-        elif lower == b"cookie" and auth.cookie:
-            value = _without_cookie(value, auth.cookie_name)
-        if value:
-            headers.append((name, value))
+    offered = scope.get("subprotocols")
+    if offered:
+        out["subprotocols"] = [p for p in offered if not p.startswith(prefix)]
+    else:
+        out["subprotocols"] = []
     out["headers"] = headers
     if auth.query and scope.get("query_string"):
         out["query_string"] = _without_query_param(scope["query_string"], auth.query_param)
-    state = dict(scope.get("state") or {})
-    state["wsguard"] = admit.identity
-    out["state"] = state
-    out["user"] = WsGuardUser(admit.identity)
-    try:
-        from starlette.authentication import AuthCredentials
-
-        out["auth"] = AuthCredentials(sorted(admit.identity.scopes))
-    except ImportError:  # no Starlette (e.g. Django Channels, plain ASGI): the scopes as a list
-        out["auth"] = sorted(admit.identity.scopes)
+    identity = admit.identity
+    state = out["state"] = dict(scope.get("state") or ())
+    state["wsguard"] = identity
+    user = out["user"] = WsGuardUser(identity)
+    scopes = sorted(identity.scopes)
+    credentials = out["auth"] = _credentials(scopes)
+    conn.user, conn.state, conn.credentials = user, state, credentials
     return out
 
 
