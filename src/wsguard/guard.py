@@ -30,6 +30,7 @@ from wsguard.core.decisions import (
 from wsguard.core.handshake import HandshakePolicy
 from wsguard.core.integrity import SignatureVerifier
 from wsguard.core.messages import ConnectionState, MessagePolicy
+from wsguard.core.refused import Early
 from wsguard.core.request import HandshakeRequest
 from wsguard.errors import KeyLoadError
 from wsguard.observability.audit import AuditLog
@@ -190,6 +191,16 @@ class Guard:
             decision.checked_at = started
             self.monitor.handshake_admitted(decision.client)
         return decision
+
+    def early_refusal(self, peer: str) -> Early | None:
+        """The refusal of an attempt from *peer* while its address is refused for its
+        handshake rate or a ban (see :class:`~wsguard.core.refused.RefusedAddresses`):
+        status, reason, message and headers, counted in the metrics but not audited
+        again; None when the policy must decide."""
+        early = self.handshakes.refused.early(peer)
+        if early is not None:
+            self.monitor.handshake_refused(early[1], peer, early[0])
+        return early
 
     def record_raw_refusal(self, status: int | None, reason: str, client: str) -> None:
         """A handshake the adapter refused before the policy saw it (malformed, timeout)."""
@@ -438,6 +449,7 @@ class Guard:
         """Lift a ban on every node; StoreUnavailable when the shared store did not."""
         key = self.address_key(address)
         lifted = await self.store.unban("addr:" + key)
+        self.handshakes.refused.forget(key)
         self._reached_every_node("bans")
         if lifted:
             self.audit.emit("ban_lifted", client=key, reason="admin")

@@ -39,6 +39,7 @@ from wsguard.core.decisions import Admit, HandshakeDecision, Reject
 from wsguard.core.headers import split_list
 from wsguard.core.identity import Identity
 from wsguard.core.origin import OriginPolicy
+from wsguard.core.refused import RefusedAddresses
 from wsguard.core.request import HandshakeRequest
 from wsguard.stores.base import BanPolicy, Store, StoreUnavailable
 
@@ -151,6 +152,9 @@ class HandshakePolicy:
         self.store = store
         self.verifier = verifier
         self.resolver = ClientAddressResolver(config.proxy.trusted, header=config.proxy.header)
+        prefix = config.limits.ipv6_prefix_length
+        #: addresses refused for their handshake rate or a ban, until they may retry
+        self.refused = RefusedAddresses(self.resolver, lambda address: limit_key(address, prefix))
         self.origins = OriginPolicy(
             config.origin.allowed, allow_missing=config.origin.allow_missing
         )
@@ -210,10 +214,12 @@ class HandshakePolicy:
         rate, burst = limits.handshake_allowance  # paced: a burst, then one per 60/N s
         banned, wait = await store.screen_address(key, rate, burst)
         if banned > 0:
+            self.refused.remember(request.peer, client, "banned", banned)
             return Reject(
                 429, "banned", "Too many failed attempts.", _retry_after(banned), client=client
             )
         if wait > 0:
+            self.refused.remember(request.peer, client, "handshake_rate", wait)
             return Reject(
                 429,
                 "handshake_rate",

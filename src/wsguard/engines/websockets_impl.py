@@ -32,7 +32,7 @@ from websockets.server import ServerProtocol
 from wsguard.core.decisions import CLOSE_TOO_BIG, Admit, Reject
 from wsguard.core.headers import Headers
 from wsguard.core.request import HandshakeRequest
-from wsguard.engines.screening import PendingHandshakes, check_head, raw_refusal
+from wsguard.engines.screening import PendingHandshakes, check_head, http_response, raw_refusal
 from wsguard.engines.tls import certificate_identity
 from wsguard.observability.metrics import Metrics
 from wsguard.session import DIRECT_WRITE_LIMIT, Host, Session, first_close, release
@@ -148,6 +148,15 @@ class GuardedServerConnection(ServerConnection):
         if self._screened:
             self._feed(data)
             return
+        if not self._head:
+            early = self.guard.early_refusal(self._peer_address)
+            if early is not None:  # its address is refused still: nothing parsed
+                self._screened = True
+                self._end_pending()
+                self.decided = True
+                self.transport.write(http_response(early[0], early[2], early[3]))
+                self.transport.close()
+                return
         head = self._head + data
         end, refusal = check_head(head, self.guard.config.limits.max_header_bytes)
         if refusal is not None:

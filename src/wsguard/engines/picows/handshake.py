@@ -74,6 +74,14 @@ class HandshakeProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         server = self.server
         server.metrics.bytes_in += len(data)
+        if not self._buffer and not self._deciding:
+            early = server.guard.early_refusal(self._peer)
+            if early is not None:  # its address is refused still: nothing parsed
+                self._end_pending()
+                if self.transport is not None:
+                    self.transport.write(http_response(early[0], early[2], early[3]))
+                    self.transport.close()
+                return
         buffer = self._buffer + data
         if self._deciding:  # frames sent before the 101: kept (bounded) for picows
             self._buffer = buffer

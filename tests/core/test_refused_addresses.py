@@ -1,0 +1,140 @@
+"""An address refused for its handshake rate (or banned) is answered 429 at once while it
+stays refused: from its peer address alone, before its request is parsed, counted in the
+metrics but not written to the audit log once per attempt.
+
+The policy part runs on a clock the test moves; the engines' part on real servers (both
+engines) with a real client.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from websockets.exceptions import InvalidStatus
+
+from conftest import RunningServer, ServerFactory, make_token
+from wsguard.core.client_address import ClientAddressResolver, limit_key
+from wsguard.core.refused import MAX_ADDRESSES, RECHECK_SECONDS, RefusedAddresses
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def refused_addresses(trusted: list[str] | None = None) -> tuple[RefusedAddresses, Clock]:
+    clock = Clock()
+    resolver = ClientAddressResolver(trusted or [], header="x-forwarded-for")
+    return RefusedAddresses(resolver, lambda a: limit_key(a, 64), clock), clock
+
+
+def test_a_refused_address_is_answered_429_with_the_time_left_then_decided_again() -> None:
+    refused, clock = refused_addresses()
+    assert refused.early("192.0.2.7") is None
+    refused.remember("192.0.2.7", "192.0.2.7", "handshake_rate", 2.5)
+    assert refused.early("192.0.2.7") == (
+        429,
+        "handshake_rate",
+        "Too many connection attempts.",
+        (("Retry-After", "3"),),
+    )
+    assert refused.early("192.0.2.8") is None  # another address: the policy decides
+    clock.now += 2.5
+    assert refused.early("192.0.2.7") is None  # its allowance may be back: decided again
+    assert len(refused) == 0
+
+
+def test_a_ban_is_answered_from_memory_for_a_few_seconds_at_most() -> None:
+    """Bans last minutes; other nodes may lift one (an operator's unban): memory answers
+    for RECHECK_SECONDS at most, with the ban's real Retry-After, then the store decides."""
+    refused, clock = refused_addresses()
+    refused.remember("192.0.2.9", "192.0.2.9", "banned", 300)
+    early = refused.early("192.0.2.9")
+    assert early is not None
+    assert early[:2] == (429, "banned") and early[3] == (("Retry-After", "300"),)
+    clock.now += RECHECK_SECONDS
+    assert refused.early("192.0.2.9") is None
+
+
+def test_an_unban_on_this_node_is_seen_at_once() -> None:
+    refused, _ = refused_addresses()
+    refused.remember("192.0.2.9", "192.0.2.9", "banned", 300)
+    refused.forget("192.0.2.9")
+    assert refused.early("192.0.2.9") is None
+
+
+def test_ipv6_addresses_are_refused_per_network_like_every_limit() -> None:
+    refused, _ = refused_addresses()
+    refused.remember("2001:db8::1", "2001:db8::1", "handshake_rate", 5)
+    assert refused.early("2001:db8::2") is not None  # same /64
+    assert refused.early("2001:db8:0:1::1") is None
+
+
+def test_clients_behind_a_trusted_proxy_are_never_answered_from_the_peer_address() -> None:
+    """Behind a proxy the client is named by a header, which is not read before the answer:
+    the proxy's address must not stand for all of its clients."""
+    refused, _ = refused_addresses(trusted=["10.0.0.0/8"])
+    refused.remember("10.0.0.1", "203.0.113.5", "handshake_rate", 5)  # via the proxy
+    refused.remember("10.0.0.1", "10.0.0.1", "handshake_rate", 5)  # the proxy itself
+    assert len(refused) == 0
+    assert refused.early("10.0.0.1") is None
+
+
+@pytest.mark.parametrize("reason", ["too_many_connections", "invalid_token"])
+def test_only_rate_and_ban_refusals_are_remembered(reason: str) -> None:
+    """Other refusals depend on the request (its token, the connections open now)."""
+    refused, _ = refused_addresses()
+    refused.remember("192.0.2.7", "192.0.2.7", reason, 5)
+    assert refused.early("192.0.2.7") is None
+
+
+def test_memory_is_bounded() -> None:
+    refused, _ = refused_addresses()
+    for i in range(MAX_ADDRESSES + 10):
+        address = f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}"
+        refused.remember(address, address, "handshake_rate", 5)
+    assert len(refused) == MAX_ADDRESSES
+    assert refused.early("10.0.0.0") is None  # the oldest went first
+    assert refused.early("10.1.0.9") is not None
+
+
+# -- on a real server ------------------------------------------------------------------
+
+
+def refusal(server: RunningServer) -> InvalidStatus:
+    try:
+        ws = server.connect(make_token())
+    except InvalidStatus as exc:
+        return exc
+    ws.close()
+    pytest.fail("handshake unexpectedly admitted")
+
+
+def metric(server: RunningServer, reason: str) -> int:
+    guard: Any = server.app.guard
+    return int(guard.monitor.metrics.handshakes.get(("refused", reason), 0))
+
+
+def test_repeated_attempts_of_a_rate_limited_address_are_refused_unparsed_and_unaudited(
+    server_factory: ServerFactory,
+) -> None:
+    server = server_factory({"limits": {"handshakes_per_minute": 2, "handshake_burst": 2}})
+    for _ in range(2):
+        with server.connect_welcomed():
+            pass
+    first = refusal(server)
+    assert first.response.status_code == 429
+    repeats = [refusal(server) for _ in range(5)]
+    assert {r.response.status_code for r in repeats} == {429}
+    for answer in (first, *repeats):
+        assert 1 <= int(answer.response.headers["Retry-After"]) <= 30
+    assert repeats[0].response.body == first.response.body  # the same answer
+    # counted every time, audited once (the policy's decision), like a ban
+    assert metric(server, "handshake_rate") == 6
+    audited = [e for e in server.audit.events("handshake_refused")]
+    assert [e["reason"] for e in audited] == ["handshake_rate"]
+    assert len(server.audit.events("connection_admitted")) == 2
