@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any
 
 from conftest import ServerFactory, eventually
@@ -133,6 +134,44 @@ def test_the_engine_stops_parsing_a_client_it_closes_and_half_closes_at_once(
     eventually(lambda: server.audit.events("connection_closed"), what="connection_closed")
     (event,) = server.audit.events("connection_closed")
     assert (event["code"], event["closed_by"], event["cause"]) == (1008, "server", "invalid_json")
+
+
+def test_a_client_flooding_past_its_close_is_not_read_any_more_and_is_dropped(
+    server_factory: ServerFactory,
+) -> None:
+    """A client that keeps sending after wsguard's close frame (past 64 KiB) is flooding,
+    not closing: the server stops reading it (each read costs a system call and a
+    callback), and drops the connection at the close timeout; the close is audited."""
+    import errno
+
+    from conftest import make_token
+    from support.wire import OP_TEXT, RawClient, frame
+
+    server = server_factory({"limits": {"violation_budget": 1}})
+    metrics: Any = server.app.guard.monitor.metrics
+    with RawClient(server, make_token("flooder")) as client:
+        assert client.read_frame()[0] == OP_TEXT  # the welcome
+        garbage = frame(OP_TEXT, b'{"type":"ping","id":')  # truncated JSON: a violation
+        client.send(garbage * 4)
+        while client.read_frame()[0] != 0x8:  # error frames, then the close frame
+            pass
+        at_close = server.call(lambda: metrics.bytes_in)
+        # flood 4 MiB more (never waiting for room: what the kernel takes is sent)
+        client.sock.setblocking(False)
+        chunk, sent = garbage * 2000, 0
+        deadline = time.monotonic() + 5
+        while sent < 4 << 20 and time.monotonic() < deadline:
+            try:
+                sent += client.sock.send(chunk)
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EWOULDBLOCK):
+                    break  # the server dropped the connection
+                time.sleep(0.01)  # the socket buffers are full: the server is not reading
+        read_after = server.call(lambda: metrics.bytes_in) - at_close
+        assert read_after < 1 << 20, f"the server read {read_after} bytes after its close"
+        eventually(lambda: server.audit.events("connection_closed"), timeout=15, what="the drop")
+    (event,) = server.audit.events("connection_closed")
+    assert (event["code"], event["closed_by"]) == (1008, "server")
 
 
 def test_plain_handlers_create_no_task_per_message(

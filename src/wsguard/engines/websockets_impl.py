@@ -69,6 +69,8 @@ _CONTROL_COUNTED = (Opcode.PING, Opcode.PONG)
 _CONT, _TEXT, _BINARY = Opcode.CONT, Opcode.TEXT, Opcode.BINARY
 # Bytes of a read handed to websockets' parser at a time (see GuardedServerConnection._feed).
 _FEED_SLICE = 4096
+# bytes read (and dropped) after the close frame, before reads stop (as the picows engine)
+_DRAIN_BYTES = 64 * 1024
 
 
 class GuardedServerProtocol(ServerProtocol):
@@ -117,6 +119,7 @@ class GuardedServerConnection(ServerConnection):
         self._pending = False
         self._fragments = 0  # frames of the message being received so far (0: none)
         self._backlog = b""  # what was read but not parsed yet (the handler is behind)
+        self._drained = 0  # bytes read and dropped since the connection started closing
 
     pending: PendingHandshakes  # shared by the connections of one server
     metrics: Metrics  # the node's counters (bytes in and out)
@@ -183,8 +186,18 @@ class GuardedServerConnection(ServerConnection):
         if self._backlog:  # a read arrived before the pause took effect: keep the order
             self._backlog += data
             return
-        if len(data) <= _FEED_SLICE or self.protocol.state is not State.OPEN:
-            super().data_received(data)  # closing: websockets discards it unparsed
+        state = self.protocol.state
+        if state is State.CLOSING or state is State.CLOSED:
+            # closing: websockets discards it unparsed; a client that keeps sending past
+            # _DRAIN_BYTES is flooding, not closing: it is not read any more (each read
+            # costs a system call and a callback), the close timeout drops it
+            self._drained += len(data)
+            if self._drained > _DRAIN_BYTES:
+                self.transport.pause_reading()
+            super().data_received(data)
+            return
+        if len(data) <= _FEED_SLICE or state is not State.OPEN:
+            super().data_received(data)
             return
         messages = self.recv_messages
         for start in range(0, len(data), _FEED_SLICE):
@@ -205,7 +218,7 @@ class GuardedServerConnection(ServerConnection):
         backlog, self._backlog = self._backlog, b""
         if backlog:
             self._feed(backlog)
-        if not self.recv_messages.paused:
+        if not self.recv_messages.paused and self._drained <= _DRAIN_BYTES:
             self.transport.resume_reading()
 
     def _refuse_raw(self, status: int, reason: str, message: str) -> None:
