@@ -93,6 +93,7 @@ class GuardedServerConnection(ServerConnection):
     # ~30 keys CPython switches the dict to a larger, unshared layout (about 1.6 KB).
     __slots__ = (
         "_backlog",
+        "_drained",
         "_fragments",
         "_head",
         "_opened_at",
