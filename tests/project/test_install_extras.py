@@ -115,7 +115,7 @@ def test_the_examples_extra_covers_what_the_examples_import() -> None:
 
 def test_optional_packages_are_imported_only_when_asked_for() -> None:
     """Installed or not, the middleware and ``wsguard serve`` on defaults import none of them
-    (rich and cryptography are left out: structlog and PyJWT import them when present)."""
+    (cryptography is left out: PyJWT imports it when present)."""
     probe = textwrap.dedent(
         """
         import json, sys
