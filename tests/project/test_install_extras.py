@@ -129,7 +129,7 @@ def test_optional_packages_are_imported_only_when_asked_for() -> None:
         [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True
     )
     loaded = set(json.loads(out.stdout))
-    assert loaded & {"redis", "starlette", "uvicorn", "httpx", "fastapi", "django"} == set()
+    assert loaded & {"redis", "starlette", "uvicorn", "httpx", "fastapi", "django", "rich"} == set()
 
 
 # -- a fresh core install ----------------------------------------------------------------
