@@ -477,8 +477,15 @@ def run_main(app: App, *, config_file: str | os.PathLike[str] | None = None) -> 
     status. A failure to start is reported as one line on stderr (:func:`report`).
     :meth:`App.run`, ``wsguard serve`` and ``wsguard proxy`` all run through here."""
 
+    from wsguard.hosts.openfiles import open_files_warning, raise_open_files
+
+    open_files = raise_open_files()  # every connection is a file descriptor
+
     async def main() -> None:
         await app.start()
+        warning = open_files_warning(app.config.limits.max_connections, open_files)
+        if warning is not None:  # before the listening line: a start-up fact
+            print(f"wsguard: {warning}", file=sys.stderr, flush=True)
         announce(app, config_file=config_file)
         recorded = record_admin_url(app)
         try:
