@@ -596,6 +596,8 @@ class Session:
                 self.sent += 1
         finally:
             self._writer = None
+            if not queue and self._queue is queue:
+                self._queue = None  # an empty deque is ~0.6 KiB: made again when needed
 
     async def flush(self, grace: float = 1.0) -> bool:
         """Wait (bounded) until frames already queued have been handed to the transport;

@@ -4,7 +4,9 @@ timing wheel (:class:`~wsguard.engines.picows.server.HeartbeatWheel`), which tou
 the connections that are due, driven here by an injected clock.
 
 The server tests run on both engines (``server_factory``); timing comes from the short
-configured intervals, bounded by the raw client's socket timeout, never by sleeps.
+configured intervals, bounded by the raw client's socket timeout, never by sleeps. Pongs
+are counted by the policy like pings: the one that answers the server's ping too, and a
+flood of them (unsolicited, or the awaited one repeated) is closed 1008.
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from conftest import RunningServer, ServerFactory, make_token
-from support.wire import OP_CLOSE, OP_PING, RawClient, ping_frame
+from conftest import RunningServer, ServerFactory, eventually, make_token
+from support.wire import OP_CLOSE, OP_PING, OP_PONG, RawClient, frame, ping_frame
 from wsguard.engines.picows.server import HeartbeatWheel
 
 # -- the wheel ------------------------------------------------------------------------------
@@ -125,3 +127,79 @@ def test_an_unanswered_ping_closes_1011(
                 break
         assert opcodes == [OP_PING, OP_CLOSE]
         assert int.from_bytes(payload[:2], "big") == 1011
+
+
+def server_close(client: RawClient) -> int:
+    """Read up to the server's close frame, answering nothing; its code."""
+    for _ in range(1000):  # bounded by the frames a test can provoke
+        opcode, payload = client.read_frame()
+        if opcode == OP_CLOSE:
+            return int.from_bytes(payload[:2], "big")
+    raise AssertionError("no close frame")
+
+
+def closed_cause(server: RunningServer) -> tuple[int, str]:
+    [event] = eventually(lambda: server.audit.events("connection_closed"), what="the close")
+    return event["code"], event["cause"]
+
+
+def test_each_ping_carries_its_own_payload(server_factory: ServerFactory) -> None:
+    """(8 bytes on picows, 4 on websockets: what answers it is the same bytes back.)"""
+    server = server_factory({"liveness": PERIODS["interval-shorter"]})
+    with welcomed(server, "payloads") as client:
+        payloads: list[bytes] = []
+        while len(payloads) < 3:
+            opcode, payload = client.read_frame()
+            assert opcode == OP_PING
+            payloads.append(payload)
+            client.send(frame(OP_PONG, payload))
+        assert all(4 <= len(p) <= 8 for p in payloads)
+        assert len(set(payloads)) == 3
+
+
+def test_a_pong_that_does_not_answer_the_ping_closes_1011(server_factory: ServerFactory) -> None:
+    """Only the ping's own payload answers it: other pongs leave it unanswered."""
+    server = server_factory(
+        {"liveness": {"ping_interval_seconds": 0.1, "ping_timeout_seconds": 0.3}}
+    )
+    with welcomed(server, "wrong-pong") as client:
+        opcode, payload = client.read_frame()
+        assert opcode == OP_PING
+        client.send(frame(OP_PONG, bytes(8)) + frame(OP_PONG, payload[::-1] + b"x"))
+        assert server_close(client) == 1011
+    assert closed_cause(server) == (1011, "ping_timeout")
+
+
+def test_the_awaited_pong_counts_toward_the_message_rate(server_factory: ServerFactory) -> None:
+    """A burst of 3 messages a minute: three answered pings spend it."""
+    server = server_factory(
+        {
+            "limits": {"messages_per_minute": 1, "message_burst": 3, "violation_budget": 50},
+            "liveness": PERIODS["interval-shorter"],
+        }
+    )
+    with welcomed(server, "pongs-counted") as client:
+        client.wait_pings(3)  # each answered with its own payload
+        client.send(ping_frame("over"))
+        refused = client.recv_json()
+        assert (refused["type"], refused["code"]) == ("error", "rate_limited")
+
+
+@pytest.mark.parametrize("repeated", [False, True], ids=["unsolicited", "awaited-repeated"])
+def test_a_pong_flood_closes_1008(server_factory: ServerFactory, repeated: bool) -> None:
+    """Pongs nobody asked for are charged like pings, and so is the awaited pong sent
+    again and again: only its first copy answers the ping."""
+    server = server_factory(
+        {
+            "limits": {"messages_per_minute": 60, "message_burst": 5, "violation_budget": 3},
+            "liveness": {"ping_interval_seconds": 0.1, "ping_timeout_seconds": 5.0},
+        }
+    )
+    with welcomed(server, "pong-flood") as client:
+        payload = b"unasked"
+        if repeated:
+            opcode, payload = client.read_frame()
+            assert opcode == OP_PING
+        client.send(frame(OP_PONG, payload) * 50)
+        assert server_close(client) == 1008
+    assert closed_cause(server) == (1008, "rate_limited")

@@ -8,7 +8,7 @@ import re
 import subprocess
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -31,6 +31,7 @@ class Served:
         audit_path: Path,
         *,
         command: str = "serve",
+        preexec_fn: Callable[[], None] | None = None,
     ) -> None:
         self.audit_path = audit_path
         self._audit_fh = audit_path.open("w")
@@ -41,6 +42,7 @@ class Served:
             stdout=self._audit_fh,
             stderr=subprocess.PIPE,
             text=True,
+            preexec_fn=preexec_fn,
         )
         self.stderr_lines: list[str] = []
         self._lines: queue.Queue[str | None] = queue.Queue()

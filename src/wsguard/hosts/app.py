@@ -478,6 +478,10 @@ def run_main(app: App, *, config_file: str | os.PathLike[str] | None = None) -> 
     status. A failure to start is reported as one line on stderr (:func:`report`).
     :meth:`App.run`, ``wsguard serve`` and ``wsguard proxy`` all run through here."""
 
+    from wsguard.hosts.openfiles import open_files_warning, raise_open_files
+
+    open_files = raise_open_files()  # every connection is a file descriptor
+
     async def main() -> None:
         await app.start()
         # what start-up made (modules, the configuration, compiled schemas) lives as long as
@@ -485,6 +489,9 @@ def run_main(app: App, *, config_file: str | os.PathLike[str] | None = None) -> 
         # connection churn walks only what connections made, not the whole heap
         gc.freeze()
         gc.set_threshold(20_000, 20, 20)  # fewer collections under churn (700, 10, 10)
+        warning = open_files_warning(app.config.limits.max_connections, open_files)
+        if warning is not None:  # before the listening line: a start-up fact
+            print(f"wsguard: {warning}", file=sys.stderr, flush=True)
         announce(app, config_file=config_file)
         recorded = record_admin_url(app)
         try:

@@ -41,6 +41,7 @@ _CLOSE_TIMEOUT = 5.0  # seconds to wait for the peer's close frame
 _NO_HEADERS: CIMultiDict[str] = CIMultiDict()
 _BATCH_FRAME_BYTES = 1024  # a bigger frame is written at once, not batched (see write)
 _BATCH_FRAMES = 256  # frames batched per read at most (~200 replies fit one 8 KiB read)
+_PING_HEAD = 0x8908 << 64  # a server ping's first two bytes: FIN + PING, 8 bytes of payload
 # The close codes a client may send besides 3000-4999 (RFC 6455 7.4.1, IANA registry):
 # never 1004, 1005, 1006, 1015 or anything else under 3000, nor above 4999.
 _RECEIVABLE_CLOSE = frozenset((1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012,
@@ -115,19 +116,27 @@ class GuardListener(WSListener):
         """Frames parsed from one read arrive one after another; what the connection
         sends meanwhile is written once, after the last (one send() instead of one per
         reply: measured, it halves the server's CPU per ping/pong message)."""
+        kind = frame.msg_type
         if (self.close_sent or transport.is_close_frame_sent) and (
-            self._draining or frame.msg_type is not _CLOSE
+            self._draining or kind is not _CLOSE
         ):
             # closing (picows' own close on a protocol error included): only the client's
             # close frame still matters, when frames are still parsed (TLS), or when picows
             # found an error in what followed it (see engine_close)
+            return
+        if kind is _PONG:
+            # most often the answer to our heartbeat: nothing to write back, so no batch
+            # of its own (one that frames before it began still leaves with the read)
+            self._pong(frame)
+            if frame.last_in_buffer and self._out is not None:
+                self.flush()
             return
         if self._out is None:
             self._out = []
         try:
             conn = self.conn
             if (
-                frame.msg_type is _TEXT
+                kind is _TEXT
                 and frame.fin
                 and self._fragments is None
                 and self._busy is None
@@ -182,11 +191,27 @@ class GuardListener(WSListener):
             return min(due, self._pong_deadline) if now < due else now
         if now < self._ping_due:
             return self._ping_due
-        self._ping_payload = payload = next(ping_ids).to_bytes(8, "big")
-        self._pong_deadline = now + timeout
-        self._ping_due = now + interval
-        transport.send_ping(payload)
-        return min(self._ping_due, self._pong_deadline)
+        raw = self.raw
+        if transport.is_close_frame_sent or raw.is_closing():
+            return None  # closing (picows' own close frame on its way), or gone
+        # the frame built at once (FIN + PING, 8 bytes of payload) and written to the
+        # socket's transport: one send(), none of picows' Python-visible layers (a ping
+        # changes nothing picows keeps: its close state is the close frames')
+        frame = (_PING_HEAD | next(ping_ids)).to_bytes(10, "big")
+        self._ping_payload = frame[2:]
+        self._pong_deadline = deadline = now + timeout
+        # pings every interval on average: the next is due one interval after this one
+        # was due (the wheel's tick makes each a little late), unless this one was late
+        due = self._ping_due + interval
+        if due < now + interval / 2:
+            due = now + interval
+        self._ping_due = due
+        out = self._out
+        if out is None:
+            raw.write(frame)
+        else:  # never from the sweep's timer, but a batch keeps its order
+            out.append(frame)
+        return due if due < deadline else deadline
 
     def write_bytes(self, frame: bytes) -> None:
         """Write *frame*, or add it to the current read batch's replies."""
@@ -260,21 +285,34 @@ class GuardListener(WSListener):
             else:
                 data = raw
             self._message(conn, data)
-        elif kind is _PING or kind is _PONG:
+        elif kind is _PING:
             conn.control_frame(frame.payload_size)
-            if kind is _PING:
-                if not self.close_sent:
-                    self.write_bytes(server_frame(0x8A, frame.get_payload_as_bytes()))
-            elif (
-                self._ping_payload is not None
-                and frame.get_payload_as_bytes() == self._ping_payload
-            ):
-                self._ping_payload = None
+            if not self.close_sent:
+                self.write_bytes(server_frame(0x8A, frame.get_payload_as_bytes()))
+        elif kind is _PONG:  # (on_ws_frame takes them first)
+            self._pong(frame)
         elif kind is _CLOSE:
             if not self.close_sent:
                 self._answer_close(frame)
             self.raw.close()
             self._peer_closed()
+
+    def _pong(self, frame: WSFrame) -> None:
+        """A pong: the awaited answer to our ping ends the wait for it. Every pong is
+        counted by the policy like a ping (a pong flood is a flood), the awaited one
+        included."""
+        conn = self.conn
+        if conn is None:
+            return
+        size = frame.payload_size  # a control frame's: under 126 (picows refuses more)
+        self.metrics.bytes_in += size + 6
+        if frame.rsv1 or frame.rsv2 or frame.rsv3:  # no extension is ever negotiated here
+            self._protocol_error("reserved bits set")
+            return
+        conn.control_frame(size)
+        expected = self._ping_payload
+        if expected is not None and size == 8 and frame.get_payload_as_bytes() == expected:
+            self._ping_payload = None
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         self._peer_closed()

@@ -135,6 +135,14 @@ class HeartbeatWheel(Generic[_T]):
             due.extend(bucket)
         return due
 
+    def bucket(self, tick: int) -> dict[_T, None]:
+        """The bucket of *tick* (made when missing), for :meth:`PicowsServer._sweep`,
+        which puts parked members in it itself (and sets ``members`` to *tick*)."""
+        bucket = self._buckets.get(tick)
+        if bucket is None:
+            bucket = self._buckets[tick] = {}
+        return bucket
+
     def _unbucket(self, member: _T, tick: int) -> None:
         bucket = self._buckets.get(tick)
         if bucket is not None:
@@ -229,13 +237,28 @@ class PicowsServer:
         interval, timeout = liveness.ping_interval_seconds, liveness.ping_timeout_seconds
         wheel = self.listeners
         after = wheel.tick(now)
+        ping_ids = self._ping_ids
+        members, period = wheel.members, wheel.period
+        tick = 0  # and its bucket: the last one scheduled in (most of a sweep's share it)
+        bucket: dict[GuardListener, None] = {}
         for listener in wheel.pop_due(now):
-            due = listener.heartbeat(now, interval, timeout, self._ping_ids)
-            if due is not None:
-                if listener in wheel.members:  # not forgotten meanwhile
+            due = listener.heartbeat(now, interval, timeout, ping_ids)
+            if due is None:
+                if listener.transport is None:  # never connected (picows refused the upgrade)
+                    self.forget(listener)
+                continue
+            # what wheel.schedule does, for a member pop_due left parked (0)
+            if members.get(listener) != 0:  # forgotten, or scheduled meanwhile
+                if listener in members:
                     wheel.schedule(listener, due, after)
-            elif listener.transport is None:  # never connected (picows refused the upgrade)
-                self.forget(listener)
+                continue
+            next_tick = math.ceil(due / period)
+            if next_tick <= after:
+                next_tick = after + 1
+            if next_tick != tick or not bucket:  # (an emptied bucket leaves the wheel)
+                tick, bucket = next_tick, wheel.bucket(next_tick)
+            members[listener] = tick
+            bucket[listener] = None
         if wheel.scheduled:
             self._arm(now)
 
