@@ -571,10 +571,15 @@ def scope_for_app(
     conn: AsgiConnection,
 ) -> Scope:
     """The scope the application sees: the identity added, the credential taken out
-    (*headers*: from :func:`handshake_request`); *conn* keeps what a refresh changes."""
+    (*headers*: from :func:`handshake_request`); *conn* keeps what a refresh changes.
+
+    Changed in place, as Starlette's authentication middleware does (a copy would stay
+    alive beside the server's for the connection's life, ~1 KiB): the server's scope
+    loses the credential too, and its ``state`` is already this connection's own copy
+    (the ASGI specification's lifespan state)."""
     auth = config.auth
     prefix = auth.subprotocol_prefix
-    out = dict(scope)
+    out = scope
     offered = scope.get("subprotocols")
     if offered:
         out["subprotocols"] = [p for p in offered if not p.startswith(prefix)]
@@ -584,7 +589,9 @@ def scope_for_app(
     if auth.query and scope.get("query_string"):
         out["query_string"] = _without_query_param(scope["query_string"], auth.query_param)
     identity = admit.identity
-    state = out["state"] = dict(scope.get("state") or ())
+    state = scope.get("state")
+    if state is None:
+        state = out["state"] = {}
     state["wsguard"] = identity
     user = out["user"] = WsGuardUser(identity)
     scopes = sorted(identity.scopes)
