@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import inspect
 import itertools
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -82,15 +81,6 @@ def _credentials(scopes: list[str]) -> Any:
             cls = AuthCredentials
         _auth_credentials = cls
     return scopes if cls is None else cls(scopes)
-
-
-def markcoroutinefunction(func: Callable[..., Any]) -> None:
-    """Mark *func*, which returns an awaitable, as a coroutine function for
-    ``inspect.iscoroutinefunction`` (3.12+) and ``asyncio.iscoroutinefunction``."""
-    if hasattr(inspect, "markcoroutinefunction"):
-        inspect.markcoroutinefunction(func)
-    else:  # Python 3.11: asyncio's marker (what asgiref's markcoroutinefunction sets)
-        func._is_coroutine = asyncio.coroutines._is_coroutine  # type: ignore[attr-defined]
 
 
 class WsGuardUser:
@@ -276,13 +266,14 @@ class AsgiConnection:
                     return {"type": "websocket.receive", "text": delivered}
                 return {"type": "websocket.receive", "bytes": delivered}
 
-    def app_send(self, message: Message) -> Awaitable[None]:
-        """The app's ``send``: a data frame is the server's ``send`` itself (no layer of
-        ours to await); accept and close go through :meth:`_control`."""
+    async def app_send(self, message: Message) -> None:
+        """The app's ``send``: a data frame goes to the server's ``send`` at once; accept
+        and close go through :meth:`_control`."""
         if message["type"] == "websocket.send" and self.close_sent is None:
             self.session.sent += 1
-            return self._send(message)
-        return self._control(message)
+            await self._send(message)
+            return
+        await self._control(message)
 
     async def _control(self, message: Message) -> None:
         kind = message["type"]
@@ -312,11 +303,6 @@ class AsgiConnection:
                 raise ConnectionResetError(f"closed by wsguard ({session.close_cause})")
             return  # the app closed it itself: nothing more goes out
         await self._send(message)
-
-
-# the app's send is a plain method that returns the server's awaitable: marked as a
-# coroutine function for the frameworks that check (asgiref's async_to_sync, Channels)
-markcoroutinefunction(AsgiConnection.app_send)
 
 
 class WsGuardMiddleware:
