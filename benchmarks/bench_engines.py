@@ -134,7 +134,8 @@ async def bench_server(
     if "flood" in phases and name in GUARDED:
         server = await start(name, args, tmp, secret, n, flood=True)
         try:
-            await run_loadgen(args, server, tmp, "idle", 20, tokens)  # warm-up
+            # warm-up: within the default burst of 10 handshakes per address
+            await run_loadgen(args, server, tmp, "idle", 8, tokens)
             args.spread = True  # users from addresses of their own, as abusers are
             try:
                 calm = await measured(args, server, tmp, "pingpong", args.flood_conns, tokens, 1)
