@@ -144,8 +144,8 @@ class GuardListener(WSListener):
                 and not conn.closing
                 and not (frame.rsv1 or frame.rsv2 or frame.rsv3)
             ):
-                # the common case, in one call: a whole text message, nothing before it
-                # waiting, no fragment pending (what _frame and _message do for it)
+                # the common case: a whole text message, nothing before it waiting, no
+                # fragment pending, straight to _message (what _frame checks, at once)
                 size = frame.payload_size
                 self.metrics.bytes_in += size + (6 if size < 126 else 8 if size < 65536 else 14)
                 try:
@@ -153,12 +153,7 @@ class GuardListener(WSListener):
                 except UnicodeDecodeError:
                     self._fail(1007, "invalid UTF-8", "invalid_utf8")
                     return
-                started = time.perf_counter()
-                pending = conn.receive(data)
-                if pending is None:
-                    self.metrics.latency(time.perf_counter() - started)
-                else:
-                    self._run(self._work(pending, started))
+                self._message(conn, data)
             else:
                 self._frame(transport, frame)
         finally:
