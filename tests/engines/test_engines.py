@@ -13,6 +13,8 @@ import json
 import time
 from typing import Any
 
+import pytest
+
 from conftest import ServerFactory, eventually
 from wsguard.hosts.app import App
 from wsguard.session import Connection
@@ -78,6 +80,35 @@ def test_a_failing_handler_answers_internal_error_on_both_kinds(
         assert "boom" not in json.dumps(errors)
         ws.send(json.dumps({"type": "ping", "id": "p2"}))  # the connection survives
         assert json.loads(ws.recv(timeout=5))["ref"] == "p2"
+
+
+def test_handshake_decisions_are_paced_per_turn_of_the_event_loop(
+    server_factory: ServerFactory, engine: str
+) -> None:
+    """A storm of handshakes whose requests arrive together is decided a few per turn of
+    the event loop (the open connections' messages are handled in between), in order,
+    and every one of them is decided."""
+    if engine != "picows":
+        pytest.skip("the websockets engine decides each handshake in its own task")
+    from wsguard.engines.picows.server import _DECISIONS_PER_TURN
+
+    server = server_factory()
+    started: list[int] = []
+
+    async def decide(i: int) -> None:
+        started.append(i)
+
+    def storm() -> list[int]:
+        picows_server: Any = server.app._server
+        for i in range(3 * _DECISIONS_PER_TURN + 1):
+            picows_server.run(decide(i))
+        return list(started)  # what was decided within this one callback
+
+    assert server.call(storm) == list(range(_DECISIONS_PER_TURN))
+    eventually(lambda: len(started) == 3 * _DECISIONS_PER_TURN + 1, what="every decision")
+    assert started == list(range(3 * _DECISIONS_PER_TURN + 1))
+    with server.connect_welcomed():  # and the server still admits
+        pass
 
 
 def test_the_configured_engine_serves(server_factory: ServerFactory, engine: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
 import math
@@ -35,6 +36,8 @@ from wsguard.engines.picows.socket_views import BoundedReads
 
 logger = logging.getLogger("wsguard.server")
 
+#: Handshakes decided per turn of the event loop at most (see PicowsServer.run).
+_DECISIONS_PER_TURN = 4
 _READ_BUFFER = 2048  # picows' initial read buffer (it grows for bigger frames)
 
 
@@ -164,6 +167,10 @@ class PicowsServer:
         self.pending = PendingHandshakes(host.guard)
         self.max_fragments = host.guard.config.limits.max_fragments
         self.deciding: set[asyncio.Task[None]] = set()
+        # handshakes waiting for a turn of the event loop with decisions left (see run)
+        self._waiting: collections.deque[Coroutine[Any, Any, None]] = collections.deque()
+        self._budget = _DECISIONS_PER_TURN  # decisions left in this turn
+        self._turn_scheduled = False
         self._server: asyncio.Server | None = None
         self._idle: asyncio.Event | None = None
         config = host.guard.config
@@ -209,8 +216,41 @@ class PicowsServer:
         self._sweeper = self.loop.call_later(delay + 0.001, self._sweep)
 
     def run(self, coro: Coroutine[Any, Any, None]) -> None:
-        """Decide a handshake: inline on the memory store (it answers without I/O; a task
-        measured ~6 % fewer handshakes/s), in a task when the store does I/O."""
+        """Decide a handshake, at most ``_DECISIONS_PER_TURN`` per turn of the event loop:
+        under a storm of handshakes (a reconnect flood, a restart's reconnections) the
+        messages of the open connections are handled between every few decisions
+        instead of waiting behind all of them; the others wait, in order, for the next
+        turns. Inline on the memory store (it answers without I/O; a task measured ~6 %
+        fewer handshakes/s), in a task when the store does I/O."""
+        if self._budget > 0 and not self._waiting:
+            self._budget -= 1
+            self._next_turn_soon()
+            self._start(coro)
+            return
+        self._waiting.append(coro)
+        self._next_turn_soon()
+
+    def _next_turn_soon(self) -> None:
+        if not self._turn_scheduled:
+            self._turn_scheduled = True
+            self.loop.call_soon(self._next_turn)  # runs after this turn's I/O callbacks
+
+    def _next_turn(self) -> None:
+        """A new turn: a new allowance of decisions, spent first on those waiting."""
+        self._turn_scheduled = False
+        self._budget = _DECISIONS_PER_TURN
+        self._decide_waiting(_DECISIONS_PER_TURN)
+
+    def _decide_waiting(self, limit: int) -> None:
+        waiting = self._waiting
+        count = min(limit, len(waiting))
+        self._budget -= count
+        for _ in range(count):
+            self._start(waiting.popleft())
+        if waiting:
+            self._next_turn_soon()
+
+    def _start(self, coro: Coroutine[Any, Any, None]) -> None:
         if self.inline:
             run_inline(coro)
             return
@@ -292,6 +332,7 @@ class PicowsServer:
         """Stop accepting; close every connection with *code* (1001: going away)."""
         if self._server is not None:
             self._server.close()
+        self._decide_waiting(len(self._waiting))  # requests already read: decided, closed
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
