@@ -107,6 +107,22 @@ def test_refusals_never_reach_the_app(serve: Serve) -> None:
         assert hello["user"] == "alice"
 
 
+def test_repeated_attempts_of_a_rate_limited_address_are_refused_unaudited(serve: Serve) -> None:
+    """As on the standalone engines: an address past its handshake allowance is answered
+    429 from its address alone while it stays refused, counted but audited once."""
+    server = serve({"limits": {"handshakes_per_minute": 2, "handshake_burst": 2}})
+    for _ in range(2):
+        ws, _ = server.hello()
+        ws.close()
+    answers = [server.refused() for _ in range(4)]
+    assert [a.response.status_code for a in answers] == [429] * 4
+    assert all(1 <= int(header(a, "Retry-After") or 0) <= 30 for a in answers)
+    metrics: Any = server.guard.monitor.metrics
+    assert metrics.handshakes.get(("refused", "handshake_rate"), 0) == 4
+    refused = server.audit.events("handshake_refused")
+    assert [e["reason"] for e in refused] == ["handshake_rate"]
+
+
 # -- 2. what an admitted application sees ------------------------------------------------
 
 

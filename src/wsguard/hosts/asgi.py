@@ -406,6 +406,13 @@ class WsGuardMiddleware:
         first = await receive()
         if first["type"] != "websocket.connect":
             return  # the client went away before the handshake completed
+        client = scope.get("client")
+        peer = str(client[0]) if client else ""
+        early = self.guard.early_refusal(peer) if peer else None
+        if early is not None:  # its address is refused still: the request is not read
+            status, reason, message, retry = early
+            await deny(scope, send, Reject(status, reason, message, retry, client=peer))
+            return
         request, headers = handshake_request(scope, self.config)
         decision = await self.guard.admit(request)
         del request  # the decoded headers (with the credential) are not kept
