@@ -50,7 +50,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -578,6 +578,27 @@ METRICS = (
     Metric("pp_server_cpu_pct", "server CPU, ping/pong (%)", "{:.0f}"),
     Metric("hs_server_cpu_pct", "server CPU, handshakes (%)", "{:.0f}"),
 )
+
+
+Table = dict[str, dict[str, dict[str, float]]]
+
+
+def median_table(
+    results: list[dict[str, Any]], keys: Iterable[str], servers: Iterable[str]
+) -> Table:
+    """Per metric key and server, the median, min and max over the rounds that have it."""
+    table: Table = {}
+    servers = list(servers)
+    for key in keys:
+        for name in servers:
+            values = [r[key] for r in results if r["server"] == name and key in r]
+            if values:
+                table.setdefault(key, {})[name] = {
+                    "median": statistics.median(values),
+                    "min": min(values),
+                    "max": max(values),
+                }
+    return table
 
 
 def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:

@@ -54,7 +54,6 @@ import resource
 import secrets
 import signal
 import socket
-import statistics
 import sys
 import tempfile
 import time
@@ -271,20 +270,8 @@ TARGETS: tuple[tuple[str, str, Check], ...] = (
 )
 
 
-def summarize(
-    results: list[dict[str, Any]], servers: tuple[str, ...]
-) -> dict[str, dict[str, dict[str, float]]]:
-    table: dict[str, dict[str, dict[str, float]]] = {}
-    for key, _, _ in ROWS:
-        for name in servers:
-            values = [r[key] for r in results if r["server"] == name and key in r]
-            if values:
-                table.setdefault(key, {})[name] = {
-                    "median": statistics.median(values),
-                    "min": min(values),
-                    "max": max(values),
-                }
-    return table
+def summarize(results: list[dict[str, Any]], servers: tuple[str, ...]) -> bench.Table:
+    return bench.median_table(results, (key for key, _, _ in ROWS), servers)
 
 
 def print_report(results: list[dict[str, Any]], servers: tuple[str, ...]) -> dict[str, Any]:

@@ -50,7 +50,6 @@ import os
 import resource
 import secrets
 import signal
-import statistics
 import sys
 import tempfile
 import time
@@ -245,18 +244,8 @@ ROWS = (
 )
 
 
-def summarize(results: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
-    table: dict[str, dict[str, dict[str, float]]] = {}
-    for key, _, _ in ROWS:
-        for name in SERVERS:
-            values = [r[key] for r in results if r["server"] == name and key in r]
-            if values:
-                table.setdefault(key, {})[name] = {
-                    "median": statistics.median(values),
-                    "min": min(values),
-                    "max": max(values),
-                }
-    return table
+def summarize(results: list[dict[str, Any]]) -> bench.Table:
+    return bench.median_table(results, (key for key, _, _ in ROWS), SERVERS)
 
 
 def targets(table: dict[str, dict[str, dict[str, float]]]) -> list[tuple[str, str, bool]]:
