@@ -966,7 +966,9 @@ def test_cli_mtls_flag_requires_client_certificate(
 
 @pytest.fixture
 def quick_tls_server(server_factory: ServerFactory, pki: ServerPki) -> RunningServer:
-    return server_factory({**pki.tls(), "limits": {"handshake_timeout_seconds": 1}})
+    # 2 s, not 1: the clients that check the server still serves after a timeout must
+    # finish their own handshake within it, on a loaded 2-core CI machine
+    return server_factory({**pki.tls(), "limits": {"handshake_timeout_seconds": 2}})
 
 
 def closed_within(sock: socket.socket, seconds: float) -> float:
@@ -990,8 +992,8 @@ def test_handshake_timeout_closes_tcp_client_that_never_starts_tls(
 ) -> None:
     server = quick_tls_server
     with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
-        elapsed = closed_within(sock, 5)
-    assert elapsed < 4, elapsed
+        elapsed = closed_within(sock, 8)
+    assert elapsed < 7, elapsed
     assert welcome_of(server.port, client_context(pki.ca), make_token())["subject"] == "alice"
 
 
@@ -1002,7 +1004,7 @@ def silent_tls_client(server: RunningServer, ctx: ssl.SSLContext) -> tuple[bytes
         ctx.wrap_socket(raw, server_hostname="localhost") as tls,
     ):
         started = time.monotonic()
-        tls.settimeout(5)
+        tls.settimeout(8)
         try:
             answer = tls.recv(4096)
         except (ConnectionResetError, ssl.SSLError):
@@ -1026,7 +1028,7 @@ def test_handshake_timeout_closes_tls_client_that_never_sends_a_request(
     server = quick_tls_server
     answer, elapsed = silent_tls_client(server, client_context(pki.ca))
     assert answer == b"", answer
-    assert 0.5 <= elapsed < 4, elapsed
+    assert 1.5 <= elapsed < 7, elapsed
     assert len(wait_for_refusal(server)) == 1
     assert server.audit.events("connection_admitted") == []
     assert welcome_of(server.port, client_context(pki.ca), make_token())["subject"] == "alice"
