@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import socket
 from contextlib import ExitStack
 from typing import Any
@@ -374,6 +375,35 @@ def test_a_reserved_bit_closes_1002(server_factory: ServerFactory, bit: int, opc
         assert not client.texts, "the frame was handled"
     event = closed_event(server)
     assert (event["code"], event["closed_by"]) == (1002, "server")
+
+
+def test_a_clients_protocol_errors_write_nothing_to_the_server_log(
+    server_factory: ServerFactory,
+) -> None:
+    """A client sending bad frames in a loop must not fill the server log (its close is
+    audited instead), nor cost a log record each: none is even built."""
+    built: list[logging.LogRecord] = []
+    make_record = logging.getLogRecordFactory()
+
+    def counting(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = make_record(*args, **kwargs)
+        built.append(record)
+        return record
+
+    logging.setLogRecordFactory(counting)
+    try:
+        server = server_factory()
+        for bad in (b"\x8f\x80\x00\x00\x00\x00", b"\xc1\x80\x00\x00\x00\x00"):  # opcode 15, rsv1
+            with raw_welcomed(server) as client:
+                client.send(bad)
+                code, _ = server_close(client)
+                assert code == 1002
+        eventually(lambda: len(server.audit.events("connection_closed")) == 2)
+    finally:
+        logging.setLogRecordFactory(make_record)
+    engine = [r for r in built if r.name.startswith("wsguard.engine")]
+    assert [r.getMessage() for r in engine if r.levelno >= logging.WARNING] == []
+    assert not any(str(r.msg).startswith("WS parser error") for r in built)
 
 
 # -- close frames ----------------------------------------------------------------------------

@@ -41,12 +41,26 @@ _DECISIONS_PER_TURN = 4
 _READ_BUFFER = 2048  # picows' initial read buffer (it grows for bigger frames)
 
 
+_CLIENT_FAULTS = ("WS parser error", "Disconnect because HTTP")
+
+
 class _ClientFaults(logging.Filter):
     """picows logs a client's protocol error at ERROR: wsguard audits the close instead,
     so a client cannot write error lines into the server log at will."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(("WS parser error", "Disconnect because HTTP"))
+        return not str(record.msg).startswith(_CLIENT_FAULTS)
+
+
+class _EngineLog(logging.LoggerAdapter[logging.Logger]):
+    """picows' logger. A client's protocol error is dropped before a log record is
+    built for it (a client sending bad frames in a loop would otherwise cost a record
+    each); everything else goes to ``wsguard.engine`` as usual."""
+
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        if isinstance(msg, str) and msg.startswith(_CLIENT_FAULTS):
+            return
+        super().log(level, msg, *args, **kwargs)  # error(), info() ... all come here
 
 
 def _engine_logger() -> logging.LoggerAdapter[logging.Logger]:
@@ -56,8 +70,8 @@ def _engine_logger() -> logging.LoggerAdapter[logging.Logger]:
     if engine.getEffectiveLevel() < logging.WARNING:
         engine.setLevel(logging.WARNING)
     if not any(isinstance(f, _ClientFaults) for f in engine.filters):
-        engine.addFilter(_ClientFaults())
-    return logging.LoggerAdapter(engine, {})
+        engine.addFilter(_ClientFaults())  # for records picows makes without the adapter
+    return _EngineLog(engine, {})
 
 
 # -- heartbeats -------------------------------------------------------------------------
