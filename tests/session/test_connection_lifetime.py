@@ -441,7 +441,8 @@ def test_idle_timeout_closes_silent_connection_but_not_active_one(
     assert busy_event["messages_in"] == count + 1
 
 
-HEARTBEAT = {"liveness": {"ping_interval_seconds": 0.5, "ping_timeout_seconds": 0.5}}
+# the healthy client's pongs must arrive within the timeout: 1 s, for a loaded CI machine
+HEARTBEAT = {"liveness": {"ping_interval_seconds": 0.5, "ping_timeout_seconds": 1.0}}
 
 
 def read_until_eof(client: RawClient, timeout: float) -> tuple[list[int], int | None, str | None]:
@@ -483,7 +484,7 @@ def test_heartbeat_closes_client_that_never_answers_pings(
         assert 0x8 in opcodes, f"EOF without a close frame: {opcodes}"
         assert close_code == 1011
         # one interval plus one timeout, with slack for the event loop
-        assert time.monotonic() - started < 3
+        assert time.monotonic() - started < 4
 
         # a client that answers pings (websockets does it automatically) stays open
         assert_stays_open(healthy, until=opened + 2.2)
@@ -491,7 +492,7 @@ def test_heartbeat_closes_client_that_never_answers_pings(
     assert deaf_id is not None
     deaf_event = closed_event(server, deaf_id)
     assert deaf_event["messages_in"] == 0
-    assert deaf_event["duration_s"] < 3, deaf_event
+    assert deaf_event["duration_s"] < 4, deaf_event
     wait_until(lambda: server.connection_count() == 0, 5, "both connections to be released")
     assert closed_event(server, healthy_id)["code"] == 1000
 
