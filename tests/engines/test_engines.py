@@ -167,6 +167,39 @@ def test_the_engine_stops_parsing_a_client_it_closes_and_half_closes_at_once(
     assert (event["code"], event["closed_by"], event["cause"]) == (1008, "server", "invalid_json")
 
 
+def test_a_flood_in_one_read_is_parsed_no_further_than_the_policy_needs(
+    server_factory: ServerFactory, engine: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client writing thousands of invalid frames at once costs a few dozen frame
+    parses before the close, not one per frame it sent: the websockets engine hands a
+    read to its (Python) frame parser in slices and stops at a full queue."""
+    if engine != "websockets":
+        pytest.skip("picows parses in C and hands each frame to the policy as it parses it")
+    from conftest import make_token
+    from support.wire import OP_TEXT, RawClient, frame
+    from wsguard.engines.websockets_impl import GuardedServerProtocol
+
+    parsed = [0]
+    original = GuardedServerProtocol.recv_frame
+
+    def counting(self: Any, frame: Any) -> None:
+        parsed[0] += 1
+        original(self, frame)
+
+    monkeypatch.setattr(GuardedServerProtocol, "recv_frame", counting)
+    server = server_factory({"limits": {"violation_budget": 3}})
+    with RawClient(server, make_token("flooder")) as client:
+        assert client.read_frame()[0] == OP_TEXT  # the welcome
+        garbage = frame(OP_TEXT, b'{"type":"ping","id":')  # truncated JSON: a violation
+        client.send(garbage * 2000)  # ~52 KB in one write
+        while client.read_frame()[0] != 0x8:  # error frames, then the close frame
+            pass
+    eventually(lambda: server.audit.events("connection_closed"), what="connection_closed")
+    (event,) = server.audit.events("connection_closed")
+    assert (event["code"], event["closed_by"]) == (1008, "server")
+    assert 4 <= server.call(lambda: parsed[0]) <= 100, parsed  # 4: the budget's 3, + 1
+
+
 def test_a_client_flooding_past_its_close_is_not_read_any_more_and_is_dropped(
     server_factory: ServerFactory,
 ) -> None:
