@@ -24,6 +24,7 @@ import itertools
 import math
 import os
 import re
+import sys
 from dataclasses import replace
 
 from wsguard.config.model import Config
@@ -138,6 +139,9 @@ class Lease:
             await store.local.release(_NODE_SLOTS, self.holder)
         if shared:
             await store.release_all(shared, self.holder)
+
+    # the Admit's release callable is the lease itself: no bound method kept per connection
+    __call__ = release
 
 
 class HandshakePolicy:
@@ -264,7 +268,7 @@ class HandshakePolicy:
             client=client,
             origin=origin,
             subprotocol=self.select_subprotocol(offered),
-            _release=lease.release,
+            _release=lease,
             holder=lease.holder,
         )
 
@@ -314,13 +318,14 @@ class HandshakePolicy:
                 subject=subject,
             )
         lease.keys = (_NODE_SLOTS,)
-        address_slots = "conn:addr:" + address_key
+        # interned: the connections of one address (or one subject) share their keys
+        address_slots = sys.intern("conn:addr:" + address_key)
         admission = await store.admit(
             subject,
             identity.token_id,
             (
                 (address_slots, limits.connections_per_address),
-                ("conn:sub:" + subject, limits.connections_per_subject),
+                (sys.intern("conn:sub:" + subject), limits.connections_per_subject),
             ),
             lease.holder,
         )
