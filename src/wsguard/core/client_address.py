@@ -38,6 +38,13 @@ def parse_ip(text: str) -> IPAddress | None:
     return address
 
 
+def _normalized(peer: str, address: IPAddress) -> str:
+    """The address as wsguard writes it: *peer* itself when already written so (the
+    usual case), so that a connection keeps one copy of it, not two."""
+    text = str(address)
+    return peer if text == peer else text
+
+
 def _forwarded_for(values: Iterable[str]) -> list[str]:
     hops: list[str] = []
     for element in split_list(values):
@@ -67,7 +74,7 @@ class ClientAddressResolver:
         if peer_ip is None:
             return peer
         if not self._networks or not self.is_trusted(peer_ip):
-            return str(peer_ip)
+            return _normalized(peer, peer_ip)
         if self._header == "forwarded":
             hops = _forwarded_for(headers.get_all("forwarded"))
         else:
