@@ -574,10 +574,10 @@ def scope_for_app(
     prefix = auth.subprotocol_prefix
     out = scope
     offered = scope.get("subprotocols")
-    if offered:
-        out["subprotocols"] = [p for p in offered if not p.startswith(prefix)]
-    else:
+    if offered is None:
         out["subprotocols"] = []
+    elif any(p.startswith(prefix) for p in offered):  # else the server's own list stays
+        out["subprotocols"] = [p for p in offered if not p.startswith(prefix)]
     out["headers"] = headers
     if auth.query and scope.get("query_string"):
         out["query_string"] = _without_query_param(scope["query_string"], auth.query_param)
