@@ -68,9 +68,12 @@ _ADMITTED = Request("/", WsHeaders())
 _CONTROL_COUNTED = (Opcode.PING, Opcode.PONG)
 _CONT, _TEXT, _BINARY = Opcode.CONT, Opcode.TEXT, Opcode.BINARY
 # Bytes of a read handed to websockets' parser at a time (see GuardedServerConnection._feed):
-# a slice of tiny invalid frames is ~40 frame parses before the queue check, not ~160 as
-# with 4 KiB (the flood's users' p99 halved; ping/pong and one-way rates unchanged).
-_FEED_SLICE = 1024
+# a slice of tiny invalid frames is ~80 frame parses before the queue check, not ~160 as
+# with 4 KiB. Measured (bench_engines.py --quick --servers wsguard): users' p99 under the
+# flood 73/45 ms with 4 KiB, 31/36 with 2 KiB, 25/19 with 1 KiB; one-way 74k, 73k and
+# 65k msg/s (smaller slices pause and resume a streaming client's reads more often).
+_FEED_SLICE = 2048
+_FEED_MAX = 16384  # the slice while a frame bigger than _FEED_SLICE arrives (see _feed)
 # bytes read (and dropped) after the close frame, before reads stop (as the picows engine)
 _DRAIN_BYTES = 64 * 1024
 
@@ -202,12 +205,20 @@ class GuardedServerConnection(ServerConnection):
         if len(data) <= _FEED_SLICE or state is not State.OPEN:
             super().data_received(data)
             return
-        messages = self.recv_messages
-        for start in range(0, len(data), _FEED_SLICE):
+        messages, waiting = self.recv_messages, self.protocol.reader.buffer
+        start, size = 0, len(data)
+        step = _FEED_SLICE if len(waiting) < _FEED_SLICE else _FEED_MAX
+        while start < size:
             if messages.paused:
                 self._backlog = data[start:]
                 return
-            super().data_received(data[start : start + _FEED_SLICE])
+            end = start + step
+            super().data_received(data[start:end])
+            start = end
+            # bytes left unparsed in websockets' reader: a frame bigger than the slice is
+            # arriving (nothing in it to parse ahead of the queue check), so larger slices
+            # until it ends (a 60 KB message: 6 slices, not 30); tiny frames: 2 KiB each
+            step = _FEED_SLICE if len(waiting) < _FEED_SLICE else min(2 * step, _FEED_MAX)
 
     def _resume_reading(self) -> None:
         """The handler caught up (websockets' queue below its low mark): parse what was
