@@ -767,6 +767,54 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def prepare_driver(args: argparse.Namespace) -> None:
+    """The driver process of a multi-server benchmark: enough descriptors for its idle
+    connections, on the load generator's CPU, ended cleanly by SIGTERM."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = min(hard, max(soft, 4 * args.idle + 4096))
+    if want > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    os.sched_setaffinity(0, {args.client_cpu})
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+
+BenchServer = Callable[
+    [str, argparse.Namespace, Path, str, list[str], int, int], Awaitable[dict[str, Any]]
+]
+
+
+async def interleaved_rounds(
+    args: argparse.Namespace, servers: Iterable[str], bench_one: BenchServer
+) -> list[dict[str, Any]]:
+    """``args.rounds`` rounds of every server in turn (``bench_one(name, args, tmp,
+    secret, tokens, n, round)``), in ``args.workdir`` or a temporary directory."""
+    secret = secrets.token_urlsafe(48)
+    tokens = mint_tokens(secret, max(args.conns, args.idle, args.hs_workers, 64) + 8)
+    results: list[dict[str, Any]] = []
+    with contextlib.ExitStack() as stack:
+        if args.workdir is not None:
+            args.workdir.mkdir(parents=True, exist_ok=True)
+            tmpdir = str(args.workdir)
+        else:
+            tmpdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="wsguard-bench-"))
+        n = 0
+        for rnd in range(1, args.rounds + 1):
+            for name in servers:
+                results.append(await bench_one(name, args, Path(tmpdir), secret, tokens, n, rnd))
+                n += 1
+    return results
+
+
+def write_results(
+    args: argparse.Namespace, results: list[dict[str, Any]], report: dict[str, Any]
+) -> None:
+    """The raw results and the report as JSON, to ``args.json`` when it is set."""
+    if args.json is not None:
+        payload = {"args": {k: str(v) for k, v in vars(args).items()}, "results": results}
+        args.json.write_text(json.dumps({**payload, **report}, indent=2, default=str) + "\n")
+        print(f"raw results: {args.json}")
+
+
 def count_audit_lines(tmp: Path) -> int:
     return sum(len(p.read_bytes().splitlines()) for p in tmp.glob("audit-*.jsonl"))
 

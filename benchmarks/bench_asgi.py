@@ -50,12 +50,9 @@ import asyncio
 import contextlib
 import json
 import os
-import resource
 import secrets
-import signal
 import socket
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -358,43 +355,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-async def amain(args: argparse.Namespace, servers: tuple[str, ...]) -> list[dict[str, Any]]:
-    secret = secrets.token_urlsafe(48)
-    tokens = bench.mint_tokens(secret, max(args.conns, args.idle, args.hs_workers, 64) + 8)
-    results: list[dict[str, Any]] = []
-    with contextlib.ExitStack() as stack:
-        if args.workdir is not None:
-            args.workdir.mkdir(parents=True, exist_ok=True)
-            tmpdir = str(args.workdir)
-        else:
-            tmpdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="wsguard-bench-"))
-        n = 0
-        for rnd in range(1, args.rounds + 1):
-            for name in servers:
-                results.append(await bench_server(name, args, Path(tmpdir), secret, tokens, n, rnd))
-                n += 1
-    return results
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["serve"]:
         return serve_main(argv[1:])
     args = parse_args(argv)
     servers = SERVERS + (("baseline",) if args.baseline_src is not None else ())
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = min(hard, max(soft, 4 * args.idle + 4096))
-    if want > soft:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-    os.sched_setaffinity(0, {args.client_cpu})
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    bench.prepare_driver(args)
     bench.log(
         f"bench_asgi: {args.rounds} round(s) of {','.join(servers)}; phases "
         f"{','.join(args.phases)}; {args.duration:g} s per phase; {args.conns} ping/pong conns "
         f"x{args.depth} in flight; {args.hs_workers} handshake workers; {args.idle} idle"
     )
     try:
-        results = asyncio.run(amain(args, servers))
+        results = asyncio.run(bench.interleaved_rounds(args, servers, bench_server))
     finally:
         bench.kill_children()
     print()
@@ -415,10 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     if errors:
         print(f"errors: {errors}")
-    if args.json is not None:
-        payload = {"args": {k: str(v) for k, v in vars(args).items()}, "results": results}
-        args.json.write_text(json.dumps({**payload, **report}, indent=2, default=str) + "\n")
-        print(f"raw results: {args.json}")
+    bench.write_results(args, results, report)
     return 0
 
 

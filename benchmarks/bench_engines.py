@@ -44,14 +44,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
-import resource
-import secrets
-import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -62,12 +57,7 @@ from benchmarks import bench, cloadgen
 
 HERE, HOST, PLAIN, CONFIG = bench.HERE, bench.HOST, bench.PLAIN, bench.CONFIG
 Server = bench.Server
-kill_children, log, measured, mint_tokens = (
-    bench.kill_children,
-    bench.log,
-    bench.measured,
-    bench.mint_tokens,
-)
+kill_children, log, measured = bench.kill_children, bench.log, bench.measured
 pinned, rss_bytes, run_loadgen = bench.pinned, bench.rss_bytes, bench.run_loadgen
 start_listener, stop_process = bench.start_listener, bench.stop_process
 
@@ -348,32 +338,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-async def amain(args: argparse.Namespace) -> list[dict[str, Any]]:
-    secret = secrets.token_urlsafe(48)
-    tokens = mint_tokens(secret, max(args.conns, args.idle, args.hs_workers, 64) + 8)
-    results: list[dict[str, Any]] = []
-    with contextlib.ExitStack() as stack:
-        if args.workdir is not None:
-            args.workdir.mkdir(parents=True, exist_ok=True)
-            tmpdir = str(args.workdir)
-        else:
-            tmpdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="wsguard-bench-"))
-        n = 0
-        for rnd in range(1, args.rounds + 1):
-            for name in args.servers:
-                results.append(await bench_server(name, args, Path(tmpdir), secret, tokens, n, rnd))
-                n += 1
-    return results
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = min(hard, max(soft, 4 * args.idle + 4096))
-    if want > soft:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-    os.sched_setaffinity(0, {args.client_cpu})
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    bench.prepare_driver(args)
     log(
         f"bench_engines: {args.rounds} round(s) of {','.join(args.servers)}; phases "
         f"{','.join(args.phases)}; {args.duration:g} s per phase; {args.conns} ping/pong conns "
@@ -381,15 +348,11 @@ def main(argv: list[str] | None = None) -> int:
         f"flood: {args.flood_conns} well-behaved + {args.abusers} abusers"
     )
     try:
-        results = asyncio.run(amain(args))
+        results = asyncio.run(bench.interleaved_rounds(args, args.servers, bench_server))
     finally:
         kill_children()
     print()
-    report = print_report(results)
-    if args.json is not None:
-        payload = {"args": {k: str(v) for k, v in vars(args).items()}, "results": results}
-        args.json.write_text(json.dumps({**payload, **report}, indent=2, default=str) + "\n")
-        print(f"raw results: {args.json}")
+    bench.write_results(args, results, print_report(results))
     return 0
 
 

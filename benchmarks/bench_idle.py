@@ -424,19 +424,22 @@ def client_config(args: argparse.Namespace, port: int, secret: str) -> str:
     return json.dumps(cfg)
 
 
+def client_command(
+    args: argparse.Namespace, port: int, secret: str, mode: str
+) -> tuple[list[str], Any, dict[str, str]]:
+    """A client process (*mode*: ``--hold`` or ``--probe``) on the load generator's CPU:
+    its command, the function that pins it, its environment (the secret, never on the
+    command line)."""
+    cmd, pin = bench.pinned(
+        [sys.executable, SCRIPT, mode, client_config(args, port, secret)], args.client_cpu
+    )
+    return cmd, pin, {**os.environ, SECRET_ENV: secret}
+
+
 async def start_clients(
     args: argparse.Namespace, port: int, secret: str, count: int
 ) -> list[Client]:
-    env = {**os.environ, SECRET_ENV: secret}
-    cmd, pin = bench.pinned(
-        [
-            sys.executable,
-            SCRIPT,
-            "--hold",
-            client_config(args, port, secret),
-        ],
-        args.client_cpu,
-    )
+    cmd, pin, env = client_command(args, port, secret, "--hold")
     clients = []
     for _ in range(count):
         proc = await asyncio.create_subprocess_exec(
@@ -463,16 +466,7 @@ async def stop_clients(clients: list[Client]) -> None:
 
 
 async def run_probe(args: argparse.Namespace, port: int, secret: str) -> dict[str, Any]:
-    env = {**os.environ, SECRET_ENV: secret}
-    cmd, pin = bench.pinned(
-        [
-            sys.executable,
-            SCRIPT,
-            "--probe",
-            client_config(args, port, secret),
-        ],
-        args.client_cpu,
-    )
+    cmd, pin, env = client_command(args, port, secret, "--probe")
     proc = await asyncio.create_subprocess_exec(
         *cmd, stdout=asyncio.subprocess.PIPE, env=env, preexec_fn=pin
     )

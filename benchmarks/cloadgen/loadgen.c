@@ -1043,14 +1043,20 @@ static void emit_aborted(void) {
     fflush(stdout);
 }
 
-static void phase_pingpong(void) {
-    open_all();
+/* Ready, then wait for the driver's go: 0 (and an aborted result) if it never comes. */
+static int start_run(void) {
     emit_ready();
     if (!read_go()) {
         emit_aborted();
-        return;
+        return 0;
     }
     G.stage = ST_RUN;
+    return 1;
+}
+
+static void phase_pingpong(void) {
+    open_all();
+    if (!start_run()) return;
     double now = mono();
     for (int i = 0; i < G.conns; i++) {
         conn_t *c = &G.c[i];
@@ -1090,12 +1096,7 @@ static void phase_pingpong(void) {
 
 static void phase_oneway(void) {
     open_all();
-    emit_ready();
-    if (!read_go()) {
-        emit_aborted();
-        return;
-    }
-    G.stage = ST_RUN;
+    if (!start_run()) return;
     double now = mono();
     for (int i = 0; i < G.conns; i++) {
         conn_t *c = &G.c[i];
@@ -1140,12 +1141,7 @@ static void phase_oneway(void) {
 
 static void phase_handshake(void) {
     G.opened = 0;
-    emit_ready();
-    if (!read_go()) {
-        emit_aborted();
-        return;
-    }
-    G.stage = ST_RUN;
+    if (!start_run()) return;
     for (int w = 0; w < G.conns; w++) G.c[w].next_token = w;
     double hard = G.t1 + 3 * G.timeout;
     char src[32];
