@@ -767,6 +767,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def driver_parser(description: str) -> argparse.ArgumentParser:
+    """The options every multi-server driver has (``--quick``, ``--rounds``, ``--json``,
+    ``--workdir``); each adds its own, then calls :func:`driver_args`."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="1 round, 2 s phases, 500 idle")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds (default 3; quick 1)")
+    parser.add_argument("--json", type=Path, help="write the raw results here")
+    parser.add_argument(
+        "--workdir", type=Path, help="keep logs (servers, load generators) here, not in a temp dir"
+    )
+    return parser
+
+
+def driver_args(
+    parser: argparse.ArgumentParser, argv: list[str] | None
+) -> tuple[argparse.Namespace, argparse.Namespace, list[str]]:
+    """(the shared options of bench.py with the driver's rounds, JSON file and working
+    directory; the driver's own options; what bench.py parsed)."""
+    known, rest = parser.parse_known_args(argv)
+    # the shared options (durations, connections, CPUs, ...) are bench.py's
+    args = parse_args([*rest, *(["--quick"] if known.quick else [])])
+    args.rounds = known.rounds or (1 if known.quick else 3)
+    args.json, args.workdir = known.json, known.workdir
+    return args, known, rest
+
+
 def prepare_driver(args: argparse.Namespace) -> None:
     """The driver process of a multi-server benchmark: enough descriptors for its idle
     connections, on the load generator's CPU, ended cleanly by SIGTERM."""

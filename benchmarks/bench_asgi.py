@@ -315,12 +315,10 @@ def print_report(results: list[dict[str, Any]], servers: tuple[str, ...]) -> dic
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ours = argparse.ArgumentParser(
-        description="The ASGI middleware in front of a Starlette app under uvicorn, against "
+    ours = bench.driver_parser(
+        "The ASGI middleware in front of a Starlette app under uvicorn, against "
         "the same app unguarded."
     )
-    ours.add_argument("--quick", action="store_true", help="1 round, 2 s phases, 500 idle")
-    ours.add_argument("--rounds", type=int, help="interleaved rounds (default 3; quick 1)")
     ours.add_argument(
         "--phases",
         type=bench.comma_list,
@@ -334,15 +332,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=Path,
         help="also run the guarded server importing wsguard from this src directory",
     )
-    ours.add_argument("--json", type=Path, help="write the raw results here")
-    ours.add_argument(
-        "--workdir", type=Path, help="keep logs (servers, load generators) here, not in a temp dir"
-    )
-    known, rest = ours.parse_known_args(argv)
-    # the shared options (durations, connections, CPUs, ...) are bench.py's
-    args: argparse.Namespace = bench.parse_args([*rest, *(["--quick"] if known.quick else [])])
-    args.rounds = known.rounds or (1 if known.quick else 3)
-    args.phases, args.json, args.workdir = known.phases, known.json, known.workdir
+    args, known, rest = bench.driver_args(ours, argv)
+    args.phases = known.phases
     args.http, args.ws, args.baseline_src = known.http, known.ws, known.baseline_src
     if args.baseline_src is not None:
         args.baseline_src = args.baseline_src.resolve()

@@ -297,9 +297,7 @@ def print_report(results: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ours = argparse.ArgumentParser(description="wsguard on both engines vs plain engines.")
-    ours.add_argument("--quick", action="store_true", help="1 round, 2 s phases, 500 idle")
-    ours.add_argument("--rounds", type=int, help="interleaved rounds (default 3; quick 1)")
+    ours = bench.driver_parser("wsguard on both engines vs plain engines.")
     ours.add_argument("--abusers", type=int, default=100, help="flooding connections (100)")
     ours.add_argument("--flood-conns", type=int, default=50, help="well-behaved conns (50)")
     ours.add_argument(
@@ -314,17 +312,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=list(PHASES),
         help="comma-separated subset of " + ",".join(PHASES),
     )
-    ours.add_argument("--json", type=Path, help="write the raw results here")
-    ours.add_argument(
-        "--workdir", type=Path, help="keep logs (servers, load generators) here, not in a temp dir"
-    )
-    known, rest = ours.parse_known_args(argv)
-    # the shared options (durations, connections, CPUs, ...) are bench.py's
-    args: argparse.Namespace = bench.parse_args([*rest, *(["--quick"] if known.quick else [])])
-    args.rounds = known.rounds or (1 if known.quick else 3)
+    args, known, rest = bench.driver_args(ours, argv)
     args.abusers, args.flood_conns = known.abusers, known.flood_conns
-    args.servers, args.phases, args.json = known.servers, known.phases, known.json
-    args.workdir = known.workdir
+    args.servers, args.phases = known.servers, known.phases
     if not any(a == "--client" or a.startswith("--client=") for a in rest):
         # the load generator must outpace picows servers: the C one, else picows' C framing
         try:
