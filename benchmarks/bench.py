@@ -50,7 +50,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -583,6 +583,22 @@ METRICS = (
 Table = dict[str, dict[str, dict[str, float]]]
 
 
+def print_rows(rows: Sequence[Sequence[str]]) -> None:
+    """A plain-text table: the first row is the header, underlined; columns aligned."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for i, r in enumerate(rows):
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def median_cell(stats: dict[str, float] | None, fmt: str) -> str:
+    """``median [min-max]`` of a :func:`median_table` entry ("" when missing)."""
+    if stats is None:
+        return ""
+    return f"{fmt.format(stats['median'])} [{fmt.format(stats['min'])}-{fmt.format(stats['max'])}]"
+
+
 def median_table(
     results: list[dict[str, Any]], keys: Iterable[str], servers: Iterable[str]
 ) -> Table:
@@ -645,11 +661,7 @@ def print_table(summary: dict[str, Any]) -> None:
         rows.append(
             (metric.label, cell(metric, row["plain"]), cell(metric, row["wsguard"]), ratio, target)
         )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    for i, r in enumerate(rows):
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
+    print_rows(rows)
 
 
 # -- main ---------------------------------------------------------------------------------------

@@ -279,13 +279,7 @@ def print_report(results: list[dict[str, Any]], servers: tuple[str, ...]) -> dic
     for key, label, fmt in ROWS:
         cells = [label]
         stats = table.get(key, {})
-        for name in servers:
-            s = stats.get(name)
-            cells.append(
-                ""
-                if s is None
-                else f"{fmt.format(s['median'])} [{fmt.format(s['min'])}-{fmt.format(s['max'])}]"
-            )
+        cells += [bench.median_cell(stats.get(name), fmt) for name in servers]
         for g in guarded:
             if g in stats and "unguarded" in stats and stats["unguarded"]["median"]:
                 if key == "idle_bytes_per_conn":
@@ -296,11 +290,7 @@ def print_report(results: list[dict[str, Any]], servers: tuple[str, ...]) -> dic
             else:
                 cells.append("")
         rows.append(tuple(cells))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    for i, r in enumerate(rows):
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
+    bench.print_rows(rows)
     print()
     checked: list[list[Any]] = []
     for g in guarded:

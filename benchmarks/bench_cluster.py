@@ -458,11 +458,7 @@ def print_table(setups: list[Setup], results: list[dict[str, Any]]) -> None:
             values = [r[phase]["rate"] for r in results if r["setup"] == setup.name]
             row.append(f"{statistics.median(values) / statistics.median(ref):.2f}")
         rows.append(row)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    for i, r in enumerate(rows):
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
+    bench.print_rows(rows)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

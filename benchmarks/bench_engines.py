@@ -275,20 +275,9 @@ def print_report(results: list[dict[str, Any]]) -> dict[str, Any]:
     rows: list[tuple[str, ...]] = [header]
     for key, label, fmt in ROWS:
         cells = [label]
-        for name in SERVERS:
-            stats = table.get(key, {}).get(name)
-            cells.append(
-                ""
-                if stats is None
-                else f"{fmt.format(stats['median'])} [{fmt.format(stats['min'])}-"
-                f"{fmt.format(stats['max'])}]"
-            )
+        cells += [bench.median_cell(table.get(key, {}).get(name), fmt) for name in SERVERS]
         rows.append(tuple(cells))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    for i, r in enumerate(rows):
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
+    bench.print_rows(rows)
     print()
     checked = targets(table)
     for label, value, ok in checked:

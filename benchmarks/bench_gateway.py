@@ -475,11 +475,7 @@ def print_table(results: list[dict[str, Any]]) -> None:
         if row.compare and a and b and statistics.median(a):
             ratio = f"{statistics.median(b) / statistics.median(a):.2f}"
         rows.append((row.label, cell(row.fmt, a), cell(row.fmt, b), added, ratio))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    for i, r in enumerate(rows):
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
+    bench.print_rows(rows)
 
 
 # -- main ---------------------------------------------------------------------------------------
