@@ -190,6 +190,30 @@ async def slots_holders_and_keys(store: Store) -> None:
     assert await store.count(alice) == 1
 
 
+async def slots_grow_from_one_holder_and_shrink_back(store: Store) -> None:
+    key = "conn:addr:192.0.2.9"
+    assert await store.acquire(key, 0, "h1") is False  # no slot at all: nothing is held
+    assert await store.count(key) == 0
+    assert await store.acquire(key, 3, "h1") is True
+    assert await store.acquire(key, 3, "h1") is True  # one holder, asked twice: one slot
+    assert await store.count(key) == 1
+    assert await store.acquire(key, 3, "h2") is True
+    assert await store.acquire(key, 3, "h2") is True  # among several: still one slot
+    assert await store.acquire(key, 3, "h3") is True
+    assert await store.acquire(key, 3, "h4") is False
+    await store.release(key, "h1")
+    await store.release(key, "h3")
+    assert await store.count(key) == 1  # h2 alone again
+    await store.release(key, "h1")  # released twice, or never held: frees nobody
+    await store.release(key, "h9")
+    assert await store.count(key) == 1
+    assert await store.acquire(key, 1, "h5") is False  # h2 still holds the only slot
+    assert await store.acquire(key, 1, "h2") is True
+    await store.release(key, "h2")
+    assert await store.count(key) == 0
+    assert await store.acquire(key, 1, "h5") is True
+
+
 async def hit_sliding_window(store: Store) -> None:
     key, limit = "hs:198.51.100.1", 3
     for _ in range(limit):
@@ -384,6 +408,7 @@ async def local_is_per_node(store: Store) -> None:
 CONTRACT: list[Case] = [
     slots_limit_release_count,
     slots_holders_and_keys,
+    slots_grow_from_one_holder_and_shrink_back,
     hit_sliding_window,
     hit_window_slides,
     pace_burst_then_one_per_period,

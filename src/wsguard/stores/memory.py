@@ -51,7 +51,7 @@ class MemoryStore(Store):
     def __init__(self, uri: str = "memory://", clock: Callable[[], float] = time.monotonic) -> None:
         self.uri = uri
         self._clock = clock  # seconds, monotonic: every expiry, window and bucket
-        self._slots: dict[str, set[str]] = {}
+        self._slots: dict[str, str | set[str]] = {}  # key -> its holder, or its holders
         self._windows = _Table()  # key -> (window start, previous count, current count)
         self._buckets = _Table()  # key -> (tokens, as of, full again at)
         self._bans = _Table()  # key -> (banned until, level, last ban time)
@@ -64,24 +64,47 @@ class MemoryStore(Store):
     # -- slots -------------------------------------------------------------------------
 
     async def acquire(self, key: str, limit: int, holder: str) -> bool:
-        holders = self._slots.setdefault(key, set())
-        if holder in holders:
+        slots = self._slots
+        held = slots.get(key)
+        if held is None:
+            if limit < 1:
+                return False
+            slots[key] = holder  # one holder (most keys: one address, one subject) is no set
             return True
-        if len(holders) >= limit:
+        if isinstance(held, str):
+            if held == holder:
+                return True
+            if limit < 2:
+                return False
+            slots[key] = {held, holder}
+            return True
+        if holder in held:
+            return True
+        if len(held) >= limit:
             return False
-        holders.add(holder)
+        held.add(holder)
         return True
 
     async def release(self, key: str, holder: str) -> None:
-        holders = self._slots.get(key)
-        if holders is None:
+        slots = self._slots
+        held = slots.get(key)
+        if held is None:
             return
-        holders.discard(holder)
-        if not holders:
-            del self._slots[key]
+        if isinstance(held, str):
+            if held == holder:
+                del slots[key]
+            return
+        held.discard(holder)
+        if len(held) == 1:
+            slots[key] = next(iter(held))  # a set never shrinks its table: let it go
+        elif not held:
+            del slots[key]
 
     async def count(self, key: str) -> int:
-        return len(self._slots.get(key, ()))
+        held = self._slots.get(key)
+        if held is None:
+            return 0
+        return 1 if isinstance(held, str) else len(held)
 
     # -- rates -------------------------------------------------------------------------
 
