@@ -9,6 +9,7 @@ few exercise :class:`wsguard.core.auth.TokenVerifier` directly.
 from __future__ import annotations
 
 import base64
+import gc
 import hashlib
 import hmac
 import json
@@ -1048,6 +1049,32 @@ def test_cached_token_is_refused_past_exp_plus_leeway() -> None:
     assert verifier.verify(fresh).subject == "bob"
     now[0] = exp + leeway + 1
     assert verifier.verify(fresh).subject == "bob"
+
+
+def test_the_token_cache_keeps_no_bearer_token() -> None:
+    """Verified tokens are remembered (a reconnect skips the signature check) by digest:
+    nothing reachable from the verifier holds the token or its signature."""
+    auth = make_config({}).auth
+    verifier = TokenVerifier(auth, KeyMaterial(secret=SECRET.encode()))
+    token = make_token("alice", ttl=600)
+    signature = token.rsplit(".", 1)[1]
+    assert verifier.verify(token).subject == "alice"
+    assert verifier.verify(token).subject == "alice"  # from the cache
+    seen: set[int] = set()
+    todo: list[object] = [verifier]
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen or isinstance(obj, type):
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, str | bytes):
+            text = obj if isinstance(obj, str) else obj.decode("latin-1")
+            assert signature not in text, "the verifier keeps the bearer token"
+            continue
+        todo.extend(gc.get_referents(obj))
+        if isinstance(obj, dict):
+            todo.extend(obj)  # str keys are not among a dict's referents
+    assert len(seen) > 20  # the walk did reach the cache's entries
 
 
 def test_direct_client_without_helper_gets_401(server: RunningServer) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -246,12 +247,14 @@ class TokenVerifier:
         # the source this verifier's tokens are checked against: the key source is asked
         # for (this source, kid), never for a kid alone
         self._source_name = config.remote_jwks
-        # token -> (identity, not-before, key generation): a verified token is
+        # SHA-256 of the token -> (identity, not-before, key generation): a verified token is
         # deterministic for a fixed key set, so reconnecting clients skip the signature
         # check; exp and nbf are still checked against the clock on every hit, and a
         # token verified with an identity provider's key is verified again once that
-        # provider's key set changed or its keys may no longer be used.
-        self._cache: dict[str, tuple[Identity, float | None, int]] = {}
+        # provider's key set changed or its keys may no longer be used. Keyed by digest:
+        # the cache keeps no bearer token (nothing to find in a heap dump) and 32 bytes,
+        # not the token's few hundred, for each of its entries.
+        self._cache: dict[bytes, tuple[Identity, float | None, int]] = {}
         # equal scope sets are shared between connections (a few distinct sets is typical)
         self._scope_sets: dict[frozenset[str], frozenset[str]] = {}
         self._required = ["exp"] if config.require_exp else []
@@ -296,21 +299,22 @@ class TokenVerifier:
         With a key source, a key not in its cache raises :class:`KeyNotReady` (and may
         start a fetch); :meth:`verify_fetching` waits for that fetch and tries again.
         """
-        cached = self._cache.get(token)
+        key = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+        cached = self._cache.get(key)
         source = self._source
         if (
             cached is not None
             and source is not None
             and (cached[2] != source.generation or not source.usable())
         ):
-            del self._cache[token]  # keys changed or expired: verify from scratch
+            del self._cache[key]  # keys changed or expired: verify from scratch
             cached = None
         if cached is not None:
             identity, not_before, _ = cached
             now = self._clock()
             leeway = self._config.leeway_seconds
             if identity.expires_at is not None and now >= identity.expires_at + leeway:
-                del self._cache[token]
+                del self._cache[key]
                 raise AuthFailure("token_expired", "exp is in the past")
             if not_before is not None and now < not_before - leeway:
                 raise AuthFailure("token_not_yet_valid", "nbf in the future")
@@ -320,7 +324,7 @@ class TokenVerifier:
         if len(token) <= _CACHEABLE_TOKEN:
             if len(self._cache) >= _CACHE_ENTRIES:
                 del self._cache[next(iter(self._cache))]  # oldest first
-            self._cache[token] = (identity, not_before, generation)
+            self._cache[key] = (identity, not_before, generation)
         return identity
 
     async def verify_fetching(self, token: str) -> Identity:
