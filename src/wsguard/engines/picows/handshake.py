@@ -39,8 +39,13 @@ logger = logging.getLogger("wsguard.server")
 _EARLY_DATA_LIMIT = 64 * 1024  # bytes a client may send before its 101 is written
 
 
-class HandshakeProtocol(asyncio.Protocol):
-    """Reads, screens and decides one upgrade request, then hands the socket to picows."""
+class HandshakeProtocol(asyncio.BufferedProtocol):
+    """Reads, screens and decides one upgrade request, then hands the socket to picows.
+
+    A buffered protocol, reading into the server's one buffer: uvloop keeps a simple
+    protocol's ``data_received`` (and with it the protocol) for the connection's life
+    when the transport is handed to picows' buffered protocol; this one leaves nothing.
+    """
 
     __slots__ = (
         "_buffer", "_deciding", "_fd", "_peer", "_pending", "_timer", "server", "transport",
@@ -71,7 +76,13 @@ class HandshakeProtocol(asyncio.Protocol):
             self.server.guard.config.limits.handshake_timeout_seconds, self._timed_out
         )
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.server.head_reads  # the loop reads, then calls buffer_updated at once
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._received(bytes(self.server.head_reads[:nbytes]))
+
+    def _received(self, data: bytes) -> None:
         server = self.server
         server.metrics.bytes_in += len(data)
         if not self._buffer and not self._deciding:

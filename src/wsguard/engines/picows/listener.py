@@ -96,15 +96,17 @@ class GuardListener(WSListener):
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.transport = transport
         # picows keeps its parsed request and our response for the connection's life:
-        # drop their headers (the bearer token, cookies; ~1.5 KB) now that they are used
-        transport.request.headers = _NO_HEADERS
+        # drop what they hold (the bearer token, cookies; ~1.6 KB) now that it is used
+        request = transport.request
+        request.headers = _NO_HEADERS
+        request.method = request.path = request.version = b""
         transport.response.headers = _NO_HEADERS
         host, admission = self.host, self.admission
         assert admission is not None
         self.admission = None
         conn = Session(self, host, admission, loop=self.server.loop)
-        request, self.request = self.request, None
-        _, target, headers = request
+        parsed, self.request = self.request, None
+        _, target, headers = parsed
         conn.request = host.keep_request(target, headers)
         self.conn = conn
         self._ping_due = time.monotonic() + self.server.ping_interval

@@ -39,6 +39,7 @@ logger = logging.getLogger("wsguard.server")
 #: Handshakes decided per turn of the event loop at most (see PicowsServer.run).
 _DECISIONS_PER_TURN = 4
 _READ_BUFFER = 2048  # picows' initial read buffer (it grows for bigger frames)
+_HEAD_READ = 64 * 1024  # bytes read at most per callback before the upgrade
 
 
 _CLIENT_FAULTS = ("WS parser error", "Disconnect because HTTP")
@@ -193,6 +194,8 @@ class PicowsServer:
         self.max_message_bytes = config.limits.max_message_bytes
         self.inline = not host.guard.store.shared  # slot releases need no task
         self.loop = asyncio.get_running_loop()  # kept: each lookup costs a getpid() on 3.11
+        # every handshake reads into this one buffer (see HandshakeProtocol.get_buffer)
+        self.head_reads = memoryview(bytearray(_HEAD_READ))
         self._sweeper: asyncio.TimerHandle | None = None
         self._ping_ids = itertools.count(1)
         shortest = min(liveness.ping_interval_seconds, liveness.ping_timeout_seconds)
