@@ -41,7 +41,7 @@ from wsguard.core.decisions import (
 )
 from wsguard.core.identity import Identity
 from wsguard.core.integrity import ENVELOPE_FIELDS, SignatureVerifier, Verified, replay_key
-from wsguard.core.ratelimit import Gcra
+from wsguard.core.ratelimit import rates, spend
 
 # 19 digits in a row (an integer that may not fit in 64 bits): every digit mapped to "0"
 # and everything else to " ", then a substring search
@@ -64,10 +64,11 @@ _REPLAY_NONCE = re.compile(r"[A-Za-z0-9._~-]{8,128}")
 
 @dataclass(slots=True)
 class SubjectLimits:
-    """Message and byte buckets shared by one subject's connections on this node."""
+    """Message and byte buckets shared by one subject's connections on this node (their
+    theoretical arrival times: see :mod:`wsguard.core.ratelimit`)."""
 
-    messages: Gcra
-    volume: Gcra
+    msg_tat: float = 0.0
+    vol_tat: float = 0.0
     connections: int = 0
     violations: float = 0.0
     violations_at: float = 0.0
@@ -78,9 +79,9 @@ class ConnectionState:
     """Everything the message policy remembers about one connection."""
 
     identity: Identity
-    messages: Gcra
-    volume: Gcra
     subject: SubjectLimits
+    msg_tat: float = 0.0  # the connection's message and byte buckets
+    vol_tat: float = 0.0
     violations: float = 0.0
     violations_at: float = 0.0
     received: int = 0
@@ -237,17 +238,27 @@ class MessagePolicy:
         self._max_string = messages.max_string_length
         self._max_keys = messages.max_keys
         self._max_containers = messages.max_containers
-        self._msg_rate = limits.messages_per_minute / 60.0
-        self._msg_burst = float(limits.message_burst)
-        self._byte_rate = limits.bytes_per_minute / 60.0
-        self._byte_burst = float(
+        msg_burst = float(limits.message_burst)
+        byte_burst = float(
             max(
                 limits.max_message_bytes,
                 min(limits.bytes_per_minute, limits.max_message_bytes * limits.message_burst),
             )
         )
-        self._subject_msg_rate = limits.subject_messages_per_minute / 60.0
-        self._subject_byte_rate = limits.subject_bytes_per_minute / 60.0
+        # a connection's buckets, and its subject's (twice the bursts: a subject may have
+        # several connections)
+        self._rates = rates(
+            limits.messages_per_minute / 60.0,
+            msg_burst,
+            limits.bytes_per_minute / 60.0,
+            byte_burst,
+        )
+        self._subject_rates = rates(
+            limits.subject_messages_per_minute / 60.0,
+            msg_burst * 2,
+            limits.subject_bytes_per_minute / 60.0,
+            byte_burst * 2,
+        )
         self._budget = float(limits.violation_budget)
         self._decay = limits.violation_decay_seconds
         self._subjects: dict[str, SubjectLimits] = {}
@@ -261,11 +272,7 @@ class MessagePolicy:
         """Create the state of a newly admitted connection."""
         subject = self._subjects.get(identity.subject)
         if subject is None:
-            burst = self._msg_burst * 2
-            subject = SubjectLimits(
-                Gcra(self._subject_msg_rate, burst),
-                Gcra(self._subject_byte_rate, self._byte_burst * 2),
-            )
+            subject = SubjectLimits()
             self._subjects[identity.subject] = subject
         subject.connections += 1
         self._prune_subjects(now)
@@ -275,8 +282,6 @@ class MessagePolicy:
         return ConnectionState(
             session_key=session_key,
             identity=identity,
-            messages=Gcra(self._msg_rate, self._msg_burst),
-            volume=Gcra(self._byte_rate, self._byte_burst),
             subject=subject,
             violations=self._decayed(subject.violations, subject.violations_at, now),
             violations_at=now,
@@ -304,7 +309,8 @@ class MessagePolicy:
             name: s
             for name, s in self._subjects.items()
             if s.connections > 0
-            or not (s.messages.idle(now) and s.volume.idle(now))
+            or s.msg_tat > now
+            or s.vol_tat > now
             or self._decayed(s.violations, s.violations_at, now) > 0
         }
         self._next_prune = max(1024, 2 * len(self._subjects))
@@ -341,19 +347,17 @@ class MessagePolicy:
     def _charge(self, state: ConnectionState, now: float, cost: int) -> Close | None:
         """Take one message (and *cost* bytes) of the connection's and the subject's rates;
         a frame over them spends the violation budget (no error frame: not a message)."""
-        subject = state.subject
-        if cost:
-            wait = (
-                state.messages.take(now)
-                or state.volume.take(now, cost)
-                or subject.messages.take(now)
-                or subject.volume.take(now, cost)
-            )
-        else:
-            wait = state.messages.take(now) or subject.messages.take(now)
+        wait = self._spend(state, now, cost)
         if wait > 0 and self.violation(state, now):
             return Close(CLOSE_POLICY_VIOLATION, "policy violation", cause="rate_limited")
         return None
+
+    def _spend(self, state: ConnectionState, now: float, cost: int) -> float:
+        """One message and *cost* bytes from the connection's buckets, then its subject's
+        (the first refusal stops): 0.0, or the seconds to wait."""
+        return spend(state, now, self._rates, cost) or spend(
+            state.subject, now, self._subject_rates, cost
+        )
 
     def evaluate(self, state: ConnectionState, data: str | bytes, now: float) -> MessageDecision:
         """Decide about one complete data message. Never raises for any input."""
@@ -368,13 +372,7 @@ class MessagePolicy:
         size = len(raw)
         state.received += 1
         state.last_data_at = now
-        subject = state.subject
-        wait = (
-            state.messages.take(now)
-            or state.volume.take(now, size)
-            or subject.messages.take(now)
-            or subject.volume.take(now, size)
-        )
+        wait = self._spend(state, now, size)
         if wait > 0:
             refusal = Refuse(
                 "rate_limited", "Too many messages.", ref=_ref_of(raw), retry_after=wait

@@ -11,41 +11,50 @@ counters never leave its node.
 
 from __future__ import annotations
 
-_PARAMS: dict[tuple[float, float], tuple[float, float]] = {}
+from typing import Protocol
 
 
-class Gcra:
-    """A token bucket of capacity ``burst`` refilled at ``rate`` per second.
+class Buckets(Protocol):
+    """An owner of a message bucket and a byte bucket: each is one float, its theoretical
+    arrival time (a connection's state, a subject's limits). Kept in the owner's own
+    slots: two bucket objects per connection would add ~160 bytes to every connection."""
 
-    A bucket holds its own arrival time and a reference to its rate's parameters,
-    shared by every bucket of the same rate and burst (one per connection adds up at
-    100,000 connections)."""
+    msg_tat: float
+    vol_tat: float
 
-    __slots__ = ("_params", "_tat")
 
-    def __init__(self, rate: float, burst: float) -> None:
-        if rate <= 0 or burst <= 0:
-            raise ValueError("rate and burst must be positive")
-        params = _PARAMS.get((rate, burst))
-        if params is None:
-            interval = 1.0 / rate
-            params = (interval, burst * interval)
-            if len(_PARAMS) < 1024:
-                _PARAMS[rate, burst] = params
-        self._params = params  # (seconds per unit, burst in seconds)
-        self._tat = 0.0
+Rates = tuple[float, float, float, float]
+"""Two buckets' sizes and refills: seconds per message and the message burst in seconds,
+then the same for bytes (see :func:`rates`)."""
 
-    def idle(self, now: float) -> bool:
-        """True when the bucket is full again (nothing to remember)."""
-        return self._tat <= now
 
-    def take(self, now: float, cost: float = 1.0) -> float:
-        """Take *cost* units at time *now*; 0.0 if allowed, else seconds to wait."""
-        interval, tolerance = self._params
-        tat = self._tat if self._tat > now else now
-        new_tat = tat + cost * interval
-        allow_at = new_tat - tolerance
-        if allow_at > now:
-            return allow_at - now
-        self._tat = new_tat
-        return 0.0
+def rates(msg_rate: float, msg_burst: float, byte_rate: float, byte_burst: float) -> Rates:
+    """:data:`Rates` for a message bucket and a byte bucket (rates per second, bursts in
+    messages and bytes)."""
+    if min(msg_rate, msg_burst, byte_rate, byte_burst) <= 0:
+        raise ValueError("rates and bursts must be positive")
+    msg_interval, byte_interval = 1.0 / msg_rate, 1.0 / byte_rate
+    return (msg_interval, msg_burst * msg_interval, byte_interval, byte_burst * byte_interval)
+
+
+def spend(owner: Buckets, now: float, rates: Rates, cost: float) -> float:
+    """Take one message, then *cost* bytes (none: no byte is taken), from *owner*'s
+    buckets at time *now*: 0.0 if both allow it, else the seconds the refusing one needs
+    (a message taken before the byte bucket refuses stays taken)."""
+    m_interval, m_tolerance, v_interval, v_tolerance = rates
+    tat = owner.msg_tat
+    if tat < now:
+        tat = now
+    tat += m_interval
+    if tat - m_tolerance > now:
+        return tat - m_tolerance - now
+    owner.msg_tat = tat
+    if cost:
+        tat = owner.vol_tat
+        if tat < now:
+            tat = now
+        tat += cost * v_interval
+        if tat - v_tolerance > now:
+            return tat - v_tolerance - now
+        owner.vol_tat = tat
+    return 0.0
