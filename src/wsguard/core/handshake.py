@@ -266,7 +266,8 @@ class HandshakePolicy:
         return Admit(
             identity=identity,
             client=client,
-            origin=origin,
+            # an allowed origin is one of a few: its connections share one string
+            origin=None if origin is None else sys.intern(origin),
             subprotocol=self.select_subprotocol(offered),
             _release=lease,
             holder=lease.holder,
