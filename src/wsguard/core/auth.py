@@ -103,6 +103,16 @@ class KeySource(Protocol):
         ...
 
 
+def _cache_key(token: str) -> bytes:
+    """The verified-token cache's key for *token*: its SHA-256 (a second token with the
+    same key would be a SHA-256 second preimage)."""
+    try:
+        raw = token.encode()
+    except UnicodeEncodeError:  # a lone surrogate (never a valid token): still a key
+        raw = token.encode("utf-8", "surrogatepass")
+    return hashlib.sha256(raw).digest()
+
+
 @dataclass(frozen=True, slots=True)
 class Credentials:
     token: str
@@ -299,7 +309,7 @@ class TokenVerifier:
         With a key source, a key not in its cache raises :class:`KeyNotReady` (and may
         start a fetch); :meth:`verify_fetching` waits for that fetch and tries again.
         """
-        key = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+        key = _cache_key(token)
         cached = self._cache.get(key)
         source = self._source
         if (
