@@ -435,6 +435,31 @@ def test_limit_key_values() -> None:
     assert limit_key("2001:db8:1:2::1", 128) != limit_key("2001:db8:1:2::2", 128)
 
 
+def test_guard_address_keys_are_remembered_and_stay_right() -> None:
+    """Guard.address_key remembers each address's key: asked again (and past the number
+    it remembers) it gives the same keys, and an address that is not one still raises."""
+    import io
+
+    from wsguard.guard import _ADDRESS_KEYS, Guard
+    from wsguard.observability.audit import AuditLog
+
+    guard = Guard(
+        make_config({"limits": {"ipv6_prefix_length": 48}}), audit=AuditLog(io.StringIO())
+    )
+    for _ in range(2):
+        assert guard.address_key("2001:db8:1:2::9") == "2001:db8:1::/48"
+        assert guard.address_key("[2001:db8:1:3::1]:443") == "2001:db8:1::/48"
+        assert guard.address_key("203.0.113.9") == "203.0.113.9"
+        assert guard.address_key("2001:db8:1::/48") == "2001:db8:1::/48"  # a key is its own
+        for wrong in ("not-an-address", "10.0.0.0/8", ""):
+            with pytest.raises(ValueError):
+                guard.address_key(wrong)
+    for n in range(_ADDRESS_KEYS + 10):  # more addresses than it keeps at a time
+        address = f"10.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}"
+        assert guard.address_key(address) == address
+    assert guard.address_key("2001:db8:1:2::9") == "2001:db8:1::/48"
+
+
 def test_ipv6_clients_in_one_slash64_share_the_per_address_limit(
     server_factory: ServerFactory,
 ) -> None:

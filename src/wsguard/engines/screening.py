@@ -9,6 +9,7 @@ pending handshake, counted per address (:class:`PendingHandshakes`).
 
 from __future__ import annotations
 
+import functools
 import http
 import re
 from collections.abc import Iterable
@@ -132,6 +133,13 @@ def http_response(status: int, message: str, headers: Iterable[tuple[str, str]] 
         f"Content-Type: text/plain; charset=utf-8\r\nContent-Length: {len(body)}\r\n"
         f"Cache-Control: no-store\r\n\r\n"
     ).encode() + body
+
+
+@functools.lru_cache(maxsize=64)
+def early_response(status: int, message: str, headers: tuple[tuple[str, str], ...]) -> bytes:
+    """:func:`http_response` of an address still refused (the same few answers, each
+    with the seconds left in Retry-After: built once per second of those)."""
+    return http_response(status, message, headers)
 
 
 def raw_refusal(refusal: Refusal) -> bytes:

@@ -32,7 +32,12 @@ from websockets.server import ServerProtocol
 from wsguard.core.decisions import CLOSE_TOO_BIG, Admit, Reject
 from wsguard.core.headers import Headers
 from wsguard.core.request import HandshakeRequest
-from wsguard.engines.screening import PendingHandshakes, check_head, http_response, raw_refusal
+from wsguard.engines.screening import (
+    PendingHandshakes,
+    check_head,
+    early_response,
+    raw_refusal,
+)
 from wsguard.engines.tls import certificate_identity
 from wsguard.observability.metrics import Metrics
 from wsguard.session import DIRECT_WRITE_LIMIT, Host, Session, first_close, release
@@ -163,7 +168,7 @@ class GuardedServerConnection(ServerConnection):
                 self._screened = True
                 self._end_pending()
                 self.decided = True
-                self.transport.write(http_response(early[0], early[2], early[3]))
+                self.transport.write(early_response(early[0], early[2], early[3]))
                 self.transport.close()
                 return
         head = self._head + data

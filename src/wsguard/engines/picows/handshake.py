@@ -19,6 +19,7 @@ from wsguard.core.headers import Headers, is_token
 from wsguard.core.request import HandshakeRequest
 from wsguard.engines.screening import (
     check_head,
+    early_response,
     http_response,
     raw_refusal,
     read_head,
@@ -90,7 +91,7 @@ class HandshakeProtocol(asyncio.BufferedProtocol):
             if early is not None:  # its address is refused still: nothing parsed
                 self._end_pending()
                 if self.transport is not None:
-                    self.transport.write(http_response(early[0], early[2], early[3]))
+                    self.transport.write(early_response(early[0], early[2], early[3]))
                     self.transport.close()
                 return
         buffer = self._buffer + data
