@@ -56,7 +56,7 @@ def is_loopback_host(host: str) -> bool:
 
 #: Longest wait between two tries of an alert's ban while the shared store is away.
 ALERT_BAN_RETRY_MAX = 30.0
-_ADDRESS_KEYS = 65_536  # addresses whose limit key is remembered (see Guard.address_key)
+_ADDRESS_KEYS = 4096  # addresses whose limit key is remembered (see Guard.address_key)
 
 
 @dataclass(frozen=True, slots=True)
@@ -382,7 +382,7 @@ class Guard:
         The key itself is accepted too: an IPv6 network of ``limits.ipv6_prefix_length``
         bits (``2001:db8::/64``, as ``GET /bans`` lists it) or an IPv4 ``/32``.
         Remembered per address (each handshake asks several times; parsing an address
-        costs ~1 µs), for up to 65,536 addresses at a time.
+        costs ~1 µs), for the last few thousand addresses (at most ~0.7 MB).
         """
         key = self._address_keys.get(address)
         if key is None:
