@@ -685,6 +685,11 @@ def mint_tokens(secret: str, count: int) -> list[str]:
     ]
 
 
+def find_wsguard() -> str | None:
+    """The ``wsguard`` command beside this Python (its virtual environment), else on PATH."""
+    return shutil.which("wsguard", path=str(Path(sys.executable).parent)) or shutil.which("wsguard")
+
+
 def comma_list(text: str) -> list[str]:
     """An option's comma-separated values, blanks dropped."""
     return [item.strip() for item in text.split(",") if item.strip()]
@@ -763,9 +768,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.warmup = args.warmup if args.warmup is not None else (0.5 if quick else 1.0)
     args.idle = args.idle or (500 if quick else 2000)
     if args.wsguard_command is None:
-        exe = shutil.which("wsguard", path=str(Path(sys.executable).parent)) or shutil.which(
-            "wsguard"
-        )
+        exe = find_wsguard()
         if exe is None:
             parser.error("cannot find the wsguard command; use --wsguard-command")
         args.wsguard_command = [exe]

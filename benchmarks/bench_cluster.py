@@ -500,7 +500,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.rounds = args.rounds or (1 if args.quick else 2)
     args.duration = args.duration or (2.0 if args.quick else 5.0)
     args.warmup = args.warmup if args.warmup is not None else (0.5 if args.quick else 1.0)
-    exe = shutil.which("wsguard", path=str(Path(sys.executable).parent)) or shutil.which("wsguard")
+    exe = bench.find_wsguard()
     if exe is None:
         parser.error("cannot find the wsguard command")
     args.wsguard_command = [exe]

@@ -51,7 +51,6 @@ import re
 import resource
 import secrets
 import shlex
-import shutil
 import signal
 import statistics
 import sys
@@ -540,9 +539,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.retries = args.retries if args.retries is not None else (1 if quick else 3)
     args.max_seconds = args.max_seconds or (120.0 if quick else 900.0)
     if args.wsguard_command is None:
-        exe = shutil.which("wsguard", path=str(Path(sys.executable).parent)) or shutil.which(
-            "wsguard"
-        )
+        exe = bench.find_wsguard()
         if exe is None:
             parser.error("cannot find the wsguard command; use --wsguard-command")
         args.wsguard_command = [exe]

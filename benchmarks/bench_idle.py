@@ -684,8 +684,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cpus = os.sched_getaffinity(0)
     if {args.server_cpu, args.client_cpu} - cpus or args.server_cpu == args.client_cpu:
         parser.error(f"--server-cpu and --client-cpu must be two different CPUs of {sorted(cpus)}")
-    exe = Path(sys.executable).parent / "wsguard"
-    args.wsguard_command = [str(exe) if exe.exists() else "wsguard"]
+    args.wsguard_command = [bench.find_wsguard() or "wsguard"]
     return args
 
 

@@ -113,8 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--servers: choose from {','.join(SERVERS)}")
     if args.attempts < 1 or args.parallel < 1:
         parser.error("--attempts and --parallel must be positive")
-    exe = Path(sys.executable).parent / "wsguard"
-    args.wsguard_command = [str(exe) if exe.exists() else "wsguard"]
+    args.wsguard_command = [bench.find_wsguard() or "wsguard"]
     others = os.sched_getaffinity(0) - {args.server_cpu}
     if others:
         os.sched_setaffinity(0, others)  # the client off the server's CPU

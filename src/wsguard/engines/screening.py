@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from wsguard.core.client_address import parse_ip
 
 if TYPE_CHECKING:
+    from wsguard.core.refused import Early
     from wsguard.guard import Guard
 
 Refusal = tuple[int, str, str]
@@ -136,9 +137,11 @@ def http_response(status: int, message: str, headers: Iterable[tuple[str, str]] 
 
 
 @functools.lru_cache(maxsize=64)
-def early_response(status: int, message: str, headers: tuple[tuple[str, str], ...]) -> bytes:
-    """:func:`http_response` of an address still refused (the same few answers, each
-    with the seconds left in Retry-After: built once per second of those)."""
+def early_response(early: Early) -> bytes:
+    """The answer to an attempt from an address still refused
+    (:meth:`~wsguard.guard.Guard.early_refusal`): the same few answers, each with the
+    seconds left in Retry-After, so each is built once per second of those."""
+    status, _, message, headers = early
     return http_response(status, message, headers)
 
 

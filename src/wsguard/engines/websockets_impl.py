@@ -168,7 +168,7 @@ class GuardedServerConnection(ServerConnection):
                 self._screened = True
                 self._end_pending()
                 self.decided = True
-                self.transport.write(early_response(early[0], early[2], early[3]))
+                self.transport.write(early_response(early))
                 self.transport.close()
                 return
         head = self._head + data

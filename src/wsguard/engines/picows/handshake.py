@@ -91,7 +91,7 @@ class HandshakeProtocol(asyncio.BufferedProtocol):
             if early is not None:  # its address is refused still: nothing parsed
                 self._end_pending()
                 if self.transport is not None:
-                    self.transport.write(early_response(early[0], early[2], early[3]))
+                    self.transport.write(early_response(early))
                     self.transport.close()
                 return
         buffer = self._buffer + data
