@@ -204,6 +204,11 @@ class Guard:
             self.monitor.handshake_refused(early[1], peer, early[0])
         return early
 
+    def is_refused(self, peer: str) -> bool:
+        """Whether an attempt from *peer* would be answered by :meth:`early_refusal` now
+        (nothing counted: the attempt is counted when it is answered)."""
+        return self.handshakes.refused.early(peer) is not None
+
     def record_raw_refusal(self, status: int | None, reason: str, client: str) -> None:
         """A handshake the adapter refused before the policy saw it (malformed, timeout)."""
         self.audit.emit("handshake_refused", status=status, reason=reason, client=client)

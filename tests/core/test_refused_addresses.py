@@ -8,12 +8,23 @@ engines) with a real client.
 
 from __future__ import annotations
 
+import socket
+import time
 from typing import Any
 
 import pytest
 from websockets.exceptions import InvalidStatus
 
-from conftest import RunningServer, ServerFactory, make_token
+from conftest import (
+    RunningServer,
+    ServerFactory,
+    eventually,
+    make_token,
+    status_of,
+    upgrade_request,
+)
+from support.engine_garbage import engine_garbage, engine_objects_left
+from support.wire import read_head, response_head
 from wsguard.core.client_address import ClientAddressResolver, limit_key
 from wsguard.core.refused import MAX_ADDRESSES, RECHECK_SECONDS, RefusedAddresses
 
@@ -137,4 +148,81 @@ def test_repeated_attempts_of_a_rate_limited_address_are_refused_unparsed_and_un
     assert metric(server, "handshake_rate") == 6
     audited = [e for e in server.audit.events("handshake_refused")]
     assert [e["reason"] for e in audited] == ["handshake_rate"]
+    assert len(server.audit.events("connection_admitted")) == 2
+
+
+def test_a_repeated_attempt_leaves_no_engine_connection_for_the_garbage_collector(
+    server_factory: ServerFactory,
+) -> None:
+    """An attempt answered from memory is cheap in objects too: under a flood of clients
+    reconnecting as fast as they are refused, the garbage collector's pauses become the
+    other users' latency. Neither engine builds its WebSocket connection for it, and
+    nothing it made is left in a reference cycle (websockets' connection for each attempt
+    left ~45 objects, its parser's exceptions and their tracebacks among them)."""
+    server = server_factory({"limits": {"handshakes_per_minute": 1, "handshake_burst": 1}})
+    with server.connect_welcomed():
+        pass
+    assert refusal(server).response.status_code == 429  # the policy's refusal
+
+    # what the attempts so far (the admitted one, the policy's refusal) made is gone
+    eventually(lambda: engine_objects_left(server) == 0, what="earlier connections gone")
+
+    def attempts() -> None:
+        for _ in range(20):  # raw sockets: the test's own client makes no objects
+            head = response_head(server.port, upgrade_request(token=make_token()))
+            assert status_of(head) == 429
+
+    assert engine_garbage(server, attempts) == []
+
+
+def test_a_refused_address_that_sends_nothing_is_dropped_at_the_handshake_timeout(
+    server_factory: ServerFactory,
+) -> None:
+    """A socket from a refused address waits for its first bytes to be answered; one that
+    sends none is a pending handshake like any other: bounded per address, dropped at
+    ``limits.handshake_timeout_seconds`` and audited as a timeout."""
+    server = server_factory(
+        {
+            "limits": {
+                "handshakes_per_minute": 1,
+                "handshake_burst": 1,
+                "handshake_timeout_seconds": 1.0,
+                "pending_handshakes_per_address": 1,
+            }
+        }
+    )
+    with server.connect_welcomed():
+        pass
+    assert refusal(server).response.status_code == 429
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as silent:
+        # the pending slot of this address is the silent socket's: a second is refused
+        head = response_head(server.port, upgrade_request(token=make_token()))
+        assert status_of(head) == 429
+        eventually(lambda: "too_many_pending" in reasons(server))
+        started = time.monotonic()
+        assert silent.recv(1024) == b""  # closed by the server, nothing written
+        assert time.monotonic() - started < 8
+    eventually(lambda: "handshake_timeout" in reasons(server))
+
+
+def reasons(server: RunningServer) -> list[str]:
+    return [e["reason"] for e in server.audit.events("handshake_refused")]
+
+
+def test_a_socket_opened_while_refused_is_decided_at_its_first_bytes(
+    server_factory: ServerFactory,
+) -> None:
+    """The answer is decided when the request arrives, not when the socket opened: a
+    socket opened while its address was refused, whose request comes once the address's
+    allowance is back, is decided by the policy like any other (here: admitted)."""
+    server = server_factory({"limits": {"handshakes_per_minute": 60, "handshake_burst": 1}})
+    with server.connect_welcomed():
+        pass
+    assert refusal(server).response.status_code == 429  # refused for about a second
+    guard: Any = server.app.guard
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        assert server.call(lambda: guard.is_refused("127.0.0.1"))
+        eventually(lambda: not server.call(lambda: guard.is_refused("127.0.0.1")), timeout=10)
+        sock.sendall(upgrade_request(token=make_token()))
+        assert status_of(read_head(sock)) == 101
     assert len(server.audit.events("connection_admitted")) == 2
