@@ -98,21 +98,21 @@ class AuditCapture(io.StringIO):
 
 
 def new_loop(engine: str) -> asyncio.AbstractEventLoop:
-    """The event loop an engine runs on in production (uvloop for picows)."""
-    if engine == "picows":
-        import uvloop
+    """The event loop an engine runs on in production (uvloop, for every engine)."""
+    import uvloop
 
-        return uvloop.new_event_loop()
-    return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
 
 
 class RunningServer:
     """A wsguard App served from a background thread."""
 
-    def __init__(self, app: App, audit: AuditCapture) -> None:
+    def __init__(
+        self, app: App, audit: AuditCapture, loop: asyncio.AbstractEventLoop | None = None
+    ) -> None:
         self.app = app
         self.audit = audit
-        self.loop = new_loop(app.config.engine)
+        self.loop = loop or new_loop(app.config.engine)
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._started: Future[None] = Future()
         self._done: Future[None] = Future()
@@ -248,7 +248,10 @@ def server_factory(tmp_path: Any, engine: str) -> Iterator[ServerFactory]:
         demo: bool = True,
         setup: Callable[[App], None] | None = None,
         welcome: bool = True,
+        asyncio_loop: bool = False,
     ) -> RunningServer:
+        """*asyncio_loop*: on asyncio's own event loop (where uvloop is not installed, or
+        an app's ``await app.serve()`` in a loop of its own) instead of uvloop."""
         audit = AuditCapture()
         overrides = dict(overrides or {})
         if "engine" not in overrides:
@@ -265,7 +268,8 @@ def server_factory(tmp_path: Any, engine: str) -> Iterator[ServerFactory]:
             install_demo(app)
         if setup is not None:
             setup(app)
-        running = RunningServer(app, audit).start()
+        loop = asyncio.new_event_loop() if asyncio_loop else None
+        running = RunningServer(app, audit, loop).start()
         started.append(running)
         return running
 
