@@ -85,6 +85,19 @@ def test_ipv6_addresses_are_refused_per_network_like_every_limit() -> None:
     assert refused.early("2001:db8:0:1::1") is None
 
 
+def test_an_ipv4_client_of_a_dual_stack_listener_is_known_by_its_ipv4_address() -> None:
+    """On a listener bound to ``::`` an IPv4 client's peer address is IPv4-mapped
+    (``::ffff:192.0.2.7``); the policy refuses the client ``192.0.2.7``, and its next
+    attempts are answered from memory like any other address's (not decided, and
+    audited, again each time)."""
+    refused, _ = refused_addresses()
+    refused.remember("::ffff:192.0.2.7", "192.0.2.7", "handshake_rate", 2.5)
+    early = refused.early("::ffff:192.0.2.7")
+    assert early is not None and early[:2] == (429, "handshake_rate")
+    assert refused.early("192.0.2.7") is not None
+    assert limit_key("::ffff:192.0.2.7", 64) == limit_key("192.0.2.7", 64) == "192.0.2.7"
+
+
 def test_clients_behind_a_trusted_proxy_are_never_answered_from_the_peer_address() -> None:
     """Behind a proxy the client is named by a header, which is not read before the answer:
     the proxy's address must not stand for all of its clients."""

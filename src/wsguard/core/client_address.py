@@ -93,8 +93,13 @@ class ClientAddressResolver:
 @functools.lru_cache(maxsize=8192)
 def limit_key(address: str, ipv6_prefix: int) -> str:
     """The key that limits and bans count under: the address itself for IPv4, its
-    /``ipv6_prefix`` network for IPv6 (one host usually controls a whole /64)."""
+    /``ipv6_prefix`` network for IPv6 (one host usually controls a whole /64). The
+    address is normalized first: an IPv4 client of a listener bound to ``::`` comes as
+    ``::ffff:192.0.2.7`` and counts as ``192.0.2.7``, as the policy names it. Anything
+    that is not an address is its own key."""
     ip = parse_ip(address)
+    if ip is None:
+        return address
     if isinstance(ip, ipaddress.IPv6Address) and ipv6_prefix < 128:
         return str(ipaddress.IPv6Network((ip, ipv6_prefix), strict=False))
-    return address
+    return str(ip)
