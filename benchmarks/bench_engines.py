@@ -74,6 +74,8 @@ async def start(
     env = {k: v for k, v in os.environ.items() if not k.startswith("WSGUARD_")}
     if name == "websockets":
         cmd = [sys.executable, str(PLAIN), "--host", HOST, "--port", "0", "--json", "orjson"]
+        if args.plain_uvloop:
+            cmd.append("--uvloop")
     elif name == "picows":
         cmd = [sys.executable, str(PICOWS), "--host", HOST, "--port", "0"]
     else:
@@ -290,6 +292,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ours.add_argument("--abusers", type=int, default=100, help="flooding connections (100)")
     ours.add_argument("--flood-conns", type=int, default=50, help="well-behaved conns (50)")
     ours.add_argument(
+        "--plain-uvloop",
+        action="store_true",
+        help="run plain websockets on uvloop, as wsguard runs (default: asyncio's own loop)",
+    )
+    ours.add_argument(
         "--servers",
         type=bench.comma_list,
         default=list(SERVERS),
@@ -304,6 +311,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args, known, rest = bench.driver_args(ours, argv)
     args.abusers, args.flood_conns = known.abusers, known.flood_conns
     args.servers, args.phases = known.servers, known.phases
+    args.plain_uvloop = known.plain_uvloop
     if not any(a == "--client" or a.startswith("--client=") for a in rest):
         # the load generator must outpace picows servers: the C one, else picows' C framing
         try:

@@ -78,11 +78,19 @@ def main() -> None:
     parser.add_argument(
         "--json", choices=["json", "orjson"], default="json", help="JSON library (json)"
     )
+    parser.add_argument(
+        "--uvloop", action="store_true", help="run on uvloop (default: asyncio's own loop)"
+    )
     args = parser.parse_args()
     if args.json == "orjson":
         global loads, dumps
         loads, dumps = orjson.loads, _orjson_dumps
-    asyncio.run(run(args.host, args.port))
+    if args.uvloop:
+        import uvloop
+
+        uvloop.run(run(args.host, args.port))
+    else:
+        asyncio.run(run(args.host, args.port))
 
 
 if __name__ == "__main__":
