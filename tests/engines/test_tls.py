@@ -232,6 +232,33 @@ def test_wss_still_requires_a_token_without_mtls(
     assert refusals(server) == ["missing_credentials"]
 
 
+def test_a_refused_address_is_answered_from_memory_over_tls(
+    server_factory: ServerFactory, pki: ServerPki
+) -> None:
+    """Over TLS too, an address past its handshake allowance gets its 429 (Retry-After)
+    at its request's first bytes on every later attempt: decided once by the policy,
+    audited once; the socket is only answered once its TLS handshake is done."""
+    limits = {"handshakes_per_minute": 1, "handshake_burst": 1}
+    server = server_factory({**pki.tls(), "limits": limits})
+    ctx = client_context(pki.ca)
+    welcome_of(server.port, ctx, make_token())
+    for _ in range(4):
+        answer = raw_tls_upgrade(server.port, ctx, make_token())
+        assert answer.startswith(b"HTTP/1.1 429 "), answer[:100]
+        assert b"\r\nRetry-After: " in answer
+    assert refusals(server) == ["handshake_rate"]
+    assert len(server.audit.events("connection_admitted")) == 1
+
+
+def test_wss_on_asyncios_own_loop(server_factory: ServerFactory, pki: ServerPki) -> None:
+    """The socket is handed from the protocol that accepted it to the engine's through
+    the TLS transport of asyncio's own loop too (``await app.serve()`` in an app's loop)."""
+    server = server_factory(pki.tls(), asyncio_loop=True)
+    assert welcome_of(server.port, client_context(pki.ca), make_token("alice"))["type"] == (
+        "welcome"
+    )
+
+
 def test_client_that_does_not_trust_the_ca_fails_verification(
     server_factory: ServerFactory, pki: ServerPki
 ) -> None:
