@@ -8,6 +8,7 @@ engines) with a real client.
 
 from __future__ import annotations
 
+import io
 import socket
 import time
 from typing import Any
@@ -19,6 +20,7 @@ from conftest import (
     RunningServer,
     ServerFactory,
     eventually,
+    make_config,
     make_token,
     status_of,
     upgrade_request,
@@ -27,6 +29,8 @@ from support.engine_garbage import engine_garbage, engine_objects_left
 from support.wire import read_head, response_head
 from wsguard.core.client_address import ClientAddressResolver, limit_key
 from wsguard.core.refused import MAX_ADDRESSES, RECHECK_SECONDS, RefusedAddresses
+from wsguard.guard import Guard
+from wsguard.observability.audit import AuditLog
 
 
 class Clock:
@@ -239,3 +243,13 @@ def test_a_socket_opened_while_refused_is_decided_at_its_first_bytes(
         sock.sendall(upgrade_request(token=make_token()))
         assert status_of(read_head(sock)) == 101
     assert len(server.audit.events("connection_admitted")) == 2
+
+
+def test_refusals_of_a_dual_stack_ipv4_client_count_under_one_address() -> None:
+    """The same address, seen as ``::ffff:192.0.2.7`` by the engine (a refusal before
+    the policy: a malformed request) and as ``192.0.2.7`` by the policy (its own
+    refusal), is one offender for the per-address alerts and the dashboard, not two."""
+    guard = Guard(make_config({}), audit=AuditLog(io.StringIO()))
+    guard.record_raw_refusal(400, "bad_request", "::ffff:192.0.2.7")
+    guard.monitor.handshake_refused("bad_origin", "192.0.2.7", 403)
+    assert guard.monitor.offenders.top() == [("192.0.2.7", 2)]
