@@ -97,8 +97,8 @@ class AuditCapture(io.StringIO):
         return [e for e in out if name is None or e["event"] == name]
 
 
-def new_loop(engine: str) -> asyncio.AbstractEventLoop:
-    """The event loop an engine runs on in production (uvloop, for every engine)."""
+def new_loop() -> asyncio.AbstractEventLoop:
+    """The event loop the engines run on in production (uvloop, for every engine)."""
     import uvloop
 
     return uvloop.new_event_loop()
@@ -112,7 +112,7 @@ class RunningServer:
     ) -> None:
         self.app = app
         self.audit = audit
-        self.loop = loop or new_loop(app.config.engine)
+        self.loop = loop or new_loop()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._started: Future[None] = Future()
         self._done: Future[None] = Future()

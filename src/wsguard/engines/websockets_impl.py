@@ -398,19 +398,17 @@ class RefusedAddressFront(asyncio.Protocol):
         self.transport = None
 
 
-def _front_every_socket(server: Server, kind: type[GuardedServerConnection]) -> bool:
+def _front_every_socket(server: Server, kind: type[GuardedServerConnection]) -> None:
     """Put :class:`RefusedAddressFront` in front of websockets' protocol factory, before
     the server listens. websockets builds its server from a factory of its own, local to
     ``serve()`` (the one that knows every option): it is taken from the closure of the
-    server's ``create_server``. False (and nothing changed) where websockets is built
-    otherwise: refused attempts then cost websockets' connection, as they did."""
+    server's ``create_server``. Where websockets is built otherwise nothing changes:
+    refused attempts then cost websockets' connection (a test counts them)."""
     create = server.create_server
     cells = dict(zip(create.__code__.co_freevars, create.__closure__ or (), strict=False))
     cell = cells.get("protocol_factory")
-    if cell is None or not callable(cell.cell_contents):
-        return False
-    cell.cell_contents = functools.partial(RefusedAddressFront, cell.cell_contents, kind)
-    return True
+    if cell is not None and callable(cell.cell_contents):
+        cell.cell_contents = functools.partial(RefusedAddressFront, cell.cell_contents, kind)
 
 
 def release_admission(connection: GuardedServerConnection) -> None:
