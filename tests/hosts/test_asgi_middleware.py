@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import importlib
 import json
 import time
@@ -42,8 +43,16 @@ from support.asgi_server import demo_echo_app as echo_app
 from support.paths import EXAMPLES
 from support.wire import OP_CLOSE, OP_TEXT, RawClient, frame, ping_frame
 from wsguard.guard import Guard
-from wsguard.hosts.asgi import Message, Receive, Scope, Send, WsGuardMiddleware
+from wsguard.hosts.asgi import (
+    AsgiConnection,
+    Message,
+    Receive,
+    Scope,
+    Send,
+    WsGuardMiddleware,
+)
 from wsguard.observability.audit import AuditLog
+from wsguard.session import Session
 
 ASGI_EXAMPLES = EXAMPLES / "asgi"
 #: node-wide state the middleware object holds (among possibly others)
@@ -850,6 +859,44 @@ def test_middleware_holds_no_per_connection_state(serve: Serve) -> None:
     eventually(lambda: len(server.audit.events("connection_closed")) == 3, what="all closed")
     assert server.call(lambda: {k: id(v) for k, v in vars(middleware).items()}) == before
     assert server.call(lambda: dict(middleware.connections)) == {}
+
+
+def test_an_ended_connection_leaves_nothing_for_the_garbage_collector(serve: Serve) -> None:
+    """The middleware's connection object and its Session refer to each other, and the
+    connection to the server's own ``receive`` and ``send`` (its protocol object, its
+    parser, its buffers): left in a cycle, each ended connection would wait for the
+    garbage collector, whose pauses are every other client's latency and grow with the
+    objects they sweep. Ended, they are freed at once, whatever ended them."""
+    server = serve()
+    middleware = server.middleware
+
+    def connections() -> None:
+        for name in ("alice", "bob", "carol"):
+            ws, _ = server.hello(make_token(name))
+            with ws:
+                echo_of(ws, ping(name))
+        ws, _ = server.hello(make_token("dave"))
+        with ws:
+            ws.send(b"binary")  # closed by wsguard (1003)
+            close_of(ws)
+        eventually(lambda: server.live() == 0, what="all ended")
+        eventually(lambda: len(server.audit.events("connection_closed")) == 4, what="audited")
+
+    def ours(o: Any) -> bool:
+        if isinstance(o, AsgiConnection):
+            return o._host is middleware
+        return type(o) is Session and o.host is middleware
+
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        connections()
+        gc.collect()
+        left = [type(o).__name__ for o in gc.garbage if ours(o)]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    assert left == []
 
 
 # -- 13. under the ASGI server, its own failures are the server's -----------------------------

@@ -438,6 +438,12 @@ class WsGuardMiddleware:
                 session.end(released.append)
             else:
                 session.discard(released.append)
+            # The connection and its Session refer to each other, and the connection to
+            # the server's receive and send (its whole protocol object): without this
+            # cut they would all wait for the garbage collector, whose pauses grow with
+            # them. The Session keeps how it ended, should anything still ask.
+            session.transport = _Ended(conn.close_result())
+            session.attachment = None
             for admission in released:
                 await admission.release()
 
@@ -506,6 +512,37 @@ class WsGuardMiddleware:
 
     def closed(self, session: Session) -> None:
         return None
+
+
+class _Ended:
+    """The :class:`~wsguard.session.Transport` of a Session whose connection has ended
+    (closed, nothing more to send) and whose ASGI connection it no longer holds."""
+
+    __slots__ = ("_result",)
+
+    def __init__(self, result: tuple[int, str, str]) -> None:
+        self._result = result
+
+    def write(self, data: str | bytes, text: bool = False) -> bool:
+        return False
+
+    async def send(self, data: str | bytes) -> bool:
+        return False
+
+    def is_open(self) -> bool:
+        return False
+
+    def close_now(self, code: int, reason: str) -> bool:
+        return True  # nothing left to close
+
+    async def close(self, code: int, reason: str) -> None:
+        return None
+
+    def abort(self) -> None:
+        return None
+
+    def close_result(self) -> tuple[int, str, str]:
+        return self._result
 
 
 def handshake_request(
