@@ -209,8 +209,9 @@ class Guard:
         (nothing counted: the attempt is counted when it is answered)."""
         return self.handshakes.refused.early(peer) is not None
 
-    def record_raw_refusal(self, status: int | None, reason: str, client: str) -> None:
-        """A handshake the adapter refused before the policy saw it (malformed, timeout)."""
+    def record_raw_refusal(self, status: int | None, reason: str, client: str | None) -> None:
+        """A handshake the adapter refused before the policy saw it (malformed, timeout);
+        *client* None: its address is not known (not counted against any address)."""
         self.audit.emit("handshake_refused", status=status, reason=reason, client=client)
         self.monitor.handshake_refused(reason, client, status)
 

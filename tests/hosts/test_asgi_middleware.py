@@ -371,6 +371,41 @@ def run_direct(app: Any, incoming: list[Message]) -> list[Message]:
     return sent
 
 
+def test_a_refused_query_token_is_gone_before_the_server_logs_the_refusal() -> None:
+    """ASGI servers write a refused WebSocket request's path and query to their access
+    log (uvicorn: ``"WebSocket /ws?token=..." 401``): the token parameter is out of the
+    scope before the refusal is sent, whether the policy refused it (a bad token, then a
+    ban) or the address was still refused and the request not read."""
+    config = make_config({"auth": {"query": True}, "limits": {"auth_failures_before_ban": 2}})
+    seen: list[tuple[int, bytes]] = []
+
+    async def app(app_scope: Scope, app_receive: Receive, app_send: Send) -> None:
+        raise AssertionError("a refused request reached the app")
+
+    async def main() -> None:
+        middleware = WsGuardMiddleware(app, guard=Guard(config, audit=AuditLog(AuditCapture())))
+        try:
+            for token in ("not-a-jwt", "still-not", make_token("alice"), make_token("alice")):
+                scope = direct_scope(token)
+                scope["headers"] = [h for h in scope["headers"] if h[0] != b"authorization"]
+                scope["query_string"] = f"room=1&token={token}&x=2".encode()
+
+                async def receive() -> Message:
+                    return {"type": "websocket.connect"}
+
+                async def send(message: Message, scope: Scope = scope) -> None:
+                    if message["type"] == "websocket.http.response.start":
+                        seen.append((message["status"], scope["query_string"]))
+
+                await asyncio.wait_for(middleware(scope, receive, send), 5)
+        finally:
+            await middleware.shutdown()
+
+    asyncio.run(main())
+    # two bad tokens, then banned (a valid token too): by the policy, then from memory
+    assert seen == [(401, b"room=1&x=2"), (401, b"room=1&x=2")] + [(429, b"room=1&x=2")] * 2
+
+
 def test_message_with_text_and_bytes_reaches_the_app_as_text_only() -> None:
     text = '{"type":"ping","id":1}'
     incoming: list[Message] = [
@@ -741,6 +776,42 @@ def test_http_passes_through_untouched(serve: Serve) -> None:
     assert [e["event"] for e in events if "handshake" in e["event"]] == []
     assert server.audit.events("connection_admitted") == []
     assert server.guard.monitor.metrics.handshakes[("admitted", "ok")] == 0
+
+
+def test_a_client_address_the_server_took_from_x_forwarded_for_is_not_believed(
+    serve: Serve,
+) -> None:
+    """uvicorn takes the client's address from ``X-Forwarded-For`` for requests from
+    127.0.0.1 unless told otherwise; with no proxy in ``proxy.trusted`` that address is
+    whatever the client wrote (a way around per-address limits and bans, or into someone
+    else's ban). Such a handshake is refused 500 and audited with no client address; with
+    the proxy listed in ``proxy.trusted`` the forwarded address is the client's."""
+    spoofed = {"X-Forwarded-For": "203.0.113.7"}
+    server = serve({"limits": {"connections_per_address": 1}})
+    rewrites = server.kind.startswith("uvicorn")  # hypercorn believes no header by default
+    if rewrites:
+        refusal = server.refused(make_token("alice"), extra_headers=spoofed)
+        assert refusal.response.status_code == 500
+        (record,) = server.audit.events("handshake_refused")
+        assert record["reason"] == "forwarded_client"
+        assert record.get("client") is None
+        assert server.rec.calls == []
+        assert server.guard.monitor.metrics.refusals["handshake", "other"] == 1
+    else:  # the header is not believed: the socket's own address is the client's
+        first, _ = server.hello(make_token("alice"), extra_headers=spoofed)
+        with first:
+            other = {"X-Forwarded-For": "203.0.113.8"}
+            assert (
+                server.refused(make_token("bob"), extra_headers=other).response.status_code == 429
+            )
+        assert [e["client"] for e in server.audit.events("connection_admitted")] == ["127.0.0.1"]
+    ws, _ = server.hello(make_token("carol"))  # no header: the socket's address, admitted
+    ws.close()
+
+    trusting = serve({"proxy": {"trusted": ["127.0.0.1"]}})
+    ws, _ = trusting.hello(make_token("alice"), extra_headers=spoofed)
+    ws.close()
+    assert [e["client"] for e in trusting.audit.events("connection_admitted")] == ["203.0.113.7"]
 
 
 # -- 9. concurrency limits ---------------------------------------------------------------

@@ -78,7 +78,7 @@ HANDSHAKE_REASONS = frozenset(
         "invalid_issuer", "missing_claim", "bad_signature", "certificate_mismatch",
         "origin_forbidden", "banned", "handshake_rate", "server_full", "too_many_connections",
         "too_many_pending", "revoked", "draining", "store_unavailable", "keys_unavailable",
-        "handshake_timeout",
+        "handshake_timeout", "forwarded_client",
         "bad_request", "bad_http_version", "bad_method", "not_websocket",
         "unsupported_version", "headers_too_large", "request_line_too_long", "bad_handshake",
         "other",

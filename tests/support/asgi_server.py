@@ -213,12 +213,13 @@ class AsgiServer:
         path: str = "/ws",
         origin: str | None = None,
         subprotocols: tuple[str, ...] = (),
+        extra_headers: dict[str, str] | None = None,
     ) -> ClientConnection:
         """Open a WebSocket (an alice token is minted unless *token*; ``transport="none"``
         sends no credential)."""
         if token is None:
             token = make_token("alice")
-        headers: dict[str, str] = {}
+        headers: dict[str, str] = dict(extra_headers or {})
         offered = [Subprotocol(p) for p in subprotocols]
         if transport == "header":
             headers["Authorization"] = f"Bearer {token}"

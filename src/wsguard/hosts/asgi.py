@@ -27,7 +27,7 @@ import itertools
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from http.cookies import CookieError, SimpleCookie
-from time import perf_counter
+from time import monotonic, perf_counter
 from typing import Any
 from urllib.parse import unquote_plus
 
@@ -333,6 +333,7 @@ class WsGuardMiddleware:
         self._start_lock: asyncio.Lock | None = None
         self._events: ClusterEvents | None = None
         self.admin: Any = None  # the AdminServer when admin.port is set
+        self._forwarded_warned_at = float("-inf")  # see _refuse_forwarded_client
 
     @property
     def ready(self) -> tuple[bool, str | None]:
@@ -408,12 +409,17 @@ class WsGuardMiddleware:
             return  # the client went away before the handshake completed
         client = scope.get("client")
         peer = str(client[0]) if client else ""
+        if peer and not self.config.proxy.trusted and _forwarded_client(scope, peer):
+            await self._refuse_forwarded_client(scope, send)
+            return
         early = self.guard.early_refusal(peer) if peer else None
         if early is not None:  # its address is refused still: the request is not read
             status, reason, message, retry = early
+            _drop_query_token(scope, self.config)  # the server logs the refused request
             await deny(scope, send, Reject(status, reason, message, retry, client=peer))
             return
         request, headers = handshake_request(scope, self.config)
+        _drop_query_token(scope, self.config)  # read: neither the server nor the app needs it
         decision = await self.guard.admit(request)
         del request  # the decoded headers (with the credential) are not kept
         if isinstance(decision, Reject):
@@ -446,6 +452,25 @@ class WsGuardMiddleware:
             session.attachment = None
             for admission in released:
                 await admission.release()
+
+    async def _refuse_forwarded_client(self, scope: Scope, send: Send) -> None:
+        """The ASGI server took the client's address from ``X-Forwarded-For`` (uvicorn
+        does by default for requests from 127.0.0.1) while ``proxy.trusted`` trusts no
+        proxy: whoever sent the header chose the address that per-address limits, bans
+        and the audit log would use. Refused (500) until the two agree; the log says how."""
+        now = monotonic()
+        if now >= self._forwarded_warned_at + 60.0:
+            self._forwarded_warned_at = now
+            logger.error(
+                "refusing WebSocket handshakes: the ASGI server took the client address "
+                "from X-Forwarded-For, but proxy.trusted is empty; run the server without "
+                "proxy headers (uvicorn --no-proxy-headers) or list the proxies in "
+                "proxy.trusted (the same as uvicorn's --forwarded-allow-ips)"
+            )
+        reason = "forwarded_client"
+        self.guard.record_raw_refusal(500, reason, None)
+        _drop_query_token(scope, self.config)
+        await deny(scope, send, Reject(500, reason, "Server misconfigured."))
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Pass the lifespan protocol through, starting and closing the Guard with it.
@@ -616,8 +641,6 @@ def scope_for_app(
     elif any(p.startswith(prefix) for p in offered):  # else the server's own list stays
         out["subprotocols"] = [p for p in offered if not p.startswith(prefix)]
     out["headers"] = headers
-    if auth.query and scope.get("query_string"):
-        out["query_string"] = _without_query_param(scope["query_string"], auth.query_param)
     identity = admit.identity
     state = scope.get("state")
     if state is None:
@@ -628,6 +651,27 @@ def scope_for_app(
     credentials = out["auth"] = _credentials(scopes)
     conn.user, conn.state, conn.credentials = user, state, credentials
     return out
+
+
+def _forwarded_client(scope: Scope, peer: str) -> bool:
+    """Whether the scope's client address is one of its ``X-Forwarded-For`` entries:
+    the ASGI server took it from the header (a socket's own address is not in it)."""
+    for name, value in scope.get("headers") or ():
+        if name == b"x-forwarded-for" and any(
+            entry.strip() == peer for entry in value.decode("latin-1").split(",")
+        ):
+            return True
+    return False
+
+
+def _drop_query_token(scope: Scope, config: Config) -> None:
+    """Take the token parameter out of the scope's query string (with ``auth.query``):
+    before a refusal too, since ASGI servers write the path and query of a refused
+    WebSocket request to their own access log."""
+    auth = config.auth
+    query = scope.get("query_string")
+    if auth.query and query:
+        scope["query_string"] = _without_query_param(query, auth.query_param)
 
 
 async def deny(scope: Scope, send: Send, decision: Reject) -> None:

@@ -48,6 +48,7 @@ HANDSHAKE_REASONS: dict[str, str] = {
     "store_unavailable": "store",
     "keys_unavailable": "store",  # the identity provider's keys (a remote JWKS)
     "handshake_timeout": "timeout",
+    "forwarded_client": "other",  # the ASGI server believed X-Forwarded-For; wsguard not
     **dict.fromkeys(
         (
             "bad_request", "bad_http_version", "bad_method", "not_websocket",
