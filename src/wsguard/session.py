@@ -73,6 +73,13 @@ ENGINE_CAUSES = {
     1007: "invalid_utf8",
     1009: "too_big",
 }
+#: the reason of the close frame an engine sends when its frame parser fails a
+#: connection, the same on every engine: short and fixed, never a quote of the frame
+ENGINE_REASONS = {
+    1002: "protocol error",
+    1007: "invalid UTF-8",
+    1009: "message too big",
+}
 
 
 def sendable_close_code(code: int | None) -> bool:

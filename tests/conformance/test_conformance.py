@@ -43,6 +43,8 @@ from support.wire import (
     OP_BINARY,
     OP_CLOSE,
     OP_CONT,
+    OP_PING,
+    OP_PONG,
     OP_TEXT,
     WS_HEADERS,
     RawClient,
@@ -82,6 +84,10 @@ ASGI_HEAD_LIMIT = (
 ASGI_HTTP = (
     "a request that is not a WebSocket upgrade is HTTP under an ASGI server: the middleware "
     "passes HTTP through to the application untouched (here the echo app's 404)"
+)
+ASGI_EARLY_FRAMES = (
+    "under an ASGI server the server reads the request and the frames behind it; the "
+    "middleware sees them only as events after the app accepted"
 )
 ASGI_SERVER_FAILURE = (
     "the ASGI server fails the connection itself (1002, 1007, its own 1009); the middleware "
@@ -406,6 +412,25 @@ HANDSHAKE_CASES = [
             ASGI_UPGRADE.format(detail=", and refuses two Origin headers with 400"),
             Refusal(400, None),
         ),
+    ),
+    # an upgrade names websocket alone; a request with a body is not an upgrade
+    Case(
+        "upgrade-lists-another-protocol",
+        lambda: upgrade(headers={"Upgrade": "websocket, h2c"}),
+        Refusal(426, "not_websocket"),
+        asgi=Differs(ASGI_UPGRADE.format(detail="")),
+    ),
+    Case(
+        "request-with-a-body",
+        lambda: upgrade(headers={"Content-Length": "5"}) + b"hello",
+        Refusal(400, "bad_request"),
+        asgi=Differs(ASGI_PARSER),
+    ),
+    Case(
+        "request-with-a-chunked-body",
+        lambda: upgrade(headers={"Transfer-Encoding": "chunked"}) + b"0\r\n\r\n",
+        Refusal(400, "bad_request"),
+        asgi=Differs(ASGI_PARSER),
     ),
     # 431 / 414: the wire bounds of the request head
     Case(
@@ -823,6 +848,116 @@ def test_fragment_count_is_capped_1009(start: Start, engine: str) -> None:
         assert client.recv_json()["id"] == "sixteen"  # at the cap: delivered
         client.send(fragmented(b'{"type":"ping","id":"seventeen"}'.ljust(34), 17))
         assert_closed(target, client, 1009, "too_big")
+
+
+@pytest.mark.parametrize(
+    "connection",
+    ["keep-alive, Upgrade", "Upgrade, keep-alive", "keep-alive\r\nConnection: Upgrade"],
+    ids=["firefox", "upgrade-first", "two-lines"],
+)
+def test_a_connection_header_listing_upgrade_is_admitted(start: Start, connection: str) -> None:
+    """``Connection`` is a list of tokens (RFC 7230 §6.1); Firefox sends
+    ``keep-alive, Upgrade``. Every engine admits it."""
+    target = start()
+    request = upgrade_request(token=make_token()).replace(
+        b"Connection: Upgrade", f"Connection: {connection}".encode()
+    )
+    assert answer(target.port, request).status == 101
+
+
+def server_frames(data: bytes) -> list[tuple[int, bytes]]:
+    """The (unmasked) frames in *data*: opcode and payload."""
+    frames = []
+    while len(data) >= 2:
+        n, at = data[1] & 0x7F, 2
+        if n == 126:
+            n, at = int.from_bytes(data[2:4], "big"), 4
+        elif n == 127:
+            n, at = int.from_bytes(data[2:10], "big"), 10
+        frames.append((data[0] & 0x0F, data[at : at + n]))
+        data = data[at + n :]
+    return frames
+
+
+def read_response_head(sock: socket.socket) -> tuple[bytes, bytes]:
+    """The response head and what followed it in the same reads."""
+    head, _, rest = read_head(sock).partition(b"\r\n\r\n")
+    return head, rest
+
+
+def test_frames_sent_with_the_request_are_answered_after_the_101(start: Start, engine: str) -> None:
+    """A client may send its first frames right behind its request, in one packet: the
+    response starts with the status line, frames only follow an admission, and the
+    early frames are handled then, in order (RFC 6455 §4.2.2)."""
+    if engine == "asgi":
+        pytest.skip(ASGI_EARLY_FRAMES)
+    target = start()
+    ping = frame(OP_PING, b"early")
+    with socket.create_connection(("127.0.0.1", target.port), timeout=5) as sock:
+        sock.sendall(upgrade_request(token=make_token()) + ping + frame(OP_CLOSE, b"\x03\xe8"))
+        head, rest = read_response_head(sock)
+        assert head.startswith(b"HTTP/1.1 101 "), head
+        data = rest
+        while all(op != OP_CLOSE for op, _ in server_frames(data)):  # its close echoed
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    frames = server_frames(data)
+    kinds = [(op, payload) for op, payload in frames if op in (OP_PONG, OP_CLOSE)]
+    assert kinds == [(OP_PONG, b"early"), (OP_CLOSE, b"\x03\xe8")], frames
+
+
+def test_frames_sent_with_a_refused_request_get_no_answer(start: Start) -> None:
+    """Frames behind a request that is refused are never parsed: the refusal is the
+    whole answer."""
+    target = start()
+    with socket.create_connection(("127.0.0.1", target.port), timeout=5) as sock:
+        sock.sendall(upgrade_request() + frame(OP_PING, b"early"))  # no token
+        head, rest = read_response_head(sock)
+        data = rest
+        with contextlib.suppress(ConnectionResetError, TimeoutError):
+            while chunk := sock.recv(65536):
+                data += chunk
+    assert status_of(head) == 401
+    assert b"early" not in data and not head.startswith(b"\x8a")
+
+
+ENGINE_FAILURES = [
+    ("unmasked", lambda: bytes([0x80 | OP_TEXT, 2]) + b"{}", 1002, b"protocol error"),
+    ("invalid-utf8", lambda: frame(OP_TEXT, b'"\xff"'), 1007, b"invalid UTF-8"),
+    ("too-big", lambda: frame(OP_TEXT, b"x" * 70000), 1009, b"message too big"),
+    ("reserved-bits", lambda: with_rsv(frame(OP_TEXT, b"{}"), 0x40), 1002, b"reserved bits set"),
+    ("stray-continuation", lambda: frame(OP_CONT, b"x"), 1002, b"unexpected continuation frame"),
+    (
+        "new-message-mid-fragments",
+        lambda: frame(OP_TEXT, b"{", fin=False) + frame(OP_TEXT, b"{}"),
+        1002,
+        b"expected a continuation frame",
+    ),
+    ("close-code-1005", lambda: frame(OP_CLOSE, b"\x03\xed"), 1002, b"protocol error"),
+    ("close-code-5000", lambda: frame(OP_CLOSE, b"\x13\x88"), 1002, b"protocol error"),
+]
+
+
+@pytest.mark.parametrize(
+    ("data", "code", "reason"),
+    [f[1:] for f in ENGINE_FAILURES],
+    ids=[f[0] for f in ENGINE_FAILURES],
+)
+def test_a_frame_the_parser_fails_is_closed_with_a_fixed_reason(
+    start: Start, engine: str, data: Callable[[], bytes], code: int, reason: bytes
+) -> None:
+    """The close frame of a parser failure carries a short fixed reason, the same on
+    every engine, never a quote of the client's frame."""
+    if engine == "asgi":
+        pytest.skip(ASGI_SERVER_FAILURE)
+    target = start()
+    with target.raw() as client:
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            client.send(data())
+        assert client.read_close() == code
+        assert client.close_payload[2:] == reason
 
 
 def with_rsv(data: bytes, bit: int) -> bytes:

@@ -95,7 +95,9 @@ def check_upgrade(request: HandshakeRequest) -> Reject | None:
         return Reject(400, "bad_request", "Invalid request target.", detail="target")
     upgrade = [v.lower() for v in split_list(headers.get_all("upgrade"))]
     connection = [v.lower() for v in split_list(headers.get_all("connection"))]
-    if "websocket" not in upgrade or "upgrade" not in connection:
+    # Connection is a list that must hold "upgrade" (browsers send "keep-alive, Upgrade");
+    # Upgrade must name websocket alone: the one protocol this server switches to
+    if upgrade != ["websocket"] or "upgrade" not in connection:
         return Reject(
             426,
             "not_websocket",

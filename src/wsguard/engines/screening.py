@@ -60,6 +60,9 @@ def _split(head: bytes) -> tuple[bytes, bytes]:
     return (head, b"") if end < 0 else (head[:end], head[end + 2 :] + b"\r\n")
 
 
+_BODY_FIELD = re.compile(rb"(?:\A|\n)(content-length|transfer-encoding):([^\r]*)")
+
+
 def screen_head(head: bytes) -> Refusal | None:
     """Validate a complete request head (request line and header lines, no body)."""
     line, block = _split(head)
@@ -70,7 +73,21 @@ def screen_head(head: bytes) -> Refusal | None:
         return 400, "bad_request", "Malformed HTTP header."
     if block.count(b"\r\n") > MAX_HEADERS:
         return 431, "headers_too_large", "Too many request headers."
+    lowered = block.lower()
+    if (b"content-length" in lowered or b"transfer-encoding" in lowered) and _has_body(lowered):
+        # nothing may follow the head but frames, after the 101 (RFC 6455 §4.1): a body
+        # would be read as frames by one engine and refused by another
+        return 400, "bad_request", "An upgrade request has no body."
     return None
+
+
+def _has_body(lowered: bytes) -> bool:
+    """A ``Transfer-Encoding`` header, or a ``Content-Length`` other than 0 (header
+    lines of a head already screened, lowercased)."""
+    for name, value in _BODY_FIELD.findall(lowered):
+        if name == b"transfer-encoding" or value.strip() != b"0":
+            return True
+    return False
 
 
 def read_head(head: bytes) -> tuple[Refusal | None, Parsed | None]:

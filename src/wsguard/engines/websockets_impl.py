@@ -41,7 +41,14 @@ from wsguard.engines.screening import (
 )
 from wsguard.engines.tls import certificate_identity
 from wsguard.observability.metrics import Metrics
-from wsguard.session import DIRECT_WRITE_LIMIT, Host, Session, first_close, release
+from wsguard.session import (
+    DIRECT_WRITE_LIMIT,
+    ENGINE_REASONS,
+    Host,
+    Session,
+    first_close,
+    release,
+)
 
 if TYPE_CHECKING:
     import ssl
@@ -82,6 +89,16 @@ _FEED_SLICE = 2048
 _FEED_MAX = 16384  # the slice while a frame bigger than _FEED_SLICE arrives (see _feed)
 # bytes read (and dropped) after the close frame, before reads stop (as the picows engine)
 _DRAIN_BYTES = 64 * 1024
+_EARLY_DATA_LIMIT = 64 * 1024  # bytes a client may send before its 101 (as the picows engine)
+
+
+# websockets' protocol errors (its parser's messages) named as the picows engine names
+# them; any other protocol error is "protocol error", as picows' own are
+_PROTOCOL_ERRORS = (
+    ("reserved bits must be 0", "reserved bits set"),
+    ("unexpected continuation frame", "unexpected continuation frame"),
+    ("expected a continuation frame", "expected a continuation frame"),
+)
 
 
 class GuardedServerProtocol(ServerProtocol):
@@ -95,6 +112,22 @@ class GuardedServerProtocol(ServerProtocol):
             self.current_size = None
         super().recv_frame(frame)
 
+    def fail(self, code: int, reason: str = "") -> None:
+        """websockets' parser fails a connection with a reason that may quote the
+        client's frame ("invalid start byte at position 0", the announced length...): the
+        close frame carries the reason the picows engine gives for the same fault, short
+        and fixed. wsguard's own closes call ServerProtocol.fail with their own reason."""
+        if code == 1002:
+            for prefix, fixed in _PROTOCOL_ERRORS:
+                if reason.startswith(prefix):
+                    reason = fixed
+                    break
+            else:
+                reason = ENGINE_REASONS[1002]
+        else:
+            reason = ENGINE_REASONS.get(code, reason)
+        super().fail(code, reason)
+
 
 class GuardedServerConnection(ServerConnection):
     """A websockets connection that carries its admission and counts control frames and
@@ -105,6 +138,7 @@ class GuardedServerConnection(ServerConnection):
     __slots__ = (
         "_backlog",
         "_drained",
+        "_early",
         "_fragments",
         "_head",
         "_opened_at",
@@ -132,6 +166,9 @@ class GuardedServerConnection(ServerConnection):
         self._fragments = 0  # frames of the message being received so far (0: none)
         self._backlog = b""  # what was read but not parsed yet (the handler is behind)
         self._drained = 0  # bytes read and dropped since the connection started closing
+        # bytes after the request head, held until the handshake is answered (None: not
+        # holding): websockets would parse them as frames before its 101 is written
+        self._early: bytes | None = None
 
     pending: PendingHandshakes  # shared by the connections of one server
     metrics: Metrics  # the node's counters (bytes in and out)
@@ -141,6 +178,13 @@ class GuardedServerConnection(ServerConnection):
         for data in self.protocol.writes:  # what super().send_data() is about to write
             self.metrics.bytes_out += len(data)
         super().send_data()
+        early = self._early
+        if early is not None and self.protocol.state is State.OPEN:
+            # the 101 is written: what the client sent after its request is parsed now,
+            # in a callback of its own, before any later read (the backlog keeps order)
+            self._early = None
+            self._backlog = early
+            self.loop.call_soon(self._feed_backlog)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._opened_at = time.monotonic()
@@ -161,6 +205,9 @@ class GuardedServerConnection(ServerConnection):
     def data_received(self, data: bytes) -> None:
         self.metrics.bytes_in += len(data)
         if self._screened:
+            if self._early is not None:  # the handshake is not answered yet
+                self._hold(data)
+                return
             self._feed(data)
             return
         if not self._head:
@@ -184,7 +231,17 @@ class GuardedServerConnection(ServerConnection):
             return
         self._screened, self._head = True, b""
         self._end_pending()
-        self._feed(head)
+        cut = end + 4
+        self._early = b""
+        self._hold(head[cut:])
+        super().data_received(head[:cut])
+
+    def _hold(self, data: bytes) -> None:
+        """Keep bytes that arrive before the handshake is answered (bounded: reads pause
+        beyond _EARLY_DATA_LIMIT; the handshake timeout ends a client that waits)."""
+        held = self._early = (self._early or b"") + data
+        if len(held) > _EARLY_DATA_LIMIT:
+            self.transport.pause_reading()
 
     def _feed(self, data: bytes) -> None:
         """Parse a read no further than the handler is ready for.
@@ -282,7 +339,7 @@ class GuardedServerConnection(ServerConnection):
         follow are dropped here, the fragments so far with the connection)."""
         protocol = self.protocol
         if protocol.close_sent is None:
-            protocol.fail(CLOSE_TOO_BIG, "too many fragments")
+            ServerProtocol.fail(protocol, CLOSE_TOO_BIG, "too many fragments")
             self.send_data()
             if self.close_deadline is None and self.close_timeout is not None:
                 self.close_deadline = self.loop.time() + self.close_timeout
@@ -290,6 +347,7 @@ class GuardedServerConnection(ServerConnection):
     def connection_lost(self, exc: Exception | None) -> None:
         self._end_pending()
         self._backlog = b""
+        self._early = None
         super().connection_lost(exc)
         release_admission(self)
         if not self.decided:
@@ -592,7 +650,7 @@ class WebsocketsTransport:
         protocol = ws.protocol
         if protocol.state is not State.OPEN or ws.send_in_progress is not None:
             return False  # already closing, or in a fragmented send: the engine's close
-        protocol.fail(code, reason)
+        ServerProtocol.fail(protocol, code, reason)  # the policy's reason, not the engine's
         try:
             ws.send_data()
         except Exception as exc:  # the engine's own send path handles it the same way

@@ -130,9 +130,9 @@ class HandshakeProtocol(asyncio.BufferedProtocol):
             method=method,
             client_cert=cert,
         )
-        server.run(self._decide(request, parsed))
+        server.run(self._decide(request, parsed, end + 4))
 
-    async def _decide(self, request: HandshakeRequest, parsed: Any) -> None:
+    async def _decide(self, request: HandshakeRequest, parsed: Any, head_end: int) -> None:
         server = self.server
         decision = await server.guard.admit(request)
         transport = self.transport
@@ -167,16 +167,19 @@ class HandshakeProtocol(asyncio.BufferedProtocol):
         listener.start_batch()  # picows' 101 and the welcome frame leave in one write
         protocol.connection_made(PicowsView(transport, listener, self._fd))
         server.adopt(listener)
-        head, self._buffer = self._buffer, b""
+        early, self._buffer = self._buffer[head_end:], b""
         self.transport = None
-        _feed(protocol, head)
+        # picows reads the request again: it gets the request the policy admitted in the
+        # one form it accepts (its own checks are stricter than RFC 6455's: it refuses
+        # "Connection: keep-alive, Upgrade", which browsers send), then the early frames
+        _feed(protocol, _engine_head(request) + early)
         listener.flush()
         if listener.transport is None:  # picows refused the upgrade (it answered 400)
             server.release(decision)
             transport.abort()
             server.guard.record_raw_refusal(400, "bad_handshake", decision.client)
             return
-        if len(head) > _EARLY_DATA_LIMIT:
+        if len(early) > _EARLY_DATA_LIMIT:
             transport.resume_reading()
 
     def _refuse(self, refusal: tuple[int, str, str]) -> None:
@@ -212,6 +215,16 @@ def _subprotocols_parse(values: list[str]) -> bool:
     return all(
         is_token(item.strip()) for value in values for item in value.split(",") if item.strip()
     )
+
+
+def _engine_head(request: HandshakeRequest) -> bytes:
+    """The admitted request as picows needs it: the target, the upgrade and the key (the
+    policy checked them; picows answers with the key's accept value)."""
+    key = request.headers.get("sec-websocket-key")
+    return (
+        f"GET {request.target} HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    ).encode()
 
 
 def _feed(protocol: Any, data: bytes) -> None:

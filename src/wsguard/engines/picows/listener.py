@@ -21,7 +21,7 @@ from wsguard.core.decisions import (
     CLOSE_TOO_BIG,
     Admit,
 )
-from wsguard.session import DIRECT_WRITE_LIMIT, Session, first_close
+from wsguard.session import DIRECT_WRITE_LIMIT, ENGINE_REASONS, Session, first_close
 
 if TYPE_CHECKING:
     from wsguard.engines.picows.server import PicowsServer
@@ -48,8 +48,8 @@ _RECEIVABLE_CLOSE = frozenset((1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1
                                1013, 1014))  # fmt: skip
 # The reasons of the close frames picows sends on its own (protocol errors it finds):
 # short and fixed, never the client's input (its own messages quote it).
-_ENGINE_REASONS = {1002: b"protocol error", 1007: b"invalid UTF-8", 1009: b"message too big",
-                   1011: b"internal error"}  # fmt: skip
+_ENGINE_REASONS = {code: reason.encode() for code, reason in ENGINE_REASONS.items()}
+_ENGINE_REASONS[1011] = b"internal error"
 
 
 class GuardListener(WSListener):
@@ -411,7 +411,8 @@ class GuardListener(WSListener):
                 if self._engine_close is not None:  # a protocol error too: it goes out now
                     self.write_engine_close()
                 else:
-                    self._protocol_error("invalid close code")
+                    # the reason picows gives the codes it refuses itself (999-2999)
+                    self._protocol_error("protocol error")
                 return
         self._engine_close = None
         self.close_sent = True
