@@ -147,6 +147,23 @@ def test_token_bad_ttl_exits_2(tmp_path: Path, ttl: str) -> None:
     assert done.stdout == ""
 
 
+def test_token_longer_than_the_server_accepts_exits_2(tmp_path: Path) -> None:
+    """``token`` prints a token the configured server accepts: never one whose expiry is
+    beyond ``auth.max_token_lifetime_seconds`` (1 day by default), which it refuses."""
+    env = cli_env(tmp_path)
+    done = run_cli(["token", "--sub", "alice", "--ttl", "2d"], env)
+    assert done.returncode == 2
+    assert "auth.max_token_lifetime_seconds" in done.stderr
+    assert done.stdout == ""
+    assert run_cli(["token", "--sub", "alice", "--ttl", "1d"], env).returncode == 0
+    longer = {
+        **env,
+        "WSGUARD_AUTH__MAX_TOKEN_LIFETIME_SECONDS": str(3 * 86400),
+        "WSGUARD_CLUSTER__REVOCATION_TTL_SECONDS": str(3 * 86400),
+    }
+    assert run_cli(["token", "--sub", "alice", "--ttl", "2d"], longer).returncode == 0
+
+
 def test_token_requires_sub(tmp_path: Path) -> None:
     done = run_cli(["token", "--scope", "chat"], cli_env(tmp_path))
     assert done.returncode == 2

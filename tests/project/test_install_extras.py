@@ -361,6 +361,19 @@ MISSING: dict[str, tuple[tuple[str, ...], str]] = {
         ("serve", "--port", "0", "--config", "{webhook}"),
         "wsguard: alerts.webhook_url: the alert webhook " + _install_line("webhook"),
     ),
+    # check-config refuses what serve would refuse at start
+    "check-config-public-key": (
+        ("check-config", "--config", "{es256}"),
+        "wsguard: auth.algorithms: ES256 " + _install_line("publickey"),
+    ),
+    "check-config-webhook": (
+        ("check-config", "--config", "{webhook}"),
+        "wsguard: alerts.webhook_url: the alert webhook " + _install_line("webhook"),
+    ),
+    "check-config-redis-store": (
+        ("check-config", "--config", "{redis}"),
+        'wsguard: store: "redis://:***@127.0.0.1:9/0" ' + _install_line("redis"),
+    ),
 }
 
 
@@ -374,7 +387,9 @@ def test_asking_for_a_missing_extra_says_which_in_one_line(
     es256.write_text(f'[auth]\nalgorithms = ["ES256"]\npublic_key_file = "{pem}"\n')
     webhook = tmp_path / "webhook.toml"
     webhook.write_text('[alerts]\nwebhook_url = "https://hooks.example.com/wsguard"\n')
-    files = {"es256": str(es256), "webhook": str(webhook), "pem": str(pem)}
+    redis = tmp_path / "redis.toml"
+    redis.write_text('store = "redis://:hunter2@127.0.0.1:9/0"\n')
+    files = {"es256": str(es256), "webhook": str(webhook), "pem": str(pem), "redis": str(redis)}
     result = _wsguard(core_venv, *(a.format(**files) for a in args), home=tmp_path)
     assert (result.returncode, result.stderr) == (2, expected + "\n")
     assert "hunter2" not in result.stdout + result.stderr

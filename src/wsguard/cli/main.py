@@ -70,7 +70,12 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         help="scope or role; repeat or space-separate for several",
     )
-    token.add_argument("--ttl", default="1h", help="lifetime, e.g. 90s, 15m, 1h, 2d (default 1h)")
+    token.add_argument(
+        "--ttl",
+        default="1h",
+        help="lifetime, e.g. 90s, 15m, 1h, 1d (default 1h; at most "
+        "auth.max_token_lifetime_seconds, 1d by default)",
+    )
     token.add_argument(
         "--private-key", type=Path, help="PEM private key, for RS*/PS*/ES*/EdDSA configurations"
     )
@@ -211,17 +216,35 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return run_audit(args)
         if args.command == "check-config":
-            from wsguard.core.auth import auth_warnings
-
-            for key, message in auth_warnings(_load(args).auth):
-                print(f"wsguard: warning: {key}: {message}", file=sys.stderr)
-            print("configuration is valid")
-            return 0
+            return _check_config(args)
     except WsguardError as exc:
         from wsguard.hosts.app import report
 
         return report(exc)  # one line; 2 for a configuration error
     return 1  # pragma: no cover
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    """Validate as ``serve`` would before it listens: the model, then what the
+    configuration builds (the keys, the store's client, the alert webhook, the admin
+    listener), each with the extra it needs; nothing is started or connected."""
+    import asyncio
+    import io
+
+    from wsguard.core.auth import auth_warnings
+    from wsguard.extras import require
+    from wsguard.guard import Guard
+    from wsguard.observability.audit import AuditLog
+
+    config = _load(args)
+    guard = Guard(config, audit=AuditLog(io.StringIO(), enabled=False))
+    asyncio.run(guard.close())
+    if config.admin.enabled:
+        require("admin", "the admin listener", key="admin.port")
+    for key, message in auth_warnings(config.auth):
+        print(f"wsguard: warning: {key}: {message}", file=sys.stderr)
+    print("configuration is valid")
+    return 0
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -277,6 +300,13 @@ def _token(args: argparse.Namespace) -> int:
         raise ConfigError("--ttl", str(exc)) from None
     if ttl <= 0:
         raise ConfigError("--ttl", "must be positive")
+    longest = config.auth.max_token_lifetime_seconds
+    if ttl > longest:  # the server would refuse it (invalid_token)
+        raise ConfigError(
+            "--ttl",
+            f"longer than auth.max_token_lifetime_seconds ({longest:g} s): the server "
+            "refuses such a token; raise that key or ask for less",
+        )
     token = mint_token(
         config,
         subject=args.sub,
