@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import jsonschema_rs
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -23,7 +24,7 @@ from wsguard.config.model import Config
 from wsguard.core.auth import KeyMaterial, TokenVerifier
 from wsguard.core.decisions import Close, Deliver, Reauthenticate, Refuse
 from wsguard.core.identity import Identity
-from wsguard.core.messages import ConnectionState, MessagePolicy
+from wsguard.core.messages import _STRING, ConnectionState, MessagePolicy
 
 DECISIONS = (Deliver, Refuse, Close, Reauthenticate)
 ALICE = Identity("alice", frozenset({"chat"}))
@@ -369,3 +370,53 @@ def test_a_large_message_that_fails_its_schema_is_refused_without_describing_it(
     )
     small = _judge(STRICT, '{"type":"chat","text":""}')
     assert (small.code, small.pointer) == ("invalid_message", "/text")
+
+
+# -- counting containers before decoding: linear in the message -----------------------
+
+hostile_pieces = st.sampled_from([b'"', b"\\", b'\\"', b"\\\n", b"[", b"{", b"a", b"\n"])
+
+
+@PROPERTY
+@given(st.lists(hostile_pieces, max_size=200).map(b"".join))
+def test_every_string_match_that_starts_at_a_quote_succeeds(raw: bytes) -> None:
+    """Brackets inside strings do not count toward ``messages.max_containers``; strings are
+    stripped by a pattern whose every attempt at a quote succeeds (an unclosed string runs
+    to the end), so stripping is one pass. A pattern that fails at an unclosed quote is
+    retried at every later quote: quadratic, and one hostile 64 KiB frame held the event
+    loop for seconds."""
+    for at in (i for i, byte in enumerate(raw) if byte == 0x22):
+        assert _STRING.match(raw, at) is not None, (raw, at)
+
+
+@PROPERTY
+@given(json_values)
+def test_stripping_strings_leaves_the_brackets_of_the_containers(value: Any) -> None:
+    raw = json.dumps(value).encode()
+    stripped = _STRING.sub(b'""', raw)
+
+    def containers(v: Any) -> int:
+        if isinstance(v, dict):
+            return 1 + sum(containers(x) for x in v.values())
+        if isinstance(v, list):
+            return 1 + sum(containers(x) for x in v)
+        return 0
+
+    assert stripped.count(b"{") + stripped.count(b"[") == containers(value)
+
+
+def test_a_hostile_unclosed_string_is_refused_from_the_count() -> None:
+    """Over ``max_containers`` brackets then an unclosed string of escaped quotes, up to
+    the size limit: counted in one pass and refused before decoding."""
+    raw = b"[" * 257 + b'"\\' * 3900
+    assert len(raw) <= 8192
+    assert outcome(evaluate(STRICT, raw.decode())) == ("Refuse", "invalid_message")
+
+
+@pytest.mark.parametrize("message", ['{"type":"auth"}', '{"type":"auth","token":5}'])
+def test_a_refresh_without_a_token_string_is_refused_under_any_auth_schema(message: str) -> None:
+    """An ``auth`` type configured without a schema (to give it scopes, say) still gets
+    the refresh's answer to a message with no token: ``invalid_token``, never an internal
+    error."""
+    policy = _policy({"messages": {"types": {**DEMO_MESSAGE_TYPES, "auth": {}}}})
+    assert outcome(evaluate(policy, message)) == ("Refuse", "invalid_token")

@@ -513,6 +513,10 @@ def test_signed_types_cannot_also_have_a_replay_window() -> None:
             {"types": {"auth": {**DEMO_MESSAGE_TYPES["auth"], "replay": {}}}},
             "messages.types.auth.replay",
         ),
+        (
+            {"types": {"auth": {**DEMO_MESSAGE_TYPES["auth"], "signed": True}}},
+            "messages.types.auth.signed",
+        ),
     ],
 )
 def test_replay_windows_only_where_messages_are_delivered_as_json(

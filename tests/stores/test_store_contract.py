@@ -321,6 +321,15 @@ async def nonces_expire(store: Store) -> None:
     assert await store.add_nonce(key, 0.5) is False  # recorded afresh
 
 
+async def nonces_expire_each_at_its_own_time(store: Store) -> None:
+    """A nonce is forgotten at its own expiry, whatever was recorded before it with a
+    longer life (another subject's nonce never changes alice's answer)."""
+    assert await store.add_nonce("nonce:bob:k1:long", 60) is True
+    key = "nonce:alice:k1:brief"
+    assert await store.add_nonce(key, 0.5) is True
+    await eventually(lambda: store.add_nonce(key, 0.5), "alice's nonce to expire before bob's")
+
+
 async def nonces_live_until_the_message_window_ends(store: Store) -> None:
     """A message's nonce is kept until its timestamp + window on the store's clock (not a
     fixed time after it arrived), and the same clock judges the window: so nodes with
@@ -418,6 +427,7 @@ CONTRACT: list[Case] = [
     bans_expire,
     nonces_replay,
     nonces_expire,
+    nonces_expire_each_at_its_own_time,
     nonces_live_until_the_message_window_ends,
     revoke_token_id,
     revoke_subject,

@@ -647,9 +647,10 @@ class MessagesConfig(_Section):
             if not name or len(name) > 64 or not name.isprintable():
                 raise ValueError(f"invalid message type name {name!r}")
         auth = value.get("auth")
-        if auth is not None and auth.replay is not None:
+        if auth is not None and (auth.replay is not None or auth.signed):
+            key = "replay" if auth.replay is not None else "signed"
             raise ValueError(
-                "messages.types.auth.replay: a token refresh is not a delivered message "
+                f"messages.types.auth.{key}: a token refresh is not a delivered message "
                 "(its token is verified and checked for revocation instead)"
             )
         return value

@@ -48,8 +48,12 @@ from wsguard.core.ratelimit import rates, spend
 _DIGITS_AS_ZERO = bytes(0x30 if 0x30 <= i <= 0x39 else 0x20 for i in range(256))
 _NINETEEN_DIGITS = b"0" * 19
 _NON_DIGITS = bytes(i for i in range(256) if not 0x30 <= i <= 0x39)
-# a JSON string token with its escapes (for stripping strings before counting brackets)
-_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+# a JSON string token with its escapes (for stripping strings before counting brackets);
+# an unclosed one runs to the end of the message. Every match attempt that starts at a
+# quote succeeds (possessive, no backtracking), so stripping is linear in the message
+# whatever it holds (a pattern that fails at an unclosed quote is retried at each later
+# quote: quadratic, seconds for a hostile 64 KiB frame)
+_STRING = re.compile(rb'"[^"\\]*+(?:\\.[^"\\]*+)*+(?:"|\\?\Z)', re.DOTALL)
 _CONTAINER_TYPES = frozenset({dict, list})  # what msgspec decodes objects and arrays to
 # schema errors are described (keyword, JSON pointer) for messages of fewer values
 _DESCRIBED_VALUES = 64
@@ -631,7 +635,9 @@ class MessagePolicy:
         """A refresh token that verifies, for the same subject: ``Reauthenticate``, which
         the adapter hands to ``Guard.check_refresh`` (revocation) before applying it."""
         token = message.get("token")
-        assert isinstance(token, str)
+        if type(token) is not str or not token:  # a configured auth schema may allow it
+            self._refresh_failed(state, "missing_credentials", "no token in the refresh")
+            return self.refresh_refused(state, now, ref)
         try:
             identity = self.verifier.verify(token)
         except AuthFailure as failure:

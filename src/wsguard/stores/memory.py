@@ -223,8 +223,8 @@ class MemoryStore(Store):
             _, old = order.popleft()
             if nonces.get(old, now + 1) <= now:
                 del nonces[old]
-        if key in nonces:
-            return False
+        if nonces.get(key, now) > now:  # seen, and not expired (entries recorded before
+            return False  # it with a longer life keep it in the dict past its expiry)
         expires = now + ttl
         nonces[key] = expires
         order.append((expires, key))
