@@ -401,6 +401,34 @@ def test_revocation_missed_while_unsubscribed_is_applied_on_resubscribe(
     close_all(bob_a)
 
 
+def test_a_subscription_that_went_silent_is_found_and_renewed(
+    server_factory: ServerFactory, own_redis: RedisProcess
+) -> None:
+    """A connection to Redis can die without a FIN or a reset. The subscriber only reads:
+    it would wait forever, and its node would never again learn of a revocation. Its
+    PING (after a third of ``cluster.lease_ttl_seconds`` of silence) goes unanswered, it
+    subscribes again, and the next revocation closes the node's connections."""
+    redis_uri = own_redis.uri  # Redis keeps counting the silenced subscriber: not shared
+    port = urlsplit(redis_uri).port
+    assert port is not None
+    relay = SilencingProxy(port)
+    try:
+        quick = {"lease_ttl_seconds": 3, "timeout_seconds": 0.5, "retry_seconds": 0.5}
+        a = server_factory(cluster_config(relay.uri, cluster=quick))
+        b = server_factory(cluster_config(redis_uri, cluster=quick))
+        wait_subscribed(redis_uri, 2)
+        alice = welcomed(a, make_token("alice"))
+        relay.silence()
+        relay.heal()  # Redis is reachable again; the silenced connections stay dead
+        # Redis still counts the silenced subscriber: the renewed one makes 3
+        wait_subscribed(redis_uri, 3, timeout=15)
+        b.run_coro(b.app.guard.store.revoke("sub", "alice", 60))
+        assert close_code(alice, 10) == 4003
+        wait_event(a, "connection_revoked", subject="alice")
+    finally:
+        relay.close()
+
+
 def test_dropped_subscription_is_not_a_store_outage(
     server_factory: ServerFactory, redis_uri: str
 ) -> None:
@@ -825,6 +853,39 @@ class SlowConnectProxy:
         for sock in self.sockets:
             with contextlib.suppress(OSError):
                 sock.close()
+
+
+class SilencingProxy(SlowConnectProxy):
+    """A relay to Redis whose connections can go silent: what either side sends is read
+    and dropped and nothing is closed, as when a host loses power or a firewall or NAT
+    forgets the connection (no FIN, no reset ever arrives)."""
+
+    def __init__(self, upstream_port: int) -> None:
+        super().__init__(upstream_port, delay=0.0)
+        self.silent: set[int] = set()  # ids of the sockets whose traffic is dropped
+        self.mute_new = False
+
+    def silence(self) -> None:
+        """Every connection open now goes silent for good, and new ones until heal()."""
+        self.silent.update(id(sock) for sock in self.sockets)
+        self.mute_new = True
+
+    def heal(self) -> None:
+        """New connections relay again (the silenced ones never will)."""
+        self.mute_new = False
+
+    def _relay(self, client: socket.socket) -> None:
+        if self.mute_new:
+            self.silent.add(id(client))
+        super()._relay(client)
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:  # type: ignore[override]
+        try:
+            while data := source.recv(65536):
+                if id(source) not in self.silent and id(sink) not in self.silent:
+                    sink.sendall(data)
+        except OSError:
+            pass
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ has just been replaced reaches the new one.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from wsguard.config.model import ClusterConfig
 from wsguard.stores.uri import RedisAddress, Topology
@@ -108,3 +110,32 @@ def open_clients(uri: str, address: RedisAddress, config: ClusterConfig) -> Redi
         address.service, redis_class=aioredis.Redis, db=address.db, socket_timeout=None
     )
     return RedisClients("sentinel", commands, events, sentinel=sentinel)
+
+
+def subscription_check_seconds(config: ClusterConfig) -> float:
+    """How long a subscription may stay silent before it is asked for a PING: a third of
+    ``cluster.lease_ttl_seconds``, the lease renewals' cadence."""
+    return config.lease_ttl_seconds / 3
+
+
+async def live_messages(
+    pubsub: Any, every: float, answer_within: float
+) -> AsyncIterator[dict[str, Any]]:
+    """What ``pubsub.listen()`` yields (subscription confirmations included; *pubsub*
+    must not ignore them), ending with ``ConnectionError`` when the connection goes
+    silent: a connection can die without a FIN or a reset (a host losing power, a
+    firewall or NAT forgetting its state), and a subscriber only reads, so without this
+    it would wait forever and every later event would be lost. After *every* seconds
+    with nothing received it sends a PING; no answer within *answer_within* ends it."""
+    pinged = False
+    while True:
+        message = await pubsub.get_message(timeout=answer_within if pinged else every)
+        if message is None:
+            if pinged:
+                raise RedisConnectionError("the subscription did not answer its PING")
+            await pubsub.ping()
+            pinged = True
+            continue
+        pinged = False
+        if message["type"] != "pong":
+            yield message

@@ -38,6 +38,7 @@ from redis.crc import key_slot
 from redis.exceptions import RedisClusterException, RedisError
 
 from wsguard.stores.base import CHANNEL_BROADCAST, CHANNEL_DISCONNECT, CHANNEL_REVOKE
+from wsguard.stores.redis_clients import live_messages
 
 logger = logging.getLogger("wsguard.store")
 
@@ -89,6 +90,7 @@ class ShardedSubscription:
         *,
         retry_seconds: float,
         check_seconds: float,
+        timeout_seconds: float,
         on_broken: Callable[[], Awaitable[object]],
         on_missed: Callable[[], None],
         subscribed: asyncio.Event | None = None,
@@ -99,6 +101,7 @@ class ShardedSubscription:
         self._deliver = deliver
         self._retry = retry_seconds
         self._check = check_seconds
+        self._timeout = timeout_seconds  # for a reader's PING (see live_messages)
         self._on_broken = on_broken
         self._on_missed = on_missed
         #: set while every bucket is subscribed
@@ -229,7 +232,7 @@ class ShardedSubscription:
                 for bucket in sorted(buckets):  # one slot per SSUBSCRIBE
                     await pubsub.ssubscribe(*(channel(self._prefix, bucket, k) for k in KINDS))
                 waiting = len(buckets) * len(KINDS)
-                async for message in pubsub.listen():
+                async for message in live_messages(pubsub, self._check, self._timeout):
                     kind = message["type"]
                     if kind == "smessage":
                         try:

@@ -57,7 +57,12 @@ from wsguard.stores.base import (
     StoreUnavailable,
 )
 from wsguard.stores.memory import MemoryStore
-from wsguard.stores.redis_clients import CommandClient, open_clients
+from wsguard.stores.redis_clients import (
+    CommandClient,
+    live_messages,
+    open_clients,
+    subscription_check_seconds,
+)
 from wsguard.stores.uri import parse_redis_uri, redacted
 
 logger = logging.getLogger("wsguard.store")
@@ -735,6 +740,7 @@ class RedisStore(Store):
             self._dispatch,
             retry_seconds=self.config.retry_seconds,
             check_seconds=max(1.0, 5 * self.config.retry_seconds),
+            timeout_seconds=self.config.timeout_seconds,
             on_broken=self.ping,
             on_missed=self._missed_events,
             subscribed=self._subscribed,
@@ -758,17 +764,20 @@ class RedisStore(Store):
             prefix + CHANNEL_DISCONNECT,
         ]
         subscribed = self._subscribed
+        check = subscription_check_seconds(self.config)
         first = True
         while not self._closed:
             try:
-                async with events.pubsub(ignore_subscribe_messages=True) as pubsub:
+                async with events.pubsub() as pubsub:
                     await pubsub.subscribe(*channels)
                     subscribed.set()
                     if not first:
                         for callback in self._resync:
                             callback()  # events published while we were away are lost
                     first = False
-                    async for message in pubsub.listen():
+                    async for message in live_messages(pubsub, check, self.config.timeout_seconds):
+                        if message["type"] != "message":
+                            continue  # the subscriptions' confirmations
                         channel = message["channel"].decode()[len(prefix) :]
                         for handler in self._handlers:
                             try:
