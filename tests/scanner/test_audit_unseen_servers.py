@@ -338,3 +338,97 @@ def test_an_endpoint_without_application_ping_says_what_it_cannot_judge() -> Non
     coverage = report.coverage()
     assert coverage.inconclusive == ("authz.privileged",)
     assert coverage.needs == {"--replay-message": ("replay",)}
+
+
+# -- endpoints that are slow, silent or not WebSocket at all -----------------------------
+
+
+def test_an_endpoint_slower_than_its_ping_frames_is_still_understood() -> None:
+    """An echo whose handler answers 0.3 s after the message, while its library answers
+    ping frames at once: the scan waits (up to --reply-timeout) for the message, finds it,
+    and sees that anyone gets in (no false PASS because the answer came late)."""
+
+    async def handler(ws: ServerConnection) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            async for message in ws:
+                await asyncio.sleep(0.3)
+                await ws.send(message)
+
+    async def main() -> Report:
+        async with serve(handler, "127.0.0.1", 0, compression=None) as server:
+            port = server.sockets[0].getsockname()[1]
+            options = ScanOptions(
+                url=f"ws://127.0.0.1:{port}/",
+                checks=("auth.required", "origin.foreign"),
+                reply_timeout=1.0,
+            )
+            return await run_scan(options)
+
+    report = asyncio.run(main())
+    assert "answered only after its ping frame" in report.protocol, report.protocol
+    verdicts = {f.check: f.verdict for f in report.findings}
+    assert verdicts == {"auth.required": Verdict.FAIL, "origin.foreign": Verdict.FAIL}
+
+
+async def _raw_target(answer: bytes | None) -> asyncio.Server:
+    """A TCP server that reads a request and answers *answer* (None: never answers)."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            await reader.readuntil(b"\r\n\r\n")
+            if answer is None:
+                await reader.read()  # holds the connection until the client leaves
+            else:
+                writer.write(answer)
+                await writer.drain()
+        writer.close()
+
+    return await asyncio.start_server(handle, "127.0.0.1", 0)
+
+
+@pytest.mark.parametrize(
+    ("answer", "evidence"),
+    [
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", "not a WebSocket endpoint: HTTP 200"),
+        (None, "no response (timeout)"),
+    ],
+    ids=["http-200", "no-answer"],
+)
+def test_an_endpoint_that_upgrades_nothing_is_an_error_never_a_pass(
+    answer: bytes | None, evidence: str
+) -> None:
+    """A 200 is no refusal, and silence is no answer: the authentication checks could not
+    do their work, so they are ERRORs (a CI gate fails, exit 3), never PASS or
+    INCONCLUSIVE."""
+
+    async def main() -> Report:
+        server = await _raw_target(answer)
+        async with server:
+            port = server.sockets[0].getsockname()[1]
+            options = ScanOptions(
+                url=f"ws://127.0.0.1:{port}/",
+                checks=("auth.required",),
+                reply_timeout=0.5,
+                connect_timeout=0.5,
+            )
+            return await run_scan(options)
+
+    (finding,) = asyncio.run(main()).findings
+    assert finding.verdict is Verdict.ERROR, finding
+    assert evidence in finding.evidence, finding.evidence
+
+
+def test_an_echo_is_no_sign_that_a_privileged_message_was_processed() -> None:
+    """An echo server answers a privileged kind with itself, as it answers an unknown
+    kind: INCONCLUSIVE (say --privileged-message), never a FAIL."""
+    report = asyncio.run(scan_echo(("authz.privileged",)))
+    (finding,) = report.findings
+    assert finding.verdict is Verdict.INCONCLUSIVE, finding
+    assert "cannot tell processing from an echo" in finding.evidence
+
+
+async def scan_echo(checks: tuple[str, ...]) -> Report:
+    async with dialect_server(lambda value, raw: [raw]) as server:
+        port = server.sockets[0].getsockname()[1]
+        options = ScanOptions(url=f"ws://127.0.0.1:{port}/", checks=checks, reply_timeout=1.0)
+        return await run_scan(options)

@@ -304,46 +304,67 @@ class ScanContext:
         tried: list[str] = []
         pong_frames = False
         keys: list[str] = []
-        session: Session | None = None
-        try:
-            for candidate in CANDIDATES:
-                if session is None or session.closed:
-                    if session is not None:
-                        await session.close()
-                    self.rotate()
-                    result = await self.connect()
-                    if result.session is None:
-                        if not tried:
-                            self.dialect = replace(
-                                assumed, note=f"the baseline handshake got {result.describe()}"
+
+        async def attempt(patient: bool) -> Dialect | None:
+            """One pass over the candidates on a fresh connection. Quick: after the ping
+            frame's answer, a short grace. Patient (when the quick pass heard nothing): up
+            to --reply-timeout for a message, for endpoints whose handler answers slower
+            than their library answers ping frames."""
+            nonlocal pong_frames
+            session: Session | None = None
+            try:
+                for candidate in CANDIDATES:
+                    if session is None or session.closed:
+                        if session is not None:
+                            await session.close()
+                        self.rotate()
+                        result = await self.connect()
+                        if result.session is None:
+                            if not tried and not patient:
+                                self.dialect = replace(
+                                    assumed,
+                                    note=f"the baseline handshake got {result.describe()}",
+                                )
+                                return self.dialect
+                            return None
+                        session = result.session
+                    ident = str(next(self._ids))
+                    await session.send_text(candidate.template.replace("{id}", ident))
+                    frame = f"wsguard-audit-{ident}".encode()
+                    await session.send_ping(frame)
+                    heard = Heard()
+                    await listen(session, heard, frame, options.reply_timeout, patient=patient)
+                    pong_frames = pong_frames or heard.pong_frame
+                    for text in heard.texts:
+                        error = assumed.is_error(text)
+                        self.record("error frame" if error else "message", text)
+                        value = loads(text)
+                        if isinstance(value, dict):
+                            keys.extend(k for k in KIND_KEYS if isinstance(value.get(k), str))
+                    found = judge_candidate(candidate, ident, heard, options.error_types)
+                    if found is not None:
+                        notes = [found.note] if found.note else []
+                        if patient:  # the quick pass's misses say nothing here
+                            notes.append(
+                                "answered only after its ping frame: waited up to "
+                                "--reply-timeout for each answer"
                             )
-                            return self.dialect
-                        break
-                    session = result.session
-                ident = str(next(self._ids))
-                await session.send_text(candidate.template.replace("{id}", ident))
-                frame = f"wsguard-audit-{ident}".encode()
-                await session.send_ping(frame)
-                heard = Heard()
-                await listen(session, heard, frame, options.reply_timeout)
-                pong_frames = pong_frames or heard.pong_frame
-                for text in heard.texts:
-                    error = assumed.is_error(text)
-                    self.record("error frame" if error else "message", text)
-                    value = loads(text)
-                    if isinstance(value, dict):
-                        keys += [k for k in KIND_KEYS if isinstance(value.get(k), str)]
-                found = judge_candidate(candidate, ident, heard, options.error_types)
-                if found is not None:
-                    notes = [found.note] if found.note else []
-                    if tried:
-                        notes.append(f"not answered: {', '.join(tried)}")
-                    self.dialect = replace(found, note="; ".join(notes))
-                    return self.dialect
-                tried.append(candidate.template.replace(', "id": "{id}"', "").replace("{id}", "N"))
-        finally:
-            if session is not None:
-                await session.close()
+                        elif tried:
+                            notes.append(f"not answered: {', '.join(tried)}")
+                        self.dialect = replace(found, note="; ".join(notes))
+                        return self.dialect
+                    name = candidate.template.replace(', "id": "{id}"', "").replace("{id}", "N")
+                    if name not in tried:
+                        tried.append(name)
+            finally:
+                if session is not None:
+                    await session.close()
+            return None
+
+        for patient in (False, True):
+            found = await attempt(patient)
+            if found is not None:
+                return found
         key = max(set(keys), key=keys.count) if keys else "type"
         frames = "" if pong_frames else "; ping frames were not answered either"
         self.dialect = Dialect(
@@ -469,6 +490,9 @@ def judge(result: Handshake) -> str:
         raise CheckError(f"cannot reach the target: {result.describe()}")
     if result.status == 101:
         return "upgraded"
+    if result.status is not None and result.status < 300:
+        # a success that is no upgrade: not a WebSocket endpoint, nothing was refused
+        raise CheckError(f"not a WebSocket endpoint: {result.describe()} to an upgrade request")
     if result.status is None:
         return "inconclusive" if result.error == "timeout" else "refused"  # dropped: a no
     if result.status == 408 or result.status in THROTTLED or result.status >= 500:

@@ -263,9 +263,13 @@ def judge_candidate(
     return None
 
 
-async def listen(session: Any, heard: Heard, ident: bytes, wait: float) -> None:
+async def listen(
+    session: Any, heard: Heard, ident: bytes, wait: float, *, patient: bool = False
+) -> None:
     """Collect texts until the ping frame ``ident`` is answered (plus a grace for servers
-    that answer ping frames before messages queued to their handler), or ``wait``."""
+    that answer ping frames before messages queued to their handler), or ``wait``.
+    *patient*: after the ping frame's answer, wait (up to ``wait``) for a first message,
+    then the grace."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait
     while True:
@@ -277,6 +281,9 @@ async def listen(session: Any, heard: Heard, ident: bytes, wait: float) -> None:
             return
         if event.kind == "pong" and event.data == ident and not heard.pong_frame:
             heard.pong_frame = True
-            deadline = min(deadline, loop.time() + GRACE + 0.05)
+            if not patient or heard.texts:
+                deadline = min(deadline, loop.time() + GRACE + 0.05)
         elif event.kind in ("text", "binary"):
             heard.texts.append(event.text)
+            if patient and heard.pong_frame:
+                deadline = min(deadline, loop.time() + GRACE + 0.05)

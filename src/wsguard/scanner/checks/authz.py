@@ -70,6 +70,13 @@ def carries(text: str, sent: str, marker: str) -> bool:
     return needle is not None and _contains(loads(text), needle)
 
 
+def besides_echoes(texts: list[str], sent: str) -> list[str]:
+    """The answers that are not *sent* itself coming back (an echo server's answer to
+    any message: no sign that its kind was processed)."""
+    value = loads(sent)
+    return [t for t in texts if t != sent and (value is None or loads(t) != value)]
+
+
 def kinds(texts: list[str]) -> set[str]:
     out: set[str] = set()
     for text in texts:
@@ -123,7 +130,9 @@ async def privileged(ctx: ScanContext) -> Finding:
         unknown = ctx.dialect.message(f"wsguard-audit-unknown-{unknown_marker[-8:]}", {})
         control = await ctx.exchange(sender, unknown)
         await ctx.barrier(observer)
-        control_kinds = kinds(control.replies) if not control.refused else set()
+        control_kinds = (
+            kinds(besides_echoes(control.replies, unknown)) if not control.refused else set()
+        )
         for label, text in candidates:
             if sender.closed:
                 ctx.rotate()
@@ -138,7 +147,9 @@ async def privileged(ctx: ScanContext) -> Finding:
                 relayed.append(label)
             elif outcome.refused:
                 refused.append(f"{label} ({how})")
-            elif outcome.replies and not kinds(outcome.replies) <= control_kinds:
+            elif (answers := besides_echoes(outcome.replies, text)) and not (
+                kinds(answers) <= control_kinds
+            ):
                 processed.append(f"{label} ({how})")
             elif outcome.replies:
                 alike.append(label)

@@ -45,6 +45,9 @@ async def try_handshakes(
             state, how = await settle(ctx, result)
             if state != "inconclusive":
                 break
+        if state == "inconclusive" and result.error == "timeout":
+            # no answer at all, even after retries: the scan could not do its work here
+            raise CheckError(f"{label}: {how}, even after {len(RETRIES)} retries")
         lines.append(f"{label}: {how}")
         if state == "accepted":
             accepted.append(label)
