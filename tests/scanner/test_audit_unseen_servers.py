@@ -343,6 +343,20 @@ def test_an_endpoint_without_application_ping_says_what_it_cannot_judge() -> Non
 # -- endpoints that are slow, silent or not WebSocket at all -----------------------------
 
 
+def scan_handler(
+    handler: Callable[[ServerConnection], Any], checks: tuple[str, ...], **options: Any
+) -> Report:
+    """Scan a websockets server running *handler* with *checks* (and ScanOptions)."""
+
+    async def main() -> Report:
+        async with serve(handler, "127.0.0.1", 0, compression=None) as server:
+            port = server.sockets[0].getsockname()[1]
+            url = f"ws://127.0.0.1:{port}/"
+            return await run_scan(ScanOptions(url=url, checks=checks, **options))
+
+    return asyncio.run(main())
+
+
 def test_an_endpoint_slower_than_its_ping_frames_is_still_understood() -> None:
     """An echo whose handler answers 0.3 s after the message, while its library answers
     ping frames at once: the scan waits (up to --reply-timeout) for the message, finds it,
@@ -354,17 +368,7 @@ def test_an_endpoint_slower_than_its_ping_frames_is_still_understood() -> None:
                 await asyncio.sleep(0.3)
                 await ws.send(message)
 
-    async def main() -> Report:
-        async with serve(handler, "127.0.0.1", 0, compression=None) as server:
-            port = server.sockets[0].getsockname()[1]
-            options = ScanOptions(
-                url=f"ws://127.0.0.1:{port}/",
-                checks=("auth.required", "origin.foreign"),
-                reply_timeout=1.0,
-            )
-            return await run_scan(options)
-
-    report = asyncio.run(main())
+    report = scan_handler(handler, ("auth.required", "origin.foreign"), reply_timeout=1.0)
     assert "answered only after its ping frame" in report.protocol, report.protocol
     verdicts = {f.check: f.verdict for f in report.findings}
     assert verdicts == {"auth.required": Verdict.FAIL, "origin.foreign": Verdict.FAIL}
@@ -432,3 +436,42 @@ async def scan_echo(checks: tuple[str, ...]) -> Report:
         port = server.sockets[0].getsockname()[1]
         options = ScanOptions(url=f"ws://127.0.0.1:{port}/", checks=checks, reply_timeout=1.0)
         return await run_scan(options)
+
+
+@pytest.mark.parametrize(
+    ("code", "reason", "verdict"),
+    [(1000, "", Verdict.INCONCLUSIVE), (1008, "unauthorized", Verdict.WEAK)],
+    ids=["normal-close", "policy-close"],
+)
+def test_a_close_right_after_the_upgrade_is_a_late_refusal_only_when_it_says_so(
+    code: int, reason: str, verdict: Verdict
+) -> None:
+    """An endpoint that closes every connection right after its upgrade: with a normal
+    close (1000, 1001, none) and no reason about authentication nothing says the credential
+    was refused (INCONCLUSIVE); with a refusing close (1008, say) it is a refusal after the
+    upgrade (WEAK)."""
+
+    async def handler(ws: ServerConnection) -> None:
+        await ws.close(code, reason)
+
+    (finding,) = scan_handler(handler, ("auth.required",), reply_timeout=0.5).findings
+    assert finding.verdict is verdict, finding
+
+
+def test_a_replay_probe_refused_as_throttled_is_inconclusive_not_na() -> None:
+    """When the first copy of the replay probe is refused the way a rate limit refuses
+    (closed 1008), an earlier check may have spent the subject's allowance: INCONCLUSIVE
+    with that reason, not N/A asking for another message."""
+
+    async def handler(ws: ServerConnection) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            async for message in ws:
+                value = json.loads(message)
+                if str(value.get("id")) == "424242":
+                    await ws.close(1008, "rate limited")
+                    return
+                await ws.send(json.dumps({"type": "pong", "id": value.get("id")}))
+
+    (finding,) = scan_handler(handler, ("replay",), reply_timeout=0.5).findings
+    assert finding.verdict is Verdict.INCONCLUSIVE, finding
+    assert "as if throttled" in finding.evidence

@@ -515,8 +515,16 @@ async def settle(ctx: ScanContext, result: Handshake) -> tuple[str, str]:
         outcome = await ctx.barrier(session)
     finally:
         await session.close()
-    if outcome.close is not None:
-        return "late", f"upgraded, then {outcome.describe()}"
+    close = outcome.close
+    if close is not None:
+        if (
+            close.code not in _PLAIN_CLOSES
+            or _AUTH.search(close.reason)
+            or any(_AUTH.search(error) for error in outcome.errors)
+        ):
+            return "late", f"upgraded, then {outcome.describe()}"
+        # closed, but not for the credential (a normal close, an error): no judgement
+        return "inconclusive", f"upgraded, then {outcome.describe()} (no sign of a refusal)"
     if any(_AUTH.search(error) for error in outcome.errors):
         return "late", f"upgraded, then {outcome.describe()}"
     if outcome.answered and not outcome.errors and ctx.dialect.mode == "control":
@@ -529,5 +537,8 @@ async def settle(ctx: ScanContext, result: Handshake) -> tuple[str, str]:
     return "silent", "upgraded and left open, no answer to a ping (in-band authentication?)"
 
 
+# closes that refuse nothing by themselves (normal, going away, none at all): right after
+# an upgrade, with no reason about authentication, they are no sign of a refusal
+_PLAIN_CLOSES = frozenset({1000, 1001, 1005, 1006})
 # an error frame that refuses for lack of authentication (vs. one about the message)
 _AUTH = re.compile(r"auth|token|credential|login|forbidden|permission|denied", re.IGNORECASE)

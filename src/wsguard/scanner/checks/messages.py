@@ -426,6 +426,15 @@ async def replay(ctx: ScanContext) -> Finding:
     session = await ctx.open()
     try:
         first = await ctx.exchange(session, text)
+        if throttled(first):  # an earlier check may have spent this subject's limits
+            shared = (
+                "; with --token every check uses that token's subject: rerun with --checks replay"
+                if not ctx.credentials.can_mint
+                else ""
+            )
+            raise Inconclusive(
+                f"the first copy was refused as if throttled: {first.describe()}{shared}"
+            )
         if refusal(first) not in ("accepted", "silent") or not first.answered:
             raise NotApplicable(
                 f"the message is refused the first time: {first.describe()}",
