@@ -475,3 +475,17 @@ def test_a_replay_probe_refused_as_throttled_is_inconclusive_not_na() -> None:
     (finding,) = scan_handler(handler, ("replay",), reply_timeout=0.5).findings
     assert finding.verdict is Verdict.INCONCLUSIVE, finding
     assert "as if throttled" in finding.evidence
+
+
+def test_frames_that_break_rfc_6455_are_an_error_that_names_the_fault() -> None:
+    """An endpoint that answers its upgrade with a frame of a reserved opcode (and stays
+    open): nothing it sends can be read, so the check is an ERROR naming the fault, not a
+    verdict about authentication drawn from its silence."""
+
+    async def handler(ws: ServerConnection) -> None:
+        ws.transport.write(b"\x83\x00")  # FIN, opcode 3: reserved
+        await ws.wait_closed()
+
+    (finding,) = scan_handler(handler, ("auth.required",), reply_timeout=0.5).findings
+    assert finding.verdict is Verdict.ERROR, finding
+    assert "breaks RFC 6455: invalid opcode" in finding.evidence

@@ -334,6 +334,14 @@ class ScanContext:
                     await session.send_ping(frame)
                     heard = Heard()
                     await listen(session, heard, frame, options.reply_timeout, patient=patient)
+                    broken = session.broken
+                    if broken is not None:  # nothing more to learn from this endpoint
+                        self.dialect = Dialect(
+                            "control",
+                            error_kinds=options.error_types,
+                            note=f"the target's frames break RFC 6455 ({broken})",
+                        )
+                        return self.dialect
                     pong_frames = pong_frames or heard.pong_frame
                     for text in heard.texts:
                         error = assumed.is_error(text)
@@ -408,6 +416,9 @@ class ScanContext:
         await self.collect(session, outcome, until=until, wait=wait or self.options.reply_timeout)
         if dialect.sequential and outcome.answered and outcome.close is None:
             await self.collect(session, outcome, wait=GRACE, late=True)
+        broken = session.broken
+        if broken is not None:  # nothing it sends can be read: the scan cannot judge
+            raise CheckError(f"the target sent a frame that breaks RFC 6455: {broken}")
         return outcome
 
     async def collect(

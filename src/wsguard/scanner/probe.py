@@ -22,7 +22,7 @@ from typing import Literal
 
 from websockets.client import ClientProtocol
 from websockets.datastructures import Headers
-from websockets.exceptions import PayloadTooBig
+from websockets.exceptions import PayloadTooBig, ProtocolError
 from websockets.extensions.base import ClientExtensionFactory
 from websockets.frames import Frame, Opcode
 from websockets.headers import build_host
@@ -341,6 +341,15 @@ class Session:
     @property
     def closed(self) -> bool:
         return self.close_event is not None or self.protocol.state is State.CLOSED
+
+    @property
+    def broken(self) -> str | None:
+        """What breaks RFC 6455 in the target's frames (reserved bits, a bad opcode,
+        invalid UTF-8...), as the parser found it; None while they are valid."""
+        exc = self.protocol.parser_exc
+        if isinstance(exc, ProtocolError | UnicodeDecodeError):
+            return str(exc)
+        return None
 
     # -- sending -----------------------------------------------------------------
     async def _flush(self) -> None:
