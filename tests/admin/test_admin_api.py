@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 import ssl
 import stat
@@ -310,6 +311,21 @@ def test_non_loopback_admin_listener_without_a_credential_refuses_to_start() -> 
     assert app.port is None  # the public listener did not start either
 
 
+def test_non_loopback_admin_listener_without_tls_warns(caplog: pytest.LogCaptureFixture) -> None:
+    """The token and the session cookie would cross the network in clear text: allowed
+    (TLS may be a proxy's), but said at start, naming the key."""
+    config = make_config({"admin": {"host": "0.0.0.0", "port": 0, "token": ADMIN_TOKEN}})
+    with caplog.at_level(logging.WARNING, logger="wsguard.admin"):
+        AdminServer(App(config))
+    assert any(
+        "admin.host" in r.getMessage() and "clear text" in r.getMessage() for r in caplog.records
+    )
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="wsguard.admin"):
+        AdminServer(App(make_config({"admin": {"port": 0, "token": ADMIN_TOKEN}})))
+    assert not any("clear text" in r.getMessage() for r in caplog.records)  # loopback
+
+
 def test_loopback_admin_listener_generates_a_private_token_file(
     server_factory: ServerFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -419,7 +435,7 @@ def test_list_filter_and_page_connections(
     assert pages == 3
     assert get_json(server, "/connections?limit=5")["next"] is None
 
-    for limit in ("0", "5000", "-1", "x"):
+    for limit in ("0", "5000", "-1", "x", "%C2%B2", "%D9%A1"):  # "²", an Arabic-Indic 1
         response = call(server, "GET", f"/connections?limit={limit}")
         assert response.status_code == 400, limit
         assert error_of(response) == "invalid_request"

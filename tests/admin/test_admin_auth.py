@@ -156,6 +156,33 @@ def test_dashboard_socket_attempts_without_a_credential_do_not_lock_out(
     assert request(server, "GET", "/connections", headers=admin_headers()).status_code == 200
 
 
+def test_a_locked_out_dashboard_socket_is_told_when_to_try_again(
+    server_factory: ServerFactory,
+) -> None:
+    """The dashboard WebSocket's 429 carries Retry-After, as the API's, and the listener's
+    security headers, as every answer of the admin listener."""
+    server = admin_server(server_factory)
+    port = admin_port(server)
+    for n in range(FAILURES_ALLOWED + 1):
+        wrong = {"Authorization": f"Bearer guess-{n:02d}-0123456789abcdefghij"}
+        request(server, "GET", "/connections", headers=wrong)
+    headers = {
+        "Origin": f"http://127.0.0.1:{port}",
+        "Authorization": "Bearer wrong-0123456789abcdef",
+    }
+    head = response_head(
+        port, upgrade_request("/dashboard/live", host=f"127.0.0.1:{port}", headers=headers)
+    ).decode("latin-1")
+    assert head.startswith("HTTP/1.1 429 "), head
+    fields = {
+        name.strip().lower(): value.strip()
+        for name, _, value in (line.partition(":") for line in head.split("\r\n")[1:])
+    }
+    assert fields.get("retry-after", "").isdigit() and int(fields["retry-after"]) >= 1, fields
+    assert fields.get("x-content-type-options") == "nosniff", fields
+    assert fields.get("cache-control") == "no-store", fields
+
+
 def test_wrong_credentials_still_lock_the_address_out(server_factory: ServerFactory) -> None:
     server = admin_server(server_factory)
     for n in range(FAILURES_ALLOWED):

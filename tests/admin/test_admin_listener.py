@@ -195,6 +195,39 @@ def test_connections_beyond_max_open_are_closed_at_once_and_probes_recover(
             sock.close()
 
 
+def test_one_address_holding_half_sent_requests_cannot_shut_out_another(
+    server_factory: ServerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unauthenticated client holding requests it never finishes gets at most
+    ``MAX_PER_ADDRESS`` connections: the next is closed at once, and the probes of another
+    address are still answered, however many of the listener's ``MAX_OPEN`` it tried to
+    take."""
+    monkeypatch.setattr(wsguard.admin.server, "MAX_PER_ADDRESS", 4)
+    monkeypatch.setattr(wsguard.admin.server, "MAX_OPEN", 6)
+    server = admin_server(server_factory)
+    port = admin_port(server)
+
+    def from_other_address() -> socket.socket:
+        sock = socket.create_connection(
+            ("127.0.0.1", port), timeout=5, source_address=("127.0.0.2", 0)
+        )
+        sock.sendall(HALF_SENT)
+        return sock
+
+    held = [from_other_address() for _ in range(4)]
+    try:
+        with from_other_address() as fifth:
+            assert closed_by_server(fifth, 5), "a fifth connection from one address was kept"
+        assert request(server, "GET", "/healthz").status_code == 200  # from 127.0.0.1
+        for sock in held:
+            sock.settimeout(0.2)
+            with pytest.raises(TimeoutError):
+                sock.recv(1)  # still held, unanswered (the deadline is 10 s)
+    finally:
+        for sock in held:
+            sock.close()
+
+
 # -- the Host allowlist (DNS rebinding) ---------------------------------------------------
 
 

@@ -86,12 +86,13 @@ class SecurityHeaders:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
 
         async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
+            # an HTTP answer, or the HTTP refusal of a dashboard WebSocket
+            if message["type"] in ("http.response.start", "websocket.http.response.start"):
                 names = {name for name, _ in message.get("headers", [])}
                 message["headers"] = list(message.get("headers", [])) + [
                     header for header in SECURITY_HEADERS if header[0] not in names
@@ -631,7 +632,7 @@ def _route_of(request: HTTPConnection) -> str:
 def _int_param(raw: str | None, name: str, *, default: int, low: int, high: int) -> int:
     if raw is None:
         return default
-    if not raw.isdigit() or not low <= int(raw) <= high:
+    if not (raw.isascii() and raw.isdigit()) or not low <= int(raw) <= high:  # not "²"
         raise ApiError(400, "invalid_request", f"{name} must be an integer in [{low}, {high}].")
     return int(raw)
 

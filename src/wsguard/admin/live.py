@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import math
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -97,8 +98,12 @@ class LiveFeed:
                 **fields,
             )
 
+            headers = None
+            if status == 429:  # as the API's: when to try again
+                wait = self.credentials.blocked_for(address)
+                headers = {"Retry-After": str(max(1, math.ceil(wait)))}
             await ws.send_denial_response(
-                json_response({"error": code, "message": message}, status)
+                json_response({"error": code, "message": message}, status, headers)
             )
             return
         self.open += 1  # the slot is taken before the first await: the cap holds

@@ -49,6 +49,7 @@ logger = logging.getLogger("wsguard.admin")
 BAN_GAUGE_EVERY = 10.0
 REQUEST_DEADLINE = 10.0  # seconds a connection has to complete each request
 MAX_OPEN = 256  # connections at once; more are closed at once
+MAX_PER_ADDRESS = 32  # of them from one address: one client cannot take them all
 
 
 class _AdminH11(H11Protocol):
@@ -58,14 +59,20 @@ class _AdminH11(H11Protocol):
     completes, and its concurrency limit answers 503 but keeps every socket: 256
     half-sent requests would make every probe fail. Here each request must be
     complete within ``REQUEST_DEADLINE`` and at most ``MAX_OPEN`` connections are
-    kept. (A connection upgraded to the dashboard WebSocket leaves this protocol.)
+    kept, ``MAX_PER_ADDRESS`` of them from one address (so that one client holding
+    half-sent requests cannot shut out the probes of another). (A connection upgraded to
+    the dashboard WebSocket leaves this protocol.)
     """
 
     _deadline: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        if len(self.connections) > MAX_OPEN:
+        host = self.client[0] if self.client else None
+        if len(self.connections) > MAX_OPEN or (
+            host is not None
+            and sum(1 for c in self.connections if _host_of(c) == host) > MAX_PER_ADDRESS
+        ):
             transport.abort()
             return
         _hand_over_client_certificate(self, transport)
@@ -93,6 +100,12 @@ class _AdminH11(H11Protocol):
         if self._deadline is not None:
             self._deadline.cancel()
         super().connection_lost(exc)
+
+
+def _host_of(protocol: object) -> str | None:
+    """The peer address of one of the listener's connections (None: not known)."""
+    client = getattr(protocol, "client", None)
+    return str(client[0]) if client else None
 
 
 class _AdminWebSocket(WebSocketsSansIOProtocol):
@@ -146,6 +159,15 @@ class AdminServer:
             config, loopback=is_loopback_host(config.host)
         )
         self.ssl_context = admin_tls_context(app.config)
+        if self.ssl_context is None and not is_loopback_host(config.host):
+            detail = (
+                "the admin listener is on a network address without admin.tls: the admin "
+                "token and the dashboard's session cookie cross the network in clear text "
+                "(set admin.tls.cert_file and admin.tls.key_file, or keep it on loopback "
+                "behind a TLS proxy)"
+            )
+            logger.warning("admin.host: %s", detail)
+            app.guard.audit.emit("config_warning", key="admin.host", detail=detail)
         self.credentials = AdminCredentials(
             token,
             mtls=config.tls.client_ca_file is not None,
