@@ -10,6 +10,7 @@ missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx)
+command -v ss >/dev/null 2>&1 || missing+=(iproute2)
 [ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
 # the Node.js target of the scanner's tests: its locked packages, again only when the lock
 # changed (without node/npm those tests skip, saying so)

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from conftest import ServerFactory, eventually
+from wsguard.engines import LISTEN_BACKLOG
 from wsguard.hosts.app import App
 from wsguard.session import Connection
 
@@ -270,3 +273,21 @@ def test_plain_handlers_create_no_task_per_message(
         assert created == [0]
     else:
         assert created[0] <= 1  # at most a writer that exists while frames are queued
+
+
+def listen_queue(port: int) -> int:
+    """The listen queue the kernel gave the listening socket on *port* (``ss``'s Send-Q)."""
+    out = subprocess.run(
+        ["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, check=True, timeout=10
+    ).stdout
+    (line,) = out.splitlines()
+    return int(line.split()[2])
+
+
+def test_every_engine_asks_for_the_same_listen_queue(server_factory: ServerFactory) -> None:
+    """Accepted connections waiting for the server: LISTEN_BACKLOG on every engine (the
+    kernel lowers it to net.core.somaxconn), not asyncio's 100, which a reconnect storm
+    overflows (the clients' SYNs are dropped and retried seconds later)."""
+    server = server_factory({})
+    somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text())
+    assert listen_queue(server.port) == min(LISTEN_BACKLOG, somaxconn)

@@ -16,6 +16,11 @@ if TYPE_CHECKING:
 
     from wsguard.session import Host
 
+#: accepted connections the kernel keeps waiting for the server, on every engine (the
+#: kernel lowers it to net.core.somaxconn; asyncio's default, 100, overflows in a
+#: reconnect storm and the clients' SYNs are dropped and retried seconds later)
+LISTEN_BACKLOG = 1024
+
 #: engine name -> the module that implements it (imported only when used)
 ENGINES: dict[str, str] = {
     "picows": "wsguard.engines.picows",

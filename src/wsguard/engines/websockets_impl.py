@@ -33,6 +33,7 @@ from websockets.server import ServerProtocol
 from wsguard.core.decisions import CLOSE_TOO_BIG, Admit, Reject
 from wsguard.core.headers import Headers
 from wsguard.core.request import HandshakeRequest
+from wsguard.engines import LISTEN_BACKLOG
 from wsguard.engines.screening import (
     PendingHandshakes,
     check_head,
@@ -584,6 +585,7 @@ async def start_server(host: Host, ssl_context: ssl.SSLContext | None) -> Server
         max_queue=16,
         create_connection=kind,
         logger=_engine_logger(),
+        backlog=LISTEN_BACKLOG,  # to loop.create_server
     )
     _front_every_socket(server, kind)
     return await server

@@ -19,6 +19,7 @@ from wsguard.core.decisions import (
     CLOSE_GOING_AWAY,
     Admit,
 )
+from wsguard.engines import LISTEN_BACKLOG
 from wsguard.engines.screening import (
     PendingHandshakes,
 )
@@ -340,7 +341,7 @@ class PicowsServer:
             config.port,
             ssl=ssl,
             ssl_handshake_timeout=config.limits.handshake_timeout_seconds if ssl else None,
-            backlog=1024,
+            backlog=LISTEN_BACKLOG,
         )
 
     def close(
