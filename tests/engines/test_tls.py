@@ -897,6 +897,51 @@ def test_reload_with_new_cert_and_unreadable_key_keeps_the_old_one(
     assert welcome_of(server.port, client_context(pki.ca), make_token())["subject"] == "alice"
 
 
+def served_certificate(port: int, ca: trustme.CA) -> bytes:
+    """The certificate (DER) the server presents to a client connecting by address (no
+    SNI sent), with the client's default signature algorithms."""
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+        context.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return der
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [(trustme.KeyType.ECDSA, trustme.KeyType.RSA), (trustme.KeyType.RSA, trustme.KeyType.ECDSA)],
+    ids=["ecdsa-to-rsa", "rsa-to-ecdsa"],
+)
+def test_a_reload_to_another_key_type_serves_only_the_new_certificate(
+    server_factory: ServerFactory, tmp_path: Path, old: trustme.KeyType, new: trustme.KeyType
+) -> None:
+    """A certificate replaced by one with another key type (a compromised or expiring
+    one rotated out): after the reload no client gets the old one. Loading into the live
+    context would have added the new one beside it, and clients offering the old key
+    type would still be served the old certificate."""
+    ca = trustme.CA(key_type=old)
+    cert_file, key_file = tmp_path / "server.pem", tmp_path / "server.key"
+    first = ca.issue_cert("127.0.0.1", "localhost", key_type=old)
+    first.cert_chain_pems[0].write_to_path(str(cert_file))
+    first.private_key_pem.write_to_path(str(key_file))
+    server = server_factory({"tls": {"cert_file": str(cert_file), "key_file": str(key_file)}})
+    assert served_certificate(server.port, ca) == ssl.PEM_cert_to_DER_cert(
+        first.cert_chain_pems[0].bytes().decode()
+    )
+    second = ca.issue_cert("127.0.0.1", "localhost", key_type=new)
+    second.cert_chain_pems[0].write_to_path(str(cert_file))
+    second.private_key_pem.write_to_path(str(key_file))
+    assert server.call(server.app.reload_tls) is True
+    assert served_certificate(server.port, ca) == ssl.PEM_cert_to_DER_cert(
+        second.cert_chain_pems[0].bytes().decode()
+    )
+    assert welcome_of(server.port, client_context(ca), make_token())["subject"] == "alice"
+
+
 def test_complete_rotation_after_a_failed_reload_takes_effect(
     server_factory: ServerFactory, pki: ServerPki
 ) -> None:

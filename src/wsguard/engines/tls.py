@@ -30,7 +30,16 @@ def policy_context(min_version: str = "1.2") -> ssl.SSLContext:
 
 
 def server_context(tls: TlsConfig) -> ssl.SSLContext:
-    """A server SSLContext: TLS 1.2+ (or 1.3), modern ciphers, optional client certs."""
+    """The listener's SSLContext: TLS 1.2+ (or 1.3), modern ciphers, optional client
+    certs. Each handshake is served by the newest context :func:`reload_certificate`
+    built (its server-name callback, called for every ClientHello, switches to it)."""
+    context = _certificate_context(tls)
+    context.sni_callback = _newest_context
+    return context
+
+
+def _certificate_context(tls: TlsConfig) -> ssl.SSLContext:
+    """A complete server context from the files *tls* names (certificate, key, client CA)."""
     assert tls.cert_file is not None and tls.key_file is not None
     context = policy_context(tls.min_version)
     load_certificate(context, tls)
@@ -54,16 +63,26 @@ def load_certificate(context: ssl.SSLContext, tls: TlsConfig) -> None:
 
 
 def reload_certificate(context: ssl.SSLContext, tls: TlsConfig) -> bool:
-    """Load the certificate and key again (SIGHUP). New handshakes use them; open
-    connections are untouched. On error the previous certificate stays in use."""
+    """Load the certificate, key and client CA again (SIGHUP) into a new context, which
+    new handshakes use; open connections are untouched. On error the previous context
+    stays in use. (Loading into the live context would add a certificate of a new key
+    type beside the old one, which clients offering the old type would still get.)"""
     try:
-        load_certificate(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), tls)  # validate first
-        load_certificate(context, tls)
+        fresh = _certificate_context(tls)
     except KeyLoadError as exc:
         logger.error("certificate reload failed, keeping the previous one: %s", exc)
         return False
+    context.wsguard_newest = fresh  # type: ignore[attr-defined]
     logger.info("certificate reloaded from %s", tls.cert_file)
     return True
+
+
+def _newest_context(ssl_object: Any, server_name: str | None, context: ssl.SSLContext) -> None:
+    """The listener context's server-name callback: serve this handshake with the newest
+    context (the listener's own until a reload)."""
+    newest = getattr(context, "wsguard_newest", None)
+    if newest is not None:
+        ssl_object.context = newest
 
 
 #: ``HandshakeRequest.client_cert`` of a verified certificate that names no usable
