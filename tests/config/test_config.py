@@ -627,3 +627,17 @@ def test_handshake_allowance_is_a_burst_then_paced() -> None:
     assert allowance(handshakes_per_minute=3) == (0.05, 3)  # never more than a minute's
     assert allowance(handshake_burst=5) == (1.0, 5)
     assert allowance(handshakes_per_minute=6, handshake_burst=100) == (0.1, 6)
+
+
+@pytest.mark.parametrize("key", ["jwks_url", "oidc_issuer"])
+def test_an_identity_provider_url_with_credentials_is_refused_without_echoing_them(
+    key: str,
+) -> None:
+    """An identity provider's URL may carry a password or a client secret: the error
+    names the key and never prints the value."""
+    url = "https://svc:IdPpassw0rd@idp.example.com/jwks?client_secret=S3cr3tValue"
+    with pytest.raises(ConfigError) as info:
+        load_config(None, env={"WSGUARD_AUTH__" + key.upper(): url})
+    assert info.value.key == f"auth.{key}"
+    assert "IdPpassw0rd" not in str(info.value)
+    assert "S3cr3tValue" not in str(info.value)

@@ -420,6 +420,21 @@ def test_es256_genuine_admitted_and_confusion_refused(
     expect_401(server, forged, reasons={"bad_signature"})
 
 
+def test_a_token_of_another_key_family_than_the_key_is_a_401_never_a_hang(
+    server_factory: ServerFactory, ec_pair: KeyPair, rsa_pair: KeyPair
+) -> None:
+    """With two public-key families pinned and one public key (EC), an RS256 token makes
+    PyJWT raise TypeError, not a PyJWTError: refused 401 ``invalid_token`` and counted
+    toward a ban like any bad token, not a handshake left without an answer."""
+    config = public_key_config(ec_pair, "ES256")
+    config["auth"]["algorithms"] = ["ES256", "RS256"]
+    server = relaxed(server_factory, config)
+    rsa_token = jwt.encode(claims(), rsa_pair.private, algorithm="RS256")
+    expect_401(server, rsa_token, reasons={"invalid_token"})
+    genuine = jwt.encode(claims("ec-user"), ec_pair.private, algorithm="ES256")
+    assert welcome(server, genuine)["subject"] == "ec-user"
+
+
 def test_mixing_hmac_and_public_key_algorithms_is_refused_by_validation(
     rsa_pair: KeyPair,
 ) -> None:

@@ -47,7 +47,16 @@ _ENV_NOT_KEYS = frozenset(
 )
 # Keys whose values may hold credentials: never echoed in an error message.
 _NO_ECHO_WORDS = ("secret", "token", "password")
-_NO_ECHO_KEYS = frozenset({"store", "alerts.webhook_url", "gateway.upstream", "gateway.routes"})
+_NO_ECHO_KEYS = frozenset(
+    {
+        "store",
+        "alerts.webhook_url",
+        "gateway.upstream",
+        "gateway.routes",
+        "auth.jwks_url",  # an identity provider's URL may carry a password or a secret
+        "auth.oidc_issuer",
+    }
+)
 _KEY_IN_MESSAGE = re.compile(r"^([a-z_][a-z0-9_.]*): (.*)$", re.DOTALL)
 
 

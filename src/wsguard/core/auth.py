@@ -391,6 +391,10 @@ class TokenVerifier:
             raise AuthFailure("invalid_token", "key does not fit the algorithm") from None
         except jwt.PyJWTError as exc:
             raise AuthFailure("invalid_token", type(exc).__name__) from None
+        except (TypeError, ValueError):
+            # PyJWT raises these when the configured key is of another family than the
+            # token's algorithm (an RS256 token, an EC key): a refused token, never a crash
+            raise AuthFailure("invalid_token", "key does not fit the algorithm") from None
         if "aud" in claims and not config.audience:
             # a token meant for another service is never accepted here by default
             raise AuthFailure("invalid_audience", self._audience_detail)
