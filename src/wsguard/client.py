@@ -42,12 +42,26 @@ logger = logging.getLogger("wsguard.client")
 
 TokenProvider = Callable[[], str | Awaitable[str]]
 
+# A connection that lasted this long resets the reconnect back-off.
+_STABLE_SECONDS = 60.0
+# The shortest wait before a token refresh (one per second at most, near the expiry).
+_MIN_REFRESH_SECONDS = 1.0
+
 # Close codes after which reconnecting cannot help (the client must change something).
 FINAL_CLOSE_CODES = frozenset({1002, 1003, 1007, 1008, 1009, 1010, 4003})
 
 
 class ClientError(Exception):
     """The server refused us in a way reconnecting will not fix."""
+
+
+def _engine_logger() -> logging.Logger:
+    """websockets' logger for the client's connections, never below WARNING: its debug
+    records carry the request headers (the bearer token), whatever the app's log level."""
+    engine = logging.getLogger("wsguard.client.engine")
+    if engine.getEffectiveLevel() < logging.WARNING:
+        engine.setLevel(logging.WARNING)
+    return engine
 
 
 async def _discard(ws: ClientConnection) -> None:
@@ -102,6 +116,8 @@ class WsguardClient:
         self.welcome: dict[str, Any] = {}
         self.expires_at: float | None = None
         self.reconnects = 0
+        self._opened_at = 0.0  # when the current connection opened (monotonic)
+        self._drops = 0  # connections in a row that closed soon after they opened
 
     # -- connection ----------------------------------------------------------------
 
@@ -120,13 +136,17 @@ class WsguardClient:
             headers["Authorization"] = f"Bearer {token}"
         else:
             protocols.append(Subprotocol(f"token.{token}"))
+        options: dict[str, Any] = {}
+        if self._ssl is not None:  # else websockets' default: a verifying context for wss://
+            options["ssl"] = self._ssl
         ws = await connect(
             self.url,
             additional_headers=headers,
             subprotocols=protocols,
-            ssl=self._ssl,
             origin=self._origin,  # type: ignore[arg-type]
             open_timeout=self._open_timeout,
+            logger=_engine_logger(),
+            **options,
         )
         try:
             welcome = orjson.loads(await ws.recv())
@@ -143,6 +163,7 @@ class WsguardClient:
         exp = welcome.get("expires_at")
         self.expires_at = float(exp) if isinstance(exp, (int, float)) else None
         self._ws = ws
+        self._opened_at = time.monotonic()
         self._schedule_refresh()
 
     async def connect(self) -> dict[str, Any]:
@@ -193,11 +214,21 @@ class WsguardClient:
         if old is not None:
             await _discard(old)
         if dropped:
-            logger.info("connection closed (%s); reconnecting", old.close_code if old else None)
+            code = old.close_code if old else None
+            logger.info("connection closed (%s); reconnecting", code)
             if self._provider is not None:
                 self._token = None  # never retry with a token that may have expired
             self.reconnects += 1
-            await asyncio.sleep(self._jitter(1))
+            # a connection the server closes soon after opening it (1013: try again
+            # later, 1011...) makes the pauses grow as failed attempts do, and gives up
+            lived = time.monotonic() - self._opened_at
+            self._drops = self._drops + 1 if lived < _STABLE_SECONDS else 1
+            if self._drops > self._max_attempts:
+                raise ClientError(
+                    f"the server closed {self._drops - 1} connections in a row soon after "
+                    f"opening them (last close code {code})"
+                )
+            await asyncio.sleep(self._jitter(self._drops))
         await self._connect_with_retries()
         if self._closed:  # closed while connecting: leave nothing open
             ws, self._ws = self._ws, None
@@ -211,11 +242,15 @@ class WsguardClient:
 
     async def _connect_with_retries(self) -> None:
         attempt = 0
+        last: Exception | None = None
         while True:
             try:
                 await self._open(fresh_token=attempt > 0)
                 return
+            except ssl.SSLCertVerificationError as exc:  # retrying cannot fix it
+                raise ClientError(f"server certificate refused: {exc.verify_message}") from exc
             except InvalidStatus as exc:
+                last = exc
                 status = exc.response.status_code
                 if status in (400, 403, 405, 426) or not self._reconnect:
                     raise ClientError(f"handshake refused with HTTP {status}") from exc
@@ -224,10 +259,11 @@ class WsguardClient:
             except (OSError, TimeoutError) as exc:
                 if not self._reconnect:
                     raise ClientError(f"cannot connect: {exc}") from exc
+                last = exc
                 delay = None
             attempt += 1
             if attempt >= self._max_attempts:
-                raise ClientError(f"gave up after {attempt} attempts")
+                raise ClientError(f"gave up after {attempt} attempts: {last}") from last
             await asyncio.sleep(delay if delay is not None else self._jitter(attempt))
 
     def _jitter(self, attempt: int) -> float:
@@ -243,7 +279,12 @@ class WsguardClient:
             self._refresher = None
         if self.expires_at is None or self._provider is None:
             return
-        delay = max(0.0, self.expires_at - self._margin - time.time())
+        remaining = self.expires_at - time.time()
+        delay = remaining - self._margin
+        if delay < _MIN_REFRESH_SECONDS:
+            # a token with less life than the margin (or a provider that returns the same
+            # token again): half of what is left, never a refresh loop
+            delay = max(_MIN_REFRESH_SECONDS, remaining / 2)
         self._refresher = asyncio.get_running_loop().create_task(self._refresh_after(delay))
 
     async def _refresh_after(self, delay: float) -> None:

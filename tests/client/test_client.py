@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import os
 import secrets
 import ssl
@@ -641,3 +642,120 @@ def test_jitter_stays_within_full_jitter_bounds() -> None:
         assert all(0 <= s <= bound for s in samples), (attempt, max(samples), bound)
         assert max(samples) > bound / 2  # spread over the range, not a constant
         assert min(samples) < bound / 2
+
+
+# -- servers that misbehave ----------------------------------------------------------------
+
+
+def run_against(
+    handler: Callable[[Any], Any], client_main: Callable[[str], Any], **serve_kw: Any
+) -> Any:
+    """Run *client_main(url)* against a scripted websockets server running *handler*."""
+    from websockets.asyncio.server import serve
+
+    async def main() -> Any:
+        async with serve(handler, "127.0.0.1", 0, **serve_kw) as server:
+            port = server.sockets[0].getsockname()[1]
+            scheme = "wss" if serve_kw.get("ssl") else "ws"
+            return await client_main(f"{scheme}://127.0.0.1:{port}/")
+
+    return asyncio.run(main())
+
+
+def test_a_server_closing_right_after_the_welcome_makes_the_back_off_grow_then_give_up() -> None:
+    """1013 (try again later) right after every welcome: the pauses grow as for failed
+    connects, and after ``max_attempts`` such connections in a row the client gives up,
+    instead of reconnecting about once a second forever."""
+    opened: list[float] = []
+
+    async def handler(ws: Any) -> None:
+        opened.append(time.monotonic())
+        await ws.send(json.dumps({"type": "welcome"}))
+        await ws.close(1013, "try again later")
+
+    counter = Counter(lambda n: make_token("alice"))
+
+    async def client_main(url: str) -> None:
+        client = WsguardClient(
+            url, token_provider=counter.sync, backoff_initial=0.05, backoff_max=10, max_attempts=4
+        )
+        async with client:
+            while True:
+                await client.recv()
+
+    with pytest.raises(ClientError, match="in a row"):
+        run_against(handler, client_main)
+    assert len(opened) == 5  # the first connection and 4 reconnects
+    assert counter.calls == 5
+
+
+def test_a_token_shorter_than_the_refresh_margin_is_refreshed_without_a_loop() -> None:
+    """A token with less life left than ``refresh_margin`` (or a provider that hands out
+    the same token again): the refresh waits half of what is left, at least a second,
+    never a loop of refreshes."""
+    auths: list[float] = []
+    expires = time.time() + 20
+
+    async def handler(ws: Any) -> None:
+        await ws.send(json.dumps({"type": "welcome", "expires_at": expires}))
+        async for raw in ws:
+            if json.loads(raw).get("type") == "auth":
+                auths.append(time.monotonic())
+                await ws.send(json.dumps({"type": "auth_ok", "expires_at": expires}))
+
+    counter = Counter(lambda n: make_token("alice"))
+
+    async def client_main(url: str) -> None:
+        async with WsguardClient(url, token_provider=counter.sync, refresh_margin=30):
+            await asyncio.sleep(1.5)
+
+    run_against(handler, client_main)
+    assert auths == []  # the first refresh is due in ~10 s (half of 20 s)
+    assert counter.calls == 1
+
+
+def test_the_client_never_logs_its_token(caplog: pytest.LogCaptureFixture) -> None:
+    """websockets logs the request headers at DEBUG: the client's connections use a logger
+    kept at WARNING, so the bearer token is in no record, whatever the app's level."""
+    token = make_token("alice")
+
+    async def handler(ws: Any) -> None:
+        await ws.send(json.dumps({"type": "welcome"}))
+        await ws.wait_closed()
+
+    async def client_main(url: str) -> None:
+        async with WsguardClient(url, token=token, transport="header"):
+            pass
+        async with WsguardClient(url, token=token, transport="subprotocol"):
+            pass
+
+    with caplog.at_level(logging.DEBUG):
+        run_against(handler, client_main, subprotocols=["wsguard.v1"])
+    # the scripted server's own records (websockets.server) are not the client's
+    records = [r for r in caplog.records if not r.name.startswith("websockets.server")]
+    assert [r for r in caplog.records if r.name.startswith("websockets.server")]  # DEBUG on
+    assert not [r for r in records if token in r.getMessage()]
+
+
+def test_wss_without_a_context_verifies_and_a_refused_certificate_is_not_retried(
+    tmp_path: Path,
+) -> None:
+    """No ``ssl_context``: a verifying default context (the system's CAs), not an error.
+    A certificate it refuses ends the connect at once, with the cause: retrying cannot fix
+    it, and each retry would ask the provider for a token."""
+    ca = trustme.CA()
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ca.issue_cert("127.0.0.1").configure_cert(server_context)
+
+    async def handler(ws: Any) -> None:
+        await ws.send(json.dumps({"type": "welcome"}))
+
+    counter = Counter(lambda n: make_token("alice"))
+
+    async def client_main(url: str) -> None:
+        await WsguardClient(url, token_provider=counter.sync, max_attempts=5).connect()
+
+    with pytest.raises(ClientError, match="server certificate refused") as raised:
+        run_against(handler, client_main, ssl=server_context)
+    assert isinstance(raised.value.__cause__, ssl.SSLCertVerificationError)
+    assert counter.calls == 1
