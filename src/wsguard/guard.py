@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from wsguard.cluster.quota import SubjectQuota
 from wsguard.config.keys import has_configured_key, load_keys, load_signing_keys
 from wsguard.config.model import Config
-from wsguard.core.auth import KeyMaterial, TokenVerifier, auth_warnings
+from wsguard.core.auth import KeyMaterial, TokenVerifier, config_warnings
 from wsguard.core.client_address import limit_key, parse_ip
 from wsguard.core.decisions import (
     CLOSE_REVOKED,
@@ -175,11 +175,12 @@ class Guard:
             await self.remote_keys.start()
 
     def warn_risky_config(self) -> None:
-        """Log and audit, once, the valid but risky settings (public keys, no audience)."""
+        """Log and audit, once, the valid but risky settings (public keys without an
+        audience, a proxy network of every address, message types without a schema)."""
         if self._warned:
             return
         self._warned = True
-        for key, message in auth_warnings(self.config.auth):
+        for key, message in config_warnings(self.config):
             logger.warning("%s: %s", key, message)
             self.audit.emit("config_warning", key=key, detail=message)
 

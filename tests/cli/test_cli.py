@@ -343,3 +343,39 @@ def test_a_mistyped_flag_gets_the_subcommand_usage(
     if closest is not None:
         assert error.endswith(f"(did you mean {closest}?)"), error
     assert "usage: wsguard [-h]" not in done.stderr
+
+
+# -- check-config: what serve would refuse, and nothing written -----------------------------
+
+
+@pytest.mark.parametrize(
+    ("toml", "key"),
+    [
+        ('host = "0.0.0.0"\n', "tls.cert_file"),
+        ('[admin]\nhost = "0.0.0.0"\nport = 9999\n', "admin.token"),
+    ],
+    ids=["plaintext-beyond-loopback", "admin-without-credential"],
+)
+def test_check_config_refuses_what_serve_refuses(tmp_path: Path, toml: str, key: str) -> None:
+    config = tmp_path / "wsguard.toml"
+    config.write_text(toml)
+    env = cli_env(tmp_path, WSGUARD_JWT_SECRET="s" * 40)
+    done = run_cli(["check-config", "--config", str(config)], env)
+    assert done.returncode == 2, done.stderr
+    assert f"configuration error: {key}:" in done.stderr
+    assert run_cli(["serve", "--config", str(config)], env).returncode == 2  # the same
+
+
+def test_check_config_writes_nothing_and_warns_of_risky_settings(tmp_path: Path) -> None:
+    """No development key is created (serve makes it when it starts); a proxy network of
+    every address and a message type without a schema are valid but said."""
+    config = tmp_path / "wsguard.toml"
+    config.write_text('[proxy]\ntrusted = ["0.0.0.0/0"]\n[messages.types.note]\n')
+    home = tmp_path / "home"
+    home.mkdir()
+    done = run_cli(["check-config", "--config", str(config)], cli_env(home))
+    assert done.returncode == 0, done.stderr
+    assert "configuration is valid" in done.stdout
+    assert "warning: proxy.trusted: 0.0.0.0/0 trusts every address" in done.stderr
+    assert "warning: messages.types.note: no schema" in done.stderr
+    assert list(home.rglob("*")) == []  # nothing written under HOME

@@ -225,23 +225,35 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    """Validate as ``serve`` would before it listens: the model, then what the
-    configuration builds (the keys, the store's client, the alert webhook, the admin
-    listener), each with the extra it needs; nothing is started or connected."""
+    """Validate as ``serve`` would before it listens: the model, plaintext beyond
+    loopback, then what the configuration builds (the keys, the store's client, the alert
+    webhook, the admin listener's credential), each with the extra it needs. Nothing is
+    started, connected or written (not even the development key)."""
     import asyncio
     import io
+    import secrets
 
-    from wsguard.core.auth import auth_warnings
+    from wsguard.config.keys import has_configured_key
+    from wsguard.core.auth import KeyMaterial, config_warnings
+    from wsguard.engines.tls import check_listener
     from wsguard.extras import require
-    from wsguard.guard import Guard
+    from wsguard.guard import Guard, is_loopback_host
     from wsguard.observability.audit import AuditLog
 
     config = _load(args)
-    guard = Guard(config, audit=AuditLog(io.StringIO(), enabled=False))
+    check_listener(config)
+    keys = None
+    if not has_configured_key(config.auth) and is_loopback_host(config.host):
+        keys = KeyMaterial(secret=secrets.token_bytes(32))  # the development key: at start
+    guard = Guard(config, audit=AuditLog(io.StringIO(), enabled=False), keys=keys)
     asyncio.run(guard.close())
     if config.admin.enabled:
         require("admin", "the admin listener", key="admin.port")
-    for key, message in auth_warnings(config.auth):
+        if not is_loopback_host(config.admin.host):
+            from wsguard.admin.credentials import load_admin_token
+
+            load_admin_token(config.admin, loopback=False)  # required there: never generated
+    for key, message in config_warnings(config):
         print(f"wsguard: warning: {key}: {message}", file=sys.stderr)
     print("configuration is valid")
     return 0
