@@ -43,7 +43,7 @@ from conftest import (
 from wsguard.config.keys import load_keys
 from wsguard.config.loader import validate_config
 from wsguard.core.auth import AuthFailure, KeyMaterial, TokenVerifier
-from wsguard.errors import ConfigError
+from wsguard.errors import ConfigError, KeyLoadError
 
 # Many tests below refuse several tokens on the same server: keep the
 # auth-failure ban and the handshake rate out of the way (they have their own tests).
@@ -1097,3 +1097,44 @@ def test_direct_client_without_helper_gets_401(server: RunningServer) -> None:
     with pytest.raises(InvalidStatus) as info:
         connect(server.url, open_timeout=5).close()
     assert_401(info.value.response, invalid_token=False)
+
+
+# -- key files hold the same bar as an identity provider's keys --------------------------
+
+
+def test_an_rsa_key_under_2048_bits_is_refused_from_either_file(tmp_path: Path) -> None:
+    """RFC 7518 §3.3: RSA keys of at least 2048 bits, from a file as from an identity
+    provider (a 1024-bit key's tokens were admitted)."""
+    weak = rsa.generate_private_key(public_exponent=65537, key_size=1024).public_key()
+    pem = tmp_path / "weak.pem"
+    pem.write_bytes(
+        weak.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    jwks = tmp_path / "weak.json"
+    jwk = jwt.algorithms.RSAAlgorithm.to_jwk(weak, as_dict=True)
+    jwks.write_text(json.dumps({"keys": [{**jwk, "kid": "weak"}]}))
+    for key, path in (("public_key_file", pem), ("jwks_file", jwks)):
+        config = validate_config({"auth": {"algorithms": ["RS256"], key: str(path)}})
+        with pytest.raises(KeyLoadError) as info:
+            load_keys(config.auth)
+        assert info.value.key == f"auth.{key}"
+        assert "1024 bits" in info.value.message
+
+
+def test_a_kid_naming_two_keys_in_a_jwks_file_is_refused(tmp_path: Path) -> None:
+    """Which of two keys under one kid verifies would be a guess (the last one, silently):
+    the file is refused, naming the kid."""
+    first, second = (
+        rsa.generate_private_key(public_exponent=65537, key_size=2048) for _ in range(2)
+    )
+    path = tmp_path / "jwks.json"
+    path.write_text(
+        json.dumps({"keys": [public_jwk(first, "shared"), public_jwk(second, "shared")]})
+    )
+    config = validate_config({"auth": {"algorithms": ["RS256"], "jwks_file": str(path)}})
+    with pytest.raises(KeyLoadError) as info:
+        load_keys(config.auth)
+    assert info.value.key == "auth.jwks_file"
+    assert "'shared'" in info.value.message

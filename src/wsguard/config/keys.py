@@ -152,9 +152,25 @@ def _load_public_key(path: Path) -> Any:
     except OSError as exc:
         raise KeyLoadError("auth.public_key_file", f"cannot read {path}: {exc.strerror}") from None
     try:
-        return serialization.load_pem_public_key(data)
+        key = serialization.load_pem_public_key(data)
     except ValueError:
         raise KeyLoadError("auth.public_key_file", f"{path} is not a PEM public key") from None
+    _check_rsa_size(key, "auth.public_key_file", str(path))
+    return key
+
+
+#: the shortest RSA key accepted, from a file or an identity provider (RFC 7518 §3.3)
+MIN_RSA_BITS = 2048
+
+
+def _check_rsa_size(key: Any, config_key: str, what: str) -> None:
+    """RSA keys of at least 2048 bits (RFC 7518 §3.3), as from an identity provider."""
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    if isinstance(key, rsa.RSAPublicKey) and key.key_size < MIN_RSA_BITS:
+        raise KeyLoadError(
+            config_key, f"{what}: RSA key of {key.key_size} bits (at least {MIN_RSA_BITS})"
+        )
 
 
 def _load_jwks(path: Path, config: AuthConfig) -> dict[str, tuple[Any, str | None]]:
@@ -168,9 +184,12 @@ def _load_jwks(path: Path, config: AuthConfig) -> dict[str, tuple[Any, str | Non
     if not isinstance(keys, list) or not keys:
         raise KeyLoadError("auth.jwks_file", f"{path} has no 'keys' array")
     out: dict[str, tuple[Any, str | None]] = {}
+    kids = [entry.get("kid") for entry in keys if isinstance(entry, dict)]
     for entry in keys:
         if not isinstance(entry, dict) or not isinstance(entry.get("kid"), str):
             raise KeyLoadError("auth.jwks_file", "every key needs a string 'kid'")
+        if kids.count(entry["kid"]) > 1:  # which one verifies would be a guess
+            raise KeyLoadError("auth.jwks_file", f"kid {entry['kid']!r} names several keys")
         if entry.get("kty") == "oct" or "d" in entry:
             raise KeyLoadError("auth.jwks_file", f"key {entry['kid']!r}: only public keys allowed")
         if entry.get("use") not in (None, "sig"):
@@ -182,6 +201,7 @@ def _load_jwks(path: Path, config: AuthConfig) -> dict[str, tuple[Any, str | Non
             jwk = jwt.PyJWK(entry, algorithm=declared or config.algorithms[0])
         except jwt.PyJWTError as exc:
             raise KeyLoadError("auth.jwks_file", f"key {entry['kid']!r}: {exc}") from None
+        _check_rsa_size(jwk.key, "auth.jwks_file", f"key {entry['kid']!r}")
         out[entry["kid"]] = (jwk.key, declared)
     if not out:
         raise KeyLoadError("auth.jwks_file", "no usable signing key for the configured algorithms")

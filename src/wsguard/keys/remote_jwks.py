@@ -44,6 +44,7 @@ from typing import Any
 import httpx
 import jwt
 
+from wsguard.config.keys import MIN_RSA_BITS
 from wsguard.config.model import ASYMMETRIC_ALGORITHMS, AuthConfig, check_key_url
 from wsguard.core.auth import KeysUnavailable, UnknownKey
 from wsguard.errors import KeyLoadError
@@ -57,7 +58,6 @@ FETCH_TIMEOUT = 5.0
 #: The most keys a JWKS may hold (providers publish a handful).
 MAX_KEYS = 100
 #: The smallest RSA key accepted.
-MIN_RSA_BITS = 2048
 DISCOVERY_PATH = "/.well-known/openid-configuration"
 
 _RSA_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
