@@ -460,7 +460,12 @@ def test_a_provider_down_at_start_leaves_the_node_up_but_refusing(
     provider.fail(JWKS)
     server = server_factory(remote_auth(provider), setup=with_clock(clock))
     assert readiness(server) == (False, "keys_unavailable")
+    fetches = provider.count(JWKS)
     assert refused(server, token(keys.k1, "k1"))[:2] == (503, "keys_unavailable")
+    clock.advance(20)
+    assert refused(server, token(keys.k1, "k1", sub="bob"))[:2] == (503, "keys_unavailable")
+    # the failed fetch at start counts: no handshake asks again within 30 s
+    assert provider.count(JWKS) == fetches
 
     provider.serve(JWKS, {"keys": [rsa_jwk(keys.k1, "k1")]})
     clock.advance(31)

@@ -504,6 +504,9 @@ class RemoteJwks:
         if self._issuer:
             self._jwks_uri = None  # discover again next time
         self._failing = True
+        # a failed fetch (the first one at start too) counts as the last one asked for:
+        # tokens ask again only jwks_min_refetch_seconds later
+        self._demanded_at = self.clock()
         kept = len(self._cache.fingerprints(self.source))
         age = None if self._fetched_at is None else round(self.clock() - self._fetched_at, 1)
         logger.warning(
