@@ -37,6 +37,7 @@ from websockets.protocol import State
 from websockets.typing import Subprotocol
 
 from wsguard.core.integrity import SESSION_KID, sign
+from wsguard.observability.engine_log import quiet_logger
 
 logger = logging.getLogger("wsguard.client")
 
@@ -53,15 +54,6 @@ FINAL_CLOSE_CODES = frozenset({1002, 1003, 1007, 1008, 1009, 1010, 4003})
 
 class ClientError(Exception):
     """The server refused us in a way reconnecting will not fix."""
-
-
-def _engine_logger() -> logging.Logger:
-    """websockets' logger for the client's connections, never below WARNING: its debug
-    records carry the request headers (the bearer token), whatever the app's log level."""
-    engine = logging.getLogger("wsguard.client.engine")
-    if engine.getEffectiveLevel() < logging.WARNING:
-        engine.setLevel(logging.WARNING)
-    return engine
 
 
 async def _discard(ws: ClientConnection) -> None:
@@ -145,7 +137,7 @@ class WsguardClient:
             subprotocols=protocols,
             origin=self._origin,  # type: ignore[arg-type]
             open_timeout=self._open_timeout,
-            logger=_engine_logger(),
+            logger=quiet_logger("wsguard.client.engine"),  # its records hold the token
             **options,
         )
         try:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from wsguard.cluster.quota import SubjectQuota
 from wsguard.config.keys import has_configured_key, load_keys, load_signing_keys
 from wsguard.config.model import Config
-from wsguard.core.auth import KeyMaterial, TokenVerifier, config_warnings
+from wsguard.core.auth import KeyMaterial, TokenVerifier
 from wsguard.core.client_address import limit_key, parse_ip
 from wsguard.core.decisions import (
     CLOSE_REVOKED,
@@ -32,6 +32,7 @@ from wsguard.core.integrity import SignatureVerifier
 from wsguard.core.messages import ConnectionState, MessagePolicy
 from wsguard.core.refused import Early
 from wsguard.core.request import HandshakeRequest
+from wsguard.core.risky_settings import config_warnings
 from wsguard.errors import KeyLoadError
 from wsguard.observability.audit import AuditLog
 from wsguard.observability.monitor import Monitor

@@ -234,7 +234,8 @@ def _check_config(args: argparse.Namespace) -> int:
     import secrets
 
     from wsguard.config.keys import has_configured_key
-    from wsguard.core.auth import KeyMaterial, config_warnings
+    from wsguard.core.auth import KeyMaterial
+    from wsguard.core.risky_settings import config_warnings
     from wsguard.engines.tls import check_listener
     from wsguard.extras import require
     from wsguard.guard import Guard, is_loopback_host

@@ -163,14 +163,20 @@ def _load_public_key(path: Path) -> Any:
 MIN_RSA_BITS = 2048
 
 
-def _check_rsa_size(key: Any, config_key: str, what: str) -> None:
-    """RSA keys of at least 2048 bits (RFC 7518 §3.3), as from an identity provider."""
+def short_rsa_bits(key: Any) -> int | None:
+    """The size of an RSA public key under :data:`MIN_RSA_BITS`; None for any other key."""
     from cryptography.hazmat.primitives.asymmetric import rsa
 
     if isinstance(key, rsa.RSAPublicKey) and key.key_size < MIN_RSA_BITS:
-        raise KeyLoadError(
-            config_key, f"{what}: RSA key of {key.key_size} bits (at least {MIN_RSA_BITS})"
-        )
+        return int(key.key_size)
+    return None
+
+
+def _check_rsa_size(key: Any, config_key: str, what: str) -> None:
+    """RSA keys of at least 2048 bits (RFC 7518 §3.3), as from an identity provider."""
+    bits = short_rsa_bits(key)
+    if bits is not None:
+        raise KeyLoadError(config_key, f"{what}: RSA key of {bits} bits (at least {MIN_RSA_BITS})")
 
 
 def _load_jwks(path: Path, config: AuthConfig) -> dict[str, tuple[Any, str | None]]:

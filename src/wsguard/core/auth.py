@@ -22,13 +22,12 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from http.cookies import CookieError, SimpleCookie
-from ipaddress import ip_network
 from typing import Any, Protocol
 
 import jwt
 import orjson
 
-from wsguard.config.model import HMAC_ALGORITHMS, AuthConfig, Config
+from wsguard.config.model import HMAC_ALGORITHMS, AuthConfig
 from wsguard.core.headers import split_list
 from wsguard.core.identity import NO_CLAIMS, Identity
 from wsguard.core.request import HandshakeRequest
@@ -224,35 +223,6 @@ def auth_warnings(config: AuthConfig) -> list[tuple[str, str]]:
                 f"tokens are verified with {source} and no issuer is set: iss is not checked",
             )
         )
-    return out
-
-
-def config_warnings(config: Config) -> list[tuple[str, str]]:
-    """Valid but risky settings of the whole configuration, as (config key, message):
-    :func:`auth_warnings`, a proxy network that trusts every address, message types
-    delivered without a schema."""
-    out = auth_warnings(config.auth)
-    for network in config.proxy.trusted:
-        if ip_network(network, strict=False).prefixlen == 0:
-            out.append(
-                (
-                    "proxy.trusted",
-                    f"{network} trusts every address as a proxy: any client chooses the "
-                    "address its per-address limits, bans and audit lines are kept under "
-                    "(X-Forwarded-For); list only your proxies' networks",
-                )
-            )
-            break
-    if config.messages.format == "json":
-        for name, spec in config.messages.types.items():
-            if spec.schema_ is None and spec.schema_file is None and name != "auth":
-                out.append(
-                    (
-                        f"messages.types.{name}",
-                        "no schema: any JSON object of this type is delivered (only the "
-                        "structural bounds, scopes and rates apply)",
-                    )
-                )
     return out
 
 

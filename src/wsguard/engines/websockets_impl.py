@@ -41,6 +41,7 @@ from wsguard.engines.screening import (
     raw_refusal,
 )
 from wsguard.engines.tls import certificate_identity
+from wsguard.observability.engine_log import quiet_logger
 from wsguard.observability.metrics import Metrics
 from wsguard.session import (
     DIRECT_WRITE_LIMIT,
@@ -584,20 +585,11 @@ async def start_server(host: Host, ssl_context: ssl.SSLContext | None) -> Server
         max_size=config.limits.max_message_bytes,
         max_queue=16,
         create_connection=kind,
-        logger=_engine_logger(),
+        logger=quiet_logger("wsguard.engine"),
         backlog=LISTEN_BACKLOG,  # to loop.create_server
     )
     _front_every_socket(server, kind)
     return await server
-
-
-def _engine_logger() -> logging.Logger:
-    """The engine's logger, never below WARNING: its debug records carry raw
-    request headers (tokens, cookies) and frames, whatever the app's log level."""
-    engine = logging.getLogger("wsguard.engine")
-    if engine.getEffectiveLevel() < logging.WARNING:
-        engine.setLevel(logging.WARNING)
-    return engine
 
 
 class WebsocketsTransport:

@@ -44,7 +44,7 @@ from typing import Any
 import httpx
 import jwt
 
-from wsguard.config.keys import MIN_RSA_BITS
+from wsguard.config.keys import MIN_RSA_BITS, short_rsa_bits
 from wsguard.config.model import ASYMMETRIC_ALGORITHMS, AuthConfig, check_key_url
 from wsguard.core.auth import KeysUnavailable, UnknownKey
 from wsguard.errors import KeyLoadError
@@ -150,8 +150,7 @@ def parse_jwks(
             except (jwt.PyJWTError, ValueError, TypeError):
                 why = "not a valid JWK"
             else:
-                size = getattr(key, "key_size", None)
-                if entry.get("kty") == "RSA" and (size is None or size < MIN_RSA_BITS):
+                if short_rsa_bits(key) is not None:
                     why = f"RSA key shorter than {MIN_RSA_BITS} bits"
         if why is not None:
             skipped.append(f"key #{index}: {why}")

@@ -23,6 +23,7 @@ from wsguard.engines import LISTEN_BACKLOG
 from wsguard.engines.screening import (
     PendingHandshakes,
 )
+from wsguard.observability.engine_log import quiet_logger
 from wsguard.session import Host, release
 
 if TYPE_CHECKING:
@@ -68,9 +69,7 @@ class _EngineLog(logging.LoggerAdapter[logging.Logger]):
 def _engine_logger() -> logging.LoggerAdapter[logging.Logger]:
     """picows' logger: never below WARNING (its debug records carry frames). An adapter,
     so picows does not create a child logger per connection."""
-    engine = logging.getLogger("wsguard.engine")
-    if engine.getEffectiveLevel() < logging.WARNING:
-        engine.setLevel(logging.WARNING)
+    engine = quiet_logger("wsguard.engine")
     if not any(isinstance(f, _ClientFaults) for f in engine.filters):
         engine.addFilter(_ClientFaults())  # for records picows makes without the adapter
     return _EngineLog(engine, {})
