@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
 from picows import (
@@ -153,10 +154,7 @@ class HandshakeProtocol(asyncio.BufferedProtocol):
             server.guard.record_raw_refusal(400, "bad_handshake", decision.client)
             return
         listener = GuardListener(server, decision, parsed, transport)
-        response = WSUpgradeResponse.create_101_response(
-            [("Sec-WebSocket-Protocol", decision.subprotocol)] if decision.subprotocol else None
-        )
-        picked = WSUpgradeResponseWithListener(response, listener)
+        picked = WSUpgradeResponseWithListener(Switching(decision.subprotocol), listener)
 
         def factory(_: WSUpgradeRequest) -> WSUpgradeResponseWithListener:
             return picked
@@ -208,6 +206,33 @@ class HandshakeProtocol(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._end_pending()
         self.transport = None
+
+
+class Switching(WSUpgradeResponse):
+    """The 101 response picows sends (it adds the key's accept value to ``headers``):
+    the same bytes as picows' own, written without its general-purpose builder (a
+    multidict, a format per header and the status phrase per handshake)."""
+
+    __slots__ = ()
+
+    def __init__(self, subprotocol: str | None) -> None:
+        self.version = b"HTTP/1.1"
+        self.status = HTTPStatus.SWITCHING_PROTOCOLS
+        self.body = None
+        self.headers = {"Sec-WebSocket-Protocol": subprotocol} if subprotocol else {}  # type: ignore[assignment]
+
+    def to_bytes(self) -> bytearray:
+        headers = self.headers
+        subprotocol = headers.get("Sec-WebSocket-Protocol")
+        out = bytearray(b"HTTP/1.1 101 Switching Protocols\r\n")
+        if subprotocol is not None:
+            out += b"Sec-WebSocket-Protocol: %s\r\n" % subprotocol.encode()
+        out += b"Connection: upgrade\r\nUpgrade: websocket\r\n"
+        accept = headers.get("Sec-WebSocket-Accept")
+        if accept is not None:
+            out += b"Sec-WebSocket-Accept: %s\r\n" % accept.encode()
+        out += b"\r\n"
+        return out
 
 
 def _subprotocols_parse(values: list[str]) -> bool:
