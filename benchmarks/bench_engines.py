@@ -4,13 +4,17 @@ Run from the repository root:
 
     .venv/bin/python benchmarks/bench_engines.py            # 3 interleaved rounds
     .venv/bin/python benchmarks/bench_engines.py --quick    # 1 short round
+    # wsguard from another checkout beside this one, interleaved in the same run:
+    .venv/bin/python benchmarks/bench_engines.py --quick --servers picows --baseline-src ../main/src
 
 Servers (started fresh for every round, pinned to CPU 0; the load generator on CPU 1):
 
 * ``websockets``: ``benchmarks/plain_server.py --json orjson`` (asyncio loop);
 * ``picows``: ``benchmarks/plain_picows.py`` (uvloop);
 * ``wsguard``: ``wsguard serve --config benchmarks/bench.toml``, ``engine = "websockets"``;
-* ``wsguard-picows``: the same with ``WSGUARD_ENGINE=picows``.
+* ``wsguard-picows``: the same with ``WSGUARD_ENGINE=picows``;
+* ``baseline`` (with ``--baseline-src DIR``): ``wsguard-picows`` importing wsguard from
+  *DIR* (another checkout's ``src``), to compare two versions in one run.
 
 The wsguard servers run the full policy of ``bench.toml`` (HS256 JWT, Origin allowlist,
 strict schemas, rate limits, violation budget, audit log to a file) with the limits raised
@@ -64,7 +68,7 @@ start_listener, stop_process = bench.start_listener, bench.stop_process
 PICOWS = HERE / "plain_picows.py"
 SERVERS = ("websockets", "picows", "wsguard", "wsguard-picows")
 PHASES = ("idle", "pingpong", "oneway", "handshake", "flood")
-GUARDED = ("wsguard", "wsguard-picows")
+GUARDED = ("wsguard", "wsguard-picows", "baseline")
 
 
 async def start(
@@ -82,7 +86,11 @@ async def start(
         cmd = [*args.wsguard_command, "serve", "--config", str(CONFIG), "--port", "0"]
         env["WSGUARD_JWT_SECRET"] = secret
         env["WSGUARD_AUDIT__FILE"] = str(tmp / f"audit-{n}.jsonl")
-        env["WSGUARD_ENGINE"] = "picows" if name == "wsguard-picows" else "websockets"
+        env["WSGUARD_ENGINE"] = "websockets" if name == "wsguard" else "picows"
+        if name == "baseline":  # wsguard on picows, from another checkout's src
+            env["PYTHONPATH"] = os.pathsep.join(
+                [str(args.baseline_src), *filter(None, [os.environ.get("PYTHONPATH")])]
+            )
         if flood:  # what abuse may spend: the defaults (10 violations, 60 handshakes/min/address)
             env["WSGUARD_LIMITS__VIOLATION_BUDGET"] = "10"
             env["WSGUARD_LIMITS__HANDSHAKES_PER_MINUTE"] = "60"
@@ -237,7 +245,7 @@ ROWS = (
 
 
 def summarize(results: list[dict[str, Any]]) -> bench.Table:
-    return bench.median_table(results, (key for key, _, _ in ROWS), SERVERS)
+    return bench.median_table(results, (key for key, _, _ in ROWS), (*SERVERS, "baseline"))
 
 
 def targets(table: dict[str, dict[str, dict[str, float]]]) -> list[tuple[str, str, bool]]:
@@ -273,11 +281,12 @@ def targets(table: dict[str, dict[str, dict[str, float]]]) -> list[tuple[str, st
 
 def print_report(results: list[dict[str, Any]]) -> dict[str, Any]:
     table = summarize(results)
-    header = ("metric", *SERVERS)
+    shown = (*SERVERS, *(["baseline"] if any(r["server"] == "baseline" for r in results) else []))
+    header = ("metric", *shown)
     rows: list[tuple[str, ...]] = [header]
     for key, label, fmt in ROWS:
         cells = [label]
-        cells += [bench.median_cell(table.get(key, {}).get(name), fmt) for name in SERVERS]
+        cells += [bench.median_cell(table.get(key, {}).get(name), fmt) for name in shown]
         rows.append(tuple(cells))
     bench.print_rows(rows)
     print()
@@ -308,6 +317,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=list(PHASES),
         help="comma-separated subset of " + ",".join(PHASES),
     )
+    ours.add_argument(
+        "--baseline-src",
+        type=Path,
+        default=None,
+        help="also run wsguard on picows importing wsguard from this src directory "
+        "(another checkout), interleaved in the same run",
+    )
     args, known, rest = bench.driver_args(ours, argv)
     args.abusers, args.flood_conns = known.abusers, known.flood_conns
     args.servers, args.phases = known.servers, known.phases
@@ -322,6 +338,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             args.client = "picows"
     if set(args.servers) - set(SERVERS) or set(args.phases) - set(PHASES):
         ours.error(f"--servers from {','.join(SERVERS)}; --phases from {','.join(PHASES)}")
+    args.baseline_src = known.baseline_src
+    if args.baseline_src is not None:
+        args.baseline_src = args.baseline_src.resolve()
+        if not (args.baseline_src / "wsguard" / "guard.py").is_file():
+            ours.error(f"--baseline-src: no wsguard/guard.py under {args.baseline_src}")
+        args.servers = [*args.servers, "baseline"]
     return args
 
 
