@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from conftest import RunningServer, make_token
+from conftest import RunningServer, eventually, make_token
 from wsguard.engines.picows.handshake import HandshakeProtocol
 from wsguard.engines.picows.listener import GuardListener
 from wsguard.engines.websockets_impl import WebsocketsTransport
@@ -123,3 +123,56 @@ def test_the_handshake_protocol_does_not_outlive_the_handshake(server: RunningSe
         ws.send(json.dumps({"type": "ping", "id": "p1"}))
         assert json.loads(ws.recv(timeout=5))["type"] == "pong"
         ws.close()
+
+
+def test_an_ended_connection_leaves_nothing_for_the_garbage_collector(
+    server: RunningServer,
+) -> None:
+    """picows engine: the listener, picows' transport and its view of the socket refer
+    to each other; left in a cycle, every ended connection would wait for the garbage
+    collector (its pauses are every other client's latency), and one the server closed
+    would be kept alive until its drop timer. Ended, they are freed at once, however
+    the connection ended: the client's close, the server's close, a vanished client."""
+    if server.app.config.engine != "picows":
+        pytest.skip("the websockets engine's own objects are in cycles (websockets' design)")
+    from picows import WSTransport
+    from websockets.exceptions import ConnectionClosed
+
+    from support.wire import reset_close
+    from wsguard.engines.picows.socket_views import PicowsView
+    from wsguard.session import Session
+
+    audited = len(server.audit.events("connection_closed"))
+
+    def connections() -> None:
+        client = server.connect_welcomed(make_token("alice"))  # closed by the client
+        client.send(json.dumps({"type": "ping", "id": "p1"}))
+        assert json.loads(client.recv(timeout=5))["type"] == "pong"
+        client.close()
+        closed = server.connect_welcomed(make_token("bob"))  # closed by wsguard (1003)
+        closed.send(b"binary")
+        with pytest.raises(ConnectionClosed):
+            closed.recv(timeout=5)
+        assert closed.close_code == 1003
+        vanished = server.connect_welcomed(make_token("carol"))  # the client resets TCP
+        reset_close(vanished.socket)
+        eventually(lambda: server.connection_count() == 0, what="all ended")
+        eventually(
+            lambda: len(server.audit.events("connection_closed")) == audited + 3, what="audited"
+        )
+
+    def garbage() -> list[str]:
+        gc.collect()
+        kinds = (GuardListener, WSTransport, PicowsView, Session)
+        # type(), not isinstance(): the garbage holds weak proxies of dead objects too
+        return [type(o).__name__ for o in gc.garbage if type(o) in kinds]
+
+    server.call(gc.collect)
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        connections()
+        left = server.call(garbage)
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    assert left == []

@@ -86,7 +86,7 @@ class GuardListener(WSListener):
         self._paused = False
         self._writable: asyncio.Future[None] | None = None
         self._out: list[bytes] | None = None  # frames to write when the read batch ends
-        self._draining = False
+        self._draining: asyncio.TimerHandle | None = None  # the drop timer while draining
         self._ping_payload: bytes | None = None  # the heartbeat ping awaiting its pong
         self._ping_due = 0.0
         self._pong_deadline = 0.0
@@ -326,6 +326,13 @@ class GuardListener(WSListener):
         closed = conn.end(server.release)
         if closed is not None:
             server.loop.create_task(awaited(closed))
+        # what picows keeps refers back here (its transport's view of the socket): let go
+        # of it, so the connection's objects are freed now, not by a garbage collection
+        # (the Session has its close result; its writes find the connection closed)
+        self.transport = None
+        drop = self._draining
+        if drop is not None:
+            drop.cancel()  # (the listener stays draining: nothing is parsed any more)
 
     def pause_writing(self) -> None:
         if self._writable is None:
@@ -489,10 +496,9 @@ class GuardListener(WSListener):
             return True
         if raw.is_closing() or not raw.can_write_eof():
             return False
-        self._draining = True
         raw.set_protocol(Discard(raw.get_protocol(), raw))
         raw.write_eof()
-        self.server.loop.call_later(_CLOSE_TIMEOUT, self._drop)
+        self._draining = self.server.loop.call_later(_CLOSE_TIMEOUT, self._drop)
         return True
 
     def _drop(self) -> None:
