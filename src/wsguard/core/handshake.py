@@ -18,8 +18,6 @@ from the one place every connection ends (transport closed).
 
 from __future__ import annotations
 
-import base64
-import binascii
 import itertools
 import math
 import os
@@ -54,15 +52,31 @@ def _retry_after(seconds: float) -> tuple[tuple[str, str], ...]:
     return (("Retry-After", str(max(1, math.ceil(seconds)))),)
 
 
+# RFC 6455: the key is the base64 encoding of 16 bytes: 22 characters of the alphabet
+# and the padding (what base64.b64decode(validate=True) accepts as 16 bytes, decided by
+# one C match)
+_KEY = re.compile(r"[A-Za-z0-9+/]{22}==")
+# a request target's characters that are never in one: controls, space and DEL
+_NOT_IN_TARGET = re.compile(r"[\x00-\x20\x7f]")
+
+
 def _valid_key(value: str) -> bool:
     """RFC 6455: the key is the base64 encoding of 16 bytes."""
-    value = value.strip()
-    if len(value) != 24 or not value.isascii():
-        return False
-    try:
-        return len(base64.b64decode(value, validate=True)) == 16
-    except (binascii.Error, ValueError):
-        return False
+    return _KEY.fullmatch(value.strip()) is not None
+
+
+def _names_only(values: list[str], token: str) -> bool:
+    """The comma-separated list in *values* is exactly [*token*], case-insensitively."""
+    if len(values) == 1 and values[0].lower() == token:
+        return True  # the usual request: one header holding just the token
+    return [v.lower() for v in split_list(values)] == [token]
+
+
+def _names(values: list[str], token: str) -> bool:
+    """The comma-separated list in *values* holds *token*, case-insensitively."""
+    if len(values) == 1 and values[0].lower() == token:
+        return True
+    return token in [v.lower() for v in split_list(values)]
 
 
 # RFC 9110 §7.2 / RFC 3986 §3.2.2: host = IP-literal / IPv4address / reg-name, then an
@@ -90,14 +104,14 @@ def check_upgrade(request: HandshakeRequest) -> Reject | None:
         or target.startswith("//")
         or len(target) > _MAX_TARGET
         or not target.isascii()
-        or any(ch <= " " or ch == "\x7f" for ch in target)
+        or _NOT_IN_TARGET.search(target) is not None
     ):
         return Reject(400, "bad_request", "Invalid request target.", detail="target")
-    upgrade = [v.lower() for v in split_list(headers.get_all("upgrade"))]
-    connection = [v.lower() for v in split_list(headers.get_all("connection"))]
     # Connection is a list that must hold "upgrade" (browsers send "keep-alive, Upgrade");
     # Upgrade must name websocket alone: the one protocol this server switches to
-    if upgrade != ["websocket"] or "upgrade" not in connection:
+    if not _names_only(headers.get_all("upgrade"), "websocket") or not _names(
+        headers.get_all("connection"), "upgrade"
+    ):
         return Reject(
             426,
             "not_websocket",
