@@ -8,6 +8,7 @@ configuration reference of the documentation is generated from this file, and
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import urllib.parse
 from pathlib import Path
@@ -503,7 +504,7 @@ class LimitsConfig(_Section):
         ),
     )
 
-    @property
+    @functools.cached_property
     def handshake_allowance(self) -> tuple[float, int]:
         """The handshake token bucket of an address: (tokens per second, burst)."""
         per_minute = self.handshakes_per_minute

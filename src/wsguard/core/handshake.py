@@ -278,13 +278,16 @@ class HandshakePolicy:
             await lease.release()
             return refused
 
-        offered = list(split_list(request.headers.get_all("sec-websocket-protocol")))
+        subprotocol = None
+        if self.config.subprotocols:
+            offered = list(split_list(request.headers.get_all("sec-websocket-protocol")))
+            subprotocol = self.select_subprotocol(offered)
         return Admit(
             identity=identity,
             client=client,
             # an allowed origin is one of a few: its connections share one string
             origin=None if origin is None else sys.intern(origin),
-            subprotocol=self.select_subprotocol(offered),
+            subprotocol=subprotocol,
             _release=lease,
             holder=lease.holder,
         )
