@@ -9,6 +9,7 @@ must never be sent, and the close code the audit log reports.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -40,7 +41,9 @@ from support.wire import (
 from wsguard.engines.screening import PendingHandshakes, check_head
 from wsguard.errors import ConfigError
 from wsguard.guard import Guard
+from wsguard.hosts.app import App
 from wsguard.observability.audit import AuditLog
+from wsguard.session import Connection
 
 #: Rates high enough that only the limit under test can close a connection.
 UNLIMITED_RATES: dict[str, Any] = {
@@ -511,3 +514,140 @@ def test_messages_after_the_clients_close_are_not_handled(server_factory: Server
         client.send(close_frame(1000) + frame(OP_TEXT, ping))
         assert server_close(client)[0] == 1000
         assert frames_until_eof(client) == []
+
+
+# -- messages and the client's close frame in one read -------------------------------------
+
+
+def ping_frames(*idents: str) -> bytes:
+    return b"".join(
+        frame(OP_TEXT, json.dumps({"type": "ping", "id": ident}).encode()) for ident in idents
+    )
+
+
+def replies_and_close(frames: list[tuple[int, bytes]]) -> tuple[list[str], int | None]:
+    """The ids of the text frames the server sent, then the code of its close frame (which
+    must be the last frame it sent)."""
+    assert frames, "no frame before the end of the connection"
+    opcode, payload = frames[-1]
+    assert opcode == OP_CLOSE, frames
+    assert all(op == OP_TEXT for op, _ in frames[:-1]), frames
+    ids = [json.loads(data)["id"] for _, data in frames[:-1]]
+    code = int.from_bytes(payload[:2], "big") if payload else None
+    return ids, code
+
+
+def test_a_message_and_the_close_in_one_read_are_answered_in_order(
+    server_factory: ServerFactory,
+) -> None:
+    """The message before the client's close frame is handled and its reply written
+    before the close frame answers (RFC 6455 5.5.1 allows the delay): websockets handles
+    a close frame while parsing the read, before the handler has the message."""
+    server = server_factory()
+    with raw_welcomed(server) as client:
+        client.send(ping_frames("p1") + close_frame(1000))
+        frames = frames_until_eof(client)
+    (op, data), _ = frames
+    assert op == OP_TEXT
+    reply = json.loads(data)
+    assert (reply["type"], reply["id"]) == ("pong", "p1")
+    assert replies_and_close(frames) == (["p1"], 1000)
+    event = closed_event(server)
+    assert (event["code"], event["closed_by"]) == (1000, "client")
+
+
+def test_several_messages_and_the_close_in_one_read_are_all_answered_in_order(
+    server_factory: ServerFactory,
+) -> None:
+    server = server_factory()
+    idents = [f"p{n}" for n in range(5)]
+    with raw_welcomed(server) as client:
+        client.send(ping_frames(*idents) + close_frame(1000, b"bye"))
+        frames = frames_until_eof(client)
+    assert replies_and_close(frames) == (idents, 1000)
+    event = closed_event(server)
+    assert (event["code"], event["closed_by"]) == (1000, "client")
+
+
+def test_a_message_the_close_and_the_end_of_the_stream_in_one_read(
+    server_factory: ServerFactory,
+) -> None:
+    """The client half-closes right after its close frame: the message is still answered
+    (TCP half-closed: the server can write), then the close frame, and the server ends
+    the connection (no wait for a close timeout: the client's socket timeout would fail
+    the read)."""
+    server = server_factory()
+    with raw_welcomed(server) as client:
+        client.send(ping_frames("p1") + close_frame(1000))
+        client.sock.shutdown(socket.SHUT_WR)
+        # under the server's close timeout (5 s): a server waiting for it fails the read
+        client.sock.settimeout(3)
+        frames = frames_until_eof(client)
+    assert replies_and_close(frames) == (["p1"], 1000)
+    event = closed_event(server)
+    assert (event["code"], event["closed_by"]) == (1000, "client")
+
+
+def test_a_coroutine_handlers_reply_goes_before_the_close_in_the_same_read(
+    server_factory: ServerFactory,
+) -> None:
+    """A coroutine handler that waits: its reply still precedes the close frame, and the
+    messages queued behind it are handled too (the close waits for them)."""
+
+    def setup(app: App) -> None:
+        @app.on("ping")
+        async def ping(conn: Connection, message: dict[str, Any]) -> None:
+            for _ in range(3):
+                await asyncio.sleep(0.01)
+            conn.send({"type": "pong", "id": message["id"]})
+
+    server = server_factory(demo=False, setup=setup)
+    with raw_welcomed(server) as client:
+        client.send(ping_frames("p1", "p2", "p3") + close_frame(1001))
+        frames = frames_until_eof(client)
+    assert replies_and_close(frames) == (["p1", "p2", "p3"], 1001)
+    event = closed_event(server)
+    assert (event["code"], event["closed_by"]) == (1001, "client")
+
+
+def test_a_handler_slower_than_the_close_timeout_does_not_hold_the_clients_close(
+    server_factory: ServerFactory,
+) -> None:
+    """The close frame waits for the message before it at most the close timeout (5 s):
+    a handler still busy then does not keep the connection open, nor its slots and its
+    audit line waiting (the connection ends while the handler works on)."""
+    release = asyncio.Event()  # set at the end of the test: the handler then finishes
+
+    def setup(app: App) -> None:
+        @app.on("ping")
+        async def ping(conn: Connection, message: dict[str, Any]) -> None:
+            await release.wait()
+
+    server = server_factory(demo=False, setup=setup)
+    try:
+        with raw_welcomed(server) as client:
+            client.sock.settimeout(10)  # past the close timeout: a close held for good fails
+            client.send(ping_frames("p1") + close_frame(1000))
+            frames = frames_until_eof(client)
+        assert replies_and_close(frames) == ([], 1000)
+        event = closed_event(server)
+        assert (event["code"], event["closed_by"]) == (1000, "client")
+        assert server.connection_count() == 0
+    finally:
+        server.call(release.set)
+
+
+def test_a_policy_close_on_a_message_before_the_clients_close_is_audited_as_sent(
+    server_factory: ServerFactory,
+) -> None:
+    """A message the policy closes on (binary: 1003) and the client's close frame in one
+    read: the server's close frame is the only one sent, and the audit reports it, on
+    both engines (picows parses the client's close one frame ahead, before the policy
+    has decided on the message before it)."""
+    server = server_factory()
+    with raw_welcomed(server) as client:
+        client.send(frame(OP_BINARY, b"\x00\x01") + close_frame(1000))
+        frames = frames_until_eof(client)
+    assert replies_and_close(frames) == ([], 1003)
+    event = closed_event(server)
+    assert (event["code"], event["closed_by"]) == (1003, "server")

@@ -13,8 +13,8 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Generator
+from typing import TYPE_CHECKING, Any, cast
 
 from websockets.asyncio import messages as engine_messages
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -22,10 +22,11 @@ from websockets.datastructures import Headers as WsHeaders
 from websockets.exceptions import (
     ConnectionClosed,
     HeaderLineTooLong,
+    ProtocolError,
     RequestLineTooLong,
     TooManyHeaders,
 )
-from websockets.frames import Frame, Opcode
+from websockets.frames import Close, Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 from websockets.server import ServerProtocol
@@ -82,6 +83,7 @@ _ENGINE_ATTRIBUTES = tuple(
 _ADMITTED = Request("/", WsHeaders())
 _CONTROL_COUNTED = (Opcode.PING, Opcode.PONG)
 _CONT, _TEXT, _BINARY = Opcode.CONT, Opcode.TEXT, Opcode.BINARY
+_DATA = (_CONT, _TEXT, _BINARY)
 # Bytes of a read handed to websockets' parser at a time (see GuardedServerConnection._feed):
 # a slice of tiny invalid frames is ~80 frame parses before the queue check, not ~160 as
 # with 4 KiB. Measured (bench_engines.py --quick --servers wsguard): users' p99 under the
@@ -104,21 +106,72 @@ _PROTOCOL_ERRORS = (
 
 
 class GuardedServerProtocol(ServerProtocol):
-    """websockets' sans-I/O protocol, closing cleanly when a close frame interrupts a
-    fragmented message (RFC 6455 allows control frames between fragments; websockets
-    fails the connection with 1002 instead: Autobahn case 7.1.5). The incomplete
-    message is discarded, never delivered."""
+    """websockets' sans-I/O protocol, with two changes to its handling of the client's
+    close frame:
+
+    * a close frame that interrupts a fragmented message closes cleanly (RFC 6455 allows
+      control frames between fragments; websockets fails the connection with 1002
+      instead: Autobahn case 7.1.5). The incomplete message is discarded, never
+      delivered;
+    * a close frame that follows messages the handler has not handled yet is held (see
+      :meth:`GuardedServerConnection.close_waits`): websockets would answer it while
+      parsing the read, before the handler has seen the messages that came before it,
+      and their replies would be dropped (the connection no longer open). It is
+      answered once they are handled, as the picows engine answers (RFC 6455 5.5.1: an
+      endpoint "MAY delay sending a Close frame until its current message is sent").
+      What follows the close frame is discarded unparsed meanwhile (RFC 6455 1.4)."""
+
+    # its connection, set by GuardedServerConnection (websockets' protocol has an instance
+    # dict: one key more, 27 of the 30 a CPython 3.11 shared-key dict holds)
+    connection: GuardedServerConnection | None = None
 
     def recv_frame(self, frame: Frame) -> None:
-        if frame.opcode is Opcode.CLOSE and self.current_size is not None:
-            self.current_size = None
+        if frame.opcode is Opcode.CLOSE:
+            if self.current_size is not None:
+                self.current_size = None
+            elif self.state is State.OPEN:
+                connection = self.connection
+                if (
+                    connection is not None
+                    and connection.close_waits(self.events)
+                    and _valid_close(frame)
+                ):
+                    connection.hold_close(frame)
+                    # parsing stops here: what follows is discarded, never delivered
+                    self.parser = self._discard_after_held_close(connection)
+                    next(self.parser)
+                    return
         super().recv_frame(frame)
+
+    def _discard_after_held_close(self, connection: GuardedServerConnection) -> Generator[None]:
+        """The parser while the client's close frame is held: what follows it is read and
+        dropped unparsed, counted as what a closing client sends (see
+        GuardedServerConnection._feed). At the end of the stream (websockets' discard()
+        would mark the connection closed), the close is answered first."""
+        reader = self.reader
+        while not (yield from reader.at_eof()):
+            connection.drained(len(reader.buffer))
+            reader.discard()
+        connection.release_close()  # discard() replaces this parser: the stream ends there
+        yield
+        raise AssertionError("stepped after the end of the stream")  # pragma: no cover
+
+    def answer_held_close(self, frame: Frame) -> None:
+        """The held close frame is processed now, as websockets processes one it parses:
+        answered, the stream half-closed, the rest discarded. If our own close went out
+        meanwhile (the policy's, websockets' keepalive), it is a close received after
+        ours: recorded, not answered."""
+        if self.eof_sent:
+            self.close_rcvd = Close.parse(frame.data)
+            self.close_rcvd_then_sent = False
+        else:
+            ServerProtocol.recv_frame(self, frame)
 
     def fail(self, code: int, reason: str = "") -> None:
         """websockets' parser fails a connection with a reason that may quote the
         client's frame ("invalid start byte at position 0", the announced length...): the
         close frame carries the reason the picows engine gives for the same fault, short
-        and fixed. wsguard's own closes call ServerProtocol.fail with their own reason."""
+        and fixed. wsguard's own closes call :meth:`fail_as_is` with their own reason."""
         if code == 1002:
             for prefix, fixed in _PROTOCOL_ERRORS:
                 if reason.startswith(prefix):
@@ -128,7 +181,26 @@ class GuardedServerProtocol(ServerProtocol):
                 reason = ENGINE_REASONS[1002]
         else:
             reason = ENGINE_REASONS.get(code, reason)
+        self.fail_as_is(code, reason)
+
+    def fail_as_is(self, code: int, reason: str) -> None:
+        """websockets' fail() with *reason* as it is; a client's close frame still held
+        is then a close received after ours (see :meth:`answer_held_close`)."""
         super().fail(code, reason)
+        connection = self.connection
+        if connection is not None and connection.held_close is not None:
+            connection.release_close()
+
+
+def _valid_close(frame: Frame) -> bool:
+    """A close frame websockets accepts. One it refuses (a code that must never be sent,
+    a reason that is not UTF-8) is not held: it fails the connection at once (1002, 1007),
+    the replies to the messages parsed with it dropped, as on the picows engine."""
+    try:
+        Close.parse(frame.data)
+    except (ProtocolError, UnicodeDecodeError):
+        return False
+    return True
 
 
 class GuardedServerConnection(ServerConnection):
@@ -141,24 +213,31 @@ class GuardedServerConnection(ServerConnection):
         "_backlog",
         "_drained",
         "_early",
+        "_eof_held",
         "_fragments",
         "_head",
+        "_held_timer",
         "_opened_at",
         "_peer_address",
         "_pending",
         "_screened",
         "admission",
         "decided",
+        "end_hook",
         "guarded",
+        "held_close",
         *_ENGINE_ATTRIBUTES,
     )
     guard: Guard  # set on the per-server subclass made by start_server()
+    protocol: GuardedServerProtocol
 
     def __init__(self, protocol: ServerProtocol, *args: Any, **kwargs: Any) -> None:
-        protocol.__class__ = GuardedServerProtocol  # same layout, one method differs
+        protocol.__class__ = GuardedServerProtocol  # same layout, a few methods differ
+        cast(GuardedServerProtocol, protocol).connection = self
         super().__init__(protocol, *args, **kwargs)
         self.admission: Admit | None = None
         self.guarded: Session | None = None
+        self.end_hook: asyncio.Task[None] | None = None  # the host's closed hook, running
         self.decided = False  # the policy answered this handshake (and audited a refusal)
         self._head = b""
         self._screened = False
@@ -171,6 +250,12 @@ class GuardedServerConnection(ServerConnection):
         # bytes after the request head, held until the handshake is answered (None: not
         # holding): websockets would parse them as frames before its 101 is written
         self._early: bytes | None = None
+        # the client's close frame, held until the messages before it are handled (see
+        # GuardedServerProtocol), the timer that bounds the wait, and whether the client's
+        # EOF came meanwhile (not given to websockets yet: see eof_received)
+        self.held_close: Frame | None = None
+        self._held_timer: asyncio.TimerHandle | None = None
+        self._eof_held = False
 
     pending: PendingHandshakes  # shared by the connections of one server
     metrics: Metrics  # the node's counters (bytes in and out)
@@ -297,7 +382,7 @@ class GuardedServerConnection(ServerConnection):
         backlog, self._backlog = self._backlog, b""
         if backlog:
             self._feed(backlog)
-        if not self.recv_messages.paused and self._drained <= _DRAIN_BYTES:
+        if not self.recv_messages.paused and self._drained <= _DRAIN_BYTES and not self._eof_held:
             self.transport.resume_reading()
 
     def _refuse_raw(self, status: int, reason: str, message: str) -> None:
@@ -341,17 +426,110 @@ class GuardedServerConnection(ServerConnection):
         follow are dropped here, the fragments so far with the connection)."""
         protocol = self.protocol
         if protocol.close_sent is None:
-            ServerProtocol.fail(protocol, CLOSE_TOO_BIG, "too many fragments")
+            protocol.fail_as_is(CLOSE_TOO_BIG, "too many fragments")
             self.send_data()
             if self.close_deadline is None and self.close_timeout is not None:
                 self.close_deadline = self.loop.time() + self.close_timeout
+
+    # the client's close frame after messages not handled yet
+
+    def close_waits(self, events: list[Any]) -> bool:
+        """Whether the client's close frame, just parsed, waits for messages that came
+        before it: frames parsed from this read (*events*, not given to the connection
+        yet), frames the handler has not taken yet, or the message it is handling (it is
+        not waiting for the next one). Not while a close of the policy is under way: what
+        came before is discarded then."""
+        session = self.guarded
+        if session is not None and session.closing:
+            return False
+        messages = self.recv_messages
+        if len(messages.frames):
+            return True
+        for event in events:
+            if isinstance(event, Frame) and event.opcode in _DATA:
+                return True
+        return session is not None and not messages.get_in_progress
+
+    def hold_close(self, frame: Frame) -> None:
+        """Hold the client's close frame (see close_waits), at most ``close_timeout``: a
+        handler that does not finish does not keep the connection from closing."""
+        self.held_close = frame
+        if self.close_timeout is not None:
+            self._held_timer = self.loop.call_later(self.close_timeout, self.release_close)
+
+    def drained(self, size: int) -> None:
+        """*size* bytes that followed the client's held close frame were dropped: past
+        _DRAIN_BYTES the client is flooding, not closing, and is not read any more."""
+        self._drained += size
+        if self._drained > _DRAIN_BYTES:
+            self.transport.pause_reading()
+
+    def release_close(self) -> None:
+        """Answer the client's held close frame now (what data_received does after
+        websockets parsed one): the messages before it were handled, the connection ends
+        otherwise (EOF, lost, our own close), or the wait timed out."""
+        frame, self.held_close = self.held_close, None
+        if frame is None:
+            return
+        timer, self._held_timer = self._held_timer, None
+        if timer is not None:
+            timer.cancel()
+        protocol = self.protocol
+        protocol.answer_held_close(frame)
+        events = protocol.events_received()
+        try:
+            self.send_data()
+        except Exception as exc:
+            self.set_connection_exc(exc)
+        if (
+            protocol.close_expected()
+            and self.close_deadline is None
+            and self.close_timeout is not None
+        ):
+            self.close_deadline = self.loop.time() + self.close_timeout
+        for event in events:
+            self.process_event(event)
+        if self._eof_held:
+            # the client's EOF came while the close was held: websockets sees it now
+            self._eof_held = False
+            super().eof_received()
+            self.transport.close()
+
+    def eof_received(self) -> bool | None:  # type: ignore[override]
+        """The client ended its side of the stream. While its close frame is held, on TCP
+        (which can be half-closed), the connection stays open for what the handler still
+        answers to the messages before it; websockets sees the EOF once the close is
+        answered (release_close). Otherwise (TLS cannot write after the peer's EOF) the
+        held close is answered now, what the handler answers later is dropped."""
+        if self._eof_held:
+            return True  # read again after the EOF (reads resumed): the same EOF
+        if (
+            self.held_close is not None
+            and self.protocol.state is State.OPEN
+            and self.transport.can_write_eof()
+        ):
+            self._eof_held = True
+            return True
+        super().eof_received()
+        return None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._end_pending()
         self._backlog = b""
         self._early = None
+        self._eof_held = False  # the held close, if any, is answered by websockets' EOF
         super().connection_lost(exc)
+        self.protocol.connection = None  # a reference cycle less
         release_admission(self)
+        session = self.guarded
+        if session is not None:
+            # the connection's end is the Session's, now, even when its handler is still
+            # busy with a message (one that never finishes must not keep the slots, the
+            # count of connections and the audit line waiting): run_guarded sees it ended
+            self.guarded = None
+            closed = session.end()
+            if closed is not None:  # the host's hook: awaited by run_guarded too, if it can
+                self.end_hook = self.loop.create_task(_awaited(closed))
         if not self.decided:
             self._audit_engine_refusal()
 
@@ -644,7 +822,9 @@ class WebsocketsTransport:
         protocol = ws.protocol
         if protocol.state is not State.OPEN or ws.send_in_progress is not None:
             return False  # already closing, or in a fragmented send: the engine's close
-        ServerProtocol.fail(protocol, code, reason)  # the policy's reason, not the engine's
+        # the policy's reason, not the engine's; the client's close frame if held is then
+        # received after ours (the picows engine handles the messages before it first too)
+        protocol.fail_as_is(code, reason)
         try:
             ws.send_data()
         except Exception as exc:  # the engine's own send path handles it the same way
@@ -694,30 +874,54 @@ async def run_guarded(host: Host, ws: ServerConnection) -> None:
         opened = session.open()
         if opened is not None:
             await opened
+            if ws.held_close is not None:
+                await _answer_held_close(ws, session)
         receive = session.receive
         async for data in ws:
-            if session.closing:
-                # a close is under way: discard what the peer had already sent, so its close
-                # frame is read and the slot comes back now rather than after close_timeout
-                continue
-            started = clock()
-            pending = receive(data)
-            if pending is not None:
-                await pending
-            latency(clock() - started)
+            # a close under way: what the peer had already sent is discarded, so its close
+            # frame is read and the slot comes back now rather than after close_timeout
+            if not session.closing:
+                started = clock()
+                pending = receive(data)
+                if pending is not None:
+                    await pending
+                latency(clock() - started)
+            if ws.held_close is not None:
+                await _answer_held_close(ws, session)
         await session.wait_closing()
     except ConnectionClosed:
         pass
     finally:
-        ws.guarded = None
-        protocol = ws.protocol
-        if protocol.close_sent is None or protocol.close_rcvd is None:
-            # our close is still in flight: wait (bounded) for the code the audit reports
-            try:
-                async with asyncio.timeout(5):
-                    await ws.wait_closed()
-            except TimeoutError:
-                ws.transport.abort()
-        closed = session.end()
-        if closed is not None:
-            await closed
+        if ws.guarded is session:  # (else ended with the connection: connection_lost)
+            ws.guarded = None
+            protocol = ws.protocol
+            if protocol.close_sent is None or protocol.close_rcvd is None:
+                # our close is still in flight: wait (bounded) for the code the audit reports
+                try:
+                    async with asyncio.timeout(5):
+                        await ws.wait_closed()
+                except TimeoutError:
+                    ws.transport.abort()
+            closed = session.end()
+            if closed is not None:
+                await closed
+        elif ws.end_hook is not None:
+            # the server's shutdown waits for this handler: and so for the host's hook (a
+            # gateway closes the upstream there)
+            hook, ws.end_hook = ws.end_hook, None
+            await hook
+
+
+async def _awaited(pending: Awaitable[None]) -> None:
+    await pending
+
+
+async def _answer_held_close(ws: GuardedServerConnection, session: Session) -> None:
+    """The handler is between messages and the client's close frame is held: it is
+    answered once every message before it is handled (none left in websockets' queue),
+    after the replies still queued for the client (bounded by Session.flush)."""
+    if ws.recv_messages.frames:
+        return
+    if session.backlogged:
+        await session.flush()
+    ws.release_close()

@@ -52,13 +52,23 @@ _ENGINE_REASONS = {code: reason.encode() for code, reason in ENGINE_REASONS.item
 _ENGINE_REASONS[1011] = b"internal error"
 
 
+def _receivable(payload: bytes) -> bool:
+    """A client's close frame (its first two bytes) that is answered with its own code:
+    no code, or one a client may send."""
+    if not payload:
+        return True
+    code = int.from_bytes(payload, "big")
+    return code in _RECEIVABLE_CLOSE or 3000 <= code <= 4999
+
+
 class GuardListener(WSListener):
     """Every frame of one admitted connection, through its Session; also the Session's
     :class:`~wsguard.session.Transport` (no other object per connection)."""
 
     __slots__ = (
         "_backlog", "_busy", "_close_refused", "_closed", "_draining", "_engine_close",
-        "_fragments", "_fragments_size", "_fragments_text", "_out", "_paused", "_ping_due",
+        "_fragments", "_fragments_size", "_fragments_text", "_held", "_ours_first", "_out",
+        "_paused", "_ping_due",
         "_ping_payload", "_pong_deadline", "_writable", "admission", "close_sent", "conn",
         "host", "metrics", "raw", "request", "server", "transport",
     )  # fmt: skip
@@ -77,6 +87,9 @@ class GuardListener(WSListener):
         self.close_sent = False  # a close frame was written (ours, or picows' own)
         self._closed: asyncio.Future[None] | None = None  # the peer's close frame (or EOF)
         self._close_refused = False  # the client's close frame was invalid (answered 1002)
+        # the client's close frame (its code) while the messages before it are handled
+        self._held: tuple[bytes, asyncio.TimerHandle, Discard] | None = None
+        self._ours_first = False  # our own close frame went out, not an answer to theirs
         self._engine_close: bytes | None = None  # picows' own close frame, not written yet
         self._fragments: list[bytes] | None = None
         self._fragments_size = 0
@@ -119,6 +132,8 @@ class GuardListener(WSListener):
         sends meanwhile is written once, after the last (one send() instead of one per
         reply: measured, it halves the server's CPU per ping/pong message)."""
         kind = frame.msg_type
+        if self._held is not None:
+            return  # after the client's close frame: discarded (RFC 6455 1.4)
         if (self.close_sent or transport.is_close_frame_sent) and (
             self._draining or kind is not _CLOSE
         ):
@@ -289,8 +304,14 @@ class GuardListener(WSListener):
         elif kind is _PONG:  # (on_ws_frame takes them first)
             self._pong(frame)
         elif kind is _CLOSE:
-            if not self.close_sent:
-                self._answer_close(frame)
+            payload = frame.get_payload_as_bytes()[:2]
+            if self.close_sent:
+                pass  # ours went first: the client's is not answered
+            elif self._busy is not None and _receivable(payload):
+                self._hold_close(payload)
+                return
+            else:
+                self._answer_close(payload)
             self.raw.close()
             self._peer_closed()
 
@@ -312,6 +333,9 @@ class GuardListener(WSListener):
             self._ping_payload = None
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
+        held, self._held = self._held, None
+        if held is not None:  # gone before the held close was answered
+            held[1].cancel()
         self._peer_closed()
         writable, self._writable = self._writable, None
         if writable is not None and not writable.done():
@@ -396,35 +420,59 @@ class GuardListener(WSListener):
             logger.exception("message processing failed")
         finally:
             self._busy = None
-            if self._paused and self.transport:
+            if self._held is not None:
+                self._release_close()
+            elif self._paused and self.transport:
                 self._paused = False
                 self.raw.resume_reading()
 
     # fragments, errors, heartbeat, closing
 
-    def _answer_close(self, frame: WSFrame) -> None:
+    def _answer_close(self, payload: bytes) -> None:
         """The client closes first: echo its code (RFC 6455 5.5.1; no code, no code back,
         as websockets does), or answer 1002 to a code that must never be sent (picows
         has refused a 1-byte payload, codes under 3000 it does not know and a reason
         that is not UTF-8 already; not 0, 1006 or codes over 4999). A close of picows'
         own for what followed this frame is dropped: data after a close frame is
-        discarded (RFC 6455 1.4)."""
-        payload = b""
-        if frame.payload_size:
-            payload = frame.get_payload_as_bytes()[:2]
-            code = int.from_bytes(payload, "big")
-            if not (code in _RECEIVABLE_CLOSE or 3000 <= code <= 4999):
-                self._close_refused = True
-                if self._engine_close is not None:  # a protocol error too: it goes out now
-                    self.write_engine_close()
-                else:
-                    # the reason picows gives the codes it refuses itself (999-2999)
-                    self._protocol_error("protocol error")
-                return
+        discarded (RFC 6455 1.4). *payload*: the close frame's first two bytes."""
+        if not _receivable(payload):
+            self._close_refused = True
+            if self._engine_close is not None:  # a protocol error too: it goes out now
+                self.write_engine_close()
+            else:
+                # the reason picows gives the codes it refuses itself (999-2999)
+                self._protocol_error("protocol error")
+            return
         self._engine_close = None
         self.close_sent = True
         self.flush()
         self.raw.write(server_frame(CLOSE_OP, payload))
+
+    def _hold_close(self, payload: bytes) -> None:
+        """The client's close frame came while a handler still works on the messages
+        before it: it is answered once they are handled, their replies written first (RFC
+        6455 5.5.1: an endpoint "MAY delay sending a Close frame until its current
+        message is sent"), at most ``_CLOSE_TIMEOUT`` later. What follows it is discarded
+        unparsed; the client's end of the stream keeps our side open until then."""
+        raw = self.raw
+        reader = Discard(raw.get_protocol(), raw, half_open=raw.can_write_eof())
+        raw.set_protocol(reader)
+        timer = self.server.loop.call_later(_CLOSE_TIMEOUT, self._release_close)
+        self._held = (payload, timer, reader)
+        self._peer_closed()
+
+    def _release_close(self) -> None:
+        """Answer the held close frame (the handler is done, or the wait timed out); if
+        the policy closed the connection meanwhile, ours was first."""
+        held, self._held = self._held, None
+        if held is None:
+            return
+        payload, timer, reader = held
+        timer.cancel()
+        reader.half_open = False
+        if not self.close_sent and self.transport is not None:
+            self._answer_close(payload)
+        self.raw.close()
 
     def engine_close(self, data: bytes) -> None:
         """picows closes on its own: a protocol error it found (a frame over the size
@@ -444,7 +492,7 @@ class GuardListener(WSListener):
         frame, self._engine_close = self._engine_close, None
         if frame is None or self.close_sent:
             return
-        self.close_sent = True
+        self.close_sent = self._ours_first = True
         self.flush()
         if not self.raw.is_closing():
             self.raw.write(frame)
@@ -483,7 +531,7 @@ class GuardListener(WSListener):
         if transport is None or transport.is_disconnected:
             return
         if not self.close_sent:
-            self.close_sent = True
+            self.close_sent = self._ours_first = True
             self.flush()
             transport.send_close(as_close_code(code), reason.encode())
         self.drain()
@@ -591,4 +639,6 @@ class GuardListener(WSListener):
         if handshake is None:
             return 1006, "", "network"
         rcvd = None if self._close_refused else handshake.recv  # as if never received
-        return first_close(handshake.sent, rcvd, handshake.recv_then_sent)
+        # picows counts a close frame it parsed before ours was written as the first, even
+        # when the policy closed on a message before it (parsed one frame ahead)
+        return first_close(handshake.sent, rcvd, handshake.recv_then_sent and not self._ours_first)

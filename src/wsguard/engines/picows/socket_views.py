@@ -43,12 +43,17 @@ class Discard(asyncio.Protocol):
     client that keeps sending past ``_DRAIN_BYTES`` is not read any more (it is
     flooding, not closing): the close timeout drops it."""
 
-    __slots__ = ("_inner", "_left", "_transport")
+    __slots__ = ("_inner", "_left", "_transport", "half_open")
 
-    def __init__(self, inner: Any, transport: asyncio.Transport) -> None:
+    def __init__(
+        self, inner: Any, transport: asyncio.Transport, *, half_open: bool = False
+    ) -> None:
         self._inner = inner
         self._transport = transport
         self._left = _DRAIN_BYTES
+        # the client's close frame is held (see GuardListener): its end of the stream
+        # leaves our side open for the replies still to come, until the close is answered
+        self.half_open = half_open
 
     def data_received(self, data: bytes) -> None:
         self._left -= len(data)
@@ -56,7 +61,7 @@ class Discard(asyncio.Protocol):
             self._transport.pause_reading()
 
     def eof_received(self) -> bool:
-        return False  # the client closed its side too: close the transport
+        return self.half_open  # else the client closed its side too: close the transport
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._inner.connection_lost(exc)
