@@ -651,3 +651,42 @@ def test_a_policy_close_on_a_message_before_the_clients_close_is_audited_as_sent
     assert replies_and_close(frames) == ([], 1003)
     event = closed_event(server)
     assert (event["code"], event["closed_by"]) == (1003, "server")
+
+
+def test_a_protocol_error_after_a_held_close_frame_is_discarded(
+    server_factory: ServerFactory,
+) -> None:
+    """What follows the client's close frame is discarded, a frame that breaks the
+    protocol included: while the close waits for a coroutine handler, that frame does not
+    turn the answer into a 1002 nor cut the replies short."""
+
+    def setup(app: App) -> None:
+        @app.on("ping")
+        async def ping(conn: Connection, message: dict[str, Any]) -> None:
+            for _ in range(3):
+                await asyncio.sleep(0.01)
+            conn.send({"type": "pong", "id": message["id"]})
+
+    server = server_factory(demo=False, setup=setup)
+    with raw_welcomed(server) as client:
+        # a reserved opcode (RFC 6455 5.2: fail the connection) after the close frame
+        client.send(ping_frames("p1") + close_frame(1000) + frame(0x3, b"x"))
+        frames = frames_until_eof(client)
+    assert replies_and_close(frames) == (["p1"], 1000)
+    event = closed_event(server)
+    assert (event["code"], event["closed_by"]) == (1000, "client")
+
+
+def test_a_protocol_error_after_the_clients_close_frame_is_discarded(
+    server_factory: ServerFactory,
+) -> None:
+    """The same with a plain handler (nothing held): the close frame is answered with its
+    own code; picows, which parses one frame ahead, finds the error before it delivers
+    the close frame, and wsguard answers the close frame it had parsed."""
+    server = server_factory()
+    with raw_welcomed(server) as client:
+        client.send(ping_frames("p1") + close_frame(1000) + frame(0x3, b"x"))
+        frames = frames_until_eof(client)
+    assert replies_and_close(frames) == (["p1"], 1000)
+    event = closed_event(server)
+    assert (event["code"], event["closed_by"]) == (1000, "client")

@@ -178,6 +178,11 @@ class GuardListener(WSListener):
                 self.flush()
 
     @property
+    def holding_close(self) -> bool:
+        """The client's close frame waits for the messages before it (see _hold_close)."""
+        return self._held is not None
+
+    @property
     def batching(self) -> bool:
         """Writes are being collected, to leave in one send() (see :meth:`flush`)."""
         return self._out is not None
@@ -304,16 +309,21 @@ class GuardListener(WSListener):
         elif kind is _PONG:  # (on_ws_frame takes them first)
             self._pong(frame)
         elif kind is _CLOSE:
-            payload = frame.get_payload_as_bytes()[:2]
-            if self.close_sent:
-                pass  # ours went first: the client's is not answered
-            elif self._busy is not None and _receivable(payload):
-                self._hold_close(payload)
+            if self._client_close(frame.get_payload_as_bytes()[:2]):
                 return
-            else:
-                self._answer_close(payload)
             self.raw.close()
-            self._peer_closed()
+
+    def _client_close(self, payload: bytes) -> bool:
+        """The client's close frame (*payload*: its first two bytes): answered now, or held
+        while a handler works on the messages before it (True). Not answered when ours
+        went first."""
+        if not self.close_sent:
+            if self._busy is not None and _receivable(payload):
+                self._hold_close(payload)
+                return True
+            self._answer_close(payload)
+        self._peer_closed()
+        return False
 
     def _pong(self, frame: WSFrame) -> None:
         """A pong: the awaited answer to our ping ends the wait for it. Every pong is
@@ -480,8 +490,8 @@ class GuardListener(WSListener):
         before the error are handled, at the end of this read: picows parses one
         frame ahead, so a client's close frame may still come (then answered instead).
         Never a second close frame."""
-        if self.close_sent or self._engine_close is not None:
-            return
+        if self.close_sent or self._engine_close is not None or self._held is not None:
+            return  # (after a held close frame: an error in what followed it is discarded)
         code = int.from_bytes(data[2:4], "big") if len(data) >= 4 else 1002
         self._engine_close = server_frame(
             CLOSE_OP, code.to_bytes(2, "big") + _ENGINE_REASONS.get(code, b"")
@@ -491,6 +501,15 @@ class GuardListener(WSListener):
     def write_engine_close(self) -> None:
         frame, self._engine_close = self._engine_close, None
         if frame is None or self.close_sent:
+            return
+        transport = self.transport
+        handshake = transport.close_handshake if transport is not None else None
+        if handshake is not None and handshake.recv is not None:
+            # picows parsed the client's close frame (one frame ahead) and found the error
+            # in what followed it, so never delivered the close: the close is answered,
+            # what followed it discarded (RFC 6455 1.4), as the websockets engine does
+            code = int(handshake.recv.code.value)  # 0: no status code
+            self._client_close(code.to_bytes(2, "big") if code else b"")
             return
         self.close_sent = self._ours_first = True
         self.flush()

@@ -134,10 +134,17 @@ class PicowsView:
 
     def close(self) -> None:
         """picows closes after a protocol error it found (a frame over the size limit,
-        a bad opcode...) and its close frame: drain like wsguard's own closes do."""
-        self._listener.write_engine_close()
-        self._listener.flush()
-        if not self._listener.drain():
+        a bad opcode...) and its close frame: drain like wsguard's own closes do. Not
+        while the client's close frame is held: the error was in what followed it, which
+        is discarded, and the held close ends the connection."""
+        listener = self._listener
+        if listener.holding_close:
+            return
+        listener.write_engine_close()
+        if listener.holding_close:  # the client's close frame came before the error
+            return
+        listener.flush()
+        if not listener.drain():
             self._raw.close()
 
     def abort(self) -> None:
