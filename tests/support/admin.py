@@ -90,12 +90,12 @@ def dashboard_url(base: str) -> str:
 
 def refused_upgrade(url: str, **kwargs: Any) -> int:
     with pytest.raises(InvalidStatus) as info:
-        connect(url, open_timeout=5, **kwargs).close()
+        connect(url, open_timeout=10, **kwargs).close()
     return int(info.value.response.status_code)
 
 
 def first_snapshot(url: str, **kwargs: Any) -> dict[str, Any]:
-    with connect(url, open_timeout=5, **kwargs) as ws:
+    with connect(url, open_timeout=10, **kwargs) as ws:
         message: dict[str, Any] = json.loads(ws.recv(timeout=5))
     return message
 
