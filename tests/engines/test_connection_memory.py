@@ -128,18 +128,19 @@ def test_the_handshake_protocol_does_not_outlive_the_handshake(server: RunningSe
 def test_an_ended_connection_leaves_nothing_for_the_garbage_collector(
     server: RunningServer,
 ) -> None:
-    """picows engine: the listener, picows' transport and its view of the socket refer
-    to each other; left in a cycle, every ended connection would wait for the garbage
-    collector (its pauses are every other client's latency), and one the server closed
-    would be kept alive until its drop timer. Ended, they are freed at once, however
-    the connection ended: the client's close, the server's close, a vanished client."""
-    if server.app.config.engine != "picows":
-        pytest.skip("the websockets engine's own objects are in cycles (websockets' design)")
+    """An engine's per-connection objects refer to each other (picows: the listener,
+    picows' transport and its view of the socket; websockets: the connection, its message
+    queue's callbacks, the protocol's subprotocol selection); left in cycles, every ended
+    connection would wait for the garbage collector (its pauses are every other client's
+    latency), and one the server closed would be kept alive until its drop timer. Ended,
+    they are freed at once, however the connection ended: the client's close, the
+    server's close, a vanished client."""
     from picows import WSTransport
     from websockets.exceptions import ConnectionClosed
 
     from support.wire import reset_close
     from wsguard.engines.picows.socket_views import PicowsView
+    from wsguard.engines.websockets_impl import GuardedServerConnection, GuardedServerProtocol
     from wsguard.session import Session
 
     audited = len(server.audit.events("connection_closed"))
@@ -163,9 +164,13 @@ def test_an_ended_connection_leaves_nothing_for_the_garbage_collector(
 
     def garbage() -> list[str]:
         gc.collect()
-        kinds = (GuardListener, WSTransport, PicowsView, Session)
+        kinds = (GuardListener, WSTransport, PicowsView, Session, GuardedServerProtocol)
         # type(), not isinstance(): the garbage holds weak proxies of dead objects too
-        return [type(o).__name__ for o in gc.garbage if type(o) in kinds]
+        return [
+            type(o).__name__
+            for o in gc.garbage
+            if type(o) in kinds or issubclass(type(o), GuardedServerConnection)
+        ]
 
     server.call(gc.collect)
     gc.set_debug(gc.DEBUG_SAVEALL)

@@ -859,6 +859,9 @@ async def run_guarded(host: Host, ws: ServerConnection) -> None:
         return
     session = Session(WebsocketsTransport(ws), host, admission, loop=ws.loop)
     ws.guarded = session
+    task = asyncio.current_task()
+    if task is not None:  # websockets' task for the connection: done after its close
+        task.add_done_callback(functools.partial(_let_go_when_lost, ws))
     request = ws.request
     if request is not None:
         session.request = host.keep_request(request.path, request.headers.raw_items())
@@ -910,6 +913,31 @@ async def run_guarded(host: Host, ws: ServerConnection) -> None:
             # gateway closes the upstream there)
             hook, ws.end_hook = ws.end_hook, None
             await hook
+
+
+def _let_go_when_lost(ws: GuardedServerConnection, _: object = None) -> None:
+    """Once websockets is done with a connection (its task over, the socket lost), break
+    the reference cycles it leaves, so the connection's objects are freed at once
+    instead of waiting for the garbage collector: the message queue refers to bound
+    methods of the connection and its transport, the protocol to websockets' closure
+    over the connection (its subprotocol selection, used by the handshake only) and to
+    its parser, a suspended generator that refers back to it, and, for a connection that
+    ended without a closing handshake, to the parser's exception, whose traceback holds
+    the protocol."""
+    lost = ws.connection_lost_waiter
+    if not lost.done():
+        lost.add_done_callback(lambda _: _let_go_when_lost(ws))
+        return
+    messages = ws.recv_messages
+    messages.pause = messages.resume = _nothing
+    protocol = ws.protocol
+    vars(protocol).pop("select_subprotocol", None)  # back to the class's method
+    protocol.parser.close()
+    protocol.parser_exc = None
+
+
+def _nothing() -> None:
+    return None
 
 
 async def _awaited(pending: Awaitable[None]) -> None:
