@@ -14,7 +14,8 @@ Servers (started fresh for every round, pinned to CPU 0; the load generator on C
 * ``wsguard``: ``wsguard serve --config benchmarks/bench.toml``, ``engine = "websockets"``;
 * ``wsguard-picows``: the same with ``WSGUARD_ENGINE=picows``;
 * ``baseline`` (with ``--baseline-src DIR``): ``wsguard-picows`` importing wsguard from
-  *DIR* (another checkout's ``src``), to compare two versions in one run.
+  *DIR* (another checkout's ``src``), to compare two versions in one run
+  (``--baseline-engine websockets``: ``wsguard`` instead).
 
 The wsguard servers run the full policy of ``bench.toml`` (HS256 JWT, Origin allowlist,
 strict schemas, rate limits, violation budget, audit log to a file) with the limits raised
@@ -87,7 +88,8 @@ async def start(
         env["WSGUARD_JWT_SECRET"] = secret
         env["WSGUARD_AUDIT__FILE"] = str(tmp / f"audit-{n}.jsonl")
         env["WSGUARD_ENGINE"] = "websockets" if name == "wsguard" else "picows"
-        if name == "baseline":  # wsguard on picows, from another checkout's src
+        if name == "baseline":  # wsguard from another checkout's src (on picows by default)
+            env["WSGUARD_ENGINE"] = args.baseline_engine
             env["PYTHONPATH"] = os.pathsep.join(
                 [str(args.baseline_src), *filter(None, [os.environ.get("PYTHONPATH")])]
             )
@@ -321,8 +323,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--baseline-src",
         type=Path,
         default=None,
-        help="also run wsguard on picows importing wsguard from this src directory "
+        help="also run wsguard importing wsguard from this src directory "
         "(another checkout), interleaved in the same run",
+    )
+    ours.add_argument(
+        "--baseline-engine",
+        choices=("picows", "websockets"),
+        default="picows",
+        help="the engine of the --baseline-src server (picows)",
     )
     args, known, rest = bench.driver_args(ours, argv)
     args.abusers, args.flood_conns = known.abusers, known.flood_conns
@@ -338,7 +346,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             args.client = "picows"
     if set(args.servers) - set(SERVERS) or set(args.phases) - set(PHASES):
         ours.error(f"--servers from {','.join(SERVERS)}; --phases from {','.join(PHASES)}")
-    args.baseline_src = known.baseline_src
+    args.baseline_src, args.baseline_engine = known.baseline_src, known.baseline_engine
     if args.baseline_src is not None:
         args.baseline_src = args.baseline_src.resolve()
         if not (args.baseline_src / "wsguard" / "guard.py").is_file():
