@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from conftest import (
+    RunningServer,
     ServerFactory,
     eventually,
     make_config,
@@ -537,6 +538,37 @@ def replies_and_close(frames: list[tuple[int, bytes]]) -> tuple[list[str], int |
     return ids, code
 
 
+def exchange(
+    server: RunningServer, data: bytes, *, half_close: bool = False
+) -> tuple[list[str], int | None]:
+    """Send *data* in one write on a welcomed connection: the replies and the close code
+    the server sends until the end of the connection. *half_close*: the client ends its
+    side right after, and must still get everything within 3 s (under the server's
+    close timeout of 5 s, which a server waiting for it would need)."""
+    with raw_welcomed(server) as client:
+        client.send(data)
+        if half_close:
+            client.sock.shutdown(socket.SHUT_WR)
+            client.sock.settimeout(3)
+        return replies_and_close(frames_until_eof(client))
+
+
+def closed_as(server: RunningServer) -> tuple[int, str]:
+    """The audited close: its code and who closed first."""
+    event = closed_event(server)
+    return event["code"], event["closed_by"]
+
+
+def slow_pings(app: App) -> None:
+    """A coroutine ping handler: it waits a little, then answers."""
+
+    @app.on("ping")
+    async def ping(conn: Connection, message: dict[str, Any]) -> None:
+        for _ in range(3):
+            await asyncio.sleep(0.01)
+        conn.send({"type": "pong", "id": message["id"]})
+
+
 def test_a_message_and_the_close_in_one_read_are_answered_in_order(
     server_factory: ServerFactory,
 ) -> None:
@@ -544,16 +576,8 @@ def test_a_message_and_the_close_in_one_read_are_answered_in_order(
     before the close frame answers (RFC 6455 5.5.1 allows the delay): websockets handles
     a close frame while parsing the read, before the handler has the message."""
     server = server_factory()
-    with raw_welcomed(server) as client:
-        client.send(ping_frames("p1") + close_frame(1000))
-        frames = frames_until_eof(client)
-    (op, data), _ = frames
-    assert op == OP_TEXT
-    reply = json.loads(data)
-    assert (reply["type"], reply["id"]) == ("pong", "p1")
-    assert replies_and_close(frames) == (["p1"], 1000)
-    event = closed_event(server)
-    assert (event["code"], event["closed_by"]) == (1000, "client")
+    assert exchange(server, ping_frames("p1") + close_frame(1000)) == (["p1"], 1000)
+    assert closed_as(server) == (1000, "client")
 
 
 def test_several_messages_and_the_close_in_one_read_are_all_answered_in_order(
@@ -561,12 +585,8 @@ def test_several_messages_and_the_close_in_one_read_are_all_answered_in_order(
 ) -> None:
     server = server_factory()
     idents = [f"p{n}" for n in range(5)]
-    with raw_welcomed(server) as client:
-        client.send(ping_frames(*idents) + close_frame(1000, b"bye"))
-        frames = frames_until_eof(client)
-    assert replies_and_close(frames) == (idents, 1000)
-    event = closed_event(server)
-    assert (event["code"], event["closed_by"]) == (1000, "client")
+    assert exchange(server, ping_frames(*idents) + close_frame(1000, b"bye")) == (idents, 1000)
+    assert closed_as(server) == (1000, "client")
 
 
 def test_a_message_the_close_and_the_end_of_the_stream_in_one_read(
@@ -574,18 +594,11 @@ def test_a_message_the_close_and_the_end_of_the_stream_in_one_read(
 ) -> None:
     """The client half-closes right after its close frame: the message is still answered
     (TCP half-closed: the server can write), then the close frame, and the server ends
-    the connection (no wait for a close timeout: the client's socket timeout would fail
-    the read)."""
+    the connection without waiting for a close timeout."""
     server = server_factory()
-    with raw_welcomed(server) as client:
-        client.send(ping_frames("p1") + close_frame(1000))
-        client.sock.shutdown(socket.SHUT_WR)
-        # under the server's close timeout (5 s): a server waiting for it fails the read
-        client.sock.settimeout(3)
-        frames = frames_until_eof(client)
-    assert replies_and_close(frames) == (["p1"], 1000)
-    event = closed_event(server)
-    assert (event["code"], event["closed_by"]) == (1000, "client")
+    sent = ping_frames("p1") + close_frame(1000)
+    assert exchange(server, sent, half_close=True) == (["p1"], 1000)
+    assert closed_as(server) == (1000, "client")
 
 
 def test_a_coroutine_handlers_reply_goes_before_the_close_in_the_same_read(
@@ -593,21 +606,10 @@ def test_a_coroutine_handlers_reply_goes_before_the_close_in_the_same_read(
 ) -> None:
     """A coroutine handler that waits: its reply still precedes the close frame, and the
     messages queued behind it are handled too (the close waits for them)."""
-
-    def setup(app: App) -> None:
-        @app.on("ping")
-        async def ping(conn: Connection, message: dict[str, Any]) -> None:
-            for _ in range(3):
-                await asyncio.sleep(0.01)
-            conn.send({"type": "pong", "id": message["id"]})
-
-    server = server_factory(demo=False, setup=setup)
-    with raw_welcomed(server) as client:
-        client.send(ping_frames("p1", "p2", "p3") + close_frame(1001))
-        frames = frames_until_eof(client)
-    assert replies_and_close(frames) == (["p1", "p2", "p3"], 1001)
-    event = closed_event(server)
-    assert (event["code"], event["closed_by"]) == (1001, "client")
+    server = server_factory(demo=False, setup=slow_pings)
+    sent = ping_frames("p1", "p2", "p3") + close_frame(1001)
+    assert exchange(server, sent) == (["p1", "p2", "p3"], 1001)
+    assert closed_as(server) == (1001, "client")
 
 
 def test_a_handler_slower_than_the_close_timeout_does_not_hold_the_clients_close(
@@ -630,8 +632,7 @@ def test_a_handler_slower_than_the_close_timeout_does_not_hold_the_clients_close
             client.send(ping_frames("p1") + close_frame(1000))
             frames = frames_until_eof(client)
         assert replies_and_close(frames) == ([], 1000)
-        event = closed_event(server)
-        assert (event["code"], event["closed_by"]) == (1000, "client")
+        assert closed_as(server) == (1000, "client")
         assert server.connection_count() == 0
     finally:
         server.call(release.set)
@@ -645,12 +646,12 @@ def test_a_policy_close_on_a_message_before_the_clients_close_is_audited_as_sent
     both engines (picows parses the client's close one frame ahead, before the policy
     has decided on the message before it)."""
     server = server_factory()
-    with raw_welcomed(server) as client:
-        client.send(frame(OP_BINARY, b"\x00\x01") + close_frame(1000))
-        frames = frames_until_eof(client)
-    assert replies_and_close(frames) == ([], 1003)
-    event = closed_event(server)
-    assert (event["code"], event["closed_by"]) == (1003, "server")
+    assert exchange(server, frame(OP_BINARY, b"\x00\x01") + close_frame(1000)) == ([], 1003)
+    assert closed_as(server) == (1003, "server")
+
+
+# a reserved opcode (RFC 6455 5.2: fail the connection), after the close frame
+AFTER_THE_CLOSE = frame(0x3, b"x")
 
 
 def test_a_protocol_error_after_a_held_close_frame_is_discarded(
@@ -659,22 +660,10 @@ def test_a_protocol_error_after_a_held_close_frame_is_discarded(
     """What follows the client's close frame is discarded, a frame that breaks the
     protocol included: while the close waits for a coroutine handler, that frame does not
     turn the answer into a 1002 nor cut the replies short."""
-
-    def setup(app: App) -> None:
-        @app.on("ping")
-        async def ping(conn: Connection, message: dict[str, Any]) -> None:
-            for _ in range(3):
-                await asyncio.sleep(0.01)
-            conn.send({"type": "pong", "id": message["id"]})
-
-    server = server_factory(demo=False, setup=setup)
-    with raw_welcomed(server) as client:
-        # a reserved opcode (RFC 6455 5.2: fail the connection) after the close frame
-        client.send(ping_frames("p1") + close_frame(1000) + frame(0x3, b"x"))
-        frames = frames_until_eof(client)
-    assert replies_and_close(frames) == (["p1"], 1000)
-    event = closed_event(server)
-    assert (event["code"], event["closed_by"]) == (1000, "client")
+    server = server_factory(demo=False, setup=slow_pings)
+    sent = ping_frames("p1") + close_frame(1000) + AFTER_THE_CLOSE
+    assert exchange(server, sent) == (["p1"], 1000)
+    assert closed_as(server) == (1000, "client")
 
 
 def test_a_protocol_error_after_the_clients_close_frame_is_discarded(
@@ -684,9 +673,6 @@ def test_a_protocol_error_after_the_clients_close_frame_is_discarded(
     own code; picows, which parses one frame ahead, finds the error before it delivers
     the close frame, and wsguard answers the close frame it had parsed."""
     server = server_factory()
-    with raw_welcomed(server) as client:
-        client.send(ping_frames("p1") + close_frame(1000) + frame(0x3, b"x"))
-        frames = frames_until_eof(client)
-    assert replies_and_close(frames) == (["p1"], 1000)
-    event = closed_event(server)
-    assert (event["code"], event["closed_by"]) == (1000, "client")
+    sent = ping_frames("p1") + close_frame(1000) + AFTER_THE_CLOSE
+    assert exchange(server, sent) == (["p1"], 1000)
+    assert closed_as(server) == (1000, "client")
