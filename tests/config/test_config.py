@@ -641,3 +641,12 @@ def test_an_identity_provider_url_with_credentials_is_refused_without_echoing_th
     assert info.value.key == f"auth.{key}"
     assert "IdPpassw0rd" not in str(info.value)
     assert "S3cr3tValue" not in str(info.value)
+
+
+def test_the_handshake_allowance_follows_a_copy_with_other_limits() -> None:
+    """Derived from the limits each time: a copy with another rate gets its own (a value
+    remembered on the model would be carried into the copy)."""
+    limits = validate_config({"limits": {"handshakes_per_minute": 60}}).limits
+    assert limits.handshake_allowance == (1.0, 10)
+    copy = limits.model_copy(update={"handshakes_per_minute": 600})
+    assert copy.handshake_allowance == (10.0, 100)

@@ -542,14 +542,14 @@ def exchange(
     server: RunningServer, data: bytes, *, half_close: bool = False
 ) -> tuple[list[str], int | None]:
     """Send *data* in one write on a welcomed connection: the replies and the close code
-    the server sends until the end of the connection. *half_close*: the client ends its
-    side right after, and must still get everything within 3 s (under the server's
-    close timeout of 5 s, which a server waiting for it would need)."""
+    the server sends until the end of the connection, all within 3 s (under the server's
+    close timeout of 5 s: a close held until it expires fails the read). *half_close*:
+    the client ends its side right after its write."""
     with raw_welcomed(server) as client:
         client.send(data)
         if half_close:
             client.sock.shutdown(socket.SHUT_WR)
-            client.sock.settimeout(3)
+        client.sock.settimeout(3)
         return replies_and_close(frames_until_eof(client))
 
 
@@ -610,6 +610,18 @@ def test_a_coroutine_handlers_reply_goes_before_the_close_in_the_same_read(
     sent = ping_frames("p1", "p2", "p3") + close_frame(1001)
     assert exchange(server, sent) == (["p1", "p2", "p3"], 1001)
     assert closed_as(server) == (1001, "client")
+
+
+def test_a_close_frame_that_cuts_a_fragmented_message_short_waits_for_the_messages_before(
+    server_factory: ServerFactory,
+) -> None:
+    """The client's close frame between the fragments of a message: that message is
+    dropped, the one before it still answered first, without waiting for a timeout."""
+    server = server_factory(demo=False, setup=slow_pings)
+    first_fragment = frame(OP_TEXT, b'{"type"', fin=False)
+    sent = ping_frames("p1") + first_fragment + close_frame(1000)
+    assert exchange(server, sent) == (["p1"], 1000)
+    assert closed_as(server) == (1000, "client")
 
 
 def test_a_handler_slower_than_the_close_timeout_does_not_hold_the_clients_close(

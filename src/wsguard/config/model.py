@@ -8,7 +8,6 @@ configuration reference of the documentation is generated from this file, and
 
 from __future__ import annotations
 
-import functools
 import ipaddress
 import urllib.parse
 from pathlib import Path
@@ -504,7 +503,7 @@ class LimitsConfig(_Section):
         ),
     )
 
-    @functools.cached_property
+    @property
     def handshake_allowance(self) -> tuple[float, int]:
         """The handshake token bucket of an address: (tokens per second, burst)."""
         per_minute = self.handshakes_per_minute

@@ -179,6 +179,8 @@ class HandshakePolicy:
             config.origin.allowed, allow_missing=config.origin.allow_missing
         )
         limits = config.limits
+        # the handshake token bucket of an address (the configuration never changes here)
+        self._allowance = limits.handshake_allowance
         self.ban_policy = BanPolicy(
             threshold=limits.auth_failures_before_ban,
             window=limits.auth_failure_window_seconds,
@@ -231,7 +233,7 @@ class HandshakePolicy:
     ) -> HandshakeDecision:
         store, limits = self.store, self.config.limits
         key = limit_key(client, limits.ipv6_prefix_length)
-        rate, burst = limits.handshake_allowance  # paced: a burst, then one per 60/N s
+        rate, burst = self._allowance  # paced: a burst, then one per 60/N s
         banned, wait = await store.screen_address(key, rate, burst)
         if banned > 0:
             self.refused.remember(request.peer, client, "banned", banned)

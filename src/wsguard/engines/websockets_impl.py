@@ -128,8 +128,8 @@ class GuardedServerProtocol(ServerProtocol):
     def recv_frame(self, frame: Frame) -> None:
         if frame.opcode is Opcode.CLOSE:
             if self.current_size is not None:
-                self.current_size = None
-            elif self.state is State.OPEN:
+                self.current_size = None  # the incomplete message is dropped, never delivered
+            if self.state is State.OPEN:
                 connection = self.connection
                 if (
                     connection is not None
@@ -443,10 +443,12 @@ class GuardedServerConnection(ServerConnection):
         if session is not None and session.closing:
             return False
         messages = self.recv_messages
-        if len(messages.frames):
+        if _whole_message_queued(messages):
             return True
+        # a message's last frame parsed from this read (not the first frames of one the
+        # close frame cuts short: that one is never delivered)
         for event in events:
-            if isinstance(event, Frame) and event.opcode in _DATA:
+            if isinstance(event, Frame) and event.opcode in _DATA and event.fin:
                 return True
         return session is not None and not messages.get_in_progress
 
@@ -948,8 +950,14 @@ async def _answer_held_close(ws: GuardedServerConnection, session: Session) -> N
     """The handler is between messages and the client's close frame is held: it is
     answered once every message before it is handled (none left in websockets' queue),
     after the replies still queued for the client (bounded by Session.flush)."""
-    if ws.recv_messages.frames:
+    if _whole_message_queued(ws.recv_messages):
         return
     if session.backlogged:
         await session.flush()
     ws.release_close()
+
+
+def _whole_message_queued(messages: engine_messages.Assembler) -> bool:
+    """A message's last frame is in websockets' queue, not taken by the handler yet (the
+    first frames of a message the client's close frame cut short never complete)."""
+    return any(frame.fin for frame in messages.frames.queue)
