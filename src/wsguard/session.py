@@ -169,6 +169,12 @@ def release(admission: Admit | None) -> None:
         task.add_done_callback(_pending_releases.discard)
 
 
+async def awaited(pending: Awaitable[None]) -> None:
+    """Await *pending* (a host's hook) in a task of its own: ``create_task`` needs a
+    coroutine, and an engine's callback cannot wait."""
+    await pending
+
+
 async def wait_for_releases(grace: float) -> None:
     """Wait (bounded) until slots given back by closed connections reach the store."""
     loop = asyncio.get_running_loop()  # other Apps in this process run other loops

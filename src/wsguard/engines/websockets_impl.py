@@ -13,7 +13,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Generator
+from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any, cast
 
 from websockets.asyncio import messages as engine_messages
@@ -49,6 +49,7 @@ from wsguard.session import (
     ENGINE_REASONS,
     Host,
     Session,
+    awaited,
     first_close,
     release,
 )
@@ -531,7 +532,7 @@ class GuardedServerConnection(ServerConnection):
             self.guarded = None
             closed = session.end()
             if closed is not None:  # the host's hook: awaited by run_guarded too, if it can
-                self.end_hook = self.loop.create_task(_awaited(closed))
+                self.end_hook = self.loop.create_task(awaited(closed))
         if not self.decided:
             self._audit_engine_refusal()
 
@@ -928,7 +929,7 @@ def _let_go_when_lost(ws: GuardedServerConnection, _: object = None) -> None:
     the protocol."""
     lost = ws.connection_lost_waiter
     if not lost.done():
-        lost.add_done_callback(lambda _: _let_go_when_lost(ws))
+        lost.add_done_callback(functools.partial(_let_go_when_lost, ws))
         return
     messages = ws.recv_messages
     messages.pause = messages.resume = _nothing
@@ -940,10 +941,6 @@ def _let_go_when_lost(ws: GuardedServerConnection, _: object = None) -> None:
 
 def _nothing() -> None:
     return None
-
-
-async def _awaited(pending: Awaitable[None]) -> None:
-    await pending
 
 
 async def _answer_held_close(ws: GuardedServerConnection, session: Session) -> None:

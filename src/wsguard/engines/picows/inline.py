@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Coroutine, Generator
+from collections.abc import Coroutine, Generator
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -37,10 +37,6 @@ class Resume:
                     value = coro.send(sent)
                 except StopIteration:
                     return
-
-
-async def awaited(pending: Awaitable[None]) -> None:
-    await pending
 
 
 async def resumed(resume: Resume) -> None:

@@ -21,14 +21,13 @@ from wsguard.core.decisions import (
     CLOSE_TOO_BIG,
     Admit,
 )
-from wsguard.session import DIRECT_WRITE_LIMIT, ENGINE_REASONS, Session, first_close
+from wsguard.session import DIRECT_WRITE_LIMIT, ENGINE_REASONS, Session, awaited, first_close
 
 if TYPE_CHECKING:
     from wsguard.engines.picows.server import PicowsServer
 
     pass
 
-from wsguard.engines.picows.inline import awaited
 from wsguard.engines.picows.socket_views import Discard
 from wsguard.engines.picows.wire import CLOSE_OP, as_close_code, server_frame
 
