@@ -30,11 +30,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
-from websockets.sync.client import ClientConnection, connect
+from websockets.sync.client import ClientConnection
 
 from conftest import SECRET, RunningServer, ServerFactory, make_config, make_token, upgrade_request
 from support.paths import WSGUARD
 from support.serve_process import Served
+from support.tls_client import connect_tls, tls_socket
 from wsguard.engines.tls import check_listener
 from wsguard.errors import ConfigError
 from wsguard.hosts.app import App
@@ -130,7 +131,7 @@ def client_context(
 
 def wss_connect(port: int, ctx: ssl.SSLContext, token: str | None = None) -> ClientConnection:
     headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
-    ws = connect(
+    ws = connect_tls(
         f"wss://127.0.0.1:{port}/",  # not localhost: ::1 may be another worker's server
         ssl=ctx,
         additional_headers=headers,
@@ -215,8 +216,7 @@ def test_wss_handshake_with_trusted_certificate(
         welcome = recv_json(ws)
         assert welcome["type"] == "welcome"
         assert welcome["subject"] == "alice"
-        assert isinstance(ws.socket, ssl.SSLSocket)
-        assert ws.socket.version() in ("TLSv1.2", "TLSv1.3")
+        assert tls_socket(ws).version() in ("TLSv1.2", "TLSv1.3")
         assert_ping(ws, "tls-1")
     admitted = server.audit.events("connection_admitted")
     assert len(admitted) == 1
@@ -364,9 +364,8 @@ def test_tls12_client_negotiates_an_ecdhe_aead_suite(
     ctx = client_context(pki.ca, maximum=ssl.TLSVersion.TLSv1_2)
     with wss_connect(server.port, ctx, make_token()) as ws:
         assert recv_json(ws)["type"] == "welcome"
-        assert isinstance(ws.socket, ssl.SSLSocket)
-        cipher = ws.socket.cipher()
-        version = ws.socket.version()
+        cipher = tls_socket(ws).cipher()
+        version = tls_socket(ws).version()
     assert version == "TLSv1.2"
     assert cipher is not None
     name = cipher[0]
@@ -398,8 +397,7 @@ def test_min_version_1_3_refuses_a_tls12_only_client(
     assert server.audit.events("connection_admitted") == []
     with wss_connect(server.port, client_context(pki.ca), make_token()) as ws:
         assert recv_json(ws)["type"] == "welcome"
-        assert isinstance(ws.socket, ssl.SSLSocket)
-        assert ws.socket.version() == "TLSv1.3"
+        assert tls_socket(ws).version() == "TLSv1.3"
 
 
 # ========================================================================== plaintext refusal

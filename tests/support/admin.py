@@ -16,6 +16,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
 from conftest import ADMIN_TOKEN, RunningServer, ServerFactory, admin_overrides, make_token
+from support.tls_client import connect_tls
 
 #: Limits roomy enough that the tests' own handshakes never trip them.
 ROOMY: dict[str, Any] = {
@@ -88,14 +89,22 @@ def dashboard_url(base: str) -> str:
     return base.replace("http", "ws", 1) + "/dashboard/live"
 
 
+def _connect(url: str, **kwargs: Any) -> ClientConnection:
+    """websockets' sync client; over TLS, without its read/write race (support.tls_client)."""
+    if kwargs.get("ssl") is not None:
+        return connect_tls(url, open_timeout=10, **kwargs)
+    ws: ClientConnection = connect(url, open_timeout=10, **kwargs)
+    return ws
+
+
 def refused_upgrade(url: str, **kwargs: Any) -> int:
     with pytest.raises(InvalidStatus) as info:
-        connect(url, open_timeout=10, **kwargs).close()
+        _connect(url, **kwargs).close()
     return int(info.value.response.status_code)
 
 
 def first_snapshot(url: str, **kwargs: Any) -> dict[str, Any]:
-    with connect(url, open_timeout=10, **kwargs) as ws:
+    with _connect(url, **kwargs) as ws:
         message: dict[str, Any] = json.loads(ws.recv(timeout=5))
     return message
 
