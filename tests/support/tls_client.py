@@ -14,6 +14,7 @@ connection used by one thread at a time: the socket is non-blocking, every ``rec
 
 from __future__ import annotations
 
+import contextlib
 import select
 import socket
 import ssl
@@ -36,7 +37,8 @@ class SerializedTLS:
 
     @property
     def tls(self) -> ssl.SSLSocket:
-        """The TLS socket itself (its version, cipher, certificates)."""
+        """The TLS socket itself, to read its version, cipher and certificates (not to
+        read, write or make blocking: that is what this wrapper does)."""
         return self._sock
 
     def __getattr__(self, name: str) -> Any:
@@ -44,6 +46,22 @@ class SerializedTLS:
 
     def settimeout(self, timeout: float | None) -> None:
         self._timeout = timeout  # applied by the waits below; the socket stays non-blocking
+
+    def setblocking(self, flag: bool) -> None:
+        self._timeout = None if flag else 0.0
+
+    def shutdown(self, how: int) -> None:
+        with self._lock:
+            self._sock.shutdown(how)
+
+    def close(self) -> None:
+        # wakes a thread waiting in _wait (a descriptor being polled is not released by
+        # close() alone, so no FIN would go out and the wait would last until the peer
+        # hung up: a client's timeout would then be the server's)
+        with contextlib.suppress(OSError):
+            socket.socket.shutdown(self._sock, socket.SHUT_RDWR)
+        with self._lock:
+            self._sock.close()
 
     def gettimeout(self) -> float | None:
         return self._timeout
