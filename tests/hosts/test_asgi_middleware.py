@@ -50,6 +50,7 @@ from wsguard.hosts.asgi import (
     Scope,
     Send,
     WsGuardMiddleware,
+    _forwarded_client,
 )
 from wsguard.observability.audit import AuditLog
 from wsguard.session import Session
@@ -812,6 +813,56 @@ def test_a_client_address_the_server_took_from_x_forwarded_for_is_not_believed(
     ws, _ = trusting.hello(make_token("alice"), extra_headers=spoofed)
     ws.close()
     assert [e["client"] for e in trusting.audit.events("connection_admitted")] == ["203.0.113.7"]
+
+
+@pytest.mark.parametrize(
+    "spoofed",
+    ["203.0.113.7:5555", "[203.0.113.7]", "[2001:db8::1]:7", "198.51.100.9, 203.0.113.7:1"],
+    ids=["port", "brackets", "v6-port", "list-port"],
+)
+def test_a_forwarded_address_with_a_port_or_brackets_is_not_believed_either(
+    serve: Serve, spoofed: str
+) -> None:
+    """uvicorn takes a forwarded entry's host without its port and brackets: the address
+    it puts in the scope is the header's all the same, and is refused as such (compared
+    as written, ``203.0.113.7:5555`` let a client pick its address past per-address
+    limits and bans)."""
+    server = serve({"limits": {"connections_per_address": 1}})
+    if not server.kind.startswith("uvicorn"):
+        pytest.skip("hypercorn believes no forwarded header by default")
+    refusal = server.refused(make_token("alice"), extra_headers={"X-Forwarded-For": spoofed})
+    assert refusal.response.status_code == 500
+    (record,) = server.audit.events("handshake_refused")
+    assert record["reason"] == "forwarded_client"
+    assert server.rec.calls == []
+
+
+@pytest.mark.parametrize(
+    ("headers", "peer", "believed"),
+    [
+        ([(b"x-forwarded-for", b"203.0.113.7")], "203.0.113.7", True),
+        ([(b"x-forwarded-for", b" 203.0.113.7:443 ")], "203.0.113.7", True),
+        ([(b"x-forwarded-for", b"[203.0.113.7]:1")], "203.0.113.7", True),
+        ([(b"x-forwarded-for", b"[2001:db8::1]:7")], "2001:db8::1", True),
+        ([(b"x-forwarded-for", b"[2001:db8::1]")], "2001:db8::1", True),
+        ([(b"x-forwarded-for", b"::ffff:203.0.113.7")], "203.0.113.7", True),
+        ([(b"x-forwarded-for", b"a, b"), (b"x-forwarded-for", b"c:9")], "c", True),
+        ([(b"x-forwarded-for", b"unknown")], "unknown", True),
+        ([(b"forwarded", b'for="[2001:db8::1]:4711";proto=https')], "2001:db8::1", True),
+        ([(b"forwarded", b"for=192.0.2.60, for=198.51.100.17")], "198.51.100.17", True),
+        ([(b"x-forwarded-for", b"203.0.113.7")], "127.0.0.1", False),
+        ([(b"x-forwarded-for", b"203.0.113.70:7")], "203.0.113.7", False),
+        ([(b"forwarded", b"by=203.0.113.7")], "203.0.113.7", False),
+        ([(b"x-real-ip", b"203.0.113.7")], "203.0.113.7", False),
+        ([], "127.0.0.1", False),
+    ],
+)
+def test_which_client_addresses_came_from_a_forwarded_header(
+    headers: list[tuple[bytes, bytes]], peer: str, believed: bool
+) -> None:
+    """The scope's client address is the server's reading of a forwarded header when it
+    is one of the header's addresses in any form a server reads one."""
+    assert _forwarded_client({"headers": headers}, peer) is believed
 
 
 # -- 9. concurrency limits ---------------------------------------------------------------

@@ -53,7 +53,8 @@ def _peer(peer: str) -> tuple[IPAddress | None, str]:
     return address, peer if address is None else _normalized(peer, address)
 
 
-def _forwarded_for(values: Iterable[str]) -> list[str]:
+def forwarded_for(values: Iterable[str]) -> list[str]:
+    """The ``for=`` values of ``Forwarded`` headers (RFC 7239), in order, as written."""
     hops: list[str] = []
     for element in split_list(values):
         for pair in element.split(";"):
@@ -84,7 +85,7 @@ class ClientAddressResolver:
         if not self._networks or not self.is_trusted(peer_ip):
             return written
         if self._header == "forwarded":
-            hops = _forwarded_for(headers.get_all("forwarded"))
+            hops = forwarded_for(headers.get_all("forwarded"))
         else:
             hops = list(split_list(headers.get_all("x-forwarded-for")))
         client = peer_ip

@@ -33,6 +33,7 @@ from urllib.parse import unquote_plus
 
 from wsguard.cluster.events import ClusterEvents, close_disconnected, close_revoked
 from wsguard.config.model import Config
+from wsguard.core.client_address import forwarded_for, parse_ip
 from wsguard.core.decisions import (
     CLOSE_POLICY_VIOLATION,
     CLOSE_TOO_BIG,
@@ -654,14 +655,39 @@ def scope_for_app(
 
 
 def _forwarded_client(scope: Scope, peer: str) -> bool:
-    """Whether the scope's client address is one of its ``X-Forwarded-For`` entries:
-    the ASGI server took it from the header (a socket's own address is not in it)."""
+    """Whether the scope's client address is one of the request's forwarded addresses
+    (``X-Forwarded-For`` entries, ``Forwarded`` ``for=`` values) in any form a server
+    takes one as (with a port or brackets removed, an IPv4-mapped IPv6 address as
+    IPv4): the ASGI server took it from a header (a socket's own address is not in
+    them)."""
+    entries: list[str] = []
+    forwarded: list[str] = []
     for name, value in scope.get("headers") or ():
-        if name == b"x-forwarded-for" and any(
-            entry.strip() == peer for entry in value.decode("latin-1").split(",")
-        ):
+        if name == b"x-forwarded-for":
+            entries += value.decode("latin-1").split(",")
+        elif name == b"forwarded":
+            forwarded.append(value.decode("latin-1"))
+    if forwarded:
+        entries += forwarded_for(forwarded)
+    address = parse_ip(peer)
+    for entry in entries:
+        entry = entry.strip().strip('"')
+        if peer in (entry, _forwarded_host(entry)):
+            return True
+        if address is not None and parse_ip(entry) == address:
             return True
     return False
+
+
+def _forwarded_host(entry: str) -> str:
+    """A forwarded address's host as ASGI servers take it (uvicorn's proxy headers):
+    ``[host]:port``, ``[host]`` and ``host:port`` lose their brackets and port."""
+    if entry.startswith("["):
+        end = entry.find("]")
+        return entry[1:end] if end > 0 else entry
+    if entry.count(":") == 1:
+        return entry.split(":", 1)[0]
+    return entry
 
 
 def _drop_query_token(scope: Scope, config: Config) -> None:
