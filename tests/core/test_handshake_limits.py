@@ -1017,6 +1017,34 @@ def test_malformed_header_lines_get_400(server: RunningServer, line: bytes) -> N
     assert status_of(raw_http(server.port, request)) == 400
 
 
+@pytest.mark.parametrize(
+    ("ending", "message"),
+    [
+        ("every-line", b"Malformed HTTP request line."),
+        ("header-lines", b"Malformed HTTP header."),
+        ("blank-line", b"Malformed HTTP header."),
+    ],
+)
+def test_a_head_with_bare_lf_line_ends_is_answered_400_at_once(
+    server_factory: ServerFactory, ending: str, message: bytes
+) -> None:
+    """A head whose lines end with a bare LF never ends with CRLF CRLF: it is refused as
+    soon as the LF arrives, as a bare LF inside a CRLF head is, not held (with its
+    pending-handshake slot) until the handshake timeout."""
+    server = server_factory({"limits": {"handshake_timeout_seconds": 60}})
+    request = upgrade_request(token=make_token())
+    if ending == "every-line":
+        request = request.replace(b"\r\n", b"\n")
+    elif ending == "header-lines":
+        line, rest = request.split(b"\r\n", 1)
+        request = line + b"\r\n" + rest.replace(b"\r\n", b"\n")
+    else:
+        request = request[:-2] + b"\n"  # the last line's CRLF, then a bare LF
+    response = raw_http(server.port, request, timeout=5)  # well under the 60 s timeout
+    assert status_of(response) == 400
+    assert response.endswith(message + b"\n")
+
+
 # --------------------------------------------------------------------------- audit of refusals
 
 

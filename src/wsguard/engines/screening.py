@@ -34,10 +34,13 @@ _LINE_TOO_LONG: Refusal = (414, "request_line_too_long", "Request line too long.
 _HEADER_TOO_LONG: Refusal = (431, "headers_too_large", "Request header too large.")
 
 
+_BAD_REQUEST_LINE: Refusal = (400, "bad_request", "Malformed HTTP request line.")
+
+
 def screen_request_line(line: bytes) -> Refusal | None:
     parts = line.split(b" ")
     if len(parts) != 3 or not line.isascii() or not parts[0].isalpha():
-        return 400, "bad_request", "Malformed HTTP request line."
+        return _BAD_REQUEST_LINE
     if parts[2] != b"HTTP/1.1":
         return 400, "bad_http_version", "HTTP/1.1 required."
     if parts[0] != b"GET":
@@ -150,9 +153,14 @@ def check_head(buffer: bytes, limit: int, *, whole: bool = True) -> tuple[int, R
         if len(buffer) > limit:
             return -1, _HEADER_TOO_LONG if b"\n" in buffer else _LINE_TOO_LONG
         first = buffer.find(b"\n")
-        if first >= 0:  # answer a bad request line without waiting for the rest
-            return -1, screen_request_line(buffer[:first].rstrip(b"\r"))
-        return -1, None
+        if first < 0:
+            return -1, None
+        # answer a bad request line, or a line ended by a bare LF (a head that would
+        # never end with CRLF CRLF), without waiting for the rest
+        refusal = screen_request_line(buffer[:first].rstrip(b"\r"))
+        if refusal is None and buffer.count(b"\n") != buffer.count(b"\r\n"):
+            refusal = _BAD_REQUEST_LINE if buffer[first - 1 : first] != b"\r" else _BAD_FIELDS
+        return -1, refusal
     refusal = _long_line(buffer, end + 2)  # every line with its CRLF
     if refusal is not None:
         return end, refusal
