@@ -898,6 +898,28 @@ def test_query_transport_when_enabled_and_redacted(server_factory: ServerFactory
     assert len(server.audit.events("connection_admitted")) == 2
 
 
+@pytest.mark.parametrize("query", [True, False], ids=["query-on", "query-off"])
+@pytest.mark.parametrize(
+    "path",
+    ["/?TOKEN={t}", "/?a=1;token={t}", "/?token+={t}", "/?x=%26token%3D{t}", "/rooms/{t}"],
+    ids=["upper-case-name", "semicolon", "plus-in-name", "encoded-in-a-value", "in-the-path"],
+)
+def test_a_token_in_the_target_under_any_name_is_not_written_to_the_audit_log(
+    server_factory: ServerFactory, query: bool, path: str
+) -> None:
+    """A client that puts its token in the URL under the wrong name (or in the path) is
+    refused, and the target it sent is logged without the token: a live credential in
+    a log line is one leaked."""
+    server = relaxed(server_factory, {"auth": {"query": query}})
+    token = make_token("leaky", scopes="chat")
+    expect_401(server, None, path=path.format(t=token), reasons={"missing_credentials"})
+    refusal = server.audit.events("handshake_refused")[-1]
+    assert refusal["path"] == path.format(t="REDACTED")
+    audit = server.audit.getvalue()
+    for secret in (token, token.split(".")[1], token.split(".")[2]):
+        assert secret not in audit
+
+
 def test_query_token_percent_encoded_name_still_redacted(server_factory: ServerFactory) -> None:
     server = relaxed(server_factory, {"auth": {"query": True}})
     bad = make_token(secret="not-the-server-secret-but-long-enough-01234")

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, unquote_plus, urlsplit
 
 from wsguard.core.headers import Headers
+
+#: A compact JWS as it appears in a URL: a base64url JSON header (``{"`` encodes as
+#: ``eyJ``), a payload and a signature.
+_JWT_SHAPED = re.compile(r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*")
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,12 +35,15 @@ class HandshakeRequest:
         return [v for k, v in parse_qsl(query, keep_blank_values=True) if k == name]
 
     def redacted_target(self, secret_params: frozenset[str]) -> str:
-        """The target with the values of *secret_params* replaced, for logs."""
-        parts = urlsplit(self.target)
-        if not parts.query or not secret_params:
-            return self.target
-        pairs = []
-        for chunk in parts.query.split("&"):
-            name = unquote_plus(chunk.split("=", 1)[0])
-            pairs.append(f"{name}=REDACTED" if name in secret_params else chunk)
-        return parts.path + "?" + "&".join(pairs)
+        """The target for logs: the values of *secret_params* replaced, and anything
+        shaped like a JWT anywhere in it too (a token sent under another parameter
+        name, after another separator, or in the path is still a live credential)."""
+        target = self.target
+        parts = urlsplit(target)
+        if parts.query and secret_params:
+            pairs = []
+            for chunk in parts.query.split("&"):
+                name = unquote_plus(chunk.split("=", 1)[0])
+                pairs.append(f"{name}=REDACTED" if name in secret_params else chunk)
+            target = parts.path + "?" + "&".join(pairs)
+        return _JWT_SHAPED.sub("REDACTED", target) if "eyJ" in target else target
