@@ -111,6 +111,42 @@ def test_the_policy_still_comes_first_for_raw_handlers(server_factory: ServerFac
     assert calls == []
 
 
+def test_a_message_naming_a_key_twice_never_reaches_a_raw_handler(
+    server_factory: ServerFactory,
+) -> None:
+    """The policy decodes a message once (the last of two equal keys wins) and checks
+    that; a raw handler gets the frame itself, which a parser keeping the first key
+    would read as another message (a "command" checked as a "note"). Refused with
+    ``invalid_message``, as the gateway refuses it; parsed handlers, which get what the
+    policy checked, are not concerned."""
+    raw: list[str | bytes] = []
+    parsed: list[dict[str, Any]] = []
+
+    def setup(app: App) -> None:
+        app.on("note", raw=True)(lambda conn, data: raw.append(data))
+        app.on("plain")(lambda conn, message: parsed.append(message))
+
+    server = server_factory(JSON_TYPES, demo=False, setup=setup)
+    duplicates: list[str | bytes] = [
+        '{"type":"note","text":"x","text":"y"}',
+        '{"type":"command","type":"note"}',
+        b'{"type":"note","a":{"k":1,"k":2}}',  # at any depth, in a binary frame too
+    ]
+    with server.connect_welcomed() as ws:
+        for text in duplicates:
+            ws.send(text)
+            error = json.loads(recv(ws))
+            assert (error["type"], error["code"]) == ("error", "invalid_message"), text
+            assert error["message"] == "Message has duplicate keys."
+        ws.send('{"type":"note","id":"n1","id":"n2"}')
+        assert json.loads(recv(ws)).get("ref") == "n2"  # the id the policy decoded
+        ws.send('{"type":"plain","x":1,"x":2}')
+        ws.send('{"type":"note","ok":true}')
+        eventually(lambda: raw, what="the valid note")
+    assert raw == ['{"type":"note","ok":true}']
+    assert parsed == [{"type": "plain", "x": 2}]
+
+
 # -- the catch-all handler ---------------------------------------------------------------------
 
 

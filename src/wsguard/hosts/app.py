@@ -50,6 +50,7 @@ import orjson
 from wsguard.cluster.events import ClusterEvents, close_disconnected, close_revoked
 from wsguard.config.model import Config
 from wsguard.core.decisions import CLOSE_GOING_AWAY, CLOSE_INTERNAL_ERROR, Deliver
+from wsguard.core.duplicate_keys import has_duplicate_keys
 from wsguard.core.integrity import SESSION_KID
 from wsguard.errors import ConfigError, ListenError, WsguardError
 from wsguard.guard import Guard
@@ -98,6 +99,7 @@ class App:
         self._handlers: dict[str, Handler] = {}
         self._raw_handlers: dict[str, RawHandler] = {}
         self._on_message: RawHandler | None = None
+        self._json = self.config.messages.format == "json"  # raw JSON: duplicate keys refused
         self.send_welcome = welcome
         self._on_connect: list[Hook] = []
         self._on_disconnect: list[Hook] = []
@@ -278,6 +280,9 @@ class App:
                 if raw is None:
                     self._unhandled(conn, decision)
                     return None
+                if self._json and has_duplicate_keys(data):
+                    self._duplicate_keys(conn, decision)
+                    return None
                 result = raw(conn, data)
         except Exception:
             self._handler_failed(conn, decision)
@@ -307,6 +312,17 @@ class App:
             )
         ref = decision.message.get("id")
         conn.send(_error("unhandled_type", "No handler for this message type.", ref))
+
+    def _duplicate_keys(self, conn: Connection, decision: Deliver) -> None:
+        """A message for a raw handler naming a key twice: the handler gets the frame as
+        it arrived, and a parser keeping the first of two equal keys would read another
+        message than the policy checked (which kept the last). Refused, not a violation
+        of the policy's budget, as the gateway refuses it."""
+        self.guard.monitor.message_refused(
+            "invalid_message", decision.type, conn.client, closed=False
+        )
+        ref = decision.message.get("id")
+        conn.send(_error("invalid_message", "Message has duplicate keys.", ref))
 
     def _handler_failed(self, conn: Connection, decision: Deliver) -> None:
         logger.exception("handler for %r failed", decision.type)

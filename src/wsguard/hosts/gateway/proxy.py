@@ -38,6 +38,7 @@ from wsguard.core.decisions import (
     Deliver,
     Refuse,
 )
+from wsguard.core.duplicate_keys import has_duplicate_keys
 from wsguard.errors import ConfigError
 from wsguard.guard import Guard
 from wsguard.hosts.app import App
@@ -310,27 +311,3 @@ def _compile_downstream(schema: dict[str, Any] | None) -> Any:
             return False
 
     return valid
-
-
-def _pairs_unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    keys = [key for key, _ in pairs]
-    if len(set(keys)) != len(keys):
-        raise _DuplicateKeys
-    return dict(pairs)
-
-
-class _DuplicateKeys(ValueError):
-    pass
-
-
-def has_duplicate_keys(data: str | bytes) -> bool:
-    """Whether a JSON text has an object with the same key twice (any depth)."""
-    import json
-
-    try:
-        json.loads(data, object_pairs_hook=_pairs_unique)
-    except _DuplicateKeys:
-        return True
-    except ValueError:
-        return False  # not JSON: the policy has refused it already
-    return False
