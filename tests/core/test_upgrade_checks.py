@@ -109,15 +109,16 @@ def test_upgrade_names_websocket_alone_and_connection_holds_upgrade(
 @example("/a\x7fb")
 @example("/a\x00")
 @example("/caf\u00e9")
-def test_a_target_with_a_control_character_space_or_del_is_refused(target: str) -> None:
+@example("/chat#frag")
+def test_a_target_with_a_control_character_space_del_or_fragment_is_refused(target: str) -> None:
     bad = (
         target.startswith("//")
         or not target.isascii()
-        or any(ch <= " " or ch == "\x7f" for ch in target)
+        or any(ch <= " " or ch in "\x7f#" for ch in target)
     )
     assert refusal(valid(), target) == ((400, "target") if bad else None)
 
 
-@pytest.mark.parametrize("target", ["chat", "//evil.example/", "/" + "a" * 4096])
+@pytest.mark.parametrize("target", ["chat", "//evil.example/", "/" + "a" * 4096, "/#x", "/a?b#c"])
 def test_targets_refused_for_their_form_or_size(target: str) -> None:
     assert refusal(valid(), target) == (400, "target")

@@ -56,8 +56,9 @@ def _retry_after(seconds: float) -> tuple[tuple[str, str], ...]:
 # and the padding (what base64.b64decode(validate=True) accepts as 16 bytes, decided by
 # one C match)
 _KEY = re.compile(r"[A-Za-z0-9+/]{22}==")
-# a request target's characters that are never in one: controls, space and DEL
-_NOT_IN_TARGET = re.compile(r"[\x00-\x20\x7f]")
+# a request target's characters that are never in one: controls, space and DEL, and
+# "#" (a fragment is the client's own, never sent: RFC 9112 §3.2, RFC 6455 §3)
+_NOT_IN_TARGET = re.compile(r"[\x00-\x20\x7f#]")
 
 
 def _valid_key(value: str) -> bool:
