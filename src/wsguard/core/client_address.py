@@ -18,19 +18,23 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
+def forwarded_host(text: str) -> str:
+    """A forwarded address's host, as proxies and ASGI servers read one: ``[host]:port``,
+    ``[host]`` and ``host:port`` without their brackets and port (an unclosed bracket
+    kept as written)."""
+    if text.startswith("["):
+        end = text.find("]")
+        return text[1:end] if end > 0 else text
+    if text.count(":") == 1:
+        return text.split(":", 1)[0]
+    return text
+
+
 @functools.lru_cache(maxsize=8192)
 def parse_ip(text: str) -> IPAddress | None:
     """Parse an address as found in proxy headers (brackets and ports allowed)."""
-    text = text.strip().strip('"')
-    if text.startswith("["):
-        end = text.find("]")
-        if end < 0:
-            return None
-        text = text[1:end]
-    elif text.count(":") == 1:
-        text = text.split(":", 1)[0]
     try:
-        address = ipaddress.ip_address(text)
+        address = ipaddress.ip_address(forwarded_host(text.strip().strip('"')))
     except ValueError:
         return None
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:

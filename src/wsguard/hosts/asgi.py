@@ -33,7 +33,7 @@ from urllib.parse import unquote_plus
 
 from wsguard.cluster.events import ClusterEvents, close_disconnected, close_revoked
 from wsguard.config.model import Config
-from wsguard.core.client_address import forwarded_for, parse_ip
+from wsguard.core.client_address import forwarded_for, forwarded_host, parse_ip
 from wsguard.core.decisions import (
     CLOSE_POLICY_VIOLATION,
     CLOSE_TOO_BIG,
@@ -672,22 +672,11 @@ def _forwarded_client(scope: Scope, peer: str) -> bool:
     address = parse_ip(peer)
     for entry in entries:
         entry = entry.strip().strip('"')
-        if peer in (entry, _forwarded_host(entry)):
+        if peer in (entry, forwarded_host(entry)):
             return True
         if address is not None and parse_ip(entry) == address:
             return True
     return False
-
-
-def _forwarded_host(entry: str) -> str:
-    """A forwarded address's host as ASGI servers take it (uvicorn's proxy headers):
-    ``[host]:port``, ``[host]`` and ``host:port`` lose their brackets and port."""
-    if entry.startswith("["):
-        end = entry.find("]")
-        return entry[1:end] if end > 0 else entry
-    if entry.count(":") == 1:
-        return entry.split(":", 1)[0]
-    return entry
 
 
 def _drop_query_token(scope: Scope, config: Config) -> None:
