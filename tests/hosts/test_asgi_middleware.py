@@ -865,6 +865,20 @@ def test_which_client_addresses_came_from_a_forwarded_header(
     assert _forwarded_client({"headers": headers}, peer) is believed
 
 
+def test_a_token_in_the_url_under_another_name_is_not_written_to_the_audit_log(
+    serve: Serve,
+) -> None:
+    """As on the standalone engines: a refused request's target is audited with anything
+    shaped like a JWT replaced, whatever name or part of the URL carried it."""
+    server = serve()
+    token = make_token("leaky")
+    refusal = server.refused(transport="none", path=f"/ws?TOKEN={token}&room=1")
+    assert refusal.response.status_code == 401
+    (record,) = server.audit.events("handshake_refused")
+    assert record["path"] == "/ws?TOKEN=REDACTED&room=1"
+    assert token.split(".")[2] not in server.audit.getvalue()
+
+
 # -- 9. concurrency limits ---------------------------------------------------------------
 
 
