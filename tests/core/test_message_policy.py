@@ -29,7 +29,10 @@ from conftest import (
 )
 from support.wire import (
     OP_BINARY,
+    OP_CLOSE,
     OP_CONT,
+    OP_PING,
+    OP_PONG,
     OP_TEXT,
     frame,
     raw_welcomed,
@@ -670,6 +673,26 @@ def test_ping_flood_closes_1008(server_factory: ServerFactory) -> None:
     while not running.audit.events("connection_closed") and time.monotonic() < deadline:
         time.sleep(0.01)
     [closed] = running.audit.events("connection_closed")
+    assert (closed["code"], closed["cause"]) == (1008, "rate_limited")
+
+
+def test_a_ping_flood_in_one_write_gets_no_more_pongs_than_the_rates_allow(
+    server_factory: ServerFactory,
+) -> None:
+    """Hundreds of pings in one write: each is counted before it is answered, so the
+    client gets at most the burst plus the violation budget of pongs, then the 1008,
+    on every engine (a parser that answered a whole read's pings first would send
+    hundreds)."""
+    running = server_factory(
+        {"limits": {"messages_per_minute": 60, "message_burst": 5, "violation_budget": 3}}
+    )
+    with raw_welcomed(running) as client:
+        client.send(frame(OP_PING) * 600)  # 3,600 bytes: one write, several reads' worth
+        pongs = 0
+        while (opcode := client.read_frame()[0]) != OP_CLOSE:
+            pongs += opcode == OP_PONG
+    assert pongs <= 5 + 3
+    [closed] = eventually(lambda: running.audit.events("connection_closed"), what="the close")
     assert (closed["code"], closed["cause"]) == (1008, "rate_limited")
 
 

@@ -107,7 +107,9 @@ _PROTOCOL_ERRORS = (
 
 
 class GuardedServerProtocol(ServerProtocol):
-    """websockets' sans-I/O protocol, with two changes to its handling of the client's
+    """websockets' sans-I/O protocol, with a ping counted by the policy as it is parsed,
+    before websockets answers it (a read of hundreds of pings gets the rates' worth of
+    pongs, then the policy's close), and two changes to its handling of the client's
     close frame:
 
     * a close frame that interrupts a fragmented message closes cleanly (RFC 6455 allows
@@ -127,7 +129,20 @@ class GuardedServerProtocol(ServerProtocol):
     connection: GuardedServerConnection | None = None
 
     def recv_frame(self, frame: Frame) -> None:
-        if frame.opcode is Opcode.CLOSE:
+        opcode = frame.opcode
+        if opcode in _CONTROL_COUNTED:
+            # counted as parsed, before websockets answers a ping: a read of hundreds of
+            # pings gets the rates' worth of pongs, then the policy's close (as on picows)
+            connection = self.connection
+            if connection is not None:
+                session = connection.guarded
+                if session is not None:
+                    session.control_frame(len(frame.data))
+                    if session.closing:
+                        return  # nothing is answered once closing (the flood's last ping)
+            super().recv_frame(frame)
+            return
+        if opcode is Opcode.CLOSE:
             if self.current_size is not None:
                 self.current_size = None  # the incomplete message is dropped, never delivered
             if self.state is State.OPEN:
@@ -393,8 +408,9 @@ class GuardedServerConnection(ServerConnection):
         self.guard.record_raw_refusal(status, reason, self._peer_address)
 
     def process_event(self, event: Any) -> None:
-        """Count every frame before websockets' assembler sees it: control frames and
-        continuation frames are charged to the rates, and a message in more than
+        """Count every frame before websockets' assembler sees it: continuation frames
+        are charged to the rates (control frames as they are parsed, see
+        GuardedServerProtocol.recv_frame), and a message in more than
         ``limits.max_fragments`` frames is refused (1009) at the frame that crosses it."""
         if isinstance(event, Frame):
             opcode = event.opcode
@@ -403,23 +419,17 @@ class GuardedServerConnection(ServerConnection):
                 if self._fragments > self.max_fragments:
                     self._too_many_fragments()
                     return
-                self._charge(event, fragment=True)
+                self._charge_fragment()
             elif opcode is _TEXT or opcode is _BINARY:
                 if self._fragments > self.max_fragments:
                     return  # refused: nothing reaches the assembler any more
                 self._fragments = 0 if event.fin else 1
-            elif opcode in _CONTROL_COUNTED:
-                self._charge(event, fragment=False)
         super().process_event(event)
 
-    def _charge(self, frame: Frame, *, fragment: bool) -> None:
+    def _charge_fragment(self) -> None:
         session = self.guarded
-        if session is None:
-            return
-        if fragment:
+        if session is not None:
             session.fragment()
-        else:
-            session.control_frame(len(frame.data))
 
     def _too_many_fragments(self) -> None:
         """Fail the connection like websockets fails a message over ``max_size``: the
