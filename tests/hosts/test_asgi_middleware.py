@@ -815,6 +815,26 @@ def test_a_client_address_the_server_took_from_x_forwarded_for_is_not_believed(
     assert [e["client"] for e in trusting.audit.events("connection_admitted")] == ["203.0.113.7"]
 
 
+def test_an_address_out_of_its_handshake_allowance_is_paced_whatever_it_forwards(
+    serve: Serve,
+) -> None:
+    """An address whose handshakes are refused for their rate gets its 429 however its
+    request is dressed: with its own address in ``X-Forwarded-For`` (which a server that
+    reads no forwarded header reports as the socket's, and uvicorn as the header's) it
+    is not answered the misconfiguration's 500 first, unpaced."""
+    server = serve({"limits": {"handshakes_per_minute": 1, "handshake_burst": 1}})
+    ws, _ = server.hello(make_token("alice"))
+    ws.close()
+    assert server.refused(make_token("alice")).response.status_code == 429
+    own = {"X-Forwarded-For": "127.0.0.1"}
+    for _ in range(3):
+        refusal = server.refused(make_token("alice"), extra_headers=own)
+        assert refusal.response.status_code == 429
+        assert "retry-after" in refusal.response.headers
+    reasons = [e["reason"] for e in server.audit.events("handshake_refused")]
+    assert "forwarded_client" not in reasons
+
+
 @pytest.mark.parametrize(
     "spoofed",
     ["203.0.113.7:5555", "[203.0.113.7]", "[2001:db8::1]:7", "198.51.100.9, 203.0.113.7:1"],

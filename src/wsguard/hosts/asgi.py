@@ -410,14 +410,14 @@ class WsGuardMiddleware:
             return  # the client went away before the handshake completed
         client = scope.get("client")
         peer = str(client[0]) if client else ""
-        if peer and not self.config.proxy.trusted and _forwarded_client(scope, peer):
-            await self._refuse_forwarded_client(scope, send)
-            return
         early = self.guard.early_refusal(peer) if peer else None
         if early is not None:  # its address is refused still: the request is not read
             status, reason, message, retry = early
             _drop_query_token(scope, self.config)  # the server logs the refused request
             await deny(scope, send, Reject(status, reason, message, retry, client=peer))
+            return
+        if peer and not self.config.proxy.trusted and _forwarded_client(scope, peer):
+            await self._refuse_forwarded_client(scope, send)
             return
         request, headers = handshake_request(scope, self.config)
         _drop_query_token(scope, self.config)  # read: neither the server nor the app needs it
@@ -458,15 +458,20 @@ class WsGuardMiddleware:
         """The ASGI server took the client's address from ``X-Forwarded-For`` (uvicorn
         does by default for requests from 127.0.0.1) while ``proxy.trusted`` trusts no
         proxy: whoever sent the header chose the address that per-address limits, bans
-        and the audit log would use. Refused (500) until the two agree; the log says how."""
+        and the audit log would use. Refused (500) until the two agree; the log says how.
+        (A client that writes its own address in the header, on a server that reads no
+        forwarded header, looks the same from the scope: refused alike, after its
+        address's allowance and ban were checked.)"""
         now = monotonic()
         if now >= self._forwarded_warned_at + 60.0:
             self._forwarded_warned_at = now
             logger.error(
-                "refusing WebSocket handshakes: the ASGI server took the client address "
-                "from X-Forwarded-For, but proxy.trusted is empty; run the server without "
-                "proxy headers (uvicorn --no-proxy-headers) or list the proxies in "
-                "proxy.trusted (the same as uvicorn's --forwarded-allow-ips)"
+                "refusing WebSocket handshakes whose client address is also in their "
+                "X-Forwarded-For or Forwarded header: the ASGI server took it from the "
+                "header (or the client wrote its own address there), and proxy.trusted is "
+                "empty; run the server without proxy headers (uvicorn --no-proxy-headers) "
+                "or list the proxies in proxy.trusted (the same as uvicorn's "
+                "--forwarded-allow-ips)"
             )
         reason = "forwarded_client"
         self.guard.record_raw_refusal(500, reason, None)
