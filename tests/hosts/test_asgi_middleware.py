@@ -1121,3 +1121,31 @@ def test_asgi_client_close_stays_the_clients(asgi_server: AsgiServer) -> None:
         read_close(client)
     record = closed_record(asgi_server)
     assert (record["code"], record["closed_by"], record.get("cause")) == (1000, "client", None)
+
+
+def failing_app(rec: Recorder) -> Starlette:
+    """``/ws``: accepts, sends a hello, then raises at the first message."""
+
+    async def endpoint(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await websocket.send_json({"type": "hello"})
+        await websocket.receive_text()
+        rec.calls.append("raising")
+        raise RuntimeError("the app's bug")
+
+    return Starlette(routes=[WebSocketRoute("/ws", endpoint)])
+
+
+def test_an_app_that_raises_after_accept_closes_the_connection_1011(serve: Serve) -> None:
+    """The app's failure is the server's: the client gets 1011 (RFC 6455 7.4.1, an
+    unexpected condition), not a dropped connection, under every ASGI server, and the
+    audit says so; the exception still reaches the server's log."""
+    rec = Recorder()
+    server = serve(app=failing_app(rec))
+    ws, _ = server.hello(make_token("alice"))
+    with ws:
+        ws.send(ping("boom"))
+        assert close_of(ws)[0] == 1011
+    assert rec.calls == ["raising"]
+    record = closed_record(server)
+    assert (record["code"], record["closed_by"], record["cause"]) == (1011, "server", "app_failed")

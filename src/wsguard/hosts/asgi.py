@@ -35,6 +35,7 @@ from wsguard.cluster.events import ClusterEvents, close_disconnected, close_revo
 from wsguard.config.model import Config
 from wsguard.core.client_address import forwarded_for, forwarded_host, parse_ip
 from wsguard.core.decisions import (
+    CLOSE_INTERNAL_ERROR,
     CLOSE_POLICY_VIOLATION,
     CLOSE_TOO_BIG,
     Admit,
@@ -438,6 +439,12 @@ class WsGuardMiddleware:
         del decision  # the Session holds the admission until it releases it
         try:
             await self.app(app_scope, conn.app_receive, conn.app_send)
+        except Exception:
+            # the app failed with the connection open: the client is told (1011, as
+            # hypercorn does; uvicorn would drop the socket), the server logs the error
+            if conn.is_open():
+                session.close_soon(CLOSE_INTERNAL_ERROR, "internal error", cause="app_failed")
+            raise
         finally:
             await session.wait_closing()
             released: list[Admit] = []
