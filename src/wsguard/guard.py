@@ -164,6 +164,10 @@ class Guard:
             modes = self.config.cluster.on_store_error
             if "closed" in (modes.bans, modes.revocations, modes.connections, modes.rate_limits):
                 return False, "store_unavailable"
+        if getattr(self.store, "events_failing", False):
+            # Redis answers but refuses the event subscription: other nodes' revocations,
+            # disconnects and bans reach this node's connections late
+            return False, "events_unavailable"
         return True, None
 
     async def start(self) -> None:

@@ -257,6 +257,35 @@ def test_readyz_is_503_when_the_store_is_down_and_fails_closed(
     assert call(server, "GET", "/healthz", token=None).status_code == 200
 
 
+def test_readyz_is_503_while_redis_refuses_the_event_subscription(
+    own_redis: RedisProcess, server_factory: ServerFactory
+) -> None:
+    """Redis answers commands but refuses SUBSCRIBE (an ACL without it): the node would
+    hear of other nodes' revocations, disconnects and bans late, and says it is not
+    ready until it can subscribe."""
+    admin = own_redis.client()
+    admin.acl_setuser(
+        "nosub",
+        enabled=True,
+        passwords=["+pw"],
+        keys=["*"],
+        channels=["*"],
+        commands=["+@all", "-subscribe"],
+    )
+    uri = f"redis://nosub:pw@127.0.0.1:{own_redis.port}/0"
+    server = admin_server(server_factory, store=uri)
+
+    def status(code: int) -> httpx.Response | None:
+        response = call(server, "GET", "/readyz", token=None)
+        return response if response.status_code == code else None
+
+    response = eventually(lambda: status(503), 10, "/readyz reports the refused subscription")
+    assert response.json() == {"ready": False, "reason": "events_unavailable"}
+    admin.acl_setuser("nosub", enabled=True, commands=["+subscribe"])
+    eventually(lambda: status(200), 10, "/readyz ready once subscribed")
+    admin.close()
+
+
 def test_readyz_stays_ready_through_an_outage_when_every_check_fails_open(
     own_redis: RedisProcess, server_factory: ServerFactory
 ) -> None:

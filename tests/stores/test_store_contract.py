@@ -839,3 +839,77 @@ def test_close_finishes_during_a_renewal(runner: asyncio.Runner, redis_uri: str)
             assert all(task.done() for task in background)
 
     runner.run(scenario())
+
+
+def test_database_number_isolates_events(runner: asyncio.Runner, redis_uri: str) -> None:
+    """Pub/sub ignores the database number: two deployments on one Redis told apart by
+    it alone (``/0`` and ``/1``, the same key prefix) must not get each other's
+    revocations, disconnects and broadcasts."""
+    base = redis_uri.rpartition("/")[0]
+
+    async def scenario() -> None:
+        config = ClusterConfig()
+        async with (
+            redis_stores(f"{base}/0", config, config) as (zero, zero2),
+            redis_stores(f"{base}/1", config, config) as (one, one2),
+        ):
+            got: dict[str, list[bytes]] = {"zero2": [], "one2": []}
+            zero2.subscribe(lambda _, payload: got["zero2"].append(payload))
+            one2.subscribe(lambda _, payload: got["one2"].append(payload))
+            await zero.publish(CHANNEL_BROADCAST, b"db0")
+            await zero.revoke("sub", "mallory", 60)
+            await one.publish(CHANNEL_BROADCAST, b"db1")
+            await one.publish(CHANNEL_BROADCAST, b"end")
+            await zero.publish(CHANNEL_BROADCAST, b"end")
+            await eventually(lambda: b"end" in got["zero2"], "db 0's events")
+            await eventually(lambda: b"end" in got["one2"], "db 1's events")
+            assert got["zero2"] == [b"db0", b"sub:mallory", b"end"]
+            assert got["one2"] == [b"db1", b"end"]
+            assert await one2.is_revoked("mallory", None) is False
+
+    runner.run(scenario())
+
+
+def test_a_refused_event_subscription_is_reported_and_checked_for(
+    runner: asyncio.Runner, own_redis: RedisProcess, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Redis that answers commands but refuses SUBSCRIBE (an ACL without it, a proxy
+    without pub/sub) leaves a node deaf to the other nodes' revocations: it says so (a
+    warning, not ready, the ``events`` errors), checks its connections against the stored
+    revocations at every retry meanwhile, and subscribes once it may."""
+    admin = own_redis.client()
+    admin.acl_setuser(
+        "nosub",
+        enabled=True,
+        passwords=["+pw"],
+        keys=["*"],
+        channels=["*"],
+        commands=["+@all", "-subscribe"],
+    )
+    uri = f"redis://nosub:pw@127.0.0.1:{own_redis.port}/0"
+    config = ClusterConfig(retry_seconds=0.05, timeout_seconds=0.1)
+
+    async def scenario() -> None:
+        async with (
+            redis_stores(uri, config) as (deaf,),
+            redis_stores(own_redis.uri, config) as (other,),
+        ):
+            checks: list[float] = []
+            deaf.on_resync(lambda: checks.append(time.monotonic()))
+            await eventually(lambda: len(checks) >= 3, "checks while it cannot subscribe")
+            assert deaf.available  # commands work: not an outage
+            assert deaf.events_failing
+            assert deaf.error_counts().get("events", 0) >= 3
+            warnings = [r for r in caplog.records if "cannot subscribe" in r.getMessage()]
+            assert len(warnings) == 1, warnings  # once, not once per retry
+            assert "pw" not in warnings[0].getMessage()
+
+            admin.acl_setuser("nosub", enabled=True, commands=["+subscribe"])
+            await eventually(lambda: not deaf.events_failing, "subscribed again")
+            got: list[bytes] = []
+            deaf.subscribe(lambda _, payload: got.append(payload))
+            await other.publish(CHANNEL_BROADCAST, b"heard")
+            await eventually(lambda: got == [b"heard"], "an event from the other node")
+
+    runner.run(scenario())
+    admin.close()

@@ -93,6 +93,8 @@ class ShardedSubscription:
         timeout_seconds: float,
         on_broken: Callable[[], Awaitable[object]],
         on_missed: Callable[[], None],
+        on_ended: Callable[[BaseException, bool], None] | None = None,
+        on_confirmed: Callable[[], None] | None = None,
         subscribed: asyncio.Event | None = None,
     ) -> None:
         self._client = client
@@ -104,6 +106,8 @@ class ShardedSubscription:
         self._timeout = timeout_seconds  # for a reader's PING (see live_messages)
         self._on_broken = on_broken
         self._on_missed = on_missed
+        self._on_ended = on_ended  # a reader failed: (its error, after its confirmation)
+        self._on_confirmed = on_confirmed  # every bucket subscribed
         #: set while every bucket is subscribed
         self.subscribed = subscribed if subscribed is not None else asyncio.Event()
         #: the reader of each primary: (task, its buckets, all of them confirmed)
@@ -185,6 +189,8 @@ class ShardedSubscription:
             complete = entries and self._covered() and all(c.is_set() for _, _, c in entries)
             if complete and not self.subscribed.is_set():
                 self.subscribed.set()
+                if self._on_confirmed is not None:
+                    self._on_confirmed()
                 if self._missed:
                     self._missed = False
                     self._on_missed()  # events published meanwhile are lost
@@ -247,6 +253,8 @@ class ShardedSubscription:
                         return
         except _FAILURES as exc:
             logger.debug("sharded subscription on %s:%s ended: %s", *address, exc)
+            if self._on_ended is not None:
+                self._on_ended(exc, confirmed.is_set())
         finally:
             with contextlib.suppress(Exception):
                 await client.aclose()

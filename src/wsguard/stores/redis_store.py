@@ -90,6 +90,10 @@ class RedisStore(Store):
         self._modes = config.on_store_error
         address = parse_redis_uri(uri)
         self.topology = address.topology
+        # Pub/sub ignores the database number: deployments told apart by it alone (same
+        # key prefix, /0 and /1) would get each other's events. Database 0 keeps the
+        # plain names (the only database of a Redis Cluster).
+        self._channel_prefix = self._prefix + (f"db{address.db}:" if address.db else "")
         self._clients = open_clients(uri, address, config)
         self.client: CommandClient = self._clients.commands
         self._cluster = isinstance(self.client, RedisCluster)
@@ -126,6 +130,7 @@ class RedisStore(Store):
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
         self._subscribed = asyncio.Event()
+        self._events_failing = False  # the subscription refused while commands work
         self._background: set[asyncio.Task[None]] = set()
         self.operations = 0  # round trips attempted, for benchmarks and tests
         self.errors: dict[str, int] = {}  # failed operations per check (metrics)
@@ -638,7 +643,7 @@ class RedisStore(Store):
                 return
             async with self.client.pipeline(transaction=True) as pipe:
                 pipe.set(key, b"1", px=max(1, int(ttl * 1000)))
-                pipe.publish(self._prefix + CHANNEL_REVOKE, event)
+                pipe.publish(self._channel_prefix + CHANNEL_REVOKE, event)
                 await pipe.execute()
 
         async def local() -> None:
@@ -704,7 +709,7 @@ class RedisStore(Store):
             name = redis_events.channel(self._prefix, self._bucket, channel)
             await self.client.spublish(name, payload)
         else:
-            await self.client.publish(self._prefix + channel, payload)
+            await self.client.publish(self._channel_prefix + channel, payload)
 
     async def publish(self, channel: str, payload: bytes) -> None:
         async def remote() -> None:
@@ -730,6 +735,47 @@ class RedisStore(Store):
         for callback in self._resync:
             callback()
 
+    def _subscription_ended(self, exc: BaseException, confirmed: bool) -> None:
+        """An event subscription ended with *exc*; *confirmed*: after Redis had confirmed
+        it (a dropped connection: subscribed again, then checked, as after an outage).
+        One refused before confirmation while commands work (an ACL without
+        ``subscribe``, a proxy without pub/sub) leaves this node deaf to the other nodes'
+        revocations, disconnects and bans: reported once (a warning, not ready, the
+        ``events`` errors), and this node checks its connections against the stored
+        revocations at every retry meanwhile."""
+        self.errors["events"] = self.errors.get("events", 0) + 1
+        if confirmed or self._closed:
+            logger.info("cluster event subscription ended: %s; subscribing again", exc)
+            return
+        if not self._events_failing:
+            self._events_failing = True
+            detail = f"{type(exc).__name__}: {exc}"[:200]
+            logger.warning(
+                "store %s: cannot subscribe to the cluster events (%s); revocations, "
+                "disconnects and bans made on other nodes reach this node's connections "
+                "only by its check every %s s until it can",
+                redacted(self.uri),
+                detail,
+                self.config.retry_seconds,
+            )
+
+    def _subscription_confirmed(self) -> None:
+        if self._events_failing:
+            self._events_failing = False
+            logger.warning("store %s: cluster events subscribed again", redacted(self.uri))
+
+    @property
+    def events_failing(self) -> bool:
+        """Whether the event subscription is refused while Redis answers commands."""
+        return self._events_failing and not self._down
+
+    async def _subscription_broken(self) -> None:
+        """Between two attempts to subscribe: is Redis down (an outage), or does it
+        answer commands but refuse the subscription (then the check stands in for it)?"""
+        await self.ping()
+        if self.events_failing:
+            self._missed_events()
+
     async def _sharded_subscriber_loop(self) -> None:
         """A cluster's events: sharded pub/sub that follows the slots (redis_events)."""
         assert isinstance(self.client, RedisCluster)
@@ -741,8 +787,10 @@ class RedisStore(Store):
             retry_seconds=self.config.retry_seconds,
             check_seconds=max(1.0, 5 * self.config.retry_seconds),
             timeout_seconds=self.config.timeout_seconds,
-            on_broken=self.ping,
+            on_broken=self._subscription_broken,
             on_missed=self._missed_events,
+            on_ended=self._subscription_ended,
+            on_confirmed=self._subscription_confirmed,
             subscribed=self._subscribed,
         )
         while not self._closed:
@@ -757,7 +805,7 @@ class RedisStore(Store):
             await self._sharded_subscriber_loop()
             return
         events = self._clients.events
-        prefix = self._prefix
+        prefix = self._channel_prefix
         channels = [
             prefix + CHANNEL_REVOKE,
             prefix + CHANNEL_BROADCAST,
@@ -767,33 +815,43 @@ class RedisStore(Store):
         check = subscription_check_seconds(self.config)
         first = True
         while not self._closed:
+            confirmed = False
             try:
                 async with events.pubsub() as pubsub:
                     await pubsub.subscribe(*channels)
-                    subscribed.set()
-                    if not first:
-                        for callback in self._resync:
-                            callback()  # events published while we were away are lost
-                    first = False
+                    waiting = len(channels)
                     async for message in live_messages(pubsub, check, self.config.timeout_seconds):
-                        if message["type"] != "message":
-                            continue  # the subscriptions' confirmations
+                        kind = message["type"]
+                        if kind == "subscribe":  # Redis confirms each channel
+                            waiting -= 1
+                            if waiting == 0:
+                                confirmed = True
+                                subscribed.set()
+                                self._subscription_confirmed()
+                                if not first:
+                                    self._missed_events()  # published while we were away
+                                first = False
+                            continue
+                        if kind != "message":
+                            continue
                         channel = message["channel"].decode()[len(prefix) :]
                         for handler in self._handlers:
                             try:
                                 handler(channel, message["data"])
                             except Exception:
                                 logger.exception("event handler failed")
-            except _FAILURES:
+            except _FAILURES as exc:
                 # Redis drops pub/sub clients on its own (output buffer limits, proxy
                 # idle timeouts): only an outage if commands fail too.
                 first = False
                 subscribed.clear()
-                await self.ping()
+                self._subscription_ended(exc, confirmed)
+                await self._subscription_broken()
                 await asyncio.sleep(self.config.retry_seconds)
             except Exception:  # never let the event subscription die
                 logger.exception("cluster event subscription failed; resubscribing")
                 first = False
+                subscribed.clear()
                 await asyncio.sleep(self.config.retry_seconds)
 
     # -- lifecycle ---------------------------------------------------------------------
