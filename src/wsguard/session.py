@@ -415,6 +415,12 @@ class Session:
 
     # -- policy answers ----------------------------------------------------------------
 
+    def refuse(self, refusal: Refuse) -> None:
+        """Refuse a message the policy passed but the host cannot take (a raw handler's
+        or the gateway's duplicate keys): the error frame, and a violation like the
+        policy's own refusals (closed with 1008 past the budget)."""
+        self._answer(self.guard.messages.refuse(self.state, time.monotonic(), refusal))
+
     def _answer(self, decision: MessageDecision) -> None:
         """Answer a message that is not delivered: an error frame or a close."""
         monitor = self.guard.monitor

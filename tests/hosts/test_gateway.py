@@ -516,6 +516,11 @@ def test_forward_headers_pass_only_the_named_ones(
         "Upgrade",
         "Connection",
         "Transfer-Encoding",
+        "X-Forwarded-For",  # the client's own claim of its address
+        "forwarded",
+        "X-Real-IP",
+        "Authorization ",  # not a header name: would never match, silently
+        "X Custom",
     ],
 )
 def test_forward_headers_never_credentials_or_identity(name: str) -> None:
@@ -714,6 +719,20 @@ def test_duplicate_keys_never_reach_the_backend(
     assert backend.connection().received == [valid]
 
 
+def test_duplicate_keys_spend_the_violation_budget(
+    backend: Backend,
+    gateways: GatewayFactory,
+) -> None:
+    gw = gateways(backend.url, {"limits": {"violation_budget": 2}})
+    with gw.connect(make_token("alice", scopes="chat")) as ws:
+        for _ in range(2):
+            ws.send('{"type":"chat","text":"x","text":"y"}')
+            assert recv_json(ws)["code"] == "invalid_message"
+        ws.send('{"type":"chat","text":"x","text":"y"}')
+        assert close_of(ws) == (1008, "policy violation")
+    assert backend.connection().received == []
+
+
 # -- 3. upstream to client ---------------------------------------------------------------------
 
 
@@ -774,6 +793,20 @@ def test_backend_close_reaches_the_client(
         assert close_of(ws) == (code, reason)
     event = eventually(lambda: gw.audit.events("upstream_closed"), what="upstream_closed")
     assert event[-1]["code"] == code
+
+
+def test_a_close_code_only_clients_send_is_not_passed_to_the_client(
+    backend: Backend, gateways: GatewayFactory
+) -> None:
+    """1010 (an extension the server did not negotiate) is the client's to send (RFC 6455
+    7.4.1): from the backend it is an upstream error to the client."""
+    gw = gateways(backend.url)
+    with gw.connect() as ws:
+        echo_roundtrip(ws, chat("hi"))
+        backend.close(backend.connection(), 1010, "m")
+        assert close_of(ws) == (1011, "upstream error")
+    event = eventually(lambda: gw.audit.events("upstream_closed"), what="upstream_closed")
+    assert event[-1]["code"] == 1010
 
 
 @pytest.mark.parametrize(
@@ -942,18 +975,34 @@ def test_unreachable_upstream_closes_the_client_1013(
     assert "s3cret" not in everything
 
 
-def test_upstream_refusing_the_handshake_closes_the_client_1013(
-    backends: BackendFactory, gateways: GatewayFactory
+@pytest.mark.parametrize(
+    ("status", "closed", "cause"),
+    [
+        (HTTPStatus.SERVICE_UNAVAILABLE, (1013, "upstream unavailable"), "upstream_unavailable"),
+        (HTTPStatus.NOT_FOUND, (1013, "upstream unavailable"), "upstream_unavailable"),
+        # the backend refused this client: 1013 would tell it to try again, in a loop
+        (HTTPStatus.FORBIDDEN, (1008, "upstream refused"), "upstream_refused"),
+        (HTTPStatus.UNAUTHORIZED, (1008, "upstream refused"), "upstream_refused"),
+    ],
+)
+def test_upstream_refusing_the_handshake_closes_the_client(
+    backends: BackendFactory,
+    gateways: GatewayFactory,
+    status: HTTPStatus,
+    closed: tuple[int, str],
+    cause: str,
 ) -> None:
-    backend = backends(refuse=HTTPStatus.FORBIDDEN)
+    backend = backends(refuse=status)
     gw = gateways(backend.url)
     with gw.connect() as ws:
-        assert close_of(ws) == (1013, "upstream unavailable")
+        assert close_of(ws) == closed
     event = eventually(lambda: gw.audit.events("upstream_unavailable"), what="audit")[-1]
-    assert event["status"] == 403
+    assert event["status"] == status
     assert event["detail"] == "InvalidStatus"
     assert backend.handshakes == 1
     assert backend.connections == []
+    [record] = eventually(lambda: gw.audit.events("connection_closed"), what="the close")
+    assert (record["code"], record["cause"]) == (closed[0], cause)
 
 
 def test_upstream_handshake_timeout_closes_the_client_1013(gateways: GatewayFactory) -> None:
@@ -1025,6 +1074,25 @@ def test_upstream_heartbeat_detects_a_hung_backend(
     eventually(lambda: gw.audit.events("upstream_closed"), what="upstream_closed")
     if elapsed > 3:  # ping interval + ping timeout = 0.4 s
         raise GatewayBug(f"the hung upstream was detected after {elapsed:.1f}s")
+
+
+def test_a_dead_heartbeat_closes_the_client_without_waiting_for_a_closing_handshake(
+    backend: Backend, gateways: GatewayFactory
+) -> None:
+    """An unanswered heartbeat ends the upstream at once: the client gets its 1011 then,
+    not after a closing handshake the wedged backend never completes
+    (``gateway.connect_timeout_seconds``, 30 s here), during which its messages would be
+    accepted and lost."""
+    gw = gateways(
+        backend.url,
+        {"gateway": {"upstream_ping_interval_seconds": 0.2, "connect_timeout_seconds": 30.0}},
+    )
+    with gw.connect() as ws:
+        echo_roundtrip(ws, chat("hi"))
+        with backend.blocked():
+            assert close_of(ws, timeout=10) == (1011, "upstream error")
+    [closed] = eventually(lambda: gw.audit.events("upstream_closed"), what="upstream_closed")
+    assert closed["code"] == 1006  # dropped, not closed: nothing to wait for
 
 
 def test_upstream_heartbeat_runs_and_keeps_an_idle_backend(

@@ -14,6 +14,7 @@ from websockets.exceptions import ConnectionClosed
 
 from conftest import (
     ServerFactory,
+    close_of,
     eventually,
     make_config,
     make_token,
@@ -145,6 +146,28 @@ def test_a_message_naming_a_key_twice_never_reaches_a_raw_handler(
         eventually(lambda: raw, what="the valid note")
     assert raw == ['{"type":"note","ok":true}']
     assert parsed == [{"type": "plain", "x": 2}]
+
+
+def test_messages_naming_a_key_twice_spend_the_violation_budget(
+    server_factory: ServerFactory,
+) -> None:
+    """Refused as invalid, they count as invalid messages do: past the budget, 1008."""
+    raw: list[str | bytes] = []
+
+    def setup(app: App) -> None:
+        app.on("note", raw=True)(lambda conn, data: raw.append(data))
+
+    overrides = {**JSON_TYPES, "limits": {"violation_budget": 3}}
+    server = server_factory(overrides, demo=False, setup=setup)
+    with server.connect_welcomed() as ws:
+        for _ in range(3):
+            ws.send('{"type":"note","a":1,"a":2}')
+            assert json.loads(recv(ws))["code"] == "invalid_message"
+        ws.send('{"type":"note","a":1,"a":2}')
+        assert close_of(ws) == (1008, "policy violation")
+    assert raw == []
+    [closed] = eventually(lambda: server.audit.events("connection_closed"), what="the close")
+    assert (closed["code"], closed["cause"]) == (1008, "invalid_message")
 
 
 # -- the catch-all handler ---------------------------------------------------------------------

@@ -9,6 +9,7 @@ configuration reference of the documentation is generated from this file, and
 from __future__ import annotations
 
 import ipaddress
+import re
 import urllib.parse
 from pathlib import Path
 from typing import Any, Literal
@@ -1174,6 +1175,15 @@ _NEVER_FORWARDED = frozenset(
         "content-length", "keep-alive", "te", "trailer", "proxy-connection",
     }
 )  # fmt: skip
+#: Headers that carry a client's address: forwarded, they would pass the client's own
+#: claim upstream (the gateway sends the address it resolved in its client header).
+_ADDRESS_HEADERS = frozenset(
+    {
+        "x-forwarded-for", "forwarded", "x-real-ip", "true-client-ip", "x-client-ip",
+        "cf-connecting-ip", "x-cluster-client-ip", "fastly-client-ip",
+    }
+)  # fmt: skip
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 
 class GatewayConfig(_Section):
@@ -1247,7 +1257,8 @@ class GatewayConfig(_Section):
         default=(),
         description=(
             "Client headers passed upstream (never `Authorization`, `Proxy-Authorization`, "
-            "`Cookie`, `Host`, `Sec-*`, hop-by-hop or identity headers)."
+            "`Cookie`, `Host`, `Sec-*`, hop-by-hop or identity headers, nor the headers of "
+            "a client's address such as `X-Forwarded-For`, `Forwarded`, `X-Real-IP`)."
         ),
     )
     upstream_max_message_bytes: int = Field(
@@ -1323,8 +1334,15 @@ class GatewayConfig(_Section):
         }  # fmt: skip
         for name in self.forward_headers:
             lowered = name.lower()
+            if not _HEADER_NAME.fullmatch(name):
+                raise ValueError(f"forward_headers: {name!r} is not a header name")
             if lowered in _NEVER_FORWARDED or lowered in identity or lowered.startswith("sec-"):
                 raise ValueError(f"forward_headers: {name!r} is never forwarded")
+            if lowered in _ADDRESS_HEADERS:
+                raise ValueError(
+                    f"forward_headers: {name!r} would pass upstream the address the client "
+                    f"claims; the gateway sends the address it resolved as {self.client_header}"
+                )
         return self
 
     def upstream_for(self, path: str) -> str:

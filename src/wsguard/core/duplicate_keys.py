@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from wsguard.core.decisions import Deliver, Refuse
+
 
 class _DuplicateKeys(ValueError):
     pass
@@ -32,3 +34,14 @@ def has_duplicate_keys(data: str | bytes) -> bool:
     except ValueError:
         return False  # not JSON: the policy has refused it already
     return False
+
+
+def duplicate_keys_refusal(decision: Deliver) -> Refuse:
+    """The answer to a message *decision* delivered that names a key twice."""
+    ref = decision.message.get("id")
+    return Refuse(
+        "invalid_message",
+        "Message has duplicate keys.",
+        ref=ref if isinstance(ref, (str, int)) and not isinstance(ref, bool) else None,
+        type=decision.type,
+    )

@@ -331,6 +331,12 @@ class MessagePolicy:
         state.violations_at = now
         return state.violations > self._budget
 
+    def refuse(self, state: ConnectionState, now: float, refusal: Refuse) -> MessageDecision:
+        """*refusal* as the answer to a message, spending the violation budget: the
+        refusal, or the close when the budget is spent (for hosts that refuse a message
+        the policy passed, as they refuse their own way)."""
+        return self._refuse(state, now, refusal)
+
     def _refuse(self, state: ConnectionState, now: float, refusal: Refuse) -> MessageDecision:
         if self.violation(state, now):
             return Close(CLOSE_POLICY_VIOLATION, "policy violation", cause=refusal.code)

@@ -50,7 +50,7 @@ import orjson
 from wsguard.cluster.events import ClusterEvents, close_disconnected, close_revoked
 from wsguard.config.model import Config
 from wsguard.core.decisions import CLOSE_GOING_AWAY, CLOSE_INTERNAL_ERROR, Deliver
-from wsguard.core.duplicate_keys import has_duplicate_keys
+from wsguard.core.duplicate_keys import duplicate_keys_refusal, has_duplicate_keys
 from wsguard.core.integrity import SESSION_KID
 from wsguard.errors import ConfigError, ListenError, WsguardError
 from wsguard.guard import Guard
@@ -316,13 +316,9 @@ class App:
     def _duplicate_keys(self, conn: Connection, decision: Deliver) -> None:
         """A message for a raw handler naming a key twice: the handler gets the frame as
         it arrived, and a parser keeping the first of two equal keys would read another
-        message than the policy checked (which kept the last). Refused, not a violation
-        of the policy's budget, as the gateway refuses it."""
-        self.guard.monitor.message_refused(
-            "invalid_message", decision.type, conn.client, closed=False
-        )
-        ref = decision.message.get("id")
-        conn.send(_error("invalid_message", "Message has duplicate keys.", ref))
+        message than the policy checked (which kept the last). Refused as invalid, a
+        violation like any invalid message, as the gateway refuses it."""
+        conn.refuse(duplicate_keys_refusal(decision))
 
     def _handler_failed(self, conn: Connection, decision: Deliver) -> None:
         logger.exception("handler for %r failed", decision.type)

@@ -10,8 +10,9 @@ untouched (at most ``gateway.upstream_max_message_bytes`` each).
 Close codes and reasons propagate both ways. The client's pings are answered
 by the gateway, which keeps its own heartbeat with the upstream. When the
 upstream cannot be reached the client is closed with ``1013`` (try again
-later); when the upstream connection fails mid-way (no close frame, or a frame
-the gateway refused), with ``1011``. Back-pressure: a slow upstream stops the
+later), when it refuses the client's handshake with 401 or 403 with ``1008``;
+when the upstream connection fails mid-way (no close frame, a frame the gateway
+refused, an unanswered heartbeat), with ``1011``. Back-pressure: a slow upstream stops the
 gateway reading from the client (the engine's bounded queue, then TCP); a slow
 client stops it reading from the upstream, and is dropped as a slow consumer
 after ``gateway.client_drain_seconds``.
@@ -34,11 +35,11 @@ from wsguard.config.model import Config
 from wsguard.core.decisions import (
     CLOSE_GOING_AWAY,
     CLOSE_INTERNAL_ERROR,
+    CLOSE_POLICY_VIOLATION,
     CLOSE_TRY_AGAIN_LATER,
     Deliver,
-    Refuse,
 )
-from wsguard.core.duplicate_keys import has_duplicate_keys
+from wsguard.core.duplicate_keys import duplicate_keys_refusal, has_duplicate_keys
 from wsguard.errors import ConfigError
 from wsguard.guard import Guard
 from wsguard.hosts.app import App
@@ -46,6 +47,10 @@ from wsguard.hosts.gateway.identity import identity_headers
 from wsguard.session import Connection, sendable_close_code
 
 logger = logging.getLogger("wsguard.gateway")
+
+#: 1010: "an extension the server did not negotiate", sent by a client only (RFC 6455
+#: 7.4.1); the upstream is a server to the gateway, and the gateway one to the client
+_CLIENT_ONLY_CLOSE = 1010
 
 
 async def _send_upstream(upstream: ClientConnection, data: str | bytes) -> None:
@@ -68,6 +73,31 @@ def redacted_url(url: str) -> str:
         host = f"[{host}]"
     port = f":{parts.port}" if parts.port else ""
     return f"{parts.scheme}://{host}{port}{parts.path}"
+
+
+class _Upstream(ClientConnection):
+    """The gateway's connection to its upstream: a heartbeat that goes unanswered ends it
+    at once. websockets would send a close frame and wait ``close_timeout`` for an
+    answer that a dead or wedged peer never gives; meanwhile the client's messages
+    would still be accepted and lost, and its 1011 would come that much later."""
+
+    async def keepalive(self) -> None:
+        assert self.ping_interval is not None
+        latency = 0.0
+        try:
+            while True:
+                await asyncio.sleep(self.ping_interval - latency)
+                pong = await self.ping()
+                if self.ping_timeout is None:
+                    continue
+                try:
+                    async with asyncio.timeout(self.ping_timeout):
+                        latency = await pong
+                except TimeoutError:
+                    self.transport.abort()  # the pump closes the client with 1011
+                    return
+        except ConnectionClosed:
+            return
 
 
 class Gateway(App):
@@ -127,17 +157,7 @@ class Gateway(App):
         if self._check_duplicates and has_duplicate_keys(data):
             # the bytes go upstream as they are: a backend parser that keeps the first
             # of two equal keys would read another message than the policy checked
-            self.guard.monitor.message_refused(
-                "invalid_message", decision.type, conn.client, closed=False
-            )
-            ref = decision.message.get("id")
-            conn.send(
-                Refuse(
-                    "invalid_message",
-                    "Message has duplicate keys.",
-                    ref=ref if isinstance(ref, (str, int)) else None,
-                ).frame()
-            )
+            conn.refuse(duplicate_keys_refusal(decision))
             return None
         return _send_upstream(upstream, data)
 
@@ -168,6 +188,7 @@ class Gateway(App):
         try:
             return await connect(
                 target,
+                create_connection=_Upstream,
                 additional_headers=headers,
                 subprotocols=[conn.subprotocol] if conn.subprotocol else None,  # type: ignore[list-item]
                 open_timeout=gateway.connect_timeout_seconds,
@@ -200,6 +221,11 @@ class Gateway(App):
                 detail=detail,
                 status=status,
             )
+            if status in (401, 403):
+                # the backend refused this client: trying again would not help
+                conn.close_cause = "upstream_refused"
+                await conn.close(CLOSE_POLICY_VIOLATION, "upstream refused")
+                return None
             conn.close_cause = "upstream_unavailable"
             await conn.close(CLOSE_TRY_AGAIN_LATER, "upstream unavailable")
             return None
@@ -231,7 +257,7 @@ class Gateway(App):
             code, reason = CLOSE_INTERNAL_ERROR, "upstream error"
         elif code == 1005:  # a close frame without a status code: a normal close
             code, reason = 1000, ""
-        elif not sendable_close_code(code):
+        elif not sendable_close_code(code) or code == _CLIENT_ONLY_CLOSE:
             code, reason = CLOSE_INTERNAL_ERROR, "upstream error"
         if code == CLOSE_INTERNAL_ERROR:
             logger.warning(
@@ -273,8 +299,8 @@ class Gateway(App):
             code, reason = CLOSE_GOING_AWAY, "client went away"
         else:
             reason = _reason(reason)
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(upstream.close(code, reason), 5)
+        with contextlib.suppress(Exception):  # close_timeout: gateway.connect_timeout_seconds
+            await asyncio.wait_for(upstream.close(code, reason), upstream.close_timeout)
         if upstream.protocol.state is not State.CLOSED:
             upstream.transport.abort()  # the upstream never finished the closing handshake
 
