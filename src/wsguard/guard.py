@@ -17,7 +17,7 @@ from wsguard.cluster.quota import SubjectQuota
 from wsguard.config.keys import has_configured_key, load_keys, load_signing_keys
 from wsguard.config.model import Config
 from wsguard.core.auth import KeyMaterial, TokenVerifier
-from wsguard.core.client_address import limit_key, parse_ip
+from wsguard.core.client_address import is_loopback_host, limit_key, parse_ip
 from wsguard.core.decisions import (
     CLOSE_REVOKED,
     Admit,
@@ -44,15 +44,6 @@ if TYPE_CHECKING:
     from wsguard.keys.remote_jwks import RemoteJwks
 
 logger = logging.getLogger("wsguard.auth")
-
-
-def is_loopback_host(host: str) -> bool:
-    if host in ("localhost", "localhost.localdomain"):
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 #: Longest wait between two tries of an alert's ban while the shared store is away.

@@ -28,6 +28,7 @@ from websockets.sync.client import ClientConnection
 
 from conftest import (
     ADMIN_TOKEN,
+    AuditCapture,
     RunningServer,
     ServerFactory,
     admin_headers,
@@ -44,7 +45,9 @@ from support.redis_process import RedisProcess, writes_paused
 from wsguard.admin.server import AdminServer
 from wsguard.config.loader import load_config
 from wsguard.errors import ConfigError, KeyLoadError
+from wsguard.guard import Guard
 from wsguard.hosts.app import App
+from wsguard.observability.audit import AuditLog
 
 #: Every endpoint that needs the admin credential: (method, path, JSON body or None).
 PROTECTED: list[tuple[str, str, dict[str, Any] | None]] = [
@@ -344,15 +347,19 @@ def test_non_loopback_admin_listener_without_tls_warns(caplog: pytest.LogCapture
     """The token and the session cookie would cross the network in clear text: allowed
     (TLS may be a proxy's), but said at start, naming the key."""
     config = make_config({"admin": {"host": "0.0.0.0", "port": 0, "token": ADMIN_TOKEN}})
-    with caplog.at_level(logging.WARNING, logger="wsguard.admin"):
-        AdminServer(App(config))
+    audit = AuditCapture()
+    with caplog.at_level(logging.WARNING):
+        Guard(config, audit=AuditLog(audit)).warn_risky_config()
     assert any(
         "admin.host" in r.getMessage() and "clear text" in r.getMessage() for r in caplog.records
     )
+    [warning] = [e for e in audit.events("config_warning") if e["key"] == "admin.host"]
+    assert "clear text" in warning["detail"]
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="wsguard.admin"):
-        AdminServer(App(make_config({"admin": {"port": 0, "token": ADMIN_TOKEN}})))
-    assert not any("clear text" in r.getMessage() for r in caplog.records)  # loopback
+    loopback = make_config({"admin": {"port": 0, "token": ADMIN_TOKEN}})
+    with caplog.at_level(logging.WARNING):
+        App(loopback).guard.warn_risky_config()
+    assert not any("clear text" in r.getMessage() for r in caplog.records)
 
 
 def test_loopback_admin_listener_generates_a_private_token_file(

@@ -366,6 +366,103 @@ def test_check_config_refuses_what_serve_refuses(tmp_path: Path, toml: str, key:
     assert run_cli(["serve", "--config", str(config)], env).returncode == 2  # the same
 
 
+def _files_that_do_not_load(tmp_path: Path, case: str) -> tuple[str, str]:
+    """A configuration whose named files ``serve`` refuses at start, and the key."""
+    import trustme
+
+    ca, other_ca = trustme.CA(), trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    other = ca.issue_cert("127.0.0.1")
+    paths = {
+        "cert": tmp_path / "cert.pem",
+        "key": tmp_path / "key.pem",
+        "other_key": tmp_path / "other-key.pem",
+        "ca": tmp_path / "ca.pem",
+        "ca_copy": tmp_path / "ca-copy.pem",
+        "other_ca": tmp_path / "other-ca.pem",
+        "token": tmp_path / "admin-token",
+    }
+    cert.cert_chain_pems[0].write_to_path(str(paths["cert"]))
+    cert.private_key_pem.write_to_path(str(paths["key"]))
+    other.private_key_pem.write_to_path(str(paths["other_key"]))
+    ca.cert_pem.write_to_path(str(paths["ca"]))
+    ca.cert_pem.write_to_path(str(paths["ca_copy"]))
+    other_ca.cert_pem.write_to_path(str(paths["other_ca"]))
+    paths["token"].write_text("t" * 32 + "\n")
+    paths["token"].chmod(0o644)
+    missing = tmp_path / "missing.pem"
+    tls = f'[tls]\ncert_file = "{paths["cert"]}"\nkey_file = "{paths["key"]}"\n'
+    admin = "[admin]\nport = 0\n"
+    admin_tls = f'[admin.tls]\ncert_file = "{paths["cert"]}"\nkey_file = "{paths["key"]}"\n'
+    cases = {
+        "tls-cert-missing": (
+            f'[tls]\ncert_file = "{missing}"\nkey_file = "{paths["key"]}"\n',
+            "tls.cert_file",
+        ),
+        "tls-key-mismatch": (
+            f'[tls]\ncert_file = "{paths["cert"]}"\nkey_file = "{paths["other_key"]}"\n',
+            "tls.cert_file",
+        ),
+        "tls-client-ca-missing": (f'{tls}client_ca_file = "{missing}"\n', "tls.client_ca_file"),
+        "admin-tls-cert-missing": (
+            f'{admin}[admin.tls]\ncert_file = "{missing}"\nkey_file = "{paths["key"]}"\n',
+            "admin.tls.cert_file",
+        ),
+        "admin-token-file-readable-by-others": (
+            f'{admin}token_file = "{paths["token"]}"\n',
+            "admin.token_file",
+        ),
+        "admin-ca-shared-with-users": (
+            f'{tls}client_ca_file = "{paths["ca"]}"\n'
+            f'{admin}{admin_tls}client_ca_file = "{paths["ca_copy"]}"\n',
+            "admin.tls.client_ca_file",
+        ),
+        "audit-file-in-a-missing-directory": (
+            f'[audit]\nfile = "{tmp_path / "nowhere" / "audit.log"}"\n',
+            "audit.file",
+        ),
+        "audit-file-a-directory": (f'[audit]\nfile = "{tmp_path}"\n', "audit.file"),
+    }
+    return cases[case]
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "tls-cert-missing",
+        "tls-key-mismatch",
+        "tls-client-ca-missing",
+        "admin-tls-cert-missing",
+        "admin-token-file-readable-by-others",
+        "admin-ca-shared-with-users",
+        "audit-file-in-a-missing-directory",
+        "audit-file-a-directory",
+    ],
+)
+def test_check_config_refuses_the_files_serve_cannot_use(tmp_path: Path, case: str) -> None:
+    """check-config loads what serve loads before it listens: a file that fails there
+    fails here, with the same key, and serve says the same (exit 2, no traceback)."""
+    toml, key = _files_that_do_not_load(tmp_path, case)
+    config = tmp_path / "wsguard.toml"
+    config.write_text(toml)
+    env = cli_env(tmp_path, WSGUARD_JWT_SECRET="s" * 40)
+    done = run_cli(["check-config", "--config", str(config)], env)
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert f"configuration error: {key}:" in done.stderr
+    served = run_cli(["serve", "--config", str(config), "--port", "0"], env)
+    assert served.returncode == 2, served.stderr
+    assert f"configuration error: {key}:" in served.stderr
+    assert "Traceback" not in served.stderr
+
+
+def test_check_config_warns_of_an_admin_listener_in_clear_text(tmp_path: Path) -> None:
+    config = tmp_path / "wsguard.toml"
+    config.write_text('[admin]\nhost = "0.0.0.0"\nport = 9999\ntoken = "' + "t" * 32 + '"\n')
+    done = run_cli(["check-config", "--config", str(config)], cli_env(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert "warning: admin.host: the admin listener is on a network address" in done.stderr
+
+
 def test_check_config_writes_nothing_and_warns_of_risky_settings(tmp_path: Path) -> None:
     """No development key is created (serve makes it when it starts); a proxy network of
     every address and a message type without a schema are valid but said."""

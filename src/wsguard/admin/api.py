@@ -147,8 +147,8 @@ def allowed_hosts(
     bind: str, hosts: tuple[str, ...], origins: tuple[str, ...]
 ) -> frozenset[str] | None:
     """The ``Host`` names an admin listener bound to *bind* answers (None: any)."""
+    from wsguard.core.client_address import is_loopback_host
     from wsguard.core.origin import parse_allowed_origin
-    from wsguard.guard import is_loopback_host
 
     names = {host_name(h) for h in hosts}
     names |= {parse_allowed_origin(o).host for o in origins}

@@ -150,7 +150,7 @@ class AdminServer:
     """Serves one App's admin API, metrics and dashboard."""
 
     def __init__(self, app: AdminTarget) -> None:
-        from wsguard.guard import is_loopback_host
+        from wsguard.core.client_address import is_loopback_host
 
         self.app = app
         config = app.config.admin
@@ -158,16 +158,8 @@ class AdminServer:
         token, self.generated_token_file = load_admin_token(
             config, loopback=is_loopback_host(config.host)
         )
-        self.ssl_context = admin_tls_context(app.config)
-        if self.ssl_context is None and not is_loopback_host(config.host):
-            detail = (
-                "the admin listener is on a network address without admin.tls: the admin "
-                "token and the dashboard's session cookie cross the network in clear text "
-                "(set admin.tls.cert_file and admin.tls.key_file, or keep it on loopback "
-                "behind a TLS proxy)"
-            )
-            logger.warning("admin.host: %s", detail)
-            app.guard.audit.emit("config_warning", key="admin.host", detail=detail)
+        self.ssl_context = admin_tls_context(app.config)  # clear text beyond loopback:
+        # a config_warning of the Guard's (core.risky_settings)
         self.credentials = AdminCredentials(
             token,
             mtls=config.tls.client_ca_file is not None,

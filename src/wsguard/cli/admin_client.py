@@ -23,8 +23,8 @@ from urllib.parse import quote
 
 from wsguard.admin.credentials import DEFAULT_TOKEN_FILE
 from wsguard.config.model import Config
+from wsguard.core.client_address import is_loopback_host
 from wsguard.errors import ConfigError
-from wsguard.guard import is_loopback_host
 
 if TYPE_CHECKING:
     import httpx  # the admin extra: imported when a command runs

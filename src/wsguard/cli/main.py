@@ -226,23 +226,31 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _check_config(args: argparse.Namespace) -> int:
     """Validate as ``serve`` would before it listens: the model, plaintext beyond
-    loopback, then what the configuration builds (the keys, the store's client, the alert
-    webhook, the admin listener's credential), each with the extra it needs. Nothing is
-    started, connected or written (not even the development key)."""
+    loopback, the TLS certificates and CA bundles, the audit file, then what the
+    configuration builds (the keys, the store's client, the alert webhook, the admin
+    listener's credential and TLS), each with the extra it needs. Nothing is started,
+    connected or written (not even the development key)."""
     import asyncio
     import io
     import secrets
 
     from wsguard.config.keys import has_configured_key
     from wsguard.core.auth import KeyMaterial
+    from wsguard.core.client_address import is_loopback_host
     from wsguard.core.risky_settings import config_warnings
     from wsguard.engines.tls import check_listener
     from wsguard.extras import require
-    from wsguard.guard import Guard, is_loopback_host
+    from wsguard.guard import Guard
     from wsguard.observability.audit import AuditLog
 
     config = _load(args)
     check_listener(config)
+    if config.tls.enabled:
+        from wsguard.engines.tls import server_context
+
+        server_context(config.tls)  # the certificate, its key and the client CA load
+    if config.audit.enabled:
+        AuditLog.check_target(config.audit.file)
     keys = None
     if not has_configured_key(config.auth) and is_loopback_host(config.host):
         keys = KeyMaterial(secret=secrets.token_bytes(32))  # the development key: at start
@@ -250,10 +258,15 @@ def _check_config(args: argparse.Namespace) -> int:
     asyncio.run(guard.close())
     if config.admin.enabled:
         require("admin", "the admin listener", key="admin.port")
-        if not is_loopback_host(config.admin.host):
-            from wsguard.admin.credentials import load_admin_token
+        from wsguard.admin.credentials import load_admin_token
+        from wsguard.admin.server import admin_tls_context
 
-            load_admin_token(config.admin, loopback=False)  # required there: never generated
+        loopback = is_loopback_host(config.admin.host)
+        if config.admin.token_file is not None or not loopback:
+            # read (and its mode checked) as at start; on loopback without one the token
+            # file is generated at start, which a check does not do
+            load_admin_token(config.admin, loopback=loopback)
+        admin_tls_context(config)  # its certificate, key and client CA (apart from the users')
     for key, message in config_warnings(config):
         print(f"wsguard: warning: {key}: {message}", file=sys.stderr)
     print("configuration is valid")

@@ -18,6 +18,16 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
+def is_loopback_host(host: str) -> bool:
+    """Whether a listener's *host* (a name or an address) is on loopback only."""
+    if host in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def forwarded_host(text: str) -> str:
     """A forwarded address's host, as proxies and ASGI servers read one: ``[host]:port``,
     ``[host]`` and ``host:port`` without their brackets and port (an unclosed bracket

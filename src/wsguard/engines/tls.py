@@ -120,7 +120,7 @@ def certificate_identity(peer_cert: dict[str, Any] | None, source: str) -> str |
 
 def check_listener(config: Config) -> None:
     """Refuse configurations that would serve plaintext beyond loopback."""
-    from wsguard.guard import is_loopback_host
+    from wsguard.core.client_address import is_loopback_host
 
     if config.tls.enabled or is_loopback_host(config.host) or config.tls.behind_proxy:
         return

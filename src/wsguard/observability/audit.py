@@ -9,6 +9,7 @@ are never passed to this module.
 from __future__ import annotations
 
 import contextlib
+import os
 import queue
 import re
 import sys
@@ -16,9 +17,12 @@ import threading
 import time
 from collections.abc import MutableMapping
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import IO, Any
 
 import orjson
+
+from wsguard.errors import ConfigError
 
 _MAX_FIELD = 256
 _LINGER = 0.01  # seconds the writer thread waits after a batch (see AuditLog._drain)
@@ -99,11 +103,34 @@ class AuditLog:
 
     @classmethod
     def open(cls, target: str, *, enabled: bool = True) -> AuditLog:
-        """``-`` is standard output; anything else is a file opened for append."""
+        """``-`` is standard output; anything else is a file opened for append (one that
+        cannot be is a configuration error naming ``audit.file``)."""
         if target == "-":
             return cls(sys.stdout, enabled=enabled, background=True)
-        stream = open(target, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
+        try:
+            stream = open(Path(target).expanduser(), "a", encoding="utf-8", buffering=1)  # noqa: SIM115
+        except OSError as exc:
+            raise ConfigError("audit.file", f"cannot open {target}: {exc.strerror}") from None
         return cls(stream, enabled=enabled, background=True)
+
+    @staticmethod
+    def check_target(target: str) -> None:
+        """Raise ConfigError (``audit.file``) unless :meth:`open` could open *target* for
+        append; nothing is created."""
+        if target == "-":
+            return
+        path = Path(target).expanduser()
+        if path.is_dir():
+            raise ConfigError("audit.file", f"cannot open {target}: is a directory")
+        if path.exists():
+            if not os.access(path, os.W_OK):
+                raise ConfigError("audit.file", f"cannot open {target}: permission denied")
+            return
+        parent = path.parent
+        if not parent.is_dir():
+            raise ConfigError("audit.file", f"cannot open {target}: {parent} is not a directory")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise ConfigError("audit.file", f"cannot create {target}: permission denied")
 
     def emit(self, event: str, **fields: Any) -> None:
         if not self.enabled:
