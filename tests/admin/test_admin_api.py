@@ -523,9 +523,9 @@ def test_disconnect_a_connection_then_a_subject(
     assert sorted(e["connection_id"] for e in dropped) == sorted([x_id, c1_id, c2_id])
     assert {e["by"] for e in dropped} == {"admin"}
     actions = server.audit.events("admin_action")
-    assert [(e["action"], e["target"]) for e in actions] == [
-        ("disconnect", "id"),
-        ("disconnect", "sub"),
+    assert [(e["action"], e["target"], e["value"]) for e in actions] == [
+        ("disconnect", "id", x_id),  # what was acted on, for the record
+        ("disconnect", "sub", "c"),
     ]
 
     for body in ({"connection_id": x_id, "subject": "y"}, {}, {"subject": ""}, {"subject": 7}):
@@ -579,6 +579,11 @@ def test_revoke_a_token_id_then_a_subject(
     assert refused_handshake(server, make_token("erin"))[0] == 401
     for n, ws in enumerate((dave2, frank)):
         assert_pong(ws, f"kept-{n}")
+    actions = server.audit.events("admin_action")
+    assert [(e["action"], e["target"], e["value"]) for e in actions] == [
+        ("revoke", "jti", "tok-1"),
+        ("revoke", "subject", "erin"),
+    ]
 
     for body in (
         {"jti": "a", "subject": "b"},

@@ -404,7 +404,11 @@ class AdminApi:
         )
         await self._act(request, "disconnect", kind, self.guard.disconnect(kind, value, "admin"))
         self.guard.audit.emit(
-            "admin_action", action="disconnect", target=kind, client=self._address(request)
+            "admin_action",
+            action="disconnect",
+            target=kind,
+            value=value,
+            client=self._address(request),
         )
         return json_response({"disconnected": {field: value}, "local_connections": local})
 
@@ -416,7 +420,11 @@ class AdminApi:
         kind = "jti" if field == "jti" else "sub"
         await self._act(request, "revoke", field, self.app.revoke(kind, value, ttl))
         self.guard.audit.emit(
-            "admin_action", action="revoke", target=field, client=self._address(request)
+            "admin_action",
+            action="revoke",
+            target=field,
+            value=value,
+            client=self._address(request),
         )
         return json_response({"revoked": {field: value}, "ttl_seconds": ttl})
 
