@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from typing import Any, TypeVar
@@ -913,3 +914,36 @@ def test_a_refused_event_subscription_is_reported_and_checked_for(
 
     runner.run(scenario())
     admin.close()
+
+
+def test_a_redis_that_answers_ping_but_refuses_writes_is_one_outage(
+    runner: asyncio.Runner, own_redis: RedisProcess, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Out of memory (``noeviction``), Redis answers PING and refuses every write: one
+    outage, logged once, until writes work again; the answered PING between two
+    operations is no recovery (it was logged as over and begun again at each retry)."""
+    admin = own_redis.client()
+    config = ClusterConfig(retry_seconds=0.05, timeout_seconds=0.5)
+
+    async def scenario() -> None:
+        async with redis_stores(own_redis.uri, config) as (store,):
+            admin.config_set("maxmemory-policy", "noeviction")
+            admin.config_set("maxmemory", 1)
+            await store.pace("addr:x", 1.0, 10)  # refused by Redis: the outage begins
+            assert not store.available
+            for _ in range(5):
+                await asyncio.sleep(0.06)  # past retry_seconds: Redis is tried again
+                assert await store.ping() is False
+                await store.pace("addr:x", 1.0, 10)
+                assert not store.available
+            admin.config_set("maxmemory", 0)
+            await asyncio.sleep(0.06)
+            assert await store.ping() is True
+            assert store.available
+
+    with caplog.at_level(logging.WARNING, logger="wsguard.store"):
+        runner.run(scenario())
+    admin.close()
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("unavailable" in m for m in messages) == 1, messages
+    assert sum("available again" in m for m in messages) == 1, messages

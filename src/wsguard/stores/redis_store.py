@@ -40,7 +40,13 @@ from typing import Any, TypeVar
 from redis.asyncio.client import Pipeline
 from redis.asyncio.cluster import ClusterPipeline, RedisCluster
 from redis.commands.core import AsyncScript
-from redis.exceptions import ClusterDownError, NoScriptError, RedisClusterException, RedisError
+from redis.exceptions import (
+    ClusterDownError,
+    NoScriptError,
+    RedisClusterException,
+    RedisError,
+    ResponseError,
+)
 
 from wsguard.config.model import ClusterConfig
 from wsguard.stores import redis_events, redis_scripts
@@ -127,6 +133,7 @@ class RedisStore(Store):
         self._health: list[HealthListener] = []
         self._down_until = 0.0
         self._down = False
+        self._down_by_reply = False
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
         self._subscribed = asyncio.Event()
@@ -162,6 +169,9 @@ class RedisStore(Store):
         if self._closed:
             return  # errors of operations cut short by close() are not an outage
         self._down_until = time.monotonic() + self.config.retry_seconds
+        # Redis answered, with an error (out of memory, a command the ACL denies, a
+        # demoted primary's READONLY): a PING it answers proves nothing (see ping)
+        self._down_by_reply = isinstance(exc, ResponseError)
         if not self._down:
             self._down = True
             detail = f"{type(exc).__name__}: {exc}"[:200]
@@ -398,8 +408,14 @@ class RedisStore(Store):
         async def remote() -> bool:
             if self._cluster:
                 await self._cluster_ready()
-                return True
-            return bool(await self.client.ping())
+            elif not await self.client.ping():
+                return False
+            if self._down and self._down_by_reply:
+                # down because Redis refused an operation: back when a write through a
+                # script (what handshakes do) works again, not when it answers a PING
+                # (the outage would be logged as over and begun again at every retry)
+                await self._pace(keys=[self._key("health", ":b")], args=[1000.0, 1000])
+            return True
 
         async def down() -> bool:
             return False
