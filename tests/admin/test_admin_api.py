@@ -41,7 +41,7 @@ from conftest import (
 )
 from support.admin import ROOMY, admin_server, error_of, open_client, welcomed
 from support.cluster import EVERY_CHECK_OPEN
-from support.redis_process import RedisProcess, writes_paused
+from support.redis_process import RedisProcess, user_without_subscribe, writes_paused
 from wsguard.admin.server import AdminServer
 from wsguard.config.loader import load_config
 from wsguard.errors import ConfigError, KeyLoadError
@@ -266,27 +266,17 @@ def test_readyz_is_503_while_redis_refuses_the_event_subscription(
     """Redis answers commands but refuses SUBSCRIBE (an ACL without it): the node would
     hear of other nodes' revocations, disconnects and bans late, and says it is not
     ready until it can subscribe."""
-    admin = own_redis.client()
-    admin.acl_setuser(
-        "nosub",
-        enabled=True,
-        passwords=["+pw"],
-        keys=["*"],
-        channels=["*"],
-        commands=["+@all", "-subscribe"],
-    )
-    uri = f"redis://nosub:pw@127.0.0.1:{own_redis.port}/0"
-    server = admin_server(server_factory, store=uri)
+    with user_without_subscribe(own_redis) as (uri, grant):
+        server = admin_server(server_factory, store=uri)
 
-    def status(code: int) -> httpx.Response | None:
-        response = call(server, "GET", "/readyz", token=None)
-        return response if response.status_code == code else None
+        def status(code: int) -> httpx.Response | None:
+            response = call(server, "GET", "/readyz", token=None)
+            return response if response.status_code == code else None
 
-    response = eventually(lambda: status(503), 10, "/readyz reports the refused subscription")
-    assert response.json() == {"ready": False, "reason": "events_unavailable"}
-    admin.acl_setuser("nosub", enabled=True, commands=["+subscribe"])
-    eventually(lambda: status(200), 10, "/readyz ready once subscribed")
-    admin.close()
+        response = eventually(lambda: status(503), 10, "/readyz reports the refused subscription")
+        assert response.json() == {"ready": False, "reason": "events_unavailable"}
+        grant()
+        eventually(lambda: status(200), 10, "/readyz ready once subscribed")
 
 
 def test_readyz_stays_ready_through_an_outage_when_every_check_fails_open(

@@ -34,7 +34,7 @@ from typing import Any, TypeVar
 import pytest
 import redis
 
-from support.redis_process import RedisProcess
+from support.redis_process import RedisProcess, user_without_subscribe
 from wsguard.config.model import ClusterConfig, StoreFailureConfig
 from wsguard.stores import BanPolicy, Store, StoreUnavailable, open_store
 from wsguard.stores.base import CHANNEL_BROADCAST, CHANNEL_REVOKE
@@ -878,16 +878,6 @@ def test_a_refused_event_subscription_is_reported_and_checked_for(
     without pub/sub) leaves a node deaf to the other nodes' revocations: it says so (a
     warning, not ready, the ``events`` errors), checks its connections against the stored
     revocations at every retry meanwhile, and subscribes once it may."""
-    admin = own_redis.client()
-    admin.acl_setuser(
-        "nosub",
-        enabled=True,
-        passwords=["+pw"],
-        keys=["*"],
-        channels=["*"],
-        commands=["+@all", "-subscribe"],
-    )
-    uri = f"redis://nosub:pw@127.0.0.1:{own_redis.port}/0"
     config = ClusterConfig(retry_seconds=0.05, timeout_seconds=0.1)
 
     async def scenario() -> None:
@@ -905,15 +895,15 @@ def test_a_refused_event_subscription_is_reported_and_checked_for(
             assert len(warnings) == 1, warnings  # once, not once per retry
             assert "pw" not in warnings[0].getMessage()
 
-            admin.acl_setuser("nosub", enabled=True, commands=["+subscribe"])
+            grant()
             await eventually(lambda: not deaf.events_failing, "subscribed again")
             got: list[bytes] = []
             deaf.subscribe(lambda _, payload: got.append(payload))
             await other.publish(CHANNEL_BROADCAST, b"heard")
             await eventually(lambda: got == [b"heard"], "an event from the other node")
 
-    runner.run(scenario())
-    admin.close()
+    with user_without_subscribe(own_redis) as (uri, grant):
+        runner.run(scenario())
 
 
 def test_a_redis_that_answers_ping_but_refuses_writes_is_one_outage(

@@ -6,7 +6,7 @@ import contextlib
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -99,3 +99,23 @@ def writes_paused(redis_process: RedisProcess) -> Iterator[None]:
             yield
         finally:
             client.client_unpause()
+
+
+@contextlib.contextmanager
+def user_without_subscribe(redis_process: RedisProcess) -> Iterator[tuple[str, Callable[[], None]]]:
+    """A Redis user that may run every command but SUBSCRIBE (an ACL a node may be
+    given by mistake): its store URI, and a function that grants it SUBSCRIBE."""
+    with redis_process.client() as client:
+        client.acl_setuser(
+            "nosub",
+            enabled=True,
+            passwords=["+pw"],
+            keys=["*"],
+            channels=["*"],
+            commands=["+@all", "-subscribe"],
+        )
+
+        def grant() -> None:
+            client.acl_setuser("nosub", enabled=True, commands=["+subscribe"])
+
+        yield f"redis://nosub:pw@127.0.0.1:{redis_process.port}/0", grant
