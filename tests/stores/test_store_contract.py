@@ -937,3 +937,24 @@ def test_a_redis_that_answers_ping_but_refuses_writes_is_one_outage(
     messages = [r.getMessage() for r in caplog.records]
     assert sum("unavailable" in m for m in messages) == 1, messages
     assert sum("available again" in m for m in messages) == 1, messages
+
+
+def test_an_outage_is_not_reported_as_a_refused_subscription(
+    runner: asyncio.Runner, own_redis: RedisProcess, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis gone: the subscription fails with everything else, and the outage is what
+    is reported (not a subscription refused while commands work)."""
+    config = ClusterConfig(retry_seconds=0.05, timeout_seconds=0.2)
+
+    async def scenario() -> None:
+        async with redis_stores(own_redis.uri, config) as (store,):
+            own_redis.kill()
+            await eventually(
+                lambda: store.error_counts().get("events", 0) >= 3, "failed subscriptions"
+            )
+            assert not store.available
+            assert not store.events_failing
+
+    with caplog.at_level(logging.INFO, logger="wsguard.store"):
+        runner.run(scenario())
+    assert not [r for r in caplog.records if "cannot subscribe" in r.getMessage()]

@@ -138,6 +138,7 @@ class RedisStore(Store):
         self._closed = False
         self._subscribed = asyncio.Event()
         self._events_failing = False  # the subscription refused while commands work
+        self._subscription_end: tuple[BaseException, bool] | None = None
         self._background: set[asyncio.Task[None]] = set()
         self.operations = 0  # round trips attempted, for benchmarks and tests
         self.errors: dict[str, int] = {}  # failed operations per check (metrics)
@@ -753,14 +754,24 @@ class RedisStore(Store):
 
     def _subscription_ended(self, exc: BaseException, confirmed: bool) -> None:
         """An event subscription ended with *exc*; *confirmed*: after Redis had confirmed
-        it (a dropped connection: subscribed again, then checked, as after an outage).
-        One refused before confirmation while commands work (an ACL without
-        ``subscribe``, a proxy without pub/sub) leaves this node deaf to the other nodes'
-        revocations, disconnects and bans: reported once (a warning, not ready, the
-        ``events`` errors), and this node checks its connections against the stored
-        revocations at every retry meanwhile."""
+        it. Counted; :meth:`_subscription_broken` says what it was."""
         self.errors["events"] = self.errors.get("events", 0) + 1
-        if confirmed or self._closed:
+        self._subscription_end = (exc, confirmed)
+
+    async def _subscription_broken(self) -> None:
+        """Between two attempts to subscribe: an outage (Redis does not answer: the
+        store's), a dropped subscription (subscribed again, then checked, as after an
+        outage), or one refused before its confirmation while commands work (an ACL
+        without ``subscribe``, a proxy without pub/sub), which leaves this node deaf to
+        the other nodes' revocations, disconnects and bans: reported once (a warning,
+        not ready, the ``events`` errors), and this node's connections are checked
+        against the stored revocations at every retry meanwhile."""
+        await self.ping()
+        ended, self._subscription_end = self._subscription_end, None
+        if ended is None or self._closed or self._down:
+            return
+        exc, confirmed = ended
+        if confirmed:
             logger.info("cluster event subscription ended: %s; subscribing again", exc)
             return
         if not self._events_failing:
@@ -774,6 +785,7 @@ class RedisStore(Store):
                 detail,
                 self.config.retry_seconds,
             )
+        self._missed_events()
 
     def _subscription_confirmed(self) -> None:
         if self._events_failing:
@@ -784,13 +796,6 @@ class RedisStore(Store):
     def events_failing(self) -> bool:
         """Whether the event subscription is refused while Redis answers commands."""
         return self._events_failing and not self._down
-
-    async def _subscription_broken(self) -> None:
-        """Between two attempts to subscribe: is Redis down (an outage), or does it
-        answer commands but refuse the subscription (then the check stands in for it)?"""
-        await self.ping()
-        if self.events_failing:
-            self._missed_events()
 
     async def _sharded_subscriber_loop(self) -> None:
         """A cluster's events: sharded pub/sub that follows the slots (redis_events)."""
