@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
+from websockets.typing import Origin
 
 from support.cli import cli_env, run_cli
 from support.paths import REPO
@@ -489,3 +490,131 @@ def test_frames_that_break_rfc_6455_are_an_error_that_names_the_fault() -> None:
     (finding,) = scan_handler(handler, ("auth.required",), reply_timeout=0.5).findings
     assert finding.verdict is Verdict.ERROR, finding
     assert "breaks RFC 6455: invalid opcode" in finding.evidence
+
+
+# -- refusals for another reason than the one a check probes ------------------------------
+
+
+def test_an_origin_refusal_is_no_proof_of_authentication() -> None:
+    """An endpoint with an Origin allowlist and no authentication refuses the scan's
+    handshakes with 403 for their Origin: without --origin-allowed that says nothing
+    about credentials (INCONCLUSIVE, naming the option); with it, anyone gets in."""
+    allowed = "http://app.example"
+
+    async def handler(ws: ServerConnection) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            async for message in ws:
+                await ws.send(message)
+
+    async def main(**options: Any) -> Report:
+        origins = [Origin(allowed)]
+        async with serve(handler, "127.0.0.1", 0, origins=origins, compression=None) as server:
+            port = server.sockets[0].getsockname()[1]
+            url = f"ws://127.0.0.1:{port}/"
+            return await run_scan(ScanOptions(url=url, reply_timeout=1.0, **options))
+
+    blind = asyncio.run(main(checks=("auth.required", "auth.malformed")))
+    verdicts = {f.check: f for f in blind.findings}
+    assert verdicts["auth.required"].verdict is Verdict.INCONCLUSIVE, verdicts["auth.required"]
+    assert "--origin-allowed" in verdicts["auth.required"].evidence
+    assert not [f for f in blind.findings if f.verdict is Verdict.PASS], blind.findings
+    informed = asyncio.run(main(checks=("auth.required",), origin_allowed=allowed))
+    (finding,) = informed.findings
+    assert finding.verdict is Verdict.FAIL, finding
+
+
+async def _binary_only(ws: ServerConnection) -> None:
+    """A binary protocol: text frames are closed with 1003, binary ones echoed."""
+    with contextlib.suppress(ConnectionClosed):
+        async for message in ws:
+            if isinstance(message, str):
+                await ws.close(1003, "binary only")
+                return
+            await ws.send(message)
+
+
+def test_an_endpoint_the_scan_cannot_speak_to_is_not_said_to_refuse() -> None:
+    """No credential needed, and no message the scan can send is answered: upgraded and
+    not refused (WEAK, as documented), never described as a refusal; and a close for
+    the kind of message sent is no rate limit (INCONCLUSIVE, not PASS)."""
+    report = scan_handler(
+        _binary_only,
+        ("auth.required", "flood.rate_limit"),
+        reply_timeout=0.5,
+        aggressive=True,
+        flood_count=50,
+        reset_wait=1.0,
+    )
+    verdicts = {f.check: f for f in report.findings}
+    required = verdicts["auth.required"]
+    assert required.verdict is Verdict.WEAK, required
+    assert "refused" not in required.evidence.split("—")[0].replace("not refused", ""), required
+    flood = verdicts["flood.rate_limit"]
+    assert flood.verdict is Verdict.INCONCLUSIVE, flood
+    assert "not of their rate" in flood.evidence
+
+
+def test_connections_dropped_now_and_then_are_no_connection_limit() -> None:
+    """An endpoint with no limit that drops every third connection right after its
+    upgrade: a drop followed by an accepted connection is no limit (it was reported as
+    one, PASS), so all the connections the scan holds are accepted: FAIL."""
+    accepted = 0
+
+    async def handler(ws: ServerConnection) -> None:
+        nonlocal accepted
+        accepted += 1
+        if accepted % 3 == 0:
+            ws.transport.abort()
+            return
+        with contextlib.suppress(ConnectionClosed):
+            async for message in ws:
+                await ws.send(message)
+
+    report = scan_handler(
+        handler,
+        ("conns.limit", "conns.release"),
+        reply_timeout=0.5,
+        aggressive=True,
+        max_connections=12,
+        reset_wait=1.0,
+    )
+    verdicts = {f.check: f for f in report.findings}
+    assert verdicts["conns.limit"].verdict is Verdict.FAIL, verdicts["conns.limit"]
+    assert verdicts["conns.release"].verdict is Verdict.NA, verdicts["conns.release"]
+
+
+def test_checks_are_selected_by_group_too() -> None:
+    """--checks and --skip take a group name (as --list-checks shows them)."""
+    from wsguard.scanner.runner import select
+
+    chosen = {c.id for c in select(ScanOptions(url="ws://127.0.0.1:1/", checks=("limits",)))}
+    assert {"flood.rate_limit", "conns.limit", "conns.release"} <= chosen
+    assert all(c.group == "limits" for c in select(ScanOptions(url="", checks=("limits",))))
+    skipped = select(ScanOptions(url="", skip=("lifecycle", "messages")))
+    assert not [c for c in skipped if c.group in ("lifecycle", "messages")]
+
+
+def test_an_echo_of_an_oversized_message_is_its_acceptance() -> None:
+    """An echo server with no size limit sends the 16 MiB fragmented message back, over
+    the scan's own read limit: that answer is the message accepted (FAIL), not a scan
+    ERROR."""
+
+    async def main() -> Report:
+        async def handler(ws: ServerConnection) -> None:
+            with contextlib.suppress(ConnectionClosed):
+                async for message in ws:
+                    await ws.send(message)
+
+        async with serve(handler, "127.0.0.1", 0, max_size=None, compression=None) as server:
+            port = server.sockets[0].getsockname()[1]
+            options = ScanOptions(
+                url=f"ws://127.0.0.1:{port}/",
+                checks=("size.fragments",),
+                reply_timeout=1.0,
+                aggressive=True,
+            )
+            return await run_scan(options)
+
+    (finding,) = asyncio.run(main()).findings
+    assert finding.verdict is Verdict.FAIL, finding
+    assert "accepted" in finding.evidence

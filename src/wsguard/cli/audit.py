@@ -316,7 +316,7 @@ def list_checks() -> int:
 
     for spec in ordered_checks():
         flag = "  [--aggressive]" if spec.aggressive else ""
-        print(f"{spec.id:<22} {spec.title}{flag}")
+        print(f"{spec.id:<22} {spec.group:<11} {spec.title}{flag}")
     return 0
 
 

@@ -256,10 +256,12 @@ class ScanContext:
     async def open(self, **kwargs: object) -> Session:
         """A connection that works: upgraded and answering a ping without an error (else
         CheckError). A throttled target (a per-user rate limit still counting an earlier
-        check's messages) gets a few seconds, bounded, to calm down."""
+        check's messages) gets a few seconds, bounded, to calm down; a connection dropped
+        without a close frame is tried again once."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + THROTTLE_WAIT
         delay = 0.5
+        dropped_once = False
         while True:
             silent = False
             result = await self.connect(**kwargs)  # type: ignore[arg-type]
@@ -283,6 +285,10 @@ class ScanContext:
                         "override it)"
                     )
                 retry = throttled(outcome)
+                close = outcome.close
+                if close is not None and close.code == 1006 and not dropped_once:
+                    # dropped without a word: once is a flaky target, not an answer
+                    dropped_once = retry = True
             if not retry or loop.time() + delay > deadline:
                 if result.session is not None and silent:
                     raise Inconclusive(problem)

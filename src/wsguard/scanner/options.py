@@ -66,10 +66,17 @@ class ScanOptions:
     rotate_sources: bool | None = None  # None: on for IPv4 loopback targets
     max_message_bytes: int = 4 * 1024 * 1024  # the largest frame or message taken in
 
-    def selected(self, check_id: str) -> bool:
+    def selected(self, check_id: str, group: str = "") -> bool:
+        """Whether the check is chosen: a pattern names its id, an id prefix
+        (``auth`` for ``auth.required``), its group (``limits`` for ``flood.rate_limit``)
+        or is a glob of its id."""
+
         def matches(patterns: tuple[str, ...]) -> bool:
             return any(
-                check_id == p or check_id.startswith(p + ".") or fnmatch.fnmatchcase(check_id, p)
+                check_id == p
+                or p == group
+                or check_id.startswith(p + ".")
+                or fnmatch.fnmatchcase(check_id, p)
                 for p in patterns
             )
 

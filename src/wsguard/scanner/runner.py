@@ -164,11 +164,11 @@ def select(options: ScanOptions) -> list[Check]:
     for key, patterns in (("--checks", options.checks), ("--skip", options.skip)):
         for pattern in patterns:
             probe = ScanOptions(url="", checks=(pattern,))
-            if not any(probe.selected(c.id) for c in known):
+            if not any(probe.selected(c.id, c.group) for c in known):
                 raise ConfigError(
                     key, f"{pattern!r} matches no check (wsguard audit --list-checks)"
                 )
-    chosen = [c for c in known if options.selected(c.id)]
+    chosen = [c for c in known if options.selected(c.id, c.group)]
     if not chosen:
         raise ConfigError("--checks", "selects no check")
     return chosen
@@ -246,6 +246,16 @@ async def _run_one(spec: Check, ctx: ScanContext, seconds: float) -> Finding:
     seen = len(ctx.budget.violations)
     result = await _run_bounded(spec, ctx, seconds)
     hostile = ctx.budget.violations[seen:]
+    if hostile and spec.group == "size":
+        # what a size check sends is over the limit it looks for: an answer over the
+        # scan's own limit is that message processed (an echo of it, say), accepted
+        return finding(
+            spec.id,
+            Verdict.FAIL,
+            f"the target answered the oversized message: {hostile[0]} — it was accepted",
+            f"the check's own verdict: {result.verdict.value}: {result.evidence}",
+            *result.details,
+        )
     if hostile and result.evidence != hostile[0]:
         own = f"the check's own verdict: {result.verdict.value}: {result.evidence}"
         return finding(spec.id, Verdict.ERROR, hostile[0], own, *result.details)

@@ -29,10 +29,13 @@ async def try_handshakes(
     accepted_means: str,
 ) -> Finding:
     """Each variant is a label and ``ctx.connect`` arguments; every one must be refused
-    before the upgrade. Accepted: FAIL; refused only after the upgrade: WEAK; a variant
+    before the upgrade. Accepted: FAIL; refused only after the upgrade, or upgraded with
+    nothing past the upgrade to see (an endpoint whose protocol the scan cannot speak):
+    WEAK; a variant
     that got no judgement (timeout, 5xx, 429) even after retries: INCONCLUSIVE, never PASS."""
     accepted: list[str] = []
     late: list[str] = []
+    silent: list[str] = []  # upgraded, and nothing past the upgrade could be seen
     unjudged: list[str] = []
     lines: list[str] = []
     refusals: set[str] = set()
@@ -51,8 +54,10 @@ async def try_handshakes(
         lines.append(f"{label}: {how}")
         if state == "accepted":
             accepted.append(label)
-        elif state in ("late", "silent"):
-            late.append(f"{label} ({how})" if state == "silent" else label)
+        elif state == "late":
+            late.append(label)
+        elif state == "silent":
+            silent.append(f"{label} ({how})")
         elif state == "inconclusive":
             unjudged.append(f"{label}: {how}")
         else:
@@ -68,17 +73,65 @@ async def try_handshakes(
             f"refused only after the upgrade: {'; '.join(late)}",
             *lines,
         )
+    if silent:
+        return finding(
+            ctx.check_id,
+            Verdict.WEAK,
+            f"upgraded, not refused before the upgrade: {'; '.join(silent)} — whether it is "
+            "refused later cannot be seen without a message the endpoint answers "
+            "(--ping-message)",
+            *lines,
+        )
     if unjudged:
         raise Inconclusive(
             f"{len(unjudged)} of {len(variants)} could not be judged ({'; '.join(unjudged)}); "
             "none accepted so far"
         )
+    await _refusals_are_about_the_variants(ctx, refusals)
     return finding(
         ctx.check_id,
         Verdict.PASS,
         f"{len(variants)} of {len(variants)} refused before the upgrade "
         f"({', '.join(sorted(refusals))}) — {refused_means}",
         *lines,
+    )
+
+
+async def _refusals_are_about_the_variants(ctx: ScanContext, refusals: set[str]) -> None:
+    """Every variant was refused before the upgrade: that says something about what the
+    variants changed only if the scan's own handshake (its credential, Origin,
+    subprotocol and path) is upgraded. A target that refuses that one too (an Origin
+    allowlist, a required subprotocol, a wrong path, a redirect) refused for another
+    reason: INCONCLUSIVE, saying what to give. Without a credential there is no own
+    handshake to compare with: a 401 is an authentication refusal by definition, any
+    other refusal is not judged."""
+    ctx.rotate()
+    control = await ctx.connect()
+    if control.session is not None:
+        await control.session.close()
+    if control.status == 101:
+        return
+    if ctx.credentials.token is None and refusals == {"HTTP 401"}:
+        return
+    status = control.status
+    if status == 403:
+        hint = (
+            "if the endpoint checks Origin, give --origin-allowed; if it needs a credential, "
+            "--token or --jwt-secret"
+        )
+    elif status == 400:
+        hint = "a required subprotocol (--subprotocol) or header (--header)?"
+    elif status == 404:
+        hint = "is the URL's path the endpoint's?"
+    elif status is not None and 300 <= status < 400:
+        hint = "it redirects: scan the URL it redirects to"
+    elif status == 401:
+        hint = "the credential given is refused too: give one the endpoint accepts"
+    else:
+        hint = "give what the endpoint needs (--token, --origin-allowed, --subprotocol)"
+    raise Inconclusive(
+        f"the scan's own handshake is refused too ({control.describe()}): the refusals say "
+        f"nothing about what the probes changed; {hint}"
     )
 
 

@@ -22,6 +22,10 @@ from wsguard.scanner.context import (
 from wsguard.scanner.model import OWASP, Finding, Verdict, check, finding
 from wsguard.scanner.probe import Handshake, Session
 
+#: closes that refuse what a message is (protocol error, unsupported data, invalid data),
+#: never how many there were
+_REFUSES_THE_CONTENT = frozenset({1002, 1003, 1007})
+
 RATE_REFS = (f"{OWASP}: Rate Limiting / DoS Protection", "ASVS 5.0 V2.4.1")
 CONN_REFS = (f"{OWASP}: Connection Limits / DoS Protection", "RFC 6455 §10.4")
 
@@ -112,6 +116,15 @@ async def flood(ctx: ScanContext) -> Finding:
             "refused: throttled silently, or just slow",
         )
     how = outcome.describe()
+    close = outcome.close
+    if answered == 0 or (close is not None and close.code in _REFUSES_THE_CONTENT):
+        # a limit lets some through first; a close for what was sent (its kind, its
+        # framing, its encoding) says nothing about how much was sent
+        raise Inconclusive(
+            f"refused after {answered} answered: {how} — a refusal of the messages "
+            "themselves, not of their rate (give a message the endpoint takes: "
+            "--ping-message)"
+        )
     # does it reset? a new connection from the same address, backing off, bounded
     loop = asyncio.get_running_loop()
     started = loop.time()
@@ -178,26 +191,51 @@ def _descriptors_for(count: int) -> None:
 
 
 async def _fill(ctx: ScanContext, held: Held) -> None:
-    """Open connections from one address until one is refused (or max_connections)."""
+    """Open connections from one address until one is refused (or max_connections). A
+    refusal counts as the limit only if the next attempt, with every connection still
+    held, is refused too: a connection dropped at random (a flaky target, a restart) is
+    no limit, and is replaced."""
     _descriptors_for(ctx.options.max_connections)
-    for n in range(1, ctx.options.max_connections + 1):
-        result: Handshake = await ctx.connect()
-        if result.session is None:
-            answer = judge(result)
-            if answer != "refused" and result.status not in THROTTLED:
-                raise Inconclusive(
-                    f"connection {n} failed ({result.describe()}): cannot tell a limit from "
-                    "a failure"
-                )
-            held.refusal, held.refused_at = result.describe(), n
+    flukes = 0
+    n = 0
+    while len(held.sessions) < ctx.options.max_connections:
+        n += 1
+        refusal = await _one_more(ctx, held, n)
+        if refusal is None:
+            continue
+        confirmed = await _one_more(ctx, held, n + 1)
+        if confirmed is not None:
+            held.refusal, held.refused_at = refusal, n
             return
-        held.sessions.append(result.session)  # released by the caller, whatever happens
-        outcome = await ctx.barrier(result.session)
-        if outcome.close is not None:
-            held.refusal, held.refused_at = f"upgraded, then {outcome.describe()}", n
-            return
-        if not outcome.answered:
-            raise Inconclusive(f"connection {n} did not answer a ping: {outcome.describe()}")
+        n += 1
+        flukes += 1
+        if flukes > max(3, ctx.options.max_connections // 2):
+            raise Inconclusive(
+                f"{flukes} connections failed and the next one was accepted each time "
+                f"(the last: {refusal}): the target drops connections, not at a limit"
+            )
+
+
+async def _one_more(ctx: ScanContext, held: Held, n: int) -> str | None:
+    """Open connection *n* and hold it: None when upgraded and answering, else how it
+    was refused."""
+    result: Handshake = await ctx.connect()
+    if result.session is None:
+        answer = judge(result)
+        if answer != "refused" and result.status not in THROTTLED:
+            raise Inconclusive(
+                f"connection {n} failed ({result.describe()}): cannot tell a limit from a failure"
+            )
+        return result.describe()
+    held.sessions.append(result.session)  # released by the caller, whatever happens
+    outcome = await ctx.barrier(result.session)
+    if outcome.close is not None:
+        held.sessions.remove(result.session)  # closed by the target: not held
+        await result.session.close()
+        return f"upgraded, then {outcome.describe()}"
+    if not outcome.answered:
+        raise Inconclusive(f"connection {n} did not answer a ping: {outcome.describe()}")
+    return None
 
 
 @check(
