@@ -618,3 +618,22 @@ def test_an_echo_of_an_oversized_message_is_its_acceptance() -> None:
     (finding,) = asyncio.run(main()).findings
     assert finding.verdict is Verdict.FAIL, finding
     assert "accepted" in finding.evidence
+
+
+def test_an_endpoint_that_authenticates_in_its_protocol_gets_no_hollow_pass() -> None:
+    """The credential goes in the first message; anything else is answered
+    ``unauthorized`` and closed 4001. Malformed and privileged messages refused that way
+    (a message of an unknown kind too) were tested for nothing: INCONCLUSIVE, not PASS."""
+
+    async def handler(ws: ServerConnection) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            async for _message in ws:
+                await ws.send(json.dumps({"type": "error", "error": "unauthorized"}))
+                await ws.close(4001, "unauthorized")
+                return
+
+    report = scan_handler(handler, ("malformed.json", "authz.privileged"), reply_timeout=0.5)
+    verdicts = {f.check: f for f in report.findings}
+    for check in ("malformed.json", "authz.privileged"):
+        assert verdicts[check].verdict is Verdict.INCONCLUSIVE, verdicts[check]
+        assert "authentication" in verdicts[check].evidence

@@ -554,6 +554,16 @@ async def settle(ctx: ScanContext, result: Handshake) -> tuple[str, str]:
     return "silent", "upgraded and left open, no answer to a ping (in-band authentication?)"
 
 
+def about_authentication(outcome: Outcome) -> bool:
+    """Whether *outcome* is refused for want of authentication (an error frame or a
+    close reason that says so): a target that authenticates in-band refuses every
+    message of a connection that has not, which says nothing about the message."""
+    close = outcome.close
+    if close is not None and _AUTH.search(close.reason):
+        return True
+    return bool(outcome.errors) and all(_AUTH.search(error) for error in outcome.errors)
+
+
 # closes that refuse nothing by themselves (normal, going away, none at all): right after
 # an upgrade, with no reason about authentication, they are no sign of a refusal
 _PLAIN_CLOSES = frozenset({1000, 1001, 1005, 1006})

@@ -9,7 +9,13 @@ from typing import Any
 import orjson
 
 from wsguard.scanner.checks.common import require_baseline
-from wsguard.scanner.context import Inconclusive, Outcome, ScanContext, short
+from wsguard.scanner.context import (
+    Inconclusive,
+    Outcome,
+    ScanContext,
+    about_authentication,
+    short,
+)
 from wsguard.scanner.dialect import KIND_KEYS, Dialect, loads
 from wsguard.scanner.model import OWASP, Finding, Verdict, check, finding
 from wsguard.scanner.probe import Session
@@ -177,6 +183,12 @@ async def privileged(ctx: ScanContext) -> Finding:
             f"unknown kind got {_describe(control)}",
             *lines,
             control_line,
+        )
+    if refused and control.refused and about_authentication(control):
+        raise Inconclusive(
+            f"every message, one of an unknown kind too ({_describe(control)}), is refused "
+            "for authentication: the endpoint authenticates in its protocol, after the "
+            "upgrade, and the scan's connection has not; nothing about privileges was seen"
         )
     if refused and not alike and not silent:
         return finding(

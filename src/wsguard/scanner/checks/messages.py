@@ -18,6 +18,7 @@ from wsguard.scanner.context import (
     NotApplicable,
     Outcome,
     ScanContext,
+    about_authentication,
     short,
     throttled,
 )
@@ -91,6 +92,12 @@ async def _malformed(ctx: ScanContext, payloads: Sequence[Payload]) -> Finding:
         failed.append(f"afterwards a new connection failed: {how}")
     if failed:
         return finding(ctx.check_id, Verdict.FAIL, "; ".join(failed), *lines)
+    if all(about_authentication(o) for o in results):
+        raise Inconclusive(
+            f"every message was refused for authentication ({results[0].describe()}): the "
+            "endpoint authenticates in its protocol, after the upgrade, so how it handles "
+            "these was not seen"
+        )
     return finding(ctx.check_id, Verdict.PASS, tally([o.describe() for o in results]), *lines)
 
 
