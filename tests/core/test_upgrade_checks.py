@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 
 import pytest
 from hypothesis import example, given, settings
@@ -46,7 +47,7 @@ def refusal(headers: list[tuple[str, str]], target: str = "/") -> tuple[int, str
 
 
 def key_is_valid(value: str) -> bool:
-    value = value.strip()
+    value = value.strip(" \t")  # optional whitespace: SP and HTAB (RFC 9110 §5.6.3)
     if len(value) != 24 or not value.isascii():
         return False
     try:
@@ -81,7 +82,7 @@ _LIST = st.lists(
     st.sampled_from(
         ["websocket", "WebSocket", "upgrade", "Upgrade", "keep-alive", "h2c", "", " ", ",",
          "websocket, h2c", " websocket ", "upgrade,", "websockets", "WEBSOCKET", "upgraded",
-         "no-upgrade, keep-alive"]
+         "no-upgrade, keep-alive", "websocket\xa0", "upgrade\x85", "@", "websocket/13"]
     ),
     max_size=3,
 )  # fmt: skip
@@ -92,14 +93,49 @@ _LIST = st.lists(
 @example(["websocket"], ["keep-alive, Upgrade"])
 @example(["websocket", "websocket"], ["Upgrade"])
 @example([" websocket"], ["upgrade "])
+@example(["websocket\xa0"], ["Upgrade"])
+@example(["websocket"], ["Upgrade, @"])
+@example(["websocket/13"], ["Upgrade"])
 def test_upgrade_names_websocket_alone_and_connection_holds_upgrade(
     upgrade: list[str], connection: list[str]
 ) -> None:
+    got = refusal(valid(Upgrade=upgrade, Connection=connection))
+    if not _token_list(upgrade, versioned=True):
+        assert got == (400, "upgrade")
+        return
+    if not _token_list(connection, versioned=False):
+        assert got == (400, "connection")
+        return
     upgrades = [v.lower() for v in split_list(upgrade)]
     connections = [v.lower() for v in split_list(connection)]
     ok = upgrades == ["websocket"] and "upgrade" in connections
-    got = refusal(valid(Upgrade=upgrade, Connection=connection))
     assert got == (None if ok else (426, "missing upgrade headers"))
+
+
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_ELEMENT = {False: _TOKEN, True: re.compile(rf"{_TOKEN.pattern}(?:/{_TOKEN.pattern})?")}
+
+
+def _token_list(lines: list[str], *, versioned: bool) -> bool:
+    """RFC 9110 §5.6.1 ``1#element`` on every field line: elements separated by commas
+    with optional SP/HTAB around them, empty ones ignored, at least one per line."""
+    element = _ELEMENT[versioned]
+    for line in lines:
+        items = [item.strip(" \t") for item in line.split(",")]
+        items = [item for item in items if item]
+        if not items or not all(element.fullmatch(item) for item in items):
+            return False
+    return True
+
+
+@settings(max_examples=500)
+@given(st.lists(st.text(alphabet='abc.v1 \t,\xa0\x85@"', max_size=8), min_size=1, max_size=3))
+@example(["chat ,\twsguard.v1"])
+@example([","])
+@example(["wsguard.v1\x85"])
+def test_subprotocols_are_a_list_of_tokens(lines: list[str]) -> None:
+    got = refusal(valid(Sec_WebSocket_Protocol=lines))
+    assert got == (None if _token_list(lines, versioned=False) else (400, "subprotocol"))
 
 
 @settings(max_examples=1000)

@@ -13,7 +13,9 @@ import asyncio
 import io
 import json
 import logging
+import select
 import socket
+import time
 from contextlib import ExitStack
 from typing import Any
 
@@ -35,9 +37,12 @@ from support.wire import (
     OP_PING,
     OP_PONG,
     OP_TEXT,
+    WS_HEADERS,
     RawClient,
     frame,
+    raw_request,
     raw_welcomed,
+    response_head,
 )
 from wsguard.engines.screening import PendingHandshakes, check_head
 from wsguard.errors import ConfigError
@@ -223,6 +228,55 @@ def pending_of(*, trusted: tuple[str, ...] = (), **limits: Any) -> PendingHandsh
         }
     )
     return PendingHandshakes(Guard(config, audit=AuditLog(io.StringIO())))
+
+
+_TOKEN_LINE = "Authorization: Bearer {token}"
+
+
+@pytest.mark.parametrize(
+    ("extra", "status", "reason"),
+    [
+        ([b"Connection:"], 400, "bad_request"),  # a field line with no element
+        ([b"Connection: Upgrade, @"], 400, "bad_request"),
+        ([b'Connection: Upgrade, "x"'], 400, "bad_request"),
+        ([b"Upgrade: websocket\xa0"], 400, "bad_request"),  # only SP and HTAB are whitespace
+        ([b"Upgrade: websocket\x85"], 400, "bad_request"),
+        ([b"Sec-WebSocket-Protocol:"], 400, "bad_handshake"),
+        ([b"Sec-WebSocket-Protocol: ,"], 400, "bad_handshake"),
+        ([b"Sec-WebSocket-Protocol: wsguard.v1\x85"], 400, "bad_handshake"),
+        ([b"Sec-WebSocket-Protocol: chat, bad token"], 400, "bad_handshake"),
+        ([b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\xa0"], 400, "bad_request"),
+        ([b"Upgrade: websocket/13"], 426, "not_websocket"),  # a list of protocols, not ours
+        ([b"Connection: keep-alive, , Upgrade"], 101, None),  # empty elements are allowed
+        ([b"Sec-WebSocket-Protocol: chat ,\twsguard.v1"], 101, None),
+    ],
+)
+def test_upgrade_header_grammar_gets_the_same_answer_on_every_engine(
+    server_factory: ServerFactory, extra: list[bytes], status: int, reason: str | None
+) -> None:
+    """The upgrade headers are lists of tokens (RFC 9110 §5.6.1, RFC 6455 §4.1) with
+    only space and tab around elements: every engine answers what the policy decided,
+    before the credential is looked at (a token is sent: the answer is the grammar's)."""
+    server = server_factory({"limits": {"handshakes_per_minute": 600}})
+    # Upgrade and the key are replaced; Connection and subprotocol lines are added
+    replaced = {line.split(b":", 1)[0].lower() for line in extra} & {
+        b"upgrade",
+        b"sec-websocket-key",
+    }
+    base = [
+        line.encode()
+        for line in ("Host: 127.0.0.1", *WS_HEADERS)
+        if line.split(":", 1)[0].lower().encode() not in replaced
+    ]
+    request = raw_request(
+        "GET / HTTP/1.1", *base, *extra, _TOKEN_LINE.format(token=make_token()).encode()
+    )
+    head = response_head(server.port, request)
+    assert status_of(head) == status, head
+    if reason is not None:
+        eventually(lambda: server.audit.events("handshake_refused"), what="the refusal")
+        [refused] = server.audit.events("handshake_refused")
+        assert (refused["status"], refused["reason"]) == (status, reason)
 
 
 def test_pending_handshakes_of_one_ipv6_64_share_the_cap() -> None:
@@ -460,6 +514,29 @@ def test_a_valid_close_code_is_echoed(server_factory: ServerFactory, code: int) 
         assert server_close(client)[0] == code
     event = closed_event(server)
     assert (event["code"], event["closed_by"]) == (code, "client")
+
+
+@pytest.mark.parametrize("code", [1000, None, 5000], ids=["1000", "no-status", "invalid"])
+def test_bytes_after_the_clients_close_frame_draw_no_reset(
+    server_factory: ServerFactory, code: int | None
+) -> None:
+    """After answering the client's close frame the server half-closes and reads on,
+    discarding: bytes the client still sends (a late message, a second close) never
+    meet a closed socket, whose reset would erase the close frame from the client's
+    buffer (RFC 9112 §9.6). Over plain TCP, on every engine."""
+    server = server_factory()
+    with raw_welcomed(server) as client:
+        client.send(close_frame(code))
+        opcode, _ = client.read_frame()
+        assert opcode == OP_CLOSE
+        client.send(b"x")
+        client.send(b"x")
+        sock = client.sock
+        deadline = time.monotonic() + 0.5  # a reset comes back within a loopback round trip
+        while time.monotonic() < deadline:
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0, "reset"
+            select.select([], [], [], 0.02)
+        assert client.sock.recv(16) == b""  # the server's end of the stream, then nothing
 
 
 def test_a_close_frame_without_status_is_answered_alike_and_audited_1005(

@@ -35,7 +35,7 @@ from wsguard.core.auth import (
 )
 from wsguard.core.client_address import ClientAddressResolver, limit_key
 from wsguard.core.decisions import Admit, HandshakeDecision, Reject
-from wsguard.core.headers import split_list
+from wsguard.core.headers import OWS, split_list, token_list
 from wsguard.core.identity import Identity
 from wsguard.core.origin import OriginPolicy
 from wsguard.core.refused import RefusedAddresses
@@ -63,21 +63,20 @@ _NOT_IN_TARGET = re.compile(r"[\x00-\x20\x7f#]")
 
 def _valid_key(value: str) -> bool:
     """RFC 6455: the key is the base64 encoding of 16 bytes."""
-    return _KEY.fullmatch(value.strip()) is not None
+    return _KEY.fullmatch(value.strip(OWS)) is not None
 
 
-def _names_only(values: list[str], token: str) -> bool:
-    """The comma-separated list in *values* is exactly [*token*], case-insensitively."""
+def _names(values: list[str], token: str, *, alone: bool) -> bool | None:
+    """Whether the list in *values* holds *token* (with *alone*: is exactly it, and its
+    elements are protocols: ``token ["/" token]``), case-insensitively; None when it is
+    not such a list (RFC 9110 §5.6.1, §7.8)."""
     if len(values) == 1 and values[0].lower() == token:
         return True  # the usual request: one header holding just the token
-    return [v.lower() for v in split_list(values)] == [token]
-
-
-def _names(values: list[str], token: str) -> bool:
-    """The comma-separated list in *values* holds *token*, case-insensitively."""
-    if len(values) == 1 and values[0].lower() == token:
-        return True
-    return token in [v.lower() for v in split_list(values)]
+    items = token_list(values, versioned=alone)
+    if items is None:
+        return None
+    names = [item.lower() for item in items]
+    return names == [token] if alone else token in names
 
 
 # RFC 9110 §7.2 / RFC 3986 §3.2.2: host = IP-literal / IPv4address / reg-name, then an
@@ -97,7 +96,7 @@ def check_upgrade(request: HandshakeRequest) -> Reject | None:
             detail="method",
         )
     host = headers.get_all("host")
-    if len(host) != 1 or not _HOST.fullmatch(host[0].strip()):
+    if len(host) != 1 or not _HOST.fullmatch(host[0].strip(OWS)):
         return Reject(400, "bad_request", "Missing or invalid Host header.", detail="host")
     target = request.target
     if (
@@ -110,9 +109,16 @@ def check_upgrade(request: HandshakeRequest) -> Reject | None:
         return Reject(400, "bad_request", "Invalid request target.", detail="target")
     # Connection is a list that must hold "upgrade" (browsers send "keep-alive, Upgrade");
     # Upgrade must name websocket alone: the one protocol this server switches to
-    if not _names_only(headers.get_all("upgrade"), "websocket") or not _names(
-        headers.get_all("connection"), "upgrade"
-    ):
+    upgrade = _names(headers.get_all("upgrade"), "websocket", alone=True)
+    connection = _names(headers.get_all("connection"), "upgrade", alone=False)
+    if upgrade is None or connection is None:
+        return Reject(
+            400,
+            "bad_request",
+            "Invalid Upgrade or Connection header.",
+            detail="upgrade" if upgrade is None else "connection",
+        )
+    if not upgrade or not connection:
         return Reject(
             426,
             "not_websocket",
@@ -131,6 +137,9 @@ def check_upgrade(request: HandshakeRequest) -> Reject | None:
     keys = headers.get_all("sec-websocket-key")
     if len(keys) != 1 or not _valid_key(keys[0]):
         return Reject(400, "bad_request", "Invalid Sec-WebSocket-Key.", detail="key")
+    offered = headers.get_all("sec-websocket-protocol")
+    if offered and token_list(offered) is None:  # RFC 6455 §4.1: 1#token
+        return Reject(400, "bad_handshake", "Invalid WebSocket handshake.", detail="subprotocol")
     return None
 
 

@@ -12,13 +12,36 @@ def is_token(value: str) -> bool:
     return bool(value) and all(ch in _TCHARS for ch in value)
 
 
+#: RFC 9110 §5.6.3: optional whitespace is space and tab, nothing else (``str.strip()``
+#: would also take U+00A0 and U+0085, latin-1 bytes a client may send)
+OWS = " \t"
+
+
 def split_list(values: Iterable[str]) -> Iterator[str]:
     """Split comma-separated header values (several header lines allowed)."""
     for value in values:
         for item in value.split(","):
-            item = item.strip()
+            item = item.strip(OWS)
             if item:
                 yield item
+
+
+def token_list(values: Iterable[str], *, versioned: bool = False) -> list[str] | None:
+    """The elements of a ``1#token`` header (RFC 9110 §5.6.1), every field line holding
+    at least one; None when a line holds none or an element is not a token (with
+    *versioned*, ``token ["/" token]``, as ``Upgrade`` protocols are)."""
+    out: list[str] = []
+    for value in values:
+        items = [item.strip(OWS) for item in value.split(",")]
+        items = [item for item in items if item]
+        if not items:
+            return None
+        for item in items:
+            parts = item.split("/", 1) if versioned else (item,)
+            if not all(is_token(part) for part in parts):
+                return None
+        out += items
+    return out
 
 
 class Headers:

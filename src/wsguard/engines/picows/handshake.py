@@ -16,7 +16,7 @@ from picows import (
 from wsguard.core.decisions import (
     Reject,
 )
-from wsguard.core.headers import Headers, is_token
+from wsguard.core.headers import Headers
 from wsguard.core.request import HandshakeRequest
 from wsguard.engines.screening import (
     check_head,
@@ -146,13 +146,6 @@ class HandshakeProtocol(asyncio.BufferedProtocol):
         if transport is None or transport.is_closing():
             server.release(decision)  # the client left while we were deciding
             return
-        if not _subprotocols_parse(request.headers.get_all("sec-websocket-protocol")):
-            # what websockets refuses after the policy admitted: the same fixed answer
-            server.release(decision)
-            transport.write(http_response(400, "Invalid WebSocket handshake."))
-            transport.close()
-            server.guard.record_raw_refusal(400, "bad_handshake", decision.client)
-            return
         listener = GuardListener(server, decision, parsed, transport)
         picked = WSUpgradeResponseWithListener(Switching(decision.subprotocol), listener)
 
@@ -233,13 +226,6 @@ class Switching(WSUpgradeResponse):
             out += b"Sec-WebSocket-Accept: %s\r\n" % accept.encode()
         out += b"\r\n"
         return out
-
-
-def _subprotocols_parse(values: list[str]) -> bool:
-    """Every Sec-WebSocket-Protocol value is a comma-separated list of tokens."""
-    return all(
-        is_token(item.strip()) for value in values for item in value.split(",") if item.strip()
-    )
 
 
 def _engine_head(request: HandshakeRequest) -> bytes:

@@ -310,7 +310,8 @@ class GuardListener(WSListener):
         elif kind is _CLOSE:
             if self._client_close(frame.get_payload_as_bytes()[:2]):
                 return
-            self.raw.close()
+            if not self.drain():  # TLS: no half-close
+                self.raw.close()
 
     def _client_close(self, payload: bytes) -> bool:
         """The client's close frame (*payload*: its first two bytes): answered now, or held
@@ -481,7 +482,12 @@ class GuardListener(WSListener):
         reader.half_open = False
         if not self.close_sent and self.transport is not None:
             self._answer_close(payload)
-        self.raw.close()
+        raw = self.raw
+        if reader.ended or raw.is_closing() or not raw.can_write_eof() or self._draining:
+            raw.close()  # nothing more can arrive (or TLS): closed
+        else:  # half-closed, read on (see drain): a full close would meet its bytes
+            raw.write_eof()
+            self._draining = self.server.loop.call_later(_CLOSE_TIMEOUT, self._drop)
 
     def engine_close(self, data: bytes) -> None:
         """picows closes on its own: a protocol error it found (a frame over the size

@@ -43,7 +43,7 @@ class Discard(asyncio.Protocol):
     client that keeps sending past ``_DRAIN_BYTES`` is not read any more (it is
     flooding, not closing): the close timeout drops it."""
 
-    __slots__ = ("_inner", "_left", "_transport", "half_open")
+    __slots__ = ("_inner", "_left", "_transport", "ended", "half_open")
 
     def __init__(
         self, inner: Any, transport: asyncio.Transport, *, half_open: bool = False
@@ -54,6 +54,7 @@ class Discard(asyncio.Protocol):
         # the client's close frame is held (see GuardListener): its end of the stream
         # leaves our side open for the replies still to come, until the close is answered
         self.half_open = half_open
+        self.ended = False  # the client ended its side of the stream
 
     def data_received(self, data: bytes) -> None:
         self._left -= len(data)
@@ -61,6 +62,7 @@ class Discard(asyncio.Protocol):
             self._transport.pause_reading()
 
     def eof_received(self) -> bool:
+        self.ended = True
         return self.half_open  # else the client closed its side too: close the transport
 
     def connection_lost(self, exc: Exception | None) -> None:
