@@ -637,3 +637,23 @@ def test_an_endpoint_that_authenticates_in_its_protocol_gets_no_hollow_pass() ->
     for check in ("malformed.json", "authz.privileged"):
         assert verdicts[check].verdict is Verdict.INCONCLUSIVE, verdicts[check]
         assert "authentication" in verdicts[check].evidence
+
+
+def test_a_late_pong_is_not_credited_to_the_next_probe() -> None:
+    """A pong that carries an earlier probe's id, arriving while the next kind of ping is
+    tried (a handler slower than its library's ping frames), is that earlier probe's
+    late answer: the scan finds the ping that is answered with its id, not a pong
+    "without the id" for a message the endpoint never understood."""
+
+    async def handler(ws: ServerConnection) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            async for message in ws:
+                value = json.loads(message) if isinstance(message, str) else None
+                if isinstance(value, dict) and value.get("type") == "ping":
+                    await asyncio.sleep(0.4)
+                    await ws.send(json.dumps({"type": "pong", "id": value.get("id")}))
+                else:
+                    await ws.send(json.dumps({"type": "error", "error": "unknown message"}))
+
+    report = scan_handler(handler, ("auth.required",), reply_timeout=1.0)
+    assert "answered with its id" in report.protocol, report.protocol

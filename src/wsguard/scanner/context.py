@@ -308,6 +308,7 @@ class ScanContext:
             return chosen
         assumed = replace(DEFAULT_DIALECT, error_kinds=options.error_types)
         tried: list[str] = []
+        sent: list[str] = []  # the ids of the probes sent: a late answer names one
         pong_frames = False
         keys: list[str] = []
 
@@ -355,7 +356,10 @@ class ScanContext:
                         value = loads(text)
                         if isinstance(value, dict):
                             keys.extend(k for k in KIND_KEYS if isinstance(value.get(k), str))
-                    found = judge_candidate(candidate, ident, heard, options.error_types)
+                    found = judge_candidate(
+                        candidate, ident, heard, options.error_types, frozenset(sent)
+                    )
+                    sent.append(ident)
                     if found is not None:
                         notes = [found.note] if found.note else []
                         if patient:  # the quick pass's misses say nothing here

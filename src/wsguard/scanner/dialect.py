@@ -215,9 +215,14 @@ class Heard:
 
 
 def judge_candidate(
-    candidate: Candidate, ident: str, heard: Heard, error_types: tuple[str, ...]
+    candidate: Candidate,
+    ident: str,
+    heard: Heard,
+    error_types: tuple[str, ...],
+    earlier: frozenset[str] = frozenset(),
 ) -> Dialect | None:
-    """The dialect this candidate proves, if the answers prove one."""
+    """The dialect this candidate proves, if the answers prove one. *earlier*: the ids
+    of the probes sent before it: a pong carrying one is that probe's late answer."""
     sent = candidate.template.replace("{id}", ident)
     probe = Dialect("echo", key=candidate.key or "type", error_kinds=error_types)
     if not candidate.key:  # the text "ping"
@@ -239,7 +244,10 @@ def judge_candidate(
         for key in (candidate.key, *KIND_KEYS):
             kind = value.get(key)
             if isinstance(kind, str) and "pong" in kind.lower():
-                with_id = probe.answer_id(text) == ident
+                answer_id = probe.answer_id(text)
+                if answer_id in earlier:
+                    break  # an earlier probe's late answer (a slow handler): not this one's
+                with_id = answer_id == ident
                 return Dialect(
                     "echo" if with_id else "type",
                     key=candidate.key,

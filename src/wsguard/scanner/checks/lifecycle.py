@@ -140,7 +140,8 @@ async def slow_headers(ctx: ScanContext) -> Finding:
                 ctx.check_id,
                 Verdict.FAIL,
                 f"still waiting after {limit:g}s of one header line a second: a few hundred "
-                "slow clients hold every slot",
+                "slow clients hold every slot (a cut-off later than that is too late to "
+                "matter; --slow-wait waits longer to see when it comes)",
             )
         return finding(
             ctx.check_id,
