@@ -657,3 +657,21 @@ def test_a_late_pong_is_not_credited_to_the_next_probe() -> None:
 
     report = scan_handler(handler, ("auth.required",), reply_timeout=1.0)
     assert "answered with its id" in report.protocol, report.protocol
+
+
+def test_the_verbose_table_shows_the_fix_of_each_problem() -> None:
+    from datetime import UTC, datetime
+
+    import wsguard.scanner.checks  # noqa: F401 - the registry
+    from wsguard.scanner.model import REGISTRY, finding
+    from wsguard.scanner.report import render_table
+
+    report = Report("ws://127.0.0.1:1/", datetime.now(UTC), aggressive=False)
+    report.findings = [
+        finding("auth.required", Verdict.FAIL, "accepted no credential"),
+        finding("origin.null", Verdict.PASS, "refused"),
+    ]
+    verbose = render_table(report, verbose=True, width=400)
+    assert f"fix: {REGISTRY['auth.required'].remedy}" in verbose
+    assert REGISTRY["origin.null"].remedy not in verbose  # a PASS needs no fix
+    assert "fix:" not in render_table(report, width=400)

@@ -19,6 +19,8 @@ COLOURS = {
     Verdict.ERROR: "magenta",
 }
 INFO_URI = "https://github.com/wsguard/wsguard#security-scanner-wsguard-audit"
+#: verdicts whose fix the table shows with --verbose
+_PROBLEMS = frozenset({Verdict.FAIL, Verdict.WEAK, Verdict.WARN})
 
 
 def summary(report: Report) -> str:
@@ -43,6 +45,8 @@ def table(report: Report, *, verbose: bool = False) -> Any:
         evidence = escape(item.evidence)
         if verbose and item.details:
             evidence += "".join(f"\n  · {escape(line)}" for line in item.details)
+        if verbose and item.verdict in _PROBLEMS and item.check in REGISTRY:
+            evidence += f"\n  fix: {escape(REGISTRY[item.check].remedy)}"
         grid.add_row(item.check, f"[{COLOURS[item.verdict]}]{item.verdict.value}[/]", evidence)
     return grid
 
