@@ -183,7 +183,11 @@ class Guard:
     async def admit(self, request: HandshakeRequest) -> Admit | Reject:
         """Evaluate a handshake and write the audit record of a refusal."""
         started = time.monotonic()
-        decision = await self.handshakes.evaluate(request)
+        try:
+            decision = await self.handshakes.evaluate(request)
+        except Exception:  # a bug: fail closed with an answer, never a socket left hanging
+            logger.exception("handshake policy failed")
+            decision = Reject(500, "policy_error", "Internal error.")
         if isinstance(decision, Reject):
             self.record_refusal(decision, request)
         else:

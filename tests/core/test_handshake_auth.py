@@ -34,6 +34,7 @@ from conftest import (
     RunningServer,
     ServerFactory,
     deep_merge,
+    eventually,
     make_config,
     make_token,
     raw_http,
@@ -496,6 +497,39 @@ def test_token_living_longer_than_the_maximum_lifetime_is_refused(
     assert welcome(short, make_token("brief", ttl=300))["subject"] == "brief"
 
 
+@pytest.mark.parametrize(
+    "claim",
+    [{"exp": 10**400}, {"nbf": -(10**400)}, {"iat": 10**400}, {"exp": -(2**60)}],
+    ids=["exp-huge", "nbf-huge-negative", "iat-huge", "exp-far-past"],
+)
+def test_a_time_claim_no_float_holds_is_a_401_never_a_crash(
+    server_factory: ServerFactory, claim: dict[str, Any]
+) -> None:
+    """PyJWT takes integers of any size: a signed token whose exp or nbf no float holds
+    is refused 401 like any bad token, not an OverflowError that left the handshake
+    without an answer (picows) or answered 500 (websockets)."""
+    server = relaxed(server_factory)
+    reasons = {"invalid_token", "token_expired", "token_not_yet_valid"}  # PyJWT's checks first
+    expect_401(server, make_token(**claim), reasons=reasons)
+
+
+def test_a_policy_that_fails_answers_500_and_closes(
+    server_factory: ServerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug in the handshake policy fails closed with an answer (500, audited), never a
+    socket left waiting past the handshake timeout."""
+    server = relaxed(server_factory)
+
+    async def broken(request: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(server.app.guard.handshakes, "evaluate", broken)
+    response = refused(server, make_token())
+    assert response.status_code == 500
+    [record] = eventually(lambda: server.audit.events("handshake_refused"), what="the audit")
+    assert record["reason"] == "policy_error"
+
+
 def test_leeway_admits_just_expired_token(server_factory: ServerFactory) -> None:
     server = relaxed(server_factory, {"auth": {"leeway_seconds": 60}})
     assert welcome(server, make_token("late", ttl=-5))["subject"] == "late"
@@ -900,23 +934,37 @@ def test_query_transport_when_enabled_and_redacted(server_factory: ServerFactory
 
 @pytest.mark.parametrize("query", [True, False], ids=["query-on", "query-off"])
 @pytest.mark.parametrize(
-    "path",
-    ["/?TOKEN={t}", "/?a=1;token={t}", "/?token+={t}", "/?x=%26token%3D{t}", "/rooms/{t}"],
-    ids=["upper-case-name", "semicolon", "plus-in-name", "encoded-in-a-value", "in-the-path"],
-)
+    ("path", "logged"),
+    [
+        ("/?TOKEN={t}", "/?TOKEN=REDACTED"),
+        ("/?a=1;token={t}", "/?a=1;token=REDACTED"),
+        ("/?token+={t}", "/?token+=REDACTED"),
+        ("/?x=%26token%3D{t}", "/?x=&token=REDACTED"),  # logged decoded
+        ("/rooms/{t}", "/rooms/REDACTED"),
+        ("/?access_token={h}%2E{p}%2E{s}", "/?access_token=REDACTED"),
+        ("/rooms/%65{t1}", "/rooms/REDACTED"),
+        ("/?a={h}==.{p}.{s}", "/?a=REDACTED"),  # padded: a verifier decodes it all the same
+    ],
+    ids=[
+        "upper-case-name", "semicolon", "plus-in-name", "encoded-in-a-value", "in-the-path",
+        "dots-encoded", "first-letter-encoded", "padded",
+    ],
+)  # fmt: skip
 def test_a_token_in_the_target_under_any_name_is_not_written_to_the_audit_log(
-    server_factory: ServerFactory, query: bool, path: str
+    server_factory: ServerFactory, query: bool, path: str, logged: str
 ) -> None:
-    """A client that puts its token in the URL under the wrong name (or in the path) is
-    refused, and the target it sent is logged without the token: a live credential in
-    a log line is one leaked."""
+    """A client that puts its token in the URL under the wrong name (or in the path,
+    percent-encoded or padded) is refused, and the target it sent is logged without the
+    token: a live credential in a log line is one leaked."""
     server = relaxed(server_factory, {"auth": {"query": query}})
     token = make_token("leaky", scopes="chat")
-    expect_401(server, None, path=path.format(t=token), reasons={"missing_credentials"})
+    h, p, s = token.split(".")
+    sent = path.format(t=token, t1=token[1:], h=h, p=p, s=s)
+    expect_401(server, None, path=sent, reasons={"missing_credentials"})
     refusal = server.audit.events("handshake_refused")[-1]
-    assert refusal["path"] == path.format(t="REDACTED")
+    assert refusal["path"] == logged
     audit = server.audit.getvalue()
-    for secret in (token, token.split(".")[1], token.split(".")[2]):
+    for secret in (token, p, s):
         assert secret not in audit
 
 

@@ -32,6 +32,9 @@ from wsguard.core.headers import split_list
 from wsguard.core.identity import NO_CLAIMS, Identity
 from wsguard.core.request import HandshakeRequest
 
+#: The largest time claim taken (about the year 285,000,000: any real one is far below;
+#: every integer up to it is a float exactly)
+_MAX_TIME = 2**53
 _NUMERIC_CLAIMS = ("exp", "nbf", "iat")
 _CACHE_ENTRIES = 4096
 _CACHEABLE_TOKEN = 2048
@@ -398,6 +401,12 @@ class TokenVerifier:
         if "aud" in claims and not config.audience:
             # a token meant for another service is never accepted here by default
             raise AuthFailure("invalid_audience", self._audience_detail)
+        for name in _NUMERIC_CLAIMS:
+            value = claims.get(name)
+            if isinstance(value, int) and not isinstance(value, bool) and abs(value) > _MAX_TIME:
+                # a signed integer no float holds (PyJWT takes any size): refused, never
+                # an OverflowError in the arithmetic below
+                raise AuthFailure("invalid_token", f"claim {name} out of range")
         exp = claims.get("exp")
         if (
             isinstance(exp, (int, float))

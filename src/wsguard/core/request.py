@@ -2,15 +2,37 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 from dataclasses import dataclass
-from urllib.parse import parse_qsl, unquote_plus, urlsplit
+from urllib.parse import parse_qsl, unquote, unquote_plus, urlsplit
 
 from wsguard.core.headers import Headers
 
-#: A compact JWS as it appears in a URL: a base64url JSON header (``{"`` encodes as
-#: ``eyJ``), a payload and a signature.
-_JWT_SHAPED = re.compile(r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*")
+#: Three dot-separated runs of base64 (either alphabet but "/", the path's separator;
+#: padded or not): a compact JWS when the first decodes to a JSON object (_header_like).
+_SEGMENT = r"[A-Za-z0-9_+-]*={0,2}"
+_DOTTED = re.compile(rf"(?<![A-Za-z0-9_+-])[A-Za-z0-9_+-]{{4}}{_SEGMENT}\.{_SEGMENT}\.{_SEGMENT}")
+
+
+def _header_like(segment: str) -> bool:
+    """Whether *segment* decodes (as a verifier would, padding or not) to a JSON object's
+    start: ``{`` after optional whitespace."""
+    text = segment.rstrip("=").replace("+", "-").replace("/", "_")
+    text += "=" * (-len(text) % 4)
+    try:
+        head = base64.urlsafe_b64decode(text[:16])
+    except (binascii.Error, ValueError):
+        return False
+    return head.lstrip(b" \t\r\n").startswith(b"{")
+
+
+def _redact_jwts(text: str) -> str:
+    return _DOTTED.sub(
+        lambda match: "REDACTED" if _header_like(match.group().split(".", 1)[0]) else match.group(),
+        text,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,4 +68,14 @@ class HandshakeRequest:
                 name = unquote_plus(chunk.split("=", 1)[0])
                 pairs.append(f"{name}=REDACTED" if name in secret_params else chunk)
             target = parts.path + "?" + "&".join(pairs)
-        return _JWT_SHAPED.sub("REDACTED", target) if "eyJ" in target else target
+        if "." not in target and "%2" not in target.upper():
+            return target  # no dot, not even encoded: no JWT
+        redacted = _redact_jwts(target)
+        # a token percent-encoded (a dot as %2E, a letter as %65...) is one all the same:
+        # then the decoded target is what is logged, with it redacted
+        decoded = unquote(redacted)
+        if decoded != redacted:
+            cleaned = _redact_jwts(decoded)
+            if cleaned != decoded:
+                return cleaned
+        return redacted
