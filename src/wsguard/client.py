@@ -50,6 +50,16 @@ _MIN_REFRESH_SECONDS = 1.0
 
 # Close codes after which reconnecting cannot help (the client must change something).
 FINAL_CLOSE_CODES = frozenset({1002, 1003, 1007, 1008, 1009, 1010, 4003})
+CLOSE_EXPIRED = 4001  # the token expired: a reconnect needs a new one (a provider)
+
+
+def _loopback_url(url: str) -> bool:
+    from urllib.parse import urlsplit
+
+    from wsguard.core.client_address import is_loopback_host
+
+    host = urlsplit(url).hostname or ""
+    return is_loopback_host(host)
 
 
 class ClientError(Exception):
@@ -83,9 +93,17 @@ class WsguardClient:
         max_attempts: int = 10,
         origin: str | None = None,
         open_timeout: float = 10.0,
+        expect_welcome: bool = True,
+        max_size: int | None = 1 << 20,
     ) -> None:
         if token is None and token_provider is None:
             raise ValueError("token or token_provider is required")
+        if url.startswith("ws://") and not _loopback_url(url):
+            logger.warning(
+                "%s is plain ws://: the token and every message cross the network in clear "
+                "text (use wss://)",
+                url.split("?", 1)[0],
+            )
         self.url = url
         self._token = token
         self._provider = token_provider
@@ -100,6 +118,9 @@ class WsguardClient:
         self._max_attempts = max_attempts
         self._origin = origin
         self._open_timeout = open_timeout
+        self._expect_welcome = expect_welcome
+        self._max_size = max_size
+        self._early: list[dict[str, Any]] = []  # the app's first message, when no welcome
         self._ws: ClientConnection | None = None
         self._session_key: bytes | None = None
         self._connecting: asyncio.Task[None] | None = None  # the one (re)connect under way
@@ -118,7 +139,15 @@ class WsguardClient:
             value = self._provider()
             self._token = await value if inspect.isawaitable(value) else value
         assert self._token is not None
-        return self._token
+        token = self._token.strip(" \t\r\n")  # a provider that forgot strip()
+        if not token or not all("!" <= ch <= "~" for ch in token):
+            # said without the token: the engine's own errors would quote it whole
+            raise ClientError(
+                "the token is not a bearer token (empty, or with spaces or control "
+                "characters inside)"
+            )
+        self._token = token
+        return token
 
     async def _open(self, *, fresh_token: bool = False) -> None:
         token = await self._token_now(fresh=fresh_token)
@@ -137,14 +166,22 @@ class WsguardClient:
             subprotocols=protocols,
             origin=self._origin,  # type: ignore[arg-type]
             open_timeout=self._open_timeout,
+            max_size=self._max_size,
             logger=quiet_logger("wsguard.client.engine"),  # its records hold the token
             **options,
         )
-        try:
-            welcome = orjson.loads(await ws.recv())
-        except BaseException:
-            await _discard(ws)  # never left open behind us
-            raise
+        welcome: dict[str, Any] = {}
+        self._early = []
+        if self._expect_welcome:
+            try:
+                first = await self._first_message(ws)
+            except BaseException:
+                await _discard(ws)  # never left open behind us
+                raise
+            if first.get("type") == "welcome":
+                welcome = first
+            else:  # an app that speaks first (the ASGI middleware sends no welcome)
+                self._early.append(first)
         # the connection and its session key become current together
         self.welcome = welcome
         signing = welcome.get("signing")
@@ -157,6 +194,25 @@ class WsguardClient:
         self._ws = ws
         self._opened_at = time.monotonic()
         self._schedule_refresh()
+
+    async def _first_message(self, ws: ClientConnection) -> dict[str, Any]:
+        """The server's first message, within ``open_timeout``."""
+        try:
+            async with asyncio.timeout(self._open_timeout):
+                data = await ws.recv()
+        except TimeoutError:
+            raise ClientError(
+                f"no message within {self._open_timeout:g}s of the upgrade: a wsguard "
+                "server sends a welcome frame first (for one that does not, such as an app "
+                "behind the ASGI middleware or the gateway: expect_welcome=False)"
+            ) from None
+        try:
+            message = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            raise ClientError("the server's first message is not JSON") from None
+        if not isinstance(message, dict):
+            raise ClientError("the server's first message is not a JSON object")
+        return message
 
     async def connect(self) -> dict[str, Any]:
         """Connect (retrying with back-off when allowed); returns the welcome frame.
@@ -229,11 +285,15 @@ class WsguardClient:
             raise ClientError("the client is closed")
 
     def _may_reconnect(self, code: int | None) -> bool:
-        """After a close with *code* (None: no close frame), is a reconnect worth it?"""
-        return not (self._closed or not self._reconnect or (code or 1006) in FINAL_CLOSE_CODES)
+        """After a close with *code* (None: no close frame), is a reconnect worth it?
+        Not after a final code, nor after 4001 (expired) with a token that cannot change."""
+        if self._closed or not self._reconnect or (code or 1006) in FINAL_CLOSE_CODES:
+            return False
+        return not (code == CLOSE_EXPIRED and self._provider is None)
 
     async def _connect_with_retries(self) -> None:
         attempt = 0
+        refusals = 0  # 401s: the token refused
         last: Exception | None = None
         while True:
             try:
@@ -246,8 +306,29 @@ class WsguardClient:
                 status = exc.response.status_code
                 if status in (400, 403, 405, 426) or not self._reconnect:
                     raise ClientError(f"handshake refused with HTTP {status}") from exc
+                if status == 401:
+                    # the token is refused: only another one can help, and every refusal
+                    # counts toward a ban of the address (every user behind it): one
+                    # fresh token from the provider, then no more
+                    refused = self._token
+                    if self._provider is None or refusals >= 1:
+                        raise ClientError(
+                            "handshake refused with HTTP 401: the token is refused (not "
+                            "retried: each refusal counts toward a ban of this address)"
+                        ) from exc
+                    refusals += 1
+                    if await self._token_now(fresh=True) == refused:
+                        raise ClientError(
+                            "handshake refused with HTTP 401, and the token provider "
+                            "returns the same token"
+                        ) from exc
+                    continue
                 retry_after = exc.response.headers.get("Retry-After")
-                delay = float(retry_after) if retry_after and retry_after.isdigit() else None
+                delay = (
+                    min(float(retry_after), self._backoff[1])  # a server's wish, bounded
+                    if retry_after and retry_after.isdigit()
+                    else None
+                )
             except (OSError, TimeoutError) as exc:
                 if not self._reconnect:
                     raise ClientError(f"cannot connect: {exc}") from exc
@@ -281,7 +362,16 @@ class WsguardClient:
 
     async def _refresh_after(self, delay: float) -> None:
         await asyncio.sleep(delay)
-        token = await self._token_now(fresh=True)
+        try:
+            token = await self._token_now(fresh=True)
+        except Exception as exc:  # the provider failed: said, and tried again
+            logger.warning("token refresh failed (%s); trying again", type(exc).__name__)
+            remaining = (self.expires_at or time.time()) - time.time()
+            if remaining > _MIN_REFRESH_SECONDS:
+                self._refresher = asyncio.get_running_loop().create_task(
+                    self._refresh_after(max(_MIN_REFRESH_SECONDS, min(30.0, remaining / 2)))
+                )
+            return
         ws = self._ws
         if ws is not None:
             with contextlib.suppress(ConnectionClosed):
@@ -326,9 +416,17 @@ class WsguardClient:
         dropped: ClientConnection | None = None
         while True:
             ws = await self._current(replace=dropped, dropped=dropped is not None)
+            if self._early:
+                return self._early.pop(0)
             try:
                 message: dict[str, Any] = orjson.loads(await ws.recv())
             except ConnectionClosed as exc:
+                sent = exc.sent
+                if exc.rcvd is None and sent is not None and sent.code == 1009:
+                    raise ClientError(
+                        f"a message from the server was over max_size ({self._max_size} "
+                        "bytes): closed 1009, not reconnecting"
+                    ) from exc
                 if not self._may_reconnect(exc.rcvd.code if exc.rcvd is not None else None):
                     raise
                 dropped = ws

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import os
@@ -611,24 +612,69 @@ def test_handshake_refused_with_403_is_not_retried(server_factory: ServerFactory
     assert [(e["status"], e["reason"]) for e in refused] == [(403, "origin_forbidden")]
 
 
-def test_handshake_refused_with_401_gives_up_after_max_attempts(
+def test_a_refused_token_is_tried_once_more_fresh_then_given_up(
     server_factory: ServerFactory,
 ) -> None:
+    """Each 401 counts toward a ban of the address (every user behind it): a provider's
+    fresh token is tried once, then the client stops, far from the ban's threshold."""
     server = server_factory()
-    counter = Counter(lambda n: make_token("alice", secret=WRONG_SECRET))
+    counter = Counter(lambda n: make_token(f"alice{n}", secret=WRONG_SECRET))
 
     async def main() -> None:
         client = WsguardClient(
-            server.url, token_provider=counter.sync, backoff_initial=0.01, max_attempts=2
+            server.url, token_provider=counter.sync, backoff_initial=0.01, max_attempts=10
         )
         await client.connect()
 
-    with pytest.raises(ClientError, match="gave up after 2 attempts"):
+    with pytest.raises(ClientError, match="HTTP 401"):
         asyncio.run(main())
-    assert counter.calls == 2  # a fresh token for the second attempt
+    assert counter.calls == 2  # a fresh token for the second attempt, then no third
     statuses = [e["status"] for e in server.audit.events("handshake_refused")]
     assert statuses == [401, 401]
     assert server.audit.events("connection_admitted") == []
+    assert server.audit.events("ban_started") == []
+
+
+@pytest.mark.parametrize("kind", ["static", "same-from-provider"])
+def test_a_token_that_cannot_change_is_refused_once(
+    server_factory: ServerFactory, kind: str
+) -> None:
+    server = server_factory()
+    wrong = make_token("alice", secret=WRONG_SECRET)
+    counter = Counter(lambda n: wrong)
+
+    async def main() -> None:
+        options: dict[str, Any] = (
+            {"token": wrong} if kind == "static" else {"token_provider": counter.sync}
+        )
+        client = WsguardClient(server.url, backoff_initial=0.01, max_attempts=10, **options)
+        await client.connect()
+
+    with pytest.raises(ClientError, match="HTTP 401") as raised:
+        asyncio.run(main())
+    assert wrong not in str(raised.value)
+    statuses = [e["status"] for e in server.audit.events("handshake_refused")]
+    assert statuses == [401]
+
+
+def test_an_expired_static_token_is_not_presented_again(server_factory: ServerFactory) -> None:
+    """The server closes 4001 at the token's exp; a token that cannot change would only
+    be refused (each refusal toward a ban of the address): the close is final."""
+    server = server_factory(setup=_greeting)
+
+    async def main() -> tuple[WsguardClient, int | None]:
+        token = make_token("alice", exp=int(time.time()) + 2)
+        async with WsguardClient(server.url, token=token, backoff_initial=0.01) as client:
+            await recv(client)  # the hello
+            with pytest.raises(ConnectionClosed) as closed:
+                await asyncio.wait_for(client.recv(), 10)
+            rcvd = closed.value.rcvd
+            return client, rcvd.code if rcvd is not None else None
+
+    client, code = asyncio.run(main())
+    assert code == 4001
+    assert client.reconnects == 0
+    assert server.audit.events("handshake_refused") == []
 
 
 # -- back-off ------------------------------------------------------------------------------
@@ -759,3 +805,111 @@ def test_wss_without_a_context_verifies_and_a_refused_certificate_is_not_retried
         run_against(handler, client_main, ssl=server_context)
     assert isinstance(raised.value.__cause__, ssl.SSLCertVerificationError)
     assert counter.calls == 1
+
+
+# -- servers other than wsguard's own, and what they may send -------------------------------
+
+
+async def _with_server(
+    handler: Callable[[Any], Any], client_part: Callable[[str], Any], **serve_options: Any
+) -> Any:
+    from websockets.asyncio.server import serve
+
+    async with serve(handler, "127.0.0.1", 0, **serve_options) as server:
+        port = server.sockets[0].getsockname()[1]
+        return await client_part(f"ws://127.0.0.1:{port}/")
+
+
+def test_a_server_that_sends_no_welcome_fails_within_open_timeout() -> None:
+    async def silent(ws: Any) -> None:
+        await ws.wait_closed()
+
+    async def client_part(url: str) -> None:
+        client = WsguardClient(url, token=make_token(), open_timeout=0.5, max_attempts=1)
+        await client.connect()
+
+    with pytest.raises(ClientError, match="expect_welcome=False"):
+        asyncio.run(asyncio.wait_for(_with_server(silent, client_part), 10))
+
+
+def test_an_app_that_speaks_first_keeps_its_first_message() -> None:
+    """Behind the ASGI middleware the app speaks first, if at all: its first message is
+    the first recv(), not taken for a welcome; with expect_welcome=False nothing is
+    awaited at all."""
+
+    async def hello(ws: Any) -> None:
+        await ws.send(json.dumps({"type": "hello", "n": 1}))
+        async for message in ws:
+            await ws.send(message)
+
+    async def client_part(url: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        async with WsguardClient(url, token=make_token()) as client:
+            first = await recv(client)
+            welcome = client.welcome
+        async with WsguardClient(url, token=make_token(), expect_welcome=False) as quiet:
+            await quiet.send({"type": "ping", "id": 7})
+            echoed = await recv(quiet)
+            # the hello came first on this connection too: recv() delivers it in order
+            return first, welcome, echoed if echoed["type"] != "hello" else await recv(quiet)
+
+    first, welcome, echoed = asyncio.run(asyncio.wait_for(_with_server(hello, client_part), 10))
+    assert first == {"type": "hello", "n": 1}
+    assert welcome == {}
+    assert echoed == {"type": "ping", "id": 7}
+
+
+def test_a_retry_after_is_bounded_by_backoff_max() -> None:
+    from websockets.datastructures import Headers as WsHeaders
+    from websockets.http11 import Response
+
+    async def handler(ws: Any) -> None:  # never reached
+        await ws.close()
+
+    def unavailable(connection: Any, request: Any) -> Response:
+        return Response(503, "Service Unavailable", WsHeaders({"Retry-After": "86400"}), b"")
+
+    async def client_part(url: str) -> float:
+        started = time.monotonic()
+        client = WsguardClient(url, token=make_token(), backoff_max=0.1, max_attempts=3)
+        with pytest.raises(ClientError, match="gave up after 3 attempts"):
+            await client.connect()
+        return time.monotonic() - started
+
+    coro = _with_server(handler, client_part, process_request=unavailable)
+    asyncio.run(asyncio.wait_for(coro, 20))  # a day's Retry-After obeyed would time out
+
+
+def test_a_token_with_whitespace_inside_is_refused_without_being_quoted() -> None:
+    token = make_token()
+    client = WsguardClient("ws://127.0.0.1:1/", token=token[:20] + " " + token[20:])
+    with pytest.raises(ClientError, match="not a bearer token") as raised:
+        asyncio.run(client.connect())
+    assert token[:20] not in str(raised.value) and token[20:] not in str(raised.value)
+
+
+def test_a_token_with_a_trailing_newline_is_used_stripped(server: RunningServer) -> None:
+    async def main() -> dict[str, Any]:
+        async with WsguardClient(server.url, token_provider=lambda: make_token() + "\n") as c:
+            return c.welcome
+
+    assert asyncio.run(main())["type"] == "welcome"
+
+
+def test_a_message_over_max_size_ends_the_client_without_reconnecting() -> None:
+    handshakes = 0
+
+    async def huge(ws: Any) -> None:
+        nonlocal handshakes
+        handshakes += 1
+        await ws.send(json.dumps({"type": "welcome"}))
+        with contextlib.suppress(ConnectionClosed):
+            await ws.send("x" * 70_000)
+            await ws.wait_closed()
+
+    async def client_part(url: str) -> None:
+        async with WsguardClient(url, token=make_token(), max_size=65_536) as client:
+            await client.recv()
+
+    with pytest.raises(ClientError, match="over max_size"):
+        asyncio.run(asyncio.wait_for(_with_server(huge, client_part), 10))
+    assert handshakes == 1
