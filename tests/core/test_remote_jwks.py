@@ -664,10 +664,20 @@ def test_discovery_must_name_the_issuer_and_an_https_jwks() -> None:
         ({**good, "jwks_uri": "http://login.example.test/keys"}, "not https"),
         ({**good, "jwks_uri": "https://user:pw@login.example.test/keys"}, "not https"),
         ({"issuer": issuer}, "no jwks_uri"),
+        # a remote issuer pointing the node at its own loopback services in clear text
+        ({**good, "jwks_uri": "http://127.0.0.1:9090/metrics"}, "while the issuer is not"),
+        ({**good, "jwks_uri": "http://localhost/keys"}, "while the issuer is not"),
+        ({**good, "jwks_uri": "http://[::1]/keys"}, "while the issuer is not"),
     ]:
         with pytest.raises(DocumentRefused) as info:
             parse_discovery(json.dumps(document).encode(), issuer)
         assert why in str(info.value), document
+
+
+def test_a_provider_on_loopback_may_serve_its_keys_over_http() -> None:
+    issuer = "http://127.0.0.1:8080/realms/dev"
+    document = {"issuer": issuer, "jwks_uri": "http://127.0.0.1:8080/realms/dev/certs"}
+    assert parse_discovery(json.dumps(document).encode(), issuer) == document["jwks_uri"]
 
 
 def test_cache_control_max_age() -> None:

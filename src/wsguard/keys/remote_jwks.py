@@ -40,6 +40,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import jwt
@@ -190,6 +191,12 @@ def parse_discovery(body: bytes, issuer: str) -> str:
         raise DocumentRefused(
             "the discovery jwks_uri is not https:// (http:// only on loopback)"
         ) from None
+    if urlsplit(uri).scheme == "http" and urlsplit(issuer).scheme != "http":
+        # plain http is for a provider run on loopback; a remote issuer's document
+        # pointing at this node's own loopback services is not one
+        raise DocumentRefused(
+            "the discovery jwks_uri is http:// on loopback while the issuer is not"
+        )
     return uri
 
 
