@@ -1193,6 +1193,31 @@ def test_an_rsa_key_under_2048_bits_is_refused_from_either_file(tmp_path: Path) 
         assert "1024 bits" in info.value.message
 
 
+def test_a_jwks_file_follows_the_providers_rules_for_each_key(tmp_path: Path) -> None:
+    """A JWKS file's keys are taken as a provider's are: RSA and EC keys side by side
+    (each built for an algorithm of its own type, no alg member needed), and a key whose
+    key_ops or use says it does not verify, or whose curve does not fit its declared alg,
+    is left out."""
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    ec_key = ec.generate_private_key(ec.SECP256R1())
+    p384 = ec.generate_private_key(ec.SECP384R1())
+    ec_jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(ec_key.public_key()))
+    p384_jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(p384.public_key()))
+    keys = [
+        public_jwk(rsa_key, "r1"),
+        {**ec_jwk, "kid": "e1"},
+        {**public_jwk(rsa_key, "encrypting"), "key_ops": ["encrypt"]},
+        {**public_jwk(rsa_key, "enc"), "use": "enc"},
+        {**p384_jwk, "kid": "wrong-curve", "alg": "ES256"},
+    ]
+    path = tmp_path / "jwks.json"
+    path.write_text(json.dumps({"keys": keys}))
+    for order in (["RS256", "ES256"], ["ES256", "RS256"]):
+        config = validate_config({"auth": {"algorithms": order, "jwks_file": str(path)}})
+        loaded = load_keys(config.auth)
+        assert sorted(loaded.jwks) == ["e1", "r1"], order
+
+
 def test_a_kid_naming_two_keys_in_a_jwks_file_is_refused(tmp_path: Path) -> None:
     """Which of two keys under one kid verifies would be a guess (the last one, silently):
     the file is refused, naming the kid."""

@@ -13,12 +13,13 @@ import json
 import os
 import secrets
 import stat
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import jwt
 
-from wsguard.config.model import AuthConfig
+from wsguard.config.model import ASYMMETRIC_ALGORITHMS, AuthConfig
 from wsguard.core.auth import KeyMaterial
 from wsguard.core.integrity import SESSION_KID, SigningKey
 from wsguard.errors import KeyLoadError
@@ -179,6 +180,49 @@ def _check_rsa_size(key: Any, config_key: str, what: str) -> None:
         raise KeyLoadError(config_key, f"{what}: RSA key of {bits} bits (at least {MIN_RSA_BITS})")
 
 
+#: What a JWK can verify, by its type and curve (RFC 7518 §3, RFC 8037).
+_RSA_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
+_EC_CURVES = {"P-256": "ES256", "P-384": "ES384", "P-521": "ES512"}
+_OKP_CURVES = frozenset({"Ed25519", "Ed448"})
+_PRIVATE_MEMBERS = ("d", "p", "q", "dp", "dq", "qi", "oth", "k")
+
+
+def fitting_algorithms(entry: Mapping[str, Any], configured: tuple[str, ...]) -> frozenset[str]:
+    """The algorithms of *configured* a public JWK can verify (its type, curve, ``alg``)."""
+    kty = entry.get("kty")
+    fits: frozenset[str] = frozenset()
+    if kty == "RSA":
+        fits = _RSA_ALGORITHMS
+    elif kty == "EC":
+        alg = _EC_CURVES.get(str(entry.get("crv")))
+        fits = frozenset({alg}) if alg else frozenset()
+    elif kty == "OKP" and entry.get("crv") in _OKP_CURVES:
+        fits = frozenset({"EdDSA"})
+    # anything else, "oct" (an HMAC secret) first of all, fits no algorithm
+    usable = fits & frozenset(configured) & ASYMMETRIC_ALGORITHMS
+    declared = entry.get("alg")
+    if declared is not None:
+        usable = usable & {declared} if isinstance(declared, str) else frozenset()
+    return usable
+
+
+def why_unusable(entry: Mapping[str, Any], configured: tuple[str, ...]) -> str | None:
+    """Why a JWK cannot verify tokens of *configured* (RFC 7517 ``use``/``key_ops``,
+    its type and curve), or None: the same rules for a JWKS file and a provider's."""
+    if entry.get("kty") == "oct":
+        return "an HMAC (oct) key is never taken from a JWKS"
+    if any(name in entry for name in _PRIVATE_MEMBERS):
+        return "private key material published"
+    if entry.get("use", "sig") != "sig":
+        return "not a signature key (use)"
+    ops = entry.get("key_ops")
+    if ops is not None and (not isinstance(ops, list) or "verify" not in ops):
+        return "key_ops without verify"
+    if not fitting_algorithms(entry, configured):
+        return "fits none of auth.algorithms (kty, crv or alg)"
+    return None
+
+
 def _load_jwks(path: Path, config: AuthConfig) -> dict[str, tuple[Any, str | None]]:
     try:
         document = json.loads(path.read_text())
@@ -196,15 +240,15 @@ def _load_jwks(path: Path, config: AuthConfig) -> dict[str, tuple[Any, str | Non
             raise KeyLoadError("auth.jwks_file", "every key needs a string 'kid'")
         if kids.count(entry["kid"]) > 1:  # which one verifies would be a guess
             raise KeyLoadError("auth.jwks_file", f"kid {entry['kid']!r} names several keys")
-        if entry.get("kty") == "oct" or "d" in entry:
+        if entry.get("kty") == "oct" or any(name in entry for name in _PRIVATE_MEMBERS):
             raise KeyLoadError("auth.jwks_file", f"key {entry['kid']!r}: only public keys allowed")
-        if entry.get("use") not in (None, "sig"):
-            continue
+        if why_unusable(entry, tuple(config.algorithms)) is not None:
+            continue  # another use (enc), key_ops without verify, or fits no algorithm
         declared = entry.get("alg")
-        if declared is not None and declared not in config.algorithms:
-            continue
         try:
-            jwk = jwt.PyJWK(entry, algorithm=declared or config.algorithms[0])
+            # each key built for an algorithm its own type fits (RSA and EC keys mixed)
+            algorithm = min(fitting_algorithms(entry, tuple(config.algorithms)))
+            jwk = jwt.PyJWK(entry, algorithm=algorithm)
         except jwt.PyJWTError as exc:
             raise KeyLoadError("auth.jwks_file", f"key {entry['kid']!r}: {exc}") from None
         _check_rsa_size(jwk.key, "auth.jwks_file", f"key {entry['kid']!r}")

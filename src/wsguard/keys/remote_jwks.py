@@ -45,8 +45,8 @@ from urllib.parse import urlsplit
 import httpx
 import jwt
 
-from wsguard.config.keys import MIN_RSA_BITS, short_rsa_bits
-from wsguard.config.model import ASYMMETRIC_ALGORITHMS, AuthConfig, check_key_url
+from wsguard.config.keys import MIN_RSA_BITS, fitting_algorithms, short_rsa_bits, why_unusable
+from wsguard.config.model import AuthConfig, check_key_url
 from wsguard.core.auth import KeysUnavailable, UnknownKey
 from wsguard.errors import KeyLoadError
 
@@ -61,10 +61,6 @@ MAX_KEYS = 100
 #: The smallest RSA key accepted.
 DISCOVERY_PATH = "/.well-known/openid-configuration"
 
-_RSA_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
-_EC_CURVES = {"P-256": "ES256", "P-384": "ES384", "P-521": "ES512"}
-_OKP_CURVES = frozenset({"Ed25519", "Ed448"})
-_PRIVATE_MEMBERS = ("d", "p", "q", "dp", "dq", "qi", "oth", "k")
 
 #: Where events go: ``(event, **fields)``, e.g. ``AuditLog.emit``.
 EventSink = Callable[..., None]
@@ -81,39 +77,6 @@ class ProviderKey:
     key: Any
     algorithms: frozenset[str]
     fingerprint: str  # the JWK's public members, to notice a key replaced under its kid
-
-
-def _fitting_algorithms(entry: Mapping[str, Any], configured: tuple[str, ...]) -> frozenset[str]:
-    kty = entry.get("kty")
-    fits: frozenset[str] = frozenset()
-    if kty == "RSA":
-        fits = _RSA_ALGORITHMS
-    elif kty == "EC":
-        alg = _EC_CURVES.get(str(entry.get("crv")))
-        fits = frozenset({alg}) if alg else frozenset()
-    elif kty == "OKP" and entry.get("crv") in _OKP_CURVES:
-        fits = frozenset({"EdDSA"})
-    # anything else, "oct" (an HMAC secret) first of all, fits no algorithm
-    usable = fits & frozenset(configured) & ASYMMETRIC_ALGORITHMS
-    declared = entry.get("alg")
-    if declared is not None:
-        usable = usable & {declared} if isinstance(declared, str) else frozenset()
-    return usable
-
-
-def _why_unusable(entry: Mapping[str, Any], configured: tuple[str, ...]) -> str | None:
-    if entry.get("kty") == "oct":
-        return "an HMAC (oct) key is never taken from a JWKS"
-    if any(name in entry for name in _PRIVATE_MEMBERS):
-        return "private key material published"
-    if entry.get("use", "sig") != "sig":
-        return "not a signature key (use)"
-    ops = entry.get("key_ops")
-    if ops is not None and (not isinstance(ops, list) or "verify" not in ops):
-        return "key_ops without verify"
-    if not _fitting_algorithms(entry, configured):
-        return "fits none of auth.algorithms (kty, crv or alg)"
-    return None
 
 
 def parse_jwks(
@@ -143,9 +106,9 @@ def parse_jwks(
         if not isinstance(kid, str) or not kid or len(kid) > 256 or not kid.isprintable():
             skipped.append(f"key #{index}: no usable kid")
             continue
-        why = _why_unusable(entry, algorithms)
+        why = why_unusable(entry, algorithms)
         if why is None:
-            usable = _fitting_algorithms(entry, algorithms)
+            usable = fitting_algorithms(entry, algorithms)
             try:
                 key = jwt.PyJWK(entry, algorithm=min(usable)).key
             except (jwt.PyJWTError, ValueError, TypeError):
