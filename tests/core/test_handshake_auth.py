@@ -1193,6 +1193,33 @@ def test_an_rsa_key_under_2048_bits_is_refused_from_either_file(tmp_path: Path) 
         assert "1024 bits" in info.value.message
 
 
+@pytest.mark.parametrize(
+    ("make", "algorithm"),
+    [
+        (lambda: ec.generate_private_key(ec.SECP384R1()), "ES256"),
+        (lambda: ec.generate_private_key(ec.SECP256K1()), "ES256"),
+        (lambda: ec.generate_private_key(ec.SECP256R1()), "RS256"),
+        (lambda: rsa.generate_private_key(public_exponent=65537, key_size=2048), "ES256"),
+    ],
+    ids=["p384-for-es256", "secp256k1", "ec-for-rs256", "rsa-for-es256"],
+)
+def test_a_public_key_that_fits_no_pinned_algorithm_is_refused_at_start(
+    tmp_path: Path, make: Any, algorithm: str
+) -> None:
+    """Every token would be refused 401: said at start (and by check-config) instead."""
+    pem = tmp_path / "public.pem"
+    pem.write_bytes(
+        make()
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    config = validate_config({"auth": {"algorithms": [algorithm], "public_key_file": str(pem)}})
+    with pytest.raises(KeyLoadError) as info:
+        load_keys(config.auth)
+    assert info.value.key == "auth.public_key_file"
+    assert "fits none of auth.algorithms" in info.value.message
+
+
 def test_a_jwks_file_follows_the_providers_rules_for_each_key(tmp_path: Path) -> None:
     """A JWKS file's keys are taken as a provider's are: RSA and EC keys side by side
     (each built for an algorithm of its own type, no alg member needed), and a key whose

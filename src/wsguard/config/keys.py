@@ -89,7 +89,9 @@ def load_keys(config: AuthConfig, *, allow_dev_key: bool = True) -> KeyMaterial:
 
         require("publickey", config.algorithms[0], key="auth.algorithms")
     if config.public_key_file:
-        return KeyMaterial(public_key=_load_public_key(config.public_key_file.expanduser()))
+        key = _load_public_key(config.public_key_file.expanduser())
+        _check_key_fits(key, tuple(config.algorithms))
+        return KeyMaterial(public_key=key)
     if config.jwks_file:
         return KeyMaterial(jwks=_load_jwks(config.jwks_file.expanduser(), config))
     if not allow_dev_key:
@@ -158,6 +160,32 @@ def _load_public_key(path: Path) -> Any:
         raise KeyLoadError("auth.public_key_file", f"{path} is not a PEM public key") from None
     _check_rsa_size(key, "auth.public_key_file", str(path))
     return key
+
+
+def _check_key_fits(key: Any, algorithms: tuple[str, ...]) -> None:
+    """A public key that none of *algorithms* can use would refuse every token: a
+    configuration error at start, not a 401 for everyone."""
+    from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+
+    kind: str
+    fits: frozenset[str]
+    if isinstance(key, rsa.RSAPublicKey):
+        kind, fits = "an RSA key", _RSA_ALGORITHMS
+    elif isinstance(key, ec.EllipticCurvePublicKey):
+        curve = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}
+        name = curve.get(key.curve.name, key.curve.name)
+        alg = _EC_CURVES.get(name)
+        kind, fits = f"an EC key on {name}", frozenset({alg}) if alg else frozenset()
+    elif isinstance(key, (ed25519.Ed25519PublicKey, ed448.Ed448PublicKey)):
+        kind, fits = "an EdDSA key", frozenset({"EdDSA"})
+    else:
+        kind, fits = f"a {type(key).__name__}", frozenset()
+    if not fits & frozenset(algorithms):
+        raise KeyLoadError(
+            "auth.public_key_file",
+            f"{kind} fits none of auth.algorithms ({', '.join(algorithms)}): every token "
+            "would be refused",
+        )
 
 
 #: the shortest RSA key accepted, from a file or an identity provider (RFC 7518 §3.3)
