@@ -141,6 +141,8 @@ class WsguardClient:
         assert self._token is not None
         token = self._token.strip(" \t\r\n")  # a provider that forgot strip()
         if not token or not all("!" <= ch <= "~" for ch in token):
+            if self._provider is not None:
+                self._token = None  # not kept: the provider is asked again next time
             # said without the token: the engine's own errors would quote it whole
             raise ClientError(
                 "the token is not a bearer token (empty, or with spaces or control "
@@ -201,7 +203,8 @@ class WsguardClient:
             async with asyncio.timeout(self._open_timeout):
                 data = await ws.recv()
         except TimeoutError:
-            raise ClientError(
+            # retried like a handshake that timed out (a server still warming up)
+            raise TimeoutError(
                 f"no message within {self._open_timeout:g}s of the upgrade: a wsguard "
                 "server sends a welcome frame first (for one that does not, such as an app "
                 "behind the ASGI middleware or the gateway: expect_welcome=False)"

@@ -913,3 +913,29 @@ def test_a_message_over_max_size_ends_the_client_without_reconnecting() -> None:
     with pytest.raises(ClientError, match="over max_size"):
         asyncio.run(asyncio.wait_for(_with_server(huge, client_part), 10))
     assert handshakes == 1
+
+
+def test_a_welcome_late_on_the_first_connection_is_waited_for_on_the_next() -> None:
+    """A server still warming up (no welcome within open_timeout) is retried like a
+    handshake that timed out, not given up on for good."""
+    connections = 0
+
+    async def warming(ws: Any) -> None:
+        nonlocal connections
+        connections += 1
+        if connections > 1:
+            await ws.send(json.dumps({"type": "welcome", "subject": "alice"}))
+        await ws.wait_closed()
+
+    async def client_part(url: str) -> dict[str, Any]:
+        client = WsguardClient(
+            url, token=make_token(), open_timeout=0.3, backoff_initial=0.01, max_attempts=3
+        )
+        try:
+            return await client.connect()
+        finally:
+            await client.close()
+
+    welcome = asyncio.run(asyncio.wait_for(_with_server(warming, client_part), 10))
+    assert welcome["subject"] == "alice"
+    assert connections == 2

@@ -44,6 +44,8 @@ from conftest import (
 from wsguard.config.keys import load_keys
 from wsguard.config.loader import validate_config
 from wsguard.core.auth import AuthFailure, KeyMaterial, TokenVerifier
+from wsguard.core.headers import Headers
+from wsguard.core.request import HandshakeRequest
 from wsguard.errors import ConfigError, KeyLoadError
 
 # Many tests below refuse several tokens on the same server: keep the
@@ -939,15 +941,17 @@ def test_query_transport_when_enabled_and_redacted(server_factory: ServerFactory
         ("/?TOKEN={t}", "/?TOKEN=REDACTED"),
         ("/?a=1;token={t}", "/?a=1;token=REDACTED"),
         ("/?token+={t}", "/?token+=REDACTED"),
-        ("/?x=%26token%3D{t}", "/?x=&token=REDACTED"),  # logged decoded
+        ("/?x=%26token%3D{t}", "/?x=%26token%3DREDACTED"),
         ("/rooms/{t}", "/rooms/REDACTED"),
         ("/?access_token={h}%2E{p}%2E{s}", "/?access_token=REDACTED"),
         ("/rooms/%65{t1}", "/rooms/REDACTED"),
         ("/?a={h}==.{p}.{s}", "/?a=REDACTED"),  # padded: a verifier decodes it all the same
+        ("/?auth=Bearer+{t}", "/?auth=Bearer+REDACTED"),  # glued to a prefix
+        ("/ws/v1-{t}", "/ws/v1-REDACTED"),
     ],
     ids=[
         "upper-case-name", "semicolon", "plus-in-name", "encoded-in-a-value", "in-the-path",
-        "dots-encoded", "first-letter-encoded", "padded",
+        "dots-encoded", "first-letter-encoded", "padded", "after-bearer-plus", "after-dash",
     ],
 )  # fmt: skip
 def test_a_token_in_the_target_under_any_name_is_not_written_to_the_audit_log(
@@ -966,6 +970,12 @@ def test_a_token_in_the_target_under_any_name_is_not_written_to_the_audit_log(
     audit = server.audit.getvalue()
     for secret in (token, p, s):
         assert secret not in audit
+
+
+def test_ordinary_dotted_names_in_a_target_are_not_redacted() -> None:
+    target = "/?next=https://www.example.co.uk/&f=export.csv.gz&h=example.com.au&v=1.2.3"
+    request = HandshakeRequest(peer="127.0.0.1", target=target, headers=Headers([]))
+    assert request.redacted_target(frozenset({"token"})) == target
 
 
 def test_query_token_percent_encoded_name_still_redacted(server_factory: ServerFactory) -> None:
@@ -1236,6 +1246,7 @@ def test_a_jwks_file_follows_the_providers_rules_for_each_key(tmp_path: Path) ->
         {**public_jwk(rsa_key, "encrypting"), "key_ops": ["encrypt"]},
         {**public_jwk(rsa_key, "enc"), "use": "enc"},
         {**p384_jwk, "kid": "wrong-curve", "alg": "ES256"},
+        {**public_jwk(rsa_key, "r1"), "use": "enc"},  # shares r1's kid, verifies nothing
     ]
     path = tmp_path / "jwks.json"
     path.write_text(json.dumps({"keys": keys}))

@@ -249,8 +249,7 @@ def _check_config(args: argparse.Namespace) -> int:
         from wsguard.engines.tls import server_context
 
         server_context(config.tls)  # the certificate, its key and the client CA load
-    if config.audit.enabled:
-        AuditLog.check_target(config.audit.file)
+    AuditLog.check_target(config.audit.file)  # opened at start, enabled or not
     keys = None
     if not has_configured_key(config.auth) and is_loopback_host(config.host):
         keys = KeyMaterial(secret=secrets.token_bytes(32))  # the development key: at start

@@ -262,20 +262,23 @@ def _load_jwks(path: Path, config: AuthConfig) -> dict[str, tuple[Any, str | Non
     if not isinstance(keys, list) or not keys:
         raise KeyLoadError("auth.jwks_file", f"{path} has no 'keys' array")
     out: dict[str, tuple[Any, str | None]] = {}
-    kids = [entry.get("kid") for entry in keys if isinstance(entry, dict)]
+    algorithms = tuple(config.algorithms)
     for entry in keys:
         if not isinstance(entry, dict) or not isinstance(entry.get("kid"), str):
             raise KeyLoadError("auth.jwks_file", "every key needs a string 'kid'")
-        if kids.count(entry["kid"]) > 1:  # which one verifies would be a guess
-            raise KeyLoadError("auth.jwks_file", f"kid {entry['kid']!r} names several keys")
         if entry.get("kty") == "oct" or any(name in entry for name in _PRIVATE_MEMBERS):
             raise KeyLoadError("auth.jwks_file", f"key {entry['kid']!r}: only public keys allowed")
-        if why_unusable(entry, tuple(config.algorithms)) is not None:
-            continue  # another use (enc), key_ops without verify, or fits no algorithm
+    # which of two verifying keys under one kid verifies would be a guess; a key that
+    # does not verify (another use, key_ops...) is left out first, as a provider's is
+    usable = [entry for entry in keys if why_unusable(entry, algorithms) is None]
+    kids = [entry["kid"] for entry in usable]
+    for entry in usable:
+        if kids.count(entry["kid"]) > 1:
+            raise KeyLoadError("auth.jwks_file", f"kid {entry['kid']!r} names several keys")
         declared = entry.get("alg")
         try:
             # each key built for an algorithm its own type fits (RSA and EC keys mixed)
-            algorithm = min(fitting_algorithms(entry, tuple(config.algorithms)))
+            algorithm = min(fitting_algorithms(entry, algorithms))
             jwk = jwt.PyJWK(entry, algorithm=algorithm)
         except jwt.PyJWTError as exc:
             raise KeyLoadError("auth.jwks_file", f"key {entry['kid']!r}: {exc}") from None

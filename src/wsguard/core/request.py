@@ -16,19 +16,26 @@ _SEGMENT = r"[A-Za-z0-9_+-]*={0,2}"
 _DOTTED = re.compile(rf"(?<![A-Za-z0-9_+-])[A-Za-z0-9_+-]{{4}}{_SEGMENT}\.{_SEGMENT}\.{_SEGMENT}")
 
 
+#: The usual compact JWS (a ``{"`` header encodes as ``eyJ``): found wherever it starts,
+#: glued to a prefix too (``Bearer+eyJ...``, ``v1-eyJ...``).
+_EYJ = re.compile(r"eyJ[A-Za-z0-9_+-]*={0,2}\.[A-Za-z0-9_+-]*={0,2}\.[A-Za-z0-9_+-]*={0,2}")
+
+
 def _header_like(segment: str) -> bool:
     """Whether *segment* decodes (as a verifier would, padding or not) to a JSON object's
-    start: ``{`` after optional whitespace."""
+    start: ``{`` then ``"``, whitespace allowed between."""
     text = segment.rstrip("=").replace("+", "-").replace("/", "_")
     text += "=" * (-len(text) % 4)
     try:
         head = base64.urlsafe_b64decode(text[:16])
     except (binascii.Error, ValueError):
         return False
-    return head.lstrip(b" \t\r\n").startswith(b"{")
+    head = head.lstrip(b" \t\r\n")
+    return head.startswith(b"{") and head[1:].lstrip(b" \t\r\n").startswith(b'"')
 
 
 def _redact_jwts(text: str) -> str:
+    text = _EYJ.sub("REDACTED", text) if "eyJ" in text else text
     return _DOTTED.sub(
         lambda match: "REDACTED" if _header_like(match.group().split(".", 1)[0]) else match.group(),
         text,

@@ -41,11 +41,14 @@ from redis.asyncio.client import Pipeline
 from redis.asyncio.cluster import ClusterPipeline, RedisCluster
 from redis.commands.core import AsyncScript
 from redis.exceptions import (
+    AskError,
     ClusterDownError,
+    MovedError,
     NoScriptError,
     RedisClusterException,
     RedisError,
     ResponseError,
+    TryAgainError,
 )
 
 from wsguard.config.model import ClusterConfig
@@ -139,6 +142,7 @@ class RedisStore(Store):
         self._subscribed = asyncio.Event()
         self._events_failing = False  # the subscription refused while commands work
         self._subscription_end: tuple[BaseException, bool] | None = None
+        self._next_stand_in = 0.0  # the next check standing in for refused events
         self._background: set[asyncio.Task[None]] = set()
         self.operations = 0  # round trips attempted, for benchmarks and tests
         self.errors: dict[str, int] = {}  # failed operations per check (metrics)
@@ -771,7 +775,9 @@ class RedisStore(Store):
         if ended is None or self._closed or self._down:
             return
         exc, confirmed = ended
-        if confirmed:
+        if confirmed or not _refusal(exc):
+            # a dropped subscription, or one caught in a slot move (MOVED during a
+            # reshard): subscribed again, then checked, as after an outage
             logger.info("cluster event subscription ended: %s; subscribing again", exc)
             return
         if not self._events_failing:
@@ -780,12 +786,17 @@ class RedisStore(Store):
             logger.warning(
                 "store %s: cannot subscribe to the cluster events (%s); revocations, "
                 "disconnects and bans made on other nodes reach this node's connections "
-                "only by its check every %s s until it can",
+                "only by its check every %g s until it can",
                 redacted(self.uri),
                 detail,
-                self.config.retry_seconds,
+                max(5.0, 5 * self.config.retry_seconds),
             )
-        self._missed_events()
+        # the check stands in for the events, at most every few retries (one EXISTS per
+        # live connection each time: a standing load while the misconfiguration lasts)
+        now = time.monotonic()
+        if now >= self._next_stand_in:
+            self._next_stand_in = now + max(5.0, 5 * self.config.retry_seconds)
+            self._missed_events()
 
     def _subscription_confirmed(self) -> None:
         if self._events_failing:
@@ -906,6 +917,14 @@ class RedisStore(Store):
             with contextlib.suppress(*_FAILURES):
                 await self._remove_leases(list(held.items()))
         await self._clients.aclose()
+
+
+def _refusal(exc: BaseException) -> bool:
+    """Whether Redis refused the subscription itself (an ACL, a proxy without pub/sub),
+    not a slot move or a connection that went away."""
+    return isinstance(exc, ResponseError) and not isinstance(
+        exc, (MovedError, AskError, TryAgainError, ClusterDownError)
+    )
 
 
 def _constant(value: T) -> Callable[[], Awaitable[T]]:

@@ -18,6 +18,7 @@ from wsguard.scanner.context import (
     ScanContext,
     judge,
     settle,
+    throttled,
 )
 from wsguard.scanner.model import OWASP, Finding, Verdict, check, finding
 from wsguard.scanner.probe import Handshake, Session
@@ -117,7 +118,9 @@ async def flood(ctx: ScanContext) -> Finding:
         )
     how = outcome.describe()
     close = outcome.close
-    if answered == 0 or (close is not None and close.code in _REFUSES_THE_CONTENT):
+    if not throttled(outcome) and (
+        answered == 0 or (close is not None and close.code in _REFUSES_THE_CONTENT)
+    ):
         # a limit lets some through first; a close for what was sent (its kind, its
         # framing, its encoding) says nothing about how much was sent
         raise Inconclusive(
