@@ -482,12 +482,10 @@ class GuardListener(WSListener):
         reader.half_open = False
         if not self.close_sent and self.transport is not None:
             self._answer_close(payload)
-        raw = self.raw
-        if reader.ended or raw.is_closing() or not raw.can_write_eof() or self._draining:
-            raw.close()  # nothing more can arrive (or TLS): closed
-        else:  # half-closed, read on (see drain): a full close would meet its bytes
-            raw.write_eof()
-            self._draining = self.server.loop.call_later(_CLOSE_TIMEOUT, self._drop)
+        # half-closed and read on (see drain): a full close would meet the client's bytes;
+        # closed when nothing more can arrive, or where TCP cannot be half-closed (TLS)
+        if reader.ended or self._draining or not self.drain():
+            self.raw.close()
 
     def engine_close(self, data: bytes) -> None:
         """picows closes on its own: a protocol error it found (a frame over the size
@@ -568,7 +566,8 @@ class GuardListener(WSListener):
             return True
         if raw.is_closing() or not raw.can_write_eof():
             return False
-        raw.set_protocol(Discard(raw.get_protocol(), raw))
+        if not isinstance(raw.get_protocol(), Discard):  # (a held close installed one)
+            raw.set_protocol(Discard(raw.get_protocol(), raw))
         raw.write_eof()
         self._draining = self.server.loop.call_later(_CLOSE_TIMEOUT, self._drop)
         return True
