@@ -1149,3 +1149,29 @@ def test_an_app_that_raises_after_accept_closes_the_connection_1011(serve: Serve
     assert rec.calls == ["raising"]
     record = closed_record(server)
     assert (record["code"], record["closed_by"], record["cause"]) == (1011, "server", "app_failed")
+
+
+@pytest.mark.parametrize(
+    "line",
+    [b"Sec-WebSocket-Protocol: chat, bad token", b"Sec-WebSocket-Protocol: wsguard.v1\x85"],
+    ids=["space-inside", "nel-byte"],
+)
+def test_a_subprotocol_list_that_is_not_tokens_never_reaches_the_app(
+    serve: Serve, line: bytes
+) -> None:
+    """As on the standalone engines: refused (the policy's 400, or the server's own
+    answer: h11 and hypercorn drop a head with a non-ASCII byte without one), never
+    upgraded to the app."""
+    from support.wire import WS_HEADERS, raw_request, response_head
+
+    server = serve()
+    request = raw_request(
+        "GET /ws HTTP/1.1",
+        "Host: 127.0.0.1",
+        *WS_HEADERS,
+        line,
+        f"Authorization: Bearer {make_token()}",
+    )
+    head = response_head(server.port, request)
+    assert head == b"" or head.startswith(b"HTTP/1.1 4"), head
+    assert server.rec.calls == []
