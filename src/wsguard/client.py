@@ -294,6 +294,18 @@ class WsguardClient:
             return False
         return not (code == CLOSE_EXPIRED and self._provider is None)
 
+    def _reconnect_after(self, ws: ClientConnection) -> bool:
+        """*ws* is closed: is a reconnect worth it? A close this client sent itself with
+        1009 (a message from the server over ``max_size``) is final: the next connection
+        would get the same message."""
+        sent, rcvd = ws.protocol.close_sent, ws.protocol.close_rcvd
+        if rcvd is None and sent is not None and sent.code == 1009:
+            raise ClientError(
+                f"a message from the server was over max_size ({self._max_size} "
+                "bytes): closed 1009, not reconnecting"
+            )
+        return self._may_reconnect(rcvd.code if rcvd is not None else None)
+
     async def _connect_with_retries(self) -> None:
         attempt = 0
         refusals = 0  # 401s: the token refused
@@ -402,11 +414,10 @@ class WsguardClient:
         dropped: ClientConnection | None = None
         while True:
             ws = await self._current(replace=dropped, dropped=dropped is not None)
-            if ws.protocol.state is not State.OPEN and dropped is None:
-                rcvd = ws.protocol.close_rcvd
-                if self._may_reconnect(rcvd.code if rcvd is not None else None):
-                    dropped = ws  # closed before anything was written: use the next one
-                    continue
+            closed = ws.protocol.state is not State.OPEN
+            if closed and dropped is None and self._reconnect_after(ws):
+                dropped = ws  # closed before anything was written: use the next one
+                continue
             out = self.sign(message) if message.get("type") in self._signed else message
             await ws.send(orjson.dumps(out).decode())
             return
@@ -423,14 +434,8 @@ class WsguardClient:
                 return self._early.pop(0)
             try:
                 message: dict[str, Any] = orjson.loads(await ws.recv())
-            except ConnectionClosed as exc:
-                sent = exc.sent
-                if exc.rcvd is None and sent is not None and sent.code == 1009:
-                    raise ClientError(
-                        f"a message from the server was over max_size ({self._max_size} "
-                        "bytes): closed 1009, not reconnecting"
-                    ) from exc
-                if not self._may_reconnect(exc.rcvd.code if exc.rcvd is not None else None):
+            except ConnectionClosed:
+                if not self._reconnect_after(ws):
                     raise
                 dropped = ws
                 continue

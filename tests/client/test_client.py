@@ -915,6 +915,55 @@ def test_a_message_over_max_size_ends_the_client_without_reconnecting() -> None:
     assert handshakes == 1
 
 
+def test_a_send_after_the_clients_own_1009_does_not_reconnect() -> None:
+    """The server drops the connection on the client's 1009 without a close frame of its
+    own (no close frame received): send() must not take that for a drop to recover from,
+    the next connection would get the same message."""
+    import base64
+    import hashlib
+
+    handshakes = 0
+
+    async def huge(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal handshakes
+        head = await reader.readuntil(b"\r\n\r\n")
+        key = next(
+            line.split(b":", 1)[1].strip()
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"sec-websocket-key:")
+        )
+        guid = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+        accept = base64.b64encode(hashlib.sha1(key + guid).digest())
+        handshakes += 1
+        writer.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n"
+        )
+        welcome = b'{"type":"welcome"}'
+        writer.write(bytes([0x81, len(welcome)]) + welcome)
+        writer.write(b"\x81\x7f" + (70_000).to_bytes(8, "big") + b"x" * 70_000)
+        await reader.read(2)  # the client's close frame begins: drop without answering
+        writer.close()
+
+    async def main() -> None:
+        server = await asyncio.start_server(huge, "127.0.0.1", 0)
+        async with server:
+            port = server.sockets[0].getsockname()[1]
+            client = WsguardClient(f"ws://127.0.0.1:{port}/", token=make_token(), max_size=65_536)
+            await client.connect()
+            ws = client._ws
+            assert ws is not None
+            await ws.wait_closed()
+            try:
+                await client.send({"type": "ping", "id": "1"})
+            finally:
+                await client.close()
+
+    with pytest.raises(ClientError, match="over max_size"):
+        asyncio.run(asyncio.wait_for(main(), 10))
+    assert handshakes == 1
+
+
 def test_a_welcome_late_on_the_first_connection_is_waited_for_on_the_next() -> None:
     """A server still warming up (no welcome within open_timeout) is retried like a
     handshake that timed out, not given up on for good."""
