@@ -29,6 +29,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.typing import Origin
 
 from support.cli import cli_env, run_cli
+from support.net import free_port
 from support.paths import REPO
 from wsguard.scanner import Report, ScanOptions, Verdict, run_scan
 
@@ -675,3 +676,30 @@ def test_the_verbose_table_shows_the_fix_of_each_problem() -> None:
     assert f"fix: {REGISTRY['auth.required'].remedy}" in verbose
     assert REGISTRY["origin.null"].remedy not in verbose  # a PASS needs no fix
     assert "fix:" not in render_table(report, width=400)
+
+
+def test_a_target_nobody_listens_on_is_one_error_named_once(tmp_path: Path) -> None:
+    """Nothing listens: every check that needed the endpoint ERRORs (exit 3, a CI gate
+    fails) with the one cause, shown once in the table rather than once per check; the
+    checks decided by options alone keep saying what they need."""
+    port = free_port()  # bound and released: nothing listens on it
+    url = f"ws://127.0.0.1:{port}/"
+    out = tmp_path / "report.json"
+    done = run_cli(
+        ["audit", url, "--connect-timeout", "1", "--format", "json", "--out", str(out)],
+        cli_env(tmp_path),
+        timeout=60,
+    )
+    assert done.returncode == 3, done.stdout + done.stderr
+    report = json.loads(out.read_text())
+    cause = f"cannot reach the target (127.0.0.1:{port}: Connection refused)"
+    assert report["unreachable"] == cause
+    verdicts = {f["check"]: (f["verdict"], f["evidence"]) for f in report["findings"]}
+    assert verdicts["auth.required"] == ("ERROR", cause)
+    assert verdicts["handshake.timeout"] == ("ERROR", cause)
+    assert verdicts["origin.cookie"][0] == "N/A"  # needs --cookie, reachable or not
+    table = run_cli(["audit", url, "--connect-timeout", "1"], cli_env(tmp_path), timeout=60)
+    assert table.returncode == 3
+    assert table.stdout.count("Connection refused") == 1, table.stdout
+    errors = sum(1 for v, _ in verdicts.values() if v == "ERROR")
+    assert re.search(rf"{errors} checks\s+│ ERROR", table.stdout), table.stdout

@@ -376,9 +376,14 @@ def test_the_first_address_that_accepts_is_scanned(target: Target) -> None:
 
     uri = parse_target(target.url.replace("127.0.0.1", "localhost"))
     listed = ScanTarget(uri, ("::1", "127.0.0.1"), loopback=True)
-    assert asyncio.run(_reachable(listed, 5.0)).addresses == ("127.0.0.1", "::1")
+    assert asyncio.run(_reachable(listed, 5.0)) == (
+        ScanTarget(uri, ("127.0.0.1", "::1"), loopback=True),
+        "",
+    )
     nowhere = ScanTarget(parse_target("ws://localhost:1/"), ("::1", "127.0.0.1"), True)
-    assert asyncio.run(_reachable(nowhere, 5.0)).addresses == ("::1", "127.0.0.1")
+    unchanged, why = asyncio.run(_reachable(nowhere, 5.0))
+    assert unchanged.addresses == ("::1", "127.0.0.1")
+    assert why == "cannot reach the target (127.0.0.1:1: Connection refused)"
 
 
 def test_token_cmd_supplies_the_credential(target: Target, tmp_path: Path) -> None:

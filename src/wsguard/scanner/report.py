@@ -41,13 +41,20 @@ def table(report: Report, *, verbose: bool = False) -> Any:
     grid.add_column("check", no_wrap=True)
     grid.add_column("verdict", no_wrap=True)
     grid.add_column("evidence", overflow="fold")
+    unreachable = report.unreachable or None
     for item in report.findings:
+        if item.evidence == unreachable and not verbose:
+            continue  # one row below for all of them
         evidence = escape(item.evidence)
         if verbose and item.details:
             evidence += "".join(f"\n  · {escape(line)}" for line in item.details)
         if verbose and item.verdict in _PROBLEMS and item.check in REGISTRY:
             evidence += f"\n  fix: {escape(REGISTRY[item.check].remedy)}"
         grid.add_row(item.check, f"[{COLOURS[item.verdict]}]{item.verdict.value}[/]", evidence)
+    same = [item.check for item in report.findings if item.evidence == unreachable]
+    if same and not verbose:
+        colour = COLOURS[Verdict.ERROR]
+        grid.add_row(f"{len(same)} checks", f"[{colour}]ERROR[/]", escape(str(unreachable)))
     return grid
 
 
@@ -77,6 +84,7 @@ def to_json(report: Report) -> dict[str, Any]:
         "aggressive": report.aggressive,
         "summary": report.counts(),
         "protocol": report.protocol,
+        "unreachable": report.unreachable or None,
         "coverage": report.coverage().as_dict(),
         "findings": [
             {

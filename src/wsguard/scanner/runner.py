@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -104,6 +105,7 @@ class Report:
     seconds: float = 0.0
     version: str = wsguard.__version__
     protocol: str = ""  # how the scan spoke to the endpoint (scanner.dialect)
+    unreachable: str = ""  # why no address of the target accepted a TCP connection
 
     def coverage(self) -> Coverage:
         needs: dict[str, list[str]] = {}
@@ -181,12 +183,13 @@ async def run_scan(options: ScanOptions, *, progress: Progress | None = None) ->
     """Scan ``options.url``. Raises ConfigError before any traffic for bad options or a
     non-loopback target without ``i_own_this_target``."""
     chosen = select(options)
-    target = await _reachable(resolve_target(options), options.connect_timeout)
+    target, unreachable = await _reachable(resolve_target(options), options.connect_timeout)
     credentials = Credentials(options)
     context = ScanContext(options, target, credentials)
-    report = Report(target.label, datetime.now(UTC), options.aggressive)
+    report = Report(target.label, datetime.now(UTC), options.aggressive, unreachable=unreachable)
     began = time.monotonic()
-    if any(c.group != "transport" and (options.aggressive or not c.aggressive) for c in chosen):
+    needs_endpoint = [c for c in chosen if c.group != "transport"]
+    if not unreachable and any(options.aggressive or not c.aggressive for c in needs_endpoint):
         report.protocol = (await _discover(context)).describe()
     waits = options.slow_wait + options.idle_wait + options.expiry_wait + options.reset_wait
     for spec in chosen:
@@ -203,6 +206,9 @@ async def run_scan(options: ScanOptions, *, progress: Progress | None = None) ->
                 context.for_check(spec.id, own_subject=spec.own_subject),
                 spec.budget_seconds + waits,
             )
+            if unreachable and result.verdict is Verdict.ERROR:
+                # every check that needed the endpoint fails the same way: one cause
+                result = finding(spec.id, Verdict.ERROR, unreachable, result.evidence)
         result = replace(result, seconds=round(time.monotonic() - started, 3))
         report.findings.append(result)
         if progress is not None:
@@ -222,22 +228,31 @@ async def _discover(context: ScanContext) -> Dialect:
         return context.dialect
 
 
-async def _reachable(target: Target, wait: float) -> Target:
+async def _reachable(target: Target, wait: float) -> tuple[Target, str]:
     """Put first the resolved address that accepts TCP (``localhost`` may resolve to ::1
-    first while the server listens on 127.0.0.1 only); unchanged if none does."""
-    if len(target.addresses) == 1:
-        return target
+    first while the server listens on 127.0.0.1 only); with why none does when none does
+    (every check's ERROR then names that one cause)."""
+    why = ""
     for address in target.addresses:
         try:
             _, writer = await asyncio.wait_for(
                 asyncio.open_connection(address, target.uri.port), wait
             )
-        except (OSError, TimeoutError):
+        except TimeoutError:
+            why = f"no answer from {_where(address, target.uri.port)} within {wait:g}s"
+            continue
+        except OSError as exc:
+            reason = os.strerror(exc.errno) if exc.errno else str(exc) or type(exc).__name__
+            why = f"{_where(address, target.uri.port)}: {reason}"
             continue
         writer.close()
         others = tuple(a for a in target.addresses if a != address)
-        return replace(target, addresses=(address, *others))
-    return target
+        return replace(target, addresses=(address, *others)), ""
+    return target, f"cannot reach the target ({why})" if why else ""
+
+
+def _where(address: str, port: int | None) -> str:
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
 
 async def _run_one(spec: Check, ctx: ScanContext, seconds: float) -> Finding:
