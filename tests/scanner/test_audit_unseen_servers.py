@@ -703,3 +703,100 @@ def test_a_target_nobody_listens_on_is_one_error_named_once(tmp_path: Path) -> N
     assert table.stdout.count("Connection refused") == 1, table.stdout
     errors = sum(1 for v, _ in verdicts.values() if v == "ERROR")
     assert re.search(rf"{errors} checks\s+│ ERROR", table.stdout), table.stdout
+
+
+IN_BAND_SECRET = "in-band-secret-at-least-32-bytes-long!"
+IN_BAND = '{"type": "auth", "token": "{token}"}'
+
+
+def in_band_server(
+    *, verify_signature: bool, ignore_refused: bool = False
+) -> Callable[[ServerConnection], Any]:
+    """The tutorial pattern: the token in the first message, verified (or, the flaw,
+    only decoded); a refused one is answered ``unauthorized`` and closed 1008 (or, the
+    other flaw, the connection is kept and whatever it sends ignored)."""
+    import jwt
+
+    async def handler(ws: ServerConnection) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            try:
+                first = json.loads(await asyncio.wait_for(ws.recv(), 5))
+                jwt.decode(
+                    first["token"],
+                    IN_BAND_SECRET,
+                    algorithms=["HS256"],
+                    options={"require": ["exp"], "verify_signature": verify_signature},
+                )
+            except (TimeoutError, ValueError, KeyError, TypeError, jwt.PyJWTError):
+                if ignore_refused:
+                    await ws.wait_closed()
+                    return
+                await ws.send(json.dumps({"type": "error", "error": "unauthorized"}))
+                await ws.close(1008, "invalid token")
+                return
+            await ws.send(json.dumps({"type": "auth_ok"}))
+            async for message in ws:
+                value = json.loads(message) if isinstance(message, str) else None
+                if isinstance(value, dict) and value.get("type") == "ping":
+                    await ws.send(json.dumps({"type": "pong", "id": value.get("id")}))
+                else:
+                    await ws.send(json.dumps({"type": "error", "error": "unknown message"}))
+
+    return handler
+
+
+def test_a_credential_in_the_first_message_is_judged_in_band() -> None:
+    """--token-in message:JSON: the scan's token goes in the first message after the
+    upgrade; a forged, expired or missing one refused in-band (error, close 1008) is the
+    refusal looked for (PASS), not a late one (WEAK); a server that only decodes the
+    token FAILs the forgeries."""
+    checks: tuple[str, ...] = ("auth.required", "auth.malformed", "auth.signature")
+    checks += ("auth.alg_none", "auth.expired", "auth.no_exp")
+    options = {"jwt_secret": IN_BAND_SECRET, "token_in": "message", "token_name": IN_BAND}
+    strict = scan_handler(
+        in_band_server(verify_signature=True), checks, reply_timeout=0.5, **options
+    )
+    for item in strict.findings:
+        assert item.verdict is Verdict.PASS, item
+        assert "in the first message" in item.evidence, item
+    flawed = scan_handler(
+        in_band_server(verify_signature=False), checks, reply_timeout=0.5, **options
+    )
+    verdicts = {f.check: f.verdict for f in flawed.findings}
+    assert verdicts["auth.signature"] is Verdict.FAIL, flawed.findings
+    assert verdicts["auth.alg_none"] is Verdict.FAIL, flawed.findings
+    assert verdicts["auth.required"] is Verdict.PASS  # no message at all: still refused
+
+
+def test_an_in_band_credential_the_endpoint_refuses_too_judges_nothing() -> None:
+    """The scan's own token (signed with another secret) is refused as the probes are:
+    a connection without any credential refused says nothing then (INCONCLUSIVE, naming
+    the option, never PASS); the checks that need the scan's own connection are ERRORs
+    (the credential refused)."""
+    options = {"jwt_secret": "x" * 40, "token_in": "message", "token_name": IN_BAND}
+    report = scan_handler(
+        in_band_server(verify_signature=True),
+        ("auth.required", "auth.no_exp"),
+        reply_timeout=0.5,
+        **options,
+    )
+    verdicts = {f.check: f for f in report.findings}
+    assert verdicts["auth.required"].verdict is Verdict.INCONCLUSIVE, verdicts
+    assert "--token-in message:JSON" in verdicts["auth.required"].evidence
+    assert verdicts["auth.no_exp"].verdict is Verdict.ERROR, verdicts
+    assert "invalid token" in verdicts["auth.no_exp"].evidence
+
+
+def test_an_in_band_refusal_that_keeps_the_connection_open_is_weak() -> None:
+    """A forged token's connection kept open, its messages unanswered: not accepted, but
+    every such connection stays (WEAK, saying so)."""
+    options = {"jwt_secret": IN_BAND_SECRET, "token_in": "message", "token_name": IN_BAND}
+    report = scan_handler(
+        in_band_server(verify_signature=True, ignore_refused=True),
+        ("auth.signature",),
+        reply_timeout=0.5,
+        **options,
+    )
+    (finding,) = report.findings
+    assert finding.verdict is Verdict.WEAK, finding
+    assert "kept open" in finding.evidence, finding

@@ -57,7 +57,8 @@ def add_parser(sub: Any) -> None:
         default="header",
         metavar="WHERE",
         help="header (Authorization: Bearer, the default), header:NAME (NAME: token), "
-        "query:NAME, cookie:NAME or subprotocol:PREFIX",
+        "query:NAME, cookie:NAME, subprotocol:PREFIX or message:JSON (the first message "
+        "after the upgrade, {token} in it: an endpoint that authenticates in-band)",
     )
     cred.add_argument("--subprotocol", action="append", default=[], help="subprotocol to offer")
     cred.add_argument(
@@ -234,8 +235,17 @@ def options_from(args: argparse.Namespace) -> Any:
         if "=" not in item:
             raise ConfigError("--cookie", f"expected NAME=VALUE, got {item!r}")
     placement, _, token_name = args.token_in.partition(":")
-    if placement not in ("header", "query", "cookie", "subprotocol"):
-        raise ConfigError("--token-in", "header, query:NAME, cookie:NAME or subprotocol:PREFIX")
+    if placement not in ("header", "query", "cookie", "subprotocol", "message"):
+        raise ConfigError(
+            "--token-in",
+            "header, header:NAME, query:NAME, cookie:NAME, subprotocol:PREFIX or message:JSON",
+        )
+    if placement == "message":
+        if "{token}" not in token_name:
+            raise ConfigError(
+                "--token-in", 'message:JSON needs {token} in it: message:{"type": "auth", ...}'
+            )
+        parse_json_option("--token-in", token_name.replace("{token}", "t"))
     if not args.jwt_alg.startswith("HS") or args.jwt_alg not in ("HS256", "HS384", "HS512"):
         raise ConfigError("--jwt-alg", "minting needs an HMAC algorithm: HS256, HS384 or HS512")
     for option in ("ca_file", "client_cert", "client_key", "public_key", "server_log"):

@@ -220,9 +220,14 @@ class ScanContext:
             cookies = options.cookies if token is not None else ()
         cookie_list = list(cookies)
         path = resource if resource is not None else self.target.uri.resource_name
+        first_message: str | None = None
         if token is not None:
             placement = options.token_in
-            if placement == "header" and options.token_name:
+            if placement == "message":
+                # the token as a JSON string's content (a malformed probe may hold anything)
+                inside = orjson.dumps(token).decode()[1:-1]
+                first_message = options.token_name.replace("{token}", inside)
+            elif placement == "header" and options.token_name:
                 all_headers.append((options.token_name, token))
             elif placement == "header":
                 all_headers.append(("Authorization", f"Bearer {token}"))
@@ -246,12 +251,20 @@ class ScanContext:
             extensions=extensions,
             wait=options.connect_timeout,
         )
+        if first_message is not None and result.session is not None:
+            await result.session.send_text(first_message)
         if result.status is not None and result.status != 101 and result.body:
             self.record(f"HTTP {result.status} body", result.body.decode("utf-8", "replace"))
         for name in ("Server", "X-Powered-By"):
             for value in result.headers.get_all(name):
                 self.record(f"{name} header", value)
         return result
+
+    @property
+    def in_band(self) -> bool:
+        """The credential goes in the first message after the upgrade (``--token-in
+        message:JSON``): a refusal of it can only come after the upgrade."""
+        return self.options.token_in == "message"
 
     async def open(self, **kwargs: object) -> Session:
         """A connection that works: upgraded and answering a ping without an error (else

@@ -15,7 +15,7 @@ from websockets.uri import WebSocketURI, parse_uri
 
 from wsguard.errors import ConfigError
 
-TokenPlacement = Literal["header", "query", "cookie", "subprotocol"]
+TokenPlacement = Literal["header", "query", "cookie", "subprotocol", "message"]
 DEFAULT_PING = '{"type": "ping", "id": "{id}"}'
 
 
@@ -30,7 +30,7 @@ class ScanOptions:
     jwt_claims: dict[str, Any] = field(default_factory=dict)
     public_key: Path | None = None  # for algorithm confusion (RS*/ES* tokens)
     token_in: TokenPlacement = "header"
-    token_name: str = ""  # query parameter, cookie name or subprotocol prefix
+    token_name: str = ""  # query parameter, cookie name, subprotocol prefix or message
     subprotocols: tuple[str, ...] = ()
     cookies: tuple[str, ...] = ()  # "name=value", sent as the Cookie header
     headers: tuple[tuple[str, str], ...] = ()

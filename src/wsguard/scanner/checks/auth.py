@@ -28,6 +28,7 @@ async def no_credential(ctx: ScanContext) -> Finding:
         [("no credential", {"token": None})],
         refused_means="authentication happens before the upgrade",
         accepted_means="anyone can connect",
+        credential=True,
     )
 
 
@@ -67,6 +68,7 @@ async def malformed(ctx: ScanContext) -> Finding:
         [(label, {"token": token}) for label, token in variants],
         refused_means="malformed credentials are refused",
         accepted_means="a token that is not even a JWT opens a connection",
+        credential=True,
     )
 
 
@@ -94,6 +96,7 @@ async def bad_signature(ctx: ScanContext) -> Finding:
         ],
         refused_means=REFUSED,
         accepted_means="signatures are not verified",
+        credential=True,
     )
 
 
@@ -120,6 +123,7 @@ async def alg_none(ctx: ScanContext) -> Finding:
         variants,
         refused_means="unsigned tokens are refused",
         accepted_means="anyone can forge a token for any subject",
+        credential=True,
     )
 
 
@@ -156,6 +160,7 @@ async def alg_confusion(ctx: ScanContext) -> Finding:
         variants,
         refused_means="the algorithm is pinned to the key type",
         accepted_means="anyone with the public key can forge tokens",
+        credential=True,
     )
 
 
@@ -183,6 +188,7 @@ async def expired(ctx: ScanContext) -> Finding:
         ],
         refused_means="exp is verified",
         accepted_means="a stolen token works forever",
+        credential=True,
     )
 
 
@@ -202,4 +208,5 @@ async def no_exp(ctx: ScanContext) -> Finding:
         [("token without exp", {"token": ctx.credentials.mint(exp_in=None)})],
         refused_means="exp is required",
         accepted_means="a token without exp never expires",
+        credential=True,
     )

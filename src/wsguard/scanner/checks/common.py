@@ -27,12 +27,18 @@ async def try_handshakes(
     *,
     refused_means: str,
     accepted_means: str,
+    credential: bool = False,
 ) -> Finding:
     """Each variant is a label and ``ctx.connect`` arguments; every one must be refused
     before the upgrade. Accepted: FAIL; refused only after the upgrade, or upgraded with
     nothing past the upgrade to see (an endpoint whose protocol the scan cannot speak):
     WEAK; a variant
-    that got no judgement (timeout, 5xx, 429) even after retries: INCONCLUSIVE, never PASS."""
+    that got no judgement (timeout, 5xx, 429) even after retries: INCONCLUSIVE, never PASS.
+
+    *credential*: the variants differ in the credential only. When it goes in the first
+    message (``--token-in message:JSON``), its refusal can only come after the upgrade:
+    a close or an error about authentication is then the refusal looked for."""
+    in_band = credential and ctx.in_band
     accepted: list[str] = []
     late: list[str] = []
     silent: list[str] = []  # upgraded, and nothing past the upgrade could be seen
@@ -54,6 +60,8 @@ async def try_handshakes(
         lines.append(f"{label}: {how}")
         if state == "accepted":
             accepted.append(label)
+        elif state == "late" and in_band:
+            refusals.add(how)
         elif state == "late":
             late.append(label)
         elif state == "silent":
@@ -73,6 +81,16 @@ async def try_handshakes(
             f"refused only after the upgrade: {'; '.join(late)}",
             *lines,
         )
+    if silent and in_band:
+        # kept open and silent says something only if the scan's own credential works
+        await _refusals_are_about_the_variants(ctx, set(), in_band=True)
+        return finding(
+            ctx.check_id,
+            Verdict.WEAK,
+            f"not refused: {'; '.join(silent)} — the connection is kept open, its messages "
+            "unanswered: close a connection whose credential is refused or missing",
+            *lines,
+        )
     if silent:
         return finding(
             ctx.check_id,
@@ -87,7 +105,16 @@ async def try_handshakes(
             f"{len(unjudged)} of {len(variants)} could not be judged ({'; '.join(unjudged)}); "
             "none accepted so far"
         )
-    await _refusals_are_about_the_variants(ctx, refusals)
+    await _refusals_are_about_the_variants(ctx, refusals, in_band=in_band)
+    if in_band:
+        means = refused_means.replace(" before the upgrade", "").replace(" before upgrading", "")
+        return finding(
+            ctx.check_id,
+            Verdict.PASS,
+            f"{len(variants)} of {len(variants)} refused (the credential in the first message): "
+            f"{', '.join(sorted(refusals))} — {means}",
+            *lines,
+        )
     return finding(
         ctx.check_id,
         Verdict.PASS,
@@ -97,7 +124,9 @@ async def try_handshakes(
     )
 
 
-async def _refusals_are_about_the_variants(ctx: ScanContext, refusals: set[str]) -> None:
+async def _refusals_are_about_the_variants(
+    ctx: ScanContext, refusals: set[str], *, in_band: bool = False
+) -> None:
     """Every variant was refused before the upgrade: that says something about what the
     variants changed only if the scan's own handshake (its credential, Origin,
     subprotocol and path) is upgraded. A target that refuses that one too (an Origin
@@ -107,6 +136,16 @@ async def _refusals_are_about_the_variants(ctx: ScanContext, refusals: set[str])
     other refusal is not judged."""
     ctx.rotate()
     control = await ctx.connect()
+    if in_band and control.session is not None:
+        # upgraded whatever the credential: the scan's own must be accepted after it
+        state, how = await settle(ctx, control)
+        if state == "accepted":
+            return
+        raise Inconclusive(
+            f"the scan's own credential, in the first message, is refused too ({how}): the "
+            "refusals say nothing about what the probes changed; give a token the endpoint "
+            "accepts and the message it expects (--token-in message:JSON)"
+        )
     if control.session is not None:
         await control.session.close()
     if control.status == 101:
