@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -1124,3 +1125,33 @@ def test_an_alert_ban_during_an_outage_reaches_every_node_once_the_store_is_back
     assert close_of(mallory, 10) == (1008, "banned")
     started = eventually(lambda: a.audit.events("ban_started"), 5, "the ban is audited")
     assert [(e["client"], e["reason"]) for e in started] == [("127.0.0.1", "alert:ban_on_connect")]
+
+
+def test_the_webhook_url_never_reaches_the_logs(
+    receiver: WebhookReceiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A webhook URL is a credential (Slack's path, a token in the query, user info):
+    httpx logs every request's URL at INFO; the records about this one show its scheme
+    and host only."""
+    secret_url = receiver.url.replace("://", "://hookuser:HOOKPASSWORD@").rstrip("/")
+    secret_url += "/services/T0/B0/PATHSECRET?token=QUERYSECRET"
+    results: list[str] = []
+
+    async def main() -> None:
+        hook = Webhook(
+            secret_url, timeout=5, retries=1, clock=time.monotonic, on_result=results.append
+        )
+        receiver.statuses = [503]  # a retry: logged twice
+        assert hook.submit("r", 0, {"n": 1})
+        await hook.close(grace=10)
+
+    with caplog.at_level(logging.INFO):
+        asyncio.run(main())
+    assert results == ["ok"]
+    logged = [r.getMessage() for r in caplog.records if r.name.startswith("httpx")]
+    assert len(logged) == 2, logged
+    for secret in ("HOOKPASSWORD", "hookuser", "PATHSECRET", "QUERYSECRET", "services"):
+        assert not [line for line in caplog.messages if secret in line], caplog.messages
+    host = receiver.url.split("://")[1].split("/")[0]
+    assert all(f"http://{host}/…" in line for line in logged), logged
+    assert not logging.getLogger("httpx").filters  # removed with the sender

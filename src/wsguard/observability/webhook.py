@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -20,6 +20,29 @@ if TYPE_CHECKING:
 logger = logging.getLogger("wsguard.alerts")
 
 QUEUE_LIMIT = 100
+
+
+class _HiddenUrl(logging.Filter):
+    """httpx logs every request's URL at INFO: a webhook's URL is a credential (Slack's,
+    Teams' and Discord's carry the secret in the path; others in the query or user
+    info), so the records about this one show its scheme and host only."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__()
+        from urllib.parse import urlsplit
+
+        self.url = url
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        host = f"[{host}]" if ":" in host else host
+        port = f":{parts.port}" if parts.port else ""
+        self.shown = f"{parts.scheme}://{host}{port}/…"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and any(str(arg) == self.url for arg in args):
+            record.args = tuple(self.shown if str(arg) == self.url else arg for arg in args)
+        return True
 
 
 class Webhook:
@@ -75,7 +98,10 @@ class Webhook:
         try:
             import httpx  # only nodes with a webhook pay for importing it
 
-            async with httpx.AsyncClient(timeout=self._timeout, follow_redirects=False) as client:
+            async with (
+                httpx.AsyncClient(timeout=self._timeout, follow_redirects=False) as client,
+                _hidden_in_httpx_logs(str(httpx.URL(self.url))),
+            ):
                 while True:
                     document = await queue.get()
                     try:
@@ -130,3 +156,13 @@ class Webhook:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await task
+
+
+@contextlib.asynccontextmanager
+async def _hidden_in_httpx_logs(url: str) -> AsyncIterator[None]:
+    hidden = _HiddenUrl(url)
+    logging.getLogger("httpx").addFilter(hidden)
+    try:
+        yield
+    finally:
+        logging.getLogger("httpx").removeFilter(hidden)
