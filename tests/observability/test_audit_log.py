@@ -453,6 +453,26 @@ def test_audit_log_open_appends_to_a_file(tmp_path: Path) -> None:
     assert parsed[2]["connection_id"] == "c1"
 
 
+def test_a_new_audit_file_is_readable_by_its_owner_only(tmp_path: Path) -> None:
+    """It names clients, subjects and token ids: created 0600 whatever the umask; an
+    existing file keeps the mode its operator gave it."""
+    import os
+    import stat
+
+    old_umask = os.umask(0o022)
+    try:
+        created = tmp_path / "new.jsonl"
+        AuditLog.open(str(created)).close()
+        assert stat.S_IMODE(created.stat().st_mode) == 0o600
+        shared = tmp_path / "shared.jsonl"
+        shared.touch(mode=0o640)
+        shared.chmod(0o640)
+        AuditLog.open(str(shared)).close()
+        assert stat.S_IMODE(shared.stat().st_mode) == 0o640
+    finally:
+        os.umask(old_umask)
+
+
 def test_audit_log_disabled_writes_nothing(tmp_path: Path) -> None:
     path = tmp_path / "off.jsonl"
     log = AuditLog.open(str(path), enabled=False)

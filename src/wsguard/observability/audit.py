@@ -104,11 +104,15 @@ class AuditLog:
     @classmethod
     def open(cls, target: str, *, enabled: bool = True) -> AuditLog:
         """``-`` is standard output; anything else is a file opened for append (one that
-        cannot be is a configuration error naming ``audit.file``)."""
+        cannot be is a configuration error naming ``audit.file``), created readable by its
+        owner only (it names clients, subjects and token ids); an existing file keeps
+        its mode."""
         if target == "-":
             return cls(sys.stdout, enabled=enabled, background=True)
         try:
-            stream = open(Path(target).expanduser(), "a", encoding="utf-8", buffering=1)  # noqa: SIM115
+            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
+            fd = os.open(Path(target).expanduser(), flags, 0o600)
+            stream = os.fdopen(fd, "a", encoding="utf-8", buffering=1)
         except OSError as exc:
             raise ConfigError("audit.file", f"cannot open {target}: {exc.strerror}") from None
         return cls(stream, enabled=enabled, background=True)
