@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 import orjson
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 from websockets.protocol import State
 from websockets.typing import Subprotocol
 
@@ -310,6 +310,7 @@ class WsguardClient:
         attempt = 0
         refusals = 0  # 401s: the token refused
         last: Exception | None = None
+        last_why = ""
         while True:
             try:
                 await self._open(fresh_token=attempt > 0)
@@ -317,7 +318,7 @@ class WsguardClient:
             except ssl.SSLCertVerificationError as exc:  # retrying cannot fix it
                 raise ClientError(f"server certificate refused: {exc.verify_message}") from exc
             except InvalidStatus as exc:
-                last = exc
+                last, last_why = exc, str(exc)
                 status = exc.response.status_code
                 if status in (400, 403, 405, 426) or not self._reconnect:
                     raise ClientError(f"handshake refused with HTTP {status}") from exc
@@ -344,14 +345,17 @@ class WsguardClient:
                     if retry_after and retry_after.isdigit()
                     else None
                 )
-            except (OSError, TimeoutError) as exc:
+            except (OSError, TimeoutError, InvalidHandshake) as exc:
+                # InvalidHandshake: no valid HTTP response (the server dropped the
+                # connection: a client certificate it requires, a proxy in between...)
+                why = f"{exc} ({exc.__cause__})" if exc.__cause__ is not None else str(exc)
                 if not self._reconnect:
-                    raise ClientError(f"cannot connect: {exc}") from exc
-                last = exc
+                    raise ClientError(f"cannot connect: {why}") from exc
+                last, last_why = exc, why
                 delay = None
             attempt += 1
             if attempt >= self._max_attempts:
-                raise ClientError(f"gave up after {attempt} attempts: {last}") from last
+                raise ClientError(f"gave up after {attempt} attempts: {last_why}") from last
             await asyncio.sleep(delay if delay is not None else self._jitter(attempt))
 
     def _jitter(self, attempt: int) -> float:

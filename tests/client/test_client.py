@@ -964,6 +964,32 @@ def test_a_send_after_the_clients_own_1009_does_not_reconnect() -> None:
     assert handshakes == 1
 
 
+def test_a_server_that_drops_the_handshake_unanswered_is_retried_then_a_client_error() -> None:
+    """No HTTP response at all (a server requiring a client certificate drops the
+    connection after TLS; a proxy in between): retried like a refused connect, then
+    ClientError naming the cause; never a raw websockets exception."""
+    attempts = 0
+
+    async def drop(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal attempts
+        attempts += 1
+        await reader.readuntil(b"\r\n\r\n")
+        writer.close()
+
+    async def main() -> None:
+        server = await asyncio.start_server(drop, "127.0.0.1", 0)
+        async with server:
+            port = server.sockets[0].getsockname()[1]
+            client = WsguardClient(
+                f"ws://127.0.0.1:{port}/", token=make_token(), max_attempts=2, backoff_max=0.05
+            )
+            await client.connect()
+
+    with pytest.raises(ClientError, match="gave up after 2 attempts: did not receive a valid"):
+        asyncio.run(asyncio.wait_for(main(), 10))
+    assert attempts == 2
+
+
 def test_a_welcome_late_on_the_first_connection_is_waited_for_on_the_next() -> None:
     """A server still warming up (no welcome within open_timeout) is retried like a
     handshake that timed out, not given up on for good."""
