@@ -208,7 +208,12 @@ def test_repeated_failures_block_wrong_tokens_from_the_address_but_never_the_rig
     assert call(server, "GET", "/alerts", token="another-guess-0123456789abc").status_code == 429
     assert call(server, "GET", "/alerts", token=None).status_code == 429  # every endpoint
     assert call(server, "GET", "/connections").status_code == 200  # the right token gets in
-    assert len(server.audit.events("admin_auth_failed")) == 10  # a blocked try is not counted
+    assert len(server.audit.events("admin_auth_failed")) == 10  # a blocked try is not audited
+    (lockout,) = server.audit.events("admin_lockout")  # the lock-out is, once
+    assert lockout["client"] == "127.0.0.1" and 1 <= lockout["seconds"] <= 60
+    # but every try is counted: guessing shows in the metric at its real rate
+    metrics = call(server, "GET", "/metrics").text
+    assert "wsguard_admin_auth_failures_total 13.0" in metrics, metrics
     # public endpoints stay public
     assert call(server, "GET", "/healthz", token=None).status_code == 200
     # the block is per address: another loopback address is not throttled

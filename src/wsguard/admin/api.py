@@ -246,15 +246,10 @@ class AdminApi:
         authorization = request.headers.get("authorization")
         if self.credentials.bearer_ok(authorization):
             return
-        self._not_locked_out(address)
-        if authorization:  # only a presented credential counts towards the lock-out: any
-            self.credentials.failed(address)  # local process or web page can send none
-        self.guard.monitor.metrics.admin_auth_failures += 1
-        self.guard.audit.emit(
-            "admin_auth_failed",
-            client=address,
-            path=request.scope.get("route_path") or _route_of(request),
-            credential="bad" if authorization else "missing",
+        self._credential_refused(
+            address,
+            request.scope.get("route_path") or _route_of(request),
+            presented=bool(authorization),
         )
         raise ApiError(
             401,
@@ -262,6 +257,26 @@ class AdminApi:
             "The admin credential is missing or wrong.",
             {"WWW-Authenticate": 'Bearer realm="wsguard-admin"'},
         )
+
+    def _credential_refused(self, address: str, path: str, *, presented: bool) -> None:
+        """A wrong or missing credential: counted, every one (throttled or not, so that
+        guessing shows in the metric at its real rate); 429 while *address* is locked
+        out; else audited, and counted towards the lock-out when one was presented (any
+        local process or web page can send none). The lock-out itself is audited once,
+        when it starts (``admin_lockout``)."""
+        self.guard.monitor.metrics.admin_auth_failures += 1
+        self._not_locked_out(address)
+        if presented:
+            self.credentials.failed(address)
+        self.guard.audit.emit(
+            "admin_auth_failed",
+            client=address,
+            path=path,
+            credential="bad" if presented else "missing",
+        )
+        wait = self.credentials.blocked_for(address)
+        if presented and wait > 0:
+            self.guard.audit.emit("admin_lockout", client=address, seconds=math.ceil(wait))
 
     def certificate_allowed(self, conn: HTTPConnection, address: str) -> None:
         """The TLS layer verified an admin CA's certificate: 403 unless its subject is
@@ -514,12 +529,8 @@ class AdminApi:
         address = self._address(request)
         token = body.get("token")
         if not isinstance(token, str) or not self.credentials.token_ok(token):
-            self._not_locked_out(address)  # the right token is never throttled
-            self.credentials.failed(address)
-            self.guard.monitor.metrics.admin_auth_failures += 1
-            self.guard.audit.emit(
-                "admin_auth_failed", client=address, path="/login", credential="bad"
-            )
+            # the right token is never throttled
+            self._credential_refused(address, "/login", presented=True)
             raise ApiError(401, "unauthorized", "Wrong admin token.")
         session = self.credentials.new_session()
         self.guard.audit.emit("admin_login", client=address)
