@@ -73,6 +73,12 @@ ENGINE_CAUSES = {
     1007: "invalid_utf8",
     1009: "too_big",
 }
+#: the refusal category and code of a connection failed by the frame parser
+_ENGINE_REFUSALS = {
+    CLOSE_TOO_BIG: ("size", "too_big"),
+    1002: ("protocol", "protocol_error"),
+    1007: ("protocol", "invalid_utf8"),
+}
 #: the reason of the close frame an engine sends when its frame parser fails a
 #: connection, the same on every engine: short and fixed, never a quote of the frame
 ENGINE_REASONS = {
@@ -354,14 +360,22 @@ class Session:
         """A ping or pong of *size* bytes arrived: counted (a ping flood is a flood)."""
         close = self.guard.messages.control_frame(self.state, time.monotonic(), size)
         if close is not None:
-            self.close_soon(close.code, close.reason, cause=close.cause)
+            self._flooded(close)
 
     def fragment(self) -> None:
         """A continuation frame arrived: charged to the message rate like a message (a
         message in many fragments costs as much as as many messages)."""
         close = self.guard.messages.fragment(self.state, time.monotonic())
         if close is not None:
-            self.close_soon(close.code, close.reason, cause=close.cause)
+            self._flooded(close)
+
+    def _flooded(self, close: Close) -> None:
+        """A flood of frames that are not messages (pings, fragments): a refusal like a
+        message's, counted and observed once (the frames after it are not)."""
+        if not self._closing:
+            refusal = close.cause or "rate_limited"
+            self.guard.monitor.connection_refused("rate", refusal, self.client)
+        self.close_soon(close.code, close.reason, cause=close.cause)
 
     def fail(self, code: int, reason: str, cause: str) -> None:
         """Fail the connection (RFC 6455 7.1.7): the close frame goes out first (queued
@@ -390,8 +404,10 @@ class Session:
                 self.close_cause = "ping_timeout"
             else:
                 self.close_cause = ENGINE_CAUSES.get(code)
-        if code == CLOSE_TOO_BIG and closed_by == "server":
-            guard.monitor.connection_refused("size", "too_big", self.client)
+        if closed_by == "server" and code in _ENGINE_REFUSALS:
+            # the frame parser's refusals: over the size limit, RFC 6455 broken, not UTF-8
+            category, refusal = _ENGINE_REFUSALS[code]
+            guard.monitor.connection_refused(category, refusal, self.client)
         guard.connection_closed(self, code, closed_by)
         self.discard(releaser)
         return self.host.closed(self)

@@ -530,6 +530,8 @@ def test_a_policy_that_fails_answers_500_and_closes(
     assert response.status_code == 500
     [record] = eventually(lambda: server.audit.events("handshake_refused"), what="the audit")
     assert record["reason"] == "policy_error"
+    refusals = server.app.guard.monitor.metrics.refusals
+    assert refusals["handshake", "policy"] == 1  # its own category, for an alert on bugs
 
 
 def test_leeway_admits_just_expired_token(server_factory: ServerFactory) -> None:

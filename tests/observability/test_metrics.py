@@ -35,6 +35,7 @@ from conftest import (
     upgrade_request,
 )
 from support.redis_process import RedisProcess
+from support.wire import OP_CONT, OP_PING, OP_TEXT, frame, raw_welcomed
 from wsguard.config.demo_types import DEMO_MESSAGE_TYPES
 from wsguard.core.integrity import SESSION_KID, sign
 
@@ -78,7 +79,7 @@ HANDSHAKE_REASONS = frozenset(
         "invalid_issuer", "missing_claim", "bad_signature", "certificate_mismatch",
         "origin_forbidden", "banned", "handshake_rate", "server_full", "too_many_connections",
         "too_many_pending", "revoked", "draining", "store_unavailable", "keys_unavailable",
-        "handshake_timeout", "forwarded_client",
+        "handshake_timeout", "forwarded_client", "policy_error",
         "bad_request", "bad_http_version", "bad_method", "not_websocket",
         "unsupported_version", "headers_too_large", "request_line_too_long", "bad_handshake",
         "other",
@@ -509,6 +510,39 @@ def test_message_over_the_size_limit_closes_1009_counted_as_size(
     assert moved(before, after, CLOSED) == {("1009", "server"): 1}
     assert moved(before, after, REFUSALS) == {("message", "size"): 1}
     assert value(after, ACTIVE) == 0
+
+
+@pytest.mark.parametrize(
+    ("frames", "code", "category"),
+    [
+        pytest.param([frame(OP_PING, b"p")] * 200, 1008, "rate", id="ping-flood"),
+        pytest.param(
+            [frame(OP_TEXT, b"{", fin=False), *[frame(OP_CONT, b" ", fin=False)] * 200],
+            1008,
+            "rate",
+            id="fragment-flood",
+        ),
+        pytest.param([bytes([0xC1]) + frame(OP_TEXT, b"{}")[1:]], 1002, "protocol", id="rsv1"),
+        pytest.param([frame(OP_TEXT, b'{"type":"\xff"}')], 1007, "protocol", id="not-utf8"),
+    ],
+)
+def test_frames_refused_outside_any_message_are_counted_as_refusals(
+    server_factory: ServerFactory, frames: list[bytes], code: int, category: str
+) -> None:
+    """Floods of pings or fragments and frames the parser refuses close the connection
+    as refused messages do: counted once in wsguard_refusals_total (alert rules and the
+    dashboard read it), on every engine."""
+    server = metrics_server(server_factory, limits={"messages_per_minute": 60, "message_burst": 20})
+    before = scrape(server)
+    with raw_welcomed(server) as client:
+        client.send(b"".join(frames))
+        assert client.read_close() == code
+    after = scrape_until(
+        server,
+        lambda s: grew(before, s, CLOSED, code=str(code), closed_by="server") >= 1,
+        f"the {code} close to be counted",
+    )
+    assert moved(before, after, REFUSALS) == {("message", category): 1}
 
 
 def test_binary_frame_closes_1003_counted_as_binary(server_factory: ServerFactory) -> None:

@@ -48,7 +48,10 @@ HANDSHAKE_REASONS: dict[str, str] = {
     "store_unavailable": "store",
     "keys_unavailable": "store",  # the identity provider's keys (a remote JWKS)
     "handshake_timeout": "timeout",
+    "tls_certificate": "auth",  # mTLS: a client certificate refused in the TLS handshake
+    "tls_protocol": "protocol",  # a TLS handshake failed: not TLS, no common version or suite
     "forwarded_client": "other",  # the ASGI server believed X-Forwarded-For; wsguard not
+    "policy_error": "policy",  # the policy itself failed (a bug): answered 500
     **dict.fromkeys(
         (
             "bad_request", "bad_http_version", "bad_method", "not_websocket",
@@ -76,7 +79,7 @@ MESSAGE_CODES: dict[str, str] = {
     "revoked": "revoked",  # an in-band refresh for a revoked subject (close 4003)
     "unavailable": "store",
     "slow_consumer": "slow_consumer",
-    "policy_error": "other",
+    "policy_error": "policy",  # the policy itself failed (a bug): failed closed
 }
 
 #: The ``reason`` label values of ``wsguard_refusals_total``.
