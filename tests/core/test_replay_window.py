@@ -178,6 +178,19 @@ def test_fresh_message_is_delivered_and_its_nonce_again_is_replayed(
     ]
 
 
+def test_a_windowed_message_naming_a_key_twice_is_refused(windowed: RunningServer) -> None:
+    """Two nonces in one text: the one recorded is not the one a first-value parser
+    reads. Refused (invalid_message), its nonces not spent."""
+    message = order("n-doubled-1", "d1")
+    doubled = json.dumps(message).replace('"nonce": ', '"nonce": "n-other-1", "nonce": ', 1)
+    with windowed.connect_welcomed(make_token("alice")) as ws:
+        ws.send(doubled)
+        reply = recv_json(ws)
+        assert (reply["type"], reply["code"], reply["ref"]) == ("error", "invalid_message", "d1")
+        accepted(ws, order("n-other-1", "o2"))
+        accepted(ws, order("n-doubled-1", "o3"))
+
+
 def test_resending_after_a_reconnect_is_replayed(windowed: RunningServer, orders: Orders) -> None:
     message = order("0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0", "retry-1")  # a UUID
     with windowed.connect_welcomed(make_token("alice")) as alice:

@@ -169,6 +169,25 @@ def test_signed_chat_is_delivered_without_envelope(keyed: RunningServer) -> None
     assert not set(ENVELOPE) & set(got["message"])
 
 
+def test_a_signed_message_naming_a_key_twice_is_refused(keyed: RunningServer) -> None:
+    """RFC 8785 signs I-JSON only: a text with two values for one key (the signature
+    over the last one, which the policy keeps) would be another message to a parser that
+    keeps the first; refused (invalid_message), never delivered, on every host."""
+    message = signed_chat("ten", kid="alice-1", secret=ALICE_SECRET, msg_id="d1")
+    body = json.dumps(message)
+    doubled = body.replace('"text": "ten"', '"text": "a million", "text": "ten"', 1)
+    assert doubled != body
+    with (
+        keyed.connect(make_token("alice")) as alice,
+        keyed.connect_welcomed(make_token("bob")) as bob,
+    ):
+        recv_json(alice)  # the welcome
+        alice.send(doubled)
+        error = expect_error(alice, "invalid_message", "d1")
+        assert error["message"] == "Message has duplicate keys."
+        assert_only_next_delivered(alice, bob, ALICE_SECRET, "alice-1")
+
+
 TAMPERS: dict[str, Callable[[dict[str, Any]], None]] = {
     "text": lambda m: m.update(text="hellp"),
     "id": lambda m: m.update(id="m2"),

@@ -39,6 +39,7 @@ from wsguard.core.decisions import (
     Reauthenticate,
     Refuse,
 )
+from wsguard.core.duplicate_keys import has_duplicate_keys
 from wsguard.core.identity import Identity
 from wsguard.core.integrity import ENVELOPE_FIELDS, SignatureVerifier, Verified, replay_key
 from wsguard.core.ratelimit import rates, spend
@@ -461,6 +462,14 @@ class MessagePolicy:
                 Refuse("forbidden", "Not allowed to send this message type.", ref=ref, type=kind),
             )
         verified: Verified | None = None
+        if (policy.signed or policy.replay is not None) and has_duplicate_keys(raw):
+            # a signature (RFC 8785: I-JSON only) or a nonce holds for one reading of the
+            # text; with a key twice, a parser keeping the first value reads another one
+            return self._refuse(
+                state,
+                now,
+                Refuse("invalid_message", "Message has duplicate keys.", ref=ref, type=kind),
+            )
         if policy.signed:
             outcome = self._verify_signature(state, message)
             if isinstance(outcome, str):
