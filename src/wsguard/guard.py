@@ -104,7 +104,7 @@ class Guard:
         self.verifier = TokenVerifier(config.auth, self.keys, key_source=self.remote_keys)
         self.store = store if store is not None else open_store(config.store, config.cluster)
         self.handshakes = HandshakePolicy(config, self.store, self.verifier)
-        signatures = SignatureVerifier(
+        self.signatures = signatures = SignatureVerifier(
             load_signing_keys(config.signing.keys_file),
             window=config.signing.window_seconds,
             max_nonce=config.signing.max_nonce_bytes,
@@ -504,6 +504,24 @@ class Guard:
     @staticmethod
     def now() -> float:
         return time.monotonic()
+
+    def reload_signing_keys(self) -> bool:
+        """Read ``signing.keys_file`` again (SIGHUP): keys added verify from now on, keys
+        removed no more. A file that cannot be used keeps the keys in force (logged and
+        audited). Returns whether the keys were replaced."""
+        path = self.config.signing.keys_file
+        if path is None:
+            return False
+        try:
+            keys = load_signing_keys(path)
+        except KeyLoadError as exc:
+            logger.error("signing keys not reloaded, keeping the previous ones: %s", exc)
+            self.audit.emit("keys_reload_failed", key="signing.keys_file", detail=exc.message)
+            return False
+        self.signatures.replace_keys(keys)
+        logger.info("signing keys reloaded from %s: %d keys", path, len(keys))
+        self.audit.emit("keys_reloaded", key="signing.keys_file", keys=len(keys))
+        return True
 
     async def close(self) -> None:
         if self.remote_keys is not None:

@@ -24,7 +24,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection
 
-from conftest import RunningServer, ServerFactory, make_config, make_token
+from conftest import SECRET, RunningServer, ServerFactory, make_config, make_token
 from wsguard.config.demo_types import DEMO_MESSAGE_TYPES
 from wsguard.core.integrity import (
     SESSION_KID,
@@ -793,3 +793,52 @@ def test_memory_nonce_store_expires_and_stays_bounded() -> None:
         assert await store.add_nonce("nonce:alice:k1:long", 3600) is False
 
     asyncio.run(scenario())
+
+
+def test_sighup_reloads_the_signing_keys(tmp_path: Path) -> None:
+    """Rotation without a restart: after SIGHUP a key added to the file verifies and a key
+    removed from it no longer does (a leaked key stops working at once); a file that
+    cannot be used keeps the keys in force."""
+    import signal
+
+    from websockets.sync.client import connect
+
+    from support.cli import cli_env
+    from support.serve_process import LISTENING, Served
+
+    keys = write_keys(tmp_path / "keys.json", [("alice-old", "alice", ALICE_SECRET)])
+    env = cli_env(
+        tmp_path,
+        WSGUARD_JWT_SECRET=SECRET,
+        WSGUARD_MESSAGES__TYPES=json.dumps(SIGNED_CHAT),
+        WSGUARD_SIGNING__KEYS_FILE=str(keys),
+    )
+    served = Served(["--port", "0"], env, tmp_path / "audit.jsonl")
+    try:
+        port = int(served.wait_for(LISTENING).group(2))
+
+        def answer(kid: str, secret: bytes) -> str:
+            """The error code of a chat signed with *kid*, or "accepted" (a ping after it
+            is answered first)."""
+            headers = {"Authorization": f"Bearer {make_token('alice')}"}
+            with connect(f"ws://127.0.0.1:{port}/", additional_headers=headers) as ws:
+                assert recv_json(ws)["type"] == "welcome"
+                ws.send(json.dumps(signed_chat("hi", kid=kid, secret=secret, msg_id=kid)))
+                ws.send(json.dumps({"type": "ping", "id": "after"}))
+                reply = recv_json(ws)
+                return str(reply["code"]) if reply["type"] == "error" else "accepted"
+
+        assert answer("alice-new", ALICE_NEW_SECRET) == "bad_signature"
+        assert answer("alice-old", ALICE_SECRET) == "accepted"
+        write_keys(keys, [("alice-new", "alice", ALICE_NEW_SECRET)])
+        served.proc.send_signal(signal.SIGHUP)
+        served.wait_for("signing keys reloaded")
+        assert answer("alice-new", ALICE_NEW_SECRET) == "accepted"
+        assert answer("alice-old", ALICE_SECRET) == "bad_signature"
+        keys.write_text("not json")
+        served.proc.send_signal(signal.SIGHUP)
+        served.wait_for("signing keys not reloaded")
+        assert answer("alice-new", ALICE_NEW_SECRET) == "accepted"
+        assert served.stop() == 0
+    finally:
+        served.kill()

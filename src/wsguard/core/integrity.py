@@ -186,6 +186,10 @@ class SignatureVerifier:
         self._max_nonce = max_nonce
         self._clock = clock
 
+    def replace_keys(self, keys: Mapping[str, SigningKey]) -> None:
+        """Verify with *keys* from now on (a reload: a key removed verifies nothing more)."""
+        self._keys = dict(keys)
+
     def check(
         self, message: Mapping[str, Any], subject: str, session_key: bytes | None
     ) -> Verified | str:

@@ -445,7 +445,7 @@ class App:
         handlers: dict[signal.Signals, Callable[[], object]] = {
             signal.SIGTERM: lambda: loop.create_task(self.stop()),
             signal.SIGINT: lambda: loop.create_task(self.stop()),
-            signal.SIGHUP: self.reload_tls,
+            signal.SIGHUP: self.reload,
         }
         for sig, callback in handlers.items():
             try:
@@ -464,6 +464,13 @@ class App:
             if self.admin is not None:
                 await self.admin.stop()
             await self.guard.close()
+
+    def reload(self) -> None:
+        """SIGHUP: the TLS certificate, key and client CA, and the signing keys, read
+        again; open connections are kept. A file that cannot be used keeps what is in
+        force (logged)."""
+        self.reload_tls()
+        self.guard.reload_signing_keys()
 
     def reload_tls(self) -> bool:
         """Reload the TLS certificate and key (SIGHUP); open connections are kept."""
