@@ -229,12 +229,13 @@ def _check_config(args: argparse.Namespace) -> int:
     loopback, the TLS certificates and CA bundles, the audit file, then what the
     configuration builds (the keys, the store's client, the alert webhook, the admin
     listener's credential and TLS), each with the extra it needs. Nothing is started,
-    connected or written (not even the development key)."""
+    connected or written: the development key and a generated admin token are checked
+    when their files exist, never created."""
     import asyncio
     import io
     import secrets
 
-    from wsguard.config.keys import has_configured_key
+    from wsguard.config.keys import has_configured_key, read_dev_key
     from wsguard.core.auth import KeyMaterial
     from wsguard.core.client_address import is_loopback_host
     from wsguard.core.risky_settings import config_warnings
@@ -252,16 +253,18 @@ def _check_config(args: argparse.Namespace) -> int:
     AuditLog.check_target(config.audit.file)  # opened at start, enabled or not
     keys = None
     if not has_configured_key(config.auth) and is_loopback_host(config.host):
-        keys = KeyMaterial(secret=secrets.token_bytes(32))  # the development key: at start
+        # the development key: checked if it exists, else created at start
+        keys = KeyMaterial(secret=read_dev_key(config.auth) or secrets.token_bytes(32))
     guard = Guard(config, audit=AuditLog(io.StringIO(), enabled=False), keys=keys)
     asyncio.run(guard.close())
     if config.admin.enabled:
         require("admin", "the admin listener", key="admin.port")
-        from wsguard.admin.credentials import load_admin_token
+        from wsguard.admin.credentials import DEFAULT_TOKEN_FILE, load_admin_token
         from wsguard.admin.server import admin_tls_context
 
         loopback = is_loopback_host(config.admin.host)
-        if config.admin.token_file is not None or not loopback:
+        generated = DEFAULT_TOKEN_FILE.expanduser()
+        if config.admin.token_file is not None or not loopback or os.path.lexists(generated):
             # read (and its mode checked) as at start; on loopback without one the token
             # file is generated at start, which a check does not do
             load_admin_token(config.admin, loopback=loopback)
@@ -332,6 +335,7 @@ def _token(args: argparse.Namespace) -> int:
             f"longer than auth.max_token_lifetime_seconds ({longest:g} s): the server "
             "refuses such a token; raise that key or ask for less",
         )
+    _check_subject(config, args.sub, ttl)
     token = mint_token(
         config,
         subject=args.sub,
@@ -342,6 +346,28 @@ def _token(args: argparse.Namespace) -> int:
     )
     print(token)
     return 0
+
+
+def _check_subject(config: Config, subject: str, ttl: float) -> None:
+    """Refuse a subject the server would refuse: a token carrying it, signed with a
+    throwaway key, goes through the server's own verifier."""
+    import secrets
+
+    from wsguard.core.auth import AuthFailure, KeyMaterial, TokenVerifier
+    from wsguard.tokens import mint_token
+
+    auth = config.auth.model_copy(update={"algorithms": ("HS256",)})
+    probe = KeyMaterial(secret=secrets.token_bytes(32))
+    probe_config = config.model_copy(update={"auth": auth})
+    token = mint_token(probe_config, subject=subject, ttl=ttl, keys=probe)
+    try:
+        TokenVerifier(auth, probe).verify(token)
+    except AuthFailure as exc:
+        raise ConfigError(
+            "--sub",
+            f"the server refuses this subject ({exc.detail}); a subject is 1 to 256 "
+            "printable characters",
+        ) from None
 
 
 def _revoke(args: argparse.Namespace) -> int:

@@ -39,26 +39,47 @@ def dev_key_path(config: AuthConfig) -> Path:
     return config.dev_key_file.expanduser()
 
 
-def load_or_create_dev_key(config: AuthConfig) -> tuple[bytes, bool]:
-    """Return (secret, created). The file is created with mode 0600."""
+def read_dev_key(config: AuthConfig) -> bytes | None:
+    """The development key if its file exists (None if not), checked as the server
+    checks it: a file, mode 0600, at least 32 bytes. Nothing is created."""
     path = dev_key_path(config)
     try:
-        return _read_private_file(path, "auth.dev_key_file"), False
+        return _read_private_file(path, _DEV_KEY)
     except FileNotFoundError:
-        pass
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return None
+    except OSError as exc:
+        raise KeyLoadError(_DEV_KEY, f"cannot read {path}: {exc.strerror}") from None
+
+
+def load_or_create_dev_key(config: AuthConfig) -> tuple[bytes, bool]:
+    """Return (secret, created). The file is created with mode 0600."""
+    secret = read_dev_key(config)
+    if secret is not None:
+        return secret, False
+    path = dev_key_path(config)
     secret = secrets.token_urlsafe(48).encode()
     try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:  # created concurrently
-        return _read_private_file(path, "auth.dev_key_file"), False
+    except FileExistsError:  # created concurrently (or a parent is not a directory)
+        existing = read_dev_key(config)
+        if existing is None:
+            raise KeyLoadError(_DEV_KEY, f"cannot create {path}") from None
+        return existing, False
+    except OSError as exc:
+        raise KeyLoadError(_DEV_KEY, f"cannot create {path}: {exc.strerror}") from None
     with os.fdopen(fd, "wb") as fh:
         fh.write(secret + b"\n")
     return secret, True
 
 
+_DEV_KEY = "auth.dev_key_file"
+
+
 def _read_private_file(path: Path, key: str) -> bytes:
     info = path.stat()
+    if not stat.S_ISREG(info.st_mode):
+        raise KeyLoadError(key, f"{path} is not a file")
     if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise KeyLoadError(key, f"{path} must be readable by its owner only (chmod 600)")
     data = path.read_bytes().strip()

@@ -10,7 +10,16 @@ Environment variables: ``WSGUARD_HOST``, ``WSGUARD_PORT``, ``WSGUARD_LOG_LEVEL``
 ``WSGUARD_ADMIN_HOST``, and for any key
 ``WSGUARD_<SECTION>__<KEY>`` (double underscore), e.g.
 ``WSGUARD_LIMITS__MAX_MESSAGE_BYTES=16384``. Lists take JSON (``["a","b"]``) or
-comma-separated values.
+comma-separated values. A table of named entries (``messages.types``, ``alerts.rules``)
+is set whole, as JSON (``WSGUARD_MESSAGES__TYPES='{"chat": {...}}'``): the keys inside
+an entry have no variable of their own. Two names of one key (``WSGUARD_JWT_SECRET`` and
+``WSGUARD_AUTH__SECRET``) with different values are a configuration error.
+
+Values in the file have types: a number is never taken from a boolean or a string, an
+integer never from a float; the text of an environment variable is converted to its key's
+type. A file that holds a secret (``auth.secret``, ``admin.token``...) and that other
+users can write is refused; one they can read is noted as a warning
+(:attr:`Config.source_warnings`).
 
 An unknown key (in the file, the overrides or a ``WSGUARD_*`` name) is reported with the
 closest valid key, e.g. ``limits.max_mesage_bytes: unknown key (did you mean
@@ -23,6 +32,7 @@ import difflib
 import json
 import os
 import re
+import stat
 import sys
 import tomllib
 from collections.abc import Iterator, Mapping
@@ -31,7 +41,7 @@ from typing import Any, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
 
-from wsguard.config.model import Config
+from wsguard.config.model import Config, EnvText, type_words
 from wsguard.errors import ConfigError
 
 ENV_PREFIX = "WSGUARD_"
@@ -58,6 +68,14 @@ _NO_ECHO_KEYS = frozenset(
     }
 )
 _KEY_IN_MESSAGE = re.compile(r"^([a-z_][a-z0-9_.]*): (.*)$", re.DOTALL)
+# pydantic's errors for a value of the wrong type: reworded with the reference's type names
+_TYPE_ERRORS = frozenset(
+    {
+        "bool_type", "bool_parsing", "int_type", "int_parsing", "int_from_float",
+        "float_type", "float_parsing", "string_type", "tuple_type", "list_type",
+        "dict_type", "model_type", "model_attributes_type", "path_type", "is_instance_of",
+    }
+)  # fmt: skip
 
 
 def load_config(
@@ -68,15 +86,17 @@ def load_config(
 ) -> Config:
     """Load and validate the configuration. Raises :class:`ConfigError`."""
     data: dict[str, Any] = {}
+    warnings: tuple[tuple[str, str], ...] = ()
     if path is not None:
         data = _read_toml(Path(path))
+        warnings = _check_file_mode(Path(path), data)
     environ = os.environ if env is None else env
     for keys, value in _env_values(environ):
         _set(data, keys, value)
     for dotted, value in (overrides or {}).items():
         if value is not None:
             _set(data, tuple(dotted.split(".")), value)
-    return validate_config(data)
+    return validate_config(data).with_source_warnings(warnings)
 
 
 def validate_config(data: Mapping[str, Any]) -> Config:
@@ -97,10 +117,60 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError("config", f"cannot read {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("config", f"{path} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError("config", f"{path} is not valid TOML: not UTF-8 text") from None
+    except RecursionError:
+        raise ConfigError("config", f"{path} is not valid TOML: nested too deeply") from None
+
+
+def _check_file_mode(path: Path, data: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+    """A file holding a secret must not be writable by other users (refused) and should
+    not be readable by them (a warning), as key files are."""
+    secrets = list(_secret_keys(data))
+    if not secrets:
+        return ()
+    mode = path.stat().st_mode
+    names = ", ".join(secrets)
+    if mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise ConfigError(
+            secrets[0],
+            f"{path} holds secrets ({names}) and other users can write it (chmod 600)",
+        )
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        return (
+            (
+                secrets[0],
+                f"{path} holds secrets ({names}) and other users can read it: chmod 600, or "
+                "move them to the environment or to *_file keys",
+            ),
+        )
+    return ()
+
+
+def _secret_keys(data: Mapping[str, Any], model: type[BaseModel] = Config) -> Iterator[str]:
+    """The keys of *data* (as read from a file) that hold a secret: those the model keeps
+    out of its repr (``auth.secret``, ``admin.token``...) and a store URI with a password."""
+    fields = _names(model)
+    for name, value in data.items():
+        field = fields.get(name)
+        if field is None or not value:
+            continue
+        sub, keyed = _submodel(field.annotation)
+        if sub is not None and not keyed and isinstance(value, dict):
+            yield from (f"{name}.{key}" for key in _secret_keys(value, sub))
+        elif not field.repr or (model is Config and name == "store" and _has_password(value)):
+            yield name
+
+
+def _has_password(uri: object) -> bool:
+    from wsguard.stores.uri import redacted
+
+    return isinstance(uri, str) and redacted(uri) != uri
 
 
 def _env_values(environ: Mapping[str, str]) -> list[tuple[tuple[str, ...], Any]]:
     found: list[tuple[tuple[str, ...], Any]] = []
+    seen: dict[tuple[str, ...], tuple[str, str]] = {}  # keys -> (name, value)
     for name, raw in environ.items():
         if not name.startswith(ENV_PREFIX) or name in _ENV_NOT_KEYS:
             continue
@@ -111,12 +181,35 @@ def _env_values(environ: Mapping[str, str]) -> list[tuple[tuple[str, ...], Any]]
             if not _known_key(keys):
                 print(
                     f"wsguard: ignoring unknown environment variable {name}"
-                    f"{_did_you_mean(_closest_env_name(name))}",
+                    f"{_env_hint(keys) or _did_you_mean(_closest_env_name(name))}",
                     file=sys.stderr,
                 )
                 continue
+        other = seen.setdefault(keys, (name, raw))
+        if other[1] != raw:
+            raise ConfigError(
+                ".".join(keys),
+                f"{other[0]} and {name} both set this key, to different values: set one",
+            )
         found.append((keys, _parse_env_value(keys, raw)))
     return found
+
+
+def _env_hint(keys: tuple[str, ...]) -> str:
+    """How to set a key inside a table of named entries (``messages.types.chat.scopes``):
+    the whole table, as JSON."""
+    for i in range(1, len(keys) - 1):
+        model = _model_at(list(keys[:i]))
+        field = _names(model).get(keys[i]) if model is not None else None
+        if field is not None and _submodel(field.annotation)[1]:
+            table = ".".join(keys[: i + 1])
+            inner = keys[i + 2] if len(keys) > i + 2 else "key"
+            example = json.dumps({keys[i + 1]: {inner: "..."}})
+            return (
+                f" (a key inside {table}.<name> has no variable of its own: set the whole "
+                f"table as JSON, e.g. {ENV_PREFIX}{table.upper().replace('.', '__')}='{example}')"
+            )
+    return ""
 
 
 def _known_key(keys: tuple[str, ...]) -> bool:
@@ -137,7 +230,7 @@ def _parse_env_value(keys: tuple[str, ...], raw: str) -> Any:
     stripped = raw.strip()
     kind = _container_kind(keys)
     if kind is None:
-        return raw  # scalars (secrets included) are taken verbatim
+        return EnvText(raw)  # scalars (secrets included) are taken verbatim
     if stripped[:1] in ("[", "{"):
         try:
             return json.loads(stripped)
@@ -145,7 +238,7 @@ def _parse_env_value(keys: tuple[str, ...], raw: str) -> Any:
             raise ConfigError(".".join(keys), "invalid JSON in environment variable") from None
     if kind == "list":
         return [item.strip() for item in stripped.split(",") if item.strip()]
-    return raw
+    return EnvText(raw)
 
 
 def _container_kind(keys: tuple[str, ...]) -> str | None:
@@ -183,14 +276,19 @@ def _config_error(exc: ValidationError) -> ConfigError:
         loc = sub.split(".") if "." in sub else [*loc, sub]
     if first["type"] == "extra_forbidden":
         message = f"unknown key{_did_you_mean(_closest_key(loc))}"
+    elif first["type"] in _TYPE_ERRORS:
+        annotation = _annotation_at(loc)
+        message = f"not a valid {type_words(annotation)}" if annotation else message
     elif first["type"] in ("literal_error", "enum"):
         message = f"{message} (got {first.get('input')!r})"
     key = ".".join(loc) or "config"
     if key not in _NO_ECHO_KEYS and not any(word in key for word in _NO_ECHO_WORDS):
         given = first.get("input")
+        given = str(given) if isinstance(given, Path) else given
         scalar = isinstance(given, (int, float, str, bool))
         if scalar and first["type"] != "extra_forbidden" and "(got" not in message:
-            message = f"{message} (got {given!r})"
+            shown = str(given).lower() if isinstance(given, bool) else repr(given)
+            message = f"{message} (got {shown})"
     return ConfigError(key, message)
 
 
@@ -231,6 +329,25 @@ def _model_at(path: list[str]) -> type[BaseModel] | None:
             return None
         model, i = sub, i + (2 if keyed else 1)
     return model
+
+
+def _annotation_at(loc: list[str]) -> Any:
+    """The type of the value at *loc* (a key, an entry of a list or table), or None."""
+    annotation: Any = Config
+    for part in loc:
+        args = [a for a in get_args(annotation) if a is not type(None)]
+        if get_origin(annotation) is not dict and len(args) == 1:
+            annotation = args[0]  # X | None
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            field = _names(annotation).get(part)
+            if field is None:
+                return None
+            annotation = field.annotation
+        elif get_origin(annotation) in (tuple, dict):
+            annotation = get_args(annotation)[-1 if get_origin(annotation) is dict else 0]
+        else:
+            return None
+    return annotation
 
 
 def _all_keys(model: type[BaseModel] = Config, prefix: str = "") -> Iterator[str]:

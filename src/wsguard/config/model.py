@@ -9,12 +9,25 @@ configuration reference of the documentation is generated from this file, and
 from __future__ import annotations
 
 import ipaddress
+import json
+import math
 import re
+import ssl
+import types
 import urllib.parse
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
+)
 
 from wsguard.config.demo_types import DEMO_MESSAGE_TYPES
 
@@ -25,8 +38,87 @@ ASYMMETRIC_ALGORITHMS = frozenset(
 SUPPORTED_ALGORITHMS = HMAC_ALGORITHMS | ASYMMETRIC_ALGORITHMS
 
 
+#: The longest duration any ``*_seconds`` key takes: 30 days.
+MAX_DURATION = 30 * 86400.0
+
+
+class EnvText(str):
+    """A value as an environment variable gives it: text, converted to the key's type
+    (``"8765"`` to a port, ``"true"`` to a boolean), which a file value never is."""
+
+
+_WORDS: dict[Any, str] = {
+    str: "string", int: "integer", float: "number", bool: "boolean", Path: "path"
+}  # fmt: skip
+
+
+def type_words(annotation: Any) -> str:
+    """The type of a key as the configuration reference names it (``list of strings``)."""
+    if annotation in _WORDS:
+        return _WORDS[annotation]
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Literal:
+        return "one of " + ", ".join(json.dumps(a) for a in args)
+    if origin in (Union, types.UnionType):
+        return " or ".join(type_words(a) for a in args if a is not type(None))
+    if origin is tuple:
+        return f"list of {type_words(args[0])}s"
+    return "table"
+
+
+def _scalars(annotation: Any) -> tuple[Any, ...]:
+    """The numbers and booleans a key of *annotation* takes (none: no such key)."""
+    union = get_origin(annotation) in (Union, types.UnionType)
+    return tuple(a for a in (get_args(annotation) if union else (annotation,)) if a in _WORDS)
+
+
+def _fits(value: object, scalars: tuple[Any, ...]) -> bool:
+    """*value*, as a file gives it, is one of *scalars* (an integer is a number too)."""
+    if isinstance(value, bool):
+        return bool in scalars
+    if isinstance(value, int):
+        return int in scalars or float in scalars
+    if isinstance(value, float):
+        return float in scalars
+    return isinstance(value, str | Path) and (str in scalars or Path in scalars)
+
+
+def _non_finite(value: object) -> float | None:
+    """The first infinite or NaN float in *value* (nested tables and lists included)."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else value
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, list | tuple):
+        for item in value:
+            found = _non_finite(item)
+            if found is not None:
+                return found
+    return None
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    @field_validator("*", mode="wrap")
+    @classmethod
+    def _typed(cls, value: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo) -> Any:
+        """Values have types: no boolean for a number, no float for an integer, no text
+        for a number or a boolean (but an environment variable's text is converted), and
+        no infinite or NaN number anywhere."""
+        if isinstance(value, EnvText):
+            value = str(value)
+        elif value is not None and info.field_name is not None:
+            annotation = cls.model_fields[info.field_name].annotation
+            scalars = _scalars(annotation)
+            if scalars and not _fits(value, scalars):
+                raise ValueError(f"not a valid {type_words(annotation)}")
+        result = handler(value)
+        found = _non_finite(result)
+        if found is not None:
+            nested = "" if isinstance(result, float) else f" (it holds {found})"
+            raise ValueError(f"must be a finite number{nested}")
+        return result
 
 
 class AuthConfig(_Section):
@@ -95,7 +187,7 @@ class AuthConfig(_Section):
     jwks_max_stale_seconds: float = Field(
         default=86400.0,
         ge=1,
-        le=30 * 86400,
+        le=MAX_DURATION,
         description=(
             "Provider down: the last keys are used this long after their fetch, then handshakes "
             "get 503 `keys_unavailable`."
@@ -303,6 +395,35 @@ def check_key_url(value: str) -> None:
     raise ValueError(problem)
 
 
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
+
+
+def check_host(value: str) -> str:
+    """An address to bind: an IP address, or a host name (labels of letters, digits, ``-``
+    and ``_``, at most 253 characters)."""
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        name = value.removesuffix(".")
+        labels = name.split(".")
+        if not name or len(name) > 253 or not all(_HOST_LABEL.fullmatch(x) for x in labels):
+            raise ValueError(
+                "must be an IP address or a host name, e.g. 127.0.0.1, ::1, 0.0.0.0 or localhost"
+            ) from None
+    return value
+
+
+def ca_bundle_context(path: Path) -> ssl.SSLContext:
+    """A client TLS context trusting the PEM CA bundle at *path*; ValueError saying why
+    it cannot be loaded."""
+    try:
+        return ssl.create_default_context(cafile=str(path))
+    except ssl.SSLError as exc:
+        raise ValueError(f"not a PEM CA bundle ({exc.reason})") from None
+    except OSError as exc:
+        raise ValueError(f"cannot read the CA bundle: {exc.strerror}") from None
+
+
 class OriginConfig(_Section):
     """Cross-site WebSocket hijacking defence."""
 
@@ -400,12 +521,17 @@ class LimitsConfig(_Section):
         description="Failed authentications within `auth_failure_window_seconds` that start a ban.",
     )
     auth_failure_window_seconds: float = Field(
-        default=60.0, gt=0, description="Window for counting authentication failures."
+        default=60.0, gt=0, le=86400, description="Window for counting authentication failures."
     )
     ban_seconds: float = Field(
-        default=60.0, gt=0, description="First ban length; doubles for each further ban."
+        default=60.0,
+        gt=0,
+        le=MAX_DURATION,
+        description="First ban length; doubles for each further ban.",
     )
-    ban_max_seconds: float = Field(default=3600.0, gt=0, description="Longest ban.")
+    ban_max_seconds: float = Field(
+        default=3600.0, gt=0, le=MAX_DURATION, description="Longest ban."
+    )
     handshake_timeout_seconds: float = Field(
         default=10.0,
         gt=0,
@@ -493,7 +619,7 @@ class LimitsConfig(_Section):
         ),
     )
     violation_decay_seconds: float = Field(
-        default=10.0, gt=0, description="One violation is forgiven per this many seconds."
+        default=10.0, gt=0, le=3600, description="One violation is forgiven per this many seconds."
     )
     outbound_queue: int = Field(
         default=64,
@@ -660,21 +786,31 @@ class MessagesConfig(_Section):
 class LivenessConfig(_Section):
     """Heartbeats, idle and lifetime limits, shutdown."""
 
-    ping_interval_seconds: float = Field(default=20.0, gt=0, description="Server ping interval.")
+    ping_interval_seconds: float = Field(
+        default=20.0, gt=0, le=3600, description="Server ping interval."
+    )
     ping_timeout_seconds: float = Field(
         default=20.0,
         gt=0,
+        le=3600,
         description="Close (1011) when the pong does not come back within this time.",
     )
     idle_timeout_seconds: float = Field(
-        default=0.0, ge=0, description="Close (1001) after this long without data frames; 0 = off."
+        default=0.0,
+        ge=0,
+        le=MAX_DURATION,
+        description="Close (1001) after this long without data frames; 0 = off.",
     )
     max_lifetime_seconds: float = Field(
-        default=0.0, ge=0, description="Close (1001) after this long, forcing reconnects; 0 = off."
+        default=0.0,
+        ge=0,
+        le=MAX_DURATION,
+        description="Close (1001) after this long, forcing reconnects; 0 = off.",
     )
     drain_seconds: float = Field(
         default=10.0,
         ge=0,
+        le=3600,
         description="On SIGTERM/SIGINT, wait this long for connections to close (0 = not at all).",
     )
 
@@ -851,7 +987,7 @@ class ClusterConfig(_Section):
     revocation_ttl_seconds: float = Field(
         default=86400.0,
         gt=0,
-        le=30 * 86400,
+        le=MAX_DURATION,
         description=(
             "Default duration of a revocation (`wsguard revoke`); at least "
             "`auth.max_token_lifetime_seconds` (plus the leeway), so a revocation outlives the "
@@ -865,9 +1001,20 @@ class ClusterConfig(_Section):
         description="Per-subject messages taken from Redis at once; 0: the limit / 20 (1 to 50).",
     )
     tls_ca_file: Path | None = Field(
-        default=None, description="CA bundle to verify a `rediss://` server; unset: the system CAs."
+        default=None,
+        description=(
+            "CA bundle (PEM, loaded when the configuration is) to verify a `rediss://` server; "
+            "unset: the system CAs."
+        ),
     )
     on_store_error: StoreFailureConfig = StoreFailureConfig()
+
+    @field_validator("tls_ca_file")
+    @classmethod
+    def _ca_loads(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            ca_bundle_context(value)  # as the Redis client will load it
+        return value
 
 
 #: What an alert rule counts. Refusal categories are the ``reason`` label values of
@@ -908,7 +1055,7 @@ class AlertRuleConfig(_Section):
     ban_seconds: float = Field(
         default=0.0,
         ge=0,
-        le=30 * 86400,
+        le=MAX_DURATION,
         description=(
             'With `per = "address"`: also ban the address for this long, on every node; 0: no ban.'
         ),
@@ -1127,6 +1274,11 @@ class AdminConfig(_Section):
     )
     tls: AdminTlsConfig = AdminTlsConfig()
 
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        return check_host(value)
+
     @field_validator("token")
     @classmethod
     def _strong(cls, value: str) -> str:
@@ -1284,10 +1436,14 @@ class GatewayConfig(_Section):
         ),
     )
     upstream_ping_interval_seconds: float = Field(
-        default=20.0, gt=0, description="The gateway's own heartbeat with the upstream."
+        default=20.0, gt=0, le=3600, description="The gateway's own heartbeat with the upstream."
     )
     upstream_ca_file: Path | None = Field(
-        default=None, description="CA bundle to verify a `wss://` upstream; unset: the system CAs."
+        default=None,
+        description=(
+            "CA bundle (PEM, loaded when the configuration is) to verify a `wss://` upstream; "
+            "unset: the system CAs."
+        ),
     )
     client_drain_seconds: float = Field(
         default=10.0,
@@ -1313,6 +1469,13 @@ class GatewayConfig(_Section):
             if not prefix.startswith("/"):
                 raise ValueError("a route is a path prefix starting with /")
             _check_ws_url(url)
+        return value
+
+    @field_validator("upstream_ca_file")
+    @classmethod
+    def _upstream_ca(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            ca_bundle_context(value.expanduser())
         return value
 
     @field_validator("identity_secret")
@@ -1428,6 +1591,24 @@ class Config(_Section):
     admin: AdminConfig = AdminConfig()
     alerts: AlertsConfig = AlertsConfig()
     gateway: GatewayConfig = GatewayConfig()
+
+    #: Warnings about where the configuration came from (a file that holds secrets and
+    #: others can read), as (key, message); set by the loader.
+    _source_warnings: tuple[tuple[str, str], ...] = PrivateAttr(default=())
+
+    @property
+    def source_warnings(self) -> tuple[tuple[str, str], ...]:
+        return self._source_warnings
+
+    def with_source_warnings(self, warnings: tuple[tuple[str, str], ...]) -> Config:
+        """This configuration, noting *warnings* about its source."""
+        self._source_warnings = warnings
+        return self
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        return check_host(value)
 
     @field_validator("log_level", mode="before")
     @classmethod

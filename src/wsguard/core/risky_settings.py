@@ -3,7 +3,7 @@ starts, printed by ``wsguard check-config``."""
 
 from __future__ import annotations
 
-from ipaddress import ip_network
+from ipaddress import IPv4Network, IPv6Network, collapse_addresses, ip_network
 
 from wsguard.config.model import Config
 from wsguard.core.auth import auth_warnings
@@ -12,20 +12,21 @@ from wsguard.core.client_address import is_loopback_host
 
 def config_warnings(config: Config) -> list[tuple[str, str]]:
     """Valid but risky settings of the whole configuration, as (config key, message):
-    :func:`auth_warnings`, a proxy network that trusts every address, an admin listener
-    in clear text beyond loopback, message types delivered without a schema."""
+    :func:`auth_warnings`, a configuration file that holds secrets and others can read,
+    proxy networks that together trust every IPv4 or every IPv6 address, an admin
+    listener in clear text beyond loopback, message types delivered without a schema."""
     out = auth_warnings(config.auth)
-    for network in config.proxy.trusted:
-        if ip_network(network, strict=False).prefixlen == 0:
-            out.append(
-                (
-                    "proxy.trusted",
-                    f"{network} trusts every address as a proxy: any client chooses the "
-                    "address its per-address limits, bans and audit lines are kept under "
-                    "(X-Forwarded-For); list only your proxies' networks",
-                )
+    out += config.source_warnings
+    everyone = _trusts_everyone(config.proxy.trusted)
+    if everyone:
+        out.append(
+            (
+                "proxy.trusted",
+                f"{everyone} every address as a proxy: any client chooses the "
+                "address its per-address limits, bans and audit lines are kept under "
+                "(X-Forwarded-For); list only your proxies' networks",
             )
-            break
+        )
     admin = config.admin
     if admin.enabled and admin.tls.cert_file is None and not is_loopback_host(admin.host):
         out.append(
@@ -48,3 +49,27 @@ def config_warnings(config: Config) -> list[tuple[str, str]]:
                     )
                 )
     return out
+
+
+def _trusts_everyone(trusted: tuple[str, ...]) -> str:
+    """The networks of *trusted* that together hold every IPv4 or every IPv6 address
+    (an IPv4-mapped IPv6 network, ``::ffff:0:0/96``, counts as the IPv4 addresses it
+    maps), as configured: "0.0.0.0/0 trusts", "0.0.0.0/1, 128.0.0.0/1 together trust";
+    "" when they do not."""
+    v4: dict[str, IPv4Network] = {}
+    v6: dict[str, IPv6Network] = {}
+    for entry in trusted:
+        network = ip_network(entry, strict=False)
+        if isinstance(network, IPv4Network):
+            v4[entry] = network
+            continue
+        v6[entry] = network
+        mapped = network.network_address.ipv4_mapped
+        if mapped is not None and network.prefixlen >= 96:
+            v4[entry] = IPv4Network((int(mapped), network.prefixlen - 96))
+    v4_all = list(collapse_addresses(v4.values())) == [IPv4Network("0.0.0.0/0")]
+    v6_all = list(collapse_addresses(v6.values())) == [IPv6Network("::/0")]
+    entries = list(v4) if v4_all else list(v6) if v6_all else []
+    if len(entries) > 1:
+        return f"{', '.join(entries)} together trust"
+    return f"{entries[0]} trusts" if entries else ""

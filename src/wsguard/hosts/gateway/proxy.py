@@ -31,7 +31,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 from websockets.protocol import State
 
-from wsguard.config.model import Config
+from wsguard.config.model import Config, ca_bundle_context
 from wsguard.core.decisions import (
     CLOSE_GOING_AWAY,
     CLOSE_INTERNAL_ERROR,
@@ -119,7 +119,10 @@ class Gateway(App):
             )
         self._upstream_ssl: ssl.SSLContext | None = None
         if gateway.upstream_ca_file is not None:
-            self._upstream_ssl = ssl.create_default_context(cafile=str(gateway.upstream_ca_file))
+            try:  # as the configuration loaded it when it was validated
+                self._upstream_ssl = ca_bundle_context(gateway.upstream_ca_file.expanduser())
+            except ValueError as exc:
+                raise ConfigError("gateway.upstream_ca_file", str(exc)) from None
         self._forward = tuple(h.lower() for h in gateway.forward_headers)
         self._downstream = _compile_downstream(gateway.upstream_schema)
         self._pumps: set[asyncio.Task[None]] = set()

@@ -1,0 +1,461 @@
+"""What the configuration refuses, or warns about, beyond each key's own range: values of
+the wrong type in a file, non-finite and endless durations, files the server would
+refuse (checked alike by ``check-config``, ``serve`` and ``token``), two environment names
+of one key, a file holding secrets that others can read or write, unusable CA bundles and
+addresses, and proxy networks that together trust everyone."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+import pytest
+import trustme
+
+from support.cli import SECRET, cli_env, run_cli
+from support.docs import hooks_module
+from support.serve_process import Served
+from wsguard.config.loader import load_config, validate_config
+from wsguard.core.risky_settings import config_warnings
+from wsguard.errors import ConfigError
+from wsguard.guard import Guard
+from wsguard.observability.audit import AuditLog
+
+#: Every documented key and its field, as the configuration reference lists them.
+KEYS = list(hooks_module().config_keys())
+
+DEV_KEY = Path(".local") / "share" / "wsguard" / "dev-jwt.key"
+ADMIN_TOKEN = Path(".local") / "share" / "wsguard" / "admin.token"
+
+
+def config_file(tmp_path: Path, text: str, mode: int = 0o600, name: str = "c.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    os.chmod(path, mode)
+    return path
+
+
+def refused(tmp_path: Path, text: str, env: dict[str, str] | None = None) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        load_config(config_file(tmp_path, text), env=env or {})
+    return info.value
+
+
+def check_config(tmp_path: Path, text: str, **env: str) -> tuple[int, str]:
+    path = config_file(tmp_path, text)
+    done = run_cli(["check-config", "-c", str(path)], cli_env(tmp_path, **env))
+    return done.returncode, done.stderr
+
+
+def private_file(path: Path, data: bytes, mode: int = 0o600) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    os.chmod(path, mode)
+    return path
+
+
+def toml_line(key: str, value: str) -> str:
+    *table, leaf = key.split(".")
+    return (f"[{'.'.join(table)}]\n" if table else "") + f"{leaf} = {value}\n"
+
+
+# -- durations: finite and bounded ---------------------------------------------------------
+
+#: The duration keys that once had no upper bound (the others always had one).
+ONCE_UNBOUNDED = [
+    "limits.auth_failure_window_seconds", "limits.ban_seconds", "limits.ban_max_seconds",
+    "limits.violation_decay_seconds", "liveness.ping_interval_seconds",
+    "liveness.ping_timeout_seconds", "liveness.idle_timeout_seconds",
+    "liveness.max_lifetime_seconds", "liveness.drain_seconds",
+    "gateway.upstream_ping_interval_seconds",
+]  # fmt: skip
+
+
+def test_every_duration_key_has_a_finite_upper_bound() -> None:
+    unbounded = [
+        key
+        for key, field in KEYS
+        if key.endswith("_seconds")
+        and not any(math.isfinite(getattr(item, "le", math.inf)) for item in field.metadata)
+    ]
+    assert unbounded == []
+
+
+@pytest.mark.parametrize("key", ONCE_UNBOUNDED)
+@pytest.mark.parametrize("value", ["inf", "1e308", "9223372036854775807"])
+def test_a_duration_of_no_end_is_refused_naming_the_key(
+    tmp_path: Path, key: str, value: str
+) -> None:
+    error = refused(tmp_path, toml_line(key, value))
+    assert error.key == key
+
+
+def test_check_config_refuses_an_endless_ban_and_heartbeat(tmp_path: Path) -> None:
+    for text, key in [
+        ("[limits]\nban_seconds = inf\nban_max_seconds = inf\n", "limits.ban_"),
+        ("[liveness]\nping_interval_seconds = 1e300\n", "liveness.ping_interval_seconds"),
+    ]:
+        status, stderr = check_config(tmp_path, text)
+        assert status == 2, stderr
+        assert f"configuration error: {key}" in stderr
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '[messages.types.x]\nschema = { type = "number", maximum = inf }\n',
+        "[gateway]\nupstream_schema = { maximum = nan }\n",
+    ],
+)
+def test_no_infinite_or_nan_number_anywhere(tmp_path: Path, text: str) -> None:
+    error = refused(tmp_path, text)
+    assert error.key in ("messages.types.x.schema", "gateway.upstream_schema")
+    assert "finite" in error.message
+
+
+# -- values have types ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "expected"),
+    [
+        ("port = true", "port", "not a valid integer (got true)"),
+        ('port = "8765"', "port", "not a valid integer (got '8765')"),
+        ("port = 8765.0", "port", "not a valid integer (got 8765.0)"),
+        ("[limits]\nmax_message_bytes = 1e4", "limits.max_message_bytes", "not a valid integer"),
+        ("[limits]\nban_seconds = true", "limits.ban_seconds", "not a valid number (got true)"),
+        ('[limits]\nban_seconds = "60"', "limits.ban_seconds", "not a valid number"),
+        ("[auth]\nrequire_exp = 0", "auth.require_exp", "not a valid boolean (got 0)"),
+        ('[auth]\nrequire_exp = "n"', "auth.require_exp", "not a valid boolean"),
+        ('[origin]\nallow_missing = "yes"', "origin.allow_missing", "not a valid boolean"),
+        ("[admin]\nport = 9000.0", "admin.port", "not a valid integer"),
+        ('[auth]\nalgorithms = "HS256"', "auth.algorithms", "not a valid list of strings"),
+        ('[tls]\ncert_scopes = { a = "b" }', "tls.cert_scopes.a", "not a valid list of strings"),
+    ],
+)
+def test_a_file_value_of_another_type_is_refused_naming_the_expected_type(
+    tmp_path: Path, text: str, key: str, expected: str
+) -> None:
+    error = refused(tmp_path, text + "\n")
+    assert error.key == key
+    assert expected in error.message
+
+
+def test_environment_text_is_still_converted_while_the_same_text_in_a_file_is_not(
+    tmp_path: Path,
+) -> None:
+    env = {
+        "WSGUARD_PORT": "9001",
+        "WSGUARD_AUTH__REQUIRE_EXP": "no",
+        "WSGUARD_LIMITS__BAN_SECONDS": "90",
+    }
+    config = load_config(None, env=env)
+    assert (config.port, config.auth.require_exp, config.limits.ban_seconds) == (9001, False, 90)
+    assert refused(tmp_path, 'port = "9001"\n').key == "port"
+    assert refused(tmp_path, "", {"WSGUARD_LIMITS__BAN_SECONDS": "inf"}).key == (
+        "limits.ban_seconds"
+    )
+
+
+def test_check_config_refuses_a_boolean_port(tmp_path: Path) -> None:
+    status, stderr = check_config(tmp_path, "port = true\n")
+    assert status == 2
+    assert "configuration error: port: not a valid integer (got true)" in stderr
+
+
+# -- the development key and the generated admin token, checked where they exist -------------
+
+
+@pytest.mark.parametrize(
+    ("content", "mode", "problem"),
+    [
+        (b"k" * 48, 0o644, "readable by its owner only"),
+        (b"short\n", 0o600, "fewer than 32 bytes"),
+        (None, 0o700, "not a file"),
+    ],
+    ids=["mode-0644", "short", "directory"],
+)
+def test_check_config_checks_an_existing_default_dev_key_as_serve_does(
+    tmp_path: Path, content: bytes | None, mode: int, problem: str
+) -> None:
+    path = tmp_path / DEV_KEY
+    if content is None:
+        path.mkdir(parents=True)
+        os.chmod(path, mode)
+    else:
+        private_file(path, content, mode)
+    for command in (["check-config"], ["serve", "--port", "0"]):
+        done = run_cli(command, cli_env(tmp_path))
+        assert done.returncode == 2, (command, done.stderr)
+        assert f"auth.dev_key_file: {path} " in done.stderr
+        assert problem in done.stderr
+    # absent, it is created by serve only, never by check-config
+    other = tmp_path / "other" / "dev.key"
+    status, stderr = check_config(tmp_path, f'[auth]\ndev_key_file = "{other}"\n')
+    assert status == 0, stderr
+    assert not other.parent.exists()
+
+
+@pytest.mark.parametrize("command", [["check-config"], ["serve", "--port", "0"], ["token"]])
+def test_a_dev_key_under_a_regular_file_is_a_configuration_error(
+    tmp_path: Path, command: list[str]
+) -> None:
+    blocker = private_file(tmp_path / "a-file", b"x" * 48)
+    config = config_file(tmp_path, f'[auth]\ndev_key_file = "{blocker}/sub/dev.key"\n')
+    args = [*command, "-c", str(config)] + (["--sub", "alice"] if command == ["token"] else [])
+    done = run_cli(args, cli_env(tmp_path))
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "configuration error: auth.dev_key_file: " in done.stderr
+    assert "Not a directory" in done.stderr
+
+
+def test_check_config_checks_an_existing_generated_admin_token(tmp_path: Path) -> None:
+    path = private_file(tmp_path / ADMIN_TOKEN, b"t" * 43 + b"\n", 0o644)
+    status, stderr = check_config(tmp_path, "[admin]\nport = 0\n")
+    assert status == 2, stderr
+    assert f"admin.token_file: {path} must be readable by its owner only" in stderr
+    os.chmod(path, 0o600)
+    assert check_config(tmp_path, "[admin]\nport = 0\n")[0] == 0
+
+
+# -- the configuration file itself: bytes, nesting, secrets ----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (b'host = "\xff\xfe"\n', "not UTF-8"),
+        (b"a = " + b"[" * 20000 + b"]" * 20000 + b"\n", "nested too deeply"),
+    ],
+    ids=["not-utf8", "deep"],
+)
+def test_a_file_that_is_not_toml_text_is_a_configuration_error(
+    tmp_path: Path, content: bytes, problem: str
+) -> None:
+    path = private_file(tmp_path / "c.toml", content)
+    done = run_cli(["check-config", "-c", str(path)], cli_env(tmp_path))
+    assert done.returncode == 2, done.stderr
+    assert f"configuration error: config: {path} is not valid TOML: {problem}" in done.stderr
+
+
+SECRET_LINES = {
+    "auth.secret": f'[auth]\nsecret = "{SECRET}"\n',
+    "admin.token": f'[admin]\ntoken = "{SECRET}"\n',
+    "gateway.identity_secret": f'[gateway]\nidentity_secret = "{SECRET}"\n',
+    "store": 'store = "redis://app:pw-of-redis@127.0.0.1:6379/0"\n',
+}
+
+
+@pytest.mark.parametrize("key", sorted(SECRET_LINES))
+def test_a_file_holding_a_secret_that_others_can_read_is_warned_about(
+    tmp_path: Path, key: str
+) -> None:
+    path = config_file(tmp_path, SECRET_LINES[key], 0o644)
+    config = load_config(path, env={})
+    assert [k for k, _ in config_warnings(config)] == [key]
+    assert str(path) in config_warnings(config)[0][1]
+    assert config_warnings(load_config(config_file(tmp_path, SECRET_LINES[key]), env={})) == []
+
+
+def test_check_config_and_serve_warn_about_a_readable_file_holding_a_secret(
+    tmp_path: Path,
+) -> None:
+    path = config_file(tmp_path, f'port = 0\n[auth]\nsecret = "{SECRET}"\n', 0o640)
+    done = run_cli(["check-config", "-c", str(path)], cli_env(tmp_path))
+    assert done.returncode == 0
+    assert f"wsguard: warning: auth.secret: {path} holds secrets (auth.secret)" in done.stderr
+    assert SECRET not in done.stderr
+    served = Served(["-c", str(path)], cli_env(tmp_path), tmp_path / "audit.jsonl")
+    try:
+        served.wait_for("listening on")
+        assert f"auth.secret: {path} holds secrets" in served.stderr
+    finally:
+        served.kill()
+    records = [json.loads(line) for line in served.audit_path.read_text().splitlines()]
+    warnings = [r for r in records if r.get("event") == "config_warning"]
+    assert [w["key"] for w in warnings] == ["auth.secret"], warnings
+
+
+@pytest.mark.parametrize("mode", [0o620, 0o602, 0o666])
+def test_a_file_holding_a_secret_that_others_can_write_is_refused(
+    tmp_path: Path, mode: int
+) -> None:
+    path = config_file(tmp_path, SECRET_LINES["auth.secret"], mode)
+    done = run_cli(["check-config", "-c", str(path)], cli_env(tmp_path))
+    assert done.returncode == 2
+    assert f"configuration error: auth.secret: {path} holds secrets" in done.stderr
+    assert "other users can write it" in done.stderr
+    assert SECRET not in done.stderr
+
+
+def test_a_secret_from_the_environment_is_not_about_the_file(tmp_path: Path) -> None:
+    path = config_file(tmp_path, "port = 9000\n", 0o666)
+    config = load_config(path, env={"WSGUARD_JWT_SECRET": SECRET})
+    assert config_warnings(config) == []
+    # the same secret in that file is refused
+    with pytest.raises(ConfigError) as info:
+        load_config(config_file(tmp_path, SECRET_LINES["auth.secret"], 0o666), env={})
+    assert info.value.key == "auth.secret"
+
+
+# -- two environment names for one key ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("alias", "name", "first", "second", "key"),
+    [
+        ("WSGUARD_JWT_SECRET", "WSGUARD_AUTH__SECRET", SECRET, SECRET[::-1], "auth.secret"),
+        ("WSGUARD_ADMIN_PORT", "WSGUARD_ADMIN__PORT", "9001", "9002", "admin.port"),
+        ("WSGUARD_ADMIN_TOKEN", "WSGUARD_ADMIN__TOKEN", SECRET, SECRET[::-1], "admin.token"),
+        ("WSGUARD_PORT", "WSGUARD_port", "9001", "9002", "port"),
+    ],
+)
+def test_two_names_of_one_key_that_disagree_are_an_error_naming_both(
+    alias: str, name: str, first: str, second: str, key: str
+) -> None:
+    for env in ({alias: first, name: second}, {name: second, alias: first}):
+        with pytest.raises(ConfigError) as info:
+            load_config(None, env=env)
+        assert info.value.key == key
+        assert alias in info.value.message and name in info.value.message
+        assert SECRET not in str(info.value) and SECRET[::-1] not in str(info.value)
+    agreed = load_config(None, env={alias: first, name: first})
+    value = agreed.model_dump()
+    for part in key.split("."):
+        value = value[part]
+    assert str(value) == first
+
+
+# -- environment variables inside tables of named entries -----------------------------------
+
+
+def test_a_variable_inside_a_named_table_says_how_to_set_the_table(
+    tmp_path: Path,
+) -> None:
+    done = run_cli(["check-config"], cli_env(tmp_path, WSGUARD_MESSAGES__TYPES__CHAT__SCOPES="a"))
+    assert done.returncode == 0
+    assert (
+        "WSGUARD_MESSAGES__TYPES__CHAT__SCOPES (a key inside messages.types.<name> has no "
+        "variable of its own: set the whole table as JSON, e.g. "
+        """WSGUARD_MESSAGES__TYPES='{"chat": {"scopes": "..."}}')"""
+    ) in done.stderr
+    # and that form works
+    whole = {"WSGUARD_MESSAGES__TYPES": '{"chat": {"scopes": ["a"], "schema": {}}}'}
+    assert load_config(None, env=whole).messages.types["chat"].scopes == ("a",)
+
+
+# -- CA bundles are loaded with the configuration -------------------------------------------
+
+
+@pytest.fixture
+def ca_pem(tmp_path: Path) -> Path:
+    path = tmp_path / "ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(path))
+    return path
+
+
+@pytest.mark.parametrize("key", ["gateway.upstream_ca_file", "cluster.tls_ca_file"])
+def test_a_ca_bundle_that_is_missing_or_not_pem_is_refused(
+    tmp_path: Path, ca_pem: Path, key: str
+) -> None:
+    store = 'store = "rediss://127.0.0.1:1/0"\n' if key.startswith("cluster") else ""
+    not_pem = private_file(tmp_path / "not.pem", b"not a certificate\n")
+    for path, problem in [(tmp_path / "absent.pem", "No such file"), (not_pem, "PEM")]:
+        status, stderr = check_config(tmp_path, store + toml_line(key, f'"{path}"'))
+        assert status == 2, stderr
+        assert f"configuration error: {key}: " in stderr
+        assert problem in stderr
+    assert check_config(tmp_path, store + toml_line(key, f'"{ca_pem}"'))[0] == 0
+
+
+def test_the_gateway_refuses_a_missing_upstream_ca_without_a_traceback(tmp_path: Path) -> None:
+    config = config_file(
+        tmp_path,
+        f'port = 0\n[gateway]\nupstream = "wss://127.0.0.1:1/"\n'
+        f'upstream_ca_file = "{tmp_path / "absent.pem"}"\n',
+    )
+    done = run_cli(["proxy", "-c", str(config)], cli_env(tmp_path))
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "configuration error: gateway.upstream_ca_file: " in done.stderr
+
+
+# -- addresses to bind ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", ["host", "admin.host"])
+@pytest.mark.parametrize("value", ["", "not a host", "-x.example", "a..b", "[::1]"])
+def test_a_bind_address_that_is_no_address_is_refused(tmp_path: Path, key: str, value: str) -> None:
+    error = refused(tmp_path, toml_line(key, json.dumps(value)))
+    assert error.key == key
+    assert "IP address or a host name" in error.message
+    for address in ("127.0.0.1", "::1", "0.0.0.0", "::", "localhost", "my_svc", "a.example."):
+        assert validate_config({"admin": {"host": address}}).admin.host == address
+
+
+@pytest.mark.parametrize("command", [["check-config"], ["serve", "--port", "0"]])
+def test_check_config_and_serve_refuse_an_empty_host(tmp_path: Path, command: list[str]) -> None:
+    config = config_file(tmp_path, 'host = ""\n')
+    done = run_cli([*command, "-c", str(config)], cli_env(tmp_path))
+    assert done.returncode == 2, done.stderr
+    assert "configuration error: host: must be an IP address or a host name" in done.stderr
+
+
+# -- proxy networks that together trust everyone ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("trusted", "named"),
+    [
+        (["0.0.0.0/1", "128.0.0.0/1"], "0.0.0.0/1, 128.0.0.0/1 together trust"),
+        (["::ffff:0:0/96"], "::ffff:0:0/96 trusts"),
+        (["::/1", "8000::/1"], "::/1, 8000::/1 together trust"),
+        (["0.0.0.0/2", "10.0.0.0/8", "64.0.0.0/2", "128.0.0.0/1"], "together trust"),
+    ],
+)
+def test_proxy_networks_that_together_hold_every_address_are_warned_about(
+    trusted: list[str], named: str
+) -> None:
+    warnings = dict(config_warnings(validate_config({"proxy": {"trusted": trusted}})))
+    assert named in warnings["proxy.trusted"]
+    assert "every address" in warnings["proxy.trusted"]
+    # one network fewer: a part of the addresses only, no warning
+    fewer = validate_config({"proxy": {"trusted": trusted[1:] or ["::ffff:0:0/97"]}})
+    assert "proxy.trusted" not in dict(config_warnings(fewer))
+
+
+def test_check_config_warns_about_two_halves_of_ipv4(tmp_path: Path) -> None:
+    status, stderr = check_config(tmp_path, '[proxy]\ntrusted = ["0.0.0.0/1", "128.0.0.0/1"]\n')
+    assert status == 0
+    assert "warning: proxy.trusted: 0.0.0.0/1, 128.0.0.0/1 together trust every address" in (stderr)
+
+
+# -- wsguard token refuses a subject the server refuses ----------------------------------------
+
+
+@pytest.mark.parametrize("subject", ["", "a\x01b", "tab\there", "x" * 257])
+def test_token_refuses_a_subject_the_server_refuses(tmp_path: Path, subject: str) -> None:
+    done = run_cli(["token", "--sub", subject], cli_env(tmp_path))
+    assert done.returncode == 2, done.stdout
+    assert done.stdout == ""
+    assert re.search(r"configuration error: --sub: the server refuses this subject", done.stderr)
+
+
+def test_token_accepts_the_longest_subject_the_server_accepts(tmp_path: Path) -> None:
+    longest = run_cli(["token", "--sub", "é" * 256], cli_env(tmp_path))
+    assert longest.returncode == 0, longest.stderr
+    token = longest.stdout.strip()
+    config = load_config(None, env={})
+    guard = Guard(
+        config.model_copy(
+            update={"auth": config.auth.model_copy(update={"dev_key_file": tmp_path / DEV_KEY})}
+        ),
+        audit=AuditLog(io.StringIO()),
+    )
+    assert guard.verifier.verify(token).subject == "é" * 256
+    assert run_cli(["token", "--sub", "é" * 257], cli_env(tmp_path)).returncode == 2
