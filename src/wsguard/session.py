@@ -442,6 +442,15 @@ class Session:
         monitor = self.guard.monitor
         if isinstance(decision, Refuse):
             monitor.message_refused(decision.code, decision.type, self.client, closed=False)
+            # at most the violation budget's worth per connection: each refusal spends it
+            self.guard.audit.emit(
+                "message_refused",
+                connection_id=self.id,
+                client=self.client,
+                subject=self.subject,
+                type=decision.type,
+                code=decision.code,
+            )
             self.send(decision.frame())
         elif isinstance(decision, Close):
             monitor.message_refused(decision.cause, None, self.client, closed=True)

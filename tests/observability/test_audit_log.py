@@ -156,6 +156,30 @@ def test_admitted_and_closed_records(server_factory: ServerFactory) -> None:
     assert closed["client"] == "127.0.0.1"
 
 
+def test_refused_messages_are_audited_with_their_code_never_their_content(
+    server: RunningServer,
+) -> None:
+    """Each error frame of the message policy is an audited refusal (authorization and
+    validation failures belong in a security log), naming the connection, the type and
+    the stable code; the message itself is never written."""
+    with server.connect_welcomed(make_token("alice", scopes="chat")) as ws:
+        ws.send(json.dumps({"type": "command", "id": "c1", "cmd": "secret-value-1"}))
+        assert json.loads(ws.recv(timeout=5))["code"] == "forbidden"
+        ws.send('{"type": "chat", "text": ["secret-value-2"], "id": "c2"}')
+        assert json.loads(ws.recv(timeout=5))["code"] == "invalid_message"
+        ws.send("not json secret-value-3")
+        assert json.loads(ws.recv(timeout=5))["code"] == "invalid_json"
+    refused = wait_for(server, "message_refused", count=3)
+    assert [(r["code"], r.get("type")) for r in refused] == [
+        ("forbidden", "command"),
+        ("invalid_message", "chat"),
+        ("invalid_json", None),
+    ]
+    assert all(r["subject"] == "alice" and r["client"] == "127.0.0.1" for r in refused)
+    assert len({r["connection_id"] for r in refused}) == 1
+    assert "secret-value" not in server.audit.getvalue()
+
+
 def test_admitted_without_origin_has_no_origin_field(server: RunningServer) -> None:
     with server.connect_welcomed():
         (admitted,) = wait_for(server, "connection_admitted")
