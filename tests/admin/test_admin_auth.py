@@ -339,6 +339,38 @@ def test_admin_client_subjects_pin_which_admin_certificates_are_admins(
     assert any("CN=eve" in e["subject"] for e in refused)
 
 
+def test_admin_certificates_are_verified_on_every_connection(
+    server_factory: ServerFactory, certs: Certificates
+) -> None:
+    """A resumed TLS session skips the client chain's verification (an expired or
+    removed certificate would go on for a ticket's lifetime): with admin client
+    certificates no session resumes, and TLS 1.2 (which resumes by session id whatever
+    the server's tickets) is not offered."""
+    import socket
+    import ssl
+
+    admin_ca = trustme.CA()
+    port = admin_port(pinned_admin(server_factory, certs, admin_ca, []))
+    ops = admin_ca.issue_cert("ops@example.com", common_name="ops")
+
+    def healthz(ctx: ssl.SSLContext, session: ssl.SSLSession | None = None) -> ssl.SSLSocket:
+        raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+        tls = ctx.wrap_socket(raw, server_hostname="localhost", session=session)
+        tls.sendall(f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+        assert tls.recv(4096).startswith(b"HTTP/1.1 200"), "the probe is answered"
+        return tls
+
+    ctx = certs.client_context(ops)
+    with healthz(ctx) as first:
+        session = first.session
+    with healthz(ctx, session) as second:
+        assert not second.session_reused
+    old = certs.client_context(ops)
+    old.maximum_version = ssl.TLSVersion.TLSv1_2
+    with pytest.raises(ssl.SSLError):
+        healthz(old).close()
+
+
 @pytest.mark.parametrize(
     ("pins", "tls", "needle"),
     [

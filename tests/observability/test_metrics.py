@@ -79,7 +79,7 @@ HANDSHAKE_REASONS = frozenset(
         "invalid_issuer", "missing_claim", "bad_signature", "certificate_mismatch",
         "origin_forbidden", "banned", "handshake_rate", "server_full", "too_many_connections",
         "too_many_pending", "revoked", "draining", "store_unavailable", "keys_unavailable",
-        "handshake_timeout", "forwarded_client", "policy_error",
+        "handshake_timeout", "forwarded_client", "policy_error", "tls_certificate", "tls_protocol",
         "bad_request", "bad_http_version", "bad_method", "not_websocket",
         "unsupported_version", "headers_too_large", "request_line_too_long", "bad_handshake",
         "other",

@@ -289,6 +289,12 @@ def admin_tls_context(config: Config) -> ssl.SSLContext | None:
         except (OSError, ssl.SSLError) as exc:
             raise KeyLoadError("admin.tls.client_ca_file", f"cannot load: {exc}") from None
         context.verify_mode = ssl.CERT_REQUIRED
+        # a resumed session is not verified again (an expired certificate would go on
+        # for the ticket's lifetime): TLS 1.3 without tickets never resumes; TLS 1.2
+        # resumes by session id, which Python cannot switch off, so it is not offered
+        context.minimum_version = ssl.TLSVersion.TLSv1_3
+        context.options |= ssl.OP_NO_TICKET
+        context.num_tickets = 0
     return context
 
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from wsguard.config.model import Config, TlsConfig
 from wsguard.errors import ConfigError, KeyLoadError
+
+if TYPE_CHECKING:
+    from wsguard.guard import Guard
 
 logger = logging.getLogger("wsguard.tls")
 
@@ -32,10 +36,11 @@ def policy_context(min_version: str = "1.2") -> ssl.SSLContext:
 def server_context(tls: TlsConfig) -> ssl.SSLContext:
     """The listener's SSLContext: TLS 1.2+ (or 1.3), modern ciphers, optional client
     certs. Each handshake is served by the newest context :func:`reload_certificate`
-    built (its server-name callback, called for every ClientHello, switches to it)."""
-    context = _certificate_context(tls)
-    context.sni_callback = _newest_context
-    return context
+    built: the engines take it per connection (:func:`current_context`), so its own
+    session cache and ticket keys are the ones a resumption is looked up in. No
+    server-name callback: CPython would decode the client's server name for it first,
+    and print a traceback for each name that is not ASCII."""
+    return _certificate_context(tls)
 
 
 def _certificate_context(tls: TlsConfig) -> ssl.SSLContext:
@@ -51,6 +56,12 @@ def _certificate_context(tls: TlsConfig) -> ssl.SSLContext:
         context.verify_mode = (
             ssl.CERT_REQUIRED if tls.client_cert == "required" else ssl.CERT_OPTIONAL
         )
+        # a resumed session skips the verification of the client's chain (expiry, the
+        # CA file as reloaded): no session tickets (TLS 1.3 then cannot resume at all),
+        # and a TLS 1.2 session resumed by its id, which OpenSSL's server cache allows
+        # and Python cannot switch off, is refused (refuses_resumption)
+        context.options |= ssl.OP_NO_TICKET
+        context.num_tickets = 0
     return context
 
 
@@ -77,12 +88,117 @@ def reload_certificate(context: ssl.SSLContext, tls: TlsConfig) -> bool:
     return True
 
 
-def _newest_context(ssl_object: Any, server_name: str | None, context: ssl.SSLContext) -> None:
-    """The listener context's server-name callback: serve this handshake with the newest
-    context (the listener's own until a reload)."""
-    newest = getattr(context, "wsguard_newest", None)
-    if newest is not None:
-        ssl_object.context = newest
+def current_context(context: ssl.SSLContext) -> ssl.SSLContext:
+    """The context a new connection's handshake uses: the newest one
+    :func:`reload_certificate` built from *context* (the listener's), else *context*.
+    Sessions and tickets are kept per context: after a reload none made before it can
+    be resumed."""
+    newest: ssl.SSLContext | None = getattr(context, "wsguard_newest", None)
+    return context if newest is None else newest
+
+
+def _ssl_protocol_class(loop: asyncio.AbstractEventLoop) -> Any:
+    """The TLS protocol of *loop*: uvloop's own (C) on uvloop, else asyncio's."""
+    import asyncio.sslproto
+
+    try:
+        import uvloop.loop
+    except ImportError:  # pragma: no cover - uvloop is not installed on Windows
+        return asyncio.sslproto.SSLProtocol
+    if isinstance(loop, uvloop.Loop):
+        return uvloop.loop.SSLProtocol  # type: ignore[attr-defined]
+    return asyncio.sslproto.SSLProtocol
+
+
+def start_tls(
+    loop: asyncio.AbstractEventLoop,
+    raw: asyncio.BaseTransport,
+    protocol: asyncio.BaseProtocol,
+    context: ssl.SSLContext,
+    waiter: asyncio.Future[None],
+    *,
+    handshake_timeout: float,
+    shutdown_timeout: float | None = None,
+) -> None:
+    """Start the server side of TLS on an accepted TCP transport, now: what the loop's
+    ``create_server(ssl=...)`` does for each socket, after wsguard counted it. Called
+    from *protocol*'s ``connection_made(raw)``, before any byte is read (a task, as
+    ``loop.start_tls`` needs, would run after the loop's first read). *protocol*'s
+    ``connection_made`` is called again, with the TLS transport, once the handshake
+    completes; *waiter* is done when it completes or fails (with the failure: the
+    socket is closed then, and *protocol* hears nothing else)."""
+    tls_protocol = _ssl_protocol_class(loop)(
+        loop,
+        protocol,
+        current_context(context),
+        waiter,
+        server_side=True,
+        ssl_handshake_timeout=handshake_timeout,
+        ssl_shutdown_timeout=shutdown_timeout,
+    )
+    raw.set_protocol(tls_protocol)
+    tls_protocol.connection_made(raw)
+
+
+# OpenSSL's verification results (X509_V_ERR_*) a client certificate fails with
+_CERT_NOT_YET_VALID = 9
+_CERT_EXPIRED = 10
+
+#: audit reason of a failed TLS handshake -> the ``reason`` it is to be counted under in
+#: ``wsguard_handshakes_total`` once the metrics have that label (None: never counted,
+#: not a refusal of ours)
+TLS_FAILURES: dict[str, str | None] = {
+    "no_certificate": "tls_certificate",
+    "certificate_expired": "tls_certificate",
+    "certificate_not_yet_valid": "tls_certificate",
+    "certificate_untrusted": "tls_certificate",
+    "session_resumed": "tls_certificate",
+    "protocol": "tls_protocol",
+    "client_alert": None,  # the client gave up (it does not trust our certificate, say)
+}
+
+
+def failure_reason(exc: BaseException | None) -> str | None:
+    """The audit reason of a TLS handshake that failed with *exc*: a fixed word from
+    OpenSSL's verdict (never its message, which may quote the client), or None when
+    the client just went away (reset, end of stream), which is no refusal."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        code = exc.verify_code
+        if code == _CERT_EXPIRED:
+            return "certificate_expired"
+        if code == _CERT_NOT_YET_VALID:
+            return "certificate_not_yet_valid"
+        return "certificate_untrusted"
+    if isinstance(exc, ssl.SSLEOFError) or not isinstance(exc, ssl.SSLError):
+        return None
+    reason = exc.reason or ""
+    if reason == "PEER_DID_NOT_RETURN_A_CERTIFICATE":
+        return "no_certificate"
+    if "ALERT" in reason:  # TLSV1_ALERT_UNKNOWN_CA, SSLV3_ALERT_BAD_CERTIFICATE...
+        return "client_alert"
+    if reason == "UNEXPECTED_EOF_WHILE_READING":
+        return None
+    return "protocol"
+
+
+def refuses_resumption(transport: asyncio.BaseTransport) -> bool:
+    """Whether a completed handshake resumed a session while client certificates are
+    verified: a resumption does not verify the client's chain again (its expiry, the
+    CA file as reloaded since), so it is refused; a full handshake is always made."""
+    ssl_object = transport.get_extra_info("ssl_object")
+    if ssl_object is None or not ssl_object.session_reused:
+        return False
+    return bool(ssl_object.context.verify_mode != ssl.CERT_NONE)
+
+
+def record_failure(guard: Guard, reason: str, client: str | None) -> None:
+    """Audit a TLS handshake that failed (``tls_failed``): one line, as cheap as a refused
+    request head (the audit writer's queue bounds what a flood of them costs), and count
+    it as a handshake refusal (``tls_certificate``: auth; ``tls_protocol``: protocol)."""
+    guard.audit.emit("tls_failed", reason=reason, client=client)
+    counted = TLS_FAILURES.get(reason)
+    if counted is not None:
+        guard.monitor.handshake_refused(counted, client, None)
 
 
 #: ``HandshakeRequest.client_cert`` of a verified certificate that names no usable

@@ -41,7 +41,13 @@ from wsguard.engines.screening import (
     early_response,
     raw_refusal,
 )
-from wsguard.engines.tls import certificate_identity
+from wsguard.engines.tls import (
+    certificate_identity,
+    failure_reason,
+    record_failure,
+    refuses_resumption,
+    start_tls,
+)
 from wsguard.observability.engine_log import quiet_logger
 from wsguard.observability.metrics import Metrics
 from wsguard.session import (
@@ -227,6 +233,7 @@ class GuardedServerConnection(ServerConnection):
     # ~30 keys CPython switches the dict to a larger, unshared layout (about 1.6 KB).
     __slots__ = (
         "_backlog",
+        "_deadline",
         "_drained",
         "_early",
         "_eof_held",
@@ -272,8 +279,10 @@ class GuardedServerConnection(ServerConnection):
         self.held_close: Frame | None = None
         self._held_timer: asyncio.TimerHandle | None = None
         self._eof_held = False
+        self._deadline: asyncio.TimerHandle | None = None  # see adopt_pending
 
     pending: PendingHandshakes  # shared by the connections of one server
+    tls: ssl.SSLContext | None = None  # the listener's TLS context (RefusedAddressFront)
     metrics: Metrics  # the node's counters (bytes in and out)
     max_fragments: int  # limits.max_fragments
 
@@ -289,11 +298,33 @@ class GuardedServerConnection(ServerConnection):
             self._backlog = early
             self.loop.call_soon(self._feed_backlog)
 
+    def adopt_pending(self, accepted: float, timeout: float) -> None:
+        """Before ``connection_made``: the socket was accepted at *accepted* (monotonic)
+        and counted as a pending handshake then (by RefusedAddressFront, which made its
+        TLS handshake): the count is this connection's now, and the request head must be
+        complete by *timeout* seconds after the accept, as on a plaintext socket."""
+        self._pending = True
+        self._opened_at = accepted
+        delay = max(0.0, accepted + timeout - time.monotonic())
+        self._deadline = asyncio.get_running_loop().call_later(delay, self._head_timed_out)
+
+    def _head_timed_out(self) -> None:
+        self._deadline = None
+        if self._pending:
+            self._end_pending()
+            self.decided = True  # audited here, not again by connection_lost
+            self.transport.abort()
+            self.guard.record_raw_refusal(None, "handshake_timeout", self._peer_address)
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._opened_at = time.monotonic()
+        adopted = self._pending  # counted already (see adopt_pending)
+        if not adopted:
+            self._opened_at = time.monotonic()
         super().connection_made(transport)
         self.recv_messages.resume = self._resume_reading
         self._peer_address = _peer(self)  # kept: the TLS transport forgets it when torn down
+        if adopted:
+            return
         refusal = self.pending.enter(self._peer_address)
         if refusal is not None:
             self._refuse_raw(*refusal)
@@ -301,6 +332,9 @@ class GuardedServerConnection(ServerConnection):
         self._pending = True
 
     def _end_pending(self) -> None:
+        deadline, self._deadline = self._deadline, None
+        if deadline is not None:
+            deadline.cancel()
         if self._pending:
             self._pending = False
             self.pending.leave(self._peer_address)
@@ -575,9 +609,16 @@ class RefusedAddressFront(asyncio.Protocol):
     protocol, its futures, its handler task, and the exceptions its parser raises when
     the stream ends: ~45 objects of cyclic garbage per attempt, measured, which under a
     flood of reconnecting clients made the garbage collector's pauses the users' p99).
-    Every other socket is handed to websockets at once, before it has sent anything."""
+    Every other socket is handed to websockets at once, before it has sent anything.
 
-    __slots__ = ("_engine", "_kind", "_peer", "_pending", "_timer", "transport")
+    Over TLS it also makes the TLS handshake: the socket is a pending handshake from its
+    accept (counted per address and in total, under the one handshake timeout), TLS is
+    started here, and ``connection_made`` is called again with the TLS transport; the
+    count and the time left pass to websockets' connection with the socket."""
+
+    __slots__ = (
+        "_accepted", "_engine", "_in_tls", "_kind", "_peer", "_pending", "_timer", "transport",
+    )  # fmt: skip
 
     def __init__(
         self, engine: Callable[[], asyncio.Protocol], kind: type[GuardedServerConnection]
@@ -587,29 +628,92 @@ class RefusedAddressFront(asyncio.Protocol):
         self._pending: PendingHandshakes | None = None
         self._peer = "unknown"
         self._timer: asyncio.TimerHandle | None = None
-        self.transport: asyncio.Transport | None = None  # while its first bytes are awaited
+        self._accepted = 0.0  # (monotonic) when TLS is made here
+        self._in_tls = False  # the TLS handshake is under way
+        # while its first bytes are awaited; the TCP transport during the TLS handshake
+        self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._in_tls:  # the TLS handshake is done
+            self._tls_done(transport)
+            return
         guard, pending = self._kind.guard, self._kind.pending
         peer = transport.get_extra_info("peername")
         self._peer = str(peer[0]) if isinstance(peer, tuple) and peer else "unknown"
-        if not guard.is_refused(self._peer):
+        tls = self._kind.tls
+        if tls is None and not guard.is_refused(self._peer):
             self._hand_over(transport)
             return
-        refusal = pending.enter(self._peer)  # held until its first bytes: a pending handshake
+        # held until its first bytes (a refused address) or through its TLS handshake:
+        # a pending handshake
+        refusal = pending.enter(self._peer)
         if refusal is not None:
-            transport.write(raw_refusal(refusal))  # type: ignore[attr-defined]
-            transport.close()
-            guard.record_raw_refusal(refusal[0], refusal[1], self._peer)
+            if tls is None:
+                transport.write(raw_refusal(refusal))  # type: ignore[attr-defined]
+            transport.close()  # over TLS: no TLS yet, so no HTTP answer
+            guard.record_raw_refusal(None if tls else refusal[0], refusal[1], self._peer)
             return
         self.transport = transport  # type: ignore[assignment]
         self._pending = pending
-        self._timer = asyncio.get_running_loop().call_later(
-            guard.config.limits.handshake_timeout_seconds, self._timed_out
-        )
+        loop = asyncio.get_running_loop()
+        timeout = guard.config.limits.handshake_timeout_seconds
+        self._timer = loop.call_later(timeout, self._timed_out)
+        if tls is not None:
+            self._in_tls = True
+            self._accepted = time.monotonic()
+            waiter: asyncio.Future[None] = loop.create_future()
+            waiter.add_done_callback(self._tls_ended)
+            start_tls(
+                loop, transport, self, tls, waiter,
+                handshake_timeout=timeout + 1,  # backs ours up (ours covers the head too)
+                shutdown_timeout=5,  # websockets' close_timeout
+            )  # fmt: skip
 
-    def _hand_over(self, transport: asyncio.BaseTransport, data: bytes = b"") -> None:
+    def _tls_done(self, transport: asyncio.BaseTransport) -> None:
+        self._in_tls = False
+        guard = self._kind.guard
+        tls = cast(asyncio.Transport, transport)  # uvloop's: not a subclass
+        if refuses_resumption(tls):
+            self.transport = None
+            self._end_pending()
+            tls.abort()  # without close_notify: OpenSSL drops the session from its cache
+            record_failure(guard, "session_resumed", self._peer)
+            return
+        if guard.is_refused(self._peer):
+            self.transport = tls
+            return  # answered at its first bytes (data_received), still pending
+        self.transport = None
+        self._hand_over(tls, adopt=True)
+
+    def _tls_ended(self, waiter: asyncio.Future[None]) -> None:
+        """The TLS handshake ended: a failure (audited), or the connection lost during it;
+        nothing to do when it completed (``connection_made`` came first)."""
+        failure = None if waiter.cancelled() else waiter.exception()
+        if not self._in_tls:
+            return
+        self._in_tls = False
+        self.transport = None
+        counted = self._pending is not None
+        self._end_pending()
+        if counted:  # (not when our timeout ended it: audited as a handshake timeout)
+            reason = failure_reason(failure)
+            if reason is not None:
+                record_failure(self._kind.guard, reason, self._peer)
+
+    def _hand_over(
+        self, transport: asyncio.BaseTransport, data: bytes = b"", *, adopt: bool = False
+    ) -> None:
         connection = self._engine()
+        if adopt:  # the pending count and the time left go with the socket
+            assert isinstance(connection, GuardedServerConnection)
+            pending, self._pending = self._pending, None
+            timer, self._timer = self._timer, None
+            if timer is not None:
+                timer.cancel()
+            if pending is not None:
+                connection.adopt_pending(
+                    self._accepted, self._kind.guard.config.limits.handshake_timeout_seconds
+                )
         transport.set_protocol(connection)
         connection.connection_made(transport)
         if data:
@@ -649,17 +753,20 @@ class RefusedAddressFront(asyncio.Protocol):
         self.transport = None
 
 
-def _front_every_socket(server: Server, kind: type[GuardedServerConnection]) -> None:
+def _front_every_socket(server: Server, kind: type[GuardedServerConnection]) -> bool:
     """Put :class:`RefusedAddressFront` in front of websockets' protocol factory, before
-    the server listens. websockets builds its server from a factory of its own, local to
-    ``serve()`` (the one that knows every option): it is taken from the closure of the
-    server's ``create_server``. Where websockets is built otherwise nothing changes:
-    refused attempts then cost websockets' connection (a test counts them)."""
+    the server listens; whether it could. websockets builds its server from a factory of
+    its own, local to ``serve()`` (the one that knows every option): it is taken from the
+    closure of the server's ``create_server``. Where websockets is built otherwise
+    nothing changes: refused attempts then cost websockets' connection (a test counts
+    them), and TLS is websockets' (see start_server)."""
     create = server.create_server
     cells = dict(zip(create.__code__.co_freevars, create.__closure__ or (), strict=False))
     cell = cells.get("protocol_factory")
     if cell is not None and callable(cell.cell_contents):
         cell.cell_contents = functools.partial(RefusedAddressFront, cell.cell_contents, kind)
+        return True
+    return False
 
 
 def release_admission(connection: GuardedServerConnection) -> None:
@@ -749,7 +856,7 @@ async def start_server(host: Host, ssl_context: ssl.SSLContext | None) -> Server
         engine_messages.MAX_FRAGMENTS, config.limits.max_fragments + 1
     )
 
-    kind = type(
+    kind: type[GuardedServerConnection] = type(
         "ServerGuardedConnection",
         (GuardedServerConnection,),
         {
@@ -757,29 +864,31 @@ async def start_server(host: Host, ssl_context: ssl.SSLContext | None) -> Server
             "pending": PendingHandshakes(guard),
             "metrics": guard.monitor.metrics,
             "max_fragments": config.limits.max_fragments,
+            "tls": ssl_context,
         },
     )
-    server = serve(
-        handler,
-        config.host,
-        config.port,
-        ssl=ssl_context,
-        process_request=process_request,
-        process_response=process_response,
-        select_subprotocol=select_subprotocol,
-        compression="deflate" if config.compression else None,
-        server_header=None,
-        open_timeout=config.limits.handshake_timeout_seconds,
-        ping_interval=config.liveness.ping_interval_seconds,
-        ping_timeout=config.liveness.ping_timeout_seconds,
-        close_timeout=5,
-        max_size=config.limits.max_message_bytes,
-        max_queue=16,
-        create_connection=kind,
-        logger=quiet_logger("wsguard.engine"),
-        backlog=LISTEN_BACKLOG,  # to loop.create_server
-    )
-    _front_every_socket(server, kind)
+    options: dict[str, Any] = {
+        "process_request": process_request,
+        "process_response": process_response,
+        "select_subprotocol": select_subprotocol,
+        "compression": "deflate" if config.compression else None,
+        "server_header": None,
+        "open_timeout": config.limits.handshake_timeout_seconds,
+        "ping_interval": config.liveness.ping_interval_seconds,
+        "ping_timeout": config.liveness.ping_timeout_seconds,
+        "close_timeout": 5,
+        "max_size": config.limits.max_message_bytes,
+        "max_queue": 16,
+        "create_connection": kind,
+        "logger": quiet_logger("wsguard.engine"),
+        "backlog": LISTEN_BACKLOG,  # to loop.create_server
+    }
+    # TCP only: TLS is made by RefusedAddressFront, after the socket is counted as a
+    # pending handshake (limits, timeout, audit)
+    server = serve(handler, config.host, config.port, **options)
+    if not _front_every_socket(server, kind) and ssl_context is not None:
+        kind.tls = None  # websockets' own TLS then (pending counted once it is done)
+        server = serve(handler, config.host, config.port, ssl=ssl_context, **options)
     return await server
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from picows import (
     WSUpgradeRequest,
@@ -25,7 +25,13 @@ from wsguard.engines.screening import (
     raw_refusal,
     read_head,
 )
-from wsguard.engines.tls import certificate_identity
+from wsguard.engines.tls import (
+    certificate_identity,
+    failure_reason,
+    record_failure,
+    refuses_resumption,
+    start_tls,
+)
 from wsguard.session import DIRECT_WRITE_LIMIT
 
 if TYPE_CHECKING:
@@ -47,42 +53,89 @@ class HandshakeProtocol(asyncio.BufferedProtocol):
     A buffered protocol, reading into the server's one buffer: uvloop keeps a simple
     protocol's ``data_received`` (and with it the protocol) for the connection's life
     when the transport is handed to picows' buffered protocol; this one leaves nothing.
+
+    Over TLS it is the protocol of the TCP socket first: the connection is a pending
+    handshake from its accept (counted, under the one handshake timeout), and TLS is
+    started here (``connection_made`` is then called again, with the TLS transport).
     """
 
     __slots__ = (
-        "_buffer", "_deciding", "_fd", "_peer", "_pending", "_timer", "server", "transport",
+        "_buffer", "_deciding", "_fd", "_in_tls", "_peer", "_pending", "_timer", "server",
+        "transport",
     )  # fmt: skip
 
     def __init__(self, server: PicowsServer) -> None:
         self.server = server
+        # the socket's transport; over TLS, the TCP one until the TLS handshake is done
         self.transport: asyncio.Transport | None = None
         self._buffer = b""
         self._deciding = False
         self._fd = -1
+        self._in_tls = False  # the TLS handshake is under way
         self._peer = "unknown"
         self._pending = False
         self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._in_tls:  # the TLS handshake is done: the request head comes next
+            self._tls_done(transport)
+            return
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
         peer = transport.get_extra_info("peername")
         self._peer = str(peer[0]) if isinstance(peer, tuple) and peer else "unknown"
         sock = transport.get_extra_info("socket")
         self._fd = sock.fileno() if sock is not None else -1
-        refusal = self.server.pending.enter(self._peer)
+        server = self.server
+        tls = server.tls
+        refusal = server.pending.enter(self._peer)
         if refusal is not None:
-            self._refuse(refusal)
+            if tls is None:
+                self._refuse(refusal)
+            else:  # no TLS yet, so no HTTP answer: the socket is closed
+                self.transport = None
+                transport.close()
+                server.guard.record_raw_refusal(None, refusal[1], self._peer)
             return
         self._pending = True
-        self._timer = self.server.loop.call_later(
-            self.server.guard.config.limits.handshake_timeout_seconds, self._timed_out
-        )
+        timeout = server.guard.config.limits.handshake_timeout_seconds
+        self._timer = server.loop.call_later(timeout, self._timed_out)
+        if tls is not None:
+            self._in_tls = True
+            waiter: asyncio.Future[None] = server.loop.create_future()
+            waiter.add_done_callback(self._tls_ended)
+            # the TLS protocol's own timeout only backs ours up (ours covers the head too)
+            start_tls(server.loop, transport, self, tls, waiter, handshake_timeout=timeout + 1)
+
+    def _tls_done(self, transport: asyncio.BaseTransport) -> None:
+        self._in_tls = False
+        tls = self.transport = cast(asyncio.Transport, transport)  # uvloop's: not a subclass
+        if refuses_resumption(tls):
+            self._end_pending()
+            self.transport = None
+            tls.abort()  # without close_notify: OpenSSL drops the session from its cache
+            record_failure(self.server.guard, "session_resumed", self._peer)
+
+    def _tls_ended(self, waiter: asyncio.Future[None]) -> None:
+        """The TLS handshake ended: a failure (audited), or the connection lost during it;
+        nothing to do when it completed (``connection_made`` came first)."""
+        failure = None if waiter.cancelled() else waiter.exception()
+        if not self._in_tls:
+            return
+        self._in_tls = False
+        self.transport = None
+        counted = self._pending
+        self._end_pending()
+        if counted:  # (not when our timeout ended it: audited as a handshake timeout)
+            reason = failure_reason(failure)
+            if reason is not None:
+                record_failure(self.server.guard, reason, self._peer)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self.server.head_reads  # the loop reads, then calls buffer_updated at once
 
     def buffer_updated(self, nbytes: int) -> None:
-        self._received(bytes(self.server.head_reads[:nbytes]))
+        if self.transport is not None:  # (none: refused right after the TLS handshake)
+            self._received(bytes(self.server.head_reads[:nbytes]))
 
     def _received(self, data: bytes) -> None:
         server = self.server

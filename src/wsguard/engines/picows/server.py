@@ -188,6 +188,9 @@ class PicowsServer:
         self._turn_scheduled = False
         self._server: asyncio.Server | None = None
         self._idle: asyncio.Event | None = None
+        # the listener's TLS context (None: plaintext): TLS is started by each
+        # HandshakeProtocol, after the connection is counted as a pending handshake
+        self.tls: ssl.SSLContext | None = None
         config = host.guard.config
         liveness = config.liveness
         self.ping_interval = liveness.ping_interval_seconds
@@ -328,19 +331,16 @@ class PicowsServer:
     def sockets(self) -> tuple[Any, ...]:
         return tuple(self._server.sockets) if self._server is not None else ()
 
-    async def start(self, ssl: Any) -> None:
+    async def start(self, tls: ssl.SSLContext | None) -> None:
         config = self.guard.config
         loop = asyncio.get_running_loop()
+        self.tls = tls
         # the loop's own transports (uvloop's under wsguard serve), not aiofastnet's (what
         # ws_create_server picks): measured 7.6 KB per idle connection against 12.8 KB,
-        # at the same handshake rate
+        # at the same handshake rate. TCP only: TLS is started by HandshakeProtocol, so a
+        # TLS handshake is a pending handshake from its accept (limits, timeout, audit)
         self._server = await loop.create_server(
-            lambda: HandshakeProtocol(self),
-            config.host,
-            config.port,
-            ssl=ssl,
-            ssl_handshake_timeout=config.limits.handshake_timeout_seconds if ssl else None,
-            backlog=LISTEN_BACKLOG,
+            lambda: HandshakeProtocol(self), config.host, config.port, backlog=LISTEN_BACKLOG
         )
 
     def close(
