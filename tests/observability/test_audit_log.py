@@ -282,6 +282,21 @@ def test_unicode_line_separators_are_escaped(server: RunningServer) -> None:
     assert not any(0x80 <= ord(ch) <= 0x9F or ch in "\u2028\u2029" for ch in text)
 
 
+def test_invisible_format_characters_from_a_client_are_escaped(server: RunningServer) -> None:
+    """A token id carrying a right-to-left override or zero-width characters (the subject
+    refuses them; a jti is the issuer's string) is written escaped: a line in a terminal
+    or a log viewer reads as it is, not reordered."""
+    tricky = "ok\u202egpj.exe\u200b\u2066x\ufeff"
+    with server.connect_welcomed(make_token(jti=tricky)):
+        pass
+    (admitted,) = wait_for(server, "connection_admitted")
+    assert admitted["token_id"] == tricky  # kept, as JSON escapes
+    text = server.audit.getvalue()
+    for ch in "\u202e\u200b\u2066\ufeff":
+        assert ch not in text
+        assert f"\\u{ord(ch):04x}" in text
+
+
 # -- secrets are never logged ---------------------------------------------------------------
 
 

@@ -26,7 +26,11 @@ from wsguard.errors import ConfigError
 
 _MAX_FIELD = 256
 _LINGER = 0.01  # seconds the writer thread waits after a batch (see AuditLog._drain)
-_UNSAFE = re.compile("[\x7f-\x9f\u2028\u2029]")
+#: DEL and C1 controls, the Unicode line separators (which some log tools treat as line
+#: breaks), and the invisible format characters that reorder or hide text on screen
+#: (bidirectional overrides and isolates, zero-width characters, the BOM): a field from
+#: a client (a token id, a path) must not make a line read differently than it is
+_UNSAFE = re.compile("[\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
 
 
 def _clip(value: Any) -> Any:
@@ -48,7 +52,8 @@ def _stamp(now: float) -> str:
 
 def _line(now: float, name: str, fields: MutableMapping[str, Any]) -> str:
     """One audit line: the time of the event, its name, then its fields (None left out,
-    long strings clipped), as one line of ASCII JSON."""
+    long strings clipped), as one line of JSON (no control, line-breaking or invisible
+    format character unescaped)."""
     clean: dict[str, Any] = {"time": _stamp(now), "event": name}
     for key, value in fields.items():
         if value is not None:
@@ -56,9 +61,8 @@ def _line(now: float, name: str, fields: MutableMapping[str, Any]) -> str:
     line = orjson.dumps(clean).decode()
     if line.isascii() and "\x7f" not in line:
         return line
-    # orjson escapes U+0000-U+001F; also escape DEL, C1 controls and the Unicode line
-    # separators, which some log tools treat as line breaks. They only occur inside
-    # JSON strings, where \uXXXX is an exact equivalent.
+    # orjson escapes U+0000-U+001F; also escape what _UNSAFE names. They only occur
+    # inside JSON strings, where \uXXXX is an exact equivalent.
     return _UNSAFE.sub(_escape, line)
 
 
