@@ -442,7 +442,7 @@ class Session:
         monitor = self.guard.monitor
         if isinstance(decision, Refuse):
             monitor.message_refused(decision.code, decision.type, self.client, closed=False)
-            # at most the violation budget's worth per connection: each refusal spends it
+            # bounded by the message rates (a burst also spends the violation budget)
             self.guard.audit.emit(
                 "message_refused",
                 connection_id=self.id,

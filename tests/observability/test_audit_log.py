@@ -286,15 +286,35 @@ def test_invisible_format_characters_from_a_client_are_escaped(server: RunningSe
     """A token id carrying a right-to-left override or zero-width characters (the subject
     refuses them; a jti is the issuer's string) is written escaped: a line in a terminal
     or a log viewer reads as it is, not reordered."""
-    tricky = "ok\u202egpj.exe\u200b\u2066x\ufeff"
+    tricky = "ok\u202egpj.exe\u200b\u2066x\ufeff\xad\U000e0041"
     with server.connect_welcomed(make_token(jti=tricky)):
         pass
     (admitted,) = wait_for(server, "connection_admitted")
     assert admitted["token_id"] == tricky  # kept, as JSON escapes
     text = server.audit.getvalue()
-    for ch in "\u202e\u200b\u2066\ufeff":
+    for ch in "\u202e\u200b\u2066\ufeff\xad":
         assert ch not in text
         assert f"\\u{ord(ch):04x}" in text
+    assert "\U000e0041" not in text and "\\udb40\\udc41" in text  # a tag character
+
+
+def test_every_invisible_format_character_is_escaped() -> None:
+    """Every character of Unicode's format category (Cf) this Python knows, whatever
+    field it is in, leaves the writer escaped; the line reads back as the same value."""
+    import io
+    import unicodedata
+
+    chars = [chr(c) for c in range(0x110000) if unicodedata.category(chr(c)) == "Cf"]
+    stream = io.StringIO()
+    log = AuditLog(stream)
+    for ch in chars:
+        log.emit("x", token_id=f"a{ch}b")
+    lines = stream.getvalue().splitlines()
+    log.close()
+    assert len(lines) == len(chars)
+    for ch, line in zip(chars, lines, strict=True):
+        assert ch not in line, hex(ord(ch))
+        assert json.loads(line)["token_id"] == f"a{ch}b"
 
 
 # -- secrets are never logged ---------------------------------------------------------------

@@ -27,10 +27,16 @@ from wsguard.errors import ConfigError
 _MAX_FIELD = 256
 _LINGER = 0.01  # seconds the writer thread waits after a batch (see AuditLog._drain)
 #: DEL and C1 controls, the Unicode line separators (which some log tools treat as line
-#: breaks), and the invisible format characters that reorder or hide text on screen
-#: (bidirectional overrides and isolates, zero-width characters, the BOM): a field from
+#: breaks), and every invisible format character (Unicode's Cf: bidirectional overrides
+#: and isolates, zero-width characters, the soft hyphen, the BOM, tag characters) and the
+#: combining grapheme joiner, which reorder, hide or smuggle text on screen: a field from
 #: a client (a token id, a path) must not make a line read differently than it is
-_UNSAFE = re.compile("[\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
+_UNSAFE = re.compile(
+    "[\x7f-\x9f\xad\u034f\u0600-\u0605\u061c\u06dd\u070f\u0890\u0891\u08e2\u180e"
+    "\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff\ufff9-\ufffb\U000110bd\U000110cd"
+    "\U00013430-\U0001343f\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0001"
+    "\U000e0020-\U000e007f]"
+)
 
 
 def _clip(value: Any) -> Any:
@@ -67,7 +73,11 @@ def _line(now: float, name: str, fields: MutableMapping[str, Any]) -> str:
 
 
 def _escape(match: re.Match[str]) -> str:
-    return f"\\u{ord(match.group()):04x}"
+    code = ord(match.group())
+    if code > 0xFFFF:  # JSON escapes it as its UTF-16 surrogate pair
+        code -= 0x10000
+        return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
+    return f"\\u{code:04x}"
 
 
 _Event = tuple[float, str, dict[str, Any]]
