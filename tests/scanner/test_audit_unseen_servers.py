@@ -710,11 +710,11 @@ IN_BAND = '{"type": "auth", "token": "{token}"}'
 
 
 def in_band_server(
-    *, verify_signature: bool, ignore_refused: bool = False
+    *, verify_signature: bool, ignore_refused: bool = False, serve_refused: bool = False
 ) -> Callable[[ServerConnection], Any]:
     """The tutorial pattern: the token in the first message, verified (or, the flaw,
     only decoded); a refused one is answered ``unauthorized`` and closed 1008 (or, the
-    other flaw, the connection is kept and whatever it sends ignored)."""
+    other flaws, the connection is kept and whatever it sends ignored, or served)."""
     import jwt
 
     async def handler(ws: ServerConnection) -> None:
@@ -731,10 +731,14 @@ def in_band_server(
                 if ignore_refused:
                     await ws.wait_closed()
                     return
-                await ws.send(json.dumps({"type": "error", "error": "unauthorized"}))
-                await ws.close(1008, "invalid token")
-                return
-            await ws.send(json.dumps({"type": "auth_ok"}))
+                if serve_refused:  # the flaw: it says so, and serves anyway
+                    await ws.send(json.dumps({"type": "error", "code": "invalid_token"}))
+                else:
+                    await ws.send(json.dumps({"type": "error", "error": "unauthorized"}))
+                    await ws.close(1008, "invalid token")
+                    return
+            if not serve_refused:
+                await ws.send(json.dumps({"type": "auth_ok"}))
             async for message in ws:
                 value = json.loads(message) if isinstance(message, str) else None
                 if isinstance(value, dict) and value.get("type") == "ping":
@@ -800,3 +804,17 @@ def test_an_in_band_refusal_that_keeps_the_connection_open_is_weak() -> None:
     (finding,) = report.findings
     assert finding.verdict is Verdict.WEAK, finding
     assert "kept open" in finding.evidence, finding
+
+
+def test_an_in_band_refusal_that_still_serves_the_connection_fails() -> None:
+    """An error frame that says the token is invalid, and the connection answers the
+    probe's messages anyway: the forged token got in (FAIL), whatever the error said."""
+    options = {"jwt_secret": IN_BAND_SECRET, "token_in": "message", "token_name": IN_BAND}
+    report = scan_handler(
+        in_band_server(verify_signature=True, serve_refused=True),
+        ("auth.signature", "auth.alg_none"),
+        reply_timeout=0.5,
+        **options,
+    )
+    for item in report.findings:
+        assert item.verdict is Verdict.FAIL, item

@@ -560,6 +560,10 @@ async def settle(ctx: ScanContext, result: Handshake) -> tuple[str, str]:
         # closed, but not for the credential (a normal close, an error): no judgement
         return "inconclusive", f"upgraded, then {outcome.describe()} (no sign of a refusal)"
     if any(_AUTH.search(error) for error in outcome.errors):
+        if outcome.answered and ctx.dialect.mode != "control":
+            # an error that speaks of authentication, and yet the probe's message was
+            # answered: the connection is usable, whatever the error said
+            return "accepted", f"upgraded; {outcome.describe()}"
         return "late", f"upgraded, then {outcome.describe()}"
     if outcome.answered and not outcome.errors and ctx.dialect.mode == "control":
         # every WebSocket server answers ping frames: that says nothing about the credential
