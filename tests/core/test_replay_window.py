@@ -496,7 +496,7 @@ def test_replay_keys_are_encoded_and_apart_from_signed_nonces() -> None:
         ({"nonce_field": "type"}, "messages.types.order.replay.nonce_field", "message type"),
         ({"timestamp_field": "nonce"}, "messages.types.order.replay.timestamp_field", "differ"),
         ({"windw_seconds": 5}, "messages.types.order.replay.windw_seconds", "unknown key"),
-        (True, "messages.types.order.replay", "dictionary"),
+        (True, "messages.types.order.replay", "not a valid table"),
     ],
 )
 def test_bad_replay_settings_name_the_key(replay: Any, key: str, says: str) -> None:

@@ -341,6 +341,8 @@ def test_with_client_certificates_no_session_is_ever_resumed(
         assert second.answer == b""
         wait_until(server, lambda: bool(tls_failures(server)), "the tls_failed audit line")
         assert tls_failures(server) == [("session_resumed", "127.0.0.1")]
+        # not an authentication failure of the client's (alert rules count those)
+        assert server.app.guard.monitor.metrics.refusals["handshake", "auth"] == 0
         # the refused session left the server's cache: a retry is a full handshake
         third = tls_upgrade(server.port, ctx, session=first.session)
         assert not third.reused

@@ -9,6 +9,7 @@ pending handshake, counted per address (:class:`PendingHandshakes`).
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import http
 import re
@@ -199,6 +200,77 @@ def raw_refusal(refusal: Refusal) -> bytes:
     return http_response(status, message, headers)
 
 
+#: After an HTTP refusal, what the client still sends is read and dropped: this many bytes
+#: at most (then the socket is not read any more) ...
+REFUSAL_DRAIN_BYTES = 64 * 1024
+#: ... until the client ends its side, or for this many seconds at most.
+REFUSAL_LINGER_SECONDS = 2.0
+
+
+def refuse(
+    transport: asyncio.Transport,
+    answer: bytes,
+    pending: PendingHandshakes,
+    inner: asyncio.BaseProtocol | None = None,
+) -> None:
+    """Write *answer* (an HTTP refusal) and end the connection without a reset.
+
+    Closing a socket with unread data makes the kernel answer with a reset, which can
+    erase the answer from the client's buffer before it is read (RFC 9112 9.6): a
+    client that sent frames (or anything) behind its request, or whose request was
+    still arriving, would see a reset instead of its 401 or 503. So our side is
+    half-closed after the answer and the socket read on, what arrives dropped
+    (:data:`REFUSAL_DRAIN_BYTES` at most), until the client ends its side, for
+    :data:`REFUSAL_LINGER_SECONDS` at most. At most ``limits.max_pending_handshakes``
+    refused sockets linger at a time (counted with *pending*); beyond, and over TLS
+    (no half-close), the socket is closed at once. *inner*: the protocol the transport
+    had, told when the connection is lost."""
+    transport.write(answer)
+    if transport.is_closing():
+        return
+    if pending.lingering >= pending.total_limit or not transport.can_write_eof():
+        transport.close()
+        return
+    transport.write_eof()
+    transport.set_protocol(_Lingering(transport, pending, inner))
+    transport.resume_reading()  # (reads may have been paused for the early data)
+
+
+class _Lingering(asyncio.Protocol):
+    """A refused connection after its answer (see :func:`refuse`)."""
+
+    __slots__ = ("_inner", "_left", "_pending", "_timer", "_transport")
+
+    def __init__(
+        self,
+        transport: asyncio.Transport,
+        pending: PendingHandshakes,
+        inner: asyncio.BaseProtocol | None,
+    ) -> None:
+        self._transport = transport
+        self._pending = pending
+        self._inner = inner
+        self._left = REFUSAL_DRAIN_BYTES
+        pending.lingering += 1
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(REFUSAL_LINGER_SECONDS, transport.abort)
+
+    def data_received(self, data: bytes) -> None:
+        self._left -= len(data)
+        if self._left < 0:
+            self._transport.pause_reading()  # flooding, not closing: the timer ends it
+
+    def eof_received(self) -> bool:
+        return False  # the client has read what it wanted: the transport closes
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._timer.cancel()
+        self._pending.lingering -= 1
+        inner, self._inner = self._inner, None
+        if inner is not None:
+            inner.connection_lost(exc)
+
+
 class PendingHandshakes:
     """Connections whose request head has not arrived yet, per address and in total.
 
@@ -209,7 +281,15 @@ class PendingHandshakes:
     from the per-address cap: their peers are many clients.
     """
 
-    __slots__ = ("_address_key", "by_address", "per_address", "resolver", "total", "total_limit")
+    __slots__ = (
+        "_address_key",
+        "by_address",
+        "lingering",
+        "per_address",
+        "resolver",
+        "total",
+        "total_limit",
+    )
 
     def __init__(self, guard: Guard) -> None:
         limits = guard.config.limits
@@ -219,6 +299,7 @@ class PendingHandshakes:
         self._address_key = guard.address_key
         self.by_address: dict[str, int] = {}
         self.total = 0
+        self.lingering = 0  # refused sockets read on after their answer (see refuse)
 
     def _key(self, peer: str) -> str:
         try:

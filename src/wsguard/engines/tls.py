@@ -144,15 +144,15 @@ def start_tls(
 _CERT_NOT_YET_VALID = 9
 _CERT_EXPIRED = 10
 
-#: audit reason of a failed TLS handshake -> the ``reason`` it is to be counted under in
-#: ``wsguard_handshakes_total`` once the metrics have that label (None: never counted,
-#: not a refusal of ours)
+#: audit reason of a failed TLS handshake -> the ``reason`` it is counted under in
+#: ``wsguard_handshakes_total`` (None: audited only: not a refusal of the client's
+#: credential, which must not feed the alert rules on authentication failures)
 TLS_FAILURES: dict[str, str | None] = {
     "no_certificate": "tls_certificate",
     "certificate_expired": "tls_certificate",
     "certificate_not_yet_valid": "tls_certificate",
     "certificate_untrusted": "tls_certificate",
-    "session_resumed": "tls_certificate",
+    "session_resumed": None,  # our own refusal by design: the retry is a full handshake
     "protocol": "tls_protocol",
     "client_alert": None,  # the client gave up (it does not trust our certificate, say)
 }

@@ -40,6 +40,7 @@ from wsguard.engines.screening import (
     check_head,
     early_response,
     raw_refusal,
+    refuse,
 )
 from wsguard.engines.tls import (
     certificate_identity,
@@ -72,11 +73,12 @@ logger = logging.getLogger("wsguard.server")
 # 3.11 can give up for good when many connections are created at once: every later
 # connection of the process then carries an unshared dict of about 1.6 KB (measured:
 # RSS per idle connection swung by 1.3 KB between identical runs). Names that
-# websockets defines on a class (a property, say) are left to it.
+# websockets defines on a class (a property, say) are left to it; close_deadline is a
+# property of GuardedServerConnection (see there).
 _ENGINE_NAMES = (
     "protocol", "ping_interval", "ping_timeout", "close_timeout", "max_queue_high",
     "max_queue_low", "write_limit_high", "write_limit_low", "id", "logger", "debug",
-    "request", "response", "loop", "close_deadline", "send_in_progress",
+    "request", "response", "loop", "send_in_progress",
     "pending_pings", "latency", "keepalive_task", "connection_exc",
     "connection_lost_waiter", "paused", "drain_waiters", "server", "request_rcvd",
     "recv_messages", "transport",
@@ -233,6 +235,8 @@ class GuardedServerConnection(ServerConnection):
     # ~30 keys CPython switches the dict to a larger, unshared layout (about 1.6 KB).
     __slots__ = (
         "_backlog",
+        "_close_at",
+        "_close_timer",
         "_deadline",
         "_drained",
         "_early",
@@ -257,6 +261,7 @@ class GuardedServerConnection(ServerConnection):
     def __init__(self, protocol: ServerProtocol, *args: Any, **kwargs: Any) -> None:
         protocol.__class__ = GuardedServerProtocol  # same layout, a few methods differ
         cast(GuardedServerProtocol, protocol).connection = self
+        self._close_timer: asyncio.TimerHandle | None = None  # see close_deadline
         super().__init__(protocol, *args, **kwargs)
         self.admission: Admit | None = None
         self.guarded: Session | None = None
@@ -281,14 +286,51 @@ class GuardedServerConnection(ServerConnection):
         self._eof_held = False
         self._deadline: asyncio.TimerHandle | None = None  # see adopt_pending
 
+    @property
+    def close_deadline(self) -> float | None:
+        """When (loop time) a closing connection is dropped, whoever set it.
+
+        websockets sets it whenever the connection starts closing, but only a coroutine
+        that sends (or closes) waits for it: when its own parser fails the connection
+        inside ``data_received`` (an unmasked frame, a reserved bit, a bad close code,
+        a frame over the size), nothing does, and the handler's ``async for`` ends only
+        when the socket does. So a client that keeps TCP open and never answers the
+        close frame kept its socket and its slots until the next heartbeat. Here the
+        deadline drops the socket itself, as the picows engine's close timeout does."""
+        return self._close_at
+
+    @close_deadline.setter
+    def close_deadline(self, deadline: float | None) -> None:
+        self._close_at = deadline
+        timer = self._close_timer
+        if timer is not None:
+            timer.cancel()
+            self._close_timer = None
+        if deadline is not None:
+            self._close_timer = self.loop.call_at(deadline, self._close_deadline_passed)
+
+    def _close_deadline_passed(self) -> None:
+        self._close_timer = None
+        if not self.connection_lost_waiter.done():
+            self.set_connection_exc(TimeoutError("timed out while closing connection"))
+            self.transport.abort()
+
     pending: PendingHandshakes  # shared by the connections of one server
     tls: ssl.SSLContext | None = None  # the listener's TLS context (RefusedAddressFront)
     metrics: Metrics  # the node's counters (bytes in and out)
     max_fragments: int  # limits.max_fragments
 
     def send_data(self) -> None:
-        for data in self.protocol.writes:  # what super().send_data() is about to write
+        protocol = self.protocol
+        writes = protocol.writes
+        for data in writes:  # what super().send_data() is about to write
             self.metrics.bytes_out += len(data)
+        if protocol.state is State.CONNECTING and writes and writes[0]:
+            # websockets refuses the handshake (the policy's answer, its own 400...): the
+            # answer, then the socket read on and dropped until the client closes,
+            # bounded, rather than websockets' half-close with the rest held unread
+            refuse(self.transport, b"".join(protocol.data_to_send()), self.pending, self)
+            return
         super().send_data()
         early = self._early
         if early is not None and self.protocol.state is State.OPEN:
@@ -353,8 +395,7 @@ class GuardedServerConnection(ServerConnection):
                 self._screened = True
                 self._end_pending()
                 self.decided = True
-                self.transport.write(early_response(early))
-                self.transport.close()
+                refuse(self.transport, early_response(early), self.pending, self)
                 return
         head = self._head + data
         end, refusal = check_head(head, self.guard.config.limits.max_header_bytes)
@@ -437,8 +478,7 @@ class GuardedServerConnection(ServerConnection):
 
     def _refuse_raw(self, status: int, reason: str, message: str) -> None:
         self.decided = True
-        self.transport.write(raw_refusal((status, reason, message)))
-        self.transport.close()
+        refuse(self.transport, raw_refusal((status, reason, message)), self.pending, self)
         self.guard.record_raw_refusal(status, reason, self._peer_address)
 
     def process_event(self, event: Any) -> None:
@@ -562,6 +602,9 @@ class GuardedServerConnection(ServerConnection):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._end_pending()
+        timer, self._close_timer = self._close_timer, None
+        if timer is not None:
+            timer.cancel()
         self._backlog = b""
         self._early = None
         self._eof_held = False  # the held close, if any, is answered by websockets' EOF
@@ -649,8 +692,9 @@ class RefusedAddressFront(asyncio.Protocol):
         refusal = pending.enter(self._peer)
         if refusal is not None:
             if tls is None:
-                transport.write(raw_refusal(refusal))  # type: ignore[attr-defined]
-            transport.close()  # over TLS: no TLS yet, so no HTTP answer
+                refuse(cast(asyncio.Transport, transport), raw_refusal(refusal), pending)
+            else:
+                transport.close()  # no TLS yet, so no HTTP answer
             guard.record_raw_refusal(None if tls else refusal[0], refusal[1], self._peer)
             return
         self.transport = transport  # type: ignore[assignment]
@@ -729,8 +773,7 @@ class RefusedAddressFront(asyncio.Protocol):
             self._hand_over(transport, data)
             return
         self._kind.metrics.bytes_in += len(data)
-        transport.write(early_response(early))
-        transport.close()
+        refuse(transport, early_response(early), self._kind.pending)
 
     def _timed_out(self) -> None:
         self._timer = None

@@ -24,6 +24,7 @@ from wsguard.engines.screening import (
     http_response,
     raw_refusal,
     read_head,
+    refuse,
 )
 from wsguard.engines.tls import (
     certificate_identity,
@@ -144,9 +145,9 @@ class HandshakeProtocol(asyncio.BufferedProtocol):
             early = server.guard.early_refusal(self._peer)
             if early is not None:  # its address is refused still: nothing parsed
                 self._end_pending()
-                if self.transport is not None:
-                    self.transport.write(early_response(early))
-                    self.transport.close()
+                transport, self.transport = self.transport, None
+                if transport is not None:
+                    refuse(transport, early_response(early), server.pending)
                 return
         buffer = self._buffer + data
         if self._deciding:  # frames sent before the 101: kept (bounded) for picows
@@ -192,9 +193,9 @@ class HandshakeProtocol(asyncio.BufferedProtocol):
         transport = self.transport
         if isinstance(decision, Reject):
             if transport is not None and not transport.is_closing():
+                self.transport = None
                 response = http_response(decision.status, decision.message, decision.headers)
-                transport.write(response)
-                transport.close()
+                refuse(transport, response, server.pending)
             return
         if transport is None or transport.is_closing():
             server.release(decision)  # the client left while we were deciding
@@ -228,10 +229,9 @@ class HandshakeProtocol(asyncio.BufferedProtocol):
 
     def _refuse(self, refusal: tuple[int, str, str]) -> None:
         self._end_pending()
-        transport = self.transport
+        transport, self.transport = self.transport, None
         if transport is not None:
-            transport.write(raw_refusal(refusal))
-            transport.close()
+            refuse(transport, raw_refusal(refusal), self.server.pending)
         self.server.guard.record_raw_refusal(refusal[0], refusal[1], self._peer)
 
     def _timed_out(self) -> None:

@@ -28,7 +28,12 @@ if TYPE_CHECKING:
 
     pass
 
-from wsguard.engines.picows.socket_views import Discard
+from wsguard.engines.picows.socket_views import (
+    BoundedReads,
+    Discard,
+    FragmentWatch,
+    over_allowance,
+)
 from wsguard.engines.picows.wire import CLOSE_OP, as_close_code, server_frame
 
 logger = logging.getLogger("wsguard.server")
@@ -69,7 +74,7 @@ class GuardListener(WSListener):
         "_fragments", "_fragments_size", "_fragments_text", "_held", "_ours_first", "_out",
         "_paused", "_ping_due",
         "_ping_payload", "_pong_deadline", "_writable", "admission", "close_sent", "conn",
-        "host", "metrics", "raw", "request", "server", "transport",
+        "host", "metrics", "raw", "request", "server", "tail", "transport",
     )  # fmt: skip
 
     def __init__(
@@ -102,6 +107,9 @@ class GuardListener(WSListener):
         self._ping_payload: bytes | None = None  # the heartbeat ping awaiting its pong
         self._ping_due = 0.0
         self._pong_deadline = 0.0
+        # bytes picows holds after the last frame delivered, while a fragmented message
+        # is reassembled (see FragmentWatch; set for every frame then, in _frame and _pong)
+        self.tail = 0
 
     # picows callbacks
 
@@ -245,6 +253,7 @@ class GuardListener(WSListener):
 
     def _frame(self, transport: WSTransport, frame: WSFrame) -> None:
         kind = frame.msg_type
+        self.tail = frame.tail_size
         conn = self.conn
         if conn is None:
             return
@@ -273,7 +282,8 @@ class GuardListener(WSListener):
             self._fragments = [frame.get_payload_as_bytes()]
             self._fragments_size = frame.payload_size
             self._fragments_text = kind is _TEXT
-            self._check_fragments_size()
+            if self._check_fragments_size():
+                self._watch_fragments()
         elif kind is _CONT:
             fragments = self._fragments
             if fragments is None:
@@ -333,6 +343,7 @@ class GuardListener(WSListener):
         if conn is None:
             return
         size = frame.payload_size  # a control frame's: under 126 (picows refuses more)
+        self.tail = frame.tail_size
         self.metrics.bytes_in += size + 6
         if frame.rsv1 or frame.rsv2 or frame.rsv3:  # no extension is ever negotiated here
             self._protocol_error("reserved bits set")
@@ -518,6 +529,31 @@ class GuardListener(WSListener):
         self.flush()
         if not self.raw.is_closing():
             self.raw.write(frame)
+
+    def _watch_fragments(self) -> None:
+        """A fragmented message begins: its continuation frames' headers are watched (see
+        FragmentWatch) until it ends."""
+        raw = self.raw
+        inner = raw.get_protocol()
+        if isinstance(inner, BoundedReads):  # (else watched already, or closing)
+            raw.set_protocol(FragmentWatch(inner, self, raw, self.server.head_reads))
+
+    def fragment_pending(self, head: bytes | None, pending: int) -> bool:
+        """After a read while a fragmented message is reassembled: picows holds *pending*
+        bytes of a frame it has not delivered (*head*: its first bytes, None when they
+        were not seen). A continuation frame that takes the message over the size limit
+        closes it now (1009), as websockets does from the header, not once its whole
+        payload has arrived. False: nothing left to watch."""
+        if self._fragments is None or self.close_sent or self._engine_close is not None:
+            return False
+        if self._held is not None or self.transport is None:
+            return False
+        allowance = self.server.max_message_bytes - self._fragments_size
+        if over_allowance(head, pending, allowance):
+            self._fragments = None
+            self._fail(CLOSE_TOO_BIG, "message too big", "too_big")
+            return False
+        return True
 
     def _check_fragments_size(self) -> bool:
         if self._fragments_size > self.server.max_message_bytes:

@@ -37,6 +37,122 @@ class BoundedReads(WSProtocol):  # type: ignore[misc]
         return buffer[:_READ_CHUNK] if len(buffer) > _READ_CHUNK else buffer
 
 
+_HEADER_MAX = 14  # bytes of a masked client frame's header at most
+_CONTROL_MAX = 2 + 4 + 125  # bytes of a client's control frame at most, header included
+
+
+class FragmentWatch(asyncio.BufferedProtocol):
+    """What reads a connection while a fragmented message is reassembled: every read goes
+    to picows as usual, and the header of the frame picows holds incomplete is shown to
+    the listener (:meth:`GuardListener.fragment_pending`), so that a continuation frame
+    taking the message over ``limits.max_message_bytes`` is refused from its header,
+    not once picows has its whole payload (picows delivers whole frames only, and its
+    own cap is per frame).
+
+    Installed by the message's first frame and gone with its last: the reads of every
+    other message cost nothing more. Bytes pass through the server's read buffer (one
+    copy, at most 8 KiB a read). Where the frame picows holds began before this watch
+    saw it (in the read that ended the frame before it), its header is not known: it
+    is refused once the bytes received of it cross the limit by more than a header.
+    """
+
+    __slots__ = ("_head", "_inner", "_listener", "_pending", "_reads", "_transport")
+
+    def __init__(
+        self,
+        inner: BoundedReads,
+        listener: GuardListener,
+        transport: asyncio.Transport,
+        reads: memoryview,
+    ) -> None:
+        self._inner = inner
+        self._listener = listener
+        self._transport = transport
+        # the server's read buffer (see HandshakeProtocol.get_buffer), 8 KiB of it
+        self._reads = reads[:_READ_CHUNK]
+        self._pending = -1  # bytes of the frame picows holds incomplete (-1: not known yet)
+        self._head: bytes | None = None  # that frame's first bytes (None: not seen here)
+
+    def get_buffer(self, size_hint: int) -> memoryview:
+        return self._reads  # the loop reads, then calls buffer_updated at once
+
+    def buffer_updated(self, nbytes: int) -> None:
+        listener, inner, transport = self._listener, self._inner, self._transport
+        if self._pending < 0:  # the first read: what the message's first frame left
+            self._pending = listener.tail
+            self._head = b"" if listener.tail == 0 else None
+        data = self._reads
+        start = -1  # where the frame left incomplete begins in this read (-1: before it)
+        fed = 0
+        while fed < nbytes:  # into picows' own buffer, as handshake._feed does
+            target = inner.get_buffer(-1)
+            size = min(len(target), nbytes - fed)
+            target[:size] = data[fed : fed + size]
+            listener.tail = -1
+            inner.buffer_updated(size)
+            fed += size
+            if listener.tail >= 0:  # frames ended: the last one's tail is the next frame
+                start = fed - listener.tail
+            if transport.get_protocol() is not self:
+                return  # closing (what follows is dropped unparsed), or the message ended
+        if start >= 0:
+            self._pending = nbytes - start
+            self._head = bytes(data[start : min(nbytes, start + _HEADER_MAX)])
+        else:
+            self._pending += nbytes
+            head = self._head
+            if head is not None and len(head) < _HEADER_MAX:
+                self._head = head + bytes(data[: min(nbytes, _HEADER_MAX - len(head))])
+        if not listener.fragment_pending(self._head, self._pending):
+            self.stop()
+
+    def stop(self) -> None:
+        """The message ended (or the connection is closing): picows reads on its own."""
+        if self._transport.get_protocol() is self:
+            self._transport.set_protocol(self._inner)
+
+    def eof_received(self) -> bool | None:
+        result: bool | None = self._inner.eof_received()
+        return result
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+
+def announced(head: bytes) -> tuple[int, int] | None:
+    """The opcode and payload length a client frame's first bytes announce; None while
+    its header is incomplete."""
+    if len(head) < 2:
+        return None
+    length = head[1] & 0x7F
+    if length == 126:
+        if len(head) < 4:
+            return None
+        length = int.from_bytes(head[2:4], "big")
+    elif length == 127:
+        if len(head) < 10:
+            return None
+        length = int.from_bytes(head[2:10], "big")
+    return head[0] & 0x0F, length
+
+
+def over_allowance(head: bytes | None, pending: int, allowance: int) -> bool:
+    """Whether the frame picows holds incomplete (its first bytes *head*, None when not
+    seen; *pending* bytes of it received) is a continuation frame of more than
+    *allowance* bytes: from its header, or, not seen, once more than *allowance* bytes
+    of payload have arrived whatever its header (never a control frame's 131 bytes)."""
+    if head is None:
+        return pending > _CONTROL_MAX and pending - _HEADER_MAX > allowance
+    frame = announced(head)
+    return frame is not None and frame[0] == 0 and frame[1] > allowance
+
+
 class Discard(asyncio.Protocol):
     """What reads a connection after wsguard's close frame (see _close_and_drain):
     bytes are dropped unparsed; the end of the connection still reaches picows. A
