@@ -232,5 +232,26 @@ def test_a_continuation_over_the_size_is_refused_before_its_end(
         client.send(first + _continuation_head(5000) + b"a" * 100)
         client.send(b"a" * 4899)  # all of it but its last byte
         assert _close_code(client) == 1009
+        # the server's parser is inside the frame: a close frame would be read as its
+        # payload; the client's end of the stream ends it now (not at the close timeout)
+        client.sock.shutdown(socket.SHUT_WR)
+        closed = eventually(lambda: _closed(server, 1), what="the close audited")
+        assert (closed[0]["code"], closed[0]["cause"]) == (1009, "too_big")
+
+
+def test_a_continuation_over_the_size_held_whole_in_one_read_is_refused(
+    server_factory: ServerFactory,
+) -> None:
+    """The first fragment, the continuation's header and more of its bytes than the
+    limit allows, all in one read, then nothing: refused without waiting for a read that
+    never comes."""
+    server = server_factory({"limits": {"max_message_bytes": 2048}})
+    with raw_welcomed(server) as client:
+        first = frame(OP_TEXT, b"a" * 1000, fin=False)
+        client.send(first + _continuation_head(5000) + b"a" * 1100)
+        assert _close_code(client) == 1009
+        # the server's parser is inside the frame: a close frame would be read as its
+        # payload; the client's end of the stream ends it now (not at the close timeout)
+        client.sock.shutdown(socket.SHUT_WR)
         closed = eventually(lambda: _closed(server, 1), what="the close audited")
         assert (closed[0]["code"], closed[0]["cause"]) == (1009, "too_big")

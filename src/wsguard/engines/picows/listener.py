@@ -536,7 +536,9 @@ class GuardListener(WSListener):
         raw = self.raw
         inner = raw.get_protocol()
         if isinstance(inner, BoundedReads):  # (else watched already, or closing)
-            raw.set_protocol(FragmentWatch(inner, self, raw, self.server.head_reads))
+            watch = FragmentWatch(inner, self, raw, self.server.head_reads)
+            raw.set_protocol(watch)
+            self.server.loop.call_soon(watch.check_held)  # once this read is parsed
 
     def fragment_pending(self, head: bytes | None, pending: int) -> bool:
         """After a read while a fragmented message is reassembled: picows holds *pending*

@@ -106,6 +106,16 @@ class FragmentWatch(asyncio.BufferedProtocol):
         if not listener.fragment_pending(self._head, self._pending):
             self.stop()
 
+    def check_held(self) -> None:
+        """Right after the read that installed this watch (called soon): picows may
+        already hold all a client sent of the next frame, and no further read may come
+        to show it: those bytes are checked as a read's would be."""
+        if self._pending >= 0 or self._transport.get_protocol() is not self:
+            return  # a read came first (it counted them), or the message ended
+        tail = self._listener.tail
+        if tail >= 0 and not self._listener.fragment_pending(b"" if tail == 0 else None, tail):
+            self.stop()
+
     def stop(self) -> None:
         """The message ended (or the connection is closing): picows reads on its own."""
         if self._transport.get_protocol() is self:
