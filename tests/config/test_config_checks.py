@@ -371,6 +371,8 @@ def test_a_ca_bundle_that_is_missing_or_not_pem_is_refused(
         assert f"configuration error: {key}: " in stderr
         assert problem in stderr
     assert check_config(tmp_path, store + toml_line(key, f'"{ca_pem}"'))[0] == 0
+    assert ca_pem.parent == tmp_path  # the HOME of check_config: ~ is expanded, as for keys
+    assert check_config(tmp_path, store + toml_line(key, '"~/ca.pem"'))[0] == 0
 
 
 def test_the_gateway_refuses_a_missing_upstream_ca_without_a_traceback(tmp_path: Path) -> None:

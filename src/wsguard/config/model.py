@@ -1013,6 +1013,7 @@ class ClusterConfig(_Section):
     @classmethod
     def _ca_loads(cls, value: Path | None) -> Path | None:
         if value is not None:
+            value = value.expanduser()  # the Redis client is given this path as it is
             ca_bundle_context(value)  # as the Redis client will load it
         return value
 
