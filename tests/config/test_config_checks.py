@@ -461,3 +461,33 @@ def test_token_accepts_the_longest_subject_the_server_accepts(tmp_path: Path) ->
     )
     assert guard.verifier.verify(token).subject == "é" * 256
     assert run_cli(["token", "--sub", "é" * 257], cli_env(tmp_path)).returncode == 2
+
+
+def test_an_invalid_upstream_schema_is_refused_by_check_config_as_by_proxy(
+    tmp_path: Path,
+) -> None:
+    text = '[gateway]\nupstream = "ws://127.0.0.1:1/"\nupstream_schema = { type = "objekt" }\n'
+    status, stderr = check_config(tmp_path, text)
+    assert status == 2, stderr
+    assert "configuration error: gateway.upstream_schema: invalid JSON Schema" in stderr
+    good = text.replace('"objekt"', '"object"')
+    assert check_config(tmp_path, good)[0] == 0
+
+
+@pytest.mark.parametrize(
+    ("line", "needle"),
+    [
+        ('subject_header = "X-Wsguard-Scopes"', "is already subject_header"),
+        ('subject_header = "X-Forwarded-For"', "carries a client's address"),
+        ('client_header = "Host"', "the HTTP exchange owns"),
+        ('token_id_header = "Sec-WebSocket-Key"', "the HTTP exchange owns"),
+        ('path_header = "Cookie"', "the HTTP exchange owns"),
+    ],
+)
+def test_identity_headers_have_names_of_their_own(tmp_path: Path, line: str, needle: str) -> None:
+    """The gateway's identity headers reach the backend as facts it trusts: two with one
+    name, or one named like a header the exchange or proxies own, would make it read
+    another value (the subject as the scopes, a subject as the client's address)."""
+    status, stderr = check_config(tmp_path, f'[gateway]\nupstream = "ws://127.0.0.1:1/"\n{line}\n')
+    assert status == 2, stderr
+    assert "configuration error: gateway" in stderr and needle in stderr, stderr

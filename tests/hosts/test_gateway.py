@@ -45,7 +45,6 @@ from websockets.sync.client import ClientConnection
 
 from conftest import (
     SECRET,
-    AuditCapture,
     RunningServer,
     close_of,
     eventually,
@@ -67,10 +66,8 @@ from wsguard.config.demo_types import DEMO_MESSAGE_TYPES
 from wsguard.config.model import GatewayConfig
 from wsguard.core.identity import Identity
 from wsguard.errors import ConfigError
-from wsguard.guard import Guard
 from wsguard.hosts.gateway.identity import SeenConnections, identity_headers, verify_identity
 from wsguard.hosts.gateway.proxy import Gateway
-from wsguard.observability.audit import AuditLog
 from wsguard.session import Connection
 
 
@@ -880,6 +877,23 @@ def test_client_dropped_closes_the_upstream_promptly(
     eventually(lambda: gw.connection_count() == 0, what="gateway connection gone")
 
 
+def test_a_client_gone_while_its_upstream_opens_does_not_leave_it_open(
+    backend: Backend, gateways: GatewayFactory
+) -> None:
+    """The client drops right after its 101, while the gateway is still opening its
+    upstream: once that upstream opens it is closed at once (1001), never left open
+    (kept alive by the heartbeat, counted by no limit)."""
+    gw = gateways(backend.url)
+    with backend.blocked():  # the backend answers no handshake until the block ends
+        ws = gw.connect()
+        ws.socket.shutdown(socket.SHUT_RDWR)  # gone, no close frame
+        ws.close_socket()
+        eventually(lambda: gw.connection_count() == 0, what="the client's connection ended")
+    record = backend.connection()  # the upstream's handshake, answered now
+    eventually(record.closed.is_set, timeout=5, what="the late upstream closed")
+    assert record.close_code == 1001
+
+
 def test_client_gone_releases_the_upstream_of_a_hung_backend(
     backend: Backend, gateways: GatewayFactory
 ) -> None:
@@ -1483,9 +1497,7 @@ def test_upstream_messages_can_be_held_to_a_schema(
 
 
 def test_an_invalid_upstream_schema_is_a_config_error() -> None:
-    config = make_config(
-        {"gateway": {"upstream": "ws://127.0.0.1:1/", "upstream_schema": {"type": 5}}}
-    )
+    """Refused where the configuration is loaded (so check-config refuses it too)."""
     with pytest.raises(ConfigError) as caught:
-        Gateway(guard=Guard(config, audit=AuditLog(AuditCapture())))
+        make_config({"gateway": {"upstream": "ws://127.0.0.1:1/", "upstream_schema": {"type": 5}}})
     assert caught.value.key == "gateway.upstream_schema"

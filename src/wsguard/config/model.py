@@ -1472,6 +1472,18 @@ class GatewayConfig(_Section):
             _check_ws_url(url)
         return value
 
+    @field_validator("upstream_schema")
+    @classmethod
+    def _upstream_schema_compiles(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            import jsonschema_rs
+
+            try:  # as the gateway compiles it
+                jsonschema_rs.Draft202012Validator(value, validate_formats=True)
+            except (ValueError, jsonschema_rs.ValidationError) as exc:
+                raise ValueError(f"invalid JSON Schema: {exc}") from None
+        return value
+
     @field_validator("upstream_ca_file")
     @classmethod
     def _upstream_ca(cls, value: Path | None) -> Path | None:
@@ -1488,14 +1500,27 @@ class GatewayConfig(_Section):
 
     @model_validator(mode="after")
     def _headers_apart(self) -> GatewayConfig:
-        identity = {
-            h.lower()
-            for h in (
-                self.subject_header, self.scopes_header, self.token_id_header,
-                self.client_header, self.connection_header, self.signature_header,
-                self.timestamp_header, self.path_header,
-            )
-        }  # fmt: skip
+        fields = (
+            "subject_header", "scopes_header", "token_id_header", "client_header",
+            "connection_header", "signature_header", "timestamp_header", "path_header",
+        )  # fmt: skip
+        identity: dict[str, str] = {}
+        for field_name in fields:
+            name = getattr(self, field_name)
+            lowered = name.lower()
+            if lowered in identity:
+                raise ValueError(
+                    f"{field_name}: {name!r} is already {identity[lowered]}: each identity "
+                    "header has its own name (a backend reading the first would read another)"
+                )
+            if lowered in _NEVER_FORWARDED or lowered.startswith("sec-"):
+                raise ValueError(f"{field_name}: {name!r} is a header the HTTP exchange owns")
+            if lowered in _ADDRESS_HEADERS:
+                raise ValueError(
+                    f"{field_name}: {name!r} carries a client's address to proxies and "
+                    "backends: give the identity a header of its own"
+                )
+            identity[lowered] = field_name
         for name in self.forward_headers:
             lowered = name.lower()
             if not _HEADER_NAME.fullmatch(name):

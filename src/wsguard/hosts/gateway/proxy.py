@@ -145,6 +145,11 @@ class Gateway(App):
         upstream = await self._open_upstream(conn, target, forwarded)
         if upstream is None:
             return
+        if conn.closing:
+            # the client went (or is being closed) while the upstream opened: its closed
+            # hook found nothing to close, so this one is closed here, with its code
+            await self._close_upstream(conn, upstream)
+            return
         conn.attachment = upstream
         pump = asyncio.get_running_loop().create_task(self._pump_down(conn, upstream, target))
         self._pumps.add(pump)
