@@ -497,6 +497,16 @@ def test_store_uri_credentials_are_decoded_and_never_shown() -> None:
         ("redis+sentinel://127.0.0.1:26379/mymaster/0/1", "/service or /service/db"),
         ("rediss+sentinel://:hunter2@h:1/svc/0#x", "no #fragment"),
         ("redis://:hunter2@h1:6379,h2:6379/0", "redis+cluster://"),
+        # nothing behind the settings' back: a password there would be logged with the
+        # URI, ?db= parts the keys from the events' channels, TLS checks switched off
+        ("redis://127.0.0.1:6379/0?password=hunter2", "takes no ?options"),
+        ("redis://127.0.0.1:6379?db=1", "takes no ?options"),
+        ("rediss://:hunter2@h:6379/0?ssl_cert_reqs=none", "takes no ?options"),
+        ("redis://h:6379/0?socket_timeout=abc", "takes no ?options"),
+        # a password with "/" or "?" not encoded: none of it is quoted back
+        ("redis://:hun/ter2@127.0.0.1:6379/0", "percent-encode"),
+        ("redis://:hun?ter2@127.0.0.1:6379/0", "percent-encode"),
+        ("redis://:hunter2@h:port/0", "invalid store URI"),
     ],
 )
 def test_bad_store_uris_are_refused_naming_the_store_key(uri: str, message: str) -> None:
@@ -505,3 +515,4 @@ def test_bad_store_uris_are_refused_naming_the_store_key(uri: str, message: str)
     assert raised.value.key == "store"
     assert message in raised.value.message
     assert "hunter2" not in str(raised.value)
+    assert "hun" not in str(raised.value) and "ter2" not in str(raised.value)

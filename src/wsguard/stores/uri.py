@@ -78,6 +78,14 @@ def parse_redis_uri(uri: str) -> RedisAddress:
     rest = uri.split("://", 1)[1]
     if "#" in rest:
         raise ValueError("a store URI has no #fragment")
+    ends = [i for i in (rest.find("/"), rest.find("?")) if i >= 0]
+    if "@" in rest[min(ends, default=len(rest)) :]:
+        # the user info ended early: a password holding "/" or "?" (nothing of it is
+        # quoted back, whatever was parsed from it)
+        raise ValueError(
+            "an '@' after the host: percent-encode '/', '?', '#' and '@' in the password "
+            "(%2F, %3F, %23, %40)"
+        )
     rest, _, query = rest.partition("?")
     netloc, slash, path = rest.partition("/")
     userinfo, at, hostlist = netloc.rpartition("@")
@@ -120,9 +128,14 @@ def parse_redis_uri(uri: str) -> RedisAddress:
         db_text = parts[1] if len(parts) == 2 else ""
     if db_text and not (db_text.isdigit() and int(db_text) < 16384):
         raise ValueError(f"the database after the host must be a number (got {db_text!r})")
-    if query and topology != "single":
+    if query:
+        # nothing reaches the Redis client behind the settings' back: a password given
+        # there would be logged as part of the URI, a ?db= would part the keys from the
+        # events' channels, ?ssl_cert_reqs=none would stop verifying the server
         raise ValueError(
-            f"a {scheme}:// URI takes no ?options (TLS trust comes from cluster.tls_ca_file)"
+            f"a {scheme}:// URI takes no ?options: the password goes before the host "
+            f"({scheme}://:password@host), the database after it (/0), TLS trust in "
+            "cluster.tls_ca_file, the rest in cluster.*"
         )
     return RedisAddress(
         topology=topology,
@@ -139,8 +152,10 @@ def _host_port(entry: str, default: int, example: str) -> tuple[str, int]:
     try:
         parts = urlsplit("//" + entry)
         port = parts.port
-    except ValueError as exc:
-        raise ValueError(f"invalid store URI: {exc}") from None
+    except ValueError:
+        raise ValueError(
+            f"invalid store URI: a port is 1-65535 and a host a name or an address, e.g. {example}"
+        ) from None
     host = parts.hostname
     if not host or parts.path or parts.username is not None:
         raise ValueError(f"expected host:port, e.g. {example} (got a malformed host)")
