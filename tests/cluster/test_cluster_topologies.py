@@ -478,6 +478,13 @@ def test_store_uri_credentials_are_decoded_and_never_shown() -> None:
     assert redacted("redis+sentinel://:s3cret@h:26379/svc/0") == (
         "redis+sentinel://:***@h:26379/svc/0"
     )
+    # whatever the password holds, even where the URI does not parse ('[' is taken for
+    # the start of an IPv6 address; '/' ends the authority early): masked, never shown
+    for raw in ("redis+cluster://:s3c[ret@127.0.0.1:7000", "redis://u:s3c/ret@h:6379/0"):
+        assert "s3c" not in redacted(raw) and "ret" not in redacted(raw).split("@")[0]
+    # an '@' in a Sentinel service name is no password
+    address = parse_redis_uri("redis+sentinel://h:26379/my@svc")
+    assert (address.service, address.password) == ("my@svc", None)
 
 
 @pytest.mark.parametrize(
@@ -507,6 +514,8 @@ def test_store_uri_credentials_are_decoded_and_never_shown() -> None:
         ("redis://:hun/ter2@127.0.0.1:6379/0", "percent-encode"),
         ("redis://:hun?ter2@127.0.0.1:6379/0", "percent-encode"),
         ("redis://:hunter2@h:port/0", "invalid store URI"),
+        ("redis+cluster://:hun[ter2@127.0.0.1:7000", "percent-encode '['"),
+        ("redis://:hun]ter2@127.0.0.1:6379/0", "percent-encode '['"),
     ],
 )
 def test_bad_store_uris_are_refused_naming_the_store_key(uri: str, message: str) -> None:

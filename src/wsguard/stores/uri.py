@@ -72,20 +72,27 @@ def parse_redis_uri(uri: str) -> RedisAddress:
             "redis+sentinel://host:port,host:port/service/db "
             f"(got scheme {scheme or 'none'!r})"
         )
-    base, _, kind = scheme.partition("+")
-    topology: Topology = "cluster" if kind == "cluster" else "sentinel" if kind else "single"
-    example = _EXAMPLES[topology]
     rest = uri.split("://", 1)[1]
     if "#" in rest:
         raise ValueError("a store URI has no #fragment")
-    ends = [i for i in (rest.find("/"), rest.find("?")) if i >= 0]
-    if "@" in rest[min(ends, default=len(rest)) :]:
-        # the user info ended early: a password holding "/" or "?" (nothing of it is
-        # quoted back, whatever was parsed from it)
-        raise ValueError(
-            "an '@' after the host: percent-encode '/', '?', '#' and '@' in the password "
-            "(%2F, %3F, %23, %40)"
-        )
+    try:
+        return _parse(scheme, rest)
+    except ValueError:
+        ends = [i for i in (rest.find("/"), rest.find("?")) if i >= 0]
+        if "@" in rest[min(ends, default=len(rest)) :]:
+            # the user info ended early (a password holding "/" or "?"): what was parsed
+            # from it is part of the password, never quoted back
+            raise ValueError(
+                "an '@' after the host: percent-encode '/', '?', '#', '@', '[' and ']' in "
+                "the password (%2F, %3F, %23, %40, %5B, %5D)"
+            ) from None
+        raise
+
+
+def _parse(scheme: str, rest: str) -> RedisAddress:
+    base, _, kind = scheme.partition("+")
+    topology: Topology = "cluster" if kind == "cluster" else "sentinel" if kind else "single"
+    example = _EXAMPLES[topology]
     rest, _, query = rest.partition("?")
     netloc, slash, path = rest.partition("/")
     userinfo, at, hostlist = netloc.rpartition("@")
@@ -93,6 +100,8 @@ def parse_redis_uri(uri: str) -> RedisAddress:
         hostlist = netloc
     username = password = None
     if userinfo:
+        if "[" in userinfo or "]" in userinfo:  # the URI's own parser takes them for IPv6
+            raise ValueError("percent-encode '[' and ']' in the user name and password (%5B, %5D)")
         user, colon, secret = userinfo.partition(":")
         username = unquote(user) or None
         password = unquote(secret) if colon else None
@@ -173,15 +182,19 @@ def check_store_uri(uri: str) -> str:
 
 
 def redacted(uri: str) -> str:
-    """The URI without its password, for logs and messages."""
-    try:
-        parts = urlsplit(uri)
-        password = parts.password
-    except ValueError:
-        password = None
-        parts = None
-    if parts is None or password is None:
+    """The URI without its password, for logs and messages, whatever characters the
+    password holds (the URI is not parsed first: a malformed one is masked up to its
+    last '@', over-masking being the safe side)."""
+    scheme, sep, rest = uri.partition("://")
+    if not sep or "@" not in rest:
         return uri
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return parts._replace(netloc=f"{user}:***@{netloc}").geturl()
+    ends = [i for i in (rest.find("/"), rest.find("?")) if i >= 0]
+    end = min(ends, default=len(rest))
+    if "@" in rest[:end]:
+        userinfo, _, hosts = rest[:end].rpartition("@")
+        hosts += rest[end:]
+    else:  # the user info ends after a "/" or "?": a password holding one
+        userinfo, _, hosts = rest.rpartition("@")
+    if ":" not in userinfo:
+        return uri
+    return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{hosts}"
