@@ -35,7 +35,7 @@ from websockets.sync.client import ClientConnection
 from conftest import SECRET, RunningServer, ServerFactory, make_config, make_token, upgrade_request
 from support.paths import WSGUARD
 from support.serve_process import Served
-from support.tls_client import connect_tls, tls_socket
+from support.tls_client import client_context, connect_tls, tls_socket
 from wsguard.engines.tls import check_listener
 from wsguard.errors import ConfigError
 from wsguard.hosts.app import App
@@ -111,22 +111,6 @@ def issue_uri_cert(ca: trustme.CA, uri: str, common_name: str) -> trustme.LeafCe
 
 
 # -------------------------------------------------------------------------- clients
-
-
-def client_context(
-    *trusted: trustme.CA,
-    cert: trustme.LeafCert | None = None,
-    maximum: ssl.TLSVersion | None = None,
-) -> ssl.SSLContext:
-    """A verifying client context trusting exactly *trusted*, optionally with a client cert."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    for ca in trusted:
-        ca.configure_trust(ctx)
-    if cert is not None:
-        cert.configure_cert(ctx)
-    if maximum is not None:
-        ctx.maximum_version = maximum
-    return ctx
 
 
 def wss_connect(port: int, ctx: ssl.SSLContext, token: str | None = None) -> ClientConnection:

@@ -23,6 +23,7 @@ import pytest
 import trustme
 
 from conftest import RunningServer, ServerFactory, make_token, upgrade_request
+from support.tls_client import client_context
 from support.wire import frame
 
 UTC = datetime.UTC
@@ -59,21 +60,6 @@ def pki(tmp_path: Path) -> Pki:
     leaf.private_key_pem.write_to_path(str(out.key_file))
     client_ca.cert_pem.write_to_path(str(out.client_ca_file))
     return out
-
-
-def client_context(
-    *trusted: trustme.CA,
-    cert: trustme.LeafCert | None = None,
-    version: ssl.TLSVersion | None = None,
-) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    for ca in trusted:
-        ca.configure_trust(ctx)
-    if cert is not None:
-        cert.configure_cert(ctx)
-    if version is not None:
-        ctx.maximum_version = version
-    return ctx
 
 
 TLS_VERSIONS = pytest.mark.parametrize(
@@ -289,7 +275,7 @@ def test_a_client_certificate_refused_by_tls_is_audited(
 ) -> None:
     server = server_factory(pki.mtls())
     cert = CERT_CASES[reason](pki.client_ca)
-    got = tls_upgrade(server.port, client_context(pki.ca, cert=cert, version=version))
+    got = tls_upgrade(server.port, client_context(pki.ca, cert=cert, maximum=version))
     assert got.answer == b""
     wait_until(server, lambda: bool(tls_failures(server)), "the tls_failed audit line")
     assert tls_failures(server) == [(reason, "127.0.0.1")]
@@ -330,7 +316,7 @@ def test_with_client_certificates_no_session_is_ever_resumed(
     the client's chain. TLS 1.3 gets no ticket at all; a TLS 1.2 session resumed by its
     id (OpenSSL's server cache) is refused, and the next attempt is a full handshake."""
     server = server_factory(pki.mtls())
-    ctx = client_context(pki.ca, cert=alice(pki), version=version)
+    ctx = client_context(pki.ca, cert=alice(pki), maximum=version)
     first = tls_upgrade(server.port, ctx)
     assert first.answer.startswith(b"HTTP/1.1 101 "), first.answer
     assert first.session is not None
@@ -361,7 +347,7 @@ def test_a_session_from_before_a_client_ca_reload_is_not_admitted(
     """The client CA file is replaced (SIGHUP): a client of the old CA is refused by a full
     handshake, and resuming a session it made before the reload admits it neither."""
     server = server_factory(pki.mtls())
-    ctx = client_context(pki.ca, cert=alice(pki), version=version)
+    ctx = client_context(pki.ca, cert=alice(pki), maximum=version)
     first = tls_upgrade(server.port, ctx)
     assert first.answer.startswith(b"HTTP/1.1 101 "), first.answer
     trustme.CA().cert_pem.write_to_path(str(pki.client_ca_file))  # another CA only
@@ -381,7 +367,7 @@ def test_without_client_certificates_sessions_resume_until_a_reload(
     resumed: the client gets a full handshake and the new certificate."""
     server = server_factory(pki.tls())
     new_ca = trustme.CA()
-    ctx = client_context(pki.ca, new_ca, version=version)
+    ctx = client_context(pki.ca, new_ca, maximum=version)
     first = tls_upgrade(server.port, ctx, token=make_token())
     assert first.answer.startswith(b"HTTP/1.1 101 "), first.answer
     again = tls_upgrade(server.port, ctx, session=first.session, token=make_token())

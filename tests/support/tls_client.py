@@ -22,6 +22,7 @@ import threading
 import time
 from typing import Any
 
+import trustme
 from websockets.sync.client import ClientConnection, connect
 
 
@@ -128,3 +129,20 @@ def tls_socket(ws: ClientConnection) -> ssl.SSLSocket:
     wrapped = ws.socket
     assert isinstance(wrapped, SerializedTLS), wrapped
     return wrapped.tls
+
+
+def client_context(
+    *trusted: trustme.CA,
+    cert: trustme.LeafCert | None = None,
+    maximum: ssl.TLSVersion | None = None,
+) -> ssl.SSLContext:
+    """A verifying client context trusting exactly *trusted*, optionally with a client
+    certificate and a highest TLS version."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    for ca in trusted:
+        ca.configure_trust(ctx)
+    if cert is not None:
+        cert.configure_cert(ctx)
+    if maximum is not None:
+        ctx.maximum_version = maximum
+    return ctx

@@ -59,7 +59,7 @@ def _certificate_context(tls: TlsConfig) -> ssl.SSLContext:
         # a resumed session skips the verification of the client's chain (expiry, the
         # CA file as reloaded): no session tickets (TLS 1.3 then cannot resume at all),
         # and a TLS 1.2 session resumed by its id, which OpenSSL's server cache allows
-        # and Python cannot switch off, is refused (refuses_resumption)
+        # and Python cannot switch off, is refused (refused_resumption)
         context.options |= ssl.OP_NO_TICKET
         context.num_tickets = 0
     return context
@@ -181,14 +181,32 @@ def failure_reason(exc: BaseException | None) -> str | None:
     return "protocol"
 
 
-def refuses_resumption(transport: asyncio.BaseTransport) -> bool:
+def refused_resumption(transport: asyncio.Transport, guard: Guard, peer: str | None) -> bool:
     """Whether a completed handshake resumed a session while client certificates are
     verified: a resumption does not verify the client's chain again (its expiry, the
-    CA file as reloaded since), so it is refused; a full handshake is always made."""
+    CA file as reloaded since), so the connection is aborted (without close_notify:
+    OpenSSL drops the session from its cache, the retry is a full handshake) and audited
+    (``session_resumed``)."""
     ssl_object = transport.get_extra_info("ssl_object")
     if ssl_object is None or not ssl_object.session_reused:
         return False
-    return bool(ssl_object.context.verify_mode != ssl.CERT_NONE)
+    if ssl_object.context.verify_mode == ssl.CERT_NONE:
+        return False
+    transport.abort()
+    record_failure(guard, "session_resumed", peer)
+    return True
+
+
+def tls_ended(waiter: asyncio.Future[None], guard: Guard, peer: str | None, *, audit: bool) -> None:
+    """A TLS handshake ended without completing: with *audit* (it was still a pending
+    handshake: not one our own timeout ended, which is audited as a handshake timeout),
+    its failure is recorded, unless the client just went away. The waiter's exception is
+    retrieved either way."""
+    failure = None if waiter.cancelled() else waiter.exception()
+    if audit:
+        reason = failure_reason(failure)
+        if reason is not None:
+            record_failure(guard, reason, peer)
 
 
 def record_failure(guard: Guard, reason: str, client: str | None) -> None:

@@ -42,13 +42,7 @@ from wsguard.engines.screening import (
     raw_refusal,
     refuse,
 )
-from wsguard.engines.tls import (
-    certificate_identity,
-    failure_reason,
-    record_failure,
-    refuses_resumption,
-    start_tls,
-)
+from wsguard.engines.tls import certificate_identity, refused_resumption, start_tls, tls_ended
 from wsguard.observability.engine_log import quiet_logger
 from wsguard.observability.metrics import Metrics
 from wsguard.session import (
@@ -717,11 +711,9 @@ class RefusedAddressFront(asyncio.Protocol):
         self._in_tls = False
         guard = self._kind.guard
         tls = cast(asyncio.Transport, transport)  # uvloop's: not a subclass
-        if refuses_resumption(tls):
+        if refused_resumption(tls, guard, self._peer):
             self.transport = None
             self._end_pending()
-            tls.abort()  # without close_notify: OpenSSL drops the session from its cache
-            record_failure(guard, "session_resumed", self._peer)
             return
         if guard.is_refused(self._peer):
             self.transport = tls
@@ -732,17 +724,12 @@ class RefusedAddressFront(asyncio.Protocol):
     def _tls_ended(self, waiter: asyncio.Future[None]) -> None:
         """The TLS handshake ended: a failure (audited), or the connection lost during it;
         nothing to do when it completed (``connection_made`` came first)."""
-        failure = None if waiter.cancelled() else waiter.exception()
-        if not self._in_tls:
-            return
-        self._in_tls = False
-        self.transport = None
-        counted = self._pending is not None
-        self._end_pending()
-        if counted:  # (not when our timeout ended it: audited as a handshake timeout)
-            reason = failure_reason(failure)
-            if reason is not None:
-                record_failure(self._kind.guard, reason, self._peer)
+        counted = self._in_tls and self._pending is not None
+        if self._in_tls:
+            self._in_tls = False
+            self.transport = None
+            self._end_pending()
+        tls_ended(waiter, self._kind.guard, self._peer, audit=counted)
 
     def _hand_over(
         self, transport: asyncio.BaseTransport, data: bytes = b"", *, adopt: bool = False

@@ -26,13 +26,7 @@ from wsguard.engines.screening import (
     read_head,
     refuse,
 )
-from wsguard.engines.tls import (
-    certificate_identity,
-    failure_reason,
-    record_failure,
-    refuses_resumption,
-    start_tls,
-)
+from wsguard.engines.tls import certificate_identity, refused_resumption, start_tls, tls_ended
 from wsguard.session import DIRECT_WRITE_LIMIT
 
 if TYPE_CHECKING:
@@ -110,26 +104,19 @@ class HandshakeProtocol(asyncio.BufferedProtocol):
     def _tls_done(self, transport: asyncio.BaseTransport) -> None:
         self._in_tls = False
         tls = self.transport = cast(asyncio.Transport, transport)  # uvloop's: not a subclass
-        if refuses_resumption(tls):
+        if refused_resumption(tls, self.server.guard, self._peer):
             self._end_pending()
             self.transport = None
-            tls.abort()  # without close_notify: OpenSSL drops the session from its cache
-            record_failure(self.server.guard, "session_resumed", self._peer)
 
     def _tls_ended(self, waiter: asyncio.Future[None]) -> None:
         """The TLS handshake ended: a failure (audited), or the connection lost during it;
         nothing to do when it completed (``connection_made`` came first)."""
-        failure = None if waiter.cancelled() else waiter.exception()
-        if not self._in_tls:
-            return
-        self._in_tls = False
-        self.transport = None
-        counted = self._pending
-        self._end_pending()
-        if counted:  # (not when our timeout ended it: audited as a handshake timeout)
-            reason = failure_reason(failure)
-            if reason is not None:
-                record_failure(self.server.guard, reason, self._peer)
+        counted = self._in_tls and self._pending
+        if self._in_tls:
+            self._in_tls = False
+            self.transport = None
+            self._end_pending()
+        tls_ended(waiter, self.server.guard, self._peer, audit=counted)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self.server.head_reads  # the loop reads, then calls buffer_updated at once
