@@ -22,9 +22,9 @@ from wsguard.guard import Guard
 UNLIMITED = {
     "messages_per_minute": 10**9,
     "message_burst": 10**8,
-    "bytes_per_minute": 10**13,
+    "bytes_per_minute": 10**12,
     "subject_messages_per_minute": 10**9,
-    "subject_bytes_per_minute": 10**13,
+    "subject_bytes_per_minute": 10**12,
     "violation_budget": 10**9,
 }
 

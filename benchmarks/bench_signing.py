@@ -58,9 +58,9 @@ CHAT: dict[str, Any] = {
 UNLIMITED: dict[str, Any] = {
     "messages_per_minute": 10**9,
     "message_burst": 10**9,
-    "bytes_per_minute": 10**15,
+    "bytes_per_minute": 10**12,
     "subject_messages_per_minute": 10**9,
-    "subject_bytes_per_minute": 10**15,
+    "subject_bytes_per_minute": 10**12,
     "violation_budget": 10**9,
 }
 

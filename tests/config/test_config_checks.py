@@ -94,6 +94,54 @@ def test_a_duration_of_no_end_is_refused_naming_the_key(
     assert error.key == key
 
 
+def test_every_integer_key_has_an_upper_bound() -> None:
+    """A count with no bound reads a typo (a row of zeros too many) as "unlimited"."""
+    unbounded = [
+        key
+        for key, field in KEYS
+        if field.annotation in (int, int | None)
+        and not any(math.isfinite(getattr(item, "le", math.inf)) for item in field.metadata)
+    ]
+    assert unbounded == []
+
+
+#: The count keys that once had no upper bound, and a value just over the one they have now.
+ONCE_UNBOUNDED_COUNTS = [
+    ("limits.max_connections", 10_000_001), ("limits.connections_per_address", 10_000_001),
+    ("limits.connections_per_subject", 10_000_001), ("limits.handshakes_per_minute", 10_000_001),
+    ("limits.handshake_burst", 10_000_001), ("limits.pending_handshakes_per_address", 10_000_001),
+    ("limits.max_pending_handshakes", 10_000_001),
+    ("limits.auth_failures_before_ban", 1_000_000_001),
+    ("limits.messages_per_minute", 1_000_000_001), ("limits.message_burst", 1_000_000_001),
+    ("limits.subject_messages_per_minute", 1_000_000_001),
+    ("limits.violation_budget", 1_000_000_001),
+    ("limits.bytes_per_minute", 2**40 + 1), ("limits.subject_bytes_per_minute", 2**40 + 1),
+    ("messages.max_string_length", 64 * 1024 * 1024 + 1),
+    ("messages.max_keys", 64 * 1024 * 1024 + 1),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("key", "over"), ONCE_UNBOUNDED_COUNTS)
+def test_a_count_past_its_bound_is_refused_naming_the_key(
+    tmp_path: Path, key: str, over: int
+) -> None:
+    for value in (str(over), "9223372036854775807"):
+        error = refused(tmp_path, toml_line(key, value))
+        assert error.key == key
+        assert "less than or equal to" in error.message
+    load_config(config_file(tmp_path, toml_line(key, str(over - 1))), env={})
+    env_error = refused(
+        tmp_path, "", env={"WSGUARD_" + key.upper().replace(".", "__"): "1" + "0" * 30}
+    )
+    assert env_error.key == key
+
+
+def test_an_alert_rule_threshold_has_a_bound(tmp_path: Path) -> None:
+    error = refused(tmp_path, "[alerts.rules.auth_failures_total]\nthreshold = 1000000001\n")
+    assert error.key.startswith("alerts.rules")
+    assert "less than or equal to" in error.message
+
+
 def test_check_config_refuses_an_endless_ban_and_heartbeat(tmp_path: Path) -> None:
     for text, key in [
         ("[limits]\nban_seconds = inf\nban_max_seconds = inf\n", "limits.ban_"),

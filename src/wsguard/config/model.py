@@ -41,6 +41,14 @@ SUPPORTED_ALGORITHMS = HMAC_ALGORITHMS | ASYMMETRIC_ALGORITHMS
 #: The longest duration any ``*_seconds`` key takes: 30 days.
 MAX_DURATION = 30 * 86400.0
 
+#: The largest count of connections or handshakes any key takes (a typo such as an extra
+#: row of zeros is refused instead of read as "unlimited").
+MAX_CONNECTIONS = 10_000_000
+#: The largest count of messages or events any key takes.
+MAX_EVENTS = 1_000_000_000
+#: The largest byte rate any key takes: 1 TiB a minute (exact as a JSON number everywhere).
+MAX_BYTES_PER_MINUTE = 1 << 40
+
 
 class EnvText(str):
     """A value as an environment variable gives it: text, converted to the key's type
@@ -484,19 +492,27 @@ class LimitsConfig(_Section):
     """Connection, handshake and message limits. Zero never means unlimited."""
 
     max_connections: int = Field(
-        default=10_000, ge=1, description="Cap on open connections on this node (503 beyond)."
+        default=10_000,
+        ge=1,
+        le=MAX_CONNECTIONS,
+        description="Cap on open connections on this node (503 beyond).",
     )
     connections_per_address: int = Field(
-        default=5, ge=1, description="Concurrent connections per client address (429 beyond)."
+        default=5,
+        ge=1,
+        le=MAX_CONNECTIONS,
+        description="Concurrent connections per client address (429 beyond).",
     )
     connections_per_subject: int = Field(
         default=10,
         ge=1,
+        le=MAX_CONNECTIONS,
         description="Concurrent connections per authenticated subject (429 beyond).",
     )
     handshakes_per_minute: int = Field(
         default=60,
         ge=1,
+        le=MAX_CONNECTIONS,
         description=(
             "Handshake attempts per address per minute, paced: after a burst of "
             "`handshake_burst`, one every 60/`handshakes_per_minute` seconds (429 with "
@@ -506,6 +522,7 @@ class LimitsConfig(_Section):
     handshake_burst: int | None = Field(
         default=None,
         ge=1,
+        le=MAX_CONNECTIONS,
         description=(
             "Handshake attempts an address may make at once, out of `handshakes_per_minute` "
             "(never more than it): a token bucket of this size, refilled at "
@@ -518,6 +535,7 @@ class LimitsConfig(_Section):
     auth_failures_before_ban: int = Field(
         default=5,
         ge=1,
+        le=MAX_EVENTS,
         description="Failed authentications within `auth_failure_window_seconds` that start a ban.",
     )
     auth_failure_window_seconds: float = Field(
@@ -541,6 +559,7 @@ class LimitsConfig(_Section):
     pending_handshakes_per_address: int = Field(
         default=10,
         ge=1,
+        le=MAX_CONNECTIONS,
         description=(
             "Connections per peer (an IPv4 address, an IPv6 /64) still sending their request head "
             "(429 beyond; slowloris); trusted proxies exempt."
@@ -549,6 +568,7 @@ class LimitsConfig(_Section):
     max_pending_handshakes: int = Field(
         default=1000,
         ge=1,
+        le=MAX_CONNECTIONS,
         description="Connections in total still sending their request head (503 beyond).",
     )
     max_header_bytes: int = Field(
@@ -587,32 +607,40 @@ class LimitsConfig(_Section):
     messages_per_minute: int = Field(
         default=100,
         ge=1,
+        le=MAX_EVENTS,
         description=(
             "Sustained messages per connection (every frame counts, pings, pongs and fragments "
             "included)."
         ),
     )
     message_burst: int = Field(
-        default=20, ge=1, description="Messages allowed at once above the sustained rate."
+        default=20,
+        ge=1,
+        le=MAX_EVENTS,
+        description="Messages allowed at once above the sustained rate.",
     )
     bytes_per_minute: int = Field(
         default=256 * 1024,
         ge=64,
+        le=MAX_BYTES_PER_MINUTE,
         description="Sustained bytes per connection (at least `max_message_bytes`).",
     )
     subject_messages_per_minute: int = Field(
         default=300,
         ge=1,
+        le=MAX_EVENTS,
         description="Messages per subject across its connections (cluster-wide in cluster mode).",
     )
     subject_bytes_per_minute: int = Field(
         default=1024 * 1024,
         ge=64,
+        le=MAX_BYTES_PER_MINUTE,
         description="Bytes per subject across its connections on this node.",
     )
     violation_budget: int = Field(
         default=10,
         ge=1,
+        le=MAX_EVENTS,
         description=(
             "Violations (rate, invalid, forbidden, signature, stale, replayed) tolerated before "
             "close 1008."
@@ -739,9 +767,14 @@ class MessagesConfig(_Section):
     )
     max_depth: int = Field(default=16, ge=1, le=256, description="Deepest JSON nesting accepted.")
     max_string_length: int = Field(
-        default=4096, ge=1, description="Longest JSON string (values and keys)."
+        default=4096,
+        ge=1,
+        le=64 * 1024 * 1024,
+        description="Longest JSON string (values and keys).",
     )
-    max_keys: int = Field(default=256, ge=1, description="Most keys per object, items per array.")
+    max_keys: int = Field(
+        default=256, ge=1, le=64 * 1024 * 1024, description="Most keys per object, items per array."
+    )
     max_containers: int = Field(
         default=256,
         ge=1,
@@ -1044,6 +1077,7 @@ class AlertRuleConfig(_Section):
     threshold: int = Field(
         default=10,
         ge=0,
+        le=MAX_EVENTS,
         description="The rule fires when more than this many events happen within the window.",
     )
     window_seconds: float = Field(default=60.0, gt=0, le=86400, description="The sliding window.")
