@@ -118,7 +118,7 @@ def test_wrong_tokens_never_lock_the_operator_out_of_the_dashboard(
     ok = call(base, "POST", "/login", token=None, headers=own, json_body={"token": ADMIN_TOKEN})
     assert ok.status_code == 200, ok.text
     name, session, _ = cookie_attributes(ok.headers["set-cookie"])
-    assert name == SESSION_COOKIE
+    assert name == f"{SESSION_COOKIE}_{admin_port(server)}"
     page = call(base, "GET", "/dashboard", token=None, headers={"Cookie": f"{name}={session}"})
     assert page.status_code == 200
 

@@ -272,7 +272,7 @@ def test_login_from_a_rebound_host_gets_no_session(server_factory: ServerFactory
     assert "set-cookie" not in refused.headers
     accepted = login(server, f"127.0.0.1:{port}")  # the same request on the real name
     assert accepted.status_code == 200, accepted.text
-    assert "wsguard_admin_session=" in accepted.headers["set-cookie"]
+    assert f"wsguard_admin_session_{port}=" in accepted.headers["set-cookie"]
 
 
 def test_dashboard_socket_from_a_rebound_host_is_not_opened(
@@ -280,7 +280,8 @@ def test_dashboard_socket_from_a_rebound_host_is_not_opened(
 ) -> None:
     server = admin_server(server_factory)
     port = admin_port(server)
-    session = login(server, f"127.0.0.1:{port}").cookies["wsguard_admin_session"]
+    name = f"wsguard_admin_session_{port}"
+    session = login(server, f"127.0.0.1:{port}").cookies[name]
 
     def upgrade(host: str) -> int:
         head = response_head(
@@ -288,7 +289,7 @@ def test_dashboard_socket_from_a_rebound_host_is_not_opened(
             upgrade_request(
                 "/dashboard/live",
                 host=host,
-                headers={"Origin": f"http://{host}", "Cookie": f"wsguard_admin_session={session}"},
+                headers={"Origin": f"http://{host}", "Cookie": f"{name}={session}"},
             ),
         )
         return status_of(head + b"\r\n\r\n")

@@ -43,12 +43,11 @@ from support.admin import (
     dashboard_url,
     first_snapshot,
     refused_upgrade,
+    session_cookie_name,
 )
 from support.browser import CHROMIUM, Browser
 from support.paths import REPO
 
-SESSION_COOKIE = "wsguard_admin_session"
-HOST_COOKIE = "__Host-" + SESSION_COOKIE
 EVIL = "http://evil.example"
 
 T = TypeVar("T")
@@ -288,10 +287,10 @@ def test_dashboard_shows_live_refusals_bans_and_offenders(
 
     # the browser holds the session as an HttpOnly, SameSite=Strict cookie ...
     cookies = chromium.call("Network.getCookies", session, urls=[server.admin_url])["cookies"]
-    cookie = next(c for c in cookies if c["name"] == SESSION_COOKIE)
+    cookie = next(c for c in cookies if c["name"] == session_cookie_name(server))
     assert cookie["httpOnly"] is True
     assert cookie["sameSite"] == "Strict"
-    with_cookie = {"Cookie": f"{SESSION_COOKIE}={cookie['value']}"}
+    with_cookie = {"Cookie": f"{session_cookie_name(server)}={cookie['value']}"}
     assert httpx.get(server.admin_url + "/dashboard", headers=with_cookie).status_code == 200
     # ... and the page's own "Log out" button ends it and goes back to /login
     chromium.evaluate(session, "document.getElementById('logout').click(); true")
@@ -358,7 +357,7 @@ def log_in_http(server: RunningServer) -> httpx.Response:
 def session_cookie(server: RunningServer) -> str:
     response = log_in_http(server)
     assert response.status_code == 200, response.text
-    cookie = response.cookies.get(SESSION_COOKIE)
+    cookie = response.cookies.get(session_cookie_name(server))
     assert cookie
     return cookie
 
@@ -368,7 +367,7 @@ def open_dashboard(
 ) -> ClientConnection:
     headers: dict[str, str] = {}
     if cookie is not None:
-        headers["Cookie"] = f"{SESSION_COOKIE}={cookie}"
+        headers["Cookie"] = f"{session_cookie_name(server)}={cookie}"
     if bearer:
         headers.update(admin_headers())
     ws = connect(
@@ -406,9 +405,9 @@ def test_dashboard_socket_needs_a_credential_and_its_own_origin(
     server = server_factory(admin_overrides())
     url = live_url(server)
     own = Origin(server.admin_url)
-    cookie = {"Cookie": f"{SESSION_COOKIE}={session_cookie(server)}"}
+    cookie = {"Cookie": f"{session_cookie_name(server)}={session_cookie(server)}"}
     assert refused_status(url, origin=own) == 401
-    unknown = {"Cookie": f"{SESSION_COOKIE}=not-a-session"}
+    unknown = {"Cookie": f"{session_cookie_name(server)}=not-a-session"}
     assert refused_status(url, origin=own, additional_headers=unknown) == 401
     assert refused_status(url, origin=Origin(EVIL), additional_headers=cookie) == 403
     assert refused_status(url, additional_headers=cookie) == 403  # no Origin at all
@@ -480,11 +479,14 @@ def test_logout_closes_the_dashboard_socket_with_4001(server_factory: ServerFact
         assert snapshot(ws)["type"] == "snapshot"
         out = httpx.post(
             server.admin_url + "/logout",
-            headers={"Origin": server.admin_url, "Cookie": f"{SESSION_COOKIE}={cookie}"},
+            headers={
+                "Origin": server.admin_url,
+                "Cookie": f"{session_cookie_name(server)}={cookie}",
+            },
         )
         assert out.status_code == 200, out.text
         assert close_code(ws, timeout=5) == 4001
-    ended = {"Cookie": f"{SESSION_COOKIE}={cookie}"}
+    ended = {"Cookie": f"{session_cookie_name(server)}={cookie}"}
     url = live_url(server)
     assert refused_status(url, origin=Origin(server.admin_url), additional_headers=ended) == 401
 
@@ -524,11 +526,11 @@ def test_login_checks_token_and_origin_and_sets_a_strict_cookie(
     assert ok.status_code == 200
     set_cookie = ok.headers["set-cookie"]
     attributes = [part.strip().lower() for part in set_cookie.split(";")]
-    assert attributes[0].startswith(SESSION_COOKIE + "=")
+    assert attributes[0].startswith(session_cookie_name(server) + "=")
     assert "httponly" in attributes
     assert "samesite=strict" in attributes
-    cookie = ok.cookies[SESSION_COOKIE]
-    with_cookie = {"Cookie": f"{SESSION_COOKIE}={cookie}"}
+    cookie = ok.cookies[session_cookie_name(server)]
+    with_cookie = {"Cookie": f"{session_cookie_name(server)}={cookie}"}
 
     dashboard = httpx.get(base + "/dashboard", headers=with_cookie)
     assert dashboard.status_code == 200
@@ -548,8 +550,9 @@ def test_https_dashboard_session_cookie_is_host_prefixed(
     base = f"https://127.0.0.1:{admin_port(server)}"
     ctx = certs.client_context()
     own = {"Origin": base}
+    host_cookie = session_cookie_name(server, https=True)
 
-    def status(method: str, path: str, cookie: str | None, name: str = HOST_COOKIE) -> int:
+    def status(method: str, path: str, cookie: str | None, name: str = host_cookie) -> int:
         headers = {**own, "Cookie": f"{name}={cookie}"} if cookie is not None else own
         return call(base, method, path, token=None, headers=headers, verify=ctx).status_code
 
@@ -557,25 +560,25 @@ def test_https_dashboard_session_cookie_is_host_prefixed(
     ok = call(base, "POST", "/login", token=None, headers=own, json_body=login, verify=ctx)
     assert ok.status_code == 200, ok.text
     name, session, attributes = cookie_attributes(ok.headers["set-cookie"])
-    assert name == HOST_COOKIE
+    assert name == session_cookie_name(server, https=True)
     assert {"secure", "httponly", "path=/", "samesite=strict"} <= set(attributes)
     assert not any(a.startswith("domain") for a in attributes)
 
     assert status("GET", "/dashboard", session) == 200
-    with_cookie = {"Cookie": f"{HOST_COOKIE}={session}"}
+    with_cookie = {"Cookie": f"{session_cookie_name(server, https=True)}={session}"}
     url, origin = dashboard_url(base), Origin(base)
     snapshot = first_snapshot(url, origin=origin, additional_headers=with_cookie, ssl=ctx)
     assert snapshot["type"] == "snapshot"
     # on an HTTPS listener only the prefixed cookie is a session (no sibling host can set it)
-    assert status("GET", "/dashboard", session, SESSION_COOKIE) == 303
-    unprefixed = {"Cookie": f"{SESSION_COOKIE}={session}"}
+    assert status("GET", "/dashboard", session, session_cookie_name(server)) == 303
+    unprefixed = {"Cookie": f"{session_cookie_name(server)}={session}"}
     assert refused_upgrade(url, origin=origin, additional_headers=unprefixed, ssl=ctx) == 401
     assert status("GET", "/connections", session) == 401  # the JSON API never takes it
 
     out = call(base, "POST", "/logout", token=None, headers={**own, **with_cookie}, verify=ctx)
     assert out.status_code == 200
     name, value, attributes = cookie_attributes(out.headers["set-cookie"])
-    assert name == HOST_COOKIE and value in ("", '""')
+    assert name == session_cookie_name(server, https=True) and value in ("", '""')
     assert {"secure", "path=/"} <= set(attributes)  # else a browser ignores the deletion
     assert status("GET", "/dashboard", session) == 303
 
@@ -587,5 +590,48 @@ def test_plain_http_loopback_keeps_the_unprefixed_cookie(server_factory: ServerF
     ok = call(base, "POST", "/login", token=None, headers={"Origin": base}, json_body=login)
     assert ok.status_code == 200
     name, _, attributes = cookie_attributes(ok.headers["set-cookie"])
-    assert name == SESSION_COOKIE  # browsers refuse __Host- cookies without Secure
+    assert name == session_cookie_name(server)  # browsers refuse __Host- cookies without Secure
     assert "secure" not in attributes
+
+
+def test_two_admin_listeners_on_one_host_keep_their_own_sessions(
+    server_factory: ServerFactory,
+) -> None:
+    """Browsers keep one cookie per host and name whatever the port: one jar (as a browser
+    holds) logged in to two listeners on 127.0.0.1 keeps both sessions."""
+    first, second = admin_server(server_factory), admin_server(server_factory)
+    assert session_cookie_name(first) != session_cookie_name(second)
+    with httpx.Client() as browser:
+        for server in (first, second):
+            own = {"Origin": server.admin_url}
+            ok = browser.post(server.admin_url + "/login", json={"token": ADMIN_TOKEN}, headers=own)
+            assert ok.status_code == 200, ok.text
+        assert len(browser.cookies.jar) == 2
+        for server in (first, second):
+            assert browser.get(server.admin_url + "/dashboard").status_code == 200
+        # logging out of one leaves the other logged in
+        out = browser.post(first.admin_url + "/logout", headers={"Origin": first.admin_url})
+        assert out.status_code == 200
+        assert browser.get(first.admin_url + "/dashboard").status_code == 303
+        assert browser.get(second.admin_url + "/dashboard").status_code == 200
+
+
+def test_a_session_cookie_is_good_only_from_the_address_that_logged_in(
+    server_factory: ServerFactory,
+) -> None:
+    """Another service of the same host receives the admin cookie (cookies ignore the port):
+    replayed from anywhere but the address that logged in, it opens nothing."""
+    server = admin_server(server_factory)
+    cookie = {"Cookie": f"{session_cookie_name(server)}={session_cookie(server)}"}
+    elsewhere = httpx.HTTPTransport(local_address="127.0.0.2")
+    with httpx.Client(transport=elsewhere) as other:
+        page = other.get(server.admin_url + "/dashboard", headers=cookie)
+    assert page.status_code == 303
+    assert httpx.get(server.admin_url + "/dashboard", headers=cookie).status_code == 200
+    url, origin = live_url(server), Origin(server.admin_url)
+    refused = refused_status(
+        url, origin=origin, additional_headers=cookie, source_address=("127.0.0.2", 0)
+    )
+    assert refused == 401
+    with connect(url, origin=origin, additional_headers=cookie, open_timeout=5) as ws:
+        assert snapshot(ws)["type"] == "snapshot"

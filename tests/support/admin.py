@@ -174,3 +174,8 @@ class Certificates:
 @pytest.fixture
 def certs(tmp_path: Path) -> Certificates:
     return Certificates(tmp_path)
+
+
+def session_cookie_name(server: RunningServer, *, https: bool = False) -> str:
+    """The dashboard's session cookie on *server*'s admin listener: named after its port."""
+    return f"{'__Host-' if https else ''}wsguard_admin_session_{admin_port(server)}"

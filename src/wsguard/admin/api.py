@@ -299,7 +299,8 @@ class AdminApi:
         )
 
     def session_ok(self, request: Request) -> bool:
-        return self.credentials.session_ok(request.cookies.get(self.credentials.cookie_name))
+        cookie = request.cookies.get(self.credentials.cookie_name)
+        return self.credentials.session_ok(cookie, self._address(request))
 
     async def _body(self, request: Request) -> dict[str, Any]:
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -532,7 +533,7 @@ class AdminApi:
             # the right token is never throttled
             self._credential_refused(address, "/login", presented=True)
             raise ApiError(401, "unauthorized", "Wrong admin token.")
-        session = self.credentials.new_session()
+        session = self.credentials.new_session(address)
         self.guard.audit.emit("admin_login", client=address)
         response = json_response({"ok": True})
         response.set_cookie(  # __Host- on HTTPS: Secure, Path=/ and no Domain

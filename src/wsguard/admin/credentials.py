@@ -18,7 +18,11 @@ The browser dashboard logs in once with the token and then holds a session
 cookie (random, ``HttpOnly``, ``SameSite=Strict``; on an HTTPS listener
 ``__Host-`` prefixed and ``Secure``); the server keeps only a digest of it. The
 cookie is accepted by the dashboard and its WebSocket only, never by the JSON
-API, so a page on another site cannot ride on it.
+API, so a page on another site cannot ride on it. Browsers send a host's cookies
+to every port of it, so the cookie is named after the listener's port (two
+listeners on one host do not log each other out) and a session is good only from
+the address that logged in (an IPv6 /64): another service on the same host that
+receives the cookie cannot use it from where it runs.
 """
 
 from __future__ import annotations
@@ -119,7 +123,8 @@ class AdminCredentials:
         self.cookie_name = SECURE_SESSION_COOKIE if https else SESSION_COOKIE
         self.client_subjects = client_subjects
         self._session_seconds = session_seconds
-        self._sessions: dict[bytes, float] = {}  # digest of the cookie -> expiry (monotonic)
+        # digest of the cookie -> (expiry (monotonic), the address key that logged in)
+        self._sessions: dict[bytes, tuple[float, str]] = {}
         self._failures: dict[str, collections.deque[float]] = {}
 
     # -- guessing -------------------------------------------------------------------------
@@ -174,26 +179,35 @@ class AdminCredentials:
 
     # -- dashboard sessions ---------------------------------------------------------------
 
-    def new_session(self) -> str:
+    def listening_on(self, port: int) -> None:
+        """Name the session cookie after the listener's port: browsers keep one cookie per
+        host and name, whatever the port."""
+        base = SECURE_SESSION_COOKIE if self.https else SESSION_COOKIE
+        self.cookie_name = f"{base}_{port}"
+
+    def new_session(self, address: str) -> str:
+        """A session for the dashboard, good from *address* (its IPv6 /64) only."""
         now = time.monotonic()
         if len(self._sessions) >= MAX_SESSIONS:
-            self._sessions = {k: v for k, v in self._sessions.items() if v > now}
+            self._sessions = {k: v for k, v in self._sessions.items() if v[0] > now}
             while len(self._sessions) >= MAX_SESSIONS:
                 del self._sessions[next(iter(self._sessions))]
         value = secrets.token_urlsafe(32)
-        self._sessions[_digest(value)] = now + self._session_seconds
+        self._sessions[_digest(value)] = (now + self._session_seconds, self._key(address))
         return value
 
-    def session_ok(self, value: str | None) -> bool:
+    def session_ok(self, value: str | None, address: str) -> bool:
         if not value or len(value) > 128:
             return False
-        expiry = self._sessions.get(_digest(value))
-        if expiry is None:
+        digest = _digest(value)
+        session = self._sessions.get(digest)
+        if session is None:
             return False
+        expiry, owner = session
         if expiry <= time.monotonic():
-            del self._sessions[_digest(value)]
+            del self._sessions[digest]
             return False
-        return True
+        return owner == self._key(address)
 
     def end_session(self, value: str | None) -> None:
         if value and len(value) <= 128:

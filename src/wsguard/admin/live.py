@@ -76,8 +76,8 @@ class LiveFeed:
             return True
         return self._configured.check(origin, cookie_auth=True)
 
-    def _credential_ok(self, ws: WebSocket) -> bool:
-        if self.credentials.session_ok(ws.cookies.get(self.credentials.cookie_name)):
+    def _credential_ok(self, ws: WebSocket, address: str) -> bool:
+        if self.credentials.session_ok(ws.cookies.get(self.credentials.cookie_name), address):
             return True
         return self.credentials.bearer_ok(ws.headers.get("authorization"))
 
@@ -113,7 +113,7 @@ class LiveFeed:
             session = ws.cookies.get(self.credentials.cookie_name)
             reader = asyncio.get_running_loop().create_task(self._read(ws))
             while not reader.done():
-                if session and not self._still_allowed(ws, session):
+                if session and not self._still_allowed(ws, session, address):
                     await ws.close(CLOSE_CREDENTIALS_EXPIRED, "session ended")
                     break
                 try:
@@ -128,10 +128,10 @@ class LiveFeed:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await reader
 
-    def _still_allowed(self, ws: WebSocket, session: str) -> bool:
+    def _still_allowed(self, ws: WebSocket, session: str, address: str) -> bool:
         return (
             self.credentials.mtls
-            or self.credentials.session_ok(session)
+            or self.credentials.session_ok(session, address)
             or self.credentials.bearer_ok(ws.headers.get("authorization"))
         )
 
@@ -142,7 +142,7 @@ class LiveFeed:
             if not self.credentials.certificate_ok(ws.scope.get(SCOPE_KEY)):
                 self.monitor.metrics.admin_auth_failures += 1
                 return 403, "certificate_forbidden", "Not an admin's client certificate."
-        elif not self._credential_ok(ws):  # the right credential is never throttled
+        elif not self._credential_ok(ws, address):  # the right credential is never throttled
             if self.credentials.blocked_for(address) > 0:
                 return 429, "too_many_failures", "Too many failed admin credentials."
             cookie = ws.cookies.get(self.credentials.cookie_name)

@@ -197,6 +197,7 @@ class AdminServer:
     async def start(self) -> None:
         sock = self._socket()
         self.port = sock.getsockname()[1]
+        self.credentials.listening_on(self.port)
         uv_config = uvicorn.Config(
             self.api.asgi(),
             log_config=None,
