@@ -1,6 +1,7 @@
 """A FastAPI chat room behind wsguard.
 
-Run:  WSGUARD_JWT_SECRET=... uvicorn --app-dir examples/asgi fastapi_chat:app --ws-max-size 8192
+Run:  WSGUARD_JWT_SECRET=... uvicorn --app-dir examples/asgi fastapi_chat:app --ws-max-size 8192 \
+          --ws-per-message-deflate false
 
 Clients connect to ``/chat`` with a token (``Authorization: Bearer`` or the
 ``token.<jwt>`` subprotocol) and send ``{"type": "chat", "room": "...", "text": "..."}``;

@@ -1,8 +1,10 @@
 """A plain Starlette app behind wsguard: an echo WebSocket that knows who is talking.
 
-Run:  WSGUARD_JWT_SECRET=... uvicorn --app-dir examples/asgi starlette_app:app --ws-max-size 8192
+Run:  WSGUARD_JWT_SECRET=... uvicorn --app-dir examples/asgi starlette_app:app --ws-max-size 8192 \
+          --ws-per-message-deflate false
 (``--ws-max-size`` = ``limits.max_message_bytes``, so oversized frames are refused by
-the server before they are buffered; wsguard checks the size again.)
+the server before they are buffered; wsguard checks the size again. No compression, as
+``compression = false`` says.)
 """
 
 from __future__ import annotations

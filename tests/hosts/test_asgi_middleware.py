@@ -1175,3 +1175,105 @@ def test_a_subprotocol_list_that_is_not_tokens_never_reaches_the_app(
     head = response_head(server.port, request)
     assert head == b"" or head.startswith(b"HTTP/1.1 4"), head
     assert server.rec.calls == []
+
+
+# -- what the app's accept may negotiate ------------------------------------------------------
+
+
+async def choosing_app(scope: Scope, receive: Receive, send: Send) -> None:
+    """Accepts as its query says: ``sp=<name>`` a subprotocol of its own choice, ``first``
+    the first of ``scope["subprotocols"]`` (the common pattern), ``headers`` extra headers."""
+    if scope["type"] != "websocket":
+        return
+    await receive()
+    query = dict(p.split("=", 1) for p in scope["query_string"].decode().split("&") if "=" in p)
+    accept: dict[str, Any] = {"type": "websocket.accept"}
+    if "sp" in query:
+        accept["subprotocol"] = query["sp"]
+    if query.get("first") and scope["subprotocols"]:
+        accept["subprotocol"] = scope["subprotocols"][0]
+    if query.get("headers"):
+        accept["headers"] = [
+            (b"Sec-WebSocket-Extensions", b"permessage-deflate"),
+            (b"sec-websocket-protocol", b"evil.v9"),
+            (b"Sec-WebSocket-Accept", b"forged"),
+            (b"set-cookie", b"theme=dark"),
+        ]
+    await send(accept)
+    hello = {"type": "hello", "subprotocols": scope["subprotocols"]}
+    await send({"type": "websocket.send", "text": json.dumps(hello)})
+    while (await receive())["type"] != "websocket.disconnect":
+        pass
+
+
+def accept_head(server: AsgiServer, query: str, offered: str | None) -> bytes:
+    from support.wire import WS_HEADERS, raw_request, response_head
+
+    lines = [f"Sec-WebSocket-Protocol: {offered}"] if offered is not None else []
+    request = raw_request(
+        f"GET /ws?{query} HTTP/1.1",
+        f"Host: 127.0.0.1:{server.port}",
+        *WS_HEADERS,
+        *lines,
+        f"Authorization: Bearer {make_token()}",
+    )
+    return response_head(server.port, request)
+
+
+def response_headers(head: bytes) -> list[tuple[str, str]]:
+    lines = head.decode("latin-1").split("\r\n")[1:]
+    pairs = [line.split(":", 1) for line in lines if ":" in line]
+    return [(name.strip().lower(), value.strip()) for name, value in pairs]
+
+
+@pytest.mark.parametrize(
+    ("query", "offered"),
+    [
+        ("sp=evil.v9", "wsguard.v1"),  # not offered at all
+        ("sp=evil.v9", None),  # the client offered none
+        ("sp=mqtt", "mqtt, wsguard.v1"),  # offered, but not a configured subprotocol
+        ("sp=", "wsguard.v1"),  # an empty name
+    ],
+)
+def test_an_app_accepting_with_a_subprotocol_not_allowed_is_refused(
+    serve: Serve, query: str, offered: str | None
+) -> None:
+    """RFC 6455 4.2.2: the server selects one of the client's offers; wsguard: one of the
+    configured ones. An app choosing another fails its accept: the server answers 500."""
+    server = serve(app=choosing_app)
+    head = accept_head(server, query, offered)
+    assert head.startswith(b"HTTP/1.1 500"), head
+    refused = server.audit.events("handshake_refused")
+    assert [(e["status"], e["reason"]) for e in refused] == [(500, "app_subprotocol")]
+    assert refused[0]["client"] == "127.0.0.1"
+    assert server.audit.events("connection_admitted") == []
+    eventually(lambda: server.live() == 0)
+
+
+def test_the_app_sees_and_may_pick_only_configured_subprotocols(serve: Serve) -> None:
+    server = serve({"subprotocols": ["wsguard.v1", "chat.v2"]}, app=choosing_app)
+    # the common pattern, accept(subprotocol=scope["subprotocols"][0]): never "mqtt"
+    ws = server.connect(subprotocols=("mqtt", "chat.v2", "wsguard.v1"), path="/ws?first=1")
+    with ws:
+        hello = recv_json(ws)
+        assert hello["subprotocols"] == ["chat.v2", "wsguard.v1"]
+        assert ws.subprotocol == "chat.v2"
+    # another configured one the client offered than the one wsguard chose
+    with server.connect(subprotocols=("wsguard.v1", "chat.v2"), path="/ws?sp=chat.v2") as ws:
+        assert recv_json(ws)["type"] == "hello"
+        assert ws.subprotocol == "chat.v2"
+    admitted = server.audit.events("connection_admitted")
+    assert [e.get("subprotocol") for e in admitted] == ["chat.v2", "chat.v2"]
+
+
+def test_an_app_cannot_add_the_handshake_s_own_headers(serve: Serve) -> None:
+    server = serve(app=choosing_app)
+    head = accept_head(server, "headers=1", "wsguard.v1")
+    assert head.startswith(b"HTTP/1.1 101"), head
+    headers = response_headers(head)
+    names = [name for name, _ in headers]
+    assert [v for n, v in headers if n == "sec-websocket-protocol"] == ["wsguard.v1"]
+    assert names.count("sec-websocket-accept") == 1
+    assert ("sec-websocket-accept", "forged") not in headers
+    assert "sec-websocket-extensions" not in names  # the client offered none
+    assert ("set-cookie", "theme=dark") in headers  # the app's own headers stay

@@ -3,14 +3,14 @@
 Run (from the repository root)::
 
     WSGUARD_JWT_SECRET=... uvicorn --app-dir examples/asgi \\
-        django_channels.asgi:application --ws-max-size 8192
+        django_channels.asgi:application --ws-max-size 8192 --ws-per-message-deflate false
 
 ``DJANGO_SETTINGS_MODULE`` defaults to ``django_channels.settings``; wsguard reads
 its configuration from ``WSGUARD_*`` variables (``load_config()``). Then connect to
 ``ws://127.0.0.1:8000/ws/echo/`` with ``Authorization: Bearer <JWT>`` (or the
 ``token.<JWT>`` subprotocol); ``GET /health/`` is plain Django.
 ``--ws-max-size`` = ``limits.max_message_bytes``, so the server refuses oversized
-frames before buffering them.
+frames before buffering them; no compression, as ``compression = false`` says.
 
 wsguard sets ``scope["user"]`` (a ``WsGuardUser``) and ``scope["state"]["wsguard"]``
 and removes the credential from the scope. Do **not** wrap the WebSocket router in

@@ -130,6 +130,7 @@ class AsgiConnection:
         "closed_by_client",
         "credentials",
         "delivered",
+        "offered",
         "session",
         "state",
         "user",
@@ -149,6 +150,8 @@ class AsgiConnection:
         self.closed_by_client: int | None = None
         self.close_on_accept: tuple[int, str] | None = None
         self.delivered: str | bytes | None = None  # what the policy passed, for the app
+        # the subprotocols the app may accept with: offered and configured
+        self.offered: list[str] = []
         self.session: Session = None  # type: ignore[assignment]  # set by the middleware
         self.user: WsGuardUser = None  # type: ignore[assignment]
         self.state: dict[str, Any] = {}
@@ -281,10 +284,26 @@ class AsgiConnection:
         kind = message["type"]
         session = self.session
         if kind == "websocket.accept":
+            if self.accepted:
+                raise RuntimeError("websocket.accept sent twice")
             message = dict(message)
             chosen = message.get("subprotocol")
             if chosen is None or chosen.startswith(self._host.config.auth.subprotocol_prefix):
                 message["subprotocol"] = session.subprotocol  # the admitted one
+            elif chosen != session.subprotocol and chosen not in self.offered:
+                guard = self._host.guard  # the app's fault, not the client's: no offender
+                guard.audit.emit(
+                    "handshake_refused", status=500, reason="app_subprotocol", client=session.client
+                )
+                guard.monitor.handshake_refused("app_subprotocol", None, 500)
+                raise RuntimeError(
+                    f"websocket.accept: the subprotocol {chosen!r} is not one the client "
+                    "offered and the configuration's `subprotocols` allows (RFC 6455 4.2.2); "
+                    "accept with subprotocol=None for the one wsguard negotiated"
+                )
+            headers = message.get("headers")
+            if headers:
+                message["headers"] = _app_headers(headers)
             self.accepted = True
             session.subprotocol = message.get("subprotocol")
             session.open()
@@ -645,14 +664,17 @@ def scope_for_app(
     alive beside the server's for the connection's life, ~1 KiB): the server's scope
     loses the credential too, and its ``state`` is already this connection's own copy
     (the ASGI specification's lifespan state)."""
-    auth = config.auth
-    prefix = auth.subprotocol_prefix
     out = scope
     offered = scope.get("subprotocols")
-    if offered is None:
-        out["subprotocols"] = []
-    elif any(p.startswith(prefix) for p in offered):  # else the server's own list stays
-        out["subprotocols"] = [p for p in offered if not p.startswith(prefix)]
+    if not offered:
+        out["subprotocols"] = offered = []
+    else:
+        # what the app may accept with: offered by the client and configured (never the
+        # token entry, which is no configured name); else the server's own list stays
+        allowed = config.subprotocols
+        if not all(p in allowed for p in offered):
+            out["subprotocols"] = offered = [p for p in offered if p in allowed]
+    conn.offered = offered
     out["headers"] = headers
     identity = admit.identity
     state = scope.get("state")
@@ -720,6 +742,23 @@ def _without_token_protocols(value: bytes, prefix: str) -> bytes:
     token = prefix.encode("latin-1")
     kept = [p.strip() for p in value.split(b",") if p.strip() and not p.strip().startswith(token)]
     return b", ".join(kept)
+
+
+#: Response headers the opening handshake owns: an app's ``websocket.accept`` may not add
+#: them (a second ``Sec-WebSocket-Protocol`` or ``-Accept``, an extension the client did not
+#: negotiate, a framing header).
+_HANDSHAKE_HEADERS = frozenset(
+    {
+        b"sec-websocket-accept", b"sec-websocket-protocol", b"sec-websocket-extensions",
+        b"sec-websocket-version", b"sec-websocket-key", b"upgrade", b"connection",
+        b"content-length", b"transfer-encoding",
+    }
+)  # fmt: skip
+
+
+def _app_headers(headers: Any) -> list[tuple[bytes, bytes]]:
+    """The headers of an app's ``websocket.accept`` without those the handshake owns."""
+    return [(n, v) for n, v in headers if bytes(n).lower() not in _HANDSHAKE_HEADERS]
 
 
 def _without_cookie(value: bytes, name: str) -> bytes:
