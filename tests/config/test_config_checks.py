@@ -15,6 +15,9 @@ from pathlib import Path
 
 import pytest
 import trustme
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from jwt.algorithms import ECAlgorithm
 
 from support.cli import SECRET, cli_env, run_cli
 from support.docs import hooks_module
@@ -342,13 +345,93 @@ def test_a_file_holding_a_secret_that_others_can_write_is_refused(
 
 
 def test_a_secret_from_the_environment_is_not_about_the_file(tmp_path: Path) -> None:
-    path = config_file(tmp_path, "port = 9000\n", 0o666)
+    path = config_file(tmp_path, "port = 9000\n", 0o644)
     config = load_config(path, env={"WSGUARD_JWT_SECRET": SECRET})
     assert config_warnings(config) == []
     # the same secret in that file is refused
     with pytest.raises(ConfigError) as info:
         load_config(config_file(tmp_path, SECRET_LINES["auth.secret"], 0o666), env={})
     assert info.value.key == "auth.secret"
+
+
+# -- files that decide who is trusted: nobody else may write them ----------------------------
+
+
+@pytest.mark.parametrize("mode", [0o666, 0o664, 0o646])
+def test_a_configuration_file_other_users_can_write_is_refused(tmp_path: Path, mode: int) -> None:
+    """Whoever can change the configuration decides who is trusted, secrets in it or not."""
+    path = config_file(tmp_path, "port = 9000\n", mode)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    assert info.value.key == "config"
+    assert "chmod go-w" in info.value.message
+    done = run_cli(["check-config", "-c", str(path)], cli_env(tmp_path))
+    assert done.returncode == 2 and "configuration error: config:" in done.stderr, done.stderr
+    load_config(config_file(tmp_path, "port = 9000\n", 0o644), env={})  # readable is fine
+
+
+def trust_files(tmp_path: Path) -> dict[str, tuple[str, Path]]:
+    """Every key naming a file that decides who is trusted: its TOML and the file."""
+    ca = trustme.CA()
+    bundle = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(bundle))
+    cert = ca.issue_cert("localhost")
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.cert_chain_pems[0].write_to_path(str(cert_file))
+    cert.private_key_pem.write_to_path(str(key_file))
+    public_key = ec.generate_private_key(ec.SECP256R1()).public_key()
+    pem = tmp_path / "pub.pem"
+    pem.write_bytes(public_key.public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo))
+    jwk = json.loads(ECAlgorithm.to_jwk(public_key))
+    jwks = tmp_path / "jwks.json"
+    jwks.write_text(json.dumps({"keys": [{**jwk, "kid": "k1", "alg": "ES256"}]}))
+    schema = tmp_path / "schema.json"
+    schema.write_text('{"type": "object"}')
+    tls = f'cert_file = "{cert_file}"\nkey_file = "{key_file}"\n'
+    public = '[auth]\nalgorithms = ["ES256"]\naudience = ["a"]\nissuer = "i"\n'
+    return {
+        "auth.public_key_file": (f'{public}public_key_file = "{pem}"\n', pem),
+        "auth.jwks_file": (f'{public}jwks_file = "{jwks}"\n', jwks),
+        "auth.jwks_ca_file": (
+            f'{public}jwks_url = "https://idp.example/jwks"\njwks_ca_file = "{bundle}"\n',
+            bundle,
+        ),
+        "tls.client_ca_file": (f'[tls]\n{tls}client_ca_file = "{bundle}"\n', bundle),
+        "admin.tls.client_ca_file": (
+            f'[admin]\nport = 9100\n[admin.tls]\n{tls}client_ca_file = "{bundle}"\n',
+            bundle,
+        ),
+        "cluster.tls_ca_file": (
+            f'store = "rediss://127.0.0.1:6380/0"\n[cluster]\ntls_ca_file = "{bundle}"\n',
+            bundle,
+        ),
+        "gateway.upstream_ca_file": (
+            f'[gateway]\nupstream = "wss://127.0.0.1:9/"\nupstream_ca_file = "{bundle}"\n',
+            bundle,
+        ),
+        "messages.types.x.schema_file": (f'[messages.types.x]\nschema_file = "{schema}"\n', schema),
+    }
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "auth.public_key_file", "auth.jwks_file", "auth.jwks_ca_file", "tls.client_ca_file",
+        "admin.tls.client_ca_file", "cluster.tls_ca_file", "gateway.upstream_ca_file",
+        "messages.types.x.schema_file",
+    ],
+)  # fmt: skip
+def test_a_key_ca_or_schema_file_other_users_can_write_is_refused(tmp_path: Path, key: str) -> None:
+    text, path = trust_files(tmp_path)[key]
+    os.chmod(path, 0o644)
+    load_config(config_file(tmp_path, text), env={})  # readable by all: fine
+    for mode in (0o666, 0o664):
+        os.chmod(path, mode)
+        error = refused(tmp_path, text)
+        assert error.key == key
+        assert "chmod go-w" in error.message
+    status, stderr = check_config(tmp_path, text)
+    assert status == 2 and f"configuration error: {key}:" in stderr, stderr
 
 
 # -- two environment names for one key ------------------------------------------------------

@@ -124,18 +124,22 @@ def _read_toml(path: Path) -> dict[str, Any]:
 
 
 def _check_file_mode(path: Path, data: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
-    """A file holding a secret must not be writable by other users (refused) and should
-    not be readable by them (a warning), as key files are."""
+    """The configuration decides who is trusted: a file other users can write is refused
+    (as the key files and CA bundles it names are); one holding a secret should not be
+    readable by them either (a warning)."""
     secrets = list(_secret_keys(data))
-    if not secrets:
-        return ()
     mode = path.stat().st_mode
     names = ", ".join(secrets)
     if mode & (stat.S_IWGRP | stat.S_IWOTH):
+        if secrets:
+            message = f"{path} holds secrets ({names}) and other users can write it (chmod 600)"
+            raise ConfigError(secrets[0], message)
         raise ConfigError(
-            secrets[0],
-            f"{path} holds secrets ({names}) and other users can write it (chmod 600)",
+            "config",
+            f"other users can write {path}, and with it decide who is trusted (chmod go-w)",
         )
+    if not secrets:
+        return ()
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         return (
             (

@@ -13,6 +13,7 @@ import json
 import math
 import re
 import ssl
+import stat
 import types
 import urllib.parse
 from pathlib import Path
@@ -131,6 +132,11 @@ class _Section(BaseModel):
 
 class AuthConfig(_Section):
     """How connections authenticate at the handshake (JWT)."""
+
+    @field_validator("public_key_file", "jwks_file", "jwks_ca_file")
+    @classmethod
+    def _trusted(cls, value: Path | None) -> Path | None:
+        return trusted_file(value)
 
     algorithms: tuple[str, ...] = Field(
         default=("HS256",),
@@ -432,6 +438,24 @@ def ca_bundle_context(path: Path) -> ssl.SSLContext:
         raise ValueError(f"cannot read the CA bundle: {exc.strerror}") from None
 
 
+def trusted_file(value: Path | None) -> Path | None:
+    """A file that decides who is trusted (a verification key, a CA bundle, a schema): one
+    that users other than its owner can write is refused, as sshd's ``StrictModes`` does;
+    whoever could change it could let in anyone. A file that cannot be read is reported by
+    the check that reads it."""
+    if value is not None:
+        try:
+            mode = value.expanduser().stat().st_mode
+        except OSError:
+            return value
+        if mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise ValueError(
+                f"{value} can be written by other users, who could then decide who is "
+                "trusted (chmod go-w)"
+            )
+    return value
+
+
 class OriginConfig(_Section):
     """Cross-site WebSocket hijacking defence."""
 
@@ -722,6 +746,11 @@ class ReplayConfig(_Section):
 class MessageTypeConfig(_Section):
     """Policy of one message type."""
 
+    @field_validator("schema_file")
+    @classmethod
+    def _trusted(cls, value: Path | None) -> Path | None:
+        return trusted_file(value)
+
     schema_: dict[str, Any] | None = Field(
         default=None,
         alias="schema",
@@ -850,6 +879,11 @@ class LivenessConfig(_Section):
 
 class TlsConfig(_Section):
     """TLS termination and client certificates (mTLS) for ``wsguard serve``."""
+
+    @field_validator("client_ca_file")
+    @classmethod
+    def _trusted(cls, value: Path | None) -> Path | None:
+        return trusted_file(value)
 
     cert_file: Path | None = Field(
         default=None,
@@ -1047,6 +1081,7 @@ class ClusterConfig(_Section):
     def _ca_loads(cls, value: Path | None) -> Path | None:
         if value is not None:
             value = value.expanduser()  # the Redis client is given this path as it is
+            trusted_file(value)
             ca_bundle_context(value)  # as the Redis client will load it
         return value
 
@@ -1215,6 +1250,11 @@ class AlertsConfig(_Section):
 
 class AdminTlsConfig(_Section):
     """TLS for the admin listener; ``client_ca_file`` turns on mTLS as its credential."""
+
+    @field_validator("client_ca_file")
+    @classmethod
+    def _trusted(cls, value: Path | None) -> Path | None:
+        return trusted_file(value)
 
     cert_file: Path | None = Field(
         default=None,
@@ -1522,6 +1562,7 @@ class GatewayConfig(_Section):
     @classmethod
     def _upstream_ca(cls, value: Path | None) -> Path | None:
         if value is not None:
+            trusted_file(value)
             ca_bundle_context(value.expanduser())
         return value
 
