@@ -1019,6 +1019,47 @@ def test_upstream_refusing_the_handshake_closes_the_client(
     assert (record["code"], record["cause"]) == (closed[0], cause)
 
 
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "evil.v9",  # a subprotocol the gateway did not offer
+        "wsguard.v1, evil.v9",  # two at once
+    ],
+)
+def test_a_backend_answering_a_subprotocol_not_offered_closes_the_client_1011(
+    backends: BackendFactory, gateways: GatewayFactory, answer: str
+) -> None:
+    """RFC 6455 4.1: the gateway, as the backend's client, fails a 101 naming a protocol it
+    did not offer; the client hears a server fault (1011), not "try again later" (1013),
+    which would send it round in a loop against a deployment error."""
+    backend = backends(answer_protocol=answer)
+    gw = gateways(backend.url)
+    with gw.connect(subprotocols=["wsguard.v1"]) as ws:
+        assert ws.subprotocol == "wsguard.v1"
+        assert close_of(ws) == (1011, "upstream error")
+    event = eventually(lambda: gw.audit.events("upstream_unavailable"), what="audit")[-1]
+    assert event["detail"] in ("NegotiationError", "InvalidHeader")
+    [record] = eventually(lambda: gw.audit.events("connection_closed"), what="the close")
+    assert (record["code"], record["cause"]) == (1011, "upstream_unavailable")
+
+
+def test_the_granted_subprotocol_is_the_one_the_backend_speaks(
+    backends: BackendFactory, gateways: GatewayFactory
+) -> None:
+    backend = backends(subprotocols=["chat.v2"])
+    gw = gateways(backend.url, {"subprotocols": ["chat.v2", "wsguard.v1"]})
+    with gw.connect(subprotocols=["wsguard.v1", "chat.v2"]) as ws:
+        assert ws.subprotocol == "chat.v2"
+        echo_roundtrip(ws, chat("x"))
+    record = backend.connection()
+    assert record.headers.get_all("Sec-WebSocket-Protocol") == ["chat.v2"]
+    assert record.ws.subprotocol == "chat.v2"
+    # a backend that negotiates no subprotocol serves the client's wsguard.v1 as it is
+    with gateways(backends().url).connect(subprotocols=["wsguard.v1"]) as ws:
+        assert ws.subprotocol == "wsguard.v1"
+        echo_roundtrip(ws, chat("y"))
+
+
 def test_upstream_handshake_timeout_closes_the_client_1013(gateways: GatewayFactory) -> None:
     with socket.socket() as silent:  # accepts TCP (backlog), never answers the upgrade
         silent.bind(("127.0.0.1", 0))

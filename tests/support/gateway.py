@@ -65,8 +65,12 @@ class Backend:
         stall: bool = False,
         echo: bool = True,
         keep: bool = True,
+        subprotocols: list[str] | None = None,
+        answer_protocol: str | None = None,
     ) -> None:
         self.refuse = refuse
+        self.subprotocols = subprotocols  # what it negotiates (None: no subprotocol)
+        self.answer_protocol = answer_protocol  # a Sec-WebSocket-Protocol it answers anyway
         self.stall = stall
         self.echo = echo
         self.keep = keep
@@ -95,7 +99,12 @@ class Backend:
     async def _open(self) -> None:
         self._resume = asyncio.Event()
         self._server = await serve(
-            self._handler, "127.0.0.1", 0, process_request=self._process_request
+            self._handler,
+            "127.0.0.1",
+            0,
+            process_request=self._process_request,
+            process_response=self._process_response,
+            subprotocols=self.subprotocols,  # type: ignore[arg-type]
         )
 
     def start(self) -> Backend:
@@ -148,6 +157,13 @@ class Backend:
         if self.refuse is not None:
             return ws.respond(self.refuse, "refused by the backend\n")
         return None
+
+    def _process_response(
+        self, ws: ServerConnection, request: Request, response: Response
+    ) -> Response:
+        if self.answer_protocol is not None:
+            response.headers["Sec-WebSocket-Protocol"] = self.answer_protocol
+        return response
 
     async def _handler(self, ws: ServerConnection) -> None:
         assert ws.request is not None

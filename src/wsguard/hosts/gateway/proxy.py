@@ -28,7 +28,13 @@ from collections.abc import Awaitable
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from websockets.exceptions import (
+    ConnectionClosed,
+    InvalidHandshake,
+    InvalidHeader,
+    InvalidURI,
+    NegotiationError,
+)
 from websockets.protocol import State
 
 from wsguard.config.model import Config, ca_bundle_context
@@ -235,6 +241,11 @@ class Gateway(App):
                 await conn.close(CLOSE_POLICY_VIOLATION, "upstream refused")
                 return None
             conn.close_cause = "upstream_unavailable"
+            if isinstance(exc, (NegotiationError, InvalidHeader)):
+                # the backend's 101 broke the handshake (a subprotocol or an extension the
+                # gateway did not offer): a fault of the deployment, not a passing one
+                await conn.close(CLOSE_INTERNAL_ERROR, "upstream error")
+                return None
             await conn.close(CLOSE_TRY_AGAIN_LATER, "upstream unavailable")
             return None
 
