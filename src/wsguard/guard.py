@@ -372,11 +372,16 @@ class Guard:
             detail=detail,
         )
 
-    def _refresh_failed(self, state: ConnectionState, reason: str, detail: str) -> None:
-        """The message policy refused a refresh token (it does not know the connection)."""
+    def _refresh_failed(
+        self, state: ConnectionState, reason: str, detail: str, token_id: str | None
+    ) -> None:
+        """The message policy refused a refresh token (*token_id*: once it verified)."""
         self.audit.emit(
             "token_refresh_refused",
+            connection_id=state.connection_id,
+            client=state.client,
             subject=state.identity.subject,
+            token_id=token_id,
             reason=reason,
             detail=detail or None,
         )

@@ -272,6 +272,7 @@ class Session:
         self.origin = admission.origin
         self.subprotocol = admission.subprotocol
         self.state = guard.messages.open(admission.identity, now)
+        self.state.connection_id, self.state.client = self.id, self.client
         self.opened_at = now
         self.sent = 0
         self.request: Any = None  # what the host keeps of the upgrade request

@@ -351,7 +351,7 @@ def test_refresh_for_another_subject_closes_with_1008(server_factory: ServerFact
     server = server_factory()
     with server.connect(make_token("alice", ttl=60)) as ws:
         welcome = welcomed(ws)
-        ws.send(json.dumps({"type": "auth", "token": make_token("mallory"), "id": "x"}))
+        ws.send(json.dumps({"type": "auth", "token": make_token("mallory", jti="m-1"), "id": "x"}))
         code, _, frames = wait_close(ws, timeout=5)
     assert code == 1008
     assert not any("auth_ok" in str(f) for f in frames), frames
@@ -359,6 +359,12 @@ def test_refresh_for_another_subject_closes_with_1008(server_factory: ServerFact
     assert event["code"] == 1008
     assert event["cause"] == "auth_subject_mismatch"
     assert event["subject"] == "alice"
+    # the security event says which connection, from where, and which token
+    [refused] = server.audit.events("token_refresh_refused")
+    assert refused["reason"] == "subject_mismatch"
+    assert refused["connection_id"] == welcome["connection_id"]
+    assert refused["client"] == "127.0.0.1"
+    assert (refused["subject"], refused["token_id"]) == ("alice", "m-1")
 
 
 BAD_REFRESH_TOKENS = {

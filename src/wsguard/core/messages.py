@@ -92,6 +92,9 @@ class ConnectionState:
     received: int = 0
     last_data_at: float = 0.0
     session_key: bytes | None = None
+    # the connection, for the audit lines of a refused refresh (the host's own strings)
+    connection_id: str | None = None
+    client: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,7 +272,9 @@ class MessagePolicy:
         self._subjects: dict[str, SubjectLimits] = {}
         self._next_prune = 1024
         #: Told (state, reason, detail) of every refused ``auth`` refresh (the audit log).
-        self.on_refresh_refused: Callable[[ConnectionState, str, str], None] | None = None
+        self.on_refresh_refused: Callable[[ConnectionState, str, str, str | None], None] | None = (
+            None
+        )
 
     # -- connection lifecycle -------------------------------------------------
 
@@ -659,7 +664,7 @@ class MessagePolicy:
             self._refresh_failed(state, failure.reason, failure.detail)
             return self.refresh_refused(state, now, ref)
         if identity.subject != state.identity.subject:
-            self._refresh_failed(state, "subject_mismatch", "")
+            self._refresh_failed(state, "subject_mismatch", "", identity.token_id)
             return Close(CLOSE_POLICY_VIOLATION, "subject mismatch", cause="auth_subject_mismatch")
         return Reauthenticate(identity, ref)
 
@@ -668,6 +673,8 @@ class MessagePolicy:
         refusal = Refuse("invalid_token", "Token refresh refused.", ref=_valid_ref(ref))
         return self._refuse(state, now, refusal)
 
-    def _refresh_failed(self, state: ConnectionState, reason: str, detail: str) -> None:
+    def _refresh_failed(
+        self, state: ConnectionState, reason: str, detail: str, token_id: str | None = None
+    ) -> None:
         if self.on_refresh_refused is not None:
-            self.on_refresh_refused(state, reason, detail)
+            self.on_refresh_refused(state, reason, detail, token_id)
