@@ -622,3 +622,18 @@ def test_identity_headers_have_names_of_their_own(tmp_path: Path, line: str, nee
     status, stderr = check_config(tmp_path, f'[gateway]\nupstream = "ws://127.0.0.1:1/"\n{line}\n')
     assert status == 2, stderr
     assert "configuration error: gateway" in stderr and needle in stderr, stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ('host = "0.0.0.0"\n', "auth.secret"),  # no key beyond loopback: the key first
+        (f'host = "0.0.0.0"\n[auth]\nsecret = "{SECRET}"\n', "tls.cert_file"),
+    ],
+)
+def test_check_config_names_the_key_serve_names_first(tmp_path: Path, text: str, key: str) -> None:
+    path = config_file(tmp_path, text)
+    for command in (["check-config"], ["serve", "--port", "0"]):
+        done = run_cli([*command, "-c", str(path)], cli_env(tmp_path))
+        assert done.returncode == 2, (command, done.stderr)
+        assert f"configuration error: {key}:" in done.stderr, (command, done.stderr)

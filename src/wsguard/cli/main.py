@@ -245,18 +245,19 @@ def _check_config(args: argparse.Namespace) -> int:
     from wsguard.observability.audit import AuditLog
 
     config = _load(args)
+    keys = None
+    if not has_configured_key(config.auth) and is_loopback_host(config.host):
+        # the development key: checked if it exists, else created at start
+        keys = KeyMaterial(secret=read_dev_key(config.auth) or secrets.token_bytes(32))
+    # in serve's order: the Guard (the keys first) is built before the listener is checked
+    guard = Guard(config, audit=AuditLog(io.StringIO(), enabled=False), keys=keys)
+    asyncio.run(guard.close())
     check_listener(config)
     if config.tls.enabled:
         from wsguard.engines.tls import server_context
 
         server_context(config.tls)  # the certificate, its key and the client CA load
     AuditLog.check_target(config.audit.file)  # opened at start, enabled or not
-    keys = None
-    if not has_configured_key(config.auth) and is_loopback_host(config.host):
-        # the development key: checked if it exists, else created at start
-        keys = KeyMaterial(secret=read_dev_key(config.auth) or secrets.token_bytes(32))
-    guard = Guard(config, audit=AuditLog(io.StringIO(), enabled=False), keys=keys)
-    asyncio.run(guard.close())
     if config.admin.enabled:
         require("admin", "the admin listener", key="admin.port")
         from wsguard.admin.credentials import DEFAULT_TOKEN_FILE, load_admin_token
