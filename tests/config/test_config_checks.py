@@ -637,3 +637,22 @@ def test_check_config_names_the_key_serve_names_first(tmp_path: Path, text: str,
         done = run_cli([*command, "-c", str(path)], cli_env(tmp_path))
         assert done.returncode == 2, (command, done.stderr)
         assert f"configuration error: {key}:" in done.stderr, (command, done.stderr)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("auth.subprotocol_prefix", "token:"),  # ':' is no token character
+        ("auth.subprotocol_prefix", "tok en"),
+        ("auth.cookie_name", "a=b"),
+        ("auth.cookie_name", "wsguard token"),
+    ],
+)
+def test_where_a_credential_travels_is_named_with_http_token_characters(
+    tmp_path: Path, key: str, value: str
+) -> None:
+    """A prefix or cookie name no client can send would refuse every credential sent there
+    as malformed; refused when the configuration loads instead."""
+    error = refused(tmp_path, toml_line(key, f'"{value}"'))
+    assert error.key == key
+    assert "HTTP token" in error.message

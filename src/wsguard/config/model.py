@@ -138,6 +138,15 @@ class AuthConfig(_Section):
     def _trusted(cls, value: Path | None) -> Path | None:
         return trusted_file(value)
 
+    @field_validator("subprotocol_prefix", "cookie_name")
+    @classmethod
+    def _http_token(cls, value: str) -> str:
+        from wsguard.core.headers import is_token
+
+        if not is_token(value):  # else every credential carried there is malformed
+            raise ValueError("must be an HTTP token (letters, digits and !#$%&'*+-.^_`|~)")
+        return value
+
     algorithms: tuple[str, ...] = Field(
         default=("HS256",),
         description=(
