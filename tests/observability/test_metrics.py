@@ -577,7 +577,7 @@ def test_replayed_and_badly_signed_messages_are_counted(server_factory: ServerFa
         key = welcome["signing"]["key"]
         secret = base64.urlsafe_b64decode(key + "=" * (-len(key) % 4))
 
-        def signed(text: str, msg_id: str, with_secret: bytes) -> str:
+        def signed(text: str, msg_id: str, with_secret: bytes, age: int = 0) -> str:
             message = {"type": "chat", "text": text, "id": msg_id}
             return json.dumps(
                 sign(
@@ -585,7 +585,7 @@ def test_replayed_and_badly_signed_messages_are_counted(server_factory: ServerFa
                     kid=SESSION_KID,
                     secret=with_secret,
                     nonce=secrets.token_urlsafe(16),
-                    ts=int(time.time()),
+                    ts=int(time.time()) - age,
                 )
             )
 
@@ -596,11 +596,14 @@ def test_replayed_and_badly_signed_messages_are_counted(server_factory: ServerFa
         assert (recv_json(alice)["code"]) == "replayed"
         alice.send(signed("forged", "m2", bytes(32)))
         assert (recv_json(alice)["code"]) == "bad_signature"
+        # outside the time window: a replay refusal (freshness), its signature being good
+        alice.send(signed("old", "m3", secret, age=3600))
+        assert (recv_json(alice)["code"]) == "stale"
         after = scrape(server)
-    assert moved(before, after, REFUSALS) == {("message", "replay"): 1, ("message", "signature"): 1}
+    assert moved(before, after, REFUSALS) == {("message", "replay"): 2, ("message", "signature"): 1}
     messages = moved(before, after, MESSAGES)
     assert messages.pop(("chat", "delivered")) == 1
-    assert sum(n for (_, outcome), n in messages.items() if outcome == "refused") == 2
+    assert sum(n for (_, outcome), n in messages.items() if outcome == "refused") == 3
     assert {outcome for _, outcome in messages} == {"refused"}
 
 

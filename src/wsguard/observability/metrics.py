@@ -74,7 +74,7 @@ MESSAGE_CODES: dict[str, str] = {
     "forbidden": "forbidden",
     "replayed": "replay",
     "bad_signature": "signature",
-    "stale": "signature",
+    "stale": "replay",  # outside the time window: freshness, signed or not
     "invalid_token": "auth",
     "auth_subject_mismatch": "auth",
     "revoked": "revoked",  # an in-band refresh for a revoked subject (close 4003)
