@@ -213,7 +213,11 @@ def test_fastapi_tutorial_server(tmp_path: Path) -> None:
     # found without --origin-allowed: the scan found an Origin the target allows
     assert "localhost" in by_id["origin.lookalike"]["evidence"]
     assert "admin_result" in by_id["authz.privileged"]["evidence"]
-    assert report["coverage"]["needs"] == {"--cookie": ["origin.cookie"]}
+    # a ping is no state-changing message: replay needs one of the target's own
+    assert report["coverage"]["needs"] == {
+        "--cookie": ["origin.cookie"],
+        "--replay-message": ["replay"],
+    }
 
 
 def test_the_documented_tables_match_the_targets() -> None:
@@ -469,12 +473,14 @@ def test_a_replay_probe_refused_as_throttled_is_inconclusive_not_na() -> None:
         with contextlib.suppress(ConnectionClosed):
             async for message in ws:
                 value = json.loads(message)
-                if str(value.get("id")) == "424242":
+                if value.get("type") == "transfer":
                     await ws.close(1008, "rate limited")
                     return
                 await ws.send(json.dumps({"type": "pong", "id": value.get("id")}))
 
-    (finding,) = scan_handler(handler, ("replay",), reply_timeout=0.5).findings
+    replay_message = '{"type": "transfer", "amount": 1}'
+    report = scan_handler(handler, ("replay",), reply_timeout=0.5, replay_message=replay_message)
+    (finding,) = report.findings
     assert finding.verdict is Verdict.INCONCLUSIVE, finding
     assert "as if throttled" in finding.evidence
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import itertools
 import re
+import secrets
 import socket
 import ssl
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 import orjson
@@ -20,6 +22,7 @@ from wsguard.scanner.dialect import (
     CANDIDATES,
     GRACE,
     KIND_KEYS,
+    Candidate,
     Dialect,
     Heard,
     given,
@@ -83,14 +86,19 @@ class Outcome:
         return bool(self.errors) or self.close is not None
 
 
-_THROTTLE = re.compile(r"rate|limit|throttl|retry|too.many|busy|slow", re.IGNORECASE)
+_THROTTLE = re.compile(
+    r"(?<![a-z])rate|limit|throttl|retry|too.many|busy|slow|quota", re.IGNORECASE
+)
+# a refusal about the message's size, not its rate ("exceeds the size limit of 8192 bytes")
+_SIZE = re.compile(r"size|too.?(large|big|long)|bytes|length|payload|max.?message", re.IGNORECASE)
 
 
 def throttled(outcome: Outcome) -> bool:
-    """Does this refusal look like "slow down" (worth a bounded wait) rather than "no"?"""
+    """Does this refusal look like "slow down" (worth a bounded wait) rather than "no"?
+    An error about the message's size ("exceeds the size limit") is a "no"."""
     if outcome.close is not None and outcome.close.code in (1008, 1013):
-        return True
-    return any(_THROTTLE.search(error) for error in outcome.errors)
+        return not _SIZE.search(outcome.close.reason)
+    return any(_THROTTLE.search(error) and not _SIZE.search(error) for error in outcome.errors)
 
 
 def brief(error: str) -> str:
@@ -167,8 +175,11 @@ class ScanContext:
         )
         self.endpoint = self.base.with_source(self.next_source())
         self.transcript: list[tuple[str, str]] = []  # (where, text) seen from the server
-        self._ids = itertools.count(1)
+        # probe ids: from a random 9-digit start, so no counter of the target's own (1, 2,
+        # 3, ... in its pushes) matches them
+        self._ids = itertools.count(100_000_000 + secrets.randbelow(800_000_000))
         self.check_id = ""
+        self.oversized_answers: list[str] = []  # see oversized()
         self.dialect = replace(DEFAULT_DIALECT, error_kinds=options.error_types)
 
     @property
@@ -189,7 +200,19 @@ class ScanContext:
         view.credentials = self.credentials.for_check(check_id) if own_subject else self.credentials
         view.endpoint = self.base.with_source(self.next_source())
         view.check_id = check_id
+        view.oversized_answers = []
         return view
+
+    @contextlib.contextmanager
+    def oversized(self) -> Iterator[None]:
+        """Around sending an oversized probe and reading what answers it: what the target
+        sends over the scan's own read limit meanwhile answers the probe (the size checks
+        count it as the probe accepted); what it sent before does not."""
+        start = len(self.budget.violations)
+        try:
+            yield
+        finally:
+            self.oversized_answers.extend(self.budget.violations[start:])
 
     def rotate(self) -> None:
         """A fresh source address (loopback only), e.g. before each refused credential."""
@@ -325,6 +348,34 @@ class ScanContext:
         pong_frames = False
         keys: list[str] = []
 
+        async def confirmed(
+            session: Session, candidate: Candidate, found: Dialect, patient: bool
+        ) -> bool:
+            """The answer was to the probe, not a stream the target sends by itself (a
+            feed's own counters, heartbeats): a ping frame alone brings no such answer,
+            and a second probe, with another id, brings the same kind of answer again."""
+            heard = Heard()
+            frame = f"wsguard-audit-{next(self._ids)}".encode()
+            await session.send_ping(frame)
+            await listen(session, heard, frame, options.reply_timeout)
+            for text in heard.texts:
+                self.record("message", text)
+            if heard.closed or judge_candidate(
+                candidate, "", heard, options.error_types, frozenset(sent)
+            ):
+                return False  # unprompted: the same answer came with no probe at all
+            ident = str(next(self._ids))
+            await session.send_text(candidate.template.replace("{id}", ident))
+            frame = f"wsguard-audit-{ident}".encode()
+            await session.send_ping(frame)
+            heard = Heard()
+            await listen(session, heard, frame, options.reply_timeout, patient=patient)
+            for text in heard.texts:
+                self.record("message", text)
+            again = judge_candidate(candidate, ident, heard, options.error_types, frozenset(sent))
+            sent.append(ident)
+            return again is not None and again.mode == found.mode
+
         async def attempt(patient: bool) -> Dialect | None:
             """One pass over the candidates on a fresh connection. Quick: after the ping
             frame's answer, a short grace. Patient (when the quick pass heard nothing): up
@@ -373,6 +424,10 @@ class ScanContext:
                         candidate, ident, heard, options.error_types, frozenset(sent)
                     )
                     sent.append(ident)
+                    if found is not None and not await confirmed(
+                        session, candidate, found, patient
+                    ):
+                        found = None
                     if found is not None:
                         notes = [found.note] if found.note else []
                         if patient:  # the quick pass's misses say nothing here
@@ -576,11 +631,12 @@ async def settle(ctx: ScanContext, result: Handshake) -> tuple[str, str]:
 
 
 def about_authentication(outcome: Outcome) -> bool:
-    """Whether *outcome* is refused for want of authentication (an error frame or a
-    close reason that says so): a target that authenticates in-band refuses every
-    message of a connection that has not, which says nothing about the message."""
+    """Whether *outcome* is refused for want of authentication (a close 4001/4003, a close
+    reason or an error frame that speaks of authentication): a target that authenticates
+    in-band refuses every message of a connection that has not, which says nothing about
+    the message."""
     close = outcome.close
-    if close is not None and _AUTH.search(close.reason):
+    if close is not None and (close.code in _AUTH_CLOSES or _AUTH.search(close.reason)):
         return True
     return bool(outcome.errors) and all(_AUTH.search(error) for error in outcome.errors)
 
@@ -588,5 +644,11 @@ def about_authentication(outcome: Outcome) -> bool:
 # closes that refuse nothing by themselves (normal, going away, none at all): right after
 # an upgrade, with no reason about authentication, they are no sign of a refusal
 _PLAIN_CLOSES = frozenset({1000, 1001, 1005, 1006})
-# an error frame that refuses for lack of authentication (vs. one about the message)
-_AUTH = re.compile(r"auth|token|credential|login|forbidden|permission|denied", re.IGNORECASE)
+# an error frame that refuses for lack of authentication (vs. one about the message): words
+# about credentials, not a bare "forbidden" or "denied" ("binary frames forbidden" is a
+# refusal of the message)
+_AUTH = re.compile(
+    r"auth|token|credential|log.?in|sign.?in|session.expired|not.logged", re.IGNORECASE
+)
+# application close codes used for "unauthenticated" / "unauthorized"
+_AUTH_CLOSES = frozenset({4001, 4003})

@@ -261,18 +261,31 @@ async def _run_one(spec: Check, ctx: ScanContext, seconds: float) -> Finding:
     seen = len(ctx.budget.violations)
     result = await _run_bounded(spec, ctx, seconds)
     hostile = ctx.budget.violations[seen:]
-    if hostile and spec.group == "size":
+    own = f"the check's own verdict: {result.verdict.value}: {result.evidence}"
+    if hostile and spec.group == "size" and ctx.oversized_answers:
         # what a size check sends is over the limit it looks for: an answer over the
-        # scan's own limit is that message processed (an echo of it, say), accepted
+        # scan's own limit, once the oversized message was sent, is that message
+        # processed (an echo of it, say), accepted
         return finding(
             spec.id,
             Verdict.FAIL,
-            f"the target answered the oversized message: {hostile[0]} — it was accepted",
+            f"the target answered the oversized message: {ctx.oversized_answers[0]} — it "
+            "was accepted",
             f"the check's own verdict: {result.verdict.value}: {result.evidence}",
             *result.details,
         )
+    if hostile and spec.group == "size":
+        # before the oversized message went out: the target's own traffic (a big welcome,
+        # a snapshot), no answer to the probe; the check could not do its work
+        return finding(
+            spec.id,
+            Verdict.ERROR,
+            f"before the oversized message was sent, {hostile[0]} — not an answer to it; "
+            "raise --max-message-bytes over the largest message the target sends",
+            *([] if result.evidence == hostile[0] else [own]),
+            *result.details,
+        )
     if hostile and result.evidence != hostile[0]:
-        own = f"the check's own verdict: {result.verdict.value}: {result.evidence}"
         return finding(spec.id, Verdict.ERROR, hostile[0], own, *result.details)
     return result
 

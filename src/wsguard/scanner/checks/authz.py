@@ -14,6 +14,7 @@ from wsguard.scanner.context import (
     Outcome,
     ScanContext,
     about_authentication,
+    brief,
     short,
 )
 from wsguard.scanner.dialect import KIND_KEYS, Dialect, loads
@@ -125,6 +126,7 @@ async def privileged(ctx: ScanContext) -> Finding:
     relayed: list[str] = []
     processed: list[str] = []
     refused: list[str] = []
+    refused_alike: list[str] = []  # refused just as the unknown kind is: says nothing
     alike: list[str] = []
     silent: list[str] = []
     try:
@@ -153,6 +155,8 @@ async def privileged(ctx: ScanContext) -> Finding:
                 relayed.append(label)
             elif outcome.refused:
                 refused.append(f"{label} ({how})")
+                if control.refused and _refusal(control, unknown) == _refusal(outcome, text):
+                    refused_alike.append(label)
             elif (answers := besides_echoes(outcome.replies, text)) and not (
                 kinds(answers) <= control_kinds
             ):
@@ -190,6 +194,13 @@ async def privileged(ctx: ScanContext) -> Finding:
             "for authentication: the endpoint authenticates in its protocol, after the "
             "upgrade, and the scan's connection has not; nothing about privileges was seen"
         )
+    if refused and len(refused_alike) == len(refused) and not alike and not silent:
+        raise Inconclusive(
+            f"{', '.join(refused_alike)} refused just as a message of an unknown kind is "
+            f"({_describe(control)}), and not relayed: the endpoint may not know these "
+            "kinds at all, so the refusal says nothing about privileges (give "
+            "--privileged-message)"
+        )
     if refused and not alike and not silent:
         return finding(
             ctx.check_id,
@@ -207,6 +218,25 @@ async def privileged(ctx: ScanContext) -> Finding:
         f"{', '.join(silent)}: no answer and not relayed (an unknown kind: "
         f"{_describe(control)}): cannot tell whether it was processed (give "
         "--privileged-message)"
+    )
+
+
+def _refusal(outcome: Outcome, sent: str) -> tuple[object, ...]:
+    """How a message was refused, with its own kind left out ("unknown type: admin" and
+    "unknown type: wsguard-audit-unknown-..." are the same refusal)."""
+    value = loads(sent)
+    kind = next(
+        (value[k] for k in KIND_KEYS if isinstance(value, dict) and isinstance(value.get(k), str)),
+        None,
+    )
+
+    def plain(text: str) -> str:
+        return text.replace(kind, "{kind}") if kind else text
+
+    close = outcome.close
+    return (
+        tuple(brief(plain(error)) for error in outcome.errors),  # codes, not timestamps
+        None if close is None else (close.code, plain(close.reason)),
     )
 
 

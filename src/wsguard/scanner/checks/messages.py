@@ -22,6 +22,7 @@ from wsguard.scanner.context import (
     short,
     throttled,
 )
+from wsguard.scanner.dialect import KIND_KEYS
 from wsguard.scanner.model import OWASP, Finding, Verdict, check, finding
 from wsguard.scanner.probe import frame_bytes, frame_header
 
@@ -63,8 +64,15 @@ async def judged(ctx: ScanContext, what: str, outcome: Outcome) -> str:
     if kind == "crash":
         raise Failed(f"{what}: {outcome.describe()} — a server error, not a limit")
     if kind in ("throttled", "silent"):
-        raise Inconclusive(f"{what}: {outcome.describe()} — cannot judge")
+        raise Inconclusive(f"{what}: {outcome.describe()} — {_UNJUDGED[kind]}")
     return kind
+
+
+_UNJUDGED = {
+    "throttled": "refused as if throttled (slow down), not for its size: cannot judge the "
+    "size limit",
+    "silent": "neither refused nor answered in time: cannot judge the size limit",
+}
 
 
 class Failed(Exception):
@@ -98,13 +106,45 @@ async def _malformed(ctx: ScanContext, payloads: Sequence[Payload]) -> Finding:
             "endpoint authenticates in its protocol, after the upgrade, so how it handles "
             "these was not seen"
         )
+    taken = [
+        f"{label}: {_answer(o)}"
+        for (label, data, _), o in zip(payloads, results, strict=True)
+        if label not in LENIENT and _taken(ctx, o, data)
+    ]
+    if taken:
+        return finding(
+            ctx.check_id,
+            Verdict.WEAK,
+            f"answered as if valid, with no error frame and no close: {'; '.join(taken)} — "
+            "malformed input is processed rather than refused",
+            *lines,
+        )
     return finding(ctx.check_id, Verdict.PASS, tally([o.describe() for o in results]), *lines)
+
+
+def _taken(ctx: ScanContext, outcome: Outcome, data: str | bytes) -> bool:
+    """Was this malformed input answered as if it were valid: no error frame, no close,
+    and a message back (its echo, an answer)? With no application ping (ping frames as the
+    barrier) only its echo counts: other messages may be the target's own pushes."""
+    if outcome.refused or not outcome.answered or not outcome.replies:
+        return False
+    if ctx.dialect.mode != "control":
+        return True
+    sent = data if isinstance(data, str) else data.decode("utf-8", "replace")
+    return sent in outcome.replies
+
+
+def _answer(outcome: Outcome) -> str:
+    return f"answered {short(outcome.replies[0], 60)}"
 
 
 REMEDY_INPUT = (
     "Parse defensively: catch every decoding error, bound depth and size before parsing, "
     "answer an error frame (or close 1003/1007/1008), never let a handler error close 1011."
 )
+# JSON extensions many parsers take (NaN, an escaped lone surrogate): a ping that holds one,
+# answered as a ping, is leniency, not malformed input processed
+LENIENT = frozenset({"NaN literal", "lone surrogate"})
 DEPTH = 3000  # 6 KB of nested arrays: under common size limits, far over any sane depth
 # check id -> title, payloads (label, data, binary; bytes sent as text: a hand-made frame)
 MALFORMED: dict[str, tuple[str, tuple[Payload, ...]]] = {
@@ -202,8 +242,9 @@ async def size_limit(ctx: ScanContext) -> Finding:
             ctx.rotate()
             session = await ctx.open()
             try:
-                await session.send_text(_padded_ping(ctx, size))
-                outcome = await ctx.barrier(session, wait=max(ctx.options.reply_timeout, 5.0))
+                with ctx.oversized():
+                    await session.send_text(_padded_ping(ctx, size))
+                    outcome = await ctx.barrier(session, wait=max(ctx.options.reply_timeout, 5.0))
             finally:
                 await session.close()
             lines.append(f"{_size(size)}: {outcome.describe()}")
@@ -242,14 +283,15 @@ async def size_frame(ctx: ScanContext) -> Finding:
     announced = 64 * MIB
     sent = 0
     try:
-        await session.send_raw(frame_header(Opcode.TEXT, announced))
-        chunk = b" " * (64 * KIB)
-        while sent < MIB and not session.closed:
-            if not await session.send_raw(chunk, drain_timeout=ctx.options.reply_timeout):
-                break
-            sent += len(chunk)
-            await session.closed_within(PACE)
-        event = await session.wait_closed(max(ctx.options.reply_timeout, 2.0))
+        with ctx.oversized():
+            await session.send_raw(frame_header(Opcode.TEXT, announced))
+            chunk = b" " * (64 * KIB)
+            while sent < MIB and not session.closed:
+                if not await session.send_raw(chunk, drain_timeout=ctx.options.reply_timeout):
+                    break
+                sent += len(chunk)
+                await session.closed_within(PACE)
+            event = await session.wait_closed(max(ctx.options.reply_timeout, 2.0))
     finally:
         await session.close()
     if event is None:
@@ -291,22 +333,23 @@ async def size_fragments(ctx: ScanContext) -> Finding:
     piece = KIB
     sent = count = 0
     try:
-        opcode = Opcode.TEXT
-        while sent < total and not session.closed:
-            piece = min(piece * 2, 256 * KIB) if count else piece
-            frame = frame_bytes(opcode, b" " * piece, fin=False)
-            if not await session.send_raw(frame, drain_timeout=ctx.options.reply_timeout):
-                break  # the peer stopped reading: judged by what comes back below
-            opcode = Opcode.CONT
-            sent += piece
-            count += 1
-            await session.closed_within(PACE)
-        if session.closed:
-            outcome = Outcome(close=session.close_event)
-        else:
-            tail = ctx.dialect.filler(990_001).encode()
-            await session.send_raw(frame_bytes(Opcode.CONT, tail, fin=True))
-            outcome = await ctx.barrier(session, wait=max(ctx.options.reply_timeout, 5.0))
+        with ctx.oversized():
+            opcode = Opcode.TEXT
+            while sent < total and not session.closed:
+                piece = min(piece * 2, 256 * KIB) if count else piece
+                frame = frame_bytes(opcode, b" " * piece, fin=False)
+                if not await session.send_raw(frame, drain_timeout=ctx.options.reply_timeout):
+                    break  # the peer stopped reading: judged by what comes back below
+                opcode = Opcode.CONT
+                sent += piece
+                count += 1
+                await session.closed_within(PACE)
+            if session.closed:
+                outcome = Outcome(close=session.close_event)
+            else:
+                tail = ctx.dialect.filler(990_001).encode()
+                await session.send_raw(frame_bytes(Opcode.CONT, tail, fin=True))
+                outcome = await ctx.barrier(session, wait=max(ctx.options.reply_timeout, 5.0))
     finally:
         await session.close()
     kind = refusal(outcome)
@@ -314,7 +357,7 @@ async def size_fragments(ctx: ScanContext) -> Finding:
         if kind == "crash":
             raise Failed(f"{outcome.describe()} — a server error, not a limit")
         if kind == "throttled":
-            raise Inconclusive(f"{outcome.describe()} — cannot judge")
+            raise Inconclusive(f"{outcome.describe()} — {_UNJUDGED[kind]}")
         await still_serving(ctx, "the fragmented message")
     except Failed as exc:
         return finding(ctx.check_id, Verdict.FAIL, str(exc))
@@ -371,8 +414,9 @@ async def compression(ctx: ScanContext) -> Finding:
         # on the inflated size can stop it
         bomb = _padded_ping(ctx, 4 * MIB)
         wire = _size(len(zlib.compress(bomb.encode(), 9)))
-        await session.send_text(bomb)
-        outcome = await ctx.barrier(session, wait=max(ctx.options.reply_timeout, 5.0))
+        with ctx.oversized():
+            await session.send_text(bomb)
+            outcome = await ctx.barrier(session, wait=max(ctx.options.reply_timeout, 5.0))
     finally:
         await session.close()
     try:
@@ -421,16 +465,19 @@ def _signed(ctx: ScanContext, text: str) -> str:
     own_subject=False,  # signing keys belong to the credential's own subject
 )
 async def replay(ctx: ScanContext) -> Finding:
+    """The message once, then a copy on a new connection (where an attacker replays it)
+    and one on the first connection: both must be refused (or dropped unanswered)."""
     await require_baseline(ctx)
-    message = ctx.options.replay_message or ctx.dialect.ping(424242)
-    if message is None:
+    message = ctx.options.replay_message
+    if message is None:  # a ping changes nothing: accepting it twice proves nothing
         raise NotApplicable(
-            "the endpoint answers no application message to replay: give --replay-message",
+            "needs --replay-message: a state-changing message of the endpoint's protocol",
             needs="--replay-message",
         )
     text = _signed(ctx, message)
     ctx.rotate()
     session = await ctx.open()
+    copies: list[tuple[str, Outcome]] = []
     try:
         first = await ctx.exchange(session, text)
         if throttled(first):  # an earlier check may have spent this subject's limits
@@ -447,18 +494,103 @@ async def replay(ctx: ScanContext) -> Finding:
                 f"the message is refused the first time: {first.describe()}",
                 needs="--replay-message",
             )
-        second = await ctx.exchange(session, text)
+        ctx.rotate()
+        other = await ctx.open()
+        try:
+            copies.append(("on a new connection", await ctx.exchange(other, text)))
+        finally:
+            await other.close()
+        if not session.closed:
+            copies.append(("on the same connection", await ctx.exchange(session, text)))
     finally:
         await session.close()
-    kind = refusal(second)
-    if kind == "refused":
-        return finding(ctx.check_id, Verdict.PASS, f"second copy refused: {second.describe()}")
-    if kind != "accepted":
-        raise Inconclusive(f"the second copy: {second.describe()} — cannot judge")
-    what = "the replay message" if ctx.options.replay_message else "a ping (--replay-message)"
+    judged_copies = [(where, _copy(first, copy), copy) for where, copy in copies]
+    lines = [f"first copy: {_seen(first)}"] + [
+        f"copy {where}: {state} ({_seen(copy)})" for where, state, copy in judged_copies
+    ]
+    for where, state, copy in judged_copies:
+        if state == "unjudged":
+            raise Inconclusive(f"the copy {where}: {copy.describe()} — cannot judge")
+        if state == "answered differently":
+            raise Inconclusive(
+                f"the copy {where} was answered unlike the first ({_kinds(copy.replies)} vs "
+                f"{_kinds(first.replies)}), without an error: cannot tell whether it was "
+                "processed"
+            )
+    accepted = [where for where, state, _ in judged_copies if state == "accepted"]
+    held = [
+        f"the copy {where}: {_held(state, copy, first)}"
+        for where, state, copy in judged_copies
+        if state != "accepted"
+    ]
+    sample = short(text, 60)
+    if not accepted:
+        return finding(ctx.check_id, Verdict.PASS, "; ".join(held), *lines)
+    if len(accepted) == len(judged_copies):
+        return finding(
+            ctx.check_id,
+            Verdict.WARN,
+            f"the replay message ({sample}) was accepted again, {' and '.join(accepted)}: no "
+            "replay protection — a flaw for state-changing messages",
+            *lines,
+        )
     return finding(
         ctx.check_id,
-        Verdict.WARN,
-        f"{what} was accepted twice ({short(text, 60)}): no replay protection — a flaw for "
-        "state-changing messages",
+        Verdict.WEAK,
+        f"the replay message ({sample}) was accepted again {accepted[0]}, while "
+        f"{'; '.join(held)}: replay protection holds on one connection only (seen nonces "
+        "must be remembered across connections)",
+        *lines,
     )
+
+
+def _copy(first: Outcome, copy: Outcome) -> str:
+    """A replayed copy: "refused"; "dropped" (no answer where the first copy got one: not
+    processed again); "accepted" (answered as the first was); "answered differently" (no
+    error, but another kind of answer); "unjudged" (a crash, a throttle, no answer)."""
+    kind = refusal(copy)
+    if kind == "refused":
+        return "refused"
+    if kind != "accepted":
+        return "unjudged"
+    if first.replies and not copy.replies:
+        return "dropped"
+    if copy.replies and _kinds(copy.replies) != _kinds(first.replies):
+        return "answered differently"
+    return "accepted"
+
+
+def _held(state: str, copy: Outcome, first: Outcome) -> str:
+    if state == "dropped":
+        return (
+            f"dropped without an answer, where the first copy was answered "
+            f"{_kinds(first.replies)!r} (not processed again)"
+        )
+    return f"{state} ({copy.describe()})"
+
+
+def _seen(outcome: Outcome) -> str:
+    if outcome.replies and not outcome.refused:
+        return f"answered {short(outcome.replies[0], 60)}; {outcome.describe()}"
+    return outcome.describe()
+
+
+def _kinds(texts: Sequence[str]) -> str:
+    """The kinds of some messages ('transfer_ok'), for comparing answers."""
+    out: list[str] = []
+    for text in texts:
+        try:
+            value = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            value = None
+        kind = next(
+            (
+                value[k]
+                for k in KIND_KEYS
+                if isinstance(value, dict) and isinstance(value.get(k), str)
+            ),
+            short(text, 20),
+        )
+        if kind not in out:
+            out.append(kind)
+    return ", ".join(out) or "nothing"
