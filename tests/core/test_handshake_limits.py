@@ -339,6 +339,28 @@ def test_forwarded_header_when_configured(server_factory: ServerFactory) -> None
     assert admitted_client(server, xff("1.2.3.4")) == "127.0.0.1"
 
 
+@pytest.mark.parametrize("trusted", ["::ffff:127.0.0.1/128", "::ffff:127.0.0.0/104"])
+def test_a_trusted_network_written_ipv4_mapped_trusts_those_ipv4_addresses(
+    server_factory: ServerFactory, trusted: str
+) -> None:
+    """Peers and hops are matched as IPv4 (an IPv4 client of a dual-stack listener comes as
+    ``::ffff:...``): a mapped network trusted nothing, so the proxy's own address took
+    every client's limits and bans."""
+    server = server_factory({"proxy": {"trusted": [trusted]}})
+    assert admitted_client(server, xff("5.6.7.8")) == "5.6.7.8"
+
+
+def test_an_ipv6_zone_in_a_forwarded_address_is_no_part_of_it(
+    server_factory: ServerFactory,
+) -> None:
+    """A zone (``%eth0``) names an interface of the host that wrote it: the address is the
+    same without it, for the limits and bans, the audit log and the gateway's header."""
+    server = server_factory(TRUSTED_LOCAL)
+    assert admitted_client(server, xff("2001:db8::9%zz")) == "2001:db8::9"
+    assert admitted_client(server, xff("[fe80::1%eth0]:7")) == "fe80::1"
+    assert limit_key("2001:db8::1%a", 128) == limit_key("2001:db8::1%b", 128) == "2001:db8::1"
+
+
 def test_per_address_limit_applies_to_forwarded_address(server_factory: ServerFactory) -> None:
     server = server_factory({**TRUSTED_LOCAL, "limits": {"connections_per_address": 1}})
     with server.connect_welcomed(headers=xff("5.6.7.8")):

@@ -1277,3 +1277,46 @@ def test_an_app_cannot_add_the_handshake_s_own_headers(serve: Serve) -> None:
     assert ("sec-websocket-accept", "forged") not in headers
     assert "sec-websocket-extensions" not in names  # the client offered none
     assert ("set-cookie", "theme=dark") in headers  # the app's own headers stay
+
+
+@pytest.mark.parametrize(
+    ("headers", "peer", "read", "believed"),
+    [
+        # proxy.header = "forwarded": the server's reading of X-Forwarded-For is not wsguard's
+        ([(b"x-forwarded-for", b"198.51.100.7")], "198.51.100.7", b"x-forwarded-for", True),
+        ([(b"forwarded", b"for=10.4.4.4")], "10.4.4.4", b"x-forwarded-for", False),
+        # proxy.header = "x-forwarded-for" with trusted proxies: the same header, agreed
+        ([(b"x-forwarded-for", b"198.51.100.7")], "198.51.100.7", b"forwarded", False),
+        ([(b"forwarded", b"for=10.4.4.4")], "10.4.4.4", b"forwarded", True),
+        # no address at all ("unknown", an obfuscated "_hidden"): from a header, whichever
+        ([(b"x-forwarded-for", b"unknown")], "unknown", b"forwarded", True),
+        ([], "_hidden", b"forwarded", True),
+    ],
+)
+def test_which_unread_header_a_client_address_came_from(
+    headers: list[tuple[bytes, bytes]], peer: str, read: bytes, believed: bool
+) -> None:
+    assert _forwarded_client({"headers": headers}, peer, frozenset({read})) is believed
+
+
+def test_a_server_believing_x_forwarded_for_while_wsguard_reads_forwarded_is_refused(
+    serve: Serve,
+) -> None:
+    """Behind a proxy that writes ``Forwarded`` and passes the client's own
+    ``X-Forwarded-For`` on, uvicorn (which reads only the latter, by default from
+    127.0.0.1) let the client choose the address its limits and bans counted under, and
+    have another address banned."""
+    server = serve({"proxy": {"trusted": ["127.0.0.1/32"], "header": "forwarded"}})
+    if not server.kind.startswith("uvicorn"):
+        pytest.skip("hypercorn believes no forwarded header by default")
+    chosen = {"X-Forwarded-For": "198.51.100.7", "Forwarded": "for=10.4.4.4"}
+    refusal = server.refused(make_token("alice"), extra_headers=chosen)
+    assert refusal.response.status_code == 500
+    (record,) = server.audit.events("handshake_refused")
+    assert record["reason"] == "forwarded_client"
+    assert "198.51.100.7" not in server.audit.getvalue()
+    # the proxy's Forwarded alone is wsguard's to read: the client is its for= address
+    ws, _ = server.hello(make_token("alice"), extra_headers={"Forwarded": "for=10.4.4.4"})
+    with ws:
+        admitted = server.audit.events("connection_admitted")
+        assert [e["client"] for e in admitted] == ["10.4.4.4"]

@@ -47,9 +47,31 @@ def parse_ip(text: str) -> IPAddress | None:
         address = ipaddress.ip_address(forwarded_host(text.strip().strip('"')))
     except ValueError:
         return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.scope_id is not None:  # a zone (fe80::1%eth0) names a local interface:
+            address = ipaddress.IPv6Address(int(address))  # the same address without it
+        if address.ipv4_mapped is not None:
+            return address.ipv4_mapped
     return address
+
+
+_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
+def mapped_ipv4(network: IPNetwork) -> ipaddress.IPv4Network | None:
+    """The IPv4 addresses an IPv6 network holds in their IPv4-mapped form (``::ffff:0:0/96``
+    and its parts: ``::ffff:127.0.0.1/128`` is ``127.0.0.1/32``; a network holding all of
+    them, ``::/0``, is ``0.0.0.0/0``), as :func:`parse_ip` writes such addresses; None for
+    one that holds none."""
+    if isinstance(network, ipaddress.IPv4Network):
+        return None
+    if network.prefixlen >= 96 and network.subnet_of(_MAPPED):
+        return ipaddress.IPv4Network(
+            (int(network.network_address) & 0xFFFFFFFF, network.prefixlen - 96)
+        )
+    if network.supernet_of(_MAPPED):
+        return ipaddress.IPv4Network("0.0.0.0/0")
+    return None
 
 
 def _normalized(peer: str, address: IPAddress) -> str:
@@ -84,9 +106,14 @@ class ClientAddressResolver:
     __slots__ = ("_header", "_networks")
 
     def __init__(self, trusted: Iterable[str], *, header: str = "x-forwarded-for") -> None:
-        self._networks: tuple[IPNetwork, ...] = tuple(
-            ipaddress.ip_network(n, strict=False) for n in trusted
-        )
+        networks: list[IPNetwork] = []
+        for entry in trusted:
+            network = ipaddress.ip_network(entry, strict=False)
+            networks.append(network)
+            mapped = mapped_ipv4(network)  # addresses are matched as parse_ip writes them
+            if mapped is not None:
+                networks.append(mapped)
+        self._networks: tuple[IPNetwork, ...] = tuple(networks)
         self._header = header
 
     def is_trusted(self, address: IPAddress) -> bool:

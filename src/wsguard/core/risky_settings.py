@@ -7,7 +7,7 @@ from ipaddress import IPv4Network, IPv6Network, collapse_addresses, ip_network
 
 from wsguard.config.model import Config
 from wsguard.core.auth import auth_warnings
-from wsguard.core.client_address import is_loopback_host
+from wsguard.core.client_address import is_loopback_host, mapped_ipv4
 
 
 def config_warnings(config: Config) -> list[tuple[str, str]]:
@@ -64,9 +64,9 @@ def _trusts_everyone(trusted: tuple[str, ...]) -> str:
             v4[entry] = network
             continue
         v6[entry] = network
-        mapped = network.network_address.ipv4_mapped
-        if mapped is not None and network.prefixlen >= 96:
-            v4[entry] = IPv4Network((int(mapped), network.prefixlen - 96))
+        mapped = mapped_ipv4(network)
+        if mapped is not None:
+            v4[entry] = mapped
     v4_all = list(collapse_addresses(v4.values())) == [IPv4Network("0.0.0.0/0")]
     v6_all = list(collapse_addresses(v6.values())) == [IPv6Network("::/0")]
     entries = list(v4) if v4_all else list(v6) if v6_all else []

@@ -355,6 +355,14 @@ class WsGuardMiddleware:
         self._events: ClusterEvents | None = None
         self.admin: Any = None  # the AdminServer when admin.port is set
         self._forwarded_warned_at = float("-inf")  # see _refuse_forwarded_client
+        # the forwarded headers wsguard does not read: a server that took the client's
+        # address from one of them let whoever wrote it choose the address
+        proxy = self.config.proxy
+        self._unread_headers = (
+            frozenset({b"x-forwarded-for", b"forwarded"})
+            if not proxy.trusted
+            else frozenset({b"x-forwarded-for" if proxy.header == "forwarded" else b"forwarded"})
+        )
 
     @property
     def ready(self) -> tuple[bool, str | None]:
@@ -436,7 +444,7 @@ class WsGuardMiddleware:
             _drop_query_token(scope, self.config)  # the server logs the refused request
             await deny(scope, send, Reject(status, reason, message, retry, client=peer))
             return
-        if peer and not self.config.proxy.trusted and _forwarded_client(scope, peer):
+        if peer and _forwarded_client(scope, peer, self._unread_headers):
             await self._refuse_forwarded_client(scope, send)
             return
         request, headers = handshake_request(scope, self.config)
@@ -482,22 +490,25 @@ class WsGuardMiddleware:
 
     async def _refuse_forwarded_client(self, scope: Scope, send: Send) -> None:
         """The ASGI server took the client's address from ``X-Forwarded-For`` (uvicorn
-        does by default for requests from 127.0.0.1) while ``proxy.trusted`` trusts no
-        proxy: whoever sent the header chose the address that per-address limits, bans
-        and the audit log would use. Refused (500) until the two agree; the log says how.
-        (A client that writes its own address in the header, on a server that reads no
-        forwarded header, looks the same from the scope: refused alike, after its
+        does by default for requests from 127.0.0.1) while wsguard reads no such header
+        (``proxy.trusted`` empty, or ``proxy.header = "forwarded"``), or took something that
+        is no address: whoever sent the header chose the address that per-address limits,
+        bans and the audit log would use. Refused (500) until the two agree; the log says
+        how. (A client that writes its own address in the header, on a server that reads
+        no forwarded header, looks the same from the scope: refused alike, after its
         address's allowance and ban were checked.)"""
         now = monotonic()
         if now >= self._forwarded_warned_at + 60.0:
             self._forwarded_warned_at = now
             logger.error(
-                "refusing WebSocket handshakes whose client address is also in their "
-                "X-Forwarded-For or Forwarded header: the ASGI server took it from the "
-                "header (or the client wrote its own address there), and proxy.trusted is "
-                "empty; run the server without proxy headers (uvicorn --no-proxy-headers) "
-                "or list the proxies in proxy.trusted (the same as uvicorn's "
-                "--forwarded-allow-ips)"
+                "refusing WebSocket handshakes whose client address is also in a "
+                "forwarded header wsguard does not read (X-Forwarded-For or Forwarded, "
+                "as proxy.trusted and proxy.header say), or is no address: the ASGI server "
+                "took it from the header (or the client wrote its own address there); run "
+                "the server without proxy headers (uvicorn --no-proxy-headers) and let "
+                "wsguard read them (proxy.trusted, proxy.header), or list in proxy.trusted "
+                "the same proxies as uvicorn's --forwarded-allow-ips with "
+                'proxy.header = "x-forwarded-for"'
             )
         reason = "forwarded_client"
         self.guard.record_raw_refusal(500, reason, None)
@@ -688,15 +699,21 @@ def scope_for_app(
     return out
 
 
-def _forwarded_client(scope: Scope, peer: str) -> bool:
+def _forwarded_client(
+    scope: Scope, peer: str, read: frozenset[bytes] = frozenset({b"x-forwarded-for", b"forwarded"})
+) -> bool:
     """Whether the scope's client address is one of the request's forwarded addresses
-    (``X-Forwarded-For`` entries, ``Forwarded`` ``for=`` values) in any form a server
-    takes one as (with a port or brackets removed, an IPv4-mapped IPv6 address as
-    IPv4): the ASGI server took it from a header (a socket's own address is not in
-    them)."""
+    in the headers *read* (``X-Forwarded-For`` entries, ``Forwarded`` ``for=`` values) in
+    any form a server takes one as (with a port or brackets removed, an IPv4-mapped IPv6
+    address as IPv4), or no address at all: the ASGI server took it from a header (a
+    socket's own address is an address, and not in them)."""
+    if parse_ip(peer) is None:
+        return True  # "unknown", "_hidden", "garbage": no socket has such a peer
     entries: list[str] = []
     forwarded: list[str] = []
     for name, value in scope.get("headers") or ():
+        if name not in read:
+            continue
         if name == b"x-forwarded-for":
             entries += value.decode("latin-1").split(",")
         elif name == b"forwarded":
