@@ -1052,6 +1052,14 @@ def test_scp_as_string_and_non_strings_ignored(server: RunningServer) -> None:
     assert welcome(server, token)["scopes"] == ["a", "b", "c"]
 
 
+@pytest.mark.parametrize("separator", ["\u00a0", "\u2003", "\t", "\n"])
+def test_a_scope_string_is_split_on_spaces_only(server: RunningServer, separator: str) -> None:
+    """RFC 6749 3.3: scopes are delimited by a space. One scope holding another whitespace
+    ("read\u00a0admin") is one scope that grants nothing, not ``admin``."""
+    token = make_token("ws", scopes=f"read{separator}admin  chat")
+    assert welcome(server, token)["scopes"] == ["chat", f"read{separator}admin"]
+
+
 def test_configured_scope_and_subject_claims(server_factory: ServerFactory) -> None:
     server = server_factory({"auth": {"scope_claims": ["permissions"], "subject_claim": "email"}})
     token = make_token(

@@ -1320,3 +1320,27 @@ def test_a_server_believing_x_forwarded_for_while_wsguard_reads_forwarded_is_ref
     with ws:
         admitted = server.audit.events("connection_admitted")
         assert [e["client"] for e in admitted] == ["10.4.4.4"]
+
+
+def test_a_message_naming_its_type_twice_never_reaches_the_app(serve: Serve) -> None:
+    """The app gets the text: ``{"type":"command","type":"chat"}`` is checked as a chat
+    (the last value) but is a command, which needs the admin scope, to a parser keeping
+    the first value. Refused, escaped or not; a nested object's own ``type`` is no matter."""
+    server = serve()
+    ws, _ = server.hello(make_token("alice", scopes="chat"))
+    twice = [
+        '{"type":"command","type":"chat","text":"x"}',
+        '{"type":"command","\\u0074ype":"chat","text":"x"}',
+    ]
+    with ws:
+        for text in twice:
+            ws.send(text)
+            error = recv_json(ws)
+            assert (error["type"], error["code"]) == ("error", "invalid_message"), text
+            assert error["message"] == "Message has duplicate keys."
+        fine = '{"type":"chat","text":"x","room":"type"}'
+        ws.send(fine)
+        assert recv_json(ws) == {"type": "echo", "text": fine}
+    assert server.rec.received == [fine]
+    refused = server.audit.events("message_refused")
+    assert [e["code"] for e in refused] == ["invalid_message", "invalid_message"]

@@ -383,3 +383,35 @@ def test_no_welcome_frame_means_no_session_keys() -> None:
         App(config, welcome=False)
     assert error.value.key == "signing.session_keys"
     assert App(config).send_welcome is True
+
+
+def test_every_error_frame_echoes_the_id_only_when_short_or_a_safe_integer(
+    server_factory: ServerFactory,
+) -> None:
+    """The policy's refusals echo a client's ``id`` bounded (a string of at most 64
+    characters, an integer in 0..2^53-1); the host's own answers (duplicate keys, no
+    handler, a handler that failed) echoed any string or integer a schema let through."""
+
+    def setup(app: App) -> None:
+        app.on("note", raw=True)(lambda conn, data: None)
+
+        @app.on("plain")
+        def boom(conn: Connection, message: dict[str, Any]) -> None:
+            raise RuntimeError("handler bug")
+
+    server = server_factory(JSON_TYPES, demo=False, setup=setup)
+    cases = {
+        '{"type":"note","id":"a","id":ID}': "invalid_message",  # duplicate keys
+        '{"type":"blob","id":ID}': "unhandled_type",
+        '{"type":"plain","id":ID}': "internal_error",
+    }
+    with server.connect_welcomed() as ws:
+        for template, code in cases.items():
+            for ident in ['"' + "L" * 290 + '"', str(2**63 - 1), "-5", "1.5", "true"]:
+                ws.send(template.replace("ID", ident))
+                error = json.loads(recv(ws))
+                assert error["code"] == code, (template, ident)
+                assert "ref" not in error, (template, ident, error)
+            for ident, ref in [('"r-1"', "r-1"), ("42", 42)]:
+                ws.send(template.replace("ID", ident))
+                assert json.loads(recv(ws)).get("ref") == ref, (template, ident)

@@ -251,7 +251,10 @@ class AuthConfig(_Section):
     )
     scope_claims: tuple[str, ...] = Field(
         default=("scope", "scp", "roles"),
-        description="Claims merged into the scopes (each a space-separated string or a list).",
+        description=(
+            "Claims merged into the scopes (each a string of scopes separated by spaces, "
+            "U+0020 only, or a list)."
+        ),
     )
     max_token_bytes: int = Field(
         default=8192, ge=256, le=65536, description="Longer tokens are refused without parsing."

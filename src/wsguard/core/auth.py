@@ -183,8 +183,8 @@ def _scopes(claims: Mapping[str, Any], names: tuple[str, ...]) -> frozenset[str]
     found: set[str] = set()
     for name in names:
         value = claims.get(name)
-        if isinstance(value, str):
-            found.update(value.split())
+        if isinstance(value, str):  # space-delimited (RFC 6749 3.3): no other separator
+            found.update(v for v in value.split(" ") if v)
         elif isinstance(value, list):
             found.update(v for v in value if isinstance(v, str) and v)
     return frozenset(found)

@@ -25,6 +25,17 @@ CLOSE_CREDENTIALS_EXPIRED = 4001
 CLOSE_REVOKED = 4003
 
 
+def valid_ref(value: Any) -> str | int | None:
+    """The client's ``id`` as an error frame may echo it (``ref``): a short string or a safe
+    non-negative integer; None for anything else (an error frame never echoes what it
+    cannot bound)."""
+    if isinstance(value, str) and len(value) <= 64:
+        return value
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**53:
+        return value
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class Reject:
     """Refuse the handshake with a real HTTP response before ``101``."""

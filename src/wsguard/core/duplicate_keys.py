@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from wsguard.core.decisions import Deliver, Refuse
+from wsguard.core.decisions import Deliver, Refuse, valid_ref
 
 
 class _DuplicateKeys(ValueError):
@@ -23,6 +23,28 @@ def _pairs_unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     if len(set(keys)) != len(keys):
         raise _DuplicateKeys
     return dict(pairs)
+
+
+def names_type_twice(data: str | bytes) -> bool:
+    """Whether a JSON text's top-level object names ``type`` twice: the policy checked the
+    type it decoded (the last), a parser keeping the first would read another type, with
+    other scopes. Cheap unless the text holds ``"type"`` twice or an escape."""
+    if isinstance(data, str):
+        if data.count('"type"') < 2 and "\\u" not in data:
+            return False
+    elif data.count(b'"type"') < 2 and b"\\u" not in data:
+        return False
+    objects: list[list[tuple[str, Any]]] = []
+
+    def keep(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        objects.append(pairs)
+        return dict(pairs)
+
+    try:
+        json.loads(data, object_pairs_hook=keep)  # the outermost object comes last
+    except ValueError:
+        return False  # not JSON: the policy has refused it already
+    return bool(objects) and sum(key == "type" for key, _ in objects[-1]) > 1
 
 
 def has_duplicate_keys(data: str | bytes) -> bool:
@@ -42,6 +64,6 @@ def duplicate_keys_refusal(decision: Deliver) -> Refuse:
     return Refuse(
         "invalid_message",
         "Message has duplicate keys.",
-        ref=ref if isinstance(ref, (str, int)) and not isinstance(ref, bool) else None,
+        ref=valid_ref(ref),
         type=decision.type,
     )

@@ -38,6 +38,7 @@ from wsguard.core.decisions import (
     MessageDecision,
     Reauthenticate,
     Refuse,
+    valid_ref,
 )
 from wsguard.core.duplicate_keys import has_duplicate_keys
 from wsguard.core.identity import Identity
@@ -128,22 +129,13 @@ def _compile_schema(name: str, spec: MessageTypeConfig) -> Any:
         raise ConfigError(f"messages.types.{name}.schema", f"invalid JSON Schema: {exc}") from None
 
 
-def _valid_ref(value: Any) -> str | int | None:
-    """The client's ``id`` if it is a short string or a safe non-negative integer."""
-    if isinstance(value, str) and len(value) <= 64:
-        return value
-    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**53:
-        return value
-    return None
-
-
 def _ref_of(raw: bytes) -> str | int | None:
     """Best-effort ``id`` of a message that is refused before full processing."""
     try:
         message = _decode(raw)
     except (msgspec.DecodeError, ValueError, RecursionError):
         return None
-    return _valid_ref(message.get("id")) if isinstance(message, dict) else None
+    return valid_ref(message.get("id")) if isinstance(message, dict) else None
 
 
 _OUTSIDE_WINDOW = "Message timestamp is outside the replay window."
@@ -441,7 +433,7 @@ class MessagePolicy:
         """Every check after decoding, in order, with the refusal each one gives: what a
         message that is not delivered from the fast lane goes through."""
         size = len(raw)
-        ref = _valid_ref(message.get("id"))
+        ref = valid_ref(message.get("id"))
         if problem is not None:
             return self._refuse(state, now, Refuse("invalid_message", problem, ref=ref))
         kind = message.get("type")
@@ -542,7 +534,7 @@ class MessagePolicy:
     ) -> MessageDecision:
         """The nonce of a verified message was seen before within the window."""
         refusal = Refuse(
-            "replayed", "Message was already received.", ref=_valid_ref(ref), type=message_type
+            "replayed", "Message was already received.", ref=valid_ref(ref), type=message_type
         )
         return self._refuse(state, now, refusal)
 
@@ -556,7 +548,7 @@ class MessagePolicy:
             if policy is not None and policy.replay is not None
             else "Message signature is too old."
         )
-        refusal = Refuse("stale", text, ref=_valid_ref(ref), type=message_type)
+        refusal = Refuse("stale", text, ref=valid_ref(ref), type=message_type)
         return self._refuse(state, now, refusal)
 
     def unavailable(
@@ -566,7 +558,7 @@ class MessagePolicy:
         refusal = Refuse(
             "unavailable",
             "Try again shortly.",
-            ref=_valid_ref(ref),
+            ref=valid_ref(ref),
             retry_after=1.0,
             type=message_type,
         )
@@ -584,7 +576,7 @@ class MessagePolicy:
         refusal = Refuse(
             "rate_limited",
             "Too many messages.",
-            ref=_valid_ref(ref),
+            ref=valid_ref(ref),
             retry_after=retry_after,
             type=message_type,
         )
@@ -670,7 +662,7 @@ class MessagePolicy:
 
     def refresh_refused(self, state: ConnectionState, now: float, ref: Any) -> MessageDecision:
         """An ``auth`` refresh whose token is not accepted: ``invalid_token``, a violation."""
-        refusal = Refuse("invalid_token", "Token refresh refused.", ref=_valid_ref(ref))
+        refusal = Refuse("invalid_token", "Token refresh refused.", ref=valid_ref(ref))
         return self._refuse(state, now, refusal)
 
     def _refresh_failed(

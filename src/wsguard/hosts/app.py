@@ -49,7 +49,7 @@ import orjson
 
 from wsguard.cluster.events import ClusterEvents, close_disconnected, close_revoked
 from wsguard.config.model import Config
-from wsguard.core.decisions import CLOSE_GOING_AWAY, CLOSE_INTERNAL_ERROR, Deliver
+from wsguard.core.decisions import CLOSE_GOING_AWAY, CLOSE_INTERNAL_ERROR, Deliver, valid_ref
 from wsguard.core.duplicate_keys import duplicate_keys_refusal, has_duplicate_keys
 from wsguard.core.integrity import SESSION_KID
 from wsguard.errors import ConfigError, ListenError, WsguardError
@@ -655,6 +655,7 @@ def run_loop(config: Config, main: Awaitable[None]) -> None:
 
 def _error(code: str, message: str, ref: Any = None) -> dict[str, Any]:
     out: dict[str, Any] = {"type": "error", "code": code, "message": message}
-    if isinstance(ref, (str, int)) and not isinstance(ref, bool):
+    ref = valid_ref(ref)  # as the policy's own refusals echo it: short, or a safe integer
+    if ref is not None:
         out["ref"] = ref
     return out

@@ -42,6 +42,7 @@ from wsguard.core.decisions import (
     Deliver,
     Reject,
 )
+from wsguard.core.duplicate_keys import duplicate_keys_refusal, names_type_twice
 from wsguard.core.headers import Headers
 from wsguard.core.identity import Identity
 from wsguard.core.request import HandshakeRequest
@@ -348,6 +349,7 @@ class WsGuardMiddleware:
 
             require("admin", "the admin listener", key="admin.port")
         self.connections: dict[str, Session] = {}  # node-wide registry
+        self._json = self.config.messages.format == "json"
         self.guard.monitor.metrics.active_connections = lambda: len(self.connections)
         self._ids = itertools.count(1)
         self._started = False
@@ -570,6 +572,11 @@ class WsGuardMiddleware:
         return None  # the application speaks first, if at all
 
     def deliver(self, session: Session, decision: Deliver, data: str | bytes) -> None:
+        if self._json and names_type_twice(data):
+            # the app gets the text: a parser keeping the first "type" would read another
+            # type than the one whose scopes and schema were checked
+            session.refuse(duplicate_keys_refusal(decision))
+            return
         session.attachment.delivered = data  # AsgiConnection.app_receive hands it on
 
     def opened(self, session: Session) -> None:
