@@ -647,3 +647,26 @@ def test_an_endless_http_answer_ends_the_handshake_at_once() -> None:
     described, streamed = asyncio.run(scenario())
     assert described.startswith("no response (invalid HTTP response"), described
     assert streamed < 256 * 1024 * 1024  # the scanner hung up, it did not read it all
+
+
+def test_malformed_tokens_without_a_credential_are_judged_against_the_endpoint_s_401(
+    tmp_path: Path,
+) -> None:
+    """Without a credential the scan's own handshake is refused 401 (one is required): the
+    malformed tokens refused 401, and the 16 KiB one 431 (too big to read), are refusals of
+    the credential. It said INCONCLUSIVE, "the credential given is refused too", with none
+    given."""
+    served = Served(["--port", "0"], cli_env(tmp_path), tmp_path / "audit.jsonl")
+    try:
+        port = served.wait_listening()
+        out = tmp_path / "r.json"
+        url = f"ws://127.0.0.1:{port}/"
+        args = [url, "--checks", "auth.malformed", "--format", "json", "--out", str(out), *FAST]
+        done = run_audit(args, tmp_path)
+        assert done.returncode == 0, done.stdout + done.stderr
+        malformed = findings(json.loads(out.read_text()))["auth.malformed"]
+        assert malformed["verdict"] == "PASS", malformed["evidence"]
+        assert "HTTP 431" in malformed["evidence"]
+        assert "credential given" not in done.stdout
+    finally:
+        served.stop()

@@ -132,8 +132,9 @@ async def _refusals_are_about_the_variants(
     subprotocol and path) is upgraded. A target that refuses that one too (an Origin
     allowlist, a required subprotocol, a wrong path, a redirect) refused for another
     reason: INCONCLUSIVE, saying what to give. Without a credential there is no own
-    handshake to compare with: a 401 is an authentication refusal by definition, any
-    other refusal is not judged."""
+    handshake to compare with: where the own handshake is refused 401 (a credential is
+    required), a 401, or a 400 or 431 for a credential too big or malformed to read, is a
+    refusal of the credential; any other refusal is not judged."""
     ctx.rotate()
     control = await ctx.connect()
     if in_band and control.session is not None:
@@ -150,9 +151,12 @@ async def _refusals_are_about_the_variants(
         await control.session.close()
     if control.status == 101:
         return
-    if ctx.credentials.token is None and refusals == {"HTTP 401"}:
-        return
     status = control.status
+    if ctx.credentials.token is None and (
+        refusals == {"HTTP 401"}
+        or (status == 401 and refusals <= {"HTTP 401", "HTTP 400", "HTTP 431"})
+    ):
+        return
     if status == 403:
         hint = (
             "if the endpoint checks Origin, give --origin-allowed; if it needs a credential, "
@@ -164,6 +168,8 @@ async def _refusals_are_about_the_variants(
         hint = "is the URL's path the endpoint's?"
     elif status is not None and 300 <= status < 400:
         hint = "it redirects: scan the URL it redirects to"
+    elif status == 401 and ctx.credentials.token is None:
+        hint = "the endpoint requires a credential: give --token or --jwt-secret"
     elif status == 401:
         hint = "the credential given is refused too: give one the endpoint accepts"
     else:
