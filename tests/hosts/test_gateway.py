@@ -1542,3 +1542,77 @@ def test_an_invalid_upstream_schema_is_a_config_error() -> None:
     with pytest.raises(ConfigError) as caught:
         make_config({"gateway": {"upstream": "ws://127.0.0.1:1/", "upstream_schema": {"type": 5}}})
     assert caught.value.key == "gateway.upstream_schema"
+
+
+class _WedgedUpstream:
+    """A raw upstream that completes the upgrade, sends *frame* (a close, or one the
+    gateway must fail) and then keeps its TCP connection open, reading, until the gateway
+    ends it: a closing handshake it never finishes."""
+
+    def __init__(self, frame: bytes) -> None:
+        self.frame = frame
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.ended = threading.Event()  # the gateway ended the TCP connection
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        import base64
+        import hashlib
+
+        conn, _ = self.listener.accept()
+        with conn:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += conn.recv(4096)
+            key = next(
+                line.split(b":", 1)[1].strip()
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"sec-websocket-key:")
+            )
+            guid = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+            accept = base64.b64encode(hashlib.sha1(key + guid).digest())
+            conn.sendall(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n"
+            )
+            conn.sendall(self.frame)
+            conn.settimeout(30)
+            with contextlib.suppress(OSError):
+                while conn.recv(4096):
+                    pass  # the gateway's close frame, then nothing: never closed from here
+            self.ended.set()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.mark.parametrize(
+    ("frame", "closed"),
+    [
+        (b"\x88\x05\x03\xe8bye", (1000, "bye")),  # its close frame, TCP kept open
+        (
+            b"\x81\x82abcd" + bytes(x ^ y for x, y in zip(b"hi", b"ab", strict=True)),
+            (1011, "upstream error"),
+        ),
+    ],
+    ids=["close-kept-open", "masked-frame"],
+)
+def test_an_upstream_that_never_ends_its_closing_handshake_is_cut_at_the_close_timeout(
+    gateways: GatewayFactory, frame: bytes, closed: tuple[int, str]
+) -> None:
+    """The client hears the upstream's close (or its 1011) within the close timeout, not
+    at the next heartbeat (20 s by default, up to an hour), and the upstream socket is not
+    left open meanwhile."""
+    upstream = _WedgedUpstream(frame)
+    try:
+        settings = {"connect_timeout_seconds": 0.5, "upstream_ping_interval_seconds": 3600}
+        gw = gateways(f"ws://127.0.0.1:{upstream.port}/", {"gateway": settings})
+        with gw.connect() as ws:
+            assert close_of(ws, timeout=10) == closed
+        assert upstream.ended.wait(10)  # the gateway cut the upstream's socket
+        event = eventually(lambda: gw.audit.events("upstream_closed"), what="audit")[-1]
+        assert event["subject"] == "alice"
+    finally:
+        upstream.close()

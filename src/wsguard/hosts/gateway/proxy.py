@@ -85,7 +85,28 @@ class _Upstream(ClientConnection):
     """The gateway's connection to its upstream: a heartbeat that goes unanswered ends it
     at once. websockets would send a close frame and wait ``close_timeout`` for an
     answer that a dead or wedged peer never gives; meanwhile the client's messages
-    would still be accepted and lost, and its 1011 would come that much later."""
+    would still be accepted and lost, and its 1011 would come that much later.
+
+    A closing handshake started by a frame (the upstream's close, or a frame the gateway
+    must fail) is cut at its deadline too: websockets then waits for the upstream to end
+    TCP and enforces the deadline only in its own sends, so an upstream that closed but
+    kept its socket held the client open, and the socket, until the next heartbeat."""
+
+    _cut: asyncio.TimerHandle | None = None
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.close_deadline is not None and self._cut is None:
+            self._cut = self.loop.call_at(self.close_deadline, self._cut_if_open)
+
+    def _cut_if_open(self) -> None:
+        if self.protocol.state is not State.CLOSED:
+            self.transport.abort()  # the pump then closes the client, audited
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._cut is not None:
+            self._cut.cancel()
+        super().connection_lost(exc)
 
     async def keepalive(self) -> None:
         assert self.ping_interval is not None
