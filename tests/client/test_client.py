@@ -32,6 +32,7 @@ from websockets.asyncio.client import connect as async_connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from conftest import RunningServer, ServerFactory, eventually, make_token
+from support.wire import upgrade_answer
 from wsguard.client import ClientError, WsguardClient
 from wsguard.config.demo_types import DEMO_MESSAGE_TYPES
 from wsguard.core.integrity import SESSION_KID
@@ -919,26 +920,13 @@ def test_a_send_after_the_clients_own_1009_does_not_reconnect() -> None:
     """The server drops the connection on the client's 1009 without a close frame of its
     own (no close frame received): send() must not take that for a drop to recover from,
     the next connection would get the same message."""
-    import base64
-    import hashlib
-
     handshakes = 0
 
     async def huge(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         nonlocal handshakes
         head = await reader.readuntil(b"\r\n\r\n")
-        key = next(
-            line.split(b":", 1)[1].strip()
-            for line in head.split(b"\r\n")
-            if line.lower().startswith(b"sec-websocket-key:")
-        )
-        guid = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-        accept = base64.b64encode(hashlib.sha1(key + guid).digest())
         handshakes += 1
-        writer.write(
-            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-            b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n"
-        )
+        writer.write(upgrade_answer(head))
         welcome = b'{"type":"welcome"}'
         writer.write(bytes([0x81, len(welcome)]) + welcome)
         writer.write(b"\x81\x7f" + (70_000).to_bytes(8, "big") + b"x" * 70_000)

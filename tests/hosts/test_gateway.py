@@ -62,6 +62,7 @@ from support.gateway import (
 )
 from support.net import free_port
 from support.serve_process import Served
+from support.wire import upgrade_answer
 from wsguard.config.demo_types import DEMO_MESSAGE_TYPES
 from wsguard.config.model import GatewayConfig
 from wsguard.core.identity import Identity
@@ -1558,25 +1559,12 @@ class _WedgedUpstream:
         self.thread.start()
 
     def _serve(self) -> None:
-        import base64
-        import hashlib
-
         conn, _ = self.listener.accept()
         with conn:
             head = b""
             while b"\r\n\r\n" not in head:
                 head += conn.recv(4096)
-            key = next(
-                line.split(b":", 1)[1].strip()
-                for line in head.split(b"\r\n")
-                if line.lower().startswith(b"sec-websocket-key:")
-            )
-            guid = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-            accept = base64.b64encode(hashlib.sha1(key + guid).digest())
-            conn.sendall(
-                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-                b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n"
-            )
+            conn.sendall(upgrade_answer(head))
             conn.sendall(self.frame)
             conn.settimeout(30)
             with contextlib.suppress(OSError):

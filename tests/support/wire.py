@@ -175,3 +175,21 @@ def raw_welcomed(server: RunningServer, token: str | None = None) -> RawClient:
 
 def ping_frame(ident: str) -> bytes:
     return frame(OP_TEXT, json.dumps({"type": "ping", "id": ident}).encode())
+
+
+def upgrade_answer(head: bytes) -> bytes:
+    """The ``101`` a server answers the upgrade request *head* with (RFC 6455 4.2.2: its
+    ``Sec-WebSocket-Accept`` from the request's key), for raw servers in tests."""
+    import base64
+    import hashlib
+
+    key = next(
+        line.split(b":", 1)[1].strip()
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"sec-websocket-key:")
+    )
+    accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+    return (
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n"
+    )

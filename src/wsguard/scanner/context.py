@@ -348,6 +348,16 @@ class ScanContext:
         pong_frames = False
         keys: list[str] = []
 
+        async def ask(session: Session, candidate: Candidate, patient: bool) -> tuple[str, Heard]:
+            """The candidate with a fresh id, then a ping frame as the barrier: what came."""
+            ident = str(next(self._ids))
+            await session.send_text(candidate.template.replace("{id}", ident))
+            frame = f"wsguard-audit-{ident}".encode()
+            await session.send_ping(frame)
+            heard = Heard()
+            await listen(session, heard, frame, options.reply_timeout, patient=patient)
+            return ident, heard
+
         async def confirmed(
             session: Session, candidate: Candidate, found: Dialect, patient: bool
         ) -> bool:
@@ -364,12 +374,7 @@ class ScanContext:
                 candidate, "", heard, options.error_types, frozenset(sent)
             ):
                 return False  # unprompted: the same answer came with no probe at all
-            ident = str(next(self._ids))
-            await session.send_text(candidate.template.replace("{id}", ident))
-            frame = f"wsguard-audit-{ident}".encode()
-            await session.send_ping(frame)
-            heard = Heard()
-            await listen(session, heard, frame, options.reply_timeout, patient=patient)
+            ident, heard = await ask(session, candidate, patient)
             for text in heard.texts:
                 self.record("message", text)
             again = judge_candidate(candidate, ident, heard, options.error_types, frozenset(sent))
@@ -399,12 +404,7 @@ class ScanContext:
                                 return self.dialect
                             return None
                         session = result.session
-                    ident = str(next(self._ids))
-                    await session.send_text(candidate.template.replace("{id}", ident))
-                    frame = f"wsguard-audit-{ident}".encode()
-                    await session.send_ping(frame)
-                    heard = Heard()
-                    await listen(session, heard, frame, options.reply_timeout, patient=patient)
+                    ident, heard = await ask(session, candidate, patient)
                     broken = session.broken
                     if broken is not None:  # nothing more to learn from this endpoint
                         self.dialect = Dialect(
