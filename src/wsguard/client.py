@@ -66,6 +66,31 @@ class ClientError(Exception):
     """The server refused us in a way reconnecting will not fix."""
 
 
+#: The characters of an HTTP token (RFC 7230 3.2.6): all a subprotocol entry may hold.
+_TCHARS = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+class _Connect(connect):
+    """websockets' ``connect`` without following redirects: the token (in a subprotocol
+    entry, which websockets does not strip on a cross-origin redirect as it does
+    ``Authorization``) goes only where the caller pointed it. Browsers do not follow
+    redirects on a WebSocket handshake either."""
+
+    def process_redirect(self, exc: Exception) -> Exception | str:
+        return exc
+
+
+def _token_exp(token: str) -> float | None:
+    """The ``exp`` a JWT says it has (read, not verified: only to schedule its refresh)."""
+    try:
+        payload = token.split(".")[1]
+        claims = orjson.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except (IndexError, ValueError):
+        return None
+    exp = claims.get("exp") if isinstance(claims, dict) else None
+    return float(exp) if isinstance(exp, (int, float)) and not isinstance(exp, bool) else None
+
+
 async def _discard(ws: ClientConnection) -> None:
     """Close a connection that is no longer current (bounded by its close timeout)."""
     with contextlib.suppress(Exception):
@@ -148,8 +173,20 @@ class WsguardClient:
                 "the token is not a bearer token (empty, or with spaces or control "
                 "characters inside)"
             )
+        if self._transport == "subprotocol" and not set(token) <= _TCHARS:
+            if self._provider is not None:
+                self._token = None
+            raise ClientError(
+                "the token cannot travel as a subprotocol entry (characters outside an HTTP "
+                "token, such as '/', '=' or ','): use transport='header'"
+            )
         self._token = token
         return token
+
+    def _hidden(self, text: str) -> str:
+        """*text* (an engine's error) without the token, should it quote it."""
+        token = self._token
+        return text.replace(token, "<token>") if token else text
 
     async def _open(self, *, fresh_token: bool = False) -> None:
         token = await self._token_now(fresh=fresh_token)
@@ -162,7 +199,7 @@ class WsguardClient:
         options: dict[str, Any] = {}
         if self._ssl is not None:  # else websockets' default: a verifying context for wss://
             options["ssl"] = self._ssl
-        ws = await connect(
+        ws = await _Connect(
             self.url,
             additional_headers=headers,
             subprotocols=protocols,
@@ -318,8 +355,13 @@ class WsguardClient:
             except ssl.SSLCertVerificationError as exc:  # retrying cannot fix it
                 raise ClientError(f"server certificate refused: {exc.verify_message}") from exc
             except InvalidStatus as exc:
-                last, last_why = exc, str(exc)
+                last, last_why = exc, self._hidden(str(exc))
                 status = exc.response.status_code
+                if 300 <= status < 400:
+                    raise ClientError(
+                        f"handshake redirected with HTTP {status}: not followed (the token "
+                        "goes only to the URL given); connect to the URL it names"
+                    ) from exc
                 if status in (400, 403, 405, 426) or not self._reconnect:
                     raise ClientError(f"handshake refused with HTTP {status}") from exc
                 if status == 401:
@@ -349,6 +391,7 @@ class WsguardClient:
                 # InvalidHandshake: no valid HTTP response (the server dropped the
                 # connection: a client certificate it requires, a proxy in between...)
                 why = f"{exc} ({exc.__cause__})" if exc.__cause__ is not None else str(exc)
+                why = self._hidden(why)  # a server echoing the token entry gets it quoted
                 if not self._reconnect:
                     raise ClientError(f"cannot connect: {why}") from exc
                 last, last_why = exc, why
@@ -365,13 +408,14 @@ class WsguardClient:
 
     # -- token refresh ---------------------------------------------------------------
 
-    def _schedule_refresh(self) -> None:
+    def _schedule_refresh(self, expires_at: float | None = None) -> None:
         if self._refresher is not None:
             self._refresher.cancel()
             self._refresher = None
-        if self.expires_at is None or self._provider is None:
+        expires_at = self.expires_at if expires_at is None else expires_at
+        if expires_at is None or self._provider is None:
             return
-        remaining = self.expires_at - time.time()
+        remaining = expires_at - time.time()
         delay = remaining - self._margin
         if delay < _MIN_REFRESH_SECONDS:
             # a token with less life than the margin (or a provider that returns the same
@@ -395,6 +439,12 @@ class WsguardClient:
         if ws is not None:
             with contextlib.suppress(ConnectionClosed):
                 await ws.send(orjson.dumps({"type": "auth", "token": token}).decode())
+                # the next refresh, from the new token's own exp: a client that only sends
+                # never reads the auth_ok that would schedule it (it reschedules this)
+                exp = _token_exp(token)
+                if exp is not None:
+                    self._refresher = None  # this task: not cancelled by the scheduling
+                    self._schedule_refresh(exp)
 
     # -- messages ------------------------------------------------------------------------
 
@@ -423,7 +473,16 @@ class WsguardClient:
                 dropped = ws  # closed before anything was written: use the next one
                 continue
             out = self.sign(message) if message.get("type") in self._signed else message
-            await ws.send(orjson.dumps(out).decode())
+            data = orjson.dumps(out)
+            limits = self.welcome.get("limits")
+            limit = limits.get("max_message_bytes") if isinstance(limits, dict) else None
+            if isinstance(limit, int) and len(data) > limit:
+                # the server would close the connection 1009, for good
+                raise ClientError(
+                    f"a message of {len(data)} bytes is over the server's max_message_bytes "
+                    f"({limit}): not sent"
+                )
+            await ws.send(data.decode())
             return
 
     async def recv(self) -> dict[str, Any]:

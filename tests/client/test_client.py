@@ -1002,3 +1002,107 @@ def test_a_welcome_late_on_the_first_connection_is_waited_for_on_the_next() -> N
     welcome = asyncio.run(asyncio.wait_for(_with_server(warming, client_part), 10))
     assert welcome["subject"] == "alice"
     assert connections == 2
+
+
+def test_a_redirect_is_not_followed_and_the_token_goes_nowhere_else() -> None:
+    """websockets strips Authorization on a cross-origin redirect, not a subprotocol
+    entry: the token in one went to whatever host the redirect named (browsers follow no
+    redirect on a WebSocket handshake)."""
+    elsewhere: list[bytes] = []
+
+    async def other(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        elsewhere.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.close()
+
+    async def main() -> None:
+        target = await asyncio.start_server(other, "127.0.0.2", 0)
+        port = target.sockets[0].getsockname()[1]
+
+        async def redirect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            location = f"ws://127.0.0.2:{port}/elsewhere".encode()
+            writer.write(b"HTTP/1.1 302 Found\r\nLocation: " + location + b"\r\n\r\n")
+            await writer.drain()
+            writer.close()
+
+        first = await asyncio.start_server(redirect, "127.0.0.1", 0)
+        async with target, first:
+            url = f"ws://127.0.0.1:{first.sockets[0].getsockname()[1]}/"
+            for transport in ("subprotocol", "header"):
+                client = WsguardClient(url, token=make_token(), transport=transport)
+                with pytest.raises(ClientError, match="redirected with HTTP 302: not followed"):
+                    await client.connect()
+
+    asyncio.run(asyncio.wait_for(main(), 10))
+    assert elsewhere == []
+
+
+def test_a_client_that_only_sends_keeps_refreshing_its_token(server: RunningServer) -> None:
+    """The next refresh was scheduled only when recv() read the auth_ok: a producer that
+    never reads refreshed once, then was closed 4001 at the second token's exp."""
+    counter = Counter(lambda n: make_token("producer", ttl=3))
+
+    async def main() -> WsguardClient:
+        async with WsguardClient(server.url, token_provider=counter.sync, refresh_margin=2) as c:
+            deadline = time.monotonic() + 15
+            while counter.calls < 4 and time.monotonic() < deadline:
+                await c.send({"type": "ping", "id": counter.calls})  # sends, never reads
+                await asyncio.sleep(0.5)  # within the default message rate
+            return c
+
+    client = asyncio.run(main())
+    assert counter.calls >= 4  # connect + three refreshes, all without a recv()
+    assert client.reconnects == 0
+    refreshed = wait_events(server, "token_refreshed", subject="producer")
+    assert len(refreshed) >= 3
+    closes = [e for e in server.audit.events("connection_closed") if e["subject"] == "producer"]
+    assert all(e["code"] != 4001 for e in closes), closes
+
+
+def test_the_token_is_never_quoted_in_a_client_error() -> None:
+    token = make_token()
+
+    async def echo_protocols(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        offered = next(
+            line.split(b":", 1)[1].strip()
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"sec-websocket-protocol:")
+        )
+        answer = upgrade_answer(head)[:-2] + b"Sec-WebSocket-Protocol: " + offered + b"\r\n\r\n"
+        writer.write(answer)  # the whole list back, token entry included
+        await writer.drain()
+        writer.close()
+
+    async def main() -> None:
+        server = await asyncio.start_server(echo_protocols, "127.0.0.1", 0)
+        async with server:
+            url = f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}/"
+            client = WsguardClient(url, token=token, transport="subprotocol", max_attempts=2)
+            with pytest.raises(ClientError) as echoed:
+                await client.connect()
+            assert token not in str(echoed.value)
+            assert token.split(".")[2] not in repr(echoed.value)
+            for odd in ("abc/def=", "a,b", 'a"b', "a(b)"):
+                client = WsguardClient(url, token=odd, transport="subprotocol")
+                with pytest.raises(ClientError, match="transport='header'") as refused:
+                    await client.connect()
+                assert odd not in str(refused.value)
+
+    asyncio.run(asyncio.wait_for(main(), 10))
+
+
+def test_a_message_over_the_servers_max_message_bytes_is_not_sent(server: RunningServer) -> None:
+    """The server would close 1009, a close the client cannot come back from: refused
+    before sending, by the limit the welcome announces."""
+
+    async def main() -> dict[str, Any]:
+        async with WsguardClient(server.url, token=make_token()) as client:
+            limit = client.welcome["limits"]["max_message_bytes"]
+            with pytest.raises(ClientError, match="over the server's max_message_bytes"):
+                await client.send({"type": "chat", "text": "x" * limit})
+            await client.send({"type": "ping", "id": "after"})
+            return await recv(client)
+
+    pong = asyncio.run(main())
+    assert (pong["type"], pong["id"]) == ("pong", "after")

@@ -1344,3 +1344,13 @@ def test_a_message_naming_its_type_twice_never_reaches_the_app(serve: Serve) -> 
     assert server.rec.received == [fine]
     refused = server.audit.events("message_refused")
     assert [e["code"] for e in refused] == ["invalid_message", "invalid_message"]
+
+
+def test_session_keys_are_refused_by_the_middleware() -> None:
+    """The session key travels in the welcome frame, which the middleware never sends (the
+    application speaks first)."""
+    from wsguard.errors import ConfigError
+
+    with pytest.raises(ConfigError) as refused:
+        WsGuardMiddleware(echo_app, config=make_config({"signing": {"session_keys": True}}))
+    assert refused.value.key == "signing.session_keys"

@@ -1604,3 +1604,17 @@ def test_an_upstream_that_never_ends_its_closing_handshake_is_cut_at_the_close_t
         assert event["subject"] == "alice"
     finally:
         upstream.close()
+
+
+def test_session_keys_are_refused_on_the_gateway() -> None:
+    """The session key travels in the welcome frame, which the gateway never sends (the
+    upstream speaks first): every signed type would be refused bad_signature."""
+    from wsguard.errors import ConfigError
+    from wsguard.hosts.gateway.proxy import Gateway
+
+    config = make_config(
+        {"gateway": {"upstream": "ws://127.0.0.1:9/"}, "signing": {"session_keys": True}}
+    )
+    with pytest.raises(ConfigError) as refused:
+        Gateway(config)
+    assert refused.value.key == "signing.session_keys"

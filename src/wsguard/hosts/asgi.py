@@ -46,6 +46,7 @@ from wsguard.core.duplicate_keys import duplicate_keys_refusal, names_type_twice
 from wsguard.core.headers import Headers
 from wsguard.core.identity import Identity
 from wsguard.core.request import HandshakeRequest
+from wsguard.errors import ConfigError
 from wsguard.guard import Guard
 from wsguard.observability.uvicorn_log import quiet_uvicorn_denial_errors
 from wsguard.session import ENGINE_CAUSES, Session
@@ -342,6 +343,12 @@ class WsGuardMiddleware:
         self.app = app
         self.guard = guard if guard is not None else Guard(config or Config())
         self.config = self.guard.config
+        if self.config.signing.session_keys:
+            raise ConfigError(
+                "signing.session_keys",
+                "the session key is sent in the welcome frame, and the middleware sends "
+                "none (the application speaks first): use signing.keys_file",
+            )
         self.max_message_bytes = self.config.limits.max_message_bytes
         self.latency = self.guard.monitor.metrics.latency  # per message, as the engines
         if self.config.admin.enabled:

@@ -137,6 +137,12 @@ class Gateway(App):
         guard: Guard | None = None,
     ) -> None:
         super().__init__(config, guard=guard)
+        if self.config.signing.session_keys:
+            raise ConfigError(
+                "signing.session_keys",
+                "the session key is sent in the welcome frame, and the gateway sends none "
+                "(the upstream speaks first): use signing.keys_file",
+            )
         gateway = self.config.gateway
         self.gateway = gateway
         if not gateway.upstream:
