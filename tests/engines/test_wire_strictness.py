@@ -765,3 +765,40 @@ def test_a_protocol_error_after_the_clients_close_frame_is_discarded(
     sent = ping_frames("p1") + close_frame(1000) + AFTER_THE_CLOSE
     assert exchange(server, sent) == (["p1"], 1000)
     assert closed_as(server) == (1000, "client")
+
+
+@pytest.mark.parametrize(
+    "frames",
+    [
+        [frame(OP_TEXT, b'{"type":"a\xff', fin=False)],
+        [frame(OP_TEXT, b'{"type":', fin=False), frame(OP_CONT, b"\xc0\xaf", fin=False)],
+        [frame(OP_TEXT, b'{"t', fin=False), frame(OP_CONT, b"\xed\xa0\x80", fin=False)],
+    ],
+    ids=["first-fragment", "continuation", "surrogate"],
+)
+def test_invalid_utf8_in_a_fragment_fails_the_connection_at_once(
+    server_factory: ServerFactory, frames: list[bytes]
+) -> None:
+    """RFC 6455 8.1: an endpoint that finds the text is not UTF-8 fails the connection;
+    at the fragment that shows it, not once the client ends the message (which it may
+    never do, holding up to max_message_bytes of it)."""
+    server = server_factory()
+    with raw_welcomed(server) as client:
+        for data in frames:
+            client.send(data)
+        assert server_close(client)[0] == 1007
+    event = closed_event(server)
+    assert (event["code"], event["closed_by"], event["cause"]) == (1007, "server", "invalid_utf8")
+
+
+def test_a_character_split_across_fragments_is_one_character(server_factory: ServerFactory) -> None:
+    server = server_factory()
+    text = '{"type":"ping","id":"κ€😀"}'.encode()
+    cut = text.index("€".encode()) + 1  # inside the euro sign's three bytes
+    with raw_welcomed(server) as client:
+        client.send(frame(OP_TEXT, text[: cut - 2], fin=False))
+        client.send(frame(OP_CONT, text[cut - 2 : cut], fin=False))
+        client.send(frame(OP_CONT, text[cut:], fin=True))
+        opcode, payload = client.read_frame()
+        assert opcode == OP_TEXT
+        assert json.loads(payload)["id"] == "κ€😀"

@@ -10,6 +10,7 @@ however it ends (clean close, error, timeout, refused or failed handshake).
 from __future__ import annotations
 
 import asyncio
+import codecs
 import functools
 import logging
 import time
@@ -86,6 +87,7 @@ _ENGINE_ATTRIBUTES = tuple(
 _ADMITTED = Request("/", WsHeaders())
 _CONTROL_COUNTED = (Opcode.PING, Opcode.PONG)
 _CONT, _TEXT, _BINARY = Opcode.CONT, Opcode.TEXT, Opcode.BINARY
+_utf8_decoder = codecs.getincrementaldecoder("utf-8")
 _DATA = (_CONT, _TEXT, _BINARY)
 # Bytes of a read handed to websockets' parser at a time (see GuardedServerConnection._feed):
 # a slice of tiny invalid frames is ~80 frame parses before the queue check, not ~160 as
@@ -242,6 +244,7 @@ class GuardedServerConnection(ServerConnection):
         "_peer_address",
         "_pending",
         "_screened",
+        "_utf8",
         "admission",
         "decided",
         "end_hook",
@@ -267,6 +270,9 @@ class GuardedServerConnection(ServerConnection):
         self._peer_address = "unknown"
         self._pending = False
         self._fragments = 0  # frames of the message being received so far (0: none)
+        # a fragmented text message's UTF-8 so far: invalid is failed at the fragment that
+        # shows it (RFC 6455 8.1), not when the message is read whole (None: none)
+        self._utf8: codecs.IncrementalDecoder | None = None
         self._backlog = b""  # what was read but not parsed yet (the handler is behind)
         self._drained = 0  # bytes read and dropped since the connection started closing
         # bytes after the request head, held until the handshake is answered (None: not
@@ -485,27 +491,47 @@ class GuardedServerConnection(ServerConnection):
             if opcode is _CONT:
                 self._fragments += 1
                 if self._fragments > self.max_fragments:
-                    self._too_many_fragments()
+                    self._fail_now(CLOSE_TOO_BIG, "too many fragments")
                     return
                 self._charge_fragment()
+                if self._utf8 is not None and not self._utf8_so_far(event.data, event.fin):
+                    return
             elif opcode is _TEXT or opcode is _BINARY:
                 if self._fragments > self.max_fragments:
                     return  # refused: nothing reaches the assembler any more
                 self._fragments = 0 if event.fin else 1
+                self._utf8 = _utf8_decoder() if opcode is _TEXT and not event.fin else None
+                if self._utf8 is not None and not self._utf8_so_far(event.data, False):
+                    return
         super().process_event(event)
+
+    def _utf8_so_far(self, data: bytes | bytearray | memoryview, final: bool) -> bool:
+        """Whether a fragmented text message is UTF-8 so far (1007 at once when not)."""
+        decoder = self._utf8
+        assert decoder is not None
+        try:
+            decoder.decode(data, final)
+        except UnicodeDecodeError:
+            self._utf8 = None
+            self._fragments = self.max_fragments + 1  # nothing more reaches the assembler
+            self._fail_now(1007, "invalid UTF-8")
+            return False
+        if final:
+            self._utf8 = None
+        return True
 
     def _charge_fragment(self) -> None:
         session = self.guarded
         if session is not None:
             session.fragment()
 
-    def _too_many_fragments(self) -> None:
+    def _fail_now(self, code: int, reason: str) -> None:
         """Fail the connection like websockets fails a message over ``max_size``: the
         close frame now, nothing parsed after it (the frames of the current read that
         follow are dropped here, the fragments so far with the connection)."""
         protocol = self.protocol
         if protocol.close_sent is None:
-            protocol.fail_as_is(CLOSE_TOO_BIG, "too many fragments")
+            protocol.fail_as_is(code, reason)
             self.send_data()
             if self.close_deadline is None and self.close_timeout is not None:
                 self.close_deadline = self.loop.time() + self.close_timeout

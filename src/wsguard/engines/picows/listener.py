@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import codecs
 import collections
 import logging
 import time
@@ -39,6 +40,7 @@ from wsguard.engines.picows.wire import CLOSE_OP, as_close_code, server_frame
 logger = logging.getLogger("wsguard.server")
 
 _TEXT, _BINARY, _CONT = WSMsgType.TEXT, WSMsgType.BINARY, WSMsgType.CONTINUATION
+_utf8_decoder = codecs.getincrementaldecoder("utf-8")
 _PING, _PONG, _CLOSE = WSMsgType.PING, WSMsgType.PONG, WSMsgType.CLOSE
 _BACKLOG_LIMIT = 16  # messages queued behind a handler that waits, before reads pause
 _CLOSE_TIMEOUT = 5.0  # seconds to wait for the peer's close frame
@@ -71,7 +73,7 @@ class GuardListener(WSListener):
 
     __slots__ = (
         "_backlog", "_busy", "_close_refused", "_closed", "_draining", "_engine_close",
-        "_fragments", "_fragments_size", "_fragments_text", "_held", "_ours_first", "_out",
+        "_fragments", "_fragments_size", "_fragments_utf8", "_held", "_ours_first", "_out",
         "_paused", "_ping_due",
         "_ping_payload", "_pong_deadline", "_writable", "admission", "close_sent", "conn",
         "host", "metrics", "raw", "request", "server", "tail", "transport",
@@ -97,7 +99,9 @@ class GuardListener(WSListener):
         self._engine_close: bytes | None = None  # picows' own close frame, not written yet
         self._fragments: list[bytes] | None = None
         self._fragments_size = 0
-        self._fragments_text = False
+        # a fragmented text message's UTF-8 so far: invalid is failed at the fragment that
+        # shows it (RFC 6455 8.1), not at the message's end (None: binary, or none)
+        self._fragments_utf8: codecs.IncrementalDecoder | None = None
         self._backlog: collections.deque[str | bytes] | None = None
         self._busy: asyncio.Task[None] | None = None
         self._paused = False
@@ -279,10 +283,11 @@ class GuardListener(WSListener):
                     data = frame.get_payload_as_bytes()
                 self._message(conn, data)
                 return
-            self._fragments = [frame.get_payload_as_bytes()]
+            payload = frame.get_payload_as_bytes()
+            self._fragments = [payload]
             self._fragments_size = frame.payload_size
-            self._fragments_text = kind is _TEXT
-            if self._check_fragments_size():
+            self._fragments_utf8 = _utf8_decoder() if kind is _TEXT else None
+            if self._check_fragments_size() and self._utf8_so_far(payload, final=False):
                 self._watch_fragments()
         elif kind is _CONT:
             fragments = self._fragments
@@ -296,13 +301,17 @@ class GuardListener(WSListener):
             conn.fragment()  # charged to the message rate
             if conn.closing:
                 return
-            fragments.append(frame.get_payload_as_bytes())
+            payload = frame.get_payload_as_bytes()
+            fragments.append(payload)
             self._fragments_size += frame.payload_size
-            if not self._check_fragments_size() or not frame.fin:
+            if not self._check_fragments_size():
+                return
+            if not self._utf8_so_far(payload, final=frame.fin) or not frame.fin:
                 return
             raw = b"".join(fragments)
             self._fragments = None
-            if self._fragments_text:
+            if self._fragments_utf8 is not None:
+                self._fragments_utf8 = None
                 try:
                     data = raw.decode()
                 except UnicodeDecodeError:
@@ -554,6 +563,19 @@ class GuardListener(WSListener):
         if over_allowance(head, pending, allowance):
             self._fragments = None
             self._fail(CLOSE_TOO_BIG, "message too big", "too_big")
+            return False
+        return True
+
+    def _utf8_so_far(self, payload: bytes, *, final: bool) -> bool:
+        """Whether a fragmented text message is UTF-8 so far (1007 at once when not)."""
+        decoder = self._fragments_utf8
+        if decoder is None:
+            return True
+        try:
+            decoder.decode(payload, final)
+        except UnicodeDecodeError:
+            self._fragments = self._fragments_utf8 = None
+            self._fail(1007, "invalid UTF-8", "invalid_utf8")
             return False
         return True
 
