@@ -80,6 +80,19 @@ class _Connect(connect):
         return exc
 
 
+def _signing_key(kid: str, secret: bytes | str) -> tuple[str, bytes]:
+    """A signing key as given: the secret's bytes, or the base64url text the server's keys
+    file holds (``signing.keys_file``), decoded; at least 32 bytes either way."""
+    if isinstance(secret, str):
+        try:
+            secret = base64.urlsafe_b64decode(secret + "=" * (-len(secret) % 4))
+        except ValueError:
+            raise ValueError("signing_key: the secret text is not base64url") from None
+    if not isinstance(secret, bytes) or len(secret) < 32:
+        raise ValueError("signing_key: the secret must be at least 32 bytes")
+    return kid, secret
+
+
 def _token_exp(token: str) -> float | None:
     """The ``exp`` a JWT says it has (read, not verified: only to schedule its refresh)."""
     try:
@@ -109,7 +122,7 @@ class WsguardClient:
         transport: Literal["header", "subprotocol"] = "header",
         subprotocol: str = "wsguard.v1",
         ssl_context: ssl.SSLContext | None = None,
-        signing_key: tuple[str, bytes] | None = None,
+        signing_key: tuple[str, bytes | str] | None = None,
         signed_types: Collection[str] = (),
         refresh_margin: float = 30.0,
         reconnect: bool = True,
@@ -135,7 +148,7 @@ class WsguardClient:
         self._transport = transport
         self._subprotocol = subprotocol
         self._ssl = ssl_context
-        self._signing_key = signing_key
+        self._signing_key = None if signing_key is None else _signing_key(*signing_key)
         self._signed = frozenset(signed_types)
         self._margin = refresh_margin
         self._reconnect = reconnect

@@ -183,9 +183,11 @@ def test_session_key_signed_chat_is_broadcast(server_factory: ServerFactory) -> 
     assert pong["type"] == "pong" and pong["id"] == "after"
 
 
+@pytest.mark.parametrize("given", ["bytes", "keys-file text"])
 def test_per_client_key_signed_chat_is_broadcast(
-    server_factory: ServerFactory, tmp_path: Path
+    server_factory: ServerFactory, tmp_path: Path, given: str
 ) -> None:
+    """The secret as bytes, or as the keys file holds it (base64url text)."""
     secret = secrets.token_bytes(32)
     keys = write_keys_file(
         tmp_path / "keys.json", [{"kid": "k1", "subject": "alice", "secret": b64url(secret)}]
@@ -197,7 +199,7 @@ def test_per_client_key_signed_chat_is_broadcast(
             WsguardClient(
                 server.url,
                 token=make_token("alice"),
-                signing_key=("k1", secret),
+                signing_key=("k1", secret if given == "bytes" else b64url(secret)),
                 signed_types={"chat"},
             ) as alice,
             WsguardClient(server.url, token=make_token("bob")) as bob,
@@ -1106,3 +1108,11 @@ def test_a_message_over_the_servers_max_message_bytes_is_not_sent(server: Runnin
 
     pong = asyncio.run(main())
     assert (pong["type"], pong["id"]) == ("pong", "after")
+
+
+@pytest.mark.parametrize("secret", [b"short", "c2hvcnQ", "not base64url!"])
+def test_an_unusable_signing_key_is_refused_when_the_client_is_made(secret: bytes | str) -> None:
+    """Not at the first send, from inside hmac (a str), nor as the server's bad_signature
+    (the text's bytes taken for the key)."""
+    with pytest.raises(ValueError, match="signing_key"):
+        WsguardClient("ws://127.0.0.1:1/", token=make_token(), signing_key=("k1", secret))

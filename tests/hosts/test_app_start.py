@@ -180,3 +180,54 @@ def test_await_serve_raises_listen_error_with_the_same_message(busy_port: int) -
     assert isinstance(info.value, WsguardError) and isinstance(info.value, OSError)
     assert info.value.errno == 98  # EADDRINUSE, as the bind said
     assert app.url is None
+
+
+def test_a_host_given_no_configuration_reads_the_environment_as_serve_does(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """``App()`` and ``WsGuardMiddleware(app)`` took the embedded defaults alone: a
+    newcomer's WSGUARD_JWT_SECRET, Origin allowlist and port were dropped silently (the
+    development key used instead, the browser refused)."""
+    from wsguard.asgi import WsGuardMiddleware
+
+    config_file = tmp_path / "w.toml"
+    config_file.write_text("[limits]\nmax_message_bytes = 4096\n")
+    config_file.chmod(0o600)
+    monkeypatch.setenv("WSGUARD_JWT_SECRET", SECRET)
+    monkeypatch.setenv("WSGUARD_PORT", "42718")
+    monkeypatch.setenv("WSGUARD_ORIGIN__ALLOWED", '["http://localhost:3000"]')
+    monkeypatch.setenv("WSGUARD_CONFIG", str(config_file))
+
+    async def app(scope: object, receive: object, send: object) -> None:
+        return None
+
+    for config in (App().config, WsGuardMiddleware(app).config):
+        assert config.port == 42718
+        assert config.origin.allowed == ("http://localhost:3000",)
+        assert config.auth.secret == SECRET
+        assert config.limits.max_message_bytes == 4096
+    assert not App().guard.key_info.dev_key
+
+
+def test_the_start_up_hints_name_the_configuration_file_and_the_origin_allowlist(
+    tmp_path: Path,
+) -> None:
+    """``App(load_config(file)).run()`` told to mint tokens without ``--config``: a
+    configuration with an issuer or audience then refused them (401). An empty Origin
+    allowlist refuses every browser with no hint on the server's side."""
+    config = tmp_path / "app.toml"
+    config.write_text('[auth]\nissuer = "https://issuer.example"\n')
+    config.chmod(0o600)
+    source = APP_SCRIPT.replace("load_config()", f"load_config({str(config)!r})")
+    user = ScriptServer(source, cli_env(tmp_path, WSGUARD_PORT="0"), tmp_path)
+    try:
+        user.wait_listening()
+        hint = user.wait_for(re.compile(r"mint a token:  (wsguard token .*)$"))
+        assert f"wsguard token --config {config} --sub alice" in hint.group(1)
+        user.wait_for("WSGUARD_ORIGIN__ALLOWED=")
+        args = hint.group(1).split()[1:]
+        token = run_cli(args, cli_env(tmp_path)).stdout.strip()
+        with user.connect(token) as ws:  # the token the hint mints is accepted
+            assert json.loads(ws.recv(timeout=5))["type"] == "welcome"
+    finally:
+        user.kill()

@@ -1354,3 +1354,66 @@ def test_session_keys_are_refused_by_the_middleware() -> None:
     with pytest.raises(ConfigError) as refused:
         WsGuardMiddleware(echo_app, config=make_config({"signing": {"session_keys": True}}))
     assert refused.value.key == "signing.session_keys"
+
+
+@pytest.mark.parametrize(
+    ("server", "admitted"),
+    [
+        (("203.0.113.5", 8000), False),  # uvicorn --host 0.0.0.0, a connection from afar
+        (("10.0.0.7", 8000), False),
+        (("127.0.0.1", 8000), True),
+        (("::1", 8000), True),
+        (None, True),  # a Unix socket: local
+    ],
+)
+def test_the_development_key_admits_only_connections_that_came_in_on_loopback(
+    tmp_path: Any, server: tuple[str, int] | None, admitted: bool
+) -> None:
+    """``wsguard serve`` uses the development key only when it binds loopback; the
+    middleware cannot see where the ASGI server binds, so it looks at the address each
+    connection came in on: elsewhere, refused 500 (and logged), never admitted with a
+    key that is a file on a developer's machine."""
+    from wsguard.config.keys import load_or_create_dev_key
+    from wsguard.config.loader import validate_config
+
+    config = validate_config({"auth": {"dev_key_file": str(tmp_path / "dev.key")}})
+    secret, _ = load_or_create_dev_key(config.auth)
+    token = make_token("alice", secret=secret.decode())
+
+    class Kept(AuditCapture):
+        def close(self) -> None:  # read after the middleware's shutdown flushed it
+            pass
+
+    audit = Kept()
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        await asyncio.sleep(0)
+        return {"type": "websocket.disconnect", "code": 1000}
+
+    async def send(message: Message) -> None:
+        sent.append(dict(message))
+
+    async def main() -> None:
+        middleware = WsGuardMiddleware(echo_app, guard=Guard(config, audit=AuditLog(audit)))
+        scope = direct_scope(token)
+        scope["server"] = server
+        events = iter([{"type": "websocket.connect"}])
+
+        async def first_receive() -> Message:
+            return next(events, None) or await receive()
+
+        try:
+            await asyncio.wait_for(middleware(scope, first_receive, send), 5)
+        finally:
+            await middleware.shutdown()
+
+    asyncio.run(main())
+    refused = [m for m in sent if m["type"] == "websocket.http.response.start"]
+    if admitted:
+        assert refused == [] and sent[0]["type"] == "websocket.accept", sent
+    else:
+        assert [m["status"] for m in refused] == [500], sent
+        [event] = audit.events("handshake_refused")
+        assert event["reason"] == "dev_key_beyond_loopback"
+        assert audit.events("connection_admitted") == []

@@ -1618,3 +1618,19 @@ def test_session_keys_are_refused_on_the_gateway() -> None:
     with pytest.raises(ConfigError) as refused:
         Gateway(config)
     assert refused.value.key == "signing.session_keys"
+
+
+def test_wsguard_proxy_says_when_it_enforces_the_demo_protocol(tmp_path: Path) -> None:
+    """A gateway is put in front of a backend of its own protocol: with no message types
+    configured, the demo protocol's refuse every message of it; the start-up says so."""
+    served = Served(
+        ["--upstream", "ws://127.0.0.1:9/", "--port", "0"],
+        cli_env(tmp_path),
+        tmp_path / "audit.jsonl",
+        command="proxy",
+    )
+    try:
+        served.wait_for("the message policy is the demo protocol")
+        served.wait_for('messages.format = "opaque"')
+    finally:
+        served.kill()

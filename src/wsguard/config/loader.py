@@ -96,7 +96,15 @@ def load_config(
     for dotted, value in (overrides or {}).items():
         if value is not None:
             _set(data, tuple(dotted.split(".")), value)
-    return validate_config(data).with_source_warnings(warnings)
+    source = None if path is None else os.fspath(path)
+    return validate_config(data).with_source_warnings(warnings, source)
+
+
+def environment_config() -> Config:
+    """The configuration of a host given none (``App()``, ``WsGuardMiddleware(app)``): the
+    file ``WSGUARD_CONFIG`` names, if any, and the ``WSGUARD_*`` variables over the
+    embedded defaults, as ``wsguard serve`` reads them."""
+    return load_config(os.environ.get("WSGUARD_CONFIG") or None)
 
 
 def validate_config(data: Mapping[str, Any]) -> Config:
@@ -112,7 +120,11 @@ def _read_toml(path: Path) -> dict[str, Any]:
         with path.open("rb") as fh:
             return tomllib.load(fh)
     except FileNotFoundError:
-        raise ConfigError("config", f"file not found: {path}") from None
+        raise ConfigError(
+            "config",
+            f"file not found: {path} (an empty file holds the defaults; the source's "
+            "examples/wsguard.toml is a commented one)",
+        ) from None
     except OSError as exc:
         raise ConfigError("config", f"cannot read {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:

@@ -1708,14 +1708,24 @@ class Config(_Section):
     #: Warnings about where the configuration came from (a file that holds secrets and
     #: others can read), as (key, message); set by the loader.
     _source_warnings: tuple[tuple[str, str], ...] = PrivateAttr(default=())
+    _source_file: str | None = PrivateAttr(default=None)
+
+    @property
+    def source_file(self) -> str | None:
+        """The TOML file this configuration was loaded from (None: none)."""
+        return self._source_file
 
     @property
     def source_warnings(self) -> tuple[tuple[str, str], ...]:
         return self._source_warnings
 
-    def with_source_warnings(self, warnings: tuple[tuple[str, str], ...]) -> Config:
-        """This configuration, noting *warnings* about its source."""
+    def with_source_warnings(
+        self, warnings: tuple[tuple[str, str], ...], file: str | None = None
+    ) -> Config:
+        """This configuration, noting *warnings* about its source and the *file* it came
+        from."""
         self._source_warnings = warnings
+        self._source_file = file
         return self
 
     @field_validator("host")

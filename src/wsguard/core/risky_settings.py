@@ -69,7 +69,7 @@ def _trusts_everyone(trusted: tuple[str, ...]) -> str:
             v4[entry] = mapped
     v4_all = list(collapse_addresses(v4.values())) == [IPv4Network("0.0.0.0/0")]
     v6_all = list(collapse_addresses(v6.values())) == [IPv6Network("::/0")]
-    entries = list(v4) if v4_all else list(v6) if v6_all else []
+    entries = list(v6) if v6_all else list(v4) if v4_all else []
     if len(entries) > 1:
         return f"{', '.join(entries)} together trust"
     return f"{entries[0]} trusts" if entries else ""

@@ -48,6 +48,7 @@ from typing import Any, Literal, overload
 import orjson
 
 from wsguard.cluster.events import ClusterEvents, close_disconnected, close_revoked
+from wsguard.config.loader import environment_config
 from wsguard.config.model import Config
 from wsguard.core.decisions import CLOSE_GOING_AWAY, CLOSE_INTERNAL_ERROR, Deliver, valid_ref
 from wsguard.core.duplicate_keys import duplicate_keys_refusal, has_duplicate_keys
@@ -86,7 +87,7 @@ class App:
         have no room for it (an echo server, a non-JSON protocol). Kept as
         :attr:`send_welcome`."""
         if guard is None:
-            guard = Guard(config if config is not None else Config())
+            guard = Guard(config if config is not None else environment_config())
         self.guard = guard
         self.config = guard.config
         if not welcome and self.config.signing.session_keys:
@@ -586,6 +587,7 @@ def announce(app: App, *, config_file: str | os.PathLike[str] | None = None) -> 
             )
     key_info = app.guard.key_info
     if key_info.dev_key:
+        config_file = config_file or app.config.source_file  # App(load_config(file)).run()
         cfg = f" --config {config_file}" if config_file else ""
         say(
             f"no JWT key configured; using the development key in "
@@ -594,6 +596,23 @@ def announce(app: App, *, config_file: str | os.PathLike[str] | None = None) -> 
             f"wsguard: then connect to {url} with the header "
             f"'Authorization: Bearer <token>' or the subprotocols "
             f"['wsguard.v1', 'token.<token>'] (docs: guides/standalone.md, Connect)"
+        )
+    if not config.origin.allowed:
+        others = "; clients that send none are admitted" if config.origin.allow_missing else ""
+        say(
+            "browsers send an Origin, and none is allowed yet: allow your page's "
+            "(origin.allowed, e.g. WSGUARD_ORIGIN__ALLOWED='[\"http://localhost:3000\"]')" + others
+        )
+    messages = config.messages
+    if (
+        getattr(app, "gateway", None) is not None
+        and messages.format == "json"
+        and "types" not in messages.model_fields_set
+    ):
+        say(
+            "the message policy is the demo protocol (types auth, chat, command, data, "
+            'ping): set messages.types to your backend\'s, or messages.format = "opaque" '
+            "(docs: guides/gateway.md)"
         )
 
 

@@ -32,6 +32,7 @@ from typing import Any
 from urllib.parse import unquote_plus
 
 from wsguard.cluster.events import ClusterEvents, close_disconnected, close_revoked
+from wsguard.config.loader import environment_config
 from wsguard.config.model import Config
 from wsguard.core.client_address import forwarded_for, forwarded_host, parse_ip
 from wsguard.core.decisions import (
@@ -341,7 +342,7 @@ class WsGuardMiddleware:
     ) -> None:
         quiet_uvicorn_denial_errors()
         self.app = app
-        self.guard = guard if guard is not None else Guard(config or Config())
+        self.guard = guard if guard is not None else Guard(config or environment_config())
         self.config = self.guard.config
         if self.config.signing.session_keys:
             raise ConfigError(
@@ -364,6 +365,13 @@ class WsGuardMiddleware:
         self._events: ClusterEvents | None = None
         self.admin: Any = None  # the AdminServer when admin.port is set
         self._forwarded_warned_at = float("-inf")  # see _refuse_forwarded_client
+        self._dev_key_warned_at = float("-inf")  # see _refuse_dev_key
+        if self.guard.key_info.dev_key:
+            logger.warning(
+                "no JWT key configured: using the development key in %s, for connections "
+                "that come in on loopback only",
+                self.guard.key_info.dev_key_path,
+            )
         # the forwarded headers wsguard does not read: a server that took the client's
         # address from one of them let whoever wrote it choose the address
         proxy = self.config.proxy
@@ -456,6 +464,9 @@ class WsGuardMiddleware:
         if peer and _forwarded_client(scope, peer, self._unread_headers):
             await self._refuse_forwarded_client(scope, send)
             return
+        if self.guard.key_info.dev_key and not _on_loopback(scope):
+            await self._refuse_dev_key(scope, send)
+            return
         request, headers = handshake_request(scope, self.config)
         _drop_query_token(scope, self.config)  # read: neither the server nor the app needs it
         decision = await self.guard.admit(request)
@@ -496,6 +507,26 @@ class WsGuardMiddleware:
             session.attachment = None
             for admission in released:
                 await admission.release()
+
+    async def _refuse_dev_key(self, scope: Scope, send: Send) -> None:
+        """No JWT key is configured: the development key (a file on this machine, meant
+        for trying wsguard out) is good on loopback only, as ``wsguard serve`` uses it only
+        when it binds loopback. The middleware cannot see where the ASGI server listens
+        until a connection arrives: one that came in on another address is refused (500)
+        and the log says what to set."""
+        now = monotonic()
+        if now >= self._dev_key_warned_at + 60.0:
+            self._dev_key_warned_at = now
+            logger.error(
+                "refusing a WebSocket handshake that came in on a non-loopback address: no "
+                "JWT key is configured, and the development key is only used on loopback "
+                "(set WSGUARD_JWT_SECRET, auth.secret_file, auth.public_key_file, "
+                "auth.jwks_file, auth.jwks_url or auth.oidc_issuer)"
+            )
+        reason = "dev_key_beyond_loopback"
+        self.guard.record_raw_refusal(500, reason, None)
+        _drop_query_token(scope, self.config)
+        await deny(scope, send, Reject(500, reason, "Server misconfigured."))
 
     async def _refuse_forwarded_client(self, scope: Scope, send: Send) -> None:
         """The ASGI server took the client's address from ``X-Forwarded-For`` (uvicorn
@@ -711,6 +742,16 @@ def scope_for_app(
     credentials = out["auth"] = _credentials(scopes)
     conn.user, conn.state, conn.credentials = user, state, credentials
     return out
+
+
+def _on_loopback(scope: Scope) -> bool:
+    """Whether the connection came in on a loopback address of the server (``server``:
+    the socket's own address; none, as over a Unix socket: local too)."""
+    server = scope.get("server")
+    if not server:
+        return True
+    address = parse_ip(str(server[0]))
+    return address is not None and address.is_loopback
 
 
 def _forwarded_client(

@@ -51,6 +51,7 @@ HANDSHAKE_REASONS: dict[str, str] = {
     "tls_certificate": "auth",  # mTLS: a client certificate refused in the TLS handshake
     "tls_protocol": "protocol",  # a TLS handshake failed: not TLS, no common version or suite
     "forwarded_client": "other",  # the ASGI server believed X-Forwarded-For; wsguard not
+    "dev_key_beyond_loopback": "other",  # ASGI: the development key, off loopback
     "app_subprotocol": "other",  # an ASGI app accepted with a subprotocol not allowed
     "policy_error": "policy",  # the policy itself failed (a bug): answered 500
     **dict.fromkeys(
