@@ -80,6 +80,7 @@ HANDSHAKE_REASONS = frozenset(
         "origin_forbidden", "banned", "handshake_rate", "server_full", "too_many_connections",
         "too_many_pending", "revoked", "draining", "store_unavailable", "keys_unavailable",
         "handshake_timeout", "forwarded_client", "policy_error", "tls_certificate", "tls_protocol",
+        "app_subprotocol", "dev_key_beyond_loopback",
         "bad_request", "bad_http_version", "bad_method", "not_websocket",
         "unsupported_version", "headers_too_large", "request_line_too_long", "bad_handshake",
         "other",
