@@ -9,7 +9,10 @@ than the one checked. Such texts are refused there.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
+
+import msgspec
 
 from wsguard.core.decisions import Deliver, Refuse, valid_ref
 
@@ -25,14 +28,41 @@ def _pairs_unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return dict(pairs)
 
 
-def names_type_twice(data: str | bytes) -> bool:
+#: ``"type"`` as a key (followed by its colon), not inside a string (an escaped quote).
+_TYPE_KEY = re.compile(r'(?<!\\)"type"\s*:')
+_TYPE_KEY_BYTES = re.compile(rb'(?<!\\)"type"\s*:')
+#: An escape that could spell a letter of ``type`` in a key (``\u0074ype``).
+_TYPE_ESCAPE = re.compile(r"\\u00(?:74|79|70|65)", re.IGNORECASE)
+_TYPE_ESCAPE_BYTES = re.compile(rb"\\u00(?:74|79|70|65)", re.IGNORECASE)
+
+
+def names_type_twice(data: str | bytes, message: Any) -> bool:
     """Whether a JSON text's top-level object names ``type`` twice: the policy checked the
     type it decoded (the last), a parser keeping the first would read another type, with
-    other scopes. Cheap unless the text holds ``"type"`` twice or an escape."""
+    other scopes. *message* is what the policy decoded from *data*.
+
+    Cheap: a text with ``"type"`` once and no escape is done with; otherwise its
+    ``"type"`` keys are counted (a regular expression) and compared with those of the
+    decoded message written again (msgspec): equal, no key was named twice anywhere. Only
+    when they differ, or an escape could spell one, is the text parsed again keeping every
+    pair."""
     if isinstance(data, str):
-        if data.count('"type"') < 2 and "\\u" not in data:
+        named = data.count('"type"')
+        if named < 2 and "\\u" not in data:
             return False
-    elif data.count(b'"type"') < 2 and b"\\u" not in data:
+        escaped = _TYPE_ESCAPE.search(data) is not None
+        keys = data.count('"type":')  # a key, never inside a string (its quote escaped)
+        if keys != named:  # '"type" :', or "type" as a value: the expression tells
+            keys = len(_TYPE_KEY.findall(data))
+    else:
+        named = data.count(b'"type"')
+        if named < 2 and b"\\u" not in data:
+            return False
+        escaped = _TYPE_ESCAPE_BYTES.search(data) is not None
+        keys = data.count(b'"type":')
+        if keys != named:
+            keys = len(_TYPE_KEY_BYTES.findall(data))
+    if not escaped and (keys < 2 or keys == msgspec.json.encode(message).count(b'"type":')):
         return False
     objects: list[list[tuple[str, Any]]] = []
 

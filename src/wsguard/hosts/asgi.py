@@ -610,7 +610,7 @@ class WsGuardMiddleware:
         return None  # the application speaks first, if at all
 
     def deliver(self, session: Session, decision: Deliver, data: str | bytes) -> None:
-        if self._json and names_type_twice(data):
+        if self._json and names_type_twice(data, decision.message):
             # the app gets the text: a parser keeping the first "type" would read another
             # type than the one whose scopes and schema were checked
             session.refuse(duplicate_keys_refusal(decision))
