@@ -36,7 +36,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from websockets.protocol import State
 from websockets.typing import Subprotocol
 
-from wsguard.core.integrity import SESSION_KID, sign
+from wsguard.core.integrity import SESSION_KID, decode_secret, sign
 from wsguard.observability.engine_log import quiet_logger
 
 logger = logging.getLogger("wsguard.client")
@@ -85,7 +85,7 @@ def _signing_key(kid: str, secret: bytes | str) -> tuple[str, bytes]:
     file holds (``signing.keys_file``), decoded; at least 32 bytes either way."""
     if isinstance(secret, str):
         try:
-            secret = base64.urlsafe_b64decode(secret + "=" * (-len(secret) % 4))
+            secret = decode_secret(secret)
         except ValueError:
             raise ValueError("signing_key: the secret text is not base64url") from None
     if not isinstance(secret, bytes) or len(secret) < 32:
@@ -195,6 +195,18 @@ class WsguardClient:
             )
         self._token = token
         return token
+
+    def _cause(self, exc: BaseException | None) -> BaseException | None:
+        """*exc* as the cause of a ClientError, unless it (or what it chains) quotes the
+        token (a server that echoes the token entry back): then none, so that no traceback
+        prints it."""
+        token = self._token
+        seen = exc
+        while token and seen is not None:
+            if token in str(seen) or token in repr(seen.args):
+                return None
+            seen = seen.__cause__ or seen.__context__
+        return exc
 
     def _hidden(self, text: str) -> str:
         """*text* (an engine's error) without the token, should it quote it."""
@@ -366,7 +378,9 @@ class WsguardClient:
                 await self._open(fresh_token=attempt > 0)
                 return
             except ssl.SSLCertVerificationError as exc:  # retrying cannot fix it
-                raise ClientError(f"server certificate refused: {exc.verify_message}") from exc
+                raise ClientError(
+                    f"server certificate refused: {exc.verify_message}"
+                ) from self._cause(exc)
             except InvalidStatus as exc:
                 last, last_why = exc, self._hidden(str(exc))
                 status = exc.response.status_code
@@ -374,9 +388,9 @@ class WsguardClient:
                     raise ClientError(
                         f"handshake redirected with HTTP {status}: not followed (the token "
                         "goes only to the URL given); connect to the URL it names"
-                    ) from exc
+                    ) from self._cause(exc)
                 if status in (400, 403, 405, 426) or not self._reconnect:
-                    raise ClientError(f"handshake refused with HTTP {status}") from exc
+                    raise ClientError(f"handshake refused with HTTP {status}") from self._cause(exc)
                 if status == 401:
                     # the token is refused: only another one can help, and every refusal
                     # counts toward a ban of the address (every user behind it): one
@@ -386,13 +400,13 @@ class WsguardClient:
                         raise ClientError(
                             "handshake refused with HTTP 401: the token is refused (not "
                             "retried: each refusal counts toward a ban of this address)"
-                        ) from exc
+                        ) from self._cause(exc)
                     refusals += 1
                     if await self._token_now(fresh=True) == refused:
                         raise ClientError(
                             "handshake refused with HTTP 401, and the token provider "
                             "returns the same token"
-                        ) from exc
+                        ) from self._cause(exc)
                     continue
                 retry_after = exc.response.headers.get("Retry-After")
                 delay = (
@@ -406,12 +420,14 @@ class WsguardClient:
                 why = f"{exc} ({exc.__cause__})" if exc.__cause__ is not None else str(exc)
                 why = self._hidden(why)  # a server echoing the token entry gets it quoted
                 if not self._reconnect:
-                    raise ClientError(f"cannot connect: {why}") from exc
+                    raise ClientError(f"cannot connect: {why}") from self._cause(exc)
                 last, last_why = exc, why
                 delay = None
             attempt += 1
             if attempt >= self._max_attempts:
-                raise ClientError(f"gave up after {attempt} attempts: {last_why}") from last
+                raise ClientError(f"gave up after {attempt} attempts: {last_why}") from self._cause(
+                    last
+                )
             await asyncio.sleep(delay if delay is not None else self._jitter(attempt))
 
     def _jitter(self, attempt: int) -> float:
@@ -456,8 +472,9 @@ class WsguardClient:
                 # never reads the auth_ok that would schedule it (it reschedules this)
                 exp = _token_exp(token)
                 if exp is not None:
+                    self.expires_at = exp  # the token in use now (auth_ok confirms it)
                     self._refresher = None  # this task: not cancelled by the scheduling
-                    self._schedule_refresh(exp)
+                    self._schedule_refresh()
 
     # -- messages ------------------------------------------------------------------------
 

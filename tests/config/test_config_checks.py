@@ -6,10 +6,12 @@ addresses, and proxy networks that together trust everyone."""
 
 from __future__ import annotations
 
+import grp
 import io
 import json
 import math
 import os
+import pwd
 import re
 from pathlib import Path
 
@@ -33,6 +35,17 @@ KEYS = list(hooks_module().config_keys())
 
 DEV_KEY = Path(".local") / "share" / "wsguard" / "dev-jwt.key"
 ADMIN_TOKEN = Path(".local") / "share" / "wsguard" / "admin.token"
+
+
+#: A group that is no user's private group (its gid is not the test user's): group-write
+#: by it is write by other users.
+SHARED_GID = grp.getgrnam("daemon").gr_gid
+
+
+def shared(path: Path) -> Path:
+    """*path* put in the shared group (as root, the test user)."""
+    os.chown(path, -1, SHARED_GID)
+    return path
 
 
 def config_file(tmp_path: Path, text: str, mode: int = 0o600, name: str = "c.toml") -> Path:
@@ -336,7 +349,7 @@ def test_check_config_and_serve_warn_about_a_readable_file_holding_a_secret(
 def test_a_file_holding_a_secret_that_others_can_write_is_refused(
     tmp_path: Path, mode: int
 ) -> None:
-    path = config_file(tmp_path, SECRET_LINES["auth.secret"], mode)
+    path = shared(config_file(tmp_path, SECRET_LINES["auth.secret"], mode))
     done = run_cli(["check-config", "-c", str(path)], cli_env(tmp_path))
     assert done.returncode == 2
     assert f"configuration error: auth.secret: {path} holds secrets" in done.stderr
@@ -360,7 +373,7 @@ def test_a_secret_from_the_environment_is_not_about_the_file(tmp_path: Path) -> 
 @pytest.mark.parametrize("mode", [0o666, 0o664, 0o646])
 def test_a_configuration_file_other_users_can_write_is_refused(tmp_path: Path, mode: int) -> None:
     """Whoever can change the configuration decides who is trusted, secrets in it or not."""
-    path = config_file(tmp_path, "port = 9000\n", mode)
+    path = shared(config_file(tmp_path, "port = 9000\n", mode))
     with pytest.raises(ConfigError) as info:
         load_config(path, env={})
     assert info.value.key == "config"
@@ -368,6 +381,33 @@ def test_a_configuration_file_other_users_can_write_is_refused(tmp_path: Path, m
     done = run_cli(["check-config", "-c", str(path)], cli_env(tmp_path))
     assert done.returncode == 2 and "configuration error: config:" in done.stderr, done.stderr
     load_config(config_file(tmp_path, "port = 9000\n", 0o644), env={})  # readable is fine
+
+
+def test_group_write_by_the_owners_private_group_is_the_owners(tmp_path: Path) -> None:
+    """umask 002 distributions give every user a private group and files 664: that group
+    is the owner alone (as Debian's OpenSSH reads StrictModes)."""
+    private = config_file(tmp_path, "port = 9000\n", 0o664)
+    assert grp.getgrgid(private.stat().st_gid).gr_mem == []  # root's own group
+    load_config(private, env={})
+
+
+def test_a_configuration_file_of_another_user_or_in_a_directory_others_write_is_refused(
+    tmp_path: Path,
+) -> None:
+    """Another user can change a file it owns (chmod it first); anyone who can write its
+    directory can replace it (``mv``), unless the directory is sticky, as /tmp is."""
+    owned = config_file(tmp_path, "port = 9000\n", 0o644, name="owned.toml")
+    os.chown(owned, pwd.getpwnam("nobody").pw_uid, -1)
+    with pytest.raises(ConfigError, match="belongs to another user"):
+        load_config(owned, env={})
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    in_open = config_file(open_dir, "port = 9000\n", 0o644)
+    os.chmod(open_dir, 0o777)
+    with pytest.raises(ConfigError, match=r"its directory .* is writable by them"):
+        load_config(in_open, env={})
+    os.chmod(open_dir, 0o1777)  # sticky: nobody replaces another's file
+    load_config(in_open, env={})
 
 
 def trust_files(tmp_path: Path) -> dict[str, tuple[str, Path]]:
@@ -425,6 +465,7 @@ def test_a_key_ca_or_schema_file_other_users_can_write_is_refused(tmp_path: Path
     text, path = trust_files(tmp_path)[key]
     os.chmod(path, 0o644)
     load_config(config_file(tmp_path, text), env={})  # readable by all: fine
+    shared(path)
     for mode in (0o666, 0o664):
         os.chmod(path, mode)
         error = refused(tmp_path, text)

@@ -71,6 +71,11 @@ def test_the_cheap_answer_is_the_exact_one(pairs: list[tuple[str, object]]) -> N
     """Against a parse that keeps every pair: any key order, escapes, nesting, values."""
     text = _text(("obj", pairs))
     top: list[list[tuple[str, object]]] = []
-    json.loads(text, object_pairs_hook=lambda p: top.append(p) or dict(p))
+
+    def keep(found: list[tuple[str, object]]) -> dict[str, object]:
+        top.append(found)
+        return dict(found)
+
+    json.loads(text, object_pairs_hook=keep)
     exact = sum(key == "type" for key, _ in top[-1]) > 1
     assert names_type_twice(text, msgspec.json.decode(text)) is exact, text

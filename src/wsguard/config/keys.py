@@ -7,8 +7,6 @@ loopback address creates a random HS256 secret on first use in
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import os
 import secrets
@@ -21,7 +19,7 @@ import jwt
 
 from wsguard.config.model import ASYMMETRIC_ALGORITHMS, AuthConfig
 from wsguard.core.auth import KeyMaterial
-from wsguard.core.integrity import SESSION_KID, SigningKey
+from wsguard.core.integrity import SESSION_KID, SigningKey, decode_secret
 from wsguard.errors import KeyLoadError
 
 
@@ -159,8 +157,8 @@ def load_signing_keys(path: Path | None) -> dict[str, SigningKey]:
         if kid == SESSION_KID or kid in keys:
             raise KeyLoadError(key, f"kid {kid!r} is reserved or duplicated")
         try:
-            raw = base64.urlsafe_b64decode(secret + "=" * (-len(secret) % 4))
-        except (binascii.Error, ValueError):
+            raw = decode_secret(secret)
+        except ValueError:
             raise KeyLoadError(key, f"key {kid!r}: secret is not base64url") from None
         if len(raw) < 32:
             raise KeyLoadError(key, f"key {kid!r}: secret must be at least 32 bytes")

@@ -139,17 +139,16 @@ def _check_file_mode(path: Path, data: Mapping[str, Any]) -> tuple[tuple[str, st
     """The configuration decides who is trusted: a file other users can write is refused
     (as the key files and CA bundles it names are); one holding a secret should not be
     readable by them either (a warning)."""
+    from wsguard.config.file_modes import others_can_change
+
     secrets = list(_secret_keys(data))
     mode = path.stat().st_mode
     names = ", ".join(secrets)
-    if mode & (stat.S_IWGRP | stat.S_IWOTH):
+    why = others_can_change(path, "chmod 600" if secrets else "chmod go-w")
+    if why is not None:
         if secrets:
-            message = f"{path} holds secrets ({names}) and other users can write it (chmod 600)"
-            raise ConfigError(secrets[0], message)
-        raise ConfigError(
-            "config",
-            f"other users can write {path}, and with it decide who is trusted (chmod go-w)",
-        )
+            raise ConfigError(secrets[0], f"{path} holds secrets ({names}) and {why}")
+        raise ConfigError("config", f"{path}: {why}; whoever can change it decides who is trusted")
     if not secrets:
         return ()
     if mode & (stat.S_IRWXG | stat.S_IRWXO):

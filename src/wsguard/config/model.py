@@ -13,7 +13,6 @@ import json
 import math
 import re
 import ssl
-import stat
 import types
 import urllib.parse
 from pathlib import Path
@@ -452,19 +451,15 @@ def ca_bundle_context(path: Path) -> ssl.SSLContext:
 
 def trusted_file(value: Path | None) -> Path | None:
     """A file that decides who is trusted (a verification key, a CA bundle, a schema): one
-    that users other than its owner can write is refused, as sshd's ``StrictModes`` does;
+    that users other than its owner can change is refused (see :mod:`wsguard.config.file_modes`);
     whoever could change it could let in anyone. A file that cannot be read is reported by
     the check that reads it."""
     if value is not None:
-        try:
-            mode = value.expanduser().stat().st_mode
-        except OSError:
-            return value
-        if mode & (stat.S_IWGRP | stat.S_IWOTH):
-            raise ValueError(
-                f"{value} can be written by other users, who could then decide who is "
-                "trusted (chmod go-w)"
-            )
+        from wsguard.config.file_modes import others_can_change
+
+        why = others_can_change(value.expanduser())
+        if why is not None:
+            raise ValueError(f"{value}: {why}; whoever can change it decides who is trusted")
     return value
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -154,6 +155,21 @@ class Verified:
     nonce_key: str
     timestamp: float
     window: float
+
+
+_BASE64URL = re.compile(r"[A-Za-z0-9_-]*={0,2}")
+
+
+def decode_secret(text: str) -> bytes:
+    """A signing secret written as base64url (padding optional): its bytes; ValueError
+    for any character outside that alphabet (a lenient decoder drops them, and so reads
+    another key than the one written)."""
+    if _BASE64URL.fullmatch(text) is None:  # '+' and '/' too: base64's, not base64url's
+        raise ValueError("not base64url")
+    try:
+        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except ValueError:  # binascii.Error included: a length no encoding gives
+        raise ValueError("not base64url") from None
 
 
 def nonce_key(subject: str, kid: str, nonce: str) -> str:

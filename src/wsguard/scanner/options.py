@@ -132,13 +132,13 @@ def resolve_target(options: ScanOptions) -> Target:
 
 
 def parse_signing_key(value: str) -> tuple[str, bytes]:
-    import base64
+    from wsguard.core.integrity import decode_secret
 
     kid, sep, secret = value.partition(":")
     if not sep or not kid or not secret:
         raise ConfigError("--signing-key", "expected KID:SECRET (secret in base64url)")
     try:
-        raw = base64.urlsafe_b64decode(secret + "=" * (-len(secret) % 4))
+        raw = decode_secret(secret)
     except ValueError:
         raise ConfigError("--signing-key", "the secret is not base64url") from None
     return kid, raw
