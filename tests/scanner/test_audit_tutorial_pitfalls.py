@@ -260,32 +260,31 @@ def test_a_feed_of_its_own_is_not_taken_for_an_answer(name: str) -> None:
 # -- malformed input: refusals worded like authentication, and input accepted ------------
 
 
-async def binary_closed(ws: ServerConnection) -> None:
-    with contextlib.suppress(ConnectionClosed):
-        async for raw in ws:
-            if isinstance(raw, bytes):
-                await ws.close(1003, "binary frames forbidden")
-                return
-            try:
-                value = json.loads(raw)
-            except ValueError:
-                await ws.send(json.dumps({"type": "error", "error": "invalid_json"}))
-                continue
-            await ws.send(pong(value) or unknown(value, raw))
+def binary_refusing(close: bool) -> Handler:
+    """A JSON server that refuses binary frames with words of "forbidden": a close 1003
+    (*close*) or an error frame, serving on."""
+
+    async def handler(ws: ServerConnection) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            async for raw in ws:
+                if isinstance(raw, bytes):
+                    if close:
+                        await ws.close(1003, "binary frames forbidden")
+                        return
+                    await ws.send(json.dumps({"type": "error", "error": "binary data forbidden"}))
+                    continue
+                try:
+                    value = json.loads(raw)
+                except ValueError:
+                    await ws.send(json.dumps({"type": "error", "error": "invalid_json"}))
+                    continue
+                await ws.send(pong(value) or unknown(value, raw))
+
+    return handler
 
 
-async def binary_refused_with_error(ws: ServerConnection) -> None:
-    with contextlib.suppress(ConnectionClosed):
-        async for raw in ws:
-            if isinstance(raw, bytes):
-                await ws.send(json.dumps({"type": "error", "error": "binary data forbidden"}))
-                continue
-            try:
-                value = json.loads(raw)
-            except ValueError:
-                await ws.send(json.dumps({"type": "error", "error": "invalid_json"}))
-                continue
-            await ws.send(pong(value) or unknown(value, raw))
+binary_closed = binary_refusing(close=True)
+binary_refused_with_error = binary_refusing(close=False)
 
 
 @pytest.mark.parametrize(

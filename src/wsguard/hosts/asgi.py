@@ -364,8 +364,7 @@ class WsGuardMiddleware:
         self._start_lock: asyncio.Lock | None = None
         self._events: ClusterEvents | None = None
         self.admin: Any = None  # the AdminServer when admin.port is set
-        self._forwarded_warned_at = float("-inf")  # see _refuse_forwarded_client
-        self._dev_key_warned_at = float("-inf")  # see _refuse_dev_key
+        self._misconfigured_warned_at: dict[str, float] = {}  # see _refuse_misconfigured
         if self.guard.key_info.dev_key:
             logger.warning(
                 "no JWT key configured: using the development key in %s, for connections "
@@ -514,19 +513,15 @@ class WsGuardMiddleware:
         when it binds loopback. The middleware cannot see where the ASGI server listens
         until a connection arrives: one that came in on another address is refused (500)
         and the log says what to set."""
-        now = monotonic()
-        if now >= self._dev_key_warned_at + 60.0:
-            self._dev_key_warned_at = now
-            logger.error(
-                "refusing a WebSocket handshake that came in on a non-loopback address: no "
-                "JWT key is configured, and the development key is only used on loopback "
-                "(set WSGUARD_JWT_SECRET, auth.secret_file, auth.public_key_file, "
-                "auth.jwks_file, auth.jwks_url or auth.oidc_issuer)"
-            )
-        reason = "dev_key_beyond_loopback"
-        self.guard.record_raw_refusal(500, reason, None)
-        _drop_query_token(scope, self.config)
-        await deny(scope, send, Reject(500, reason, "Server misconfigured."))
+        await self._refuse_misconfigured(
+            scope,
+            send,
+            "dev_key_beyond_loopback",
+            "refusing a WebSocket handshake that came in on a non-loopback address: no "
+            "JWT key is configured, and the development key is only used on loopback "
+            "(set WSGUARD_JWT_SECRET, auth.secret_file, auth.public_key_file, "
+            "auth.jwks_file, auth.jwks_url or auth.oidc_issuer)",
+        )
 
     async def _refuse_forwarded_client(self, scope: Scope, send: Send) -> None:
         """The ASGI server took the client's address from ``X-Forwarded-For`` (uvicorn
@@ -537,20 +532,30 @@ class WsGuardMiddleware:
         how. (A client that writes its own address in the header, on a server that reads
         no forwarded header, looks the same from the scope: refused alike, after its
         address's allowance and ban were checked.)"""
+        await self._refuse_misconfigured(
+            scope,
+            send,
+            "forwarded_client",
+            "refusing WebSocket handshakes whose client address is also in a "
+            "forwarded header wsguard does not read (X-Forwarded-For or Forwarded, "
+            "as proxy.trusted and proxy.header say), or is no address: the ASGI server "
+            "took it from the header (or the client wrote its own address there); run "
+            "the server without proxy headers (uvicorn --no-proxy-headers) and let "
+            "wsguard read them (proxy.trusted, proxy.header), or list in proxy.trusted "
+            "the same proxies as uvicorn's --forwarded-allow-ips with "
+            'proxy.header = "x-forwarded-for"',
+        )
+
+    async def _refuse_misconfigured(
+        self, scope: Scope, send: Send, reason: str, explanation: str
+    ) -> None:
+        """Refuse a handshake the deployment, not the client, is at fault for: 500, audited
+        with no client address (the one the server gave cannot be trusted), and the log
+        says what to change, at most once a minute per *reason*."""
         now = monotonic()
-        if now >= self._forwarded_warned_at + 60.0:
-            self._forwarded_warned_at = now
-            logger.error(
-                "refusing WebSocket handshakes whose client address is also in a "
-                "forwarded header wsguard does not read (X-Forwarded-For or Forwarded, "
-                "as proxy.trusted and proxy.header say), or is no address: the ASGI server "
-                "took it from the header (or the client wrote its own address there); run "
-                "the server without proxy headers (uvicorn --no-proxy-headers) and let "
-                "wsguard read them (proxy.trusted, proxy.header), or list in proxy.trusted "
-                "the same proxies as uvicorn's --forwarded-allow-ips with "
-                'proxy.header = "x-forwarded-for"'
-            )
-        reason = "forwarded_client"
+        if now >= self._misconfigured_warned_at.get(reason, float("-inf")) + 60.0:
+            self._misconfigured_warned_at[reason] = now
+            logger.error(explanation)
         self.guard.record_raw_refusal(500, reason, None)
         _drop_query_token(scope, self.config)
         await deny(scope, send, Reject(500, reason, "Server misconfigured."))
