@@ -82,6 +82,7 @@ class Guard:
                 "auth.oidc_issuer)",
             )
         self.key_info = KeyInfo(dev, str(config.auth.dev_key_file.expanduser()) if dev else None)
+        self._dev_key_warned_at = float("-inf")  # see admit
         self.keys = keys if keys is not None else load_keys(config.auth)
         self.audit = (
             audit
@@ -188,6 +189,24 @@ class Guard:
         except Exception:  # a bug: fail closed with an answer, never a socket left hanging
             logger.exception("handshake policy failed")
             decision = Reject(500, "policy_error", "Internal error.")
+        if (
+            isinstance(decision, Admit)
+            and self.key_info.dev_key
+            and ("x-forwarded-for" in request.headers or "forwarded" in request.headers)
+        ):
+            # the development key is for clients on this machine: a request a proxy
+            # forwarded comes from elsewhere, whatever address the proxy connects from
+            await decision.release()
+            decision = Reject(500, "dev_key_beyond_loopback", "Server misconfigured.")
+            if started >= self._dev_key_warned_at + 60.0:
+                self._dev_key_warned_at = started
+                logger.error(
+                    "refusing a WebSocket handshake that came through a proxy (it carries "
+                    "X-Forwarded-For or Forwarded): no JWT key is configured, and the "
+                    "development key is only for clients on this machine (set "
+                    "WSGUARD_JWT_SECRET, auth.secret_file, auth.public_key_file, "
+                    "auth.jwks_file, auth.jwks_url or auth.oidc_issuer)"
+                )
         if isinstance(decision, Reject):
             self.record_refusal(decision, request)
         else:

@@ -1213,3 +1213,26 @@ def test_wildcard_under_a_multi_label_suffix_is_accepted() -> None:
     assert policy.check("https://app.example.co.uk")
     assert not policy.check("https://example.co.uk")
     assert not policy.check("https://evil.co.uk")
+
+
+def test_the_development_key_refuses_a_request_a_proxy_forwarded(
+    server_factory: ServerFactory, tmp_path: Any
+) -> None:
+    """The development key is for clients on this machine: behind a reverse proxy on the
+    same host the server binds loopback, but the request comes from elsewhere (it carries
+    the proxy's X-Forwarded-For or Forwarded). Refused 500, after the policy's own answer
+    (a client over its limit still gets its 429), slots given back."""
+    from wsguard.config.keys import load_or_create_dev_key
+    from wsguard.config.model import AuthConfig
+
+    key_file = tmp_path / "dev.key"
+    server = server_factory({"auth": {"secret": "", "dev_key_file": str(key_file)}})
+    secret, _ = load_or_create_dev_key(AuthConfig(dev_key_file=key_file))
+    token = make_token("alice", secret=secret.decode())
+    for headers in (xff("203.0.113.9"), {"Forwarded": "for=203.0.113.9"}):
+        exc = refused(server, token=token, headers=headers)
+        assert status(exc) == 500
+    with server.connect_welcomed(token):  # straight from this machine: admitted
+        assert server.slots(ADDR_KEY) == 1
+    reasons = [e["reason"] for e in server.audit.events("handshake_refused")]
+    assert reasons == ["dev_key_beyond_loopback"] * 2
