@@ -30,6 +30,7 @@ import time
 from collections.abc import Awaitable, Callable, Collection
 from typing import Any, Literal
 
+import jwt
 import orjson
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
@@ -96,11 +97,10 @@ def _signing_key(kid: str, secret: bytes | str) -> tuple[str, bytes]:
 def _token_exp(token: str) -> float | None:
     """The ``exp`` a JWT says it has (read, not verified: only to schedule its refresh)."""
     try:
-        payload = token.split(".")[1]
-        claims = orjson.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-    except (IndexError, ValueError):
+        claims = jwt.decode(token, options={"verify_signature": False})
+    except jwt.PyJWTError:
         return None
-    exp = claims.get("exp") if isinstance(claims, dict) else None
+    exp = claims.get("exp")
     return float(exp) if isinstance(exp, (int, float)) and not isinstance(exp, bool) else None
 
 

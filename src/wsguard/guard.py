@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from wsguard.cluster.quota import SubjectQuota
-from wsguard.config.keys import has_configured_key, load_keys, load_signing_keys
+from wsguard.config.keys import KEY_SOURCES, has_configured_key, load_keys, load_signing_keys
 from wsguard.config.model import Config
 from wsguard.core.auth import KeyMaterial, TokenVerifier
 from wsguard.core.client_address import is_loopback_host, limit_key, parse_ip
@@ -59,6 +59,18 @@ class KeyInfo:
     dev_key_path: str | None
 
 
+def _from_afar(request: HandshakeRequest) -> bool:
+    """Whether a request came from beyond this machine, as far as the host can tell: a
+    proxy forwarded it, or it came in on an address that is not loopback."""
+    if "x-forwarded-for" in request.headers or "forwarded" in request.headers:
+        return True
+    local = request.local
+    if local is None:
+        return False
+    address = parse_ip(local)
+    return address is None or not address.is_loopback
+
+
 class Guard:
     """Policy core + store + audit log for one node."""
 
@@ -77,9 +89,7 @@ class Guard:
             raise KeyLoadError(
                 "auth.secret",
                 "no JWT key configured and the server is not bound to loopback; the "
-                "development key is only used on 127.0.0.1/::1 (set WSGUARD_JWT_SECRET, "
-                "auth.secret_file, auth.public_key_file, auth.jwks_file, auth.jwks_url or "
-                "auth.oidc_issuer)",
+                f"development key is only used on 127.0.0.1/::1 (set {KEY_SOURCES})",
             )
         self.key_info = KeyInfo(dev, str(config.auth.dev_key_file.expanduser()) if dev else None)
         self._dev_key_warned_at = float("-inf")  # see admit
@@ -189,23 +199,17 @@ class Guard:
         except Exception:  # a bug: fail closed with an answer, never a socket left hanging
             logger.exception("handshake policy failed")
             decision = Reject(500, "policy_error", "Internal error.")
-        if (
-            isinstance(decision, Admit)
-            and self.key_info.dev_key
-            and ("x-forwarded-for" in request.headers or "forwarded" in request.headers)
-        ):
-            # the development key is for clients on this machine: a request a proxy
-            # forwarded comes from elsewhere, whatever address the proxy connects from
+        if isinstance(decision, Admit) and self.key_info.dev_key and _from_afar(request):
+            # the development key is for clients on this machine
             await decision.release()
             decision = Reject(500, "dev_key_beyond_loopback", "Server misconfigured.")
             if started >= self._dev_key_warned_at + 60.0:
                 self._dev_key_warned_at = started
                 logger.error(
                     "refusing a WebSocket handshake that came through a proxy (it carries "
-                    "X-Forwarded-For or Forwarded): no JWT key is configured, and the "
-                    "development key is only for clients on this machine (set "
-                    "WSGUARD_JWT_SECRET, auth.secret_file, auth.public_key_file, "
-                    "auth.jwks_file, auth.jwks_url or auth.oidc_issuer)"
+                    "X-Forwarded-For or Forwarded) or in on an address that is not "
+                    "loopback: no JWT key is configured, and the development key is only "
+                    f"for clients on this machine (set {KEY_SOURCES})"
                 )
         if isinstance(decision, Reject):
             self.record_refusal(decision, request)

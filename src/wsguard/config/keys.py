@@ -86,6 +86,13 @@ def _read_private_file(path: Path, key: str) -> bytes:
     return data
 
 
+#: Where a JWT key comes from, for the messages asking for one.
+KEY_SOURCES = (
+    "WSGUARD_JWT_SECRET, auth.secret_file, auth.public_key_file, auth.jwks_file, "
+    "auth.jwks_url or auth.oidc_issuer"
+)
+
+
 def load_keys(config: AuthConfig, *, allow_dev_key: bool = True) -> KeyMaterial:
     """Load the configured verification keys (or the dev key when allowed).
 
@@ -116,8 +123,7 @@ def load_keys(config: AuthConfig, *, allow_dev_key: bool = True) -> KeyMaterial:
     if not allow_dev_key:
         raise KeyLoadError(
             "auth.secret",
-            "no JWT key configured (set WSGUARD_JWT_SECRET, auth.secret_file, "
-            "auth.public_key_file, auth.jwks_file, auth.jwks_url or auth.oidc_issuer)",
+            f"no JWT key configured (set {KEY_SOURCES})",
         )
     secret, _ = load_or_create_dev_key(config)
     return KeyMaterial(secret=secret)

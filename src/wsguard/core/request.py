@@ -54,6 +54,10 @@ class HandshakeRequest:
     client_cert: str | None = None
     """Identity named by a verified TLS client certificate (mTLS): None without a
     certificate, ``""`` for a certificate that names no usable identity (refused)."""
+    local: str | None = None
+    """The address the connection came in on, when the host cannot vouch that it is
+    loopback (the ASGI middleware: the ASGI server's bind is unknown to it); None: the
+    host bound it itself (checked at start)."""
 
     @property
     def path(self) -> str:

@@ -358,6 +358,10 @@ class App:
         """What a connection keeps of its upgrade request (the App: nothing)."""
         return None
 
+    def startup_notes(self) -> list[str]:
+        """Lines the start-up prints about this host's configuration (see announce)."""
+        return []
+
     def new_connection_id(self) -> str:
         """Unique per node and process: a random prefix and a counter (no syscall)."""
         return f"{self._id_prefix}{next(self._id_counter):08x}"
@@ -603,17 +607,8 @@ def announce(app: App, *, config_file: str | os.PathLike[str] | None = None) -> 
             "browsers send an Origin, and none is allowed yet: allow your page's "
             "(origin.allowed, e.g. WSGUARD_ORIGIN__ALLOWED='[\"http://localhost:3000\"]')" + others
         )
-    messages = config.messages
-    if (
-        getattr(app, "gateway", None) is not None
-        and messages.format == "json"
-        and "types" not in messages.model_fields_set
-    ):
-        say(
-            "the message policy is the demo protocol (types auth, chat, command, data, "
-            'ping): set messages.types to your backend\'s, or messages.format = "opaque" '
-            "(docs: guides/gateway.md)"
-        )
+    for note in app.startup_notes():
+        say(note)
 
 
 def admin_url(app: App) -> str | None:

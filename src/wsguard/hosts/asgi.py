@@ -364,7 +364,7 @@ class WsGuardMiddleware:
         self._start_lock: asyncio.Lock | None = None
         self._events: ClusterEvents | None = None
         self.admin: Any = None  # the AdminServer when admin.port is set
-        self._misconfigured_warned_at: dict[str, float] = {}  # see _refuse_misconfigured
+        self._forwarded_warned_at = float("-inf")  # see _refuse_forwarded_client
         if self.guard.key_info.dev_key:
             logger.warning(
                 "no JWT key configured: using the development key in %s, for connections "
@@ -463,9 +463,6 @@ class WsGuardMiddleware:
         if peer and _forwarded_client(scope, peer, self._unread_headers):
             await self._refuse_forwarded_client(scope, send)
             return
-        if self.guard.key_info.dev_key and not _on_loopback(scope):
-            await self._refuse_dev_key(scope, send)
-            return
         request, headers = handshake_request(scope, self.config)
         _drop_query_token(scope, self.config)  # read: neither the server nor the app needs it
         decision = await self.guard.admit(request)
@@ -507,22 +504,6 @@ class WsGuardMiddleware:
             for admission in released:
                 await admission.release()
 
-    async def _refuse_dev_key(self, scope: Scope, send: Send) -> None:
-        """No JWT key is configured: the development key (a file on this machine, meant
-        for trying wsguard out) is good on loopback only, as ``wsguard serve`` uses it only
-        when it binds loopback. The middleware cannot see where the ASGI server listens
-        until a connection arrives: one that came in on another address is refused (500)
-        and the log says what to set."""
-        await self._refuse_misconfigured(
-            scope,
-            send,
-            "dev_key_beyond_loopback",
-            "refusing a WebSocket handshake that came in on a non-loopback address: no "
-            "JWT key is configured, and the development key is only used on loopback "
-            "(set WSGUARD_JWT_SECRET, auth.secret_file, auth.public_key_file, "
-            "auth.jwks_file, auth.jwks_url or auth.oidc_issuer)",
-        )
-
     async def _refuse_forwarded_client(self, scope: Scope, send: Send) -> None:
         """The ASGI server took the client's address from ``X-Forwarded-For`` (uvicorn
         does by default for requests from 127.0.0.1) while wsguard reads no such header
@@ -532,30 +513,20 @@ class WsGuardMiddleware:
         how. (A client that writes its own address in the header, on a server that reads
         no forwarded header, looks the same from the scope: refused alike, after its
         address's allowance and ban were checked.)"""
-        await self._refuse_misconfigured(
-            scope,
-            send,
-            "forwarded_client",
-            "refusing WebSocket handshakes whose client address is also in a "
-            "forwarded header wsguard does not read (X-Forwarded-For or Forwarded, "
-            "as proxy.trusted and proxy.header say), or is no address: the ASGI server "
-            "took it from the header (or the client wrote its own address there); run "
-            "the server without proxy headers (uvicorn --no-proxy-headers) and let "
-            "wsguard read them (proxy.trusted, proxy.header), or list in proxy.trusted "
-            "the same proxies as uvicorn's --forwarded-allow-ips with "
-            'proxy.header = "x-forwarded-for"',
-        )
-
-    async def _refuse_misconfigured(
-        self, scope: Scope, send: Send, reason: str, explanation: str
-    ) -> None:
-        """Refuse a handshake the deployment, not the client, is at fault for: 500, audited
-        with no client address (the one the server gave cannot be trusted), and the log
-        says what to change, at most once a minute per *reason*."""
         now = monotonic()
-        if now >= self._misconfigured_warned_at.get(reason, float("-inf")) + 60.0:
-            self._misconfigured_warned_at[reason] = now
-            logger.error(explanation)
+        if now >= self._forwarded_warned_at + 60.0:
+            self._forwarded_warned_at = now
+            logger.error(
+                "refusing WebSocket handshakes whose client address is also in a "
+                "forwarded header wsguard does not read (X-Forwarded-For or Forwarded, "
+                "as proxy.trusted and proxy.header say), or is no address: the ASGI server "
+                "took it from the header (or the client wrote its own address there); run "
+                "the server without proxy headers (uvicorn --no-proxy-headers) and let "
+                "wsguard read them (proxy.trusted, proxy.header), or list in proxy.trusted "
+                "the same proxies as uvicorn's --forwarded-allow-ips with "
+                'proxy.header = "x-forwarded-for"'
+            )
+        reason = "forwarded_client"
         self.guard.record_raw_refusal(500, reason, None)
         _drop_query_token(scope, self.config)
         await deny(scope, send, Reject(500, reason, "Server misconfigured."))
@@ -701,12 +672,14 @@ def handshake_request(
     if query and "?" not in target:
         target = f"{target}?{query.decode('latin-1')}"
     client = scope.get("client")
+    server = scope.get("server")  # none over a Unix socket: local
     request = HandshakeRequest(
         peer=str(client[0]) if client else "unknown",
         target=target or "/",
         headers=Headers(items),
         tls=scope.get("scheme") == "wss",
         method="GET",
+        local=str(server[0]) if server else "127.0.0.1",
     )
     return request, kept
 
@@ -747,16 +720,6 @@ def scope_for_app(
     credentials = out["auth"] = _credentials(scopes)
     conn.user, conn.state, conn.credentials = user, state, credentials
     return out
-
-
-def _on_loopback(scope: Scope) -> bool:
-    """Whether the connection came in on a loopback address of the server (``server``:
-    the socket's own address; none, as over a Unix socket: local too)."""
-    server = scope.get("server")
-    if not server:
-        return True
-    address = parse_ip(str(server[0]))
-    return address is not None and address.is_loopback
 
 
 def _forwarded_client(

@@ -171,6 +171,16 @@ class Gateway(App):
     def welcome(self, conn: Connection) -> dict[str, Any] | None:
         return None  # the upstream speaks first, if at all
 
+    def startup_notes(self) -> list[str]:
+        messages = self.config.messages
+        if messages.format != "json" or "types" in messages.model_fields_set:
+            return []
+        return [
+            "the message policy is the demo protocol (types auth, chat, command, data, "
+            'ping): set messages.types to your backend\'s, or messages.format = "opaque" '
+            "(docs: guides/gateway.md)"
+        ]
+
     async def opened(self, conn: Connection) -> None:
         """Open the connection's upstream (routed by path) and start pumping it down."""
         path, forwarded = conn.request if conn.request is not None else ("/", ())
